@@ -1,0 +1,9 @@
+"""saml-kernels: fused kernels, autograd functions and drop-in layers for multi-scenario recommendation (SAML)."""
+from . import _ext  # noqa: F401  (loads the C++ operators, warns once when they are missing)
+from ._backend import BackendUnavailableError, available_backends, use_backend
+from .functional import *  # noqa: F401,F403
+from .functional import __all__ as _functional_all
+from . import reference  # noqa: F401
+
+__version__ = "0.1.0"
+__all__ = ["use_backend", "available_backends", "BackendUnavailableError", "reference", *_functional_all]

@@ -1,0 +1,1 @@
+"""Custom ops (torch.library) with autograd; one module per op."""

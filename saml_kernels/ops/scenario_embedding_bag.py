@@ -1,0 +1,326 @@
+"""``saml_kernels::scenario_embedding_bag``: fused global + scenario embedding-bag gather, with autograd.
+
+Math (bag (f, b) = ``indices[offsets[f*B+b] : offsets[f*B+b+1]]``, feature-major, ids local to feature f):
+
+    global_out[b, f]   = pool_{i in bag(f,b)} w_i * G[feature_rows[f] + id_i]
+    scenario_out[b, j] = pool_{i in bag(f_j,b)} w_i * S[scenario[b], feature_scenario_rows[f_j] + id_i]
+
+where f_j is the j-th scenario-aware feature, pool is sum / mean (empty bag -> 0) / none (fixed length L),
+w_i the per-sample weights (1 without them). Gradients: dG and dS by the transposed gather (rows of S[s] only
+from samples of scenario s), dw_i = <grad_out[b, f], G[row_i]> (+ the scenario term for aware features).
+
+Backend kernels share one contract (``torch.ops.saml_C.seb_forward`` / ``seb_backward_rows``; see
+csrc/registry.cpp); ``reference``, ``cpu``, ``cuda`` and ``triton`` implement it.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference import scenario_embedding_bag as _ref
+from . import _checks
+
+OP = "scenario_embedding_bag"
+POOLING = {"sum": 0, "mean": 1, "none": 2}
+BOUNDS = {"off": 0, "zero": 1, "error": 2}
+
+_backend.register_op(OP, ("reference", "cpu", "triton", "cuda"))
+_warned_zero = False
+
+
+def _kernels(backend: str):
+    """(forward, backward_rows) callables of one backend, all with the C++ op's signature."""
+    if backend == "reference":
+        return _ref.forward_kernel, _ref.backward_rows_kernel
+    if backend == "triton":
+        from ..triton import scenario_embedding_bag as tk
+
+        return tk.forward, tk.backward_rows
+    ops = torch.ops.saml_C
+    return ops.seb_forward, ops.seb_backward_rows
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+def _check_values(indices, offsets, scenario, num_scenarios, num_features, pooling, bag_len):
+    """Runtime value checks: offsets monotone from 0 to nnz, scenario ids in range, fixed bag length for "none".
+
+    Cost: a few reductions and one host sync (none per element)."""
+    nnz = indices.numel()
+    flags = [offsets[0] != 0, offsets[-1] != nnz]
+    diffs = offsets[1:] - offsets[:-1]
+    if diffs.numel():
+        flags.append((diffs < 0).any())
+        if pooling == POOLING["none"]:
+            flags.append((diffs != bag_len).any())
+    if scenario.numel():
+        flags.append(((scenario < 0) | (scenario >= num_scenarios)).any())
+    if not bool(torch.stack(flags).any()):
+        return
+    if int(offsets[0]) != 0:
+        raise ValueError(f"{OP}: offsets[0] must be 0, got {int(offsets[0])}")
+    if int(offsets[-1]) != nnz:
+        raise ValueError(f"{OP}: offsets[-1] must equal indices.numel() = {nnz}, got {int(offsets[-1])}")
+    if diffs.numel() and bool((diffs < 0).any()):
+        k = int((diffs < 0).nonzero()[0, 0])
+        raise ValueError(f"{OP}: offsets must be non-decreasing, but offsets[{k + 1}] = {int(offsets[k + 1])} "
+                         f"< offsets[{k}] = {int(offsets[k])}")
+    if pooling == POOLING["none"] and diffs.numel() and bool((diffs != bag_len).any()):
+        k = int((diffs != bag_len).nonzero()[0, 0])
+        B = diffs.numel() // num_features
+        raise ValueError(f"{OP}: pooling='none' needs every bag of length {bag_len}, but bag (feature {k // B}, "
+                         f"sample {k % B}) has length {int(diffs[k])}")
+    _checks.scenario_range(OP, scenario, num_scenarios)
+
+
+def _report_bad_ids(indices, offsets, feature_rows, mode):
+    """Names the first invalid id (error mode) or warns once (zero mode). Runs only when the kernel saw one."""
+    global _warned_zero
+    F = feature_rows.numel() - 1
+    bag, feat, sample, _, valid, _, _, _ = _ref._expand(indices, offsets, None, feature_rows, feature_rows, F)
+    bad = (~valid).nonzero()
+    if bad.numel() == 0:
+        return
+    pos = int(bad[0, 0])
+    f = int(feat[pos])
+    rows = int(feature_rows[f + 1] - feature_rows[f])
+    msg = (f"{OP}: indices[{pos}] = {int(indices[pos])} is out of range for feature {f} (sample {int(sample[pos])}), "
+           f"which has {rows} rows (valid ids 0..{rows - 1}); {bad.shape[0]} invalid id(s) in all")
+    if mode == BOUNDS["error"]:
+        raise IndexError(msg)
+    if not _warned_zero:
+        _warned_zero = True
+        warnings.warn(msg + "; bounds_check='zero' maps them to zero vectors with no gradient (warned once)",
+                      RuntimeWarning, stacklevel=4)
+
+
+# ------------------------------------------------------------------------------------------------ custom ops
+
+@torch.library.custom_op("saml_kernels::scenario_embedding_bag", mutates_args=())
+def _forward_op(indices: Tensor, offsets: Tensor, scenario: Tensor, global_weight: Tensor, scenario_weight: Tensor,
+                feature_rows: Tensor, feature_scenario_rows: Tensor, aware_slot: Tensor,
+                per_sample_weights: Optional[Tensor], pooling: int, bag_len: int, num_aware: int,
+                bounds_check: int, sparse: bool, backend: str) -> tuple[Tensor, Tensor]:
+    num_features = feature_rows.numel() - 1
+    if bounds_check != BOUNDS["off"]:
+        _check_values(indices, offsets, scenario, scenario_weight.shape[0], num_features, pooling, bag_len)
+    fwd, _ = _kernels(backend)
+    g, s, bad = fwd(indices, offsets, scenario, global_weight, scenario_weight, feature_rows, feature_scenario_rows,
+                    aware_slot, per_sample_weights, pooling, bag_len, bounds_check != BOUNDS["off"])
+    if bounds_check != BOUNDS["off"] and int(bad.sum()) > 0:
+        _report_bad_ids(indices, offsets, feature_rows, bounds_check)
+    return g, s
+
+
+def _out_shapes(offsets, global_weight, feature_rows, pooling, bag_len, num_aware):
+    F = feature_rows.shape[0] - 1
+    B = (offsets.shape[0] - 1) // F
+    D = global_weight.shape[1]
+    if pooling == POOLING["none"]:
+        return (B, F, bag_len, D), (B, num_aware, bag_len, D)
+    return (B, F, D), (B, num_aware, D)
+
+
+@_forward_op.register_fake
+def _(indices, offsets, scenario, global_weight, scenario_weight, feature_rows, feature_scenario_rows, aware_slot,
+      per_sample_weights, pooling, bag_len, num_aware, bounds_check, sparse, backend):
+    gs, ss = _out_shapes(offsets, global_weight, feature_rows, pooling, bag_len, num_aware)
+    return global_weight.new_empty(gs), scenario_weight.new_empty(ss)
+
+
+@torch.library.custom_op("saml_kernels::scenario_embedding_bag_backward", mutates_args=())
+def _backward_op(grad_global: Tensor, grad_scenario: Tensor, indices: Tensor, offsets: Tensor, scenario: Tensor,
+                 global_weight: Tensor, scenario_weight: Tensor, feature_rows: Tensor, feature_scenario_rows: Tensor,
+                 aware_slot: Tensor, per_sample_weights: Optional[Tensor], pooling: int, bag_len: int,
+                 need_psw_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Dense gradients (dG [R, D], dS [M, Rs, D], dw [nnz] or empty) from the deduplicated rows."""
+    _, bwd = _kernels(backend)
+    grows, gvals, srows, svals, gpsw = bwd(grad_global.contiguous(), grad_scenario.contiguous(), indices, offsets,
+                                           scenario, global_weight, scenario_weight, feature_rows,
+                                           feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len,
+                                           need_psw_grad)
+    dg = torch.zeros_like(global_weight, memory_format=torch.contiguous_format)
+    dg.index_copy_(0, grows, gvals.to(dg.dtype))
+    ds = torch.zeros_like(scenario_weight, memory_format=torch.contiguous_format)
+    ds.view(-1, ds.shape[-1]).index_copy_(0, srows, svals.to(ds.dtype))
+    return dg, ds, gpsw
+
+
+@_backward_op.register_fake
+def _(grad_global, grad_scenario, indices, offsets, scenario, global_weight, scenario_weight, feature_rows,
+      feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len, need_psw_grad, backend):
+    n = indices.shape[0] if (need_psw_grad and per_sample_weights is not None) else 0
+    return (torch.empty_like(global_weight, memory_format=torch.contiguous_format),
+            torch.empty_like(scenario_weight, memory_format=torch.contiguous_format),
+            global_weight.new_empty(n))
+
+
+def _sparse_grads(ctx, grad_global, grad_scenario, need_psw_grad):
+    """torch sparse COO gradients (coalesced), as nn.Embedding(sparse=True) gives."""
+    (indices, offsets, scenario, gw, sw, fr, fsr, slot, psw) = ctx.saved_tensors
+    _, bwd = _kernels(ctx.backend)
+    grows, gvals, srows, svals, gpsw = bwd(grad_global.contiguous(), grad_scenario.contiguous(), indices, offsets,
+                                           scenario, gw, sw, fr, fsr, slot, psw, ctx.pooling, ctx.bag_len,
+                                           need_psw_grad)
+    D = gw.shape[1]
+    M, Rs = sw.shape[0], sw.shape[1]
+    dg = torch.sparse_coo_tensor(grows.unsqueeze(0), gvals.to(gw.dtype), (gw.shape[0], D), is_coalesced=True)
+    s_idx = torch.stack([srows // max(Rs, 1), srows % max(Rs, 1)])
+    ds = torch.sparse_coo_tensor(s_idx, svals.to(sw.dtype), (M, Rs, D), is_coalesced=True)
+    return dg, ds, gpsw
+
+
+def _setup_context(ctx, inputs, output):
+    (indices, offsets, scenario, gw, sw, fr, fsr, slot, psw, pooling, bag_len, num_aware, bounds, sparse,
+     backend) = inputs
+    ctx.save_for_backward(indices, offsets, scenario, gw, sw, fr, fsr, slot, psw)
+    ctx.pooling, ctx.bag_len, ctx.sparse, ctx.backend = pooling, bag_len, sparse, backend
+
+
+def _backward(ctx, grad_global, grad_scenario):
+    need_psw = ctx.needs_input_grad[8]
+    if ctx.sparse:
+        dg, ds, gpsw = _sparse_grads(ctx, grad_global, grad_scenario, need_psw)
+    else:
+        (indices, offsets, scenario, gw, sw, fr, fsr, slot, psw) = ctx.saved_tensors
+        dg, ds, gpsw = _backward_op(grad_global, grad_scenario, indices, offsets, scenario, gw, sw, fr, fsr, slot,
+                                    psw, ctx.pooling, ctx.bag_len, need_psw, ctx.backend)
+    return (None, None, None, dg if ctx.needs_input_grad[3] else None, ds if ctx.needs_input_grad[4] else None,
+            None, None, None, gpsw if need_psw else None, None, None, None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+@functools.lru_cache(maxsize=64)
+def _layout_cached(fr: tuple, fsr: tuple, device: torch.device):
+    F = len(fr) - 1
+    slot, j = [], 0
+    for f in range(F):
+        if fsr[f + 1] > fsr[f]:
+            slot.append(j)
+            j += 1
+        else:
+            slot.append(-1)
+    mk = functools.partial(torch.tensor, dtype=torch.int64, device=device)
+    return mk(list(fr)), mk(list(fsr)), mk(slot), j
+
+
+def _as_tuple(name, rows) -> tuple:
+    if isinstance(rows, torch.Tensor):
+        if rows.dim() != 1 or rows.dtype not in _checks.INDEX_DTYPES:
+            raise TypeError(f"{OP}: {name} must be a 1-D int32/int64 tensor or a sequence of ints, "
+                            f"got {rows.dtype} of shape {tuple(rows.shape)}")
+        return tuple(int(v) for v in rows.tolist())
+    try:
+        return tuple(int(v) for v in rows)
+    except (TypeError, ValueError):
+        raise TypeError(f"{OP}: {name} must be a 1-D int tensor or a sequence of ints, got {rows!r}") from None
+
+
+def table_layout(feature_rows, feature_scenario_rows, num_rows: int, num_scenario_rows: int, device):
+    """Validated (feature_rows, feature_scenario_rows, aware_slot) device tensors and the number of aware features."""
+    fr = _as_tuple("feature_rows", feature_rows)
+    fsr = _as_tuple("feature_scenario_rows", feature_scenario_rows)
+    if len(fr) < 2:
+        raise ValueError(f"{OP}: feature_rows must have F+1 >= 2 entries (at least one feature), got {len(fr)}")
+    if len(fsr) != len(fr):
+        raise ValueError(f"{OP}: feature_scenario_rows must have F+1 = {len(fr)} entries like feature_rows, got {len(fsr)}")
+    for name, rows, limit in (("feature_rows", fr, num_rows), ("feature_scenario_rows", fsr, num_scenario_rows)):
+        if rows[0] < 0:
+            raise ValueError(f"{OP}: {name}[0] must be >= 0, got {rows[0]}")
+        for f in range(len(rows) - 1):
+            if rows[f + 1] < rows[f]:
+                raise ValueError(f"{OP}: {name} must be non-decreasing, but {name}[{f + 1}] = {rows[f + 1]} < "
+                                 f"{name}[{f}] = {rows[f]}")
+        if rows[-1] > limit:
+            raise ValueError(f"{OP}: {name}[-1] = {rows[-1]} exceeds the table's {limit} rows")
+    for f in range(len(fr) - 1):
+        gs, ss = fr[f + 1] - fr[f], fsr[f + 1] - fsr[f]
+        if ss and ss != gs:
+            raise ValueError(f"{OP}: feature {f} is scenario-aware with {ss} scenario rows but has {gs} global rows; "
+                             "an aware feature's scenario range must have its global size")
+    return _layout_cached(fr, fsr, torch.device(device))
+
+
+def scenario_embedding_bag(indices: Tensor, offsets: Tensor, scenario: Tensor, global_weight: Tensor,
+                           scenario_weight: Tensor, feature_rows, feature_scenario_rows, *, pooling: str = "sum",
+                           per_sample_weights: Optional[Tensor] = None, bounds_check: str = "error",
+                           sparse: bool = False, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Scenario-aware embedding bag: one fused pass gathers the global and the scenario tables.
+
+    Args:
+        indices: [nnz] int32/int64 ids, local to their feature (0 <= id < rows of the feature).
+        offsets: [F*B + 1], same dtype as indices; bag (f, b) = indices[offsets[f*B+b] : offsets[f*B+b+1]].
+        scenario: [B] int32/int64 scenario id of each sample, in [0, M).
+        global_weight: [R, D] float32/float16/bfloat16 (float64 for gradcheck).
+        scenario_weight: [M, Rs, D], same dtype and D.
+        feature_rows: F+1 cumulative global row starts (tensor or sequence of ints).
+        feature_scenario_rows: F+1 cumulative scenario row starts; an empty range = feature not aware.
+        pooling: "sum" | "mean" (empty bag -> zeros) | "none" (all bags length L).
+        per_sample_weights: [nnz] weights, pooling "sum" only; receives a gradient.
+        bounds_check: "error" (raise naming feature, position, value) | "zero" (invalid id -> zero vector, no
+            gradient, warns once) | "off" (trust the input).
+        sparse: gradients of the tables as torch sparse COO tensors (eager mode).
+        backend: "reference" | "cpu" | "triton" | "cuda" | None (see saml_kernels.use_backend).
+
+    Returns:
+        (global_out [B, F, D], scenario_out [B, Fs, D]) in the table dtype ([B, F, L, D], [B, Fs, L, D] for
+        pooling "none"), accumulated in float32.
+    """
+    _checks.tensor(OP, "indices", indices, ndim=1, dtypes=_checks.INDEX_DTYPES)
+    _checks.tensor(OP, "offsets", offsets, ndim=1, dtypes=_checks.INDEX_DTYPES)
+    _checks.tensor(OP, "scenario", scenario, ndim=1, dtypes=_checks.INDEX_DTYPES)
+    _checks.tensor(OP, "global_weight", global_weight, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor(OP, "scenario_weight", scenario_weight, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor(OP, "per_sample_weights", per_sample_weights, ndim=1, dtypes=_checks.FLOAT_DTYPES, optional=True)
+    _checks.same_device(OP, indices=indices, offsets=offsets, scenario=scenario, global_weight=global_weight,
+                        scenario_weight=scenario_weight, per_sample_weights=per_sample_weights)
+    _checks.choice(OP, "pooling", pooling, POOLING)
+    _checks.choice(OP, "bounds_check", bounds_check, BOUNDS)
+    if offsets.dtype != indices.dtype:
+        raise TypeError(f"{OP}: offsets must have the dtype of indices ({indices.dtype}), got {offsets.dtype}")
+    if scenario_weight.dtype != global_weight.dtype:
+        raise TypeError(f"{OP}: scenario_weight dtype {scenario_weight.dtype} differs from global_weight dtype "
+                        f"{global_weight.dtype}")
+    D = global_weight.shape[1]
+    if scenario_weight.shape[2] != D:
+        raise ValueError(f"{OP}: scenario_weight embedding dim {scenario_weight.shape[2]} differs from global_weight's {D}")
+    if scenario_weight.shape[0] < 1:
+        raise ValueError(f"{OP}: scenario_weight must hold at least one scenario table, got shape "
+                         f"{tuple(scenario_weight.shape)}")
+    if not isinstance(sparse, bool):
+        raise TypeError(f"{OP}: sparse must be a bool, got {sparse!r}")
+    fr, fsr, slot, num_aware = table_layout(feature_rows, feature_scenario_rows, global_weight.shape[0],
+                                            scenario_weight.shape[1], indices.device)
+    F = fr.numel() - 1
+    if offsets.numel() < 1 or (offsets.numel() - 1) % F:
+        raise ValueError(f"{OP}: offsets must have F*B + 1 entries with F = {F} features, got {offsets.numel()}")
+    B = (offsets.numel() - 1) // F
+    if scenario.numel() != B:
+        raise ValueError(f"{OP}: scenario must have B = {B} entries (offsets imply F = {F} features x B samples), "
+                         f"got {scenario.numel()}")
+    if per_sample_weights is not None:
+        if pooling != "sum":
+            raise ValueError(f"{OP}: per_sample_weights need pooling='sum', got pooling={pooling!r}")
+        if per_sample_weights.numel() != indices.numel():
+            raise ValueError(f"{OP}: per_sample_weights must have one weight per index ({indices.numel()}), "
+                             f"got {per_sample_weights.numel()}")
+        per_sample_weights = per_sample_weights.to(global_weight.dtype).contiguous()
+    bag_len = 0
+    if pooling == "none" and F * B:
+        if indices.numel() % (F * B):
+            raise ValueError(f"{OP}: pooling='none' needs all F*B = {F * B} bags of one length, but nnz = "
+                             f"{indices.numel()} is not a multiple")
+        bag_len = indices.numel() // (F * B)
+    be = _backend.resolve(OP, indices.device.type, backend)
+    return _forward_op(indices.contiguous(), offsets.contiguous(), scenario.contiguous(), global_weight.contiguous(),
+                       scenario_weight.contiguous(), fr, fsr, slot, per_sample_weights, POOLING[pooling], bag_len,
+                       num_aware, BOUNDS[bounds_check], sparse, be)

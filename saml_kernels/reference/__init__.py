@@ -1,0 +1,4 @@
+"""Plain-PyTorch versions of every op and of the whole model: the test oracle and the benchmark baseline."""
+from .scenario_embedding_bag import scenario_embedding_bag_reference
+
+__all__ = ["scenario_embedding_bag_reference"]

@@ -1,0 +1,63 @@
+"""Builds saml_kernels._C: C++ CPU kernels always, CUDA kernels when a toolkit and a CUDA torch are present.
+
+SAML_BUILD_CUDA=auto (default) | 0 | 1.  TORCH_CUDA_ARCH_LIST is respected (default "8.0;9.0").
+A compile error fails the build; nothing is downgraded silently.
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils import cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    mode = os.environ.get("SAML_BUILD_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"SAML_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
+    have = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if mode == "1" and not have:
+        sys.exit(f"SAML_BUILD_CUDA=1 but torch.version.cuda={torch.version.cuda!r}, "
+                 f"CUDA_HOME={cpp_extension.CUDA_HOME!r}")
+    return have if mode == "auto" else mode == "1"
+
+
+def _nvidia_wheel_includes():
+    """CUDA headers (cusparse, cublas ...) shipped in the nvidia-* wheels that a pip torch pulls in."""
+    dirs = []
+    for site in sys.path:
+        dirs += glob.glob(os.path.join(site, "nvidia", "*", "include"))
+    return sorted(set(d for d in dirs if os.path.isdir(d)))
+
+
+def extensions():
+    with_cuda = _want_cuda()
+    sources = ["csrc/registry.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-march=x86-64-v2", "-DSAML_WITH_CUDA=%d" % with_cuda]
+    include_dirs = [os.path.join(HERE, "csrc", "include")]
+    if not with_cuda:
+        return [cpp_extension.CppExtension("saml_kernels._C", sources, include_dirs=include_dirs,
+                                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    cxx.append(f'-DSAML_CUDA_ARCHS="{archs}"')
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    include_dirs += _nvidia_wheel_includes()
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+            "-DSAML_WITH_CUDA=1",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
+    return [cpp_extension.CUDAExtension("saml_kernels._C", sources, include_dirs=include_dirs,
+                                        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                                        extra_link_args=["-fopenmp"])]
+
+
+setup(
+    packages=find_packages(include=["saml_kernels", "saml_kernels.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
