@@ -9,8 +9,12 @@ import sys
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils import cpp_extension
+# nvcc may sit in /usr/local/bin while the toolkit lives in /usr/local/cuda: point torch at the toolkit.
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isdir("/usr/local/cuda"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,10 +38,18 @@ def _nvidia_wheel_includes():
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
+def _cuda_library_dirs():
+    """Where libcudart lives: the toolkit's lib64 or lib, and the nvidia wheels torch pulled in."""
+    dirs = [os.path.join(cpp_extension.CUDA_HOME, d) for d in ("lib64", "lib")]
+    for site in sys.path:
+        dirs += glob.glob(os.path.join(site, "nvidia", "*", "lib"))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
 def extensions():
     with_cuda = _want_cuda()
     sources = ["csrc/registry.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-march=x86-64-v2", "-DSAML_WITH_CUDA=%d" % with_cuda]
+    cxx = ["-O3", "-fopenmp", "-march=x86-64-v2", "-DSAML_WITH_CUDA=%d" % with_cuda]
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     if not with_cuda:
         return [cpp_extension.CppExtension("saml_kernels._C", sources, include_dirs=include_dirs,
@@ -47,11 +59,12 @@ def extensions():
     cxx.append(f'-DSAML_CUDA_ARCHS="{archs}"')
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs += _nvidia_wheel_includes()
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
             "-DSAML_WITH_CUDA=1",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
     return [cpp_extension.CUDAExtension("saml_kernels._C", sources, include_dirs=include_dirs,
+                                        library_dirs=_cuda_library_dirs(),
                                         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                                         extra_link_args=["-fopenmp"])]
 

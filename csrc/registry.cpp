@@ -20,7 +20,54 @@ TORCH_LIBRARY(saml_C, m) {
       "Tensor scenario, Tensor global_weight, Tensor scenario_weight, Tensor feature_rows, "
       "Tensor feature_scenario_rows, Tensor aware_slot, Tensor? per_sample_weights, int pooling, "
       "int bag_len, bool need_psw_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // ---- mbranch_linear / mutual_unit / mutual_linear: schemas added by their issue ----
+  // Fused optimizer in the backward (FBGEMM style): applies the update to the touched rows in place and
+  // materialises no gradient. optimizer: 1 = SGD (w -= lr * g), 2 = row-wise Adagrad
+  // (state[row] += mean_d(g^2); w -= lr * g / (sqrt(state[row]) + eps)); states are float32 [R] and [M * Rs].
+  m.def(
+      "seb_backward_update_(Tensor grad_global, Tensor grad_scenario, Tensor indices, Tensor offsets, "
+      "Tensor scenario, Tensor(a!) global_weight, Tensor(b!) scenario_weight, Tensor feature_rows, "
+      "Tensor feature_scenario_rows, Tensor aware_slot, Tensor? per_sample_weights, int pooling, int bag_len, "
+      "Tensor(c!)? global_state, Tensor(d!)? scenario_state, int optimizer, float lr, float eps) -> ()");
+
+  // ---- mbranch_linear / mutual_unit / mutual_linear (saml_kernels/ops/mbranch_linear.py, mutual_*.py) ----
+  // activation codes: 0 none, 1 relu, 2 leaky_relu (slope 0.01), 3 gelu (exact, erf), 4 silu.
+  // similarity codes: 0 cosine (<a,b> / (max(|a|,1e-8) * max(|b|,1e-8))), 1 dot (<a,b> / sqrt(N)).
+  // Every GEMM accumulates in float32; outputs have the input dtype.
+  //
+  // Own route (grouped GEMM by scenario, rows in any order, no host sync):
+  //   y[b] = act(z[b]),  z[b] = x[b] @ W[s_b] + aux[b] @ Wa[s_b] + bias[s_b]
+  //   x [B,K], weight [M,K,N], bias [M,N]?, aux [B,Ka]?, aux_weight [M,Ka,N]?, scenario [B] int32/int64.
+  //   Returns (y [B,N], z [B,N] when activation is gelu/silu (needed by the backward), else an empty tensor).
+  m.def(
+      "mbl_grouped_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? aux, Tensor? aux_weight, "
+      "Tensor scenario, int activation) -> (Tensor, Tensor)");
+  // All route: y[m,b] = act(x[b] @ W[m] + aux[b] @ Wa[m] + bias[m]); x [B,K] shared or [M,B,K] per branch.
+  //   Returns (y [M,B,N], z [M,B,N] or empty as above).
+  m.def(
+      "mbl_all_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? aux, Tensor? aux_weight, int activation) "
+      "-> (Tensor, Tensor)");
+  // Grouped backward (own rows only), given dz = dL/dz [B,N] (activation already applied by the caller):
+  //   dW[m] = X_m^T dZ_m, db[m] = sum dZ_m, dWa[m] = Aux_m^T dZ_m over the rows of scenario m (other rows: 0);
+  //   dx[b] = dz[b] @ W[s_b]^T, daux[b] = dz[b] @ Wa[s_b]^T. Outputs not needed are returned empty.
+  //   Returns (dx [B,K], dW [M,K,N] float32-accumulated in weight dtype, db [M,N], daux [B,Ka], dWa [M,Ka,N]).
+  m.def(
+      "mbl_grouped_backward(Tensor dz, Tensor x, Tensor weight, Tensor? aux, Tensor? aux_weight, Tensor scenario, "
+      "bool need_dx, bool need_dweight, bool need_dbias, bool need_daux, bool need_daux_weight) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Mutual unit on h [M,B,N]: own = h[s_b, b]; sim[m] = similarity(own, h[m, b]);
+  //   a = softmax(sim / temperature) over m; out[b] = sum_m a[m] h[m, b].
+  //   Returns (out [B,N], attn [B,M] float32).
+  m.def("mutual_forward(Tensor h, Tensor scenario, float temperature, int similarity) -> (Tensor, Tensor)");
+  // Backward with the other branches stop-gradient for each sample: only dh[s_b, b] is non-zero.
+  //   Returns dh_own [B,N] (the gradient w.r.t. own = h[s_b, b]); the caller scatters it.
+  m.def(
+      "mutual_backward(Tensor grad_out, Tensor h, Tensor scenario, Tensor attn, float temperature, int similarity) "
+      "-> Tensor");
+  // Fused mutual_linear forward: h[m,b] = act(x[b] @ W[m] + aux[b] @ Wa[m] + bias[m]) for all m, mixed by the
+  //   mutual unit, without writing h [M,B,N] to memory. Returns (out [B,N], attn [B,M] float32).
+  m.def(
+      "mutual_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? aux, Tensor? aux_weight, "
+      "Tensor scenario, int activation, float temperature, int similarity) -> (Tensor, Tensor)");
 }
 
 static bool built_with_cuda() { return SAML_WITH_CUDA != 0; }

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib
+
+import torch  # noqa: F401  (loads libc10 and libtorch, which _C links against)
 import warnings
 
 _C = None

@@ -1,0 +1,52 @@
+"""Shared test helpers: which (device, backend) pairs exist on this machine, and random-input makers.
+
+The normal run covers every backend available here. The Triton kernels run on CPU tensors only under
+``TRITON_INTERPRET=1`` (set before triton is imported), in a second pytest run: ``pytest -m triton_interp``
+(see the Makefile). Those (cpu, triton) cases carry the ``triton_interp`` mark.
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import saml_kernels
+from saml_kernels import _backend
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+INTERPRET = _backend.triton_interpret()
+
+
+def device_backends(op: str, *, include_reference: bool = True):
+    """pytest params (device, backend) for every backend that can serve ``op`` here."""
+    params = []
+    for dev in DEVICES:
+        for b in _backend.available_backends(dev, op):
+            if b == "reference" and not include_reference:
+                continue
+            marks = [pytest.mark.triton_interp] if (b == "triton" and dev == "cpu") else []
+            params.append(pytest.param(dev, b, id=f"{dev}-{b}", marks=marks))
+    return params
+
+
+def poison_like(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of NaNs shaped like ``t``: outputs written into it must overwrite every element."""
+    return torch.full_like(t, float("nan"))
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    """atol/rtol for comparing a ``dtype`` result to the float64 reference (float32 accumulation)."""
+    return {
+        torch.float64: dict(atol=1e-10, rtol=1e-10),
+        torch.float32: dict(atol=1e-5, rtol=1e-5),
+        torch.float16: dict(atol=2e-3, rtol=2e-3),
+        torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    }[dtype]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """A different seed per test (derived from its id) so tests never share inputs, yet reruns reproduce."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
