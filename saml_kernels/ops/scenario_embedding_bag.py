@@ -275,6 +275,15 @@ def scenario_embedding_bag(indices: Tensor, offsets: Tensor, scenario: Tensor, g
         (global_out [B, F, D], scenario_out [B, Fs, D]) in the table dtype ([B, F, L, D], [B, Fs, L, D] for
         pooling "none"), accumulated in float32.
     """
+    return _forward_op(*prepare_args(indices, offsets, scenario, global_weight, scenario_weight, feature_rows,
+                                     feature_scenario_rows, pooling=pooling, per_sample_weights=per_sample_weights,
+                                     bounds_check=bounds_check, sparse=sparse, backend=backend))
+
+
+def prepare_args(indices, offsets, scenario, global_weight, scenario_weight, feature_rows, feature_scenario_rows, *,
+                 pooling="sum", per_sample_weights=None, bounds_check="error", sparse=False, backend=None) -> tuple:
+    """Validates the public arguments and returns the argument tuple of ``torch.ops.saml_kernels.
+    scenario_embedding_bag`` (also used by layers that call the custom op themselves, e.g. the fused optimizer)."""
     _checks.tensor(OP, "indices", indices, ndim=1, dtypes=_checks.INDEX_DTYPES)
     _checks.tensor(OP, "offsets", offsets, ndim=1, dtypes=_checks.INDEX_DTYPES)
     _checks.tensor(OP, "scenario", scenario, ndim=1, dtypes=_checks.INDEX_DTYPES)
@@ -321,6 +330,6 @@ def scenario_embedding_bag(indices: Tensor, offsets: Tensor, scenario: Tensor, g
                              f"{indices.numel()} is not a multiple")
         bag_len = indices.numel() // (F * B)
     be = _backend.resolve(OP, indices.device.type, backend)
-    return _forward_op(indices.contiguous(), offsets.contiguous(), scenario.contiguous(), global_weight.contiguous(),
-                       scenario_weight.contiguous(), fr, fsr, slot, per_sample_weights, POOLING[pooling], bag_len,
-                       num_aware, BOUNDS[bounds_check], sparse, be)
+    return (indices.contiguous(), offsets.contiguous(), scenario.contiguous(), global_weight.contiguous(),
+            scenario_weight.contiguous(), fr, fsr, slot, per_sample_weights, POOLING[pooling], bag_len, num_aware,
+            BOUNDS[bounds_check], sparse, be)

@@ -1,0 +1,298 @@
+"""``ScenarioEmbedding``: the scenario-aware embedding layer of SAML (DESIGN sections 1.1 and 3, issue 2 section 3).
+
+Every feature has rows in the global table; a scenario-aware feature also has rows in each of the M scenario
+tables. For a batch with scenario ids s_b:
+
+    E_g[b, f] = pool_{i in bag(f, b)} w_i * global_weight[feature_rows[f] + id_i]                  [B, F, D]
+    E_s[b, j] = pool_{i in bag(f_j, b)} w_i * scenario_weight[s_b, feature_scenario_rows[f_j] + id_i]  [B, Fs, D]
+
+with f_j the j-th aware feature. Rows are laid out in feature order (feature f owns global rows
+``feature_rows[f] .. feature_rows[f+1]``, aware features likewise own scenario rows), so a ``state_dict`` with
+``global_weight [R, D]`` and ``scenario_weight [M, Rs, D]`` moves unchanged to the reference model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import scenario_embedding_bag
+from ..ops import _checks
+from ..ops import scenario_embedding_bag as _seb
+
+__all__ = ["EmbeddingFeature", "ScenarioEmbedding"]
+
+OPTIMIZERS = (None, "sgd", "rowwise_adagrad")
+
+
+@dataclass(frozen=True)
+class EmbeddingFeature:
+    """One sparse feature: ``num_embeddings`` ids (0 .. num_embeddings-1), pooled by "sum" | "mean" | "none"."""
+
+    name: str
+    num_embeddings: int
+    scenario_aware: bool = False
+    pooling: str = "sum"
+
+
+def _as_feature(spec) -> EmbeddingFeature:
+    if isinstance(spec, EmbeddingFeature):
+        f = spec
+    elif isinstance(spec, dict):
+        f = EmbeddingFeature(**spec)
+    else:
+        f = EmbeddingFeature(*spec)
+    if not isinstance(f.name, str) or not f.name:
+        raise ValueError(f"ScenarioEmbedding: feature name must be a non-empty str, got {f.name!r}")
+    if isinstance(f.num_embeddings, bool) or not isinstance(f.num_embeddings, int) or f.num_embeddings < 1:
+        raise ValueError(f"ScenarioEmbedding: feature {f.name!r}: num_embeddings must be an int >= 1, "
+                         f"got {f.num_embeddings!r}")
+    _checks.choice("ScenarioEmbedding", f"feature {f.name!r} pooling", f.pooling, _seb.POOLING)
+    return EmbeddingFeature(f.name, int(f.num_embeddings), bool(f.scenario_aware), f.pooling)
+
+
+class _FusedUpdate(torch.autograd.Function):
+    """Forward: the custom op. Backward: the optimizer update applied in place to the touched rows (FBGEMM TBE
+    style); no gradient tensor is materialised. The first input is a placeholder that requires grad, so autograd
+    calls this backward although the tables themselves are passed detached."""
+
+    @staticmethod
+    def forward(ctx, placeholder, args, state, opt):
+        (indices, offsets, scenario, gw, sw, fr, fsr, slot, psw, pooling, bag_len, num_aware, bounds, backend) = args
+        g, s = torch.ops.saml_kernels.scenario_embedding_bag(indices, offsets, scenario, gw, sw, fr, fsr, slot, psw,
+                                                             pooling, bag_len, num_aware, bounds, False, backend)
+        ctx.save_for_backward(indices, offsets, scenario, fr, fsr, slot, psw)
+        # The tables are updated in place in the backward: keep them as attributes, not saved tensors (a saved
+        # tensor's version check would reject the update when the layer runs twice before one backward).
+        ctx.gw, ctx.sw, ctx.state, ctx.opt = gw, sw, state, opt
+        ctx.pooling, ctx.bag_len, ctx.backend = pooling, bag_len, backend
+        return g, s
+
+    @staticmethod
+    def backward(ctx, grad_global, grad_scenario):
+        from ..ops import embedding_optimizer  # the fused-update op (imported lazily: optional at import time)
+
+        indices, offsets, scenario, fr, fsr, slot, psw = ctx.saved_tensors
+        gstate, sstate = ctx.state
+        optimizer, lr, eps = ctx.opt
+        embedding_optimizer.backward_update(
+            ctx.backend, grad_global.contiguous(), grad_scenario.contiguous(), indices, offsets, scenario, ctx.gw,
+            ctx.sw, fr, fsr, slot, psw, ctx.pooling, ctx.bag_len, gstate,
+            sstate.view(-1) if sstate is not None else None, optimizer, lr, eps)
+        return None, None, None, None
+
+
+class ScenarioEmbedding(nn.Module):
+    """Scenario-aware embedding bag layer (drop-in; TorchRec ``KeyedJaggedTensor`` input accepted).
+
+    Args:
+        features: sequence of ``EmbeddingFeature`` (or tuples ``(name, num_embeddings, scenario_aware, pooling)``
+            or dicts with those keys), in the order of the input's features.
+        num_scenarios: M, the number of scenario tables.
+        embedding_dim: D.
+        sparse: table gradients as torch sparse COO tensors (use ``torch.optim.SGD`` / ``SparseAdam``).
+        optimizer: None (ordinary gradients) | "sgd" | "rowwise_adagrad": the backward applies the update to the
+            touched rows in place and produces no gradient (``global_weight.grad`` stays None):
+            SGD ``w -= lr * g``; row-wise Adagrad ``state[row] += mean_d(g^2); w -= lr * g / (sqrt(state[row]) +
+            eps)``, with ``g`` the row's gradient summed over the batch. The Adagrad states are float32 buffers
+            ``global_state [R]`` and ``scenario_state [M, Rs]`` (part of the state_dict). The fused path runs in
+            training with grad enabled; per_sample_weights get no gradient there (passing ones that require grad
+            raises).
+        lr, eps: the fused optimizer's learning rate and Adagrad epsilon.
+        bounds_check: "error" | "zero" | "off", as in ``saml_kernels.scenario_embedding_bag``.
+        backend: forced backend for the op (None: ``use_backend`` context / env / automatic).
+        device, dtype: factory arguments of the tables (dtype float32 / float16 / bfloat16 / float64).
+
+    Parameters: ``global_weight [R, D]`` (R = sum of num_embeddings) and ``scenario_weight [M, Rs, D]`` (Rs = sum of
+    the aware features' num_embeddings), rows in feature order.
+
+    Initialisation (``reset_parameters``): every table entry ~ U(-1/sqrt(D), 1/sqrt(D)) (so a sum-pooled one-hot
+    embedding has unit-order norm independent of D); Adagrad states zero.
+
+    Mixed poolings: features are split into runs of consecutive features with one pooling, and the op is called
+    once per run (one call when all features share a pooling, the usual case; more runs cost one host sync each to
+    slice the jagged input). Pooling "none" must be used by all features or none (its outputs are [B, F, L, D]).
+    """
+
+    def __init__(self, features: Sequence, num_scenarios: int, embedding_dim: int, *, sparse: bool = False,
+                 optimizer: Optional[str] = None, lr: float = 0.01, eps: float = 1e-8, bounds_check: str = "error",
+                 backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        feats = [_as_feature(f) for f in features]
+        if not feats:
+            raise ValueError("ScenarioEmbedding: features must list at least one feature")
+        names = [f.name for f in feats]
+        if len(set(names)) != len(names):
+            raise ValueError(f"ScenarioEmbedding: feature names must be unique, got {names}")
+        if isinstance(num_scenarios, bool) or not isinstance(num_scenarios, int) or num_scenarios < 1:
+            raise ValueError(f"ScenarioEmbedding: num_scenarios must be an int >= 1, got {num_scenarios!r}")
+        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ValueError(f"ScenarioEmbedding: embedding_dim must be an int >= 1, got {embedding_dim!r}")
+        _checks.choice("ScenarioEmbedding", "optimizer", optimizer, OPTIMIZERS)
+        _checks.choice("ScenarioEmbedding", "bounds_check", bounds_check, _seb.BOUNDS)
+        poolings = {f.pooling for f in feats}
+        if "none" in poolings and len(poolings) > 1:
+            raise ValueError("ScenarioEmbedding: pooling 'none' must be used by all features or by none, got "
+                             f"{[f.pooling for f in feats]}")
+        if optimizer is not None and sparse:
+            raise ValueError("ScenarioEmbedding: sparse=True and a fused optimizer exclude each other (the fused "
+                             "optimizer produces no gradient)")
+        if not (lr >= 0 and eps > 0):
+            raise ValueError(f"ScenarioEmbedding: need lr >= 0 and eps > 0, got lr={lr!r}, eps={eps!r}")
+        self.features = tuple(feats)
+        self.num_scenarios, self.embedding_dim = num_scenarios, embedding_dim
+        self.sparse, self.optimizer, self.lr, self.eps = bool(sparse), optimizer, float(lr), float(eps)
+        self.bounds_check, self.backend = bounds_check, backend
+        fr, fsr = [0], [0]
+        for f in feats:
+            fr.append(fr[-1] + f.num_embeddings)
+            fsr.append(fsr[-1] + (f.num_embeddings if f.scenario_aware else 0))
+        self.feature_rows, self.feature_scenario_rows = tuple(fr), tuple(fsr)
+        # runs of consecutive features with one pooling: (first feature, end feature, pooling)
+        runs, a = [], 0
+        for f in range(1, len(feats) + 1):
+            if f == len(feats) or feats[f].pooling != feats[a].pooling:
+                runs.append((a, f, feats[a].pooling))
+                a = f
+        self._runs = tuple(runs)
+        factory = dict(device=device, dtype=dtype)
+        self.global_weight = nn.Parameter(torch.empty(fr[-1], embedding_dim, **factory))
+        self.scenario_weight = nn.Parameter(torch.empty(num_scenarios, fsr[-1], embedding_dim, **factory))
+        if optimizer == "rowwise_adagrad":
+            self.register_buffer("global_state", torch.zeros(fr[-1], device=device, dtype=torch.float32))
+            self.register_buffer("scenario_state", torch.zeros(num_scenarios, fsr[-1], device=device,
+                                                                dtype=torch.float32))
+        else:
+            self.register_buffer("global_state", None)
+            self.register_buffer("scenario_state", None)
+        self.reset_parameters()
+
+    # -------------------------------------------------------------------------------------------- properties
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    @property
+    def num_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def num_aware(self) -> int:
+        return sum(f.scenario_aware for f in self.features)
+
+    def reset_parameters(self) -> None:
+        """Tables ~ U(-1/sqrt(D), 1/sqrt(D)); Adagrad states (if any) zero."""
+        bound = 1.0 / math.sqrt(self.embedding_dim)
+        with torch.no_grad():
+            nn.init.uniform_(self.global_weight, -bound, bound)
+            nn.init.uniform_(self.scenario_weight, -bound, bound)
+            for buf in (self.global_state, self.scenario_state):
+                if buf is not None:
+                    buf.zero_()
+
+    def extra_repr(self) -> str:
+        pools = sorted({f.pooling for f in self.features})
+        s = (f"num_features={self.num_features}, num_aware={self.num_aware}, num_scenarios={self.num_scenarios}, "
+             f"embedding_dim={self.embedding_dim}, rows={self.feature_rows[-1]}, "
+             f"scenario_rows={self.feature_scenario_rows[-1]}, pooling={pools[0] if len(pools) == 1 else pools}")
+        if self.sparse:
+            s += ", sparse=True"
+        if self.optimizer is not None:
+            s += f", optimizer={self.optimizer!r}, lr={self.lr}" + (
+                f", eps={self.eps}" if self.optimizer == "rowwise_adagrad" else "")
+        if self.bounds_check != "error":
+            s += f", bounds_check={self.bounds_check!r}"
+        if self.backend is not None:
+            s += f", backend={self.backend!r}"
+        return s
+
+    # -------------------------------------------------------------------------------------------- forward
+
+    def _unpack(self, indices, offsets, scenario, per_sample_weights):
+        """(indices, offsets, scenario, per_sample_weights) from plain tensors or a KeyedJaggedTensor-like input."""
+        if not isinstance(indices, Tensor) and all(hasattr(indices, a) for a in ("keys", "values", "offsets")):
+            kjt = indices
+            if scenario is None:  # forward(kjt, scenario)
+                offsets, scenario = None, offsets
+            if offsets is not None:
+                raise TypeError("ScenarioEmbedding: with a KeyedJaggedTensor input pass forward(kjt, scenario); "
+                                "offsets come from the KeyedJaggedTensor")
+            keys = list(kjt.keys())
+            if keys != self.feature_names:
+                raise ValueError(f"ScenarioEmbedding: KeyedJaggedTensor keys {keys} differ from the layer's features "
+                                 f"{self.feature_names} (same names, same order needed)")
+            indices, offsets = kjt.values(), kjt.offsets()
+            if per_sample_weights is None and hasattr(kjt, "weights_or_none"):
+                per_sample_weights = kjt.weights_or_none()
+            if isinstance(indices, Tensor) and isinstance(offsets, Tensor) and offsets.dtype != indices.dtype:
+                offsets = offsets.to(indices.dtype)  # TorchRec often keeps int32 offsets beside int64 values
+        if offsets is None or scenario is None:
+            raise TypeError("ScenarioEmbedding: forward needs (indices, offsets, scenario) or (kjt, scenario)")
+        return indices, offsets, scenario, per_sample_weights
+
+    def _runs_inputs(self, indices, offsets, per_sample_weights):
+        """One (indices, offsets, psw, feature range, pooling) per pooling run; slices need one host sync."""
+        if len(self._runs) == 1:
+            return [(indices, offsets, per_sample_weights, 0, self.num_features, self._runs[0][2])]
+        _checks.tensor("ScenarioEmbedding", "offsets", offsets, ndim=1, dtypes=_checks.INDEX_DTYPES)
+        F = self.num_features
+        if offsets.numel() < 1 or (offsets.numel() - 1) % F:
+            raise ValueError(f"ScenarioEmbedding: offsets must have F*B + 1 entries with F = {F} features, got "
+                             f"{offsets.numel()}")
+        B = (offsets.numel() - 1) // F
+        cuts = offsets[[a * B for a, _, _ in self._runs] + [F * B]].tolist()
+        out = []
+        for k, (a, b, pooling) in enumerate(self._runs):
+            lo, hi = cuts[k], cuts[k + 1]
+            if not 0 <= lo <= hi <= indices.numel():
+                raise ValueError(f"ScenarioEmbedding: offsets[{a * B}] = {lo} .. offsets[{b * B}] = {hi} is not a "
+                                 f"valid range of the {indices.numel()} indices")
+            w = per_sample_weights[lo:hi] if per_sample_weights is not None else None
+            out.append((indices[lo:hi], offsets[a * B:b * B + 1] - lo, w, a, b, pooling))
+        return out
+
+    def forward(self, indices, offsets=None, scenario: Optional[Tensor] = None,
+                per_sample_weights: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """``forward(indices, offsets, scenario)`` or ``forward(kjt, scenario)``.
+
+        indices [nnz] int32/int64 ids local to their feature, offsets [F*B+1] feature-major (as TorchRec's
+        KeyedJaggedTensor values()/offsets()), scenario [B] in [0, M), per_sample_weights [nnz] optional (sum
+        pooling; a KJT's weights are used when present).
+        Returns (E_g [B, F, D], E_s [B, Fs, D]); [B, F, L, D] / [B, Fs, L, D] with pooling "none".
+        """
+        indices, offsets, scenario, psw = self._unpack(indices, offsets, scenario, per_sample_weights)
+        fused = self.optimizer is not None and self.training and torch.is_grad_enabled()
+        gs, ss = [], []
+        for idx, off, w, a, b, pooling in self._runs_inputs(indices, offsets, psw):
+            fr, fsr = self.feature_rows[a:b + 1], self.feature_scenario_rows[a:b + 1]
+            if fused:
+                g, s = self._fused(idx, off, scenario, fr, fsr, pooling, w)
+            else:
+                g, s = scenario_embedding_bag(idx, off, scenario, self.global_weight, self.scenario_weight, fr, fsr,
+                                              pooling=pooling, per_sample_weights=w, bounds_check=self.bounds_check,
+                                              sparse=self.sparse, backend=self.backend)
+            gs.append(g)
+            ss.append(s)
+        if len(gs) == 1:
+            return gs[0], ss[0]
+        return torch.cat(gs, 1), torch.cat(ss, 1)
+
+    def _fused(self, indices, offsets, scenario, fr, fsr, pooling, psw):
+        """The fused-optimizer path: validate like the functional op, then run ``_FusedUpdate``."""
+        if psw is not None and psw.requires_grad:
+            raise ValueError("ScenarioEmbedding: per_sample_weights get no gradient with a fused optimizer; pass "
+                             "them detached (or use optimizer=None)")
+        args = _seb.prepare_args(indices, offsets, scenario, self.global_weight.detach(),
+                                 self.scenario_weight.detach(), fr, fsr, pooling=pooling, per_sample_weights=psw,
+                                 bounds_check=self.bounds_check, sparse=False, backend=self.backend)
+        (indices, offsets, scenario, gw, sw, fr_t, fsr_t, slot, psw, pool, bag_len, num_aware, bounds, _,
+         backend) = args
+        placeholder = torch.zeros(0, device=gw.device, requires_grad=True)
+        return _FusedUpdate.apply(
+            placeholder, (indices, offsets, scenario, gw, sw, fr_t, fsr_t, slot, psw, pool, bag_len, num_aware,
+                          bounds, backend),
+            (self.global_state, self.scenario_state), (self.optimizer, self.lr, self.eps))
