@@ -1,0 +1,469 @@
+"""Triton kernels of ``scenario_embedding_bag`` (same contract as ``torch.ops.saml_C.seb_forward`` /
+``seb_backward_rows``; see csrc/registry.cpp and saml_kernels/reference/scenario_embedding_bag.py).
+
+Forward, one kernel: a program owns a tile of BLOCK_B bags x BLOCK_D columns and walks the bags' ids in
+lock-step (j = 0 .. max length in the tile), so BLOCK_B independent row gathers are in flight per step (memory
+latency, not bandwidth, bounds an embedding gather). Per id i of bag (f, b) with weight w_i (1 without
+per_sample_weights), local id r_i, valid_i = 0 <= r_i < rows(f):
+
+    global_out[b, f]   += w_i * G[feature_rows[f] + r_i]                            (valid ids only)
+    scenario_out[b, j] += w_i * S[scenario[b] * Rs + feature_scenario_rows[f] + r_i]  (aware f, j = slot(f))
+
+in float32 (float64 for float64 tables), divided by the bag length for "mean"; "none" stores each term at its
+position. Row numbers are int64 before the multiply by D (tables over 2^31 elements). Invalid ids (and scenario
+ids outside [0, M)) read nothing; with ``check`` the invalid ids are counted into ``bad_count`` (one atomic per
+program that saw one).
+
+Backward (deterministic, no float atomics):
+1. ``_seb_bwd_keys_kernel`` writes two entries per id: key = global row (or R + flattened scenario row m*Rs+r;
+   a sentinel for invalid / non-aware), the row of the incoming gradient it reads, and the scale
+   (w_i / bag length); plus grad_psw_i = <dOut_g, G[row_i]> + <dOut_s, S[row_i]> (times 1/len for "mean").
+2. ``torch.sort(stable=True)`` of the 2*nnz keys (stable: each row's terms are summed in id order, so the result
+   is bitwise repeatable), ``unique_consecutive`` gives the segments.
+3. ``_seb_segment_sum_kernel`` sums each segment's gradient rows in float32 and writes one row per unique key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from . import AotSpec, torch_to_triton_ptr
+
+SUM, MEAN, NONE = 0, 1, 2
+# Sorts after every valid key (global rows < R, scenario rows < R + M * Rs).
+SENTINEL: tl.constexpr = tl.constexpr(1 << 62)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One launch configuration: BLOCK_B bags (or segments) x BLOCK_D columns per program."""
+
+    block_b: int
+    block_d: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# One config per column-block width; ~1-2K elements per program keeps 16-32 rows in flight per program and
+# 8-16 elements per thread. Chosen by D (no run-time autotuning: reproducible and free under the interpreter).
+CONFIGS = (
+    Config(64, 16, 4),
+    Config(32, 32, 4),
+    Config(32, 64, 4),
+    Config(16, 128, 4),
+    Config(8, 256, 8),
+)
+
+
+def pick_config(D: int) -> Config:
+    """The config whose BLOCK_D is the smallest power of two >= D (capped at 256; wider D uses several
+    column blocks)."""
+    bd = min(max(triton.next_power_of_2(max(D, 1)), 16), 256)
+    return next(c for c in CONFIGS if c.block_d == bd)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+@triton.jit
+def _seb_fwd_kernel(idx_ptr, off_ptr, scen_ptr, gw_ptr, sw_ptr, fr_ptr, fsr_ptr, slot_ptr, psw_ptr,
+                    gout_ptr, sout_ptr, bad_ptr,
+                    B, F, Fs, D, Rs, M, L, nbags,
+                    POOL: tl.constexpr, HAS_PSW: tl.constexpr, HAS_AWARE: tl.constexpr, CHECK: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_d = tl.program_id(1)
+    bags = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    bmask = bags < nbags
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = d < D
+    f = bags // B
+    b = bags - f * B
+    start = tl.load(off_ptr + bags, mask=bmask, other=0).to(tl.int64)
+    length = tl.load(off_ptr + bags + 1, mask=bmask, other=0).to(tl.int64) - start
+    fbase = tl.load(fr_ptr + f, mask=bmask, other=0)
+    fsize = tl.load(fr_ptr + f + 1, mask=bmask, other=0) - fbase
+    if HAS_AWARE:
+        sbase = tl.load(fsr_ptr + f, mask=bmask, other=0)
+        aware = (tl.load(fsr_ptr + f + 1, mask=bmask, other=0) > sbase) & bmask
+        slot = tl.load(slot_ptr + f, mask=bmask, other=0)
+        sc = tl.load(scen_ptr + b, mask=bmask, other=0).to(tl.int64)
+        aware = aware & (sc >= 0) & (sc < M)   # a bad scenario id never reads another scenario's table
+        srow0 = sc * Rs + sbase
+        acc_s = tl.zeros([BLOCK_B, BLOCK_D], ACC_DTYPE)
+    acc_g = tl.zeros([BLOCK_B, BLOCK_D], ACC_DTYPE)
+    nbad = tl.zeros([BLOCK_B], tl.int64)
+    if POOL == 2:
+        nloop = L
+    else:
+        nloop = tl.max(length, axis=0)
+    for j in range(0, nloop):
+        m = bmask & (j < length)
+        pos = start + j
+        ids = tl.load(idx_ptr + pos, mask=m, other=0).to(tl.int64)
+        ok = m & (ids >= 0) & (ids < fsize)
+        if CHECK:
+            nbad += (m & ((ids < 0) | (ids >= fsize))).to(tl.int64)
+        gv = tl.load(gw_ptr + (fbase + ids)[:, None] * D + d[None, :], mask=ok[:, None] & dmask[None, :],
+                     other=0.0).to(ACC_DTYPE)
+        if HAS_PSW:
+            w = tl.load(psw_ptr + pos, mask=ok, other=0.0).to(ACC_DTYPE)
+            gv = gv * w[:, None]
+        if HAS_AWARE:
+            sok = ok & aware
+            sv = tl.load(sw_ptr + (srow0 + ids)[:, None] * D + d[None, :], mask=sok[:, None] & dmask[None, :],
+                         other=0.0).to(ACC_DTYPE)
+            if HAS_PSW:
+                sv = sv * w[:, None]
+        if POOL == 2:
+            # Every (bag, j < L) position is written (zeros past a short bag), so the output has no holes.
+            orow = (b * F + f) * L + j
+            tl.store(gout_ptr + orow[:, None] * D + d[None, :], gv.to(gout_ptr.dtype.element_ty),
+                     mask=bmask[:, None] & dmask[None, :])
+            if HAS_AWARE:
+                srow_o = (b * Fs + slot) * L + j
+                tl.store(sout_ptr + srow_o[:, None] * D + d[None, :], sv.to(sout_ptr.dtype.element_ty),
+                         mask=aware[:, None] & dmask[None, :])
+        else:
+            acc_g += gv
+            if HAS_AWARE:
+                acc_s += sv
+    if POOL != 2:
+        if POOL == 1:
+            inv = 1.0 / tl.maximum(length, 1).to(ACC_DTYPE)
+            acc_g = acc_g * inv[:, None]
+        orow = b * F + f
+        tl.store(gout_ptr + orow[:, None] * D + d[None, :], acc_g.to(gout_ptr.dtype.element_ty),
+                 mask=bmask[:, None] & dmask[None, :])
+        if HAS_AWARE:
+            if POOL == 1:
+                acc_s = acc_s * inv[:, None]
+            srow_o = b * Fs + slot
+            # Aware features of samples with a valid scenario; the others were zeroed by the caller.
+            tl.store(sout_ptr + srow_o[:, None] * D + d[None, :], acc_s.to(sout_ptr.dtype.element_ty),
+                     mask=aware[:, None] & dmask[None, :])
+    if CHECK:
+        total = tl.sum(nbad, axis=0)
+        if (pid_d == 0) & (total > 0):
+            tl.atomic_add(bad_ptr, total)
+
+
+@triton.jit
+def _seb_bwd_keys_kernel(idx_ptr, off_ptr, scen_ptr, fr_ptr, fsr_ptr, slot_ptr, psw_ptr,
+                         gw_ptr, sw_ptr, gg_ptr, gs_ptr,
+                         key_ptr, src_ptr, scale_ptr, gpsw_ptr,
+                         B, F, Fs, D, Rs, M, L, R, nnz, nbags,
+                         POOL: tl.constexpr, HAS_PSW: tl.constexpr, HAS_AWARE: tl.constexpr,
+                         NEED_PSW: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    bags = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    bmask = bags < nbags
+    f = bags // B
+    b = bags - f * B
+    start = tl.load(off_ptr + bags, mask=bmask, other=0).to(tl.int64)
+    length = tl.load(off_ptr + bags + 1, mask=bmask, other=0).to(tl.int64) - start
+    fbase = tl.load(fr_ptr + f, mask=bmask, other=0)
+    fsize = tl.load(fr_ptr + f + 1, mask=bmask, other=0) - fbase
+    sbase = tl.load(fsr_ptr + f, mask=bmask, other=0)
+    aware = (tl.load(fsr_ptr + f + 1, mask=bmask, other=0) > sbase) & bmask
+    slot = tl.load(slot_ptr + f, mask=bmask, other=0)
+    sc = tl.load(scen_ptr + b, mask=bmask, other=0).to(tl.int64)
+    aware = aware & (sc >= 0) & (sc < M)
+    srow0 = sc * Rs + sbase
+    inv = 1.0 / tl.maximum(length, 1).to(ACC_DTYPE)
+    if POOL == 2:
+        nloop = L
+    else:
+        nloop = tl.max(length, axis=0)
+    for j in range(0, nloop):
+        m = bmask & (j < length)
+        pos = start + j
+        ids = tl.load(idx_ptr + pos, mask=m, other=0).to(tl.int64)
+        ok = m & (ids >= 0) & (ids < fsize)
+        sok = ok & aware
+        grow = fbase + ids
+        srow = srow0 + ids
+        if POOL == 2:
+            gsrc = (b * F + f) * L + j
+            ssrc = (b * Fs + slot) * L + j
+        else:
+            gsrc = b * F + f
+            ssrc = b * Fs + slot
+        tl.store(key_ptr + pos, tl.where(ok, grow, SENTINEL), mask=m)
+        tl.store(key_ptr + nnz + pos, tl.where(sok, R + srow, SENTINEL), mask=m)
+        tl.store(src_ptr + pos, gsrc, mask=m)
+        tl.store(src_ptr + nnz + pos, ssrc, mask=m)
+        scale = tl.full([BLOCK_B], 1.0, ACC_DTYPE)
+        if HAS_PSW:
+            scale = tl.load(psw_ptr + pos, mask=m, other=0.0).to(ACC_DTYPE)
+        if POOL == 1:
+            scale = scale * inv
+        tl.store(scale_ptr + pos, scale, mask=m)
+        if NEED_PSW:
+            # d out / d w_i = G[row_i] (times 1/len for mean): dot with the incoming gradient rows.
+            dot = tl.zeros([BLOCK_B], ACC_DTYPE)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                dm = d < D
+                gv = tl.load(gw_ptr + grow[:, None] * D + d[None, :], mask=ok[:, None] & dm[None, :], other=0.0)
+                go = tl.load(gg_ptr + gsrc[:, None] * D + d[None, :], mask=ok[:, None] & dm[None, :], other=0.0)
+                acc = gv.to(ACC_DTYPE) * go.to(ACC_DTYPE)
+                if HAS_AWARE:
+                    sv = tl.load(sw_ptr + srow[:, None] * D + d[None, :], mask=sok[:, None] & dm[None, :],
+                                 other=0.0)
+                    so = tl.load(gs_ptr + ssrc[:, None] * D + d[None, :], mask=sok[:, None] & dm[None, :],
+                                 other=0.0)
+                    acc += sv.to(ACC_DTYPE) * so.to(ACC_DTYPE)
+                dot += tl.sum(acc, axis=1)
+            if POOL == 1:
+                dot = dot * inv
+            tl.store(gpsw_ptr + pos, dot.to(gpsw_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _seb_segment_sum_kernel(perm_ptr, seg_ptr, src_ptr, scale_ptr, gg_ptr, gs_ptr, out_ptr,
+                            U, D, nnz,
+                            HAS_SCALE: tl.constexpr, HAS_AWARE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                            BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Segment u = sorted entries seg[u] .. seg[u+1]; entry e < nnz reads grad_global, e >= nnz grad_scenario.
+    segs = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    smask = segs < U
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = d < D
+    s0 = tl.load(seg_ptr + segs, mask=smask, other=0)
+    n = tl.load(seg_ptr + segs + 1, mask=smask, other=0) - s0
+    acc = tl.zeros([BLOCK_B, BLOCK_D], ACC_DTYPE)
+    for j in range(0, tl.max(n, axis=0)):
+        m = smask & (j < n)
+        e = tl.load(perm_ptr + s0 + j, mask=m, other=0)
+        row = tl.load(src_ptr + e, mask=m, other=0)
+        is_s = e >= nnz
+        g = tl.load(gg_ptr + row[:, None] * D + d[None, :], mask=(m & (e < nnz))[:, None] & dmask[None, :],
+                    other=0.0).to(ACC_DTYPE)
+        if HAS_AWARE:
+            g += tl.load(gs_ptr + row[:, None] * D + d[None, :], mask=(m & is_s)[:, None] & dmask[None, :],
+                         other=0.0).to(ACC_DTYPE)
+        if HAS_SCALE:
+            g = g * tl.load(scale_ptr + tl.where(is_s, e - nnz, e), mask=m, other=0.0)[:, None]
+        acc += g
+    tl.store(out_ptr + segs[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=smask[:, None] & dmask[None, :])
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+
+_num_aware_cache: dict = {}  # id(aware_slot) -> (weakref, _version, Fs)
+_dummies: dict = {}
+
+
+def _num_aware(aware_slot: torch.Tensor) -> int:
+    """Fs = number of aware features = max(aware_slot) + 1. The layout tensors are cached per layout by the op
+    module, so this host read (a sync on CUDA) happens once per layout, not once per call."""
+    hit = _num_aware_cache.get(id(aware_slot))
+    if hit is not None and hit[0]() is aware_slot and hit[1] == aware_slot._version:
+        return hit[2]
+    fs = int(aware_slot.max()) + 1 if aware_slot.numel() else 0
+    key = id(aware_slot)
+    _num_aware_cache[key] = (weakref.ref(aware_slot, lambda _r, k=key: _num_aware_cache.pop(k, None)),
+                             aware_slot._version, fs)
+    return fs
+
+
+def _ptr(t, dtype=None):
+    """``t`` itself, or (for an absent / empty operand the kernel never dereferences) a 1-element stand-in,
+    because a launcher must be handed a real pointer."""
+    if t is not None and t.numel() > 0:
+        return t
+    dev = t.device if t is not None else torch.device("cpu")
+    dtype = dtype if dtype is not None else (t.dtype if t is not None else torch.float32)
+    key = (dev, dtype)
+    if key not in _dummies:
+        _dummies[key] = torch.zeros(1, dtype=dtype, device=dev)
+    return _dummies[key]
+
+
+def _acc_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _grid_device(t):
+    """Launch on the tensors' device (matters with several GPUs)."""
+    return torch.cuda.device(t.device) if t.is_cuda else _NullCtx()
+
+
+class _NullCtx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def forward(indices, offsets, scenario, global_weight, scenario_weight, feature_rows, feature_scenario_rows,
+            aware_slot, per_sample_weights, pooling, bag_len, check):
+    """``seb_forward`` contract: (global_out, scenario_out, bad_count int64 [1]).
+
+    Shapes: indices [nnz], offsets [F*B+1] (same int dtype), scenario [B], global_weight [R, D],
+    scenario_weight [M, Rs, D], feature_rows / feature_scenario_rows [F+1] int64, aware_slot [F] int64
+    (slot of each aware feature, -1 otherwise), per_sample_weights [nnz] or None.
+    Returns global_out [B, F, D] and scenario_out [B, Fs, D] ([B, F, L, D], [B, Fs, L, D] for pooling 2 = none)
+    in the table dtype, and the number of invalid ids (0 unless ``check``).
+    """
+    F = feature_rows.numel() - 1
+    nbags = offsets.numel() - 1
+    B = nbags // F if F else 0
+    D = global_weight.shape[1]
+    M, Rs = scenario_weight.shape[0], scenario_weight.shape[1]
+    Fs = _num_aware(aware_slot)
+    L = int(bag_len)
+    dev = indices.device
+    gshape = (B, F, L, D) if pooling == NONE else (B, F, D)
+    sshape = (B, Fs, L, D) if pooling == NONE else (B, Fs, D)
+    gout = torch.empty(gshape, dtype=global_weight.dtype, device=dev)
+    # Samples with a bad scenario id (possible only unchecked: the op validates scenario ids when it asks for
+    # check) keep zeros in their scenario rows.
+    sout = (torch.empty if check else torch.zeros)(sshape, dtype=scenario_weight.dtype, device=dev)
+    bad = torch.zeros(1, dtype=torch.int64, device=dev)
+    if nbags == 0 or D == 0:
+        return gout.zero_(), sout, bad
+    cfg = pick_config(D)
+    grid = (triton.cdiv(nbags, cfg.block_b), triton.cdiv(D, cfg.block_d))
+    with _grid_device(indices):
+        _seb_fwd_kernel[grid](
+            indices, offsets, scenario, _ptr(global_weight), _ptr(scenario_weight), feature_rows,
+            feature_scenario_rows, aware_slot, _ptr(per_sample_weights, global_weight.dtype),
+            gout, _ptr(sout), bad,
+            B, F, Fs, D, Rs, M, L, nbags,
+            POOL=int(pooling), HAS_PSW=per_sample_weights is not None, HAS_AWARE=Fs > 0, CHECK=bool(check),
+            ACC_DTYPE=_acc_dtype(global_weight.dtype), BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return gout, sout, bad
+
+
+def sorted_segments(keys: torch.Tensor):
+    """Stable sort of the entry keys and their segments: (unique keys [U], perm [n], seg [U+1]).
+
+    perm lists entry numbers in key order (ties in entry order); segment u is perm[seg[u] : seg[u+1]]."""
+    skeys, perm = torch.sort(keys, stable=True)
+    uniq, counts = torch.unique_consecutive(skeys, return_counts=True)
+    seg = torch.zeros(uniq.numel() + 1, dtype=torch.int64, device=keys.device)
+    torch.cumsum(counts, 0, out=seg[1:])
+    return uniq, perm, seg
+
+
+def backward_rows(grad_global, grad_scenario, indices, offsets, scenario, global_weight, scenario_weight,
+                  feature_rows, feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len,
+                  need_psw_grad):
+    """``seb_backward_rows`` contract: (global_rows [U] int64 sorted unique, global_vals [U, D],
+    scenario_rows [Us] int64 (m * Rs + r) sorted unique, scenario_vals [Us, D], grad_psw [nnz] or empty).
+
+    dG[row] = sum_{i: row_i = row} scale_i * dOut_g[bag_i (, j_i)], dS likewise over the ids of aware features
+    of samples of scenario m; scale_i = w_i (/ bag length for mean). Deterministic (stable sort + segment sum).
+    """
+    F = feature_rows.numel() - 1
+    nbags = offsets.numel() - 1
+    B = nbags // F if F else 0
+    D = global_weight.shape[1]
+    R = global_weight.shape[0]
+    M, Rs = scenario_weight.shape[0], scenario_weight.shape[1]
+    Fs = _num_aware(aware_slot)
+    L = int(bag_len)
+    nnz = indices.numel()
+    dev = indices.device
+    acc_t = torch.float64 if global_weight.dtype == torch.float64 else torch.float32
+    need_psw = bool(need_psw_grad) and per_sample_weights is not None
+    gpsw = torch.empty(nnz if need_psw else 0, dtype=(per_sample_weights.dtype if need_psw else global_weight.dtype),
+                       device=dev)
+    empty_rows = torch.empty(0, dtype=torch.int64, device=dev)
+    if nnz == 0 or nbags == 0:
+        return (empty_rows, global_weight.new_empty(0, D), empty_rows.clone(), scenario_weight.new_empty(0, D),
+                gpsw)
+    cfg = pick_config(D)
+    keys = torch.empty(2 * nnz, dtype=torch.int64, device=dev)
+    src = torch.empty(2 * nnz, dtype=torch.int64, device=dev)
+    scale = torch.empty(nnz, dtype=acc_t, device=dev)
+    has_scale = per_sample_weights is not None or pooling == MEAN
+    with _grid_device(indices):
+        _seb_bwd_keys_kernel[(triton.cdiv(nbags, cfg.block_b),)](
+            indices, offsets, scenario, feature_rows, feature_scenario_rows, aware_slot,
+            _ptr(per_sample_weights, global_weight.dtype), _ptr(global_weight), _ptr(scenario_weight),
+            _ptr(grad_global), _ptr(grad_scenario, scenario_weight.dtype), keys, src, scale,
+            _ptr(gpsw, global_weight.dtype),
+            B, F, Fs, D, Rs, M, L, R, nnz, nbags,
+            POOL=int(pooling), HAS_PSW=per_sample_weights is not None, HAS_AWARE=Fs > 0, NEED_PSW=need_psw,
+            ACC_DTYPE=_acc_dtype(global_weight.dtype), BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        uniq, perm, seg = sorted_segments(keys)
+        # One host read for the split: [#global rows, #global + #scenario rows] (the rest is the sentinel).
+        ng, nall = torch.searchsorted(uniq, torch.tensor([R, R + M * Rs], dtype=torch.int64, device=dev)).tolist()
+        vals = torch.empty(nall, D, dtype=global_weight.dtype, device=dev)
+        if nall and D:
+            _seb_segment_sum_kernel[(triton.cdiv(nall, cfg.block_b), triton.cdiv(D, cfg.block_d))](
+                perm, seg, src, scale, _ptr(grad_global), _ptr(grad_scenario, scenario_weight.dtype), vals,
+                nall, D, nnz,
+                HAS_SCALE=has_scale, HAS_AWARE=Fs > 0, ACC_DTYPE=_acc_dtype(global_weight.dtype),
+                BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return (uniq[:ng], vals[:ng], uniq[ng:nall] - R, vals[ng:nall].to(scenario_weight.dtype), gpsw)
+
+
+# ------------------------------------------------------------------------------------------------ AOT specs
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def aot_specs() -> list:
+    """Every kernel of this module in every config (fp32 / int64, each pooling mode, all options on), plus
+    each table dtype x index dtype on one config. Format: saml_kernels.triton.AotSpec."""
+    specs = []
+    p = torch_to_triton_ptr
+
+    def fwd(cfg, pool, wdt, idt, psw, aware, check):
+        sig = dict(idx_ptr=p(idt), off_ptr=p(idt), scen_ptr=p(idt), gw_ptr=p(wdt), sw_ptr=p(wdt), fr_ptr="*i64",
+                   fsr_ptr="*i64", slot_ptr="*i64", psw_ptr=p(wdt), gout_ptr=p(wdt), sout_ptr=p(wdt),
+                   bad_ptr="*i64", B="i32", F="i32", Fs="i32", D="i32", Rs="i32", M="i32", L="i32", nbags="i32")
+        ce = dict(POOL=pool, HAS_PSW=psw, HAS_AWARE=aware, CHECK=check, ACC_DTYPE=_acc_dtype(wdt),
+                  BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d)
+        sig.update({k: "constexpr" for k in ce})
+        name = f"seb_fwd[pool{pool},{str(wdt)[6:]},{str(idt)[6:]},psw{int(psw)},aware{int(aware)},B{cfg.block_b}xD{cfg.block_d}]"
+        return AotSpec(name, _seb_fwd_kernel, sig, ce, cfg.num_warps, cfg.num_stages)
+
+    def keys(cfg, pool, wdt, idt, psw, need):
+        sig = dict(idx_ptr=p(idt), off_ptr=p(idt), scen_ptr=p(idt), fr_ptr="*i64", fsr_ptr="*i64", slot_ptr="*i64",
+                   psw_ptr=p(wdt), gw_ptr=p(wdt), sw_ptr=p(wdt), gg_ptr=p(wdt), gs_ptr=p(wdt), key_ptr="*i64",
+                   src_ptr="*i64", scale_ptr=p(torch.float64 if wdt == torch.float64 else torch.float32),
+                   gpsw_ptr=p(wdt), B="i32", F="i32", Fs="i32", D="i32", Rs="i32", M="i32", L="i32", R="i32",
+                   nnz="i32", nbags="i32")
+        ce = dict(POOL=pool, HAS_PSW=psw, HAS_AWARE=True, NEED_PSW=need, ACC_DTYPE=_acc_dtype(wdt),
+                  BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d)
+        sig.update({k: "constexpr" for k in ce})
+        name = f"seb_bwd_keys[pool{pool},{str(wdt)[6:]},{str(idt)[6:]},psw{int(psw)},B{cfg.block_b}xD{cfg.block_d}]"
+        return AotSpec(name, _seb_bwd_keys_kernel, sig, ce, cfg.num_warps, cfg.num_stages)
+
+    def seg(cfg, wdt, has_scale):
+        sig = dict(perm_ptr="*i64", seg_ptr="*i64", src_ptr="*i64",
+                   scale_ptr=p(torch.float64 if wdt == torch.float64 else torch.float32), gg_ptr=p(wdt),
+                   gs_ptr=p(wdt), out_ptr=p(wdt), U="i32", D="i32", nnz="i32")
+        ce = dict(HAS_SCALE=has_scale, HAS_AWARE=True, ACC_DTYPE=_acc_dtype(wdt), BLOCK_B=cfg.block_b,
+                  BLOCK_D=cfg.block_d)
+        sig.update({k: "constexpr" for k in ce})
+        name = f"seb_segment_sum[{str(wdt)[6:]},scale{int(has_scale)},B{cfg.block_b}xD{cfg.block_d}]"
+        return AotSpec(name, _seb_segment_sum_kernel, sig, ce, cfg.num_warps, cfg.num_stages)
+
+    f32, i64 = torch.float32, torch.int64
+    for cfg in CONFIGS:
+        for pool in (SUM, MEAN, NONE):
+            specs.append(fwd(cfg, pool, f32, i64, pool == SUM, True, True))
+            specs.append(keys(cfg, pool, f32, i64, pool == SUM, pool == SUM))
+        specs.append(fwd(cfg, SUM, f32, i64, False, False, False))
+        specs.append(seg(cfg, f32, True))
+        specs.append(seg(cfg, f32, False))
+    cfg = CONFIGS[1]
+    for wdt in _FLOATS[1:]:
+        for idt in (torch.int32, torch.int64):
+            specs.append(fwd(cfg, SUM, wdt, idt, True, True, True))
+            specs.append(keys(cfg, SUM, wdt, idt, True, True))
+        specs.append(seg(cfg, wdt, True))
+    specs.append(fwd(cfg, SUM, f32, torch.int32, True, True, True))
+    return specs
