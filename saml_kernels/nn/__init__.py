@@ -1,3 +1,5 @@
 """Drop-in layers (DESIGN section 3). Each has device/dtype factory arguments and reset_parameters(), and shares
 its parameter names with the reference model in saml_kernels.reference."""
 from .scenario_embedding import EmbeddingFeature, ScenarioEmbedding
+from .attention import ScenarioAttention
+from .saml import SAML, SAMLConfig, SharedBottom

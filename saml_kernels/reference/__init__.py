@@ -2,3 +2,4 @@
 from .scenario_embedding_bag import scenario_embedding_bag_reference
 
 __all__ = ["scenario_embedding_bag_reference"]
+from .model import SAMLConfig, SAMLReference  # noqa: E402

@@ -1,0 +1,169 @@
+"""``SAML``: the full Scenario-aware and Mutual-based model (DESIGN section 1) from the drop-in layers, and a
+shared-bottom baseline for comparison.
+
+    E_g, E_s = ScenarioEmbedding(ids, scenario);  S_g, S_s = sequence ScenarioEmbedding (pooling "none")
+    att_g, att_l = ScenarioAttention(E_g[target], E_s[target], S_g, S_s, lengths, scenario)
+    A_0 = [E_g ; att_g ; dense],  H_0 = [E_s ; att_l]
+    A_l = dropout(relu(Linear(A_{l-1})))                               auxiliary network
+    H_l = dropout(branch_l(H_{l-1}, aux=A_{l-1}))                       multi-branch network:
+          MutualUnit at config.mutual_layers (fused mutual_linear), MultiBranchLinear route "all" with
+          per-branch inputs below a mutual layer, route "own" (grouped GEMM by scenario) above
+    main = branch_head(H_L, aux=A_L) (own route),  aux = aux_head(A_L)
+    loss = BCE(main) + aux_loss_weight * BCE(aux)
+
+Parameters are named as in ``saml_kernels.reference.SAMLReference``: a state_dict moves between them unchanged.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..reference.model import SAMLConfig, saml_loss
+
+__all__ = ["SAML", "SAMLConfig", "SharedBottom"]
+
+
+def _seq_offsets(B: int, L: int, like: Tensor) -> Tensor:
+    return torch.arange(0, B * L + 1, L, device=like.device, dtype=like.dtype)
+
+
+class SAML(nn.Module):
+    """SAML on the package's kernels.
+
+    Args:
+        config: a :class:`SAMLConfig`.
+        backend: forced backend of every op (None: ``use_backend`` context / env / automatic).
+        device, dtype: factory arguments.
+
+    forward(indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None) -> (main [B], aux [B]) logits:
+    indices/offsets feature-major over ``config.features`` (a ``saml_kernels.data.Batch``'s ``inputs()``),
+    scenario [B], seq_ids [B, L] (0 = padding) and seq_lengths [B] when the config has a sequence, dense
+    [B, num_dense]. ``loss(batch)`` = BCE(main) + aux_loss_weight * BCE(aux).
+    """
+
+    def __init__(self, config: SAMLConfig, *, backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        from . import MultiBranchLinear, MutualUnit, ScenarioAttention, ScenarioEmbedding
+
+        c = self.config = config
+        fk = dict(device=device, dtype=dtype)
+        M, D = c.num_scenarios, c.embedding_dim
+        self.backend = backend
+        self.embedding = ScenarioEmbedding(c.features, M, D, backend=backend, **fk)
+        if c.sequence is not None:
+            seq = c.sequence
+            self.sequence_embedding = ScenarioEmbedding([(seq.name, seq.num_embeddings, True, "none")], M, D,
+                                                        backend=backend, **fk)
+            self.attention = ScenarioAttention(D, c.attention_dim, M, backend=backend, **fk)
+        self.aux_layers = nn.ModuleList()
+        self.branch_layers = nn.ModuleList()
+        ka, kh = c.global_dim, c.scenario_dim
+        for kind, na, nh in zip(c.layer_kinds(), c.aux_hidden, c.branch_hidden):
+            self.aux_layers.append(nn.Linear(ka, na, **fk))
+            if kind == "mutual":
+                self.branch_layers.append(MutualUnit(kh, nh, M, aux_features=ka, activation="relu",
+                                                     temperature=c.temperature, similarity=c.similarity, **fk))
+            else:
+                self.branch_layers.append(MultiBranchLinear(kh, nh, M, aux_features=ka, bias=True, activation="relu",
+                                                            route=kind, grad_mask="own", **fk))
+            ka, kh = na, nh
+        self.aux_head = nn.Linear(ka, 1, **fk)
+        self.branch_head = MultiBranchLinear(kh, 1, M, aux_features=ka, bias=True, activation=None, route="own", **fk)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+    def representations(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None):
+        """(A_0 [B, global_dim], H_0 [B, scenario_dim])."""
+        c = self.config
+        e_g, e_s = self.embedding(indices, offsets, scenario)
+        B = scenario.shape[0]
+        glob, scen = [e_g.reshape(B, -1)], [e_s.reshape(B, -1)]
+        if c.sequence is not None:
+            if seq_ids is None or seq_lengths is None:
+                raise ValueError("SAML: this config has a behaviour sequence; pass seq_ids [B, L] and seq_lengths [B]")
+            L = seq_ids.shape[1]
+            s_g, s_s = self.sequence_embedding(seq_ids.reshape(-1), _seq_offsets(B, L, seq_ids), scenario)
+            fg, fs = c.target_slots()
+            att_g, att_l = self.attention(e_g[:, fg], e_s[:, fs], s_g.reshape(B, L, -1), s_s.reshape(B, L, -1),
+                                          seq_lengths, scenario)
+            glob.append(att_g)
+            scen.append(att_l)
+        if c.num_dense:
+            if dense is None or dense.shape != (B, c.num_dense):
+                raise ValueError(f"SAML: dense must be [B, {c.num_dense}], got "
+                                 f"{None if dense is None else tuple(dense.shape)}")
+            glob.append(dense.to(e_g.dtype))
+        return torch.cat(glob, 1), torch.cat(scen, 1)
+
+    def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None):
+        a, h = self.representations(indices, offsets, scenario, seq_ids, seq_lengths, dense)
+        for aux_layer, branch in zip(self.aux_layers, self.branch_layers):
+            h_next = self.dropout(branch(h, scenario, a))
+            a = self.dropout(torch.relu(aux_layer(a)))
+            h = h_next
+        return self.branch_head(h, scenario, a).squeeze(-1), self.aux_head(a).squeeze(-1)
+
+    def loss(self, batch) -> Tensor:
+        """BCE(main) + aux_loss_weight * BCE(aux) on a ``saml_kernels.data.Batch``."""
+        main, aux = self(*batch.inputs())
+        return saml_loss(main, aux, batch.label, self.config.aux_loss_weight)
+
+
+class SharedBottom(nn.Module):
+    """Shared-bottom baseline with SAML's embedding budget: the same tables and widths, no scenario structure in
+    the representation (only the global embeddings E_g, global attention and dense go in), one shared bottom MLP
+    (``config.branch_hidden[:-1]``) and a per-scenario tower (last hidden layer + logit, own route).
+
+    forward(...) -> logit [B] (same inputs as SAML); loss(batch) = BCE(logit).
+    """
+
+    def __init__(self, config: SAMLConfig, *, backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        from . import MultiBranchLinear, ScenarioAttention, ScenarioEmbedding
+
+        c = self.config = config
+        fk = dict(device=device, dtype=dtype)
+        M, D = c.num_scenarios, c.embedding_dim
+        self.embedding = ScenarioEmbedding([(f.name, f.num_embeddings, False, f.pooling) for f in c.features], M, D,
+                                           backend=backend, **fk)
+        if c.sequence is not None:
+            seq = c.sequence
+            self.sequence_embedding = ScenarioEmbedding([(seq.name, seq.num_embeddings, False, "none")], M, D,
+                                                        backend=backend, **fk)
+            self.attention = ScenarioAttention(D, c.attention_dim, M, backend=backend, **fk)
+        k = c.global_dim
+        layers = []
+        for n in c.branch_hidden[:-1]:
+            layers += [nn.Linear(k, n, **fk), nn.ReLU(), nn.Dropout(c.dropout)]
+            k = n
+        self.bottom = nn.Sequential(*layers)
+        self.tower = MultiBranchLinear(k, c.branch_hidden[-1], M, bias=True, activation="relu", route="own", **fk)
+        self.head = MultiBranchLinear(c.branch_hidden[-1], 1, M, bias=True, activation=None, route="own", **fk)
+
+    def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None):
+        c = self.config
+        e_g, _ = self.embedding(indices, offsets, scenario)
+        B = scenario.shape[0]
+        parts = [e_g.reshape(B, -1)]
+        if c.sequence is not None:
+            L = seq_ids.shape[1]
+            s_g, _ = self.sequence_embedding(seq_ids.reshape(-1), _seq_offsets(B, L, seq_ids), scenario)
+            fg, _ = c.target_slots()
+            s_g = s_g.reshape(B, L, -1)
+            # the global half of the attention only (the local half gets the same global inputs)
+            att_g, _ = self.attention(e_g[:, fg], e_g[:, fg], s_g, s_g, seq_lengths, scenario)
+            parts.append(att_g)
+        if c.num_dense:
+            parts.append(dense.to(e_g.dtype))
+        h = self.bottom(torch.cat(parts, 1))
+        return self.head(self.tower(h, scenario), scenario).squeeze(-1)
+
+    def loss(self, batch) -> Tensor:
+        logit = self(*batch.inputs())
+        return nn.functional.binary_cross_entropy_with_logits(logit, batch.label.to(logit.dtype))
