@@ -1,5 +1,6 @@
 """Drop-in layers (DESIGN section 3). Each has device/dtype factory arguments and reset_parameters(), and shares
 its parameter names with the reference model in saml_kernels.reference."""
 from .scenario_embedding import EmbeddingFeature, ScenarioEmbedding
+from .multi_branch_linear import MultiBranchLinear
 from .attention import ScenarioAttention
 from .saml import SAML, SAMLConfig, SharedBottom
