@@ -245,8 +245,8 @@ def table_layout(feature_rows, feature_scenario_rows, num_rows: int, num_scenari
     for f in range(len(fr) - 1):
         gs, ss = fr[f + 1] - fr[f], fsr[f + 1] - fsr[f]
         if ss and ss != gs:
-            raise ValueError(f"{OP}: feature {f} is scenario-aware with {ss} scenario rows but has {gs} global rows; "
-                             "an aware feature's scenario range must have its global size")
+            raise ValueError(f"{OP}: feature_scenario_rows gives feature {f} {ss} scenario rows but feature_rows "
+                             f"gives it {gs} global rows; an aware feature's scenario range must have its global size")
     return _layout_cached(fr, fsr, torch.device(device))
 
 
