@@ -1,0 +1,376 @@
+"""Triton kernels of the mutual unit and of the fused mutual_linear forward.
+
+Contracts (csrc/registry.cpp), for h [M,B,N], scenario s [B], own = h[s_b, b]:
+
+    sim[m,b] = <own, h[m,b]> / (max(|own|,1e-8) max(|h[m,b]|,1e-8))   (similarity 0, cosine)
+             = <own, h[m,b]> / sqrt(N)                                  (similarity 1, dot)
+    a[b] = softmax_m(sim[:, b] / T);  out[b] = sum_m a[b,m] h[m,b]
+
+    mutual_forward(h, s, T, sim)                   -> (out [B,N] h.dtype, attn [B,M] float32)
+    mutual_backward(g, h, s, attn, T, sim)         -> dh_own [B,N]: the gradient w.r.t. own (other branches are
+                                                      stop-gradient; own is also the s_b-th term of h)
+    mutual_linear_forward(x, W, bias, aux, Wa, s, act, T, sim) -> (out, attn) with h[m,b] = act(x W_m + aux Wa_m
+                                                      + bias_m) computed in registers, never written to memory.
+
+Backward math (o = own, g = grad_out, u_m = <g, h_m>, c_m = a_m (u_m - sum_j a_j u_j) / T, n_o = max(|o|, eps),
+n_m = max(|h_m|, eps), I = [|o| > eps]):
+    dot:    do = a_s g + sum_m c_m h_m / sqrt(N) + c_s o / sqrt(N)
+    cosine: do = a_s g + sum_m c_m h_m / (n_o n_m) - (sum_m c_m sim_m) I o / (n_o |o|)
+                 + c_s (o / n_o^2 - sim_s I o / (n_o |o|))
+(the c_s terms come from own being both arguments of sim_s; for cosine they vanish when |o| > eps).
+
+Layout: one program per BLOCK_B rows holds a [MP, BLOCK_B, BLOCK_N] register tile (all M branches, MP = M
+rounded up to a power of two); rows longer than BLOCK_N are handled by two passes over N tiles (dot products
+and norms first, then the mix), so any N works. Reductions run in a fixed order: deterministic.
+
+The fused mutual_linear forward keeps all M branch tiles of a row block in registers, so it needs the whole
+row: N <= 256 and MP * BLOCK_N <= 1024 (e.g. M <= 4 at N = 256, M <= 8 at N = 128). Larger shapes fall back
+to the unfused pair all_forward + mutual_forward (h [M,B,N] is materialised then; documented, not silent in
+the code: see ``fused_supported``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _backend
+from . import AotSpec
+from .mbranch_linear import _activate, _mm_rows, _precision, _pow2, all_forward
+
+__all__ = ["mutual_forward", "mutual_backward", "mutual_linear_forward", "fused_supported", "aot_specs"]
+
+EPS = 1e-8
+FUSED_MAX_N = 256
+FUSED_MAX_MN = 1024
+_ELEMS = 8192          # register-tile budget MP * BLOCK_B * BLOCK_N for the mutual kernels
+
+
+# ------------------------------------------------------------------------------------------------ jit helpers
+
+@triton.jit
+def _softmax_m(sim, valid_m, inv_t):
+    """softmax over axis 0 (branches) of sim [MP, BB] / T; padded branches get weight 0."""
+    logit = tl.where(valid_m, sim * inv_t, float("-inf"))
+    mx = tl.max(logit, 0)
+    mx = tl.where(mx > float("-inf"), mx, 0.0)            # padded rows (no valid branch) stay finite
+    e = tl.where(valid_m, tl.exp(logit - mx[None, :]), 0.0)
+    den = tl.sum(e, 0)
+    return e / tl.where(den > 0, den, 1.0)[None, :]
+
+
+@triton.jit
+def _similarity(dots, norms, own_mask, N, SIM: tl.constexpr):
+    """sim [MP, BB] from <own, h_m> and |h_m|^2 (own's norm is its own branch's entry)."""
+    if SIM == 0:
+        nm = tl.maximum(tl.sqrt(norms), 1e-8)
+        no = tl.sum(tl.where(own_mask, nm, 0.0), 0)
+        sim = dots / (nm * no[None, :])
+    else:
+        sim = dots / tl.sqrt(N.to(tl.float32))
+    return sim
+
+
+@triton.jit
+def _store_attn(attn_ptr, a, mi, rows, rmask, M, stride_ab, stride_am):
+    tl.store(attn_ptr + rows[None, :] * stride_ab + mi[:, None] * stride_am, a,
+             mask=(mi[:, None] < M) & rmask[None, :])
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+@triton.jit
+def _mutual_fwd_kernel(h_ptr, s_ptr, out_ptr, attn_ptr, M, B, N, inv_t,
+                       stride_hm, stride_hb, stride_hn, stride_ob, stride_on, stride_ab, stride_am,
+                       SIM: tl.constexpr, MP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                       SINGLE: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rmask = rows < B
+    mi = tl.arange(0, MP)
+    s = tl.load(s_ptr + rows, mask=rmask, other=0)
+    own_mask = mi[:, None] == s[None, :]                                     # [MP, BB]
+    valid_m = (mi[:, None] < M) & rmask[None, :]
+    base = h_ptr + mi[:, None, None].to(tl.int64) * stride_hm + rows[None, :, None] * stride_hb
+    if SINGLE:                                                               # the whole row is one tile
+        cols = tl.arange(0, BLOCK_N)
+        H = tl.load(base + cols[None, None, :] * stride_hn, mask=valid_m[:, :, None] & (cols < N)[None, None, :],
+                    other=0.0).to(tl.float32)
+        own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)             # [BB, BN]
+        a = _softmax_m(_similarity(tl.sum(H * own[None, :, :], 2), tl.sum(H * H, 2), own_mask, N, SIM),
+                       valid_m, inv_t)
+        out = tl.sum(a[:, :, None] * H, 0)
+        tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :] * stride_on,
+                 out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & (cols < N)[None, :])
+    else:
+        dots = tl.zeros((MP, BLOCK_B), dtype=tl.float32)
+        norms = tl.zeros((MP, BLOCK_B), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):                                      # pass 1: <own, h_m>, |h_m|^2
+            cols = n0 + tl.arange(0, BLOCK_N)
+            msk = valid_m[:, :, None] & (cols < N)[None, None, :]
+            H = tl.load(base + cols[None, None, :] * stride_hn, mask=msk, other=0.0).to(tl.float32)
+            own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
+            dots += tl.sum(H * own[None, :, :], 2)
+            norms += tl.sum(H * H, 2)
+        a = _softmax_m(_similarity(dots, norms, own_mask, N, SIM), valid_m, inv_t)
+        for n0 in range(0, N, BLOCK_N):                                      # pass 2: the mix
+            cols = n0 + tl.arange(0, BLOCK_N)
+            msk = valid_m[:, :, None] & (cols < N)[None, None, :]
+            H = tl.load(base + cols[None, None, :] * stride_hn, mask=msk, other=0.0).to(tl.float32)
+            out = tl.sum(a[:, :, None] * H, 0)
+            tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :] * stride_on,
+                     out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & (cols < N)[None, :])
+    _store_attn(attn_ptr, a, mi, rows, rmask, M, stride_ab, stride_am)
+
+
+@triton.jit
+def _mutual_bwd_kernel(g_ptr, h_ptr, s_ptr, attn_ptr, dh_ptr, M, B, N, inv_t,
+                       stride_gb, stride_gn, stride_hm, stride_hb, stride_hn, stride_ab, stride_am,
+                       stride_db, stride_dn,
+                       SIM: tl.constexpr, MP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rmask = rows < B
+    mi = tl.arange(0, MP)
+    s = tl.load(s_ptr + rows, mask=rmask, other=0)
+    own_mask = mi[:, None] == s[None, :]
+    valid_m = (mi[:, None] < M) & rmask[None, :]
+    base = h_ptr + mi[:, None, None].to(tl.int64) * stride_hm + rows[None, :, None] * stride_hb
+    dots = tl.zeros((MP, BLOCK_B), dtype=tl.float32)
+    norms = tl.zeros((MP, BLOCK_B), dtype=tl.float32)
+    u = tl.zeros((MP, BLOCK_B), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):                                          # pass 1: <o,h_m>, |h_m|^2, <g,h_m>
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cm = cols < N
+        H = tl.load(base + cols[None, None, :] * stride_hn, mask=valid_m[:, :, None] & cm[None, None, :],
+                    other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + rows[:, None] * stride_gb + cols[None, :] * stride_gn,
+                    mask=rmask[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
+        dots += tl.sum(H * own[None, :, :], 2)
+        norms += tl.sum(H * H, 2)
+        u += tl.sum(H * g[None, :, :], 2)
+    a = tl.load(attn_ptr + rows[None, :] * stride_ab + mi[:, None] * stride_am, mask=valid_m, other=0.0)
+    ubar = tl.sum(a * u, 0)
+    c = a * (u - ubar[None, :]) * inv_t                                      # dL/dsim_m
+    a_s = tl.sum(tl.where(own_mask, a, 0.0), 0)
+    c_s = tl.sum(tl.where(own_mask, c, 0.0), 0)
+    if SIM == 0:
+        nm = tl.maximum(tl.sqrt(norms), 1e-8)
+        o_len = tl.sqrt(tl.sum(tl.where(own_mask, norms, 0.0), 0))
+        no = tl.maximum(o_len, 1e-8)
+        sim = dots / (nm * no[None, :])
+        coef_h = c / (nm * no[None, :])
+        # 1 / (n_o |o|) where |o| > eps (the clamp is inactive), else 0
+        inv_oo = tl.where(o_len > 1e-8, 1.0 / (no * tl.where(o_len > 1e-8, o_len, 1.0)), 0.0)
+        sim_s = tl.sum(tl.where(own_mask, sim, 0.0), 0)
+        coef_o = -tl.sum(c * sim, 0) * inv_oo + c_s * (1.0 / (no * no) - sim_s * inv_oo)
+    else:
+        rs = 1.0 / tl.sqrt(N.to(tl.float32))
+        coef_h = c * rs
+        coef_o = c_s * rs
+    for n0 in range(0, N, BLOCK_N):                                          # pass 2: write d own
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cm = cols < N
+        H = tl.load(base + cols[None, None, :] * stride_hn, mask=valid_m[:, :, None] & cm[None, None, :],
+                    other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + rows[:, None] * stride_gb + cols[None, :] * stride_gn,
+                    mask=rmask[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
+        d = a_s[:, None] * g + tl.sum(coef_h[:, :, None] * H, 0) + coef_o[:, None] * own
+        tl.store(dh_ptr + rows[:, None] * stride_db + cols[None, :] * stride_dn, d.to(dh_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & cm[None, :])
+
+
+@triton.jit
+def _mutual_linear_fwd_kernel(x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_ptr, out_ptr, attn_ptr,
+                              M, B, N, K, K2, inv_t,
+                              stride_xb, stride_xk, stride_wm, stride_wk, stride_wn, stride_bm, stride_bn,
+                              stride_a2b, stride_a2k, stride_w2m, stride_w2k, stride_w2n,
+                              stride_ob, stride_on, stride_ab, stride_am,
+                              HAS_BIAS: tl.constexpr, HAS_AUX: tl.constexpr, ACT: tl.constexpr,
+                              SIM: tl.constexpr, PREC: tl.constexpr, MP: tl.constexpr,
+                              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """For a block of rows: h_m = act(x W_m + aux Wa_m + bias_m) for every m into a [MP, BB, BN] register tile,
+    then the mutual mix; only out [BB, N] and attn [BB, M] reach memory."""
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rmask = rows < B
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    mi = tl.arange(0, MP)
+    s = tl.load(s_ptr + rows, mask=rmask, other=0)
+    own_mask = mi[:, None] == s[None, :]
+    valid_m = (mi[:, None] < M) & rmask[None, :]
+    H = tl.zeros((MP, BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for m in range(0, M):
+        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        m64 = m  # weights are small: i32 offsets suffice
+        acc = _mm_rows(acc, x_ptr, rows, rmask, stride_xb, stride_xk, w_ptr + m64 * stride_wm, stride_wk, stride_wn,
+                       cols, cmask, K, BLOCK_K, PREC)
+        if HAS_AUX:
+            acc = _mm_rows(acc, a2_ptr, rows, rmask, stride_a2b, stride_a2k, w2_ptr + m64 * stride_w2m, stride_w2k,
+                           stride_w2n, cols, cmask, K2, BLOCK_K, PREC)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + m64 * stride_bm + cols * stride_bn, mask=cmask, other=0.0)
+            acc += b[None, :].to(tl.float32)
+        hm = _activate(acc, ACT)                    # kept in float32 (never rounded to the input dtype)
+        hm = tl.where(cmask[None, :], hm, 0.0)
+        H = tl.where((mi == m)[:, None, None], hm[None, :, :], H)
+    own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
+    dots = tl.sum(H * own[None, :, :], 2)
+    norms = tl.sum(H * H, 2)
+    a = _softmax_m(_similarity(dots, norms, own_mask, N, SIM), valid_m, inv_t)
+    _store_attn(attn_ptr, a, mi, rows, rmask, M, stride_ab, stride_am)
+    out = tl.sum(a[:, :, None] * H, 0)
+    tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :] * stride_on, out.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+
+def _mix_blocks(M: int, N: int):
+    """(MP, BLOCK_B, BLOCK_N, num_warps) for the mutual kernels: the [MP, BB, BN] tile within _ELEMS."""
+    MP = _pow2(max(M, 1))
+    if _backend.triton_interpret():
+        return MP, 4, 16, 1
+    BN = min(_pow2(max(N, 16)), 256)
+    while MP * BN > _ELEMS and BN > 32:
+        BN //= 2
+    BB = max(1, min(32, _ELEMS // (MP * BN)))
+    return MP, BB, BN, 4
+
+
+def mutual_forward(h, scenario, temperature: float, similarity: int):
+    """(out [B,N] h.dtype, attn [B,M] float32) of the mutual unit on h [M,B,N]; see the module docstring."""
+    M, B, N = h.shape
+    out = torch.empty((B, N), device=h.device, dtype=h.dtype)
+    attn = torch.empty((B, M), device=h.device, dtype=torch.float32)
+    if B == 0 or M == 0:
+        return out, attn
+    MP, BB, BN, nw = _mix_blocks(M, N)
+    _mutual_fwd_kernel[(triton.cdiv(B, BB),)](
+        h, scenario, out, attn, M, B, N, 1.0 / temperature, h.stride(0), h.stride(1), h.stride(2),
+        out.stride(0), out.stride(1), attn.stride(0), attn.stride(1),
+        SIM=similarity, MP=MP, BLOCK_B=BB, BLOCK_N=BN, SINGLE=N <= BN, num_warps=nw)
+    return out, attn
+
+
+def mutual_backward(grad_out, h, scenario, attn, temperature: float, similarity: int):
+    """dh_own [B,N] (h.dtype): gradient w.r.t. own = h[s_b, b], the other branches held constant."""
+    M, B, N = h.shape
+    dh = torch.empty((B, N), device=h.device, dtype=h.dtype)
+    if B == 0 or M == 0:
+        return dh
+    MP, BB, BN, nw = _mix_blocks(M, N)
+    _mutual_bwd_kernel[(triton.cdiv(B, BB),)](
+        grad_out, h, scenario, attn, dh, M, B, N, 1.0 / temperature,
+        grad_out.stride(0), grad_out.stride(1), h.stride(0), h.stride(1), h.stride(2),
+        attn.stride(0), attn.stride(1), dh.stride(0), dh.stride(1),
+        SIM=similarity, MP=MP, BLOCK_B=BB, BLOCK_N=BN, num_warps=nw)
+    return dh
+
+
+def fused_supported(M: int, N: int, dtype) -> bool:
+    """Whether mutual_linear_forward runs the fused kernel (else all_forward + mutual_forward)."""
+    BN = _pow2(max(N, 16))
+    return N <= FUSED_MAX_N and _pow2(max(M, 1)) * BN <= FUSED_MAX_MN and dtype != torch.float64
+
+
+# (BLOCK_K, num_warps, num_stages); BLOCK_B follows from the register budget (see _fused_blocks).
+_FUSED_CONFIGS = [(32, 4, 2), (64, 4, 2), (32, 8, 3), (64, 8, 3)]
+
+
+def _fused_blocks(M: int, N: int):
+    MP = _pow2(max(M, 1))
+    BN = _pow2(max(N, 16))
+    if _backend.triton_interpret():
+        return MP, 16, BN
+    BB = 16 if MP * BN > 256 else (32 if MP * BN > 128 else 64)
+    return MP, BB, BN
+
+
+def _cfg(c):
+    return triton.Config({"BLOCK_K": c[0]}, num_warps=c[1], num_stages=c[2])
+
+
+_fused_tuned = triton.autotune([_cfg(c) for c in _FUSED_CONFIGS], key=["M", "N", "K", "K2"])(
+    _mutual_linear_fwd_kernel)
+
+
+def mutual_linear_forward(x, weight, bias, aux, aux_weight, scenario, activation: int, temperature: float,
+                          similarity: int):
+    """(out [B,N] x.dtype, attn [B,M] float32) = mutual_unit(act(x W_m + aux Wa_m + bias_m) for all m).
+
+    Fused (h never in memory) when ``fused_supported(M, N)``; else the unfused pair (h materialised)."""
+    M, K, N = weight.shape
+    B = x.shape[0]
+    if not fused_supported(M, N, x.dtype):
+        h, _ = all_forward(x, weight, bias, aux, aux_weight, activation)
+        return mutual_forward(h, scenario, temperature, similarity)
+    out = torch.empty((B, N), device=x.device, dtype=x.dtype)
+    attn = torch.empty((B, M), device=x.device, dtype=torch.float32)
+    if B == 0 or M == 0:
+        return out, attn
+    MP, BB, BN = _fused_blocks(M, N)
+    K2 = aux.shape[1] if aux is not None else 0
+    dummy = out
+    args = (x, weight, bias if bias is not None else dummy, aux if aux is not None else dummy,
+            aux_weight if aux is not None else dummy, scenario, out, attn, M, B, N, K, K2, 1.0 / temperature,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
+            bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+            aux.stride(0) if aux is not None else 0, aux.stride(1) if aux is not None else 0,
+            *((aux_weight.stride(0), aux_weight.stride(1), aux_weight.stride(2)) if aux is not None else (0, 0, 0)),
+            out.stride(0), out.stride(1), attn.stride(0), attn.stride(1))
+    kw = dict(HAS_BIAS=bias is not None, HAS_AUX=aux is not None, ACT=activation, SIM=similarity,
+              PREC=_precision(x.dtype), MP=MP, BLOCK_B=BB, BLOCK_N=BN)
+    grid = (triton.cdiv(B, BB),)
+    if _backend.triton_interpret():
+        _mutual_linear_fwd_kernel[grid](*args, **kw, BLOCK_K=16, num_warps=1)
+    else:
+        _fused_tuned[grid](*args, **kw)
+    return out, attn
+
+
+# ------------------------------------------------------------------------------------------------ AOT specs
+
+def aot_specs() -> list:
+    """Each mutual kernel x block configuration x dtype (and each fused GEMM config) for AOT compilation."""
+    specs = []
+    dts = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    shapes = [(4, 64), (4, 256), (8, 512)]          # (M, N): single-tile, full-width, two-pass
+    for dt, name in dts.items():
+        p = "*" + name
+        for sim in (0, 1):
+            for M, N in shapes:
+                MP, BB, BN, nw = _mix_blocks(M, N)
+                const = dict(SIM=sim, MP=MP, BLOCK_B=BB, BLOCK_N=BN, SINGLE=N <= BN)
+                sig = dict(h_ptr=p, s_ptr="*i64", out_ptr=p, attn_ptr="*fp32", M="i32", B="i32", N="i32",
+                           inv_t="fp32", **{k: "i32" for k in ("stride_hm", "stride_hb", "stride_hn", "stride_ob",
+                                                               "stride_on", "stride_ab", "stride_am")})
+                sig.update({k: "constexpr" for k in const})
+                specs.append(AotSpec(f"mutual_fwd[{name},sim{sim},M{M},N{N}]", _mutual_fwd_kernel, sig, const, nw))
+                const = dict(SIM=sim, MP=MP, BLOCK_B=BB, BLOCK_N=BN)
+                sig = dict(g_ptr=p, h_ptr=p, s_ptr="*i64", attn_ptr="*fp32", dh_ptr=p, M="i32", B="i32", N="i32",
+                           inv_t="fp32", **{k: "i32" for k in ("stride_gb", "stride_gn", "stride_hm", "stride_hb",
+                                                               "stride_hn", "stride_ab", "stride_am", "stride_db",
+                                                               "stride_dn")})
+                sig.update({k: "constexpr" for k in const})
+                specs.append(AotSpec(f"mutual_bwd[{name},sim{sim},M{M},N{N}]", _mutual_bwd_kernel, sig, const, nw))
+        for M, N in ((4, 256), (4, 64)):
+            MP, BB, BN = _fused_blocks(M, N)
+            for c in _FUSED_CONFIGS:
+                const = dict(HAS_BIAS=True, HAS_AUX=True, ACT=3, SIM=0, PREC="ieee", MP=MP, BLOCK_B=BB, BLOCK_N=BN,
+                             BLOCK_K=c[0])
+                sig = dict(x_ptr=p, w_ptr=p, bias_ptr=p, a2_ptr=p, w2_ptr=p, s_ptr="*i64", out_ptr=p,
+                           attn_ptr="*fp32", M="i32", B="i32", N="i32", K="i32", K2="i32", inv_t="fp32",
+                           **{k: "i32" for k in ("stride_xb", "stride_xk", "stride_wm", "stride_wk", "stride_wn",
+                                                 "stride_bm", "stride_bn", "stride_a2b", "stride_a2k", "stride_w2m",
+                                                 "stride_w2k", "stride_w2n", "stride_ob", "stride_on", "stride_ab",
+                                                 "stride_am")})
+                sig.update({k: "constexpr" for k in const})
+                specs.append(AotSpec(f"mutual_linear_fwd[{name},M{M},N{N},k{c[0]},w{c[1]}]",
+                                     _mutual_linear_fwd_kernel, sig, const, c[1], c[2]))
+    return specs
