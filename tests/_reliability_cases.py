@@ -199,9 +199,10 @@ def make_case(op: str, seed: int = 0, *, size: str = "small", dtype=torch.float3
     returns everything as a flat list (for bitwise comparisons across runs / threads / thread counts).
     """
     g = torch.Generator().manual_seed(seed)
-    big = size == "medium"
+    big = size != "small"
     if op == "scenario_embedding_bag":
-        inp = seb_inputs(g, B=64 if big else 9, rows=[50, 7, 300] if big else [5, 3, 11], aware=[True, False, True],
+        B = {"small": 9, "medium": 64, "large": 512}[size]
+        inp = seb_inputs(g, B=B, rows=[50, 7, 300] if big else [5, 3, 11], aware=[True, False, True],
                          D=33 if big else 5, M=3, bag_max=6, psw=True, dtype=dtype)
         grads = ("global_weight", "scenario_weight", "per_sample_weights")
 
@@ -214,7 +215,7 @@ def make_case(op: str, seed: int = 0, *, size: str = "small", dtype=torch.float3
             return [go.detach(), so.detach()] + [leaf[k].grad for k in grads]
         return dict(call=call, inputs=inp)
 
-    M, B, K, N, Ka = (4, 96, 40, 24, 12) if big else (3, 11, 7, 5, 3)
+    M, B, K, N, Ka = {"small": (3, 11, 7, 5, 3), "medium": (4, 96, 40, 24, 12), "large": (4, 512, 64, 48, 16)}[size]
     sc = torch.randint(0, M, (B,), generator=g)
     base = dict(x=torch.randn(B, K, generator=g).to(dtype), weight=(torch.randn(M, K, N, generator=g) / K ** 0.5).to(dtype),
                 bias=torch.randn(M, N, generator=g).to(dtype), aux=torch.randn(B, Ka, generator=g).to(dtype),
@@ -249,3 +250,39 @@ ALL_OPS = ("scenario_embedding_bag", "mbranch_linear", "mutual_unit", "mutual_li
 
 def landed_ops():
     return [op for op in ALL_OPS if op_available(op)]
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+def model_available() -> bool:
+    try:
+        from saml_kernels.nn import SAML, MutualUnit  # noqa: F401
+        from saml_kernels.reference import SAMLReference  # noqa: F401
+        from saml_kernels.data import make_synthetic  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def small_saml(seed: int = 0, n: int = 1024, *, num_scenarios: int = 3, dim: int = 8, hidden=(32, 16)):
+    """(data, config) of a small SAML problem on the synthetic generator (tables of a few hundred rows)."""
+    from saml_kernels.data import make_synthetic
+    from saml_kernels.nn import SAMLConfig
+
+    data = make_synthetic(n, num_scenarios=num_scenarios, num_users=300, num_items=400, num_categories=12,
+                          num_contexts=8, num_segments=8, num_tags=30, seq_len=6, seed=seed)
+    cfg = SAMLConfig(features=data.features, num_scenarios=num_scenarios, embedding_dim=dim, sequence=data.sequence,
+                     target_feature="item", num_dense=data.num_dense, attention_dim=dim, aux_hidden=hidden,
+                     branch_hidden=hidden, mutual_layers=(0,), dropout=0.0)
+    return data, cfg
+
+
+def make_saml(cfg, seed: int = 0, backend=None, reference: bool = False):
+    from saml_kernels.nn import SAML
+
+    torch.manual_seed(seed)
+    if reference:
+        from saml_kernels.reference import SAMLReference
+
+        return SAMLReference(cfg)
+    return SAML(cfg, backend=backend)
