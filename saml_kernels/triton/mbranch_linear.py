@@ -305,12 +305,20 @@ def all_forward(x, weight, bias, aux, aux_weight, activation: int):
     """All route: y[m, b] = act(x[b] W[m] + aux[b] Wa[m] + bias[m]); x [B,K] shared or [M,B,K] per branch.
 
     One launch over the [B, M*N] output (branch-major programs inside each row tile). Returns
-    (y [M,B,N], z [M,B,N] for gelu/silu else an empty tensor)."""
+    (y [M,B,N], z [M,B,N] for gelu/silu else an empty tensor); with a shared x both are [M,B,N] views of
+    [B,M,N] buffers (strides (N, M*N, 1)), as the contract asks."""
     M, K, N = weight.shape
     per_branch = x.dim() == 3
     B = x.shape[-2]
-    y = torch.empty((M, B, N), device=x.device, dtype=x.dtype)
-    z = torch.empty((M, B, N), device=x.device, dtype=x.dtype) if _zsize(activation) else None
+    # Shared x: y is the [M, B, N] view (strides (N, M*N, 1)) of a [B, M*N] buffer, the layout of one GEMM
+    # against the packed [K, M*N] weights (the contract); per-branch x: contiguous [M, B, N].
+    def out():
+        if per_branch:
+            return torch.empty((M, B, N), device=x.device, dtype=x.dtype)
+        return torch.empty((B, M, N), device=x.device, dtype=x.dtype).permute(1, 0, 2)
+
+    y = out()
+    z = out() if _zsize(activation) else None
     if B > 0 and N > 0 and M > 0:
         K2 = aux.shape[1] if aux is not None else 0
         dummy = y

@@ -40,7 +40,8 @@ from .. import _backend
 from . import AotSpec
 from .mbranch_linear import _activate, _mm_rows, _precision, _pow2, all_forward
 
-__all__ = ["mutual_forward", "mutual_backward", "mutual_linear_forward", "fused_supported", "aot_specs"]
+__all__ = ["mutual_forward", "mutual_backward", "mutual_linear_forward", "mutual_linear_backward", "fused_supported",
+           "aot_specs"]
 
 EPS = 1e-8
 FUSED_MAX_N = 256
@@ -77,6 +78,74 @@ def _similarity(dots, norms, own_mask, N, SIM: tl.constexpr):
 def _store_attn(attn_ptr, a, mi, rows, rmask, M, stride_ab, stride_am):
     tl.store(attn_ptr + rows[None, :] * stride_ab + mi[:, None] * stride_am, a,
              mask=(mi[:, None] < M) & rmask[None, :])
+
+
+@triton.jit
+def _grad_coefs(dots, norms, u, a, own_mask, N, inv_t, SIM: tl.constexpr):
+    """(a_s [BB], coef_h [MP,BB], coef_o [BB]) with d own = a_s g + sum_m coef_h[m] h_m + coef_o own
+    (module docstring: c_m = a_m (u_m - sum_j a_j u_j) / T, u_m = <g, h_m>)."""
+    ubar = tl.sum(a * u, 0)
+    c = a * (u - ubar[None, :]) * inv_t                                      # dL/dsim_m
+    a_s = tl.sum(tl.where(own_mask, a, 0.0), 0)
+    c_s = tl.sum(tl.where(own_mask, c, 0.0), 0)
+    if SIM == 0:
+        nm = tl.maximum(tl.sqrt(norms), 1e-8)
+        o_len = tl.sqrt(tl.sum(tl.where(own_mask, norms, 0.0), 0))
+        no = tl.maximum(o_len, 1e-8)
+        sim = dots / (nm * no[None, :])
+        coef_h = c / (nm * no[None, :])
+        # 1 / (n_o |o|) where |o| > eps (the clamp is inactive there), else 0
+        inv_oo = tl.where(o_len > 1e-8, 1.0 / (no * tl.where(o_len > 1e-8, o_len, 1.0)), 0.0)
+        sim_s = tl.sum(tl.where(own_mask, sim, 0.0), 0)
+        coef_o = -tl.sum(c * sim, 0) * inv_oo + c_s * (1.0 / (no * no) - sim_s * inv_oo)
+    else:
+        rs = 1.0 / tl.sqrt(N.to(tl.float32))
+        coef_h = c * rs
+        coef_o = c_s * rs
+    return a_s, coef_h, coef_o
+
+
+@triton.jit
+def _activate_grad(z, ACT: tl.constexpr):
+    """act'(z) (relu' = [z > 0], leaky 1 or 0.01, exact gelu Phi(z) + z phi(z), silu sig (1 + z (1 - sig)))."""
+    if ACT == 1:
+        d = tl.where(z > 0, 1.0, 0.0)
+    elif ACT == 2:
+        d = tl.where(z > 0, 1.0, 0.01)
+    elif ACT == 3:
+        d = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    elif ACT == 4:
+        sg = 1.0 / (1.0 + tl.exp(-z))
+        d = sg * (1.0 + z * (1.0 - sg))
+    else:
+        d = tl.full(z.shape, 1.0, tl.float32)
+    return d
+
+
+@triton.jit
+def _branch_tiles(x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, rows, rmask, cols, cmask, mi, s, M, K, K2,
+                  stride_xb, stride_xk, stride_wm, stride_wk, stride_wn, stride_bm, stride_bn,
+                  stride_a2b, stride_a2k, stride_w2m, stride_w2k, stride_w2n,
+                  HAS_BIAS: tl.constexpr, HAS_AUX: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+                  MP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """H [MP, BB, BN] = act(x W_m + aux Wa_m + bias_m) for every branch of a row block (float32, registers),
+    and the own branch's pre-activation z[s_b, b] [BB, BN]."""
+    H = tl.zeros((MP, BLOCK_B, BLOCK_N), dtype=tl.float32)
+    z_own = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for m in range(0, M):
+        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        acc = _mm_rows(acc, x_ptr, rows, rmask, stride_xb, stride_xk, w_ptr + m * stride_wm, stride_wk, stride_wn,
+                       cols, cmask, K, BLOCK_K, PREC)
+        if HAS_AUX:
+            acc = _mm_rows(acc, a2_ptr, rows, rmask, stride_a2b, stride_a2k, w2_ptr + m * stride_w2m, stride_w2k,
+                           stride_w2n, cols, cmask, K2, BLOCK_K, PREC)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + m * stride_bm + cols * stride_bn, mask=cmask, other=0.0)
+            acc += b[None, :].to(tl.float32)
+        z_own = tl.where((s == m)[:, None], acc, z_own)
+        hm = tl.where(cmask[None, :], _activate(acc, ACT), 0.0)   # kept in float32, never rounded
+        H = tl.where((mi == m)[:, None, None], hm[None, :, :], H)
+    return H, z_own
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -153,24 +222,7 @@ def _mutual_bwd_kernel(g_ptr, h_ptr, s_ptr, attn_ptr, dh_ptr, M, B, N, inv_t,
         norms += tl.sum(H * H, 2)
         u += tl.sum(H * g[None, :, :], 2)
     a = tl.load(attn_ptr + rows[None, :] * stride_ab + mi[:, None] * stride_am, mask=valid_m, other=0.0)
-    ubar = tl.sum(a * u, 0)
-    c = a * (u - ubar[None, :]) * inv_t                                      # dL/dsim_m
-    a_s = tl.sum(tl.where(own_mask, a, 0.0), 0)
-    c_s = tl.sum(tl.where(own_mask, c, 0.0), 0)
-    if SIM == 0:
-        nm = tl.maximum(tl.sqrt(norms), 1e-8)
-        o_len = tl.sqrt(tl.sum(tl.where(own_mask, norms, 0.0), 0))
-        no = tl.maximum(o_len, 1e-8)
-        sim = dots / (nm * no[None, :])
-        coef_h = c / (nm * no[None, :])
-        # 1 / (n_o |o|) where |o| > eps (the clamp is inactive), else 0
-        inv_oo = tl.where(o_len > 1e-8, 1.0 / (no * tl.where(o_len > 1e-8, o_len, 1.0)), 0.0)
-        sim_s = tl.sum(tl.where(own_mask, sim, 0.0), 0)
-        coef_o = -tl.sum(c * sim, 0) * inv_oo + c_s * (1.0 / (no * no) - sim_s * inv_oo)
-    else:
-        rs = 1.0 / tl.sqrt(N.to(tl.float32))
-        coef_h = c * rs
-        coef_o = c_s * rs
+    a_s, coef_h, coef_o = _grad_coefs(dots, norms, u, a, own_mask, N, inv_t, SIM)
     for n0 in range(0, N, BLOCK_N):                                          # pass 2: write d own
         cols = n0 + tl.arange(0, BLOCK_N)
         cm = cols < N
@@ -204,21 +256,10 @@ def _mutual_linear_fwd_kernel(x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_ptr, out
     s = tl.load(s_ptr + rows, mask=rmask, other=0)
     own_mask = mi[:, None] == s[None, :]
     valid_m = (mi[:, None] < M) & rmask[None, :]
-    H = tl.zeros((MP, BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for m in range(0, M):
-        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        m64 = m  # weights are small: i32 offsets suffice
-        acc = _mm_rows(acc, x_ptr, rows, rmask, stride_xb, stride_xk, w_ptr + m64 * stride_wm, stride_wk, stride_wn,
-                       cols, cmask, K, BLOCK_K, PREC)
-        if HAS_AUX:
-            acc = _mm_rows(acc, a2_ptr, rows, rmask, stride_a2b, stride_a2k, w2_ptr + m64 * stride_w2m, stride_w2k,
-                           stride_w2n, cols, cmask, K2, BLOCK_K, PREC)
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + m64 * stride_bm + cols * stride_bn, mask=cmask, other=0.0)
-            acc += b[None, :].to(tl.float32)
-        hm = _activate(acc, ACT)                    # kept in float32 (never rounded to the input dtype)
-        hm = tl.where(cmask[None, :], hm, 0.0)
-        H = tl.where((mi == m)[:, None, None], hm[None, :, :], H)
+    H, _ = _branch_tiles(x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, rows, rmask, cols, cmask, mi, s, M, K, K2,
+                         stride_xb, stride_xk, stride_wm, stride_wk, stride_wn, stride_bm, stride_bn,
+                         stride_a2b, stride_a2k, stride_w2m, stride_w2k, stride_w2n,
+                         HAS_BIAS, HAS_AUX, ACT, PREC, MP, BLOCK_B, BLOCK_N, BLOCK_K)
     own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
     dots = tl.sum(H * own[None, :, :], 2)
     norms = tl.sum(H * H, 2)
@@ -227,6 +268,41 @@ def _mutual_linear_fwd_kernel(x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_ptr, out
     out = tl.sum(a[:, :, None] * H, 0)
     tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :] * stride_on, out.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _mutual_linear_bwd_kernel(g_ptr, x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_ptr, attn_ptr, dz_ptr,
+                              M, B, N, K, K2, inv_t,
+                              stride_gb, stride_gn, stride_xb, stride_xk, stride_wm, stride_wk, stride_wn,
+                              stride_bm, stride_bn, stride_a2b, stride_a2k, stride_w2m, stride_w2k, stride_w2n,
+                              stride_ab, stride_am, stride_db, stride_dn,
+                              HAS_BIAS: tl.constexpr, HAS_AUX: tl.constexpr, ACT: tl.constexpr,
+                              SIM: tl.constexpr, PREC: tl.constexpr, MP: tl.constexpr,
+                              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Recompute backward: h for all m in registers (as the forward), the mutual backward with attn from the
+    forward, then dz_own = d own * act'(z[s_b, b]). Only dz_own [BB, N] reaches memory."""
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rmask = rows < B
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    mi = tl.arange(0, MP)
+    s = tl.load(s_ptr + rows, mask=rmask, other=0)
+    own_mask = mi[:, None] == s[None, :]
+    valid_m = (mi[:, None] < M) & rmask[None, :]
+    H, z_own = _branch_tiles(x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, rows, rmask, cols, cmask, mi, s, M, K, K2,
+                             stride_xb, stride_xk, stride_wm, stride_wk, stride_wn, stride_bm, stride_bn,
+                             stride_a2b, stride_a2k, stride_w2m, stride_w2k, stride_w2n,
+                             HAS_BIAS, HAS_AUX, ACT, PREC, MP, BLOCK_B, BLOCK_N, BLOCK_K)
+    omask = rmask[:, None] & cmask[None, :]
+    g = tl.load(g_ptr + rows[:, None] * stride_gb + cols[None, :] * stride_gn, mask=omask, other=0.0).to(tl.float32)
+    own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
+    a = tl.load(attn_ptr + rows[None, :] * stride_ab + mi[:, None] * stride_am, mask=valid_m, other=0.0)
+    a_s, coef_h, coef_o = _grad_coefs(tl.sum(H * own[None, :, :], 2), tl.sum(H * H, 2), tl.sum(H * g[None, :, :], 2),
+                                      a, own_mask, N, inv_t, SIM)
+    d = a_s[:, None] * g + tl.sum(coef_h[:, :, None] * H, 0) + coef_o[:, None] * own
+    d = d * _activate_grad(z_own, ACT)
+    tl.store(dz_ptr + rows[:, None] * stride_db + cols[None, :] * stride_dn, d.to(dz_ptr.dtype.element_ty), mask=omask)
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -298,6 +374,27 @@ def _cfg(c):
 
 _fused_tuned = triton.autotune([_cfg(c) for c in _FUSED_CONFIGS], key=["M", "N", "K", "K2"])(
     _mutual_linear_fwd_kernel)
+_fused_bwd_tuned = triton.autotune([_cfg(c) for c in _FUSED_CONFIGS], key=["M", "N", "K", "K2"])(
+    _mutual_linear_bwd_kernel)
+
+
+def _linear_args(x, weight, bias, aux, aux_weight, dummy):
+    """Pointer/stride arguments shared by the fused kernels (x ... w2 pointers, then strides)."""
+    ptrs = (x, weight, bias if bias is not None else dummy, aux if aux is not None else dummy,
+            aux_weight if aux is not None else dummy)
+    strides = (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
+               bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+               aux.stride(0) if aux is not None else 0, aux.stride(1) if aux is not None else 0,
+               *((aux_weight.stride(0), aux_weight.stride(1), aux_weight.stride(2)) if aux is not None
+                 else (0, 0, 0)))
+    return ptrs, strides
+
+
+def _launch_fused(plain, tuned, grid, args, kw):
+    if _backend.triton_interpret():
+        plain[grid](*args, **kw, BLOCK_K=16, num_warps=1)
+    else:
+        tuned[grid](*args, **kw)
 
 
 def mutual_linear_forward(x, weight, bias, aux, aux_weight, scenario, activation: int, temperature: float,
@@ -316,22 +413,45 @@ def mutual_linear_forward(x, weight, bias, aux, aux_weight, scenario, activation
         return out, attn
     MP, BB, BN = _fused_blocks(M, N)
     K2 = aux.shape[1] if aux is not None else 0
-    dummy = out
-    args = (x, weight, bias if bias is not None else dummy, aux if aux is not None else dummy,
-            aux_weight if aux is not None else dummy, scenario, out, attn, M, B, N, K, K2, 1.0 / temperature,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
-            bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
-            aux.stride(0) if aux is not None else 0, aux.stride(1) if aux is not None else 0,
-            *((aux_weight.stride(0), aux_weight.stride(1), aux_weight.stride(2)) if aux is not None else (0, 0, 0)),
+    ptrs, strides = _linear_args(x, weight, bias, aux, aux_weight, out)
+    args = (*ptrs, scenario, out, attn, M, B, N, K, K2, 1.0 / temperature, *strides,
             out.stride(0), out.stride(1), attn.stride(0), attn.stride(1))
     kw = dict(HAS_BIAS=bias is not None, HAS_AUX=aux is not None, ACT=activation, SIM=similarity,
               PREC=_precision(x.dtype), MP=MP, BLOCK_B=BB, BLOCK_N=BN)
-    grid = (triton.cdiv(B, BB),)
-    if _backend.triton_interpret():
-        _mutual_linear_fwd_kernel[grid](*args, **kw, BLOCK_K=16, num_warps=1)
-    else:
-        _fused_tuned[grid](*args, **kw)
+    _launch_fused(_mutual_linear_fwd_kernel, _fused_tuned, (triton.cdiv(B, BB),), args, kw)
     return out, attn
+
+
+def mutual_linear_backward(grad_out, x, weight, bias, aux, aux_weight, scenario, attn, activation: int,
+                           temperature: float, similarity: int):
+    """dz_own [B,N] (x.dtype) = dL/dz[s_b, b] of mutual_linear, recomputing h (never stored) from x.
+
+    Fused: one kernel recomputes the row block's M branch tiles in registers (one extra GEMM of the forward's
+    size), runs the mutual backward with the forward's attn and multiplies by act'(z_own). Outside the fused
+    limits (``fused_supported``): all_forward (h, z in memory) + mutual_backward + act' in PyTorch."""
+    M, K, N = weight.shape
+    B = x.shape[0]
+    if not fused_supported(M, N, x.dtype):
+        from ..reference.mbranch_linear import activation_backward
+
+        h, z = all_forward(x, weight, bias, aux, aux_weight, activation)
+        dh = mutual_backward(grad_out, h, scenario, attn, temperature, similarity)
+        ar = torch.arange(B, device=x.device)
+        saved = (z if activation in (3, 4) else h)[scenario.long(), ar]
+        return activation_backward(dh, saved, activation).contiguous()
+    dz = torch.empty((B, N), device=x.device, dtype=x.dtype)
+    if B == 0 or M == 0:
+        return dz.zero_()
+    MP, BB, BN = _fused_blocks(M, N)
+    K2 = aux.shape[1] if aux is not None else 0
+    ptrs, strides = _linear_args(x, weight, bias, aux, aux_weight, dz)
+    args = (grad_out, *ptrs, scenario, attn, dz, M, B, N, K, K2, 1.0 / temperature,
+            grad_out.stride(0), grad_out.stride(1), *strides, attn.stride(0), attn.stride(1),
+            dz.stride(0), dz.stride(1))
+    kw = dict(HAS_BIAS=bias is not None, HAS_AUX=aux is not None, ACT=activation, SIM=similarity,
+              PREC=_precision(x.dtype), MP=MP, BLOCK_B=BB, BLOCK_N=BN)
+    _launch_fused(_mutual_linear_bwd_kernel, _fused_bwd_tuned, (triton.cdiv(B, BB),), args, kw)
+    return dz
 
 
 # ------------------------------------------------------------------------------------------------ AOT specs
@@ -373,4 +493,13 @@ def aot_specs() -> list:
                 sig.update({k: "constexpr" for k in const})
                 specs.append(AotSpec(f"mutual_linear_fwd[{name},M{M},N{N},k{c[0]},w{c[1]}]",
                                      _mutual_linear_fwd_kernel, sig, const, c[1], c[2]))
+                sig = dict(g_ptr=p, x_ptr=p, w_ptr=p, bias_ptr=p, a2_ptr=p, w2_ptr=p, s_ptr="*i64", attn_ptr="*fp32",
+                           dz_ptr=p, M="i32", B="i32", N="i32", K="i32", K2="i32", inv_t="fp32",
+                           **{k: "i32" for k in ("stride_gb", "stride_gn", "stride_xb", "stride_xk", "stride_wm",
+                                                 "stride_wk", "stride_wn", "stride_bm", "stride_bn", "stride_a2b",
+                                                 "stride_a2k", "stride_w2m", "stride_w2k", "stride_w2n", "stride_ab",
+                                                 "stride_am", "stride_db", "stride_dn")})
+                sig.update({k: "constexpr" for k in const})
+                specs.append(AotSpec(f"mutual_linear_bwd[{name},M{M},N{N},k{c[0]},w{c[1]}]",
+                                     _mutual_linear_bwd_kernel, sig, const, c[1], c[2]))
     return specs
