@@ -340,3 +340,24 @@ def test_fused_twice_before_backward():
     _unfused_step(plain, "sgd", 0.1, 0.0)
     torch.testing.assert_close(fused.global_weight.detach(), plain.global_weight.detach(), **TOL32)
     torch.testing.assert_close(fused.scenario_weight.detach(), plain.scenario_weight.detach(), **TOL32)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_low_precision_tables(device, backend, dtype):
+    """``.to(dtype)`` converts the tables but keeps the Adagrad states float32; the fused step matches unfused."""
+    fused = ScenarioEmbedding(FEATURES, 2, 4, backend=backend, optimizer="rowwise_adagrad", lr=0.1).to(dtype)
+    assert fused.global_weight.dtype == dtype and fused.global_state.dtype == torch.float32
+    assert fused.scenario_state.dtype == torch.float32
+    plain = ScenarioEmbedding(FEATURES, 2, 4, backend=backend, dtype=dtype)
+    plain.load_state_dict(fused.state_dict(), strict=False)
+    gstate, sstate = torch.zeros_like(fused.global_state), torch.zeros_like(fused.scenario_state)
+    idx, off, sc, _ = batch(fused)
+    for layer in (fused, plain):
+        g, s = layer(idx, off, sc)
+        (g.float().sum() + 2 * s.float().sum()).backward()
+    _unfused_step(plain, "rowwise_adagrad", 0.1, 1e-8, gstate, sstate)
+    tol = tolerance(dtype)
+    torch.testing.assert_close(fused.global_weight.float(), plain.global_weight.float(), **tol)
+    torch.testing.assert_close(fused.scenario_weight.float(), plain.scenario_weight.float(), **tol)
+    torch.testing.assert_close(fused.global_state, gstate, **tol)

@@ -194,6 +194,16 @@ class ScenarioEmbedding(nn.Module):
                 if buf is not None:
                     buf.zero_()
 
+    def _apply(self, fn, *args, **kwargs):
+        """``.half()`` / ``.to(dtype)`` convert the tables; the Adagrad states stay float32 (the fused update needs
+        them so, and sums of g^2 lose too much in 16 bits)."""
+        super()._apply(fn, *args, **kwargs)
+        for name in ("global_state", "scenario_state"):
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
     def extra_repr(self) -> str:
         pools = sorted({f.pooling for f in self.features})
         s = (f"num_features={self.num_features}, num_aware={self.num_aware}, num_scenarios={self.num_scenarios}, "
