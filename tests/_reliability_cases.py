@@ -208,11 +208,14 @@ def make_case(op: str, seed: int = 0, *, size: str = "small", dtype=torch.float3
 
         def call(backend, pooling="sum"):
             leaf = _leafs(inp, grads)
+            names = grads
+            if pooling != "sum":  # per-sample weights need sum pooling
+                leaf["per_sample_weights"], names = None, grads[:2]
             go, so = seb_call(leaf, backend, pooling=pooling)
             ug = torch.randn(go.shape, generator=torch.Generator().manual_seed(seed + 1)).to(go.dtype)
             us = torch.randn(so.shape, generator=torch.Generator().manual_seed(seed + 2)).to(so.dtype)
             torch.autograd.backward([go, so], [ug, us])
-            return [go.detach(), so.detach()] + [leaf[k].grad for k in grads]
+            return [go.detach(), so.detach()] + [leaf[k].grad for k in names]
         return dict(call=call, inputs=inp)
 
     M, B, K, N, Ka = {"small": (3, 11, 7, 5, 3), "medium": (4, 96, 40, 24, 12), "large": (4, 512, 64, 48, 16)}[size]
