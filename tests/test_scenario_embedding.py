@@ -38,8 +38,10 @@ class FakeKJT:
         return self._weights
 
 
-def batch(layer, B=4, max_bag=3, idx_dtype=torch.int64, device="cpu", psw=False):
-    """Random jagged ids for every feature of ``layer`` (feature-major), scenario ids, optional weights."""
+def batch(layer, B=4, max_bag=3, idx_dtype=torch.int64, psw=False):
+    """Random jagged ids for every feature of ``layer`` (feature-major), scenario ids, optional weights; on the
+    layer's device."""
+    device = layer.global_weight.device
     F = layer.num_features
     lengths = torch.randint(0, max_bag + 1, (F * B,))
     offsets = torch.zeros(F * B + 1, dtype=torch.long)
@@ -61,7 +63,7 @@ def layer_oracle(layer, indices, offsets, scenario, psw=None, G=None, S=None):
            for p in {f.pooling for f in layer.features}}
     g = torch.stack([out[f.pooling][0][:, k] for k, f in enumerate(layer.features)], 1)
     aware = [f for f in layer.features if f.scenario_aware]
-    s = torch.stack([out[f.pooling][1][:, j] for j, f in enumerate(aware)], 1) if aware else out["sum"][1]
+    s = torch.stack([out[f.pooling][1][:, j] for j, f in enumerate(aware)], 1) if aware else next(iter(out.values()))[1]
     return g, s
 
 
@@ -71,7 +73,7 @@ def layer_oracle(layer, indices, offsets, scenario, psw=None, G=None, S=None):
 @pytest.mark.parametrize("features", [FEATURES, MIXED], ids=["sum", "mixed"])
 def test_shapes_and_values(device, backend, features):
     layer = ScenarioEmbedding(features, num_scenarios=3, embedding_dim=6, backend=backend, device=device)
-    idx, off, sc, _ = batch(layer, device=device)
+    idx, off, sc, _ = batch(layer)
     g, s = layer(idx, off, sc)
     assert g.shape == (4, len(features), 6) and s.shape == (4, layer.num_aware, 6)
     eg, es = layer_oracle(layer, idx, off, sc)
@@ -90,18 +92,19 @@ def test_shapes_and_values(device, backend, features):
 
 @pytest.mark.parametrize("device,backend", PAIRS)
 def test_pooling_none_and_weights(device, backend):
-    layer = ScenarioEmbedding([("a", 4, True, "none"), ("b", 3, False, "none")], 2, 5, backend=backend)
+    layer = ScenarioEmbedding([("a", 4, True, "none"), ("b", 3, False, "none")], 2, 5, backend=backend,
+                              device=device)
     B, L = 3, 2
-    idx = torch.stack([torch.randint(0, 4, (B * L,)), torch.randint(0, 3, (B * L,))]).reshape(-1)
-    off = torch.arange(0, 2 * B * L + 1, L)
-    sc = torch.randint(0, 2, (B,))
+    idx = torch.stack([torch.randint(0, 4, (B * L,)), torch.randint(0, 3, (B * L,))]).reshape(-1).to(device)
+    off = torch.arange(0, 2 * B * L + 1, L, device=device)
+    sc = torch.randint(0, 2, (B,), device=device)
     g, s = layer(idx, off, sc)
     assert g.shape == (B, 2, L, 5) and s.shape == (B, 1, L, 5)
     eg, es = layer_oracle(layer, idx, off, sc)
     torch.testing.assert_close(g.double(), eg, **TOL32)
     torch.testing.assert_close(s.double(), es, **TOL32)
     # per-sample weights with sum pooling
-    layer = ScenarioEmbedding(FEATURES, 3, 4, backend=backend)
+    layer = ScenarioEmbedding(FEATURES, 3, 4, backend=backend, device=device)
     idx, off, sc, w = batch(layer, psw=True)
     g, s = layer(idx, off, sc, per_sample_weights=w)
     eg, es = layer_oracle(layer, idx, off, sc, psw=w)
@@ -111,10 +114,10 @@ def test_pooling_none_and_weights(device, backend):
 
 @pytest.mark.parametrize("device,backend", PAIRS)
 def test_kjt_input(device, backend):
-    layer = ScenarioEmbedding(MIXED, 2, 4, backend=backend)
+    layer = ScenarioEmbedding(MIXED, 2, 4, backend=backend, device=device)
     idx, off, sc, w = batch(layer, psw=True)
     # KJT with int32 offsets beside int64 values, weights used for the sum-pooled features
-    sum_layer = ScenarioEmbedding(FEATURES, 2, 4, backend=backend)
+    sum_layer = ScenarioEmbedding(FEATURES, 2, 4, backend=backend, device=device)
     i2, o2, s2, w2 = batch(sum_layer, psw=True)
     kjt = FakeKJT(sum_layer.feature_names, i2, o2.to(torch.int32), w2)
     torch.testing.assert_close(sum_layer(kjt, s2), sum_layer(i2, o2, s2, per_sample_weights=w2))
@@ -228,8 +231,8 @@ def test_bad_forward_input():
 
 @pytest.mark.parametrize("device,backend", PAIRS)
 def test_sparse_sgd_and_sparse_adam(device, backend):
-    dense = ScenarioEmbedding(MIXED, 3, 4, backend=backend)
-    sparse = ScenarioEmbedding(MIXED, 3, 4, backend=backend, sparse=True)
+    dense = ScenarioEmbedding(MIXED, 3, 4, backend=backend, device=device)
+    sparse = ScenarioEmbedding(MIXED, 3, 4, backend=backend, sparse=True, device=device)
     sparse.load_state_dict(dense.state_dict())
     idx, off, sc, _ = batch(dense)
     g, s = dense(idx, off, sc)
@@ -272,11 +275,12 @@ def _unfused_step(layer, optimizer, lr, eps, gstate=None, sstate=None):
 @pytest.mark.parametrize("features", [FEATURES, MIXED], ids=["sum", "mixed"])
 def test_fused_optimizer_matches_unfused(device, backend, optimizer, features):
     lr, eps = 0.3, 1e-6
-    fused = ScenarioEmbedding(features, 3, 5, backend=backend, optimizer=optimizer, lr=lr, eps=eps)
-    plain = ScenarioEmbedding(features, 3, 5, backend=backend)
+    fused = ScenarioEmbedding(features, 3, 5, backend=backend, optimizer=optimizer, lr=lr, eps=eps, device=device)
+    plain = ScenarioEmbedding(features, 3, 5, backend=backend, device=device)
     plain.load_state_dict(fused.state_dict(), strict=False)
-    gstate = torch.zeros(plain.global_weight.shape[0])
-    sstate = torch.zeros(plain.scenario_weight.shape[:2])
+    gstate = torch.zeros(plain.global_weight.shape[0], device=device)
+    sstate = torch.zeros(plain.scenario_weight.shape[:2], device=device)
+    start = fused.global_weight.detach().clone()
     use_psw = all(f.pooling == "sum" for f in fused.features)
     for step in range(3):
         # few rows and long bags: duplicated rows in a batch must be summed before the row's update
@@ -297,7 +301,7 @@ def test_fused_optimizer_matches_unfused(device, backend, optimizer, features):
         if optimizer == "rowwise_adagrad":
             torch.testing.assert_close(fused.global_state, gstate, **TOL32)
             torch.testing.assert_close(fused.scenario_state, sstate, **TOL32)
-    assert not torch.equal(fused.global_weight.detach(), ScenarioEmbedding(features, 3, 5).global_weight)
+    assert not torch.equal(fused.global_weight.detach(), start)
     if optimizer == "rowwise_adagrad":
         sd = fused.state_dict()
         assert torch.equal(sd["global_state"], fused.global_state) and sd["scenario_state"].abs().sum() > 0
@@ -305,9 +309,9 @@ def test_fused_optimizer_matches_unfused(device, backend, optimizer, features):
 
 @pytest.mark.parametrize("device,backend", PAIRS)
 def test_fused_masks_scenarios_and_skips_eval(device, backend):
-    layer = ScenarioEmbedding(FEATURES, 3, 4, backend=backend, optimizer="sgd", lr=1.0)
+    layer = ScenarioEmbedding(FEATURES, 3, 4, backend=backend, optimizer="sgd", lr=1.0, device=device)
     idx, off, _, _ = batch(layer, B=4)
-    sc = torch.zeros(4, dtype=torch.long)  # every sample in scenario 0
+    sc = torch.zeros(4, dtype=torch.long, device=device)  # every sample in scenario 0
     before = layer.scenario_weight.detach().clone()
     g, s = layer(idx, off, sc)
     (g.sum() + s.sum()).backward()
@@ -325,7 +329,8 @@ def test_fused_masks_scenarios_and_skips_eval(device, backend):
         layer(idx, off, sc)
     assert torch.equal(layer.global_weight, snap)
     with pytest.raises(ValueError, match="per_sample_weights"):
-        layer(idx, off, sc, per_sample_weights=torch.rand(idx.numel(), requires_grad=True))
+        layer(idx, off, sc, per_sample_weights=torch.rand(idx.numel(), device=device,
+                                                                         requires_grad=True))
 
 
 def test_fused_twice_before_backward():
@@ -346,10 +351,11 @@ def test_fused_twice_before_backward():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_low_precision_tables(device, backend, dtype):
     """``.to(dtype)`` converts the tables but keeps the Adagrad states float32; the fused step matches unfused."""
-    fused = ScenarioEmbedding(FEATURES, 2, 4, backend=backend, optimizer="rowwise_adagrad", lr=0.1).to(dtype)
+    fused = ScenarioEmbedding(FEATURES, 2, 4, backend=backend, optimizer="rowwise_adagrad", lr=0.1,
+                              device=device).to(dtype)
     assert fused.global_weight.dtype == dtype and fused.global_state.dtype == torch.float32
     assert fused.scenario_state.dtype == torch.float32
-    plain = ScenarioEmbedding(FEATURES, 2, 4, backend=backend, dtype=dtype)
+    plain = ScenarioEmbedding(FEATURES, 2, 4, backend=backend, dtype=dtype, device=device)
     plain.load_state_dict(fused.state_dict(), strict=False)
     gstate, sstate = torch.zeros_like(fused.global_state), torch.zeros_like(fused.scenario_state)
     idx, off, sc, _ = batch(fused)
