@@ -173,15 +173,13 @@ def _seb_bwd_keys_kernel(idx_ptr, off_ptr, scen_ptr, fr_ptr, fsr_ptr, slot_ptr, 
     aware = aware & (sc >= 0) & (sc < M)
     srow0 = sc * Rs + sbase
     inv = 1.0 / tl.maximum(length, 1).to(ACC_DTYPE)
-    if POOL == 2:
-        nloop = L
-    else:
-        nloop = tl.max(length, axis=0)
-    for j in range(0, nloop):
+    for j in range(0, tl.max(length, axis=0)):
         m = bmask & (j < length)
         pos = start + j
         ids = tl.load(idx_ptr + pos, mask=m, other=0).to(tl.int64)
         ok = m & (ids >= 0) & (ids < fsize)
+        if POOL == 2:
+            ok = ok & (j < L)  # "none" reads gradient row j of the bag: keep j < L even for unchecked offsets
         sok = ok & aware
         grow = fbase + ids
         srow = srow0 + ids
@@ -284,6 +282,11 @@ def _ptr(t, dtype=None):
     return _dummies[key]
 
 
+def _contig(*ts):
+    """The kernels index rows as row * D: every tensor must be contiguous (a no-op when it already is)."""
+    return tuple(t.contiguous() if t is not None else None for t in ts)
+
+
 def _acc_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -311,6 +314,9 @@ def forward(indices, offsets, scenario, global_weight, scenario_weight, feature_
     Returns global_out [B, F, D] and scenario_out [B, Fs, D] ([B, F, L, D], [B, Fs, L, D] for pooling 2 = none)
     in the table dtype, and the number of invalid ids (0 unless ``check``).
     """
+    (indices, offsets, scenario, global_weight, scenario_weight, feature_rows, feature_scenario_rows, aware_slot,
+     per_sample_weights) = _contig(indices, offsets, scenario, global_weight, scenario_weight, feature_rows,
+                                   feature_scenario_rows, aware_slot, per_sample_weights)
     F = feature_rows.numel() - 1
     nbags = offsets.numel() - 1
     B = nbags // F if F else 0
@@ -362,13 +368,17 @@ def backward_rows(grad_global, grad_scenario, indices, offsets, scenario, global
     dG[row] = sum_{i: row_i = row} scale_i * dOut_g[bag_i (, j_i)], dS likewise over the ids of aware features
     of samples of scenario m; scale_i = w_i (/ bag length for mean). Deterministic (stable sort + segment sum).
     """
+    (grad_global, grad_scenario, indices, offsets, scenario, global_weight, scenario_weight, feature_rows,
+     feature_scenario_rows, aware_slot, per_sample_weights) = _contig(
+        grad_global, grad_scenario, indices, offsets, scenario, global_weight, scenario_weight, feature_rows,
+        feature_scenario_rows, aware_slot, per_sample_weights)
     F = feature_rows.numel() - 1
     nbags = offsets.numel() - 1
     B = nbags // F if F else 0
     D = global_weight.shape[1]
     R = global_weight.shape[0]
     M, Rs = scenario_weight.shape[0], scenario_weight.shape[1]
-    Fs = _num_aware(aware_slot)
+    Fs = grad_scenario.shape[1] if grad_scenario.dim() >= 2 else 0  # from the shape: no host read
     L = int(bag_len)
     nnz = indices.numel()
     dev = indices.device
@@ -381,7 +391,8 @@ def backward_rows(grad_global, grad_scenario, indices, offsets, scenario, global
         return (empty_rows, global_weight.new_empty(0, D), empty_rows.clone(), scenario_weight.new_empty(0, D),
                 gpsw)
     cfg = pick_config(D)
-    keys = torch.empty(2 * nnz, dtype=torch.int64, device=dev)
+    # Pre-filled: an entry no bag covers (only with unchecked, malformed offsets) is dropped, never a bad row.
+    keys = torch.full((2 * nnz,), SENTINEL.value, dtype=torch.int64, device=dev)
     src = torch.empty(2 * nnz, dtype=torch.int64, device=dev)
     scale = torch.empty(nnz, dtype=acc_t, device=dev)
     has_scale = per_sample_weights is not None or pooling == MEAN

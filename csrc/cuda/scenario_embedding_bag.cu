@@ -1,0 +1,555 @@
+// CUDA kernels of scenario_embedding_bag: fused forward gather, deterministic backward, fused optimizer.
+//
+// Contract: csrc/registry.cpp (seb_forward / seb_backward_rows / seb_backward_update_) and the Python oracle
+// saml_kernels/reference/scenario_embedding_bag.py. Bag (f, b) = indices[offsets[f*B+b] : offsets[f*B+b+1]]:
+//   global row   = feature_rows[f] + id                               (valid iff 0 <= id < rows of f)
+//   scenario row = scenario[b] * Rs + feature_scenario_rows[f] + id    (aware features, scenario in [0, M))
+//
+// Thread layout: a "group" of G lanes (a power of two <= 32, inside one warp) owns one bag (forward) or one
+// unique row (backward); lane l covers columns (l + k*G) * VEC .. + VEC, VEC = 16 bytes / sizeof(scalar) when
+// D and the pointers allow 16-byte accesses, else 1. A gather is bound by memory latency, so the id loop is
+// unrolled (UNROLL independent row loads in flight per lane) and each warp serves 32/G bags at once.
+// Rows are int64 before the multiply by D. Accumulation: float32 (float64 for double tables).
+// Backward: keys kernel (2 entries per id: global row, R + scenario row, or a sentinel) -> at::sort(stable)
+// -> unique_consecutive -> one group per unique row sums its entries in sorted (= id) order: deterministic,
+// no float atomics. The fused optimizer applies SGD / row-wise Adagrad in that same segment kernel.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "saml_common.h"
+
+namespace {
+
+using saml::kMean;
+using saml::kNone;
+using saml::kSum;
+
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;
+constexpr int kChunks = 4;  // column chunks per lane kept in registers by the segment kernel
+constexpr int64_t kSentinel = int64_t(1) << 62;
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> zero_vec() {
+  Vec<T, N> z;
+#pragma unroll
+  for (int k = 0; k < N; ++k) z.v[k] = T(0);
+  return z;
+}
+
+template <typename T, typename A, int N>
+__device__ __forceinline__ void store_vec(T* p, const A (&a)[N], A mult) {
+  Vec<T, N> o;
+#pragma unroll
+  for (int k = 0; k < N; ++k) o.v[k] = T(a[k] * mult);
+  *reinterpret_cast<Vec<T, N>*>(p) = o;
+}
+
+// Lanes of this thread's group (G lanes starting at a multiple of G): the mask for group shuffles.
+__device__ __forceinline__ unsigned group_mask(int G) {
+  if (G == 32) return 0xffffffffu;
+  const int first = (threadIdx.x & 31) & ~(G - 1);
+  return ((1u << G) - 1u) << first;
+}
+
+template <typename T>
+__device__ __forceinline__ T group_sum(T v, int G, unsigned mask) {
+  for (int o = G >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(mask, v, o, G);
+  return v;
+}
+
+// ------------------------------------------------------------------------------------------------ forward
+
+template <typename scalar_t, typename index_t, int VEC>
+__global__ void __launch_bounds__(kThreads) seb_fwd_kernel(
+    const index_t* __restrict__ idx, const index_t* __restrict__ off, const int64_t* __restrict__ scen,
+    const scalar_t* __restrict__ gw, const scalar_t* __restrict__ sw, const int64_t* __restrict__ fr,
+    const int64_t* __restrict__ fsr, const int64_t* __restrict__ slot, const scalar_t* __restrict__ psw,
+    scalar_t* __restrict__ gout, scalar_t* __restrict__ sout, unsigned long long* __restrict__ bad, int64_t B,
+    int64_t F, int64_t Fs, int64_t D, int64_t Rs, int64_t M, int64_t L, int64_t nbags, int pooling, bool check,
+    int G) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int lane = threadIdx.x & (G - 1);
+  const int64_t bag = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / G;
+  if (bag >= nbags) return;
+  const int64_t f = bag / B, b = bag - f * B;
+  const int64_t start = int64_t(off[bag]);
+  const int64_t len = int64_t(off[bag + 1]) - start;
+  const int64_t fbase = fr[f], fsize = fr[f + 1] - fbase;
+  const int64_t sl = slot[f];
+  const int64_t sc = scen[b];
+  // A bad scenario id (only possible unchecked) never reads another scenario's table: it reads zeros.
+  const bool aware = sl >= 0 && fsr[f + 1] > fsr[f] && sc >= 0 && sc < M;
+  const int64_t srow0 = sc * Rs + fsr[f];
+  const int64_t n = pooling == kNone ? L : len;
+  int64_t nbad = 0;
+  for (int64_t d0 = int64_t(lane) * VEC; d0 < D; d0 += int64_t(G) * VEC) {
+    const bool count = check && d0 == 0;  // one lane per bag counts the invalid ids
+    acc_t ag[VEC], as[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) ag[k] = as[k] = acc_t(0);
+    for (int64_t j0 = 0; j0 < n; j0 += kUnroll) {
+      Vec<scalar_t, VEC> vg[kUnroll], vs[kUnroll];
+      acc_t w[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t j = j0 + u;
+        const bool in = j < n && j < len;
+        const int64_t id = in ? int64_t(idx[start + j]) : 0;
+        const bool ok = in && id >= 0 && id < fsize;
+        if (count && in && !ok) ++nbad;
+        w[u] = ok ? (psw ? acc_t(psw[start + j]) : acc_t(1)) : acc_t(0);
+        vg[u] = ok ? load_vec<scalar_t, VEC>(gw + (fbase + id) * D + d0) : zero_vec<scalar_t, VEC>();
+        vs[u] = (ok && aware) ? load_vec<scalar_t, VEC>(sw + (srow0 + id) * D + d0) : zero_vec<scalar_t, VEC>();
+      }
+      if (pooling == kNone) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t j = j0 + u;
+          if (j >= n) break;
+          acc_t tg[VEC], ts[VEC];
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            tg[k] = acc_t(vg[u].v[k]);
+            ts[k] = acc_t(vs[u].v[k]);
+          }
+          store_vec<scalar_t, acc_t, VEC>(gout + ((b * F + f) * L + j) * D + d0, tg, w[u]);
+          if (sl >= 0) store_vec<scalar_t, acc_t, VEC>(sout + ((b * Fs + sl) * L + j) * D + d0, ts, w[u]);
+        }
+      } else {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            ag[k] += w[u] * acc_t(vg[u].v[k]);
+            as[k] += w[u] * acc_t(vs[u].v[k]);
+          }
+        }
+      }
+    }
+    if (pooling != kNone) {
+      const acc_t mult = pooling == kMean ? acc_t(1) / acc_t(len > 1 ? len : 1) : acc_t(1);
+      store_vec<scalar_t, acc_t, VEC>(gout + (b * F + f) * D + d0, ag, mult);
+      if (sl >= 0) store_vec<scalar_t, acc_t, VEC>(sout + (b * Fs + sl) * D + d0, as, mult);
+    }
+  }
+  if (nbad) atomicAdd(bad, static_cast<unsigned long long>(nbad));
+}
+
+// ------------------------------------------------------------------------------------------------ backward
+
+// Two entries per id p: entry p (global: key = row) and entry nnz + p (scenario: key = R + m*Rs + r), each with
+// the row of the incoming gradient it reads (src) and the id's scale (w_p, / length for mean). Invalid and
+// non-aware entries keep the sentinel key (the caller pre-fills keys). grad_psw_p = <dOut_g, G[row]> +
+// <dOut_s, S[row]> (x 1/len for mean), reduced over the group.
+template <typename scalar_t, typename index_t, int VEC>
+__global__ void __launch_bounds__(kThreads) seb_bwd_keys_kernel(
+    const index_t* __restrict__ idx, const index_t* __restrict__ off, const int64_t* __restrict__ scen,
+    const int64_t* __restrict__ fr, const int64_t* __restrict__ fsr, const int64_t* __restrict__ slot,
+    const scalar_t* __restrict__ psw, const scalar_t* __restrict__ gw, const scalar_t* __restrict__ sw,
+    const scalar_t* __restrict__ gg, const scalar_t* __restrict__ gs, int64_t* __restrict__ key,
+    int64_t* __restrict__ src, typename Acc<scalar_t>::type* __restrict__ scale, scalar_t* __restrict__ gpsw,
+    int64_t B, int64_t F, int64_t Fs, int64_t D, int64_t Rs, int64_t M, int64_t L, int64_t R, int64_t nnz,
+    int64_t nbags, int pooling, bool need_psw, int G) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int lane = threadIdx.x & (G - 1);
+  const int64_t bag = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / G;
+  if (bag >= nbags) return;
+  const unsigned mask = group_mask(G);
+  const int64_t f = bag / B, b = bag - f * B;
+  const int64_t start = int64_t(off[bag]);
+  const int64_t len = int64_t(off[bag + 1]) - start;
+  const int64_t fbase = fr[f], fsize = fr[f + 1] - fbase;
+  const int64_t sl = slot[f];
+  const int64_t sc = scen[b];
+  const bool aware = sl >= 0 && fsr[f + 1] > fsr[f] && sc >= 0 && sc < M;
+  const int64_t srow0 = sc * Rs + fsr[f];
+  const acc_t inv = pooling == kMean ? acc_t(1) / acc_t(len > 1 ? len : 1) : acc_t(1);
+  for (int64_t j = 0; j < len; ++j) {  // every lane of the group runs the same trip count (group shuffles)
+    const int64_t p = start + j;
+    const int64_t id = int64_t(idx[p]);
+    // Pooling "none" reads gradient row j of the bag, so j must stay below L (L = every bag's length).
+    const bool ok = id >= 0 && id < fsize && (pooling != kNone || j < L);
+    const bool sok = ok && aware;
+    const int64_t grow = fbase + id, srow = srow0 + id;
+    const int64_t gsrc = pooling == kNone ? (b * F + f) * L + j : b * F + f;
+    const int64_t ssrc = pooling == kNone ? (b * Fs + sl) * L + j : b * Fs + sl;
+    if (lane == 0) {
+      if (ok) key[p] = grow;
+      if (sok) key[nnz + p] = R + srow;
+      src[p] = gsrc;
+      src[nnz + p] = ssrc;
+      scale[p] = (psw ? acc_t(psw[p]) : acc_t(1)) * inv;
+    }
+    if (need_psw) {
+      acc_t dot = 0;
+      if (ok) {
+        for (int64_t d0 = int64_t(lane) * VEC; d0 < D; d0 += int64_t(G) * VEC) {
+          const auto a = load_vec<scalar_t, VEC>(gw + grow * D + d0);
+          const auto o = load_vec<scalar_t, VEC>(gg + gsrc * D + d0);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) dot += acc_t(a.v[k]) * acc_t(o.v[k]);
+          if (sok) {
+            const auto c = load_vec<scalar_t, VEC>(sw + srow * D + d0);
+            const auto q = load_vec<scalar_t, VEC>(gs + ssrc * D + d0);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) dot += acc_t(c.v[k]) * acc_t(q.v[k]);
+          }
+        }
+      }
+      dot = group_sum(dot, G, mask);
+      if (lane == 0) gpsw[p] = scalar_t(dot * inv);
+    }
+  }
+}
+
+enum SegMode : int { kWrite = 0, kSgd = 1, kAdagrad = 2 };
+
+// One group per unique key u: g = sum over sorted entries perm[seg[u] .. seg[u+1]) of scale * grad row.
+// kWrite stores g into out[u]; kSgd / kAdagrad update the weight row in place (key < R: global row, else
+// scenario row key - R). Columns are processed kChunks * G * VEC at a time; Adagrad with a wider D walks the
+// segment twice (sum of squares first), so no gradient row is ever stored.
+template <typename scalar_t, int VEC, int MODE>
+__global__ void __launch_bounds__(kThreads) seb_segment_kernel(
+    const int64_t* __restrict__ perm, const int64_t* __restrict__ seg, const int64_t* __restrict__ uniq,
+    const int64_t* __restrict__ src, const typename Acc<scalar_t>::type* __restrict__ scale,
+    const scalar_t* __restrict__ gg, const scalar_t* __restrict__ gs, scalar_t* __restrict__ out,
+    scalar_t* __restrict__ gw, scalar_t* __restrict__ sw, float* __restrict__ gst, float* __restrict__ sst,
+    int64_t U, int64_t D, int64_t nnz, int64_t R, bool has_scale, double lr, double eps, int G) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int lane = threadIdx.x & (G - 1);
+  const int64_t u = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / G;
+  if (u >= U) return;
+  const unsigned mask = group_mask(G);
+  const int64_t e0 = seg[u], e1 = seg[u + 1];
+  const int64_t span = int64_t(kChunks) * G * VEC;
+  acc_t acc[kChunks][VEC];
+  auto walk = [&](int64_t base) {
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c)
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[c][k] = acc_t(0);
+#pragma unroll 2
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t ent = perm[e];
+      const bool is_s = ent >= nnz;
+      const scalar_t* g = (is_s ? gs : gg) + src[ent] * D;
+      const acc_t s = has_scale ? scale[is_s ? ent - nnz : ent] : acc_t(1);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        const int64_t d = base + (int64_t(c) * G + lane) * VEC;
+        if (d < D) {
+          const auto v = load_vec<scalar_t, VEC>(g + d);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) acc[c][k] += s * acc_t(v.v[k]);
+        }
+      }
+    }
+  };
+  if constexpr (MODE == kWrite) {
+    for (int64_t base = 0; base < D; base += span) {
+      walk(base);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        const int64_t d = base + (int64_t(c) * G + lane) * VEC;
+        if (d < D) store_vec<scalar_t, acc_t, VEC>(out + u * D + d, acc[c], acc_t(1));
+      }
+    }
+  } else {
+    const int64_t k0 = uniq[u];
+    const bool is_s = k0 >= R;
+    const int64_t row = is_s ? k0 - R : k0;
+    scalar_t* w = (is_s ? sw : gw) + row * D;
+    acc_t mult = acc_t(lr);
+    if constexpr (MODE == kAdagrad) {
+      acc_t sq = 0;
+      for (int64_t base = 0; base < D; base += span) {
+        walk(base);
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c)
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) sq += acc[c][k] * acc[c][k];
+      }
+      sq = group_sum(sq, G, mask);
+      float* st = (is_s ? sst : gst) + row;
+      const float snew = *st + float(sq / acc_t(D));  // every lane reads before lane 0 writes (below)
+      __syncwarp(mask);
+      if (lane == 0) *st = snew;
+      mult = acc_t(lr) / (sqrt(acc_t(snew)) + acc_t(eps));
+    }
+    for (int64_t base = 0; base < D; base += span) {
+      if (MODE != kAdagrad || D > span) walk(base);  // Adagrad with D <= span still holds acc from its pass
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        const int64_t d = base + (int64_t(c) * G + lane) * VEC;
+        if (d < D) {
+          const auto cur = load_vec<scalar_t, VEC>(w + d);
+          acc_t nw[VEC];
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) nw[k] = acc_t(cur.v[k]) - mult * acc[c][k];
+          store_vec<scalar_t, acc_t, VEC>(w + d, nw, acc_t(1));
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ host side
+
+struct Args {
+  at::Tensor indices, offsets, scenario, gw, sw, fr, fsr, slot, psw;
+  int64_t F = 0, B = 0, D = 0, R = 0, M = 0, Rs = 0, nbags = 0, nnz = 0;
+};
+
+Args prepare(const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& scenario, const at::Tensor& gw,
+             const at::Tensor& sw, const at::Tensor& fr, const at::Tensor& fsr, const at::Tensor& slot,
+             const c10::optional<at::Tensor>& psw, const char* op) {
+  TORCH_CHECK(indices.is_cuda(), op, ": indices must be a CUDA tensor");
+  TORCH_CHECK(indices.scalar_type() == offsets.scalar_type(), op, ": offsets dtype ", offsets.scalar_type(),
+              " differs from indices dtype ", indices.scalar_type());
+  TORCH_CHECK(gw.dim() == 2 && sw.dim() == 3 && sw.size(2) == gw.size(1), op,
+              ": global_weight must be [R, D] and scenario_weight [M, Rs, D] with the same D");
+  TORCH_CHECK(gw.scalar_type() == sw.scalar_type(), op, ": table dtypes differ");
+  TORCH_CHECK(fr.numel() >= 2 && fsr.numel() == fr.numel() && slot.numel() >= fr.numel() - 1, op,
+              ": feature_rows / feature_scenario_rows need F+1 entries and aware_slot F");
+  Args a;
+  a.indices = indices.contiguous();
+  a.offsets = offsets.contiguous();
+  a.scenario = scenario.to(at::kLong).contiguous();
+  a.gw = gw.contiguous();
+  a.sw = sw.contiguous();
+  a.fr = fr.to(indices.device(), at::kLong).contiguous();
+  a.fsr = fsr.to(indices.device(), at::kLong).contiguous();
+  a.slot = slot.to(indices.device(), at::kLong).contiguous();
+  if (psw.has_value()) a.psw = psw->to(gw.scalar_type()).contiguous();
+  a.F = fr.numel() - 1;
+  TORCH_CHECK((offsets.numel() - 1) % a.F == 0, op, ": offsets must have F*B+1 entries, F = ", a.F);
+  a.nbags = offsets.numel() - 1;
+  a.B = a.nbags / a.F;
+  TORCH_CHECK(a.scenario.numel() == a.B, op, ": scenario must have B = ", a.B, " entries");
+  a.D = gw.size(1);
+  a.R = gw.size(0);
+  a.M = sw.size(0);
+  a.Rs = sw.size(1);
+  a.nnz = indices.numel();
+  if (a.psw.defined()) TORCH_CHECK(a.psw.numel() == a.nnz, op, ": per_sample_weights needs nnz entries");
+  return a;
+}
+
+// Lanes per bag / row: enough lanes of VEC columns to cover D, at most a warp.
+int group_size(int64_t D, int vec) {
+  const int64_t cols = (D + vec - 1) / vec;
+  int g = 1;
+  while (g < 32 && g < cols) g <<= 1;
+  return g;
+}
+
+bool aligned16(const at::Tensor& t) {
+  return !t.defined() || t.numel() == 0 || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// Calls fn(std::integral_constant<int, VEC>) with the widest VEC (16 bytes) when D and every pointer allow it.
+template <typename scalar_t, typename Fn>
+void with_vec(int64_t D, std::initializer_list<at::Tensor> ts, Fn&& fn) {
+  constexpr int kVec = 16 / int(sizeof(scalar_t));
+  bool ok = D % kVec == 0;
+  for (const auto& t : ts) ok = ok && aligned16(t);
+  if (ok) fn(std::integral_constant<int, kVec>{});
+  else fn(std::integral_constant<int, 1>{});
+}
+
+int64_t blocks_for(int64_t groups, int G) {
+  const int64_t per_block = kThreads / G;
+  return (groups + per_block - 1) / per_block;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> seb_forward_cuda(
+    const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& scenario, const at::Tensor& gw_in,
+    const at::Tensor& sw_in, const at::Tensor& fr, const at::Tensor& fsr, const at::Tensor& slot,
+    const c10::optional<at::Tensor>& psw, int64_t pooling, int64_t bag_len, bool check) {
+  const c10::cuda::CUDAGuard guard(indices.device());
+  Args a = prepare(indices, offsets, scenario, gw_in, sw_in, fr, fsr, slot, psw, "seb_forward");
+  TORCH_CHECK(pooling >= 0 && pooling <= 2, "seb_forward: pooling must be 0, 1 or 2, got ", pooling);
+  // Fs (number of aware features) sizes the output: one small device->host read.
+  const int64_t Fs = a.slot.numel() ? a.slot.max().item<int64_t>() + 1 : 0;
+  const int64_t L = pooling == kNone ? bag_len : 0;
+  auto gout = pooling == kNone ? at::empty({a.B, a.F, L, a.D}, a.gw.options())
+                               : at::empty({a.B, a.F, a.D}, a.gw.options());
+  auto sout = pooling == kNone ? at::empty({a.B, Fs, L, a.D}, a.sw.options())
+                               : at::empty({a.B, Fs, a.D}, a.sw.options());
+  auto bad = at::zeros({1}, indices.options().dtype(at::kLong));
+  if (a.nbags == 0 || a.D == 0 || gout.numel() == 0) return {gout.zero_(), sout.zero_(), bad};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  SAML_DISPATCH_FLOATING(a.gw.scalar_type(), "seb_forward_cuda", [&] {
+    using sc_t = scalar_t;
+    SAML_DISPATCH_INDEX(a.indices.scalar_type(), "seb_forward_cuda_idx", [&] {
+      with_vec<sc_t>(a.D, {a.gw, a.sw, gout, sout}, [&](auto vec) {
+        constexpr int VEC = decltype(vec)::value;
+        const int G = group_size(a.D, VEC);
+        seb_fwd_kernel<sc_t, index_t, VEC><<<blocks_for(a.nbags, G), kThreads, 0, stream>>>(
+            a.indices.data_ptr<index_t>(), a.offsets.data_ptr<index_t>(), a.scenario.data_ptr<int64_t>(),
+            a.gw.data_ptr<sc_t>(), a.sw.data_ptr<sc_t>(), a.fr.data_ptr<int64_t>(), a.fsr.data_ptr<int64_t>(),
+            a.slot.data_ptr<int64_t>(), a.psw.defined() ? a.psw.data_ptr<sc_t>() : nullptr, gout.data_ptr<sc_t>(),
+            sout.data_ptr<sc_t>(), reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>()), a.B, a.F, Fs,
+            a.D, a.Rs, a.M, L, a.nbags, int(pooling), check, G);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return {gout, sout, bad};
+}
+
+// The sorted, deduplicated entries of a backward pass.
+struct Sorted {
+  at::Tensor uniq, perm, seg, src, scale, gpsw, gg, gs;
+  int64_t ng = 0, nall = 0;  // uniq[0, ng) global rows; uniq[ng, nall) R + scenario rows; rest: sentinel
+};
+
+Sorted sort_entries(const Args& a, const at::Tensor& grad_global, const at::Tensor& grad_scenario, int64_t pooling,
+                    int64_t bag_len, bool need_psw) {
+  Sorted s;
+  const auto dev = a.indices.device();
+  const auto acc_dtype = a.gw.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  s.gg = grad_global.to(a.gw.scalar_type()).contiguous();
+  s.gs = grad_scenario.to(a.sw.scalar_type()).contiguous();
+  // Fs from the incoming gradient's shape: no host read.
+  const int64_t Fs = s.gs.dim() >= 2 ? s.gs.size(1) : 0;
+  const int64_t L = pooling == kNone ? bag_len : 0;
+  s.gpsw = at::empty({need_psw ? a.nnz : 0}, a.gw.options());
+  auto keys = at::full({2 * a.nnz}, kSentinel, a.indices.options().dtype(at::kLong));
+  s.src = at::empty({2 * a.nnz}, keys.options());
+  s.scale = at::empty({a.nnz}, a.gw.options().dtype(acc_dtype));
+  if (a.nnz == 0 || a.nbags == 0) {
+    s.uniq = s.perm = s.seg = at::empty({0}, keys.options());
+    return s;
+  }
+  auto stream = at::cuda::getCurrentCUDAStream();
+  SAML_DISPATCH_FLOATING(a.gw.scalar_type(), "seb_bwd_keys_cuda", [&] {
+    using sc_t = scalar_t;
+    using acc_t = typename Acc<sc_t>::type;
+    SAML_DISPATCH_INDEX(a.indices.scalar_type(), "seb_bwd_keys_cuda_idx", [&] {
+      with_vec<sc_t>(a.D, {a.gw, a.sw, s.gg, s.gs}, [&](auto vec) {
+        constexpr int VEC = decltype(vec)::value;
+        const int G = need_psw ? group_size(a.D, VEC) : 1;
+        seb_bwd_keys_kernel<sc_t, index_t, VEC><<<blocks_for(a.nbags, G), kThreads, 0, stream>>>(
+            a.indices.data_ptr<index_t>(), a.offsets.data_ptr<index_t>(), a.scenario.data_ptr<int64_t>(),
+            a.fr.data_ptr<int64_t>(), a.fsr.data_ptr<int64_t>(), a.slot.data_ptr<int64_t>(),
+            a.psw.defined() ? a.psw.data_ptr<sc_t>() : nullptr, a.gw.data_ptr<sc_t>(), a.sw.data_ptr<sc_t>(),
+            s.gg.data_ptr<sc_t>(), s.gs.data_ptr<sc_t>(), keys.data_ptr<int64_t>(), s.src.data_ptr<int64_t>(),
+            s.scale.data_ptr<acc_t>(), need_psw ? s.gpsw.data_ptr<sc_t>() : nullptr, a.B, a.F, Fs, a.D, a.Rs, a.M,
+            L, a.R, a.nnz, a.nbags, int(pooling), need_psw, G);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  // Stable: entries of one row keep their id order, so every row's sum has a fixed order (bitwise repeatable).
+  auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  s.perm = std::get<1>(sorted);
+  auto uc = at::unique_consecutive(std::get<0>(sorted), /*return_inverse=*/false, /*return_counts=*/true, 0);
+  s.uniq = std::get<0>(uc);
+  s.seg = at::zeros({s.uniq.numel() + 1}, keys.options());
+  s.seg.narrow(0, 1, s.uniq.numel()).copy_(at::cumsum(std::get<2>(uc), 0));
+  auto bounds = at::searchsorted(s.uniq, at::tensor({a.R, a.R + a.M * a.Rs}, keys.options())).cpu();
+  s.ng = bounds.data_ptr<int64_t>()[0];
+  s.nall = bounds.data_ptr<int64_t>()[1];
+  return s;
+}
+
+template <int MODE>
+void launch_segments(const Args& a, const Sorted& s, const at::Tensor& out, const at::Tensor& gstate,
+                     const at::Tensor& sstate, double lr, double eps) {
+  if (s.nall == 0 || a.D == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const bool has_scale = true;  // scale holds w / length (1 otherwise): one load per entry, always correct
+  SAML_DISPATCH_FLOATING(a.gw.scalar_type(), "seb_segment_cuda", [&] {
+    using sc_t = scalar_t;
+    using acc_t = typename Acc<sc_t>::type;
+    with_vec<sc_t>(a.D, {s.gg, s.gs, out, a.gw, a.sw}, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      const int G = group_size(a.D, VEC);
+      seb_segment_kernel<sc_t, VEC, MODE><<<blocks_for(s.nall, G), kThreads, 0, stream>>>(
+          s.perm.data_ptr<int64_t>(), s.seg.data_ptr<int64_t>(), s.uniq.data_ptr<int64_t>(),
+          s.src.data_ptr<int64_t>(), s.scale.data_ptr<acc_t>(), s.gg.data_ptr<sc_t>(), s.gs.data_ptr<sc_t>(),
+          out.defined() ? out.data_ptr<sc_t>() : nullptr, a.gw.data_ptr<sc_t>(), a.sw.data_ptr<sc_t>(),
+          gstate.defined() ? gstate.data_ptr<float>() : nullptr,
+          sstate.defined() ? sstate.data_ptr<float>() : nullptr, s.nall, a.D, a.nnz, a.R, has_scale, lr, eps, G);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> seb_backward_rows_cuda(
+    const at::Tensor& grad_global, const at::Tensor& grad_scenario, const at::Tensor& indices,
+    const at::Tensor& offsets, const at::Tensor& scenario, const at::Tensor& gw, const at::Tensor& sw,
+    const at::Tensor& fr, const at::Tensor& fsr, const at::Tensor& slot, const c10::optional<at::Tensor>& psw,
+    int64_t pooling, int64_t bag_len, bool need_psw_grad) {
+  const c10::cuda::CUDAGuard guard(indices.device());
+  Args a = prepare(indices, offsets, scenario, gw, sw, fr, fsr, slot, psw, "seb_backward_rows");
+  const bool need_psw = need_psw_grad && a.psw.defined();
+  Sorted s = sort_entries(a, grad_global, grad_scenario, pooling, bag_len, need_psw);
+  auto vals = at::empty({s.nall, a.D}, a.gw.options());
+  launch_segments<kWrite>(a, s, vals, at::Tensor(), at::Tensor(), 0.0, 0.0);
+  at::Tensor gpsw = need_psw ? s.gpsw.to(psw->scalar_type()) : at::empty({0}, a.gw.options());
+  if (s.nall == 0) {
+    auto e = at::empty({0}, indices.options().dtype(at::kLong));
+    return {e, a.gw.new_empty({0, a.D}), e.clone(), a.sw.new_empty({0, a.D}), gpsw};
+  }
+  return {s.uniq.narrow(0, 0, s.ng), vals.narrow(0, 0, s.ng), s.uniq.narrow(0, s.ng, s.nall - s.ng) - a.R,
+          vals.narrow(0, s.ng, s.nall - s.ng), gpsw};
+}
+
+void seb_backward_update_cuda(const at::Tensor& grad_global, const at::Tensor& grad_scenario,
+                              const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& scenario,
+                              const at::Tensor& gw, const at::Tensor& sw, const at::Tensor& fr,
+                              const at::Tensor& fsr, const at::Tensor& slot, const c10::optional<at::Tensor>& psw,
+                              int64_t pooling, int64_t bag_len, const c10::optional<at::Tensor>& gstate,
+                              const c10::optional<at::Tensor>& sstate, int64_t optimizer, double lr, double eps) {
+  TORCH_CHECK(optimizer == 1 || optimizer == 2, "seb_backward_update_: optimizer must be 1 (SGD) or 2 (row-wise "
+              "Adagrad), got ", optimizer);
+  TORCH_CHECK(gw.is_contiguous() && sw.is_contiguous(), "seb_backward_update_: weights must be contiguous (updated "
+              "in place)");
+  const c10::cuda::CUDAGuard guard(indices.device());
+  Args a = prepare(indices, offsets, scenario, gw, sw, fr, fsr, slot, psw, "seb_backward_update_");
+  at::Tensor gst, sst;
+  if (optimizer == 2) {
+    TORCH_CHECK(gstate.has_value() && sstate.has_value(), "seb_backward_update_: row-wise Adagrad needs both states");
+    TORCH_CHECK(gstate->scalar_type() == at::kFloat && gstate->is_contiguous() && gstate->numel() == a.R &&
+                    gstate->device() == gw.device(),
+                "seb_backward_update_: global_state must be contiguous float32 [R = ", a.R, "] on the weight's device");
+    TORCH_CHECK(sstate->scalar_type() == at::kFloat && sstate->is_contiguous() && sstate->numel() == a.M * a.Rs &&
+                    sstate->device() == gw.device(),
+                "seb_backward_update_: scenario_state must be contiguous float32 [M * Rs = ", a.M * a.Rs,
+                "] on the weight's device");
+    gst = *gstate;
+    sst = *sstate;
+  }
+  Sorted s = sort_entries(a, grad_global, grad_scenario, pooling, bag_len, false);
+  if (optimizer == 1) launch_segments<kSgd>(a, s, at::Tensor(), gst, sst, lr, eps);
+  else launch_segments<kAdagrad>(a, s, at::Tensor(), gst, sst, lr, eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(saml_C, CUDA, m) {
+  m.impl("seb_forward", &seb_forward_cuda);
+  m.impl("seb_backward_rows", &seb_backward_rows_cuda);
+  m.impl("seb_backward_update_", &seb_backward_update_cuda);
+}
