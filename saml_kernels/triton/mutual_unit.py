@@ -356,7 +356,7 @@ def fused_supported(M: int, N: int, dtype) -> bool:
 
 
 # (BLOCK_K, num_warps, num_stages); BLOCK_B follows from the register budget (see _fused_blocks).
-_FUSED_CONFIGS = [(32, 4, 2), (64, 4, 2), (32, 8, 3), (64, 8, 3)]
+_FUSED_CONFIGS = [(32, 8, 2), (64, 8, 3)]
 
 
 def _fused_blocks(M: int, N: int):
@@ -457,14 +457,17 @@ def mutual_linear_backward(grad_out, x, weight, bias, aux, aux_weight, scenario,
 # ------------------------------------------------------------------------------------------------ AOT specs
 
 def aot_specs() -> list:
-    """Each mutual kernel x block configuration x dtype (and each fused GEMM config) for AOT compilation."""
+    """Each mutual kernel x block configuration x dtype (and each fused GEMM config) for AOT compilation.
+
+    The block shapes of the mutual kernels follow from (M, N) (_mix_blocks): (4, 64) is the single-tile path,
+    (8, 512) the two-pass path. Both similarity codes are compiled for float32, cosine for half types (the
+    similarity changes a few scalar ops only). Kept small: these 3-D tile kernels take ~5-15 s each to compile."""
     specs = []
     dts = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-    shapes = [(4, 64), (4, 256), (8, 512)]          # (M, N): single-tile, full-width, two-pass
     for dt, name in dts.items():
         p = "*" + name
-        for sim in (0, 1):
-            for M, N in shapes:
+        for sim in ((0, 1) if dt == torch.float32 else (0,)):
+            for M, N in ((4, 64), (8, 512)):
                 MP, BB, BN, nw = _mix_blocks(M, N)
                 const = dict(SIM=sim, MP=MP, BLOCK_B=BB, BLOCK_N=BN, SINGLE=N <= BN)
                 sig = dict(h_ptr=p, s_ptr="*i64", out_ptr=p, attn_ptr="*fp32", M="i32", B="i32", N="i32",
@@ -479,27 +482,24 @@ def aot_specs() -> list:
                                                                "stride_dn")})
                 sig.update({k: "constexpr" for k in const})
                 specs.append(AotSpec(f"mutual_bwd[{name},sim{sim},M{M},N{N}]", _mutual_bwd_kernel, sig, const, nw))
-        for M, N in ((4, 256), (4, 64)):
+        shapes = [((4, 256), c) for c in _FUSED_CONFIGS] + ([((4, 64), _FUSED_CONFIGS[0])] if dt == torch.float32 else [])
+        for (M, N), c in shapes:
             MP, BB, BN = _fused_blocks(M, N)
-            for c in _FUSED_CONFIGS:
-                const = dict(HAS_BIAS=True, HAS_AUX=True, ACT=3, SIM=0, PREC="ieee", MP=MP, BLOCK_B=BB, BLOCK_N=BN,
-                             BLOCK_K=c[0])
-                sig = dict(x_ptr=p, w_ptr=p, bias_ptr=p, a2_ptr=p, w2_ptr=p, s_ptr="*i64", out_ptr=p,
-                           attn_ptr="*fp32", M="i32", B="i32", N="i32", K="i32", K2="i32", inv_t="fp32",
-                           **{k: "i32" for k in ("stride_xb", "stride_xk", "stride_wm", "stride_wk", "stride_wn",
-                                                 "stride_bm", "stride_bn", "stride_a2b", "stride_a2k", "stride_w2m",
-                                                 "stride_w2k", "stride_w2n", "stride_ob", "stride_on", "stride_ab",
-                                                 "stride_am")})
-                sig.update({k: "constexpr" for k in const})
-                specs.append(AotSpec(f"mutual_linear_fwd[{name},M{M},N{N},k{c[0]},w{c[1]}]",
-                                     _mutual_linear_fwd_kernel, sig, const, c[1], c[2]))
-                sig = dict(g_ptr=p, x_ptr=p, w_ptr=p, bias_ptr=p, a2_ptr=p, w2_ptr=p, s_ptr="*i64", attn_ptr="*fp32",
-                           dz_ptr=p, M="i32", B="i32", N="i32", K="i32", K2="i32", inv_t="fp32",
-                           **{k: "i32" for k in ("stride_gb", "stride_gn", "stride_xb", "stride_xk", "stride_wm",
-                                                 "stride_wk", "stride_wn", "stride_bm", "stride_bn", "stride_a2b",
-                                                 "stride_a2k", "stride_w2m", "stride_w2k", "stride_w2n", "stride_ab",
-                                                 "stride_am", "stride_db", "stride_dn")})
-                sig.update({k: "constexpr" for k in const})
-                specs.append(AotSpec(f"mutual_linear_bwd[{name},M{M},N{N},k{c[0]},w{c[1]}]",
-                                     _mutual_linear_bwd_kernel, sig, const, c[1], c[2]))
+            const = dict(HAS_BIAS=True, HAS_AUX=True, ACT=3, SIM=0, PREC="ieee", MP=MP, BLOCK_B=BB, BLOCK_N=BN,
+                         BLOCK_K=c[0])
+            strides = ("stride_xb", "stride_xk", "stride_wm", "stride_wk", "stride_wn", "stride_bm", "stride_bn",
+                       "stride_a2b", "stride_a2k", "stride_w2m", "stride_w2k", "stride_w2n")
+            sig = dict(x_ptr=p, w_ptr=p, bias_ptr=p, a2_ptr=p, w2_ptr=p, s_ptr="*i64", out_ptr=p,
+                       attn_ptr="*fp32", M="i32", B="i32", N="i32", K="i32", K2="i32", inv_t="fp32",
+                       **{k: "i32" for k in strides + ("stride_ob", "stride_on", "stride_ab", "stride_am")})
+            sig.update({k: "constexpr" for k in const})
+            specs.append(AotSpec(f"mutual_linear_fwd[{name},M{M},N{N},k{c[0]},w{c[1]}]",
+                                 _mutual_linear_fwd_kernel, sig, const, c[1], c[2]))
+            sig = dict(g_ptr=p, x_ptr=p, w_ptr=p, bias_ptr=p, a2_ptr=p, w2_ptr=p, s_ptr="*i64", attn_ptr="*fp32",
+                       dz_ptr=p, M="i32", B="i32", N="i32", K="i32", K2="i32", inv_t="fp32",
+                       **{k: "i32" for k in ("stride_gb", "stride_gn") + strides
+                          + ("stride_ab", "stride_am", "stride_db", "stride_dn")})
+            sig.update({k: "constexpr" for k in const})
+            specs.append(AotSpec(f"mutual_linear_bwd[{name},M{M},N{N},k{c[0]},w{c[1]}]",
+                                 _mutual_linear_bwd_kernel, sig, const, c[1], c[2]))
     return specs
