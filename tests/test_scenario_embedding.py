@@ -367,3 +367,20 @@ def test_fused_low_precision_tables(device, backend, dtype):
     torch.testing.assert_close(fused.global_weight.float(), plain.global_weight.float(), **tol)
     torch.testing.assert_close(fused.scenario_weight.float(), plain.scenario_weight.float(), **tol)
     torch.testing.assert_close(fused.global_state, gstate, **tol)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_layer_torch_compile(device, backend):
+    """The layer (one pooling run, no fused optimizer) compiles with fullgraph=True, forward and backward."""
+    torch._dynamo.reset()
+    eager = ScenarioEmbedding(FEATURES, 2, 4, backend=backend, device=device)
+    comp = ScenarioEmbedding(FEATURES, 2, 4, backend=backend, device=device)
+    comp.load_state_dict(eager.state_dict())
+    compiled = torch.compile(comp, fullgraph=True, backend="aot_eager")
+    idx, off, sc, _ = batch(eager)
+    ye, yc = eager(idx, off, sc), compiled(idx, off, sc)
+    torch.testing.assert_close(yc, ye)
+    sum(t.pow(2).sum() for t in ye).backward()
+    sum(t.pow(2).sum() for t in yc).backward()
+    torch.testing.assert_close(comp.global_weight.grad, eager.global_weight.grad)
+    torch.testing.assert_close(comp.scenario_weight.grad, eager.scenario_weight.grad)

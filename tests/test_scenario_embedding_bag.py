@@ -488,6 +488,18 @@ def test_bounds_error(device, backend, bad):
 
 
 @pytest.mark.parametrize("device,backend", PAIRS)
+def test_bounds_zero_mean(device, backend):
+    """A bad id is a zero vector that still counts in its bag's length (as any other zero row would)."""
+    inp, pos, rows = _with_bad_id(device, 0, feature=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g, s = run(inp, backend, "mean", bounds_check="zero")
+    eg, es = run_oracle(inp, "mean")
+    torch.testing.assert_close(g.double(), eg, **tolerance(torch.float32))
+    torch.testing.assert_close(s.double(), es, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
 def test_bounds_zero(device, backend):
     seb_mod._warned_zero = False
     inp, pos, rows = _with_bad_id(device, 0, feature=0)  # one past feature 0's rows = feature 1's first row
