@@ -191,11 +191,22 @@ def test_extra_repr_and_names():
     layer = ScenarioEmbedding([EmbeddingFeature("x", 3), {"name": "y", "num_embeddings": 2, "scenario_aware": True}],
                               1, 2)
     assert layer.num_aware == 1
+    # NamedTuple specs (saml_kernels.data.FeatureSpec), objects with the fields, numpy integer sizes
+    np = pytest.importorskip("numpy")
+    from collections import namedtuple
+    from types import SimpleNamespace
+    Spec = namedtuple("Spec", "name num_embeddings scenario_aware pooling")
+    layer = ScenarioEmbedding([Spec("a", np.int64(4), True, "mean"), SimpleNamespace(name="b", num_embeddings=3)],
+                              2, 2)
+    assert layer.feature_rows == (0, 4, 7) and layer.feature_scenario_rows == (0, 4, 4)
+    assert [f.pooling for f in layer.features] == ["mean", "sum"]
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(features=[]), "at least one"),
     (dict(features=[("a", 0)]), "num_embeddings"),
+    (dict(features=[("a", 2.5)]), "num_embeddings"),
+    (dict(features=[("a", True)]), "num_embeddings"),
     (dict(features=[("a", 3), ("a", 4)]), "unique"),
     (dict(features=[("a", 3, False, "max")]), "pooling"),
     (dict(features=[("a", 3, False, "none"), ("b", 3)]), "none"),

@@ -13,6 +13,7 @@ with f_j the j-th aware feature. Rows are laid out in feature order (feature f o
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -39,19 +40,29 @@ class EmbeddingFeature:
 
 
 def _as_feature(spec) -> EmbeddingFeature:
+    """An EmbeddingFeature from an EmbeddingFeature, a dict, a tuple / NamedTuple, or any object with the fields."""
     if isinstance(spec, EmbeddingFeature):
         f = spec
     elif isinstance(spec, dict):
         f = EmbeddingFeature(**spec)
+    elif hasattr(spec, "name") and hasattr(spec, "num_embeddings"):
+        f = EmbeddingFeature(spec.name, spec.num_embeddings, getattr(spec, "scenario_aware", False),
+                             getattr(spec, "pooling", "sum"))
     else:
         f = EmbeddingFeature(*spec)
     if not isinstance(f.name, str) or not f.name:
         raise ValueError(f"ScenarioEmbedding: feature name must be a non-empty str, got {f.name!r}")
-    if isinstance(f.num_embeddings, bool) or not isinstance(f.num_embeddings, int) or f.num_embeddings < 1:
+    try:
+        if isinstance(f.num_embeddings, bool):
+            raise TypeError
+        n = operator.index(f.num_embeddings)  # int, numpy or torch integer
+    except TypeError:
+        n = 0
+    if n < 1:
         raise ValueError(f"ScenarioEmbedding: feature {f.name!r}: num_embeddings must be an int >= 1, "
                          f"got {f.num_embeddings!r}")
     _checks.choice("ScenarioEmbedding", f"feature {f.name!r} pooling", f.pooling, _seb.POOLING)
-    return EmbeddingFeature(f.name, int(f.num_embeddings), bool(f.scenario_aware), f.pooling)
+    return EmbeddingFeature(f.name, n, bool(f.scenario_aware), f.pooling)
 
 
 class _FusedUpdate(torch.autograd.Function):
