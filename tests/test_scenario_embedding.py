@@ -4,6 +4,7 @@ fused optimizers (sgd, rowwise_adagrad) against the unfused path (gradient + the
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ TOL32 = tolerance(torch.float32)
 
 FEATURES = [("user", 5, True, "sum"), ("item", 7, False, "sum"), ("cat", 3, True, "sum")]
 MIXED = [("user", 5, True, "sum"), ("hist", 6, True, "mean"), ("item", 7, False, "mean"), ("cat", 3, True, "sum")]
+SEQ = [("seq", 6, True, "none"), ("cate_seq", 4, False, "none")]
 
 
 class FakeKJT:
@@ -40,10 +42,13 @@ class FakeKJT:
 
 def batch(layer, B=4, max_bag=3, idx_dtype=torch.int64, psw=False):
     """Random jagged ids for every feature of ``layer`` (feature-major), scenario ids, optional weights; on the
-    layer's device."""
+    layer's device. Pooling "none" layers get bags of the fixed length ``max_bag``."""
     device = layer.global_weight.device
     F = layer.num_features
-    lengths = torch.randint(0, max_bag + 1, (F * B,))
+    if layer.features[0].pooling == "none":
+        lengths = torch.full((F * B,), max_bag)
+    else:
+        lengths = torch.randint(0, max_bag + 1, (F * B,))
     offsets = torch.zeros(F * B + 1, dtype=torch.long)
     offsets[1:] = lengths.cumsum(0)
     ids = [torch.randint(0, f.num_embeddings, (int(lengths[k * B:(k + 1) * B].sum()),))
@@ -283,7 +288,7 @@ def _unfused_step(layer, optimizer, lr, eps, gstate=None, sstate=None):
 
 @pytest.mark.parametrize("device,backend", PAIRS)
 @pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
-@pytest.mark.parametrize("features", [FEATURES, MIXED], ids=["sum", "mixed"])
+@pytest.mark.parametrize("features", [FEATURES, MIXED, SEQ], ids=["sum", "mixed", "none"])
 def test_fused_optimizer_matches_unfused(device, backend, optimizer, features):
     lr, eps = 0.3, 1e-6
     fused = ScenarioEmbedding(features, 3, 5, backend=backend, optimizer=optimizer, lr=lr, eps=eps, device=device)
@@ -395,3 +400,55 @@ def test_layer_torch_compile(device, backend):
     sum(t.pow(2).sum() for t in yc).backward()
     torch.testing.assert_close(comp.global_weight.grad, eager.global_weight.grad)
     torch.testing.assert_close(comp.scenario_weight.grad, eager.scenario_weight.grad)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_fused_bounds_zero_skips_bad_ids(device, backend, optimizer):
+    """With bounds_check='zero' a bad id updates no row (not the next feature's first row either)."""
+    fused = ScenarioEmbedding(FEATURES, 2, 4, backend=backend, optimizer=optimizer, lr=0.2, bounds_check="zero",
+                              device=device)
+    plain = ScenarioEmbedding(FEATURES, 2, 4, backend=backend, bounds_check="zero", device=device)
+    plain.load_state_dict(fused.state_dict(), strict=False)
+    B = 3
+    while True:  # feature 0 needs an id to corrupt
+        idx, off, sc, _ = batch(fused, B=B, max_bag=3)
+        if int(off[B]) > 0:
+            break
+    idx[0] = 5  # feature "user" has 5 rows: one past its end is feature "item"'s row 0 (global row 5)
+    idx[int(off[B]):int(off[2 * B])].clamp_(min=1)  # and no genuine id of "item" reads its row 0
+    start = fused.global_weight.detach().clone()
+    gstate = torch.zeros(fused.global_weight.shape[0], device=device)
+    sstate = torch.zeros(fused.scenario_weight.shape[:2], device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for layer in (fused, plain):
+            g, s = layer(idx, off, sc)
+            (g.sum() + 3 * s.sum()).backward()
+    assert torch.equal(fused.global_weight[5], start[5]), "the bad id updated the next feature's row"
+    _unfused_step(plain, optimizer, 0.2, 1e-8, gstate, sstate)
+    torch.testing.assert_close(fused.global_weight.detach(), plain.global_weight.detach(), **TOL32)
+    torch.testing.assert_close(fused.scenario_weight.detach(), plain.scenario_weight.detach(), **TOL32)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_fused_deterministic(device, backend):
+    """Under deterministic algorithms the fused Adagrad step is bitwise repeatable (duplicated rows included)."""
+    base = ScenarioEmbedding(FEATURES, 2, 8, backend=backend, optimizer="rowwise_adagrad", device=device)
+    idx, off, sc, w = batch(base, B=16, max_bag=6, psw=True)
+    rg = torch.randn(16, 3, 8, device=device)
+    det = torch.are_deterministic_algorithms_enabled()
+    results = []
+    try:
+        torch.use_deterministic_algorithms(True)
+        for _ in range(3):
+            layer = ScenarioEmbedding(FEATURES, 2, 8, backend=backend, optimizer="rowwise_adagrad", device=device)
+            layer.load_state_dict(base.state_dict())
+            g, s = layer(idx, off, sc, per_sample_weights=w)
+            ((g * rg).sum() + s.sum()).backward()
+            results.append([t.detach().clone() for t in layer.state_dict().values()])
+    finally:
+        torch.use_deterministic_algorithms(det)
+    for again in results[1:]:
+        for a, b in zip(results[0], again):
+            assert torch.equal(a, b)
