@@ -184,6 +184,23 @@ def test_per_sample_weights(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("wdtype", [torch.float64, torch.float16])
+def test_per_sample_weights_other_dtype(device, backend, wdtype):
+    """Weights in another float dtype than the table: used in the table dtype, gradient in their own dtype."""
+    inp = make(B=3, D=4, psw=True, device=device)
+    inp["psw"] = inp["psw"].to(wdtype)
+    check_forward(inp, backend, "sum", tol_dtype=torch.float16 if wdtype == torch.float16 else None)
+    w = inp["psw"].clone().requires_grad_()
+    g, s = run(inp, backend, psw=w)
+    (g.sum() + s.sum()).backward()
+    assert w.grad.dtype == wdtype and w.grad.shape == w.shape
+    w64 = inp["psw"].double().requires_grad_()
+    eg, es = run_oracle(inp, psw=w64)
+    (eg.sum() + es.sum()).backward()
+    torch.testing.assert_close(w.grad.double(), w64.grad, **tolerance(torch.float16))
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
 @pytest.mark.parametrize("D", [1, 3, 33])
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
 def test_odd_dims(device, backend, D, pooling):
@@ -320,7 +337,7 @@ def test_scenario_gradient_masking(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("pooling", ["sum", "mean"])
+@pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
 def test_sparse_gradients(device, backend, pooling):
     inp = make(B=4, D=4, device=device, pooling=pooling, psw=(pooling == "sum"))
     G, S, _ = check_grads(inp, backend, pooling, sparse=True)
