@@ -236,6 +236,13 @@ def test_bad_forward_input():
         layer(idx, off[:-1], sc)
     with pytest.raises(TypeError, match="forward needs"):
         layer(idx, off)
+    # mixed poolings slice the input per run: the ends of offsets are still checked
+    with pytest.raises(ValueError, match=r"offsets\[0\]"):
+        layer(idx, torch.cat([off[:1] + 1, off[1:]]), sc)
+    with pytest.raises(ValueError, match=r"offsets\[-1\]"):
+        layer(torch.cat([idx, idx[:1]]), off, sc)
+    with pytest.raises(TypeError, match="indices"):
+        layer(idx.float(), off, sc)
     bad = idx.clone()
     bad[-1] = 3  # feature "cat" has 3 rows
     if off[-2] < off[-1]:

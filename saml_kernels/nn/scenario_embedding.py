@@ -259,6 +259,7 @@ class ScenarioEmbedding(nn.Module):
         """One (indices, offsets, psw, feature range, pooling) per pooling run; slices need one host sync."""
         if len(self._runs) == 1:
             return [(indices, offsets, per_sample_weights, 0, self.num_features, self._runs[0][2])]
+        _checks.tensor("ScenarioEmbedding", "indices", indices, ndim=1, dtypes=_checks.INDEX_DTYPES)
         _checks.tensor("ScenarioEmbedding", "offsets", offsets, ndim=1, dtypes=_checks.INDEX_DTYPES)
         F = self.num_features
         if offsets.numel() < 1 or (offsets.numel() - 1) % F:
@@ -266,6 +267,12 @@ class ScenarioEmbedding(nn.Module):
                              f"{offsets.numel()}")
         B = (offsets.numel() - 1) // F
         cuts = offsets[[a * B for a, _, _ in self._runs] + [F * B]].tolist()
+        # the per-run slices re-base the offsets, so the ends are checked here (the op checks each run's inside)
+        if cuts[0] != 0:
+            raise ValueError(f"ScenarioEmbedding: offsets[0] must be 0, got {cuts[0]}")
+        if cuts[-1] != indices.numel():
+            raise ValueError(f"ScenarioEmbedding: offsets[-1] must equal indices.numel() = {indices.numel()}, "
+                             f"got {cuts[-1]}")
         out = []
         for k, (a, b, pooling) in enumerate(self._runs):
             lo, hi = cuts[k], cuts[k + 1]
