@@ -2,10 +2,10 @@
 
 The click probability of a sample (user u, target item i, scenario s, behaviour sequence H) is
 
-    logit = b_s + <P_u, Q_i>                      shared user-item affinity (rank ``shared_rank``)
-          + alpha * <P^s_u, Q^s_i>                scenario-specific affinity (per-scenario factors)
+    logit = b_s + c_i + d_u + 0.7 <P_u, Q_i>                shared: item and user bias, user-item affinity
+          + alpha * (c^s_i + d^s_u + 0.5 <P^s_u, Q^s_i>)   scenario-specific biases and affinity
           + beta_s * 3 * frac{h in H : cat(h) = cat(i)}   interest match, weight depends on the scenario
-          + c_i + g_{s, ctx} - 0.5 * price        item bias, scenario x context bias, dense price
+          + g_{s, ctx} - 0.5 * price                      scenario x context bias, dense price
     click ~ Bernoulli(sigmoid(logit))
 
 so a model that keeps per-scenario state (scenario-aware embeddings, per-scenario branches) can fit the
@@ -32,7 +32,7 @@ def _zipf_ids(rng: np.random.Generator, n: int, vocab: int, a: float) -> np.ndar
     return rng.permutation(vocab)[ranks]
 
 
-def synthetic_features(num_users=5000, num_items=10000, num_categories=100, num_contexts=32, num_segments=64,
+def synthetic_features(num_users=2000, num_items=3000, num_categories=50, num_contexts=32, num_segments=64,
                        num_tags=500, seq_len=20) -> tuple[list, SequenceSpec]:
     """The feature list (user and item scenario-aware) and the behaviour-sequence spec of the generator."""
     feats = [FeatureSpec("user", num_users, True), FeatureSpec("item", num_items, True),
@@ -42,8 +42,8 @@ def synthetic_features(num_users=5000, num_items=10000, num_categories=100, num_
 
 
 def make_synthetic(num_samples: int = 100_000, *, num_scenarios: int = 4,
-                   scenario_mix: Optional[Sequence[float]] = None, num_users: int = 5000, num_items: int = 10000,
-                   num_categories: int = 100, num_contexts: int = 32, num_segments: int = 64, num_tags: int = 500,
+                   scenario_mix: Optional[Sequence[float]] = None, num_users: int = 2000, num_items: int = 3000,
+                   num_categories: int = 50, num_contexts: int = 32, num_segments: int = 64, num_tags: int = 500,
                    seq_len: int = 20, zipf: float = 1.1, shared_rank: int = 8, specific_rank: int = 4,
                    specific_strength: float = 1.0, base_ctr: float = 0.2, seed: int = 0) -> CTRData:
     """Generate ``num_samples`` samples (see the module docstring for the click model).
@@ -72,7 +72,10 @@ def make_synthetic(num_samples: int = 100_000, *, num_scenarios: int = 4,
     Q = rng.normal(0, shared_rank ** -0.25, (I, shared_rank))
     Ps = rng.normal(0, specific_rank ** -0.25, (M, U, specific_rank))
     Qs = rng.normal(0, specific_rank ** -0.25, (M, I, specific_rank))
-    item_bias = rng.normal(0, 0.5, I)
+    item_bias = rng.normal(0, 0.8, I)
+    user_bias = rng.normal(0, 0.5, U)
+    item_bias_s = rng.normal(0, 1.0, (M, I))
+    user_bias_s = rng.normal(0, 0.5, (M, U))
     ctx_bias = rng.normal(0, 0.5, (M, num_contexts))
     scen_bias = rng.normal(0, 0.3, M)
     beta = np.linspace(0.25, 1.5, M)[rng.permutation(M)]
@@ -110,9 +113,10 @@ def make_synthetic(num_samples: int = 100_000, *, num_scenarios: int = 4,
 
     # ---- clicks
     match = ((item_cat[hist] == item_cat[item][:, None]) & valid).sum(1) / np.maximum(seq_lengths, 1)
-    logit = (scen_bias[scenario] + (P[user] * Q[item]).sum(1)
-             + specific_strength * (Ps[scenario, user] * Qs[scenario, item]).sum(1)
-             + beta[scenario] * 3.0 * match + item_bias[item] + ctx_bias[scenario, context] - 0.5 * price)
+    logit = (scen_bias[scenario] + item_bias[item] + user_bias[user] + 0.7 * (P[user] * Q[item]).sum(1)
+             + specific_strength * (item_bias_s[scenario, item] + user_bias_s[scenario, user]
+                                    + 0.5 * (Ps[scenario, user] * Qs[scenario, item]).sum(1))
+             + beta[scenario] * 3.0 * match + ctx_bias[scenario, context] - 0.5 * price)
     logit = logit - np.quantile(logit, 1.0 - base_ctr) if N else logit  # calibrate the base click rate
     label = (rng.random(N) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
 

@@ -3,4 +3,4 @@ its parameter names with the reference model in saml_kernels.reference."""
 from .scenario_embedding import EmbeddingFeature, ScenarioEmbedding
 from .multi_branch_linear import MultiBranchLinear
 from .attention import ScenarioAttention
-from .saml import SAML, SAMLConfig, SharedBottom
+from .saml import SAML, SAMLConfig, SharedBottom, TrainingOptimizer

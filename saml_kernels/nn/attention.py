@@ -58,8 +58,8 @@ class ScenarioAttention(nn.Module):
         self.global_query = nn.Linear(D, d, bias=False, **fk)
         self.global_key = nn.Linear(D, d, bias=False, **fk)
         self.value = nn.Linear(D, D, bias=False, **fk)
-        self.local_query = MultiBranchLinear(D, d, M, bias=False, route="own", **fk)
-        self.local_key = MultiBranchLinear(D, d, M, bias=False, route="own", **fk)
+        self.local_query = MultiBranchLinear(D, d, M, bias=False, route="own", backend=backend, **fk)
+        self.local_key = MultiBranchLinear(D, d, M, bias=False, route="own", backend=backend, **fk)
 
     def reset_parameters(self) -> None:
         for m in (self.global_query, self.global_key, self.value, self.local_query, self.local_key):
@@ -85,7 +85,7 @@ class ScenarioAttention(nn.Module):
 
     def forward(self, target_g: Tensor, target_s: Tensor, seq_g: Tensor, seq_s: Tensor, seq_lengths: Tensor,
                 scenario: Tensor) -> tuple[Tensor, Tensor]:
-        from ..functional import mbranch_linear
+        from ..ops.mbranch_linear import mbranch_linear
 
         self._check(target_g, target_s, seq_g, seq_s, seq_lengths, scenario)
         B, L, D = seq_g.shape

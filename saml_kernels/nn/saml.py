@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..reference.model import SAMLConfig, saml_loss
+from ..reference.model import SAMLConfig, TrainingOptimizer, saml_loss
 
-__all__ = ["SAML", "SAMLConfig", "SharedBottom"]
+__all__ = ["SAML", "SAMLConfig", "SharedBottom", "TrainingOptimizer"]
 
 
 def _seq_offsets(B: int, L: int, like: Tensor) -> Tensor:
@@ -35,6 +35,11 @@ class SAML(nn.Module):
     Args:
         config: a :class:`SAMLConfig`.
         backend: forced backend of every op (None: ``use_backend`` context / env / automatic).
+        embedding_optimizer: None (the tables get ordinary dense gradients) | "sgd" | "rowwise_adagrad": the
+            embedding tables are updated inside the backward (``nn.ScenarioEmbedding``'s fused optimizer, only the
+            touched rows, no gradient tensor); the other parameters are left to a torch optimizer.
+            ``TrainingOptimizer`` gives the reference the same row-wise Adagrad math after its backward.
+        embedding_lr: learning rate of the fused embedding optimizer.
         device, dtype: factory arguments.
 
     forward(indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None) -> (main [B], aux [B]) logits:
@@ -43,7 +48,8 @@ class SAML(nn.Module):
     [B, num_dense]. ``loss(batch)`` = BCE(main) + aux_loss_weight * BCE(aux).
     """
 
-    def __init__(self, config: SAMLConfig, *, backend: Optional[str] = None, device=None, dtype=None):
+    def __init__(self, config: SAMLConfig, *, backend: Optional[str] = None,
+                 embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8, device=None, dtype=None):
         super().__init__()
         from . import MultiBranchLinear, MutualUnit, ScenarioAttention, ScenarioEmbedding
 
@@ -51,11 +57,11 @@ class SAML(nn.Module):
         fk = dict(device=device, dtype=dtype)
         M, D = c.num_scenarios, c.embedding_dim
         self.backend = backend
-        self.embedding = ScenarioEmbedding(c.features, M, D, backend=backend, **fk)
+        emb = dict(backend=backend, optimizer=embedding_optimizer, lr=embedding_lr, eps=embedding_eps, **fk)
+        self.embedding = ScenarioEmbedding(c.features, M, D, **emb)
         if c.sequence is not None:
             seq = c.sequence
-            self.sequence_embedding = ScenarioEmbedding([(seq.name, seq.num_embeddings, True, "none")], M, D,
-                                                        backend=backend, **fk)
+            self.sequence_embedding = ScenarioEmbedding([(seq.name, seq.num_embeddings, True, "none")], M, D, **emb)
             self.attention = ScenarioAttention(D, c.attention_dim, M, backend=backend, **fk)
         self.aux_layers = nn.ModuleList()
         self.branch_layers = nn.ModuleList()
@@ -64,13 +70,15 @@ class SAML(nn.Module):
             self.aux_layers.append(nn.Linear(ka, na, **fk))
             if kind == "mutual":
                 self.branch_layers.append(MutualUnit(kh, nh, M, aux_features=ka, activation="relu",
-                                                     temperature=c.temperature, similarity=c.similarity, **fk))
+                                                     temperature=c.temperature, similarity=c.similarity,
+                                                     backend=backend, **fk))
             else:
                 self.branch_layers.append(MultiBranchLinear(kh, nh, M, aux_features=ka, bias=True, activation="relu",
-                                                            route=kind, grad_mask="own", **fk))
+                                                            route=kind, grad_mask="own", backend=backend, **fk))
             ka, kh = na, nh
         self.aux_head = nn.Linear(ka, 1, **fk)
-        self.branch_head = MultiBranchLinear(kh, 1, M, aux_features=ka, bias=True, activation=None, route="own", **fk)
+        self.branch_head = MultiBranchLinear(kh, 1, M, aux_features=ka, bias=True, activation=None, route="own",
+                                             backend=backend, **fk)
         self.dropout = nn.Dropout(c.dropout)
 
     def reset_parameters(self) -> None:
@@ -123,19 +131,20 @@ class SharedBottom(nn.Module):
     forward(...) -> logit [B] (same inputs as SAML); loss(batch) = BCE(logit).
     """
 
-    def __init__(self, config: SAMLConfig, *, backend: Optional[str] = None, device=None, dtype=None):
+    def __init__(self, config: SAMLConfig, *, backend: Optional[str] = None,
+                 embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8, device=None, dtype=None):
         super().__init__()
         from . import MultiBranchLinear, ScenarioAttention, ScenarioEmbedding
 
         c = self.config = config
         fk = dict(device=device, dtype=dtype)
         M, D = c.num_scenarios, c.embedding_dim
+        emb = dict(backend=backend, optimizer=embedding_optimizer, lr=embedding_lr, eps=embedding_eps, **fk)
         self.embedding = ScenarioEmbedding([(f.name, f.num_embeddings, False, f.pooling) for f in c.features], M, D,
-                                           backend=backend, **fk)
+                                           **emb)
         if c.sequence is not None:
             seq = c.sequence
-            self.sequence_embedding = ScenarioEmbedding([(seq.name, seq.num_embeddings, False, "none")], M, D,
-                                                        backend=backend, **fk)
+            self.sequence_embedding = ScenarioEmbedding([(seq.name, seq.num_embeddings, False, "none")], M, D, **emb)
             self.attention = ScenarioAttention(D, c.attention_dim, M, backend=backend, **fk)
         k = c.global_dim
         layers = []
@@ -144,7 +153,8 @@ class SharedBottom(nn.Module):
             k = n
         self.bottom = nn.Sequential(*layers)
         self.tower = MultiBranchLinear(k, c.branch_hidden[-1], M, bias=True, activation="relu", route="own", **fk)
-        self.head = MultiBranchLinear(c.branch_hidden[-1], 1, M, bias=True, activation=None, route="own", **fk)
+        self.head = MultiBranchLinear(c.branch_hidden[-1], 1, M, bias=True, activation=None, route="own",
+                                             backend=backend, **fk)
 
     def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None):
         c = self.config

@@ -35,7 +35,8 @@ class RefScenarioEmbedding(nn.Module):
     features: (name, num_embeddings, scenario_aware, pooling) tuples, one pooling for all of them.
     forward(indices, offsets, scenario) -> (E_g [B, F, D], E_s [B, Fs, D]) ([B, F, L, D] for pooling "none")."""
 
-    def __init__(self, features: Sequence, num_scenarios: int, embedding_dim: int, *, device=None, dtype=None):
+    def __init__(self, features: Sequence, num_scenarios: int, embedding_dim: int, *, optimizer_state: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         self.features = [tuple(f) for f in features]
         pools = {f[3] if len(f) > 3 else "sum" for f in self.features}
@@ -48,12 +49,24 @@ class RefScenarioEmbedding(nn.Module):
         self.global_weight = nn.Parameter(torch.empty(self.feature_rows[-1], embedding_dim, **fk))
         self.scenario_weight = nn.Parameter(torch.empty(num_scenarios, self.feature_scenario_rows[-1],
                                                         embedding_dim, **fk))
+        # Row-wise Adagrad states with the names and shapes of nn.ScenarioEmbedding(optimizer="rowwise_adagrad"),
+        # so that state_dicts match; here a torch optimizer (RowWiseAdagrad) updates them after the backward.
+        self.optimizer = None
+        if optimizer_state:
+            self.register_buffer("global_state", torch.zeros(self.feature_rows[-1], device=device))
+            self.register_buffer("scenario_state", torch.zeros(num_scenarios, self.feature_scenario_rows[-1],
+                                                               device=device))
+        else:
+            self.global_state = self.scenario_state = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         bound = 1.0 / math.sqrt(self.embedding_dim)  # as nn.ScenarioEmbedding
         nn.init.uniform_(self.global_weight, -bound, bound)
         nn.init.uniform_(self.scenario_weight, -bound, bound)
+        for buf in (self.global_state, self.scenario_state):
+            if buf is not None:
+                buf.zero_()
 
     def forward(self, indices: Tensor, offsets: Tensor, scenario: Tensor):
         return scenario_embedding_bag_reference(indices, offsets, scenario, self.global_weight, self.scenario_weight,

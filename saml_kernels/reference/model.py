@@ -132,18 +132,26 @@ def _seq_offsets(B: int, L: int, like: Tensor) -> Tensor:
 class SAMLReference(nn.Module):
     """SAML in plain PyTorch (see the module docstring); same parameter names as ``saml_kernels.nn.SAML``.
 
+    embedding_optimizer: None or "rowwise_adagrad": the latter registers the row-wise Adagrad state buffers
+    (``global_state``, ``scenario_state``) of ``nn.SAML(embedding_optimizer="rowwise_adagrad")``, which
+    :class:`TrainingOptimizer` then updates with the same math after the backward (not fused).
+
     forward(indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None) -> (main [B], aux [B]) logits.
     """
 
-    def __init__(self, config: SAMLConfig, *, device=None, dtype=None):
+    def __init__(self, config: SAMLConfig, *, embedding_optimizer: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         c = self.config = config
         fk = dict(device=device, dtype=dtype)
         M, D = c.num_scenarios, c.embedding_dim
-        self.embedding = RefScenarioEmbedding(c.features, M, D, **fk)
+        if embedding_optimizer not in (None, "rowwise_adagrad"):
+            raise ValueError(f"SAMLReference: embedding_optimizer must be None or 'rowwise_adagrad', "
+                             f"got {embedding_optimizer!r}")
+        st = dict(optimizer_state=embedding_optimizer == "rowwise_adagrad", **fk)
+        self.embedding = RefScenarioEmbedding(c.features, M, D, **st)
         if c.sequence is not None:
             seq = c.sequence
-            self.sequence_embedding = RefScenarioEmbedding([(seq.name, seq.num_embeddings, True, "none")], M, D, **fk)
+            self.sequence_embedding = RefScenarioEmbedding([(seq.name, seq.num_embeddings, True, "none")], M, D, **st)
             self.attention = RefScenarioAttention(D, c.attention_dim, M, **fk)
         self.aux_layers = nn.ModuleList()
         self.branch_layers = nn.ModuleList()
@@ -200,3 +208,48 @@ def saml_loss(main: Tensor, aux: Tensor, label: Tensor, aux_loss_weight: float) 
     bce = nn.functional.binary_cross_entropy_with_logits
     y = label.to(main.dtype)
     return bce(main, y) + aux_loss_weight * bce(aux, y)
+
+
+class TrainingOptimizer:
+    """The training recipe of the main job and the model benchmark: Adam on the dense parameters and row-wise
+    Adagrad on the embedding tables (FBGEMM's recipe for sparse tables):
+
+        state[row] += mean_d(g[row]^2);   w[row] -= embedding_lr * g[row] / (sqrt(state[row]) + eps)
+
+    with g the row's gradient summed over the batch (rows not in the batch have g = 0 and do not change).
+    For an embedding module that applies it fused in its backward (``nn.ScenarioEmbedding(optimizer=...)`` in
+    training) nothing is left to do here; for one with dense gradients (the reference) it runs after the
+    backward, on the module's ``global_state`` / ``scenario_state`` buffers when it has them (else on states
+    kept here). Both paths are the same math, so SAML and SAMLReference stay equal step after step.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 2e-3, embedding_lr: float = 0.05, eps: float = 1e-8):
+        self.tables = []  # (weight, state) pairs updated here
+        emb_ids = set()
+        for mod in model.modules():
+            w_g, w_s = getattr(mod, "global_weight", None), getattr(mod, "scenario_weight", None)
+            if not isinstance(w_g, nn.Parameter) or not isinstance(w_s, nn.Parameter):
+                continue
+            emb_ids.update((id(w_g), id(w_s)))
+            if getattr(mod, "optimizer", None) is not None:
+                continue  # fused in the module's backward
+            for w, name in ((w_g, "global_state"), (w_s, "scenario_state")):
+                st = getattr(mod, name, None)
+                self.tables.append((w, st if st is not None else torch.zeros(w.shape[:-1], device=w.device)))
+        self.dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in emb_ids], lr=lr)
+        self.embedding_lr, self.eps = embedding_lr, eps
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.dense.zero_grad(set_to_none=set_to_none)
+        for w, _ in self.tables:
+            w.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.dense.step()
+        for w, st in self.tables:
+            if w.grad is None:
+                continue
+            g = w.grad.to_dense() if w.grad.is_sparse else w.grad
+            st.add_(g.float().pow(2).mean(-1))
+            w.sub_((self.embedding_lr * g.float() / (st.sqrt() + self.eps).unsqueeze(-1)).to(w.dtype))
