@@ -257,6 +257,7 @@ class TestScenarioEmbeddingBag:
 # ---------------------------------------------------------------------------------- crash-proofing
 
 @pytest.mark.slow
+@pytest.mark.triton_interp  # also in the interpreter pass, where the child runs the Triton cases
 @pytest.mark.skipif(CHILD, reason="already inside the subprocess run")
 def test_file_runs_clean_in_subprocess():
     """This whole file in a child process exits normally (no signal, no failure): bad input never crashes it."""
