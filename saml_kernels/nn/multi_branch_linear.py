@@ -48,7 +48,8 @@ class MultiBranchLinear(nn.Module):
         self.aux_features = aux_features
         self.activation, self.route, self.grad_mask, self.backend = activation, route, grad_mask, backend
         self.weight = nn.Parameter(torch.empty(num_branches, in_features, out_features, **f))
-        self.bias = nn.Parameter(torch.empty(num_branches, out_features, **f)) if bias else None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(num_branches, out_features, **f))
         if aux_features:
             self.aux_weight = nn.Parameter(torch.empty(num_branches, aux_features, out_features, **f))
         else:
