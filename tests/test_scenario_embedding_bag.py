@@ -253,6 +253,14 @@ def test_all_bags_empty(device, backend, pooling):
 
 
 @pytest.mark.parametrize("device,backend", PAIRS)
+def test_pooling_none_zero_length(device, backend):
+    inp = make(B=3, pooling="none", bag_len=0, device=device)
+    g, s = check_forward(inp, backend, "none")
+    assert g.shape == (3, 3, 0, 8) and s.shape == (3, 2, 0, 8)
+    check_grads(inp, backend, "none")
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
 def test_empty_bags_are_exact_zeros(device, backend):
     inp = make(B=4, max_bag=2, device=device, pooling="mean")
     g, s = run(inp, backend, "mean")
