@@ -459,3 +459,23 @@ def test_fused_deterministic(device, backend):
     for again in results[1:]:
         for a, b in zip(results[0], again):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("optimizer", [None, "rowwise_adagrad"])
+def test_reference_layer_twin(device, backend, optimizer):
+    """DESIGN 3: the reference layer has the same parameter (and Adagrad buffer) names; a state_dict moves between
+    them unchanged and both give the same outputs and gradients."""
+    layers = pytest.importorskip("saml_kernels.reference.layers")
+    ours = ScenarioEmbedding(FEATURES, 3, 4, backend=backend, device=device, optimizer=optimizer).eval()
+    ref = layers.RefScenarioEmbedding(FEATURES, 3, 4, device=device, optimizer_state=optimizer is not None)
+    assert set(ref.state_dict()) == set(ours.state_dict())
+    ref.load_state_dict(ours.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    idx, off, sc, _ = batch(ours)
+    yo, yr = ours(idx, off, sc), ref(idx, off, sc)
+    torch.testing.assert_close(yo, yr, **TOL32)
+    sum((t * t).sum() for t in yo).backward()
+    sum((t * t).sum() for t in yr).backward()
+    torch.testing.assert_close(ours.global_weight.grad, ref.global_weight.grad, **TOL32)
+    torch.testing.assert_close(ours.scenario_weight.grad, ref.scenario_weight.grad, **TOL32)
