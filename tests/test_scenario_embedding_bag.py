@@ -208,6 +208,18 @@ def test_odd_dims(device, backend, D, pooling):
     check_forward(inp, backend, pooling)
 
 
+@pytest.mark.parametrize("device,backend", [p for p in PAIRS if not p.marks])  # too big for the interpreter
+@pytest.mark.parametrize("D,dtype", [(64, torch.float32), (130, torch.float32), (72, torch.bfloat16),
+                                     (40, torch.float16)])
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_medium_shapes(device, backend, D, dtype, pooling):
+    """Larger D (vector bodies + tails), long bags and many samples (parallel chunks) than the tiny cases."""
+    inp = make(B=32, rows=(50, 7, 120), aware=(True, False, True), M=4, D=D, dtype=dtype, max_bag=10,
+               pooling=pooling, psw=(pooling == "sum"), device=device)
+    check_forward(inp, backend, pooling)
+    check_grads(inp, backend, pooling)
+
+
 @pytest.mark.parametrize("device,backend", PAIRS)
 @pytest.mark.parametrize("aware", [(False, False, False), (True, True, True), (False, True, False),
                                    (True, False, False)])
