@@ -223,6 +223,27 @@ def test_backward_widths_and_long_segments(device, backend, D):
 
 
 @pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("pooling", [SUM, MEAN])
+def test_backward_hot_rows(device, backend, pooling):
+    """Rows with more entries than one pass sums (PIECE = 32): the two-level split path, still exact."""
+    args = make_case(device, B=48, sizes=(2, 3), aware=(1, 1), M=2, D=6, psw=(pooling == SUM), max_len=4,
+                     empty_bags=False, pooling=pooling, bad_ids=3)
+    check_backward(device, backend, args)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in PAIRS if p.values[1] == "triton"] or [
+    pytest.param("cpu", "triton", id="no-triton", marks=pytest.mark.skip(reason="triton unavailable here"))])
+@pytest.mark.parametrize("piece", [1, 2, 3])
+def test_backward_split_pieces(device, backend, piece, monkeypatch):
+    """Triton: every piece length, including 1 (each entry its own piece) and segments that split unevenly."""
+    from saml_kernels.triton import scenario_embedding_bag as tk
+
+    monkeypatch.setattr(tk, "PIECE", piece)
+    args = make_case(device, B=4, psw=True, dup=True, max_len=5, bad_ids=1)
+    check_backward(device, backend, args)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
 def test_backward_no_psw_grad_and_empty(device, backend):
     args = make_case(device, psw=True)
     check_backward(device, backend, args, need_psw=False)

@@ -21,6 +21,8 @@ Backward (deterministic, no float atomics):
 2. ``torch.sort(stable=True)`` of the 2*nnz keys (stable: each row's terms are summed in id order, so the result
    is bitwise repeatable), ``unique_consecutive`` gives the segments.
 3. ``_seb_segment_sum_kernel`` sums each segment's gradient rows in float32 and writes one row per unique key.
+   When some row has more than PIECE entries (hot ids), segments are cut into pieces of <= PIECE entries,
+   the pieces summed into float32 partials, and each segment sums its partials in order (still deterministic).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ from . import AotSpec, torch_to_triton_ptr
 SUM, MEAN, NONE = 0, 1, 2
 # Sorts after every valid key (global rows < R, scenario rows < R + M * Rs).
 SENTINEL: tl.constexpr = tl.constexpr(1 << 62)
+# Longest run of entries one program sums in one pass; longer segments (hot rows) are split in two levels.
+PIECE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,30 +225,36 @@ def _seb_bwd_keys_kernel(idx_ptr, off_ptr, scen_ptr, fr_ptr, fsr_ptr, slot_ptr, 
 
 
 @triton.jit
-def _seb_segment_sum_kernel(perm_ptr, seg_ptr, src_ptr, scale_ptr, gg_ptr, gs_ptr, out_ptr,
+def _seb_segment_sum_kernel(perm_ptr, start_ptr, end_ptr, src_ptr, scale_ptr, gg_ptr, gs_ptr, out_ptr,
                             U, D, nnz,
-                            HAS_SCALE: tl.constexpr, HAS_AWARE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                            BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Segment u = sorted entries seg[u] .. seg[u+1]; entry e < nnz reads grad_global, e >= nnz grad_scenario.
+                            DIRECT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_AWARE: tl.constexpr,
+                            ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Segment u = sorted entries start[u] .. end[u]. Entry k is e = perm[k]; e < nnz reads grad_global row
+    # src[e], e >= nnz grad_scenario row src[e], times scale[e mod nnz]. DIRECT (second level of a split):
+    # entry k is row k of gg (the first level's partial sums), unscaled.
     segs = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     smask = segs < U
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < D
-    s0 = tl.load(seg_ptr + segs, mask=smask, other=0)
-    n = tl.load(seg_ptr + segs + 1, mask=smask, other=0) - s0
+    s0 = tl.load(start_ptr + segs, mask=smask, other=0)
+    n = tl.load(end_ptr + segs, mask=smask, other=0) - s0
     acc = tl.zeros([BLOCK_B, BLOCK_D], ACC_DTYPE)
     for j in range(0, tl.max(n, axis=0)):
         m = smask & (j < n)
-        e = tl.load(perm_ptr + s0 + j, mask=m, other=0)
-        row = tl.load(src_ptr + e, mask=m, other=0)
-        is_s = e >= nnz
-        g = tl.load(gg_ptr + row[:, None] * D + d[None, :], mask=(m & (e < nnz))[:, None] & dmask[None, :],
-                    other=0.0).to(ACC_DTYPE)
-        if HAS_AWARE:
-            g += tl.load(gs_ptr + row[:, None] * D + d[None, :], mask=(m & is_s)[:, None] & dmask[None, :],
-                         other=0.0).to(ACC_DTYPE)
-        if HAS_SCALE:
-            g = g * tl.load(scale_ptr + tl.where(is_s, e - nnz, e), mask=m, other=0.0)[:, None]
+        if DIRECT:
+            g = tl.load(gg_ptr + (s0 + j)[:, None] * D + d[None, :], mask=m[:, None] & dmask[None, :],
+                        other=0.0).to(ACC_DTYPE)
+        else:
+            e = tl.load(perm_ptr + s0 + j, mask=m, other=0)
+            row = tl.load(src_ptr + e, mask=m, other=0)
+            is_s = e >= nnz
+            g = tl.load(gg_ptr + row[:, None] * D + d[None, :], mask=(m & (e < nnz))[:, None] & dmask[None, :],
+                        other=0.0).to(ACC_DTYPE)
+            if HAS_AWARE:
+                g += tl.load(gs_ptr + row[:, None] * D + d[None, :], mask=(m & is_s)[:, None] & dmask[None, :],
+                             other=0.0).to(ACC_DTYPE)
+            if HAS_SCALE:
+                g = g * tl.load(scale_ptr + tl.where(is_s, e - nnz, e), mask=m, other=0.0)[:, None]
         acc += g
     tl.store(out_ptr + segs[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=smask[:, None] & dmask[None, :])
@@ -359,6 +369,21 @@ def sorted_segments(keys: torch.Tensor):
     return uniq, perm, seg
 
 
+def split_segments(seg: torch.Tensor, piece: int):
+    """Cuts segments seg[u] .. seg[u+1] into pieces of at most ``piece`` entries, in order.
+
+    Returns (pstart, pend) of every piece and (pfirst, pcum): segment u owns pieces pfirst[u] .. pcum[u]."""
+    counts = seg[1:] - seg[:-1]
+    npp = (counts + piece - 1) // piece
+    pcum = torch.cumsum(npp, 0)
+    pfirst = pcum - npp
+    total = int(pcum[-1]) if pcum.numel() else 0
+    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=seg.device), npp, output_size=total)
+    pstart = seg[owner] + (torch.arange(total, device=seg.device) - pfirst[owner]) * piece
+    pend = torch.minimum(pstart + piece, seg[owner + 1])
+    return pstart, pend, pfirst, pcum
+
+
 def backward_rows(grad_global, grad_scenario, indices, offsets, scenario, global_weight, scenario_weight,
                   feature_rows, feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len,
                   need_psw_grad):
@@ -407,15 +432,31 @@ def backward_rows(grad_global, grad_scenario, indices, offsets, scenario, global
             ACC_DTYPE=_acc_dtype(global_weight.dtype), BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         uniq, perm, seg = sorted_segments(keys)
-        # One host read for the split: [#global rows, #global + #scenario rows] (the rest is the sentinel).
-        ng, nall = torch.searchsorted(uniq, torch.tensor([R, R + M * Rs], dtype=torch.int64, device=dev)).tolist()
+        counts = seg[1:] - seg[:-1]
+        limit = torch.tensor([R, R + M * Rs], dtype=torch.int64, device=dev)
+        # One host read: [#global rows, #global + #scenario rows (the rest is the sentinel), longest segment].
+        longest = torch.where(uniq < limit[1], counts, 0).max().reshape(1) if uniq.numel() else limit[:1] * 0
+        ng, nall, longest = torch.cat([torch.searchsorted(uniq, limit), longest]).tolist()
         vals = torch.empty(nall, D, dtype=global_weight.dtype, device=dev)
         if nall and D:
-            _seb_segment_sum_kernel[(triton.cdiv(nall, cfg.block_b), triton.cdiv(D, cfg.block_d))](
-                perm, seg, src, scale, _ptr(grad_global), _ptr(grad_scenario, scenario_weight.dtype), vals,
-                nall, D, nnz,
-                HAS_SCALE=has_scale, HAS_AWARE=Fs > 0, ACC_DTYPE=_acc_dtype(global_weight.dtype),
-                BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            acc_dt = _acc_dtype(global_weight.dtype)
+            grid_d = triton.cdiv(D, cfg.block_d)
+            kw = dict(HAS_SCALE=has_scale, HAS_AWARE=Fs > 0, ACC_DTYPE=acc_dt, BLOCK_B=cfg.block_b,
+                      BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            gg_p, gs_p = _ptr(grad_global), _ptr(grad_scenario, scenario_weight.dtype)
+            if longest <= PIECE:
+                _seb_segment_sum_kernel[(triton.cdiv(nall, cfg.block_b), grid_d)](
+                    perm, seg, seg[1:], src, scale, gg_p, gs_p, vals, nall, D, nnz, DIRECT=False, **kw)
+            else:
+                # Hot rows (Zipf ids): a program's time is its longest segment, so segments are cut into pieces
+                # of <= PIECE entries, summed (level 1), then each segment sums its pieces in order (level 2).
+                pstart, pend, pfirst, pcum = split_segments(seg[:nall + 1], PIECE)
+                npieces = pstart.numel()
+                part = torch.empty(npieces, D, dtype=scale.dtype, device=dev)
+                _seb_segment_sum_kernel[(triton.cdiv(npieces, cfg.block_b), grid_d)](
+                    perm, pstart, pend, src, scale, gg_p, gs_p, part, npieces, D, nnz, DIRECT=False, **kw)
+                _seb_segment_sum_kernel[(triton.cdiv(nall, cfg.block_b), grid_d)](
+                    perm, pfirst, pcum, src, scale, part, part, vals, nall, D, nnz, DIRECT=True, **kw)
     return (uniq[:ng], vals[:ng], uniq[ng:nall] - R, vals[ng:nall].to(scenario_weight.dtype), gpsw)
 
 
@@ -452,14 +493,16 @@ def aot_specs() -> list:
         name = f"seb_bwd_keys[pool{pool},{str(wdt)[6:]},{str(idt)[6:]},psw{int(psw)},B{cfg.block_b}xD{cfg.block_d}]"
         return AotSpec(name, _seb_bwd_keys_kernel, sig, ce, cfg.num_warps, cfg.num_stages)
 
-    def seg(cfg, wdt, has_scale):
-        sig = dict(perm_ptr="*i64", seg_ptr="*i64", src_ptr="*i64",
-                   scale_ptr=p(torch.float64 if wdt == torch.float64 else torch.float32), gg_ptr=p(wdt),
-                   gs_ptr=p(wdt), out_ptr=p(wdt), U="i32", D="i32", nnz="i32")
-        ce = dict(HAS_SCALE=has_scale, HAS_AWARE=True, ACC_DTYPE=_acc_dtype(wdt), BLOCK_B=cfg.block_b,
-                  BLOCK_D=cfg.block_d)
+    def seg(cfg, wdt, has_scale, direct=False):
+        acc = torch.float64 if wdt == torch.float64 else torch.float32
+        gdt = acc if direct else wdt
+        sig = dict(perm_ptr="*i64", start_ptr="*i64", end_ptr="*i64", src_ptr="*i64", scale_ptr=p(acc),
+                   gg_ptr=p(gdt), gs_ptr=p(gdt), out_ptr=p(wdt), U="i32", D="i32", nnz="i32")
+        ce = dict(DIRECT=direct, HAS_SCALE=has_scale, HAS_AWARE=True, ACC_DTYPE=_acc_dtype(wdt),
+                  BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d)
         sig.update({k: "constexpr" for k in ce})
-        name = f"seb_segment_sum[{str(wdt)[6:]},scale{int(has_scale)},B{cfg.block_b}xD{cfg.block_d}]"
+        name = (f"seb_segment_sum[{str(wdt)[6:]},scale{int(has_scale)},direct{int(direct)},"
+                f"B{cfg.block_b}xD{cfg.block_d}]")
         return AotSpec(name, _seb_segment_sum_kernel, sig, ce, cfg.num_warps, cfg.num_stages)
 
     f32, i64 = torch.float32, torch.int64
@@ -470,11 +513,13 @@ def aot_specs() -> list:
         specs.append(fwd(cfg, SUM, f32, i64, False, False, False))
         specs.append(seg(cfg, f32, True))
         specs.append(seg(cfg, f32, False))
+        specs.append(seg(cfg, f32, True, direct=True))
     cfg = CONFIGS[1]
     for wdt in _FLOATS[1:]:
         for idt in (torch.int32, torch.int64):
             specs.append(fwd(cfg, SUM, wdt, idt, True, True, True))
             specs.append(keys(cfg, SUM, wdt, idt, True, True))
         specs.append(seg(cfg, wdt, True))
+        specs.append(seg(cfg, wdt, True, direct=True))
     specs.append(fwd(cfg, SUM, f32, torch.int32, True, True, True))
     return specs
