@@ -301,8 +301,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grouped_backward(
   const int64_t Ka = has_aux ? aux_->size(1) : 0;
   const auto opts = x_.options();
   const at::ScalarType acc = acc_type(x_.scalar_type());
-  const Tensor empty = at::empty({0}, opts);
-  Tensor dx = empty, dw = empty, db = empty, daux = empty, dwa = empty;
+  // Distinct empty tensors: outputs of an op must not alias each other.
+  auto empty = [&] { return at::empty({0}, opts); };
+  Tensor dx = empty(), dw = empty(), db = empty(), daux = empty(), dwa = empty();
   if (B == 0) {
     if (need_dx) dx = at::empty({0, K}, opts);
     if (need_dw) dw = at::zeros({M, K, N}, opts);

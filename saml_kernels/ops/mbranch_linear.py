@@ -133,8 +133,8 @@ def _own_backward_op(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, aux: 
                      need_dweight: bool, need_dbias: bool, need_daux: bool, need_daux_weight: bool,
                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dz = _ref.activation_backward(dy, saved, activation).contiguous()
-    return kernels(backend).grouped_backward(dz, x, weight, aux, aux_weight, scenario, need_dx, need_dweight,
-                                             need_dbias, need_daux, need_daux_weight)
+    return _distinct(kernels(backend).grouped_backward(dz, x, weight, aux, aux_weight, scenario, need_dx,
+                                                       need_dweight, need_dbias, need_daux, need_daux_weight))
 
 
 @_own_backward_op.register_fake
@@ -142,6 +142,11 @@ def _(dy, saved, x, weight, aux, aux_weight, scenario, activation, need_dx, need
       need_daux_weight, backend):
     need = (need_dx, need_dweight, need_dbias, need_daux and aux is not None, need_daux_weight and aux is not None)
     return tuple(x.new_empty(s) for s in _grad_shapes(x, weight, aux, aux_weight, need))
+
+
+def _distinct(grads) -> tuple:
+    """Fresh tensors for the empty (not needed) gradients: a custom op's outputs must not alias each other."""
+    return tuple(g.new_empty(0) if g.numel() == 0 and g.dim() == 1 else g for g in grads)
 
 
 def _packed(w: Tensor) -> Tensor:
@@ -179,7 +184,7 @@ def _all_backward_op(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, aux: 
     if grad_mask == GRAD_MASKS["own"]:
         # Only the own branch of each row carries gradient: gather it, run the grouped backward.
         dy_own = dy[s, ar]
-        saved_own = saved[s, ar] if saved.numel() else saved
+        saved_own = saved[s, ar] if saved.dim() == 3 else saved
         dz = _ref.activation_backward(dy_own, saved_own, activation).contiguous()
         x_own = x if shared else x[s, ar]
         dx, dW, db, daux, dWa = grouped(dz, x_own.contiguous(), weight, aux, aux_weight, scenario, need_dx,
@@ -188,7 +193,7 @@ def _all_backward_op(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, aux: 
             full = x.new_zeros(x.shape)
             full[s, ar] = dx
             dx = full
-        return dx, dW, db, daux, dWa
+        return _distinct((dx, dW, db, daux, dWa))
     dz = _ref.activation_backward(dy, saved, activation)  # [M, B, N], keeps dy's layout
     if grad_mask == GRAD_MASKS["params"]:
         # Parameters from own rows only (grouped); inputs from every branch (dense).
@@ -210,7 +215,7 @@ def _all_backward_op(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, aux: 
             Ka = aux.shape[1]
             dWa = (aux.t() @ dz.permute(1, 0, 2).reshape(B, M * N)).view(Ka, M, N).permute(1, 0, 2).contiguous()
     dx, daux = _dense_input_grads(dz, x, weight, aux_weight, need_dx, need_daux)
-    return (empty if dx is None else dx, dW, db, empty if daux is None else daux, dWa)
+    return _distinct((empty if dx is None else dx, dW, db, empty if daux is None else daux, dWa))
 
 
 @_all_backward_op.register_fake

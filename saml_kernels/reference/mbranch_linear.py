@@ -202,5 +202,4 @@ def grouped_backward_kernel(dz, x, weight, aux, aux_weight, scenario, need_dx, n
             daux[rows] = dzm @ aux_weight[m].to(acc).t()
         if dWa is not None:
             dWa[m] = aux[rows].to(acc).t() @ dzm
-    empty = x.new_empty(0)
-    return tuple(empty if t is None else t.to(x.dtype) for t in (dx, dW, db, daux, dWa))
+    return tuple(x.new_empty(0) if t is None else t.to(x.dtype) for t in (dx, dW, db, daux, dWa))

@@ -1,0 +1,334 @@
+"""mbranch_linear: every backend against the float64 reference (forward and every gradient), the kernel contract,
+scenario gradient masking (exact zeros), gradcheck, opcheck, torch.compile, B = 0 and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import saml_kernels
+from saml_kernels.ops import mbranch_linear as mbl_ops
+from saml_kernels.ops.mbranch_linear import mbranch_linear
+from saml_kernels.reference import mbranch_linear as ref
+from saml_kernels.reference.mbranch_linear import mbranch_linear_reference
+
+from conftest import device_backends, tolerance
+
+BACKENDS = device_backends("mbranch_linear")
+ACTS = [None, "relu", "leaky_relu", "gelu", "silu"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+ROUTE_MASKS = [("own", "own"), ("all", "own"), ("all", "params"), ("all", "none")]
+
+
+def make_inputs(M=3, B=29, K=19, N=23, Ka=7, *, shared=True, with_aux=True, with_bias=True, dtype=torch.float32,
+                device="cpu", scenario=None):
+    """float64 masters rounded to ``dtype`` (so the oracle sees exactly the kernel's inputs), scaled to O(1) outputs."""
+    x = torch.randn(B, K, dtype=torch.float64) if shared else torch.randn(M, B, K, dtype=torch.float64)
+    w = torch.randn(M, K, N, dtype=torch.float64) / K ** 0.5
+    b = torch.randn(M, N, dtype=torch.float64) if with_bias else None
+    a = torch.randn(B, Ka, dtype=torch.float64) if with_aux else None
+    wa = torch.randn(M, Ka, N, dtype=torch.float64) / Ka ** 0.5 if with_aux else None
+    s = torch.randint(0, M, (B,)) if scenario is None else scenario
+    cast = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
+    return dict(x=cast(x), weight=cast(w), bias=cast(b), aux=cast(a), aux_weight=cast(wa), scenario=s.to(device))
+
+
+def assert_close(actual, expected, dtype, what):
+    """|a - e| <= atol * max(1, |e|_max) + rtol * |e|: sums over many rows scale, so atol scales with the result."""
+    tol = tolerance(dtype)
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    err = (actual.double().cpu() - expected.double().cpu()).abs()
+    bound = tol["atol"] * 4 * scale + tol["rtol"] * 4 * expected.double().cpu().abs()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    assert (err <= bound).all(), f"{what}: max error {err.max().item():.3e} (scale {scale:.3g}, dtype {dtype})"
+
+
+def run_and_compare(inp, *, backend, route, grad_mask, activation, dtype):
+    names = ["x", "weight", "bias", "aux", "aux_weight"]
+    leaves = {n: (inp[n].detach().clone().requires_grad_() if inp[n] is not None else None) for n in names}
+    y = mbranch_linear(leaves["x"], leaves["weight"], leaves["bias"], inp["scenario"], route=route,
+                       activation=activation, grad_mask=grad_mask, aux=leaves["aux"], aux_weight=leaves["aux_weight"],
+                       backend=backend)
+    gy = torch.randn(y.shape, dtype=torch.float64)
+    present = [n for n in names if leaves[n] is not None]
+    grads = torch.autograd.grad(y, [leaves[n] for n in present], gy.to(dtype).to(y.device), allow_unused=True)
+    ref_leaves = {n: (inp[n].detach().cpu().double().requires_grad_() if inp[n] is not None else None) for n in names}
+    y64 = mbranch_linear_reference(ref_leaves["x"], ref_leaves["weight"], ref_leaves["bias"], inp["scenario"].cpu(),
+                                   route=route, activation=activation, grad_mask=grad_mask, aux=ref_leaves["aux"],
+                                   aux_weight=ref_leaves["aux_weight"])
+    g64 = torch.autograd.grad(y64, [ref_leaves[n] for n in present], gy.to(dtype).double(), allow_unused=True)
+    assert y.dtype == dtype
+    assert_close(y, y64, dtype, "y")
+    for n, g, e in zip(present, grads, g64):
+        e = torch.zeros_like(ref_leaves[n]) if e is None else e
+        assert g is not None, f"grad {n} missing"
+        assert g.dtype == dtype
+        assert_close(g, e, dtype, f"grad {n}")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("route,grad_mask", ROUTE_MASKS)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference(device, backend, route, grad_mask, activation, dtype):
+    inp = make_inputs(dtype=dtype, device=device)
+    run_and_compare(inp, backend=backend, route=route, grad_mask=grad_mask, activation=activation, dtype=dtype)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("route,grad_mask", ROUTE_MASKS)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "branch_x"])
+@pytest.mark.parametrize("with_aux", [True, False], ids=["aux", "no_aux"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_variants(device, backend, route, grad_mask, shared, with_aux, with_bias):
+    inp = make_inputs(M=4, B=33, K=5, N=9, Ka=3, shared=shared, with_aux=with_aux, with_bias=with_bias, device=device)
+    run_and_compare(inp, backend=backend, route=route, grad_mask=grad_mask, activation="silu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("route,grad_mask", ROUTE_MASKS)
+@pytest.mark.parametrize("case", ["single_scenario", "sorted", "missing_scenarios", "one_row", "int32"])
+def test_scenario_patterns(device, backend, route, grad_mask, case):
+    M, B = 5, 17
+    s = {"single_scenario": torch.full((B,), 3), "sorted": torch.randint(0, M, (B,)).sort().values,
+         "missing_scenarios": torch.randint(0, 2, (B,)) * 4, "one_row": torch.tensor([2]),
+         "int32": torch.randint(0, M, (B,), dtype=torch.int32)}[case]
+    inp = make_inputs(M=M, B=s.numel(), K=6, N=7, Ka=2, device=device, scenario=s)
+    run_and_compare(inp, backend=backend, route=route, grad_mask=grad_mask, activation="relu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("route,grad_mask", ROUTE_MASKS)
+def test_non_contiguous_inputs(device, backend, route, grad_mask):
+    M, B, K, N, Ka = 3, 21, 8, 10, 4
+    inp = make_inputs(M=M, B=B, K=K, N=N, Ka=Ka, device=device)
+    inp["x"] = inp["x"].t().contiguous().t()                                     # column-major [B, K]
+    inp["weight"] = inp["weight"].transpose(1, 2).contiguous().transpose(1, 2)    # [M, K, N] with N-major strides
+    inp["bias"] = torch.randn(N, M, device=device).t()                             # transposed [M, N]
+    inp["aux"] = torch.randn(B, 2 * Ka, device=device)[:, ::2]                     # strided columns
+    inp["aux_weight"] = torch.randn(Ka, M, N, device=device).permute(1, 0, 2) / Ka ** 0.5
+    for n in ("x", "weight", "bias", "aux", "aux_weight"):
+        assert not inp[n].is_contiguous(), n
+    run_and_compare(inp, backend=backend, route=route, grad_mask=grad_mask, activation="gelu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("route,grad_mask", ROUTE_MASKS)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "branch_x"])
+def test_empty_batch(device, backend, route, grad_mask, shared):
+    M, K, N, Ka = 3, 4, 5, 2
+    inp = make_inputs(M=M, B=0, K=K, N=N, Ka=Ka, shared=shared, device=device, scenario=torch.zeros(0, dtype=torch.long))
+    leaves = [inp[n].requires_grad_() for n in ("x", "weight", "bias", "aux", "aux_weight")]
+    y = mbranch_linear(*leaves[:3], inp["scenario"], route=route, grad_mask=grad_mask, activation="gelu",
+                       aux=leaves[3], aux_weight=leaves[4], backend=backend)
+    assert y.shape == ((0, N) if route == "own" else (M, 0, N))
+    y.sum().backward()
+    for t in leaves:
+        assert t.grad is not None and t.grad.shape == t.shape and (t.grad == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------ gradient masking
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("route,grad_mask", [("own", "own"), ("all", "own"), ("all", "params")])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "branch_x"])
+def test_branch_parameters_get_exactly_zero_gradient_from_other_scenarios(device, backend, route, grad_mask, shared):
+    M, B = 4, 40
+    s = torch.randint(0, M, (B,))
+    s[:M] = torch.arange(M)  # every scenario present
+    inp = make_inputs(M=M, B=B, K=6, N=5, Ka=3, shared=shared, device=device, scenario=s)
+    for m in range(M):
+        leaves = {n: inp[n].detach().clone().requires_grad_() for n in ("x", "weight", "bias", "aux", "aux_weight")}
+        y = mbranch_linear(leaves["x"], leaves["weight"], leaves["bias"], inp["scenario"], route=route,
+                           grad_mask=grad_mask, activation="silu", aux=leaves["aux"], aux_weight=leaves["aux_weight"],
+                           backend=backend)
+        # Loss from the samples of every scenario except m (through every branch for route "all").
+        other = (inp["scenario"] != m).to(y.dtype)
+        (y * (other.view(-1, 1) if route == "own" else other.view(1, -1, 1))).square().sum().backward()
+        for n in ("weight", "bias", "aux_weight"):
+            g = leaves[n].grad
+            assert (g[m] == 0).all(), f"{n}[{m}] got gradient from other scenarios' samples"
+            assert (g[torch.arange(M) != m] != 0).any(), f"{n}: no gradient at all (test cannot fail)"
+        assert (leaves["x"].grad != 0).any()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "branch_x"])
+def test_grad_mask_own_blocks_off_branch_outputs_entirely(device, backend, shared):
+    """With grad_mask "own", y[m, b] for m != s_b is a constant: nothing (inputs included) gets gradient from it."""
+    M, B = 3, 24
+    inp = make_inputs(M=M, B=B, K=5, N=4, Ka=2, shared=shared, device=device)
+    leaves = [inp[n].detach().clone().requires_grad_() for n in ("x", "weight", "bias", "aux", "aux_weight")]
+    y = mbranch_linear(*leaves[:3], inp["scenario"], route="all", grad_mask="own", activation="relu",
+                       aux=leaves[3], aux_weight=leaves[4], backend=backend)
+    off = torch.arange(M, device=device).view(M, 1) != inp["scenario"].view(1, B)
+    (y * off.unsqueeze(-1)).sum().backward()
+    for t in leaves:
+        assert (t.grad == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------ kernel contract
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("activation", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_contract(device, backend, activation, dtype):
+    k = mbl_ops.kernels(backend)
+    rk = mbl_ops.kernels("reference")
+    inp = make_inputs(M=3, B=26, K=7, N=9, Ka=3, dtype=dtype, device=device)
+    args = (inp["weight"], inp["bias"], inp["aux"], inp["aux_weight"])
+    y, z = k.grouped_forward(inp["x"], *args, inp["scenario"], activation)
+    ye, ze = rk.grouped_forward(inp["x"].cpu(), *[a.cpu() for a in args], inp["scenario"].cpu(), activation)
+    assert_close(y, ye, dtype, "grouped y")
+    assert z.numel() == ze.numel() and (z.numel() == 0 or torch.allclose(z.cpu().double(), ze.double(), atol=5e-2))
+    y, z = k.all_forward(inp["x"], *args, activation)
+    ye, _ = rk.all_forward(inp["x"].cpu(), *[a.cpu() for a in args], activation)
+    assert_close(y, ye, dtype, "all y")
+    M, B, N = y.shape
+    assert mbl_ops.all_layout(y, True).shape == (M, B, N)
+    dz = torch.randn(B, N, device=device).to(dtype)
+    got = k.grouped_backward(dz, inp["x"], inp["weight"], inp["aux"], inp["aux_weight"], inp["scenario"],
+                             True, True, True, True, True)
+    exp = rk.grouped_backward(dz.cpu(), inp["x"].cpu(), inp["weight"].cpu(), inp["aux"].cpu(), inp["aux_weight"].cpu(),
+                              inp["scenario"].cpu(), True, True, True, True, True)
+    for name, g, e in zip(("dx", "dW", "db", "daux", "dWa"), got, exp):
+        assert_close(g, e, dtype, name)
+    got = k.grouped_backward(dz, inp["x"], inp["weight"], None, None, inp["scenario"], False, True, False, True, True)
+    assert [t.numel() == 0 for t in got] == [True, False, True, True, True]
+
+
+def test_all_route_layout_is_packed_gemm_view():
+    inp = make_inputs(M=3, B=5, K=4, N=6)
+    y = mbranch_linear(inp["x"], inp["weight"], inp["bias"], inp["scenario"], route="all", backend="cpu")
+    assert y.shape == (3, 5, 6) and y.stride() == (6, 18, 1)
+
+
+# ------------------------------------------------------------------------------------------------ gradcheck / opcheck
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("route,grad_mask", [("own", "own"), ("all", "none")])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "branch_x"])
+def test_gradcheck(device, backend, route, grad_mask, shared):
+    """True Jacobians where the op is unmasked (grad_mask own/params deliberately differ from the Jacobian; they
+    are checked against the float64 reference's masked autograd in the tests above)."""
+    inp = make_inputs(M=3, B=7, K=3, N=4, Ka=2, shared=shared, dtype=torch.float64, device=device)
+    leaves = [inp[n].requires_grad_() for n in ("x", "weight", "bias", "aux", "aux_weight")]
+
+    def f(x, w, b, a, wa):
+        return mbranch_linear(x, w, b, inp["scenario"], route=route, grad_mask=grad_mask, activation="gelu", aux=a,
+                              aux_weight=wa, backend=backend)
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("activation", [0, 1, 3])
+def test_opcheck(device, backend, activation):
+    inp = make_inputs(M=3, B=9, K=4, N=5, Ka=2, device=device)
+    leaves = [inp[n].requires_grad_() for n in ("x", "weight", "bias", "aux", "aux_weight")]
+    xb = torch.randn(3, 9, 4, device=device, requires_grad=True)
+    s = inp["scenario"]
+    torch.library.opcheck(mbl_ops._own_op, (*leaves, s, activation, True, backend))
+    torch.library.opcheck(mbl_ops._all_op, (*leaves, s, activation, 0, True, backend))
+    torch.library.opcheck(mbl_ops._all_op, (xb, *leaves[1:], s, activation, 2, True, backend))
+    dy_own, dy_all = torch.randn(9, 5, device=device), torch.randn(9, 3, 5, device=device).permute(1, 0, 2)
+    y, z = mbl_ops._own_op(*[t.detach() for t in leaves], s, activation, True, backend)
+    saved = mbl_ops._saved_activation(y, z, activation)
+    torch.library.opcheck(mbl_ops._own_backward_op, (dy_own, saved, *[t.detach() for t in (leaves[0], leaves[1],
+                          leaves[3], leaves[4])], s, activation, True, True, True, True, True, backend))
+    y, z = mbl_ops._all_op(*[t.detach() for t in leaves], s, activation, 1, True, backend)
+    saved = mbl_ops._saved_activation(y, z, activation)
+    for gm in (0, 1, 2):
+        torch.library.opcheck(mbl_ops._all_backward_op, (dy_all, saved, *[t.detach() for t in (leaves[0], leaves[1],
+                              leaves[3], leaves[4])], s, activation, gm, True, True, False, True, True, backend))
+
+
+class _Tower(torch.nn.Module):
+    """route "all" (grad_mask own) feeding route "own": the layering SAML uses below/above a mutual layer."""
+
+    def __init__(self, backend):
+        super().__init__()
+        from saml_kernels.nn import MultiBranchLinear
+
+        self.a = MultiBranchLinear(6, 8, 3, aux_features=2, activation="relu", route="all", backend=backend)
+        self.b = MultiBranchLinear(8, 4, 3, activation="gelu", route="own", backend=backend)
+
+    def forward(self, x, s, aux):
+        h = self.a(x, s, aux)      # [M, B, 8]
+        return self.b(h, s)        # per-branch input, own route -> [B, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_torch_compile_fullgraph(device, backend):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("torch.compile does not run under the Triton interpreter")
+    torch._dynamo.reset()
+    model = _Tower(backend).to(device)
+    x, aux = torch.randn(11, 6, device=device), torch.randn(11, 2, device=device)
+    s = torch.randint(0, 3, (11,), device=device)
+    eager = model(x, s, aux)
+    eager.square().sum().backward()
+    g_eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x, s, aux)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager)
+    for p, g in zip(model.parameters(), g_eager):
+        torch.testing.assert_close(p.grad, g)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+def _good():
+    return make_inputs(M=3, B=6, K=4, N=5, Ka=2)
+
+
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda a: a.update(x=a["x"].long()), TypeError, "x must have dtype"),
+    (lambda a: a.update(x=a["x"][0]), ValueError, "x must have"),
+    (lambda a: a.update(weight=a["weight"][0]), ValueError, "weight must have 3"),
+    (lambda a: a.update(weight=a["weight"].double()), TypeError, "weight dtype"),
+    (lambda a: a.update(bias=a["bias"].half()), TypeError, "bias dtype"),
+    (lambda a: a.update(bias=a["bias"][:, :2]), ValueError, "bias must be"),
+    (lambda a: a.update(x=a["x"][:, :3]), ValueError, "features"),
+    (lambda a: a.update(x=torch.randn(2, 6, 4)), ValueError, "branches"),
+    (lambda a: a.update(scenario=a["scenario"][:4]), ValueError, "scenario must have"),
+    (lambda a: a.update(scenario=a["scenario"].float()), TypeError, "scenario must have dtype"),
+    (lambda a: a.update(aux=None), ValueError, "together"),
+    (lambda a: a.update(aux=a["aux"][:3]), ValueError, "aux must have"),
+    (lambda a: a.update(aux_weight=a["aux_weight"][:, :1]), ValueError, "aux_weight must be"),
+    (lambda a: a.update(scenario=torch.tensor([0, 1, 2, 3, 0, 1])), IndexError, r"scenario\[3\] = 3"),
+    (lambda a: a.update(scenario=torch.tensor([0, 1, -1, 2, 0, 1])), IndexError, r"scenario\[2\] = -1"),
+    (lambda a: a.update(weight=torch.randn(0, 4, 5)), ValueError, "at least one branch"),
+    (lambda a: a.update(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
+])
+@pytest.mark.parametrize("route", ["own", "all"])
+def test_bad_input(mutate, exc, match, route):
+    a = _good()
+    mutate(a)
+    with pytest.raises(exc, match=match):
+        mbranch_linear(a["x"], a["weight"], a["bias"], a["scenario"], route=route, aux=a["aux"],
+                       aux_weight=a["aux_weight"])
+
+
+@pytest.mark.parametrize("kw,match", [(dict(route="some"), "route"), (dict(grad_mask="all"), "grad_mask"),
+                                      (dict(activation="tanh"), "activation"), (dict(activation=1), "activation"),
+                                      (dict(backend="fpga"), "backend")])
+def test_bad_options(kw, match):
+    a = _good()
+    with pytest.raises(ValueError, match=match):
+        mbranch_linear(a["x"], a["weight"], a["bias"], a["scenario"], aux=a["aux"], aux_weight=a["aux_weight"], **kw)
+
+
+def test_per_branch_x_own_route_bad_scenario():
+    a = _good()
+    with pytest.raises(IndexError, match="out of range"):
+        mbranch_linear(torch.randn(3, 6, 4), a["weight"], None, torch.tensor([0, 1, 2, 3, 0, 1]), route="own")
+
+
+def test_functional_export():
+    assert saml_kernels.mbranch_linear is mbranch_linear
+    assert saml_kernels.reference.mbranch_linear_reference is mbranch_linear_reference
+    assert ref.ACTIVATIONS["gelu"] == 3
