@@ -231,8 +231,12 @@ class TrainingOptimizer:
             if not isinstance(w_g, nn.Parameter) or not isinstance(w_s, nn.Parameter):
                 continue
             emb_ids.update((id(w_g), id(w_s)))
-            if getattr(mod, "optimizer", None) is not None:
-                continue  # fused in the module's backward
+            if getattr(mod, "optimizer", None) is not None:  # fused in the module's backward
+                if mod.optimizer != "rowwise_adagrad" or mod.lr != embedding_lr or mod.eps != eps:
+                    raise ValueError(f"TrainingOptimizer: the model's fused embedding optimizer ({mod.optimizer!r}, "
+                                     f"lr={mod.lr}, eps={mod.eps}) differs from this recipe (rowwise_adagrad, "
+                                     f"lr={embedding_lr}, eps={eps}); build the model with the same settings")
+                continue
             for w, name in ((w_g, "global_state"), (w_s, "scenario_state")):
                 st = getattr(mod, name, None)
                 self.tables.append((w, st if st is not None else torch.zeros(w.shape[:-1], device=w.device)))

@@ -1,0 +1,233 @@
+"""SAML (accelerated layers) against SAMLReference (plain PyTorch): state_dict transfer, outputs, gradients and
+parameters after optimizer steps on every available backend; loss; gradient masking; a short training run; and
+smoke runs of python/train_saml.py and python/migration_example.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import device_backends
+from saml_kernels.data import make_synthetic
+from saml_kernels.nn import SAML, SAMLConfig, SharedBottom, TrainingOptimizer
+from saml_kernels.reference import SAMLReference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data(n=400, seed=0, **kw):
+    return make_synthetic(n, num_users=60, num_items=80, num_categories=7, num_contexts=5, num_segments=6,
+                          num_tags=11, seq_len=6, seed=seed, **kw)
+
+
+def _config(d, **kw):
+    base = dict(embedding_dim=8, attention_dim=4, aux_hidden=(12, 7), branch_hidden=(10, 6), aux_loss_weight=0.4)
+    base.update(kw)
+    return SAMLConfig.from_data(d, **base)
+
+
+def _models(cfg, device, backend, dtype=torch.float32, emb_opt=None, emb_lr=0.1):
+    ref = SAMLReference(cfg, embedding_optimizer=emb_opt, device=device, dtype=dtype)
+    fast = SAML(cfg, backend=backend, embedding_optimizer=emb_opt, embedding_lr=emb_lr, device=device, dtype=dtype)
+    fast.load_state_dict(ref.state_dict())
+    return fast, ref
+
+
+def _tol(dtype):
+    return dict(atol=2e-5, rtol=2e-4) if dtype == torch.float32 else dict(atol=1e-9, rtol=1e-9)
+
+
+MUTUAL = [(0,), (1,), (0, 1), ()]
+
+
+def test_state_dict_names_and_shapes_match():
+    d = _data()
+    for mutual in MUTUAL:
+        for emb_opt in (None, "rowwise_adagrad"):
+            cfg = _config(d, mutual_layers=mutual)
+            fast, ref = SAML(cfg, embedding_optimizer=emb_opt), SAMLReference(cfg, embedding_optimizer=emb_opt)
+            sf, sr = fast.state_dict(), ref.state_dict()
+            assert list(sf) == list(sr)
+            assert all(sf[k].shape == sr[k].shape and sf[k].dtype == sr[k].dtype for k in sf)
+            # and back: the reference's weights load into SAML unchanged, and SAML's into the reference
+            fast.load_state_dict(sr)
+            ref.load_state_dict(fast.state_dict())
+
+
+@pytest.mark.parametrize("device, backend", device_backends("mbranch_linear"))
+@pytest.mark.parametrize("mutual", MUTUAL, ids=lambda m: "mutual" + "".join(map(str, m)))
+def test_outputs_and_gradients_match_reference(device, backend, mutual):
+    dtype = torch.float32
+    d = _data(seed=len(mutual))
+    cfg = _config(d, mutual_layers=mutual, similarity="cosine" if len(mutual) != 1 else "dot", temperature=0.7)
+    fast, ref = _models(cfg, device, backend, dtype)
+    b = d.batch(np.arange(0, 150)).to(device)
+    main_f, aux_f = fast(*b.inputs())
+    main_r, aux_r = ref(*b.inputs())
+    assert main_f.shape == (150,) and aux_f.shape == (150,)
+    torch.testing.assert_close(main_f, main_r, **_tol(dtype))
+    torch.testing.assert_close(aux_f, aux_r, **_tol(dtype))
+    fast.loss(b).backward()
+    ref.loss(b).backward()
+    pr = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        assert p.grad is not None, name
+        scale = max(pr[name].grad.abs().max().item(), 1e-6)
+        torch.testing.assert_close(p.grad / scale, pr[name].grad / scale, atol=2e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("device, backend", device_backends("mbranch_linear"))
+def test_parameters_match_after_optimizer_steps(device, backend):
+    """Adam on the dense parameters + row-wise Adagrad on the tables: fused in SAML's backward, after the
+    backward for the reference; the two must stay equal, optimizer states included."""
+    d = _data(600, seed=5)
+    cfg = _config(d, mutual_layers=(0,))
+    fast, ref = _models(cfg, device, backend, emb_opt="rowwise_adagrad")
+    of, orf = TrainingOptimizer(fast, 1e-2, 0.1), TrainingOptimizer(ref, 1e-2, 0.1)
+    assert not of.tables and len(orf.tables) == 4  # fused in SAML; 4 tables updated by the reference's optimizer
+    with pytest.raises(ValueError, match="differs"):
+        TrainingOptimizer(fast, 1e-2, 0.2)
+    for step, rows in enumerate((np.arange(0, 200), np.arange(200, 400), np.arange(100, 300))):
+        b = d.batch(rows).to(device)
+        for m, o in ((fast, of), (ref, orf)):
+            o.zero_grad()
+            m.loss(b).backward()
+            o.step()
+        assert fast.embedding.global_weight.grad is None  # fused: no gradient tensor was made
+    sf, sr = fast.state_dict(), ref.state_dict()
+    moved = 0
+    for k in sf:
+        torch.testing.assert_close(sf[k], sr[k], atol=1e-4, rtol=1e-3, msg=k)
+    init = SAMLReference(cfg, embedding_optimizer="rowwise_adagrad")
+    for k, v in init.state_dict().items():
+        moved += int(not torch.equal(v, sr[k].cpu()))
+    assert moved > 10  # the steps changed (almost) everything
+
+
+def test_loss_is_bce_plus_weighted_aux_bce():
+    d = _data()
+    cfg = _config(d, aux_loss_weight=0.25)
+    fast, _ = _models(cfg, "cpu", None)
+    b = d.batch(np.arange(64))
+    main, aux = fast(*b.inputs())
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    torch.testing.assert_close(fast.loss(b), bce(main, b.label) + 0.25 * bce(aux, b.label))
+
+
+def test_branch_parameters_only_trained_by_their_scenario():
+    d = _data(800, seed=3)
+    cfg = _config(d, mutual_layers=(1,))
+    fast, _ = _models(cfg, "cpu", None)
+    rows = np.nonzero(d.scenario != 2)[0][:200]
+    fast.loss(d.batch(rows)).backward()
+    for name, p in fast.named_parameters():
+        if name.startswith(("branch_layers", "branch_head")):
+            assert (p.grad[2] == 0).all(), name
+            assert p.grad[0].abs().sum() > 0, name
+    assert (fast.embedding.scenario_weight.grad[2] == 0).all()
+    assert (fast.attention.local_query.weight.grad[2] == 0).all()
+
+
+def test_config_validation():
+    d = _data()
+    with pytest.raises(ValueError, match="same"):
+        _config(d, aux_hidden=(4,), branch_hidden=(4, 4))
+    with pytest.raises(ValueError, match="mutual_layers"):
+        _config(d, mutual_layers=(2,))
+    with pytest.raises(ValueError, match="similarity"):
+        _config(d, similarity="l2")
+    with pytest.raises(ValueError, match="temperature"):
+        _config(d, temperature=0.0)
+    with pytest.raises(ValueError, match="target_feature"):
+        _config(d, target_feature="nope")
+    assert _config(d, mutual_layers=(1,)).layer_kinds() == ["all", "mutual"]
+    assert _config(d, mutual_layers=()).layer_kinds() == ["own", "own"]
+
+
+def test_short_training_run_decreases_loss():
+    torch.manual_seed(0)
+    d = _data(6000, seed=11)
+    cfg = _config(d, aux_hidden=(32, 16), branch_hidden=(32, 16))
+    model = SAML(cfg, embedding_optimizer="rowwise_adagrad", embedding_lr=0.1)
+    opt = TrainingOptimizer(model, 5e-3, 0.1)
+    losses = []
+    for epoch in range(3):
+        for b in d.batches(256, shuffle=True, seed=epoch):
+            opt.zero_grad()
+            loss = model.loss(b)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05
+    base = SharedBottom(cfg)
+    lb = base.loss(d.batch(np.arange(128)))
+    assert torch.isfinite(lb) and base(*d.batch(np.arange(5)).inputs()).shape == (5,)
+
+
+def test_ali_ccp_config_without_sequence():
+    path = ROOT.parent / "shared" / "data" / "ali_ccp" / "ali_ccp_train_sample.csv"
+    if not path.exists():
+        pytest.skip("Ali-CCP sample not present")
+    from saml_kernels.data import load_ali_ccp
+
+    d, _ = load_ali_ccp(path)
+    cfg = SAMLConfig.from_data(d, embedding_dim=4, aux_hidden=(8,), branch_hidden=(8,))
+    assert cfg.sequence is None and cfg.num_dense == 8
+    fast, ref = _models(cfg, "cpu", None)
+    b = d.batch(np.arange(len(d)))
+    for x, y in zip(fast(*b.inputs()), ref(*b.inputs())):
+        torch.testing.assert_close(x, y, **_tol(torch.float32))
+
+
+def _run(args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_train_saml_smoke(tmp_path):
+    out = _run(["python/train_saml.py", "--samples", "2000", "--epochs", "1", "--batch-size", "256",
+                "--hidden", "16", "8", "--embedding-dim", "8", "--throughput-steps", "1", "--no-progress",
+                "--threads", "1", "--out", str(tmp_path)])
+    assert "held-out AUC" in out and "samples/s" in out
+    (run,) = list(tmp_path.iterdir())
+    s = json.loads((run / "summary.json").read_text())
+    assert set(s["auc"]) == {"SAML", "shared-bottom"} and len(s["auc"]["SAML"]) == 1 + 4
+    assert 0.0 <= s["auc"]["SAML"]["overall"] <= 1.0 and s["throughput"]["SAMLReference"]["samples_per_s"] > 0
+    assert (run / "report.png").stat().st_size > 1000
+
+
+def test_train_saml_ali_ccp_smoke(tmp_path):
+    path = ROOT.parent / "shared" / "data" / "ali_ccp" / "ali_ccp_train_sample.csv"
+    if not path.exists():
+        pytest.skip("Ali-CCP sample not present")
+    out = _run(["python/train_saml.py", "--data", "ali_ccp", "--path", str(path), "--val-path",
+                str(path.with_name("ali_ccp_val_sample.csv")), "--epochs", "1", "--batch-size", "32",
+                "--hidden", "8", "--embedding-dim", "4", "--throughput-steps", "1", "--no-progress", "--threads",
+                "1", "--out", str(tmp_path)])
+    assert "ali_ccp" in out
+
+
+def test_migration_example_smoke():
+    out = _run(["python/migration_example.py", "--quick"])
+    assert "equal" in out.lower()
+
+
+def test_auc_helper():
+    sys.path.insert(0, str(ROOT / "python"))
+    from train_saml import auc
+
+    assert auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == 0.75
+    assert auc(np.array([0, 1, 0, 1]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+    assert np.isnan(auc(np.array([1, 1]), np.array([0.2, 0.3])))
+    rng = np.random.default_rng(0)
+    y, s = rng.integers(0, 2, 500), rng.normal(size=500)
+    brute = np.mean([(a > b) + 0.5 * (a == b) for a in s[y == 1] for b in s[y == 0]])
+    assert abs(auc(y, s) - brute) < 1e-12
