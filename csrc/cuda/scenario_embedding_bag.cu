@@ -223,23 +223,26 @@ __global__ void __launch_bounds__(kThreads) seb_bwd_keys_kernel(
 
 enum SegMode : int { kWrite = 0, kSgd = 1, kAdagrad = 2 };
 
-// One group per unique key u: g = sum over sorted entries perm[seg[u] .. seg[u+1]) of scale * grad row.
-// kWrite stores g into out[u]; kSgd / kAdagrad update the weight row in place (key < R: global row, else
-// scenario row key - R). Columns are processed kChunks * G * VEC at a time; Adagrad with a wider D walks the
-// segment twice (sum of squares first), so no gradient row is ever stored.
-template <typename scalar_t, int VEC, int MODE>
+// One group per segment u: g = sum over entries k in [start[u], end[u]) of scale * gradient row.
+//   Entry k of a first-level pass is e = perm[k]: e < nnz reads gg row src[e], e >= nnz gs row src[e], times
+//   scale[e mod nnz]. With perm == nullptr (second level of a split), entry k is row k of gg (the partial sums).
+// kWrite stores g into out[u] (out_t: the weight dtype, or acc_t for first-level partials); kSgd / kAdagrad
+// update the weight row in place (uniq[u] < R: global row, else scenario row uniq[u] - R). Columns are done
+// kChunks * G * VEC at a time; Adagrad with a wider D walks the segment twice (sum of squares first), so no
+// gradient row is ever stored. Each segment is owned by one group: no two threads write one row.
+template <typename in_t, typename out_t, int VEC, int MODE>
 __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
-    const int64_t* __restrict__ perm, const int64_t* __restrict__ seg, const int64_t* __restrict__ uniq,
-    const int64_t* __restrict__ src, const typename Acc<scalar_t>::type* __restrict__ scale,
-    const scalar_t* __restrict__ gg, const scalar_t* __restrict__ gs, scalar_t* __restrict__ out,
-    scalar_t* __restrict__ gw, scalar_t* __restrict__ sw, float* __restrict__ gst, float* __restrict__ sst,
-    int64_t U, int64_t D, int64_t nnz, int64_t R, bool has_scale, double lr, double eps, int G) {
-  using acc_t = typename Acc<scalar_t>::type;
+    const int64_t* __restrict__ start, const int64_t* __restrict__ end, const int64_t* __restrict__ uniq,
+    const int64_t* __restrict__ perm, const int64_t* __restrict__ src,
+    const typename Acc<out_t>::type* __restrict__ scale, const in_t* __restrict__ gg, const in_t* __restrict__ gs,
+    out_t* __restrict__ out, out_t* __restrict__ gw, out_t* __restrict__ sw, float* __restrict__ gst,
+    float* __restrict__ sst, int64_t U, int64_t D, int64_t nnz, int64_t R, double lr, double eps, int G) {
+  using acc_t = typename Acc<out_t>::type;
   const int lane = threadIdx.x & (G - 1);
   const int64_t u = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / G;
   if (u >= U) return;
   const unsigned mask = group_mask(G);
-  const int64_t e0 = seg[u], e1 = seg[u + 1];
+  const int64_t e0 = start[u], e1 = end[u];
   const int64_t span = int64_t(kChunks) * G * VEC;
   acc_t acc[kChunks][VEC];
   auto walk = [&](int64_t base) {
@@ -249,15 +252,21 @@ __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
       for (int k = 0; k < VEC; ++k) acc[c][k] = acc_t(0);
 #pragma unroll 2
     for (int64_t e = e0; e < e1; ++e) {
-      const int64_t ent = perm[e];
-      const bool is_s = ent >= nnz;
-      const scalar_t* g = (is_s ? gs : gg) + src[ent] * D;
-      const acc_t s = has_scale ? scale[is_s ? ent - nnz : ent] : acc_t(1);
+      const in_t* g;
+      acc_t s = acc_t(1);
+      if (perm) {
+        const int64_t ent = perm[e];
+        const bool is_s = ent >= nnz;
+        g = (is_s ? gs : gg) + src[ent] * D;
+        s = scale[is_s ? ent - nnz : ent];
+      } else {
+        g = gg + e * D;
+      }
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
         const int64_t d = base + (int64_t(c) * G + lane) * VEC;
         if (d < D) {
-          const auto v = load_vec<scalar_t, VEC>(g + d);
+          const auto v = load_vec<in_t, VEC>(g + d);
 #pragma unroll
           for (int k = 0; k < VEC; ++k) acc[c][k] += s * acc_t(v.v[k]);
         }
@@ -270,14 +279,14 @@ __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
         const int64_t d = base + (int64_t(c) * G + lane) * VEC;
-        if (d < D) store_vec<scalar_t, acc_t, VEC>(out + u * D + d, acc[c], acc_t(1));
+        if (d < D) store_vec<out_t, acc_t, VEC>(out + u * D + d, acc[c], acc_t(1));
       }
     }
   } else {
     const int64_t k0 = uniq[u];
     const bool is_s = k0 >= R;
     const int64_t row = is_s ? k0 - R : k0;
-    scalar_t* w = (is_s ? sw : gw) + row * D;
+    out_t* w = (is_s ? sw : gw) + row * D;
     acc_t mult = acc_t(lr);
     if constexpr (MODE == kAdagrad) {
       acc_t sq = 0;
@@ -301,11 +310,11 @@ __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
       for (int c = 0; c < kChunks; ++c) {
         const int64_t d = base + (int64_t(c) * G + lane) * VEC;
         if (d < D) {
-          const auto cur = load_vec<scalar_t, VEC>(w + d);
+          const auto cur = load_vec<out_t, VEC>(w + d);
           acc_t nw[VEC];
 #pragma unroll
           for (int k = 0; k < VEC; ++k) nw[k] = acc_t(cur.v[k]) - mult * acc[c][k];
-          store_vec<scalar_t, acc_t, VEC>(w + d, nw, acc_t(1));
+          store_vec<out_t, acc_t, VEC>(w + d, nw, acc_t(1));
         }
       }
     }
@@ -421,7 +430,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seb_forward_cuda(
 struct Sorted {
   at::Tensor uniq, perm, seg, src, scale, gpsw, gg, gs;
   int64_t ng = 0, nall = 0;  // uniq[0, ng) global rows; uniq[ng, nall) R + scenario rows; rest: sentinel
+  int64_t longest = 0;       // most entries of one (non-sentinel) row
 };
+
+// Longest run of entries one group sums in one pass; longer segments (hot rows) are split in two levels.
+constexpr int64_t kPiece = 32;
 
 Sorted sort_entries(const Args& a, const at::Tensor& grad_global, const at::Tensor& grad_scenario, int64_t pooling,
                     int64_t bag_len, bool need_psw) {
@@ -466,33 +479,72 @@ Sorted sort_entries(const Args& a, const at::Tensor& grad_global, const at::Tens
   auto uc = at::unique_consecutive(std::get<0>(sorted), /*return_inverse=*/false, /*return_counts=*/true, 0);
   s.uniq = std::get<0>(uc);
   s.seg = at::zeros({s.uniq.numel() + 1}, keys.options());
-  s.seg.narrow(0, 1, s.uniq.numel()).copy_(at::cumsum(std::get<2>(uc), 0));
-  auto bounds = at::searchsorted(s.uniq, at::tensor({a.R, a.R + a.M * a.Rs}, keys.options())).cpu();
-  s.ng = bounds.data_ptr<int64_t>()[0];
-  s.nall = bounds.data_ptr<int64_t>()[1];
+  const auto counts = std::get<2>(uc);
+  s.seg.narrow(0, 1, s.uniq.numel()).copy_(at::cumsum(counts, 0));
+  // One host read: [#global rows, #global + #scenario rows, longest non-sentinel segment].
+  const auto limit = at::tensor({a.R, a.R + a.M * a.Rs}, keys.options());
+  const auto longest = at::where(s.uniq < a.R + a.M * a.Rs, counts, at::zeros_like(counts)).max().reshape({1});
+  auto host = at::cat({at::searchsorted(s.uniq, limit), longest.to(at::kLong)}).cpu();
+  s.ng = host.data_ptr<int64_t>()[0];
+  s.nall = host.data_ptr<int64_t>()[1];
+  s.longest = host.data_ptr<int64_t>()[2];
   return s;
 }
 
+template <typename in_t, typename out_t, int MODE>
+void launch_segment_kernel(const Args& a, const at::Tensor& start, const at::Tensor& end, const Sorted& s,
+                           bool direct, const at::Tensor& gg, const at::Tensor& gs, const at::Tensor& out,
+                           const at::Tensor& gstate, const at::Tensor& sstate, double lr, double eps) {
+  using acc_t = typename Acc<out_t>::type;
+  const int64_t U = start.numel();
+  if (U == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  // VEC = 16 bytes of out_t: 16-byte weight accesses; a second level then reads float32 partials 32 bytes at a
+  // time, a first level reads half/bf16 gradients 8 bytes at a time.
+  with_vec<out_t>(a.D, {gg, gs, out, a.gw, a.sw}, [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    const int G = group_size(a.D, VEC);
+    seb_segment_kernel<in_t, out_t, VEC, MODE><<<blocks_for(U, G), kThreads, 0, stream>>>(
+        start.data_ptr<int64_t>(), end.data_ptr<int64_t>(), s.uniq.data_ptr<int64_t>(),
+        direct ? nullptr : s.perm.data_ptr<int64_t>(), s.src.data_ptr<int64_t>(), s.scale.data_ptr<acc_t>(),
+        gg.data_ptr<in_t>(), gs.data_ptr<in_t>(), out.defined() ? out.data_ptr<out_t>() : nullptr,
+        MODE == kWrite ? nullptr : a.gw.data_ptr<out_t>(), MODE == kWrite ? nullptr : a.sw.data_ptr<out_t>(),
+        gstate.defined() ? gstate.data_ptr<float>() : nullptr,
+        sstate.defined() ? sstate.data_ptr<float>() : nullptr, U, a.D, a.nnz, a.R, lr, eps, G);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Segment sums of the first nall segments, then MODE (write into out / SGD / Adagrad). A hot row with more
+// than kPiece entries would hold its group (and the kernel) for its whole length, so then the segments are cut
+// into pieces of <= kPiece entries, the pieces summed into float32 partials (level 1), and every segment sums
+// its pieces in order (level 2, which applies MODE). Both orders are fixed: the result stays bitwise repeatable.
 template <int MODE>
 void launch_segments(const Args& a, const Sorted& s, const at::Tensor& out, const at::Tensor& gstate,
                      const at::Tensor& sstate, double lr, double eps) {
   if (s.nall == 0 || a.D == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const bool has_scale = true;  // scale holds w / length (1 otherwise): one load per entry, always correct
+  const auto seg = s.seg.narrow(0, 0, s.nall + 1);
+  const auto starts = seg.narrow(0, 0, s.nall), ends = seg.narrow(0, 1, s.nall);
   SAML_DISPATCH_FLOATING(a.gw.scalar_type(), "seb_segment_cuda", [&] {
     using sc_t = scalar_t;
     using acc_t = typename Acc<sc_t>::type;
-    with_vec<sc_t>(a.D, {s.gg, s.gs, out, a.gw, a.sw}, [&](auto vec) {
-      constexpr int VEC = decltype(vec)::value;
-      const int G = group_size(a.D, VEC);
-      seb_segment_kernel<sc_t, VEC, MODE><<<blocks_for(s.nall, G), kThreads, 0, stream>>>(
-          s.perm.data_ptr<int64_t>(), s.seg.data_ptr<int64_t>(), s.uniq.data_ptr<int64_t>(),
-          s.src.data_ptr<int64_t>(), s.scale.data_ptr<acc_t>(), s.gg.data_ptr<sc_t>(), s.gs.data_ptr<sc_t>(),
-          out.defined() ? out.data_ptr<sc_t>() : nullptr, a.gw.data_ptr<sc_t>(), a.sw.data_ptr<sc_t>(),
-          gstate.defined() ? gstate.data_ptr<float>() : nullptr,
-          sstate.defined() ? sstate.data_ptr<float>() : nullptr, s.nall, a.D, a.nnz, a.R, has_scale, lr, eps, G);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    if (s.longest <= kPiece) {
+      launch_segment_kernel<sc_t, sc_t, MODE>(a, starts, ends, s, false, s.gg, s.gs, out, gstate, sstate, lr, eps);
+      return;
+    }
+    const auto counts = ends - starts;
+    const auto npp = at::floor_divide(counts + (kPiece - 1), kPiece);
+    const auto pcum = at::cumsum(npp, 0);
+    const auto pfirst = pcum - npp;
+    const int64_t total = pcum[-1].item<int64_t>();
+    const auto owner = at::repeat_interleave(at::arange(s.nall, counts.options()), npp, 0, total);
+    const auto pstart = starts.index_select(0, owner) +
+                        (at::arange(total, counts.options()) - pfirst.index_select(0, owner)) * kPiece;
+    const auto pend = at::minimum(pstart + kPiece, ends.index_select(0, owner));
+    auto part = at::empty({total, a.D}, a.gw.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    launch_segment_kernel<sc_t, acc_t, kWrite>(a, pstart, pend, s, false, s.gg, s.gs, part, at::Tensor(),
+                                               at::Tensor(), 0.0, 0.0);
+    launch_segment_kernel<acc_t, sc_t, MODE>(a, pfirst, pcum, s, true, part, part, out, gstate, sstate, lr, eps);
   });
 }
 
