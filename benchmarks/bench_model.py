@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Model benchmark: one SAML training step (forward, backward, optimizer) — ours vs the plain-PyTorch reference.
+
+Providers (same initial weights, same batch, timed alternately with benchmarks/harness.py):
+- ``SAML``: ``saml_kernels.nn.SAML`` on the package's kernels, row-wise Adagrad on the tables fused in the
+  embedding backward, Adam on the dense parameters;
+- ``reference eager``: ``saml_kernels.reference.SAMLReference`` (scenario loops + torch.where, dense table
+  gradients), the same row-wise Adagrad after the backward (``TrainingOptimizer``) and Adam;
+- ``reference compiled``: the same with ``torch.compile`` of the reference's forward + loss (backward through
+  AOT autograd; the optimizer step stays eager, as in a typical training loop).
+
+Work: B = 4096, the default ``SAMLConfig`` (D = 16, attention d = 16, aux and branch hidden (256, 128), mutual unit
+at the first hidden layer) on the synthetic features (6 sparse features, 2 scenario-aware, a behaviour sequence of
+20, 4 scenarios with the 40/30/20/10 mix), float32 (``--gpu``: float32 and bfloat16 on CUDA).
+Reported: median step time, samples/s, speed-up (median of per-round ratios), peak memory of one step.
+Targets on the 2-core CPU: >= 2x the eager reference and >= 1.3x the compiled reference.
+
+    python benchmarks/bench_model.py [--quick] [--gpu] [--reps N] [--no-compile]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from harness import machine_tag, markdown_table, peak_memory, time_alternating, write_results  # noqa: E402
+
+from saml_kernels.data import make_synthetic  # noqa: E402
+from saml_kernels.nn import SAML, SAMLConfig, TrainingOptimizer  # noqa: E402
+from saml_kernels.reference import SAMLReference  # noqa: E402
+from saml_kernels.reference.model import saml_loss  # noqa: E402
+
+LR, EMB_LR = 1e-3, 0.05
+
+
+def build(batch: int, device: str, dtype, compile_ref: bool, seed: int = 0):
+    data = make_synthetic(max(batch, 1), seed=seed)
+    cfg = SAMLConfig.from_data(data)
+    b = data.batch(np.arange(batch)).to(device)
+    if b.dense is not None:
+        b.dense = b.dense.to(dtype)
+    torch.manual_seed(seed)
+    ours = SAML(cfg, embedding_optimizer="rowwise_adagrad", embedding_lr=EMB_LR, device=device, dtype=dtype)
+    ref = SAMLReference(cfg, embedding_optimizer="rowwise_adagrad", device=device, dtype=dtype)
+    ref.load_state_dict(ours.state_dict())
+    models = {"SAML": ours, "reference eager": ref}
+    if compile_ref:
+        refc = SAMLReference(cfg, embedding_optimizer="rowwise_adagrad", device=device, dtype=dtype)
+        refc.load_state_dict(ours.state_dict())
+        models["reference compiled"] = refc
+    steps = {}
+    for name, model in models.items():
+        opt = TrainingOptimizer(model, LR, EMB_LR)
+        fwd = model.loss
+        if name == "reference compiled":
+            cf = torch.compile(lambda *inp, m=model: saml_loss(*m(*inp[:-1]), inp[-1], cfg.aux_loss_weight))
+            fwd = lambda bb, cf=cf: cf(*bb.inputs(), bb.label)  # noqa: E731
+
+        def step(model=model, opt=opt, fwd=fwd):
+            opt.zero_grad()
+            loss = fwd(b)
+            loss.backward()
+            opt.step()
+            return loss
+
+        steps[name] = step
+    return cfg, b, models, steps
+
+
+def run(device: str, dtype, reps: int, batch: int, compile_ref: bool) -> dict:
+    t0 = time.perf_counter()
+    cfg, b, models, steps = build(batch, device, dtype, compile_ref)
+    # first calls: warm-up (and the compile) outside the timed region; peak memory of one step, ours first
+    mem = {}
+    for name, fn in steps.items():
+        t = time.perf_counter()
+        fn()
+        if name == "reference compiled":
+            print(f"  torch.compile warm-up: {time.perf_counter() - t:.1f} s", flush=True)
+    for name, fn in steps.items():
+        mem[name] = peak_memory(fn, device)
+    res = time_alternating(steps, reps=reps, warmup=1, device=device)
+    med = res["medians_ms"]
+    out = {"dtype": str(dtype).replace("torch.", ""), "device": device, "batch": batch, "medians_ms": med,
+           "samples_per_s": {k: batch / (v / 1e3) for k, v in med.items()},
+           "speedup": {k: res["ratios"][(k, "SAML")] for k in med if k != "SAML"},
+           "peak_memory_bytes": mem, "params": sum(p.numel() for p in models["SAML"].parameters()),
+           "wall_s": time.perf_counter() - t0}
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="SAML training-step benchmark")
+    p.add_argument("--quick", action="store_true", help="few repetitions, no torch.compile (a smoke check)")
+    p.add_argument("--gpu", action="store_true", help="run on CUDA in float32 and bfloat16")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args(argv)
+    device = "cuda" if args.gpu else "cpu"
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("bench_model.py --gpu: CUDA is not available")
+    reps = args.reps or (3 if args.quick else 10)
+    compile_ref = not (args.quick or args.no_compile)
+    dtypes = [torch.float32, torch.bfloat16] if args.gpu else [torch.float32]
+    results = []
+    for dt in dtypes:
+        print(f"bench_model: {device} {dt} B={args.batch} reps={reps} compile={compile_ref}", flush=True)
+        results.append(run(device, dt, reps, args.batch, compile_ref))
+    rows = []
+    for r in results:
+        for k, ms in r["medians_ms"].items():
+            sp = r["speedup"].get(k)
+            mem = r["peak_memory_bytes"].get(k)
+            rows.append([r["dtype"], k, ms, f"{r['samples_per_s'][k]:,.0f}", "1.00x (ours)" if sp is None else
+                         f"{sp:.2f}x", "n/a" if mem is None else f"{mem / 2**20:.1f}"])
+    body = markdown_table(["dtype", "provider", "step ms (median)", "samples/s", "SAML speed-up vs it",
+                           "peak extra memory MiB"], rows)
+    body += ("\n\nOne training step = forward + backward + optimizer (Adam on dense parameters, row-wise Adagrad on "
+             f"the tables, fused into the embedding backward for SAML). B = {args.batch}, default SAMLConfig "
+             f"({results[0]['params']:,} parameters). Speed-up = median over alternating rounds of "
+             "t(provider) / t(SAML). Targets (2-core CPU): >= 2x eager, >= 1.3x compiled. CPU peak memory is the "
+             "growth of the process RSS high-water mark over one step (providers measured in the order listed; "
+             "later providers only show growth beyond earlier peaks).")
+    print(body)
+    stem = f"bench_model_{machine_tag()}" + ("_quick" if args.quick else "")
+    plot = {"groups": {f"{r['dtype']} B={r['batch']}": r["samples_per_s"] for r in results}, "ylabel": "samples/s"}
+    paths = write_results(stem, "SAML training step: ours vs SAMLReference (eager, torch.compile)", body,
+                          {"results": results}, plot=plot)
+    print("wrote", ", ".join(paths.values()))
+    return results
+
+
+if __name__ == "__main__":
+    main()
