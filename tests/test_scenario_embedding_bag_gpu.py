@@ -276,11 +276,16 @@ def _cuda_pairs():
 @pytest.mark.parametrize("device,backend", _cuda_pairs())
 @pytest.mark.parametrize("optimizer", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("D", [8, 33, 600])
-def test_cuda_fused_update(device, backend, optimizer, dtype, D):
+@pytest.mark.parametrize("D,hot", [(8, False), (33, False), (600, False), (8, True), (40, True)])
+def test_cuda_fused_update(device, backend, optimizer, dtype, D, hot):
     """seb_backward_update_ (SGD / row-wise Adagrad on the deduplicated rows) == rows from the reference + the
-    same update written in PyTorch (float32/64 math on the unrounded per-row gradients)."""
-    args = make_case(device, dtype=dtype, D=D, psw=True, dup=True, bad_ids=1)
+    same update written in PyTorch (float32/64 math on the unrounded per-row gradients). ``hot``: rows with
+    more than 32 entries (the two-level split path)."""
+    if hot:
+        args = make_case(device, dtype=dtype, D=D, B=48, sizes=(2, 3), aware=(1, 1), M=2, psw=True,
+                         empty_bags=False, bad_ids=2)
+    else:
+        args = make_case(device, dtype=dtype, D=D, psw=True, dup=True, bad_ids=1)
     g0, s0, _ = ref.forward_kernel(*ref_args(args), False)
     gg = torch.randn(g0.shape, dtype=dtype).to(device)
     gs = torch.randn(s0.shape, dtype=dtype).to(device)
