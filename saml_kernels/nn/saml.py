@@ -29,6 +29,34 @@ def _seq_offsets(B: int, L: int, like: Tensor) -> Tensor:
     return torch.arange(0, B * L + 1, L, device=like.device, dtype=like.dtype)
 
 
+def _mutual_unit_class():
+    """``nn.MutualUnit`` (the fused mutual_linear layer); until that layer is importable, an equivalent stand-in
+    with the same parameters (weight, bias, aux_weight) that calls the fused ``mutual_linear`` op."""
+    from . import multi_branch_linear
+
+    try:
+        from . import MutualUnit
+        return MutualUnit
+    except ImportError:
+        pass
+
+    class _MutualUnit(multi_branch_linear.MultiBranchLinear):
+        def __init__(self, in_features, out_features, num_branches, aux_features=0, activation="relu",
+                     temperature=1.0, similarity="cosine", bias=True, device=None, dtype=None, backend=None):
+            super().__init__(in_features, out_features, num_branches, aux_features, bias, activation, "all", "own",
+                             device=device, dtype=dtype, backend=backend)
+            self.temperature, self.similarity = temperature, similarity
+
+        def forward(self, x, scenario, aux=None):
+            from ..ops.mutual_linear import mutual_linear
+
+            return mutual_linear(x, self.weight, self.bias, scenario, activation=self.activation,
+                                 temperature=self.temperature, similarity=self.similarity, aux=aux,
+                                 aux_weight=self.aux_weight, backend=self.backend)
+
+    return _MutualUnit
+
+
 class SAML(nn.Module):
     """SAML on the package's kernels.
 
@@ -51,7 +79,8 @@ class SAML(nn.Module):
     def __init__(self, config: SAMLConfig, *, backend: Optional[str] = None,
                  embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8, device=None, dtype=None):
         super().__init__()
-        from . import MultiBranchLinear, MutualUnit, ScenarioAttention, ScenarioEmbedding
+        from . import MultiBranchLinear, ScenarioAttention, ScenarioEmbedding
+        MutualUnit = _mutual_unit_class()
 
         c = self.config = config
         fk = dict(device=device, dtype=dtype)
@@ -109,10 +138,22 @@ class SAML(nn.Module):
             glob.append(dense.to(e_g.dtype))
         return torch.cat(glob, 1), torch.cat(scen, 1)
 
+    def _branch(self, kind: str, branch: nn.Module, h: Tensor, scenario: Tensor, a: Tensor) -> Tensor:
+        if kind == "mutual" and h.dim() == 3:
+            # per-branch inputs (a route-"all" layer below): the unfused pair, all branches then the mutual mix
+            from ..ops.mbranch_linear import mbranch_linear
+            from ..ops.mutual_unit import mutual_unit
+
+            z = mbranch_linear(h, branch.weight, branch.bias, scenario, route="all", activation="relu",
+                               grad_mask="own", aux=a, aux_weight=branch.aux_weight, backend=self.backend)
+            return mutual_unit(z, scenario, temperature=self.config.temperature, similarity=self.config.similarity,
+                               backend=self.backend)
+        return branch(h, scenario, a)
+
     def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None):
         a, h = self.representations(indices, offsets, scenario, seq_ids, seq_lengths, dense)
-        for aux_layer, branch in zip(self.aux_layers, self.branch_layers):
-            h_next = self.dropout(branch(h, scenario, a))
+        for kind, aux_layer, branch in zip(self.config.layer_kinds(), self.aux_layers, self.branch_layers):
+            h_next = self.dropout(self._branch(kind, branch, h, scenario, a))
             a = self.dropout(torch.relu(aux_layer(a)))
             h = h_next
         return self.branch_head(h, scenario, a).squeeze(-1), self.aux_head(a).squeeze(-1)
