@@ -1,0 +1,99 @@
+"""Distributed training (torch.distributed, gloo, 2 processes via torch.multiprocessing.spawn).
+
+* SAML trained under DDP ends with the parameters of single-process training on the same global batches
+  (fp32 tolerance) in the three modes of python/ddp_example.py: the whole model in DDP with sparse embedding
+  gradients ("ddp-sparse"), tables excluded from DDP and all-reduced by hand ("excluded"), tables sharded
+  row-wise across the ranks with all_to_all routing ("rowwise").
+* The row-wise sharded scenario embedding gives, for different local batches on every rank, the outputs of the
+  unsharded ScenarioEmbedding and shard gradients equal to the full table's gradient rows (sum, mean, none).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import _reliability_cases as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORLD = 2
+TOL = 1e-4  # fp32: a few steps of SGD, different summation order of the gradient all-reduce
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("ddp_example", os.path.join(ROOT, "python", "ddp_example.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["ddp_example"] = mod  # spawned children unpickle functions by module name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _local_batch(rank, pooling, B=5, F=3, sizes=(11, 5, 7), L=3):
+    g = torch.Generator().manual_seed(100 + rank)
+    lens = torch.full((F * B,), L) if pooling == "none" else torch.randint(0, 4, (F * B,), generator=g)
+    ids = torch.cat([torch.randint(0, n, (int(lens[f * B:(f + 1) * B].sum()),), generator=g)
+                     for f, n in enumerate(sizes)])
+    return ids, torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]), torch.randint(0, 3, (B,), generator=g)
+
+
+def _shard_worker(rank, world, port):
+    ex = _example()
+    from saml_kernels.nn import ScenarioEmbedding
+
+    ex._setup(rank, world, port)
+    try:
+        for pooling in ("sum", "mean", "none"):
+            torch.manual_seed(0)
+            full = ScenarioEmbedding([("a", 11, True, pooling), ("b", 5, False, pooling), ("c", 7, True, pooling)], 3, 4)
+            sh = ex.RowWiseShardedScenarioEmbedding(full, rank, world)
+            ids, off, sc = _local_batch(rank, pooling)
+            og, os_ = sh(ids, off, sc)
+            rg, rs = full(ids, off, sc)
+            torch.testing.assert_close(og, rg, atol=1e-6, rtol=1e-6, msg=lambda m: f"{pooling} rank {rank} E_g: {m}")
+            torch.testing.assert_close(os_, rs, atol=1e-6, rtol=1e-6, msg=lambda m: f"{pooling} rank {rank} E_s: {m}")
+            (og.square().sum() + 0.5 * os_.sum()).backward()
+            # the full table's gradient of the sum of every rank's loss, computed locally from all batches
+            for r in range(world):
+                ids_r, off_r, sc_r = _local_batch(r, pooling)
+                a, b = full(ids_r, off_r, sc_r)
+                (a.square().sum() + 0.5 * b.sum()).backward()
+            torch.testing.assert_close(sh.global_weight.grad, full.global_weight.grad[sh.global_rows], atol=1e-5,
+                                       rtol=1e-5, msg=lambda m: f"{pooling} rank {rank} global shard grad: {m}")
+            torch.testing.assert_close(sh.scenario_weight.grad, full.scenario_weight.grad[:, sh.scenario_rows],
+                                       atol=1e-5, rtol=1e-5, msg=lambda m: f"{pooling} rank {rank} scenario grad: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_rowwise_sharded_embedding_matches_unsharded():
+    _example()
+    mp.spawn(_shard_worker, args=(WORLD, _free_port()), nprocs=WORLD, join=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not R.model_available(), reason="saml_kernels.nn.SAML has not landed yet")
+@pytest.mark.parametrize("mode", ["ddp-sparse", "excluded", "rowwise"])
+def test_saml_ddp_matches_single_process(mode):
+    ex = _example()
+    dist_state, single = ex.run(mode, world=WORLD, steps=4, global_batch=128, port=_free_port())
+    diff = ex.compare(dist_state, single)
+    assert diff < TOL, f"{mode}: max |param(DDP, {WORLD} ranks) - param(1 process)| = {diff:.3e} >= {TOL}"
+    # the run must have moved the parameters, else equality proves nothing
+    init = ex.make_model(ex.make_problem(0)[1], 0).state_dict()
+    assert ex.compare(single, {k: v for k, v in init.items()}) > 1e-3, "training did not change the parameters"
