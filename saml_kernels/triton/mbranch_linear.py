@@ -56,6 +56,12 @@ def _activate(z, ACT: tl.constexpr):
     return z
 
 
+# The interpreter (numpy) has no bfloat16 matmul: its tl.dot on bf16 operands multiplies raw bit patterns. Under
+# TRITON_INTERPRET only, bf16 tiles are upcast to fp32 before the dot (exact: bf16 products are exact in fp32).
+# On a GPU this constexpr is False and the generated code is unchanged (bf16 tensor-core dots).
+_INTERP_UPCAST_BF16 = tl.constexpr(_backend.triton_interpret())
+
+
 @triton.jit
 def _mm_rows(acc, a_ptr, rows, rmask, stride_ar, stride_ak, w_ptr, stride_wk, stride_wn, cols, cmask, K,
              BLOCK_K: tl.constexpr, PREC: tl.constexpr):
@@ -67,6 +73,10 @@ def _mm_rows(acc, a_ptr, rows, rmask, stride_ar, stride_ak, w_ptr, stride_wk, st
                     mask=rmask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptr + kk[:, None] * stride_wk + cols[None, :] * stride_wn,
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if _INTERP_UPCAST_BF16:
+            if a.dtype == tl.bfloat16:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PREC)
     return acc
 
@@ -190,6 +200,10 @@ def _grouped_wgrad_kernel(a_ptr, g_ptr, dw_ptr, db_ptr, perm_ptr, seg_ptr,
                      mask=kmask[:, None] & rmask[None, :], other=0.0)          # [BLOCK_K, BLOCK_R] = A^T tile
         g = tl.load(g_ptr + rows[:, None] * stride_gr + cols[None, :] * stride_gn,
                     mask=rmask[:, None] & cmask[None, :], other=0.0)          # [BLOCK_R, BLOCK_N]
+        if _INTERP_UPCAST_BF16:
+            if at.dtype == tl.bfloat16:
+                at = at.to(tl.float32)
+                g = g.to(tl.float32)
         acc = tl.dot(at, g, acc, input_precision=PREC)
         if HAS_DB:
             dbacc += tl.sum(g.to(acc_dt), 0)
@@ -358,6 +372,8 @@ def grouped_backward(dz, x, weight, aux, aux_weight, scenario, need_dx: bool, ne
     B, N = dz.shape
     M, K, _ = weight.shape
     empty = dz.new_empty(0)
+    need_daux = need_daux and aux is not None                # no aux operand: nothing to differentiate
+    need_daux_weight = need_daux_weight and aux is not None
     dx = torch.empty((B, K), device=dz.device, dtype=x.dtype) if need_dx else None
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dweight else None
     db = torch.empty((M, N), device=dz.device, dtype=weight.dtype) if need_dbias else None

@@ -1,0 +1,332 @@
+"""Kernel-contract tests of the GPU backends (triton, cuda) of mbranch_linear, mutual_unit and mutual_linear.
+
+Each backend kernel (``grouped_forward``, ``all_forward``, ``grouped_backward``; ``mutual_forward``,
+``mutual_backward``, ``mutual_linear_forward``, ``mutual_linear_backward``, signatures of csrc/registry.cpp) is
+called on fresh random inputs and compared with the reference kernel contract (saml_kernels/reference/) evaluated
+on float64 copies. Pairs:
+- (cpu, triton): the Triton kernels in the interpreter; run with
+  ``TRITON_INTERPRET=1 PYTHONPATH=. python -m pytest -m triton_interp tests/test_mbranch_mutual_gpu.py``
+  (tiny shapes M=3, B=7, K=5, N=6, interpreter blocks of 16; ~2 ms per program instance);
+- (cuda, triton), (cuda, cuda): on a GPU (skipped on a machine without one).
+Every output starts as NaN (CPU: torch.empty/empty_like patched to NaN-filled tensors for the call; CUDA: the
+caching allocator is first filled with NaN), so an element a kernel forgot to write fails the test.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saml_kernels import _backend
+from saml_kernels.reference import mbranch_linear as ref_mbl
+from saml_kernels.reference import mutual_unit as ref_mu
+from conftest import DEVICES
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+ACTS = [0, 1, 2, 3, 4]  # none, relu, leaky_relu, gelu, silu
+# relative-norm error bounds against the float64 reference (float32 accumulation everywhere)
+REL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
+
+
+def _pairs():
+    params = []
+    for dev in DEVICES:
+        for be in ("triton", "cuda"):
+            if _backend.why_unavailable(be, dev, "mbranch_linear") is None:
+                marks = [pytest.mark.triton_interp] if dev == "cpu" else [pytest.mark.gpu]
+                params.append(pytest.param(dev, be, id=f"{dev}-{be}", marks=marks))
+    if not params:
+        params.append(pytest.param("cuda", "cuda", id="no-gpu-backend",
+                                   marks=pytest.mark.skip(reason="no GPU, and triton runs on CPU only under "
+                                                          "TRITON_INTERPRET=1")))
+    return params
+
+
+PAIRS = _pairs()
+
+
+def mbl(backend):
+    if backend == "triton":
+        from saml_kernels.triton import mbranch_linear as tk
+
+        return tk.grouped_forward, tk.all_forward, tk.grouped_backward
+    ops = torch.ops.saml_C
+    return ops.mbl_grouped_forward, ops.mbl_all_forward, ops.mbl_grouped_backward
+
+
+def mu(backend):
+    if backend == "triton":
+        from saml_kernels.triton import mutual_unit as tk
+
+        return tk.mutual_forward, tk.mutual_backward, tk.mutual_linear_forward, tk.mutual_linear_backward
+    ops = torch.ops.saml_C
+    return ops.mutual_forward, ops.mutual_backward, ops.mutual_linear_forward, ops.mutual_linear_backward
+
+
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    """Makes every fresh float output of the kernel start as NaN (see the module docstring)."""
+    def run(device, fn, *args):
+        if torch.device(device).type == "cuda":
+            t = torch.full((1 << 24,), float("nan"), device=device)
+            del t
+            return fn(*args)
+        real_empty, real_like = torch.empty, torch.empty_like
+
+        def nan_fill(t):
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+
+        with monkeypatch.context() as mp:
+            mp.setattr(torch, "empty", lambda *a, **k: nan_fill(real_empty(*a, **k)))
+            mp.setattr(torch, "empty_like", lambda *a, **k: nan_fill(real_like(*a, **k)))
+            return fn(*args)
+
+    return run
+
+
+def close(out, ref, dtype, what):
+    """No NaN, same shape, ||out - ref|| / ||ref|| within the dtype's bound, and elementwise agreement."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert not torch.isnan(out).any(), f"{what}: NaN (unwritten element?)"
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+    if r.numel() == 0:
+        return
+    scale = max(float(r.norm()), 1e-30)
+    err = float((o - r).norm()) / scale
+    assert err <= REL[dtype], f"{what}: relative error {err:.3g} > {REL[dtype]:.1g}"
+    tol = 8 * REL[dtype] * max(1.0, float(r.abs().max()))
+    assert float((o - r).abs().max()) <= tol, f"{what}: max abs error {float((o - r).abs().max()):.3g} > {tol:.3g}"
+
+
+def d64(t):
+    return None if t is None else t.double()
+
+
+def scen(device, B, M, idt=torch.int64, empty=1):
+    """Unsorted scenario ids in [0, M) with scenario ``empty`` absent (an empty segment) and the others present."""
+    present = [m for m in range(M) if m != empty]
+    s = torch.tensor([present[i % len(present)] for i in range(B)])
+    return s[torch.randperm(B)].to(device=device, dtype=idt)
+
+
+def case(device, dtype, *, M=3, B=7, K=5, N=6, Ka=4, bias=True, aux=True, per_branch=False):
+    r = lambda *shape: torch.randn(*shape).to(device=device, dtype=dtype)  # noqa: E731
+    x = r(M, B, K) if per_branch else r(B, K)
+    return dict(x=x, weight=r(M, K, N) * 0.5, bias=r(M, N) if bias else None, aux=r(B, Ka) if aux else None,
+                aux_weight=r(M, Ka, N) * 0.5 if aux else None)
+
+
+# ------------------------------------------------------------------------------------------------ mbranch_linear
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("bias,aux", [(True, True), (False, False), (True, False)])
+def test_grouped_forward(device, backend, dtype, act, bias, aux, nan_outputs):
+    c = case(device, dtype, bias=bias, aux=aux)
+    s = scen(device, 7, 3, idt=torch.int32 if act % 2 else torch.int64)
+    fwd = mbl(backend)[0]
+    y, z = nan_outputs(device, fwd, c["x"], c["weight"], c["bias"], c["aux"], c["aux_weight"], s, act)
+    ry, rz = ref_mbl.grouped_forward_kernel(d64(c["x"]), d64(c["weight"]), d64(c["bias"]), d64(c["aux"]),
+                                            d64(c["aux_weight"]), s, act)
+    assert y.dtype == dtype
+    close(y, ry, dtype, "y")
+    if act in (3, 4):
+        close(z, rz, dtype, "z")
+    else:
+        assert z.numel() == 0
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("per_branch", [False, True], ids=["shared_x", "per_branch_x"])
+@pytest.mark.parametrize("bias,aux", [(True, True), (False, False)])
+def test_all_forward(device, backend, dtype, act, per_branch, bias, aux, nan_outputs):
+    c = case(device, dtype, bias=bias, aux=aux, per_branch=per_branch)
+    fwd = mbl(backend)[1]
+    y, z = nan_outputs(device, fwd, c["x"], c["weight"], c["bias"], c["aux"], c["aux_weight"], act)
+    ry, rz = ref_mbl.all_forward_kernel(d64(c["x"]), d64(c["weight"]), d64(c["bias"]), d64(c["aux"]),
+                                        d64(c["aux_weight"]), act)
+    M, B, N = 3, 7, 6
+    close(y, ry, dtype, "y")
+    if not per_branch:   # the contract's layout: [M,B,N] view of a [B, M*N] buffer
+        assert y.stride() == (N, M * N, 1), y.stride()
+    if act in (3, 4):
+        close(z, rz, dtype, "z")
+    else:
+        assert z.numel() == 0
+
+
+def _backward_refs(dz, c, s, flags):
+    return ref_mbl.grouped_backward_kernel(d64(dz), d64(c["x"]), d64(c["weight"]), d64(c["aux"]),
+                                           d64(c["aux_weight"]), s, *flags)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("aux", [True, False], ids=["aux", "noaux"])
+@pytest.mark.parametrize("flags", [(True, True, True, True, True), (False, True, False, False, True),
+                                   (True, False, True, True, False)], ids=["all", "dW_dWa", "dx_db_daux"])
+def test_grouped_backward(device, backend, dtype, aux, flags, nan_outputs):
+    c = case(device, dtype, aux=aux)
+    s = scen(device, 7, 3)
+    dz = torch.randn(7, 6).to(device=device, dtype=dtype)
+    bwd = mbl(backend)[2]
+    outs = nan_outputs(device, bwd, dz, c["x"], c["weight"], c["aux"], c["aux_weight"], s, *flags)
+    refs = _backward_refs(dz, c, s, flags)
+    names = ("dx", "dW", "db", "daux", "dWa")
+    for name, need, o, r in zip(names, flags, outs, refs):
+        if need and (aux or name not in ("daux", "dWa")):
+            close(o, r, dtype, name)
+        else:
+            assert o.numel() == 0, f"{name} not asked for but returned {tuple(o.shape)}"
+    # scenario 1 has no rows: its parameter gradients are exactly zero
+    if flags[1]:
+        assert torch.count_nonzero(outs[1][1]) == 0
+    if flags[2]:
+        assert torch.count_nonzero(outs[2][1]) == 0
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_grouped_noncontiguous_and_deterministic(device, backend, nan_outputs):
+    """Transposed / strided views as inputs; two runs of the backward are bitwise equal."""
+    dtype = torch.float32
+    M, B, K, N, Ka = 3, 7, 5, 6, 4
+    x = torch.randn(K, B).to(device=device, dtype=dtype).t()                   # strides (1, B)
+    w = torch.randn(M, N, K).to(device=device, dtype=dtype).transpose(1, 2)    # [M, K, N] non-contiguous
+    b = torch.randn(N, M).to(device=device, dtype=dtype).t()
+    a = torch.randn(B, 2 * Ka).to(device=device, dtype=dtype)[:, ::2]
+    wa = torch.randn(M, Ka, N).to(device=device, dtype=dtype)
+    s = scen(device, B, M, empty=0)
+    fwd, _, bwd = mbl(backend)
+    y, _ = nan_outputs(device, fwd, x, w, b, a, wa, s, 1)
+    ry, _ = ref_mbl.grouped_forward_kernel(d64(x), d64(w), d64(b), d64(a), d64(wa), s, 1)
+    close(y, ry, dtype, "y")
+    dz = torch.randn(2 * B, N).to(device=device, dtype=dtype)[::2]
+    o1 = nan_outputs(device, bwd, dz, x, w, a, wa, s, True, True, True, True, True)
+    o2 = bwd(dz, x, w, a, wa, s, True, True, True, True, True)
+    refs = ref_mbl.grouped_backward_kernel(d64(dz), d64(x), d64(w), d64(a), d64(wa), s, True, True, True, True, True)
+    for name, p, q, r in zip(("dx", "dW", "db", "daux", "dWa"), o1, o2, refs):
+        close(p, r, dtype, name)
+        assert torch.equal(p, q), f"{name}: two runs differ"
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_zero_rows(device, backend):
+    """B = 0: empty outputs; parameter gradients are zero tensors of the parameter shape."""
+    c = case(device, torch.float32, B=0)
+    s = torch.zeros(0, dtype=torch.int64, device=device)
+    fwd, allf, bwd = mbl(backend)
+    y, z = fwd(c["x"], c["weight"], c["bias"], c["aux"], c["aux_weight"], s, 3)
+    assert y.shape == (0, 6) and z.shape == (0, 6)
+    y, _ = allf(c["x"], c["weight"], c["bias"], c["aux"], c["aux_weight"], 1)
+    assert y.shape == (3, 0, 6)
+    dz = torch.zeros(0, 6, device=device)
+    dx, dw, db, da, dwa = bwd(dz, c["x"], c["weight"], c["aux"], c["aux_weight"], s, True, True, True, True, True)
+    assert dx.shape == (0, 5) and da.shape == (0, 4)
+    for t, like in ((dw, c["weight"]), (db, c["bias"]), (dwa, c["aux_weight"])):
+        assert t.shape == like.shape and torch.count_nonzero(t) == 0
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_grouped_many_branches(device, backend, nan_outputs):
+    """M = 5 (padded to 8 lanes in the Triton tile schedule), several row tiles per scenario, skewed mix."""
+    M, B, K, N = 5, 40, 7, 19
+    x = torch.randn(B, K, device=device)
+    w = torch.randn(M, K, N, device=device)
+    s = torch.tensor([0] * 28 + [3] * 7 + [4] * 5)[torch.randperm(B)].to(device)
+    fwd, _, bwd = mbl(backend)
+    y, _ = nan_outputs(device, fwd, x, w, None, None, None, s, 0)
+    ry, _ = ref_mbl.grouped_forward_kernel(x.double(), w.double(), None, None, None, s, 0)
+    close(y, ry, torch.float32, "y")
+    dz = torch.randn(B, N, device=device)
+    outs = nan_outputs(device, bwd, dz, x, w, None, None, s, True, True, True, False, False)
+    refs = ref_mbl.grouped_backward_kernel(dz.double(), x.double(), w.double(), None, None, s, True, True, True,
+                                           False, False)
+    for name, o, r in zip(("dx", "dW", "db"), outs, refs):
+        close(o, r, torch.float32, name)
+
+
+# ------------------------------------------------------------------------------------------------ mutual unit
+
+def _h(device, dtype, M, B, N, layout):
+    if layout == "all_route":   # the [M,B,N] view of a [B,M,N] buffer (what mbl_all_forward returns)
+        return torch.randn(B, M, N).to(device=device, dtype=dtype).permute(1, 0, 2)
+    return torch.randn(M, B, N).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("similarity", [0, 1], ids=["cosine", "dot"])
+@pytest.mark.parametrize("N,layout", [(6, "contiguous"), (37, "all_route")])
+def test_mutual_forward_backward(device, backend, dtype, similarity, N, layout, nan_outputs):
+    M, B, T = 3, 7, 0.7
+    h = _h(device, dtype, M, B, N, layout)
+    s = scen(device, B, M)
+    fwd, bwd, _, _ = mu(backend)
+    out, attn = nan_outputs(device, fwd, h, s, T, similarity)
+    rout, rattn = ref_mu.mutual_forward_kernel(h.double(), s, T, similarity)
+    assert attn.dtype == torch.float32
+    close(out, rout, dtype, "out")
+    close(attn, rattn, torch.float32 if dtype == torch.float32 else dtype, "attn")
+    g = torch.randn(B, N).to(device=device, dtype=dtype)
+    d = nan_outputs(device, bwd, g, h, s, attn, T, similarity)
+    rd = ref_mu.mutual_backward_kernel(g.double(), h.double(), s, rattn.double(), T, similarity)
+    close(d, rd, dtype, "dh_own")
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_mutual_zero_own_and_many_branches(device, backend, nan_outputs):
+    """An own row of zeros (cosine clamp active) and M = 5 branches."""
+    M, B, N = 5, 6, 9
+    h = torch.randn(M, B, N, device=device)
+    s = torch.tensor([4, 0, 2, 2, 1, 3], device=device)
+    h[s[0], 0] = 0.0
+    fwd, bwd, _, _ = mu(backend)
+    for sim in (0, 1):
+        out, attn = nan_outputs(device, fwd, h, s, 1.3, sim)
+        rout, rattn = ref_mu.mutual_forward_kernel(h.double(), s, 1.3, sim)
+        close(out, rout, torch.float32, "out")
+        close(attn, rattn, torch.float32, "attn")
+        g = torch.randn(B, N, device=device)
+        d = nan_outputs(device, bwd, g, h, s, attn, 1.3, sim)
+        close(d, ref_mu.mutual_backward_kernel(g.double(), h.double(), s, rattn.double(), 1.3, sim),
+              torch.float32, "dh_own")
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("similarity", [0, 1], ids=["cosine", "dot"])
+@pytest.mark.parametrize("bias,aux", [(True, True), (False, False)])
+def test_mutual_linear(device, backend, dtype, act, similarity, bias, aux, nan_outputs):
+    c = case(device, dtype, bias=bias, aux=aux)
+    s = scen(device, 7, 3, empty=2)
+    T = 1.7
+    _, _, lfwd, lbwd = mu(backend)
+    args = (c["x"], c["weight"], c["bias"], c["aux"], c["aux_weight"], s)
+    args64 = tuple(d64(t) for t in args[:5]) + (s,)
+    out, attn = nan_outputs(device, lfwd, *args, act, T, similarity)
+    rout, rattn = ref_mu.mutual_linear_forward_kernel(*args64, act, T, similarity)
+    close(out, rout, dtype, "out")
+    close(attn, rattn, torch.float32 if dtype == torch.float32 else dtype, "attn")
+    g = torch.randn(7, 6).to(device=device, dtype=dtype)
+    dz = nan_outputs(device, lbwd, g, *args[:6], attn, act, T, similarity)
+    rdz = ref_mu.mutual_linear_backward_kernel(d64(g), *args64, rattn.double(), act, T, similarity)
+    close(dz, rdz, dtype, "dz_own")
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_mutual_zero_rows(device, backend):
+    fwd, bwd, lfwd, lbwd = mu(backend)
+    h = torch.randn(3, 0, 6, device=device)
+    s = torch.zeros(0, dtype=torch.int64, device=device)
+    out, attn = fwd(h, s, 1.0, 0)
+    assert out.shape == (0, 6) and attn.shape == (0, 3)
+    assert bwd(torch.zeros(0, 6, device=device), h, s, attn, 1.0, 0).shape == (0, 6)
+    c = case(device, torch.float32, B=0)
+    out, attn = lfwd(c["x"], c["weight"], c["bias"], c["aux"], c["aux_weight"], s, 1, 1.0, 0)
+    assert out.shape == (0, 6) and attn.shape == (0, 3)
+    dz = lbwd(torch.zeros(0, 6, device=device), c["x"], c["weight"], c["bias"], c["aux"], c["aux_weight"], s, attn,
+              1, 1.0, 0)
+    assert dz.shape == (0, 6)
