@@ -152,7 +152,7 @@ def mbranch_oracle(x, weight, bias, scenario, *, route="own", activation=None, g
 
     full = pre(weight, aux_weight, bias, x, aux)
     if route == "own":
-        return full[sc, torch.arange(B)] if B else full.new_zeros(0, weight.shape[2])
+        return full[sc, torch.arange(B)]
     if grad_mask == "none":
         return full
     det = lambda t: None if t is None else t.detach()  # noqa: E731
@@ -169,7 +169,7 @@ def mutual_oracle(h, scenario, *, temperature=1.0, similarity="cosine"):
     sc = scenario.long()
     mask = (torch.arange(M)[:, None] == sc[None, :])[:, :, None]
     hh = torch.where(mask, h, h.detach())
-    own = hh[sc, torch.arange(B)] if B else hh.new_zeros(0, N)
+    own = hh[sc, torch.arange(B)]
     if similarity == "cosine":
         sim = Fn.cosine_similarity(own[None].expand_as(hh), hh, dim=-1)  # [M, B]
     else:
@@ -259,9 +259,8 @@ def landed_ops():
 
 def model_available() -> bool:
     try:
-        from saml_kernels.nn import SAML, MutualUnit  # noqa: F401
-        from saml_kernels.reference import SAMLReference  # noqa: F401
-        from saml_kernels.data import make_synthetic  # noqa: F401
+        _, cfg = small_saml(n=8)
+        make_saml(cfg)
         return True
     except Exception:
         return False

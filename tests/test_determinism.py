@@ -35,8 +35,8 @@ def _assert_bitwise(a, b, what):
         y = y.to_dense() if y.is_sparse else y
         assert x.shape == y.shape and x.dtype == y.dtype, f"{what}: tensor {i} shape/dtype differs"
         # bitwise (NaN-safe): compare the raw bits
-        xb = x.contiguous().view(torch.uint8) if x.element_size() else x
-        yb = y.contiguous().view(torch.uint8) if y.element_size() else y
+        xb = x.contiguous().reshape(-1).view(torch.uint8)
+        yb = y.contiguous().reshape(-1).view(torch.uint8)
         if not torch.equal(xb, yb):
             diff = (x.double() - y.double()).abs().max().item() if x.is_floating_point() else "n/a"
             raise AssertionError(f"{what}: tensor {i} (of {len(a)}: outputs then grads) not bitwise equal; max |diff| = {diff}")

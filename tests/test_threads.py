@@ -99,8 +99,10 @@ def test_concurrent_model_forward_backward(deterministic):
     data, cfg = R.small_saml(seed=2, n=512)
     batches = list(data.batches(128))
 
-    def train():
-        model = R.make_saml(cfg, seed=4)
+    # models are built here, serially: initialisation draws from the global RNG, which threads would interleave
+    models = [R.make_saml(cfg, seed=4) for _ in range(THREADS + 1)]
+
+    def train(model):
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         for b in batches:
             opt.zero_grad()
@@ -108,8 +110,8 @@ def test_concurrent_model_forward_backward(deterministic):
             opt.step()
         return [p.detach() for p in model.parameters()]
 
-    serial = train()
+    serial = train(models[-1])
     with ThreadPoolExecutor(THREADS) as ex:
-        outs = list(ex.map(lambda _: train(), range(THREADS)))
+        outs = list(ex.map(train, models[:THREADS]))
     for t, o in enumerate(outs):
         _assert_bitwise(serial, o, f"model replica in thread {t}")
