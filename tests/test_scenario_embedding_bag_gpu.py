@@ -198,6 +198,20 @@ def test_forward_empty(device, backend, pooling):
 
 
 @pytest.mark.parametrize("device,backend", PAIRS)
+def test_noncontiguous_inputs(device, backend):
+    """Strided tables, indices and gradients (views of larger tensors) give the contiguous results."""
+    args = make_case(device, D=6, psw=True, bad_ids=1)
+    gw, sw, idx = args[3], args[4], args[0]
+    args[3] = torch.cat([gw, torch.randn_like(gw)], 1)[:, :6]
+    args[4] = torch.cat([sw, torch.randn_like(sw)], 2)[:, :, :6]
+    args[0] = torch.stack([idx, torch.zeros_like(idx)], 1)[:, 0]
+    args[8] = torch.stack([args[8], args[8]], 1)[:, 1]
+    assert not args[3].is_contiguous() and not args[4].is_contiguous() and not args[0].is_contiguous()
+    check_forward(device, backend, args)
+    check_backward(device, backend, args)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
 def test_forward_no_aware_features(device, backend):
     args = make_case(device, sizes=(3, 4), aware=(0, 0))
     g, s = check_forward(device, backend, args)
