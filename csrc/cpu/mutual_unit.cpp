@@ -1,0 +1,408 @@
+// CPU kernels of the mutual unit and of the fused mutual_linear (contract: csrc/registry.cpp,
+// saml_kernels/ops/mutual_unit.py and mutual_linear.py).
+//
+// Per sample b with own index s = scenario[b] and rows h_m = h[m, b] (N values):
+//   sim_m = <h_s, h_m> / (max(|h_s|, eps) max(|h_m|, eps))  (cosine)   or   <h_s, h_m> / sqrt(N)  (dot)
+//   a = softmax(sim / T),  out = sum_m a_m h_m.
+// Backward (other branches stop-gradient), g = dL/dout, u_m = <g, h_m>, e_m = a_m (u_m - sum_k a_k u_k):
+//   dh_s = a_s g + (1/T) sum_m c_m e_m dsim_m/dh_s(first argument), with c_m = 1 + [m == s] because h_s is
+//   both arguments of sim_s. Cosine: dsim_m/da = h_m / (n_s n_m) - [|h_s| > eps] sim_m h_s / n_s^2.
+// All arithmetic in float32 (float64 for float64 tensors). Rows are independent: ATen parallel_for over rows.
+//
+// mutual_linear_forward never writes h [M, B, N]: each thread takes blocks of kBlock rows, computes their
+// M branch outputs with one GEMM against the packed [K, M*N] weights into a float32 scratch block
+// (kBlock * M * N floats, cache resident), applies bias + activation, mixes, and writes out [B, N].
+// mutual_linear_backward recomputes the same blocks and returns dz_own = dL/dz[s_b, b].
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "saml_common.h"
+
+namespace {
+
+constexpr double kEps = 1e-8;
+enum Similarity : int64_t { kCosine = 0, kDot = 1 };
+enum Activation : int64_t { kNone = 0, kRelu = 1, kLeakyRelu = 2, kGelu = 3, kSilu = 4 };
+
+template <typename acc_t, typename a_t, typename b_t>
+inline acc_t dot(const a_t* a, const b_t* b, int64_t n) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
+  return s;
+}
+
+template <typename acc_t>
+inline acc_t act_forward(acc_t z, int64_t act) {
+  switch (act) {
+    case kRelu: return z > acc_t(0) ? z : acc_t(0);
+    case kLeakyRelu: return z > acc_t(0) ? z : acc_t(0.01) * z;
+    case kGelu: return acc_t(0.5) * z * (acc_t(1) + std::erf(z * acc_t(M_SQRT1_2)));
+    case kSilu: return z / (acc_t(1) + std::exp(-z));
+    default: return z;
+  }
+}
+
+// dL/dz from dL/dh; a select (not a multiply) for relu so an infinite dh at a dead unit gives 0, as torch does.
+template <typename acc_t>
+inline acc_t act_backward(acc_t dh, acc_t z, int64_t act) {
+  switch (act) {
+    case kRelu: return z > acc_t(0) ? dh : acc_t(0);
+    case kLeakyRelu: return z > acc_t(0) ? dh : acc_t(0.01) * dh;
+    case kGelu: {
+      const acc_t cdf = acc_t(0.5) * (acc_t(1) + std::erf(z * acc_t(M_SQRT1_2)));
+      const acc_t pdf = std::exp(acc_t(-0.5) * z * z) * acc_t(0.3989422804014327);  // 1/sqrt(2 pi)
+      return dh * (cdf + z * pdf);
+    }
+    case kSilu: {
+      const acc_t sg = acc_t(1) / (acc_t(1) + std::exp(-z));
+      return dh * sg * (acc_t(1) + z * (acc_t(1) - sg));
+    }
+    default: return dh;
+  }
+}
+
+// Per-row working arrays (M values each), allocated once per thread chunk.
+template <typename acc_t>
+struct RowScratch {
+  std::vector<acc_t> sim, norm, a, w;
+  explicit RowScratch(int64_t M) : sim(M), norm(M), a(M), w(M) {}
+};
+
+// Similarities and softmax of one sample. rows[m] -> h[m, b]. Fills sc.sim, sc.norm (cosine), sc.a;
+// returns the raw own norm |h_s| (0 for dot).
+template <typename acc_t, typename src_t>
+acc_t row_attention(const src_t* const* rows, int64_t M, int64_t N, int64_t s, double temperature, int64_t sim,
+                    RowScratch<acc_t>& sc) {
+  const src_t* own = rows[s];
+  acc_t own_raw = 0, own_n = 1;
+  if (sim == kCosine) {
+    for (int64_t m = 0; m < M; ++m) sc.norm[m] = std::sqrt(dot<acc_t>(rows[m], rows[m], N));
+    own_raw = sc.norm[s];
+    own_n = std::max(own_raw, acc_t(kEps));
+  }
+  const acc_t inv_sqrt_n = acc_t(1) / std::sqrt(acc_t(std::max<int64_t>(N, 1)));
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t m = 0; m < M; ++m) {
+    const acc_t d = dot<acc_t>(own, rows[m], N);
+    sc.sim[m] = sim == kCosine ? d / (own_n * std::max(sc.norm[m], acc_t(kEps))) : d * inv_sqrt_n;
+    sc.a[m] = sc.sim[m] / acc_t(temperature);
+    mx = std::max(mx, sc.a[m]);
+  }
+  acc_t tot = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    sc.a[m] = std::exp(sc.a[m] - mx);
+    tot += sc.a[m];
+  }
+  for (int64_t m = 0; m < M; ++m) sc.a[m] /= tot;
+  return own_raw;
+}
+
+// out[n] = sum_m a_m rows[m][n]
+template <typename acc_t, typename src_t, typename dst_t>
+inline void row_mix(const src_t* const* rows, int64_t M, int64_t N, const acc_t* a, dst_t* out) {
+#pragma omp simd
+  for (int64_t n = 0; n < N; ++n) {
+    acc_t v = 0;
+    for (int64_t m = 0; m < M; ++m) v += a[m] * static_cast<acc_t>(rows[m][n]);
+    out[n] = static_cast<dst_t>(v);
+  }
+}
+
+// dh_own of one sample into dh (acc_t, N values). The attention is recomputed here in acc_t (cheap next to the
+// dot products the backward needs anyway), so float64 gradients are exact to float64 precision even though the
+// forward's attn output is float32.
+template <typename acc_t, typename src_t, typename g_t>
+void row_backward(const src_t* const* rows, const g_t* g, int64_t M, int64_t N, int64_t s, double temperature,
+                  int64_t sim, RowScratch<acc_t>& sc, acc_t* dh) {
+  const src_t* own = rows[s];
+  const acc_t own_raw = row_attention<acc_t>(rows, M, N, s, temperature, sim, sc);
+  const acc_t own_n = std::max(own_raw, acc_t(kEps));
+  const acc_t inv_t = acc_t(1) / acc_t(temperature);
+  const acc_t inv_sqrt_n = acc_t(1) / std::sqrt(acc_t(std::max<int64_t>(N, 1)));
+  acc_t ga = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    sc.w[m] = dot<acc_t>(g, rows[m], N);  // u_m
+    ga += sc.a[m] * sc.w[m];
+  }
+  acc_t coef_own = 0;  // multiplies h_s (cosine: derivative of the own norm)
+  for (int64_t m = 0; m < M; ++m) {
+    const acc_t e = sc.a[m] * (sc.w[m] - ga) * (m == s ? acc_t(2) : acc_t(1)) * inv_t;
+    if (sim == kCosine) {
+      sc.w[m] = e / (own_n * std::max(sc.norm[m], acc_t(kEps)));
+      coef_own -= e * sc.sim[m];
+    } else {
+      sc.w[m] = e * inv_sqrt_n;
+    }
+  }
+  coef_own = (sim == kCosine && own_raw > acc_t(kEps)) ? coef_own / (own_n * own_n) : acc_t(0);
+  const acc_t a_s = sc.a[s];
+#pragma omp simd
+  for (int64_t n = 0; n < N; ++n) {
+    acc_t v = a_s * static_cast<acc_t>(g[n]) + coef_own * static_cast<acc_t>(own[n]);
+    for (int64_t m = 0; m < M; ++m) v += sc.w[m] * static_cast<acc_t>(rows[m][n]);
+    dh[n] = v;
+  }
+}
+
+void check_common(const at::Tensor& h, const at::Tensor& scenario) {
+  TORCH_CHECK(h.dim() == 3, "mutual: h must be [M, B, N], got ", h.sizes());
+  TORCH_CHECK(scenario.dim() == 1 && scenario.size(0) == h.size(1), "mutual: scenario must be [B]");
+  TORCH_CHECK(h.size(0) >= 1, "mutual: h needs at least one branch");
+}
+
+template <typename idx_t>
+inline int64_t own_index(const idx_t* sc, int64_t b, int64_t M) {
+  const int64_t s = static_cast<int64_t>(sc[b]);
+  TORCH_CHECK(s >= 0 && s < M, "mutual: scenario[", b, "] = ", s, " out of range [0, ", M, ")");
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor> mutual_forward(const at::Tensor& h_in, const at::Tensor& scenario_in,
+                                                  double temperature, int64_t similarity) {
+  check_common(h_in, scenario_in);
+  // Any strides for the M and B dims (the all-route GEMM output is a [M, B, N] view of [B, M, N]); rows contiguous.
+  const auto h = h_in.stride(2) == 1 ? h_in : h_in.contiguous();
+  const int64_t sM = h.stride(0), sB = h.stride(1);
+  const auto scenario = scenario_in.contiguous();
+  const int64_t M = h.size(0), B = h.size(1), N = h.size(2);
+  auto out = at::empty({B, N}, h.options());
+  auto attn = at::empty({B, M}, h.options().dtype(at::kFloat));
+  if (B == 0) return {out, attn};
+  SAML_DISPATCH_FLOATING(h.scalar_type(), "mutual_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    SAML_DISPATCH_INDEX(scenario.scalar_type(), "mutual_forward_idx", [&] {
+      const scalar_t* hp = h.data_ptr<scalar_t>();
+      const index_t* sp = scenario.data_ptr<index_t>();
+      scalar_t* op = out.data_ptr<scalar_t>();
+      float* ap = attn.data_ptr<float>();
+      at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(M * N, 1)), [&](int64_t b0, int64_t b1) {
+        RowScratch<acc_t> sc(M);
+        std::vector<const scalar_t*> rows(M);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t s = own_index(sp, b, M);
+          for (int64_t m = 0; m < M; ++m) rows[m] = hp + m * sM + b * sB;
+          row_attention<acc_t>(rows.data(), M, N, s, temperature, similarity, sc);
+          row_mix<acc_t>(rows.data(), M, N, sc.a.data(), op + b * N);
+          for (int64_t m = 0; m < M; ++m) ap[b * M + m] = static_cast<float>(sc.a[m]);
+        }
+      });
+    });
+  });
+  return {out, attn};
+}
+
+at::Tensor mutual_backward(const at::Tensor& grad_in, const at::Tensor& h_in, const at::Tensor& scenario_in,
+                           const at::Tensor& attn_in, double temperature, int64_t similarity) {
+  check_common(h_in, scenario_in);
+  // Any strides for the M and B dims (the all-route GEMM output is a [M, B, N] view of [B, M, N]); rows contiguous.
+  const auto h = h_in.stride(2) == 1 ? h_in : h_in.contiguous();
+  const int64_t sM = h.stride(0), sB = h.stride(1);
+  const auto scenario = scenario_in.contiguous();
+  const auto grad = grad_in.to(h.scalar_type()).contiguous();
+  const auto attn = attn_in.to(at::kFloat).contiguous();
+  const int64_t M = h.size(0), B = h.size(1), N = h.size(2);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B, N}), "mutual_backward: grad_out must be [B, N]");
+  TORCH_CHECK(attn.sizes() == at::IntArrayRef({B, M}), "mutual_backward: attn must be [B, M]");
+  auto dh = at::empty({B, N}, h.options());
+  if (B == 0) return dh;
+  SAML_DISPATCH_FLOATING(h.scalar_type(), "mutual_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    SAML_DISPATCH_INDEX(scenario.scalar_type(), "mutual_backward_idx", [&] {
+      const scalar_t* hp = h.data_ptr<scalar_t>();
+      const scalar_t* gp = grad.data_ptr<scalar_t>();
+      const index_t* sp = scenario.data_ptr<index_t>();
+      scalar_t* dp = dh.data_ptr<scalar_t>();
+      at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(M * N, 1)), [&](int64_t b0, int64_t b1) {
+        RowScratch<acc_t> sc(M);
+        std::vector<const scalar_t*> rows(M);
+        std::vector<acc_t> buf(N);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t s = own_index(sp, b, M);
+          for (int64_t m = 0; m < M; ++m) rows[m] = hp + m * sM + b * sB;
+          row_backward<acc_t>(rows.data(), gp + b * N, M, N, s, temperature, similarity, sc, buf.data());
+          for (int64_t n = 0; n < N; ++n) dp[b * N + n] = static_cast<scalar_t>(buf[n]);
+        }
+      });
+    });
+  });
+  return dh;
+}
+
+// ---------------------------------------------------------------------------------- fused mutual_linear
+
+// Rows per block: the float32 scratch block (rows x M*N) should stay in L2 (~256 KiB), with at least 16 rows so
+// the block GEMM stays efficient.
+int64_t block_rows(int64_t M, int64_t N, int64_t elem) {
+  const int64_t per_row = std::max<int64_t>(M * N * elem, 1);
+  return std::clamp<int64_t>((256 * 1024) / per_row, 16, 256);
+}
+
+struct Packed {
+  at::Tensor w, b, wa;  // [K, M*N], [M*N] or undefined, [Ka, M*N] or undefined, all in the accumulation dtype
+};
+
+Packed pack(const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& aux,
+            const c10::optional<at::Tensor>& aux_weight, at::ScalarType acc) {
+  const int64_t M = weight.size(0), K = weight.size(1), N = weight.size(2);
+  Packed p;
+  p.w = weight.to(acc).permute({1, 0, 2}).reshape({K, M * N}).contiguous();
+  if (bias.has_value() && bias->defined()) p.b = bias->to(acc).reshape({M * N}).contiguous();
+  if (aux.has_value() && aux->defined()) {
+    TORCH_CHECK(aux_weight.has_value() && aux_weight->defined(), "mutual_linear: aux needs aux_weight");
+    p.wa = aux_weight->to(acc).permute({1, 0, 2}).reshape({aux_weight->size(1), M * N}).contiguous();
+  }
+  return p;
+}
+
+// z[r, m*N + n] = x[r0 + r] W_m + aux[r0 + r] Wa_m + bias_m for the rows of one block, into the scratch block.
+void block_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& aux, const Packed& p, int64_t r0, int64_t rows,
+                at::Tensor& scratch, at::Tensor& xbuf, at::Tensor& abuf) {
+  auto z = scratch.narrow(0, 0, rows);
+  auto xb = x.narrow(0, r0, rows);
+  if (xb.scalar_type() != z.scalar_type()) xb = xbuf.narrow(0, 0, rows).copy_(xb);
+  if (p.b.defined()) {
+    at::addmm_out(z, p.b, xb, p.w);
+  } else {
+    at::mm_out(z, xb, p.w);
+  }
+  if (p.wa.defined()) {
+    auto ab = aux->narrow(0, r0, rows);
+    if (ab.scalar_type() != z.scalar_type()) ab = abuf.narrow(0, 0, rows).copy_(ab);
+    z.addmm_(ab, p.wa);
+  }
+}
+
+template <typename Fn>
+void for_blocks(const at::Tensor& x, const c10::optional<at::Tensor>& aux, const Packed& p, int64_t B, int64_t MN,
+                at::ScalarType acc, Fn&& fn) {
+  const int64_t blk = block_rows(MN, 1, acc == at::kDouble ? 8 : 4);
+  const int64_t nblocks = (B + blk - 1) / blk;
+  const auto opts = x.options().dtype(acc);
+  at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
+    // Worker threads do not inherit the caller's autograd exclusion: without this, addmm_out on parameters
+    // that require grad raises "functions with out=... arguments don't support automatic differentiation".
+    at::NoGradGuard no_grad;
+    auto scratch = at::empty({blk, MN}, opts);
+    auto xbuf = x.scalar_type() != acc ? at::empty({blk, x.size(1)}, opts) : at::Tensor();
+    auto abuf = (aux.has_value() && aux->defined() && aux->scalar_type() != acc)
+                    ? at::empty({blk, aux->size(1)}, opts) : at::Tensor();
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r0 = k * blk, rows = std::min(blk, B - r0);
+      block_gemm(x, aux, p, r0, rows, scratch, xbuf, abuf);
+      fn(r0, rows, scratch);
+    }
+  });
+}
+
+void check_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scenario) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 3 && x.size(1) == weight.size(1),
+              "mutual_linear: x [B, K] and weight [M, K, N] expected, got ", x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(scenario.dim() == 1 && scenario.size(0) == x.size(0), "mutual_linear: scenario must be [B]");
+}
+
+std::tuple<at::Tensor, at::Tensor> mutual_linear_forward(const at::Tensor& x_in, const at::Tensor& weight,
+                                                         const c10::optional<at::Tensor>& bias,
+                                                         const c10::optional<at::Tensor>& aux_in,
+                                                         const c10::optional<at::Tensor>& aux_weight,
+                                                         const at::Tensor& scenario_in, int64_t activation,
+                                                         double temperature, int64_t similarity) {
+  check_linear(x_in, weight, scenario_in);
+  const auto x = x_in.contiguous();
+  const auto scenario = scenario_in.contiguous();
+  c10::optional<at::Tensor> aux;
+  if (aux_in.has_value() && aux_in->defined()) aux = aux_in->contiguous();
+  const int64_t B = x.size(0), M = weight.size(0), N = weight.size(2);
+  auto out = at::empty({B, N}, x.options());
+  auto attn = at::empty({B, M}, x.options().dtype(at::kFloat));
+  if (B == 0) return {out, attn};
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Packed p = pack(weight, bias, aux, aux_weight, acc);
+  SAML_DISPATCH_FLOATING(x.scalar_type(), "mutual_linear_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    SAML_DISPATCH_INDEX(scenario.scalar_type(), "mutual_linear_forward_idx", [&] {
+      const index_t* sp = scenario.data_ptr<index_t>();
+      scalar_t* op = out.data_ptr<scalar_t>();
+      float* ap = attn.data_ptr<float>();
+      for_blocks(x, aux, p, B, M * N, acc, [&](int64_t r0, int64_t rows, at::Tensor& scratch) {
+        RowScratch<acc_t> sc(M);
+        std::vector<const acc_t*> rp(M);
+        acc_t* z = scratch.data_ptr<acc_t>();
+        if (activation != kNone) {
+          const int64_t cnt = rows * M * N;
+          for (int64_t i = 0; i < cnt; ++i) z[i] = act_forward(z[i], activation);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t b = r0 + r, s = own_index(sp, b, M);
+          for (int64_t m = 0; m < M; ++m) rp[m] = z + (r * M + m) * N;
+          row_attention<acc_t>(rp.data(), M, N, s, temperature, similarity, sc);
+          row_mix<acc_t>(rp.data(), M, N, sc.a.data(), op + b * N);
+          for (int64_t m = 0; m < M; ++m) ap[b * M + m] = static_cast<float>(sc.a[m]);
+        }
+      });
+    });
+  });
+  return {out, attn};
+}
+
+at::Tensor mutual_linear_backward(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& aux_in,
+                                  const c10::optional<at::Tensor>& aux_weight, const at::Tensor& scenario_in,
+                                  const at::Tensor& attn_in, int64_t activation, double temperature,
+                                  int64_t similarity) {
+  check_linear(x_in, weight, scenario_in);
+  const auto x = x_in.contiguous();
+  const auto scenario = scenario_in.contiguous();
+  const auto grad = grad_in.to(x.scalar_type()).contiguous();
+  const auto attn = attn_in.to(at::kFloat).contiguous();
+  c10::optional<at::Tensor> aux;
+  if (aux_in.has_value() && aux_in->defined()) aux = aux_in->contiguous();
+  const int64_t B = x.size(0), M = weight.size(0), N = weight.size(2);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B, N}), "mutual_linear_backward: grad_out must be [B, N]");
+  TORCH_CHECK(attn.sizes() == at::IntArrayRef({B, M}), "mutual_linear_backward: attn must be [B, M]");
+  auto dz = at::empty({B, N}, x.options());
+  if (B == 0) return dz;
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Packed p = pack(weight, bias, aux, aux_weight, acc);
+  SAML_DISPATCH_FLOATING(x.scalar_type(), "mutual_linear_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    SAML_DISPATCH_INDEX(scenario.scalar_type(), "mutual_linear_backward_idx", [&] {
+      const index_t* sp = scenario.data_ptr<index_t>();
+      const scalar_t* gp = grad.data_ptr<scalar_t>();
+      scalar_t* dp = dz.data_ptr<scalar_t>();
+      for_blocks(x, aux, p, B, M * N, acc, [&](int64_t r0, int64_t rows, at::Tensor& scratch) {
+        RowScratch<acc_t> sc(M);
+        std::vector<const acc_t*> rp(M);
+        std::vector<acc_t> zown(N), dh(N);
+        acc_t* z = scratch.data_ptr<acc_t>();
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t b = r0 + r, s = own_index(sp, b, M);
+          acc_t* zr = z + r * M * N;
+          std::copy(zr + s * N, zr + (s + 1) * N, zown.begin());
+          if (activation != kNone)
+            for (int64_t i = 0; i < M * N; ++i) zr[i] = act_forward(zr[i], activation);
+          for (int64_t m = 0; m < M; ++m) rp[m] = zr + m * N;
+          row_backward<acc_t>(rp.data(), gp + b * N, M, N, s, temperature, similarity, sc, dh.data());
+          for (int64_t n = 0; n < N; ++n) dp[b * N + n] = static_cast<scalar_t>(act_backward(dh[n], zown[n], activation));
+        }
+      });
+    });
+  });
+  return dz;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(saml_C, CPU, m) {
+  m.impl("mutual_forward", &mutual_forward);
+  m.impl("mutual_backward", &mutual_backward);
+  m.impl("mutual_linear_forward", &mutual_linear_forward);
+  m.impl("mutual_linear_backward", &mutual_linear_backward);
+}

@@ -1,0 +1,86 @@
+"""``MutualUnit``: the SAML mutual layer (DESIGN 1.5), the fused ``saml_kernels.mutual_linear`` as a module."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.mutual_linear import ACTIVATIONS, mutual_linear
+from ..ops.mutual_unit import SIMILARITY, check_temperature
+from .multi_branch_linear import MultiBranchLinear
+
+
+class MutualUnit(nn.Module):
+    """All M branches of a linear layer for every sample, mixed by the mutual unit, in one fused op:
+
+        h[m, b] = act(x_b W_m + aux_b Wa_m + bias_m),  a[b] = softmax_m(sim(h[s_b, b], h[m, b]) / temperature),
+        out[b]  = sum_m a[b, m] h[m, b]                                                    -> [B, N]
+
+    Equals ``MultiBranchLinear(route="all", grad_mask="own")`` followed by ``saml_kernels.mutual_unit`` (same
+    values and gradients: branch m's parameters learn only from scenario-m samples), without the [M, B, N]
+    branch outputs in memory.
+
+    Args:
+        in_features: K. out_features: N. num_branches: M. aux_features: Ka (0 = no aux input).
+        activation: None | "relu" | "leaky_relu" | "gelu" | "silu". temperature: > 0.
+        similarity: "cosine" | "dot". bias: learn bias [M, N].
+        save_branch_outputs: False (default) recomputes the branch outputs in the backward (no M x B x N memory,
+            one more all-branch GEMM); True keeps them from the forward (see ``saml_kernels.mutual_linear``).
+        backend: force a backend (None = automatic).
+
+    Parameters have the names, shapes and initialisation of ``MultiBranchLinear`` (``weight [M, K, N]``,
+    ``bias [M, N]``, ``aux_weight [M, Ka, N]``; each branch like ``nn.Linear(K + Ka, N)``), so a state_dict moves
+    between the two unchanged.
+
+    forward(x [B, K], scenario [B] int in [0, M), aux [B, Ka] or None) -> [B, N].
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_branches: int, aux_features: int = 0,
+                 activation: Optional[str] = "relu", temperature: float = 1.0, similarity: str = "cosine",
+                 bias: bool = True, device=None, dtype=None, save_branch_outputs: bool = False,
+                 backend: Optional[str] = None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features),
+                        ("num_branches", num_branches)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"MutualUnit: {name} must be a positive int, got {v!r}")
+        if not isinstance(aux_features, int) or aux_features < 0:
+            raise ValueError(f"MutualUnit: aux_features must be an int >= 0, got {aux_features!r}")
+        if not isinstance(activation, (str, type(None))) or activation not in ACTIVATIONS:
+            raise ValueError(f"MutualUnit: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        if not isinstance(similarity, str) or similarity not in SIMILARITY:
+            raise ValueError(f"MutualUnit: similarity must be one of {tuple(SIMILARITY)}, got {similarity!r}")
+        self.temperature = check_temperature("MutualUnit", temperature)
+        f = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.num_branches = in_features, out_features, num_branches
+        self.aux_features = aux_features
+        self.activation, self.similarity = activation, similarity
+        self.save_branch_outputs, self.backend = bool(save_branch_outputs), backend
+        self.weight = nn.Parameter(torch.empty(num_branches, in_features, out_features, **f))
+        # registration order = MultiBranchLinear's (weight, bias, aux_weight), so state_dicts list alike
+        self.register_parameter("bias", nn.Parameter(torch.empty(num_branches, out_features, **f)) if bias else None)
+        self.register_parameter("aux_weight", nn.Parameter(torch.empty(num_branches, aux_features, out_features, **f))
+                                if aux_features else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """MultiBranchLinear's initialisation (nn.Linear(K + Ka, N) per branch): U(-1/sqrt(K+Ka), 1/sqrt(K+Ka))."""
+        MultiBranchLinear.reset_parameters(self)
+
+    def forward(self, x: Tensor, scenario: Tensor, aux: Optional[Tensor] = None) -> Tensor:
+        if (aux is None) != (self.aux_weight is None):
+            raise ValueError(f"MutualUnit: aux_features={self.aux_features}, so aux must be "
+                             f"{'given' if self.aux_weight is not None else 'None'}")
+        return mutual_linear(x, self.weight, self.bias, scenario, activation=self.activation,
+                             temperature=self.temperature, similarity=self.similarity, aux=aux,
+                             aux_weight=self.aux_weight, save_branch_outputs=self.save_branch_outputs,
+                             backend=self.backend)
+
+    def extra_repr(self) -> str:
+        s = (f"in_features={self.in_features}, out_features={self.out_features}, num_branches={self.num_branches}"
+             f", aux_features={self.aux_features}, bias={self.bias is not None}, activation={self.activation!r}"
+             f", temperature={self.temperature}, similarity={self.similarity!r}")
+        if self.save_branch_outputs:
+            s += ", save_branch_outputs=True"
+        return s + (f", backend={self.backend!r}" if self.backend else "")
