@@ -54,11 +54,13 @@ TORCH_LIBRARY(saml_C, m) {
       "mbl_grouped_backward(Tensor dz, Tensor x, Tensor weight, Tensor? aux, Tensor? aux_weight, Tensor scenario, "
       "bool need_dx, bool need_dweight, bool need_dbias, bool need_daux, bool need_daux_weight) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Mutual unit on h [M,B,N]: own = h[s_b, b]; sim[m] = similarity(own, h[m, b]);
+  // Mutual unit on h [M,B,N] (any strides on dims 0, 1 with stride(2) == 1, e.g. the all-route view of [B,M,N]):
+  //   own = h[s_b, b]; sim[m] = similarity(own, h[m, b]);
   //   a = softmax(sim / temperature) over m; out[b] = sum_m a[m] h[m, b].
   //   Returns (out [B,N], attn [B,M] float32).
   m.def("mutual_forward(Tensor h, Tensor scenario, float temperature, int similarity) -> (Tensor, Tensor)");
-  // Backward with the other branches stop-gradient for each sample: only dh[s_b, b] is non-zero.
+  // Backward with the other branches stop-gradient for each sample: only dh[s_b, b] is non-zero. attn is the
+  //   forward's output; a kernel may recompute it instead (the CPU kernel does, for float64-exact gradients).
   //   Returns dh_own [B,N] (the gradient w.r.t. own = h[s_b, b]); the caller scatters it.
   m.def(
       "mutual_backward(Tensor grad_out, Tensor h, Tensor scenario, Tensor attn, float temperature, int similarity) "
@@ -68,6 +70,14 @@ TORCH_LIBRARY(saml_C, m) {
   m.def(
       "mutual_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? aux, Tensor? aux_weight, "
       "Tensor scenario, int activation, float temperature, int similarity) -> (Tensor, Tensor)");
+  // Fused mutual_linear backward, recompute variant (added by the mutual_linear owner): recomputes h[m,b] for all
+  //   m block by block (never [M,B,N] in memory), runs the mutual backward (attn as in mutual_backward) and the
+  //   own branch's activation derivative. Returns dz_own [B,N] (x dtype) = dL/dz[s_b, b]; the caller passes it
+  //   to mbl_grouped_backward for dx, dW, db, daux, dWa.
+  m.def(
+      "mutual_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? aux, "
+      "Tensor? aux_weight, Tensor scenario, Tensor attn, int activation, float temperature, int similarity) "
+      "-> Tensor");
 }
 
 static bool built_with_cuda() { return SAML_WITH_CUDA != 0; }

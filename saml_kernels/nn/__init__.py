@@ -2,5 +2,6 @@
 its parameter names with the reference model in saml_kernels.reference."""
 from .scenario_embedding import EmbeddingFeature, ScenarioEmbedding
 from .multi_branch_linear import MultiBranchLinear
+from .mutual_unit import MutualUnit
 from .attention import ScenarioAttention
 from .saml import SAML, SAMLConfig, SharedBottom, TrainingOptimizer
