@@ -123,3 +123,17 @@ def test_cuda_kernels_registered(op):
 
     assert _ext.has_cuda_ext()
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"saml_C::{op}", "CUDA"), f"saml_C::{op} has no CUDA kernel"
+
+
+@pytest.mark.parametrize("cap", CAPS)
+def test_seb_aligned_variants_use_16_byte_accesses(cap):
+    """The embedding gather is memory bound: with aligned tensors and D % 4 == 0 (fp32), the JIT's variant of the
+    forward and segment-sum kernels must load and store 16 bytes per access (ld/st.global.v4), never single words."""
+    from saml_kernels.triton import scenario_embedding_bag as seb
+
+    specs = [s for s in seb.aot_specs() if s.name.endswith("[aligned]") and "D16]" not in s.name]
+    assert specs
+    for spec in specs:
+        ptx = compile_spec(spec, cap).asm["ptx"]
+        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, spec.name
+        assert "ld.global.b32 " not in ptx, f"{spec.name}: scalar 4-byte loads of table rows"

@@ -13,7 +13,10 @@ and compiles every spec for sm_80 and sm_90 with :func:`compile_spec`.
   (``"*fp32"``, ``"*fp16"``, ``"*bf16"``, ``"*fp64"``, ``"*i32"``, ``"*i64"``, ``"i32"``, ``"i64"``,
   ``"fp32"``), with ``"constexpr"`` for the constexpr arguments;
 - ``constexprs``: ``{arg_name: value}`` for every constexpr argument (a ``tl.dtype`` is a valid value);
-- ``num_warps``, ``num_stages``: the launch options of that configuration.
+- ``num_warps``, ``num_stages``: the launch options of that configuration;
+- ``divisible_by_16`` (optional): argument names to compile as multiples of 16 (pointers 16-byte aligned,
+  integers % 16 == 0), the specialisation the JIT makes for aligned tensors and sizes such as D = 32; it is
+  what enables 16-byte vector accesses, so list it for the variant that runs in practice.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ class AotSpec:
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 2
+    divisible_by_16: tuple = ()
 
 
 def torch_to_triton_ptr(dtype) -> str:
@@ -63,9 +67,11 @@ def compile_spec(spec: AotSpec, capability: int) -> Any:
     sig = {n: spec.signature[n] for n in names}
     target = GPUTarget("cuda", capability, 32)
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    # Same format as triton/tools/compile.py: {(arg index,): [["tt.divisibility", 16]]}.
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in spec.divisible_by_16}
     try:
-        src = ASTSource(fn=fn, signature=sig, constexprs=dict(spec.constexprs))
+        src = ASTSource(fn=fn, signature=sig, constexprs=dict(spec.constexprs), attrs=attrs)
     except (TypeError, AssertionError):  # releases whose constexprs are keyed by argument-index tuples
-        src = ASTSource(fn=fn, signature=sig,
+        src = ASTSource(fn=fn, signature=sig, attrs=attrs,
                         constexprs={(names.index(k),): v for k, v in spec.constexprs.items()})
     return triton.compile(src, target=target, options=options)

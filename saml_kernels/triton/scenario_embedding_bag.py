@@ -505,8 +505,15 @@ def aot_specs() -> list:
                 f"B{cfg.block_b}xD{cfg.block_d}]")
         return AotSpec(name, _seb_segment_sum_kernel, sig, ce, cfg.num_warps, cfg.num_stages)
 
+    def aligned(spec):
+        """The variant the JIT builds for 16-byte aligned tensors and D % 16 == 0 (vector loads/stores)."""
+        div = tuple(n for n, t in spec.signature.items() if t.startswith("*")) + ("D",)
+        return dataclasses.replace(spec, name=spec.name + "[aligned]", divisible_by_16=div)
+
     f32, i64 = torch.float32, torch.int64
     for cfg in CONFIGS:
+        specs.append(aligned(fwd(cfg, SUM, f32, i64, False, True, True)))
+        specs.append(aligned(seg(cfg, f32, False)))
         for pool in (SUM, MEAN, NONE):
             specs.append(fwd(cfg, pool, f32, i64, pool == SUM, True, True))
             specs.append(keys(cfg, pool, f32, i64, pool == SUM, pool == SUM))
