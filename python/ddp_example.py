@@ -3,10 +3,13 @@
 Three ways to train the same model on W processes (gloo on CPU, nccl on GPUs), all ending with the parameters
 of single-process training on the same global batches (each rank takes a contiguous slice of every batch):
 
-  --mode ddp-sparse  the whole model in DistributedDataParallel, embedding tables with sparse=True: DDP
-                     all-reduces the sparse COO gradients (gloo supports sparse all-reduce; NCCL does not).
-  --mode excluded    the tables are excluded from DDP (DDP._set_params_and_buffers_to_ignore_for_model) and their
-                     gradients (dense or sparse) are all-reduced by hand after backward; DDP handles the rest.
+  --mode excluded         the embedding tables are excluded from DDP
+                          (DDP._set_params_and_buffers_to_ignore_for_model) and their dense gradients are
+                          all-reduced by hand after backward; DDP all-reduces everything else.
+  --mode excluded-sparse  the same with sparse=True tables: the sparse COO gradients are all-reduced by hand
+                          (gloo supports sparse all-reduce; NCCL does not). Handing sparse-gradient tables to DDP
+                          itself fails: DDP only expects sparse gradients from nn.Embedding / nn.EmbeddingBag
+                          ("Cannot access storage of SparseTensorImpl" in its reducer).
   --mode rowwise     the tables are sharded row-wise, TorchRec style: rank r owns a contiguous row range of every
                      feature (in the global table and, for aware features, in every scenario table). Ids are
                      routed to their owner with all_to_all, the owner pools its partial sums, and the partial
@@ -34,6 +37,7 @@ import saml_kernels  # noqa: E402
 from saml_kernels.reference.model import saml_loss  # noqa: E402
 
 EMB_PREFIXES = ("embedding.", "sequence_embedding.")
+MODES = ("excluded", "excluded-sparse", "rowwise")
 
 
 # =========================================================================================== sharded tables
@@ -265,23 +269,24 @@ def train_distributed(rank: int, world: int, mode: str, cfg, batches, port: int,
     _setup(rank, world, port)
     try:
         model = make_model(cfg, seed, backend)  # same seed on every rank: identical initial replicas
-        emb_names = [n for n, _ in model.named_parameters() if n.startswith(EMB_PREFIXES)]
         full_tables = {}
-        if mode == "ddp-sparse":
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        if mode == "excluded-sparse":
             for m in (model.embedding, getattr(model, "sequence_embedding", None)):
                 if m is not None:
                     m.sparse = True
-        elif mode in ("excluded", "rowwise"):
-            if mode == "rowwise":
-                for name in ("embedding", "sequence_embedding"):
-                    full = getattr(model, name, None)
-                    if full is not None:
-                        full_tables[name] = (full.global_weight.detach().clone(), full.scenario_weight.detach().clone())
-                        setattr(model, name, RowWiseShardedScenarioEmbedding(full, rank, world))
-                emb_names = [n for n, _ in model.named_parameters() if n.startswith(EMB_PREFIXES)]
-            DDP._set_params_and_buffers_to_ignore_for_model(model, emb_names)
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
+        if mode == "rowwise":
+            for name in ("embedding", "sequence_embedding"):
+                full = getattr(model, name, None)
+                if full is not None:
+                    full_tables[name] = (full.global_weight.detach().clone(), full.scenario_weight.detach().clone())
+                    setattr(model, name, RowWiseShardedScenarioEmbedding(full, rank, world))
+        # The tables (and, for shards, their per-rank row buffers, which DDP would otherwise broadcast from
+        # rank 0) stay out of DDP.
+        emb_names = [n for n, _ in model.named_parameters() if n.startswith(EMB_PREFIXES)]
+        DDP._set_params_and_buffers_to_ignore_for_model(
+            model, emb_names + [n for n, _ in model.named_buffers() if n.startswith(EMB_PREFIXES)])
         ddp = DDP(model)
         emb_params = [p for n, p in model.named_parameters() if n in emb_names]
         opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -289,7 +294,7 @@ def train_distributed(rank: int, world: int, mode: str, cfg, batches, port: int,
             b = _slice(gb, rank, world)
             opt.zero_grad(set_to_none=True)
             _loss(ddp, cfg, b).backward()
-            if mode == "excluded":  # the tables' gradients, averaged by hand (sparse COO or dense)
+            if mode.startswith("excluded"):  # the tables' gradients, averaged by hand (sparse COO or dense)
                 for p in emb_params:
                     g = p.grad.coalesce() if p.grad.is_sparse else p.grad
                     dist.all_reduce(g)
@@ -331,7 +336,7 @@ def compare(a: dict, b: dict) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["ddp-sparse", "excluded", "rowwise"], default="rowwise")
+    ap.add_argument("--mode", choices=MODES, default="rowwise")
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=256, help="global batch (split evenly over the ranks)")
