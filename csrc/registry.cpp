@@ -54,6 +54,15 @@ TORCH_LIBRARY(saml_C, m) {
       "mbl_grouped_backward(Tensor dz, Tensor x, Tensor weight, Tensor? aux, Tensor? aux_weight, Tensor scenario, "
       "bool need_dx, bool need_dweight, bool need_dbias, bool need_daux, bool need_daux_weight) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Optional fused variant (CPU; a backend without it gets the unfused path): the own-rows backward with the
+  //   activation backward and the own-row pick folded into the row gather. dy [B,N] or [M,B,N] (row b read at
+  //   (s_b, b); any strides with stride(-1) == 1); saved: y for relu/leaky_relu (same shape as dy), else empty;
+  //   activation in {0 none, 1 relu, 2 leaky_relu} (for gelu/silu the caller passes dz and 0). x [B,K] or
+  //   [M,B,K] (row b at (s_b, b); dx then [M,B,K], zero off the own rows). Otherwise as mbl_grouped_backward.
+  m.def(
+      "mbl_grouped_backward_act(Tensor dy, Tensor saved, Tensor x, Tensor weight, Tensor? aux, Tensor? aux_weight, "
+      "Tensor scenario, int activation, bool need_dx, bool need_dweight, bool need_dbias, bool need_daux, "
+      "bool need_daux_weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Mutual unit on h [M,B,N] (any strides on dims 0, 1 with stride(2) == 1, e.g. the all-route view of [B,M,N]):
   //   own = h[s_b, b]; sim[m] = similarity(own, h[m, b]);
   //   a = softmax(sim / temperature) over m; out[b] = sum_m a[m] h[m, b].

@@ -197,6 +197,28 @@ def test_kernel_contract(device, backend, activation, dtype):
     assert [t.numel() == 0 for t in got] == [True, False, True, True, True]
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("activation", [0, 1, 2])
+@pytest.mark.parametrize("dy_dim,x_dim", [(2, 2), (3, 2), (3, 3), (2, 3)])
+def test_fused_backward_contract(device, backend, activation, dy_dim, x_dim):
+    k = mbl_ops.kernels(backend)
+    if k.grouped_backward_act is None:
+        pytest.skip(f"{backend} has no fused grouped_backward_act (optional)")
+    rk = mbl_ops.kernels("reference")
+    M, B, N = 3, 22, 6
+    inp = make_inputs(M=M, B=B, K=5, N=N, Ka=3, shared=x_dim == 2, device=device)
+    dy = torch.randn((M, B, N) if dy_dim == 3 else (B, N), device=device)
+    if dy_dim == 3:
+        dy = dy.permute(1, 0, 2).contiguous().permute(1, 0, 2)  # the all-route layout
+    saved = torch.randn_like(dy) if activation else dy.new_empty(0)
+    args = (inp["x"], inp["weight"], inp["aux"], inp["aux_weight"], inp["scenario"], activation, True, True, True,
+            True, True)
+    got = k.grouped_backward_act(dy, saved, *args)
+    exp = rk.grouped_backward_act(dy.cpu(), saved.cpu(), *[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
+    for name, g, e in zip(("dx", "dW", "db", "daux", "dWa"), got, exp):
+        assert_close(g, e, torch.float32, name)
+
+
 def test_all_route_layout_is_packed_gemm_view():
     inp = make_inputs(M=3, B=5, K=4, N=6)
     y = mbranch_linear(inp["x"], inp["weight"], inp["bias"], inp["scenario"], route="all", backend="cpu")

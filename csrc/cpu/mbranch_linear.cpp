@@ -274,38 +274,105 @@ std::tuple<Tensor, Tensor> all_forward(const Tensor& x_, const Tensor& weight_, 
 
 // ------------------------------------------------------------------------------------------------ grouped backward
 
-// dst[perm[i]] = src[i] converted (src [B, C] acc, dst [B, C] scalar_t).
-Tensor scatter_rows(const Tensor& src, const int64_t* perm, const at::TensorOptions& opts) {
-  const int64_t R = src.size(0), C = src.size(1);
-  Tensor out = at::empty({R, C}, opts);
-  SAML_DISPATCH_FLOATING(out.scalar_type(), "mbl_scatter", [&] {
+// Row b of scenario m of a [B, C] or [M, B, C] tensor (stride(-1) == 1; a 2-D tensor ignores m).
+template <typename T>
+struct RowSrc {
+  const T* p = nullptr;
+  int64_t s_m = 0, s_b = 0;
+  RowSrc() = default;
+  explicit RowSrc(const Tensor& t) : p(t.data_ptr<T>()), s_m(t.dim() == 3 ? t.stride(0) : 0), s_b(t.stride(-2)) {}
+  const T* row(int64_t m, int64_t b) const { return p + m * s_m + b * s_b; }
+};
+
+Tensor unit_stride_rows(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// dst[r] = act'-weighted own row of src for original row b = perm[r] of scenario m = s[b]:
+//   act none: src[m, b]; relu: src * (saved > 0); leaky: src * (saved > 0 ? 1 : slope). dst is [B, C] acc.
+Tensor gather_own(const Tensor& src_, const Tensor& saved_, const Tensor& scenario, const int64_t* perm, int64_t act) {
+  const Tensor src = unit_stride_rows(src_);
+  const Tensor saved = act == kNone ? Tensor() : unit_stride_rows(saved_);
+  const int64_t R = scenario.numel(), C = src.size(-1);
+  Tensor out = at::empty({R, C}, src.options().dtype(acc_type(src.scalar_type())));
+  SAML_DISPATCH_FLOATING(src.scalar_type(), "mbl_gather_own", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    epilogue<scalar_t, acc_t>(src.data_ptr<acc_t>(), R, C, [](int64_t) -> const acc_t* { return nullptr; },
-                              [&](int64_t r) { return perm[r]; }, out.data_ptr<scalar_t>(), kNone);
+    const RowSrc<scalar_t> g(src);
+    const RowSrc<scalar_t> v = saved.defined() ? RowSrc<scalar_t>(saved) : RowSrc<scalar_t>();
+    acc_t* dst = out.data_ptr<acc_t>();
+    const acc_t slope = static_cast<acc_t>(kLeakySlope);
+    AT_DISPATCH_INDEX_TYPES(scenario.scalar_type(), "mbl_gather_own_idx", [&] {
+      const index_t* s = scenario.data_ptr<index_t>();
+      at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t b = perm[r], m = s[b];
+          const scalar_t* gr = g.row(m, b);
+          acc_t* d = dst + r * C;
+          if (act == kRelu) {
+            const scalar_t* vr = v.row(m, b);
+            for (int64_t c = 0; c < C; ++c) d[c] = static_cast<acc_t>(vr[c]) > 0 ? static_cast<acc_t>(gr[c]) : acc_t(0);
+          } else if (act == kLeaky) {
+            const scalar_t* vr = v.row(m, b);
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t gv = static_cast<acc_t>(gr[c]);
+              d[c] = static_cast<acc_t>(vr[c]) > 0 ? gv : gv * slope;
+            }
+          } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            std::memcpy(d, gr, C * sizeof(acc_t));
+          } else {
+            for (int64_t c = 0; c < C; ++c) d[c] = static_cast<acc_t>(gr[c]);
+          }
+        }
+      });
+    });
   });
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grouped_backward(
-    const Tensor& dz_, const Tensor& x_, const Tensor& weight_, const OptTensor& aux_, const OptTensor& aux_weight_,
-    const Tensor& scenario_, bool need_dx, bool need_dw, bool need_db, bool need_daux, bool need_dwa) {
-  check_common("mbl_grouped_backward", x_, weight_, std::nullopt, aux_, aux_weight_, kNone);
-  TORCH_CHECK(x_.dim() == 2, "mbl_grouped_backward: x must be [B, K], got ", x_.sizes());
-  const int64_t B = x_.size(0), M = weight_.size(0), K = weight_.size(1), N = weight_.size(2);
-  TORCH_CHECK(dz_.dim() == 2 && dz_.size(0) == B && dz_.size(1) == N, "mbl_grouped_backward: dz must be [", B, ", ",
-              N, "], got ", dz_.sizes());
-  TORCH_CHECK(scenario_.numel() == B, "mbl_grouped_backward: scenario has ", scenario_.numel(), " entries, x has ", B);
-  const bool has_aux = aux_.has_value();
+// Input gradient rows back to their place: dst[perm[r]] (2-D like) or dst[s_b, b] of a zeroed [M, B, C] (3-D like).
+Tensor scatter_own(const Tensor& src, const int64_t* perm, const Tensor& scenario, const Tensor& like) {
+  const int64_t R = src.size(0), C = src.size(1);
+  const bool three = like.dim() == 3;
+  Tensor out = three ? at::zeros({like.size(0), R, C}, like.options()) : at::empty({R, C}, like.options());
+  SAML_DISPATCH_FLOATING(out.scalar_type(), "mbl_scatter", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    AT_DISPATCH_INDEX_TYPES(scenario.scalar_type(), "mbl_scatter_idx", [&] {
+      const index_t* s = scenario.data_ptr<index_t>();
+      epilogue<scalar_t, acc_t>(
+          src.data_ptr<acc_t>(), R, C, [](int64_t) -> const acc_t* { return nullptr; },
+          [&](int64_t r) { return three ? static_cast<int64_t>(s[perm[r]]) * R + perm[r] : perm[r]; },
+          out.data_ptr<scalar_t>(), kNone);
+    });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
+    const char* op, const Tensor& dy, const Tensor& saved, const Tensor& x, const Tensor& weight, const OptTensor& aux,
+    const OptTensor& aux_weight, const Tensor& scenario_, int64_t act, bool need_dx, bool need_dw, bool need_db,
+    bool need_daux, bool need_dwa) {
+  check_common(op, x, weight, std::nullopt, aux, aux_weight, act);
+  TORCH_CHECK(act == kNone || act == kRelu || act == kLeaky, op, ": fused activation backward supports codes 0-2, got ",
+              act);
+  const int64_t M = weight.size(0), K = weight.size(1), N = weight.size(2);
+  const int64_t B = x.size(-2);
+  TORCH_CHECK(x.dim() == 2 || (x.dim() == 3 && x.size(0) == M), op, ": x must be [B, K] or [M, B, K], got ", x.sizes());
+  TORCH_CHECK((dy.dim() == 2 && dy.size(0) == B && dy.size(1) == N) ||
+                  (dy.dim() == 3 && dy.size(0) == M && dy.size(1) == B && dy.size(2) == N),
+              op, ": dy must be [B, N] or [M, B, N] with B = ", B, ", N = ", N, ", got ", dy.sizes());
+  if (act != kNone)
+    TORCH_CHECK(saved.sizes() == dy.sizes() && saved.scalar_type() == dy.scalar_type(), op,
+                ": saved must be shaped like dy for relu/leaky_relu, got ", saved.sizes());
+  TORCH_CHECK(scenario_.numel() == B, op, ": scenario has ", scenario_.numel(), " entries, x has ", B);
+  const bool has_aux = aux.has_value();
   need_daux = need_daux && has_aux;
   need_dwa = need_dwa && has_aux;
-  const int64_t Ka = has_aux ? aux_->size(1) : 0;
-  const auto opts = x_.options();
-  const at::ScalarType acc = acc_type(x_.scalar_type());
+  const int64_t Ka = has_aux ? aux->size(1) : 0;
+  const auto opts = x.options();
+  const at::ScalarType acc = acc_type(x.scalar_type());
   // Distinct empty tensors: outputs of an op must not alias each other.
   auto empty = [&] { return at::empty({0}, opts); };
   Tensor dx = empty(), dw = empty(), db = empty(), daux = empty(), dwa = empty();
   if (B == 0) {
-    if (need_dx) dx = at::empty({0, K}, opts);
+    if (need_dx) dx = at::empty(x.sizes(), opts);
     if (need_dw) dw = at::zeros({M, K, N}, opts);
     if (need_db) db = at::zeros({M, N}, opts);
     if (need_daux) daux = at::empty({0, Ka}, opts);
@@ -315,33 +382,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grouped_backward(
   const Tensor scenario = scenario_.contiguous();
   const Groups g = group_rows(scenario, M);
   const int64_t* perm = g.perm.data_ptr<int64_t>();
-  const Tensor dzs = gather(dz_.contiguous(), perm, B);  // dz rows sorted by scenario, acc dtype
+  const Tensor dzs = gather_own(dy, saved, scenario, perm, act);  // act'-weighted own dy rows, sorted, acc dtype
 
   // Parameter gradients: one GEMM per scenario over its own rows (X_m^T dZ_m), written into its slice.
   auto param_grad = [&](const Tensor& inp, int64_t F) {
-    const Tensor s = gather(inp.contiguous(), perm, B);
+    const Tensor rows = gather_own(inp, Tensor(), scenario, perm, kNone);
     Tensor out = at::empty({M, F, N}, opts.dtype(acc));
     for (int64_t m = 0; m < M; ++m) {
       const int64_t r0 = g.start[m], n = g.start[m + 1] - r0;
       Tensor o = out[m];
-      if (n == 0) o.zero_(); else at::mm_out(o, s.narrow(0, r0, n).t(), dzs.narrow(0, r0, n));
+      if (n == 0) o.zero_(); else at::mm_out(o, rows.narrow(0, r0, n).t(), dzs.narrow(0, r0, n));
     }
-    return out.to(x_.scalar_type());
+    return out.to(x.scalar_type());
   };
   // Input gradients: dZ_m W_m^T per scenario into the sorted buffer, then one scatter back.
-  auto input_grad = [&](const Tensor& wt, int64_t F) {
+  auto input_grad = [&](const Tensor& wt, int64_t F, const Tensor& like) {
     const Tensor w = to_acc(wt);
-    Tensor s = at::empty({B, F}, opts.dtype(acc));
+    Tensor rows = at::empty({B, F}, opts.dtype(acc));
     for (int64_t m = 0; m < M; ++m) {
       const int64_t r0 = g.start[m], n = g.start[m + 1] - r0;
       if (n == 0) continue;
-      Tensor o = s.narrow(0, r0, n);
+      Tensor o = rows.narrow(0, r0, n);
       at::mm_out(o, dzs.narrow(0, r0, n), w[m].t());
     }
-    return scatter_rows(s, perm, opts);
+    return scatter_own(rows, perm, scenario, like);
   };
-  if (need_dw) dw = param_grad(x_, K);
-  if (need_dwa) dwa = param_grad(*aux_, Ka);
+  if (need_dw) dw = param_grad(x, K);
+  if (need_dwa) dwa = param_grad(*aux, Ka);
   if (need_db) {
     Tensor out = at::empty({M, N}, opts.dtype(acc));
     for (int64_t m = 0; m < M; ++m) {
@@ -349,11 +416,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grouped_backward(
       Tensor o = out[m];
       if (n == 0) o.zero_(); else at::sum_out(o, dzs.narrow(0, r0, n), std::vector<int64_t>{0});
     }
-    db = out.to(x_.scalar_type());
+    db = out.to(x.scalar_type());
   }
-  if (need_dx) dx = input_grad(weight_, K);
-  if (need_daux) daux = input_grad(*aux_weight_, Ka);
+  if (need_dx) dx = input_grad(weight, K, x);
+  if (need_daux) daux = input_grad(*aux_weight, Ka, *aux);
   return {dx, dw, db, daux, dwa};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grouped_backward(
+    const Tensor& dz, const Tensor& x, const Tensor& weight, const OptTensor& aux, const OptTensor& aux_weight,
+    const Tensor& scenario, bool need_dx, bool need_dw, bool need_db, bool need_daux, bool need_dwa) {
+  TORCH_CHECK(x.dim() == 2, "mbl_grouped_backward: x must be [B, K], got ", x.sizes());
+  TORCH_CHECK(dz.dim() == 2, "mbl_grouped_backward: dz must be [B, N], got ", dz.sizes());
+  return backward_impl("mbl_grouped_backward", dz, Tensor(), x, weight, aux, aux_weight, scenario, kNone, need_dx,
+                       need_dw, need_db, need_daux, need_dwa);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grouped_backward_act(
+    const Tensor& dy, const Tensor& saved, const Tensor& x, const Tensor& weight, const OptTensor& aux,
+    const OptTensor& aux_weight, const Tensor& scenario, int64_t act, bool need_dx, bool need_dw, bool need_db,
+    bool need_daux, bool need_dwa) {
+  return backward_impl("mbl_grouped_backward_act", dy, saved, x, weight, aux, aux_weight, scenario, act, need_dx,
+                       need_dw, need_db, need_daux, need_dwa);
 }
 
 }  // namespace
@@ -362,4 +446,5 @@ TORCH_LIBRARY_IMPL(saml_C, CPU, m) {
   m.impl("mbl_grouped_forward", &grouped_forward);
   m.impl("mbl_all_forward", &all_forward);
   m.impl("mbl_grouped_backward", &grouped_backward);
+  m.impl("mbl_grouped_backward_act", &grouped_backward_act);
 }

@@ -1,6 +1,12 @@
 """``saml_kernels::mbranch_linear``: the M-branch linear layer (routes "own"/"all", scenario gradient masking).
 
 Kernel-contract notes for backend authors (csrc/registry.cpp has the schemas):
+- SCHEMA ADDITION (no existing schema changed): ``mbl_grouped_backward_act(dy, saved, x, weight, aux?, aux_weight?,
+  scenario, activation, need_dx, need_dweight, need_dbias, need_daux, need_daux_weight)``, an OPTIONAL fused
+  variant of ``mbl_grouped_backward``: dy/saved may be [M, B, N] (row b read at (s_b, b)), x may be [M, B, K]
+  (dx then [M, B, K], zero off the own rows), and act' of relu/leaky_relu (codes 0-2) is applied while the rows
+  are gathered. The CPU kernel has it; a backend without it (no CUDA kernel registered, no
+  ``grouped_backward_act`` in the Triton module) gets the unfused path automatically.
 - ``mbl_all_forward`` with a shared x [B, K] returns y (and z) as the [M, B, N] *view* with strides
   (N, M*N, 1) of a contiguous [B, M*N] buffer: the output of ONE GEMM x @ Wp against the packed weights
   Wp [K, M*N] (Wp[k, m*N + n] = W[m, k, n]); with a per-branch x [M, B, K] they are contiguous [M, B, N].
@@ -43,22 +49,37 @@ ACTIVATIONS = _ref.ACTIVATIONS
 _backend.register_op(OP, ("reference", "cpu", "triton", "cuda"))
 
 
+def _has_kernel(name: str, dispatch_key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"saml_C::{name}", dispatch_key)
+    except RuntimeError:
+        return False
+
+
 def kernels(backend: str):
     """The kernel table of one backend: ``grouped_forward``, ``all_forward``, ``grouped_backward``, each with
-    the signature of the C++ op ``torch.ops.saml_C.mbl_*`` (csrc/registry.cpp)."""
+    the signature of the C++ op ``torch.ops.saml_C.mbl_*`` (csrc/registry.cpp), and ``grouped_backward_act``
+    (the optional fused variant, ``mbl_grouped_backward_act``) or None where the backend lacks it."""
     if backend == "reference":
         return types.SimpleNamespace(grouped_forward=_ref.grouped_forward_kernel, all_forward=_ref.all_forward_kernel,
-                                     grouped_backward=_ref.grouped_backward_kernel)
+                                     grouped_backward=_ref.grouped_backward_kernel,
+                                     grouped_backward_act=_ref.grouped_backward_act_kernel)
     if backend == "triton":
         from ..triton import mbranch_linear as tk
 
         return types.SimpleNamespace(grouped_forward=tk.grouped_forward, all_forward=tk.all_forward,
-                                     grouped_backward=tk.grouped_backward)
+                                     grouped_backward=tk.grouped_backward,
+                                     grouped_backward_act=getattr(tk, "grouped_backward_act", None))
     if backend in ("cpu", "cuda"):
         ops = torch.ops.saml_C
+        fused = _has_kernel("mbl_grouped_backward_act", backend.upper())
         return types.SimpleNamespace(grouped_forward=ops.mbl_grouped_forward, all_forward=ops.mbl_all_forward,
-                                     grouped_backward=ops.mbl_grouped_backward)
+                                     grouped_backward=ops.mbl_grouped_backward,
+                                     grouped_backward_act=ops.mbl_grouped_backward_act if fused else None)
     raise ValueError(f"{OP}: unknown backend {backend!r}")
+
+
+FUSED_ACTS = (_ref.NONE, _ref.RELU, _ref.LEAKY_RELU)  # activation backwards the fused kernel applies itself
 
 
 def all_layout(t: Tensor, shared: bool) -> Tensor:
@@ -132,9 +153,12 @@ def _own_backward_op(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, aux: 
                      aux_weight: Optional[Tensor], scenario: Tensor, activation: int, need_dx: bool,
                      need_dweight: bool, need_dbias: bool, need_daux: bool, need_daux_weight: bool,
                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    k = kernels(backend)
+    need = (need_dx, need_dweight, need_dbias, need_daux, need_daux_weight)
+    if k.grouped_backward_act is not None and activation in FUSED_ACTS:
+        return _distinct(k.grouped_backward_act(dy, saved, x, weight, aux, aux_weight, scenario, activation, *need))
     dz = _ref.activation_backward(dy, saved, activation).contiguous()
-    return _distinct(kernels(backend).grouped_backward(dz, x, weight, aux, aux_weight, scenario, need_dx,
-                                                       need_dweight, need_dbias, need_daux, need_daux_weight))
+    return _distinct(k.grouped_backward(dz, x, weight, aux, aux_weight, scenario, *need))
 
 
 @_own_backward_op.register_fake
@@ -180,7 +204,19 @@ def _all_backward_op(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, aux: 
     s = scenario.long()
     ar = torch.arange(B, device=x.device)
     shared = x.dim() == 2
-    grouped = kernels(backend).grouped_backward
+    k = kernels(backend)
+    grouped = k.grouped_backward
+    fused = k.grouped_backward_act
+    if grad_mask == GRAD_MASKS["own"] and fused is not None:
+        # The kernel picks dy[s_b, b] (and x[s_b, b]) and applies act' while it gathers the rows by scenario.
+        if activation in FUSED_ACTS:
+            out = fused(dy, saved, x, weight, aux, aux_weight, scenario, activation, need_dx, need_dweight,
+                        need_dbias, need_daux, need_daux_weight)
+        else:
+            dz = _ref.activation_backward(dy[s, ar], saved[s, ar], activation)
+            out = fused(dz, dz.new_empty(0), x, weight, aux, aux_weight, scenario, _ref.NONE, need_dx, need_dweight,
+                        need_dbias, need_daux, need_daux_weight)
+        return _distinct(out)
     if grad_mask == GRAD_MASKS["own"]:
         # Only the own branch of each row carries gradient: gather it, run the grouped backward.
         dy_own = dy[s, ar]
@@ -197,10 +233,14 @@ def _all_backward_op(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, aux: 
     dz = _ref.activation_backward(dy, saved, activation)  # [M, B, N], keeps dy's layout
     if grad_mask == GRAD_MASKS["params"]:
         # Parameters from own rows only (grouped); inputs from every branch (dense).
-        dz_own = dz[s, ar].contiguous()
-        x_own = x if shared else x[s, ar]
-        _, dW, db, _, dWa = grouped(dz_own, x_own.contiguous(), weight, aux, aux_weight, scenario, False,
-                                    need_dweight, need_dbias, False, need_daux_weight)
+        if fused is not None:
+            _, dW, db, _, dWa = fused(dz, dz.new_empty(0), x, weight, aux, aux_weight, scenario, _ref.NONE, False,
+                                      need_dweight, need_dbias, False, need_daux_weight)
+        else:
+            dz_own = dz[s, ar].contiguous()
+            x_own = x if shared else x[s, ar]
+            _, dW, db, _, dWa = grouped(dz_own, x_own.contiguous(), weight, aux, aux_weight, scenario, False,
+                                        need_dweight, need_dbias, False, need_daux_weight)
     else:
         # Dense: dW_m = x_m^T dz_m (one GEMM x^T [K, B] @ dz [B, M*N] for a shared x), db_m = sum_b dz_m.
         dW = db = dWa = empty

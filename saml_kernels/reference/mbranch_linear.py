@@ -203,3 +203,23 @@ def grouped_backward_kernel(dz, x, weight, aux, aux_weight, scenario, need_dx, n
         if dWa is not None:
             dWa[m] = aux[rows].to(acc).t() @ dzm
     return tuple(x.new_empty(0) if t is None else t.to(x.dtype) for t in (dx, dW, db, daux, dWa))
+
+
+def grouped_backward_act_kernel(dy, saved, x, weight, aux, aux_weight, scenario, activation, need_dx, need_dweight,
+                                need_dbias, need_daux, need_daux_weight):
+    """Contract of ``saml_C.mbl_grouped_backward_act``: the own-rows backward with the activation backward (codes
+    0-2) and the own-row pick of a [M, B, *] dy / saved / x folded in; dx has x's shape (zero off the own rows)."""
+    s = scenario.long()
+    ar = torch.arange(s.numel(), device=s.device)
+    if dy.dim() == 3:
+        dy = dy[s, ar]
+        saved = saved[s, ar] if saved.dim() == 3 else saved
+    dz = activation_backward(dy, saved, activation)
+    x_own = x[s, ar] if x.dim() == 3 else x
+    dx, dW, db, daux, dWa = grouped_backward_kernel(dz, x_own, weight, aux, aux_weight, scenario, need_dx,
+                                                    need_dweight, need_dbias, need_daux, need_daux_weight)
+    if need_dx and x.dim() == 3:
+        full = x.new_zeros(x.shape)
+        full[s, ar] = dx
+        dx = full
+    return dx, dW, db, daux, dWa

@@ -1,0 +1,303 @@
+"""Benchmark of the M-branch GEMMs (issue 3, section 4): ``mbranch_linear`` routes "own" and "all" (grad_mask "own").
+
+CPU (default): M=4, B=4096, K=N=256, float32.  ``--gpu``: M=4, B=16384, K=N=512, bfloat16 on CUDA.
+Scenario mixes: uniform and skewed (70/20/5/5); rows always unsorted (random order). Layer: bias + relu.
+
+Providers (all compute the same y and, for fwd+bwd, the gradients of x, W and bias):
+  ours         saml_kernels.mbranch_linear (backend chosen automatically: cpu / cuda)
+  eager_where  the pattern of public multi-scenario code: every branch on the full batch, rows picked with
+               torch.where (M times the FLOPs)
+  masked_loop  per branch: boolean-mask gather of its rows, GEMM, masked write back
+  sort_segment argsort by scenario, one GEMM per contiguous segment, unsort (index_copy)
+  grouped_mm   torch._grouped_mm on the sorted rows (route own) / batched (route all), where it runs
+  compile_ref  torch.compile of saml_kernels.reference.mbranch_linear_reference
+  plain        one plain matmul of the same shape class (own: [B,K]x[K,N]; all: [B,K]x[K,M*N]), the ceiling
+
+Reported: median ms, useful GFLOP/s (own: 2BKN fwd, 6BKN fwd+bwd; all+grad_mask own: 2MBKN fwd,
+2MBKN + 4BKN fwd+bwd), % of the plain-matmul rate measured in the same run, speed-up of ours over each provider
+(median of per-round ratios, alternating timing), peak extra memory of one call.
+
+Peak memory on the CPU: the process re-executes itself with MALLOC_MMAP_THRESHOLD_=65536 so that every large
+buffer is mmapped and returned on free; resident memory then follows live memory and a sampling thread
+(~0.2 ms period) records its peak over one call (warm). On CUDA: the allocator's peak.
+
+Mutual providers: the mutual_linear benchmark lives in benchmarks/bench_mutual.py (the mutual_linear owner);
+``add_mutual_providers`` below is the hook if they prefer to extend this file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+
+if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "--gpu" not in sys.argv:
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import saml_kernels  # noqa: E402
+from harness import machine_tag, markdown_table, peak_memory, time_alternating, write_results  # noqa: E402
+from saml_kernels.reference.mbranch_linear import mbranch_linear_reference  # noqa: E402
+
+MIXES = {"uniform": None, "skewed": (0.70, 0.20, 0.05, 0.05)}
+
+
+def make_case(M, B, K, N, dtype, device, mix, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if MIXES[mix] is None:
+        s = torch.randint(0, M, (B,), generator=g)
+    else:
+        counts = [int(round(p * B)) for p in MIXES[mix]]
+        counts[0] += B - sum(counts)
+        s = torch.cat([torch.full((c,), m) for m, c in enumerate(counts)])
+        s = s[torch.randperm(B, generator=g)]  # unsorted rows
+    mk = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)  # noqa
+    return dict(x=mk(B, K), weight=mk(M, K, N, scale=K ** -0.5), bias=mk(M, N, scale=0.1), scenario=s.to(device),
+                M=M, B=B, K=K, N=N)
+
+
+# ------------------------------------------------------------------------------------------------ providers
+
+def _relu(t):
+    return torch.relu(t)
+
+
+def own_providers(c, compile_ref=True):
+    """name -> f(x, W, b, s) returning y [B, N] (route own)."""
+    M, B, N = c["M"], c["B"], c["N"]
+
+    def ours(x, w, b, s):
+        return saml_kernels.mbranch_linear(x, w, b, s, route="own", activation="relu")
+
+    def eager_where(x, w, b, s):
+        out = x.new_zeros(B, N)
+        for m in range(M):
+            out = torch.where((s == m).unsqueeze(1), _relu(x @ w[m] + b[m]), out)
+        return out
+
+    def masked_loop(x, w, b, s):
+        out = x.new_zeros(B, N)
+        for m in range(M):
+            rows = s == m
+            out = out.index_put((rows,), _relu(x[rows] @ w[m] + b[m]))
+        return out
+
+    def _sorted(s):
+        order = torch.argsort(s, stable=True)
+        counts = torch.bincount(s, minlength=M)
+        return order, counts
+
+    def sort_segment(x, w, b, s):
+        order, counts = _sorted(s)
+        parts = x.index_select(0, order).split(counts.tolist())
+        ys = torch.cat([_relu(p @ w[m] + b[m]) for m, p in enumerate(parts)])
+        return ys.new_zeros(B, N).index_copy(0, order, ys)
+
+    def grouped_mm(x, w, b, s):
+        order, counts = _sorted(s)
+        offs = counts.cumsum(0).to(torch.int32)
+        ys = torch._grouped_mm(x.index_select(0, order), w, offs=offs)
+        ys = _relu(ys + b.index_select(0, s.index_select(0, order)))
+        return ys.new_zeros(B, N).index_copy(0, order, ys)
+
+    provs = dict(ours=ours, eager_where=eager_where, masked_loop=masked_loop, sort_segment=sort_segment,
+                 grouped_mm=grouped_mm)
+    if compile_ref:
+        provs["compile_ref"] = torch.compile(
+            lambda x, w, b, s: mbranch_linear_reference(x, w, b, s, route="own", activation="relu"))
+    return provs
+
+
+def all_providers(c, compile_ref=True):
+    """name -> f(x, W, b, s) returning y [M, B, N] (route all, grad_mask own)."""
+    M, B = c["M"], c["B"]
+
+    def ours(x, w, b, s):
+        return saml_kernels.mbranch_linear(x, w, b, s, route="all", grad_mask="own", activation="relu")
+
+    def eager_ref(x, w, b, s):
+        return mbranch_linear_reference(x, w, b, s, route="all", grad_mask="own", activation="relu")
+
+    def _mask(s):
+        return (torch.arange(M, device=s.device).view(M, 1) == s.view(1, B)).unsqueeze(-1)
+
+    def eager_loop(x, w, b, s):
+        y = torch.stack([_relu(x @ w[m] + b[m]) for m in range(M)])
+        return torch.where(_mask(s), y, y.detach())
+
+    def grouped_mm(x, w, b, s):
+        y = _relu(torch._grouped_mm(x.unsqueeze(0).expand(M, -1, -1), w) + b.unsqueeze(1))
+        return torch.where(_mask(s), y, y.detach())
+
+    provs = dict(ours=ours, eager_ref=eager_ref, eager_loop=eager_loop, grouped_mm=grouped_mm)
+    if compile_ref:
+        provs["compile_ref"] = torch.compile(eager_ref)
+    return provs
+
+
+def add_mutual_providers(provs, c):
+    """# ---- MUTUAL PROVIDERS: hook for the mutual_linear owner (or see benchmarks/bench_mutual.py) ----"""
+    return provs
+
+
+def plain_provider(c, route):
+    """One plain matmul of the route's shape class: the rate ceiling measured in the same run."""
+    M, K, N = c["M"], c["K"], c["N"]
+    w = c["weight"][0] if route == "own" else c["weight"].permute(1, 0, 2).reshape(K, M * N).contiguous()
+    w = w.detach().clone()
+    return (lambda x, _w, _b, _s: x @ w), w
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+def as_callable(f, c, mode, extra_leaves=()):
+    """A zero-argument call of provider ``f``: forward only (no autograd) or forward + backward."""
+    if mode == "fwd":
+        x, w, b, s = c["x"], c["weight"], c["bias"], c["scenario"]
+
+        def run():
+            with torch.no_grad():
+                return f(x, w, b, s)
+        return run
+    x = c["x"].detach().clone().requires_grad_()
+    w = c["weight"].detach().clone().requires_grad_()
+    b = c["bias"].detach().clone().requires_grad_()
+    s = c["scenario"]
+    leaves = [x, w, b, *extra_leaves]
+    gy = {}
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        y = f(x, w, b, s)
+        if y.shape not in gy:
+            gy[y.shape] = torch.randn(y.shape, device=y.device, dtype=y.dtype)
+        y.backward(gy[y.shape])
+    return run
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_peak(fn, period_s=0.0002):
+    """Peak extra resident bytes during one call of fn (see the module docstring)."""
+    fn()  # warm: caches, lazy init
+    base = _rss_bytes()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(period_s)
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    fn()
+    stop.set()
+    t.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    return peak[0] - base
+
+
+def useful_flops(c, route, mode):
+    M, B, K, N = c["M"], c["B"], c["K"], c["N"]
+    if route == "own":
+        return 2 * B * K * N * (1 if mode == "fwd" else 3)
+    return 2 * M * B * K * N + (0 if mode == "fwd" else 4 * B * K * N)
+
+
+def plain_flops(c, route, mode):
+    M, B, K, N = c["M"], c["B"], c["K"], c["N"]
+    width = N if route == "own" else M * N
+    return 2 * B * K * width * (1 if mode == "fwd" else 3)
+
+
+def bench_one(c, route, mode, reps, device, compile_ref, mem):
+    provs = own_providers(c, compile_ref) if route == "own" else all_providers(c, compile_ref)
+    provs = add_mutual_providers(provs, c) if route == "all" else provs
+    plain_f, plain_w = plain_provider(c, route)
+    calls, skipped = {}, {}
+    for name, f in provs.items():
+        fn = as_callable(f, c, mode)
+        try:
+            fn()
+            calls[name] = fn
+        except Exception as exc:  # e.g. torch._grouped_mm without a backward on this device
+            skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+    plain_w.requires_grad_(mode != "fwd")
+    calls["plain"] = as_callable(plain_f, c, mode, extra_leaves=(plain_w,))
+    res = time_alternating(calls, reps=reps, warmup=2, device=device)
+    med = res["medians_ms"]
+    plain_rate = plain_flops(c, route, mode) / (med["plain"] * 1e-3) / 1e9
+    rows, data = [], {"skipped": skipped, "plain_gflops": plain_rate, "providers": {}}
+    for name in calls:
+        if name == "plain":
+            rate = plain_rate
+        else:
+            rate = useful_flops(c, route, mode) / (med[name] * 1e-3) / 1e9
+        pk = None
+        if mem and name != "compile_ref":
+            pk = peak_memory(calls[name], device) if device == "cuda" else cpu_peak(calls[name])
+        speedup = res["ratios"][(name, "ours")] if name != "ours" else 1.0
+        data["providers"][name] = dict(ms=med[name], gflops=rate, pct_plain=100 * rate / plain_rate,
+                                       ours_speedup=speedup, peak_bytes=pk)
+        rows.append([name, med[name], rate, f"{100 * rate / plain_rate:.0f}%", f"{speedup:.2f}x",
+                     "-" if pk is None else f"{pk / 2**20:.1f}"])
+    for name, why in skipped.items():
+        rows.append([name, "n/a", "n/a", "n/a", "n/a", why])
+    return rows, data
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gpu", action="store_true", help="CUDA, M=4 B=16384 K=N=512 bf16")
+    ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, few reps, no compile, no memory")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-mem", action="store_true")
+    ap.add_argument("--routes", default="own,all")
+    ap.add_argument("--modes", default="fwd,fwdbwd")
+    ap.add_argument("--mixes", default="uniform,skewed")
+    args = ap.parse_args()
+    device = "cuda" if args.gpu else "cpu"
+    if args.gpu:
+        M, B, K, N, dtype = 4, 16384, 512, 512, torch.bfloat16
+    else:
+        M, B, K, N, dtype = 4, 4096, 256, 256, torch.float32
+    if args.quick:
+        B, K, N = B // 8, K // 4, N // 4
+    reps = args.reps or (3 if args.quick else 25)
+    compile_ref = not (args.no_compile or args.quick)
+    mem = not (args.no_mem or args.quick)
+    header = ["provider", "median ms", "useful GFLOP/s", "% of plain matmul", "ours speed-up", "peak extra MiB"]
+    body, data = [], {"shape": dict(M=M, B=B, K=K, N=N, dtype=str(dtype), device=device, activation="relu",
+                                    bias=True), "results": {}}
+    plot = {}
+    for route in args.routes.split(","):
+        for mode in args.modes.split(","):
+            for mix in args.mixes.split(","):
+                c = make_case(M, B, K, N, dtype, device, mix)
+                torch._dynamo.reset()
+                rows, d = bench_one(c, route, mode, reps, device, compile_ref, mem)
+                key = f"route={route}{' grad_mask=own' if route == 'all' else ''} {mode} {mix}"
+                data["results"][key] = d
+                plot[key] = {n: v["gflops"] for n, v in d["providers"].items()}
+                body.append(f"## {key}\n\nplain matmul rate: {d['plain_gflops']:.1f} GFLOP/s\n\n"
+                            + markdown_table(header, rows) + "\n")
+                print(body[-1], flush=True)
+    stem = f"bench_branch_gemm_{machine_tag()}" + ("_quick" if args.quick else "")
+    title = f"M-branch GEMM, M={M} B={B} K={K} N={N} {dtype} on {device} (bias + relu, unsorted rows)"
+    paths = write_results(stem, title, "\n".join(body), data, plot={"groups": plot, "ylabel": "useful GFLOP/s"})
+    print(paths)
+
+
+if __name__ == "__main__":
+    main()
