@@ -70,6 +70,7 @@ run_step() {
 }
 
 run_step env 60 "nvidia-smi; echo; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"device\", torch.cuda.get_device_name() if torch.cuda.is_available() else None); print(\"triton\", triton.__version__)'; nvcc --version | tail -2; nproc"
+cat "$LOGDIR/env.log" 2>/dev/null   # nvidia-smi and versions on the console too
 
 run_step build 270 "rm -f saml_kernels/_C*.so; TORCH_CUDA_ARCH_LIST=9.0 SAML_BUILD_CUDA=1 MAX_JOBS=\$(nproc) $PY setup.py build_ext --inplace"
 
