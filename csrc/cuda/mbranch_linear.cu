@@ -201,12 +201,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grouped_backward(
   const int64_t B = x.size(0), M = weight.size(0), K = weight.size(1), N = weight.size(2);
   need_daux = need_daux && aux.has_value();
   need_daux_weight = need_daux_weight && aux.has_value();
-  auto empty = at::empty({0}, dz.options());
-  Tensor dx = need_dx ? at::empty({B, K}, x.options()) : empty;
-  Tensor dw = need_dweight ? at::empty({M, K, N}, weight.options()) : empty;
-  Tensor db = need_dbias ? at::empty({M, N}, weight.options()) : empty;
-  Tensor daux = need_daux ? at::empty({B, aux->size(1)}, aux->options()) : empty;
-  Tensor dwa = need_daux_weight ? at::empty(aux_weight->sizes(), aux_weight->options()) : empty;
+  // Outputs not asked for are distinct empty tensors (custom ops forbid aliased outputs).
+  auto empty = [&] { return at::empty({0}, dz.options()); };
+  Tensor dx = need_dx ? at::empty({B, K}, x.options()) : empty();
+  Tensor dw = need_dweight ? at::empty({M, K, N}, weight.options()) : empty();
+  Tensor db = need_dbias ? at::empty({M, N}, weight.options()) : empty();
+  Tensor daux = need_daux ? at::empty({B, aux->size(1)}, aux->options()) : empty();
+  Tensor dwa = need_daux_weight ? at::empty(aux_weight->sizes(), aux_weight->options()) : empty();
   if (B == 0 || N == 0) {
     for (Tensor* t : {&dx, &dw, &db, &daux, &dwa})
       if (t->numel() > 0) t->zero_();

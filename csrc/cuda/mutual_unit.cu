@@ -12,7 +12,8 @@
 // Layout: one warp per row (sample). Pass 1: for each branch the warp accumulates <own,h_m>, |h_m|^2 (and
 // <g,h_m>) over its lanes' columns in float32 (float64 for double) and reduces with a fixed xor-shuffle tree:
 // deterministic. Lane 0 turns the M values (in shared memory) into softmax weights / gradient coefficients.
-// Pass 2: every lane writes its columns. h is read through a "source" functor, so the same kernels serve
+// Pass 2: every lane writes its columns. The backward recomputes the softmax weights from its own pass-1
+// values (free: M numbers per row) instead of reading the float32 attn, so float64 gradients stay exact. h is read through a "source" functor, so the same kernels serve
 // mutual_unit (h in memory, any strides) and mutual_linear (h = act(z + bias) computed on the fly from the
 // GEMM output z).
 //
@@ -40,7 +41,7 @@ using at::Tensor;
 
 constexpr int kWarps = 4;  // rows (warps) per block
 constexpr int64_t kScratchBytes = int64_t(64) << 20;
-constexpr int64_t kMaxBranches = 256;  // per-warp scratch (3M+2) * 8 bytes * kWarps stays under 48 KiB
+constexpr int64_t kMaxBranches = 256;  // per-warp scratch (4M+2) * 8 bytes * kWarps stays under 48 KiB
 
 // h [M, B, N] in memory, any strides.
 template <typename scalar_t>
@@ -128,7 +129,7 @@ __global__ void mutual_bwd_rows(Src src, const scalar_t* __restrict__ g, int64_t
                                 scalar_t* __restrict__ d, int64_t sdb, int64_t sdn) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw) + (threadIdx.x / 32) * (3 * M + 2);
+  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw) + (threadIdx.x / 32) * (4 * M + 2);
   const int lane = threadIdx.x & 31;
   const int64_t b = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (b >= B) return;
@@ -150,9 +151,22 @@ __global__ void mutual_bwd_rows(Src src, const scalar_t* __restrict__ g, int64_t
   __syncwarp();
   if (lane == 0) {
     const acc_t eps = acc_t(1e-8), it = static_cast<acc_t>(inv_t);
+    // softmax weights recomputed from the dots/norms (M values; exact in float64) into sa[]; attn is accepted
+    // for the contract but not read
+    acc_t* sa = sm + 3 * M + 2;
+    {
+      const acc_t no = max(sqrt(sm[M + s]), eps), rs = acc_t(1) / sqrt(static_cast<acc_t>(N));
+      acc_t mx = -INFINITY, den = 0;
+      for (int m = 0; m < M; ++m) {
+        sa[m] = (sim_code == 0 ? sm[m] / (max(sqrt(sm[M + m]), eps) * no) : sm[m] * rs) * it;
+        mx = max(mx, sa[m]);
+      }
+      for (int m = 0; m < M; ++m) { sa[m] = exp(sa[m] - mx); den += sa[m]; }
+      for (int m = 0; m < M; ++m) sa[m] /= den;
+    }
     acc_t ubar = 0;
-    for (int m = 0; m < M; ++m) ubar += static_cast<acc_t>(attn[b * sab + m * sam]) * sm[2 * M + m];
-    const acc_t a_s = static_cast<acc_t>(attn[b * sab + s * sam]);
+    for (int m = 0; m < M; ++m) ubar += sa[m] * sm[2 * M + m];
+    const acc_t a_s = sa[s];
     const acc_t c_s = a_s * (sm[2 * M + s] - ubar) * it;
     acc_t coef_o;
     if (sim_code == 0) {
@@ -162,8 +176,7 @@ __global__ void mutual_bwd_rows(Src src, const scalar_t* __restrict__ g, int64_t
       const acc_t sim_s = sm[s] / (max(sqrt(sm[M + s]), eps) * no);
       acc_t csum = 0;
       for (int m = 0; m < M; ++m) {
-        const acc_t a = static_cast<acc_t>(attn[b * sab + m * sam]);
-        const acc_t c = a * (sm[2 * M + m] - ubar) * it;
+        const acc_t c = sa[m] * (sm[2 * M + m] - ubar) * it;
         const acc_t nm = max(sqrt(sm[M + m]), eps);
         csum += c * (sm[m] / (nm * no));
         sm[m] = c / (nm * no);  // coef_h
@@ -172,8 +185,7 @@ __global__ void mutual_bwd_rows(Src src, const scalar_t* __restrict__ g, int64_t
     } else {
       const acc_t rs = acc_t(1) / sqrt(static_cast<acc_t>(N));
       for (int m = 0; m < M; ++m) {
-        const acc_t a = static_cast<acc_t>(attn[b * sab + m * sam]);
-        sm[m] = a * (sm[2 * M + m] - ubar) * it * rs;
+        sm[m] = sa[m] * (sm[2 * M + m] - ubar) * it * rs;
       }
       coef_o = c_s * rs;
     }
@@ -241,7 +253,7 @@ Tensor mutual_backward(const Tensor& grad_out, const Tensor& h, const Tensor& sc
   SAML_DISPATCH_FLOATING(h.scalar_type(), "mutual_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     HSource<scalar_t> src{h.data_ptr<scalar_t>(), h.stride(0), h.stride(1), h.stride(2)};
-    mutual_bwd_rows<scalar_t><<<row_blocks(B), kWarps * 32, smem_bytes<acc_t>(3 * M + 2), stream>>>(
+    mutual_bwd_rows<scalar_t><<<row_blocks(B), kWarps * 32, smem_bytes<acc_t>(4 * M + 2), stream>>>(
         src, grad_out.data_ptr<scalar_t>(), grad_out.stride(0), grad_out.stride(1), s.data_ptr<int64_t>(),
         attn.data_ptr<float>(), attn.stride(0), attn.stride(1), B, int(M), N, 1.0 / temperature, int(similarity),
         d.data_ptr<scalar_t>(), d.stride(0), d.stride(1));
@@ -346,7 +358,7 @@ Tensor mutual_linear_backward(const Tensor& grad_out, const Tensor& x, const Ten
       LinearSource<scalar_t> src{z.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
                                  bias.has_value() ? bias->stride(0) : 0, bias.has_value() ? bias->stride(1) : 0,
                                  M * N, N, int(activation)};
-      mutual_bwd_rows<scalar_t><<<row_blocks(rows), kWarps * 32, smem_bytes<acc_t>(3 * M + 2), stream>>>(
+      mutual_bwd_rows<scalar_t><<<row_blocks(rows), kWarps * 32, smem_bytes<acc_t>(4 * M + 2), stream>>>(
           src, grad_out.data_ptr<scalar_t>() + b0 * grad_out.stride(0), grad_out.stride(0), grad_out.stride(1),
           s.data_ptr<int64_t>() + b0, attn.data_ptr<float>() + b0 * attn.stride(0), attn.stride(0),
           attn.stride(1), rows, int(M), N, 1.0 / temperature, int(similarity),

@@ -401,7 +401,8 @@ def grouped_backward(dz, x, weight, aux, aux_weight, scenario, need_dx: bool, ne
                 db.copy_(_segment_sum(dz, perm, seg, M))
         if dwa is not None and aux.shape[1] > 0:
             _wgrad(aux, dz, perm, seg, dwa, None)
-    return tuple(t if t is not None else empty for t in (dx, dw, db, daux, dwa))
+    # distinct empty tensors for the outputs not asked for (custom ops forbid aliased outputs)
+    return tuple(t if t is not None else empty.new_empty(0) for t in (dx, dw, db, daux, dwa))
 
 
 def _segment_sum(dz, perm, seg, M):

@@ -8,7 +8,9 @@ Contracts (csrc/registry.cpp), for h [M,B,N], scenario s [B], own = h[s_b, b]:
 
     mutual_forward(h, s, T, sim)                   -> (out [B,N] h.dtype, attn [B,M] float32)
     mutual_backward(g, h, s, attn, T, sim)         -> dh_own [B,N]: the gradient w.r.t. own (other branches are
-                                                      stop-gradient; own is also the s_b-th term of h)
+                                                      stop-gradient; own is also the s_b-th term of h). The
+                                                      softmax weights are recomputed from h (M values per row,
+                                                      free next to the pass over h), so float64 stays exact.
     mutual_linear_forward(x, W, bias, aux, Wa, s, act, T, sim) -> (out, attn) with h[m,b] = act(x W_m + aux Wa_m
                                                       + bias_m) computed in registers, never written to memory.
 
@@ -70,7 +72,7 @@ def _similarity(dots, norms, own_mask, N, SIM: tl.constexpr):
         no = tl.sum(tl.where(own_mask, nm, 0.0), 0)
         sim = dots / (nm * no[None, :])
     else:
-        sim = dots / tl.sqrt(N.to(tl.float32))
+        sim = dots / tl.sqrt(N.to(dots.dtype))
     return sim
 
 
@@ -99,7 +101,7 @@ def _grad_coefs(dots, norms, u, a, own_mask, N, inv_t, SIM: tl.constexpr):
         sim_s = tl.sum(tl.where(own_mask, sim, 0.0), 0)
         coef_o = -tl.sum(c * sim, 0) * inv_oo + c_s * (1.0 / (no * no) - sim_s * inv_oo)
     else:
-        rs = 1.0 / tl.sqrt(N.to(tl.float32))
+        rs = 1.0 / tl.sqrt(N.to(u.dtype))
         coef_h = c * rs
         coef_o = c_s * rs
     return a_s, coef_h, coef_o
@@ -156,6 +158,7 @@ def _mutual_fwd_kernel(h_ptr, s_ptr, out_ptr, attn_ptr, M, B, N, inv_t,
                        SIM: tl.constexpr, MP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                        SINGLE: tl.constexpr):
     pid = tl.program_id(0)
+    ACC = tl.float64 if h_ptr.dtype.element_ty == tl.float64 else tl.float32   # float32 accumulation (64 for 64)
     rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     rmask = rows < B
     mi = tl.arange(0, MP)
@@ -166,7 +169,7 @@ def _mutual_fwd_kernel(h_ptr, s_ptr, out_ptr, attn_ptr, M, B, N, inv_t,
     if SINGLE:                                                               # the whole row is one tile
         cols = tl.arange(0, BLOCK_N)
         H = tl.load(base + cols[None, None, :] * stride_hn, mask=valid_m[:, :, None] & (cols < N)[None, None, :],
-                    other=0.0).to(tl.float32)
+                    other=0.0).to(ACC)
         own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)             # [BB, BN]
         a = _softmax_m(_similarity(tl.sum(H * own[None, :, :], 2), tl.sum(H * H, 2), own_mask, N, SIM),
                        valid_m, inv_t)
@@ -174,12 +177,12 @@ def _mutual_fwd_kernel(h_ptr, s_ptr, out_ptr, attn_ptr, M, B, N, inv_t,
         tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :] * stride_on,
                  out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & (cols < N)[None, :])
     else:
-        dots = tl.zeros((MP, BLOCK_B), dtype=tl.float32)
-        norms = tl.zeros((MP, BLOCK_B), dtype=tl.float32)
+        dots = tl.zeros((MP, BLOCK_B), dtype=ACC)
+        norms = tl.zeros((MP, BLOCK_B), dtype=ACC)
         for n0 in range(0, N, BLOCK_N):                                      # pass 1: <own, h_m>, |h_m|^2
             cols = n0 + tl.arange(0, BLOCK_N)
             msk = valid_m[:, :, None] & (cols < N)[None, None, :]
-            H = tl.load(base + cols[None, None, :] * stride_hn, mask=msk, other=0.0).to(tl.float32)
+            H = tl.load(base + cols[None, None, :] * stride_hn, mask=msk, other=0.0).to(ACC)
             own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
             dots += tl.sum(H * own[None, :, :], 2)
             norms += tl.sum(H * H, 2)
@@ -187,7 +190,7 @@ def _mutual_fwd_kernel(h_ptr, s_ptr, out_ptr, attn_ptr, M, B, N, inv_t,
         for n0 in range(0, N, BLOCK_N):                                      # pass 2: the mix
             cols = n0 + tl.arange(0, BLOCK_N)
             msk = valid_m[:, :, None] & (cols < N)[None, None, :]
-            H = tl.load(base + cols[None, None, :] * stride_hn, mask=msk, other=0.0).to(tl.float32)
+            H = tl.load(base + cols[None, None, :] * stride_hn, mask=msk, other=0.0).to(ACC)
             out = tl.sum(a[:, :, None] * H, 0)
             tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :] * stride_on,
                      out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & (cols < N)[None, :])
@@ -200,6 +203,7 @@ def _mutual_bwd_kernel(g_ptr, h_ptr, s_ptr, attn_ptr, dh_ptr, M, B, N, inv_t,
                        stride_db, stride_dn,
                        SIM: tl.constexpr, MP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
+    ACC = tl.float64 if h_ptr.dtype.element_ty == tl.float64 else tl.float32   # float32 accumulation (64 for 64)
     rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     rmask = rows < B
     mi = tl.arange(0, MP)
@@ -207,29 +211,31 @@ def _mutual_bwd_kernel(g_ptr, h_ptr, s_ptr, attn_ptr, dh_ptr, M, B, N, inv_t,
     own_mask = mi[:, None] == s[None, :]
     valid_m = (mi[:, None] < M) & rmask[None, :]
     base = h_ptr + mi[:, None, None].to(tl.int64) * stride_hm + rows[None, :, None] * stride_hb
-    dots = tl.zeros((MP, BLOCK_B), dtype=tl.float32)
-    norms = tl.zeros((MP, BLOCK_B), dtype=tl.float32)
-    u = tl.zeros((MP, BLOCK_B), dtype=tl.float32)
+    dots = tl.zeros((MP, BLOCK_B), dtype=ACC)
+    norms = tl.zeros((MP, BLOCK_B), dtype=ACC)
+    u = tl.zeros((MP, BLOCK_B), dtype=ACC)
     for n0 in range(0, N, BLOCK_N):                                          # pass 1: <o,h_m>, |h_m|^2, <g,h_m>
         cols = n0 + tl.arange(0, BLOCK_N)
         cm = cols < N
         H = tl.load(base + cols[None, None, :] * stride_hn, mask=valid_m[:, :, None] & cm[None, None, :],
-                    other=0.0).to(tl.float32)
+                    other=0.0).to(ACC)
         g = tl.load(g_ptr + rows[:, None] * stride_gb + cols[None, :] * stride_gn,
-                    mask=rmask[:, None] & cm[None, :], other=0.0).to(tl.float32)
+                    mask=rmask[:, None] & cm[None, :], other=0.0).to(ACC)
         own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
         dots += tl.sum(H * own[None, :, :], 2)
         norms += tl.sum(H * H, 2)
         u += tl.sum(H * g[None, :, :], 2)
-    a = tl.load(attn_ptr + rows[None, :] * stride_ab + mi[:, None] * stride_am, mask=valid_m, other=0.0)
+    # softmax weights recomputed from dots/norms (M values per row, free here) instead of read from the float32
+    # attn: keeps float64 gradients exact; attn is accepted for the contract
+    a = _softmax_m(_similarity(dots, norms, own_mask, N, SIM), valid_m, inv_t)
     a_s, coef_h, coef_o = _grad_coefs(dots, norms, u, a, own_mask, N, inv_t, SIM)
     for n0 in range(0, N, BLOCK_N):                                          # pass 2: write d own
         cols = n0 + tl.arange(0, BLOCK_N)
         cm = cols < N
         H = tl.load(base + cols[None, None, :] * stride_hn, mask=valid_m[:, :, None] & cm[None, None, :],
-                    other=0.0).to(tl.float32)
+                    other=0.0).to(ACC)
         g = tl.load(g_ptr + rows[:, None] * stride_gb + cols[None, :] * stride_gn,
-                    mask=rmask[:, None] & cm[None, :], other=0.0).to(tl.float32)
+                    mask=rmask[:, None] & cm[None, :], other=0.0).to(ACC)
         own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
         d = a_s[:, None] * g + tl.sum(coef_h[:, :, None] * H, 0) + coef_o[:, None] * own
         tl.store(dh_ptr + rows[:, None] * stride_db + cols[None, :] * stride_dn, d.to(dh_ptr.dtype.element_ty),
@@ -297,9 +303,10 @@ def _mutual_linear_bwd_kernel(g_ptr, x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_p
     omask = rmask[:, None] & cmask[None, :]
     g = tl.load(g_ptr + rows[:, None] * stride_gb + cols[None, :] * stride_gn, mask=omask, other=0.0).to(tl.float32)
     own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
-    a = tl.load(attn_ptr + rows[None, :] * stride_ab + mi[:, None] * stride_am, mask=valid_m, other=0.0)
-    a_s, coef_h, coef_o = _grad_coefs(tl.sum(H * own[None, :, :], 2), tl.sum(H * H, 2), tl.sum(H * g[None, :, :], 2),
-                                      a, own_mask, N, inv_t, SIM)
+    dots = tl.sum(H * own[None, :, :], 2)
+    norms = tl.sum(H * H, 2)
+    a = _softmax_m(_similarity(dots, norms, own_mask, N, SIM), valid_m, inv_t)   # recomputed, as in _mutual_bwd
+    a_s, coef_h, coef_o = _grad_coefs(dots, norms, tl.sum(H * g[None, :, :], 2), a, own_mask, N, inv_t, SIM)
     d = a_s[:, None] * g + tl.sum(coef_h[:, :, None] * H, 0) + coef_o[:, None] * own
     d = d * _activate_grad(z_own, ACT)
     tl.store(dz_ptr + rows[:, None] * stride_db + cols[None, :] * stride_dn, d.to(dz_ptr.dtype.element_ty), mask=omask)
