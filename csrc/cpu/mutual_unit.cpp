@@ -39,32 +39,25 @@ inline acc_t dot(const a_t* a, const b_t* b, int64_t n) {
   return s;
 }
 
-template <typename acc_t>
-inline acc_t act_forward(acc_t z, int64_t act) {
+// Activation of a whole float32 scratch block in place, and its backward, with ATen's vectorised CPU kernels
+// (single-threaded inside the parallel region). A select, not a multiply, for relu's backward, so an infinite dh
+// at a dead unit gives 0, as torch does.
+void act_inplace(at::Tensor& z, int64_t act) {
   switch (act) {
-    case kRelu: return z > acc_t(0) ? z : acc_t(0);
-    case kLeakyRelu: return z > acc_t(0) ? z : acc_t(0.01) * z;
-    case kGelu: return acc_t(0.5) * z * (acc_t(1) + std::erf(z * acc_t(M_SQRT1_2)));
-    case kSilu: return z / (acc_t(1) + std::exp(-z));
-    default: return z;
+    case kRelu: z.relu_(); break;
+    case kLeakyRelu: at::leaky_relu_(z, 0.01); break;
+    case kGelu: at::gelu_(z); break;
+    case kSilu: at::silu_(z); break;
+    default: break;
   }
 }
 
-// dL/dz from dL/dh; a select (not a multiply) for relu so an infinite dh at a dead unit gives 0, as torch does.
-template <typename acc_t>
-inline acc_t act_backward(acc_t dh, acc_t z, int64_t act) {
+at::Tensor act_backward(const at::Tensor& dh, const at::Tensor& z, int64_t act) {
   switch (act) {
-    case kRelu: return z > acc_t(0) ? dh : acc_t(0);
-    case kLeakyRelu: return z > acc_t(0) ? dh : acc_t(0.01) * dh;
-    case kGelu: {
-      const acc_t cdf = acc_t(0.5) * (acc_t(1) + std::erf(z * acc_t(M_SQRT1_2)));
-      const acc_t pdf = std::exp(acc_t(-0.5) * z * z) * acc_t(0.3989422804014327);  // 1/sqrt(2 pi)
-      return dh * (cdf + z * pdf);
-    }
-    case kSilu: {
-      const acc_t sg = acc_t(1) / (acc_t(1) + std::exp(-z));
-      return dh * sg * (acc_t(1) + z * (acc_t(1) - sg));
-    }
+    case kRelu: return at::threshold_backward(dh, z, 0);
+    case kLeakyRelu: return at::leaky_relu_backward(dh, z, 0.01, false);
+    case kGelu: return at::gelu_backward(dh, z);
+    case kSilu: return at::silu_backward(dh, z);
     default: return dh;
   }
 }
@@ -334,11 +327,9 @@ std::tuple<at::Tensor, at::Tensor> mutual_linear_forward(const at::Tensor& x_in,
       for_blocks(x, aux, p, B, M * N, acc, [&](int64_t r0, int64_t rows, at::Tensor& scratch) {
         RowScratch<acc_t> sc(M);
         std::vector<const acc_t*> rp(M);
-        acc_t* z = scratch.data_ptr<acc_t>();
-        if (activation != kNone) {
-          const int64_t cnt = rows * M * N;
-          for (int64_t i = 0; i < cnt; ++i) z[i] = act_forward(z[i], activation);
-        }
+        auto zb = scratch.narrow(0, 0, rows);
+        act_inplace(zb, activation);
+        const acc_t* z = scratch.data_ptr<acc_t>();
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t b = r0 + r, s = own_index(sp, b, M);
           for (int64_t m = 0; m < M; ++m) rp[m] = z + (r * M + m) * N;
@@ -371,27 +362,32 @@ at::Tensor mutual_linear_backward(const at::Tensor& grad_in, const at::Tensor& x
   if (B == 0) return dz;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Packed p = pack(weight, bias, aux, aux_weight, acc);
+  // range-checked before the kernel (the public op checks; this guards direct calls of the gather below)
+  TORCH_CHECK(scenario.min().item<int64_t>() >= 0 && scenario.max().item<int64_t>() < M,
+              "mutual_linear_backward: scenario out of range [0, ", M, ")");
+  const auto own_idx = scenario.to(at::kLong);
   SAML_DISPATCH_FLOATING(x.scalar_type(), "mutual_linear_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     SAML_DISPATCH_INDEX(scenario.scalar_type(), "mutual_linear_backward_idx", [&] {
       const index_t* sp = scenario.data_ptr<index_t>();
       const scalar_t* gp = grad.data_ptr<scalar_t>();
-      scalar_t* dp = dz.data_ptr<scalar_t>();
       for_blocks(x, aux, p, B, M * N, acc, [&](int64_t r0, int64_t rows, at::Tensor& scratch) {
         RowScratch<acc_t> sc(M);
         std::vector<const acc_t*> rp(M);
-        std::vector<acc_t> zown(N), dh(N);
-        acc_t* z = scratch.data_ptr<acc_t>();
+        auto zb = scratch.narrow(0, 0, rows);
+        // own pre-activations of the block (act' needs them), then h = act(z) in place
+        auto zown = zb.view({rows, M, N}).gather(1, own_idx.narrow(0, r0, rows).view({rows, 1, 1}).expand({rows, 1, N}))
+                        .view({rows, N});
+        act_inplace(zb, activation);
+        auto dh = at::empty({rows, N}, zb.options());
+        const acc_t* z = scratch.data_ptr<acc_t>();
+        acc_t* dhp = dh.data_ptr<acc_t>();
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t b = r0 + r, s = own_index(sp, b, M);
-          acc_t* zr = z + r * M * N;
-          std::copy(zr + s * N, zr + (s + 1) * N, zown.begin());
-          if (activation != kNone)
-            for (int64_t i = 0; i < M * N; ++i) zr[i] = act_forward(zr[i], activation);
-          for (int64_t m = 0; m < M; ++m) rp[m] = zr + m * N;
-          row_backward<acc_t>(rp.data(), gp + b * N, M, N, s, temperature, similarity, sc, dh.data());
-          for (int64_t n = 0; n < N; ++n) dp[b * N + n] = static_cast<scalar_t>(act_backward(dh[n], zown[n], activation));
+          for (int64_t m = 0; m < M; ++m) rp[m] = z + (r * M + m) * N;
+          row_backward<acc_t>(rp.data(), gp + b * N, M, N, s, temperature, similarity, sc, dhp + r * N);
         }
+        dz.narrow(0, r0, rows).copy_(act_backward(dh, zown, activation));
       });
     });
   });
