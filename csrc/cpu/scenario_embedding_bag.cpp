@@ -8,8 +8,10 @@
 //
 // Why the shapes of these loops:
 // - The forward gather is bound by memory latency (one random 128-byte row per id), not bandwidth. We walk the
-//   bags feature-major (the order of `indices`, so the id stream is sequential) and software-prefetch the
-//   global and scenario rows of the id PF positions ahead, so ~2*PF row misses are in flight per core.
+//   bags feature-major (the order of `indices`, so the id stream is sequential), in blocks: global rows with a
+//   software prefetch PF ids ahead, then the block's scenario rows (see forward_block). One-hot rows are copied
+//   in groups so their independent loads overlap. Measured on the 2-core EPYC VM, 1 thread, B=4096, F=16:
+//   no prefetch 14 ms -> 7.4 ms (two torch.index_select calls into preallocated outputs: 6.3 ms).
 // - The backward is deterministic for any thread count: per feature, (row key, position) pairs are radix
 //   sorted (stable, LSD) and every unique row is reduced by one thread in position order. No atomics.
 // - Scratch for the backward lives in a grow-only thread-local buffer: fresh large allocations page-fault on
@@ -18,8 +20,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <atomic>
+#include <mutex>
+#include <unordered_map>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -38,18 +45,112 @@ struct AccType { using type = float; };
 template <>
 struct AccType<double> { using type = double; };
 
-// Prefetch distance (in ids). Tunable by SAML_SEB_PREFETCH for measurements; 0 disables prefetch.
-int64_t prefetch_distance() {
-  static const int64_t pf = [] {
-    const char* e = std::getenv("SAML_SEB_PREFETCH");
-    return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(16);
-  }();
-  return pf;
+// Prefetch distance (in ids) of the global-table pass and of the scenario-table pass; 0 disables prefetch.
+// Tunable by SAML_SEB_PREFETCH / SAML_SEB_PREFETCH_SCEN for measurements.
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* e = std::getenv(name);
+  return e ? std::max<int64_t>(0, std::atoll(e)) : dflt;
+}
+int64_t prefetch_distance(bool scen) {
+  static const int64_t pf_g = env_int("SAML_SEB_PREFETCH", 16);
+  static const int64_t pf_s = env_int("SAML_SEB_PREFETCH_SCEN", 0);
+  return scen ? pf_s : pf_g;
 }
 
 inline void prefetch_bytes(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
+// ------------------------------------------------------------------------------------------------ output pool
+// Outputs of these ops are large (B*F*D) and short-lived (freed before the next step). Fresh allocations of that
+// size are mmapped and page-fault on every first touch: on this VM ~2 us per 4 KiB page, more than the gather
+// itself. So outputs >= 1 MiB come from a small cache of 2 MiB-aligned blocks (advised as transparent huge pages)
+// that the tensor's deleter returns to; at most kPoolCap bytes stay cached. Like PyTorch's CUDA caching allocator,
+// but only for these ops' outputs. The storage is not resizable (it is an ordinary tensor otherwise).
+constexpr size_t kPoolMin = size_t(1) << 20, kPoolAlign = size_t(2) << 20, kPoolCap = size_t(512) << 20;
+
+struct OutPool {
+  std::mutex mu;
+  std::unordered_multimap<size_t, void*> free_blocks;
+  size_t cached = 0;
+};
+
+OutPool& out_pool() {
+  static OutPool* p = new OutPool();  // never destroyed: deleters may run at interpreter exit
+  return *p;
+}
+
+void pool_release(void* ptr, size_t bytes) {
+  OutPool& P = out_pool();
+  {
+    std::lock_guard<std::mutex> g(P.mu);
+    if (P.cached + bytes <= kPoolCap) {
+      P.free_blocks.emplace(bytes, ptr);
+      P.cached += bytes;
+      return;
+    }
+  }
+  std::free(ptr);
+}
+
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  int64_t numel = 1;
+  for (auto s : sizes) numel *= s;
+  const size_t nbytes = size_t(numel) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
+  if (nbytes < kPoolMin) return at::empty(sizes, opts);
+  const size_t bytes = (nbytes + kPoolAlign - 1) / kPoolAlign * kPoolAlign;
+  void* ptr = nullptr;
+  {
+    OutPool& P = out_pool();
+    std::lock_guard<std::mutex> g(P.mu);
+    auto it = P.free_blocks.find(bytes);
+    if (it != P.free_blocks.end()) {
+      ptr = it->second;
+      P.free_blocks.erase(it);
+      P.cached -= bytes;
+    }
+  }
+  if (!ptr) {
+    ptr = std::aligned_alloc(kPoolAlign, bytes);
+    TORCH_CHECK(ptr, "seb: out of memory allocating ", bytes, " bytes");
+#ifdef MADV_HUGEPAGE
+    madvise(ptr, bytes, MADV_HUGEPAGE);
+#endif
+  }
+  return at::from_blob(ptr, sizes, [bytes](void* p) { pool_release(p, bytes); }, opts);
+}
+
+// Output row stores. float32 rows that are whole 64-byte lines use non-temporal stores: the output is written
+// once and not read back here, and a plain store would first read each line from memory (write-allocate),
+// stalling the store buffer behind the row gathers. Callers fence (stream_fence) before the data is used.
+template <typename scalar_t, typename src_t>
+inline void store_row(scalar_t* out, const src_t* in, int64_t D, bool stream) {
+  for (int64_t d = 0; d < D; ++d) out[d] = scalar_t(in[d]);
+}
+template <>
+inline void store_row<float, float>(float* out, const float* in, int64_t D, bool stream) {
+  if (stream) {
+    for (int64_t d = 0; d < D; d += 4) _mm_stream_ps(out + d, _mm_loadu_ps(in + d));
+  } else {
+    std::memcpy(out, in, sizeof(float) * D);
+  }
+}
+inline void stream_fence() { _mm_sfence(); }
+// Measured here: streaming stores did not pay (the output lines stay cached for the consumer); off by default.
+bool streaming_enabled() {  // SAML_SEB_STREAM=1 turns them on (for measurements)
+  static const bool on = [] {
+    const char* e = std::getenv("SAML_SEB_STREAM");
+    return e && e[0] == '1';
+  }();
+  return on;
+}
+
+// Prefetch for writing: a weight row (and its optimizer state) about to be updated in place.
+inline void prefetch_rw(const void* p, int64_t bytes, const float* state) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 1, 3);
+  if (state) __builtin_prefetch(state, 1, 3);
 }
 
 // Per-feature layout, as int64 host arrays (F is small).
@@ -113,101 +214,145 @@ inline int64_t scen_row_base(const Layout& L, int64_t f, int64_t b) {
 
 // ------------------------------------------------------------------------------------------------ forward
 
+// Block size (bags) of the forward: each block is gathered from the global table, then from the scenario tables.
+// Two passes per block keep the prefetch policy per table (global rows: prefetched; scenario rows: their
+// 4x larger footprint misses the TLB and dropped/stalled prefetches measured slower than none); per block both
+// passes reuse the block's ids from L1.
+int64_t forward_block() {
+  static const int64_t blk = [] {
+    const char* e = std::getenv("SAML_SEB_BLOCK");
+    return e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(512);
+  }();
+  return blk;
+}
+
+// One pass over bags [bag0, bag1) for one table: kScen = false gathers the global rows into gout, true the
+// scenario rows of the sample's scenario into sout (aware features only). Returns the number of invalid ids seen.
+template <bool kScen, typename scalar_t, typename index_t>
+int64_t gather_bags(const Layout& L, const index_t* idx, const index_t* off, const scalar_t* table,
+                    const scalar_t* psw, int64_t pooling, int64_t bag_len, scalar_t* out, int64_t bag0, int64_t bag1,
+                    bool stream, typename AccType<scalar_t>::type* acc, const typename AccType<scalar_t>::type* zeros) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t F = L.F, B = L.B, D = L.D;
+  const int64_t cols = kScen ? L.Fs : L.F;
+  const int64_t PF = prefetch_distance(kScen);
+  const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
+  const int64_t p_end = off[bag1];
+  // Row base of bag (f, b) in `table`, or -1 when this pass has nothing to read for it.
+  auto row_base = [&](int64_t f, int64_t b) -> int64_t { return kScen ? scen_row_base(L, f, b) : L.gbase[f]; };
+  // Prefetch cursor: bag (qf, qb) holds position q = p + PF.
+  int64_t qbag = bag0, qf = bag0 / B, qb = bag0 % B;
+  auto issue = [&](int64_t q) {
+    while (off[qbag + 1] <= q) {
+      ++qbag;
+      if (++qb == B) { qb = 0; ++qf; }
+    }
+    const int64_t id = int64_t(idx[q]);
+    const int64_t rb = row_base(qf, qb);
+    if (rb >= 0 && id >= 0 && id < L.size[qf]) prefetch_bytes(table + (rb + id) * D, row_bytes);
+  };
+  if (PF > 0)
+    for (int64_t q = off[bag0]; q < std::min<int64_t>(off[bag0] + PF, p_end); ++q) issue(q);
+  int64_t nbad = 0;
+  constexpr int kGroup = 16;
+  const scalar_t* qsrc[kGroup];
+  scalar_t* qdst[kGroup];
+  int nq = 0;
+  auto flush = [&] {
+    for (int i = 0; i < nq; ++i) {
+      if (qsrc[i]) store_row(qdst[i], qsrc[i], D, stream);
+      else store_row(qdst[i], zeros, D, stream);
+    }
+    nq = 0;
+  };
+  int64_t f = bag0 / B, b = bag0 % B;
+  for (int64_t bag = bag0; bag < bag1; ++bag, ++b) {
+    if (b == B) { b = 0; ++f; }
+    const int64_t s = off[bag], e = off[bag + 1];
+    const int64_t size = L.size[f];
+    const int64_t col = kScen ? L.slot[f] : f;
+    if (kScen && col < 0) {  // not aware: nothing to write; keep the prefetch stream going
+      if (PF > 0)
+        for (int64_t p = s; p < e; ++p)
+          if (p + PF < p_end) issue(p + PF);
+      continue;
+    }
+    const int64_t rb = row_base(f, b);  // -1 only for a scenario id out of range (guard, reads zeros)
+    if (pooling == kNone) {
+      for (int64_t p = s, k = 0; p < e; ++p, ++k) {
+        if (PF > 0 && p + PF < p_end) issue(p + PF);
+        const int64_t id = int64_t(idx[p]);
+        const bool valid = id >= 0 && id < size;
+        nbad += !valid;
+        scalar_t* o = out + ((b * cols + col) * bag_len + k) * D;
+        if (!valid || rb < 0) {
+          store_row(o, zeros, D, stream);
+        } else if (psw) {
+          const scalar_t* r = table + (rb + id) * D;
+          const acc_t w = acc_t(psw[p]);
+          for (int64_t d = 0; d < D; ++d) acc[d] = acc_t(r[d]) * w;
+          store_row(o, acc, D, stream);
+        } else {
+          store_row(o, table + (rb + id) * D, D, stream);
+        }
+      }
+      continue;
+    }
+    scalar_t* o = out + (b * cols + col) * D;
+    if (e - s == 1 && !psw) {  // one-hot bag (the common case): the row itself (mean of one = the row)
+      if (PF > 0 && s + PF < p_end) issue(s + PF);
+      const int64_t id = int64_t(idx[s]);
+      const bool valid = id >= 0 && id < size;
+      nbad += !valid;
+      // Queued and copied in groups: the group's row loads are independent and issue back to back, which
+      // keeps many misses in flight even where a software prefetch is dropped (e.g. on a TLB miss).
+      qsrc[nq] = (valid && rb >= 0) ? table + (rb + id) * D : nullptr;
+      qdst[nq++] = o;
+      if (nq == kGroup) flush();
+      continue;
+    }
+    flush();
+    std::fill(acc, acc + D, acc_t(0));
+    for (int64_t p = s; p < e; ++p) {
+      if (PF > 0 && p + PF < p_end) issue(p + PF);
+      const int64_t id = int64_t(idx[p]);
+      if (id < 0 || id >= size) { ++nbad; continue; }
+      if (rb < 0) continue;
+      const scalar_t* r = table + (rb + id) * D;
+      const acc_t w = psw ? acc_t(psw[p]) : acc_t(1);
+      for (int64_t d = 0; d < D; ++d) acc[d] += acc_t(r[d]) * w;
+    }
+    if (pooling == kMean) {
+      const acc_t len = acc_t(std::max<int64_t>(e - s, 1));
+      for (int64_t d = 0; d < D; ++d) acc[d] /= len;
+    }
+    store_row(o, acc, D, stream);
+  }
+  flush();
+  return nbad;
+}
+
 template <typename scalar_t, typename index_t>
 void forward_impl(const Layout& L, const index_t* idx, const index_t* off, const scalar_t* gw, const scalar_t* sw,
                   const scalar_t* psw, int64_t pooling, int64_t bag_len, bool check, scalar_t* gout,
                   scalar_t* sout, int64_t* bad_total) {
   using acc_t = typename AccType<scalar_t>::type;
-  const int64_t F = L.F, B = L.B, D = L.D, Fs = L.Fs;
-  const int64_t nbags = F * B;
-  const int64_t PF = prefetch_distance();
-  const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
+  const int64_t D = L.D, nbags = L.F * L.B, BLK = forward_block();
+  // Streaming stores need 16-byte aligned rows of whole lines (D % 16 == 0 floats, 64-byte aligned outputs).
+  const bool stream = streaming_enabled() && std::is_same<scalar_t, float>::value && D % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(gout) % 64 == 0 && reinterpret_cast<uintptr_t>(sout) % 64 == 0;
   std::atomic<int64_t> bad{0};
   at::parallel_for(0, nbags, 64, [&](int64_t bag0, int64_t bag1) {
-    std::vector<acc_t> accg(D), accs(D);
+    std::vector<acc_t> acc(D), zeros(D, acc_t(0));
     int64_t nbad = 0;
-    const int64_t p_end = off[bag1];
-    // Prefetch cursor: the bag (qf, qb) holding position q = p + PF.
-    int64_t qbag = bag0, qf = bag0 / B, qb = bag0 % B;
-    auto issue = [&](int64_t q) {
-      while (off[qbag + 1] <= q) {
-        ++qbag;
-        if (++qb == B) { qb = 0; ++qf; }
-      }
-      const int64_t id = int64_t(idx[q]);
-      if (id < 0 || id >= L.size[qf]) return;
-      prefetch_bytes(gw + (L.gbase[qf] + id) * D, row_bytes);
-      const int64_t sb = scen_row_base(L, qf, qb);
-      if (sb >= 0) prefetch_bytes(sw + (sb + id) * D, row_bytes);
-    };
-    if (PF > 0)
-      for (int64_t q = off[bag0]; q < std::min(off[bag0] + PF, p_end); ++q) issue(q);
-    int64_t f = bag0 / B, b = bag0 % B;
-    for (int64_t bag = bag0; bag < bag1; ++bag) {
-      const int64_t s = off[bag], e = off[bag + 1];
-      const int64_t gb = L.gbase[f], size = L.size[f], slot = L.slot[f];
-      const int64_t sb = scen_row_base(L, f, b);
-      if (pooling == kNone) {
-        for (int64_t p = s, k = 0; p < e; ++p, ++k) {
-          if (PF > 0 && p + PF < p_end) issue(p + PF);
-          const int64_t id = int64_t(idx[p]);
-          const bool valid = id >= 0 && id < size;
-          nbad += !valid;
-          const acc_t w = psw ? acc_t(psw[p]) : acc_t(1);
-          scalar_t* go = gout + ((b * F + f) * bag_len + k) * D;
-          const scalar_t* gr = gw + (gb + (valid ? id : 0)) * D;
-          for (int64_t d = 0; d < D; ++d) go[d] = valid ? scalar_t(acc_t(gr[d]) * w) : scalar_t(0);
-          if (slot >= 0) {
-            scalar_t* so = sout + ((b * Fs + slot) * bag_len + k) * D;
-            const bool sv = valid && sb >= 0;
-            const scalar_t* sr = sw + (sv ? sb + id : 0) * D;
-            for (int64_t d = 0; d < D; ++d) so[d] = sv ? scalar_t(acc_t(sr[d]) * w) : scalar_t(0);
-          }
-        }
-      } else {
-        std::fill(accg.begin(), accg.end(), acc_t(0));
-        if (slot >= 0) std::fill(accs.begin(), accs.end(), acc_t(0));
-        acc_t* ag = accg.data();
-        acc_t* as = accs.data();
-        for (int64_t p = s; p < e; ++p) {
-          if (PF > 0 && p + PF < p_end) issue(p + PF);
-          const int64_t id = int64_t(idx[p]);
-          if (id < 0 || id >= size) { ++nbad; continue; }
-          const scalar_t* gr = gw + (gb + id) * D;
-          if (psw) {
-            const acc_t w = acc_t(psw[p]);
-            for (int64_t d = 0; d < D; ++d) ag[d] += acc_t(gr[d]) * w;
-          } else {
-            for (int64_t d = 0; d < D; ++d) ag[d] += acc_t(gr[d]);
-          }
-          if (sb >= 0) {
-            const scalar_t* sr = sw + (sb + id) * D;
-            if (psw) {
-              const acc_t w = acc_t(psw[p]);
-              for (int64_t d = 0; d < D; ++d) as[d] += acc_t(sr[d]) * w;
-            } else {
-              for (int64_t d = 0; d < D; ++d) as[d] += acc_t(sr[d]);
-            }
-          }
-        }
-        const acc_t len = acc_t(std::max<int64_t>(e - s, 1));
-        scalar_t* go = gout + (b * F + f) * D;
-        if (pooling == kMean) {
-          for (int64_t d = 0; d < D; ++d) go[d] = scalar_t(ag[d] / len);
-        } else {
-          for (int64_t d = 0; d < D; ++d) go[d] = scalar_t(ag[d]);
-        }
-        if (slot >= 0) {
-          scalar_t* so = sout + (b * Fs + slot) * D;
-          if (pooling == kMean) {
-            for (int64_t d = 0; d < D; ++d) so[d] = scalar_t(as[d] / len);
-          } else {
-            for (int64_t d = 0; d < D; ++d) so[d] = scalar_t(as[d]);
-          }
-        }
-      }
-      if (++b == B) { b = 0; ++f; }
+    for (int64_t lo = bag0; lo < bag1; lo += BLK) {
+      const int64_t hi = std::min(bag1, lo + BLK);
+      nbad += gather_bags<false>(L, idx, off, gw, psw, pooling, bag_len, gout, lo, hi, stream, acc.data(),
+                                 zeros.data());
+      if (L.Fs > 0)
+        gather_bags<true>(L, idx, off, sw, psw, pooling, bag_len, sout, lo, hi, stream, acc.data(), zeros.data());
     }
+    if (stream) stream_fence();
     if (check && nbad) bad.fetch_add(nbad);
   });
   *bad_total = check ? bad.load() : 0;
@@ -240,11 +385,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seb_forward_cpu(
     TORCH_CHECK(indices.numel() == L.F * L.B * bag_len, "seb: pooling none needs nnz = F*B*bag_len");
   at::Tensor gout, sout;
   if (pooling == kNone) {
-    gout = at::empty({L.B, L.F, bag_len, L.D}, gw.options());
-    sout = at::empty({L.B, L.Fs, bag_len, L.D}, gw.options());
+    gout = pooled_empty({L.B, L.F, bag_len, L.D}, gw.options());
+    sout = pooled_empty({L.B, L.Fs, bag_len, L.D}, gw.options());
   } else {
-    gout = at::empty({L.B, L.F, L.D}, gw.options());
-    sout = at::empty({L.B, L.Fs, L.D}, gw.options());
+    gout = pooled_empty({L.B, L.F, L.D}, gw.options());
+    sout = pooled_empty({L.B, L.Fs, L.D}, gw.options());
   }
   auto bad = at::zeros({1}, indices.options().dtype(at::kLong));
   if (L.F * L.B == 0) return {gout, sout, bad};
@@ -361,25 +506,35 @@ void sort_pairs(const Layout& L, const index_t* idx, const index_t* off, SortedP
 }
 
 // Walks the unique rows of one feature's sorted pairs; for each, sums scale_p * grad_row(p) over its positions
-// (in position order) into acc and calls visit(key, acc).
-template <typename scalar_t, typename index_t, typename Visit>
+// (in position order) into acc and calls visit(key, acc). The sorted order scatters the upstream-gradient reads
+// (and, for the fused update, the weight rows), so both are prefetched PFB pairs ahead (pre(key) prefetches
+// the visitor's row).
+template <typename scalar_t, typename index_t, typename Visit, typename Pre>
 void reduce_segments(const Layout& L, const index_t* off, const scalar_t* psw, int64_t pooling, int64_t lp_stride,
                      const uint64_t* keys, int64_t n, int64_t base, const int32_t* sample, int64_t f,
                      const scalar_t* grad, int64_t grad_cols, int64_t col,
-                     std::vector<typename AccType<scalar_t>::type>& acc, Visit&& visit) {
+                     std::vector<typename AccType<scalar_t>::type>& acc, Visit&& visit, Pre&& pre) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t D = L.D, B = L.B;
+  static const int64_t PFB = env_int("SAML_SEB_PREFETCH_BWD", 8);
+  auto grad_row = [&](int64_t i) {
+    const int64_t p = base + int64_t(keys[i] & 0xffffffffu);
+    const int64_t b = sample[p];
+    const int64_t k = pooling == kNone ? p - int64_t(off[f * B + b]) : 0;
+    return grad + ((b * grad_cols + col) * lp_stride + k) * D;
+  };
+  const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
   int64_t i = 0;
   while (i < n) {
     const uint64_t key = keys[i] >> 32;
     std::fill(acc.begin(), acc.end(), acc_t(0));
     acc_t* a = acc.data();
+    if (PFB > 0 && i + PFB < n) pre(int64_t(keys[i + PFB] >> 32));
     for (; i < n && (keys[i] >> 32) == key; ++i) {
+      if (PFB > 0 && i + PFB < n) prefetch_bytes(grad_row(i + PFB), row_bytes);
       const int64_t p = base + int64_t(keys[i] & 0xffffffffu);
-      const int64_t b = sample[p];
-      const int64_t bag = f * B + b;
-      const int64_t k = pooling == kNone ? p - int64_t(off[bag]) : 0;
-      const scalar_t* g = grad + ((b * grad_cols + col) * lp_stride + k) * D;
+      const int64_t bag = f * B + sample[p];
+      const scalar_t* g = grad_row(i);
       acc_t scale = acc_t(1);
       if (pooling == kMean) scale = scale / acc_t(std::max<int64_t>(int64_t(off[bag + 1]) - int64_t(off[bag]), 1));
       if (psw) scale = scale * acc_t(psw[p]);
@@ -419,8 +574,9 @@ BwdArgs prepare_backward(const at::Tensor& grad_global, const at::Tensor& grad_s
 
 // Given the sorted pairs, per feature (in parallel) calls visit_g(f, u, row, acc) for unique global rows and
 // visit_s(f, m, u_in_m_block, row, acc) for unique scenario rows, with u counting within the feature's block.
-template <typename scalar_t, typename index_t, typename VG, typename VS>
-void backward_walk_sorted(const BwdArgs& A, const SortedPairs& S, VG&& visit_g, VS&& visit_s) {
+template <typename scalar_t, typename index_t, typename VG, typename VS, typename PG, typename PS>
+void backward_walk_sorted(const BwdArgs& A, const SortedPairs& S, VG&& visit_g, VS&& visit_s, PG&& pre_g,
+                          PS&& pre_s) {
   using acc_t = typename AccType<scalar_t>::type;
   const Layout& L = A.L;
   const index_t* off = A.offsets.data_ptr<index_t>();
@@ -437,7 +593,8 @@ void backward_walk_sorted(const BwdArgs& A, const SortedPairs& S, VG&& visit_g, 
       reduce_segments<scalar_t, index_t>(L, off, psw, A.pooling, lp, S.kg + base, S.ng[f], base, S.sample, f, gg,
                                          L.F, f, acc, [&](int64_t key, const acc_t* a) {
                                            visit_g(f, u++, L.gbase[f] + key, a);
-                                         });
+                                         },
+                                         [&](int64_t key) { pre_g(L.gbase[f] + key); });
       if (L.slot[f] < 0) continue;
       int64_t m_prev = -1, um = 0;
       reduce_segments<scalar_t, index_t>(L, off, psw, A.pooling, lp, S.ks + base, S.ns[f], base, S.sample, f, gs,
@@ -445,7 +602,8 @@ void backward_walk_sorted(const BwdArgs& A, const SortedPairs& S, VG&& visit_g, 
                                            const int64_t m = key / size;
                                            if (m != m_prev) { m_prev = m; um = 0; }
                                            visit_s(f, m, um++, m * L.Rs + L.sbase[f] + key % size, a);
-                                         });
+                                         },
+                                         [&](int64_t key) { pre_s((key / size) * L.Rs + L.sbase[f] + key % size); });
     }
   });
 }
@@ -523,9 +681,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> seb_backw
       for (int64_t m = 0; m < L.M; ++m)
         for (int64_t f = 0; f < L.F; ++f) { sstart[f * L.M + m] = Us; Us += S.us[f * L.M + m]; }
       grows = at::empty({U}, lopt);
-      gvals = at::empty({U, L.D}, gw.options());
+      gvals = pooled_empty({U, L.D}, gw.options());
       srows = at::empty({Us}, lopt);
-      svals = at::empty({Us, L.D}, gw.options());
+      svals = pooled_empty({Us, L.D}, gw.options());
       int64_t* gr = grows.data_ptr<int64_t>();
       int64_t* sr = srows.data_ptr<int64_t>();
       scalar_t_* gv = gvals.data_ptr<scalar_t_>();
@@ -542,7 +700,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> seb_backw
             const int64_t o = sstart[f * L.M + m] + u;
             sr[o] = row;
             for (int64_t d = 0; d < D; ++d) sv[o * D + d] = scalar_t_(a[d]);
-          });
+          },
+          [](int64_t) {}, [](int64_t) {});
       if (need_psw_grad && psw.has_value()) {
         gpsw = at::empty({A.indices.numel()}, gw.options());
         psw_grad_impl<scalar_t_, index_t>(A, gpsw.data_ptr<scalar_t_>());
@@ -609,7 +768,9 @@ void seb_backward_update_cpu(const at::Tensor& grad_global, const at::Tensor& gr
           [&](int64_t, int64_t, int64_t row, const acc_t* a) { apply(gwp + row * D, gst ? gst + row : nullptr, a); },
           [&](int64_t, int64_t, int64_t, int64_t row, const acc_t* a) {
             apply(swp + row * D, sst ? sst + row : nullptr, a);
-          });
+          },
+          [&](int64_t row) { prefetch_rw(gwp + row * D, D * int64_t(sizeof(scalar_t_)), gst ? gst + row : nullptr); },
+          [&](int64_t row) { prefetch_rw(swp + row * D, D * int64_t(sizeof(scalar_t_)), sst ? sst + row : nullptr); });
     });
   });
 }

@@ -1,0 +1,293 @@
+"""Benchmark of scenario_embedding_bag (issue 2, section 5).
+
+Problem: B=4096 samples, F=16 features of 100,000 rows each, D=32, M=4 scenarios, every feature scenario-aware;
+one-hot bags and bags of 8; uniform and Zipf(1.05) ids; float32. Every lookup reads one global row and one row of
+the sample's scenario table.
+
+Providers (timed alternately, see harness.time_alternating; ratios are medians of per-round ratios):
+  ours-<backend>     saml_kernels.scenario_embedding_bag (each backend available; the reference only with --all)
+  eager-embbag       two F.embedding_bag calls (global table, scenario tables viewed as one [M*Rs, D] table)
+  eager-emb          two F.embedding calls + sum over the bag (fixed-length bags)
+  compile-ref        torch.compile of saml_kernels.reference.scenario_embedding_bag_reference (forward only)
+  fbgemm             FBGEMM CPU TBE (fbgemm-gpu-cpu): 16 global tables + 16 scenario tables of M*100k rows
+Modes: fwd (forward), fwd+bwd (sparse gradients), fwd+bwd+sgd (ours: fused optimizer; eager: sparse grads +
+torch.optim.SGD.step; fbgemm: its fused EXACT_SGD).
+Index arithmetic (feature offsets, scenario * Rs) is inside every provider's timed region: it is part of the op.
+
+Effective bytes (compulsory traffic, counted per lookup, not per unique row):
+  fwd  = 2 * nnz * D * 4 (global + scenario rows read) + 2 * B * F * D * 4 (outputs written) + nnz * 8 (ids)
+  bwd  += 2 * B * F * D * 4 (upstream gradients read) + 2 * nnz * D * 4 (gradient rows written)
+  sgd  += 2 * 2 * nnz * D * 4 (rows read and written back)
+
+Usage: python benchmarks/bench_embedding.py [--quick] [--gpu] [--reps N] [--out-tag TAG]
+Writes benchmarks/results/embedding_<machine>.md / .json / .png (with --quick: embedding_<machine>_quick.*).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as Fn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from harness import (RESULTS_DIR, machine_info, machine_tag, markdown_table, measure_copy_bandwidth,  # noqa: E402
+                     measure_gather_ceiling, time_alternating, write_results)
+
+import saml_kernels  # noqa: E402
+from saml_kernels import _backend  # noqa: E402
+from saml_kernels.ops import embedding_optimizer  # noqa: E402
+from saml_kernels.ops import scenario_embedding_bag as seb_ops  # noqa: E402
+from saml_kernels.reference.scenario_embedding_bag import scenario_embedding_bag_reference  # noqa: E402
+
+LR = 0.01
+
+
+def fbgemm_status():
+    try:
+        import fbgemm_gpu  # noqa: F401
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (  # noqa: F401
+            SplitTableBatchedEmbeddingBagsCodegen)
+        return True, f"fbgemm-gpu {fbgemm_gpu.__version__}"
+    except Exception as exc:  # not installable beside this torch, or no wheel: say so
+        return False, f"FBGEMM unavailable ({type(exc).__name__}: {str(exc)[:120]}); install fbgemm-gpu-cpu"
+
+
+def make_ids(n, rows, dist, gen, device):
+    """n ids in [0, rows): uniform, or Zipf(1.05) ranks mapped to rows by a random permutation (hot rows spread)."""
+    if dist == "uniform":
+        return torch.randint(0, rows, (n,), generator=gen).to(device)
+    ranks = torch.arange(1, rows + 1, dtype=torch.float64)
+    cdf = torch.cumsum(ranks.pow(-1.05), 0)
+    cdf /= cdf[-1].clone()
+    r = torch.searchsorted(cdf, torch.rand(n, generator=gen, dtype=torch.float64)).clamp(max=rows - 1)
+    return torch.randperm(rows, generator=gen)[r].to(device)
+
+
+class Problem:
+    def __init__(self, B, F, R, D, M, L, dist, device, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.B, self.F, self.R, self.D, self.M, self.L, self.device = B, F, R, D, M, L, device
+        self.nnz = B * F * L
+        self.ids = torch.cat([make_ids(B * L, R, dist, g, "cpu") for _ in range(F)]).to(device)
+        self.offsets = torch.arange(0, self.nnz + 1, L, device=device)
+        self.scenario = torch.randint(0, M, (B,), generator=g).to(device)
+        self.fr = [f * R for f in range(F + 1)]
+        self.gw = (torch.randn(F * R, D, generator=g) * 0.1).to(device)
+        self.sw = (torch.randn(M, F * R, D, generator=g) * 0.1).to(device)
+        self.gg = torch.randn(B, F, D, generator=g).to(device)
+        self.gs = torch.randn(B, F, D, generator=g).to(device)
+        self.fr_t, self.fsr_t, self.slot, _ = seb_ops.table_layout(self.fr, self.fr, F * R, F * R, device)
+        self.base = torch.arange(F, device=device).view(F, 1, 1) * R
+
+    def bytes(self, mode):
+        b = 2 * self.nnz * self.D * 4 + 2 * self.B * self.F * self.D * 4 + self.nnz * 8
+        if mode != "fwd":
+            b += 2 * self.B * self.F * self.D * 4 + 2 * self.nnz * self.D * 4
+        if mode == "fwd+bwd+sgd":
+            b += 4 * self.nnz * self.D * 4
+        return b
+
+    # eager index arithmetic: global row = f * R + id; scenario row = s * (F * R) + f * R + id
+    def eager_rows(self):
+        ids = self.ids.view(self.F, self.B, self.L)
+        grow = ids + self.base
+        srow = grow + (self.scenario * (self.F * self.R)).view(1, self.B, 1)
+        return grow.reshape(-1), srow.reshape(-1)
+
+
+def providers_for(P: Problem, mode: str, backends, with_compile: bool, fb_ok: bool):
+    """{name: zero-arg callable} for one mode. Parameters are fresh per mode (the updates modify them)."""
+    dev, B, F, D, L = P.device, P.B, P.F, P.D, P.L
+    train = mode != "fwd"
+    provs = {}
+
+    def params():
+        gw = P.gw.clone().requires_grad_(train)
+        sw = P.sw.clone().requires_grad_(train)
+        return gw, sw
+
+    for be in backends:
+        gw, sw = params()
+        if mode == "fwd":
+            def f(be=be, gw=gw, sw=sw):
+                with torch.no_grad():
+                    return saml_kernels.scenario_embedding_bag(P.ids, P.offsets, P.scenario, gw, sw, P.fr, P.fr,
+                                                               backend=be)
+        elif mode == "fwd+bwd":
+            def f(be=be, gw=gw, sw=sw):
+                g, s = saml_kernels.scenario_embedding_bag(P.ids, P.offsets, P.scenario, gw, sw, P.fr, P.fr,
+                                                           sparse=True, backend=be)
+                torch.autograd.backward([g, s], [P.gg, P.gs])
+                gw.grad = sw.grad = None
+        else:
+            gw, sw = gw.detach(), sw.detach()
+
+            def f(be=be, gw=gw, sw=sw):  # the layer's fused path: forward, then the fused update in the backward
+                g, s = saml_kernels.scenario_embedding_bag(P.ids, P.offsets, P.scenario, gw, sw, P.fr, P.fr,
+                                                           backend=be)
+                embedding_optimizer.backward_update(be, P.gg, P.gs, P.ids, P.offsets, P.scenario, gw, sw, P.fr_t,
+                                                    P.fsr_t, P.slot, None, 0, 0, None, None, "sgd", LR, 0.0)
+        provs[f"ours-{be}"] = f
+
+    # eager formulations
+    for kind in ("embbag", "emb"):
+        gw, sw = params()
+        # a [M*Rs, D] leaf: sparse gradients cannot flow back through a view
+        sw = swf = sw.detach().view(-1, D).requires_grad_(train)
+        opt = torch.optim.SGD([gw, sw], lr=LR) if mode == "fwd+bwd+sgd" else None
+        bag_off = torch.arange(0, P.nnz, L, device=dev)
+
+        def fwd(kind=kind, gw=gw, swf=swf, bag_off=bag_off):
+            grow, srow = P.eager_rows()
+            if kind == "embbag":
+                g = Fn.embedding_bag(grow, gw, bag_off, mode="sum", sparse=train)
+                s = Fn.embedding_bag(srow, swf, bag_off, mode="sum", sparse=train)
+            else:
+                g = Fn.embedding(grow, gw, sparse=train).view(F, B, L, D).sum(2)
+                s = Fn.embedding(srow, swf, sparse=train).view(F, B, L, D).sum(2)
+            return g.view(F, B, D).transpose(0, 1), s.view(F, B, D).transpose(0, 1)
+
+        if mode == "fwd":
+            def f(fwd=fwd):
+                with torch.no_grad():
+                    return fwd()
+        else:
+            def f(fwd=fwd, gw=gw, sw=sw, opt=opt):
+                g, s = fwd()
+                torch.autograd.backward([g, s], [P.gg, P.gs])
+                if opt is not None:
+                    opt.step()
+                gw.grad = sw.grad = None
+        provs[f"eager-{kind}"] = f
+
+    if with_compile and mode == "fwd":
+        gw, sw = params()
+        cref = torch.compile(scenario_embedding_bag_reference, dynamic=False)
+
+        def f(gw=gw, sw=sw):
+            with torch.no_grad():
+                return cref(P.ids, P.offsets, P.scenario, gw, sw, P.fr_t, P.fsr_t)
+        provs["compile-ref"] = f
+
+    if fb_ok and dev == "cpu":
+        provs["fbgemm"] = fbgemm_provider(P, mode)
+    return provs
+
+
+def fbgemm_provider(P: Problem, mode: str):
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (ComputeDevice,
+                                                                        SplitTableBatchedEmbeddingBagsCodegen)
+    F, R, D, M, B = P.F, P.R, P.D, P.M, P.B
+    specs = [(R, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * F + \
+            [(M * R, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * F
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(specs, optimizer=EmbOptimType.EXACT_SGD, learning_rate=LR,
+                                                device="cpu")
+    with torch.no_grad():  # same initial values as the other providers
+        for f, w in enumerate(tbe.split_embedding_weights()):
+            if f < F:
+                w.copy_(P.gw[f * R:(f + 1) * R])
+            else:
+                w.view(M, R, D).copy_(P.sw[:, (f - F) * R:(f - F + 1) * R])
+    offsets = torch.arange(0, 2 * P.nnz + 1, P.L)
+    grad = torch.cat([P.gg, P.gs], 1).reshape(B, 2 * F * D)
+
+    def fwd():
+        ids = P.ids.view(F, B * P.L)
+        sids = ids + (P.scenario * R).repeat_interleave(P.L).view(1, -1)
+        return tbe(torch.cat([ids, sids]).reshape(-1), offsets)
+
+    if mode == "fwd":
+        def f():
+            with torch.no_grad():
+                return fwd()
+    elif mode == "fwd+bwd":
+        return None  # TBE has no sparse-gradient mode; it fuses the optimizer (see fwd+bwd+sgd)
+    else:
+        def f():
+            fwd().backward(grad)
+    return f
+
+
+def run(args):
+    device = "cuda" if args.gpu else "cpu"
+    if args.gpu and not torch.cuda.is_available():
+        sys.exit("--gpu: no CUDA device")
+    if args.quick:
+        B, F, R, D, M, reps = 256, 4, 5000, 32, 4, 3
+    else:
+        B, F, R, D, M, reps = 4096, 16, 100_000, 32, 4, args.reps
+    backends = [b for b in _backend.available_backends(device, seb_ops.OP) if b != "reference" or args.all]
+    fb_ok, fb_msg = fbgemm_status()
+    fb_ok = fb_ok and not args.no_fbgemm and device == "cpu"
+    print(f"machine: {machine_info()}\n{fb_msg}", flush=True)
+    if device == "cuda":
+        ceiling_name, ceiling = "device copy bandwidth", measure_copy_bandwidth(device="cuda")
+    else:
+        ceiling_name, ceiling = "random-row gather (index_select, 128 B rows)", measure_gather_ceiling(
+            rows=500_000 if args.quick else 4_000_000, n=65536 if args.quick else 262_144)
+    print(f"ceiling: {ceiling_name} = {ceiling:.2f} GB/s", flush=True)
+    results, rows_md, groups = [], [], {}
+    for L in ([1] if args.quick else [1, 8]):
+        for dist in ("uniform", "zipf"):
+            P = Problem(B, F, R, D, M, L, dist, device)
+            for mode in ("fwd", "fwd+bwd", "fwd+bwd+sgd"):
+                provs = providers_for(P, mode, backends, not args.no_compile, fb_ok)
+                provs = {k: v for k, v in provs.items() if v is not None}
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    r = time_alternating(provs, reps=reps, warmup=2, device=device)
+                case = f"{'one-hot' if L == 1 else f'bag{L}'} {dist} {mode}"
+                ours = [k for k in provs if k.startswith("ours-")]
+                best = min(ours, key=lambda k: r["medians_ms"][k]) if ours else None
+                groups[case] = dict(r["medians_ms"])
+                for name, ms in r["medians_ms"].items():
+                    gbs = P.bytes(mode) / (ms / 1e3) / 1e9
+                    speed = {p: r["ratios"][(p, name)] for p in provs if p != name}
+                    results.append(dict(case=case, L=L, dist=dist, mode=mode, provider=name, ms=ms, gbs=gbs,
+                                        pct_ceiling=100 * gbs / ceiling, speedup_vs=speed))
+                    vs = ", ".join(f"{p} {x:.2f}x" for p, x in speed.items()) if name == best else ""
+                    rows_md.append([case, name, ms, gbs, 100 * gbs / ceiling, vs])
+                    print(f"{case:28s} {name:14s} {ms:9.2f} ms {gbs:7.2f} GB/s {100 * gbs / ceiling:5.1f}%  {vs}",
+                          flush=True)
+                del provs
+    body = [f"Problem: B={B}, F={F} features x {R} rows, D={D}, M={M} scenarios, all aware, fp32, "
+            f"{torch.get_num_threads()} threads, {reps} alternating rounds per case (medians; speed-ups are medians "
+            f"of per-round ratios t_peer / t_ours, > 1 = ours faster).",
+            f"Ceiling: {ceiling_name} measured in this run: {ceiling:.2f} GB/s. {fb_msg}.",
+            f"Load average at the start: {machine_info()['loadavg_1m']:.2f} (the machine is shared; numbers are noisy).",
+            "", markdown_table(["case", "provider", "median ms", "GB/s", "% ceiling", "speed-up of best ours vs"],
+                               rows_md)]
+    if args.note:
+        body.insert(0, args.note + "\n")
+    stem = f"embedding_{args.out_tag or machine_tag()}" + ("_quick" if args.quick else "")
+    paths = write_results(stem, "scenario_embedding_bag benchmark", "\n".join(body),
+                          dict(results=results, ceiling_gbs=ceiling, ceiling=ceiling_name, fbgemm=fb_msg,
+                               shape=dict(B=B, F=F, R=R, D=D, M=M)),
+                          plot=dict(groups=groups, ylabel="median ms (lower is better)"), out_dir=args.out_dir)
+    print("wrote", ", ".join(paths.values()))
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes, 3 rounds (smoke test)")
+    ap.add_argument("--gpu", action="store_true", help="run on CUDA; GB/s against the device copy bandwidth")
+    ap.add_argument("--reps", type=int, default=15, help="alternating rounds per case")
+    ap.add_argument("--all", action="store_true", help="include the reference backend among ours")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    ap.add_argument("--no-fbgemm", action="store_true", help="skip FBGEMM")
+    ap.add_argument("--out-tag", default=None, help="results file tag (default: machine tag)")
+    ap.add_argument("--out-dir", default=RESULTS_DIR, help="where the results go (default benchmarks/results)")
+    ap.add_argument("--note", default=None, help="a note written at the top of the results file")
+    run(ap.parse_args())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Shared benchmark harness of saml-kernels.
+
+Usage from a benchmark script in benchmarks/ (the script's own folder is on sys.path when run as
+``python benchmarks/bench_x.py``; from elsewhere add it first)::
+
+    import os, sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from harness import machine_info, measure_gather_ceiling, time_alternating, write_results
+
+    res = time_alternating({"ours": f_ours, "eager": f_eager}, reps=30, warmup=3)
+    res["medians_ms"]["ours"], res["ratios"][("eager", "ours")]   # ratio = median over pairs of t_eager / t_ours
+
+What is here and why:
+- ``machine_info()``: CPU model, cores, torch / triton / numpy versions, GPU name: every table names its machine.
+- ``measure_gather_ceiling()``: random-row gather bandwidth (rows of a table much larger than the caches, read
+  with torch.index_select): the practical ceiling of an embedding lookup on this machine, measured in the same
+  run as the benchmark. ``measure_copy_bandwidth()``: device (or host) copy bandwidth, the GPU ceiling.
+- ``time_alternating()``: the machine is shared and noisy, so providers are timed in turn (A B C A B C ...), and
+  besides each provider's median the *median of the per-round ratios* is reported for every pair; a burst of
+  load hits both sides of a ratio. On CUDA the timing uses CUDA events.
+- ``peak_memory()``: peak extra memory of one call (CUDA allocator stats, or the process RSS high-water mark).
+- ``write_results()``: a markdown table + JSON (+ a matplotlib PNG bar chart) under benchmarks/results/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# ------------------------------------------------------------------------------------------------ machine
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    """Description of the machine and software versions (put it at the top of every result file)."""
+    info = {
+        "host": platform.node(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import numpy
+        info["numpy"] = numpy.__version__
+    except ImportError:
+        pass
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["gpu"] = None
+    return info
+
+
+def machine_tag() -> str:
+    """Short file-name tag: 'cpu<cores>' or the GPU name, e.g. 'cpu2', 'NVIDIA_H200'."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace(" ", "_")
+    return f"cpu{os.cpu_count()}"
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_once(fn: Callable, device: str) -> float:
+    """Seconds of one call (CUDA events on GPU, perf_counter on CPU)."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_alternating(providers: Dict[str, Callable], reps: int = 20, warmup: int = 3, device: str = "cpu",
+                     min_time_s: float = 0.0) -> dict:
+    """Times the providers alternately (one call of each per round, order rotated every round).
+
+    Returns ``{"medians_ms": {name: ms}, "times_ms": {name: [ms...]}, "ratios": {(a, b): median_k t_a[k] / t_b[k]}}``.
+    A ratio > 1 means ``b`` is faster than ``a``. Rounds continue past ``reps`` until ``min_time_s`` elapsed.
+    """
+    names = list(providers)
+    for _ in range(warmup):
+        for n in names:
+            providers[n]()
+    _sync(device)
+    times = {n: [] for n in names}
+    t_start = time.perf_counter()
+    k = 0
+    while k < reps or time.perf_counter() - t_start < min_time_s:
+        order = names[k % len(names):] + names[:k % len(names)]  # rotate: nobody always runs first
+        for n in order:
+            times[n].append(_time_once(providers[n], device) * 1e3)
+        k += 1
+    ratios = {}
+    for a in names:
+        for b in names:
+            if a != b:
+                ratios[(a, b)] = statistics.median(x / y for x, y in zip(times[a], times[b]))
+    return {"medians_ms": {n: statistics.median(v) for n, v in times.items()}, "times_ms": times, "ratios": ratios}
+
+
+def peak_memory(fn: Callable, device: str = "cpu") -> Optional[int]:
+    """Peak extra bytes of one call of ``fn``: CUDA allocator peak, or on CPU the growth of the process's
+    max RSS (a high-water mark: only growth beyond the previous peak shows, so call it before other work)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+
+
+# ------------------------------------------------------------------------------------------------ ceilings
+
+def measure_gather_ceiling(rows: int = 4_000_000, dim: int = 32, n: int = 262_144, reps: int = 7,
+                           device: str = "cpu", dtype=torch.float32) -> float:
+    """Random-row gather bandwidth in GB/s (bytes of rows read + written), rows of ``dim`` ``dtype``.
+
+    The table (rows x dim, 512 MB at the defaults) is much larger than the caches, the ids are uniform, and the
+    gather is ``torch.index_select`` into a preallocated output: what one lookup stream achieves here.
+    """
+    table = torch.randn(rows, dim, device=device, dtype=dtype)
+    ids = torch.randint(0, rows, (n,), device=device)
+    out = torch.empty(n, dim, device=device, dtype=dtype)
+    fn = lambda: torch.index_select(table, 0, ids, out=out)  # noqa: E731
+    for _ in range(2):
+        fn()
+    _sync(device)
+    ts = [_time_once(fn, device) for _ in range(reps)]
+    nbytes = 2 * n * dim * table.element_size()
+    del table
+    return nbytes / statistics.median(ts) / 1e9
+
+
+def measure_copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10, device: str = "cuda") -> float:
+    """Copy bandwidth in GB/s (read + write) of a ``nbytes`` buffer: the device's streaming ceiling."""
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    fn = lambda: b.copy_(a)  # noqa: E731
+    fn()
+    _sync(device)
+    ts = [_time_once(fn, device) for _ in range(reps)]
+    return 2 * nbytes / statistics.median(ts) / 1e9
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+def markdown_table(header: list, rows: list) -> str:
+    """A GitHub markdown table from a header and rows of cells (floats are printed with 2-3 significant digits)."""
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+        return str(x)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(stem: str, title: str, markdown_body: str, data: dict, plot: Optional[dict] = None,
+                  out_dir: str = RESULTS_DIR) -> dict:
+    """Writes ``<stem>.md`` (title, machine, body), ``<stem>.json`` (machine + data) and, when ``plot`` is given
+    as ``{"groups": {group: {provider: value}}, "ylabel": str}``, a grouped bar chart ``<stem>.png``.
+    Returns the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    mach = machine_info()
+    paths = {"md": os.path.join(out_dir, stem + ".md"), "json": os.path.join(out_dir, stem + ".json")}
+    with open(paths["md"], "w") as f:
+        f.write(f"# {title}\n\nMachine: " + ", ".join(f"{k}={v}" for k, v in mach.items()) + "\n\n")
+        f.write(markdown_body.rstrip() + "\n")
+    with open(paths["json"], "w") as f:
+        json.dump({"title": title, "machine": mach, "data": data}, f, indent=1, default=str)
+    if plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return paths
+        groups = plot["groups"]
+        provs = sorted({p for g in groups.values() for p in g})
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(provs)) / 2), 4))
+        width = 0.8 / max(1, len(provs))
+        for j, p in enumerate(provs):
+            xs = [i + j * width for i in range(len(groups))]
+            ax.bar(xs, [groups[g].get(p, 0) for g in groups], width, label=p)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+        ax.set_xticklabels(list(groups), rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(plot.get("ylabel", ""))
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths["png"] = os.path.join(out_dir, stem + ".png")
+        fig.savefig(paths["png"], dpi=110)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,17 @@
+"""The embedding benchmark runs end to end on small sizes (so it cannot rot). Performance is not asserted."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_embedding_quick(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_embedding.py"), "--quick",
+                        "--no-compile", "--out-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ours-" in r.stdout and "eager-embbag" in r.stdout
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert any(n.endswith("_quick.md") for n in written) and any(n.endswith("_quick.json") for n in written), written

@@ -1,0 +1,147 @@
+"""Fused optimizer in the backward (saml_kernels.ops.embedding_optimizer.backward_update) against the unfused
+path: the gradient from the public op (dense autograd gradients) and the same update written here in PyTorch.
+
+    SGD:               W <- W - lr * dW
+    row-wise Adagrad:  state <- state + mean_d(dW^2);  W <- W - lr * dW / (sqrt(state) + eps)
+
+(on untouched rows dW = 0, so the dense formulas leave them unchanged, as the fused update must).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import saml_kernels
+from saml_kernels.ops import embedding_optimizer as eo
+from saml_kernels.ops import scenario_embedding_bag as seb
+
+from conftest import device_backends
+
+OP = seb.OP
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+def make_case(device, itype=torch.int64, B=24, D=8, M=3, sizes=(5, 7, 4), aware=(1, 0, 1), max_len=4):
+    """Small tables and many ids, so rows repeat within the batch (duplicates must be summed first)."""
+    F = len(sizes)
+    fr = [0] + torch.tensor(sizes).cumsum(0).tolist()
+    fsr = [0]
+    for s, a in zip(sizes, aware):
+        fsr.append(fsr[-1] + (s if a else 0))
+    lens = torch.randint(0, max_len + 1, (F * B,))
+    off = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    feat = torch.repeat_interleave(torch.arange(F * B) // B, lens)
+    idx = (torch.rand(int(off[-1])) * torch.tensor(sizes)[feat]).long()
+    keys = feat * 1000 + idx
+    return dict(has_duplicates=keys.unique().numel() < keys.numel(), indices=idx.to(itype).to(device), offsets=off.to(itype).to(device),
+                scenario=torch.randint(0, M, (B,), device=device), fr=fr, fsr=fsr,
+                gw=torch.randn(fr[-1], D, device=device), sw=torch.randn(M, fsr[-1], D, device=device))
+
+
+def unfused(c, backend, pooling, psw, gg, gs):
+    """(dG, dS) by the public op's ordinary autograd (dense gradients)."""
+    gw = c["gw"].clone().requires_grad_()
+    sw = c["sw"].clone().requires_grad_()
+    g, s = saml_kernels.scenario_embedding_bag(c["indices"], c["offsets"], c["scenario"], gw, sw, c["fr"], c["fsr"],
+                                               pooling=pooling, per_sample_weights=psw, backend=backend)
+    torch.autograd.backward([g, s], [gg, gs])
+    return gw.grad, sw.grad
+
+
+def fused(c, backend, pooling, psw, gg, gs, optimizer, lr, eps, gw, sw, gst=None, sst=None):
+    fr, fsr, slot, _ = seb.table_layout(c["fr"], c["fsr"], gw.shape[0], sw.shape[1], gw.device)
+    pw = None if psw is None else psw.to(gw.dtype).contiguous()
+    eo.backward_update(backend, gg, gs, c["indices"], c["offsets"], c["scenario"], gw, sw, fr, fsr, slot, pw,
+                       seb.POOLING[pooling], 0, gst, sst, optimizer, lr, eps)
+
+
+@pytest.mark.parametrize("device,backend", device_backends(OP))
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+@pytest.mark.parametrize("pooling,use_psw", [("sum", False), ("mean", False), ("sum", True)])
+@pytest.mark.parametrize("itype", [torch.int32, torch.int64])
+def test_fused_update_matches_unfused(device, backend, optimizer, pooling, use_psw, itype):
+    c = make_case(device, itype)
+    nnz = c["indices"].numel()
+    psw = torch.randn(nnz, device=device) if use_psw else None
+    B, F, Fs, D = c["scenario"].numel(), 3, 2, c["gw"].shape[1]
+    gg, gs = torch.randn(B, F, D, device=device), torch.randn(B, Fs, D, device=device)
+    lr, eps = 0.1, 1e-3
+    dG, dS = unfused(c, backend, pooling, psw, gg, gs)
+    # duplicates really occur in this batch (otherwise the test could not catch an unsummed update)
+    assert c["has_duplicates"]
+    gw, sw = c["gw"].clone(), c["sw"].clone()
+    if optimizer == "sgd":
+        fused(c, backend, pooling, psw, gg, gs, optimizer, lr, eps, gw, sw)
+        torch.testing.assert_close(gw, c["gw"] - lr * dG, **TOL)
+        torch.testing.assert_close(sw, c["sw"] - lr * dS, **TOL)
+    else:
+        gst0 = torch.rand(gw.shape[0], device=device)
+        sst0 = torch.rand(sw.shape[0] * sw.shape[1], device=device)
+        gst, sst = gst0.clone(), sst0.clone()
+        fused(c, backend, pooling, psw, gg, gs, optimizer, lr, eps, gw, sw, gst, sst)
+        eg = gst0 + dG.pow(2).mean(-1)
+        es = sst0 + dS.reshape(-1, D).pow(2).mean(-1)
+        torch.testing.assert_close(gst, eg, **TOL)
+        torch.testing.assert_close(sst, es, **TOL)
+        torch.testing.assert_close(gw, c["gw"] - lr * dG / (eg.sqrt() + eps).unsqueeze(1), **TOL)
+        torch.testing.assert_close(sw, c["sw"] - lr * dS / (es.sqrt() + eps).view(sw.shape[0], -1, 1), **TOL)
+    # rows never touched stay bitwise unchanged
+    untouched = (dG == 0).all(1)
+    assert torch.equal(gw[untouched], c["gw"][untouched])
+
+
+@pytest.mark.parametrize("device,backend", device_backends(OP))
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_fused_update_deterministic(device, backend, optimizer):
+    """Bitwise repeatable in deterministic mode (and, on the cpu backend, for any thread count)."""
+    c = make_case(device, B=64, sizes=(6, 40), aware=(1, 1), max_len=6)
+    B, D = c["scenario"].numel(), c["gw"].shape[1]
+    gg, gs = torch.randn(B, 2, D, device=device), torch.randn(B, 2, D, device=device)
+    results = []
+    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        for threads in ((1, 2, 2) if backend == "cpu" else (old_threads, old_threads)):
+            torch.set_num_threads(threads)
+            gw, sw = c["gw"].clone(), c["sw"].clone()
+            gst = torch.zeros(gw.shape[0], device=device)
+            sst = torch.zeros(sw.shape[0] * sw.shape[1], device=device)
+            for _ in range(2):
+                fused(c, backend, "sum", None, gg, gs, optimizer, 0.05, 1e-6, gw, sw, gst, sst)
+            results.append((gw, sw, gst, sst))
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det)
+    for r in results[1:]:
+        for x, y in zip(r, results[0]):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_fused_update_cpu_low_and_double_precision(dtype):
+    """Other table dtypes: same update (fp32 accumulation; float64 in float64)."""
+    from saml_kernels import _ext
+    if not _ext.has_cpu_ext():
+        pytest.skip("C++ extension not built")
+    c = make_case("cpu")
+    c["gw"], c["sw"] = c["gw"].to(dtype), c["sw"].to(dtype)
+    B, D = c["scenario"].numel(), c["gw"].shape[1]
+    gg, gs = torch.randn(B, 3, D, dtype=dtype), torch.randn(B, 2, D, dtype=dtype)
+    dG, dS = unfused(c, "reference", "sum", None, gg, gs)
+    gw, sw = c["gw"].clone(), c["sw"].clone()
+    fused(c, "cpu", "sum", None, gg, gs, "sgd", 0.1, 0.0, gw, sw)
+    tol = {torch.float64: dict(atol=1e-12, rtol=1e-12)}.get(dtype, dict(atol=3e-2, rtol=3e-2))
+    torch.testing.assert_close(gw.double(), (c["gw"].double() - 0.1 * dG.double()), **tol)
+    torch.testing.assert_close(sw.double(), (c["sw"].double() - 0.1 * dS.double()), **tol)
+
+
+def test_bad_arguments():
+    c = make_case("cpu")
+    B, D = c["scenario"].numel(), c["gw"].shape[1]
+    gg, gs = torch.zeros(B, 3, D), torch.zeros(B, 2, D)
+    with pytest.raises(ValueError, match="optimizer"):
+        fused(c, "reference", "sum", None, gg, gs, "adam", 0.1, 0.0, c["gw"].clone(), c["sw"].clone())
+    with pytest.raises(ValueError, match="global_state"):
+        fused(c, "reference", "sum", None, gg, gs, "rowwise_adagrad", 0.1, 0.0, c["gw"].clone(), c["sw"].clone())
+    with pytest.raises(ValueError, match="contiguous"):
+        fused(c, "reference", "sum", None, gg, gs, "sgd", 0.1, 0.0, c["gw"].t().contiguous().t(), c["sw"].clone())
