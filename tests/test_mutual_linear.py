@@ -95,6 +95,25 @@ def test_shapes(device, backend, M, B, K, N):
 
 
 @pytest.mark.parametrize("device,backend", PAIRS)
+def test_non_contiguous_inputs(device, backend):
+    inp = make(M=3, B=8, K=6, N=5, Ka=3, device=device)
+    nc = dict(inp)
+    nc["x"] = inp["x"].t().contiguous().t()
+    nc["weight"] = inp["weight"].transpose(1, 2).contiguous().transpose(1, 2)
+    nc["bias"] = inp["bias"].t().contiguous().t()
+    nc["aux"] = torch.stack([inp["aux"], inp["aux"]], -1)[..., 0]
+    nc["aux_weight"] = inp["aux_weight"].permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    nc["scenario"] = torch.stack([inp["scenario"], inp["scenario"]], 1)[:, 0]
+    assert not any(nc[k].is_contiguous() for k in nc)
+    g = torch.randn(8, 5, device=device)
+    out, gr = grads(nc, backend, g, activation="relu", similarity="dot")
+    ro, rg = grads(inp, "oracle", g, f64=True, activation="relu", similarity="dot")
+    torch.testing.assert_close(out.double(), ro, **tolerance(torch.float32))
+    for k in rg:
+        torch.testing.assert_close(gr[k].double(), rg[k], atol=3e-5, rtol=3e-5)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
 @pytest.mark.parametrize("save", [False, True])
 def test_batch_zero(device, backend, save):
     inp = make(B=0, Ka=2, device=device)
@@ -138,10 +157,11 @@ def test_gradients(device, backend, activation, similarity, save):
 
 @pytest.mark.parametrize("device,backend", PAIRS)
 @pytest.mark.parametrize("dtype", DTYPES[1:])
-def test_gradients_low_precision(device, backend, dtype):
+@pytest.mark.parametrize("save", [False, True])
+def test_gradients_low_precision(device, backend, dtype, save):
     inp = make(M=3, B=12, K=8, N=6, Ka=2, dtype=dtype, device=device)
     g = torch.randn(12, 6, device=device).to(dtype)
-    out, gr = grads(inp, backend, g, activation="gelu")
+    out, gr = grads(inp, backend, g, activation="gelu", save_branch_outputs=save)
     _, rg = grads(inp, "oracle", g, f64=True, activation="gelu")
     for k in rg:
         scale = max(1.0, float(rg[k].abs().max()))
