@@ -240,7 +240,11 @@ class TrainingOptimizer:
             for w, name in ((w_g, "global_state"), (w_s, "scenario_state")):
                 st = getattr(mod, name, None)
                 self.tables.append((w, st if st is not None else torch.zeros(w.shape[:-1], device=w.device)))
-        self.dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in emb_ids], lr=lr)
+        dense = [p for p in model.parameters() if id(p) not in emb_ids]
+        try:  # one fused kernel for all dense parameters (torch's default on CPU is a per-tensor loop)
+            self.dense = torch.optim.Adam(dense, lr=lr, fused=True)
+        except (RuntimeError, ValueError, TypeError):
+            self.dense = torch.optim.Adam(dense, lr=lr, foreach=True)
         self.embedding_lr, self.eps = embedding_lr, eps
 
     def zero_grad(self, set_to_none: bool = True) -> None:
