@@ -71,7 +71,10 @@ def main():
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--modes", default="fwd,fwdbwd")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); results get _t<n>")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = "cuda" if args.gpu else "cpu"
     if args.gpu:
         M, B, K, N, dtype = 4, 16384, 512, 512, torch.bfloat16
@@ -104,10 +107,12 @@ def main():
                                                      peak_bytes=peaks[name], peak_vs_eager=mem_ratio)
             print(f"{mode:7s} {name:12s} {res['medians_ms'][name]:9.2f} ms  ours x{speed:5.2f}  "
                   f"peak {peaks[name] / 2 ** 20:8.1f} MiB ({mem_ratio:.2f} of eager)", flush=True)
-    body = (f"mutual_linear, M={M} B={B} K={K} N={N} {dtype}, relu, cosine, bias, uniform unsorted scenarios.\n"
+    body = (f"mutual_linear, M={M} B={B} K={K} N={N} {dtype}, relu, cosine, bias, uniform unsorted scenarios, "
+            f"{torch.get_num_threads()} threads.\n"
             "Speed-up = median over alternating rounds of t_provider / t_ours. Targets (2-core CPU, fwd+bwd): "
             ">= 1.7x eager, <= 50% of eager's peak memory.\n\n" + markdown_table(header, rows))
-    stem = f"bench_mutual_{machine_tag()}" + ("_quick" if args.quick else "")
+    stem = (f"bench_mutual_{machine_tag()}" + (f"_t{args.threads}" if args.threads else "")
+            + ("_quick" if args.quick else ""))
     paths = write_results(stem, "mutual_linear: fused all-branch GEMM + mutual unit", body, data,
                           plot={"groups": {f"{r[0]}/{r[1]}": {"ms": r[2]} for r in rows}, "ylabel": "median ms"})
     print("wrote", ", ".join(paths.values()))

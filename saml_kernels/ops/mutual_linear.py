@@ -19,9 +19,9 @@ Where h comes from in the backward (``save_branch_outputs``):
 Measured trade-off (2-core CPU shared with other jobs, M=4 B=4096 K=N=256 fp32, relu, fwd+bwd; alternating
 timing, medians): 1 thread: recompute 175 ms, saved 126 ms (saved 1.37x faster), eager reference 398 ms;
 2 threads (load average ~7-10): recompute 490 ms, saved 324 ms, eager 760 ms (median per-round ratio
-saved/recompute 1.0). Peak extra memory of one fwd+bwd call (benchmarks/results/bench_mutual_cpu2.md):
-recompute 16 MiB, saved 56 MiB, eager 92 MiB; the difference is h [M, B, N] (16 MiB here) plus its
-temporaries. Choose True when M*B*N activations fit and speed matters; the default keeps the layer's memory
+saved/recompute 1.0). Peak extra memory of one fwd+bwd call (RSS probe, three runs,
+benchmarks/results/bench_mutual_cpu2*.md): recompute 8-16 MiB, saved 44-56 MiB, eager 92 MiB; the
+difference is h [M, B, N] (16 MiB here) plus its temporaries. Choose True when M*B*N activations fit and speed matters; the default keeps the layer's memory
 independent of M.
 """
 from __future__ import annotations
