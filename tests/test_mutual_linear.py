@@ -271,6 +271,22 @@ def test_torch_compile_fullgraph(device, backend, save):
         torch.testing.assert_close(q.grad, p.grad, msg=lambda m: f"{n}: {m}")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("save", [False, True])
+def test_torch_compile_inductor(save):
+    """The default (inductor) compiler on the automatic backend, forward + backward (~20 s of compiling)."""
+    torch._dynamo.reset()
+    m = MutualUnit(8, 6, 3, aux_features=2, activation="gelu", save_branch_outputs=save)
+    c = torch.compile(m, fullgraph=True)
+    inp = make(M=3, B=10, K=8, N=6, Ka=2)
+    ye, yc = m(inp["x"], inp["scenario"], inp["aux"]), c(inp["x"], inp["scenario"], inp["aux"])
+    torch.testing.assert_close(yc, ye)
+    ge = torch.autograd.grad(ye.sum(), list(m.parameters()))
+    gc = torch.autograd.grad(yc.sum(), list(m.parameters()))
+    for p, q in zip(ge, gc):
+        torch.testing.assert_close(q, p)
+
+
 # ------------------------------------------------------------------------------------------------ memory
 
 def _largest_cpu_allocation(fn) -> int:
