@@ -231,3 +231,21 @@ def test_auc_helper():
     y, s = rng.integers(0, 2, 500), rng.normal(size=500)
     brute = np.mean([(a > b) + 0.5 * (a == b) for a in s[y == 1] for b in s[y == 0]])
     assert abs(auc(y, s) - brute) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_forward_backward_close_to_fp32(dtype):
+    d = _data(seed=9)
+    cfg = _config(d, mutual_layers=(0,))
+    fast32, _ = _models(cfg, "cpu", None)
+    low = SAML(cfg, dtype=dtype)
+    low.load_state_dict({k: v.to(dtype) for k, v in fast32.state_dict().items()})
+    b = d.batch(np.arange(120))
+    b.dense = b.dense.to(dtype)
+    main_l, aux_l = low(*b.inputs())
+    main_f, aux_f = fast32(*d.batch(np.arange(120)).inputs())
+    assert main_l.dtype == dtype
+    torch.testing.assert_close(main_l.float(), main_f, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(aux_l.float(), aux_f, atol=5e-2, rtol=5e-2)
+    low.loss(b).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in low.parameters())
