@@ -266,7 +266,10 @@ def main():
     ap.add_argument("--routes", default="own,all")
     ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--mixes", default="uniform,skewed")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = "cuda" if args.gpu else "cpu"
     if args.gpu:
         M, B, K, N, dtype = 4, 16384, 512, 512, torch.bfloat16
@@ -293,7 +296,8 @@ def main():
                 body.append(f"## {key}\n\nplain matmul rate: {d['plain_gflops']:.1f} GFLOP/s\n\n"
                             + markdown_table(header, rows) + "\n")
                 print(body[-1], flush=True)
-    stem = f"bench_branch_gemm_{machine_tag()}" + ("_quick" if args.quick else "")
+    stem = (f"bench_branch_gemm_{machine_tag()}" + (f"_t{args.threads}" if args.threads else "")
+            + ("_quick" if args.quick else ""))
     title = f"M-branch GEMM, M={M} B={B} K={K} N={N} {dtype} on {device} (bias + relu, unsorted rows)"
     paths = write_results(stem, title, "\n".join(body), data, plot={"groups": plot, "ylabel": "useful GFLOP/s"})
     print(paths)
