@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import _reliability_cases as R
@@ -22,9 +22,12 @@ IDX = [torch.int32, torch.int64]
 
 
 def _settings(backend, n):
-    """Fewer examples for the Triton interpreter (~2 ms per program instance)."""
-    return settings(max_examples=max(3, n // 5) if backend == "triton" else n, deadline=None, database=None,
-                    suppress_health_check=list(HealthCheck))
+    """Fewer examples for the Triton interpreter (~2 ms per program instance), and no shrinking there (shrinking a
+    failure under the interpreter took minutes; the unshrunk example is still printed)."""
+    if backend == "triton":
+        return settings(max_examples=max(3, n // 5), deadline=None, database=None,
+                        suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    return settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
 def _run(backend, n, body):
@@ -281,20 +284,41 @@ def _gemm_check(op, device, backend, data, *, scale=1.0, nonfinite=False):
             _close(o.cpu(), r, p["dtype"], f"grad {k}")
 
 
+# Known failures, reported to the lead (xfail strict: the mark must go when the owner fixes them).
+COSINE_OVERFLOW = pytest.mark.xfail(strict=True, reason=(
+    "mutual unit cosine similarity in fp32: |h|^2 overflows to inf for |h| > ~1.8e19, so cos = inf/inf = NaN "
+    "although the float64 result is finite (reference, cpu and triton backends); fix: scale by max|h| or "
+    "accumulate the norms in float64"))
+TRITON_RELU_NAN = pytest.mark.xfail(strict=True, reason=(
+    "triton mbranch_linear / mutual_linear relu epilogue maps NaN to 0 (tl.maximum), torch.relu keeps NaN"))
+
+
+def _with_marks(params, when, mark):
+    """device_backends params, adding ``mark`` to those whose backend satisfies ``when``."""
+    return [pytest.param(*p.values, id=p.id, marks=list(p.marks) + ([mark] if when(p.values[1]) else []))
+            for p in params]
+
+
 def _gemm_tests(op):
+    mutual = op != "mbranch_linear"
+    scales = [pytest.param(1e30, marks=[COSINE_OVERFLOW] if mutual else []), 1e-30]
+    nonfinite_params = device_backends(op)
+    if op in ("mbranch_linear", "mutual_linear"):
+        nonfinite_params = _with_marks(nonfinite_params, lambda b: b == "triton", TRITON_RELU_NAN)
+
     @_needs(op)
     @pytest.mark.parametrize("device,backend", device_backends(op))
     def t_oracle(device, backend):
         _run(backend, 60, lambda data: _gemm_check(op, device, backend, data))
 
     @_needs(op)
-    @pytest.mark.parametrize("scale", [1e30, 1e-30])
+    @pytest.mark.parametrize("scale", scales)
     @pytest.mark.parametrize("device,backend", device_backends(op))
     def t_extreme(device, backend, scale):
         _run(backend, 20, lambda data: _gemm_check(op, device, backend, data, scale=scale))
 
     @_needs(op)
-    @pytest.mark.parametrize("device,backend", device_backends(op))
+    @pytest.mark.parametrize("device,backend", nonfinite_params)
     def t_nonfinite(device, backend):
         _run(backend, 30, lambda data: _gemm_check(op, device, backend, data, nonfinite=True))
     return t_oracle, t_extreme, t_nonfinite
