@@ -67,10 +67,11 @@ def test_outputs_and_gradients_match_reference(device, backend, mutual):
     d = _data(seed=len(mutual))
     cfg = _config(d, mutual_layers=mutual, similarity="cosine" if len(mutual) != 1 else "dot", temperature=0.7)
     fast, ref = _models(cfg, device, backend, dtype)
-    b = d.batch(np.arange(0, 150)).to(device)
+    n = 40 if (backend == "triton" and device == "cpu") else 150  # the Triton interpreter is slow: fewer rows
+    b = d.batch(np.arange(0, n)).to(device)
     main_f, aux_f = fast(*b.inputs())
     main_r, aux_r = ref(*b.inputs())
-    assert main_f.shape == (150,) and aux_f.shape == (150,)
+    assert main_f.shape == (n,) and aux_f.shape == (n,)
     torch.testing.assert_close(main_f, main_r, **_tol(dtype))
     torch.testing.assert_close(aux_f, aux_r, **_tol(dtype))
     fast.loss(b).backward()
@@ -93,7 +94,8 @@ def test_parameters_match_after_optimizer_steps(device, backend):
     assert not of.tables and len(orf.tables) == 4  # fused in SAML; 4 tables updated by the reference's optimizer
     with pytest.raises(ValueError, match="differs"):
         TrainingOptimizer(fast, 1e-2, 0.2)
-    for step, rows in enumerate((np.arange(0, 200), np.arange(200, 400), np.arange(100, 300))):
+    k = 4 if (backend == "triton" and device == "cpu") else 1  # the Triton interpreter is slow: fewer rows
+    for step, rows in enumerate((np.arange(0, 200, k), np.arange(200, 400, k), np.arange(100, 300, k))):
         b = d.batch(rows).to(device)
         for m, o in ((fast, of), (ref, orf)):
             o.zero_grad()
