@@ -29,34 +29,6 @@ def _seq_offsets(B: int, L: int, like: Tensor) -> Tensor:
     return torch.arange(0, B * L + 1, L, device=like.device, dtype=like.dtype)
 
 
-def _mutual_unit_class():
-    """``nn.MutualUnit`` (the fused mutual_linear layer); until that layer is importable, an equivalent stand-in
-    with the same parameters (weight, bias, aux_weight) that calls the fused ``mutual_linear`` op."""
-    from . import multi_branch_linear
-
-    try:
-        from . import MutualUnit
-        return MutualUnit
-    except ImportError:
-        pass
-
-    class _MutualUnit(multi_branch_linear.MultiBranchLinear):
-        def __init__(self, in_features, out_features, num_branches, aux_features=0, activation="relu",
-                     temperature=1.0, similarity="cosine", bias=True, device=None, dtype=None, backend=None):
-            super().__init__(in_features, out_features, num_branches, aux_features, bias, activation, "all", "own",
-                             device=device, dtype=dtype, backend=backend)
-            self.temperature, self.similarity = temperature, similarity
-
-        def forward(self, x, scenario, aux=None):
-            from ..ops.mutual_linear import mutual_linear
-
-            return mutual_linear(x, self.weight, self.bias, scenario, activation=self.activation,
-                                 temperature=self.temperature, similarity=self.similarity, aux=aux,
-                                 aux_weight=self.aux_weight, backend=self.backend)
-
-    return _MutualUnit
-
-
 class SAML(nn.Module):
     """SAML on the package's kernels.
 
@@ -79,8 +51,7 @@ class SAML(nn.Module):
     def __init__(self, config: SAMLConfig, *, backend: Optional[str] = None,
                  embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8, device=None, dtype=None):
         super().__init__()
-        from . import MultiBranchLinear, ScenarioAttention, ScenarioEmbedding
-        MutualUnit = _mutual_unit_class()
+        from . import MultiBranchLinear, MutualUnit, ScenarioAttention, ScenarioEmbedding
 
         c = self.config = config
         fk = dict(device=device, dtype=dtype)
