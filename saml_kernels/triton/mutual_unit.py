@@ -48,7 +48,8 @@ __all__ = ["mutual_forward", "mutual_backward", "mutual_linear_forward", "mutual
 EPS = 1e-8
 FUSED_MAX_N = 256
 FUSED_MAX_MN = 1024
-_ELEMS = 8192          # register-tile budget MP * BLOCK_B * BLOCK_N for the mutual kernels
+_ELEMS = 2048          # register-tile budget MP * BLOCK_B * BLOCK_N of the mutual kernels (4 warps: 16 values
+                       # per thread per 3-D temporary; 8192 spilled kilobytes in the backward, seen with ptxas -v)
 
 
 # ------------------------------------------------------------------------------------------------ jit helpers
@@ -363,7 +364,8 @@ def fused_supported(M: int, N: int, dtype) -> bool:
 
 
 # (BLOCK_K, num_warps, num_stages); BLOCK_B follows from the register budget (see _fused_blocks).
-_FUSED_CONFIGS = [(32, 8, 2), (64, 8, 3)]
+_FUSED_CONFIGS = [(32, 8, 2), (16, 8, 3), (32, 16, 2)]   # BLOCK_K 64 spilled for float32 (ptxas -v); 16 warps
+# halve the per-thread share of the [MP, 16, BLOCK_N] register tile (255 registers and small spills at 8 warps)
 
 
 def _fused_blocks(M: int, N: int):
