@@ -335,8 +335,7 @@ def _with_marks(params, when, mark):
 
 
 @pytest.mark.parametrize("op,route", [("mbranch_linear", "own"), ("mbranch_linear", "all"), ("mutual_linear", None)])
-@pytest.mark.parametrize("device,backend", _with_marks(device_backends("mbranch_linear"), lambda b: b == "triton",
-                                                       TRITON_RELU_NAN))
+@pytest.mark.parametrize("device,backend", device_backends("mbranch_linear"))  # triton relu fixed (keeps NaN)
 def test_relu_keeps_nan(device, backend, op, route):
     if not R.op_available(op):
         pytest.skip(f"{op} has not landed yet")

@@ -18,7 +18,7 @@ inline bool needs_preactivation(int64_t act) { return act == kGelu || act == kSi
 template <typename A>
 __device__ __forceinline__ A activate(A z, int act) {
   switch (act) {
-    case 1: return z > A(0) ? z : A(0);
+    case 1: return z < A(0) ? A(0) : z;  // keeps NaN, as torch.relu
     case 2: return z > A(0) ? z : z * A(0.01);
     case 3: return A(0.5) * z * (A(1) + erf(z * A(0.70710678118654752440)));
     case 4: return z / (A(1) + exp(-z));

@@ -46,7 +46,7 @@ _NEEDS_Z = (ACT_GELU, ACT_SILU)
 def _activate(z, ACT: tl.constexpr):
     """act(z) elementwise, in the accumulator precision."""
     if ACT == 1:
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0, 0.0, z)        # keeps NaN, as torch.relu (tl.maximum would return 0)
     elif ACT == 2:
         z = tl.where(z > 0, z, z * 0.01)
     elif ACT == 3:
