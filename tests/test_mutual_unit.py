@@ -210,3 +210,98 @@ def test_bad_input(device, backend):
         f(s=s.to("meta"))
     with pytest.raises(ValueError, match="unknown backend"):
         saml_kernels.mutual_unit(h, s, backend="fortran")
+
+
+# ------------------------------------------------------------------------------------------------ large magnitudes
+
+def _plain64(h, s, temperature=1.0):
+    """Independent float64 oracle of the cosine mutual unit, the definition as written (no scaling: float64 holds
+    |h|^2 up to |h| ~ 1e154), with the stop-gradient of the non-own branches."""
+    M, B, N = h.shape
+    own_mask = (torch.arange(M, device=h.device).view(M, 1) == s.long().view(1, B)).unsqueeze(-1)
+    h = torch.where(own_mask, h, h.detach())
+    own = h[s.long(), torch.arange(B, device=h.device)]
+    sim = (h * own).sum(-1) / (h.norm(dim=-1).clamp_min(1e-8) * own.norm(dim=-1).clamp_min(1e-8))
+    a = torch.softmax(sim / temperature, 0)
+    return (a.unsqueeze(-1) * h).sum(0)
+
+
+def _close_per_row(x, ref, rtol, what):
+    """x ~ ref row by row relative to the row's largest |ref| (rows differ by up to 60 orders of magnitude)."""
+    scale = ref.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+    torch.testing.assert_close(x.double() / scale, ref / scale, rtol=rtol, atol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("scale", [1e25, 1e28, 1e30])
+@pytest.mark.parametrize("N", [5, 300])
+def test_cosine_large_magnitude_fp32(device, backend, scale, N):
+    """Regression: |h|^2 overflowed float32 for |h| > ~1.8e19 (cos = inf/inf = NaN). The cosine is scale-invariant,
+    so fp32 h ~ 1e25..1e30 must give the float64 result, forward and backward (N = 300: the multi-tile paths)."""
+    g0 = torch.Generator().manual_seed(int(math.log10(scale)) + N)
+    h = (torch.randn(3, 6, N, generator=g0, dtype=torch.float64) * scale).float()
+    s = torch.tensor([0, 1, 2, 1, 0, 2])
+    g = torch.randn(6, N, generator=g0)
+    hd = h.to(device).requires_grad_()
+    out = saml_kernels.mutual_unit(hd, s.to(device), backend=backend)
+    (dh,) = torch.autograd.grad(out, hd, g.to(device))
+    hr = h.double().requires_grad_()
+    ref = _plain64(hr, s)
+    (dr,) = torch.autograd.grad(ref, hr, g.double())
+    assert torch.isfinite(out).all() and torch.isfinite(dh).all()
+    _close_per_row(out.cpu(), ref.detach(), 1e-5, "out")
+    _close_per_row(dh.cpu().flatten(0, 1), dr.flatten(0, 1), 1e-4, "grad")
+    # the single-element case of the bug report: the true answer is the input itself
+    one = saml_kernels.mutual_unit(torch.full((1, 1, 1), 1e30, device=device), torch.tensor([0], device=device),
+                                   backend=backend)
+    assert abs(one.item() / 1e30 - 1) < 1e-6, one.item()
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_cosine_mixed_huge_and_tiny_rows(device, backend):
+    """Rows of 1e30, 1e25, 1, 1e-25, 1e-30 and 0 side by side (per branch and per sample): finite, equal to the
+    float64 definition, eps semantics kept for the tiny and zero rows."""
+    g0 = torch.Generator().manual_seed(7)
+    N = 7
+    mags = torch.tensor([[1e30, 1e30, 1e-30, 1.0, 0.0, 1e25, 1e-30, 1e30],     # branch 0
+                         [1e-30, 1e20, 1e-30, 1e-25, 1e30, 1.0, 1e-30, 0.0],    # branch 1
+                         [0.0, 1e30, 1e-30, 1e25, 1e25, 1e-25, 1e30, 1e-30]],  # branch 2
+                        dtype=torch.float64)
+    s = torch.tensor([0, 1, 2, 2, 1, 0, 2, 0])
+    h = (torch.randn(3, 8, N, generator=g0, dtype=torch.float64) * mags.unsqueeze(-1)).float()
+    g = torch.randn(8, N, generator=g0)
+    g[6] = 0  # tiny own next to a 1e30 branch: the true gradient is ~1e37 (steep eps region); forward only
+    hd = h.to(device).requires_grad_()
+    out = saml_kernels.mutual_unit(hd, s.to(device), backend=backend)
+    (dh,) = torch.autograd.grad(out, hd, g.to(device))
+    hr = h.double().requires_grad_()
+    ref = _plain64(hr, s)
+    (dr,) = torch.autograd.grad(ref, hr, g.double())
+    assert torch.isfinite(out).all() and torch.isfinite(dh).all()
+    _close_per_row(out.cpu(), ref.detach(), 1e-5, "out")
+    own = dh.cpu()[s, torch.arange(8)]
+    _close_per_row(own, dr[s, torch.arange(8)], 1e-4, "grad own")
+
+
+@pytest.mark.parametrize("device,backend", device_backends("mutual_linear"))
+@pytest.mark.parametrize("N", [5, 40])
+def test_mutual_linear_cosine_large_magnitude_fp32(device, backend, N):
+    """The fused mutual_linear kernels at h ~ 1e30 (x scaled; relu keeps the scale): forward and backward."""
+    g0 = torch.Generator().manual_seed(N)
+    x = (torch.randn(5, 6, generator=g0, dtype=torch.float64) * 1e30).float()
+    w = (torch.randn(3, 6, N, generator=g0, dtype=torch.float64) / 6 ** 0.5).float()
+    s = torch.tensor([0, 1, 2, 1, 0])
+    g = torch.randn(5, N, generator=g0)
+    xd, wd = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+    out = saml_kernels.mutual_linear(xd, wd, None, s.to(device), activation="relu", backend=backend)
+    dx, dw = torch.autograd.grad(out, (xd, wd), g.to(device))
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    hr = torch.relu(torch.einsum("bk,mkn->mbn", xr, wr))
+    # mutual_linear's gradient semantics: only the own branch output carries gradient (to x and to W_m)
+    ref = _plain64(hr, s)
+    rdx, rdw = torch.autograd.grad(ref, (xr, wr), g.double())
+    for t in (out, dx, dw):
+        assert torch.isfinite(t).all()
+    _close_per_row(out.cpu(), ref.detach(), 1e-5, "out")
+    _close_per_row(dx.cpu(), rdx, 1e-4, "grad x")
+    _close_per_row(dw.cpu().flatten(0, 1), rdw.flatten(0, 1), 1e-4, "grad weight")

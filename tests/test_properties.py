@@ -287,9 +287,8 @@ def _gemm_check(op, device, backend, data, *, scale=1.0, nonfinite=False):
 
 
 def _gemm_tests(op):
-    # The mutual ops' 1e30 case is the deterministic test_mutual_cosine_at_1e30 below (known failure); here they
-    # use 1e15, where |h|^2 still fits in fp32.
-    scales = [1e15 if op != "mbranch_linear" else 1e30, 1e-30]
+    # 1e30 for the mutual ops too: the cosine runs on power-of-two-scaled rows (|h|^2 no longer overflows fp32).
+    scales = [1e30, 1e-30]
 
     @_needs(op)
     @pytest.mark.parametrize("device,backend", device_backends(op))
@@ -317,22 +316,7 @@ test_mutual_linear_matches_float64_oracle, test_mutual_linear_extreme_magnitudes
     test_mutual_linear_nan_inf_positions = _gemm_tests("mutual_linear")
 
 
-# ============================================================= known failures, deterministic (reported to the lead)
-# xfail(strict=True): each mark must go when its owner fixes the bug (an XPASS fails the run).
-
-TRITON_RELU_NAN = pytest.mark.xfail(strict=True, reason=(
-    "triton mbranch_linear / mutual_linear relu epilogue maps NaN to 0 (tl.maximum), torch.relu keeps NaN"))
-COSINE_OVERFLOW = pytest.mark.xfail(strict=True, reason=(
-    "mutual unit cosine similarity in fp32: |h|^2 overflows to inf for |h| > ~1.8e19, so cos = inf/inf = NaN "
-    "although the float64 result is finite (reference, cpu and triton backends); fix: scale by max|h| or "
-    "accumulate the norms in float64"))
-
-
-def _with_marks(params, when, mark):
-    """device_backends params, adding ``mark`` to those whose backend satisfies ``when``."""
-    return [pytest.param(*p.values, id=p.id, marks=list(p.marks) + ([mark] if when(p.values[1]) else []))
-            for p in params]
-
+# ============================================================= once-known failures, deterministic (now fixed)
 
 @pytest.mark.parametrize("op,route", [("mbranch_linear", "own"), ("mbranch_linear", "all"), ("mutual_linear", None)])
 @pytest.mark.parametrize("device,backend", device_backends("mbranch_linear"))  # triton relu fixed (keeps NaN)
@@ -349,7 +333,7 @@ def test_relu_keeps_nan(device, backend, op, route):
 
 
 @pytest.mark.parametrize("op", ["mutual_unit", "mutual_linear"])
-@pytest.mark.parametrize("device,backend", _with_marks(device_backends("mutual_unit"), lambda b: True, COSINE_OVERFLOW))
+@pytest.mark.parametrize("device,backend", device_backends("mutual_unit"))  # fp32 cosine overflow fixed (scaled rows)
 def test_mutual_cosine_at_1e30(device, backend, op):
     """Cosine similarity is scale-invariant: h * 1e30 (finite in fp32) gives 1e30 * the unscaled output."""
     if not R.op_available(op):

@@ -7,6 +7,10 @@
 // Backward (other branches stop-gradient), g = dL/dout, u_m = <g, h_m>, e_m = a_m (u_m - sum_k a_k u_k):
 //   dh_s = a_s g + (1/T) sum_m c_m e_m dsim_m/dh_s(first argument), with c_m = 1 + [m == s] because h_s is
 //   both arguments of sim_s. Cosine: dsim_m/da = h_m / (n_s n_m) - [|h_s| > eps] sim_m h_s / n_s^2.
+// Overflow: |h|^2 overflows float32 for |h| > ~1.8e19, so the cosine runs on rows scaled by an exact power of two
+// r_m = 2^-e (max|h_m r_m| < 1 when max|h_m| > 1, else r_m = 1): sim_m = <h_s r_s, h_m r_m> / (max(|h_s r_s|, eps r_s)
+// max(|h_m r_m|, eps r_m)), the same value with the same eps semantics; gradient coefficients apply one r factor at
+// a time (r_s r_m underflows) after the O(|h|) factor.
 // All arithmetic in float32 (float64 for float64 tensors). Rows are independent: ATen parallel_for over rows.
 //
 // mutual_linear_forward never writes h [M, B, N]: each thread takes blocks of kBlock rows, computes their
@@ -39,6 +43,26 @@ inline acc_t dot(const a_t* a, const b_t* b, int64_t n) {
   return s;
 }
 
+// <a ra, b rb> with ra, rb powers of two (exact scaling; no overflow of the products).
+template <typename acc_t, typename a_t, typename b_t>
+inline acc_t scaled_dot(const a_t* a, acc_t ra, const b_t* b, acc_t rb, int64_t n) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += (static_cast<acc_t>(a[i]) * ra) * (static_cast<acc_t>(b[i]) * rb);
+  return s;
+}
+
+// r = 2^-e with max|x| = f 2^e, f in [0.5, 1), when 1 < max|x| < inf; else 1 (non-finite rows stay NaN/inf).
+template <typename acc_t, typename src_t>
+inline acc_t inv_scale(const src_t* x, int64_t n) {
+  acc_t mx = 0;
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, std::abs(static_cast<acc_t>(x[i])));
+  if (!(mx > acc_t(1)) || !std::isfinite(mx)) return acc_t(1);
+  int e = 0;
+  std::frexp(mx, &e);
+  return std::ldexp(acc_t(1), -e);
+}
+
 // Activation of a whole float32 scratch block in place, and its backward, with ATen's vectorised CPU kernels
 // (single-threaded inside the parallel region). A select, not a multiply, for relu's backward, so an infinite dh
 // at a dead unit gives 0, as torch does.
@@ -65,27 +89,32 @@ at::Tensor act_backward(const at::Tensor& dh, const at::Tensor& z, int64_t act) 
 // Per-row working arrays (M values each), allocated once per thread chunk.
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> sim, norm, a, w;
-  explicit RowScratch(int64_t M) : sim(M), norm(M), a(M), w(M) {}
+  std::vector<acc_t> sim, norm, a, w, inv;  // norm: clamped scaled norm max(|h_m r_m|, eps r_m); inv: r_m
+  explicit RowScratch(int64_t M) : sim(M), norm(M), a(M), w(M), inv(M, acc_t(1)) {}
 };
 
-// Similarities and softmax of one sample. rows[m] -> h[m, b]. Fills sc.sim, sc.norm (cosine), sc.a;
-// returns the raw own norm |h_s| (0 for dot).
+// Similarities and softmax of one sample. rows[m] -> h[m, b]. Fills sc.sim, sc.a and, for cosine, sc.inv (r_m)
+// and sc.norm (clamped scaled norms); returns the raw scaled own norm |h_s r_s| (0 for dot).
 template <typename acc_t, typename src_t>
 acc_t row_attention(const src_t* const* rows, int64_t M, int64_t N, int64_t s, double temperature, int64_t sim,
                     RowScratch<acc_t>& sc) {
   const src_t* own = rows[s];
-  acc_t own_raw = 0, own_n = 1;
+  acc_t own_raw = 0;
   if (sim == kCosine) {
-    for (int64_t m = 0; m < M; ++m) sc.norm[m] = std::sqrt(dot<acc_t>(rows[m], rows[m], N));
-    own_raw = sc.norm[s];
-    own_n = std::max(own_raw, acc_t(kEps));
+    for (int64_t m = 0; m < M; ++m) {
+      const acc_t r = inv_scale<acc_t>(rows[m], N);
+      const acc_t len = std::sqrt(scaled_dot<acc_t>(rows[m], r, rows[m], r, N));
+      if (m == s) own_raw = len;
+      sc.inv[m] = r;
+      sc.norm[m] = std::max(len, acc_t(kEps) * r);
+    }
   }
   const acc_t inv_sqrt_n = acc_t(1) / std::sqrt(acc_t(std::max<int64_t>(N, 1)));
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
   for (int64_t m = 0; m < M; ++m) {
-    const acc_t d = dot<acc_t>(own, rows[m], N);
-    sc.sim[m] = sim == kCosine ? d / (own_n * std::max(sc.norm[m], acc_t(kEps))) : d * inv_sqrt_n;
+    sc.sim[m] = sim == kCosine
+                    ? scaled_dot<acc_t>(own, sc.inv[s], rows[m], sc.inv[m], N) / (sc.norm[s] * sc.norm[m])
+                    : dot<acc_t>(own, rows[m], N) * inv_sqrt_n;
     sc.a[m] = sc.sim[m] / acc_t(temperature);
     mx = std::max(mx, sc.a[m]);
   }
@@ -117,7 +146,7 @@ void row_backward(const src_t* const* rows, const g_t* g, int64_t M, int64_t N, 
                   int64_t sim, RowScratch<acc_t>& sc, acc_t* dh) {
   const src_t* own = rows[s];
   const acc_t own_raw = row_attention<acc_t>(rows, M, N, s, temperature, sim, sc);
-  const acc_t own_n = std::max(own_raw, acc_t(kEps));
+  const acc_t own_n = sc.norm[s], r_s = sc.inv[s];  // cosine: clamped scaled own norm and its scale
   const acc_t inv_t = acc_t(1) / acc_t(temperature);
   const acc_t inv_sqrt_n = acc_t(1) / std::sqrt(acc_t(std::max<int64_t>(N, 1)));
   acc_t ga = 0;
@@ -129,13 +158,13 @@ void row_backward(const src_t* const* rows, const g_t* g, int64_t M, int64_t N, 
   for (int64_t m = 0; m < M; ++m) {
     const acc_t e = sc.a[m] * (sc.w[m] - ga) * (m == s ? acc_t(2) : acc_t(1)) * inv_t;
     if (sim == kCosine) {
-      sc.w[m] = e / (own_n * std::max(sc.norm[m], acc_t(kEps)));
+      sc.w[m] = ((e * r_s) / (own_n * sc.norm[m])) * sc.inv[m];  // = e / (|h_s|_eps |h_m|_eps)
       coef_own -= e * sc.sim[m];
     } else {
       sc.w[m] = e * inv_sqrt_n;
     }
   }
-  coef_own = (sim == kCosine && own_raw > acc_t(kEps)) ? coef_own / (own_n * own_n) : acc_t(0);
+  coef_own = (sim == kCosine && own_raw > acc_t(kEps) * r_s) ? ((coef_own * r_s) / (own_n * own_n)) * r_s : acc_t(0);
   const acc_t a_s = sc.a[s];
 #pragma omp simd
   for (int64_t n = 0; n < N; ++n) {

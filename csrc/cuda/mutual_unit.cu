@@ -8,6 +8,10 @@
 //   dot:    d own = a_s g + sum_m c_m h_m / sqrt(N) + c_s own / sqrt(N)
 //   cosine: d own = a_s g + sum_m c_m h_m / (n_o n_m) - (sum_m c_m sim_m) I own / (n_o |own|)
 //                   + c_s (own / n_o^2 - sim_s I own / (n_o |own|)),   I = [|own| > eps].
+// Overflow: |h|^2 overflows float32 for |h| > ~1.8e19, so the cosine runs on rows scaled by an exact power of two
+// r_m (inv_scale: 2^-e for max|h_m| = f 2^e > 1, else 1; one extra pass for max|h_m|): dots <own r_s, h_m r_m>,
+// norms |h_m r_m|, eps r_m in the clamp (same value, same eps semantics). Coefficients apply one r factor at a
+// time after the O(|h|) factor c (r_s r_m underflows at |h| = 1e30).
 //
 // Layout: one warp per row (sample). Pass 1: for each branch the warp accumulates <own,h_m>, |h_m|^2 (and
 // <g,h_m>) over its lanes' columns in float32 (float64 for double) and reduces with a fixed xor-shuffle tree:
@@ -41,7 +45,7 @@ using at::Tensor;
 
 constexpr int kWarps = 4;  // rows (warps) per block
 constexpr int64_t kScratchBytes = int64_t(64) << 20;
-constexpr int64_t kMaxBranches = 256;  // per-warp scratch (4M+2) * 8 bytes * kWarps stays under 48 KiB
+constexpr int64_t kMaxBranches = 256;  // per-warp scratch (5M+2) * 8 bytes * kWarps stays under 48 KiB
 
 // h [M, B, N] in memory, any strides.
 template <typename scalar_t>
@@ -76,21 +80,54 @@ struct LinearSource {
   }
 };
 
+template <typename A>
+__device__ __forceinline__ A warp_max(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// r_m of every branch into r[0..M) (lane 0 writes; caller syncs): 1 for dot, or when max|h_m| <= 1 or non-finite.
+template <typename acc_t, typename Src>
+__device__ __forceinline__ void row_scales(const Src& src, int64_t b, int M, int64_t N, int sim_code, int lane,
+                                           acc_t* r) {
+  for (int m = 0; m < M; ++m) {
+    acc_t mx = 0;
+    if (sim_code == 0)
+      for (int64_t n = lane; n < N; n += 32) mx = max(mx, abs(src.get(m, b, n)));
+    mx = warp_max(mx);
+    if (lane == 0) {
+      acc_t inv = acc_t(1);
+      if (mx > acc_t(1) && isfinite(mx)) {
+        int e = 0;
+        frexp(mx, &e);
+        inv = ldexp(acc_t(1), -e);
+      }
+      r[m] = inv;
+    }
+  }
+}
+
 template <typename scalar_t, typename Src>
 __global__ void mutual_fwd_rows(Src src, const int64_t* __restrict__ scen, int64_t B, int M, int64_t N,
                                 double inv_t, int sim_code, scalar_t* __restrict__ out, int64_t sob, int64_t son,
                                 float* __restrict__ attn, int64_t sab, int64_t sam) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw) + (threadIdx.x / 32) * (2 * M);
+  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw) + (threadIdx.x / 32) * (3 * M);
   const int lane = threadIdx.x & 31;
   const int64_t b = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (b >= B) return;  // the whole warp leaves together; only warp-level sync below
   const int s = static_cast<int>(scen[b]);
+  acc_t* r = sm + 2 * M;
+  row_scales<acc_t>(src, b, M, N, sim_code, lane, r);
+  __syncwarp();
+  const acc_t r_s = r[s];
   for (int m = 0; m < M; ++m) {
     acc_t dot = 0, nrm = 0;
+    const acc_t r_m = r[m];
     for (int64_t n = lane; n < N; n += 32) {
-      const acc_t hv = src.get(m, b, n), ov = src.get(s, b, n);
+      const acc_t hv = src.get(m, b, n) * r_m, ov = src.get(s, b, n) * r_s;
       dot += hv * ov;
       nrm += hv * hv;
     }
@@ -101,11 +138,11 @@ __global__ void mutual_fwd_rows(Src src, const int64_t* __restrict__ scen, int64
   __syncwarp();
   if (lane == 0) {
     const acc_t eps = acc_t(1e-8);
-    const acc_t no = max(sqrt(sm[M + s]), eps);
+    const acc_t no = max(sqrt(sm[M + s]), eps * r_s);
     const acc_t rs = acc_t(1) / sqrt(static_cast<acc_t>(N));
     acc_t mx = -INFINITY;
     for (int m = 0; m < M; ++m) {
-      const acc_t simv = sim_code == 0 ? sm[m] / (max(sqrt(sm[M + m]), eps) * no) : sm[m] * rs;
+      const acc_t simv = sim_code == 0 ? sm[m] / (max(sqrt(sm[M + m]), eps * r[m]) * no) : sm[m] * rs;
       sm[m] = simv * static_cast<acc_t>(inv_t);
       mx = max(mx, sm[m]);
     }
@@ -129,19 +166,25 @@ __global__ void mutual_bwd_rows(Src src, const scalar_t* __restrict__ g, int64_t
                                 scalar_t* __restrict__ d, int64_t sdb, int64_t sdn) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw) + (threadIdx.x / 32) * (4 * M + 2);
+  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw) + (threadIdx.x / 32) * (5 * M + 2);
   const int lane = threadIdx.x & 31;
   const int64_t b = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (b >= B) return;
   const int s = static_cast<int>(scen[b]);
+  acc_t* r = sm + 4 * M + 2;
+  row_scales<acc_t>(src, b, M, N, sim_code, lane, r);
+  __syncwarp();
+  const acc_t r_s = r[s];
   for (int m = 0; m < M; ++m) {
     acc_t dot = 0, nrm = 0, u = 0;
+    const acc_t r_m = r[m];
     for (int64_t n = lane; n < N; n += 32) {
-      const acc_t hv = src.get(m, b, n), ov = src.get(s, b, n);
+      const acc_t hraw = src.get(m, b, n);
+      const acc_t hv = hraw * r_m, ov = src.get(s, b, n) * r_s;
       const acc_t gv = static_cast<acc_t>(g[b * sgb + n * sgn]);
       dot += hv * ov;
       nrm += hv * hv;
-      u += gv * hv;
+      u += gv * hraw;
     }
     dot = saml_cuda::warp_sum(dot);
     nrm = saml_cuda::warp_sum(nrm);
@@ -155,10 +198,10 @@ __global__ void mutual_bwd_rows(Src src, const scalar_t* __restrict__ g, int64_t
     // for the contract but not read
     acc_t* sa = sm + 3 * M + 2;
     {
-      const acc_t no = max(sqrt(sm[M + s]), eps), rs = acc_t(1) / sqrt(static_cast<acc_t>(N));
+      const acc_t no = max(sqrt(sm[M + s]), eps * r_s), rs = acc_t(1) / sqrt(static_cast<acc_t>(N));
       acc_t mx = -INFINITY, den = 0;
       for (int m = 0; m < M; ++m) {
-        sa[m] = (sim_code == 0 ? sm[m] / (max(sqrt(sm[M + m]), eps) * no) : sm[m] * rs) * it;
+        sa[m] = (sim_code == 0 ? sm[m] / (max(sqrt(sm[M + m]), eps * r[m]) * no) : sm[m] * rs) * it;
         mx = max(mx, sa[m]);
       }
       for (int m = 0; m < M; ++m) { sa[m] = exp(sa[m] - mx); den += sa[m]; }
@@ -170,18 +213,19 @@ __global__ void mutual_bwd_rows(Src src, const scalar_t* __restrict__ g, int64_t
     const acc_t c_s = a_s * (sm[2 * M + s] - ubar) * it;
     acc_t coef_o;
     if (sim_code == 0) {
+      // scaled norms: the true n_m is nm / r_m, so coefficients carry r_s r_m or r_s^2, one factor at a time
       const acc_t o_len = sqrt(sm[M + s]);
-      const acc_t no = max(o_len, eps);
-      const acc_t inv_oo = o_len > eps ? acc_t(1) / (no * o_len) : acc_t(0);
-      const acc_t sim_s = sm[s] / (max(sqrt(sm[M + s]), eps) * no);
+      const acc_t no = max(o_len, eps * r_s);
+      const acc_t inv_oo = o_len > eps * r_s ? acc_t(1) / (no * o_len) : acc_t(0);
+      const acc_t sim_s = sm[s] / (no * no);
       acc_t csum = 0;
       for (int m = 0; m < M; ++m) {
         const acc_t c = sa[m] * (sm[2 * M + m] - ubar) * it;
-        const acc_t nm = max(sqrt(sm[M + m]), eps);
+        const acc_t nm = max(sqrt(sm[M + m]), eps * r[m]);
         csum += c * (sm[m] / (nm * no));
-        sm[m] = c / (nm * no);  // coef_h
+        sm[m] = ((c * r_s) / (nm * no)) * r[m];  // coef_h
       }
-      coef_o = -csum * inv_oo + c_s * (acc_t(1) / (no * no) - sim_s * inv_oo);
+      coef_o = ((-csum * inv_oo + c_s * (acc_t(1) / (no * no) - sim_s * inv_oo)) * r_s) * r_s;
     } else {
       const acc_t rs = acc_t(1) / sqrt(static_cast<acc_t>(N));
       for (int m = 0; m < M; ++m) {
@@ -228,7 +272,7 @@ std::tuple<Tensor, Tensor> mutual_forward(const Tensor& h, const Tensor& scenari
   SAML_DISPATCH_FLOATING(h.scalar_type(), "mutual_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     HSource<scalar_t> src{h.data_ptr<scalar_t>(), h.stride(0), h.stride(1), h.stride(2)};
-    mutual_fwd_rows<scalar_t><<<row_blocks(B), kWarps * 32, smem_bytes<acc_t>(2 * M), stream>>>(
+    mutual_fwd_rows<scalar_t><<<row_blocks(B), kWarps * 32, smem_bytes<acc_t>(3 * M), stream>>>(
         src, s.data_ptr<int64_t>(), B, int(M), N, 1.0 / temperature, int(similarity), out.data_ptr<scalar_t>(),
         out.stride(0), out.stride(1), attn.data_ptr<float>(), attn.stride(0), attn.stride(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -253,7 +297,7 @@ Tensor mutual_backward(const Tensor& grad_out, const Tensor& h, const Tensor& sc
   SAML_DISPATCH_FLOATING(h.scalar_type(), "mutual_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     HSource<scalar_t> src{h.data_ptr<scalar_t>(), h.stride(0), h.stride(1), h.stride(2)};
-    mutual_bwd_rows<scalar_t><<<row_blocks(B), kWarps * 32, smem_bytes<acc_t>(4 * M + 2), stream>>>(
+    mutual_bwd_rows<scalar_t><<<row_blocks(B), kWarps * 32, smem_bytes<acc_t>(5 * M + 2), stream>>>(
         src, grad_out.data_ptr<scalar_t>(), grad_out.stride(0), grad_out.stride(1), s.data_ptr<int64_t>(),
         attn.data_ptr<float>(), attn.stride(0), attn.stride(1), B, int(M), N, 1.0 / temperature, int(similarity),
         d.data_ptr<scalar_t>(), d.stride(0), d.stride(1));
@@ -324,7 +368,7 @@ std::tuple<Tensor, Tensor> mutual_linear_forward(const Tensor& x, const Tensor& 
       LinearSource<scalar_t> src{z.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
                                  bias.has_value() ? bias->stride(0) : 0, bias.has_value() ? bias->stride(1) : 0,
                                  M * N, N, int(activation)};
-      mutual_fwd_rows<scalar_t><<<row_blocks(rows), kWarps * 32, smem_bytes<acc_t>(2 * M), stream>>>(
+      mutual_fwd_rows<scalar_t><<<row_blocks(rows), kWarps * 32, smem_bytes<acc_t>(3 * M), stream>>>(
           src, s.data_ptr<int64_t>() + b0, rows, int(M), N, 1.0 / temperature, int(similarity),
           out.data_ptr<scalar_t>() + b0 * out.stride(0), out.stride(0), out.stride(1),
           attn.data_ptr<float>() + b0 * attn.stride(0), attn.stride(0), attn.stride(1));
@@ -358,7 +402,7 @@ Tensor mutual_linear_backward(const Tensor& grad_out, const Tensor& x, const Ten
       LinearSource<scalar_t> src{z.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
                                  bias.has_value() ? bias->stride(0) : 0, bias.has_value() ? bias->stride(1) : 0,
                                  M * N, N, int(activation)};
-      mutual_bwd_rows<scalar_t><<<row_blocks(rows), kWarps * 32, smem_bytes<acc_t>(4 * M + 2), stream>>>(
+      mutual_bwd_rows<scalar_t><<<row_blocks(rows), kWarps * 32, smem_bytes<acc_t>(5 * M + 2), stream>>>(
           src, grad_out.data_ptr<scalar_t>() + b0 * grad_out.stride(0), grad_out.stride(0), grad_out.stride(1),
           s.data_ptr<int64_t>() + b0, attn.data_ptr<float>() + b0 * attn.stride(0), attn.stride(0),
           attn.stride(1), rows, int(M), N, 1.0 / temperature, int(similarity),

@@ -20,6 +20,11 @@ Two kinds of entry points:
   ``mutual_linear_backward_kernel``: the backend-kernel contract (the arguments of the C++ ops
   ``torch.ops.saml_C.mutual_*``, integer codes for similarity and activation), used by the ``reference``
   backend of the custom ops.
+
+Overflow: in float32 |h|^2 overflows for |h| > ~1.8e19 (cos = inf/inf = NaN although cosine is scale-invariant).
+Every backend therefore computes the cosine on rows scaled by an exact power of two r_m = 2^-e (max|h_m r_m| < 1
+for rows with max|h_m| > 1, r_m = 1 otherwise): cos = <o r_o, h_m r_m> / (max(|o r_o|, eps r_o) max(|h_m r_m|,
+eps r_m)), identical to the definition (eps semantics included) and finite up to float32's largest values.
 """
 from __future__ import annotations
 
@@ -43,19 +48,33 @@ def _code(table, value):
     return table[value]
 
 
+def inv_scale(h):
+    """r [M, B, 1]: the power of two 2^-e with max|h[m, b, :]| = f 2^e, f in [0.5, 1), for rows with max > 1, else 1
+    (also for non-finite rows, whose NaN/inf then propagates as before). Detached, exact to multiply by."""
+    with torch.no_grad():
+        amax = h.abs().amax(-1, keepdim=True) if h.shape[-1] else h.new_zeros(h.shape[:-1] + (1,))
+        e = torch.frexp(amax)[1]
+        big = (amax > 1) & torch.isfinite(amax)
+        return torch.where(big, torch.ldexp(torch.ones_like(amax), -e), torch.ones_like(amax))
+
+
 def _mix(h, scenario, temperature, similarity):
     """(out [B, N], attn [B, M]) in h's dtype; differentiable as written (no stop-gradient here)."""
     M, B, N = h.shape
     sim_code = _code(SIMILARITY, similarity)
     idx = scenario.long().view(1, B, 1).expand(1, B, N)
     own = torch.gather(h, 0, idx)                      # [1, B, N]
-    dots = (h * own).sum(-1)                           # [M, B]
     if sim_code == 0:
-        norms = h.norm(dim=-1).clamp_min(EPS)          # [M, B]
-        own_norm = own.norm(dim=-1).clamp_min(EPS)     # [1, B]
-        sim = dots / (norms * own_norm)
+        # Scaled cosine (module docstring "Overflow"): rows divided by a detached power of two r = inv_scale;
+        # cos(h) = cos_r(h r) for every fixed r, so autograd through the scaled rows is exact.
+        r = inv_scale(h)                               # [M, B, 1]
+        hs = h * r
+        os = torch.gather(hs, 0, idx)                  # own * r_own
+        norms = torch.maximum(hs.norm(dim=-1), EPS * r.squeeze(-1))        # max(|h|, eps) r   [M, B]
+        own_norm = torch.maximum(os.norm(dim=-1), EPS * torch.gather(r, 0, idx[..., :1]).squeeze(-1))
+        sim = (hs * os).sum(-1) / (norms * own_norm)
     else:
-        sim = dots / math.sqrt(N)
+        sim = (h * own).sum(-1) / math.sqrt(N)
     a = torch.softmax(sim / temperature, dim=0)        # [M, B]
     out = (a.unsqueeze(-1) * h).sum(0)
     return out, a.t()
@@ -120,12 +139,19 @@ def _mix_backward(grad_out, h, scenario, attn, temperature, similarity):
     e = a * (u - ga) * c / temperature
     dh = a[idx, ar].unsqueeze(-1) * grad_out
     if _code(SIMILARITY, similarity) == 0:
-        nm = h.norm(dim=-1).clamp_min(EPS)
-        own_raw = own.norm(dim=-1)
-        no = own_raw.clamp_min(EPS)
-        sim = (h * own.unsqueeze(0)).sum(-1) / (no * nm)
-        dh = dh + ((e / (no * nm)).unsqueeze(-1) * h).sum(0)
-        coef = torch.where(own_raw > EPS, -(e * sim).sum(0) / (no * no), torch.zeros_like(no))
+        # scaled rows hs = h r (r a power of two, inv_scale): nm, no are the clamped norms times r. Products of
+        # two r factors (1e-60 at |h| = 1e30) underflow in float32, so each coefficient is multiplied by one r at a
+        # time, after the O(|h|) factor e: (e r_o / (no nm)) r_m is the true e / (|o|_eps |h_m|_eps).
+        r = inv_scale(h).squeeze(-1)                                    # [M, B]
+        hs = h * r.unsqueeze(-1)
+        r_o = r[idx, ar]                                                # [B]
+        os = hs[idx, ar]                                                # [B, N]
+        nm = torch.maximum(hs.norm(dim=-1), EPS * r)
+        own_raw = os.norm(dim=-1)
+        no = torch.maximum(own_raw, EPS * r_o)
+        sim = (hs * os.unsqueeze(0)).sum(-1) / (no * nm)
+        dh = dh + ((((e * r_o) / (no * nm)) * r).unsqueeze(-1) * h).sum(0)
+        coef = torch.where(own_raw > EPS * r_o, ((-(e * sim).sum(0) * r_o) / (no * no)) * r_o, torch.zeros_like(no))
         dh = dh + coef.unsqueeze(-1) * own
     else:
         dh = dh + ((e / math.sqrt(N)).unsqueeze(-1) * h).sum(0)

@@ -21,6 +21,12 @@ n_m = max(|h_m|, eps), I = [|o| > eps]):
                  + c_s (o / n_o^2 - sim_s I o / (n_o |o|))
 (the c_s terms come from own being both arguments of sim_s; for cosine they vanish when |o| > eps).
 
+Overflow: |h|^2 overflows float32 for |h| > ~1.8e19. The cosine therefore runs on rows scaled by an exact power of
+two r_m (``_inv_scale``, from the exponent bits of max|h_m|; 1 for max|h_m| < 2): dots <o r_o, h_m r_m>, norms
+|h_m r_m|^2, eps r_m in the clamp, the same value with the same eps semantics. Gradient coefficients take one r
+factor at a time after the O(|h|) factor c (r_o r_m underflows at |h| = 1e30). Rows longer than one tile get an
+extra pass for max|h_m| (cosine only).
+
 Layout: one program per BLOCK_B rows holds a [MP, BLOCK_B, BLOCK_N] register tile (all M branches, MP = M
 rounded up to a power of two); rows longer than BLOCK_N are handled by two passes over N tiles (dot products
 and norms first, then the mix), so any N works. Reductions run in a fixed order: deterministic.
@@ -66,10 +72,43 @@ def _softmax_m(sim, valid_m, inv_t):
 
 
 @triton.jit
-def _similarity(dots, norms, own_mask, N, SIM: tl.constexpr):
-    """sim [MP, BB] from <own, h_m> and |h_m|^2 (own's norm is its own branch's entry)."""
+def _inv_scale(amax):
+    """r [MP, BB]: a power of two with max|h_m| r < 4, from amax's exponent bits (integer ops, exact); 1 where
+    amax < 2; non-finite amax gives 2^-126 (inf/NaN still end as NaN in the cosine)."""
+    if amax.dtype == tl.float64:
+        e = (amax.to(tl.int64, bitcast=True) >> 52) & 0x7FF
+        f = tl.where(e > 1023, tl.maximum(2046 - e, 1), 1023)
+        r = (f << 52).to(tl.float64, bitcast=True)
+    else:
+        e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        f = tl.where(e > 127, tl.maximum(254 - e, 1), 127)
+        r = (f << 23).to(tl.float32, bitcast=True)
+    return r
+
+
+@triton.jit
+def _row_scale(H, own_mask, SIM: tl.constexpr):
+    """r [MP, BB] of a whole-row tile H [MP, BB, BN] (cosine); ones for dot (no scaling)."""
     if SIM == 0:
-        nm = tl.maximum(tl.sqrt(norms), 1e-8)
+        r = _inv_scale(tl.max(tl.abs(H), 2))
+    else:
+        r = tl.where(own_mask, 1.0, 1.0).to(H.dtype)
+    return r
+
+
+@triton.jit
+def _tile_stats(H, r, own_mask):
+    """(<o r_o, h_m r_m>, |h_m r_m|^2) [MP, BB] over one tile H [MP, BB, BN]."""
+    Hs = H * r[:, :, None]
+    own = tl.sum(tl.where(own_mask[:, :, None], Hs, 0.0), 0)
+    return tl.sum(Hs * own[None, :, :], 2), tl.sum(Hs * Hs, 2)
+
+
+@triton.jit
+def _similarity(dots, norms, r, own_mask, N, SIM: tl.constexpr):
+    """sim [MP, BB] from the scaled <own, h_m> and |h_m|^2 (own's norm is its own branch's entry)."""
+    if SIM == 0:
+        nm = tl.maximum(tl.sqrt(norms), 1e-8 * r)
         no = tl.sum(tl.where(own_mask, nm, 0.0), 0)
         sim = dots / (nm * no[None, :])
     else:
@@ -84,7 +123,7 @@ def _store_attn(attn_ptr, a, mi, rows, rmask, M, stride_ab, stride_am):
 
 
 @triton.jit
-def _grad_coefs(dots, norms, u, a, own_mask, N, inv_t, SIM: tl.constexpr):
+def _grad_coefs(dots, norms, r, u, a, own_mask, N, inv_t, SIM: tl.constexpr):
     """(a_s [BB], coef_h [MP,BB], coef_o [BB]) with d own = a_s g + sum_m coef_h[m] h_m + coef_o own
     (module docstring: c_m = a_m (u_m - sum_j a_j u_j) / T, u_m = <g, h_m>)."""
     ubar = tl.sum(a * u, 0)
@@ -92,15 +131,19 @@ def _grad_coefs(dots, norms, u, a, own_mask, N, inv_t, SIM: tl.constexpr):
     a_s = tl.sum(tl.where(own_mask, a, 0.0), 0)
     c_s = tl.sum(tl.where(own_mask, c, 0.0), 0)
     if SIM == 0:
-        nm = tl.maximum(tl.sqrt(norms), 1e-8)
+        # scaled quantities (module docstring "Overflow"): the true n_m is nm / r_m, so each true coefficient
+        # carries r_o r_m or r_o^2, applied one factor at a time
+        nm = tl.maximum(tl.sqrt(norms), 1e-8 * r)
+        r_o = tl.sum(tl.where(own_mask, r, 0.0), 0)
         o_len = tl.sqrt(tl.sum(tl.where(own_mask, norms, 0.0), 0))
-        no = tl.maximum(o_len, 1e-8)
+        big = o_len > 1e-8 * r_o
+        no = tl.maximum(o_len, 1e-8 * r_o)
         sim = dots / (nm * no[None, :])
-        coef_h = c / (nm * no[None, :])
+        coef_h = ((c * r_o[None, :]) / (nm * no[None, :])) * r
         # 1 / (n_o |o|) where |o| > eps (the clamp is inactive there), else 0
-        inv_oo = tl.where(o_len > 1e-8, 1.0 / (no * tl.where(o_len > 1e-8, o_len, 1.0)), 0.0)
+        inv_oo = tl.where(big, 1.0 / (no * tl.where(big, o_len, 1.0)), 0.0)
         sim_s = tl.sum(tl.where(own_mask, sim, 0.0), 0)
-        coef_o = -tl.sum(c * sim, 0) * inv_oo + c_s * (1.0 / (no * no) - sim_s * inv_oo)
+        coef_o = ((-tl.sum(c * sim, 0) * inv_oo + c_s * (1.0 / (no * no) - sim_s * inv_oo)) * r_o) * r_o
     else:
         rs = 1.0 / tl.sqrt(N.to(u.dtype))
         coef_h = c * rs
@@ -151,6 +194,23 @@ def _branch_tiles(x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, rows, rmask, cols, cma
     return H, z_own
 
 
+@triton.jit
+def _row_scale_passes(base, stride_hn, valid_m, own_mask, N, ACC: tl.constexpr, SIM: tl.constexpr,
+                      MP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """r [MP, BB] of rows longer than one tile: an extra pass for max|h_m| (cosine only; ones for dot)."""
+    if SIM == 0:
+        amax = tl.zeros((MP, BLOCK_B), dtype=ACC)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            H = tl.load(base + cols[None, None, :] * stride_hn, mask=valid_m[:, :, None] & (cols < N)[None, None, :],
+                        other=0.0).to(ACC)
+            amax = tl.maximum(amax, tl.max(tl.abs(H), 2))
+        r = _inv_scale(amax)
+    else:
+        r = tl.where(own_mask, 1.0, 1.0).to(ACC)
+    return r
+
+
 # ------------------------------------------------------------------------------------------------ kernels
 
 @triton.jit
@@ -171,23 +231,24 @@ def _mutual_fwd_kernel(h_ptr, s_ptr, out_ptr, attn_ptr, M, B, N, inv_t,
         cols = tl.arange(0, BLOCK_N)
         H = tl.load(base + cols[None, None, :] * stride_hn, mask=valid_m[:, :, None] & (cols < N)[None, None, :],
                     other=0.0).to(ACC)
-        own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)             # [BB, BN]
-        a = _softmax_m(_similarity(tl.sum(H * own[None, :, :], 2), tl.sum(H * H, 2), own_mask, N, SIM),
-                       valid_m, inv_t)
+        r = _row_scale(H, own_mask, SIM)
+        dots, norms = _tile_stats(H, r, own_mask)
+        a = _softmax_m(_similarity(dots, norms, r, own_mask, N, SIM), valid_m, inv_t)
         out = tl.sum(a[:, :, None] * H, 0)
         tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :] * stride_on,
                  out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & (cols < N)[None, :])
     else:
+        r = _row_scale_passes(base, stride_hn, valid_m, own_mask, N, ACC, SIM, MP, BLOCK_B, BLOCK_N)
         dots = tl.zeros((MP, BLOCK_B), dtype=ACC)
         norms = tl.zeros((MP, BLOCK_B), dtype=ACC)
         for n0 in range(0, N, BLOCK_N):                                      # pass 1: <own, h_m>, |h_m|^2
             cols = n0 + tl.arange(0, BLOCK_N)
             msk = valid_m[:, :, None] & (cols < N)[None, None, :]
             H = tl.load(base + cols[None, None, :] * stride_hn, mask=msk, other=0.0).to(ACC)
-            own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
-            dots += tl.sum(H * own[None, :, :], 2)
-            norms += tl.sum(H * H, 2)
-        a = _softmax_m(_similarity(dots, norms, own_mask, N, SIM), valid_m, inv_t)
+            d_t, n_t = _tile_stats(H, r, own_mask)
+            dots += d_t
+            norms += n_t
+        a = _softmax_m(_similarity(dots, norms, r, own_mask, N, SIM), valid_m, inv_t)
         for n0 in range(0, N, BLOCK_N):                                      # pass 2: the mix
             cols = n0 + tl.arange(0, BLOCK_N)
             msk = valid_m[:, :, None] & (cols < N)[None, None, :]
@@ -212,6 +273,7 @@ def _mutual_bwd_kernel(g_ptr, h_ptr, s_ptr, attn_ptr, dh_ptr, M, B, N, inv_t,
     own_mask = mi[:, None] == s[None, :]
     valid_m = (mi[:, None] < M) & rmask[None, :]
     base = h_ptr + mi[:, None, None].to(tl.int64) * stride_hm + rows[None, :, None] * stride_hb
+    r = _row_scale_passes(base, stride_hn, valid_m, own_mask, N, ACC, SIM, MP, BLOCK_B, BLOCK_N)
     dots = tl.zeros((MP, BLOCK_B), dtype=ACC)
     norms = tl.zeros((MP, BLOCK_B), dtype=ACC)
     u = tl.zeros((MP, BLOCK_B), dtype=ACC)
@@ -222,14 +284,14 @@ def _mutual_bwd_kernel(g_ptr, h_ptr, s_ptr, attn_ptr, dh_ptr, M, B, N, inv_t,
                     other=0.0).to(ACC)
         g = tl.load(g_ptr + rows[:, None] * stride_gb + cols[None, :] * stride_gn,
                     mask=rmask[:, None] & cm[None, :], other=0.0).to(ACC)
-        own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
-        dots += tl.sum(H * own[None, :, :], 2)
-        norms += tl.sum(H * H, 2)
+        d_t, n_t = _tile_stats(H, r, own_mask)
+        dots += d_t
+        norms += n_t
         u += tl.sum(H * g[None, :, :], 2)
     # softmax weights recomputed from dots/norms (M values per row, free here) instead of read from the float32
     # attn: keeps float64 gradients exact; attn is accepted for the contract
-    a = _softmax_m(_similarity(dots, norms, own_mask, N, SIM), valid_m, inv_t)
-    a_s, coef_h, coef_o = _grad_coefs(dots, norms, u, a, own_mask, N, inv_t, SIM)
+    a = _softmax_m(_similarity(dots, norms, r, own_mask, N, SIM), valid_m, inv_t)
+    a_s, coef_h, coef_o = _grad_coefs(dots, norms, r, u, a, own_mask, N, inv_t, SIM)
     for n0 in range(0, N, BLOCK_N):                                          # pass 2: write d own
         cols = n0 + tl.arange(0, BLOCK_N)
         cm = cols < N
@@ -267,10 +329,9 @@ def _mutual_linear_fwd_kernel(x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_ptr, out
                          stride_xb, stride_xk, stride_wm, stride_wk, stride_wn, stride_bm, stride_bn,
                          stride_a2b, stride_a2k, stride_w2m, stride_w2k, stride_w2n,
                          HAS_BIAS, HAS_AUX, ACT, PREC, MP, BLOCK_B, BLOCK_N, BLOCK_K)
-    own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
-    dots = tl.sum(H * own[None, :, :], 2)
-    norms = tl.sum(H * H, 2)
-    a = _softmax_m(_similarity(dots, norms, own_mask, N, SIM), valid_m, inv_t)
+    r = _row_scale(H, own_mask, SIM)
+    dots, norms = _tile_stats(H, r, own_mask)
+    a = _softmax_m(_similarity(dots, norms, r, own_mask, N, SIM), valid_m, inv_t)
     _store_attn(attn_ptr, a, mi, rows, rmask, M, stride_ab, stride_am)
     out = tl.sum(a[:, :, None] * H, 0)
     tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :] * stride_on, out.to(out_ptr.dtype.element_ty),
@@ -303,11 +364,11 @@ def _mutual_linear_bwd_kernel(g_ptr, x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_p
                              HAS_BIAS, HAS_AUX, ACT, PREC, MP, BLOCK_B, BLOCK_N, BLOCK_K)
     omask = rmask[:, None] & cmask[None, :]
     g = tl.load(g_ptr + rows[:, None] * stride_gb + cols[None, :] * stride_gn, mask=omask, other=0.0).to(tl.float32)
+    r = _row_scale(H, own_mask, SIM)
+    dots, norms = _tile_stats(H, r, own_mask)
+    a = _softmax_m(_similarity(dots, norms, r, own_mask, N, SIM), valid_m, inv_t)   # recomputed, as in _mutual_bwd
+    a_s, coef_h, coef_o = _grad_coefs(dots, norms, r, tl.sum(H * g[None, :, :], 2), a, own_mask, N, inv_t, SIM)
     own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
-    dots = tl.sum(H * own[None, :, :], 2)
-    norms = tl.sum(H * H, 2)
-    a = _softmax_m(_similarity(dots, norms, own_mask, N, SIM), valid_m, inv_t)   # recomputed, as in _mutual_bwd
-    a_s, coef_h, coef_o = _grad_coefs(dots, norms, tl.sum(H * g[None, :, :], 2), a, own_mask, N, inv_t, SIM)
     d = a_s[:, None] * g + tl.sum(coef_h[:, :, None] * H, 0) + coef_o[:, None] * own
     d = d * _activate_grad(z_own, ACT)
     tl.store(dz_ptr + rows[:, None] * stride_db + cols[None, :] * stride_dn, d.to(dz_ptr.dtype.element_ty), mask=omask)
