@@ -154,21 +154,33 @@ void row_backward(const src_t* const* rows, const g_t* g, int64_t M, int64_t N, 
     sc.w[m] = dot<acc_t>(g, rows[m], N);  // u_m
     ga += sc.a[m] * sc.w[m];
   }
-  acc_t coef_own = 0;  // multiplies h_s (cosine: derivative of the own norm)
+  acc_t coef_own = 0, e_s = 0;  // coef_own multiplies h_s q (cosine: own term and derivative of the own norm)
   for (int64_t m = 0; m < M; ++m) {
     const acc_t e = sc.a[m] * (sc.w[m] - ga) * (m == s ? acc_t(2) : acc_t(1)) * inv_t;
     if (sim == kCosine) {
-      sc.w[m] = ((e * r_s) / (own_n * sc.norm[m])) * sc.inv[m];  // = e / (|h_s|_eps |h_m|_eps)
+      // = e / (|h_s|_eps |h_m|_eps); the own row's coefficient goes through coef_own (below)
+      // e = O(|h| / min(r)): the smaller scale first, the larger last (neither step overflows nor underflows)
+      sc.w[m] = m == s ? acc_t(0)
+                       : ((e * std::min(r_s, sc.inv[m])) / (own_n * sc.norm[m])) * std::max(r_s, sc.inv[m]);
       coef_own -= e * sc.sim[m];
+      if (m == s) e_s = e;
     } else {
       sc.w[m] = e * inv_sqrt_n;
     }
   }
-  coef_own = (sim == kCosine && own_raw > acc_t(kEps) * r_s) ? ((coef_own * r_s) / (own_n * own_n)) * r_s : acc_t(0);
+  // Own row: true coefficient r_s^2 (e_s - [|h_s| > eps] sum_m e_m sim_m) / own_n^2, applied as coef_own (h_s q)
+  // with q = r_s / own_n (|h_s q| <= 1): e_s / own_n^2 alone overflows at a zero own next to huge branches.
+  acc_t q = 1;
+  if (sim == kCosine) {
+    coef_own = (((own_raw > acc_t(kEps) * r_s ? coef_own : acc_t(0)) + e_s) / own_n) * r_s;
+    q = (acc_t(1) / own_n) * r_s;
+  } else {
+    coef_own = 0;
+  }
   const acc_t a_s = sc.a[s];
 #pragma omp simd
   for (int64_t n = 0; n < N; ++n) {
-    acc_t v = a_s * static_cast<acc_t>(g[n]) + coef_own * static_cast<acc_t>(own[n]);
+    acc_t v = a_s * static_cast<acc_t>(g[n]) + coef_own * (static_cast<acc_t>(own[n]) * q);
     for (int64_t m = 0; m < M; ++m) v += sc.w[m] * static_cast<acc_t>(rows[m][n]);
     dh[n] = v;
   }

@@ -45,7 +45,7 @@ using at::Tensor;
 
 constexpr int kWarps = 4;  // rows (warps) per block
 constexpr int64_t kScratchBytes = int64_t(64) << 20;
-constexpr int64_t kMaxBranches = 256;  // per-warp scratch (5M+2) * 8 bytes * kWarps stays under 48 KiB
+constexpr int64_t kMaxBranches = 256;  // per-warp scratch (5M+3) * 8 bytes * kWarps stays under 48 KiB
 
 // h [M, B, N] in memory, any strides.
 template <typename scalar_t>
@@ -166,7 +166,7 @@ __global__ void mutual_bwd_rows(Src src, const scalar_t* __restrict__ g, int64_t
                                 scalar_t* __restrict__ d, int64_t sdb, int64_t sdn) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw) + (threadIdx.x / 32) * (5 * M + 2);
+  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw) + (threadIdx.x / 32) * (5 * M + 3);
   const int lane = threadIdx.x & 31;
   const int64_t b = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (b >= B) return;
@@ -211,21 +211,25 @@ __global__ void mutual_bwd_rows(Src src, const scalar_t* __restrict__ g, int64_t
     for (int m = 0; m < M; ++m) ubar += sa[m] * sm[2 * M + m];
     const acc_t a_s = sa[s];
     const acc_t c_s = a_s * (sm[2 * M + s] - ubar) * it;
-    acc_t coef_o;
+    acc_t coef_o, q = acc_t(1);
     if (sim_code == 0) {
       // scaled norms: the true n_m is nm / r_m, so coefficients carry r_s r_m or r_s^2, one factor at a time
       const acc_t o_len = sqrt(sm[M + s]);
       const acc_t no = max(o_len, eps * r_s);
-      const acc_t inv_oo = o_len > eps * r_s ? acc_t(1) / (no * o_len) : acc_t(0);
       const acc_t sim_s = sm[s] / (no * no);
       acc_t csum = 0;
       for (int m = 0; m < M; ++m) {
         const acc_t c = sa[m] * (sm[2 * M + m] - ubar) * it;
         const acc_t nm = max(sqrt(sm[M + m]), eps * r[m]);
         csum += c * (sm[m] / (nm * no));
-        sm[m] = ((c * r_s) / (nm * no)) * r[m];  // coef_h
+        // coef_h (c = O(|h| / min r): smaller scale first, larger last); the own row's goes to coef_o
+        sm[m] = m == s ? acc_t(0) : ((c * min(r_s, r[m])) / (nm * no)) * max(r_s, r[m]);
       }
-      coef_o = ((-csum * inv_oo + c_s * (acc_t(1) / (no * no) - sim_s * inv_oo)) * r_s) * r_s;
+      // own row: r_s^2 (2 c_s / n_o^2 - I (csum + c_s sim_s) / (n_o |own|)) applied as coef_o (own q), q = r_s / n_o,
+      // |own q| <= 1 (c_s / n_o^2 alone overflows at a zero own next to huge branches: inf * 0 = NaN)
+      const acc_t tail = o_len > eps * r_s ? -(csum + c_s * sim_s) / o_len : acc_t(0);
+      coef_o = ((acc_t(2) * c_s) / no + tail) * r_s;
+      q = (acc_t(1) / no) * r_s;
     } else {
       const acc_t rs = acc_t(1) / sqrt(static_cast<acc_t>(N));
       for (int m = 0; m < M; ++m) {
@@ -235,12 +239,13 @@ __global__ void mutual_bwd_rows(Src src, const scalar_t* __restrict__ g, int64_t
     }
     sm[3 * M] = a_s;
     sm[3 * M + 1] = coef_o;
+    r[M] = q;  // slot 5M+2
   }
   __syncwarp();
-  const acc_t a_s = sm[3 * M], coef_o = sm[3 * M + 1];
+  const acc_t a_s = sm[3 * M], coef_o = sm[3 * M + 1], q = r[M];
   for (int64_t n = lane; n < N; n += 32) {
     const acc_t gv = static_cast<acc_t>(g[b * sgb + n * sgn]);
-    acc_t v = a_s * gv + coef_o * src.get(s, b, n);
+    acc_t v = a_s * gv + coef_o * (src.get(s, b, n) * q);
     for (int m = 0; m < M; ++m) v += sm[m] * src.get(m, b, n);
     d[b * sdb + n * sdn] = static_cast<scalar_t>(v * src.dact(s, b, n));
   }
@@ -297,7 +302,7 @@ Tensor mutual_backward(const Tensor& grad_out, const Tensor& h, const Tensor& sc
   SAML_DISPATCH_FLOATING(h.scalar_type(), "mutual_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     HSource<scalar_t> src{h.data_ptr<scalar_t>(), h.stride(0), h.stride(1), h.stride(2)};
-    mutual_bwd_rows<scalar_t><<<row_blocks(B), kWarps * 32, smem_bytes<acc_t>(5 * M + 2), stream>>>(
+    mutual_bwd_rows<scalar_t><<<row_blocks(B), kWarps * 32, smem_bytes<acc_t>(5 * M + 3), stream>>>(
         src, grad_out.data_ptr<scalar_t>(), grad_out.stride(0), grad_out.stride(1), s.data_ptr<int64_t>(),
         attn.data_ptr<float>(), attn.stride(0), attn.stride(1), B, int(M), N, 1.0 / temperature, int(similarity),
         d.data_ptr<scalar_t>(), d.stride(0), d.stride(1));
@@ -402,7 +407,7 @@ Tensor mutual_linear_backward(const Tensor& grad_out, const Tensor& x, const Ten
       LinearSource<scalar_t> src{z.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
                                  bias.has_value() ? bias->stride(0) : 0, bias.has_value() ? bias->stride(1) : 0,
                                  M * N, N, int(activation)};
-      mutual_bwd_rows<scalar_t><<<row_blocks(rows), kWarps * 32, smem_bytes<acc_t>(5 * M + 2), stream>>>(
+      mutual_bwd_rows<scalar_t><<<row_blocks(rows), kWarps * 32, smem_bytes<acc_t>(5 * M + 3), stream>>>(
           src, grad_out.data_ptr<scalar_t>() + b0 * grad_out.stride(0), grad_out.stride(0), grad_out.stride(1),
           s.data_ptr<int64_t>() + b0, attn.data_ptr<float>() + b0 * attn.stride(0), attn.stride(0),
           attn.stride(1), rows, int(M), N, 1.0 / temperature, int(similarity),

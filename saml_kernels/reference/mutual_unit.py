@@ -141,7 +141,7 @@ def _mix_backward(grad_out, h, scenario, attn, temperature, similarity):
     if _code(SIMILARITY, similarity) == 0:
         # scaled rows hs = h r (r a power of two, inv_scale): nm, no are the clamped norms times r. Products of
         # two r factors (1e-60 at |h| = 1e30) underflow in float32, so each coefficient is multiplied by one r at a
-        # time, after the O(|h|) factor e: (e r_o / (no nm)) r_m is the true e / (|o|_eps |h_m|_eps).
+        # time: (e min(r_o, r_m) / (no nm)) max(r_o, r_m) is the true e / (|o|_eps |h_m|_eps).
         r = inv_scale(h).squeeze(-1)                                    # [M, B]
         hs = h * r.unsqueeze(-1)
         r_o = r[idx, ar]                                                # [B]
@@ -150,9 +150,15 @@ def _mix_backward(grad_out, h, scenario, attn, temperature, similarity):
         own_raw = os.norm(dim=-1)
         no = torch.maximum(own_raw, EPS * r_o)
         sim = (hs * os.unsqueeze(0)).sum(-1) / (no * nm)
-        dh = dh + ((((e * r_o) / (no * nm)) * r).unsqueeze(-1) * h).sum(0)
-        coef = torch.where(own_raw > EPS * r_o, ((-(e * sim).sum(0) * r_o) / (no * no)) * r_o, torch.zeros_like(no))
-        dh = dh + coef.unsqueeze(-1) * own
+        own_m = torch.arange(M, device=h.device).view(M, 1) == idx.view(1, B)
+        lo, hi = torch.minimum(r, r_o), torch.maximum(r, r_o)   # e = O(|h| / lo): e lo first, hi last
+        coef_h = torch.where(own_m, torch.zeros_like(e), ((e * lo) / (no * nm)) * hi)
+        dh = dh + (coef_h.unsqueeze(-1) * h).sum(0)
+        # own row: coefficient r_o^2 (e_s - [|o| > eps] sum_m e_m sim_m) / no^2 applied as Z (own q), q = r_o / no,
+        # |own q| <= 1: at a zero / tiny own next to huge branches e_s / no^2 alone would overflow (inf * 0 = NaN)
+        tail = torch.where(own_raw > EPS * r_o, -(e * sim).sum(0), torch.zeros_like(no))
+        z = ((e[idx, ar] + tail) / no) * r_o
+        dh = dh + z.unsqueeze(-1) * (own * ((1.0 / no) * r_o).unsqueeze(-1))
     else:
         dh = dh + ((e / math.sqrt(N)).unsqueeze(-1) * h).sum(0)
     return dh

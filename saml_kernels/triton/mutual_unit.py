@@ -124,7 +124,7 @@ def _store_attn(attn_ptr, a, mi, rows, rmask, M, stride_ab, stride_am):
 
 @triton.jit
 def _grad_coefs(dots, norms, r, u, a, own_mask, N, inv_t, SIM: tl.constexpr):
-    """(a_s [BB], coef_h [MP,BB], coef_o [BB]) with d own = a_s g + sum_m coef_h[m] h_m + coef_o own
+    """(a_s [BB], coef_h [MP,BB], coef_o [BB], q [BB]) with d own = a_s g + sum_m coef_h[m] h_m + coef_o (own q)
     (module docstring: c_m = a_m (u_m - sum_j a_j u_j) / T, u_m = <g, h_m>)."""
     ubar = tl.sum(a * u, 0)
     c = a * (u - ubar[None, :]) * inv_t                                      # dL/dsim_m
@@ -139,16 +139,21 @@ def _grad_coefs(dots, norms, r, u, a, own_mask, N, inv_t, SIM: tl.constexpr):
         big = o_len > 1e-8 * r_o
         no = tl.maximum(o_len, 1e-8 * r_o)
         sim = dots / (nm * no[None, :])
-        coef_h = ((c * r_o[None, :]) / (nm * no[None, :])) * r
-        # 1 / (n_o |o|) where |o| > eps (the clamp is inactive there), else 0
-        inv_oo = tl.where(big, 1.0 / (no * tl.where(big, o_len, 1.0)), 0.0)
+        lo = tl.minimum(r, r_o[None, :])                  # c = O(|h| / lo): lo first, the larger scale last
+        coef_h = tl.where(own_mask, 0.0, ((c * lo) / (nm * no[None, :])) * tl.maximum(r, r_o[None, :]))
         sim_s = tl.sum(tl.where(own_mask, sim, 0.0), 0)
-        coef_o = ((-tl.sum(c * sim, 0) * inv_oo + c_s * (1.0 / (no * no) - sim_s * inv_oo)) * r_o) * r_o
+        # own row (its coef_h entry moved here): r_o^2 (2 c_s / n_o^2 - I (sum_m c_m sim_m + c_s sim_s) / (n_o |o|)),
+        # applied as coef_o (own q), q = r_o / n_o, |own q| <= 1 (c_s / n_o^2 alone overflows at a zero own next
+        # to huge branches: inf * 0 = NaN)
+        tail = tl.where(big, -(tl.sum(c * sim, 0) + c_s * sim_s) / tl.where(big, o_len, 1.0), 0.0)
+        coef_o = ((2.0 * c_s) / no + tail) * r_o
+        q = (1.0 / no) * r_o
     else:
         rs = 1.0 / tl.sqrt(N.to(u.dtype))
         coef_h = c * rs
         coef_o = c_s * rs
-    return a_s, coef_h, coef_o
+        q = tl.where(a_s == a_s, 1.0, 1.0).to(u.dtype)
+    return a_s, coef_h, coef_o, q
 
 
 @triton.jit
@@ -291,7 +296,7 @@ def _mutual_bwd_kernel(g_ptr, h_ptr, s_ptr, attn_ptr, dh_ptr, M, B, N, inv_t,
     # softmax weights recomputed from dots/norms (M values per row, free here) instead of read from the float32
     # attn: keeps float64 gradients exact; attn is accepted for the contract
     a = _softmax_m(_similarity(dots, norms, r, own_mask, N, SIM), valid_m, inv_t)
-    a_s, coef_h, coef_o = _grad_coefs(dots, norms, r, u, a, own_mask, N, inv_t, SIM)
+    a_s, coef_h, coef_o, q = _grad_coefs(dots, norms, r, u, a, own_mask, N, inv_t, SIM)
     for n0 in range(0, N, BLOCK_N):                                          # pass 2: write d own
         cols = n0 + tl.arange(0, BLOCK_N)
         cm = cols < N
@@ -300,7 +305,7 @@ def _mutual_bwd_kernel(g_ptr, h_ptr, s_ptr, attn_ptr, dh_ptr, M, B, N, inv_t,
         g = tl.load(g_ptr + rows[:, None] * stride_gb + cols[None, :] * stride_gn,
                     mask=rmask[:, None] & cm[None, :], other=0.0).to(ACC)
         own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
-        d = a_s[:, None] * g + tl.sum(coef_h[:, :, None] * H, 0) + coef_o[:, None] * own
+        d = a_s[:, None] * g + tl.sum(coef_h[:, :, None] * H, 0) + coef_o[:, None] * (own * q[:, None])
         tl.store(dh_ptr + rows[:, None] * stride_db + cols[None, :] * stride_dn, d.to(dh_ptr.dtype.element_ty),
                  mask=rmask[:, None] & cm[None, :])
 
@@ -367,9 +372,9 @@ def _mutual_linear_bwd_kernel(g_ptr, x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_p
     r = _row_scale(H, own_mask, SIM)
     dots, norms = _tile_stats(H, r, own_mask)
     a = _softmax_m(_similarity(dots, norms, r, own_mask, N, SIM), valid_m, inv_t)   # recomputed, as in _mutual_bwd
-    a_s, coef_h, coef_o = _grad_coefs(dots, norms, r, tl.sum(H * g[None, :, :], 2), a, own_mask, N, inv_t, SIM)
+    a_s, coef_h, coef_o, q = _grad_coefs(dots, norms, r, tl.sum(H * g[None, :, :], 2), a, own_mask, N, inv_t, SIM)
     own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
-    d = a_s[:, None] * g + tl.sum(coef_h[:, :, None] * H, 0) + coef_o[:, None] * own
+    d = a_s[:, None] * g + tl.sum(coef_h[:, :, None] * H, 0) + coef_o[:, None] * (own * q[:, None])
     d = d * _activate_grad(z_own, ACT)
     tl.store(dz_ptr + rows[:, None] * stride_db + cols[None, :] * stride_dn, d.to(dz_ptr.dtype.element_ty), mask=omask)
 
