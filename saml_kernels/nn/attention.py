@@ -21,7 +21,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..reference.attention import masked_attention, sequence_mask
+from ..reference.attention import check_seq_lengths, masked_attention, sequence_mask
+from ..reference.layers import size_arg
 
 __all__ = ["ScenarioAttention"]
 
@@ -40,8 +41,9 @@ class ScenarioAttention(nn.Module):
     layout, no bias), ``local_query.weight [M, D, d]``, ``local_key.weight [M, D, d]`` (MultiBranchLinear, no bias:
     a key bias adds one constant to every score of a row, which the softmax cancels).
 
-    forward(target_g [B, D], target_s [B, D], seq_g [B, L, D], seq_s [B, L, D], seq_lengths [B] int, scenario [B]
-    int) -> (global_out [B, D], local_out [B, D]).
+    forward(target_g [B, D], target_s [B, D], seq_g [B, L, D], seq_s [B, L, D], seq_lengths [B] integer in [0, L],
+    scenario [B] int) -> (global_out [B, D], local_out [B, D]). A length outside [0, L], a float or a wrongly shaped
+    ``seq_lengths`` raises ValueError naming it (the range check is one device reduction and one host read).
     """
 
     def __init__(self, embedding_dim: int, attention_dim: int, num_scenarios: int, *, backend=None, device=None,
@@ -50,10 +52,9 @@ class ScenarioAttention(nn.Module):
         from . import MultiBranchLinear  # the package's layer (imported late: nn/__init__ lists the layers)
 
         fk = dict(device=device, dtype=dtype)
-        D, d, M = embedding_dim, attention_dim, num_scenarios
-        for name, v in (("embedding_dim", D), ("attention_dim", d), ("num_scenarios", M)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"ScenarioAttention: {name} must be an int >= 1, got {v!r}")
+        # sizes: any integral value (numpy ints, 0-dim int tensors), never bool; stored as Python ints
+        D, d, M = (size_arg("ScenarioAttention", n, v) for n, v in (
+            ("embedding_dim", embedding_dim), ("attention_dim", attention_dim), ("num_scenarios", num_scenarios)))
         self.embedding_dim, self.attention_dim, self.num_scenarios, self.backend = D, d, M, backend
         self.global_query = nn.Linear(D, d, bias=False, **fk)
         self.global_key = nn.Linear(D, d, bias=False, **fk)
@@ -78,10 +79,11 @@ class ScenarioAttention(nn.Module):
         for name, t in (("target_g", target_g), ("target_s", target_s)):
             if tuple(t.shape) != (B, D):
                 raise ValueError(f"ScenarioAttention: {name} must be [B, D] = [{B}, {D}], got {tuple(t.shape)}")
-        for name, t in (("seq_lengths", seq_lengths), ("scenario", scenario)):
-            if t.dim() != 1 or t.shape[0] != B or t.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"ScenarioAttention: {name} must be a [B] = [{B}] int32/int64 tensor, got "
-                                 f"{t.dtype} of shape {tuple(t.shape)}")
+        if scenario.dim() != 1 or scenario.shape[0] != B or scenario.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"ScenarioAttention: scenario must be a [B] = [{B}] int32/int64 tensor, got "
+                             f"{scenario.dtype} of shape {tuple(scenario.shape)}")
+        # lengths outside [0, L] would silently act as full / empty sequences (one reduction, one bool read)
+        check_seq_lengths("ScenarioAttention", seq_lengths, B, seq_g.shape[1])
 
     def forward(self, target_g: Tensor, target_s: Tensor, seq_g: Tensor, seq_s: Tensor, seq_lengths: Tensor,
                 scenario: Tensor) -> tuple[Tensor, Tensor]:

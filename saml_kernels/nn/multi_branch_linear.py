@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.mbranch_linear import ACTIVATIONS, GRAD_MASKS, ROUTES, mbranch_linear
+from ..reference.layers import size_arg
 
 
 class MultiBranchLinear(nn.Module):
@@ -31,12 +32,10 @@ class MultiBranchLinear(nn.Module):
                  bias: bool = True, activation: Optional[str] = None, route: str = "own", grad_mask: str = "own",
                  device=None, dtype=None, backend: Optional[str] = None):
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features),
-                        ("num_branches", num_branches)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"MultiBranchLinear: {name} must be a positive int, got {v!r}")
-        if not isinstance(aux_features, int) or aux_features < 0:
-            raise ValueError(f"MultiBranchLinear: aux_features must be an int >= 0, got {aux_features!r}")
+        # sizes: any integral value (numpy ints, 0-dim int tensors), never bool; stored as Python ints
+        sizes = {"in_features": in_features, "out_features": out_features, "num_branches": num_branches}
+        in_features, out_features, num_branches = (size_arg("MultiBranchLinear", n, v) for n, v in sizes.items())
+        aux_features = size_arg("MultiBranchLinear", "aux_features", aux_features, minimum=0)
         if route not in ROUTES:
             raise ValueError(f"MultiBranchLinear: route must be one of {ROUTES}, got {route!r}")
         if grad_mask not in GRAD_MASKS:

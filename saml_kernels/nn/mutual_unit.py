@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..ops.mutual_linear import ACTIVATIONS, mutual_linear
 from ..ops.mutual_unit import SIMILARITY, check_temperature
+from ..reference.layers import size_arg
 from .multi_branch_linear import MultiBranchLinear
 
 
@@ -42,12 +43,10 @@ class MutualUnit(nn.Module):
                  bias: bool = True, device=None, dtype=None, save_branch_outputs: bool = False,
                  backend: Optional[str] = None):
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features),
-                        ("num_branches", num_branches)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"MutualUnit: {name} must be a positive int, got {v!r}")
-        if not isinstance(aux_features, int) or aux_features < 0:
-            raise ValueError(f"MutualUnit: aux_features must be an int >= 0, got {aux_features!r}")
+        # sizes: any integral value (numpy ints, 0-dim int tensors), never bool; stored as Python ints
+        sizes = {"in_features": in_features, "out_features": out_features, "num_branches": num_branches}
+        in_features, out_features, num_branches = (size_arg("MutualUnit", n, v) for n, v in sizes.items())
+        aux_features = size_arg("MutualUnit", "aux_features", aux_features, minimum=0)
         if not isinstance(activation, (str, type(None))) or activation not in ACTIVATIONS:
             raise ValueError(f"MutualUnit: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         if not isinstance(similarity, str) or similarity not in SIMILARITY:

@@ -11,7 +11,8 @@ shared-bottom baseline for comparison.
     main = branch_head(H_L, aux=A_L) (own route),  aux = aux_head(A_L)
     loss = BCE(main) + aux_loss_weight * BCE(aux)
 
-Parameters are named as in ``saml_kernels.reference.SAMLReference``: a state_dict moves between them unchanged.
+Parameters are named as in ``saml_kernels.reference.SAMLReference``: a state_dict moves between them unchanged,
+whatever the embedding optimizer (the row-wise Adagrad states are optimizer state, see the SAML docstring).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..reference.model import SAMLConfig, TrainingOptimizer, saml_loss
+from ..reference.model import (SAMLConfig, TrainingOptimizer, bce_loss, check_model_inputs,
+                               optimizer_state_keys_optional, saml_loss)
 
 __all__ = ["SAML", "SAMLConfig", "SharedBottom", "TrainingOptimizer"]
 
@@ -45,7 +47,17 @@ class SAML(nn.Module):
     forward(indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None) -> (main [B], aux [B]) logits:
     indices/offsets feature-major over ``config.features`` (a ``saml_kernels.data.Batch``'s ``inputs()``),
     scenario [B], seq_ids [B, L] (0 = padding) and seq_lengths [B] when the config has a sequence, dense
-    [B, num_dense]. ``loss(batch)`` = BCE(main) + aux_loss_weight * BCE(aux).
+    [B, num_dense]. ``loss(batch)`` = BCE(main) + aux_loss_weight * BCE(aux). seq_ids must be a 2-D integer
+    [B, L] with B = scenario.shape[0], seq_lengths integers in [0, L], dense [B, num_dense]: anything else raises
+    ValueError naming the argument and the shapes / position and value. An empty batch (B = 0) gives [0] logits
+    and a loss of 0 with zero gradients (not NaN); with a fused embedding optimizer it updates nothing.
+
+    State dicts: the *weights* state_dict is the same for every ``embedding_optimizer`` and for both twins
+    (``SAML`` and ``saml_kernels.reference.SAMLReference``). The row-wise Adagrad states (``*.global_state`` /
+    ``*.scenario_state`` buffers, present only with "rowwise_adagrad") are optimizer state: a strict
+    ``load_state_dict`` ignores them when this model has no such buffers and leaves this model's states unchanged
+    when the dict lacks them (``saml_kernels.reference.model.optimizer_state_keys_optional``). To resume training
+    exactly, save ``TrainingOptimizer.state_dict()`` too (it holds every table's row-wise state).
     """
 
     def __init__(self, config: SAMLConfig, *, backend: Optional[str] = None,
@@ -80,6 +92,7 @@ class SAML(nn.Module):
         self.branch_head = MultiBranchLinear(kh, 1, M, aux_features=ka, bias=True, activation=None, route="own",
                                              backend=backend, **fk)
         self.dropout = nn.Dropout(c.dropout)
+        self.register_load_state_dict_post_hook(optimizer_state_keys_optional)
 
     def reset_parameters(self) -> None:
         for m in self.modules():
@@ -89,23 +102,19 @@ class SAML(nn.Module):
     def representations(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None):
         """(A_0 [B, global_dim], H_0 [B, scenario_dim])."""
         c = self.config
+        B, L = check_model_inputs("SAML", c, scenario, seq_ids, seq_lengths, dense)
+        D = c.embedding_dim
         e_g, e_s = self.embedding(indices, offsets, scenario)
-        B = scenario.shape[0]
-        glob, scen = [e_g.reshape(B, -1)], [e_s.reshape(B, -1)]
+        # explicit widths: reshape(B, -1) is ambiguous (an error) for B = 0
+        glob, scen = [e_g.reshape(B, len(c.features) * D)], [e_s.reshape(B, c.num_aware * D)]
         if c.sequence is not None:
-            if seq_ids is None or seq_lengths is None:
-                raise ValueError("SAML: this config has a behaviour sequence; pass seq_ids [B, L] and seq_lengths [B]")
-            L = seq_ids.shape[1]
             s_g, s_s = self.sequence_embedding(seq_ids.reshape(-1), _seq_offsets(B, L, seq_ids), scenario)
             fg, fs = c.target_slots()
-            att_g, att_l = self.attention(e_g[:, fg], e_s[:, fs], s_g.reshape(B, L, -1), s_s.reshape(B, L, -1),
+            att_g, att_l = self.attention(e_g[:, fg], e_s[:, fs], s_g.reshape(B, L, D), s_s.reshape(B, L, D),
                                           seq_lengths, scenario)
             glob.append(att_g)
             scen.append(att_l)
         if c.num_dense:
-            if dense is None or dense.shape != (B, c.num_dense):
-                raise ValueError(f"SAML: dense must be [B, {c.num_dense}], got "
-                                 f"{None if dense is None else tuple(dense.shape)}")
             glob.append(dense.to(e_g.dtype))
         return torch.cat(glob, 1), torch.cat(scen, 1)
 
@@ -130,7 +139,7 @@ class SAML(nn.Module):
         return self.branch_head(h, scenario, a).squeeze(-1), self.aux_head(a).squeeze(-1)
 
     def loss(self, batch) -> Tensor:
-        """BCE(main) + aux_loss_weight * BCE(aux) on a ``saml_kernels.data.Batch``."""
+        """BCE(main) + aux_loss_weight * BCE(aux) on a ``saml_kernels.data.Batch`` (0 for an empty batch)."""
         main, aux = self(*batch.inputs())
         return saml_loss(main, aux, batch.label, self.config.aux_loss_weight)
 
@@ -140,7 +149,9 @@ class SharedBottom(nn.Module):
     the representation (only the global embeddings E_g, global attention and dense go in), one shared bottom MLP
     (``config.branch_hidden[:-1]``) and a per-scenario tower (last hidden layer + logit, own route).
 
-    forward(...) -> logit [B] (same inputs as SAML); loss(batch) = BCE(logit).
+    forward(...) -> logit [B] (same inputs and input checks as SAML); loss(batch) = BCE(logit) (0 with zero
+    gradients for an empty batch). ``backend`` applies to every op, the tower's included. Its state_dict follows
+    SAML's rule: row-wise Adagrad states are optimizer state (optional in a strict load).
     """
 
     def __init__(self, config: SAMLConfig, *, backend: Optional[str] = None,
@@ -164,20 +175,22 @@ class SharedBottom(nn.Module):
             layers += [nn.Linear(k, n, **fk), nn.ReLU(), nn.Dropout(c.dropout)]
             k = n
         self.bottom = nn.Sequential(*layers)
-        self.tower = MultiBranchLinear(k, c.branch_hidden[-1], M, bias=True, activation="relu", route="own", **fk)
+        self.tower = MultiBranchLinear(k, c.branch_hidden[-1], M, bias=True, activation="relu", route="own",
+                                       backend=backend, **fk)
         self.head = MultiBranchLinear(c.branch_hidden[-1], 1, M, bias=True, activation=None, route="own",
-                                             backend=backend, **fk)
+                                      backend=backend, **fk)
+        self.register_load_state_dict_post_hook(optimizer_state_keys_optional)
 
     def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None):
         c = self.config
+        B, L = check_model_inputs("SharedBottom", c, scenario, seq_ids, seq_lengths, dense)
+        D = c.embedding_dim
         e_g, _ = self.embedding(indices, offsets, scenario)
-        B = scenario.shape[0]
-        parts = [e_g.reshape(B, -1)]
+        parts = [e_g.reshape(B, len(c.features) * D)]  # explicit width: reshape(B, -1) fails for B = 0
         if c.sequence is not None:
-            L = seq_ids.shape[1]
             s_g, _ = self.sequence_embedding(seq_ids.reshape(-1), _seq_offsets(B, L, seq_ids), scenario)
             fg, _ = c.target_slots()
-            s_g = s_g.reshape(B, L, -1)
+            s_g = s_g.reshape(B, L, D)
             # the global half of the attention only (the local half gets the same global inputs)
             att_g, _ = self.attention(e_g[:, fg], e_g[:, fg], s_g, s_g, seq_lengths, scenario)
             parts.append(att_g)
@@ -187,5 +200,5 @@ class SharedBottom(nn.Module):
         return self.head(self.tower(h, scenario), scenario).squeeze(-1)
 
     def loss(self, batch) -> Tensor:
-        logit = self(*batch.inputs())
-        return nn.functional.binary_cross_entropy_with_logits(logit, batch.label.to(logit.dtype))
+        """Mean BCE of the logit on a ``saml_kernels.data.Batch`` (0 with zero gradients for an empty batch)."""
+        return bce_loss(self(*batch.inputs()), batch.label)

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .layers import RefMultiBranchLinear
+from .layers import RefMultiBranchLinear, size_arg
 
 
 def masked_attention(scores: Tensor, mask: Tensor) -> Tensor:
@@ -24,6 +24,29 @@ def masked_attention(scores: Tensor, mask: Tensor) -> Tensor:
     return w * mask.to(w.dtype)
 
 
+def check_seq_lengths(who: str, seq_lengths, B: int, L: int) -> None:
+    """Raises unless ``seq_lengths`` is an integer tensor of shape [B] with every value in [0, L].
+
+    A length above L (or below 0) would silently read as a full (or empty) sequence, so it is an error that names
+    the first bad position and its value. Cost: one fused device reduction and one host read of a single bool
+    (the position and value are looked up only on the error path). Under ``torch.compile`` the range check is a
+    device-side assert (RuntimeError without the position), so the graph does not break."""
+    if not isinstance(seq_lengths, Tensor):
+        raise TypeError(f"{who}: seq_lengths must be a [B] = [{B}] integer tensor, got {type(seq_lengths).__name__}")
+    if seq_lengths.dtype == torch.bool or seq_lengths.is_floating_point() or seq_lengths.is_complex():
+        raise ValueError(f"{who}: seq_lengths must be an integer tensor, got {seq_lengths.dtype}")
+    if tuple(seq_lengths.shape) != (B,):
+        raise ValueError(f"{who}: seq_lengths must have shape [B] = [{B}], got {list(seq_lengths.shape)}")
+    bad = (seq_lengths < 0) | (seq_lengths > L)
+    if torch.compiler.is_compiling():  # no host read inside a compiled graph: a device-side assert instead
+        torch._assert_async(~bad.any(), f"{who}: seq_lengths out of the valid range [0, L] = [0, {L}]")
+        return
+    if bad.any():  # the one host sync
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{who}: seq_lengths[{b}] = {int(seq_lengths[b])} is out of the valid range [0, L] = "
+                         f"[0, {L}] (L = the sequence length)")
+
+
 def sequence_mask(seq_lengths: Tensor, L: int) -> Tensor:
     """[B, L] bool, True at positions < seq_lengths[b]."""
     return torch.arange(L, device=seq_lengths.device).unsqueeze(0) < seq_lengths.unsqueeze(1)
@@ -35,8 +58,8 @@ class RefScenarioAttention(nn.Module):
     global_query.weight [d, D], global_key.weight [d, D], value.weight [D, D] (the shared V_g),
     local_query.weight [M, D, d], local_key.weight [M, D, d] (per-scenario projections, no bias).
 
-    forward(target_g [B, D], target_s [B, D], seq_g [B, L, D], seq_s [B, L, D], seq_lengths [B], scenario [B])
-      -> (global_out [B, D], local_out [B, D]) with
+    forward(target_g [B, D], target_s [B, D], seq_g [B, L, D], seq_s [B, L, D], seq_lengths [B] integer in [0, L]
+    (else ValueError), scenario [B]) -> (global_out [B, D], local_out [B, D]) with
       global: w_g = masked_softmax((S_g Wk)(t_g Wq)^T / sqrt(d)),  global_out = sum_l w_g[l] V_g s_g[l]
       local:  w_l = masked_softmax((S_s Wk_s)(t_s Wq_s)^T / sqrt(d)), local_out = sum_l w_l[l] V_g s_g[l]
     """
@@ -44,7 +67,8 @@ class RefScenarioAttention(nn.Module):
     def __init__(self, embedding_dim: int, attention_dim: int, num_scenarios: int, *, device=None, dtype=None):
         super().__init__()
         fk = dict(device=device, dtype=dtype)
-        D, d, M = embedding_dim, attention_dim, num_scenarios
+        D, d, M = (size_arg(type(self).__name__, n, v) for n, v in (
+            ("embedding_dim", embedding_dim), ("attention_dim", attention_dim), ("num_scenarios", num_scenarios)))
         self.embedding_dim, self.attention_dim, self.num_scenarios = D, d, M
         self.global_query = nn.Linear(D, d, bias=False, **fk)
         self.global_key = nn.Linear(D, d, bias=False, **fk)
@@ -58,6 +82,7 @@ class RefScenarioAttention(nn.Module):
 
     def forward(self, target_g, target_s, seq_g, seq_s, seq_lengths, scenario):
         B, L, D = seq_g.shape
+        check_seq_lengths(type(self).__name__, seq_lengths, B, L)
         scale = 1.0 / math.sqrt(self.attention_dim)
         mask = sequence_mask(seq_lengths, L)
         values = self.value(seq_g)                                              # [B, L, D]
@@ -65,6 +90,6 @@ class RefScenarioAttention(nn.Module):
         k_g = self.global_key(seq_g)                                            # [B, L, d]
         w_g = masked_attention((k_g * q_g.unsqueeze(1)).sum(-1) * scale, mask)
         q_l = self.local_query(target_s, scenario)                              # [B, d]
-        k_l = self.local_key(seq_s.reshape(B * L, D), scenario.repeat_interleave(L)).reshape(B, L, -1)
+        k_l = self.local_key(seq_s.reshape(B * L, D), scenario.repeat_interleave(L)).reshape(B, L, self.attention_dim)
         w_l = masked_attention((k_l * q_l.unsqueeze(1)).sum(-1) * scale, mask)
         return (w_g.unsqueeze(-1) * values).sum(1), (w_l.unsqueeze(-1) * values).sum(1)

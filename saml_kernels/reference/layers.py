@@ -6,6 +6,7 @@ between them unchanged. They are the building blocks of :class:`saml_kernels.ref
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -17,6 +18,26 @@ from .scenario_embedding_bag import scenario_embedding_bag_reference
 _ACT = {None: lambda z: z, "none": lambda z: z, "relu": torch.relu,
         "leaky_relu": lambda z: nn.functional.leaky_relu(z, 0.01), "gelu": nn.functional.gelu,
         "silu": nn.functional.silu}
+
+
+def size_arg(who: str, name: str, value, minimum: int = 1) -> int:
+    """``value`` as a Python int >= ``minimum``, for a size argument (features, branches, hidden widths ...).
+
+    Any integral value is accepted (``operator.index``: int, numpy integers, 0-dim integer tensors); bool is
+    rejected (``True`` is not a size). Raises TypeError for a non-integral value and ValueError below ``minimum``,
+    both naming ``who``, the argument and the value."""
+    is_bool = isinstance(value, bool) or type(value).__name__ == "bool_" or (
+        isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+    try:
+        if is_bool:
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{who}: {name} must be an integer >= {minimum}, got {value!r} "
+                        f"({type(value).__name__})") from None
+    if v < minimum:
+        raise ValueError(f"{who}: {name} must be an integer >= {minimum}, got {value!r}")
+    return v
 
 
 def feature_layout(features: Sequence, num_scenarios: int) -> tuple[list, list]:
@@ -86,7 +107,10 @@ class RefMultiBranchLinear(nn.Module):
                  *, device=None, dtype=None):
         super().__init__()
         fk = dict(device=device, dtype=dtype)
-        M, K, N, Ka = num_branches, in_features, out_features, aux_features
+        who = type(self).__name__
+        K, N, M = (size_arg(who, n, v) for n, v in (("in_features", in_features), ("out_features", out_features),
+                                                    ("num_branches", num_branches)))
+        Ka = size_arg(who, "aux_features", aux_features, minimum=0)
         self.in_features, self.out_features, self.num_branches, self.aux_features = K, N, M, Ka
         self.activation, self.route, self.grad_mask = activation, route, grad_mask
         self.weight = nn.Parameter(torch.empty(M, K, N, **fk))
