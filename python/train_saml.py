@@ -8,8 +8,9 @@
 Steps: build data (held-out split, or --val-path), train SAML (accelerated layers, ``saml_kernels.nn.SAML``) and
 the shared-bottom baseline on the same batches with the same optimizer, evaluate overall and per-scenario AUC
 on the held-out data, time training throughput (samples/s) of SAML and of the plain-PyTorch ``SAMLReference``
-(same weights, same batches, timed alternately), write ``runs/<name>/summary.json`` and ``runs/<name>/report.png``
-and print a table.
+(same weights, same batches, timed alternately), write ``<out>/<name>/summary.json`` and ``<out>/<name>/report.png``
+and print a table. ``--out`` defaults to ``./saml_run`` under the *current* directory (never the package or source
+tree unless asked), so ``make run`` from the repository root writes to ``./saml_run/``.
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--throughput-steps", type=int, default=6, help="timed steps per model for samples/s")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--out", default=str(ROOT / "runs"), help="output folder (a sub-folder per run)")
+    p.add_argument("--out", default="saml_run",
+                   help="output folder, relative to the current directory (a sub-folder per run; default ./saml_run)")
     p.add_argument("--no-progress", action="store_true", help="disable the tqdm bar")
     return p.parse_args(argv)
 
