@@ -279,12 +279,16 @@ def _num_aware(aware_slot: torch.Tensor) -> int:
     return fs
 
 
-def _ptr(t, dtype=None):
-    """``t`` itself, or (for an absent / empty operand the kernel never dereferences) a 1-element stand-in,
-    because a launcher must be handed a real pointer."""
+def _ptr(t, device, dtype=None):
+    """``t`` itself, or (for an absent / empty operand the kernel never dereferences) a 1-element stand-in on
+    ``device``, because a launcher must be handed a real pointer.
+
+    ``device`` is required (the inputs' device): Triton refuses a CPU tensor in a GPU launch ("Pointer argument
+    cannot be accessed from Triton (cpu tensor?)"), and under the interpreter every tensor is on the CPU, so a
+    stand-in on the wrong device is invisible there (tests/test_triton_launch_devices.py guards it)."""
     if t is not None and t.numel() > 0:
         return t
-    dev = t.device if t is not None else torch.device("cpu")
+    dev = torch.device(device)
     dtype = dtype if dtype is not None else (t.dtype if t is not None else torch.float32)
     key = (dev, dtype)
     if key not in _dummies:
@@ -348,9 +352,9 @@ def forward(indices, offsets, scenario, global_weight, scenario_weight, feature_
     grid = (triton.cdiv(nbags, cfg.block_b), triton.cdiv(D, cfg.block_d))
     with _grid_device(indices):
         _seb_fwd_kernel[grid](
-            indices, offsets, scenario, _ptr(global_weight), _ptr(scenario_weight), feature_rows,
-            feature_scenario_rows, aware_slot, _ptr(per_sample_weights, global_weight.dtype),
-            gout, _ptr(sout), bad,
+            indices, offsets, scenario, _ptr(global_weight, dev), _ptr(scenario_weight, dev), feature_rows,
+            feature_scenario_rows, aware_slot, _ptr(per_sample_weights, dev, global_weight.dtype),
+            gout, _ptr(sout, dev), bad,
             B, F, Fs, D, Rs, M, L, nbags,
             POOL=int(pooling), HAS_PSW=per_sample_weights is not None, HAS_AWARE=Fs > 0, CHECK=bool(check),
             ACC_DTYPE=_acc_dtype(global_weight.dtype), BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d,
@@ -367,6 +371,16 @@ def sorted_segments(keys: torch.Tensor):
     seg = torch.zeros(uniq.numel() + 1, dtype=torch.int64, device=keys.device)
     torch.cumsum(counts, 0, out=seg[1:])
     return uniq, perm, seg
+
+
+def segment_sizes(uniq: torch.Tensor, seg: torch.Tensor, n_global: int, n_rows: int):
+    """(ng, nall, longest) as Python ints, in ONE host read: the number of unique global rows (keys < n_global),
+    of global + scenario rows (keys < n_rows; the rest is the sentinel) and the longest real segment."""
+    counts = seg[1:] - seg[:-1]
+    limit = torch.tensor([n_global, n_rows], dtype=torch.int64, device=uniq.device)
+    longest = torch.where(uniq < limit[1], counts, 0).max().reshape(1) if uniq.numel() else limit[:1] * 0
+    ng, nall, longest = torch.cat([torch.searchsorted(uniq, limit), longest]).tolist()
+    return ng, nall, longest
 
 
 def split_segments(seg: torch.Tensor, piece: int):
@@ -424,26 +438,22 @@ def backward_rows(grad_global, grad_scenario, indices, offsets, scenario, global
     with _grid_device(indices):
         _seb_bwd_keys_kernel[(triton.cdiv(nbags, cfg.block_b),)](
             indices, offsets, scenario, feature_rows, feature_scenario_rows, aware_slot,
-            _ptr(per_sample_weights, global_weight.dtype), _ptr(global_weight), _ptr(scenario_weight),
-            _ptr(grad_global), _ptr(grad_scenario, scenario_weight.dtype), keys, src, scale,
-            _ptr(gpsw, global_weight.dtype),
+            _ptr(per_sample_weights, dev, global_weight.dtype), _ptr(global_weight, dev),
+            _ptr(scenario_weight, dev), _ptr(grad_global, dev), _ptr(grad_scenario, dev, scenario_weight.dtype),
+            keys, src, scale, _ptr(gpsw, dev, global_weight.dtype),
             B, F, Fs, D, Rs, M, L, R, nnz, nbags,
             POOL=int(pooling), HAS_PSW=per_sample_weights is not None, HAS_AWARE=Fs > 0, NEED_PSW=need_psw,
             ACC_DTYPE=_acc_dtype(global_weight.dtype), BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         uniq, perm, seg = sorted_segments(keys)
-        counts = seg[1:] - seg[:-1]
-        limit = torch.tensor([R, R + M * Rs], dtype=torch.int64, device=dev)
-        # One host read: [#global rows, #global + #scenario rows (the rest is the sentinel), longest segment].
-        longest = torch.where(uniq < limit[1], counts, 0).max().reshape(1) if uniq.numel() else limit[:1] * 0
-        ng, nall, longest = torch.cat([torch.searchsorted(uniq, limit), longest]).tolist()
+        ng, nall, longest = segment_sizes(uniq, seg, R, R + M * Rs)
         vals = torch.empty(nall, D, dtype=global_weight.dtype, device=dev)
         if nall and D:
             acc_dt = _acc_dtype(global_weight.dtype)
             grid_d = triton.cdiv(D, cfg.block_d)
             kw = dict(HAS_SCALE=has_scale, HAS_AWARE=Fs > 0, ACC_DTYPE=acc_dt, BLOCK_B=cfg.block_b,
                       BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            gg_p, gs_p = _ptr(grad_global), _ptr(grad_scenario, scenario_weight.dtype)
+            gg_p, gs_p = _ptr(grad_global, dev), _ptr(grad_scenario, dev, scenario_weight.dtype)
             if longest <= PIECE:
                 _seb_segment_sum_kernel[(triton.cdiv(nall, cfg.block_b), grid_d)](
                     perm, seg, seg[1:], src, scale, gg_p, gs_p, vals, nall, D, nnz, DIRECT=False, **kw)
