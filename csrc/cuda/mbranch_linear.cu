@@ -1,26 +1,36 @@
 // CUDA kernels of mbranch_linear: mbl_grouped_forward, mbl_all_forward, mbl_grouped_backward
 // (contracts in csrc/registry.cpp; oracle saml_kernels/reference/mbranch_linear.py).
 //
-// GEMM engine: cuBLAS through ATen (at::mm_out / addmm_ / bmm), NOT a hand-written tensor-core kernel.
-// Why: each GEMM here is a plain dense GEMM once rows are grouped (per-scenario contiguous segments, or one
-// GEMM against the packed [K, M*N] weights); cuBLAS(Lt) picks tuned HMMA/HGMMA kernels per shape and arch
-// (wgmma on sm_90 needs sm_90a + TMA pipelines to be competitive), which a hand mma.sync kernel written
-// without a GPU to tune it would not beat. The Triton backend (saml_kernels/triton/mbranch_linear.py) is the
-// fully fused, sync-free grouped GEMM (in-kernel row gather, on-device tile schedule); this backend trades
-// one small host sync for cuBLAS speed:
-//   - grouping: stable at::sort of the scenario ids + at::searchsorted -> perm, seg [M+1] on the device;
-//   - ONE host sync per call: seg (M+1 int64) is copied to the host to size the per-scenario cuBLAS calls
-//     (cuBLAS has no grouped GEMM whose group sizes live in device memory). Not CUDA-graph capturable.
-//   - rows are gathered once (index_select: one pass over x, cheap next to the GEMM), the fused epilogue
-//     kernel adds the bias, applies the activation and scatters rows back to their original order.
-// All-branch forward with a shared x: one GEMM x @ Wp, Wp [K, M*N] the packed weights (one copy of W), whose
-// [B, M*N] output is the contract's [M, B, N] view (strides (N, M*N, 1)); epilogue in place. Per-branch x: bmm.
-// The aux operand is a second GEMM accumulated into the same output (addmm_, beta = 1): the concat [x ; aux]
-// is never built. For float16/bfloat16 cuBLAS accumulates in float32 but the x@W partial is rounded to the
-// input dtype before the aux GEMM adds to it (one extra rounding when aux is given; float32 is exact).
-// Backward (deterministic, no atomics): dz rows gathered by perm; dW_m = X_m^T dZ_m and dWa_m by one cuBLAS GEMM
-// per scenario segment (each output owned by one GEMM), db_m = column sums per segment (at::sum_out), dx_sorted
-// = dZ_m W_m^T per segment, scattered back with index_copy_ (perm is a permutation: no collisions).
+// No host sync, CUDA-graph capturable (default engine). Rows are grouped by scenario on the device (stable
+// at::sort + at::searchsorted -> perm [B], seg [M+1]); the GEMMs are the tiled engine of mbranch_common.cuh, whose
+// tile schedule is computed by each CTA from the device-side seg, so the host never learns the segment sizes:
+//   - grouped forward: grid ceil(B/64) + M row tiles (a bound known without reading data; CTAs without a tile
+//     exit), each CTA gathers its rows through perm while loading the A tile, accumulates x W_m and aux Wa_m in
+//     float32 (float64 for double), adds the bias, applies the activation and scatters the rows back to their
+//     original order: one kernel, no gathered copies of x, one rounding of z;
+//   - grouped backward: dx/daux by the same kernel against W^T (strides swapped); dW_m = X_m^T dZ_m (and dWa_m,
+//     db_m) by a grid over (K tile, N tile, m) that reads its scenario's row range from seg on the device and loops
+//     over those rows in order: deterministic, no atomics, zeros for an empty scenario;
+//   - all-route forward: float16/bfloat16 run the same engine on a dense schedule (tensor cores, float32
+//     accumulation of x W + aux Wa + bias, ONE rounding). float32/float64 keep cuBLAS (one GEMM x @ Wp against the
+//     packed [K, M*N] weights, no sync either; float32 exact unless torch allows TF32 for cuBLAS, float64 exact)
+//     and a fused bias/activation epilogue.
+// Why not at::_grouped_mm: it needs torch >= 2.8 and sm_90 with bf16 only, while the package must build with
+// torch >= 2.6 and serve every dtype (float32 exact, float64): a general sync-free kernel is needed anyway.
+// Why a hand-written kernel and not cuBLAS per scenario: cuBLAS has no grouped GEMM whose group sizes live in
+// device memory, so sizing per-scenario calls costs one host sync per call (seg to the host).
+//
+// Precision note (the reported bfloat16 leaky_relu mismatch of the all route): the former path computed
+// x @ Wp in bfloat16 (cuBLAS rounds its output to bf16, and may also use reduced-precision split-K reductions),
+// added aux @ Wap to that rounded partial and the bias to the rounded sum: up to three bf16 roundings of O(1)
+// partials (~4e-3 each) before the activation. For z within that distance of 0 the sign of z could differ from
+// the float32-accumulated z of the contract, and relu/leaky_relu' jumps there (1 vs 0.01): an O(1) error in dz
+// and so in dW/dx, far outside any rounding tolerance. With one rounding after float32 accumulation the sign of y
+// is the sign of the float32 z (wrong only for |z| ~ 1e-7 |partials|).
+//
+// SAML_CUDA_GROUPED=cublas restores the former grouped path (per-scenario cuBLAS GEMMs sized by ONE host sync
+// per call, index_select gathers, not capturable) and the cuBLAS all route for every dtype: for benchmarking only.
+// SAML_CUDA_GROUPED=simt runs the tiled engine with FMA tiles for every dtype and route (a debugging aid).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -37,12 +47,181 @@ namespace {
 
 using at::Tensor;
 using saml_cuda::activate;
+namespace gemm = saml_cuda::gemm;
 
 constexpr int kThreads = 256;
 
 inline int64_t blocks_for(int64_t n) {
   int64_t b = (n + kThreads - 1) / kThreads;
   return std::max<int64_t>(1, std::min<int64_t>(b, 65535 * 8));
+}
+
+void check_common(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                  const c10::optional<Tensor>& aux, const c10::optional<Tensor>& aux_weight, const char* op) {
+  TORCH_CHECK(x.is_cuda() && weight.is_cuda(), op, ": x and weight must be CUDA tensors");
+  TORCH_CHECK(weight.dim() == 3, op, ": weight must be [M, K, N], got ", weight.sizes());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": x and weight dtypes differ");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == weight.size(0) && bias->size(1) == weight.size(2), op,
+                ": bias must be [M, N], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), op, ": bias dtype differs from weight");
+  }
+  TORCH_CHECK(aux.has_value() == aux_weight.has_value(), op, ": aux and aux_weight go together");
+  if (aux.has_value()) {
+    TORCH_CHECK(aux->dim() == 2 && aux_weight->dim() == 3 && aux_weight->size(0) == weight.size(0) &&
+                    aux_weight->size(1) == aux->size(1) && aux_weight->size(2) == weight.size(2),
+                op, ": aux [B, Ka] / aux_weight [M, Ka, N] mismatch: ", aux->sizes(), " / ", aux_weight->sizes());
+    TORCH_CHECK(aux->scalar_type() == x.scalar_type() && aux_weight->scalar_type() == x.scalar_type(), op,
+                ": aux / aux_weight dtypes differ from x");
+  }
+}
+
+// A (rows, [B, K] shared or [M, B, K] per branch) times W [M, K, N], or W^T (wt: the product's K is W's N).
+template <typename T>
+gemm::RowOperand<T> row_operand(const Tensor& a, const Tensor& w, bool wt) {
+  return {a.data_ptr<T>(), a.dim() == 3 ? a.stride(0) : 0, a.stride(-2), a.stride(-1), w.data_ptr<T>(), w.stride(0),
+          wt ? w.stride(2) : w.stride(1), wt ? w.stride(1) : w.stride(2), wt ? w.size(2) : w.size(1)};
+}
+
+template <typename T>
+const T* ptr_or_null(const c10::optional<Tensor>& t) { return t.has_value() ? t->data_ptr<T>() : nullptr; }
+
+// ------------------------------------------------------------------------------------- tiled engine (default)
+
+std::tuple<Tensor, Tensor> grouped_forward_tiled(const Tensor& x, const Tensor& weight,
+                                                 const c10::optional<Tensor>& bias, const c10::optional<Tensor>& aux,
+                                                 const c10::optional<Tensor>& aux_weight, const Tensor& scenario,
+                                                 int64_t activation, gemm::Engine engine) {
+  const int64_t B = x.size(0), M = weight.size(0), N = weight.size(2);
+  const bool keep_z = saml_cuda::needs_preactivation(activation);
+  auto y = at::empty({B, N}, x.options());
+  auto z = keep_z ? at::empty({B, N}, x.options()) : at::empty({0}, x.options());
+  if (B == 0 || N == 0) return {y, z};
+  gemm::check_grid(N, M, "mbl_grouped_forward");
+  Tensor perm, ssorted, seg;
+  std::tie(perm, ssorted, seg) = saml_cuda::sort_by_scenario(scenario, M);
+  const bool tc = gemm::use_tensor_cores(x.scalar_type(), engine);
+  SAML_DISPATCH_FLOATING(x.scalar_type(), "mbl_grouped_forward_cuda", [&] {
+    gemm::RowGemmArgs<scalar_t, scalar_t> p{};
+    p.op[0] = row_operand<scalar_t>(x, weight, false);
+    p.nops = 1;
+    if (aux.has_value()) p.op[p.nops++] = row_operand<scalar_t>(*aux, *aux_weight, false);
+    p.seg = seg.data_ptr<int64_t>();
+    p.perm = perm.data_ptr<int64_t>();
+    p.rows = B;
+    p.M = static_cast<int>(M);
+    p.N = N;
+    p.bias = ptr_or_null<scalar_t>(bias);
+    p.sbm = bias.has_value() ? bias->stride(0) : 0;
+    p.sbn = bias.has_value() ? bias->stride(1) : 0;
+    p.y = y.data_ptr<scalar_t>();
+    p.z = keep_z ? z.data_ptr<scalar_t>() : nullptr;
+    p.som = 0;
+    p.sor = N;
+    p.son = 1;
+    p.act = static_cast<int>(activation);
+    const dim3 grid(static_cast<unsigned>(gemm::grouped_tiles(B, M, gemm::kBM)), gemm::cdiv(N, gemm::kBN));
+    gemm::launch_row_gemm(p, grid, tc, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, z};
+}
+
+// Contiguous buffers [B, M*N] (shared x: the contract's [M, B, N] view) or [M, B, N] (per-branch x).
+std::tuple<Tensor, Tensor> all_forward_tiled(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                             const c10::optional<Tensor>& aux,
+                                             const c10::optional<Tensor>& aux_weight, int64_t activation,
+                                             gemm::Engine engine) {
+  const bool shared = x.dim() == 2;
+  const int64_t M = weight.size(0), N = weight.size(2), B = x.size(-2);
+  const bool keep_z = saml_cuda::needs_preactivation(activation);
+  auto shape = shared ? std::vector<int64_t>{B, M * N} : std::vector<int64_t>{M, B, N};
+  auto y = at::empty(shape, x.options());
+  auto z = keep_z ? at::empty(shape, x.options()) : at::empty({0}, x.options());
+  if (y.numel() > 0) {
+    gemm::check_grid(N, M, "mbl_all_forward");
+    const bool tc = gemm::use_tensor_cores(x.scalar_type(), engine);
+    SAML_DISPATCH_FLOATING(x.scalar_type(), "mbl_all_forward_cuda", [&] {
+      gemm::RowGemmArgs<scalar_t, scalar_t> p{};
+      p.op[0] = row_operand<scalar_t>(x, weight, false);
+      p.nops = 1;
+      if (aux.has_value()) p.op[p.nops++] = row_operand<scalar_t>(*aux, *aux_weight, false);
+      p.seg = nullptr;
+      p.perm = nullptr;
+      p.rows = B;
+      p.M = static_cast<int>(M);
+      p.N = N;
+      p.bias = ptr_or_null<scalar_t>(bias);
+      p.sbm = bias.has_value() ? bias->stride(0) : 0;
+      p.sbn = bias.has_value() ? bias->stride(1) : 0;
+      p.y = y.data_ptr<scalar_t>();
+      p.z = keep_z ? z.data_ptr<scalar_t>() : nullptr;
+      p.som = shared ? N : B * N;
+      p.sor = shared ? M * N : N;
+      p.son = 1;
+      p.act = static_cast<int>(activation);
+      const dim3 grid(gemm::cdiv(B, gemm::kBM), gemm::cdiv(N, gemm::kBN), static_cast<unsigned>(M));
+      gemm::launch_row_gemm(p, grid, tc, at::cuda::getCurrentCUDAStream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  auto as_mbn = [&](const Tensor& t) { return shared ? t.view({B, M, N}).permute({1, 0, 2}) : t; };
+  return {as_mbn(y), keep_z ? as_mbn(z) : z};
+}
+
+void grouped_backward_tiled(const Tensor& dz, const Tensor& x, const Tensor& weight,
+                            const c10::optional<Tensor>& aux, const c10::optional<Tensor>& aux_weight,
+                            const Tensor& scenario, Tensor& dx, Tensor& dw, Tensor& db, Tensor& daux, Tensor& dwa,
+                            gemm::Engine engine) {
+  const int64_t B = x.size(0), M = weight.size(0), K = weight.size(1), N = weight.size(2);
+  gemm::check_grid(std::max<int64_t>({N, K, aux.has_value() ? aux->size(1) : 0}), M, "mbl_grouped_backward");
+  Tensor perm, ssorted, seg;
+  std::tie(perm, ssorted, seg) = saml_cuda::sort_by_scenario(scenario, M);
+  const bool tc = gemm::use_tensor_cores(x.scalar_type(), engine);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  SAML_DISPATCH_FLOATING(x.scalar_type(), "mbl_grouped_backward_cuda", [&] {
+    using T = scalar_t;
+    // dx[b] = dz[b] @ W[s_b]^T (and daux with Wa): the grouped row GEMM, rows scattered back by perm.
+    auto input_grad = [&](Tensor& out, const Tensor& w) {
+      if (out.numel() == 0) return;
+      gemm::RowGemmArgs<T, T> p{};
+      p.op[0] = row_operand<T>(dz, w, /*wt=*/true);
+      p.nops = 1;
+      p.seg = seg.data_ptr<int64_t>();
+      p.perm = perm.data_ptr<int64_t>();
+      p.rows = B;
+      p.M = static_cast<int>(M);
+      p.N = out.size(1);
+      p.y = out.data_ptr<T>();
+      p.sor = out.size(1);
+      p.son = 1;
+      const dim3 grid(static_cast<unsigned>(gemm::grouped_tiles(B, M, gemm::kBM)), gemm::cdiv(p.N, gemm::kBN));
+      gemm::launch_row_gemm(p, grid, tc, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    input_grad(dx, weight);
+    if (aux.has_value()) input_grad(daux, *aux_weight);
+    // dW_m = X_m^T dZ_m with db_m alongside; dWa_m = Aux_m^T dZ_m.
+    auto weight_grad = [&](const Tensor& a, Tensor& w_out, Tensor* b_out) {
+      const bool want_w = w_out.numel() > 0, want_b = b_out != nullptr && b_out->numel() > 0;
+      if (!want_w && !want_b) return;
+      gemm::WgradArgs<T> p{a.data_ptr<T>(), a.stride(0), a.stride(1), a.size(1), dz.data_ptr<T>(), dz.stride(0),
+                           dz.stride(1), N, seg.data_ptr<int64_t>(), perm.data_ptr<int64_t>(),
+                           want_w ? w_out.data_ptr<T>() : nullptr, want_b ? b_out->data_ptr<T>() : nullptr};
+      gemm::launch_wgrad(p, M, tc, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    weight_grad(x, dw, &db);
+    if (aux.has_value()) weight_grad(*aux, dwa, nullptr);
+  });
+}
+
+// ------------------------------------------------------------------------------------- cuBLAS (benchmarking)
+
+std::vector<int64_t> host_segments(const Tensor& seg) {
+  auto h = seg.to(at::kCPU);  // SAML_CUDA_GROUPED=cublas only: the one host sync of that path (M+1 integers)
+  auto p = h.data_ptr<int64_t>();
+  return std::vector<int64_t>(p, p + h.numel());
 }
 
 // y[perm[i], n] = act(zs[i, n] + bias[s_i, n]); z likewise without act (when z != nullptr).
@@ -87,42 +266,44 @@ __global__ void all_epilogue_kernel(scalar_t* __restrict__ zbuf, const scalar_t*
   }
 }
 
-void check_common(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
-                  const c10::optional<Tensor>& aux, const c10::optional<Tensor>& aux_weight, const char* op) {
-  TORCH_CHECK(x.is_cuda() && weight.is_cuda(), op, ": x and weight must be CUDA tensors");
-  TORCH_CHECK(weight.dim() == 3, op, ": weight must be [M, K, N], got ", weight.sizes());
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": x and weight dtypes differ");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == weight.size(0) && bias->size(1) == weight.size(2), op,
-                ": bias must be [M, N], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), op, ": bias dtype differs from weight");
-  }
-  TORCH_CHECK(aux.has_value() == aux_weight.has_value(), op, ": aux and aux_weight go together");
-  if (aux.has_value()) {
-    TORCH_CHECK(aux->dim() == 2 && aux_weight->dim() == 3 && aux_weight->size(0) == weight.size(0) &&
-                    aux_weight->size(1) == aux->size(1) && aux_weight->size(2) == weight.size(2),
-                op, ": aux [B, Ka] / aux_weight [M, Ka, N] mismatch: ", aux->sizes(), " / ", aux_weight->sizes());
-    TORCH_CHECK(aux->scalar_type() == x.scalar_type() && aux_weight->scalar_type() == x.scalar_type(), op,
-                ": aux / aux_weight dtypes differ from x");
-  }
-}
-
 // Packed weights Wp [K, M*N], Wp[k, m*N + n] = W[m, k, n] (one copy).
 Tensor packed(const Tensor& w) { return w.permute({1, 0, 2}).reshape({w.size(1), w.size(0) * w.size(2)}).contiguous(); }
 
-std::vector<int64_t> host_segments(const Tensor& seg) {
-  auto h = seg.to(at::kCPU);  // the one host sync of this backend (M+1 integers)
-  auto p = h.data_ptr<int64_t>();
-  return std::vector<int64_t>(p, p + h.numel());
+// cuBLAS all route: float32/float64 by default; every dtype with SAML_CUDA_GROUPED=cublas (float16/bfloat16 then
+// round the x @ Wp partial before the aux GEMM and the bias are added: the former behaviour, see the top).
+std::tuple<Tensor, Tensor> all_forward_cublas(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                              const c10::optional<Tensor>& aux,
+                                              const c10::optional<Tensor>& aux_weight, int64_t activation) {
+  const bool shared = x.dim() == 2;
+  const int64_t M = weight.size(0), N = weight.size(2), B = x.size(-2);
+  const bool keep_z = saml_cuda::needs_preactivation(activation);
+  Tensor zbuf, z2;
+  if (shared) {
+    zbuf = at::mm(x, packed(weight));                                    // [B, M*N]
+    if (aux.has_value()) zbuf.addmm_(*aux, packed(*aux_weight));
+  } else {
+    zbuf = at::bmm(x, weight).contiguous();                              // [M, B, N]
+    if (aux.has_value()) z2 = at::mm(*aux, packed(*aux_weight)).contiguous();  // [B, M*N]
+  }
+  auto y = at::empty_like(zbuf, at::MemoryFormat::Contiguous);
+  if (zbuf.numel() > 0) {
+    auto stream = at::cuda::getCurrentCUDAStream();
+    SAML_DISPATCH_FLOATING(x.scalar_type(), "mbl_all_forward_cuda", [&] {
+      all_epilogue_kernel<scalar_t><<<blocks_for(zbuf.numel()), kThreads, 0, stream>>>(
+          zbuf.data_ptr<scalar_t>(), z2.defined() ? z2.data_ptr<scalar_t>() : nullptr, ptr_or_null<scalar_t>(bias),
+          bias.has_value() ? bias->stride(0) : 0, bias.has_value() ? bias->stride(1) : 0, y.data_ptr<scalar_t>(), M,
+          B, N, /*branch_major=*/!shared, keep_z, static_cast<int>(activation));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  auto as_mbn = [&](const Tensor& t) { return shared ? t.view({B, M, N}).permute({1, 0, 2}) : t.view({M, B, N}); };
+  return {as_mbn(y), keep_z ? as_mbn(zbuf) : at::empty({0}, x.options())};
 }
 
-std::tuple<Tensor, Tensor> grouped_forward(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
-                                           const c10::optional<Tensor>& aux,
-                                           const c10::optional<Tensor>& aux_weight, const Tensor& scenario,
-                                           int64_t activation) {
-  check_common(x, weight, bias, aux, aux_weight, "mbl_grouped_forward");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == weight.size(1), "mbl_grouped_forward: x must be [B, K]");
-  const c10::cuda::CUDAGuard guard(x.device());
+std::tuple<Tensor, Tensor> grouped_forward_cublas(const Tensor& x, const Tensor& weight,
+                                                  const c10::optional<Tensor>& bias, const c10::optional<Tensor>& aux,
+                                                  const c10::optional<Tensor>& aux_weight, const Tensor& scenario,
+                                                  int64_t activation) {
   const int64_t B = x.size(0), M = weight.size(0), N = weight.size(2);
   const bool keep_z = saml_cuda::needs_preactivation(activation);
   auto y = at::empty({B, N}, x.options());
@@ -145,74 +326,20 @@ std::tuple<Tensor, Tensor> grouped_forward(const Tensor& x, const Tensor& weight
   auto stream = at::cuda::getCurrentCUDAStream();
   SAML_DISPATCH_FLOATING(x.scalar_type(), "mbl_grouped_forward_cuda", [&] {
     grouped_epilogue_kernel<scalar_t><<<blocks_for(B * N), kThreads, 0, stream>>>(
-        zs.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(), ssorted.data_ptr<int64_t>(),
-        bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, bias.has_value() ? bias->stride(0) : 0,
-        bias.has_value() ? bias->stride(1) : 0, y.data_ptr<scalar_t>(), keep_z ? z.data_ptr<scalar_t>() : nullptr,
-        B, N, static_cast<int>(activation));
+        zs.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(), ssorted.data_ptr<int64_t>(), ptr_or_null<scalar_t>(bias),
+        bias.has_value() ? bias->stride(0) : 0, bias.has_value() ? bias->stride(1) : 0, y.data_ptr<scalar_t>(),
+        keep_z ? z.data_ptr<scalar_t>() : nullptr, B, N, static_cast<int>(activation));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, z};
 }
 
-std::tuple<Tensor, Tensor> all_forward(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
-                                       const c10::optional<Tensor>& aux, const c10::optional<Tensor>& aux_weight,
-                                       int64_t activation) {
-  check_common(x, weight, bias, aux, aux_weight, "mbl_all_forward");
-  const bool shared = x.dim() == 2;
-  TORCH_CHECK(shared || (x.dim() == 3 && x.size(0) == weight.size(0)), "mbl_all_forward: x must be [B,K] or [M,B,K]");
-  TORCH_CHECK(x.size(-1) == weight.size(1), "mbl_all_forward: x's last dim must be K = ", weight.size(1));
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t M = weight.size(0), K = weight.size(1), N = weight.size(2), B = x.size(-2);
-  const bool keep_z = saml_cuda::needs_preactivation(activation);
-  Tensor zbuf, z2;
-  if (shared) {
-    zbuf = at::mm(x, packed(weight));                                    // [B, M*N]
-    if (aux.has_value()) zbuf.addmm_(*aux, packed(*aux_weight));
-  } else {
-    zbuf = at::bmm(x, weight).contiguous();                              // [M, B, N]
-    if (aux.has_value()) z2 = at::mm(*aux, packed(*aux_weight)).contiguous();  // [B, M*N]
-  }
-  (void)K;
-  auto y = at::empty_like(zbuf, at::MemoryFormat::Contiguous);
-  if (zbuf.numel() > 0) {
-    auto stream = at::cuda::getCurrentCUDAStream();
-    SAML_DISPATCH_FLOATING(x.scalar_type(), "mbl_all_forward_cuda", [&] {
-      all_epilogue_kernel<scalar_t><<<blocks_for(zbuf.numel()), kThreads, 0, stream>>>(
-          zbuf.data_ptr<scalar_t>(), z2.defined() ? z2.data_ptr<scalar_t>() : nullptr,
-          bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, bias.has_value() ? bias->stride(0) : 0,
-          bias.has_value() ? bias->stride(1) : 0, y.data_ptr<scalar_t>(), M, B, N, /*branch_major=*/!shared,
-          keep_z, static_cast<int>(activation));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  auto as_mbn = [&](const Tensor& t) { return shared ? t.view({B, M, N}).permute({1, 0, 2}) : t.view({M, B, N}); };
-  return {as_mbn(y), keep_z ? as_mbn(zbuf) : at::empty({0}, x.options())};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grouped_backward(
-    const Tensor& dz, const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& aux,
-    const c10::optional<Tensor>& aux_weight, const Tensor& scenario, bool need_dx, bool need_dweight,
-    bool need_dbias, bool need_daux, bool need_daux_weight) {
-  check_common(x, weight, c10::nullopt, aux, aux_weight, "mbl_grouped_backward");
-  TORCH_CHECK(dz.dim() == 2 && dz.size(0) == x.size(0) && dz.size(1) == weight.size(2),
-              "mbl_grouped_backward: dz must be [B, N]");
-  TORCH_CHECK(dz.scalar_type() == x.scalar_type(), "mbl_grouped_backward: dz dtype differs from x");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), M = weight.size(0), K = weight.size(1), N = weight.size(2);
-  need_daux = need_daux && aux.has_value();
-  need_daux_weight = need_daux_weight && aux.has_value();
-  // Outputs not asked for are distinct empty tensors (custom ops forbid aliased outputs).
-  auto empty = [&] { return at::empty({0}, dz.options()); };
-  Tensor dx = need_dx ? at::empty({B, K}, x.options()) : empty();
-  Tensor dw = need_dweight ? at::empty({M, K, N}, weight.options()) : empty();
-  Tensor db = need_dbias ? at::empty({M, N}, weight.options()) : empty();
-  Tensor daux = need_daux ? at::empty({B, aux->size(1)}, aux->options()) : empty();
-  Tensor dwa = need_daux_weight ? at::empty(aux_weight->sizes(), aux_weight->options()) : empty();
-  if (B == 0 || N == 0) {
-    for (Tensor* t : {&dx, &dw, &db, &daux, &dwa})
-      if (t->numel() > 0) t->zero_();
-    return {dx, dw, db, daux, dwa};
-  }
+void grouped_backward_cublas(const Tensor& dz, const Tensor& x, const Tensor& weight,
+                             const c10::optional<Tensor>& aux, const c10::optional<Tensor>& aux_weight,
+                             const Tensor& scenario, Tensor& dx, Tensor& dw, Tensor& db, Tensor& daux, Tensor& dwa) {
+  const int64_t B = x.size(0), M = weight.size(0), K = weight.size(1);
+  const bool need_dx = dx.numel() > 0, need_dweight = dw.numel() > 0, need_dbias = db.numel() > 0;
+  const bool need_daux = daux.numel() > 0, need_daux_weight = dwa.numel() > 0;
   Tensor perm, ssorted, seg;
   std::tie(perm, ssorted, seg) = saml_cuda::sort_by_scenario(scenario, M);
   auto segh = host_segments(seg);
@@ -238,6 +365,69 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grouped_backward(
   }
   if (need_dx) dx.index_copy_(0, perm, dxs);
   if (need_daux) daux.index_copy_(0, perm, das);
+}
+
+// ------------------------------------------------------------------------------------- registered ops
+
+std::tuple<Tensor, Tensor> grouped_forward(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                           const c10::optional<Tensor>& aux,
+                                           const c10::optional<Tensor>& aux_weight, const Tensor& scenario,
+                                           int64_t activation) {
+  check_common(x, weight, bias, aux, aux_weight, "mbl_grouped_forward");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == weight.size(1), "mbl_grouped_forward: x must be [B, K]");
+  TORCH_CHECK(scenario.dim() == 1 && scenario.size(0) == x.size(0), "mbl_grouped_forward: scenario must be [B]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto engine = gemm::engine_from_env();
+  if (engine == gemm::Engine::kCublas)
+    return grouped_forward_cublas(x, weight, bias, aux, aux_weight, scenario, activation);
+  return grouped_forward_tiled(x, weight, bias, aux, aux_weight, scenario, activation, engine);
+}
+
+std::tuple<Tensor, Tensor> all_forward(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                       const c10::optional<Tensor>& aux, const c10::optional<Tensor>& aux_weight,
+                                       int64_t activation) {
+  check_common(x, weight, bias, aux, aux_weight, "mbl_all_forward");
+  const bool shared = x.dim() == 2;
+  TORCH_CHECK(shared || (x.dim() == 3 && x.size(0) == weight.size(0)), "mbl_all_forward: x must be [B,K] or [M,B,K]");
+  TORCH_CHECK(x.size(-1) == weight.size(1), "mbl_all_forward: x's last dim must be K = ", weight.size(1));
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto engine = gemm::engine_from_env();
+  const bool tiled = engine == gemm::Engine::kSimt || (engine == gemm::Engine::kAuto && gemm::is_half(x.scalar_type()));
+  if (tiled) return all_forward_tiled(x, weight, bias, aux, aux_weight, activation, engine);
+  return all_forward_cublas(x, weight, bias, aux, aux_weight, activation);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grouped_backward(
+    const Tensor& dz, const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& aux,
+    const c10::optional<Tensor>& aux_weight, const Tensor& scenario, bool need_dx, bool need_dweight,
+    bool need_dbias, bool need_daux, bool need_daux_weight) {
+  check_common(x, weight, c10::nullopt, aux, aux_weight, "mbl_grouped_backward");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == weight.size(1), "mbl_grouped_backward: x must be [B, K]");
+  TORCH_CHECK(dz.dim() == 2 && dz.size(0) == x.size(0) && dz.size(1) == weight.size(2),
+              "mbl_grouped_backward: dz must be [B, N]");
+  TORCH_CHECK(dz.scalar_type() == x.scalar_type(), "mbl_grouped_backward: dz dtype differs from x");
+  TORCH_CHECK(scenario.dim() == 1 && scenario.size(0) == x.size(0), "mbl_grouped_backward: scenario must be [B]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), M = weight.size(0), K = weight.size(1), N = weight.size(2);
+  need_daux = need_daux && aux.has_value();
+  need_daux_weight = need_daux_weight && aux.has_value();
+  // Outputs not asked for are distinct empty tensors (custom ops forbid aliased outputs).
+  auto empty = [&] { return at::empty({0}, dz.options()); };
+  Tensor dx = need_dx ? at::empty({B, K}, x.options()) : empty();
+  Tensor dw = need_dweight ? at::empty({M, K, N}, weight.options()) : empty();
+  Tensor db = need_dbias ? at::empty({M, N}, weight.options()) : empty();
+  Tensor daux = need_daux ? at::empty({B, aux->size(1)}, aux->options()) : empty();
+  Tensor dwa = need_daux_weight ? at::empty(aux_weight->sizes(), aux_weight->options()) : empty();
+  if (B == 0 || N == 0) {
+    for (Tensor* t : {&dx, &dw, &db, &daux, &dwa})
+      if (t->numel() > 0) t->zero_();
+    return {dx, dw, db, daux, dwa};
+  }
+  const auto engine = gemm::engine_from_env();
+  if (engine == gemm::Engine::kCublas)
+    grouped_backward_cublas(dz, x, weight, aux, aux_weight, scenario, dx, dw, db, daux, dwa);
+  else
+    grouped_backward_tiled(dz, x, weight, aux, aux_weight, scenario, dx, dw, db, daux, dwa, engine);
   return {dx, dw, db, daux, dwa};
 }
 

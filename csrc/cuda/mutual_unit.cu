@@ -21,12 +21,20 @@
 // mutual_unit (h in memory, any strides) and mutual_linear (h = act(z + bias) computed on the fly from the
 // GEMM output z).
 //
-// mutual_linear on this backend: the all-branch pre-activation z = x Wp (+ aux Wap) for a chunk of rows comes
-// from ONE cuBLAS GEMM against the packed [K, M*N] weights into a scratch buffer of at most kScratchBytes
-// (rows are processed in chunks), then the row kernel applies bias + activation in registers and mixes. So h
-// itself is never stored, and the scratch is bounded independently of B; the backward recomputes z the same
-// way (one extra GEMM, no M x B x N tensor kept between forward and backward). The Triton backend is the fully
-// fused variant (GEMM tiles mixed in registers, no scratch).
+// mutual_linear on this backend: the all-branch pre-activation z = x W_m (+ aux Wa_m) for a chunk of rows goes
+// into a scratch buffer [rows, M*N] of at most kScratchBytes (rows are processed in chunks), then the row kernel
+// applies bias + activation in registers and mixes. So h itself is never stored, and the scratch is bounded
+// independently of B; the backward recomputes z the same way (one extra GEMM, no M x B x N tensor kept between
+// forward and backward). The Triton backend is the fully fused variant (GEMM tiles mixed in registers).
+//   - float16/bfloat16: z comes from the tiled tensor-core engine of mbranch_common.cuh as FLOAT32 (x W + aux Wa
+//     accumulated in float32, never rounded to 16 bits): the activation and its derivative see the same z as the
+//     float32 contract (a bf16-rounded z can flip the sign of a near-zero z: relu'/leaky_relu' jump there);
+//   - float32/float64: one cuBLAS GEMM against the packed [K, M*N] weights (float32 exact unless torch allows
+//     TF32 for cuBLAS). SAML_CUDA_GROUPED=simt sends these through the engine too, =cublas sends the 16-bit
+//     types through cuBLAS (rounded partials, the former behaviour; benchmarking only).
+// Host syncs: none (no .item(), no host copies, no data-dependent shapes; the chunk count depends on B only), so
+// all four ops can be captured in a CUDA graph. A scenario outside [0, M) (the Python op checks the range unless
+// check_scenario=False) gives a NaN row instead of an out-of-bounds read.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -35,6 +43,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "mbranch_common.cuh"
 #include "saml_common.h"
@@ -59,11 +68,12 @@ struct HSource {
   __device__ __forceinline__ acc_t dact(int, int64_t, int64_t) const { return acc_t(1); }
 };
 
-// h[m, b, n] = act(z[b, m*N + n] + bias[m, n]) from a contiguous GEMM output z [rows, M*N].
-template <typename scalar_t>
+// h[m, b, n] = act(z[b, m*N + n] + bias[m, n]) from a contiguous GEMM output z [rows, M*N] (ZT: float32 for
+// 16-bit scalar_t, else scalar_t; see zt_of).
+template <typename scalar_t, typename ZT>
 struct LinearSource {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* z;
+  const ZT* z;
   const scalar_t* bias;
   int64_t sbm, sbn, MN, N;
   int act;
@@ -118,6 +128,11 @@ __global__ void mutual_fwd_rows(Src src, const int64_t* __restrict__ scen, int64
   const int lane = threadIdx.x & 31;
   const int64_t b = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (b >= B) return;  // the whole warp leaves together; only warp-level sync below
+  if (scen[b] < 0 || scen[b] >= M) {  // unchecked bad scenario: a NaN row, never an out-of-bounds read
+    for (int64_t n = lane; n < N; n += 32) out[b * sob + n * son] = static_cast<scalar_t>(acc_t(NAN));
+    for (int m = lane; m < M; m += 32) attn[b * sab + m * sam] = NAN;
+    return;
+  }
   const int s = static_cast<int>(scen[b]);
   acc_t* r = sm + 2 * M;
   row_scales<acc_t>(src, b, M, N, sim_code, lane, r);
@@ -170,6 +185,10 @@ __global__ void mutual_bwd_rows(Src src, const scalar_t* __restrict__ g, int64_t
   const int lane = threadIdx.x & 31;
   const int64_t b = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (b >= B) return;
+  if (scen[b] < 0 || scen[b] >= M) {  // as in the forward
+    for (int64_t n = lane; n < N; n += 32) d[b * sdb + n * sdn] = static_cast<scalar_t>(acc_t(NAN));
+    return;
+  }
   const int s = static_cast<int>(scen[b]);
   acc_t* r = sm + 4 * M + 2;
   row_scales<acc_t>(src, b, M, N, sim_code, lane, r);
@@ -313,8 +332,16 @@ Tensor mutual_backward(const Tensor& grad_out, const Tensor& h, const Tensor& sc
 
 // ---------------------------------------------------------------------------------------------- mutual_linear
 
+namespace gemm = saml_cuda::gemm;
+
+// Type of the scratch z: float32 for float16/bfloat16 (never rounded to 16 bits), else the input type.
+template <typename scalar_t>
+using zt_of = std::conditional_t<sizeof(scalar_t) == 2, float, scalar_t>;
+
 struct LinearGemm {
-  Tensor wp, wap;  // packed [K, M*N], [Ka, M*N]
+  gemm::Engine engine;
+  bool tiled;      // z from the tiled engine (else cuBLAS against the packed weights)
+  Tensor wp, wap;  // packed [K, M*N], [Ka, M*N] (cuBLAS only)
   int64_t M, N, chunk;
 };
 
@@ -326,6 +353,12 @@ LinearGemm prepare_linear(const Tensor& x, const Tensor& weight, const c10::opti
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": x and weight dtypes differ");
   TORCH_CHECK(scenario.dim() == 1 && scenario.size(0) == x.size(0), op, ": scenario must be [B]");
   TORCH_CHECK(aux.has_value() == aux_weight.has_value(), op, ": aux and aux_weight go together");
+  if (aux.has_value())
+    TORCH_CHECK(aux->dim() == 2 && aux->size(0) == x.size(0) && aux_weight->dim() == 3 &&
+                    aux_weight->size(0) == weight.size(0) && aux_weight->size(1) == aux->size(1) &&
+                    aux_weight->size(2) == weight.size(2) && aux->scalar_type() == x.scalar_type() &&
+                    aux_weight->scalar_type() == x.scalar_type(),
+                op, ": aux [B, Ka] / aux_weight [M, Ka, N] of x's dtype expected");
   TORCH_CHECK(temperature > 0, op, ": temperature must be > 0");
   TORCH_CHECK(similarity == 0 || similarity == 1, op, ": similarity code must be 0 or 1");
   TORCH_CHECK(weight.size(0) <= kMaxBranches, op, ": at most ", kMaxBranches, " branches");
@@ -333,23 +366,66 @@ LinearGemm prepare_linear(const Tensor& x, const Tensor& weight, const c10::opti
     TORCH_CHECK(bias->dim() == 2 && bias->size(0) == weight.size(0) && bias->size(1) == weight.size(2) &&
                     bias->scalar_type() == weight.scalar_type(), op, ": bias must be [M, N] of weight's dtype");
   LinearGemm g;
+  g.engine = gemm::engine_from_env();
+  g.tiled = g.engine == gemm::Engine::kSimt || (g.engine == gemm::Engine::kAuto && gemm::is_half(x.scalar_type()));
   g.M = weight.size(0);
   g.N = weight.size(2);
-  auto pack = [](const Tensor& w) {
-    return w.permute({1, 0, 2}).reshape({w.size(1), w.size(0) * w.size(2)}).contiguous();
-  };
-  g.wp = pack(weight);
-  if (aux.has_value()) g.wap = pack(*aux_weight);
-  const int64_t row_bytes = std::max<int64_t>(1, g.M * g.N * int64_t(x.element_size()));
+  if (g.tiled) {
+    gemm::check_grid(g.N, g.M, op);
+  } else {
+    auto pack = [](const Tensor& w) {
+      return w.permute({1, 0, 2}).reshape({w.size(1), w.size(0) * w.size(2)}).contiguous();
+    };
+    g.wp = pack(weight);
+    if (aux.has_value()) g.wap = pack(*aux_weight);
+  }
+  const int64_t z_size = gemm::is_half(x.scalar_type()) ? 4 : int64_t(x.element_size());  // see zt_of
+  const int64_t row_bytes = std::max<int64_t>(1, g.M * g.N * z_size);
   g.chunk = std::max<int64_t>(256, kScratchBytes / row_bytes);
   return g;
 }
 
-// z [rows, M*N] = x[b0:b0+rows] Wp (+ aux Wap): the pre-activation of every branch without the bias.
-Tensor chunk_gemm(const LinearGemm& g, const Tensor& x, const c10::optional<Tensor>& aux, int64_t b0, int64_t rows) {
-  auto z = at::mm(x.narrow(0, b0, rows), g.wp);
-  if (aux.has_value()) z.addmm_(aux->narrow(0, b0, rows), g.wap);
-  return z.contiguous();
+// z [rows, M*N] (ZT = zt_of<scalar_t>), z[b, m*N + n] = x[b0 + b] W_m + aux[b0 + b] Wa_m: every branch's
+// pre-activation without the bias.
+template <typename scalar_t>
+Tensor chunk_preact(const LinearGemm& g, const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& aux,
+                    const c10::optional<Tensor>& aux_weight, int64_t b0, int64_t rows) {
+  using ZT = zt_of<scalar_t>;
+  const auto zdtype = c10::CppTypeToScalarType<ZT>::value;
+  if (!g.tiled) {
+    auto z = at::mm(x.narrow(0, b0, rows), g.wp);
+    if (aux.has_value()) z.addmm_(aux->narrow(0, b0, rows), g.wap);
+    return z.to(zdtype).contiguous();
+  }
+  auto z = at::empty({rows, g.M * g.N}, x.options().dtype(zdtype));
+  auto operand = [&](const Tensor& a, const Tensor& w) {
+    return gemm::RowOperand<scalar_t>{a.data_ptr<scalar_t>() + b0 * a.stride(0), 0, a.stride(0), a.stride(1),
+                                      w.data_ptr<scalar_t>(), w.stride(0), w.stride(1), w.stride(2), w.size(1)};
+  };
+  gemm::RowGemmArgs<scalar_t, ZT> p{};
+  p.op[0] = operand(x, weight);
+  p.nops = 1;
+  if (aux.has_value()) p.op[p.nops++] = operand(*aux, *aux_weight);
+  p.rows = rows;
+  p.M = static_cast<int>(g.M);
+  p.N = g.N;
+  p.y = static_cast<ZT*>(z.data_ptr());
+  p.som = g.N;
+  p.sor = g.M * g.N;
+  p.son = 1;
+  const dim3 grid(gemm::cdiv(rows, gemm::kBM), gemm::cdiv(g.N, gemm::kBN), static_cast<unsigned>(g.M));
+  gemm::launch_row_gemm(p, grid, gemm::use_tensor_cores(x.scalar_type(), g.engine),
+                        at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return z;
+}
+
+template <typename scalar_t>
+LinearSource<scalar_t, zt_of<scalar_t>> linear_source(const Tensor& z, const c10::optional<Tensor>& bias,
+                                                      const LinearGemm& g, int64_t activation) {
+  return {z.data_ptr<zt_of<scalar_t>>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
+          bias.has_value() ? bias->stride(0) : 0, bias.has_value() ? bias->stride(1) : 0, g.M * g.N, g.N,
+          int(activation)};
 }
 
 std::tuple<Tensor, Tensor> mutual_linear_forward(const Tensor& x, const Tensor& weight,
@@ -367,12 +443,10 @@ std::tuple<Tensor, Tensor> mutual_linear_forward(const Tensor& x, const Tensor& 
   auto stream = at::cuda::getCurrentCUDAStream();
   for (int64_t b0 = 0; b0 < B; b0 += g.chunk) {
     const int64_t rows = std::min(g.chunk, B - b0);
-    auto z = chunk_gemm(g, x, aux, b0, rows);
     SAML_DISPATCH_FLOATING(x.scalar_type(), "mutual_linear_forward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      LinearSource<scalar_t> src{z.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
-                                 bias.has_value() ? bias->stride(0) : 0, bias.has_value() ? bias->stride(1) : 0,
-                                 M * N, N, int(activation)};
+      auto z = chunk_preact<scalar_t>(g, x, weight, aux, aux_weight, b0, rows);
+      auto src = linear_source<scalar_t>(z, bias, g, activation);
       mutual_fwd_rows<scalar_t><<<row_blocks(rows), kWarps * 32, smem_bytes<acc_t>(3 * M), stream>>>(
           src, s.data_ptr<int64_t>() + b0, rows, int(M), N, 1.0 / temperature, int(similarity),
           out.data_ptr<scalar_t>() + b0 * out.stride(0), out.stride(0), out.stride(1),
@@ -401,12 +475,10 @@ Tensor mutual_linear_backward(const Tensor& grad_out, const Tensor& x, const Ten
   auto stream = at::cuda::getCurrentCUDAStream();
   for (int64_t b0 = 0; b0 < B; b0 += g.chunk) {
     const int64_t rows = std::min(g.chunk, B - b0);
-    auto z = chunk_gemm(g, x, aux, b0, rows);
     SAML_DISPATCH_FLOATING(x.scalar_type(), "mutual_linear_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      LinearSource<scalar_t> src{z.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
-                                 bias.has_value() ? bias->stride(0) : 0, bias.has_value() ? bias->stride(1) : 0,
-                                 M * N, N, int(activation)};
+      auto z = chunk_preact<scalar_t>(g, x, weight, aux, aux_weight, b0, rows);
+      auto src = linear_source<scalar_t>(z, bias, g, activation);
       mutual_bwd_rows<scalar_t><<<row_blocks(rows), kWarps * 32, smem_bytes<acc_t>(5 * M + 3), stream>>>(
           src, grad_out.data_ptr<scalar_t>() + b0 * grad_out.stride(0), grad_out.stride(0), grad_out.stride(1),
           s.data_ptr<int64_t>() + b0, attn.data_ptr<float>() + b0 * attn.stride(0), attn.stride(0),
