@@ -34,6 +34,7 @@ class ScenarioAttention(nn.Module):
         embedding_dim: D (target and sequence embeddings, and the output width).
         attention_dim: d of the query/key projections.
         num_scenarios: M (per-scenario local projections).
+        (D, d, M: any integral value >= 1, numpy integers and 0-dim integer tensors included, not bool.)
         backend: forced backend of the routed GEMM (None: context / env / automatic).
         device, dtype: factory arguments.
 

@@ -20,6 +20,8 @@ class MultiBranchLinear(nn.Module):
         bias: learn bias [M, N]. activation: None | "relu" | "leaky_relu" | "gelu" | "silu" (fused).
         route: "own" (y [B, N], each sample through its own branch) | "all" (y [M, B, N]).
         grad_mask: "own" | "params" | "none" (route "all" only; see ``saml_kernels.mbranch_linear``).
+        Sizes (K, N, M >= 1; Ka >= 0) take any integral value (int, numpy integer, 0-dim integer tensor), not
+        bool: anything else raises TypeError / ValueError naming the argument and the value.
 
     Parameters: ``weight [M, K, N]``, ``bias [M, N]``, ``aux_weight [M, Ka, N]``. Each branch is initialised
     like ``nn.Linear(K + Ka, N)`` on the concatenated input: W, Wa and bias ~ U(-1/sqrt(K + Ka), 1/sqrt(K + Ka))

@@ -30,6 +30,8 @@ class MutualUnit(nn.Module):
             one more all-branch GEMM); True keeps them from the forward: ~1.4x faster fwd+bwd on one CPU core,
             M*B*N more memory (measured numbers in saml_kernels/ops/mutual_linear.py).
         backend: force a backend (None = automatic).
+        Sizes (K, N, M >= 1; Ka >= 0) take any integral value (int, numpy integer, 0-dim integer tensor), not
+        bool: anything else raises TypeError / ValueError naming the argument and the value.
 
     Parameters have the names, shapes and initialisation of ``MultiBranchLinear`` (``weight [M, K, N]``,
     ``bias [M, N]``, ``aux_weight [M, Ka, N]``; each branch like ``nn.Linear(K + Ka, N)``), so a state_dict moves
