@@ -127,11 +127,13 @@ def providers_for(P: Problem, mode: str, backends, with_compile: bool, fb_ok: bo
         else:
             gw, sw = gw.detach(), sw.detach()
 
-            def f(be=be, gw=gw, sw=sw):  # the layer's fused path: forward, then the fused update in the backward
+            hp = embedding_optimizer.make_hparams(LR, 0.0, device=gw.device)
+
+            def f(be=be, gw=gw, sw=sw, hp=hp):  # the layer's fused path: forward, then the fused update
                 g, s = saml_kernels.scenario_embedding_bag(P.ids, P.offsets, P.scenario, gw, sw, P.fr, P.fr,
                                                            backend=be)
                 embedding_optimizer.backward_update(be, P.gg, P.gs, P.ids, P.offsets, P.scenario, gw, sw, P.fr_t,
-                                                    P.fsr_t, P.slot, None, 0, 0, None, None, "sgd", LR, 0.0)
+                                                    P.fsr_t, P.slot, None, 0, 0, None, None, "sgd", hp)
         provs[f"ours-{be}"] = f
 
     # eager formulations

@@ -21,13 +21,17 @@ TORCH_LIBRARY(saml_C, m) {
       "Tensor feature_scenario_rows, Tensor aware_slot, Tensor? per_sample_weights, int pooling, "
       "int bag_len, bool need_psw_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Fused optimizer in the backward (FBGEMM style): applies the update to the touched rows in place and
-  // materialises no gradient. optimizer: 1 = SGD (w -= lr * g), 2 = row-wise Adagrad
-  // (state[row] += mean_d(g^2); w -= lr * g / (sqrt(state[row]) + eps)); states are float32 [R] and [M * Rs].
+  // materialises no gradient. optimizer: 1 = SGD, 2 = row-wise Adagrad; with g the row's summed gradient,
+  // g' = g + weight_decay * w, SGD w -= lr * g', Adagrad state[row] += mean_d(g'^2), w -= lr * g' / (sqrt(state[row])
+  // + eps); states are float32 [R] and [M * Rs]. hparams: float64 [4] on the weights' device = [lr, eps,
+  // weight_decay, apply], read by the kernel (apply == 0 skips the whole update: no weight or state changes).
+  // update_global / update_scenario = false leaves that table and its state untouched (a frozen table).
   m.def(
       "seb_backward_update_(Tensor grad_global, Tensor grad_scenario, Tensor indices, Tensor offsets, "
       "Tensor scenario, Tensor(a!) global_weight, Tensor(b!) scenario_weight, Tensor feature_rows, "
       "Tensor feature_scenario_rows, Tensor aware_slot, Tensor? per_sample_weights, int pooling, int bag_len, "
-      "Tensor(c!)? global_state, Tensor(d!)? scenario_state, int optimizer, float lr, float eps) -> ()");
+      "Tensor(c!)? global_state, Tensor(d!)? scenario_state, int optimizer, Tensor hparams, bool update_global, "
+      "bool update_scenario) -> ()");
 
   // ---- mbranch_linear / mutual_unit / mutual_linear (saml_kernels/ops/mbranch_linear.py, mutual_*.py) ----
   // activation codes: 0 none, 1 relu, 2 leaky_relu (slope 0.01), 3 gelu (exact, erf), 4 silu.

@@ -23,8 +23,9 @@ _warned: set = set()
 _OP_BACKENDS: dict[str, tuple[str, ...]] = {}
 
 
-class BackendUnavailableError(RuntimeError):
-    """A backend was asked for explicitly but cannot serve this op on this device."""
+class BackendUnavailableError(RuntimeError, ValueError):
+    """A backend name is unknown, or a backend was asked for explicitly but cannot serve this op on this device.
+    (Also a ValueError, so code that caught the unknown-name ValueError of earlier versions still does.)"""
 
 
 def register_op(op: str, backends: tuple[str, ...]) -> None:
@@ -90,10 +91,14 @@ def available_backends(device_type: str, op: str | None = None) -> list[str]:
     return [b for b in BACKENDS if why_unavailable(b, device_type, op) is None]
 
 
-def _check_name(name: str, where: str) -> str:
+def check_name(name: str, where: str) -> str:
+    """``name`` if it names a backend, else BackendUnavailableError naming ``where`` and the choices."""
     if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"{where}: unknown backend {name!r}; choose one of {BACKENDS}")
+        raise BackendUnavailableError(f"{where}: unknown backend {name!r}; choose one of {BACKENDS}")
     return name
+
+
+_check_name = check_name
 
 
 @contextlib.contextmanager
@@ -140,6 +145,11 @@ def auto_backend(op: str, device_type: str) -> tuple[str, str]:
             return b, "automatic" + (f" (fallback; {skipped[0][0]} unavailable)" if skipped else "")
         skipped.append((b, reason))
     return "reference", "automatic"
+
+
+def requested(explicit: str | None = None) -> tuple[str | None, str]:
+    """(backend name or None for automatic, where the request came from) without resolving it."""
+    return _requested(explicit)
 
 
 def resolve(op: str, device_type: str, explicit: str | None = None) -> str:

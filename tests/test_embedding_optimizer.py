@@ -52,7 +52,7 @@ def fused(c, backend, pooling, psw, gg, gs, optimizer, lr, eps, gw, sw, gst=None
     fr, fsr, slot, _ = seb.table_layout(c["fr"], c["fsr"], gw.shape[0], sw.shape[1], gw.device)
     pw = None if psw is None else psw.to(gw.dtype).contiguous()
     eo.backward_update(backend, gg, gs, c["indices"], c["offsets"], c["scenario"], gw, sw, fr, fsr, slot, pw,
-                       seb.POOLING[pooling], 0, gst, sst, optimizer, lr, eps)
+                       seb.POOLING[pooling], 0, gst, sst, optimizer, eo.make_hparams(lr, eps, device=gw.device))
 
 
 @pytest.mark.parametrize("device,backend", device_backends(OP))

@@ -134,7 +134,7 @@ def test_global_table_over_2_31_elements(backend):
         old = gw.index_select(0, torch.tensor(touched)).float()
         embedding_optimizer.backward_update(backend, up, torch.zeros(B, 1, D, dtype=torch.float16), indices, offsets,
                                             scen.to(idx_dtype), gw, sw, fr, fsr, slot, None, 0, 0, None, None, "sgd",
-                                            lr, 0.0)
+                                            embedding_optimizer.make_hparams(lr, 0.0))
         g = _row_grads(grow, up)
         new = gw.index_select(0, torch.tensor(touched)).float()
         exp = old - lr * torch.stack([g[r] for r in touched])
@@ -181,7 +181,7 @@ def test_scenario_table_over_2_31_elements(backend):
         old = sflat.index_select(0, torch.tensor(touched)).float().clone()
         embedding_optimizer.backward_update(backend, torch.zeros(B, 1, D, dtype=torch.float16), up, indices, offsets,
                                             scen.to(idx_dtype), gw, sw, fr, fsr, slot, None, 0, 0, None, None, "sgd",
-                                            0.5, 0.0)
+                                            embedding_optimizer.make_hparams(0.5, 0.0))
         g = _row_grads(srow, up)
         new = sflat.index_select(0, torch.tensor(touched)).float()
         torch.testing.assert_close(new, old - 0.5 * torch.stack([g[r] for r in touched]), atol=2e-2, rtol=2e-3)

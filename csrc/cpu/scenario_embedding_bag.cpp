@@ -712,25 +712,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> seb_backw
   return {grows, gvals, srows, svals, gpsw};
 }
 
-// Fused optimizer: the reduced gradient of each unique row is applied in place and never stored.
-//   SGD (1):              w -= lr * g
-//   row-wise Adagrad (2): state[row] += mean_d(g^2);  w -= lr * g / (sqrt(state[row]) + eps)
+// Fused optimizer (csrc/registry.cpp: seb_backward_update_; the math in saml_common.h, FusedOptimizer): every unique
+// touched row gets g = its summed gradient, g' = g + wd * w, and the update is applied in place. Frozen tables
+// (update_* false) and skipped steps (hparams[kApply] == 0) leave weights and states untouched.
 void seb_backward_update_cpu(const at::Tensor& grad_global, const at::Tensor& grad_scenario,
                              const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& scenario,
                              const at::Tensor& gw, const at::Tensor& sw, const at::Tensor& fr, const at::Tensor& fsr,
                              const at::Tensor& slot, const c10::optional<at::Tensor>& psw, int64_t pooling,
                              int64_t bag_len, const c10::optional<at::Tensor>& gstate,
-                             const c10::optional<at::Tensor>& sstate, int64_t optimizer, double lr, double eps) {
-  TORCH_CHECK(optimizer == 1 || optimizer == 2, "seb_backward_update_: optimizer must be 1 (SGD) or 2 (row-wise "
-              "Adagrad), got ", optimizer);
+                             const c10::optional<at::Tensor>& sstate, int64_t optimizer, const at::Tensor& hparams,
+                             bool update_global, bool update_scenario) {
+  TORCH_CHECK(optimizer == saml::kFusedSgd || optimizer == saml::kFusedRowwiseAdagrad,
+              "seb_backward_update_: optimizer must be 1 (SGD) or 2 (row-wise Adagrad), got ", optimizer);
   TORCH_CHECK(gw.is_contiguous() && sw.is_contiguous(), "seb_backward_update_: weights must be contiguous (updated "
               "in place)");
+  TORCH_CHECK(hparams.scalar_type() == at::kDouble && hparams.numel() == saml::kNumHparams &&
+                  hparams.is_contiguous() && hparams.device() == gw.device(),
+              "seb_backward_update_: hparams must be a contiguous float64 [4] tensor on the weights' device");
   BwdArgs A = prepare_backward(grad_global, grad_scenario, indices, offsets, scenario, gw, sw, fr, fsr, slot, psw,
                                pooling, bag_len);
   const Layout& L = A.L;
   float* gst = nullptr;
   float* sst = nullptr;
-  if (optimizer == 2) {
+  if (optimizer == saml::kFusedRowwiseAdagrad) {
     TORCH_CHECK(gstate.has_value() && sstate.has_value(), "seb_backward_update_: row-wise Adagrad needs both states");
     TORCH_CHECK(gstate->scalar_type() == at::kFloat && gstate->is_contiguous() && gstate->numel() == gw.size(0),
                 "seb_backward_update_: global_state must be contiguous float32 [R = ", gw.size(0), "]");
@@ -739,6 +743,8 @@ void seb_backward_update_cpu(const at::Tensor& grad_global, const at::Tensor& gr
     gst = gstate->data_ptr<float>();
     sst = sstate->data_ptr<float>();
   }
+  const double* hp = hparams.data_ptr<double>();
+  if (hp[saml::kApply] == 0.0 || !(update_global || update_scenario)) return;
   if (L.F * L.B == 0 || A.indices.numel() == 0) return;
   SAML_DISPATCH_FLOATING(gw.scalar_type(), "seb_backward_update_cpu", [&] {
     using scalar_t_ = scalar_t;
@@ -748,29 +754,36 @@ void seb_backward_update_cpu(const at::Tensor& grad_global, const at::Tensor& gr
       S.nnz = A.indices.numel();
       sort_pairs<index_t>(L, A.indices.data_ptr<index_t>(), A.offsets.data_ptr<index_t>(), S);
       const int64_t D = L.D;
-      const acc_t alr = acc_t(lr), aeps = acc_t(eps);
+      const acc_t alr = acc_t(hp[saml::kLr]), aeps = acc_t(hp[saml::kEps]), wd = acc_t(hp[saml::kWeightDecay]);
       auto apply = [&](scalar_t_* w, float* state, const acc_t* g) {
+        // g' = g + wd * w (read before any write: w[d] is updated only in the last loop)
+        auto gd = [&](int64_t d) { return wd == acc_t(0) ? g[d] : g[d] + wd * acc_t(w[d]); };
+        acc_t mult = alr;
         if (state) {
           acc_t sq = 0;
-          for (int64_t d = 0; d < D; ++d) sq += g[d] * g[d];
+          for (int64_t d = 0; d < D; ++d) sq += gd(d) * gd(d);
           const float s = *state + float(sq / acc_t(D));
           *state = s;
-          const acc_t mult = alr / (std::sqrt(acc_t(s)) + aeps);
-          for (int64_t d = 0; d < D; ++d) w[d] = scalar_t_(acc_t(w[d]) - mult * g[d]);
-        } else {
-          for (int64_t d = 0; d < D; ++d) w[d] = scalar_t_(acc_t(w[d]) - alr * g[d]);
+          mult = alr / (std::sqrt(acc_t(s)) + aeps);
         }
+        for (int64_t d = 0; d < D; ++d) w[d] = scalar_t_(acc_t(w[d]) - mult * gd(d));
       };
       scalar_t_* gwp = gw.data_ptr<scalar_t_>();
       scalar_t_* swp = sw.data_ptr<scalar_t_>();
       backward_walk_sorted<scalar_t_, index_t>(
           A, S,
-          [&](int64_t, int64_t, int64_t row, const acc_t* a) { apply(gwp + row * D, gst ? gst + row : nullptr, a); },
-          [&](int64_t, int64_t, int64_t, int64_t row, const acc_t* a) {
-            apply(swp + row * D, sst ? sst + row : nullptr, a);
+          [&](int64_t, int64_t, int64_t row, const acc_t* a) {
+            if (update_global) apply(gwp + row * D, gst ? gst + row : nullptr, a);
           },
-          [&](int64_t row) { prefetch_rw(gwp + row * D, D * int64_t(sizeof(scalar_t_)), gst ? gst + row : nullptr); },
-          [&](int64_t row) { prefetch_rw(swp + row * D, D * int64_t(sizeof(scalar_t_)), sst ? sst + row : nullptr); });
+          [&](int64_t, int64_t, int64_t, int64_t row, const acc_t* a) {
+            if (update_scenario) apply(swp + row * D, sst ? sst + row : nullptr, a);
+          },
+          [&](int64_t row) {
+            if (update_global) prefetch_rw(gwp + row * D, D * int64_t(sizeof(scalar_t_)), gst ? gst + row : nullptr);
+          },
+          [&](int64_t row) {
+            if (update_scenario) prefetch_rw(swp + row * D, D * int64_t(sizeof(scalar_t_)), sst ? sst + row : nullptr);
+          });
     });
   });
 }

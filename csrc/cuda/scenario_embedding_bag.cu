@@ -230,17 +230,25 @@ enum SegMode : int { kWrite = 0, kSgd = 1, kAdagrad = 2 };
 // update the weight row in place (uniq[u] < R: global row, else scenario row uniq[u] - R). Columns are done
 // kChunks * G * VEC at a time; Adagrad with a wider D walks the segment twice (sum of squares first), so no
 // gradient row is ever stored. Each segment is owned by one group: no two threads write one row.
+// The optimizer modes read hp = [lr, eps, weight_decay, apply] (saml_common.h, FusedHparam) from device memory:
+// apply == 0 skips the update, upd_g / upd_s false leave a frozen table (and its state) untouched, and with
+// weight decay the row's gradient is g' = g + wd * w.
 template <typename in_t, typename out_t, int VEC, int MODE>
 __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
     const int64_t* __restrict__ start, const int64_t* __restrict__ end, const int64_t* __restrict__ uniq,
     const int64_t* __restrict__ perm, const int64_t* __restrict__ src,
     const typename Acc<out_t>::type* __restrict__ scale, const in_t* __restrict__ gg, const in_t* __restrict__ gs,
     out_t* __restrict__ out, out_t* __restrict__ gw, out_t* __restrict__ sw, float* __restrict__ gst,
-    float* __restrict__ sst, int64_t U, int64_t D, int64_t nnz, int64_t R, double lr, double eps, int G) {
+    float* __restrict__ sst, int64_t U, int64_t D, int64_t nnz, int64_t R, const double* __restrict__ hp,
+    bool upd_g, bool upd_s, int G) {
   using acc_t = typename Acc<out_t>::type;
   const int lane = threadIdx.x & (G - 1);
   const int64_t u = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / G;
   if (u >= U) return;
+  if constexpr (MODE != kWrite) {
+    if (hp[saml::kApply] == 0.0) return;
+    if (uniq[u] >= R ? !upd_s : !upd_g) return;
+  }
   const unsigned mask = group_mask(G);
   const int64_t e0 = start[u], e1 = end[u];
   const int64_t span = int64_t(kChunks) * G * VEC;
@@ -287,25 +295,35 @@ __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
     const bool is_s = k0 >= R;
     const int64_t row = is_s ? k0 - R : k0;
     out_t* w = (is_s ? sw : gw) + row * D;
-    acc_t mult = acc_t(lr);
+    const acc_t lr = acc_t(hp[saml::kLr]), eps = acc_t(hp[saml::kEps]), wd = acc_t(hp[saml::kWeightDecay]);
+    acc_t mult = lr;
+    // Adagrad with D <= span keeps acc from its sum-of-squares pass, weight decay already folded in.
+    const bool folded = MODE == kAdagrad && D <= span;
     if constexpr (MODE == kAdagrad) {
       acc_t sq = 0;
       for (int64_t base = 0; base < D; base += span) {
         walk(base);
 #pragma unroll
-        for (int c = 0; c < kChunks; ++c)
+        for (int c = 0; c < kChunks; ++c) {
+          const int64_t d = base + (int64_t(c) * G + lane) * VEC;
+          if (wd != acc_t(0) && d < D) {
+            const auto cur = load_vec<out_t, VEC>(w + d);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) acc[c][k] += wd * acc_t(cur.v[k]);
+          }
 #pragma unroll
           for (int k = 0; k < VEC; ++k) sq += acc[c][k] * acc[c][k];
+        }
       }
       sq = group_sum(sq, G, mask);
       float* st = (is_s ? sst : gst) + row;
       const float snew = *st + float(sq / acc_t(D));  // every lane reads before lane 0 writes (below)
       __syncwarp(mask);
       if (lane == 0) *st = snew;
-      mult = acc_t(lr) / (sqrt(acc_t(snew)) + acc_t(eps));
+      mult = lr / (sqrt(acc_t(snew)) + eps);
     }
     for (int64_t base = 0; base < D; base += span) {
-      if (MODE != kAdagrad || D > span) walk(base);  // Adagrad with D <= span still holds acc from its pass
+      if (!folded) walk(base);
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
         const int64_t d = base + (int64_t(c) * G + lane) * VEC;
@@ -313,7 +331,10 @@ __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
           const auto cur = load_vec<out_t, VEC>(w + d);
           acc_t nw[VEC];
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) nw[k] = acc_t(cur.v[k]) - mult * acc[c][k];
+          for (int k = 0; k < VEC; ++k) {
+            const acc_t g = folded ? acc[c][k] : acc[c][k] + wd * acc_t(cur.v[k]);
+            nw[k] = acc_t(cur.v[k]) - mult * g;
+          }
           store_vec<out_t, acc_t, VEC>(w + d, nw, acc_t(1));
         }
       }
@@ -494,7 +515,8 @@ Sorted sort_entries(const Args& a, const at::Tensor& grad_global, const at::Tens
 template <typename in_t, typename out_t, int MODE>
 void launch_segment_kernel(const Args& a, const at::Tensor& start, const at::Tensor& end, const Sorted& s,
                            bool direct, const at::Tensor& gg, const at::Tensor& gs, const at::Tensor& out,
-                           const at::Tensor& gstate, const at::Tensor& sstate, double lr, double eps) {
+                           const at::Tensor& gstate, const at::Tensor& sstate, const at::Tensor& hparams,
+                           bool upd_g, bool upd_s) {
   using acc_t = typename Acc<out_t>::type;
   const int64_t U = start.numel();
   if (U == 0) return;
@@ -510,7 +532,8 @@ void launch_segment_kernel(const Args& a, const at::Tensor& start, const at::Ten
         gg.data_ptr<in_t>(), gs.data_ptr<in_t>(), out.defined() ? out.data_ptr<out_t>() : nullptr,
         MODE == kWrite ? nullptr : a.gw.data_ptr<out_t>(), MODE == kWrite ? nullptr : a.sw.data_ptr<out_t>(),
         gstate.defined() ? gstate.data_ptr<float>() : nullptr,
-        sstate.defined() ? sstate.data_ptr<float>() : nullptr, U, a.D, a.nnz, a.R, lr, eps, G);
+        sstate.defined() ? sstate.data_ptr<float>() : nullptr, U, a.D, a.nnz, a.R,
+        hparams.defined() ? hparams.data_ptr<double>() : nullptr, upd_g, upd_s, G);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -521,7 +544,8 @@ void launch_segment_kernel(const Args& a, const at::Tensor& start, const at::Ten
 // its pieces in order (level 2, which applies MODE). Both orders are fixed: the result stays bitwise repeatable.
 template <int MODE>
 void launch_segments(const Args& a, const Sorted& s, const at::Tensor& out, const at::Tensor& gstate,
-                     const at::Tensor& sstate, double lr, double eps) {
+                     const at::Tensor& sstate, const at::Tensor& hparams = at::Tensor(), bool upd_g = true,
+                     bool upd_s = true) {
   if (s.nall == 0 || a.D == 0) return;
   const auto seg = s.seg.narrow(0, 0, s.nall + 1);
   const auto starts = seg.narrow(0, 0, s.nall), ends = seg.narrow(0, 1, s.nall);
@@ -529,7 +553,8 @@ void launch_segments(const Args& a, const Sorted& s, const at::Tensor& out, cons
     using sc_t = scalar_t;
     using acc_t = typename Acc<sc_t>::type;
     if (s.longest <= kPiece) {
-      launch_segment_kernel<sc_t, sc_t, MODE>(a, starts, ends, s, false, s.gg, s.gs, out, gstate, sstate, lr, eps);
+      launch_segment_kernel<sc_t, sc_t, MODE>(a, starts, ends, s, false, s.gg, s.gs, out, gstate, sstate, hparams,
+                                              upd_g, upd_s);
       return;
     }
     const auto counts = ends - starts;
@@ -543,8 +568,9 @@ void launch_segments(const Args& a, const Sorted& s, const at::Tensor& out, cons
     const auto pend = at::minimum(pstart + kPiece, ends.index_select(0, owner));
     auto part = at::empty({total, a.D}, a.gw.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     launch_segment_kernel<sc_t, acc_t, kWrite>(a, pstart, pend, s, false, s.gg, s.gs, part, at::Tensor(),
-                                               at::Tensor(), 0.0, 0.0);
-    launch_segment_kernel<acc_t, sc_t, MODE>(a, pfirst, pcum, s, true, part, part, out, gstate, sstate, lr, eps);
+                                               at::Tensor(), at::Tensor(), true, true);
+    launch_segment_kernel<acc_t, sc_t, MODE>(a, pfirst, pcum, s, true, part, part, out, gstate, sstate, hparams,
+                                             upd_g, upd_s);
   });
 }
 
@@ -558,7 +584,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> seb_backw
   const bool need_psw = need_psw_grad && a.psw.defined();
   Sorted s = sort_entries(a, grad_global, grad_scenario, pooling, bag_len, need_psw);
   auto vals = at::empty({s.nall, a.D}, a.gw.options());
-  launch_segments<kWrite>(a, s, vals, at::Tensor(), at::Tensor(), 0.0, 0.0);
+  launch_segments<kWrite>(a, s, vals, at::Tensor(), at::Tensor());
   at::Tensor gpsw = need_psw ? s.gpsw.to(psw->scalar_type()) : at::empty({0}, a.gw.options());
   if (s.nall == 0) {
     auto e = at::empty({0}, indices.options().dtype(at::kLong));
@@ -573,9 +599,13 @@ void seb_backward_update_cuda(const at::Tensor& grad_global, const at::Tensor& g
                               const at::Tensor& gw, const at::Tensor& sw, const at::Tensor& fr,
                               const at::Tensor& fsr, const at::Tensor& slot, const c10::optional<at::Tensor>& psw,
                               int64_t pooling, int64_t bag_len, const c10::optional<at::Tensor>& gstate,
-                              const c10::optional<at::Tensor>& sstate, int64_t optimizer, double lr, double eps) {
-  TORCH_CHECK(optimizer == 1 || optimizer == 2, "seb_backward_update_: optimizer must be 1 (SGD) or 2 (row-wise "
-              "Adagrad), got ", optimizer);
+                              const c10::optional<at::Tensor>& sstate, int64_t optimizer,
+                              const at::Tensor& hparams, bool update_global, bool update_scenario) {
+  TORCH_CHECK(optimizer == saml::kFusedSgd || optimizer == saml::kFusedRowwiseAdagrad,
+              "seb_backward_update_: optimizer must be 1 (SGD) or 2 (row-wise Adagrad), got ", optimizer);
+  TORCH_CHECK(hparams.scalar_type() == at::kDouble && hparams.numel() == saml::kNumHparams &&
+                  hparams.is_contiguous() && hparams.device() == gw.device(),
+              "seb_backward_update_: hparams must be a contiguous float64 [4] tensor on the weights' device");
   TORCH_CHECK(gw.is_contiguous() && sw.is_contiguous(), "seb_backward_update_: weights must be contiguous (updated "
               "in place)");
   const c10::cuda::CUDAGuard guard(indices.device());
@@ -593,9 +623,11 @@ void seb_backward_update_cuda(const at::Tensor& grad_global, const at::Tensor& g
     gst = *gstate;
     sst = *sstate;
   }
+  if (!(update_global || update_scenario)) return;
   Sorted s = sort_entries(a, grad_global, grad_scenario, pooling, bag_len, false);
-  if (optimizer == 1) launch_segments<kSgd>(a, s, at::Tensor(), gst, sst, lr, eps);
-  else launch_segments<kAdagrad>(a, s, at::Tensor(), gst, sst, lr, eps);
+  if (optimizer == saml::kFusedSgd) launch_segments<kSgd>(a, s, at::Tensor(), gst, sst, hparams, update_global,
+                                                          update_scenario);
+  else launch_segments<kAdagrad>(a, s, at::Tensor(), gst, sst, hparams, update_global, update_scenario);
 }
 
 }  // namespace

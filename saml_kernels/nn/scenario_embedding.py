@@ -20,11 +20,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import _backend
 from ..functional import scenario_embedding_bag
 from ..ops import _checks
+from ..ops import embedding_optimizer as _eo
 from ..ops import scenario_embedding_bag as _seb
 
-__all__ = ["EmbeddingFeature", "ScenarioEmbedding"]
+__all__ = ["EmbeddingFeature", "FusedEmbeddingOptimizer", "ScenarioEmbedding"]
 
 OPTIMIZERS = (None, "sgd", "rowwise_adagrad")
 
@@ -71,29 +73,92 @@ class _FusedUpdate(torch.autograd.Function):
     calls this backward although the tables themselves are passed detached."""
 
     @staticmethod
-    def forward(ctx, placeholder, args, state, opt):
+    def forward(ctx, placeholder, args, layer, update, errors_before):
         (indices, offsets, scenario, gw, sw, fr, fsr, slot, psw, pooling, bag_len, num_aware, bounds, backend) = args
         g, s = torch.ops.saml_kernels.scenario_embedding_bag(indices, offsets, scenario, gw, sw, fr, fsr, slot, psw,
                                                              pooling, bag_len, num_aware, bounds, False, backend)
         ctx.save_for_backward(indices, offsets, scenario, fr, fsr, slot, psw)
         # The tables are updated in place in the backward: keep them as attributes, not saved tensors (a saved
         # tensor's version check would reject the update when the layer runs twice before one backward).
-        ctx.gw, ctx.sw, ctx.state, ctx.opt = gw, sw, state, opt
+        ctx.gw, ctx.sw, ctx.layer, ctx.update, ctx.errors_before = gw, sw, layer, update, errors_before
         ctx.pooling, ctx.bag_len, ctx.backend = pooling, bag_len, backend
         return g, s
 
     @staticmethod
     def backward(ctx, grad_global, grad_scenario):
-        from ..ops import embedding_optimizer  # the fused-update op (imported lazily: optional at import time)
-
         indices, offsets, scenario, fr, fsr, slot, psw = ctx.saved_tensors
-        gstate, sstate = ctx.state
-        optimizer, lr, eps = ctx.opt
-        embedding_optimizer.backward_update(
+        layer = ctx.layer
+        hparams = layer._fused_hparams
+        if layer.skip_nonfinite:
+            # The step is skipped on the device when an upstream gradient is not finite: no host sync, and the
+            # counter tells the user afterwards (nonfinite_steps).
+            ok = _eo.finite_flag(grad_global, grad_scenario)
+            layer.nonfinite_steps.add_((1 - ok).to(layer.nonfinite_steps.dtype))
+            hparams = torch.cat([hparams[:3], ok.reshape(1)])
+        if ctx.errors_before is not None:
+            # capture-safe mode: no update from a step in which a bad input was counted (since this forward)
+            clean = (_checks.error_total(ctx.gw.device) == ctx.errors_before).to(torch.float64)
+            hparams = torch.cat([hparams[:3], (hparams[3] * clean).reshape(1)])
+        sstate = layer.scenario_state
+        _eo.backward_update(
             ctx.backend, grad_global.contiguous(), grad_scenario.contiguous(), indices, offsets, scenario, ctx.gw,
-            ctx.sw, fr, fsr, slot, psw, ctx.pooling, ctx.bag_len, gstate,
-            sstate.view(-1) if sstate is not None else None, optimizer, lr, eps)
-        return None, None, None, None
+            ctx.sw, fr, fsr, slot, psw, ctx.pooling, ctx.bag_len, layer.global_state,
+            sstate.view(-1) if sstate is not None else None, layer.optimizer, hparams, *ctx.update)
+        return None, None, None, None, None
+
+
+class _HparamGroup(dict):
+    """The fused optimizer's param group: writing "lr" or "weight_decay" (as an LR scheduler does) also writes the
+    device tensor the backward kernels read (a fill_, no host sync), so the change holds for CUDA-graph replays."""
+
+    def __init__(self, layer: "ScenarioEmbedding", *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._layer = layer
+
+    def __setitem__(self, key, value):
+        if key in ("lr", "weight_decay"):
+            value = float(value)
+            if not value >= 0:
+                raise ValueError(f"ScenarioEmbedding: fused optimizer {key} must be >= 0, got {value!r}")
+            # (while a deepcopy/unpickle rebuilds the layer its buffers are not there yet; they carry the values)
+            hparams = vars(self._layer).get("_buffers", {}).get("_fused_hparams")
+            if hparams is not None:
+                hparams[_eo.HPARAMS.index(key)].fill_(value)
+        super().__setitem__(key, value)
+
+
+class FusedEmbeddingOptimizer(torch.optim.Optimizer):
+    """The handle of a ``ScenarioEmbedding``'s fused optimizer for torch tooling (LR schedulers, logging).
+
+    The update itself runs inside the layer's backward; ``step()`` and ``zero_grad()`` do nothing. Its one param
+    group holds the tables and ``lr``, ``eps``, ``weight_decay``; setting ``lr`` / ``weight_decay`` there (by hand or
+    by any ``torch.optim.lr_scheduler``) takes effect from the next backward, also in a replayed CUDA graph.
+    ``state_dict()`` holds those hyper-parameters; the row-wise Adagrad states stay the layer's buffers.
+    """
+
+    def __init__(self, layer: "ScenarioEmbedding", lr: float, eps: float, weight_decay: float):
+        self._layer = layer
+        super().__init__([layer.global_weight, layer.scenario_weight], dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        self._wrap_group()
+
+    def _wrap_group(self):
+        g = self.param_groups[0]
+        if not isinstance(g, _HparamGroup):
+            g = self.param_groups[0] = _HparamGroup(self._layer, g)
+        for key in ("lr", "weight_decay"):
+            g[key] = g[key]  # push to the device tensor
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._wrap_group()
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D401 - the update happened in the backward
+        """No-op: the layer's backward already applied the update (kept so schedulers and training loops work)."""
+        return None if closure is None else closure()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """No-op: the fused path produces no gradients."""
 
 
 class ScenarioEmbedding(nn.Module):
@@ -106,13 +171,21 @@ class ScenarioEmbedding(nn.Module):
         embedding_dim: D.
         sparse: table gradients as torch sparse COO tensors (use ``torch.optim.SGD`` / ``SparseAdam``).
         optimizer: None (ordinary gradients) | "sgd" | "rowwise_adagrad": the backward applies the update to the
-            touched rows in place and produces no gradient (``global_weight.grad`` stays None):
-            SGD ``w -= lr * g``; row-wise Adagrad ``state[row] += mean_d(g^2); w -= lr * g / (sqrt(state[row]) +
-            eps)``, with ``g`` the row's gradient summed over the batch. The Adagrad states are float32 buffers
-            ``global_state [R]`` and ``scenario_state [M, Rs]`` (part of the state_dict). The fused path runs in
-            training with grad enabled; per_sample_weights get no gradient there (passing ones that require grad
-            raises).
-        lr, eps: the fused optimizer's learning rate and Adagrad epsilon.
+            touched rows in place and produces no gradient (``global_weight.grad`` stays None): with ``g`` the row's
+            gradient summed over the batch and ``g' = g + weight_decay * w``, SGD ``w -= lr * g'``; row-wise Adagrad
+            ``state[row] += mean_d(g'^2); w -= lr * g' / (sqrt(state[row]) + eps)``. The Adagrad states are float32
+            buffers ``global_state [R]`` and ``scenario_state [M, Rs]`` (part of the state_dict). The fused path
+            runs in training with grad enabled and only for tables that require grad: ``requires_grad_(False)`` on
+            a table freezes it (weights and state). per_sample_weights get no gradient there (passing ones that
+            require grad raises). The tables are updated in place, so they are kept contiguous: a non-contiguous
+            table (e.g. loaded with ``load_state_dict(..., assign=True)`` from a column slice) is re-laid out once,
+            in place of the parameter's data (the Parameter object stays; it no longer aliases the loaded tensor).
+            ``fused_optimizer`` is the torch Optimizer handle whose ``lr`` / ``weight_decay`` a scheduler drives.
+        lr, eps, weight_decay: the fused optimizer's learning rate, Adagrad epsilon and L2 weight decay (applied to
+            the touched rows only, FBGEMM's L2 mode).
+        skip_nonfinite: with a fused optimizer, skip the whole update of a step whose upstream gradient holds a NaN
+            or Inf (checked on the device, no host sync; ``nonfinite_steps`` counts the skipped steps). Without it a
+            NaN loss writes NaN into the touched rows, as any optimizer would.
         bounds_check: "error" | "zero" | "off", as in ``saml_kernels.scenario_embedding_bag``.
         backend: forced backend for the op (None: ``use_backend`` context / env / automatic).
         device, dtype: factory arguments of the tables (dtype float32 / float16 / bfloat16 / float64).
@@ -129,8 +202,9 @@ class ScenarioEmbedding(nn.Module):
     """
 
     def __init__(self, features: Sequence, num_scenarios: int, embedding_dim: int, *, sparse: bool = False,
-                 optimizer: Optional[str] = None, lr: float = 0.01, eps: float = 1e-8, bounds_check: str = "error",
-                 backend: Optional[str] = None, device=None, dtype=None):
+                 optimizer: Optional[str] = None, lr: float = 0.01, eps: float = 1e-8, weight_decay: float = 0.0,
+                 skip_nonfinite: bool = False, bounds_check: str = "error", backend: Optional[str] = None,
+                 device=None, dtype=None):
         super().__init__()
         feats = [_as_feature(f) for f in features]
         if not feats:
@@ -151,11 +225,15 @@ class ScenarioEmbedding(nn.Module):
         if optimizer is not None and sparse:
             raise ValueError("ScenarioEmbedding: sparse=True and a fused optimizer exclude each other (the fused "
                              "optimizer produces no gradient)")
-        if not (lr >= 0 and eps > 0):
-            raise ValueError(f"ScenarioEmbedding: need lr >= 0 and eps > 0, got lr={lr!r}, eps={eps!r}")
+        if not (lr >= 0 and eps > 0 and weight_decay >= 0):
+            raise ValueError(f"ScenarioEmbedding: need lr >= 0, eps > 0 and weight_decay >= 0, got lr={lr!r}, "
+                             f"eps={eps!r}, weight_decay={weight_decay!r}")
+        if backend is not None:
+            _backend.check_name(backend, "ScenarioEmbedding(backend=...)")
         self.features = tuple(feats)
         self.num_scenarios, self.embedding_dim = num_scenarios, embedding_dim
-        self.sparse, self.optimizer, self.lr, self.eps = bool(sparse), optimizer, float(lr), float(eps)
+        self.sparse, self.optimizer, self.eps = bool(sparse), optimizer, float(eps)
+        self.skip_nonfinite = bool(skip_nonfinite)
         self.bounds_check, self.backend = bounds_check, backend
         fr, fsr = [0], [0]
         for f in feats:
@@ -179,7 +257,31 @@ class ScenarioEmbedding(nn.Module):
         else:
             self.register_buffer("global_state", None)
             self.register_buffer("scenario_state", None)
+        # The fused optimizer's [lr, eps, weight_decay, apply], read by the kernels on the device (not state: the
+        # values come from the constructor / fused_optimizer), and the count of steps skipped as non-finite.
+        self.register_buffer("_fused_hparams", _eo.make_hparams(lr, eps, weight_decay, device=device),
+                             persistent=False)
+        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self.fused_optimizer = (FusedEmbeddingOptimizer(self, float(lr), float(eps), float(weight_decay))
+                                if optimizer is not None else None)
+        self._lr, self._weight_decay = float(lr), float(weight_decay)
         self.reset_parameters()
+
+    @property
+    def lr(self) -> float:
+        """The fused optimizer's learning rate (settable; the same value as ``fused_optimizer.param_groups[0]``)."""
+        return self.fused_optimizer.param_groups[0]["lr"] if self.fused_optimizer is not None else self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        if self.fused_optimizer is not None:
+            self.fused_optimizer.param_groups[0]["lr"] = value
+        self._lr = float(value)
+
+    @property
+    def weight_decay(self) -> float:
+        return (self.fused_optimizer.param_groups[0]["weight_decay"] if self.fused_optimizer is not None
+                else self._weight_decay)
 
     # -------------------------------------------------------------------------------------------- properties
 
@@ -209,10 +311,11 @@ class ScenarioEmbedding(nn.Module):
         """``.half()`` / ``.to(dtype)`` convert the tables; the Adagrad states stay float32 (the fused update needs
         them so, and sums of g^2 lose too much in 16 bits)."""
         super()._apply(fn, *args, **kwargs)
-        for name in ("global_state", "scenario_state"):
+        for name, dtype in (("global_state", torch.float32), ("scenario_state", torch.float32),
+                            ("_fused_hparams", torch.float64), ("nonfinite_steps", torch.int64)):
             buf = self._buffers.get(name)
-            if buf is not None and buf.dtype != torch.float32:
-                self._buffers[name] = buf.float()
+            if buf is not None and buf.dtype != dtype:
+                self._buffers[name] = buf.to(dtype)
         return self
 
     def extra_repr(self) -> str:
@@ -224,7 +327,9 @@ class ScenarioEmbedding(nn.Module):
             s += ", sparse=True"
         if self.optimizer is not None:
             s += f", optimizer={self.optimizer!r}, lr={self.lr}" + (
-                f", eps={self.eps}" if self.optimizer == "rowwise_adagrad" else "")
+                f", eps={self.eps}" if self.optimizer == "rowwise_adagrad" else "") + (
+                f", weight_decay={self.weight_decay}" if self.weight_decay else "") + (
+                ", skip_nonfinite=True" if self.skip_nonfinite else "")
         if self.bounds_check != "error":
             s += f", bounds_check={self.bounds_check!r}"
         if self.backend is not None:
@@ -242,18 +347,45 @@ class ScenarioEmbedding(nn.Module):
             if offsets is not None:
                 raise TypeError("ScenarioEmbedding: with a KeyedJaggedTensor input pass forward(kjt, scenario); "
                                 "offsets come from the KeyedJaggedTensor")
-            keys = list(kjt.keys())
-            if keys != self.feature_names:
-                raise ValueError(f"ScenarioEmbedding: KeyedJaggedTensor keys {keys} differ from the layer's features "
-                                 f"{self.feature_names} (same names, same order needed)")
-            indices, offsets = kjt.values(), kjt.offsets()
-            if per_sample_weights is None and hasattr(kjt, "weights_or_none"):
-                per_sample_weights = kjt.weights_or_none()
+            indices, offsets, kjt_weights = self._from_kjt(kjt)
+            if per_sample_weights is None:
+                per_sample_weights = kjt_weights
             if isinstance(indices, Tensor) and isinstance(offsets, Tensor) and offsets.dtype != indices.dtype:
                 offsets = offsets.to(indices.dtype)  # TorchRec often keeps int32 offsets beside int64 values
         if offsets is None or scenario is None:
             raise TypeError("ScenarioEmbedding: forward needs (indices, offsets, scenario) or (kjt, scenario)")
         return indices, offsets, scenario, per_sample_weights
+
+    def _from_kjt(self, kjt):
+        """(values, offsets, weights) of a KeyedJaggedTensor in the layer's feature order, matched by key name as
+        TorchRec's EmbeddingBagCollection does (keys the layer has no feature for are ignored). Keys already in
+        the layer's order cost nothing; another order costs one host read of the offsets to cut the values."""
+        variable = getattr(kjt, "variable_stride_per_key", None)
+        if callable(variable) and variable():
+            raise ValueError("ScenarioEmbedding: variable-batch KeyedJaggedTensors (a stride per key) are not "
+                             "supported: every feature needs the same batch size B (one scenario id per sample)")
+        keys = list(kjt.keys())
+        names = self.feature_names
+        missing = [n for n in names if n not in keys]
+        if missing:
+            raise ValueError(f"ScenarioEmbedding: KeyedJaggedTensor keys {keys} lack the layer's feature(s) {missing}")
+        values, offsets = kjt.values(), kjt.offsets()
+        weights = kjt.weights_or_none() if hasattr(kjt, "weights_or_none") else None
+        if keys == names:
+            return values, offsets, weights
+        K = len(keys)
+        if offsets.numel() < 1 or (offsets.numel() - 1) % K:
+            raise ValueError(f"ScenarioEmbedding: KeyedJaggedTensor offsets must have len(keys) * B + 1 entries "
+                             f"(len(keys) = {K}), got {offsets.numel()}")
+        B = (offsets.numel() - 1) // K
+        order = [keys.index(n) for n in names]
+        cuts = offsets[torch.arange(K + 1, device=offsets.device) * B].tolist()
+        lengths = offsets[1:] - offsets[:-1]
+        pick = lambda t: torch.cat([t[cuts[k]:cuts[k + 1]] for k in order])  # noqa: E731
+        new_lengths = torch.cat([lengths[k * B:(k + 1) * B] for k in order])
+        new_offsets = torch.zeros(len(names) * B + 1, dtype=offsets.dtype, device=offsets.device)
+        torch.cumsum(new_lengths, 0, out=new_offsets[1:])
+        return pick(values), new_offsets, (pick(weights) if weights is not None else None)
 
     def _runs_inputs(self, indices, offsets, per_sample_weights):
         """One (indices, offsets, psw, feature range, pooling) per pooling run; slices need one host sync."""
@@ -293,12 +425,13 @@ class ScenarioEmbedding(nn.Module):
         Returns (E_g [B, F, D], E_s [B, Fs, D]); [B, F, L, D] / [B, Fs, L, D] with pooling "none".
         """
         indices, offsets, scenario, psw = self._unpack(indices, offsets, scenario, per_sample_weights)
-        fused = self.optimizer is not None and self.training and torch.is_grad_enabled()
+        update = (self.global_weight.requires_grad, self.scenario_weight.requires_grad)
+        fused = self.optimizer is not None and self.training and torch.is_grad_enabled() and any(update)
         gs, ss = [], []
         for idx, off, w, a, b, pooling in self._runs_inputs(indices, offsets, psw):
             fr, fsr = self.feature_rows[a:b + 1], self.feature_scenario_rows[a:b + 1]
             if fused:
-                g, s = self._fused(idx, off, scenario, fr, fsr, pooling, w)
+                g, s = self._fused(idx, off, scenario, fr, fsr, pooling, w, update)
             else:
                 g, s = scenario_embedding_bag(idx, off, scenario, self.global_weight, self.scenario_weight, fr, fsr,
                                               pooling=pooling, per_sample_weights=w, bounds_check=self.bounds_check,
@@ -309,11 +442,18 @@ class ScenarioEmbedding(nn.Module):
             return gs[0], ss[0]
         return torch.cat(gs, 1), torch.cat(ss, 1)
 
-    def _fused(self, indices, offsets, scenario, fr, fsr, pooling, psw):
-        """The fused-optimizer path: validate like the functional op, then run ``_FusedUpdate``."""
+    def _fused(self, indices, offsets, scenario, fr, fsr, pooling, psw, update):
+        """The fused-optimizer path: validate like the functional op, then run ``_FusedUpdate``. ``update`` =
+        (global table trains, scenario table trains)."""
         if psw is not None and psw.requires_grad:
             raise ValueError("ScenarioEmbedding: per_sample_weights get no gradient with a fused optimizer; pass "
                              "them detached (or use optimizer=None)")
+        for p in (self.global_weight, self.scenario_weight):
+            if not p.is_contiguous():  # updated in place below: a contiguous copy would be updated instead
+                with torch.no_grad():
+                    p.data = p.data.contiguous()
+        errors_before = (_checks.error_total(self.global_weight.device).clone()
+                         if _checks.check_mode() == "capture_safe" else None)
         args = _seb.prepare_args(indices, offsets, scenario, self.global_weight.detach(),
                                  self.scenario_weight.detach(), fr, fsr, pooling=pooling, per_sample_weights=psw,
                                  bounds_check=self.bounds_check, sparse=False, backend=self.backend)
@@ -322,5 +462,4 @@ class ScenarioEmbedding(nn.Module):
         placeholder = torch.zeros(0, device=gw.device, requires_grad=True)
         return _FusedUpdate.apply(
             placeholder, (indices, offsets, scenario, gw, sw, fr_t, fsr_t, slot, psw, pool, bag_len, num_aware,
-                          bounds, backend),
-            (self.global_state, self.scenario_state), (self.optimizer, self.lr, self.eps))
+                          bounds, backend), self, update, errors_before)

@@ -1,5 +1,27 @@
-"""Argument checks shared by the ops: each raises with the op, the argument and the offending value."""
+"""Argument checks shared by the ops: each raises with the op, the argument and the offending value.
+
+Value checks (ids, offsets, scenario ids, lengths: anything that needs the tensor's data) are reductions on the
+tensor's device that leave one boolean flag; reading that flag on the host is a sync. ``check_value`` decides
+when it is read, by the check mode:
+
+- ``"eager"`` (default outside a model): each op reads its flags at once, one host sync per op call;
+- ``deferred_checks()`` (what ``nn.SAML`` does around its forward): the flags of every op inside are collected
+  and read together once when the block ends, one host sync per training step. The same scenario tensor checked
+  by several layers is checked once. A bad input still raises the op's own clear error (recomputed on this slow
+  path) before any backward, so nothing is written to the tables. Because the kernels run before the flags are
+  read, the ops give them safe stand-ins meanwhile (as in the capture-safe mode), so no kernel reads out of
+  bounds;
+- ``capture_safe_checks()``: no host sync at all (CUDA-graph capture, ``set_sync_debug_mode("error")``). Flags
+  are added to per-device error counters (``error_counts()``) and inputs are made safe instead of raising: an id
+  outside its feature reads as a zero vector with no gradient, a scenario id outside [0, M) is clamped into
+  range for the gather, and a fused embedding optimizer skips its update when an error was counted between the
+  layer's forward and its backward. ``raise_errors()`` reads the counters later (one sync) and raises.
+"""
 from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable, Optional
 
 import torch
 
@@ -38,11 +60,177 @@ def choice(op: str, name: str, value, allowed):
     return value
 
 
-def scenario_range(op: str, scenario: torch.Tensor, num_scenarios: int) -> None:
-    """Raises when a scenario id is outside [0, num_scenarios): one reduction, one host sync."""
-    if scenario.numel() == 0:
+# ------------------------------------------------------------------------------------------------ check modes
+
+_local = threading.local()
+# per device: int64 [len(_KINDS)] counters of the capture-safe mode, and the kinds (what was wrong, where)
+_COUNTERS: dict = {}
+_KINDS: list[str] = []
+
+
+class _Deferred:
+    def __init__(self):
+        self.pending: list[tuple[torch.Tensor, Callable[[], None]]] = []
+        self.seen: dict = {}  # key -> the safe stand-in the first check made (or None)
+
+
+def _stack() -> list:
+    st = getattr(_local, "stack", None)
+    if st is None:
+        st = _local.stack = []
+    return st
+
+
+def check_mode() -> str:
+    """"eager", "deferred" or "capture_safe": the innermost active mode of this thread."""
+    st = _stack()
+    return st[-1][0] if st else "eager"
+
+
+@contextlib.contextmanager
+def deferred_checks():
+    """Collect the value checks of every op inside and read them with one host sync when the block ends; the
+    first failing check then raises its own error. Nested inside another deferred or capture-safe block it joins
+    the outer one."""
+    if _stack():
+        yield
         return
+    frame = _Deferred()
+    _stack().append(("deferred", frame))
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        _stack().pop()
+    if ok and frame.pending:
+        flags = torch.stack([f.reshape(()) for f, _ in frame.pending])
+        if bool(flags.any()):  # the one host sync of the block
+            for flag, explain in frame.pending:
+                if bool(flag):
+                    explain()
+
+
+@contextlib.contextmanager
+def capture_safe_checks():
+    """No host syncs from value checks inside: bad inputs are counted on the device (``error_counts``) and made
+    safe instead of raising (see the module docstring); ``raise_errors()`` reports them later."""
+    _stack().append(("capture_safe", None))
+    try:
+        yield
+    finally:
+        _stack().pop()
+
+
+def _kind(what: str) -> int:
+    if what not in _KINDS:
+        _KINDS.append(what)
+    return _KINDS.index(what)
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    key = torch.device(device)
+    c = _COUNTERS.get(key)
+    if c is None or c.numel() < 64:
+        # preallocated (kinds are few), so the first error under graph capture needs no new allocation
+        c = _COUNTERS[key] = torch.zeros(64, dtype=torch.int64, device=key)
+    return c
+
+
+def prepare_capture_safe(device) -> None:
+    """Allocate the error counters of ``device`` before a CUDA-graph capture (an allocation inside is avoided)."""
+    _counters(device)
+
+
+def error_counts(device=None) -> dict:
+    """{kind: int64 0-dim device tensor} of the capture-safe mode's counters (reading a value syncs)."""
+    out = {}
+    for dev, c in _COUNTERS.items():
+        if device is None or dev == torch.device(device):
+            for i, what in enumerate(_KINDS):
+                out[what if device is not None else f"{dev}: {what}"] = c[i]
+    return out
+
+
+def error_total(device) -> torch.Tensor:
+    """0-dim int64 device tensor: all errors counted so far on ``device`` (no sync)."""
+    return _counters(device).sum()
+
+
+def raise_errors(reset: bool = True) -> None:
+    """Read the capture-safe counters (one host sync per device) and raise ValueError listing every kind of bad
+    input counted since the last reset; ``reset`` zeroes them."""
+    found = []
+    for dev, c in _COUNTERS.items():
+        host = c.tolist()
+        found += [f"{host[i]} x {what} (on {dev})" for i, what in enumerate(_KINDS) if host[i]]
+        if reset:
+            c.zero_()
+    if found:
+        raise ValueError("saml_kernels: bad inputs were seen in capture-safe mode (their outputs were computed "
+                         "from safe stand-ins, see saml_kernels.ops._checks): " + "; ".join(found))
+
+
+def check_value(flag: torch.Tensor, explain: Callable[[], None], what: str, key: Optional[tuple] = None) -> bool:
+    """Report a value check. ``flag``: bool tensor (any shape with one element) on the data's device, True when
+    the input is bad. ``explain()``: raises (or warns) with the detailed message; it runs only when the flag is
+    set and may sync. ``what``: a short name of the check for the capture-safe counters. ``key``: checks with an
+    equal key inside one deferred block run once (e.g. the same scenario tensor in every layer).
+
+    Returns True when the flag is not read yet (deferred and capture-safe modes): the caller must then hand its
+    kernels safe stand-ins for the checked inputs. False in eager mode (the input is known good here)."""
+    mode = check_mode()
+    if mode == "capture_safe":
+        c = _counters(flag.device)
+        c[_kind(what)] += flag.reshape(()).to(torch.int64)
+        return True
+    if mode == "deferred":
+        frame = _stack()[-1][1]
+        if key is None or key not in frame.seen:
+            if key is not None:
+                frame.seen[key] = None
+            frame.pending.append((flag, explain))
+        return True
+    if bool(flag.reshape(())):
+        explain()
+    return False
+
+
+def _frame_cache(key):
+    """The deferred frame's stand-in store for ``key`` (a dict or None outside a deferred block)."""
+    st = _stack()
+    return st[-1][1].seen if (st and st[-1][0] == "deferred" and key is not None) else None
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's current contents for ``check_value(key=...)`` (storage, view, version)."""
+    return (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t.device, t._version)
+
+
+def _raise_scenario(op: str, scenario: torch.Tensor, num_scenarios: int) -> None:
     bad = (scenario < 0) | (scenario >= num_scenarios)
     if bool(bad.any()):
         pos = int(bad.nonzero()[0, 0])
         raise IndexError(f"{op}: scenario[{pos}] = {int(scenario[pos])} is out of range [0, {num_scenarios})")
+
+
+def scenario_range(op: str, scenario: torch.Tensor, num_scenarios: int) -> torch.Tensor:
+    """Checks that every scenario id is in [0, num_scenarios) (IndexError naming the position and value).
+
+    Returns the scenario tensor the kernels get: itself in eager mode (checked), else a copy clamped into range
+    (so no kernel reads outside its tables before the flag is read). One reduction; the host sync follows the
+    check mode; inside a deferred block the same tensor is checked (and clamped) once."""
+    if scenario.numel() == 0:
+        return scenario
+    key = ("scenario", num_scenarios) + tensor_key(scenario)
+    cache = _frame_cache(key)
+    if cache is not None and cache.get(key) is not None:
+        return cache[key]
+    flag = ((scenario < 0) | (scenario >= num_scenarios)).any()
+    if check_value(flag, lambda: _raise_scenario(op, scenario, num_scenarios), f"{op}: scenario id out of range",
+                   key=key):
+        safe = scenario.clamp(0, num_scenarios - 1)
+        if cache is not None:
+            cache[key] = safe
+        return safe
+    return scenario

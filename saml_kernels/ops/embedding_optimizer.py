@@ -5,13 +5,20 @@ optimizer over them, the backward reduces the gradient of every touched row (ded
 summed over all of its occurrences, in a fixed order) and applies the update to that row in place:
 
     g_r   = sum_{i : row(i) = r} scale_i * dL/dout[bag(i)]      (scale_i = w_i, / bag length for "mean")
-    SGD:               W[r] <- W[r] - lr * g_r
-    row-wise Adagrad:  state[r] <- state[r] + mean_d(g_r[d]^2);   W[r] <- W[r] - lr * g_r / (sqrt(state[r]) + eps)
+    g'_r  = g_r + weight_decay * W[r]                           (L2 weight decay on the touched rows, FBGEMM's L2 mode)
+    SGD:               W[r] <- W[r] - lr * g'_r
+    row-wise Adagrad:  state[r] <- state[r] + mean_d(g'_r[d]^2);   W[r] <- W[r] - lr * g'_r / (sqrt(state[r]) + eps)
 
 for the global rows ``r = feature_rows[f] + id`` and the scenario rows ``r = scenario[b] * Rs +
 feature_scenario_rows[f] + id`` (rows of scenario table s only from samples of scenario s). Invalid ids (out of
 their feature's range) contribute nothing. Row-wise Adagrad keeps one float32 value per row: ``global_state [R]``
 and ``scenario_state [M * Rs]`` (or ``[M, Rs]``), owned by the caller (the layer keeps them as buffers).
+
+The hyper-parameters travel as a float64 tensor ``hparams = [lr, eps, weight_decay, apply]`` on the weights'
+device, read by the kernels when they run (never by the host): a scheduler can change the learning rate between
+CUDA-graph replays, and ``apply = 0`` (e.g. a non-finite gradient found on the device) skips the whole update
+without a host sync. A frozen table (``update_global`` / ``update_scenario`` False) is left untouched, state
+included.
 
 Backends: ``cpu`` / ``cuda`` call the fused C++ op ``torch.ops.saml_C.seb_backward_update_`` (no gradient
 tensor beyond per-row scratch); ``reference`` / ``triton`` take the backend's deduplicated rows
@@ -29,30 +36,53 @@ from . import scenario_embedding_bag as _seb
 
 OP = "scenario_embedding_bag (fused optimizer)"
 OPTIMIZERS = {"sgd": 1, "rowwise_adagrad": 2}
+# Slots of the hparams tensor; the C++ side names them in csrc/include/saml_common.h (FusedHparam).
+HPARAMS = ("lr", "eps", "weight_decay", "apply")
 
 
-def _apply_rows(weight2d: Tensor, rows: Tensor, grads: Tensor, state: Optional[Tensor], optimizer: int, lr: float,
-                eps: float) -> None:
-    """The update on unique ``rows`` of ``weight2d`` [N, D] with their reduced gradients ``grads`` [U, D]."""
+def make_hparams(lr: float, eps: float, weight_decay: float = 0.0, device=None) -> Tensor:
+    """The float64 [4] tensor ``[lr, eps, weight_decay, apply=1]`` the fused update reads on ``device``."""
+    return torch.tensor([float(lr), float(eps), float(weight_decay), 1.0], dtype=torch.float64, device=device)
+
+
+def finite_flag(*grads: Tensor) -> Tensor:
+    """A 0-dim float64 tensor on the gradients' device: 1 when every element of ``grads`` is finite, else 0
+    (device reductions only: no host sync)."""
+    ok = torch.ones((), dtype=torch.bool, device=grads[0].device)
+    for g in grads:
+        if g.numel():
+            ok = ok & torch.isfinite(g).all()
+    return ok.to(torch.float64)
+
+
+def _apply_rows(weight2d: Tensor, rows: Tensor, grads: Tensor, state: Optional[Tensor], optimizer: int,
+                hparams: Tensor) -> None:
+    """The update on unique ``rows`` of ``weight2d`` [N, D] with their reduced gradients ``grads`` [U, D]; a
+    skipped step (hparams[3] == 0) writes the old values back (torch.where, no host sync)."""
     if rows.numel() == 0:
         return
     acc = torch.float64 if weight2d.dtype == torch.float64 else torch.float32
-    g = grads.to(acc)
-    w = weight2d.index_select(0, rows).to(acc)
+    lr, eps, wd, apply = hparams.unbind()
+    w_old = weight2d.index_select(0, rows)
+    w = w_old.to(acc)
+    g = grads.to(acc) + wd.to(acc) * w
+    keep = apply == 0
     if optimizer == 1:
-        w = w - lr * g
+        w = w - lr.to(acc) * g
     else:
-        s = state.index_select(0, rows) + (g * g).mean(1).to(torch.float32)
-        state.index_copy_(0, rows, s)
-        w = w - (lr / (s.to(acc).sqrt() + eps)).unsqueeze(1) * g
-    weight2d.index_copy_(0, rows, w.to(weight2d.dtype))
+        s_old = state.index_select(0, rows)
+        s = s_old + (g * g).mean(1).to(torch.float32)
+        state.index_copy_(0, rows, torch.where(keep, s_old, s))
+        w = w - (lr.to(acc) / (s.to(acc).sqrt() + eps.to(acc))).unsqueeze(1) * g
+    weight2d.index_copy_(0, rows, torch.where(keep, w_old, w.to(weight2d.dtype)))
 
 
 def backward_update(backend: str, grad_global: Tensor, grad_scenario: Tensor, indices: Tensor, offsets: Tensor,
                     scenario: Tensor, global_weight: Tensor, scenario_weight: Tensor, feature_rows: Tensor,
                     feature_scenario_rows: Tensor, aware_slot: Tensor, per_sample_weights: Optional[Tensor],
                     pooling: int, bag_len: int, global_state: Optional[Tensor], scenario_state: Optional[Tensor],
-                    optimizer: str, lr: float, eps: float) -> None:
+                    optimizer: str, hparams: Tensor, update_global: bool = True,
+                    update_scenario: bool = True) -> None:
     """Applies one optimizer step for the upstream gradients of ``scenario_embedding_bag``, in place.
 
     Args (the kernel contract of ``seb_backward_rows``, see csrc/registry.cpp):
@@ -65,9 +95,11 @@ def backward_update(backend: str, grad_global: Tensor, grad_scenario: Tensor, in
         per_sample_weights [nnz] or None; pooling 0 sum / 1 mean / 2 none; bag_len L for "none" (else 0).
         global_state float32 [R], scenario_state float32 [M*Rs] (or [M, Rs]): row-wise Adagrad state, updated
             in place (None for SGD).
-        optimizer: "sgd" | "rowwise_adagrad"; lr: learning rate; eps: Adagrad epsilon.
+        optimizer: "sgd" | "rowwise_adagrad".
+        hparams: float64 [4] on the weights' device, ``[lr, eps, weight_decay, apply]`` (see ``make_hparams``).
+        update_global, update_scenario: False leaves that table and its state unchanged (frozen).
 
-    Returns None; the update is W[r] -= lr * g_r (SGD) or the row-wise Adagrad step in the module docstring.
+    Returns None; the update is the one in the module docstring.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"{OP}: optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
@@ -75,6 +107,10 @@ def backward_update(backend: str, grad_global: Tensor, grad_scenario: Tensor, in
     for name, w in (("global_weight", global_weight), ("scenario_weight", scenario_weight)):
         if not w.is_contiguous():
             raise ValueError(f"{OP}: {name} must be contiguous to be updated in place")
+    if (not isinstance(hparams, Tensor) or hparams.dtype != torch.float64 or hparams.numel() != len(HPARAMS)
+            or hparams.device != global_weight.device):
+        raise ValueError(f"{OP}: hparams must be a float64 tensor {list(HPARAMS)} on {global_weight.device}, got "
+                         f"{hparams if not isinstance(hparams, Tensor) else (hparams.dtype, hparams.device)}")
     if code == 2:
         for name, st, n in (("global_state", global_state, global_weight.shape[0]),
                             ("scenario_state", scenario_state, scenario_weight.shape[0] * scenario_weight.shape[1])):
@@ -85,12 +121,15 @@ def backward_update(backend: str, grad_global: Tensor, grad_scenario: Tensor, in
         scenario_state = scenario_state.view(-1)
     else:
         global_state = scenario_state = None
+    if not (update_global or update_scenario):
+        return
+    hparams = hparams.contiguous()
     with torch.no_grad():
         if backend in ("cpu", "cuda"):
             torch.ops.saml_C.seb_backward_update_(
                 grad_global, grad_scenario, indices, offsets, scenario, global_weight, scenario_weight, feature_rows,
                 feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len, global_state,
-                scenario_state, code, float(lr), float(eps))
+                scenario_state, code, hparams, bool(update_global), bool(update_scenario))
             return
         if backend not in ("reference", "triton"):
             raise ValueError(f"{OP}: unknown backend {backend!r}")
@@ -100,5 +139,7 @@ def backward_update(backend: str, grad_global: Tensor, grad_scenario: Tensor, in
                                             feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len,
                                             False)
         D = global_weight.shape[1]
-        _apply_rows(global_weight, grows, gvals, global_state, code, lr, eps)
-        _apply_rows(scenario_weight.view(-1, D), srows, svals, scenario_state, code, lr, eps)
+        if update_global:
+            _apply_rows(global_weight, grows, gvals, global_state, code, hparams)
+        if update_scenario:
+            _apply_rows(scenario_weight.view(-1, D), srows, svals, scenario_state, code, hparams)

@@ -47,21 +47,10 @@ def _kernels(backend: str):
 
 # ------------------------------------------------------------------------------------------------ checks
 
-def _check_values(indices, offsets, scenario, num_scenarios, num_features, pooling, bag_len):
-    """Runtime value checks: offsets monotone from 0 to nnz, scenario ids in range, fixed bag length for "none".
-
-    Cost: a few reductions and one host sync (none per element)."""
+def _explain_offsets(indices, offsets, num_features, pooling, bag_len):
+    """Raises the detailed error for bad offsets (the slow path, after a flag said so)."""
     nnz = indices.numel()
-    flags = [offsets[0] != 0, offsets[-1] != nnz]
     diffs = offsets[1:] - offsets[:-1]
-    if diffs.numel():
-        flags.append((diffs < 0).any())
-        if pooling == POOLING["none"]:
-            flags.append((diffs != bag_len).any())
-    if scenario.numel():
-        flags.append(((scenario < 0) | (scenario >= num_scenarios)).any())
-    if not bool(torch.stack(flags).any()):
-        return
     if int(offsets[0]) != 0:
         raise ValueError(f"{OP}: offsets[0] must be 0, got {int(offsets[0])}")
     if int(offsets[-1]) != nnz:
@@ -75,7 +64,34 @@ def _check_values(indices, offsets, scenario, num_scenarios, num_features, pooli
         B = diffs.numel() // num_features
         raise ValueError(f"{OP}: pooling='none' needs every bag of length {bag_len}, but bag (feature {k // B}, "
                          f"sample {k % B}) has length {int(diffs[k])}")
-    _checks.scenario_range(OP, scenario, num_scenarios)
+
+
+def _check_values(indices, offsets, scenario, num_scenarios, num_features, pooling, bag_len):
+    """Runtime value checks: offsets monotone from 0 to nnz, fixed bag length for "none", scenario ids in range.
+
+    Returns (offsets, scenario) for the kernels: the inputs themselves once checked (eager mode), or safe
+    stand-ins while the flags wait to be read (deferred / capture-safe modes, see ops/_checks.py): offsets
+    from 0 to nnz, clamped and made non-decreasing (canonical ``arange * L`` for "none"), scenario ids clamped.
+    Cost: a few reductions; the host sync follows the check mode."""
+    nnz = indices.numel()
+    flags = [offsets[0] != 0, offsets[-1] != nnz]
+    diffs = offsets[1:] - offsets[:-1]
+    if diffs.numel():
+        flags.append((diffs < 0).any())
+        if pooling == POOLING["none"]:
+            flags.append((diffs != bag_len).any())
+    if _checks.check_value(torch.stack(flags).any(),
+                           lambda given=offsets: _explain_offsets(indices, given, num_features, pooling, bag_len),
+                           f"{OP}: bad offsets"):
+        if pooling == POOLING["none"]:
+            offsets = torch.arange(offsets.numel(), dtype=offsets.dtype, device=offsets.device) * bag_len
+        else:
+            if offsets.numel() == 1:  # no bags: nothing is read
+                offsets = offsets.new_zeros(1)
+            else:
+                inner = torch.cummax(offsets[1:-1].clamp(0, nnz), 0).values
+                offsets = torch.cat([offsets.new_zeros(1), inner, offsets.new_full((1,), nnz)])
+    return offsets, _checks.scenario_range(OP, scenario, num_scenarios)
 
 
 def _report_bad_ids(indices, offsets, feature_rows, mode):
@@ -107,13 +123,21 @@ def _forward_op(indices: Tensor, offsets: Tensor, scenario: Tensor, global_weigh
                 per_sample_weights: Optional[Tensor], pooling: int, bag_len: int, num_aware: int,
                 bounds_check: int, sparse: bool, backend: str) -> tuple[Tensor, Tensor]:
     num_features = feature_rows.numel() - 1
-    if bounds_check != BOUNDS["off"]:
-        _check_values(indices, offsets, scenario, scenario_weight.shape[0], num_features, pooling, bag_len)
     fwd, _ = _kernels(backend)
-    g, s, bad = fwd(indices, offsets, scenario, global_weight, scenario_weight, feature_rows, feature_scenario_rows,
-                    aware_slot, per_sample_weights, pooling, bag_len, bounds_check != BOUNDS["off"])
-    if bounds_check != BOUNDS["off"] and int(bad.sum()) > 0:
-        _report_bad_ids(indices, offsets, feature_rows, bounds_check)
+    check = bounds_check != BOUNDS["off"]
+    # One host sync per call in eager mode (none inside a model's deferred block or in capture-safe mode): the
+    # kernels get safe stand-ins and all flags, the kernel's bad-id count included, are read together at the end.
+    with _checks.deferred_checks():
+        if check:
+            offsets_k, scenario_k = _check_values(indices, offsets, scenario, scenario_weight.shape[0], num_features,
+                                                  pooling, bag_len)
+        else:
+            offsets_k, scenario_k = offsets, scenario
+        g, s, bad = fwd(indices, offsets_k, scenario_k, global_weight, scenario_weight, feature_rows,
+                        feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len, check)
+        if check:
+            _checks.check_value(bad.sum() > 0, lambda: _report_bad_ids(indices, offsets, feature_rows, bounds_check),
+                                f"{OP}: id out of its feature's range")
     return g, s
 
 
@@ -330,6 +354,11 @@ def prepare_args(indices, offsets, scenario, global_weight, scenario_weight, fea
                              f"{indices.numel()} is not a multiple")
         bag_len = indices.numel() // (F * B)
     be = _backend.resolve(OP, indices.device.type, backend)
+    if bounds_check != "off" and _checks.check_mode() == "capture_safe":
+        # The backward runs on the saved inputs too: in capture-safe mode they are the safe stand-ins (the op's
+        # own checks then find nothing more to count).
+        offsets, scenario = _check_values(indices, offsets, scenario, scenario_weight.shape[0], F, POOLING[pooling],
+                                          bag_len)
     return (indices.contiguous(), offsets.contiguous(), scenario.contiguous(), global_weight.contiguous(),
             scenario_weight.contiguous(), fr, fsr, slot, per_sample_weights, POOLING[pooling], bag_len, num_aware,
             BOUNDS[bounds_check], sparse, be)
