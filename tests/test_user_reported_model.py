@@ -75,7 +75,7 @@ def _save_load(obj):
     buf = io.BytesIO()
     torch.save(obj, buf)
     buf.seek(0)
-    return torch.load(buf, weights_only=False)
+    return torch.load(buf, weights_only=True)  # what a user gets from torch.load by default
 
 
 # ------------------------------------------------------------------------------------------- 1. resume exactly
