@@ -330,3 +330,189 @@ def test_mutual_zero_rows(device, backend):
     dz = lbwd(torch.zeros(0, 6, device=device), c["x"], c["weight"], c["bias"], c["aux"], c["aux_weight"], s, attn,
               1, 1.0, 0)
     assert dz.shape == (0, 6)
+
+
+# ------------------------------------------------------------------------------------------------ CUDA engine
+# The sync-free tiled GEMM of the cuda backend (csrc/cuda/mbranch_common.cuh): several row / K / N tiles per
+# scenario, every dtype, each engine (SAML_CUDA_GROUPED=auto: tensor cores for 16-bit types; simt: FMA tiles for
+# all; cublas: the former per-scenario cuBLAS path with one host sync, kept for benchmarking); then the two
+# GPU-truth properties: no host sync in the ops (sync-debug mode "error") and a forward + backward captured in a
+# CUDA graph replays correctly on new inputs (new scenario mixes included).
+
+HAS_CUDA_BACKEND = torch.cuda.is_available() and _backend.why_unavailable("cuda", "cuda", "mbranch_linear") is None
+cuda_only = pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="needs a GPU and the CUDA kernels")
+ALL_DTYPES = FLOATS + [torch.float64]
+ENGINES = ["auto", "simt", "cublas"]
+
+
+def _skewed_scenario(B, M, device, empty=1):
+    """Unsorted ids: scenario 0 holds about 2/3 of the rows (several 64-row tiles), ``empty`` none, others a few."""
+    big = (2 * B) // 3
+    others = [m for m in range(1, M) if m != empty]
+    s = torch.tensor([0] * big + [others[i % len(others)] for i in range(B - big)])
+    return s[torch.randperm(B)].to(device)
+
+
+@cuda_only
+@pytest.mark.parametrize("engine", ENGINES, ids=[f"cuda-{e}" for e in ENGINES])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_cuda_engine_multi_tile(engine, dtype, monkeypatch, nan_outputs):
+    monkeypatch.setenv("SAML_CUDA_GROUPED", engine)
+    dev, M, B, K, N, Ka = "cuda", 5, 300, 70, 130, 33
+    c = case(dev, dtype, M=M, B=B, K=K, N=N, Ka=Ka)
+    s = _skewed_scenario(B, M, dev)
+    fwd, allf, bwd = mbl("cuda")
+    y, z = nan_outputs(dev, fwd, c["x"], c["weight"], c["bias"], c["aux"], c["aux_weight"], s, 3)
+    ry, rz = ref_mbl.grouped_forward_kernel(d64(c["x"]), d64(c["weight"]), d64(c["bias"]), d64(c["aux"]),
+                                            d64(c["aux_weight"]), s, 3)
+    close(y, ry, dtype, "grouped y")
+    close(z, rz, dtype, "grouped z")
+    for per_branch in (False, True):
+        cc = case(dev, dtype, M=M, B=B, K=K, N=N, Ka=Ka, per_branch=per_branch)
+        y, z = nan_outputs(dev, allf, cc["x"], cc["weight"], cc["bias"], cc["aux"], cc["aux_weight"], 4)
+        ry, rz = ref_mbl.all_forward_kernel(d64(cc["x"]), d64(cc["weight"]), d64(cc["bias"]), d64(cc["aux"]),
+                                            d64(cc["aux_weight"]), 4)
+        close(y, ry, dtype, f"all y (per_branch={per_branch})")
+        close(z, rz, dtype, f"all z (per_branch={per_branch})")
+        if not per_branch:
+            assert y.stride() == (N, M * N, 1)
+    dz = torch.randn(B, N).to(device=dev, dtype=dtype)
+    flags = (True, True, True, True, True)
+    outs = nan_outputs(dev, bwd, dz, c["x"], c["weight"], c["aux"], c["aux_weight"], s, *flags)
+    refs = _backward_refs(dz, c, s, flags)
+    for name, o, r in zip(("dx", "dW", "db", "daux", "dWa"), outs, refs):
+        close(o, r, dtype, name)
+    assert torch.count_nonzero(outs[1][1]) == 0 and torch.count_nonzero(outs[2][1]) == 0  # empty scenario 1
+    again = bwd(dz, c["x"], c["weight"], c["aux"], c["aux_weight"], s, *flags)
+    for name, p, q in zip(("dx", "dW", "db", "daux", "dWa"), outs, again):
+        assert torch.equal(p, q), f"{name}: two runs differ (engine {engine})"
+    # db without dW (a single K-tile column of CTAs) and dWa alone
+    part = bwd(dz, c["x"], c["weight"], c["aux"], c["aux_weight"], s, False, False, True, False, True)
+    close(part[2], refs[2], dtype, "db alone")
+    close(part[4], refs[4], dtype, "dWa alone")
+    if dtype != torch.float64:  # mutual_linear kernels (their contract covers the 16-bit types and float32)
+        _, _, lfwd, lbwd = mu("cuda")
+        args = (c["x"], c["weight"], c["bias"], c["aux"], c["aux_weight"], s)
+        args64 = tuple(d64(t) for t in args[:5]) + (s,)
+        out, attn = nan_outputs(dev, lfwd, *args, 2, 0.9, 0)
+        rout, rattn = ref_mu.mutual_linear_forward_kernel(*args64, 2, 0.9, 0)
+        close(out, rout, dtype, "mutual_linear out")
+        g = torch.randn(B, N).to(device=dev, dtype=dtype)
+        dzo = nan_outputs(dev, lbwd, g, *args, attn, 2, 0.9, 0)
+        close(dzo, ref_mu.mutual_linear_backward_kernel(d64(g), *args64, rattn.double(), 2, 0.9, 0), dtype,
+              "mutual_linear dz_own")
+
+
+@cuda_only
+@pytest.mark.parametrize("route", ["own", "all"], ids=["cuda-own", "cuda-all"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_16bit_preactivation_rounded_once(route, dtype, monkeypatch):
+    """Regression (bf16 leaky_relu all-route mismatch on the H200): z = x W + aux Wa + bias is accumulated in float32
+    and rounded ONCE. Here x W = 100.625 (10 significant bits: not a bfloat16 value, which has 8), aux Wa = -100.5,
+    bias = 0, so z = 0.125 exactly. The former path rounded x W to bfloat16 (100.5) before adding aux Wa: z = 0,
+    y = 0 and leaky_relu' = 0.01 instead of 1. (float16 holds 100.625 exactly: there it is a plain check.)"""
+    monkeypatch.delenv("SAML_CUDA_GROUPED", raising=False)
+    dev = "cuda"
+    M, B = 2, 3
+    x = torch.tensor([[1.0, 1.0]] * B, device=dev, dtype=dtype)
+    w = torch.tensor([[100.5], [0.125]], device=dev).expand(M, 2, 1).contiguous().to(dtype)
+    aux = torch.ones(B, 1, device=dev, dtype=dtype)
+    wa = torch.full((M, 1, 1), -100.5, device=dev, dtype=dtype)
+    bias = torch.zeros(M, 1, device=dev, dtype=dtype)
+    s = torch.tensor([0, 1, 0], device=dev)
+    fwd, allf, _ = mbl("cuda")
+    for act in (1, 2):  # relu, leaky_relu
+        y, _ = fwd(x, w, bias, aux, wa, s, act) if route == "own" else allf(x, w, bias, aux, wa, act)
+        assert (y.float() == 0.125).all(), f"act {act}: {y.flatten().tolist()}"
+
+
+def _leaves(c):
+    return {n: (c[n].detach().clone().requires_grad_() if c[n] is not None else None)
+            for n in ("x", "weight", "bias", "aux", "aux_weight")}
+
+
+def _step(kind, L, s, gy, backend="cuda"):
+    """One forward + backward of a public op (cuda backend) with check_scenario=False: (out, *grads)."""
+    from saml_kernels.ops.mbranch_linear import mbranch_linear
+    from saml_kernels.ops.mutual_linear import mutual_linear
+    from saml_kernels.ops.mutual_unit import mutual_unit
+
+    kw = dict(aux=L["aux"], aux_weight=L["aux_weight"], backend=backend, check_scenario=False)
+    if kind == "own":
+        y = mbranch_linear(L["x"], L["weight"], L["bias"], s, route="own", activation="gelu", **kw)
+    elif kind.startswith("all-"):
+        y = mbranch_linear(L["x"], L["weight"], L["bias"], s, route="all", activation="leaky_relu",
+                           grad_mask=kind[4:], **kw)
+    elif kind.startswith("mutual_linear"):
+        y = mutual_linear(L["x"], L["weight"], L["bias"], s, activation="silu", temperature=0.8,
+                          save_branch_outputs=kind.endswith("saved"), **kw)
+    else:  # "all+mutual_unit": the SAML mutual layer unfused
+        h = mbranch_linear(L["x"], L["weight"], L["bias"], s, route="all", activation="relu", grad_mask="own", **kw)
+        y = mutual_unit(h, s, temperature=0.8, backend=backend, check_scenario=False)
+    leaves = [t for t in L.values() if t is not None]
+    grads = torch.autograd.grad(y, leaves, gy[: y.numel()].view(y.shape))
+    return (y, *grads)
+
+
+STEP_KINDS = ["own", "all-own", "all-params", "all-none", "mutual_linear", "mutual_linear-saved", "all+mutual_unit"]
+
+
+@cuda_only
+@pytest.mark.parametrize("kind", STEP_KINDS, ids=[f"cuda-{k}" for k in STEP_KINDS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_ops_never_sync(kind, dtype, monkeypatch):
+    """Forward and backward of the op raise no host synchronisation (torch.cuda.set_sync_debug_mode("error"))."""
+    monkeypatch.delenv("SAML_CUDA_GROUPED", raising=False)  # "cublas" is the one engine that syncs
+    M, B, K, N, Ka = 4, 200, 40, 70, 12
+    c = case("cuda", dtype, M=M, B=B, K=K, N=N, Ka=Ka)
+    s = _skewed_scenario(B, M, "cuda")
+    gy = torch.randn(M * B * N, device="cuda").to(dtype)
+    _step(kind, _leaves(c), s, gy)  # warm-up: lazy initialisations (cuBLAS handles, module loads) outside the check
+    torch.cuda.synchronize()
+    L = _leaves(c)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = _step(kind, L, s, gy)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    for t in outs:
+        assert torch.isfinite(t).all()
+
+
+@cuda_only
+@pytest.mark.parametrize("kind", STEP_KINDS, ids=[f"cuda-{k}" for k in STEP_KINDS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_capture_forward_backward(kind, dtype, monkeypatch):
+    """Forward + backward captured once in a torch.cuda.CUDAGraph, replayed with new inputs (new values and new
+    scenario mixes, one with every row in one scenario) copied into the static tensors: equals eager."""
+    monkeypatch.delenv("SAML_CUDA_GROUPED", raising=False)
+    M, B, K, N, Ka = 4, 200, 40, 70, 12
+    c = case("cuda", dtype, M=M, B=B, K=K, N=N, Ka=Ka)
+    L = _leaves(c)
+    s = _skewed_scenario(B, M, "cuda")
+    gy = torch.randn(M * B * N, device="cuda").to(dtype)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
+        for _ in range(2):
+            _step(kind, L, s, gy)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = _step(kind, L, s, gy)
+    mixes = [_skewed_scenario(B, M, "cuda", empty=2), torch.full((B,), M - 1, device="cuda"),
+             torch.randint(0, M, (B,), device="cuda")]
+    for new_s in mixes:
+        fresh = case("cuda", dtype, M=M, B=B, K=K, N=N, Ka=Ka)
+        with torch.no_grad():
+            for n, t in L.items():
+                if t is not None:
+                    t.copy_(fresh[n])
+            s.copy_(new_s)
+            gy.copy_(torch.randn(M * B * N, device="cuda").to(dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = _step(kind, L, s, gy)
+        for i, (g, e) in enumerate(zip(static_out, eager)):
+            close(g, e, dtype, f"{kind} output {i} (graph replay vs eager)")
