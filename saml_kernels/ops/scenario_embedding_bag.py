@@ -193,9 +193,12 @@ def _sparse_grads(ctx, grad_global, grad_scenario, need_psw_grad):
                                            need_psw_grad)
     D = gw.shape[1]
     M, Rs = sw.shape[0], sw.shape[1]
-    dg = torch.sparse_coo_tensor(grows.unsqueeze(0), gvals.to(gw.dtype), (gw.shape[0], D), is_coalesced=True)
+    # The kernels' rows are unique, sorted and in range (the sparse invariants), so torch's check is skipped by
+    # explicit choice (which also keeps torch's "invariant checks are implicitly disabled" warning away).
+    coo = dict(is_coalesced=True, check_invariants=False)
+    dg = torch.sparse_coo_tensor(grows.unsqueeze(0), gvals.to(gw.dtype), (gw.shape[0], D), **coo)
     s_idx = torch.stack([srows // max(Rs, 1), srows % max(Rs, 1)])
-    ds = torch.sparse_coo_tensor(s_idx, svals.to(sw.dtype), (M, Rs, D), is_coalesced=True)
+    ds = torch.sparse_coo_tensor(s_idx, svals.to(sw.dtype), (M, Rs, D), **coo)
     return dg, ds, gpsw
 
 
