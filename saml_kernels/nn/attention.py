@@ -84,13 +84,13 @@ class ScenarioAttention(nn.Module):
             raise ValueError(f"ScenarioAttention: scenario must be a [B] = [{B}] int32/int64 tensor, got "
                              f"{scenario.dtype} of shape {tuple(scenario.shape)}")
         # lengths outside [0, L] would silently act as full / empty sequences (one reduction, one bool read)
-        check_seq_lengths("ScenarioAttention", seq_lengths, B, seq_g.shape[1])
+        return check_seq_lengths("ScenarioAttention", seq_lengths, B, seq_g.shape[1])
 
     def forward(self, target_g: Tensor, target_s: Tensor, seq_g: Tensor, seq_s: Tensor, seq_lengths: Tensor,
                 scenario: Tensor) -> tuple[Tensor, Tensor]:
         from ..ops.mbranch_linear import mbranch_linear
 
-        self._check(target_g, target_s, seq_g, seq_s, seq_lengths, scenario)
+        seq_lengths = self._check(target_g, target_s, seq_g, seq_s, seq_lengths, scenario)
         B, L, D = seq_g.shape
         scale = 1.0 / math.sqrt(self.attention_dim)
         mask = sequence_mask(seq_lengths, L)

@@ -21,10 +21,20 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..ops import _checks
+
 from ..reference.model import (SAMLConfig, TrainingOptimizer, bce_loss, check_model_inputs,
                                optimizer_state_keys_optional, saml_loss)
 
 __all__ = ["SAML", "SAMLConfig", "SharedBottom", "TrainingOptimizer"]
+
+
+def _boundary_scenario(who: str, scenario, num_scenarios: int):
+    """The model's one scenario-range check; the layers below get the result (clamped while the check is
+    pending), so they neither re-check nor read out of range (a non-tensor is left to the shape checks)."""
+    if isinstance(scenario, Tensor) and scenario.dtype in (torch.int32, torch.int64) and scenario.dim() == 1:
+        return _checks.scenario_range(who, scenario, num_scenarios)
+    return scenario
 
 
 def _seq_offsets(B: int, L: int, like: Tensor) -> Tensor:
@@ -131,6 +141,14 @@ class SAML(nn.Module):
         return branch(h, scenario, a)
 
     def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None):
+        # The value checks of every layer (ids, offsets, scenario ids, lengths) are read with one host sync when
+        # the forward ends, and a bad input raises its layer's clear error then, before any backward (so nothing
+        # is written to the tables). Inside ``_checks.capture_safe_checks()`` there is no sync at all.
+        with _checks.deferred_checks():
+            return self._forward(indices, offsets, _boundary_scenario("SAML", scenario, self.config.num_scenarios),
+                                 seq_ids, seq_lengths, dense)
+
+    def _forward(self, indices, offsets, scenario, seq_ids, seq_lengths, dense):
         a, h = self.representations(indices, offsets, scenario, seq_ids, seq_lengths, dense)
         for kind, aux_layer, branch in zip(self.config.layer_kinds(), self.aux_layers, self.branch_layers):
             h_next = self.dropout(self._branch(kind, branch, h, scenario, a))
@@ -182,6 +200,12 @@ class SharedBottom(nn.Module):
         self.register_load_state_dict_post_hook(optimizer_state_keys_optional)
 
     def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None):
+        with _checks.deferred_checks():  # one host sync for the value checks of the whole forward (see SAML)
+            return self._forward(indices, offsets,
+                                 _boundary_scenario("SharedBottom", scenario, self.config.num_scenarios), seq_ids,
+                                 seq_lengths, dense)
+
+    def _forward(self, indices, offsets, scenario, seq_ids, seq_lengths, dense):
         c = self.config
         B, L = check_model_inputs("SharedBottom", c, scenario, seq_ids, seq_lengths, dense)
         D = c.embedding_dim

@@ -24,13 +24,18 @@ def masked_attention(scores: Tensor, mask: Tensor) -> Tensor:
     return w * mask.to(w.dtype)
 
 
-def check_seq_lengths(who: str, seq_lengths, B: int, L: int) -> None:
-    """Raises unless ``seq_lengths`` is an integer tensor of shape [B] with every value in [0, L].
+def check_seq_lengths(who: str, seq_lengths, B: int, L: int) -> Tensor:
+    """Checks that ``seq_lengths`` is an integer tensor of shape [B] with every value in [0, L]; returns the
+    lengths to use.
 
-    A length above L (or below 0) would silently read as a full (or empty) sequence, so it is an error that names
-    the first bad position and its value. Cost: one fused device reduction and one host read of a single bool
-    (the position and value are looked up only on the error path). Under ``torch.compile`` the range check is a
-    device-side assert (RuntimeError without the position), so the graph does not break."""
+    A length above L (or below 0) would silently read as a full (or empty) sequence, so it is an error
+    (ValueError) that names the first bad position and its value. Cost: one fused device reduction; the host read
+    of its flag follows the check mode of ``saml_kernels.ops._checks`` (at once; once per block inside a model's
+    deferred checks, which then use the lengths clamped to [0, L] until the flag is read; never in capture-safe
+    mode, which counts the error and clamps). Under ``torch.compile`` the range check is a device-side assert
+    (RuntimeError without the position), so the graph does not break."""
+    from ..ops import _checks  # (lazy: the reference stays importable without the ops package loaded)
+
     if not isinstance(seq_lengths, Tensor):
         raise TypeError(f"{who}: seq_lengths must be a [B] = [{B}] integer tensor, got {type(seq_lengths).__name__}")
     if seq_lengths.dtype == torch.bool or seq_lengths.is_floating_point() or seq_lengths.is_complex():
@@ -40,11 +45,17 @@ def check_seq_lengths(who: str, seq_lengths, B: int, L: int) -> None:
     bad = (seq_lengths < 0) | (seq_lengths > L)
     if torch.compiler.is_compiling():  # no host read inside a compiled graph: a device-side assert instead
         torch._assert_async(~bad.any(), f"{who}: seq_lengths out of the valid range [0, L] = [0, {L}]")
-        return
-    if bad.any():  # the one host sync
+        return seq_lengths
+
+    def explain():
         b = int(bad.nonzero()[0, 0])
         raise ValueError(f"{who}: seq_lengths[{b}] = {int(seq_lengths[b])} is out of the valid range [0, L] = "
                          f"[0, {L}] (L = the sequence length)")
+
+    if B and _checks.check_value(bad.any(), explain, f"{who}: seq_lengths out of [0, L]",
+                                 key=("seq_lengths", L) + _checks.tensor_key(seq_lengths)):
+        return seq_lengths.clamp(0, L)
+    return seq_lengths
 
 
 def sequence_mask(seq_lengths: Tensor, L: int) -> Tensor:
@@ -82,7 +93,7 @@ class RefScenarioAttention(nn.Module):
 
     def forward(self, target_g, target_s, seq_g, seq_s, seq_lengths, scenario):
         B, L, D = seq_g.shape
-        check_seq_lengths(type(self).__name__, seq_lengths, B, L)
+        seq_lengths = check_seq_lengths(type(self).__name__, seq_lengths, B, L)
         scale = 1.0 / math.sqrt(self.attention_dim)
         mask = sequence_mask(seq_lengths, L)
         values = self.value(seq_g)                                              # [B, L, D]
