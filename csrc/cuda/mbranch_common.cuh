@@ -414,6 +414,7 @@ void launch_row_gemm(const RowGemmArgs<T, OutT>& p, dim3 grid, bool tc, cudaStre
 
 template <typename T>
 void launch_wgrad(const WgradArgs<T>& p, int64_t M, bool tc, cudaStream_t stream) {
+  if (M == 0 || p.N == 0) return;
   const dim3 grid(p.dw != nullptr ? cdiv(p.K, kBM) : 1u, cdiv(p.N, kBN), static_cast<unsigned>(M));
   if constexpr (Tile<T>::kHalf) {
     if (tc) {
