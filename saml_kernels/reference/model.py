@@ -316,12 +316,17 @@ class TrainingOptimizer:
     every step; setting it also sets the fused embedding modules' ``lr`` (used from their next backward), so
     ``opt.embedding_lr = value`` (by hand or from a schedule) drives every table.
 
+    CUDA graphs: ``capturable=True`` builds Adam with ``capturable=True`` so the whole step can be captured
+    (``saml_kernels.graphs.CapturedTrainingStep``); the row-wise lr of non-fused tables is then the value at
+    capture time (the fused modules read theirs on the device at every replay).
+
     Checkpoints: ``state_dict()`` / ``load_state_dict()`` hold the dense Adam state and every table's row-wise
     Adagrad state (fused ones included), keyed by parameter name, and the hyper-parameters, so training resumes
     exactly in a fresh model + optimizer (bitwise equal to an uninterrupted run on the CPU).
     """
 
-    def __init__(self, model: nn.Module, lr: float = 2e-3, embedding_lr: float = 0.05, eps: float = 1e-8):
+    def __init__(self, model: nn.Module, lr: float = 2e-3, embedding_lr: float = 0.05, eps: float = 1e-8,
+                 capturable: bool = False):
         names = {id(p): n for n, p in model.named_parameters()}
         self.tables = []       # (weight, state) pairs updated here, after the backward
         self._row_states = {}  # table parameter name -> its row-wise state tensor (here's, or a fused module's)
@@ -348,10 +353,12 @@ class TrainingOptimizer:
         dense = [(n, p) for n, p in model.named_parameters() if id(p) not in emb_ids]
         self._dense_names = [n for n, _ in dense]
         params = [p for _, p in dense]
+        # capturable: Adam keeps its step count on the device, as a CUDA-graph capture of the step needs
+        cap = dict(capturable=True) if capturable else {}
         try:  # one fused kernel for all dense parameters (torch's default on CPU is a per-tensor loop)
-            self.dense = torch.optim.Adam(params, lr=lr, fused=True)
+            self.dense = torch.optim.Adam(params, lr=lr, fused=True, **cap)
         except (RuntimeError, ValueError, TypeError):
-            self.dense = torch.optim.Adam(params, lr=lr, foreach=True)
+            self.dense = torch.optim.Adam(params, lr=lr, foreach=True, **cap)
         self._embedding_lr, self.eps = float(embedding_lr), float(eps)
 
     @property

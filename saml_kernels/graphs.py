@@ -1,0 +1,105 @@
+"""CUDA-graph capture of a whole training step: the fast path when launches and host syncs, not math, bound the
+step (small and medium batches on a GPU).
+
+    model = nn.SAML(cfg, embedding_optimizer="rowwise_adagrad").cuda()
+    opt = nn.TrainingOptimizer(model, capturable=True)
+    step = CapturedTrainingStep(model, opt, example_inputs, loss_fn=lambda m, *t: ...)  # warm-up + capture
+    for inputs in loader:
+        loss = step(*inputs)          # copy into the static inputs, one graph replay: forward, backward, the
+                                      # fused embedding update and the dense optimizer step
+
+Contract:
+- every replay's tensors have the example's shapes, dtypes and device (jagged inputs: keep nnz fixed, e.g. pad
+  bags with a padding id of per-sample weight 0, or capture one graph per nnz bucket);
+- the value checks run in capture-safe mode (``saml_kernels.ops._checks``): no host sync, bad inputs are counted
+  on the device, made safe, and the fused embedding update of such a step is skipped; call
+  ``saml_kernels.raise_errors()`` now and then (one sync) to surface them;
+- the warm-up steps (``warmup``, on the example inputs, on a side stream as torch requires) are real training
+  steps; the capture itself changes nothing;
+- hyper-parameters: the fused embedding optimizer's lr / weight_decay (``ScenarioEmbedding.fused_optimizer``) are
+  read on the device at every replay, so schedulers work; a torch optimizer built with ``capturable=True`` keeps
+  its lr as the value at capture unless given as a tensor.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .ops import _checks
+
+__all__ = ["CapturedTrainingStep"]
+
+
+def _default_loss(model: nn.Module, *tensors: Tensor) -> Tensor:
+    """The model's outputs summed (a stand-in for tests and demos; pass a real ``loss_fn``)."""
+    out = model(*tensors)
+    return sum(o.float().sum() for o in (out if isinstance(out, (tuple, list)) else (out,)))
+
+
+class CapturedTrainingStep:
+    """A training step ``loss = loss_fn(model, *inputs); loss.backward(); optimizer.step()`` captured in one
+    ``torch.cuda.CUDAGraph`` and replayed per batch (see the module docstring for the contract).
+
+    Args:
+        model: a module on a CUDA device (train mode).
+        optimizer: anything with ``zero_grad(set_to_none=...)`` and a capturable ``step()`` (``TrainingOptimizer
+            (model, capturable=True)``, a torch optimizer with ``capturable=True``), or None when the model's
+            only update is a fused embedding optimizer.
+        example_inputs: tensors of one batch on the model's device; their shapes are the graph's.
+        loss_fn: ``(model, *inputs) -> 0-dim loss``; e.g. ``lambda m, *t: saml_loss(*m(*t[:-1]), t[-1], 0.3)``.
+        warmup: eager steps on the example before the capture (real steps; at least 1 so that lazily created
+            state, e.g. optimizer moments and cached layout tensors, exists before the capture).
+
+    Calling the step copies the new inputs into the static ones, replays, and returns the static loss tensor
+    (read it with ``float(loss)`` only when needed: that is a sync).
+    """
+
+    def __init__(self, model: nn.Module, optimizer, example_inputs: Sequence[Tensor],
+                 loss_fn: Optional[Callable[..., Tensor]] = None, warmup: int = 2):
+        if not torch.cuda.is_available():
+            raise RuntimeError("CapturedTrainingStep needs a CUDA device (CUDA graphs)")
+        inputs = tuple(example_inputs)
+        for k, t in enumerate(inputs):
+            if not isinstance(t, Tensor) or t.device.type != "cuda":
+                raise ValueError(f"CapturedTrainingStep: example_inputs[{k}] must be a CUDA tensor, got "
+                                 f"{type(t).__name__ if not isinstance(t, Tensor) else t.device}")
+        if warmup < 1:
+            raise ValueError(f"CapturedTrainingStep: warmup must be >= 1, got {warmup}")
+        self.model, self.optimizer = model, optimizer
+        self.loss_fn = loss_fn or _default_loss
+        self.static_inputs = tuple(t.clone() for t in inputs)
+        device = inputs[0].device
+        _checks.prepare_capture_safe(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), _checks.capture_safe_checks():
+            for _ in range(warmup):
+                self._step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph), _checks.capture_safe_checks():
+            self.static_loss = self._step(zero=False)
+
+    def _step(self, zero: bool = True) -> Tensor:
+        if zero and self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model, *self.static_inputs)
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        if len(inputs) != len(self.static_inputs):
+            raise ValueError(f"CapturedTrainingStep: expected {len(self.static_inputs)} input tensors, got {len(inputs)}")
+        for k, (dst, src) in enumerate(zip(self.static_inputs, inputs)):
+            if src.shape != dst.shape or src.dtype != dst.dtype:
+                raise ValueError(f"CapturedTrainingStep: input {k} is {src.dtype} {tuple(src.shape)} but the graph "
+                                 f"was captured with {dst.dtype} {tuple(dst.shape)}")
+            dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        return self.static_loss
