@@ -137,3 +137,66 @@ def test_seb_aligned_variants_use_16_byte_accesses(cap):
         ptx = compile_spec(spec, cap).asm["ptx"]
         assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, spec.name
         assert "ld.global.b32 " not in ptx, f"{spec.name}: scalar 4-byte loads of table rows"
+
+
+# ------------------------------------------------------------------------------------------------ dot precision
+
+_MMA_F64 = r"mma[^\n]*\.f64"
+
+
+def _precision_specs():
+    """(spec, cap) of every AOT spec with a dot-precision constexpr (the GEMM kernels), plus the float64 specs."""
+    params = []
+    for name, mod in MODULES:
+        for spec in mod.aot_specs():
+            if "PREC" in spec.constexprs or "fp64" in spec.name:
+                for cap in CAPS:
+                    params.append(pytest.param(spec, cap, id=f"{name}:{spec.name}:sm{cap}"))
+    return params
+
+
+@pytest.mark.parametrize("spec,cap", _precision_specs())
+def test_dot_precision_in_ptx(spec, cap):
+    """What the GPU runs, read off the PTX (the interpreter multiplies exactly whatever the kernel asks for):
+    PREC "ieee" -> no TF32 instruction at all (fp32 FMA products, as torch's default matmul); "tf32" -> TF32 MMA;
+    float64 operands -> fp64 MMA (mma ... .f64) and no TF32: the accumulator is float64 (out_dtype=acc.dtype;
+    triton 3.6 refused the float64 accumulator without it, so every float64 GEMM failed to compile on the GPU)."""
+    import re
+
+    ptx = compile_spec(spec, cap).asm["ptx"]
+    prec = spec.constexprs.get("PREC")
+    is64 = any(t == "*fp64" for t in spec.signature.values())
+    if prec == "tf32":
+        assert "tf32" in ptx, f"{spec.name}: PREC tf32 but no TF32 instruction"
+    else:
+        assert "tf32" not in ptx, f"{spec.name}: TF32 instructions although PREC is {prec!r}"
+    if is64 and prec is not None:
+        assert re.search(_MMA_F64, ptx), f"{spec.name}: float64 dot without fp64 MMA"
+
+
+def test_float64_gemm_kernels_are_compiled():
+    """The float64 GEMM and mutual kernels are part of the AOT set (they were not, and failed only on the GPU)."""
+    names = [s.name for _, mod in MODULES for s in mod.aot_specs()]
+    for prefix in ("mbl_grouped_mm[fp64", "mbl_all_mm[fp64", "mbl_wgrad[fp64", "mutual_fwd[fp64", "mutual_bwd[fp64"):
+        assert any(n.startswith(prefix) for n in names), prefix
+    for prefix in ("mbl_grouped_mm[fp32,tf32", "mbl_all_mm[fp32,tf32", "mbl_wgrad[fp32,tf32",
+                   "mutual_linear_fwd[fp32,tf32", "mutual_linear_bwd[fp32,tf32"):
+        assert any(n.startswith(prefix) for n in names), prefix
+
+
+def test_every_dot_names_its_precision_and_accumulator():
+    """Source check of every ``tl.dot`` in saml_kernels/triton: ``input_precision=`` (tl.dot's default is TF32 on
+    float32) and ``out_dtype=`` (triton <= 3.6 defaults it to float32 and rejects a float64 accumulator) are explicit.
+    Catches a new dot without them on any triton version (triton 3.8 alone would compile the float64 case)."""
+    import ast
+    import inspect
+
+    found = 0
+    for name, mod in MODULES:
+        for node in ast.walk(ast.parse(inspect.getsource(mod))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "dot"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "tl"):
+                found += 1
+                missing = {"input_precision", "out_dtype"} - {k.arg for k in node.keywords}
+                assert not missing, f"{name}.py line {node.lineno}: tl.dot without {sorted(missing)}"
+    assert found >= 2

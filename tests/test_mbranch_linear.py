@@ -354,3 +354,79 @@ def test_functional_export():
     assert saml_kernels.mbranch_linear is mbranch_linear
     assert saml_kernels.reference.mbranch_linear_reference is mbranch_linear_reference
     assert ref.ACTIVATIONS["gelu"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ dot precision
+
+@pytest.fixture
+def _restore_matmul_precision():
+    """Puts torch's float32 matmul setting back (legacy setter last: it leaves the legacy and new APIs in sync)."""
+    pytest.importorskip("triton")
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def test_dot_precision_follows_torch_legacy_setting(_restore_matmul_precision):
+    """float32 GEMMs are exact unless the user allowed TF32 for matmuls; other dtypes are always "ieee"."""
+    from saml_kernels.triton import dot_input_precision
+
+    torch.set_float32_matmul_precision("highest")
+    assert dot_input_precision(torch.float32) == "ieee"
+    for prec in ("high", "medium"):
+        torch.set_float32_matmul_precision(prec)
+        assert dot_input_precision(torch.float32) == "tf32", prec
+        for dt in (torch.float16, torch.bfloat16, torch.float64):
+            assert dot_input_precision(dt) == "ieee", (prec, dt)
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    assert dot_input_precision(torch.float32) == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert dot_input_precision(torch.float32) == "ieee"
+
+
+def test_dot_precision_follows_torch_new_api():
+    """torch >= 2.9 ``fp32_precision`` API, in a subprocess (it changes process-wide state that the legacy
+    ``allow_tf32`` getter then refuses to read): "tf32" at matmul or global level -> tf32; a mix of the two APIs
+    (where reading ``allow_tf32`` raises) must still be read, never crash the launch."""
+    import subprocess
+    import sys
+
+    if getattr(torch.backends.cuda.matmul, "fp32_precision", None) is None:
+        pytest.skip("torch < 2.9 has no fp32_precision API")
+    code = """
+import torch
+from saml_kernels.triton import dot_input_precision as p
+f = torch.float32
+out = [p(f)]
+torch.backends.cuda.matmul.fp32_precision = "tf32"; out.append(p(f))
+torch.backends.cuda.matmul.fp32_precision = "ieee"; out.append(p(f))
+torch.backends.cuda.matmul.fp32_precision = "none"; torch.backends.fp32_precision = "tf32"; out.append(p(f))
+torch.backends.fp32_precision = "none"; torch.backends.cuda.matmul.fp32_precision = "none"
+torch.set_float32_matmul_precision("high"); torch.backends.cuda.matmul.fp32_precision = "ieee"; out.append(p(f))
+out.append(p(torch.float64))
+print(",".join(out))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "ieee,tf32,ieee,tf32,ieee,ieee"
+
+
+def test_triton_launch_uses_chosen_precision(_restore_matmul_precision, monkeypatch):
+    """The launchers pass dot_input_precision(dtype) as the PREC constexpr of every GEMM kernel they start."""
+    pytest.importorskip("triton")
+    from triton.runtime.jit import KernelInterface
+
+    from saml_kernels.triton import mbranch_linear as tk
+
+    seen = []
+    monkeypatch.setattr(KernelInterface, "__getitem__", lambda self, grid: lambda *a, **k: seen.append(k.get("PREC")))
+    meta = lambda *s: torch.empty(s, device="meta")  # noqa: E731
+    for prec, want in (("highest", "ieee"), ("high", "tf32")):
+        torch.set_float32_matmul_precision(prec)
+        seen.clear()
+        s = torch.empty(6, dtype=torch.int64, device="meta")
+        tk.grouped_forward(meta(6, 4), meta(2, 4, 5), None, None, None, s, 0)
+        tk.all_forward(meta(6, 4), meta(2, 4, 5), None, None, None, 0)
+        tk.grouped_backward(meta(6, 5), meta(6, 4), meta(2, 4, 5), None, None, s, True, True, True, False, False)
+        assert seen and set(seen) == {want}, (prec, seen)

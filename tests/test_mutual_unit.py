@@ -307,3 +307,23 @@ def test_mutual_linear_cosine_large_magnitude_fp32(device, backend, N):
     _close_per_row(out.cpu(), ref.detach(), 1e-5, "out")
     _close_per_row(dx.cpu(), rdx, 1e-4, "grad x")
     _close_per_row(dw.cpu().flatten(0, 1), rdw.flatten(0, 1), 1e-4, "grad weight")
+
+
+@pytest.mark.parametrize("temperature", [0.7, 0.3, 0.6, 3.7, 1.0, 1e-3, 1e30])
+def test_triton_temperature_reaches_float64_kernels_exactly(temperature):
+    """Triton passes a Python float kernel argument as float32: 1/0.7 would carry a 6e-8 relative error into every
+    float64 softmax on the GPU (the interpreter keeps the Python float, so only a GPU run would show it). The
+    launchers pass 1/T as a float32 (hi, lo) pair that the kernels add in their accumulator dtype."""
+    pytest.importorskip("triton")
+    import numpy as np
+
+    from saml_kernels.triton import mutual_unit as tmu
+
+    hi, lo = tmu._inv_temperature(temperature)
+    assert float(np.float32(hi)) == hi and float(np.float32(lo)) == lo      # both are float32 values
+    inv = 1.0 / temperature
+    assert abs((hi + lo) - inv) <= 2.0 ** -44 * abs(inv)
+    assert float(np.float32(hi + lo)) == hi                                 # float32 kernels see exactly hi
+    for k in (tmu._mutual_fwd_kernel, tmu._mutual_bwd_kernel, tmu._mutual_linear_fwd_kernel,
+              tmu._mutual_linear_bwd_kernel):
+        assert "inv_t" not in k.arg_names and {"inv_t_hi", "inv_t_lo"} <= set(k.arg_names), k.arg_names

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-__all__ = ["AotSpec", "compile_spec", "torch_to_triton_ptr"]
+__all__ = ["AotSpec", "compile_spec", "torch_to_triton_ptr", "torch_allows_tf32", "dot_input_precision"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,49 @@ def torch_to_triton_ptr(dtype) -> str:
 
     return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
                   torch.int32: "i32", torch.int64: "i64"}[dtype]
+
+
+def torch_allows_tf32() -> bool:
+    """Whether PyTorch's own float32 matmul setting lets matmuls run in TF32 on this process.
+
+    torch >= 2.9 has the ``fp32_precision`` API (``torch.backends.cuda.matmul.fp32_precision`` = "ieee" | "tf32" |
+    "none"; "none" inherits ``torch.backends.fp32_precision``); it also reflects the legacy setters
+    (``allow_tf32 = True``, ``torch.set_float32_matmul_precision("high" | "medium")``). Reading the legacy
+    ``torch.backends.cuda.matmul.allow_tf32`` raises a RuntimeError there once the new API was used, so the new API
+    is read first, the legacy flag only on older torch, and ``get_float32_matmul_precision`` as a last resort.
+    Any failure to read the setting means "not allowed" (exact is the safe side)."""
+    import torch
+
+    mm = torch.backends.cuda.matmul
+    try:
+        prec = getattr(mm, "fp32_precision", None)
+        if prec is not None:
+            if prec == "none":
+                prec = getattr(torch.backends, "fp32_precision", "none")
+            return prec == "tf32"
+        return bool(mm.allow_tf32)
+    except (RuntimeError, AttributeError):
+        pass
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        return False
+
+
+def dot_input_precision(dtype) -> str:
+    """The ``input_precision`` constexpr of every ``tl.dot`` that a launcher starts for operands of ``dtype``.
+
+    ``tl.dot`` on float32 operands defaults to TF32 on sm_80+ (10-bit mantissa: ~1e-3 relative error), which
+    PyTorch's matmul does only when the user allows it. So float32 gets "ieee" (exact fp32 FMA products) unless
+    :func:`torch_allows_tf32`, then "tf32" (tensor cores), following ``torch.backends.cuda.matmul.allow_tf32`` /
+    ``torch.set_float32_matmul_precision``. float16/bfloat16 products are exact in the fp32 accumulator and
+    float64 runs on fp64 FMA / DMMA, so they always get "ieee" (the only value Triton accepts for float64).
+    Read at each launch: changing torch's setting takes effect on the next call (one compile per value)."""
+    import torch
+
+    if dtype == torch.float32 and torch_allows_tf32():
+        return "tf32"
+    return "ieee"
 
 
 def compile_spec(spec: AotSpec, capability: int) -> Any:

@@ -8,9 +8,19 @@ Kernel contracts (csrc/registry.cpp; shapes: x [B,K], weight [M,K,N], bias [M,N]
     grouped_backward: dW[m] = X_m^T dZ_m, db[m] = sum_b dZ_m, dWa[m] = Aux_m^T dZ_m,
                       dx[b] = dz[b] W[s_b]^T, daux[b] = dz[b] Wa[s_b]^T                     -> (dx, dW, db, daux, dWa)
 
-z is returned only for gelu/silu (their backward needs the pre-activation). Every dot accumulates in float32
-(float64 for float64 inputs); float32 inputs use IEEE fp32 products unless torch allows TF32 for matmuls
-(``torch.backends.cuda.matmul.allow_tf32``), so results match torch's own matmul policy.
+z is returned only for gelu/silu (their backward needs the pre-activation).
+
+Precision (the accumulator dtype ACC and the dot precision PREC are constexprs, one kernel for every dtype):
+- ACC = float64 for float64 operands, float32 otherwise; every ``tl.dot`` passes ``out_dtype=acc.dtype``
+  explicitly: triton <= 3.6 defaults ``out_dtype`` to float32 and rejects a float64 accumulator at compile time
+  (the float64 kernels did not compile on the GPU), triton 3.8 infers it from ``acc``. float64 dots lower to fp64
+  DMMA / FMA (``mma.sync ... .f64`` in the PTX), never through float32.
+- PREC = :func:`saml_kernels.triton.dot_input_precision`: "ieee" (exact fp32 products) for float32 unless torch
+  allows TF32 for matmuls (``torch.backends.cuda.matmul.allow_tf32`` / ``set_float32_matmul_precision``), then
+  "tf32", so results follow torch's own matmul policy; "ieee" for every other dtype.
+- The epilogue stays in ACC: Python scalars take the tensor's dtype, ``tl.math.erf`` / ``tl.exp`` on float64 lower
+  to libdevice's double functions (``__nv_erf``; its one cvt.rn.f32.f64 + ex2.approx is libdevice's own range
+  step, 2 ulp accurate per the CUDA math documentation).
 
 Grouped GEMM for unsorted rows, with no host synchronisation:
 1. on the device, ``torch.sort(scenario, stable=True)`` gives the permutation ``perm`` (rows grouped by scenario,
@@ -32,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-from . import AotSpec
+from . import AotSpec, dot_input_precision
 
 __all__ = ["grouped_forward", "all_forward", "grouped_backward", "aot_specs"]
 
@@ -44,11 +54,11 @@ _NEEDS_Z = (ACT_GELU, ACT_SILU)
 
 @triton.jit
 def _activate(z, ACT: tl.constexpr):
-    """act(z) elementwise, in the accumulator precision."""
+    """act(z) elementwise, in the accumulator precision (float64 stays float64 throughout)."""
     if ACT == 1:
         z = tl.where(z < 0, 0.0, z)        # keeps NaN, as torch.relu (tl.maximum would return 0)
     elif ACT == 2:
-        z = tl.where(z > 0, z, z * 0.01)
+        z = tl.where(z > 0, z, z * 0.01)   # a Python scalar takes z's dtype (0.01 as a double for fp64)
     elif ACT == 3:
         z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 4:
@@ -65,7 +75,10 @@ _INTERP_UPCAST_BF16 = tl.constexpr(_backend.triton_interpret())
 @triton.jit
 def _mm_rows(acc, a_ptr, rows, rmask, stride_ar, stride_ak, w_ptr, stride_wk, stride_wn, cols, cmask, K,
              BLOCK_K: tl.constexpr, PREC: tl.constexpr):
-    """acc += A[rows, :K] @ W[:K, cols]; rows are arbitrary (gathered) int64 row ids, masked rows read 0."""
+    """acc += A[rows, :K] @ W[:K, cols]; rows are arbitrary (gathered) int64 row ids, masked rows read 0.
+
+    acc [BM, BN] is float32, or float64 for float64 operands (its dtype is passed as out_dtype, see the module
+    docstring); PREC is the tl.dot input_precision chosen by the launcher."""
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         kmask = kk < K
@@ -77,7 +90,7 @@ def _mm_rows(acc, a_ptr, rows, rmask, stride_ar, stride_ak, w_ptr, stride_wk, st
             if a.dtype == tl.bfloat16:
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=PREC)
+        acc = tl.dot(a, w, acc, input_precision=PREC, out_dtype=acc.dtype)
     return acc
 
 
@@ -204,7 +217,7 @@ def _grouped_wgrad_kernel(a_ptr, g_ptr, dw_ptr, db_ptr, perm_ptr, seg_ptr,
             if at.dtype == tl.bfloat16:
                 at = at.to(tl.float32)
                 g = g.to(tl.float32)
-        acc = tl.dot(at, g, acc, input_precision=PREC)
+        acc = tl.dot(at, g, acc, input_precision=PREC, out_dtype=acc.dtype)
         if HAS_DB:
             dbacc += tl.sum(g.to(acc_dt), 0)
     tl.store(dw_ptr + m * stride_dwm + kk[:, None] * stride_dwk + cols[None, :] * stride_dwn,
@@ -245,13 +258,6 @@ def _launch(tuned, plain, interp_cfg, names, grid, *args, **kw):
         plain[grid(meta)](*args, **kw, **meta, num_warps=interp_cfg[3], num_stages=interp_cfg[4])
     else:
         tuned[grid](*args, **kw)
-
-
-def _precision(dtype) -> str:
-    """IEEE fp32 products unless torch itself allows TF32 matmuls; other dtypes multiply exactly anyway."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 def _pow2(n: int) -> int:
@@ -295,7 +301,7 @@ def _grouped_mm(a, w, bias, a2, w2, perm, seg, y, z, activation, w_k_dim=1, w_n_
             a2.stride(0) if a2 is not None else 0, a2.stride(1) if a2 is not None else 0, *w2s,
             y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, HAS_AUX=a2 is not None, ACT=activation, STORE_Z=z is not None,
-            MP=_pow2(max(M, 2)), PREC=_precision(a.dtype))
+            MP=_pow2(max(M, 2)), PREC=dot_input_precision(a.dtype))
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -347,7 +353,7 @@ def all_forward(x, weight, bias, aux, aux_weight, activation: int):
                 aux.stride(0) if aux is not None else 0, aux.stride(1) if aux is not None else 0, *w2s,
                 y.stride(0), y.stride(1), y.stride(2),
                 HAS_BIAS=bias is not None, HAS_AUX=aux is not None, ACT=activation, STORE_Z=z is not None,
-                PREC=_precision(x.dtype))
+                PREC=dot_input_precision(x.dtype))
     return y, (z if z is not None else x.new_empty(0))
 
 
@@ -359,7 +365,7 @@ def _wgrad(a, dz, perm, seg, dw, db):
             a, dz, dw, db if db is not None else dw, perm, seg, K, N,
             a.stride(0), a.stride(1), dz.stride(0), dz.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
             db.stride(0) if db is not None else 0, db.stride(1) if db is not None else 0,
-            HAS_DB=db is not None, PREC=_precision(a.dtype))
+            HAS_DB=db is not None, PREC=dot_input_precision(a.dtype))
 
 
 def grouped_backward(dz, x, weight, aux, aux_weight, scenario, need_dx: bool, need_dweight: bool,
@@ -414,11 +420,14 @@ def _segment_sum(dz, perm, seg, M):
 
 # ------------------------------------------------------------------------------------------------ AOT specs
 
-_DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
 def aot_specs() -> list:
-    """Every kernel x autotune config x code-changing constexpr variant, for sm_80/sm_90 AOT compilation."""
+    """Every kernel x autotune config x code-changing constexpr variant, for sm_80/sm_90 AOT compilation.
+
+    float32 is compiled with both dot precisions ("ieee", "tf32": which one runs follows torch's matmul setting);
+    float64 (fp64 accumulator, libdevice erf) with every config, as the autotuner may pick any of them."""
     specs = []
     for dt, dts in _DT.items():
         p = "*" + dts

@@ -27,6 +27,11 @@ two r_m (``_inv_scale``, from the exponent bits of max|h_m|; 1 for max|h_m| < 2)
 factor at a time after the O(|h|) factor c (r_o r_m underflows at |h| = 1e30). Rows longer than one tile get an
 extra pass for max|h_m| (cosine only).
 
+Precision: the mutual kernels compute in float32 (float64 for float64 h); 1/T reaches them as a float32 pair
+(hi, lo) summed in that dtype (``_inv_temperature``: a single float32 argument cost float64 a 6e-8 relative
+error on the GPU only). The fused GEMMs use ``dot_input_precision`` like mbranch_linear (exact fp32 unless torch
+allows TF32); the fused path is float32/half only, float64 runs all_forward (fp64 dots) + the mutual kernels.
+
 Layout: one program per BLOCK_B rows holds a [MP, BLOCK_B, BLOCK_N] register tile (all M branches, MP = M
 rounded up to a power of two); rows longer than BLOCK_N are handled by two passes over N tiles (dot products
 and norms first, then the mix), so any N works. Reductions run in a fixed order: deterministic.
@@ -45,8 +50,8 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-from . import AotSpec
-from .mbranch_linear import _activate, _mm_rows, _precision, _pow2, all_forward
+from . import AotSpec, dot_input_precision
+from .mbranch_linear import _activate, _mm_rows, _pow2, all_forward
 
 __all__ = ["mutual_forward", "mutual_backward", "mutual_linear_forward", "mutual_linear_backward", "fused_supported",
            "aot_specs"]
@@ -219,12 +224,13 @@ def _row_scale_passes(base, stride_hn, valid_m, own_mask, N, ACC: tl.constexpr, 
 # ------------------------------------------------------------------------------------------------ kernels
 
 @triton.jit
-def _mutual_fwd_kernel(h_ptr, s_ptr, out_ptr, attn_ptr, M, B, N, inv_t,
+def _mutual_fwd_kernel(h_ptr, s_ptr, out_ptr, attn_ptr, M, B, N, inv_t_hi, inv_t_lo,
                        stride_hm, stride_hb, stride_hn, stride_ob, stride_on, stride_ab, stride_am,
                        SIM: tl.constexpr, MP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                        SINGLE: tl.constexpr):
     pid = tl.program_id(0)
     ACC = tl.float64 if h_ptr.dtype.element_ty == tl.float64 else tl.float32   # float32 accumulation (64 for 64)
+    inv_t = tl.cast(inv_t_hi, ACC) + tl.cast(inv_t_lo, ACC)                  # 1/T to ~48 bits (_inv_temperature)
     rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     rmask = rows < B
     mi = tl.arange(0, MP)
@@ -265,12 +271,13 @@ def _mutual_fwd_kernel(h_ptr, s_ptr, out_ptr, attn_ptr, M, B, N, inv_t,
 
 
 @triton.jit
-def _mutual_bwd_kernel(g_ptr, h_ptr, s_ptr, attn_ptr, dh_ptr, M, B, N, inv_t,
+def _mutual_bwd_kernel(g_ptr, h_ptr, s_ptr, attn_ptr, dh_ptr, M, B, N, inv_t_hi, inv_t_lo,
                        stride_gb, stride_gn, stride_hm, stride_hb, stride_hn, stride_ab, stride_am,
                        stride_db, stride_dn,
                        SIM: tl.constexpr, MP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     ACC = tl.float64 if h_ptr.dtype.element_ty == tl.float64 else tl.float32   # float32 accumulation (64 for 64)
+    inv_t = tl.cast(inv_t_hi, ACC) + tl.cast(inv_t_lo, ACC)                  # 1/T to ~48 bits (_inv_temperature)
     rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     rmask = rows < B
     mi = tl.arange(0, MP)
@@ -312,7 +319,7 @@ def _mutual_bwd_kernel(g_ptr, h_ptr, s_ptr, attn_ptr, dh_ptr, M, B, N, inv_t,
 
 @triton.jit
 def _mutual_linear_fwd_kernel(x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_ptr, out_ptr, attn_ptr,
-                              M, B, N, K, K2, inv_t,
+                              M, B, N, K, K2, inv_t_hi, inv_t_lo,
                               stride_xb, stride_xk, stride_wm, stride_wk, stride_wn, stride_bm, stride_bn,
                               stride_a2b, stride_a2k, stride_w2m, stride_w2k, stride_w2n,
                               stride_ob, stride_on, stride_ab, stride_am,
@@ -322,6 +329,7 @@ def _mutual_linear_fwd_kernel(x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_ptr, out
     """For a block of rows: h_m = act(x W_m + aux Wa_m + bias_m) for every m into a [MP, BB, BN] register tile,
     then the mutual mix; only out [BB, N] and attn [BB, M] reach memory."""
     pid = tl.program_id(0)
+    inv_t = inv_t_hi + inv_t_lo                                              # float32 kernel: == inv_t_hi
     rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     rmask = rows < B
     cols = tl.arange(0, BLOCK_N)
@@ -345,7 +353,7 @@ def _mutual_linear_fwd_kernel(x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_ptr, out
 
 @triton.jit
 def _mutual_linear_bwd_kernel(g_ptr, x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_ptr, attn_ptr, dz_ptr,
-                              M, B, N, K, K2, inv_t,
+                              M, B, N, K, K2, inv_t_hi, inv_t_lo,
                               stride_gb, stride_gn, stride_xb, stride_xk, stride_wm, stride_wk, stride_wn,
                               stride_bm, stride_bn, stride_a2b, stride_a2k, stride_w2m, stride_w2k, stride_w2n,
                               stride_ab, stride_am, stride_db, stride_dn,
@@ -355,6 +363,7 @@ def _mutual_linear_bwd_kernel(g_ptr, x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_p
     """Recompute backward: h for all m in registers (as the forward), the mutual backward with attn from the
     forward, then dz_own = d own * act'(z[s_b, b]). Only dz_own [BB, N] reaches memory."""
     pid = tl.program_id(0)
+    inv_t = inv_t_hi + inv_t_lo                                              # float32 kernel: == inv_t_hi
     rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     rmask = rows < B
     cols = tl.arange(0, BLOCK_N)
@@ -381,6 +390,18 @@ def _mutual_linear_bwd_kernel(g_ptr, x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_p
 
 # ------------------------------------------------------------------------------------------------ launchers
 
+def _inv_temperature(temperature: float):
+    """1/T as two float32 kernel arguments (hi, lo) with hi + lo = 1/T to ~48 bits.
+
+    Triton passes a Python float to a kernel as float32: 1/0.7 would carry a 6e-8 relative error into every float64
+    softmax (a device-only error: the interpreter keeps the Python float). The kernels add hi and lo in their
+    accumulator dtype, so float64 gets 1/T to ~2^-48 and float32 gets hi (lo is below half an ulp of hi)."""
+    inv = 1.0 / float(temperature)
+    hi = torch.tensor(inv, dtype=torch.float32).item()         # round to nearest float32 (inf past its range)
+    lo = torch.tensor(inv - hi, dtype=torch.float32).item() if math.isfinite(hi) else 0.0
+    return hi, lo
+
+
 def _mix_blocks(M: int, N: int):
     """(MP, BLOCK_B, BLOCK_N, num_warps) for the mutual kernels: the [MP, BB, BN] tile within _ELEMS."""
     MP = _pow2(max(M, 1))
@@ -402,7 +423,7 @@ def mutual_forward(h, scenario, temperature: float, similarity: int):
         return out, attn
     MP, BB, BN, nw = _mix_blocks(M, N)
     _mutual_fwd_kernel[(triton.cdiv(B, BB),)](
-        h, scenario, out, attn, M, B, N, 1.0 / temperature, h.stride(0), h.stride(1), h.stride(2),
+        h, scenario, out, attn, M, B, N, *_inv_temperature(temperature), h.stride(0), h.stride(1), h.stride(2),
         out.stride(0), out.stride(1), attn.stride(0), attn.stride(1),
         SIM=similarity, MP=MP, BLOCK_B=BB, BLOCK_N=BN, SINGLE=N <= BN, num_warps=nw)
     return out, attn
@@ -416,7 +437,7 @@ def mutual_backward(grad_out, h, scenario, attn, temperature: float, similarity:
         return dh
     MP, BB, BN, nw = _mix_blocks(M, N)
     _mutual_bwd_kernel[(triton.cdiv(B, BB),)](
-        grad_out, h, scenario, attn, dh, M, B, N, 1.0 / temperature,
+        grad_out, h, scenario, attn, dh, M, B, N, *_inv_temperature(temperature),
         grad_out.stride(0), grad_out.stride(1), h.stride(0), h.stride(1), h.stride(2),
         attn.stride(0), attn.stride(1), dh.stride(0), dh.stride(1),
         SIM=similarity, MP=MP, BLOCK_B=BB, BLOCK_N=BN, num_warps=nw)
@@ -489,10 +510,10 @@ def mutual_linear_forward(x, weight, bias, aux, aux_weight, scenario, activation
     MP, BB, BN = _fused_blocks(M, N)
     K2 = aux.shape[1] if aux is not None else 0
     ptrs, strides = _linear_args(x, weight, bias, aux, aux_weight, out)
-    args = (*ptrs, scenario, out, attn, M, B, N, K, K2, 1.0 / temperature, *strides,
+    args = (*ptrs, scenario, out, attn, M, B, N, K, K2, *_inv_temperature(temperature), *strides,
             out.stride(0), out.stride(1), attn.stride(0), attn.stride(1))
     kw = dict(HAS_BIAS=bias is not None, HAS_AUX=aux is not None, ACT=activation, SIM=similarity,
-              PREC=_precision(x.dtype), MP=MP, BLOCK_B=BB, BLOCK_N=BN)
+              PREC=dot_input_precision(x.dtype), MP=MP, BLOCK_B=BB, BLOCK_N=BN)
     _launch_fused(_mutual_linear_fwd_kernel, _fused_tuned, (triton.cdiv(B, BB),), args, kw)
     return out, attn
 
@@ -520,11 +541,11 @@ def mutual_linear_backward(grad_out, x, weight, bias, aux, aux_weight, scenario,
     MP, BB, BN = _fused_blocks(M, N)
     K2 = aux.shape[1] if aux is not None else 0
     ptrs, strides = _linear_args(x, weight, bias, aux, aux_weight, dz)
-    args = (grad_out, *ptrs, scenario, attn, dz, M, B, N, K, K2, 1.0 / temperature,
+    args = (grad_out, *ptrs, scenario, attn, dz, M, B, N, K, K2, *_inv_temperature(temperature),
             grad_out.stride(0), grad_out.stride(1), *strides, attn.stride(0), attn.stride(1),
             dz.stride(0), dz.stride(1))
     kw = dict(HAS_BIAS=bias is not None, HAS_AUX=aux is not None, ACT=activation, SIM=similarity,
-              PREC=_precision(x.dtype), MP=MP, BLOCK_B=BB, BLOCK_N=BN)
+              PREC=dot_input_precision(x.dtype), MP=MP, BLOCK_B=BB, BLOCK_N=BN)
     _launch_fused(_mutual_linear_bwd_kernel, _fused_bwd_tuned, (triton.cdiv(B, BB),), args, kw)
     return dz
 
@@ -538,43 +559,48 @@ def aot_specs() -> list:
     (8, 512) the two-pass path. Both similarity codes are compiled for float32, cosine for half types (the
     similarity changes a few scalar ops only). Kept small: these 3-D tile kernels take ~5-15 s each to compile."""
     specs = []
-    dts = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    dts = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
     for dt, name in dts.items():
         p = "*" + name
-        for sim in ((0, 1) if dt == torch.float32 else (0,)):
+        for sim in ((0, 1) if dt in (torch.float32, torch.float64) else (0,)):
             for M, N in ((4, 64), (8, 512)):
                 MP, BB, BN, nw = _mix_blocks(M, N)
                 const = dict(SIM=sim, MP=MP, BLOCK_B=BB, BLOCK_N=BN, SINGLE=N <= BN)
                 sig = dict(h_ptr=p, s_ptr="*i64", out_ptr=p, attn_ptr="*fp32", M="i32", B="i32", N="i32",
-                           inv_t="fp32", **{k: "i32" for k in ("stride_hm", "stride_hb", "stride_hn", "stride_ob",
+                           inv_t_hi="fp32", inv_t_lo="fp32", **{k: "i32" for k in ("stride_hm", "stride_hb", "stride_hn", "stride_ob",
                                                                "stride_on", "stride_ab", "stride_am")})
                 sig.update({k: "constexpr" for k in const})
                 specs.append(AotSpec(f"mutual_fwd[{name},sim{sim},M{M},N{N}]", _mutual_fwd_kernel, sig, const, nw))
                 const = dict(SIM=sim, MP=MP, BLOCK_B=BB, BLOCK_N=BN)
                 sig = dict(g_ptr=p, h_ptr=p, s_ptr="*i64", attn_ptr="*fp32", dh_ptr=p, M="i32", B="i32", N="i32",
-                           inv_t="fp32", **{k: "i32" for k in ("stride_gb", "stride_gn", "stride_hm", "stride_hb",
+                           inv_t_hi="fp32", inv_t_lo="fp32", **{k: "i32" for k in ("stride_gb", "stride_gn", "stride_hm", "stride_hb",
                                                                "stride_hn", "stride_ab", "stride_am", "stride_db",
                                                                "stride_dn")})
                 sig.update({k: "constexpr" for k in const})
                 specs.append(AotSpec(f"mutual_bwd[{name},sim{sim},M{M},N{N}]", _mutual_bwd_kernel, sig, const, nw))
-        shapes = [((4, 256), c) for c in _FUSED_CONFIGS] + ([((4, 64), _FUSED_CONFIGS[0])] if dt == torch.float32 else [])
-        for (M, N), c in shapes:
+        if dt == torch.float64:     # the fused kernels never run in float64 (fused_supported)
+            continue
+        # (shape, config, dot precision): float32 also with "tf32" (used when torch allows TF32 matmuls)
+        shapes = [((4, 256), c, "ieee") for c in _FUSED_CONFIGS]
+        if dt == torch.float32:
+            shapes += [((4, 64), _FUSED_CONFIGS[0], "ieee")] + [((4, 256), c, "tf32") for c in _FUSED_CONFIGS]
+        for (M, N), c, prec in shapes:
             MP, BB, BN = _fused_blocks(M, N)
-            const = dict(HAS_BIAS=True, HAS_AUX=True, ACT=3, SIM=0, PREC="ieee", MP=MP, BLOCK_B=BB, BLOCK_N=BN,
+            const = dict(HAS_BIAS=True, HAS_AUX=True, ACT=3, SIM=0, PREC=prec, MP=MP, BLOCK_B=BB, BLOCK_N=BN,
                          BLOCK_K=c[0])
             strides = ("stride_xb", "stride_xk", "stride_wm", "stride_wk", "stride_wn", "stride_bm", "stride_bn",
                        "stride_a2b", "stride_a2k", "stride_w2m", "stride_w2k", "stride_w2n")
             sig = dict(x_ptr=p, w_ptr=p, bias_ptr=p, a2_ptr=p, w2_ptr=p, s_ptr="*i64", out_ptr=p,
-                       attn_ptr="*fp32", M="i32", B="i32", N="i32", K="i32", K2="i32", inv_t="fp32",
+                       attn_ptr="*fp32", M="i32", B="i32", N="i32", K="i32", K2="i32", inv_t_hi="fp32", inv_t_lo="fp32",
                        **{k: "i32" for k in strides + ("stride_ob", "stride_on", "stride_ab", "stride_am")})
             sig.update({k: "constexpr" for k in const})
-            specs.append(AotSpec(f"mutual_linear_fwd[{name},M{M},N{N},k{c[0]},w{c[1]}]",
+            specs.append(AotSpec(f"mutual_linear_fwd[{name},{prec},M{M},N{N},k{c[0]},w{c[1]}]",
                                  _mutual_linear_fwd_kernel, sig, const, c[1], c[2]))
             sig = dict(g_ptr=p, x_ptr=p, w_ptr=p, bias_ptr=p, a2_ptr=p, w2_ptr=p, s_ptr="*i64", attn_ptr="*fp32",
-                       dz_ptr=p, M="i32", B="i32", N="i32", K="i32", K2="i32", inv_t="fp32",
+                       dz_ptr=p, M="i32", B="i32", N="i32", K="i32", K2="i32", inv_t_hi="fp32", inv_t_lo="fp32",
                        **{k: "i32" for k in ("stride_gb", "stride_gn") + strides
                           + ("stride_ab", "stride_am", "stride_db", "stride_dn")})
             sig.update({k: "constexpr" for k in const})
-            specs.append(AotSpec(f"mutual_linear_bwd[{name},M{M},N{N},k{c[0]},w{c[1]}]",
+            specs.append(AotSpec(f"mutual_linear_bwd[{name},{prec},M{M},N{N},k{c[0]},w{c[1]}]",
                                  _mutual_linear_bwd_kernel, sig, const, c[1], c[2]))
     return specs
