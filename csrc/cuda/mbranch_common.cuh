@@ -400,6 +400,10 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs<T> p) {
 
 inline unsigned cdiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
+// The launchers need nvcc's <<< >>>; tests/test_cuda_sync_free.py compiles the kernels above with a host compiler
+// (threads emulating a CTA) to run their index logic on the CPU, so they stay outside that build.
+#if defined(__CUDACC__)
+
 // Launchers (tensor cores only for 16-bit types; `tc` comes from use_tensor_cores). grid as in the contracts above.
 template <typename T, typename OutT>
 void launch_row_gemm(const RowGemmArgs<T, OutT>& p, dim3 grid, bool tc, cudaStream_t stream) {
@@ -424,6 +428,8 @@ void launch_wgrad(const WgradArgs<T>& p, int64_t M, bool tc, cudaStream_t stream
   }
   wgrad_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
 }
+
+#endif  // __CUDACC__
 
 // Grid limits of the launches above (y and z are 16-bit in CUDA).
 inline void check_grid(int64_t N, int64_t M, const char* op) {
