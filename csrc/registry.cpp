@@ -20,6 +20,13 @@ TORCH_LIBRARY(saml_C, m) {
       "Tensor scenario, Tensor global_weight, Tensor scenario_weight, Tensor feature_rows, "
       "Tensor feature_scenario_rows, Tensor aware_slot, Tensor? per_sample_weights, int pooling, "
       "int bag_len, bool need_psw_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Dense gradients (dG [R, D], dS [M, Rs, D], grad_psw [nnz] or empty) with no host read (CUDA; the other
+  // backends build them from seb_backward_rows). Same math as seb_backward_rows.
+  m.def(
+      "seb_backward_dense(Tensor grad_global, Tensor grad_scenario, Tensor indices, Tensor offsets, "
+      "Tensor scenario, Tensor global_weight, Tensor scenario_weight, Tensor feature_rows, "
+      "Tensor feature_scenario_rows, Tensor aware_slot, Tensor? per_sample_weights, int pooling, "
+      "int bag_len, bool need_psw_grad) -> (Tensor, Tensor, Tensor)");
   // Fused optimizer in the backward (FBGEMM style): applies the update to the touched rows in place and
   // materialises no gradient. optimizer: 1 = SGD, 2 = row-wise Adagrad; with g the row's summed gradient,
   // g' = g + weight_decay * w, SGD w -= lr * g', Adagrad state[row] += mean_d(g'^2), w -= lr * g' / (sqrt(state[row])

@@ -11,8 +11,9 @@
 // unrolled (UNROLL independent row loads in flight per lane) and each warp serves 32/G bags at once.
 // Rows are int64 before the multiply by D. Accumulation: float32 (float64 for double tables).
 // Backward: keys kernel (2 entries per id: global row, R + scenario row, or a sentinel) -> at::sort(stable)
-// -> unique_consecutive -> one group per unique row sums its entries in sorted (= id) order: deterministic,
-// no float atomics. The fused optimizer applies SGD / row-wise Adagrad in that same segment kernel.
+// -> one group per unique row sums its entries in sorted (= id) order: deterministic, no float atomics. The
+// training paths (dense gradients, fused SGD / row-wise Adagrad) schedule the segments on the device with no
+// host read (see `schedule`); only seb_backward_rows, whose outputs have data-dependent shapes, reads counts.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -221,31 +222,33 @@ __global__ void __launch_bounds__(kThreads) seb_bwd_keys_kernel(
   }
 }
 
-enum SegMode : int { kWrite = 0, kSgd = 1, kAdagrad = 2 };
+enum SegMode : int { kWrite = 0, kSgd = 1, kAdagrad = 2, kWriteRow = 3 };
 
 // One group per segment u: g = sum over entries k in [start[u], end[u]) of scale * gradient row.
 //   Entry k of a first-level pass is e = perm[k]: e < nnz reads gg row src[e], e >= nnz gs row src[e], times
 //   scale[e mod nnz]. With perm == nullptr (second level of a split), entry k is row k of gg (the partial sums).
-// kWrite stores g into out[u] (out_t: the weight dtype, or acc_t for first-level partials); kSgd / kAdagrad
+// kWrite stores g into out[u] (out_t: the weight dtype, or acc_t for first-level partials); kWriteRow stores it
+// into the row's place of a dense gradient (gw / sw then point at dG / dS, zero-initialised); kSgd / kAdagrad
 // update the weight row in place (uniq[u] < R: global row, else scenario row uniq[u] - R). Columns are done
 // kChunks * G * VEC at a time; Adagrad with a wider D walks the segment twice (sum of squares first), so no
 // gradient row is ever stored. Each segment is owned by one group: no two threads write one row.
 // The optimizer modes read hp = [lr, eps, weight_decay, apply] (saml_common.h, FusedHparam) from device memory:
 // apply == 0 skips the update, upd_g / upd_s false leave a frozen table (and its state) untouched, and with
-// weight decay the row's gradient is g' = g + wd * w.
+// weight decay the row's gradient is g' = g + wd * w. U is a capacity when count != nullptr: the groups past the
+// device-side *count exit (the sync-free schedule sizes the grid without reading the data).
 template <typename in_t, typename out_t, int VEC, int MODE>
 __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
     const int64_t* __restrict__ start, const int64_t* __restrict__ end, const int64_t* __restrict__ uniq,
     const int64_t* __restrict__ perm, const int64_t* __restrict__ src,
     const typename Acc<out_t>::type* __restrict__ scale, const in_t* __restrict__ gg, const in_t* __restrict__ gs,
     out_t* __restrict__ out, out_t* __restrict__ gw, out_t* __restrict__ sw, float* __restrict__ gst,
-    float* __restrict__ sst, int64_t U, int64_t D, int64_t nnz, int64_t R, const double* __restrict__ hp,
-    bool upd_g, bool upd_s, int G) {
+    float* __restrict__ sst, int64_t U, const int64_t* __restrict__ count, int64_t D, int64_t nnz, int64_t R,
+    const double* __restrict__ hp, bool upd_g, bool upd_s, int G) {
   using acc_t = typename Acc<out_t>::type;
   const int lane = threadIdx.x & (G - 1);
   const int64_t u = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / G;
-  if (u >= U) return;
-  if constexpr (MODE != kWrite) {
+  if (u >= U || (count != nullptr && u >= *count)) return;
+  if constexpr (MODE == kSgd || MODE == kAdagrad) {
     if (hp[saml::kApply] == 0.0) return;
     if (uniq[u] >= R ? !upd_s : !upd_g) return;
   }
@@ -281,13 +284,15 @@ __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
       }
     }
   };
-  if constexpr (MODE == kWrite) {
+  if constexpr (MODE == kWrite || MODE == kWriteRow) {
+    out_t* o = out + u * D;
+    if constexpr (MODE == kWriteRow) o = uniq[u] >= R ? sw + (uniq[u] - R) * D : gw + uniq[u] * D;
     for (int64_t base = 0; base < D; base += span) {
       walk(base);
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
         const int64_t d = base + (int64_t(c) * G + lane) * VEC;
-        if (d < D) store_vec<out_t, acc_t, VEC>(out + u * D + d, acc[c], acc_t(1));
+        if (d < D) store_vec<out_t, acc_t, VEC>(o + d, acc[c], acc_t(1));
       }
     }
   } else {
@@ -450,6 +455,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seb_forward_cuda(
 // The sorted, deduplicated entries of a backward pass.
 struct Sorted {
   at::Tensor uniq, perm, seg, src, scale, gpsw, gg, gs;
+  at::Tensor keys;  // the sorted keys [2 nnz] (sentinels last)
   int64_t ng = 0, nall = 0;  // uniq[0, ng) global rows; uniq[ng, nall) R + scenario rows; rest: sentinel
   int64_t longest = 0;       // most entries of one (non-sentinel) row
 };
@@ -457,8 +463,9 @@ struct Sorted {
 // Longest run of entries one group sums in one pass; longer segments (hot rows) are split in two levels.
 constexpr int64_t kPiece = 32;
 
-Sorted sort_entries(const Args& a, const at::Tensor& grad_global, const at::Tensor& grad_scenario, int64_t pooling,
-                    int64_t bag_len, bool need_psw) {
+// The keys kernel and the stable sort: entries (perm, src, scale) and sorted keys, no host read.
+Sorted sort_keys(const Args& a, const at::Tensor& grad_global, const at::Tensor& grad_scenario, int64_t pooling,
+                 int64_t bag_len, bool need_psw) {
   Sorted s;
   const auto dev = a.indices.device();
   const auto acc_dtype = a.gw.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -497,7 +504,18 @@ Sorted sort_entries(const Args& a, const at::Tensor& grad_global, const at::Tens
   // Stable: entries of one row keep their id order, so every row's sum has a fixed order (bitwise repeatable).
   auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   s.perm = std::get<1>(sorted);
-  auto uc = at::unique_consecutive(std::get<0>(sorted), /*return_inverse=*/false, /*return_counts=*/true, 0);
+  s.keys = std::get<0>(sorted);
+  return s;
+}
+
+// sort_keys, then the unique rows with host-known counts (the rows API returns data-dependent shapes: one host
+// read). The training paths (dense gradients, fused update) use the sync-free `schedule` below instead.
+Sorted sort_entries(const Args& a, const at::Tensor& grad_global, const at::Tensor& grad_scenario, int64_t pooling,
+                    int64_t bag_len, bool need_psw) {
+  Sorted s = sort_keys(a, grad_global, grad_scenario, pooling, bag_len, need_psw);
+  if (a.nnz == 0 || a.nbags == 0) return s;
+  const auto keys = s.keys;
+  auto uc = at::unique_consecutive(s.keys, /*return_inverse=*/false, /*return_counts=*/true, 0);
   s.uniq = std::get<0>(uc);
   s.seg = at::zeros({s.uniq.numel() + 1}, keys.options());
   const auto counts = std::get<2>(uc);
@@ -512,11 +530,14 @@ Sorted sort_entries(const Args& a, const at::Tensor& grad_global, const at::Tens
   return s;
 }
 
+// One segment-kernel launch over the U = start.numel() segments [start[u], end[u]) (capacity, with the real
+// count on the device when count is defined). uniq: the segments' keys; perm / src / scale: the sorted entries.
 template <typename in_t, typename out_t, int MODE>
-void launch_segment_kernel(const Args& a, const at::Tensor& start, const at::Tensor& end, const Sorted& s,
-                           bool direct, const at::Tensor& gg, const at::Tensor& gs, const at::Tensor& out,
-                           const at::Tensor& gstate, const at::Tensor& sstate, const at::Tensor& hparams,
-                           bool upd_g, bool upd_s) {
+void launch_segment_kernel(const Args& a, const at::Tensor& start, const at::Tensor& end, const at::Tensor& uniq,
+                           const at::Tensor& count, const Sorted& s, bool direct, const at::Tensor& gg,
+                           const at::Tensor& gs, const at::Tensor& out, const at::Tensor& gstate,
+                           const at::Tensor& sstate, const at::Tensor& hparams, bool upd_g, bool upd_s,
+                           const at::Tensor& wg = at::Tensor(), const at::Tensor& ws = at::Tensor()) {
   using acc_t = typename Acc<out_t>::type;
   const int64_t U = start.numel();
   if (U == 0) return;
@@ -527,12 +548,14 @@ void launch_segment_kernel(const Args& a, const at::Tensor& start, const at::Ten
     constexpr int VEC = decltype(vec)::value;
     const int G = group_size(a.D, VEC);
     seb_segment_kernel<in_t, out_t, VEC, MODE><<<blocks_for(U, G), kThreads, 0, stream>>>(
-        start.data_ptr<int64_t>(), end.data_ptr<int64_t>(), s.uniq.data_ptr<int64_t>(),
+        start.data_ptr<int64_t>(), end.data_ptr<int64_t>(), uniq.data_ptr<int64_t>(),
         direct ? nullptr : s.perm.data_ptr<int64_t>(), s.src.data_ptr<int64_t>(), s.scale.data_ptr<acc_t>(),
         gg.data_ptr<in_t>(), gs.data_ptr<in_t>(), out.defined() ? out.data_ptr<out_t>() : nullptr,
-        MODE == kWrite ? nullptr : a.gw.data_ptr<out_t>(), MODE == kWrite ? nullptr : a.sw.data_ptr<out_t>(),
+        MODE == kWrite ? nullptr : (wg.defined() ? wg : a.gw).data_ptr<out_t>(),
+        MODE == kWrite ? nullptr : (ws.defined() ? ws : a.sw).data_ptr<out_t>(),
         gstate.defined() ? gstate.data_ptr<float>() : nullptr,
-        sstate.defined() ? sstate.data_ptr<float>() : nullptr, U, a.D, a.nnz, a.R,
+        sstate.defined() ? sstate.data_ptr<float>() : nullptr, U,
+        count.defined() ? count.data_ptr<int64_t>() : nullptr, a.D, a.nnz, a.R,
         hparams.defined() ? hparams.data_ptr<double>() : nullptr, upd_g, upd_s, G);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -553,8 +576,8 @@ void launch_segments(const Args& a, const Sorted& s, const at::Tensor& out, cons
     using sc_t = scalar_t;
     using acc_t = typename Acc<sc_t>::type;
     if (s.longest <= kPiece) {
-      launch_segment_kernel<sc_t, sc_t, MODE>(a, starts, ends, s, false, s.gg, s.gs, out, gstate, sstate, hparams,
-                                              upd_g, upd_s);
+      launch_segment_kernel<sc_t, sc_t, MODE>(a, starts, ends, s.uniq, at::Tensor(), s, false, s.gg, s.gs, out,
+                                              gstate, sstate, hparams, upd_g, upd_s);
       return;
     }
     const auto counts = ends - starts;
@@ -567,11 +590,100 @@ void launch_segments(const Args& a, const Sorted& s, const at::Tensor& out, cons
                         (at::arange(total, counts.options()) - pfirst.index_select(0, owner)) * kPiece;
     const auto pend = at::minimum(pstart + kPiece, ends.index_select(0, owner));
     auto part = at::empty({total, a.D}, a.gw.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    launch_segment_kernel<sc_t, acc_t, kWrite>(a, pstart, pend, s, false, s.gg, s.gs, part, at::Tensor(),
-                                               at::Tensor(), at::Tensor(), true, true);
-    launch_segment_kernel<acc_t, sc_t, MODE>(a, pfirst, pcum, s, true, part, part, out, gstate, sstate, hparams,
-                                             upd_g, upd_s);
+    launch_segment_kernel<sc_t, acc_t, kWrite>(a, pstart, pend, s.uniq, at::Tensor(), s, false, s.gg, s.gs, part,
+                                               at::Tensor(), at::Tensor(), at::Tensor(), true, true);
+    launch_segment_kernel<acc_t, sc_t, MODE>(a, pfirst, pcum, s.uniq, at::Tensor(), s, true, part, part, out,
+                                             gstate, sstate, hparams, upd_g, upd_s);
   });
+}
+
+// ---- the sync-free schedule of the training paths (dense gradients, fused update)
+//
+// Over the n2 = 2 nnz sorted keys (sentinels last), with capacities the host knows and counts kept on the device:
+//   segment u = the entries of one unique row (u < nseg), run r = at most kPiece consecutive entries of one row
+//   (a segment is cut at multiples of kPiece, so a hot row is many runs; r < nrun).
+// Level 1 sums every run into part[r] (acc_t); level 2 gives every segment the ordered sum of its runs and applies
+// the mode. Both orders are fixed (bitwise repeatable); no float atomics; the grids are sized by n2, and groups
+// past the device-side counts exit. Mirrored in Python by tests/test_cuda_seb_schedule.py.
+struct Schedule {
+  at::Tensor uniq;       // [n2] key of segment u
+  at::Tensor seg_run;    // [n2 + 1] segment u = runs [seg_run[u], seg_run[u + 1])
+  at::Tensor run_start;  // [n2 + 1] run r = sorted entries [run_start[r], run_start[r + 1])
+  at::Tensor nseg, nrun;  // [1] int64, on the device
+};
+
+// Exclusive prefix count of `head` with the total appended ([n2 + 1]), and the entry where each counted item
+// starts ([n2 + 1]: start of item i for i < count, start[count] = nvalid; later slots hold in-range filler).
+std::pair<at::Tensor, at::Tensor> heads_to_starts(const at::Tensor& head, const at::Tensor& nvalid) {
+  const int64_t n2 = head.numel();
+  const auto opts = nvalid.options();
+  auto excl = at::zeros({n2 + 1}, opts);
+  excl.narrow(0, 1, n2).copy_(at::cumsum(head, 0));
+  auto start = at::full({n2 + 1}, n2, opts);
+  // non-heads are scattered to the spare slot n2; then slot count gets the end of the last item
+  start.scatter_(0, at::where(head, excl.narrow(0, 0, n2), at::full({}, n2, opts)), at::arange(n2, opts));
+  start.scatter_(0, excl.narrow(0, n2, 1), nvalid);
+  return {excl, start};
+}
+
+Schedule schedule(const at::Tensor& keys) {
+  const int64_t n2 = keys.numel();
+  const auto opts = keys.options();
+  const auto valid = keys.ne(kSentinel);
+  auto differs = at::ones({n2}, valid.options());
+  if (n2 > 1) differs.narrow(0, 1, n2 - 1).copy_(keys.narrow(0, 1, n2 - 1).ne(keys.narrow(0, 0, n2 - 1)));
+  const auto seg_head = valid & differs;
+  const auto run_head = valid & (differs | at::arange(n2, opts).remainder(kPiece).eq(0));
+  const auto nvalid = valid.sum().reshape({1}).to(at::kLong);
+  Schedule c;
+  at::Tensor seg_excl, seg_start, run_excl;
+  std::tie(seg_excl, seg_start) = heads_to_starts(seg_head, nvalid);
+  std::tie(run_excl, c.run_start) = heads_to_starts(run_head, nvalid);
+  c.nseg = seg_excl.narrow(0, n2, 1);
+  c.nrun = run_excl.narrow(0, n2, 1);
+  c.uniq = keys.gather(0, seg_start.narrow(0, 0, n2).clamp_max(n2 - 1));
+  c.seg_run = run_excl.gather(0, seg_start);
+  return c;
+}
+
+// Both levels for MODE (kWriteRow into wg / ws, or kSgd / kAdagrad on the tables).
+template <int MODE>
+void launch_two_level(const Args& a, const Sorted& s, const Schedule& c, const at::Tensor& gstate,
+                      const at::Tensor& sstate, const at::Tensor& hparams, bool upd_g, bool upd_s,
+                      const at::Tensor& wg = at::Tensor(), const at::Tensor& ws = at::Tensor()) {
+  const int64_t n2 = s.keys.numel();
+  if (n2 == 0 || a.D == 0) return;
+  SAML_DISPATCH_FLOATING(a.gw.scalar_type(), "seb_two_level_cuda", [&] {
+    using sc_t = scalar_t;
+    using acc_t = typename Acc<sc_t>::type;
+    auto part = at::empty({n2, a.D}, a.gw.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    launch_segment_kernel<sc_t, acc_t, kWrite>(a, c.run_start.narrow(0, 0, n2), c.run_start.narrow(0, 1, n2),
+                                               c.uniq, c.nrun, s, false, s.gg, s.gs, part, at::Tensor(),
+                                               at::Tensor(), at::Tensor(), true, true);
+    launch_segment_kernel<acc_t, sc_t, MODE>(a, c.seg_run.narrow(0, 0, n2), c.seg_run.narrow(0, 1, n2), c.uniq,
+                                             c.nseg, s, true, part, part, at::Tensor(), gstate, sstate, hparams,
+                                             upd_g, upd_s, wg, ws);
+  });
+}
+
+// Dense gradients without a host read: (dG [R, D], dS [M, Rs, D], grad_psw [nnz] or empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> seb_backward_dense_cuda(
+    const at::Tensor& grad_global, const at::Tensor& grad_scenario, const at::Tensor& indices,
+    const at::Tensor& offsets, const at::Tensor& scenario, const at::Tensor& gw, const at::Tensor& sw,
+    const at::Tensor& fr, const at::Tensor& fsr, const at::Tensor& slot, const c10::optional<at::Tensor>& psw,
+    int64_t pooling, int64_t bag_len, bool need_psw_grad) {
+  const c10::cuda::CUDAGuard guard(indices.device());
+  Args a = prepare(indices, offsets, scenario, gw, sw, fr, fsr, slot, psw, "seb_backward_dense");
+  const bool need_psw = need_psw_grad && a.psw.defined();
+  Sorted s = sort_keys(a, grad_global, grad_scenario, pooling, bag_len, need_psw);
+  auto dg = at::zeros_like(a.gw);
+  auto ds = at::zeros_like(a.sw);
+  if (s.keys.defined() && s.keys.numel()) {
+    launch_two_level<kWriteRow>(a, s, schedule(s.keys), at::Tensor(), at::Tensor(), at::Tensor(), true, true, dg,
+                                ds);
+  }
+  at::Tensor gpsw = need_psw ? s.gpsw.to(psw->scalar_type()) : at::empty({0}, a.gw.options());
+  return {dg, ds, gpsw};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> seb_backward_rows_cuda(
@@ -624,10 +736,12 @@ void seb_backward_update_cuda(const at::Tensor& grad_global, const at::Tensor& g
     sst = *sstate;
   }
   if (!(update_global || update_scenario)) return;
-  Sorted s = sort_entries(a, grad_global, grad_scenario, pooling, bag_len, false);
-  if (optimizer == saml::kFusedSgd) launch_segments<kSgd>(a, s, at::Tensor(), gst, sst, hparams, update_global,
-                                                          update_scenario);
-  else launch_segments<kAdagrad>(a, s, at::Tensor(), gst, sst, hparams, update_global, update_scenario);
+  Sorted s = sort_keys(a, grad_global, grad_scenario, pooling, bag_len, false);
+  if (!s.keys.defined() || s.keys.numel() == 0) return;
+  const Schedule c = schedule(s.keys);  // sync-free: the step can be captured in a CUDA graph
+  if (optimizer == saml::kFusedSgd) launch_two_level<kSgd>(a, s, c, gst, sst, hparams, update_global,
+                                                           update_scenario);
+  else launch_two_level<kAdagrad>(a, s, c, gst, sst, hparams, update_global, update_scenario);
 }
 
 }  // namespace
@@ -636,4 +750,5 @@ TORCH_LIBRARY_IMPL(saml_C, CUDA, m) {
   m.impl("seb_forward", &seb_forward_cuda);
   m.impl("seb_backward_rows", &seb_backward_rows_cuda);
   m.impl("seb_backward_update_", &seb_backward_update_cuda);
+  m.impl("seb_backward_dense", &seb_backward_dense_cuda);
 }

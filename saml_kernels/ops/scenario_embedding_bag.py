@@ -163,6 +163,11 @@ def _backward_op(grad_global: Tensor, grad_scenario: Tensor, indices: Tensor, of
                  aware_slot: Tensor, per_sample_weights: Optional[Tensor], pooling: int, bag_len: int,
                  need_psw_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Dense gradients (dG [R, D], dS [M, Rs, D], dw [nnz] or empty) from the deduplicated rows."""
+    if backend == "cuda":  # written in place by the kernel, with no host read (CUDA-graph safe)
+        return torch.ops.saml_C.seb_backward_dense(grad_global.contiguous(), grad_scenario.contiguous(), indices,
+                                                   offsets, scenario, global_weight, scenario_weight, feature_rows,
+                                                   feature_scenario_rows, aware_slot, per_sample_weights, pooling,
+                                                   bag_len, need_psw_grad)
     _, bwd = _kernels(backend)
     grows, gvals, srows, svals, gpsw = bwd(grad_global.contiguous(), grad_scenario.contiguous(), indices, offsets,
                                            scenario, global_weight, scenario_weight, feature_rows,
