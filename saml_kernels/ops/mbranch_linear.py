@@ -376,7 +376,9 @@ def mbranch_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scenario: 
         backend: "reference" | "cpu" | "triton" | "cuda" | None (see saml_kernels.use_backend).
         check_scenario: raise IndexError for a scenario outside [0, M) (one reduction + one host sync).
 
-    All tensors share one floating dtype (float32/float16/bfloat16/float64); GEMMs accumulate in float32.
+    All tensors share one floating dtype (float32/float16/bfloat16/float64); GEMMs accumulate in float32
+    (float64 for float64); float32 products are exact unless torch allows TF32 matmuls
+    (``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision``), as torch.matmul.
     """
     _validate(x, weight, bias, scenario, route, activation, grad_mask, aux, aux_weight)
     be = _backend.resolve(OP, x.device.type, backend)
