@@ -8,10 +8,13 @@ TORCH_LIBRARY(saml_C, m) {
   // ---- scenario_embedding_bag (see saml_kernels/ops/scenario_embedding_bag.py for the contract) ----
   // Fused gather of the global and scenario tables. Returns (global_out, scenario_out, bad_count[1] int64).
   // Invalid ids (outside their feature's rows) read as zero vectors and are counted when check=True.
+  // num_aware = Fs (the number of aware features, which sizes scenario_out); -1 = derive it from aware_slot,
+  // which is a host read on CUDA (the public op always passes it: no sync).
   m.def(
       "seb_forward(Tensor indices, Tensor offsets, Tensor scenario, Tensor global_weight, "
       "Tensor scenario_weight, Tensor feature_rows, Tensor feature_scenario_rows, Tensor aware_slot, "
-      "Tensor? per_sample_weights, int pooling, int bag_len, bool check) -> (Tensor, Tensor, Tensor)");
+      "Tensor? per_sample_weights, int pooling, int bag_len, bool check, int num_aware=-1) "
+      "-> (Tensor, Tensor, Tensor)");
   // Backward as deduplicated rows: (global_rows int64 [U] sorted, global_vals [U, D],
   // scenario_rows int64 [Us] sorted, flattened as m * Rs + r, scenario_vals [Us, D], grad_psw [nnz] or empty).
   // Deterministic: sort + segment reduce, no atomics.

@@ -244,3 +244,42 @@ def test_cuda_graph_step_matches_eager(data, backend):
     for (k, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"{k} differs after graph replays")
     saml_kernels.raise_errors()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", ["own", "all", "mutual_linear", "mutual_unit"])
+def test_bad_scenario_per_mode(backend, op):
+    """eager: the op's IndexError; deferred: the same error when the block ends; capture-safe: no error, the
+    outputs of the clamped ids (forward and backward ran in range), and the count."""
+    M, B, K, N = 3, 6, 4, 5
+    x, w, b = torch.randn(B, K, requires_grad=True), torch.randn(M, K, N), torch.randn(M, N)
+    h = torch.randn(M, B, N, requires_grad=True)
+    bad = torch.tensor([0, 2, 5, 1, -1, 2])
+
+    def run(sc):
+        if op == "mutual_unit":
+            y = saml_kernels.mutual_unit(h, sc, backend=backend)
+        elif op == "mutual_linear":
+            y = saml_kernels.mutual_linear(x, w, b, sc, activation="relu", backend=backend)
+        else:
+            y = saml_kernels.mbranch_linear(x, w, b, sc, route=op, activation="relu", backend=backend)
+        y.sum().backward()
+        return y.detach()
+
+    with pytest.raises(IndexError, match=r"scenario\[2\] = 5 is out of range \[0, 3\)"):
+        run(bad)
+    with pytest.raises(IndexError, match=r"scenario\[2\] = 5 is out of range \[0, 3\)"):
+        with saml_kernels.deferred_checks():
+            run(bad)
+    saml_kernels.raise_errors()
+    x.grad = h.grad = None
+    with saml_kernels.capture_safe_checks():
+        got = run(bad)
+    gx, gh = x.grad, h.grad
+    x.grad = h.grad = None
+    exp = run(bad.clamp(0, M - 1))
+    torch.testing.assert_close(got, exp, rtol=0, atol=0)
+    torch.testing.assert_close(gx if op != "mutual_unit" else gh, x.grad if op != "mutual_unit" else h.grad,
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="scenario id out of range"):
+        saml_kernels.raise_errors()

@@ -372,13 +372,15 @@ void check_common(const at::Tensor& indices, const at::Tensor& offsets, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> seb_forward_cpu(
     const at::Tensor& indices_, const at::Tensor& offsets_, const at::Tensor& scenario, const at::Tensor& gw_,
     const at::Tensor& sw_, const at::Tensor& fr, const at::Tensor& fsr, const at::Tensor& slot,
-    const c10::optional<at::Tensor>& psw_, int64_t pooling, int64_t bag_len, bool check) {
+    const c10::optional<at::Tensor>& psw_, int64_t pooling, int64_t bag_len, bool check, int64_t num_aware) {
   check_common(indices_, offsets_, gw_, sw_, psw_);
   auto indices = indices_.contiguous();
   auto offsets = offsets_.contiguous();
   auto gw = gw_.contiguous();
   auto sw = sw_.contiguous();
   const Layout L = make_layout(offsets, scenario, gw, sw, fr, fsr, slot);
+  TORCH_CHECK(num_aware < 0 || num_aware == L.Fs, "seb_forward: num_aware = ", num_aware, " but aware_slot gives ",
+              L.Fs, " aware features");
   at::Tensor psw;
   if (psw_.has_value()) psw = psw_->to(gw.scalar_type()).contiguous();
   if (pooling == kNone && L.F * L.B > 0)

@@ -419,12 +419,13 @@ int64_t blocks_for(int64_t groups, int G) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> seb_forward_cuda(
     const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& scenario, const at::Tensor& gw_in,
     const at::Tensor& sw_in, const at::Tensor& fr, const at::Tensor& fsr, const at::Tensor& slot,
-    const c10::optional<at::Tensor>& psw, int64_t pooling, int64_t bag_len, bool check) {
+    const c10::optional<at::Tensor>& psw, int64_t pooling, int64_t bag_len, bool check, int64_t num_aware) {
   const c10::cuda::CUDAGuard guard(indices.device());
   Args a = prepare(indices, offsets, scenario, gw_in, sw_in, fr, fsr, slot, psw, "seb_forward");
   TORCH_CHECK(pooling >= 0 && pooling <= 2, "seb_forward: pooling must be 0, 1 or 2, got ", pooling);
-  // Fs (number of aware features) sizes the output: one small device->host read.
-  const int64_t Fs = a.slot.numel() ? a.slot.max().item<int64_t>() + 1 : 0;
+  // Fs (number of aware features) sizes the output: given by the caller (the op knows the layout), else one
+  // small device->host read.
+  const int64_t Fs = num_aware >= 0 ? num_aware : (a.slot.numel() ? a.slot.max().item<int64_t>() + 1 : 0);
   const int64_t L = pooling == kNone ? bag_len : 0;
   auto gout = pooling == kNone ? at::empty({a.B, a.F, L, a.D}, a.gw.options())
                                : at::empty({a.B, a.F, a.D}, a.gw.options());

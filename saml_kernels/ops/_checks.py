@@ -214,6 +214,15 @@ def _raise_scenario(op: str, scenario: torch.Tensor, num_scenarios: int) -> None
         raise IndexError(f"{op}: scenario[{pos}] = {int(scenario[pos])} is out of range [0, {num_scenarios})")
 
 
+def entry_scenario(op: str, scenario: torch.Tensor, num_scenarios: int, check: bool) -> torch.Tensor:
+    """At an op's public entry: the scenario tensor its custom op (forward and saved for backward) gets. In the
+    deferred and capture-safe modes it is checked here and replaced by the in-range stand-in, so the backward
+    kernels never see an out-of-range id either; in eager mode the op checks it inside (unchanged here)."""
+    if not check or check_mode() == "eager" or torch.compiler.is_compiling():
+        return scenario
+    return scenario_range(op, scenario, num_scenarios)
+
+
 def scenario_range(op: str, scenario: torch.Tensor, num_scenarios: int) -> torch.Tensor:
     """Checks that every scenario id is in [0, num_scenarios) (IndexError naming the position and value).
 

@@ -384,7 +384,7 @@ def mbranch_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scenario: 
     be = _backend.resolve(OP, x.device.type, backend)
     act = ACTIVATIONS[activation]
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    scenario = scenario.contiguous()
+    scenario = _checks.entry_scenario(OP, scenario.contiguous(), weight.shape[0], check_scenario)
     if route == "own":
         if x.dim() == 3:
             # Each row needs only its own branch's input (checked first: the gather would fail less clearly).

@@ -172,7 +172,8 @@ def mutual_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scenario: T
         raise TypeError(f"{OP}: save_branch_outputs must be a bool, got {save_branch_outputs!r}")
     be = _backend.resolve(OP, x.device.type, backend)
     c = lambda v: None if v is None else v.contiguous()  # noqa: E731
+    scenario = _checks.entry_scenario(OP, scenario.contiguous(), weight.shape[0], check_scenario)
     out, attn, _, _ = _forward_op(x.contiguous(), weight.contiguous(), c(bias), c(aux), c(aux_weight),
-                                  scenario.contiguous(), ACTIVATIONS[activation], t, sim, save_branch_outputs,
+                                  scenario, ACTIVATIONS[activation], t, sim, save_branch_outputs,
                                   bool(check_scenario), be)
     return (out, attn) if return_attention else out

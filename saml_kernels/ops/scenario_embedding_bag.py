@@ -134,7 +134,7 @@ def _forward_op(indices: Tensor, offsets: Tensor, scenario: Tensor, global_weigh
         else:
             offsets_k, scenario_k = offsets, scenario
         g, s, bad = fwd(indices, offsets_k, scenario_k, global_weight, scenario_weight, feature_rows,
-                        feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len, check)
+                        feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len, check, num_aware)
         if check:
             _checks.check_value(bad.sum() > 0, lambda: _report_bad_ids(indices, offsets, feature_rows, bounds_check),
                                 f"{OP}: id out of its feature's range")

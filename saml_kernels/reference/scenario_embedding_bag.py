@@ -100,7 +100,7 @@ def scenario_embedding_bag_reference(indices, offsets, scenario, global_weight, 
 # ---------------------------------------------------------------------------------------------------------
 
 def forward_kernel(indices, offsets, scenario, global_weight, scenario_weight, feature_rows, feature_scenario_rows,
-                   aware_slot, per_sample_weights, pooling, bag_len, check):
+                   aware_slot, per_sample_weights, pooling, bag_len, check, num_aware=-1):
     """Same contract as ``torch.ops.saml_C.seb_forward``: (global_out, scenario_out, bad_count int64 [1])."""
     mode = {SUM: "sum", MEAN: "mean", NONE: "none"}[pooling]
     with torch.no_grad():

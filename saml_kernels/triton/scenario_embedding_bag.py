@@ -319,7 +319,7 @@ class _NullCtx:
 
 
 def forward(indices, offsets, scenario, global_weight, scenario_weight, feature_rows, feature_scenario_rows,
-            aware_slot, per_sample_weights, pooling, bag_len, check):
+            aware_slot, per_sample_weights, pooling, bag_len, check, num_aware=-1):
     """``seb_forward`` contract: (global_out, scenario_out, bad_count int64 [1]).
 
     Shapes: indices [nnz], offsets [F*B+1] (same int dtype), scenario [B], global_weight [R, D],
@@ -336,7 +336,7 @@ def forward(indices, offsets, scenario, global_weight, scenario_weight, feature_
     B = nbags // F if F else 0
     D = global_weight.shape[1]
     M, Rs = scenario_weight.shape[0], scenario_weight.shape[1]
-    Fs = _num_aware(aware_slot)
+    Fs = int(num_aware) if num_aware >= 0 else _num_aware(aware_slot)  # given by the op: no host read
     L = int(bag_len)
     dev = indices.device
     gshape = (B, F, L, D) if pooling == NONE else (B, F, D)
