@@ -236,6 +236,12 @@ def test_unknown_backend_names_raise_backend_unavailable():
         ScenarioEmbedding(FEATURES, 2, 4, backend="bogus")
     with pytest.raises(ValueError):  # still a ValueError for code written against earlier versions
         ScenarioEmbedding(FEATURES, 2, 4, backend="bogus")
+    from saml_kernels.nn import MultiBranchLinear, MutualUnit, ScenarioAttention
+
+    for make in (lambda: MultiBranchLinear(3, 4, 2, backend="bogus"), lambda: MutualUnit(3, 4, 2, backend="bogus"),
+                 lambda: ScenarioAttention(4, 4, 2, backend="bogus")):
+        with pytest.raises(_backend.BackendUnavailableError, match="bogus"):
+            make()
 
 
 def test_info_honours_the_env_request():

@@ -21,6 +21,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .. import _backend
+
 from ..reference.attention import check_seq_lengths, masked_attention, sequence_mask
 from ..reference.layers import size_arg
 
@@ -56,6 +58,8 @@ class ScenarioAttention(nn.Module):
         # sizes: any integral value (numpy ints, 0-dim int tensors), never bool; stored as Python ints
         D, d, M = (size_arg("ScenarioAttention", n, v) for n, v in (
             ("embedding_dim", embedding_dim), ("attention_dim", attention_dim), ("num_scenarios", num_scenarios)))
+        if backend is not None:  # a bad name fails here, not at the first forward
+            _backend.check_name(backend, "ScenarioAttention(backend=...)")
         self.embedding_dim, self.attention_dim, self.num_scenarios, self.backend = D, d, M, backend
         self.global_query = nn.Linear(D, d, bias=False, **fk)
         self.global_key = nn.Linear(D, d, bias=False, **fk)

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _backend
+
 from ..ops.mbranch_linear import ACTIVATIONS, GRAD_MASKS, ROUTES, mbranch_linear
 from ..reference.layers import size_arg
 
@@ -47,6 +49,8 @@ class MultiBranchLinear(nn.Module):
         f = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.num_branches = in_features, out_features, num_branches
         self.aux_features = aux_features
+        if backend is not None:  # a bad name fails here, not at the first forward
+            _backend.check_name(backend, "MultiBranchLinear(backend=...)")
         self.activation, self.route, self.grad_mask, self.backend = activation, route, grad_mask, backend
         self.weight = nn.Parameter(torch.empty(num_branches, in_features, out_features, **f))
         if bias:

@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _backend
+
 from ..ops.mutual_linear import ACTIVATIONS, mutual_linear
 from ..ops.mutual_unit import SIMILARITY, check_temperature
 from ..reference.layers import size_arg
@@ -58,6 +60,8 @@ class MutualUnit(nn.Module):
         self.in_features, self.out_features, self.num_branches = in_features, out_features, num_branches
         self.aux_features = aux_features
         self.activation, self.similarity = activation, similarity
+        if backend is not None:  # a bad name fails here, not at the first forward
+            _backend.check_name(backend, "MutualUnit(backend=...)")
         self.save_branch_outputs, self.backend = bool(save_branch_outputs), backend
         self.weight = nn.Parameter(torch.empty(num_branches, in_features, out_features, **f))
         # registration order = MultiBranchLinear's (weight, bias, aux_weight), so state_dicts list alike

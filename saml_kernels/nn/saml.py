@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _backend
+
 from ..ops import _checks
 
 from ..reference.model import (SAMLConfig, TrainingOptimizer, bce_loss, check_model_inputs,
@@ -78,6 +80,8 @@ class SAML(nn.Module):
         c = self.config = config
         fk = dict(device=device, dtype=dtype)
         M, D = c.num_scenarios, c.embedding_dim
+        if backend is not None:  # a bad name fails here, not at the first forward
+            _backend.check_name(backend, "SAML(backend=...)")
         self.backend = backend
         emb = dict(backend=backend, optimizer=embedding_optimizer, lr=embedding_lr, eps=embedding_eps, **fk)
         self.embedding = ScenarioEmbedding(c.features, M, D, **emb)
