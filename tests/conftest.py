@@ -50,3 +50,26 @@ def _fresh_seed(request):
     """A different seed per test (derived from its id) so tests never share inputs, yet reruns reproduce."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+class SyncCounter:
+    """Counts Python-level host reads of tensor data (bool/int/float/index/item/tolist) inside a ``with`` block:
+    each one is a device sync on a GPU. (The C++ CPU kernels never read device data back.)"""
+
+    NAMES = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
+
+    def __enter__(self):
+        self.count, self.saved = 0, {}
+        for n in self.NAMES:
+            orig = self.saved[n] = getattr(torch.Tensor, n)
+
+            def wrapped(t, *a, _orig=orig, **k):
+                self.count += 1
+                return _orig(t, *a, **k)
+
+            setattr(torch.Tensor, n, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for n, orig in self.saved.items():
+            setattr(torch.Tensor, n, orig)

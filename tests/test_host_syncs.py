@@ -22,29 +22,7 @@ from saml_kernels.nn import SAML, SAMLConfig, SharedBottom, TrainingOptimizer
 from saml_kernels.ops import _checks
 from saml_kernels.reference.model import saml_loss
 
-from conftest import DEVICES
-
-
-class SyncCounter:
-    """Counts Python-level host reads of tensor data (each one a device sync on a GPU)."""
-
-    NAMES = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
-
-    def __enter__(self):
-        self.count, self.saved = 0, {}
-        for n in self.NAMES:
-            orig = self.saved[n] = getattr(torch.Tensor, n)
-
-            def wrapped(t, *a, _orig=orig, **k):
-                self.count += 1
-                return _orig(t, *a, **k)
-
-            setattr(torch.Tensor, n, wrapped)
-        return self
-
-    def __exit__(self, *exc):
-        for n, orig in self.saved.items():
-            setattr(torch.Tensor, n, orig)
+from conftest import DEVICES, SyncCounter
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ from saml_kernels import _backend
 from saml_kernels.nn import ScenarioEmbedding
 from saml_kernels.ops import _checks
 
-from conftest import device_backends
+from conftest import SyncCounter, device_backends
+from test_scenario_embedding import FakeKJT
 
 FEATURES = [("user", 7, True, "sum"), ("item", 9, False, "sum"), ("cat", 5, True, "sum")]
 OP = "scenario_embedding_bag"
@@ -255,26 +256,13 @@ def test_info_honours_the_env_request():
 
 # ------------------------------------------------------------------------------------------------ 5. KJT by name
 
-class KJT:
-    """TorchRec's KeyedJaggedTensor surface the layer reads."""
+class KJT(FakeKJT):
+    """FakeKJT (tests/test_scenario_embedding.py) that can also say it is variable-batch."""
 
-    def __init__(self, keys, values, offsets, weights=None, variable=False):
-        self._k, self._v, self._o, self._w, self._var = list(keys), values, offsets, weights, variable
-
-    def keys(self):
-        return self._k
-
-    def values(self):
-        return self._v
-
-    def offsets(self):
-        return self._o
-
-    def weights_or_none(self):
-        return self._w
+    variable = False
 
     def variable_stride_per_key(self):
-        return self._var
+        return self.variable
 
 
 def _kjt_from(layer, idx, off, order, extra=None, w=None):
@@ -311,7 +299,7 @@ def test_kjt_keys_matched_by_name():
     with pytest.raises(ValueError, match=r"lack the layer's feature\(s\) \['item'\]"):
         layer(_kjt_from(layer, idx, off, ["cat", "user"]), sc)
     kjt = _kjt_from(layer, idx, off, ["user", "item", "cat"])
-    kjt._var = True
+    kjt.variable = True
     with pytest.raises(ValueError, match="variable-batch"):
         layer(kjt, sc)
 
@@ -330,29 +318,6 @@ def test_sparse_gradients_emit_no_warning():
 
 
 # ------------------------------------------------------------------------------------------------ 7. check modes
-
-class SyncCounter:
-    """Counts host reads of tensor data from Python (bool/int/float/item/tolist): the syncs a GPU would pay."""
-
-    NAMES = ("__bool__", "__int__", "__float__", "item", "tolist", "__index__")
-
-    def __enter__(self):
-        self.count, self.saved = 0, {}
-        for n in self.NAMES:
-            orig = getattr(torch.Tensor, n)
-            self.saved[n] = orig
-
-            def wrapped(t, *a, _orig=orig, **k):
-                self.count += 1
-                return _orig(t, *a, **k)
-
-            setattr(torch.Tensor, n, wrapped)
-        return self
-
-    def __exit__(self, *exc):
-        for n, orig in self.saved.items():
-            setattr(torch.Tensor, n, orig)
-
 
 def _op_args(B=5, bad_id=False, bad_scenario=False):
     G, S = torch.randn(12, 4), torch.randn(3, 12, 4)
