@@ -7,7 +7,9 @@ Providers (same initial weights, same batch, timed alternately with benchmarks/h
 - ``reference eager``: ``saml_kernels.reference.SAMLReference`` (scenario loops + torch.where, dense table
   gradients), the same row-wise Adagrad after the backward (``TrainingOptimizer``) and Adam;
 - ``reference compiled``: the same with ``torch.compile`` of the reference's forward + loss (backward through
-  AOT autograd; the optimizer step stays eager, as in a typical training loop).
+  AOT autograd; the optimizer step stays eager, as in a typical training loop);
+- ``SAML CUDA graph`` (``--gpu``): the SAML step captured once in a CUDA graph (``saml_kernels.graphs.
+  CapturedTrainingStep``, capture-safe checks, capturable Adam) and replayed: no launch overhead, no host sync.
 
 Work: B = 4096, the default ``SAMLConfig`` (D = 16, attention d = 16, aux and branch hidden (256, 128), mutual unit
 at the first hidden layer) on the synthetic features (6 sparse features, 2 scenario-aware, a behaviour sequence of
@@ -15,7 +17,9 @@ at the first hidden layer) on the synthetic features (6 sparse features, 2 scena
 Reported: median step time, samples/s, speed-up (median of per-round ratios), peak memory of one step.
 Targets on the 2-core CPU: >= 2x the eager reference and >= 1.3x the compiled reference.
 
-    python benchmarks/bench_model.py [--quick] [--gpu] [--reps N] [--no-compile]
+    python benchmarks/bench_model.py [--quick] [--gpu] [--reps N] [--no-compile] [--batch B [B ...]]
+
+``--gpu`` runs B = 4096 in float32 and bfloat16 and B = 65536 in float32 (the large batch without torch.compile).
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from saml_kernels.reference.model import saml_loss  # noqa: E402
 LR, EMB_LR = 1e-3, 0.05
 
 
-def build(batch: int, device: str, dtype, compile_ref: bool, seed: int = 0):
+def build(batch: int, device: str, dtype, compile_ref: bool, seed: int = 0, graph: bool = False):
     data = make_synthetic(max(batch, 1), seed=seed)
     cfg = SAMLConfig.from_data(data)
     b = data.batch(np.arange(batch)).to(device)
@@ -71,12 +75,29 @@ def build(batch: int, device: str, dtype, compile_ref: bool, seed: int = 0):
             return loss
 
         steps[name] = step
+    if graph:  # the same SAML step, captured once and replayed
+        from saml_kernels.graphs import CapturedTrainingStep
+
+        g = SAML(cfg, embedding_optimizer="rowwise_adagrad", embedding_lr=EMB_LR, device=device, dtype=dtype)
+        g.load_state_dict(ours.state_dict())
+        models["SAML CUDA graph"] = g
+        given = [i for i, t in enumerate(b.inputs()) if t is not None]  # the graph takes tensors only
+        inputs = [b.inputs()[i] for i in given] + [b.label]
+
+        def loss_fn(model, *t):
+            full = [None] * len(b.inputs())
+            for k, i in enumerate(given):
+                full[i] = t[k]
+            return saml_loss(*model(*full), t[-1], cfg.aux_loss_weight)
+
+        captured = CapturedTrainingStep(g, TrainingOptimizer(g, LR, EMB_LR, capturable=True), inputs, loss_fn)
+        steps["SAML CUDA graph"] = lambda captured=captured, inputs=inputs: captured(*inputs)
     return cfg, b, models, steps
 
 
 def run(device: str, dtype, reps: int, batch: int, compile_ref: bool) -> dict:
     t0 = time.perf_counter()
-    cfg, b, models, steps = build(batch, device, dtype, compile_ref)
+    cfg, b, models, steps = build(batch, device, dtype, compile_ref, graph=device == "cuda")
     # first calls: warm-up (and the compile) outside the timed region; peak memory of one step, ours first
     mem = {}
     for name, fn in steps.items():
@@ -101,7 +122,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="few repetitions, no torch.compile (a smoke check)")
     p.add_argument("--gpu", action="store_true", help="run on CUDA in float32 and bfloat16")
     p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 4096; --gpu: 4096 "
+                   "in float32 and bfloat16, then 65536 in float32 without torch.compile)")
     p.add_argument("--no-compile", action="store_true")
     args = p.parse_args(argv)
     device = "cuda" if args.gpu else "cpu"
@@ -109,22 +131,27 @@ def main(argv=None):
         raise SystemExit("bench_model.py --gpu: CUDA is not available")
     reps = args.reps or (3 if args.quick else 10)
     compile_ref = not (args.quick or args.no_compile)
-    dtypes = [torch.float32, torch.bfloat16] if args.gpu else [torch.float32]
+    if args.batch:
+        plan = [(B, torch.float32, compile_ref) for B in args.batch]
+    elif args.gpu:
+        plan = [(4096, torch.float32, compile_ref), (4096, torch.bfloat16, compile_ref), (65536, torch.float32, False)]
+    else:
+        plan = [(4096, torch.float32, compile_ref)]
     results = []
-    for dt in dtypes:
-        print(f"bench_model: {device} {dt} B={args.batch} reps={reps} compile={compile_ref}", flush=True)
-        results.append(run(device, dt, reps, args.batch, compile_ref))
+    for batch, dt, comp in plan:
+        print(f"bench_model: {device} {dt} B={batch} reps={reps} compile={comp}", flush=True)
+        results.append(run(device, dt, reps, batch, comp))
     rows = []
     for r in results:
         for k, ms in r["medians_ms"].items():
             sp = r["speedup"].get(k)
             mem = r["peak_memory_bytes"].get(k)
-            rows.append([r["dtype"], k, ms, f"{r['samples_per_s'][k]:,.0f}", "1.00x (ours)" if sp is None else
+            rows.append([r["dtype"], r["batch"], k, ms, f"{r['samples_per_s'][k]:,.0f}", "1.00x (ours)" if sp is None else
                          f"{sp:.2f}x", "n/a" if mem is None else f"{mem / 2**20:.1f}"])
-    body = markdown_table(["dtype", "provider", "step ms (median)", "samples/s", "SAML speed-up vs it",
+    body = markdown_table(["dtype", "B", "provider", "step ms (median)", "samples/s", "SAML speed-up vs it",
                            "peak extra memory MiB"], rows)
     body += ("\n\nOne training step = forward + backward + optimizer (Adam on dense parameters, row-wise Adagrad on "
-             f"the tables, fused into the embedding backward for SAML). B = {args.batch}, default SAMLConfig "
+             f"the tables, fused into the embedding backward for SAML). Default SAMLConfig "
              f"({results[0]['params']:,} parameters). Speed-up = median over alternating rounds of "
              "t(provider) / t(SAML). Targets (2-core CPU): >= 2x eager, >= 1.3x compiled. CPU peak memory is the "
              "growth of the process RSS high-water mark over one step (providers measured in the order listed; "
