@@ -758,17 +758,22 @@ void seb_backward_update_cpu(const at::Tensor& grad_global, const at::Tensor& gr
       const int64_t D = L.D;
       const acc_t alr = acc_t(hp[saml::kLr]), aeps = acc_t(hp[saml::kEps]), wd = acc_t(hp[saml::kWeightDecay]);
       auto apply = [&](scalar_t_* w, float* state, const acc_t* g) {
-        // g' = g + wd * w (read before any write: w[d] is updated only in the last loop)
-        auto gd = [&](int64_t d) { return wd == acc_t(0) ? g[d] : g[d] + wd * acc_t(w[d]); };
+        // g' = g + wd * w, built once in a per-thread row buffer (the plain loops below stay vectorisable)
+        if (wd != acc_t(0)) {
+          thread_local std::vector<acc_t> gdecay;
+          gdecay.resize(D);
+          for (int64_t d = 0; d < D; ++d) gdecay[d] = g[d] + wd * acc_t(w[d]);
+          g = gdecay.data();
+        }
         acc_t mult = alr;
         if (state) {
           acc_t sq = 0;
-          for (int64_t d = 0; d < D; ++d) sq += gd(d) * gd(d);
+          for (int64_t d = 0; d < D; ++d) sq += g[d] * g[d];
           const float s = *state + float(sq / acc_t(D));
           *state = s;
           mult = alr / (std::sqrt(acc_t(s)) + aeps);
         }
-        for (int64_t d = 0; d < D; ++d) w[d] = scalar_t_(acc_t(w[d]) - mult * gd(d));
+        for (int64_t d = 0; d < D; ++d) w[d] = scalar_t_(acc_t(w[d]) - mult * g[d]);
       };
       scalar_t_* gwp = gw.data_ptr<scalar_t_>();
       scalar_t_* swp = sw.data_ptr<scalar_t_>();
