@@ -316,9 +316,10 @@ def test_cuda_fused_update(device, backend, optimizer, dtype, D, hot):
         else:
             exp_s[t][r] += (v * v).mean(1)
             exp_w[t][r] -= 0.1 * v / (exp_s[t][r].sqrt() + 1e-6).unsqueeze(1)
+    hparams = torch.tensor([0.1, 1e-6, 0.0, 1.0], dtype=torch.float64, device=device)  # lr, eps, wd, apply
     torch.ops.saml_C.seb_backward_update_(gg, gs, *args[:3], gw, sw, *args[5:11],
                                           gst if optimizer == 2 else None, sst if optimizer == 2 else None,
-                                          optimizer, 0.1, 1e-6)
+                                          optimizer, hparams, True, True)
     assert_close(gw, exp_w[0], dtype)
     assert_close(sw.reshape(M * Rs, D), exp_w[1], dtype)
     if optimizer == 2:
