@@ -327,6 +327,34 @@ def test_cuda_fused_update(device, backend, optimizer, dtype, D, hot):
         torch.testing.assert_close(sst.cpu().double(), exp_s[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device,backend", _cuda_pairs())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("D,hot", [(8, False), (33, False), (600, False), (8, True), (40, True)])
+def test_cuda_dense_backward(device, backend, dtype, D, hot):
+    """seb_backward_dense (the sync-free two-level schedule: runs of <= 32 entries, counts on the device) ==
+    the reference rows scattered into dense dG / dS; ``hot``: rows with far more than 32 entries."""
+    if hot:
+        args = make_case(device, dtype=dtype, D=D, B=48, sizes=(2, 3), aware=(1, 1), M=2, psw=True,
+                         empty_bags=False, bad_ids=2)
+    else:
+        args = make_case(device, dtype=dtype, D=D, psw=True, dup=True, bad_ids=1)
+    g0, s0, _ = ref.forward_kernel(*ref_args(args), False)
+    gg = torch.randn(g0.shape, dtype=dtype).to(device)
+    gs = torch.randn(s0.shape, dtype=dtype).to(device)
+    gw, sw = args[3], args[4]
+    M, Rs = sw.shape[0], sw.shape[1]
+    rows = ref.backward_rows_kernel(gg.cpu().double(), gs.cpu().double(), *ref_args(args), True)
+    exp_g = torch.zeros(gw.shape, dtype=torch.float64)
+    exp_s = torch.zeros(M * Rs, D, dtype=torch.float64)
+    exp_g[rows[0]] = rows[1]
+    exp_s[rows[2]] = rows[3]
+    dg, ds, gpsw = torch.ops.saml_C.seb_backward_dense(gg, gs, *args, True)
+    assert dg.shape == gw.shape and ds.shape == sw.shape and dg.dtype == gw.dtype
+    assert_close(dg, exp_g, dtype)
+    assert_close(ds.reshape(M * Rs, D), exp_s, dtype)
+    assert_close(gpsw, rows[4], dtype)
+
+
 @pytest.mark.parametrize("device,backend", [p for p in PAIRS if p.values[0] == "cuda"] or [
     pytest.param("cuda", "x", id="no-gpu", marks=pytest.mark.skip(reason="no CUDA device"))])
 @pytest.mark.slow
