@@ -44,6 +44,16 @@ def _backends(device):
     return [b for b in saml_kernels.available_backends(device) if b != "reference"]
 
 
+# The Triton embedding backward still reads its segment sizes on the host (saml_kernels/triton/
+# scenario_embedding_bag.py: segment_sizes); the CUDA backend's training paths do not (docs/design.md, section 5).
+TRITON_SEB_SYNCS = pytest.mark.xfail(reason="the Triton embedding backward reads segment sizes on the host",
+                                     strict=True)
+
+
+def _gpu_params(backends, embedding=True):
+    return [pytest.param(b, marks=[TRITON_SEB_SYNCS] if (b == "triton" and embedding) else []) for b in backends]
+
+
 CPU_BACKENDS = [b for b in _backends("cpu")]
 
 
@@ -144,7 +154,7 @@ CUDA = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device")
 
 
 @CUDA
-@pytest.mark.parametrize("backend", _backends("cuda") if "cuda" in DEVICES else [])
+@pytest.mark.parametrize("backend", _gpu_params(_backends("cuda")) if "cuda" in DEVICES else [])
 @pytest.mark.parametrize("emb_opt", [None, "rowwise_adagrad"])
 def test_cuda_saml_step_under_sync_debug_error(data, backend, emb_opt):
     model = SAML(_config(data), backend=backend, embedding_optimizer=emb_opt, device="cuda")
@@ -166,7 +176,9 @@ def test_cuda_saml_step_under_sync_debug_error(data, backend, emb_opt):
 @pytest.mark.parametrize("backend", _backends("cuda") if "cuda" in DEVICES else [])
 @pytest.mark.parametrize("name", ["mbranch_linear own", "mbranch_linear all", "mutual_unit", "mutual_linear",
                                   "scenario_embedding_bag"])
-def test_cuda_ops_under_sync_debug_error(backend, name):
+def test_cuda_ops_under_sync_debug_error(request, backend, name):
+    if backend == "triton" and name == "scenario_embedding_bag":
+        request.applymarker(TRITON_SEB_SYNCS)  # runs, and must fail (strict)
     run = dict(_op_cases("cuda", backend))[name]
     saml_kernels.prepare_capture_safe("cuda")
     with saml_kernels.capture_safe_checks():
@@ -180,7 +192,7 @@ def test_cuda_ops_under_sync_debug_error(backend, name):
 
 
 @CUDA
-@pytest.mark.parametrize("backend", _backends("cuda") if "cuda" in DEVICES else [])
+@pytest.mark.parametrize("backend", _gpu_params(_backends("cuda")) if "cuda" in DEVICES else [])
 def test_cuda_graph_step_matches_eager(data, backend):
     from saml_kernels.graphs import CapturedTrainingStep
 
