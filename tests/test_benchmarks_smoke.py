@@ -15,3 +15,14 @@ def test_bench_embedding_quick(tmp_path):
     assert "ours-" in r.stdout and "eager-embbag" in r.stdout
     written = sorted(p.name for p in tmp_path.iterdir())
     assert any(n.endswith("_quick.md") for n in written) and any(n.endswith("_quick.json") for n in written), written
+
+
+def test_bench_scaling_quick(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_scaling.py"), "--quick",
+                        "--out-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Sweep over M" in r.stdout and "reference eager" in r.stdout and "mutual" in r.stdout
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert any(n.startswith("scaling_") and n.endswith("_quick.md") for n in written), written
+    assert any(n.endswith("_quick_m.png") for n in written) or "matplotlib" not in sys.modules, written

@@ -1,0 +1,515 @@
+#!/usr/bin/env python3
+"""Scaling benchmark: how the cost of one SAML training step grows with the number of scenarios M, the batch B
+and the table rows per feature R — ours vs the plain-PyTorch reference (issue #15).
+
+Providers per point (same initial weights, same batch, timed alternately in one process with
+``harness.time_alternating``, medians): ``SAML`` (``nn.SAML``, row-wise Adagrad fused into the embedding backward,
+Adam on the dense parameters), ``reference eager`` (``SAMLReference`` + ``TrainingOptimizer``: dense table
+gradients, row-wise Adagrad after the backward, Adam) and ``reference compiled`` (``torch.compile`` of the
+reference's forward + loss, as in bench_model.py; only at the points listed in the grid: a compile takes tens of
+seconds on 2 cores). Data: ``make_synthetic(n, num_scenarios=M, scenario_mix=uniform, num_users=num_items=R)``
+(6 pooled features of which user and item are scenario-aware, a behaviour sequence of 20 over the item table),
+default ``SAMLConfig.from_data`` (D = 16, branch and aux hidden (256, 128), mutual unit at layer 0), float32.
+
+Three sweeps (one axis moves, the others stay at the base point): M, B, R. Per point it records:
+- step time (median, ms) and samples/s of each provider, speed-up = median of per-round ratios;
+- memory: ``state`` = weights + buffers (Adagrad states) + Adam states, ``peak`` = state + the peak extra bytes
+  allocated during one step after ``zero_grad`` (CPU: the running sum of the profiler's allocation events; CUDA:
+  ``max_memory_allocated``), so gradients and activations are in ``peak``;
+- our step split into phases: forward hooks time ``embedding`` (+ ``sequence_embedding``), ``attention``, the
+  ``mutual`` branch layer, the other ``branches`` (+ head) and the ``aux`` network (CUDA: synchronize at each
+  hook); the backward of each of these groups is attributed on the CPU with torch.profiler (each backward node
+  is mapped to the forward op that created it, by sequence number; the fused embedding update is in
+  ``embedding``); ``optimizer`` = ``TrainingOptimizer.step`` (Adam on the dense parameters); ``other`` = the rest
+  (loss, concatenations, ReLU/dropout, gradient accumulation). On CUDA the backward is one phase. The phases are
+  medians of a few extra instrumented steps (the CPU ones run under the profiler, a little slower than the
+  timed step).
+- minor page faults per step of ours (``ru_minflt``: fresh pages the OS zero-fills, i.e. allocations that did
+  not reuse memory) and, on the CPU, the mutual_linear kernel's block GEMM timed alone (``block_gemm_probe``): the
+  two causes the results file names for the curves that are steeper than expected.
+Slopes: least-squares slope of log(y) against log(x) over each curve (1 = linear, 0 = flat).
+
+    python benchmarks/bench_scaling.py [--quick] [--gpu] [--reps N] [--no-compile] [--sweeps MBR] [--budget-s S]
+                                       [--out-dir DIR]
+
+``--quick``: a tiny grid, no compile, results suffixed ``_quick`` (git-ignored), for the smoke test. ``--gpu``: a
+small CUDA grid (no compile) that fits in gpu_check.sh's 60 s: no point is started unless one as long as the
+previous one still fits in ``--budget-s`` (45 s). The full CPU grid (GRIDS["cpu"]) takes 4-5 min on 2 cores with a
+warm inductor cache, 7-10 min cold (a compile of the reference takes 20-60 s per point). Results:
+``benchmarks/results/scaling_<machine>.{md,json}`` and the plots ``..._m.png`` (time vs M), ``..._b.png`` (time vs
+B), ``..._rows.png`` (time vs R), ``..._mem.png`` (memory vs M).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from harness import RESULTS_DIR, machine_tag, markdown_table, time_alternating, write_results  # noqa: E402
+
+from saml_kernels.data import make_synthetic  # noqa: E402
+from saml_kernels.nn import SAML, SAMLConfig, TrainingOptimizer  # noqa: E402
+from saml_kernels.reference import SAMLReference  # noqa: E402
+from saml_kernels.reference.model import saml_loss  # noqa: E402
+
+LR, EMB_LR = 1e-3, 0.05
+
+# sweep -> (base point (M, B, R), axis, values, points with torch.compile)
+GRIDS = {
+    "cpu": {"M": ((4, 2048, 3000), "M", [2, 4, 8, 16, 32, 64], [2, 4, 8, 16, 32, 64]),
+            "B": ((4, 2048, 3000), "B", [1024, 2048, 4096, 8192, 16384, 32768, 65536], [1024, 8192, 65536]),
+            "R": ((4, 2048, 3000), "R", [3000, 30_000, 300_000, 1_000_000], [])},
+    "gpu": {"M": ((4, 8192, 3000), "M", [2, 8, 32, 64], []),
+            "B": ((4, 8192, 3000), "B", [1024, 65536], []),
+            "R": ((4, 8192, 3000), "R", [3000, 1_000_000], [])},
+    "quick": {"M": ((2, 256, 500), "M", [2, 4], []),
+              "B": ((2, 256, 500), "B", [128, 256], []),
+              "R": ((2, 256, 500), "R", [500, 2000], [])},
+}
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+def build_point(M: int, B: int, R: int, device: str, compile_ref: bool):
+    """Models, optimizers and the batch of one point; returns (cfg, batch, {name: (model, opt, body)})."""
+    data = make_synthetic(B, num_scenarios=M, scenario_mix=[1.0] * M, num_users=R, num_items=R, seed=0)
+    cfg = SAMLConfig.from_data(data)
+    b = data.batch(np.arange(B)).to(device)
+    torch.manual_seed(0)
+    ours = SAML(cfg, embedding_optimizer="rowwise_adagrad", embedding_lr=EMB_LR, device=device)
+    models = {"SAML": ours}
+    for name in ["reference eager"] + (["reference compiled"] if compile_ref else []):
+        models[name] = SAMLReference(cfg, embedding_optimizer="rowwise_adagrad", device=device)
+        models[name].load_state_dict(ours.state_dict())
+    providers = {}
+    for name, model in models.items():
+        opt = TrainingOptimizer(model, LR, EMB_LR)
+        fwd = model.loss
+        if name == "reference compiled":
+            torch._dynamo.reset()  # a fresh compile per point (never the recompile limit's silent eager fallback)
+            cf = torch.compile(lambda *inp, m=model: saml_loss(*m(*inp[:-1]), inp[-1], cfg.aux_loss_weight))
+            fwd = lambda bb, cf=cf: cf(*bb.inputs(), bb.label)  # noqa: E731
+
+        def body(opt=opt, fwd=fwd):  # the step after zero_grad
+            fwd(b).backward()
+            opt.step()
+
+        providers[name] = (model, opt, body)
+    return cfg, b, providers
+
+
+def state_bytes(model, opt) -> int:
+    """Weights + buffers (row-wise Adagrad states) + Adam states: what lives between steps besides gradients."""
+    ts = list(model.parameters()) + list(model.buffers())
+    ts += [v for st in opt.dense.state.values() for v in st.values() if torch.is_tensor(v)]
+    ts += [st for _, st in opt.tables if all(st is not b for b in model.buffers())]
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def step_peak_extra(opt, body, device: str) -> int:
+    """Peak bytes allocated on top of what was live when the step started (after zero_grad)."""
+    opt.zero_grad()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        body()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        body()
+    live = peak = 0
+    # raw allocation (+) / free (-) events in time order (the frees of blocks allocated before are not recorded)
+    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+# ------------------------------------------------------------------------------------------------ phases
+
+def phase_groups(model) -> dict:
+    groups = {"embedding": [model.embedding], "aux": list(model.aux_layers) + [model.aux_head],
+              "branches": [model.branch_head], "mutual": []}
+    if hasattr(model, "sequence_embedding"):
+        groups["embedding"].append(model.sequence_embedding)
+        groups["attention"] = [model.attention]
+    for kind, layer in zip(model.config.layer_kinds(), model.branch_layers):
+        groups["mutual" if kind == "mutual" else "branches"].append(layer)
+    return groups
+
+
+def phase_times(model, opt, batch, device: str, reps: int) -> tuple:
+    """({phase: median ms} of our step (see the module docstring), {op: median self ms per step} from the profiler
+    (CPU only)); forward groups by hooks, backward groups by the profiler on the CPU."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    acc, open_, ops = {}, {}, []
+    handles = []
+
+    def pre(mod, args, name):
+        sync()
+        rf = record_function("phase::" + name)
+        rf.__enter__()
+        open_[id(mod)] = (time.perf_counter(), rf)
+
+    def post(mod, args, out, name):
+        sync()
+        t0, rf = open_.pop(id(mod))
+        rf.__exit__(None, None, None)
+        acc[name] = acc.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+
+    for name, mods in phase_groups(model).items():
+        for mod in mods:
+            handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: pre(m, a, n)))
+            handles.append(mod.register_forward_hook(lambda m, a, o, n=name: post(m, a, o, n)))
+    runs = []
+    try:
+        for _ in range(reps):
+            acc.clear()
+            opt.zero_grad()
+            sync()
+            prof = profile(activities=[ProfilerActivity.CPU]) if device == "cpu" else None
+            if prof:
+                prof.__enter__()
+            t0 = time.perf_counter()
+            loss = model.loss(batch)
+            sync()
+            t1 = time.perf_counter()
+            loss.backward()
+            sync()
+            t2 = time.perf_counter()
+            opt.step()
+            sync()
+            t3 = time.perf_counter()
+            if prof:
+                prof.__exit__(None, None, None)
+            ms = {f"fwd {k}": v for k, v in acc.items()}
+            ms["fwd other"] = (t1 - t0) * 1e3 - sum(acc.values())
+            bwd = (t2 - t1) * 1e3
+            if prof:
+                ops.append({e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()})
+                split = backward_split(prof)
+                ms.update({f"bwd {k}": v for k, v in split.items()})
+                ms["bwd other"] = bwd - sum(split.values())
+            else:
+                ms["bwd all"] = bwd
+            ms["optimizer"] = (t3 - t2) * 1e3
+            runs.append(ms)
+    finally:
+        for h in handles:
+            h.remove()
+    med = lambda rs: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in rs[0]} if rs else {}  # noqa: E731
+    return med(runs), med(ops)
+
+
+def backward_split(prof) -> dict:
+    """Profiled ms of the backward nodes per phase group: a node belongs to the group whose forward range holds
+    the last forward op that got the node's sequence number (the op that created the node)."""
+    evs = prof.events()
+    ranges = [(e.time_range.start, e.time_range.end, e.name[7:]) for e in evs if e.name.startswith("phase::")]
+    bwd = [e for e in evs if e.name.startswith("autograd::engine::evaluate_function")]
+    t_bwd = min((e.time_range.start for e in bwd), default=math.inf)
+    creator = {}
+    for e in evs:
+        if e.sequence_nr >= 0 and e.time_range.start < t_bwd and not e.name.startswith("autograd::"):
+            if e.sequence_nr not in creator or e.time_range.start >= creator[e.sequence_nr]:
+                creator[e.sequence_nr] = e.time_range.start
+    out = {}
+    for e in bwd:
+        t = creator.get(e.sequence_nr)
+        group = next((n for s, f, n in ranges if t is not None and s <= t <= f), None)
+        if group:
+            out[group] = out.get(group, 0.0) + e.cpu_time_total / 1e3
+    return out
+
+
+def mutual_dims(cfg) -> tuple:
+    """(K, Ka, N) of the (first) mutual layer."""
+    layer = cfg.layer_kinds().index("mutual")
+    K = cfg.scenario_dim if layer == 0 else cfg.branch_hidden[layer - 1]
+    Ka = cfg.global_dim if layer == 0 else cfg.aux_hidden[layer - 1]
+    return K, Ka, cfg.branch_hidden[layer]
+
+
+def mutual_gflop(cfg, B: int) -> float:
+    """GEMM GFLOP of the mutual layer per step: forward all-branch GEMM 2BM(K+Ka)N, its recompute in the
+    backward (same), and the own-branch gradients dW/dWa and dx/daux (2 x 2B(K+Ka)N)."""
+    K, Ka, N = mutual_dims(cfg)
+    return (4 * B * cfg.num_scenarios + 4 * B) * (K + Ka) * N / 1e9
+
+
+def block_gemm_probe(cfg, reps: int = 30) -> dict:
+    """The CPU mutual_linear kernel's block GEMM alone (csrc/cpu/mutual_unit.cpp: block_gemm on block_rows() =
+    clamp(256 KiB / (M N 4 B), 16, 256) rows of x and aux against the packed [K, M N] and [Ka, M N] weights, as one
+    worker of its parallel_for runs it, one thread): rows per block and GFLOP/s."""
+    M = cfg.num_scenarios
+    K, Ka, N = mutual_dims(cfg)
+    rows = min(max(256 * 1024 // (M * N * 4), 16), 256)
+    x, a, bias = torch.randn(rows, K), torch.randn(rows, Ka), torch.randn(M * N)
+    w, wa, z = torch.randn(K, M * N), torch.randn(Ka, M * N), torch.empty(rows, M * N)
+
+    def f():
+        torch.addmm(bias, x, w, out=z)
+        z.addmm_(a, wa)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = time_alternating({"block": f}, reps=reps, warmup=3)
+    finally:
+        torch.set_num_threads(threads)
+    return {"rows": rows, "gflops": 2 * rows * (K + Ka) * M * N / res["medians_ms"]["block"] / 1e6,
+            "packed_weights_mib": (K + Ka) * M * N * 4 / 2**20}
+
+
+# ------------------------------------------------------------------------------------------------ one point
+
+def run_point(M: int, B: int, R: int, device: str, reps: int, compile_ref: bool, phase_reps: int) -> dict:
+    t_start = time.perf_counter()
+    cfg, b, prov = build_point(M, B, R, device, compile_ref)
+    steps = {n: (lambda opt=opt, body=body: (opt.zero_grad(), body())) for n, (_, opt, body) in prov.items()}
+    compile_s = None
+    for name, fn in steps.items():  # first calls (and the compile) outside the timed region
+        t = time.perf_counter()
+        fn()
+        if name == "reference compiled":
+            compile_s = time.perf_counter() - t
+    mem = {n: {"state": state_bytes(m, opt), "peak": state_bytes(m, opt) + step_peak_extra(opt, body, device)}
+           for n, (m, opt, body) in prov.items()}
+    res = time_alternating(steps, reps=reps, warmup=1, device=device)
+    med = res["medians_ms"]
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):  # minor page faults of our step (fresh pages the kernel zero-fills)
+        steps["SAML"]()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 3
+    model, opt, _ = prov["SAML"]
+    phases, ops = phase_times(model, opt, b, device, phase_reps)
+    return {"M": M, "B": B, "R": R, "medians_ms": med, "samples_per_s": {k: B / v * 1e3 for k, v in med.items()},
+            "speedup": {k: res["ratios"][(k, "SAML")] for k in med if k != "SAML"}, "memory_bytes": mem,
+            "phases_ms": phases, "op_self_ms": ops, "mutual_gflop": mutual_gflop(cfg, B), "compile_s": compile_s,
+            "page_faults_per_step": faults, "block_gemm": block_gemm_probe(cfg) if device == "cpu" else None,
+            "dense_params": sum(p.numel() for n, p in model.named_parameters() if "embedding." not in n),
+            "wall_s": time.perf_counter() - t_start}
+
+
+def group_ms(phases: dict) -> dict:
+    """fwd + bwd per phase group (CUDA: the backward stays one 'backward' phase)."""
+    out = {}
+    for k, v in phases.items():
+        g = k.split(" ", 1)[1] if " " in k else k
+        g = "backward" if g == "all" else g
+        out[g] = out.get(g, 0.0) + v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+def slope(xs, ys) -> float:
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if y and y > 0]
+    if len(pts) < 2:
+        return float("nan")
+    mx, my = (sum(p[i] for p in pts) / len(pts) for i in (0, 1))
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else float("nan")
+
+
+def curves(points: list, axis: str) -> dict:
+    """name -> (xs, ys) for the time curves of a sweep (providers, then our phase groups)."""
+    out = {}
+    for prov in ["SAML", "reference eager", "reference compiled"]:
+        pts = [(p[axis], p["medians_ms"][prov]) for p in points if prov in p["medians_ms"]]
+        if pts:
+            out[prov] = tuple(zip(*pts))
+    for g in group_ms(points[0]["phases_ms"]):
+        out[f"SAML: {g}"] = tuple(zip(*[(p[axis], group_ms(p["phases_ms"]).get(g, 0.0)) for p in points]))
+    out["SAML: all but mutual"] = tuple(zip(*[(p[axis], sum(v for g, v in group_ms(p["phases_ms"]).items()
+                                                            if g != "mutual")) for p in points]))
+    return out
+
+
+def sweep_tables(name: str, axis: str, points: list, base: tuple) -> str:
+    fixed = ", ".join(f"{k}={v}" for k, v in zip("MBR", base) if k != axis)
+    provs = [p for p in ["SAML", "reference eager", "reference compiled"] if any(p in q["medians_ms"] for q in points)]
+    rows = []
+    for p in points:
+        row = [p[axis]]
+        for prov in provs:
+            ms = p["medians_ms"].get(prov)
+            row.append("-" if ms is None else ms)
+        row += [f"{p['speedup'][prov]:.2f}x" if prov in p["speedup"] else "-" for prov in provs[1:]]
+        row.append(f"{p['samples_per_s']['SAML']:,.0f}")
+        row.append(f"{p['page_faults_per_step']:,.0f}")
+        row += [p["memory_bytes"][prov]["peak"] / 2**20 if prov in p["memory_bytes"] else "-" for prov in provs]
+        rows.append(row)
+    header = ([axis] + [f"{p} ms" for p in provs] + [f"speed-up vs {p}" for p in provs[1:]]
+              + ["SAML samples/s", "SAML page faults/step"] + [f"{p} peak MiB" for p in provs])
+    text = f"### Sweep over {axis} ({fixed})\n\n" + markdown_table(header, rows) + "\n\n"
+    groups = list(group_ms(points[0]["phases_ms"]))
+    prow = [[p[axis]] + [group_ms(p["phases_ms"]).get(g, 0.0) for g in groups] + [sum(p["phases_ms"].values())]
+            for p in points]
+    text += "Our step by phase (ms, forward + backward of each group):\n\n"
+    text += markdown_table([axis] + groups + ["sum"], prow) + "\n\n"
+    sl = [(k, slope(*v)) for k, v in curves(points, axis).items()]
+    xs = [p[axis] for p in points]
+    sl.append(("state memory SAML", slope(xs, [p["memory_bytes"]["SAML"]["state"] for p in points])))
+    sl.append(("peak memory SAML", slope(xs, [p["memory_bytes"]["SAML"]["peak"] for p in points])))
+    sl.append(("peak memory reference eager",
+               slope(xs, [p["memory_bytes"]["reference eager"]["peak"] for p in points])))
+    if axis == "M":
+        sl.append(("mutual layer GEMM FLOPs", slope(xs, [p["mutual_gflop"] for p in points])))
+        sl.append(("dense parameters (Adam)", slope(xs, [p["dense_params"] for p in points])))
+        mrows = [[p["M"], p["mutual_gflop"], group_ms(p["phases_ms"]).get("mutual", 0.0),
+                  p["mutual_gflop"] / max(group_ms(p["phases_ms"]).get("mutual", 0.0), 1e-9) * 1e3]
+                 + ([p["block_gemm"]["rows"], p["block_gemm"]["packed_weights_mib"], p["block_gemm"]["gflops"]]
+                    if p["block_gemm"] else ["-"] * 3) for p in points]
+        text += ("Mutual layer (fwd + bwd) against its GEMM FLOPs, and the CPU kernel's block GEMM measured alone "
+                 "(one thread, `block_gemm_probe`):\n\n")
+        text += markdown_table(["M", "GEMM GFLOP/step", "mutual ms", "GFLOP/s", "block rows", "packed W MiB",
+                                "block GEMM GFLOP/s"], mrows) + "\n\n"
+    if axis == "M" and points[-1]["op_self_ms"]:
+        last = {k: v for k, v in points[-1]["op_self_ms"].items() if not k.startswith("phase::")}
+        top = sorted(last, key=lambda k: -last[k])[:14]
+        text += ("Profiler, self CPU ms per step of the top operators of our step (at the largest M; median of the "
+                 "profiled steps; nested ops count in their own row only):\n\n")
+        text += markdown_table(["op"] + [f"M={p['M']}" for p in points],
+                               [[k[:60]] + [p["op_self_ms"].get(k, 0.0) for p in points] for k in top]) + "\n\n"
+    text += f"Slopes of log(y) vs log({axis}) (least squares over the sweep):\n\n"
+    text += markdown_table(["curve", "slope"], [[k, f"{v:.2f}"] for k, v in sl]) + "\n"
+    return text
+
+
+def plot_all(results: dict, out_dir: str, stem: str) -> list:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    for key, axis, suffix, xlabel in [("M", "M", "m", "scenarios M"), ("B", "B", "b", "batch B"),
+                                      ("R", "R", "rows", "table rows per feature R")]:
+        if key not in results:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 5))
+        colors = iter(plt.cm.tab10.colors)
+        for name, (xs, ys) in curves(results[key]["points"], axis).items():
+            phase = name.startswith("SAML: ")
+            style = dict(color="k", ls="-.", lw=2) if name == "SAML: all but mutual" else \
+                dict(color=next(colors), ls="--" if phase else "-", lw=1 if phase else 2)
+            ax.plot(xs, [max(y, 1e-3) for y in ys], marker="o", ms=3, label=f"{name} (slope {slope(xs, ys):.2f})",
+                    **style)
+        if key == "M":  # the mutual layer's GEMM FLOPs, scaled to its time at the first point
+            pts = results[key]["points"]
+            mut = [group_ms(p["phases_ms"]).get("mutual", 0.0) for p in pts]
+            if mut[0] > 0:
+                ax.plot([p["M"] for p in pts], [p["mutual_gflop"] / pts[0]["mutual_gflop"] * mut[0] for p in pts],
+                        "k:", lw=1, label="mutual GEMM FLOPs, scaled to the first point")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("ms per training step (median)")
+        ax.set_title(f"SAML training step vs {xlabel} ({stem})", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, loc="upper left")
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, f"{stem}_{suffix}.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    if "M" in results:
+        pts = results["M"]["points"]
+        fig, ax = plt.subplots(figsize=(7, 5))
+        xs = [p["M"] for p in pts]
+        for prov in ["SAML", "reference eager", "reference compiled"]:
+            ys = [p["memory_bytes"][prov]["peak"] / 2**20 for p in pts if prov in p["memory_bytes"]]
+            if ys:
+                xp = [p["M"] for p in pts if prov in p["memory_bytes"]]
+                ax.plot(xp, ys, "-o", ms=3, label=f"{prov} peak (slope {slope(xp, ys):.2f})")
+        ys = [p["memory_bytes"]["SAML"]["state"] / 2**20 for p in pts]  # the same for every provider
+        ax.plot(xs, ys, "k:o", ms=3,
+                label=f"state: weights + Adagrad + Adam, every provider (slope {slope(xs, ys):.2f})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("scenarios M")
+        ax.set_ylabel("MiB")
+        ax.set_title(f"Memory of one training step vs M ({stem})", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, loc="upper left")
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, f"{stem}_mem.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="SAML scaling benchmark (M, B, table rows)")
+    p.add_argument("--quick", action="store_true", help="tiny grid, no compile, _quick results (smoke test)")
+    p.add_argument("--gpu", action="store_true", help="small CUDA grid (about 60 s)")
+    p.add_argument("--reps", type=int, default=None, help="alternating rounds per point")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--sweeps", default="MBR", help="which sweeps to run: any of M, B, R (default MBR)")
+    p.add_argument("--out-dir", default=RESULTS_DIR)
+    p.add_argument("--budget-s", type=float, default=None, help="start no new point after this many seconds "
+                   "(default: 45 with --gpu, so the run fits in gpu_check.sh's 60 s; none on the CPU)")
+    args = p.parse_args(argv)
+    device = "cuda" if args.gpu else "cpu"
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("bench_scaling.py --gpu: CUDA is not available")
+    grid = GRIDS["quick" if args.quick else device]
+    reps = args.reps or (2 if args.quick else 5)
+    phase_reps = 1 if args.quick else 3
+    budget = args.budget_s if args.budget_s is not None else (45.0 if args.gpu else math.inf)
+    last_wall = 0.0  # a point is started only if one as long as the last one still fits in the budget
+    t0 = time.perf_counter()
+    results = {}
+    for key in [k for k in "MBR" if k in args.sweeps.upper()]:
+        base, axis, values, compile_at = grid[key]
+        points = []
+        for v in values:
+            M, B, R = (v if a == axis else x for a, x in zip("MBR", base))
+            if time.perf_counter() - t0 + last_wall > budget:
+                print(f"bench_scaling: time budget ({budget:.0f} s) spent, skipping M={M} B={B} R={R}", flush=True)
+                continue
+            comp = v in compile_at and not args.no_compile
+            print(f"bench_scaling: {device} sweep {axis}: M={M} B={B} R={R} compile={comp}", flush=True)
+            pt = run_point(M, B, R, device, reps, comp, phase_reps)
+            print("   " + ", ".join(f"{k} {v:.1f} ms" for k, v in pt["medians_ms"].items())
+                  + f"  ({pt['wall_s']:.0f} s" + (f", compile {pt['compile_s']:.0f} s)" if pt["compile_s"] else ")"),
+                  flush=True)
+            points.append(pt)
+            last_wall = pt["wall_s"]
+        if points:
+            results[key] = {"base": base, "axis": axis, "points": points, "compile_at": compile_at}
+    stem = f"scaling_{machine_tag()}" + ("_quick" if args.quick else "")
+    body = (f"One training step = zero_grad + forward + backward + optimizer, float32, {torch.get_num_threads()} "
+            f"threads, {reps} alternating rounds per point (medians); speed-up = median of per-round ratios "
+            "t(provider) / t(SAML). Peak MiB = weights + Adagrad/Adam states + the peak extra allocation of one "
+            "step after zero_grad. torch.compile of the reference only where a column has a value. Phases: see "
+            "the benchmark's docstring (the CPU phase split comes from profiled steps, so 'sum' can exceed the "
+            "timed median).\n\n")
+    body += "\n".join(sweep_tables(k, r["axis"], r["points"], r["base"]) for k, r in results.items())
+    body += f"\nTotal wall time: {time.perf_counter() - t0:.0f} s.\n"
+    print(body)
+    paths = write_results(stem, "Scaling of the SAML training step with M, B and table rows: ours vs SAMLReference",
+                          body, {"results": results}, out_dir=args.out_dir)
+    paths = list(paths.values()) + plot_all(results, args.out_dir, stem)
+    print("wrote", ", ".join(paths))
+    return results
+
+
+if __name__ == "__main__":
+    main()
