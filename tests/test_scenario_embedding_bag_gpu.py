@@ -287,6 +287,18 @@ def _cuda_pairs():
         pytest.param("cuda", "cuda", id="no-cuda-backend", marks=pytest.mark.skip(reason="no CUDA device / kernels"))]
 
 
+def backward_case(device, dtype, D, hot):
+    """(kernel args, grad_global, grad_scenario) for the backward tests; ``hot``: a few rows with far more than
+    32 entries each (the split / two-level paths), else many duplicate rows and an invalid id."""
+    if hot:
+        args = make_case(device, dtype=dtype, D=D, B=48, sizes=(2, 3), aware=(1, 1), M=2, psw=True,
+                         empty_bags=False, bad_ids=2)
+    else:
+        args = make_case(device, dtype=dtype, D=D, psw=True, dup=True, bad_ids=1)
+    g0, s0, _ = ref.forward_kernel(*ref_args(args), False)
+    return args, torch.randn(g0.shape, dtype=dtype).to(device), torch.randn(s0.shape, dtype=dtype).to(device)
+
+
 @pytest.mark.parametrize("device,backend", _cuda_pairs())
 @pytest.mark.parametrize("optimizer", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -295,14 +307,7 @@ def test_cuda_fused_update(device, backend, optimizer, dtype, D, hot):
     """seb_backward_update_ (SGD / row-wise Adagrad on the deduplicated rows) == rows from the reference + the
     same update written in PyTorch (float32/64 math on the unrounded per-row gradients). ``hot``: rows with
     more than 32 entries (the two-level split path)."""
-    if hot:
-        args = make_case(device, dtype=dtype, D=D, B=48, sizes=(2, 3), aware=(1, 1), M=2, psw=True,
-                         empty_bags=False, bad_ids=2)
-    else:
-        args = make_case(device, dtype=dtype, D=D, psw=True, dup=True, bad_ids=1)
-    g0, s0, _ = ref.forward_kernel(*ref_args(args), False)
-    gg = torch.randn(g0.shape, dtype=dtype).to(device)
-    gs = torch.randn(s0.shape, dtype=dtype).to(device)
+    args, gg, gs = backward_case(device, dtype, D, hot)
     gw, sw = args[3], args[4]
     M, Rs = sw.shape[0], sw.shape[1]
     gst = torch.rand(gw.shape[0], device=device)
@@ -333,14 +338,7 @@ def test_cuda_fused_update(device, backend, optimizer, dtype, D, hot):
 def test_cuda_dense_backward(device, backend, dtype, D, hot):
     """seb_backward_dense (the sync-free two-level schedule: runs of <= 32 entries, counts on the device) ==
     the reference rows scattered into dense dG / dS; ``hot``: rows with far more than 32 entries."""
-    if hot:
-        args = make_case(device, dtype=dtype, D=D, B=48, sizes=(2, 3), aware=(1, 1), M=2, psw=True,
-                         empty_bags=False, bad_ids=2)
-    else:
-        args = make_case(device, dtype=dtype, D=D, psw=True, dup=True, bad_ids=1)
-    g0, s0, _ = ref.forward_kernel(*ref_args(args), False)
-    gg = torch.randn(g0.shape, dtype=dtype).to(device)
-    gs = torch.randn(s0.shape, dtype=dtype).to(device)
+    args, gg, gs = backward_case(device, dtype, D, hot)
     gw, sw = args[3], args[4]
     M, Rs = sw.shape[0], sw.shape[1]
     rows = ref.backward_rows_kernel(gg.cpu().double(), gs.cpu().double(), *ref_args(args), True)
