@@ -2,8 +2,8 @@
 """The main job: train SAML on multi-scenario CTR data and compare it with a shared-bottom baseline.
 
     python python/train_saml.py                       # synthetic data, CPU, < 3 minutes on 2 cores
-    python python/train_saml.py --data ali_ccp --path ../shared/data/ali_ccp/ali_ccp_train_sample.csv \
-        [--val-path ../shared/data/ali_ccp/ali_ccp_val_sample.csv]
+    python python/train_saml.py --data ali_ccp [--path FILE.csv] [--val-path FILE.csv]
+        (default: the real Ali-CCP sample rows shipped in data/ali_ccp/, train and validation files)
 
 Steps: build data (held-out split, or --val-path), train SAML (accelerated layers, ``saml_kernels.nn.SAML``) and
 the shared-bottom baseline on the same batches with the same optimizer, evaluate overall and per-scenario AUC
@@ -57,8 +57,10 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", choices=("synthetic", "ali_ccp"), default="synthetic")
-    p.add_argument("--path", help="Ali-CCP CSV (training file) for --data ali_ccp")
-    p.add_argument("--val-path", help="Ali-CCP CSV held-out file (default: a split of --path)")
+    p.add_argument("--path", help="Ali-CCP CSV (training file) for --data ali_ccp (default: the sample rows in "
+                   "data/ali_ccp/)")
+    p.add_argument("--val-path", help="Ali-CCP CSV held-out file (default: the shipped validation rows with the "
+                   "default --path, else a split of --path)")
     p.add_argument("--samples", type=int, default=80_000, help="synthetic samples (train + held-out)")
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction when there is no --val-path")
     p.add_argument("--backend", default=None, help="force a backend for every op (reference|cpu|triton|cuda)")
@@ -83,8 +85,9 @@ def load_data(args):
         full = sdata.make_synthetic(args.samples, seed=args.seed)
         train, held = full.split(args.holdout, seed=args.seed)
         return train, held, f"synthetic ({args.samples} samples, seed {args.seed})"
-    if not args.path:
-        raise SystemExit("train_saml.py: --data ali_ccp needs --path FILE")
+    if not args.path:  # the real sample rows shipped with the repository
+        args.path = str(ROOT / "data" / "ali_ccp" / "ali_ccp_train_sample.csv")
+        args.val_path = args.val_path or str(ROOT / "data" / "ali_ccp" / "ali_ccp_val_sample.csv")
     train, vocab = sdata.load_ali_ccp(args.path)
     if args.val_path:
         held, _ = sdata.load_ali_ccp(args.val_path, vocab=vocab)

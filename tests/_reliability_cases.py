@@ -136,7 +136,7 @@ def act64(y, activation):
 
 def mbranch_oracle(x, weight, bias, scenario, *, route="own", activation=None, grad_mask="own", aux=None,
                    aux_weight=None):
-    """float64 oracle of mbranch_linear with the DESIGN's gradient masking semantics (autograd-able)."""
+    """float64 oracle of mbranch_linear with the design's (docs/design.md) gradient masking semantics (autograd-able)."""
     sc = scenario.long()
     M = weight.shape[0]
     B = x.shape[-2]

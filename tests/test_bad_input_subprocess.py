@@ -312,7 +312,7 @@ test_mutual_linear_bad_input = _gemm_test("mutual_linear")
 
 @pytest.mark.parametrize("op", ["mbranch_linear", "mutual_unit", "mutual_linear"])
 def test_gemm_empty_batch_is_not_an_error(op):
-    """B = 0 is valid input (DESIGN): empty outputs, no exception."""
+    """B = 0 is valid input (docs/design.md): empty outputs, no exception."""
     if not R.op_available(op):
         pytest.skip(f"{op} has not landed yet")
     inp = _gemm_base(op, "cpu", B=0)

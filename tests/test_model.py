@@ -173,9 +173,7 @@ def test_short_training_run_decreases_loss():
 
 
 def test_ali_ccp_config_without_sequence():
-    path = ROOT.parent / "shared" / "data" / "ali_ccp" / "ali_ccp_train_sample.csv"
-    if not path.exists():
-        pytest.skip("Ali-CCP sample not present")
+    path = ROOT / "data" / "ali_ccp" / "ali_ccp_train_sample.csv"
     from saml_kernels.data import load_ali_ccp
 
     d, _ = load_ali_ccp(path)
@@ -207,9 +205,7 @@ def test_train_saml_smoke(tmp_path):
 
 
 def test_train_saml_ali_ccp_smoke(tmp_path):
-    path = ROOT.parent / "shared" / "data" / "ali_ccp" / "ali_ccp_train_sample.csv"
-    if not path.exists():
-        pytest.skip("Ali-CCP sample not present")
+    path = ROOT / "data" / "ali_ccp" / "ali_ccp_train_sample.csv"
     out = _run(["python/train_saml.py", "--data", "ali_ccp", "--path", str(path), "--val-path",
                 str(path.with_name("ali_ccp_val_sample.csv")), "--epochs", "1", "--batch-size", "32",
                 "--hidden", "8", "--embedding-dim", "4", "--throughput-steps", "1", "--no-progress", "--threads",

@@ -463,7 +463,7 @@ def test_fused_deterministic(device, backend):
 @pytest.mark.parametrize("device,backend", PAIRS)
 @pytest.mark.parametrize("optimizer", [None, "rowwise_adagrad"])
 def test_reference_layer_twin(device, backend, optimizer):
-    """DESIGN 3: the reference layer has the same parameter (and Adagrad buffer) names; a state_dict moves between
+    """docs/design.md section 3: the reference layer has the same parameter (and Adagrad buffer) names; a state_dict moves between
     them unchanged and both give the same outputs and gradients."""
     layers = pytest.importorskip("saml_kernels.reference.layers")
     ours = ScenarioEmbedding(FEATURES, 3, 4, backend=backend, device=device, optimizer=optimizer).eval()

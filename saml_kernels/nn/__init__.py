@@ -1,4 +1,4 @@
-"""Drop-in layers (DESIGN section 3). Each has device/dtype factory arguments and reset_parameters(), and shares
+"""Drop-in layers (docs/design.md section 3). Each has device/dtype factory arguments and reset_parameters(), and shares
 its parameter names with the reference model in saml_kernels.reference."""
 from .scenario_embedding import EmbeddingFeature, ScenarioEmbedding
 from .multi_branch_linear import MultiBranchLinear

@@ -1,4 +1,4 @@
-"""``MultiBranchLinear``: M scenario branches of a linear layer, routed by scenario (DESIGN sections 1.4, 1.6)."""
+"""``MultiBranchLinear``: M scenario branches of a linear layer, routed by scenario (docs/design.md section 1, items 4 and 6)."""
 from __future__ import annotations
 
 import math

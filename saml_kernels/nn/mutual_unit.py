@@ -1,4 +1,4 @@
-"""``MutualUnit``: the SAML mutual layer (DESIGN 1.5), the fused ``saml_kernels.mutual_linear`` as a module."""
+"""``MutualUnit``: the SAML mutual layer (docs/design.md section 1, item 5), the fused ``saml_kernels.mutual_linear`` as a module."""
 from __future__ import annotations
 
 from typing import Optional

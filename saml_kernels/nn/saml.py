@@ -1,4 +1,4 @@
-"""``SAML``: the full Scenario-aware and Mutual-based model (DESIGN section 1) from the drop-in layers, and a
+"""``SAML``: the full Scenario-aware and Mutual-based model (docs/design.md section 1) from the drop-in layers, and a
 shared-bottom baseline for comparison.
 
     E_g, E_s = ScenarioEmbedding(ids, scenario);  S_g, S_s = sequence ScenarioEmbedding (pooling "none")

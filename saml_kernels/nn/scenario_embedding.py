@@ -1,4 +1,4 @@
-"""``ScenarioEmbedding``: the scenario-aware embedding layer of SAML (DESIGN sections 1.1 and 3, issue 2 section 3).
+"""``ScenarioEmbedding``: the scenario-aware embedding layer of SAML (docs/design.md sections 1 and 3).
 
 Every feature has rows in the global table; a scenario-aware feature also has rows in each of the M scenario
 tables. For a batch with scenario ids s_b:

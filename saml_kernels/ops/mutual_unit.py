@@ -15,7 +15,7 @@ Math (h [M, B, N], s_b the scenario of sample b, own = h[s_b, b]):
     sim[m, b] = <own, h[m,b]> / (max(|own|, 1e-8) max(|h[m,b]|, 1e-8))   ("cosine")  or  <own, h[m,b]> / sqrt(N)  ("dot")
     a[b] = softmax_m(sim[:, b] / temperature),   out[b] = sum_m a[b, m] h[m, b]
 
-Backward: h[m, b] for m != s_b is stop-gradient (DESIGN 1.6), so dh is zero except dh[s_b, b]:
+Backward: h[m, b] for m != s_b is stop-gradient (docs/design.md section 1, item 6), so dh is zero except dh[s_b, b]:
 with g = dL/dout[b], u_m = <g, h[m,b]>, e_m = a_m (u_m - <g, out[b]>),
     dh[s_b, b] = a_s g + (1/T) sum_m c_m e_m d sim_m / d own,   c_m = 1 + [m == s_b]
 (own is both arguments of sim_s); for cosine d sim_m / d own = h_m / (n_own n_m) - [|own| > eps] sim_m own / n_own^2,

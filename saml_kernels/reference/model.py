@@ -1,7 +1,7 @@
 """The SAML configuration and the plain-PyTorch SAML model (``SAMLReference``): the oracle of the accelerated
 ``saml_kernels.nn.SAML`` and the eager baseline of the model benchmark.
 
-Model (DESIGN section 1), with F features of which Fs scenario-aware, embedding dim D, sequence length L:
+Model (docs/design.md section 1), with F features of which Fs scenario-aware, embedding dim D, sequence length L:
 
     E_g [B, F, D], E_s [B, Fs, D]       = embedding(ids, scenario)
     S_g [B, L, D], S_s [B, L, D]         = sequence_embedding(behaviour ids, scenario)
