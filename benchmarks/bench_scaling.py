@@ -54,7 +54,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from harness import RESULTS_DIR, machine_tag, markdown_table, time_alternating, write_results  # noqa: E402
+from harness import (RESULTS_DIR, machine_tag, markdown_table, peak_memory, time_alternating,  # noqa: E402
+                     write_results)
 
 from saml_kernels.data import make_synthetic  # noqa: E402
 from saml_kernels.nn import SAML, SAMLConfig, TrainingOptimizer  # noqa: E402
@@ -119,12 +120,7 @@ def step_peak_extra(opt, body, device: str) -> int:
     """Peak bytes allocated on top of what was live when the step started (after zero_grad)."""
     opt.zero_grad()
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        body()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        return peak_memory(body, "cuda")
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         body()
@@ -390,6 +386,21 @@ def sweep_tables(name: str, axis: str, points: list, base: tuple) -> str:
     return text
 
 
+def _save_loglog(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> str:
+    """Log-log axes (base 2 in x), labels, grid and legend; saves and closes the figure; returns the path."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_all(results: dict, out_dir: str, stem: str) -> list:
     try:
         import matplotlib
@@ -416,17 +427,8 @@ def plot_all(results: dict, out_dir: str, stem: str) -> list:
             if mut[0] > 0:
                 ax.plot([p["M"] for p in pts], [p["mutual_gflop"] / pts[0]["mutual_gflop"] * mut[0] for p in pts],
                         "k:", lw=1, label="mutual GEMM FLOPs, scaled to the first point")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("ms per training step (median)")
-        ax.set_title(f"SAML training step vs {xlabel} ({stem})", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, loc="upper left")
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, f"{stem}_{suffix}.png"))
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save_loglog(plt, fig, ax, xlabel, "ms per training step (median)",
+                                  f"SAML training step vs {xlabel} ({stem})", os.path.join(out_dir, f"{stem}_{suffix}.png")))
     if "M" in results:
         pts = results["M"]["points"]
         fig, ax = plt.subplots(figsize=(7, 5))
@@ -439,17 +441,8 @@ def plot_all(results: dict, out_dir: str, stem: str) -> list:
         ys = [p["memory_bytes"]["SAML"]["state"] / 2**20 for p in pts]  # the same for every provider
         ax.plot(xs, ys, "k:o", ms=3,
                 label=f"state: weights + Adagrad + Adam, every provider (slope {slope(xs, ys):.2f})")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("scenarios M")
-        ax.set_ylabel("MiB")
-        ax.set_title(f"Memory of one training step vs M ({stem})", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, loc="upper left")
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, f"{stem}_mem.png"))
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save_loglog(plt, fig, ax, "scenarios M", "MiB", f"Memory of one training step vs M ({stem})",
+                                  os.path.join(out_dir, f"{stem}_mem.png")))
     return paths
 
 

@@ -22,7 +22,7 @@ Contract:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,12 +30,6 @@ from torch import Tensor, nn
 from .ops import _checks
 
 __all__ = ["CapturedTrainingStep"]
-
-
-def _default_loss(model: nn.Module, *tensors: Tensor) -> Tensor:
-    """The model's outputs summed (a stand-in for tests and demos; pass a real ``loss_fn``)."""
-    out = model(*tensors)
-    return sum(o.float().sum() for o in (out if isinstance(out, (tuple, list)) else (out,)))
 
 
 class CapturedTrainingStep:
@@ -57,7 +51,7 @@ class CapturedTrainingStep:
     """
 
     def __init__(self, model: nn.Module, optimizer, example_inputs: Sequence[Tensor],
-                 loss_fn: Optional[Callable[..., Tensor]] = None, warmup: int = 2):
+                 loss_fn: Callable[..., Tensor], warmup: int = 2):
         if not torch.cuda.is_available():
             raise RuntimeError("CapturedTrainingStep needs a CUDA device (CUDA graphs)")
         inputs = tuple(example_inputs)
@@ -68,7 +62,7 @@ class CapturedTrainingStep:
         if warmup < 1:
             raise ValueError(f"CapturedTrainingStep: warmup must be >= 1, got {warmup}")
         self.model, self.optimizer = model, optimizer
-        self.loss_fn = loss_fn or _default_loss
+        self.loss_fn = loss_fn
         self.static_inputs = tuple(t.clone() for t in inputs)
         device = inputs[0].device
         _checks.prepare_capture_safe(device)

@@ -88,6 +88,28 @@ const T* ptr_or_null(const c10::optional<Tensor>& t) { return t.has_value() ? t-
 
 // ------------------------------------------------------------------------------------- tiled engine (default)
 
+// The row-GEMM arguments a forward shares: z = x W (+ aux Wa) + bias, y = act(z) (and z kept when keep_z). The
+// caller sets the schedule (seg / perm) and the output strides.
+template <typename T>
+gemm::RowGemmArgs<T, T> forward_args(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                     const c10::optional<Tensor>& aux, const c10::optional<Tensor>& aux_weight,
+                                     const Tensor& y, const Tensor& z, bool keep_z, int64_t activation) {
+  gemm::RowGemmArgs<T, T> p{};
+  p.op[0] = row_operand<T>(x, weight, false);
+  p.nops = 1;
+  if (aux.has_value()) p.op[p.nops++] = row_operand<T>(*aux, *aux_weight, false);
+  p.rows = x.size(-2);
+  p.M = static_cast<int>(weight.size(0));
+  p.N = weight.size(2);
+  p.bias = ptr_or_null<T>(bias);
+  p.sbm = bias.has_value() ? bias->stride(0) : 0;
+  p.sbn = bias.has_value() ? bias->stride(1) : 0;
+  p.y = y.data_ptr<T>();
+  p.z = keep_z ? z.data_ptr<T>() : nullptr;
+  p.act = static_cast<int>(activation);
+  return p;
+}
+
 std::tuple<Tensor, Tensor> grouped_forward_tiled(const Tensor& x, const Tensor& weight,
                                                  const c10::optional<Tensor>& bias, const c10::optional<Tensor>& aux,
                                                  const c10::optional<Tensor>& aux_weight, const Tensor& scenario,
@@ -102,24 +124,12 @@ std::tuple<Tensor, Tensor> grouped_forward_tiled(const Tensor& x, const Tensor& 
   std::tie(perm, ssorted, seg) = saml_cuda::sort_by_scenario(scenario, M);
   const bool tc = gemm::use_tensor_cores(x.scalar_type(), engine);
   SAML_DISPATCH_FLOATING(x.scalar_type(), "mbl_grouped_forward_cuda", [&] {
-    gemm::RowGemmArgs<scalar_t, scalar_t> p{};
-    p.op[0] = row_operand<scalar_t>(x, weight, false);
-    p.nops = 1;
-    if (aux.has_value()) p.op[p.nops++] = row_operand<scalar_t>(*aux, *aux_weight, false);
+    auto p = forward_args<scalar_t>(x, weight, bias, aux, aux_weight, y, z, keep_z, activation);
     p.seg = seg.data_ptr<int64_t>();
     p.perm = perm.data_ptr<int64_t>();
-    p.rows = B;
-    p.M = static_cast<int>(M);
-    p.N = N;
-    p.bias = ptr_or_null<scalar_t>(bias);
-    p.sbm = bias.has_value() ? bias->stride(0) : 0;
-    p.sbn = bias.has_value() ? bias->stride(1) : 0;
-    p.y = y.data_ptr<scalar_t>();
-    p.z = keep_z ? z.data_ptr<scalar_t>() : nullptr;
     p.som = 0;
     p.sor = N;
     p.son = 1;
-    p.act = static_cast<int>(activation);
     const dim3 grid(static_cast<unsigned>(gemm::grouped_tiles(B, M, gemm::kBM)), gemm::cdiv(N, gemm::kBN));
     gemm::launch_row_gemm(p, grid, tc, at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -142,24 +152,12 @@ std::tuple<Tensor, Tensor> all_forward_tiled(const Tensor& x, const Tensor& weig
     gemm::check_grid(N, M, "mbl_all_forward");
     const bool tc = gemm::use_tensor_cores(x.scalar_type(), engine);
     SAML_DISPATCH_FLOATING(x.scalar_type(), "mbl_all_forward_cuda", [&] {
-      gemm::RowGemmArgs<scalar_t, scalar_t> p{};
-      p.op[0] = row_operand<scalar_t>(x, weight, false);
-      p.nops = 1;
-      if (aux.has_value()) p.op[p.nops++] = row_operand<scalar_t>(*aux, *aux_weight, false);
-      p.seg = nullptr;
+      auto p = forward_args<scalar_t>(x, weight, bias, aux, aux_weight, y, z, keep_z, activation);
+      p.seg = nullptr;  // dense schedule: every row through every branch
       p.perm = nullptr;
-      p.rows = B;
-      p.M = static_cast<int>(M);
-      p.N = N;
-      p.bias = ptr_or_null<scalar_t>(bias);
-      p.sbm = bias.has_value() ? bias->stride(0) : 0;
-      p.sbn = bias.has_value() ? bias->stride(1) : 0;
-      p.y = y.data_ptr<scalar_t>();
-      p.z = keep_z ? z.data_ptr<scalar_t>() : nullptr;
       p.som = shared ? N : B * N;
       p.sor = shared ? M * N : N;
       p.son = 1;
-      p.act = static_cast<int>(activation);
       const dim3 grid(gemm::cdiv(B, gemm::kBM), gemm::cdiv(N, gemm::kBN), static_cast<unsigned>(M));
       gemm::launch_row_gemm(p, grid, tc, at::cuda::getCurrentCUDAStream());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

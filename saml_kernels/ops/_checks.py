@@ -66,6 +66,7 @@ _local = threading.local()
 # per device: int64 [len(_KINDS)] counters of the capture-safe mode, and the kinds (what was wrong, where)
 _COUNTERS: dict = {}
 _KINDS: list[str] = []
+_MAX_KINDS = 64
 
 
 class _Deferred:
@@ -124,6 +125,8 @@ def capture_safe_checks():
 
 def _kind(what: str) -> int:
     if what not in _KINDS:
+        if len(_KINDS) >= _MAX_KINDS:  # the counters are preallocated (graph capture): a bounded set of checks
+            raise RuntimeError(f"saml_kernels: more than {_MAX_KINDS} kinds of input check; raise _MAX_KINDS")
         _KINDS.append(what)
     return _KINDS.index(what)
 
@@ -131,9 +134,9 @@ def _kind(what: str) -> int:
 def _counters(device: torch.device) -> torch.Tensor:
     key = torch.device(device)
     c = _COUNTERS.get(key)
-    if c is None or c.numel() < 64:
+    if c is None:
         # preallocated (kinds are few), so the first error under graph capture needs no new allocation
-        c = _COUNTERS[key] = torch.zeros(64, dtype=torch.int64, device=key)
+        c = _COUNTERS[key] = torch.zeros(_MAX_KINDS, dtype=torch.int64, device=key)
     return c
 
 
@@ -230,6 +233,11 @@ def scenario_range(op: str, scenario: torch.Tensor, num_scenarios: int) -> torch
     (so no kernel reads outside its tables before the flag is read). One reduction; the host sync follows the
     check mode; inside a deferred block the same tensor is checked (and clamped) once."""
     if scenario.numel() == 0:
+        return scenario
+    if check_mode() == "eager":  # read at once: no stand-in, no dedup key
+        flag = ((scenario < 0) | (scenario >= num_scenarios)).any()
+        if bool(flag):
+            _raise_scenario(op, scenario, num_scenarios)
         return scenario
     key = ("scenario", num_scenarios) + tensor_key(scenario)
     cache = _frame_cache(key)
