@@ -39,7 +39,7 @@ from harness import machine_tag, markdown_table, peak_memory, time_alternating, 
 from saml_kernels.data import make_synthetic  # noqa: E402
 from saml_kernels.nn import SAML, SAMLConfig, TrainingOptimizer  # noqa: E402
 from saml_kernels.reference import SAMLReference  # noqa: E402
-from saml_kernels.reference.model import saml_loss  # noqa: E402
+from saml_kernels.training import saml_loss  # noqa: E402
 
 LR, EMB_LR = 1e-3, 0.05
 

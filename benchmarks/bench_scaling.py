@@ -60,7 +60,7 @@ from harness import (RESULTS_DIR, machine_tag, markdown_table, peak_memory, time
 from saml_kernels.data import make_synthetic  # noqa: E402
 from saml_kernels.nn import SAML, SAMLConfig, TrainingOptimizer  # noqa: E402
 from saml_kernels.reference import SAMLReference  # noqa: E402
-from saml_kernels.reference.model import saml_loss  # noqa: E402
+from saml_kernels.training import saml_loss  # noqa: E402
 
 LR, EMB_LR = 1e-3, 0.05
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import saml_kernels  # noqa: E402
-from saml_kernels.reference.model import saml_loss  # noqa: E402
+from saml_kernels.training import saml_loss  # noqa: E402
 
 EMB_PREFIXES = ("embedding.", "sequence_embedding.")
 MODES = ("excluded", "excluded-sparse", "rowwise")

@@ -20,7 +20,7 @@ import saml_kernels
 from saml_kernels.data import make_synthetic
 from saml_kernels.nn import SAML, SAMLConfig, SharedBottom, TrainingOptimizer
 from saml_kernels.ops import _checks
-from saml_kernels.reference.model import saml_loss
+from saml_kernels.training import saml_loss
 
 from conftest import DEVICES, SyncCounter
 

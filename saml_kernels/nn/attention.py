@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .. import _backend
 
 from ..reference.attention import check_seq_lengths, masked_attention, sequence_mask
-from ..reference.layers import size_arg
+from .._args import size_arg
 
 __all__ = ["ScenarioAttention"]
 

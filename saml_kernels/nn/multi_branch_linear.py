@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .. import _backend
 
 from ..ops.mbranch_linear import ACTIVATIONS, GRAD_MASKS, ROUTES, mbranch_linear
-from ..reference.layers import size_arg
+from .._args import size_arg
 
 
 class MultiBranchLinear(nn.Module):

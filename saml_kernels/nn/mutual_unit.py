@@ -10,7 +10,7 @@ from .. import _backend
 
 from ..ops.mutual_linear import ACTIVATIONS, mutual_linear
 from ..ops.mutual_unit import SIMILARITY, check_temperature
-from ..reference.layers import size_arg
+from .._args import size_arg
 from .multi_branch_linear import MultiBranchLinear
 
 

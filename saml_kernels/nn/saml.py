@@ -25,8 +25,8 @@ from .. import _backend
 
 from ..ops import _checks
 
-from ..reference.model import (SAMLConfig, TrainingOptimizer, bce_loss, check_model_inputs,
-                               optimizer_state_keys_optional, saml_loss)
+from ..config import SAMLConfig, check_model_inputs
+from ..training import TrainingOptimizer, bce_loss, optimizer_state_keys_optional, saml_loss
 
 __all__ = ["SAML", "SAMLConfig", "SharedBottom", "TrainingOptimizer"]
 
@@ -68,7 +68,7 @@ class SAML(nn.Module):
     (``SAML`` and ``saml_kernels.reference.SAMLReference``). The row-wise Adagrad states (``*.global_state`` /
     ``*.scenario_state`` buffers, present only with "rowwise_adagrad") are optimizer state: a strict
     ``load_state_dict`` ignores them when this model has no such buffers and leaves this model's states unchanged
-    when the dict lacks them (``saml_kernels.reference.model.optimizer_state_keys_optional``). To resume training
+    when the dict lacks them (``saml_kernels.training.optimizer_state_keys_optional``). To resume training
     exactly, save ``TrainingOptimizer.state_dict()`` too (it holds every table's row-wise state).
     """
 

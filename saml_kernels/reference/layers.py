@@ -6,38 +6,18 @@ between them unchanged. They are the building blocks of :class:`saml_kernels.ref
 from __future__ import annotations
 
 import math
-import operator
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .._args import size_arg  # noqa: F401  (re-exported)
 from .mutual_unit import mutual_unit_reference
 from .scenario_embedding_bag import scenario_embedding_bag_reference
 
 _ACT = {None: lambda z: z, "none": lambda z: z, "relu": torch.relu,
         "leaky_relu": lambda z: nn.functional.leaky_relu(z, 0.01), "gelu": nn.functional.gelu,
         "silu": nn.functional.silu}
-
-
-def size_arg(who: str, name: str, value, minimum: int = 1) -> int:
-    """``value`` as a Python int >= ``minimum``, for a size argument (features, branches, hidden widths ...).
-
-    Any integral value is accepted (``operator.index``: int, numpy integers, 0-dim integer tensors); bool is
-    rejected (``True`` is not a size). Raises TypeError for a non-integral value and ValueError below ``minimum``,
-    both naming ``who``, the argument and the value."""
-    is_bool = isinstance(value, bool) or type(value).__name__ == "bool_" or (
-        isinstance(value, torch.Tensor) and value.dtype == torch.bool)
-    try:
-        if is_bool:
-            raise TypeError
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{who}: {name} must be an integer >= {minimum}, got {value!r} "
-                        f"({type(value).__name__})") from None
-    if v < minimum:
-        raise ValueError(f"{who}: {name} must be an integer >= {minimum}, got {value!r}")
-    return v
 
 
 def feature_layout(features: Sequence, num_scenarios: int) -> tuple[list, list]:

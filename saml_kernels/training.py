@@ -1,0 +1,191 @@
+"""Losses and the training optimizer shared by every model of the package and by the reference twins:
+``bce_loss``, ``saml_loss``, ``TrainingOptimizer`` (dense Adam + row-wise Adagrad on the tables) and the
+``load_state_dict`` post-hook that treats row-wise optimizer states as optional (docs/design.md section 3)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def bce_loss(logit: Tensor, label: Tensor) -> Tensor:
+    """mean_b BCE(logit_b, label_b) (with logits), logit and label [B].
+
+    An empty batch (B = 0) has loss 0, not the NaN of a mean over no samples: ``logit.sum()``, which stays in the
+    autograd graph, so backward runs and gives exactly zero gradients (a training step on it moves nothing except
+    what an optimizer's own state does, e.g. Adam momentum from earlier steps)."""
+    if logit.shape[0] == 0:
+        return logit.sum()
+    return nn.functional.binary_cross_entropy_with_logits(logit, label.to(logit.dtype))
+
+
+OPTIMIZER_STATE_NAMES = ("global_state", "scenario_state")
+
+
+def optimizer_state_keys_optional(model: nn.Module, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook of SAML, SAMLReference and SharedBottom: the row-wise Adagrad states of the
+    embedding modules (``<embedding module>.global_state`` / ``.scenario_state``) are optimizer state, not weights,
+    so they never make a (strict) load fail:
+
+    - present in the state_dict but absent from the model (an Adagrad model's state_dict into a model built with
+      another embedding optimizer): ignored;
+    - absent from the state_dict but present in the model (a plain state_dict into an Adagrad model): the model's
+      states are left as they are (zero after construction).
+
+    Present in both, they load as usual. Keys are matched by their embedding module's path (also under a wrapper
+    prefix such as DDP's ``module.``); every other key keeps the strict rules."""
+    emb = [n for n, m in model.named_modules() if isinstance(getattr(m, "global_weight", None), nn.Parameter)]
+
+    def is_state(key: str) -> bool:
+        prefix, _, leaf = key.rpartition(".")
+        return leaf in OPTIMIZER_STATE_NAMES and any(prefix == e or prefix.endswith("." + e) for e in emb)
+
+    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+        keys[:] = [k for k in keys if not is_state(k)]
+
+
+def saml_loss(main: Tensor, aux: Tensor, label: Tensor, aux_loss_weight: float) -> Tensor:
+    """BCE(main, label) + aux_loss_weight * BCE(aux, label), means over the batch (main, aux, label [B]).
+
+    An empty batch gives 0 with zero gradients (see :func:`bce_loss`), not NaN."""
+    return bce_loss(main, label) + aux_loss_weight * bce_loss(aux, label)
+
+
+class TrainingOptimizer:
+    """The training recipe of the main job and the model benchmark: Adam on the dense parameters and row-wise
+    Adagrad on the embedding tables (FBGEMM's recipe for sparse tables):
+
+        state[row] += mean_d(g[row]^2);   w[row] -= embedding_lr * g[row] / (sqrt(state[row]) + eps)
+
+    with g the row's gradient summed over the batch (rows not in the batch have g = 0 and do not change).
+    For an embedding module that applies it fused in its backward (``nn.ScenarioEmbedding(optimizer=...)`` in
+    training) nothing is left to do here; for one with dense gradients (the reference) it runs after the
+    backward, on the module's ``global_state`` / ``scenario_state`` buffers when it has them (else on float32
+    states [rows] kept here). Both paths are the same math, so SAML and SAMLReference stay equal step after step.
+
+    Learning rates: ``dense`` is a plain ``torch.optim.Adam`` (fused where torch has it): drive it with any torch
+    LR scheduler, ``torch.optim.lr_scheduler.StepLR(opt.dense, ...)``. ``embedding_lr`` is an attribute read at
+    every step; setting it also sets the fused embedding modules' ``lr`` (used from their next backward), so
+    ``opt.embedding_lr = value`` (by hand or from a schedule) drives every table.
+
+    CUDA graphs: ``capturable=True`` builds Adam with ``capturable=True`` so the whole step can be captured
+    (``saml_kernels.graphs.CapturedTrainingStep``); the row-wise lr of non-fused tables is then the value at
+    capture time (the fused modules read theirs on the device at every replay).
+
+    Checkpoints: ``state_dict()`` / ``load_state_dict()`` hold the dense Adam state and every table's row-wise
+    Adagrad state (fused ones included), keyed by parameter name, and the hyper-parameters, so training resumes
+    exactly in a fresh model + optimizer (bitwise equal to an uninterrupted run on the CPU).
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 2e-3, embedding_lr: float = 0.05, eps: float = 1e-8,
+                 capturable: bool = False):
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.tables = []       # (weight, state) pairs updated here, after the backward
+        self._row_states = {}  # table parameter name -> its row-wise state tensor (here's, or a fused module's)
+        self._fused = []       # embedding modules whose backward applies the update
+        emb_ids = set()
+        for mod in model.modules():
+            w_g, w_s = getattr(mod, "global_weight", None), getattr(mod, "scenario_weight", None)
+            if not isinstance(w_g, nn.Parameter) or not isinstance(w_s, nn.Parameter):
+                continue
+            emb_ids.update((id(w_g), id(w_s)))
+            if getattr(mod, "optimizer", None) is not None:  # fused in the module's backward
+                if mod.optimizer != "rowwise_adagrad" or mod.lr != embedding_lr or mod.eps != eps:
+                    raise ValueError(f"TrainingOptimizer: the model's fused embedding optimizer ({mod.optimizer!r}, "
+                                     f"lr={mod.lr}, eps={mod.eps}) differs from this recipe (rowwise_adagrad, "
+                                     f"lr={embedding_lr}, eps={eps}); build the model with the same settings")
+                self._fused.append(mod)
+                self._row_states.update({names[id(w_g)]: mod.global_state, names[id(w_s)]: mod.scenario_state})
+                continue
+            for w, name in ((w_g, "global_state"), (w_s, "scenario_state")):
+                st = getattr(mod, name, None)
+                st = st if st is not None else torch.zeros(w.shape[:-1], device=w.device)
+                self.tables.append((w, st))
+                self._row_states[names[id(w)]] = st
+        dense = [(n, p) for n, p in model.named_parameters() if id(p) not in emb_ids]
+        self._dense_names = [n for n, _ in dense]
+        params = [p for _, p in dense]
+        # capturable: Adam keeps its step count on the device, as a CUDA-graph capture of the step needs
+        cap = dict(capturable=True) if capturable else {}
+        try:  # one fused kernel for all dense parameters (torch's default on CPU is a per-tensor loop)
+            self.dense = torch.optim.Adam(params, lr=lr, fused=True, **cap)
+        except (RuntimeError, ValueError, TypeError):
+            self.dense = torch.optim.Adam(params, lr=lr, foreach=True, **cap)
+        self._embedding_lr, self.eps = float(embedding_lr), float(eps)
+
+    @property
+    def embedding_lr(self) -> float:
+        """Row-wise Adagrad learning rate of the tables; read at every step, settable (also sets the fused
+        embedding modules' ``lr``, which their next backward uses)."""
+        return self._embedding_lr
+
+    @embedding_lr.setter
+    def embedding_lr(self, value: float) -> None:
+        value = float(value)
+        if not value >= 0:
+            raise ValueError(f"TrainingOptimizer: embedding_lr must be >= 0, got {value!r}")
+        self._embedding_lr = value
+        for mod in self._fused:
+            mod.lr = value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.dense.zero_grad(set_to_none=set_to_none)
+        for w, _ in self.tables:
+            w.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.dense.step()
+        lr = self.embedding_lr
+        for w, st in self.tables:
+            if w.grad is None:
+                continue
+            g = w.grad.to_dense() if w.grad.is_sparse else w.grad
+            st.add_(g.float().pow(2).mean(-1))
+            w.sub_((lr * g.float() / (st.sqrt() + self.eps).unsqueeze(-1)).to(w.dtype))
+
+    def state_dict(self) -> dict:
+        """{"dense": {"params": [names], "state": {name: Adam state}, "param_group": Adam hyper-parameters},
+        "embedding_state": {table parameter name: row-wise Adagrad state [rows] float32}, "embedding_lr", "eps"}.
+
+        The tensors are references to the live states (as ``torch.optim``'s): ``torch.save`` or deep-copy the
+        dict to keep a snapshot."""
+        sd = self.dense.state_dict()
+        (group,) = sd["param_groups"]
+        names = self._dense_names
+        return {"dense": {"params": list(names), "state": {names[i]: st for i, st in sd["state"].items()},
+                          "param_group": {k: v for k, v in group.items() if k != "params"}},
+                "embedding_state": dict(self._row_states), "embedding_lr": self.embedding_lr, "eps": self.eps}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a :meth:`state_dict` (of this model or of a fresh one / its twin with the same parameter names).
+
+        Raises ValueError when the parameter or table names differ, a row-wise state has another shape, or the
+        saved eps differs from a fused embedding module's (fixed when the model is built)."""
+        dense, rows = state_dict["dense"], state_dict["embedding_state"]
+        for what, own, saved in (("dense parameters", self._dense_names, dense["params"]),
+                                 ("embedding tables", list(self._row_states), list(rows))):
+            if set(own) != set(saved):
+                raise ValueError(f"TrainingOptimizer.load_state_dict: {what} differ: missing "
+                                 f"{sorted(set(own) - set(saved))}, unexpected {sorted(set(saved) - set(own))}")
+        eps = float(state_dict["eps"])
+        if self._fused and eps != self.eps:
+            raise ValueError(f"TrainingOptimizer.load_state_dict: saved eps={eps} differs from the model's fused "
+                             f"embedding optimizer eps={self.eps}; build the model with eps={eps}")
+        for name, st in self._row_states.items():
+            if tuple(rows[name].shape) != tuple(st.shape):
+                raise ValueError(f"TrainingOptimizer.load_state_dict: row-wise state of {name} has shape "
+                                 f"{list(rows[name].shape)}, expected {list(st.shape)}")
+        index = {n: i for i, n in enumerate(self._dense_names)}
+        group = dict(dense["param_group"])
+        own_group = self.dense.param_groups[0]
+        for k in ("fused", "foreach", "capturable", "differentiable"):  # how this Adam runs, not training state
+            if k in own_group:
+                group[k] = own_group[k]
+        group["params"] = list(range(len(index)))
+        self.dense.load_state_dict({"state": {index[n]: st for n, st in dense["state"].items()},
+                                    "param_groups": [group]})
+        with torch.no_grad():
+            for name, st in self._row_states.items():
+                st.copy_(rows[name])
+        self.eps = eps
+        self.embedding_lr = state_dict["embedding_lr"]
