@@ -1,6 +1,9 @@
 // Shared helpers for the saml_kernels C++/CUDA kernels.
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+
+#include <cmath>
 #include <c10/util/Exception.h>
 
 // Floating types the ops accept: float32, float16, bfloat16 (accumulation is always float32).
@@ -9,6 +12,12 @@
 
 // Index types: int32 and int64, chosen at runtime from the indices tensor.
 #define SAML_DISPATCH_INDEX(TYPE, NAME, ...) AT_DISPATCH_INDEX_TYPES(TYPE, NAME, __VA_ARGS__)
+
+#if defined(__CUDACC__)
+#define SAML_HOST_DEVICE __host__ __device__
+#else
+#define SAML_HOST_DEVICE
+#endif
 
 namespace saml {
 // Pooling modes, shared with Python (saml_kernels/ops/scenario_embedding_bag.py: POOLING).
@@ -23,4 +32,27 @@ enum FusedHparam : int { kLr = 0, kEps = 1, kWeightDecay = 2, kApply = 3, kNumHp
 // (L2, as FBGEMM's weight_decay_mode=L2):  g' = g + wd * w;  SGD: w -= lr * g';  row-wise Adagrad:
 // state += mean_d(g'^2);  w -= lr * g' / (sqrt(state) + eps).
 enum FusedOptimizer : int64_t { kFusedSgd = 1, kFusedRowwiseAdagrad = 2 };
+
+// Activation codes of the branch GEMMs, shared with Python (saml_kernels/_codes.py: ACTIVATIONS).
+// leaky_relu has slope kLeakyReluSlope; gelu is the exact (erf) form.
+enum Activation : int64_t { kActNone = 0, kActRelu = 1, kActLeakyRelu = 2, kActGelu = 3, kActSilu = 4 };
+constexpr double kLeakyReluSlope = 0.01;
+// Similarity of the mutual unit, shared with Python (saml_kernels/_codes.py: SIMILARITIES).
+enum Similarity : int64_t { kSimCosine = 0, kSimDot = 1 };
+
+// One row's fused update (the math above), written once for the CPU and CUDA kernels. g is the row's summed
+// gradient already including weight decay (g' above); mean_sq = mean_d(g'^2) (row-wise Adagrad only). Returns the
+// factor f of the step w -= f * g' and advances the row's Adagrad state.
+template <typename acc_t>
+SAML_HOST_DEVICE inline acc_t fused_step_scale(int64_t optimizer, acc_t lr, acc_t eps, acc_t mean_sq, acc_t* state) {
+  if (optimizer == kFusedRowwiseAdagrad) {
+    *state += mean_sq;
+#if defined(__CUDA_ARCH__)
+    return lr / (sqrt(*state) + eps);
+#else
+    return lr / (std::sqrt(*state) + eps);
+#endif
+  }
+  return lr;
+}
 }  // namespace saml

@@ -1,0 +1,10 @@
+"""``KERNEL_LAYERS``: the fused layers of this package as a layer set (see ``saml_kernels._layer_set``)."""
+from __future__ import annotations
+
+from .._layer_set import LayerSet
+from .attention import ScenarioAttention
+from .multi_branch_linear import MultiBranchLinear
+from .mutual_unit import MutualUnit
+from .scenario_embedding import ScenarioEmbedding
+
+KERNEL_LAYERS = LayerSet("kernels", ScenarioEmbedding, ScenarioAttention, MultiBranchLinear, MutualUnit)
