@@ -1,0 +1,482 @@
+"""Scale-out on TorchRec: a ``ScenarioEmbedding`` as TorchRec tables, sharded by TorchRec's planner and
+``DistributedModelParallel`` (FBGEMM's table-batched kernels with a fused optimizer), the dense SAML part on this
+package's kernels under DDP (docs/distributed.md).
+
+Table layout (names are stable; ``f`` is a feature name, ``n_f`` its rows, M scenarios, D the dimension):
+
+    table f               [n_f, D]      = global_weight[feature_rows[f] : feature_rows[f+1]]
+    table f__scenario     [M * n_f, D]  row s * n_f + i = scenario_weight[s, feature_scenario_rows[f] + i]
+                                        (aware features only; scenario-major, so row-wise sharding splits
+                                        scenarios, table-wise keeps a feature's M scenario tables together)
+
+Id transform (``TorchRecScenarioEmbedding.remap``): the KeyedJaggedTensor gets every feature's ids unchanged
+under key ``f`` and, for an aware feature, a second copy under ``f__scenario`` with id i of sample b remapped
+to ``scenario[b] * n_f + i``. Pooling each key's bag over its table then gives exactly
+
+    E_g[b, f] = pool_i w_i global_weight[feature_rows[f] + i]
+    E_s[b, j] = pool_i w_i scenario_weight[scenario[b], feature_scenario_rows[f_j] + i]
+
+the result of ``saml_kernels.scenario_embedding_bag`` (sum / mean; pooling "none" with fixed length L runs as
+B * L one-id sum bags). So the sharded lookup, its backward and FBGEMM's fused SGD / row-wise Adagrad update
+touch the same rows with the same gradients as the fused op and ``ScenarioEmbedding(optimizer=...)``.
+
+Gradient scale: DDP *averages* the dense gradients over the ranks, and TorchRec's collectives divide the
+pooled embeddings' gradient by the world size in their backward (``torchrec.distributed.comm_ops``
+``GRADIENT_DIVISION``, on by default), so the tables also get the mean over the ranks: with a loss that is a mean
+over the rank's samples, both parts train on the gradient of the global-batch mean, as one process would. With
+``set_gradient_division(False)`` TorchRec would *sum*; ``TorchRecScenarioEmbedding`` then scales the gradient by
+1 / world_size itself, so the result does not depend on that switch.
+
+Needs ``torchrec`` and FBGEMM (``fbgemm-gpu``; on a machine without CUDA ``fbgemm-gpu-cpu``). The rest of the
+package does not import this module.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .nn.scenario_embedding import ScenarioEmbedding
+from .ops import _checks
+
+try:
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+    from torchrec.distributed.comm_ops import get_gradient_division
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel, get_unwrapped_module
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.types import ShardingEnv, ShardingType
+    from torchrec.modules.embedding_configs import DataType
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+except ImportError as e:  # pragma: no cover - exercised by the skip of tests/test_torchrec.py
+    raise ImportError(
+        f"saml_kernels.torchrec needs torchrec and FBGEMM ({e}). Install them beside torch without changing it: "
+        "`pip install fbgemm-gpu-cpu tensordict torchmetrics==1.0.3 pyre-extensions` then "
+        "`pip install --no-deps torchrec` on a CPU machine (fbgemm-gpu instead of fbgemm-gpu-cpu with CUDA)") from e
+
+__all__ = ["SCENARIO_SUFFIX", "TorchRecScenarioEmbedding", "SAMLEmbeddingBagSharder", "embedding_bag_configs",
+           "table_weights", "shard_saml", "dense_parameters", "unsharded_state_dict"]
+
+SCENARIO_SUFFIX = "__scenario"
+WHO = "TorchRecScenarioEmbedding"
+_POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN, "none": PoolingType.SUM}
+_DATA_TYPE = {torch.float32: DataType.FP32, torch.float16: DataType.FP16}
+OPTIMIZERS = {"sgd": EmbOptimType.EXACT_SGD, "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD}
+SHARDING_TYPES = (ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value, ShardingType.COLUMN_WISE.value,
+                  ShardingType.TABLE_COLUMN_WISE.value, ShardingType.DATA_PARALLEL.value)
+
+
+def _check_names(emb: ScenarioEmbedding) -> None:
+    names = set(emb.feature_names)
+    for f in emb.features:
+        if "." in f.name:
+            raise ValueError(f"{WHO}: feature {f.name!r}: TorchRec table names cannot contain '.'")
+        if f.scenario_aware and f.name + SCENARIO_SUFFIX in names:
+            raise ValueError(f"{WHO}: feature {f.name + SCENARIO_SUFFIX!r} collides with the scenario table name "
+                             f"of the aware feature {f.name!r}; rename it")
+
+
+def embedding_bag_configs(emb: ScenarioEmbedding) -> list:
+    """The TorchRec ``EmbeddingBagConfig`` of every table of ``emb``: ``f`` [n_f, D] for each feature, then
+    ``f__scenario`` [M * n_f, D] for each aware feature (one feature per table, same name as the table)."""
+    _check_names(emb)
+    if emb.global_weight.dtype not in _DATA_TYPE:
+        raise ValueError(f"{WHO}: table dtype must be one of {[str(d) for d in _DATA_TYPE]} for TorchRec (its "
+                         f"unsharded EmbeddingBagCollection builds BF16 tables as float16), got {emb.global_weight.dtype}")
+    dt, D, M = _DATA_TYPE[emb.global_weight.dtype], emb.embedding_dim, emb.num_scenarios
+    cfg = lambda name, rows, pooling: EmbeddingBagConfig(  # noqa: E731
+        name=name, embedding_dim=D, num_embeddings=rows, feature_names=[name], pooling=_POOLING[pooling], data_type=dt)
+    return ([cfg(f.name, f.num_embeddings, f.pooling) for f in emb.features]
+            + [cfg(f.name + SCENARIO_SUFFIX, M * f.num_embeddings, f.pooling) for f in emb.features if f.scenario_aware])
+
+
+def table_weights(emb: ScenarioEmbedding) -> dict:
+    """{table name: weight} of ``emb`` in the TorchRec layout above (views where the layout allows)."""
+    gw, sw = emb.global_weight.detach(), emb.scenario_weight.detach()
+    out = {f.name: gw[emb.feature_rows[k]:emb.feature_rows[k + 1]] for k, f in enumerate(emb.features)}
+    for k, f in enumerate(emb.features):
+        if f.scenario_aware:
+            lo, hi = emb.feature_scenario_rows[k], emb.feature_scenario_rows[k + 1]
+            out[f.name + SCENARIO_SUFFIX] = sw[:, lo:hi].reshape(-1, emb.embedding_dim)
+    return out
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class TorchRecScenarioEmbedding(nn.Module):
+    """A ``ScenarioEmbedding`` whose lookups run through a TorchRec ``EmbeddingBagCollection`` (``self.ebc``), so
+    ``DistributedModelParallel`` can shard its tables. Same forward contract as the layer it was built from:
+    ``forward(indices, offsets, scenario, per_sample_weights=None)`` or ``forward(kjt, scenario)`` ->
+    (E_g [B, F, D], E_s [B, Fs, D]) ([B, F, L, D], [B, Fs, L, D] for pooling "none").
+
+    Args:
+        emb: the layer to convert; its weights are copied into the new tables (``emb`` itself is not kept).
+        weighted: the tables take per-sample weights (TorchRec's ``is_weighted``; needs pooling "sum"); a call
+            without weights then uses weight 1. Without it, passing weights raises.
+
+    Inputs are checked on the host before the lookup (ids in [0, n_f), offsets, scenario ids in [0, M), fixed
+    bag length for "none"): a ValueError names the argument, the position and the value. On the CPU the reads
+    are free; on a GPU they cost one host sync per forward.
+    """
+
+    def __init__(self, emb: ScenarioEmbedding, *, weighted: bool = False):
+        super().__init__()
+        if not isinstance(emb, ScenarioEmbedding):
+            raise TypeError(f"{WHO}: expected a saml_kernels.nn.ScenarioEmbedding, got {type(emb).__name__}")
+        configs = embedding_bag_configs(emb)
+        self.features, self.num_scenarios, self.embedding_dim = emb.features, emb.num_scenarios, emb.embedding_dim
+        self.dtype = emb.global_weight.dtype  # TorchRec pools into float32; outputs come back in the table dtype
+        self.feature_rows, self.feature_scenario_rows = emb.feature_rows, emb.feature_scenario_rows
+        self.pooling_none = emb.features[0].pooling == "none"  # "none" is all features or none
+        if weighted and any(f.pooling != "sum" for f in emb.features):
+            raise ValueError(f"{WHO}: weighted=True needs pooling 'sum' on every feature, got "
+                             f"{[f.pooling for f in emb.features]}")
+        self.weighted = bool(weighted)
+        self.world_size = 1  # set by shard_saml (the ranks the tables are sharded over)
+        self.keys = [c.name for c in configs]  # KJT keys = table names
+        dev = emb.global_weight.device
+        self.register_buffer("_rows", torch.tensor([f.num_embeddings for f in emb.features], device=dev),
+                             persistent=False)
+        self.register_buffer("_aware", torch.tensor([f.scenario_aware for f in emb.features], device=dev),
+                             persistent=False)
+        self.ebc = EmbeddingBagCollection(tables=configs, is_weighted=self.weighted, device=dev)
+        self.load_tables(table_weights(emb))
+
+    @property
+    def feature_names(self) -> list:
+        return [f.name for f in self.features]
+
+    @property
+    def num_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def num_aware(self) -> int:
+        return int(sum(f.scenario_aware for f in self.features))
+
+    def extra_repr(self) -> str:
+        return (f"num_features={self.num_features}, num_aware={self.num_aware}, num_scenarios={self.num_scenarios}, "
+                f"embedding_dim={self.embedding_dim}, tables={self.keys}")
+
+    # ------------------------------------------------------------------------------------------ weights
+
+    def _table_tensors(self) -> dict:
+        """{table name: state_dict value} of the (possibly sharded) collection."""
+        out = {}
+        for key, v in self.ebc.state_dict().items():
+            parts = key.split(".")
+            if len(parts) >= 3 and parts[-1] == "weight" and parts[-2] in self.keys:
+                out[parts[-2]] = v
+        return out
+
+    @torch.no_grad()
+    def load_tables(self, tables: dict) -> None:
+        """Copies full tables {name: [rows, D]} (``table_weights`` layout) into this rank's part of each table
+        (the whole table when unsharded or replicated)."""
+        held = self._table_tensors()
+        for name in self.keys:
+            if name not in tables:
+                raise KeyError(f"{WHO}.load_tables: no weight for table {name!r}")
+            full, v = tables[name], held[name]
+            if hasattr(v, "local_shards"):  # ShardedTensor: this rank's blocks, at their offsets
+                if tuple(full.shape) != tuple(v.size()):
+                    raise ValueError(f"{WHO}.load_tables: table {name!r} has shape {tuple(v.size())}, got "
+                                     f"{tuple(full.shape)}")
+                for shard in v.local_shards():
+                    (r, c), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                    shard.tensor.copy_(full[r:r + nr, c:c + nc])
+            elif isinstance(v, Tensor) and type(v) in (Tensor, nn.Parameter):
+                if tuple(full.shape) != tuple(v.shape):
+                    raise ValueError(f"{WHO}.load_tables: table {name!r} has shape {tuple(v.shape)}, got "
+                                     f"{tuple(full.shape)}")
+                v.copy_(full)
+            else:
+                raise NotImplementedError(f"{WHO}: table {name!r} is held as {type(v).__name__}; only plain tensors "
+                                          f"and ShardedTensor (table-, row-, column-wise sharding) are supported")
+
+    @torch.no_grad()
+    def tables(self, group=None) -> dict:
+        """{table name: full weight [rows, D]} on every rank. Collective when sharded (every rank must call it):
+        each rank writes its blocks into zeros and one all_reduce sums them (exact: the blocks are disjoint)."""
+        out = {}
+        for name, v in self._table_tensors().items():
+            if hasattr(v, "local_shards"):
+                full = torch.zeros(tuple(v.size()), dtype=v.dtype, device=self._rows.device)
+                for shard in v.local_shards():
+                    (r, c), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                    full[r:r + nr, c:c + nc] = shard.tensor
+                dist.all_reduce(full, group=group)
+                out[name] = full
+            else:
+                out[name] = v.detach().clone()
+        return out
+
+    def scenario_embedding_weights(self, group=None) -> tuple:
+        """(global_weight [R, D], scenario_weight [M, Rs, D]) in ``ScenarioEmbedding``'s layout (collective when
+        sharded, see ``tables``)."""
+        t = self.tables(group)
+        M, D = self.num_scenarios, self.embedding_dim
+        gw = torch.cat([t[f.name] for f in self.features])
+        aware = [t[f.name + SCENARIO_SUFFIX].reshape(M, f.num_embeddings, D) for f in self.features if f.scenario_aware]
+        sw = torch.cat(aware, 1) if aware else gw.new_zeros(M, 0, D)
+        return gw, sw
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def _inputs(self, indices, offsets, scenario, per_sample_weights):
+        """Checked (indices int64, offsets int64, scenario int64, psw) from tensors or a KeyedJaggedTensor."""
+        if isinstance(indices, KeyedJaggedTensor):
+            if scenario is None:  # forward(kjt, scenario)
+                offsets, scenario = None, offsets
+            if offsets is not None:
+                raise TypeError(f"{WHO}: with a KeyedJaggedTensor pass forward(kjt, scenario)")
+            kjt = indices
+            missing = [n for n in self.feature_names if n not in kjt.keys()]
+            if missing:
+                raise ValueError(f"{WHO}: KeyedJaggedTensor keys {kjt.keys()} lack the feature(s) {missing}")
+            if kjt.keys() != self.feature_names:
+                kjt = kjt.permute([kjt.keys().index(n) for n in self.feature_names])
+            indices, offsets = kjt.values(), kjt.offsets()
+            if per_sample_weights is None:
+                per_sample_weights = kjt.weights_or_none()
+        for name, t in (("indices", indices), ("offsets", offsets), ("scenario", scenario)):
+            _checks.tensor(WHO, name, t, ndim=1, dtypes=_checks.INDEX_DTYPES)
+        _checks.tensor(WHO, "per_sample_weights", per_sample_weights, ndim=1, dtypes=_checks.FLOAT_DTYPES,
+                       optional=True)
+        _checks.same_device(WHO, indices=indices, offsets=offsets, scenario=scenario,
+                            per_sample_weights=per_sample_weights, tables=self._rows)
+        F, B, nnz = self.num_features, scenario.numel(), indices.numel()
+        if offsets.numel() != F * B + 1:
+            raise ValueError(f"{WHO}: offsets must have F*B + 1 = {F * B + 1} entries (F = {F} features, B = {B} "
+                             f"scenario ids), got {offsets.numel()}")
+        offsets, indices, scenario = offsets.long(), indices.long(), scenario.long()
+        if int(offsets[0]) != 0 or int(offsets[-1]) != nnz:
+            raise ValueError(f"{WHO}: offsets must run from 0 to indices.numel() = {nnz}, got offsets[0] = "
+                             f"{int(offsets[0])}, offsets[-1] = {int(offsets[-1])}")
+        lengths = offsets.diff()
+        bad = (lengths < 0).nonzero()
+        if bad.numel():
+            k = int(bad[0, 0])
+            raise ValueError(f"{WHO}: offsets must be non-decreasing, but offsets[{k + 1}] = {int(offsets[k + 1])} "
+                             f"< offsets[{k}] = {int(offsets[k])}")
+        if self.pooling_none and F * B:
+            L = nnz // (F * B)
+            bad = (lengths != L).nonzero()
+            if bad.numel() or L * F * B != nnz:
+                k = int(bad[0, 0]) if bad.numel() else 0
+                raise ValueError(f"{WHO}: pooling 'none' needs every bag of one length L = nnz / (F*B), but bag "
+                                 f"(feature {k // B}, sample {k % B}) has length {int(lengths[k])} (nnz = {nnz})")
+        feat = torch.arange(F, device=indices.device).repeat_interleave(B).repeat_interleave(lengths, output_size=nnz)
+        bad = ((indices < 0) | (indices >= self._rows[feat])).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            f = self.features[int(feat[i])]
+            raise ValueError(f"{WHO}: indices[{i}] = {int(indices[i])} is out of range for feature {f.name!r} "
+                             f"(num_embeddings = {f.num_embeddings})")
+        bad = ((scenario < 0) | (scenario >= self.num_scenarios)).nonzero()
+        if bad.numel():
+            b = int(bad[0, 0])
+            raise ValueError(f"{WHO}: scenario[{b}] = {int(scenario[b])} is out of range [0, {self.num_scenarios})")
+        if per_sample_weights is not None:
+            if not self.weighted:
+                raise ValueError(f"{WHO}: per_sample_weights given, but the tables were built without "
+                                 f"weighted=True (TorchRec's is_weighted)")
+            if per_sample_weights.numel() != nnz:
+                raise ValueError(f"{WHO}: per_sample_weights must have indices.numel() = {nnz} entries, got "
+                                 f"{per_sample_weights.numel()}")
+        return indices, lengths, scenario, feat, per_sample_weights
+
+    def remap(self, indices, offsets=None, scenario: Optional[Tensor] = None,
+              per_sample_weights: Optional[Tensor] = None) -> KeyedJaggedTensor:
+        """The id transform: the KeyedJaggedTensor (keys ``self.keys``, stride B; B * L for pooling "none") whose
+        per-table lookups are the fused op's E_g and E_s. Aware feature f's ids appear twice: unchanged under ``f``
+        and as ``scenario[b] * n_f + id`` under ``f__scenario``. Arguments as ``forward``."""
+        indices, lengths, scenario, feat, psw = self._inputs(indices, offsets, scenario, per_sample_weights)
+        F, B, nnz = self.num_features, scenario.numel(), indices.numel()
+        sample = torch.arange(B, device=indices.device).repeat(F).repeat_interleave(lengths, output_size=nnz)
+        aware = self._aware[feat]
+        scen_ids = indices[aware] + scenario[sample[aware]] * self._rows[feat[aware]]
+        values = torch.cat([indices, scen_ids])
+        if self.weighted:
+            # the unsharded collection (torch's embedding_bag) wants weights in the table dtype, FBGEMM's TBE float32
+            wdt = self.dtype if isinstance(self.ebc, EmbeddingBagCollection) else torch.float32
+            psw = torch.ones(nnz, dtype=wdt, device=indices.device) if psw is None else psw.to(wdt)
+        weights = torch.cat([psw, psw[aware]]) if psw is not None else None
+        if self.pooling_none:  # B * L one-id bags: bag (b, l) of feature f is id f*B*L + b*L + l
+            stride = nnz // F if F else 0
+            lengths = torch.ones_like(values)
+        else:
+            stride = B
+            lengths = torch.cat([lengths, lengths.view(F, B)[self._aware].reshape(-1)])
+        return KeyedJaggedTensor(keys=list(self.keys), values=values, lengths=lengths, weights=weights,
+                                 stride=stride)
+
+    def forward(self, indices, offsets=None, scenario: Optional[Tensor] = None,
+                per_sample_weights: Optional[Tensor] = None) -> tuple:
+        """(E_g [B, F, D], E_s [B, Fs, D]) as ``ScenarioEmbedding.forward`` (see the class docstring)."""
+        if isinstance(indices, KeyedJaggedTensor) and scenario is None:
+            offsets, scenario = None, offsets
+        kjt = self.remap(indices, offsets, scenario, per_sample_weights)
+        B, F, D = scenario.numel(), self.num_features, self.embedding_dim
+        K = len(self.keys)
+        kt = self.ebc(kjt)
+        if hasattr(kt, "wait"):  # a sharded collection returns an awaitable
+            kt = kt.wait()
+        keys = list(kt.keys())
+        vals = kt.values().view(kjt.stride(), len(keys), D)
+        if keys != self.keys:
+            vals = vals[:, [keys.index(k) for k in self.keys]]
+        vals = vals.to(self.dtype)
+        if self.world_size > 1 and vals.requires_grad and not get_gradient_division():
+            vals = _ScaleGrad.apply(vals, 1.0 / self.world_size)  # TorchRec sums: take the mean (module docstring)
+        e_g, e_s = vals[:, :F], vals[:, F:K]
+        if self.pooling_none:
+            L = kjt.stride() // B if B else 0
+            e_g = e_g.reshape(B, L, F, D).transpose(1, 2)
+            e_s = e_s.reshape(B, L, K - F, D).transpose(1, 2)
+        return e_g, e_s
+
+
+# ============================================================================================== sharding
+
+class SAMLEmbeddingBagSharder(EmbeddingBagCollectionSharder):
+    """TorchRec's ``EmbeddingBagCollectionSharder`` that also offers row-wise sharding on the CPU.
+
+    TorchRec 1.9 lists ``row_wise`` for cuda / tpu / mtia only (``BaseEmbeddingSharder.sharding_types``), although
+    its row-wise path (FBGEMM's CPU ``block_bucketize_sparse_features``, all_to_all of the ids, reduce-scatter of
+    the pooled bags, the CPU TBE kernels) runs on gloo; tests/test_torchrec.py checks it against one process.
+    On GPUs this class is the stock sharder."""
+
+    def sharding_types(self, compute_device_type: str) -> list:
+        types = list(super().sharding_types(compute_device_type))
+        if compute_device_type == "cpu" and ShardingType.ROW_WISE.value not in types:
+            types.append(ShardingType.ROW_WISE.value)
+        return types
+
+
+def _topology(world_size: int, compute_device: str):
+    try:  # TorchRec >= 1.9 prefers the factory (the plain constructor warns)
+        from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+
+        return TopologyFactory.create_topology(trainer_config=TrainerConfig(world_size=world_size),
+                                               kernel_config=KernelConfig(compute_device=compute_device))
+    except (ImportError, TypeError, ValueError):
+        return Topology(world_size=world_size, compute_device=compute_device)
+
+
+def _scenario_modules(model: nn.Module):
+    """(attribute path, ScenarioEmbedding) of every ScenarioEmbedding in ``model``, outermost first."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ScenarioEmbedding)]
+
+
+def shard_saml(model: nn.Module, *, sharding_types: Optional[Sequence[str]] = None, optimizer: Optional[str] = None,
+               lr: Optional[float] = None, eps: Optional[float] = None, group=None, device=None,
+               plan=None) -> DistributedModelParallel:
+    """Shards the embedding tables of a SAML-style model with TorchRec; the rest trains under DDP.
+
+    Every ``ScenarioEmbedding`` of ``model`` (``SAML.embedding`` and ``SAML.sequence_embedding``) is replaced in
+    place by a ``TorchRecScenarioEmbedding`` holding its weights; TorchRec's planner then places the tables
+    (``f`` and ``f__scenario``) on the ranks and ``DistributedModelParallel`` shards them (FBGEMM TBE kernels with
+    a fused optimizer: the update is applied in the backward, as ``ScenarioEmbedding(optimizer=...)`` does) and
+    wraps everything else in ``DistributedDataParallel``. The shards get the model's weights, so every rank
+    must pass an identical model (same seed or the same checkpoint). Collective: call it on every rank.
+
+    Args:
+        model: e.g. ``saml_kernels.nn.SAML``, on ``device``.
+        sharding_types: allowed TorchRec sharding types for every table ("table_wise", "row_wise", ...);
+            None lets the planner choose.
+        optimizer, lr, eps: the tables' fused optimizer ("sgd" | "rowwise_adagrad", FBGEMM EXACT_SGD /
+            EXACT_ROWWISE_ADAGRAD: the same math as this package's fused optimizer). None takes them from the
+            model's ScenarioEmbedding (``SAML(embedding_optimizer=..., embedding_lr=..., embedding_eps=...)``).
+        group: the process group (default: the world).
+        device: the compute device (default: the tables' device).
+        plan: a ready ``ShardingPlan`` (then the planner is not run; ``sharding_types`` must be None).
+
+    Returns the ``DistributedModelParallel``; train the dense part with ``dense_parameters(dmp)`` in any torch
+    optimizer (the tables have no ``.grad``: their update happened in the backward). Tables and dense part both
+    see the mean of the ranks' gradients (module docstring), so a loss that is a mean over the rank's samples
+    trains as the global-batch mean would in one process. ``unsharded_state_dict(dmp)`` gives the state_dict
+    of the original model (full tables) back.
+    """
+    group = group if group is not None else dist.GroupMember.WORLD
+    world = dist.get_world_size(group)
+    found = _scenario_modules(model)
+    if not found:
+        raise ValueError("shard_saml: the model has no ScenarioEmbedding to shard")
+    first = found[0][1]
+    optimizer = optimizer if optimizer is not None else first.optimizer
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"shard_saml: optimizer must be one of {tuple(OPTIMIZERS)} (or None with a model built "
+                         f"with embedding_optimizer=...), got {optimizer!r}")
+    lr = float(lr if lr is not None else first.lr)
+    eps = float(eps if eps is not None else first.eps)
+    if sharding_types is not None:
+        if plan is not None:
+            raise ValueError("shard_saml: pass sharding_types or plan, not both")
+        bad = [t for t in sharding_types if t not in SHARDING_TYPES]
+        if bad or not sharding_types:
+            raise ValueError(f"shard_saml: sharding_types must be a non-empty subset of {SHARDING_TYPES}, got "
+                             f"{sharding_types!r}")
+    device = torch.device(device) if device is not None else first.global_weight.device
+    full = {}
+    for name, emb in found:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        tr = TorchRecScenarioEmbedding(emb)
+        tr.world_size = world
+        setattr(parent, name.rpartition(".")[2], tr)
+        full[name] = table_weights(emb)
+    fused = dict(optimizer=OPTIMIZERS[optimizer], learning_rate=lr, eps=eps)
+    sharder = SAMLEmbeddingBagSharder(fused_params=fused)
+    if plan is None:
+        constraints = None
+        if sharding_types is not None:
+            names = {k for _, tr in _tr_modules(model) for k in tr.keys}
+            constraints = {k: ParameterConstraints(sharding_types=list(sharding_types)) for k in names}
+        planner = EmbeddingShardingPlanner(topology=_topology(world, device.type), constraints=constraints)
+        plan = planner.collective_plan(model, [sharder], group)
+    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(group), device=device, plan=plan,
+                                   sharders=[sharder])
+    for name, tr in _tr_modules(get_unwrapped_module(dmp)):
+        tr.load_tables(full[name])
+    return dmp
+
+
+def _tr_modules(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TorchRecScenarioEmbedding)]
+
+
+def dense_parameters(dmp: nn.Module) -> list:
+    """The parameters a torch optimizer trains (everything but the fused-optimizer tables)."""
+    return [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
+
+
+def unsharded_state_dict(dmp: nn.Module, group=None) -> dict:
+    """The state_dict of the model ``shard_saml`` was given (full ``*.global_weight`` / ``*.scenario_weight``
+    tables, the dense parameters and buffers under their own names), e.g. to load a plain ``SAML`` for serving.
+    Collective: every rank must call it (the tables are all-reduced); every rank gets the full dict. The fused
+    optimizer's row-wise states are not included (they are optimizer state, see docs/design.md)."""
+    model = get_unwrapped_module(dmp)
+    out = {}
+    trs = _tr_modules(model)
+    for name, tr in trs:
+        gw, sw = tr.scenario_embedding_weights(group)
+        out[f"{name}.global_weight"], out[f"{name}.scenario_weight"] = gw, sw
+    skip = tuple(f"{name}." for name, _ in trs)
+    for key, v in model.state_dict().items():
+        if not key.startswith(skip):
+            out[key] = v.detach().clone()
+    return out

@@ -1,0 +1,283 @@
+"""TorchRec adapter (saml_kernels/torchrec.py, docs/distributed.md).
+
+* Layout: a ScenarioEmbedding's tables become TorchRec tables ``f`` / ``f__scenario`` and back, bitwise.
+* The id transform: an (unsharded) EmbeddingBagCollection lookup of the remapped KeyedJaggedTensor equals the
+  fused op's (E_g, E_s) for sum / mean / none pooling, per-sample weights, int32 / int64 ids, empty bags, KJT
+  input; its table gradients are the fused op's gradients in the TorchRec layout. Bad inputs raise naming the
+  argument, position and value.
+* Sharded (2 processes, gloo, CPU): ``shard_saml`` with table-wise and row-wise sharding gives the forward outputs
+  of single-process ``SAML`` and, after a few steps with the same optimizer (fused SGD + SGD; FBGEMM's fused
+  row-wise Adagrad + Adam vs ``TrainingOptimizer``), the same parameters within fp32 rounding.
+
+Skipped with the reason when torchrec / FBGEMM do not import (requirements-torchrec.txt installs them).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+try:
+    import saml_kernels.torchrec as T
+except ImportError as e:  # torchrec / fbgemm missing or not loadable beside this torch
+    pytest.skip(f"saml_kernels.torchrec unavailable: {e}", allow_module_level=True)
+
+from saml_kernels.nn import SAML, ScenarioEmbedding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORLD = 2
+SIZES = (11, 5, 7)
+AWARE = (True, False, True)
+M, D = 3, 4
+
+
+def _layer(pooling, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return ScenarioEmbedding([(n, s, a, pooling) for n, s, a in zip("abc", SIZES, AWARE)], M, D, dtype=dtype)
+
+
+def _inputs(pooling, B=6, L=3, index_dtype=torch.int64, seed=1):
+    """Random feature-major ids with empty bags (not for "none"), scenario ids, weights."""
+    g = torch.Generator().manual_seed(seed)
+    F = len(SIZES)
+    lens = torch.full((F * B,), L) if pooling == "none" else torch.randint(0, 4, (F * B,), generator=g)
+    if pooling != "none" and F * B:
+        lens[0] = 0
+    ids = torch.cat([torch.randint(0, n, (int(lens[f * B:(f + 1) * B].sum()),), generator=g)
+                     for f, n in enumerate(SIZES)])
+    off = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    return (ids.to(index_dtype), off.to(index_dtype), torch.randint(0, M, (B,), generator=g).to(index_dtype),
+            torch.rand(ids.numel(), generator=g) + 0.5)
+
+
+# ====================================================================================== single process
+
+def test_configs_names_and_round_trip():
+    emb = _layer("sum")
+    cfgs = T.embedding_bag_configs(emb)
+    assert [(c.name, c.num_embeddings, c.feature_names) for c in cfgs] == [
+        ("a", 11, ["a"]), ("b", 5, ["b"]), ("c", 7, ["c"]), ("a__scenario", 33, ["a__scenario"]),
+        ("c__scenario", 21, ["c__scenario"])]
+    tr = T.TorchRecScenarioEmbedding(emb)
+    w = dict(tr.ebc.named_parameters())
+    assert torch.equal(w["embedding_bags.a__scenario.weight"][2 * 11 + 4], emb.scenario_weight[2, 4])
+    assert torch.equal(w["embedding_bags.c__scenario.weight"][1 * 7 + 6], emb.scenario_weight[1, 11 + 6])
+    assert torch.equal(w["embedding_bags.c.weight"][3], emb.global_weight[11 + 5 + 3])
+    gw, sw = tr.scenario_embedding_weights()
+    assert torch.equal(gw, emb.global_weight) and torch.equal(sw, emb.scenario_weight)
+    # load_tables writes the weights the lookup reads
+    new = {k: torch.randn_like(v) for k, v in T.table_weights(emb).items()}
+    tr.load_tables(new)
+    assert all(torch.equal(tr.tables()[k], v) for k, v in new.items())
+
+
+def test_unsupported_layouts_raise():
+    with pytest.raises(ValueError, match="collides"):
+        T.embedding_bag_configs(ScenarioEmbedding([("a", 3, True), ("a__scenario", 4)], 2, 4))
+    with pytest.raises(ValueError, match="cannot contain '.'"):
+        T.embedding_bag_configs(ScenarioEmbedding([("user.id", 3, True)], 2, 4))
+    with pytest.raises(ValueError, match="dtype"):
+        T.embedding_bag_configs(_layer("sum", torch.bfloat16))
+    with pytest.raises(ValueError, match="weighted=True needs pooling 'sum'"):
+        T.TorchRecScenarioEmbedding(_layer("mean"), weighted=True)
+    with pytest.raises(TypeError, match="ScenarioEmbedding"):
+        T.TorchRecScenarioEmbedding(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("pooling,weighted", [("sum", False), ("sum", True), ("mean", False), ("none", False)])
+def test_lookup_and_gradients_match_fused_op(pooling, weighted, index_dtype, dtype):
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    emb = _layer(pooling, dtype)
+    tr = T.TorchRecScenarioEmbedding(emb, weighted=weighted)
+    ids, off, sc, psw = _inputs(pooling, index_dtype=index_dtype)
+    psw = psw if weighted else None
+    out = tr(ids, off, sc, psw)
+    ref = emb(ids, off, sc, psw)
+    # float64 oracle of the fused op on the same tables
+    ref64 = ScenarioEmbedding(emb.features, M, D, dtype=torch.float64)
+    ref64.load_state_dict({k: v.double() for k, v in emb.state_dict().items()})
+    oracle = ref64(ids, off, sc, None if psw is None else psw.double())
+    for name, o, r, r64 in zip(("E_g", "E_s"), out, ref, oracle):
+        assert o.shape == r.shape and o.dtype == r.dtype == dtype, f"{name}: {o.shape}/{o.dtype} vs {r.shape}/{r.dtype}"
+        torch.testing.assert_close(o.double(), r64, **tol, msg=lambda m: f"{pooling} {name}: {m}")
+        torch.testing.assert_close(o, r, **tol)
+    gy = [torch.randn_like(o) for o in out]
+    torch.autograd.backward(out, gy)
+    torch.autograd.backward(ref, gy)
+    grad_layer = ScenarioEmbedding(emb.features, M, D, dtype=dtype)
+    with torch.no_grad():  # the fused op's table gradients, put in the TorchRec layout
+        grad_layer.global_weight.copy_(emb.global_weight.grad)
+        grad_layer.scenario_weight.copy_(emb.scenario_weight.grad)
+    want = T.table_weights(grad_layer)
+    got = {n.split(".")[-2]: p.grad for n, p in tr.ebc.named_parameters()}
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=10 * tol["atol"], rtol=10 * tol["rtol"],
+                                   msg=lambda m: f"grad of table {k}: {m}")
+
+
+def test_kjt_input_any_key_order_and_empty_batch():
+    from torchrec import KeyedJaggedTensor
+
+    emb = _layer("sum")
+    tr = T.TorchRecScenarioEmbedding(emb)
+    ids, off, sc, _ = _inputs("sum")
+    B = sc.numel()
+    lengths = off.diff().view(3, B)
+    cuts = off[torch.arange(4) * B].tolist()
+    # keys in another order plus an extra key the layer ignores
+    kjt = KeyedJaggedTensor(keys=["c", "a", "extra", "b"],
+                            values=torch.cat([ids[cuts[2]:cuts[3]], ids[cuts[0]:cuts[1]], torch.tensor([7, 8]),
+                                              ids[cuts[1]:cuts[2]]]),
+                            lengths=torch.cat([lengths[2], lengths[0], torch.tensor([2] + [0] * (B - 1)), lengths[1]]))
+    for o, r in zip(tr(kjt, sc), emb(ids, off, sc)):
+        torch.testing.assert_close(o, r, atol=1e-6, rtol=1e-6)
+    e_g, e_s = tr(torch.zeros(0, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    assert e_g.shape == (0, 3, D) and e_s.shape == (0, 2, D)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("id_high", r"indices\[\d+\] = 11 is out of range for feature 'a'"),
+    ("id_negative", r"indices\[\d+\] = -1 is out of range for feature 'b'"),
+    ("scenario", r"scenario\[2\] = 3 is out of range \[0, 3\)"),
+    ("offsets_len", r"offsets must have F\*B \+ 1 = 19 entries"),
+    ("offsets_end", r"offsets must run from 0 to indices.numel\(\)"),
+    ("offsets_decreasing", r"offsets must be non-decreasing"),
+    ("weights_unweighted", r"built without weighted=True"),
+    ("float_ids", r"indices must have dtype"),
+])
+def test_bad_inputs_raise_and_change_nothing(case, match):
+    emb = _layer("sum")
+    tr = T.TorchRecScenarioEmbedding(emb)
+    before = {k: v.clone() for k, v in tr.tables().items()}
+    ids, off, sc, psw = _inputs("sum")
+    psw = None
+    if case == "id_high":
+        ids[int(off[1])] = 11  # feature a, sample 1 (bag 0 is empty)
+    elif case == "id_negative":
+        assert int(off[12]) > int(off[6]), "the test input needs an id of feature b (bags 6..11)"
+        ids[int(off[6])] = -1
+    elif case == "scenario":
+        sc[2] = 3
+    elif case == "offsets_len":
+        off = off[:-1]
+    elif case == "offsets_end":
+        off = off.clone()
+        off[-1] += 1
+    elif case == "offsets_decreasing":
+        off = off.clone()
+        off[3] = off[4] + 1
+    elif case == "weights_unweighted":
+        psw = torch.ones(ids.numel())
+    elif case == "float_ids":
+        ids = ids.float()
+    with pytest.raises((ValueError, TypeError), match=match):
+        tr(ids, off, sc, psw)
+    for k, v in tr.tables().items():
+        assert torch.equal(v, before[k]), f"table {k} changed by a rejected input"
+
+
+def test_pooling_none_needs_fixed_length():
+    tr = T.TorchRecScenarioEmbedding(_layer("none"))
+    ids, off, sc, _ = _inputs("none")
+    off = off.clone()
+    off[1:4] += torch.tensor([1, 1, 0])  # bag 0 one longer, bag 2 one shorter
+    with pytest.raises(ValueError, match=r"pooling 'none' needs every bag of one length"):
+        tr(ids, off, sc)
+
+
+# ====================================================================================== two processes
+
+def _example():
+    """python/ddp_example.py as module ``ddp_example`` (its dir goes on sys.path, which spawned children inherit)."""
+    path = os.path.join(ROOT, "python")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module("ddp_example")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _recipes(model, optimizer, lr, embedding_lr, dense_params=None):
+    """The dense optimizer of each recipe: SGD beside fused SGD; TrainingOptimizer's Adam beside fused row-wise
+    Adagrad (``dense_params`` given: the sharded model's dense parameters, same Adam settings)."""
+    from saml_kernels.training import TrainingOptimizer
+
+    if optimizer == "sgd":
+        params = dense_params if dense_params is not None else [
+            p for n, p in model.named_parameters() if not n.endswith(("global_weight", "scenario_weight"))]
+        return torch.optim.SGD(params, lr=lr)
+    if dense_params is None:
+        return TrainingOptimizer(model, lr=lr, embedding_lr=embedding_lr)
+    ref = TrainingOptimizer(torch.nn.Linear(1, 1), lr=lr).dense  # the recipe's Adam flavour (fused or foreach)
+    flavour = {k: ref.defaults[k] for k in ("fused", "foreach") if ref.defaults.get(k)}
+    return torch.optim.Adam(dense_params, lr=lr, **flavour)
+
+
+CASES = [  # (sharding, fused optimizer, TorchRec's gradient division)
+    ("table_wise", "sgd", True), ("row_wise", "sgd", True), ("table_wise", "rowwise_adagrad", True),
+    ("row_wise", "rowwise_adagrad", True), ("row_wise", "sgd", False)]
+
+
+def _sharded_worker(rank, world, port):
+    from torchrec.distributed import comm_ops
+
+    ex = _example()
+    ex._setup(rank, world, port)
+    try:
+        data, cfg = ex.make_problem(0, n=256)
+        batches = list(data.batches(64))[:3]
+        elr = 0.1
+        torch.manual_seed(0)
+        init = SAML(cfg).state_dict()
+        for sharding, optimizer, division in CASES:
+            tag = f"{sharding}/{optimizer}/gradient_division={division} rank {rank}"
+            lr = 0.05 if optimizer == "sgd" else 0.01
+            comm_ops.set_gradient_division(division)
+            torch.manual_seed(0)
+            single = SAML(cfg, embedding_optimizer=optimizer, embedding_lr=elr)
+            torch.manual_seed(0)
+            dmp = T.shard_saml(SAML(cfg, embedding_optimizer=optimizer, embedding_lr=elr), sharding_types=[sharding])
+            kinds = {p.sharding_type for plan in dmp.plan.plan.values() for p in plan.values()}
+            assert kinds == {sharding}, f"{tag}: the plan uses {kinds}"
+            opt_single = _recipes(single, optimizer, lr, elr)
+            opt_dmp = _recipes(None, optimizer, lr, elr, T.dense_parameters(dmp))
+            for step, gb in enumerate(batches):
+                b = ex._slice(gb, rank, world)
+                main, aux = dmp(*b.inputs())
+                main_1, aux_1 = single(*gb.inputs())
+                lo, hi = rank * len(b), (rank + 1) * len(b)
+                for name, o, r in (("main", main, main_1), ("aux", aux, aux_1)):
+                    torch.testing.assert_close(o, r[lo:hi].detach(), atol=2e-5, rtol=2e-5,
+                                               msg=lambda m: f"{tag} step {step} {name} logits: {m}")
+                for opt, m, a, label in ((opt_dmp, main, aux, b.label), (opt_single, main_1, aux_1, gb.label)):
+                    opt.zero_grad()
+                    ex.saml_loss(m, a, label, cfg.aux_loss_weight).backward()
+                    opt.step()
+            got = T.unsharded_state_dict(dmp)
+            want = {k: v for k, v in single.state_dict().items() if not k.endswith("_state")}
+            assert set(got) == set(want), f"{tag}: keys differ {sorted(set(got) ^ set(want))}"
+            for k in want:  # every parameter moved, else equality proves nothing about it
+                assert not torch.equal(want[k], init[k]), f"{tag}: training did not move {k}"
+                torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=2e-5,
+                                           msg=lambda m: f"{tag}: parameter {k} after {len(batches)} steps: {m}")
+    finally:
+        comm_ops.set_gradient_division(True)
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed/gloo missing")
+def test_sharded_saml_matches_single_process():
+    _example()
+    mp.spawn(_sharded_worker, args=(WORLD, _free_port()), nprocs=WORLD, join=True)
