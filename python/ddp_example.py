@@ -1,23 +1,29 @@
-"""SAML under torch.distributed: data-parallel training and row-wise sharded scenario tables (docs/distributed.md).
+"""SAML under torch.distributed: TorchRec sharding (production), and data-parallel / hand-written row-wise
+fallbacks for machines without TorchRec / FBGEMM (docs/distributed.md says which to use when).
 
-Three ways to train the same model on W processes (gloo on CPU, nccl on GPUs), all ending with the parameters
+Four ways to train the same model on W processes (gloo on CPU, nccl on GPUs), all ending with the parameters
 of single-process training on the same global batches (each rank takes a contiguous slice of every batch):
 
-  --mode excluded         the embedding tables are excluded from DDP
+  --mode torchrec         saml_kernels.torchrec.shard_saml: TorchRec's planner and DistributedModelParallel shard
+                          the tables (--sharding table_wise | row_wise | ...; FBGEMM kernels, fused SGD applied in
+                          the backward); the dense part runs on this package's kernels under DDP.
+  --mode excluded         fallback: the embedding tables are excluded from DDP
                           (DDP._set_params_and_buffers_to_ignore_for_model) and their dense gradients are
                           all-reduced by hand after backward; DDP all-reduces everything else.
-  --mode excluded-sparse  the same with sparse=True tables: the sparse COO gradients are all-reduced by hand
-                          (gloo supports sparse all-reduce; NCCL does not). Handing sparse-gradient tables to DDP
-                          itself fails: DDP only expects sparse gradients from nn.Embedding / nn.EmbeddingBag
+  --mode excluded-sparse  fallback: the same with sparse=True tables: the sparse COO gradients are all-reduced by
+                          hand (gloo supports sparse all-reduce; NCCL does not). Handing sparse-gradient tables to
+                          DDP itself fails: DDP only expects sparse gradients from nn.Embedding / nn.EmbeddingBag
                           ("Cannot access storage of SparseTensorImpl" in its reducer).
-  --mode rowwise     the tables are sharded row-wise, TorchRec style: rank r owns a contiguous row range of every
-                     feature (in the global table and, for aware features, in every scenario table). Ids are
-                     routed to their owner with all_to_all, the owner pools its partial sums, and the partial
-                     bags come back with a second all_to_all (summed at the sample's rank). Dense parts in DDP.
+  --mode rowwise          fallback: the tables are sharded row-wise by hand (RowWiseShardedScenarioEmbedding):
+                          rank r owns a contiguous row range of every feature (in the global table and, for aware
+                          features, in every scenario table). Ids are routed to their owner with all_to_all, the
+                          owner pools its partial sums, and the partial bags come back with a second all_to_all
+                          (summed at the sample's rank). Dense parts in DDP.
 
+    python python/ddp_example.py --mode torchrec --sharding row_wise --world 2 --steps 5
     python python/ddp_example.py --mode rowwise --world 2 --steps 5     # trains, checks against 1 process
 
-The example is importable: tests/test_distributed.py runs all three modes.
+The example is importable: tests/test_distributed.py runs every mode (torchrec when it imports).
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ import saml_kernels  # noqa: E402
 from saml_kernels.training import saml_loss  # noqa: E402
 
 EMB_PREFIXES = ("embedding.", "sequence_embedding.")
-MODES = ("excluded", "excluded-sparse", "rowwise")
+MODES = ("torchrec", "excluded", "excluded-sparse", "rowwise")
 
 
 # =========================================================================================== sharded tables
@@ -261,8 +267,22 @@ def _setup(rank: int, world: int, port: int):
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def train_torchrec(model, cfg, batches, rank: int, world: int, lr: float, sharding: str) -> dict:
+    """TorchRec: tables sharded by DistributedModelParallel with FBGEMM's fused SGD (the same update as plain SGD
+    on the table gradients), dense part under DDP with SGD. Returns the unsharded state_dict (every rank)."""
+    from saml_kernels.torchrec import dense_parameters, shard_saml, unsharded_state_dict
+
+    dmp = shard_saml(model, sharding_types=[sharding], optimizer="sgd", lr=lr)
+    opt = torch.optim.SGD(dense_parameters(dmp), lr=lr)
+    for gb in batches:
+        opt.zero_grad(set_to_none=True)
+        _loss(dmp, cfg, _slice(gb, rank, world)).backward()  # the tables are updated inside the backward
+        opt.step()
+    return unsharded_state_dict(dmp)
+
+
 def train_distributed(rank: int, world: int, mode: str, cfg, batches, port: int, out_path: str, lr: float = 0.1,
-                      seed: int = 0, backend=None):
+                      seed: int = 0, backend=None, sharding: str = "row_wise"):
     """One rank of distributed training; rank 0 saves the final full state_dict to ``out_path``."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -272,6 +292,12 @@ def train_distributed(rank: int, world: int, mode: str, cfg, batches, port: int,
         full_tables = {}
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        if mode == "torchrec":
+            state = train_torchrec(model, cfg, batches, rank, world, lr, sharding)
+            if rank == 0:
+                torch.save(state, out_path)
+            dist.barrier()
+            return
         if mode == "excluded-sparse":
             for m in (model.embedding, getattr(model, "sequence_embedding", None)):
                 if m is not None:
@@ -315,14 +341,14 @@ def train_distributed(rank: int, world: int, mode: str, cfg, batches, port: int,
 
 
 def run(mode: str, world: int = 2, steps: int = 4, global_batch: int = 128, seed: int = 0, port: int = 29571,
-        backend=None):
+        backend=None, sharding: str = "row_wise"):
     """Trains with ``world`` processes and in one process; returns (distributed, single) state_dicts."""
     data, cfg = make_problem(seed)
     batches = list(data.batches(global_batch))[:steps]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "state.pt")
-        mp.spawn(train_distributed, args=(world, mode, cfg, batches, port, out, 0.1, seed, backend), nprocs=world,
-                 join=True)
+        mp.spawn(train_distributed, args=(world, mode, cfg, batches, port, out, 0.1, seed, backend, sharding),
+                 nprocs=world, join=True)
         dist_state = torch.load(out)
     single = train_single(cfg, batches, 0.1, seed, backend)
     return dist_state, single
@@ -336,15 +362,16 @@ def compare(a: dict, b: dict) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=MODES, default="rowwise")
+    ap.add_argument("--mode", choices=MODES, default="torchrec")
+    ap.add_argument("--sharding", default="row_wise", help="TorchRec sharding type of every table (mode torchrec)")
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=256, help="global batch (split evenly over the ranks)")
     ap.add_argument("--backend", default=None)
     args = ap.parse_args()
-    d, s = run(args.mode, args.world, args.steps, args.batch_size, backend=args.backend)
+    d, s = run(args.mode, args.world, args.steps, args.batch_size, backend=args.backend, sharding=args.sharding)
     diff = compare(d, s)
-    print(f"mode={args.mode} world={args.world} steps={args.steps}: max |param(distributed) - param(single)| = {diff:.2e}")
+    print(f"mode={args.mode}{' sharding=' + args.sharding if args.mode == 'torchrec' else ''} world={args.world} steps={args.steps}: max |param(distributed) - param(single)| = {diff:.2e}")
     return 0 if diff < 1e-4 else 1
 
 

@@ -412,8 +412,6 @@ def shard_saml(model: nn.Module, *, sharding_types: Optional[Sequence[str]] = No
     trains as the global-batch mean would in one process. ``unsharded_state_dict(dmp)`` gives the state_dict
     of the original model (full tables) back.
     """
-    group = group if group is not None else dist.GroupMember.WORLD
-    world = dist.get_world_size(group)
     found = _scenario_modules(model)
     if not found:
         raise ValueError("shard_saml: the model has no ScenarioEmbedding to shard")
@@ -424,6 +422,14 @@ def shard_saml(model: nn.Module, *, sharding_types: Optional[Sequence[str]] = No
                          f"with embedding_optimizer=...), got {optimizer!r}")
     lr = float(lr if lr is not None else first.lr)
     eps = float(eps if eps is not None else first.eps)
+    for name, emb in found:
+        if emb.weight_decay:
+            raise ValueError(f"shard_saml: {name} has weight_decay={emb.weight_decay}; the adapter does not map "
+                             f"weight decay to FBGEMM (set it to 0)")
+        if (emb.optimizer, emb.lr, emb.eps) != (first.optimizer, first.lr, first.eps):
+            raise ValueError(f"shard_saml: one fused optimizer serves every table, but {name} has "
+                             f"({emb.optimizer!r}, lr={emb.lr}, eps={emb.eps}) and {found[0][0]} "
+                             f"({first.optimizer!r}, lr={first.lr}, eps={first.eps})")
     if sharding_types is not None:
         if plan is not None:
             raise ValueError("shard_saml: pass sharding_types or plan, not both")
@@ -432,6 +438,8 @@ def shard_saml(model: nn.Module, *, sharding_types: Optional[Sequence[str]] = No
             raise ValueError(f"shard_saml: sharding_types must be a non-empty subset of {SHARDING_TYPES}, got "
                              f"{sharding_types!r}")
     device = torch.device(device) if device is not None else first.global_weight.device
+    group = group if group is not None else dist.GroupMember.WORLD
+    world = dist.get_world_size(group)
     full = {}
     for name, emb in found:
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model

@@ -1,10 +1,12 @@
 """Distributed training (torch.distributed, gloo, 2 processes via torch.multiprocessing.spawn).
 
-* SAML trained under DDP ends with the parameters of single-process training on the same global batches
-  (fp32 tolerance) in the three modes of python/ddp_example.py: tables excluded from DDP and their dense
-  ("excluded") or sparse COO ("excluded-sparse") gradients all-reduced by hand, DDP for the rest; tables
-  sharded row-wise across the ranks with all_to_all routing ("rowwise"). (DDP itself cannot take the sparse
-  table gradients: its reducer expects sparse gradients only from nn.Embedding / nn.EmbeddingBag.)
+* SAML trained on 2 ranks ends with the parameters of single-process training on the same global batches
+  (fp32 tolerance) in every mode of python/ddp_example.py: TorchRec sharding ("torchrec", skipped when
+  torchrec / FBGEMM do not import; tests/test_torchrec.py tests the adapter in depth) and the fallbacks without
+  TorchRec: tables excluded from DDP and their dense ("excluded") or sparse COO ("excluded-sparse") gradients
+  all-reduced by hand, DDP for the rest; tables sharded row-wise by hand with all_to_all routing ("rowwise").
+  (DDP itself cannot take the sparse table gradients: its reducer expects sparse gradients only from
+  nn.Embedding / nn.EmbeddingBag.)
 * The row-wise sharded scenario embedding gives, for different local batches on every rank, the outputs of the
   unsharded ScenarioEmbedding and shard gradients equal to the full table's gradient rows (sum, mean, none).
 """
@@ -90,8 +92,13 @@ def test_rowwise_sharded_embedding_matches_unsharded():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not R.model_available(), reason="saml_kernels.nn.SAML has not landed yet")
-@pytest.mark.parametrize("mode", ["excluded", "excluded-sparse", "rowwise"])
+@pytest.mark.parametrize("mode", ["torchrec", "excluded", "excluded-sparse", "rowwise"])
 def test_saml_ddp_matches_single_process(mode):
+    if mode == "torchrec":
+        try:
+            import saml_kernels.torchrec  # noqa: F401
+        except ImportError as e:
+            pytest.skip(f"saml_kernels.torchrec unavailable: {e}")
     ex = _example()
     dist_state, single = ex.run(mode, world=WORLD, steps=4, global_batch=128, port=_free_port())
     diff = ex.compare(dist_state, single)

@@ -193,6 +193,24 @@ def test_pooling_none_needs_fixed_length():
         tr(ids, off, sc)
 
 
+def test_shard_saml_rejects_bad_arguments_before_any_collective():
+    from saml_kernels.nn import SAMLConfig
+
+    cfg = SAMLConfig(features=[("u", 5, True), ("i", 6, False)], num_scenarios=2, embedding_dim=4,
+                     aux_hidden=(8,), branch_hidden=(8,), mutual_layers=())
+    with pytest.raises(ValueError, match="no ScenarioEmbedding"):
+        T.shard_saml(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        T.shard_saml(SAML(cfg))  # built without embedding_optimizer, none passed
+    with pytest.raises(ValueError, match="sharding_types must be"):
+        T.shard_saml(SAML(cfg, embedding_optimizer="sgd"), sharding_types=["diagonal"])
+    model = SAML(cfg, embedding_optimizer="sgd")
+    model.embedding.fused_optimizer.param_groups[0]["weight_decay"] = 0.1
+    with pytest.raises(ValueError, match="weight_decay"):
+        T.shard_saml(model)
+    assert isinstance(model.embedding, ScenarioEmbedding), "a rejected call must leave the model unchanged"
+
+
 # ====================================================================================== two processes
 
 def _example():
