@@ -32,6 +32,7 @@ package does not import this module.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -102,6 +103,19 @@ def table_weights(emb: ScenarioEmbedding) -> dict:
             lo, hi = emb.feature_scenario_rows[k], emb.feature_scenario_rows[k + 1]
             out[f.name + SCENARIO_SUFFIX] = sw[:, lo:hi].reshape(-1, emb.embedding_dim)
     return out
+
+
+def _blocks(name: str, v) -> tuple:
+    """(full size, [((row, column) offset, tensor)]) of a table as a collection's state_dict holds it: a plain
+    tensor (unsharded, or data-parallel replica) or a ShardedTensor (this rank's shards; none is possible)."""
+    if type(v) in (Tensor, nn.Parameter):
+        return tuple(v.shape), [((0, 0), v.detach())]
+    if hasattr(v, "local_shards"):
+        with warnings.catch_warnings():  # torch deprecates ShardedTensor; TorchRec 1.9 still returns it
+            warnings.simplefilter("ignore", FutureWarning)
+            return tuple(v.size()), [(tuple(s.metadata.shard_offsets), s.tensor) for s in v.local_shards()]
+    raise NotImplementedError(f"{WHO}: table {name!r} is held as {type(v).__name__}; plain tensors and "
+                              f"ShardedTensor (table-, row-, column-wise sharding) are supported")
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -187,26 +201,15 @@ class TorchRecScenarioEmbedding(nn.Module):
     def load_tables(self, tables: dict) -> None:
         """Copies full tables {name: [rows, D]} (``table_weights`` layout) into this rank's part of each table
         (the whole table when unsharded or replicated)."""
-        held = self._table_tensors()
-        for name in self.keys:
+        for name, v in self._table_tensors().items():
             if name not in tables:
                 raise KeyError(f"{WHO}.load_tables: no weight for table {name!r}")
-            full, v = tables[name], held[name]
-            if hasattr(v, "local_shards"):  # ShardedTensor: this rank's blocks, at their offsets
-                if tuple(full.shape) != tuple(v.size()):
-                    raise ValueError(f"{WHO}.load_tables: table {name!r} has shape {tuple(v.size())}, got "
-                                     f"{tuple(full.shape)}")
-                for shard in v.local_shards():
-                    (r, c), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                    shard.tensor.copy_(full[r:r + nr, c:c + nc])
-            elif isinstance(v, Tensor) and type(v) in (Tensor, nn.Parameter):
-                if tuple(full.shape) != tuple(v.shape):
-                    raise ValueError(f"{WHO}.load_tables: table {name!r} has shape {tuple(v.shape)}, got "
-                                     f"{tuple(full.shape)}")
-                v.copy_(full)
-            else:
-                raise NotImplementedError(f"{WHO}: table {name!r} is held as {type(v).__name__}; only plain tensors "
-                                          f"and ShardedTensor (table-, row-, column-wise sharding) are supported")
+            full = tables[name]
+            size, blocks = _blocks(name, v)
+            if tuple(full.shape) != size:
+                raise ValueError(f"{WHO}.load_tables: table {name!r} has shape {size}, got {tuple(full.shape)}")
+            for (r, c), block in blocks:
+                block.copy_(full[r:r + block.shape[0], c:c + block.shape[1]])
 
     @torch.no_grad()
     def tables(self, group=None) -> dict:
@@ -214,15 +217,15 @@ class TorchRecScenarioEmbedding(nn.Module):
         each rank writes its blocks into zeros and one all_reduce sums them (exact: the blocks are disjoint)."""
         out = {}
         for name, v in self._table_tensors().items():
-            if hasattr(v, "local_shards"):
-                full = torch.zeros(tuple(v.size()), dtype=v.dtype, device=self._rows.device)
-                for shard in v.local_shards():
-                    (r, c), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                    full[r:r + nr, c:c + nc] = shard.tensor
-                dist.all_reduce(full, group=group)
-                out[name] = full
-            else:
-                out[name] = v.detach().clone()
+            size, blocks = _blocks(name, v)
+            if not hasattr(v, "local_shards"):  # unsharded or replicated (decided by type: every rank agrees)
+                out[name] = blocks[0][1].clone()
+                continue
+            full = torch.zeros(size, dtype=self.dtype, device=self._rows.device)
+            for (r, c), block in blocks:
+                full[r:r + block.shape[0], c:c + block.shape[1]] = block
+            dist.all_reduce(full, group=group)
+            out[name] = full
         return out
 
     def scenario_embedding_weights(self, group=None) -> tuple:
