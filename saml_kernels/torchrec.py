@@ -52,7 +52,7 @@ try:
     from torchrec.modules.embedding_configs import DataType
     from torchrec.optim.optimizers import in_backward_optimizer_filter
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
-except ImportError as e:  # pragma: no cover - exercised by the skip of tests/test_torchrec.py
+except (ImportError, OSError, RuntimeError) as e:  # missing, or FBGEMM's CUDA build without a driver (OSError)
     raise ImportError(
         f"saml_kernels.torchrec needs torchrec and FBGEMM ({e}). Install them beside torch without changing it: "
         "`pip install fbgemm-gpu-cpu tensordict torchmetrics==1.0.3 pyre-extensions` then "
