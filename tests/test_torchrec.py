@@ -7,7 +7,8 @@
   argument, position and value.
 * Sharded (2 processes, gloo, CPU): ``shard_saml`` with table-wise and row-wise sharding gives the forward outputs
   of single-process ``SAML`` and, after a few steps with the same optimizer (fused SGD + SGD; FBGEMM's fused
-  row-wise Adagrad + Adam vs ``TrainingOptimizer``), the same parameters within fp32 rounding.
+  row-wise Adagrad + Adam vs ``TrainingOptimizer``), the same parameters within fp32 rounding, also with
+  TorchRec's gradient division off; a mean-pooled layer sharded both ways matches one process.
 
 Skipped with the reason when torchrec / FBGEMM do not import (requirements-torchrec.txt installs them).
 """
@@ -141,6 +142,17 @@ def test_kjt_input_any_key_order_and_empty_batch():
         torch.testing.assert_close(o, r, atol=1e-6, rtol=1e-6)
     e_g, e_s = tr(torch.zeros(0, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     assert e_g.shape == (0, 3, D) and e_s.shape == (0, 2, D)
+
+
+def test_non_contiguous_inputs():
+    emb = _layer("sum")
+    tr = T.TorchRecScenarioEmbedding(emb, weighted=True)
+    ids, off, sc, psw = _inputs("sum")
+    spread = lambda t: torch.stack([t, torch.full_like(t, -7)], 1)[:, 0]  # noqa: E731  (stride 2, poisoned gaps)
+    args = [spread(t) for t in (ids, off, sc, psw)]
+    assert not any(a.is_contiguous() for a in args)
+    for o, r in zip(tr(*args), emb(ids, off, sc, psw)):
+        torch.testing.assert_close(o, r, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -290,9 +302,47 @@ def _sharded_worker(rank, world, port):
                 assert not torch.equal(want[k], init[k]), f"{tag}: training did not move {k}"
                 torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=2e-5,
                                            msg=lambda m: f"{tag}: parameter {k} after {len(batches)} steps: {m}")
+        _check_sharded_mean_pooling(rank, world)
     finally:
         comm_ops.set_gradient_division(True)
         dist.destroy_process_group()
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, emb):
+        super().__init__()
+        self.emb = emb
+
+    def forward(self, *args):
+        return self.emb(*args)
+
+
+def _check_sharded_mean_pooling(rank, world):
+    """Mean pooling (SAML's features sum) sharded row- and table-wise: outputs on each rank's own batch, and the
+    fused SGD update equals one process's update from the mean of the ranks' losses."""
+    def loss(out):
+        return out[0].square().sum() + 0.5 * out[1].sum()
+
+    for sharding in ("row_wise", "table_wise"):
+        torch.manual_seed(0)
+        single = ScenarioEmbedding([(n, s, a, "mean") for n, s, a in zip("abc", SIZES, AWARE)], M, D,
+                                   optimizer="sgd", lr=0.5)
+        torch.manual_seed(0)
+        dmp = T.shard_saml(_Holder(ScenarioEmbedding(single.features, M, D, optimizer="sgd", lr=0.5)),
+                           sharding_types=[sharding])
+        before = single.global_weight.detach().clone()
+        ids, off, sc, _ = _inputs("mean", seed=10 + rank)
+        out = dmp(ids, off, sc)
+        for o, r in zip(out, single(ids, off, sc)):
+            torch.testing.assert_close(o, r.detach(), atol=1e-6, rtol=1e-6, msg=lambda m: f"{sharding} mean: {m}")
+        loss(out).backward()
+        # one process: every rank's batch, loss averaged over the ranks, one backward (one fused update)
+        (sum(loss(single(*_inputs("mean", seed=10 + r)[:3])) for r in range(world)) / world).backward()
+        got = T.unsharded_state_dict(dmp)
+        assert not torch.equal(single.global_weight, before), "the step must move the tables"
+        for k in ("global_weight", "scenario_weight"):  # lr 0.5 on unit-order rows: fp32 rounding ~1e-6
+            torch.testing.assert_close(got[f"emb.{k}"], getattr(single, k).detach(), atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"{sharding} mean pooling, {k} after one step: {m}")
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed/gloo missing")
