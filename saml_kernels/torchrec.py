@@ -248,6 +248,9 @@ class TorchRecScenarioEmbedding(nn.Module):
             if offsets is not None:
                 raise TypeError(f"{WHO}: with a KeyedJaggedTensor pass forward(kjt, scenario)")
             kjt = indices
+            if kjt.variable_stride_per_key():
+                raise ValueError(f"{WHO}: variable-batch KeyedJaggedTensors (a stride per key) are not supported: "
+                                 f"every feature needs the same batch size B (one scenario id per sample)")
             missing = [n for n in self.feature_names if n not in kjt.keys()]
             if missing:
                 raise ValueError(f"{WHO}: KeyedJaggedTensor keys {kjt.keys()} lack the feature(s) {missing}")
@@ -381,6 +384,16 @@ def _topology(world_size: int, compute_device: str):
         return Topology(world_size=world_size, compute_device=compute_device)
 
 
+def _storage_reservation():
+    """TorchRec's recommended reservation (15% of each device kept for the dense part and inputs); None (the
+    planner's heuristic default, which warns in TorchRec 1.9) where it does not exist yet."""
+    try:
+        from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+    except ImportError:
+        return None
+    return FixedPercentageStorageReservation(0.15)
+
+
 def _scenario_modules(model: nn.Module):
     """(attribute path, ScenarioEmbedding) of every ScenarioEmbedding in ``model``, outermost first."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ScenarioEmbedding)]
@@ -457,7 +470,8 @@ def shard_saml(model: nn.Module, *, sharding_types: Optional[Sequence[str]] = No
         if sharding_types is not None:
             names = {k for _, tr in _tr_modules(model) for k in tr.keys}
             constraints = {k: ParameterConstraints(sharding_types=list(sharding_types)) for k in names}
-        planner = EmbeddingShardingPlanner(topology=_topology(world, device.type), constraints=constraints)
+        planner = EmbeddingShardingPlanner(topology=_topology(world, device.type), constraints=constraints,
+                                           storage_reservation=_storage_reservation())
         plan = planner.collective_plan(model, [sharder], group)
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(group), device=device, plan=plan,
                                    sharders=[sharder])

@@ -140,6 +140,10 @@ def test_kjt_input_any_key_order_and_empty_batch():
                             lengths=torch.cat([lengths[2], lengths[0], torch.tensor([2] + [0] * (B - 1)), lengths[1]]))
     for o, r in zip(tr(kjt, sc), emb(ids, off, sc)):
         torch.testing.assert_close(o, r, atol=1e-6, rtol=1e-6)
+    vbe = KeyedJaggedTensor(keys=["a", "b", "c"], values=torch.tensor([1, 2, 3, 4]),
+                            lengths=torch.tensor([1, 1, 1, 0, 1, 0]), stride_per_key_per_rank=[[1], [2], [3]])
+    with pytest.raises(ValueError, match="variable-batch"):
+        tr(vbe, sc[:1])
     e_g, e_s = tr(torch.zeros(0, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     assert e_g.shape == (0, 3, D) and e_s.shape == (0, 2, D)
 
