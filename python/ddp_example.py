@@ -371,7 +371,9 @@ def main():
     args = ap.parse_args()
     d, s = run(args.mode, args.world, args.steps, args.batch_size, backend=args.backend, sharding=args.sharding)
     diff = compare(d, s)
-    print(f"mode={args.mode}{' sharding=' + args.sharding if args.mode == 'torchrec' else ''} world={args.world} steps={args.steps}: max |param(distributed) - param(single)| = {diff:.2e}")
+    mode = args.mode + (f" sharding={args.sharding}" if args.mode == "torchrec" else "")
+    print(f"mode={mode} world={args.world} steps={args.steps}: "
+          f"max |param(distributed) - param(single)| = {diff:.2e}")
     return 0 if diff < 1e-4 else 1
 
 

@@ -86,12 +86,17 @@ def embedding_bag_configs(emb: ScenarioEmbedding) -> list:
     _check_names(emb)
     if emb.global_weight.dtype not in _DATA_TYPE:
         raise ValueError(f"{WHO}: table dtype must be one of {[str(d) for d in _DATA_TYPE]} for TorchRec (its "
-                         f"unsharded EmbeddingBagCollection builds BF16 tables as float16), got {emb.global_weight.dtype}")
+                         f"unsharded EmbeddingBagCollection builds BF16 tables as float16), got "
+                         f"{emb.global_weight.dtype}")
     dt, D, M = _DATA_TYPE[emb.global_weight.dtype], emb.embedding_dim, emb.num_scenarios
-    cfg = lambda name, rows, pooling: EmbeddingBagConfig(  # noqa: E731
-        name=name, embedding_dim=D, num_embeddings=rows, feature_names=[name], pooling=_POOLING[pooling], data_type=dt)
+
+    def cfg(name, rows, pooling):
+        return EmbeddingBagConfig(name=name, embedding_dim=D, num_embeddings=rows, feature_names=[name],
+                                  pooling=_POOLING[pooling], data_type=dt)
+
+    aware = [f for f in emb.features if f.scenario_aware]
     return ([cfg(f.name, f.num_embeddings, f.pooling) for f in emb.features]
-            + [cfg(f.name + SCENARIO_SUFFIX, M * f.num_embeddings, f.pooling) for f in emb.features if f.scenario_aware])
+            + [cfg(f.name + SCENARIO_SUFFIX, M * f.num_embeddings, f.pooling) for f in aware])
 
 
 def table_weights(emb: ScenarioEmbedding) -> dict:
