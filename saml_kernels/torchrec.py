@@ -54,9 +54,10 @@ try:
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
 except (ImportError, OSError, RuntimeError) as e:  # missing, or FBGEMM's CUDA build without a driver (OSError)
     raise ImportError(
-        f"saml_kernels.torchrec needs torchrec and FBGEMM ({e}). Install them beside torch without changing it: "
-        "`pip install fbgemm-gpu-cpu tensordict torchmetrics==1.0.3 pyre-extensions` then "
-        "`pip install --no-deps torchrec` on a CPU machine (fbgemm-gpu instead of fbgemm-gpu-cpu with CUDA)") from e
+        f"saml_kernels.torchrec needs torchrec and FBGEMM ({e}). Without CUDA install them beside torch with "
+        "`pip install --no-deps -r requirements-torchrec.txt` (FBGEMM's CPU build; plain `pip install torchrec` "
+        "pulls the CUDA build, which does not load without the NVIDIA driver); with CUDA `pip install torchrec` "
+        "(docs/distributed.md)") from e
 
 __all__ = ["SCENARIO_SUFFIX", "TorchRecScenarioEmbedding", "SAMLEmbeddingBagSharder", "embedding_bag_configs",
            "table_weights", "shard_saml", "dense_parameters", "unsharded_state_dict"]
