@@ -67,8 +67,10 @@ WHO = "TorchRecScenarioEmbedding"
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN, "none": PoolingType.SUM}
 _DATA_TYPE = {torch.float32: DataType.FP32, torch.float16: DataType.FP16}
 OPTIMIZERS = {"sgd": EmbOptimType.EXACT_SGD, "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD}
-SHARDING_TYPES = (ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value, ShardingType.COLUMN_WISE.value,
-                  ShardingType.TABLE_COLUMN_WISE.value, ShardingType.DATA_PARALLEL.value)
+# The sharding types whose update is this package's fused-optimizer math (tests/test_torchrec.py). Not offered:
+# column-wise (FBGEMM's row-wise Adagrad would average g^2 over each column shard, not over D) and data-parallel
+# (replicated tables get ordinary gradients and would be trained by the dense optimizer).
+SHARDING_TYPES = (ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value)
 
 
 def _check_names(emb: ScenarioEmbedding) -> None:
@@ -419,8 +421,8 @@ def shard_saml(model: nn.Module, *, sharding_types: Optional[Sequence[str]] = No
 
     Args:
         model: e.g. ``saml_kernels.nn.SAML``, on ``device``.
-        sharding_types: allowed TorchRec sharding types for every table ("table_wise", "row_wise", ...);
-            None lets the planner choose.
+        sharding_types: allowed TorchRec sharding types for every table, a subset of ``SHARDING_TYPES``
+            ("table_wise", "row_wise"); None lets the planner choose among them per table.
         optimizer, lr, eps: the tables' fused optimizer ("sgd" | "rowwise_adagrad", FBGEMM EXACT_SGD /
             EXACT_ROWWISE_ADAGRAD: the same math as this package's fused optimizer). None takes them from the
             model's ScenarioEmbedding (``SAML(embedding_optimizer=..., embedding_lr=..., embedding_eps=...)``).
@@ -472,10 +474,9 @@ def shard_saml(model: nn.Module, *, sharding_types: Optional[Sequence[str]] = No
     fused = dict(optimizer=OPTIMIZERS[optimizer], learning_rate=lr, eps=eps)
     sharder = SAMLEmbeddingBagSharder(fused_params=fused)
     if plan is None:
-        constraints = None
-        if sharding_types is not None:
-            names = {k for _, tr in _tr_modules(model) for k in tr.keys}
-            constraints = {k: ParameterConstraints(sharding_types=list(sharding_types)) for k in names}
+        allowed = list(sharding_types if sharding_types is not None else SHARDING_TYPES)
+        names = {k for _, tr in _tr_modules(model) for k in tr.keys}
+        constraints = {k: ParameterConstraints(sharding_types=allowed) for k in names}
         planner = EmbeddingShardingPlanner(topology=_topology(world, device.type), constraints=constraints,
                                            storage_reservation=_storage_reservation())
         plan = planner.collective_plan(model, [sharder], group)

@@ -8,7 +8,8 @@
 * Sharded (2 processes, gloo, CPU): ``shard_saml`` with table-wise and row-wise sharding gives the forward outputs
   of single-process ``SAML`` and, after a few steps with the same optimizer (fused SGD + SGD; FBGEMM's fused
   row-wise Adagrad + Adam vs ``TrainingOptimizer``), the same parameters within fp32 rounding, also with
-  TorchRec's gradient division off; a mean-pooled layer sharded both ways matches one process.
+  TorchRec's gradient division off; a mean-pooled layer sharded both ways and as the planner chooses matches one
+  process.
 
 Skipped with the reason when torchrec / FBGEMM do not import (requirements-torchrec.txt installs them).
 """
@@ -220,6 +221,8 @@ def test_shard_saml_rejects_bad_arguments_before_any_collective():
         T.shard_saml(SAML(cfg))  # built without embedding_optimizer, none passed
     with pytest.raises(ValueError, match="sharding_types must be"):
         T.shard_saml(SAML(cfg, embedding_optimizer="sgd"), sharding_types=["diagonal"])
+    with pytest.raises(ValueError, match="sharding_types must be"):  # not the fused-optimizer math (docstring)
+        T.shard_saml(SAML(cfg, embedding_optimizer="sgd"), sharding_types=["column_wise"])
     model = SAML(cfg, embedding_optimizer="sgd")
     model.embedding.fused_optimizer.param_groups[0]["weight_decay"] = 0.1
     with pytest.raises(ValueError, match="weight_decay"):
@@ -327,13 +330,15 @@ def _check_sharded_mean_pooling(rank, world):
     def loss(out):
         return out[0].square().sum() + 0.5 * out[1].sum()
 
-    for sharding in ("row_wise", "table_wise"):
+    for sharding in ("row_wise", "table_wise", None):  # None: the planner's choice among SHARDING_TYPES
         torch.manual_seed(0)
         single = ScenarioEmbedding([(n, s, a, "mean") for n, s, a in zip("abc", SIZES, AWARE)], M, D,
                                    optimizer="sgd", lr=0.5)
         torch.manual_seed(0)
         dmp = T.shard_saml(_Holder(ScenarioEmbedding(single.features, M, D, optimizer="sgd", lr=0.5)),
-                           sharding_types=[sharding])
+                           sharding_types=[sharding] if sharding else None)
+        kinds = {p.sharding_type for plan in dmp.plan.plan.values() for p in plan.values()}
+        assert kinds <= set(T.SHARDING_TYPES) and (sharding is None or kinds == {sharding}), kinds
         before = single.global_weight.detach().clone()
         ids, off, sc, _ = _inputs("mean", seed=10 + rank)
         out = dmp(ids, off, sc)
