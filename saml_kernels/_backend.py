@@ -73,7 +73,7 @@ _warned: set = set()
 
 class BackendUnavailableError(RuntimeError, ValueError):
     """A backend name is unknown, or a backend was asked for explicitly but cannot serve this op on this device.
-    (Also a ValueError, so code that caught the unknown-name ValueError of earlier versions still does.)"""
+    Also a ValueError: an unknown name is a bad argument value."""
 
 
 # ------------------------------------------------------------------------------------------------ registry

@@ -12,8 +12,8 @@ z is returned only for gelu/silu (their backward needs the pre-activation).
 
 Precision (the accumulator dtype ACC and the dot precision PREC are constexprs, one kernel for every dtype):
 - ACC = float64 for float64 operands, float32 otherwise; every ``tl.dot`` passes ``out_dtype=acc.dtype``
-  explicitly: triton <= 3.6 defaults ``out_dtype`` to float32 and rejects a float64 accumulator at compile time
-  (the float64 kernels did not compile on the GPU), triton 3.8 infers it from ``acc``. float64 dots lower to fp64
+  explicitly: triton <= 3.6 defaults ``out_dtype`` to float32 and rejects a float64 accumulator at compile time,
+  triton 3.8 infers it from ``acc``. float64 dots lower to fp64
   DMMA / FMA (``mma.sync ... .f64`` in the PTX), never through float32.
 - PREC = :func:`saml_kernels.triton.dot_input_precision`: "ieee" (exact fp32 products) for float32 unless torch
   allows TF32 for matmuls (``torch.backends.cuda.matmul.allow_tf32`` / ``set_float32_matmul_precision``), then

@@ -28,8 +28,8 @@ factor at a time after the O(|h|) factor c (r_o r_m underflows at |h| = 1e30). R
 extra pass for max|h_m| (cosine only).
 
 Precision: the mutual kernels compute in float32 (float64 for float64 h); 1/T reaches them as a float32 pair
-(hi, lo) summed in that dtype (``_inv_temperature``: a single float32 argument cost float64 a 6e-8 relative
-error on the GPU only). The fused GEMMs use ``dot_input_precision`` like mbranch_linear (exact fp32 unless torch
+(hi, lo) summed in that dtype (``_inv_temperature``: Triton passes a Python float as float32, whose 6e-8 relative
+error float64 would otherwise carry). The fused GEMMs use ``dot_input_precision`` like mbranch_linear (exact fp32 unless torch
 allows TF32); the fused path is float32/half only, float64 runs all_forward (fp64 dots) + the mutual kernels.
 
 Layout: one program per BLOCK_B rows holds a [MP, BLOCK_B, BLOCK_N] register tile (all M branches, MP = M
