@@ -31,7 +31,7 @@ TORCH_LIBRARY(saml_C, m) {
       "Tensor feature_scenario_rows, Tensor aware_slot, Tensor? per_sample_weights, int pooling, "
       "int bag_len, bool need_psw_grad) -> (Tensor, Tensor, Tensor)");
   // Fused optimizer in the backward (FBGEMM style): applies the update to the touched rows in place and
-  // materialises no gradient. optimizer: 1 = SGD, 2 = row-wise Adagrad; with g the row's summed gradient,
+  // materialises no gradient. optimizer (saml::FusedOptimizer): 1 = SGD, 2 = row-wise Adagrad; with g the row's summed gradient,
   // g' = g + weight_decay * w, SGD w -= lr * g', Adagrad state[row] += mean_d(g'^2), w -= lr * g' / (sqrt(state[row])
   // + eps); states are float32 [R] and [M * Rs]. hparams: float64 [4] on the weights' device = [lr, eps,
   // weight_decay, apply], read by the kernel (apply == 0 skips the whole update: no weight or state changes).
@@ -44,8 +44,9 @@ TORCH_LIBRARY(saml_C, m) {
       "bool update_scenario) -> ()");
 
   // ---- mbranch_linear / mutual_unit / mutual_linear (saml_kernels/ops/mbranch_linear.py, mutual_*.py) ----
-  // activation codes: 0 none, 1 relu, 2 leaky_relu (slope 0.01), 3 gelu (exact, erf), 4 silu.
-  // similarity codes: 0 cosine (<a,b> / (max(|a|,1e-8) * max(|b|,1e-8))), 1 dot (<a,b> / sqrt(N)).
+  // activation codes (saml::Activation, include/saml_common.h; saml_kernels/_codes.py): 0 none, 1 relu,
+  //   2 leaky_relu (slope kLeakyReluSlope = 0.01), 3 gelu (exact, erf), 4 silu.
+  // similarity codes (saml::Similarity): 0 cosine (<a,b> / (max(|a|,1e-8) * max(|b|,1e-8))), 1 dot (<a,b> / sqrt(N)).
   // Every GEMM accumulates in float32; outputs have the input dtype.
   //
   // Own route (grouped GEMM by scenario, rows in any order, no host sync):
@@ -93,7 +94,7 @@ TORCH_LIBRARY(saml_C, m) {
   m.def(
       "mutual_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? aux, Tensor? aux_weight, "
       "Tensor scenario, int activation, float temperature, int similarity) -> (Tensor, Tensor)");
-  // Fused mutual_linear backward, recompute variant (added by the mutual_linear owner): recomputes h[m,b] for all
+  // Fused mutual_linear backward, recompute variant: recomputes h[m,b] for all
   //   m block by block (never [M,B,N] in memory), runs the mutual backward (attn as in mutual_backward) and the
   //   own branch's activation derivative. Returns dz_own [B,N] (x dtype) = dL/dz[s_b, b]; the caller passes it
   //   to mbl_grouped_backward for dx, dW, db, daux, dWa.

@@ -1,44 +1,182 @@
-"""Backend choice: explicit ``backend=`` > ``use_backend(...)`` context > ``SAML_KERNELS_BACKEND`` > automatic.
+"""Backends of every op: one registry of kernel tables, the automatic choice, and the reasons a backend cannot run.
 
-Backends: ``reference`` (plain PyTorch, any device), ``cpu`` (C++ extension, CPU tensors), ``triton`` (CUDA
-tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``cuda`` (CUDA C++ extension, CUDA tensors).
-A fallback is never silent: automatic choice that skips a faster backend warns once per (op, device).
+Backends: ``reference`` (plain PyTorch, any device; the kernels of ``saml_kernels.reference``), ``cpu`` (C++
+extension, CPU tensors), ``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``cuda`` (CUDA
+C++ extension, CUDA tensors).
+
+Registry: ``{op: {backend: kernel table}}``. An op declares the names of its kernel table once
+(:func:`define_op`: required names, and optional ones a backend may leave out, e.g. a fused variant); each backend
+then registers a *loader* for it (:func:`register_kernels`) that is called the first time the backend serves the
+op, so triton is never imported for a CPU-only run and ``saml_kernels.reference`` only when the reference backend
+is used. A Python backend module declares its tables itself (``KERNELS = {op: {name: function}}``,
+:func:`register_python_kernels`); the C++ backends name the ``torch.ops.saml_C`` operators (:func:`aten_kernels`) and
+declare support per dispatch key, so a kernel that one build lacks is reported, not called.
+
+Choice: explicit ``backend=`` > ``use_backend(...)`` context > ``SAML_KERNELS_BACKEND`` > automatic. The automatic
+choice takes the first available backend of :data:`PREFERENCE` (per device type and op, fastest measured first);
+a fallback past a preferred backend is never silent: it warns once per (op, device) with the reason.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import importlib
 import os
 import threading
+import types
 import warnings
+from typing import Callable, Mapping, Optional
 
 from . import _ext
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
-# Automatic order per device type: first available wins.
-AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+# Automatic choice: per device type and op, the backends from fastest to slowest as measured; the first one that
+# can run wins. Every entry names the measurement it comes from: a file in benchmarks/results/, or for CUDA the
+# first H200 run of the benchmarks (one process, providers alternated, median of 15), whose results files
+# (benchmarks/results/*_h200.*) are not committed yet. Re-measure and update an entry when a kernel changes.
+PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
+    "cpu": {
+        # benchmarks/results/embedding_cpu2.md (B=4096, 16 x 100k rows, D=32, fp32): one-hot forward cpu 4.38 ms
+        # against 10.3 ms eager (the reference's gather) and 14.8 ms compiled reference.
+        "scenario_embedding_bag": ("cpu", "reference"),
+        # benchmarks/results/bench_branch_gemm_cpu2.md (M=4, B=4096, K=N=256, fp32): route own fwd+bwd cpu 16.2 ms
+        # against 88.7 ms eager_where and 99.4 ms compiled reference.
+        "mbranch_linear": ("cpu", "reference"),
+        # benchmarks/results/bench_mutual_cpu2.md: no stand-alone figure; the saved path (cpu mbl_all_forward +
+        # mutual_forward/backward) is 55.5 ms fwd+bwd against 233 ms eager.
+        "mutual_unit": ("cpu", "reference"),
+        # benchmarks/results/bench_mutual_cpu2.md (M=4, B=4096, K=N=256, fp32): fwd+bwd cpu 58.3 ms against 233 ms
+        # eager.
+        "mutual_linear": ("cpu", "reference"),
+    },
+    "cuda": {
+        # No GPU figure yet (the H200 run stopped before the embedding was timed): the hand-written CUDA kernel
+        # first, as for the other ops, until benchmarks/results/embedding_h200.md says otherwise.
+        "scenario_embedding_bag": ("cuda", "triton", "reference"),
+        # H200 (bench_branch_gemm.py --gpu; M=4, B=65536, K=N=512, relu + bias, fwd+bwd, route own):
+        # bf16 cuda 2.01 ms vs triton 2.16 ms; fp32 cuda 4.13 ms vs triton 5.89 ms.
+        "mbranch_linear": ("cuda", "triton", "reference"),
+        # No stand-alone GPU figure: its kernels are those of mutual_linear's saved path, so the same order.
+        "mutual_unit": ("cuda", "triton", "reference"),
+        # H200 (bench_mutual.py --gpu; same sizes, bf16, fwd+bwd): cuda 4.44 ms = 2.75x eager, triton 1.48x eager.
+        "mutual_linear": ("cuda", "triton", "reference"),
+    },
+}
+# An op or device type missing from PREFERENCE (a new op before its first benchmark): the compiled backends first.
+DEFAULT_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 _local = threading.local()
 _warned: set = set()
-_OP_BACKENDS: dict[str, tuple[str, ...]] = {}
 
 
 class BackendUnavailableError(RuntimeError, ValueError):
     """A backend name is unknown, or a backend was asked for explicitly but cannot serve this op on this device.
-    (Also a ValueError, so code that caught the unknown-name ValueError of earlier versions still does.)"""
+    Also a ValueError: an unknown name is a bad argument value."""
 
 
-def register_op(op: str, backends: tuple[str, ...]) -> None:
-    """Declare which backends implement ``op`` (called by each ops/<op>.py module)."""
-    for b in backends:
-        if b not in BACKENDS:
-            raise ValueError(f"register_op({op!r}): unknown backend {b!r}")
-    _OP_BACKENDS[op] = tuple(backends)
+# ------------------------------------------------------------------------------------------------ registry
+
+@dataclasses.dataclass
+class _Source:
+    load: Callable[[], Mapping[str, Optional[Callable]]]
+    why_not: Optional[Callable[[str], Optional[str]]]
+    table: Optional[types.SimpleNamespace] = None
+
+
+@dataclasses.dataclass
+class _OpSpec:
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+    sources: dict[str, _Source] = dataclasses.field(default_factory=dict)
+
+
+_OPS: dict[str, _OpSpec] = {}
+
+
+def define_op(op: str, *, kernels: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """Declares ``op`` and the names of its kernel table: ``kernels`` every backend provides, ``optional`` ones a
+    backend may lack (its table then holds None there and the op takes its unfused path)."""
+    _OPS[op] = _OpSpec(tuple(kernels), tuple(optional))
+
+
+def register_kernels(op: str, backend: str, load: Callable[[], Mapping[str, Optional[Callable]]], *,
+                     why_not: Optional[Callable[[str], Optional[str]]] = None) -> None:
+    """Registers ``backend``'s kernel table for ``op``.
+
+    ``load()`` returns ``{kernel name: callable or None}`` and is called once, the first time the backend serves the
+    op. ``why_not(device_type)`` returns None when this backend can serve the op there, else the reason (checked
+    after the backend's own conditions, e.g. that the extension is built)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"register_kernels({op!r}): unknown backend {backend!r}; choose one of {BACKENDS}")
+    if op not in _OPS:
+        raise ValueError(f"register_kernels({op!r}): define_op({op!r}, kernels=...) first")
+    _OPS[op].sources[backend] = _Source(load, why_not)
+
+
+def kernels(op: str, backend: str) -> types.SimpleNamespace:
+    """The kernel table of ``backend`` for ``op``: one attribute per name given to :func:`define_op`."""
+    spec = _OPS.get(op)
+    if spec is None:
+        raise ValueError(f"unknown op {op!r}; registered: {sorted(_OPS)}")
+    src = spec.sources.get(backend)
+    if src is None:
+        raise BackendUnavailableError(f"op {op} has no {backend} implementation")
+    if src.table is None:
+        table = dict(src.load())
+        missing = [n for n in spec.required if table.get(n) is None]
+        if missing:
+            raise BackendUnavailableError(f"the {backend} kernel table of {op} lacks {missing}")
+        src.table = types.SimpleNamespace(**{n: table.get(n) for n in spec.required + spec.optional})
+    return src.table
 
 
 def registered_ops() -> dict[str, tuple[str, ...]]:
-    return dict(_OP_BACKENDS)
+    """{op: the backends that registered a kernel table for it}."""
+    return {op: tuple(b for b in BACKENDS if b in spec.sources) for op, spec in _OPS.items()}
 
+
+def register_python_kernels(op: str, stem: str) -> None:
+    """Registers the ``reference`` and ``triton`` tables of ``op``: each lives in its backend's package,
+    ``saml_kernels/<backend>/<stem>.py``, which declares them itself as ``KERNELS = {op: {name: function}}``; the
+    module is imported the first time that backend serves the op."""
+    for backend in ("reference", "triton"):
+        module = f"{__package__}.{backend}.{stem}"
+        register_kernels(op, backend, lambda module=module: importlib.import_module(module).KERNELS[op])
+
+
+def _has_dispatch(name: str, dispatch_key: str) -> bool:
+    import torch
+
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"saml_C::{name}", dispatch_key)
+    except RuntimeError:
+        return False
+
+
+def register_aten_kernels(op: str, names: Mapping[str, str]) -> None:
+    """Registers the ``cpu`` and ``cuda`` tables of ``op`` from ``{kernel name: torch.ops.saml_C operator}``.
+
+    A backend serves the op when the build has a kernel of every required operator for its dispatch key; an
+    optional operator without one gives None in the table (the op's unfused path). The dispatcher is asked once,
+    here (the extension is loaded by then), so choosing a backend stays a dictionary lookup (also under
+    torch.compile)."""
+    spec = _OPS[op]
+    for backend, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+        built = {n: aten for n, aten in names.items() if _has_dispatch(aten, key)}
+        lacking = [names[n] for n in spec.required if n not in built]
+        reason = f"the extension has no {key} kernel of {lacking}" if lacking else None
+
+        def load(built=built):
+            import torch
+
+            return {n: getattr(torch.ops.saml_C, aten) for n, aten in built.items()}
+
+        register_kernels(op, backend, load, why_not=lambda device_type, reason=reason: reason)
+
+
+# ------------------------------------------------------------------------------------------------ availability
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -54,12 +192,8 @@ def _triton_import_error() -> str | None:
     return None
 
 
-def why_unavailable(backend: str, device_type: str, op: str | None = None) -> str | None:
-    """None when ``backend`` can serve ``op`` on ``device_type``, else the reason it cannot."""
-    if backend not in BACKENDS:
-        return f"unknown backend {backend!r}; choose one of {BACKENDS}"
-    if op is not None and op in _OP_BACKENDS and backend not in _OP_BACKENDS[op]:
-        return f"op {op} has no {backend} implementation"
+def _why_backend(backend: str, device_type: str) -> str | None:
+    """The backend's own conditions (device type, extension built, triton importable), whatever the op."""
     if backend == "reference":
         return None
     if backend == "cpu":
@@ -76,7 +210,6 @@ def why_unavailable(backend: str, device_type: str, op: str | None = None) -> st
         if not _ext.has_cuda_ext():
             return "the extension was built without CUDA kernels (no CUDA toolkit/torch at build time, or SAML_BUILD_CUDA=0)"
         return None
-    # triton
     err = _triton_import_error()
     if err:
         return err
@@ -87,9 +220,32 @@ def why_unavailable(backend: str, device_type: str, op: str | None = None) -> st
     return f"triton runs on CUDA tensors (or on CPU tensors only with TRITON_INTERPRET=1), not {device_type}"
 
 
+def why_unavailable(backend: str, device_type: str, op: str | None = None) -> str | None:
+    """None when ``backend`` can serve ``op`` on ``device_type``, else the reason it cannot."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose one of {BACKENDS}"
+    src = None
+    if op is not None and op in _OPS:
+        src = _OPS[op].sources.get(backend)
+        if src is None:
+            return f"op {op} has no {backend} implementation"
+    reason = _why_backend(backend, device_type)
+    if reason is None and src is not None and src.why_not is not None:
+        reason = src.why_not(device_type)
+    return reason
+
+
 def available_backends(device_type: str, op: str | None = None) -> list[str]:
     return [b for b in BACKENDS if why_unavailable(b, device_type, op) is None]
 
+
+def preference(op: str, device_type: str) -> tuple[str, ...]:
+    """The automatic order of backends for ``op`` on ``device_type`` (:data:`PREFERENCE`), fastest first."""
+    order = PREFERENCE.get(device_type, {}).get(op)
+    return order if order is not None else DEFAULT_PREFERENCE.get(device_type, ("reference",))
+
+
+# ------------------------------------------------------------------------------------------------ choice
 
 def check_name(name: str, where: str) -> str:
     """``name`` if it names a backend, else BackendUnavailableError naming ``where`` and the choices."""
@@ -98,13 +254,10 @@ def check_name(name: str, where: str) -> str:
     return name
 
 
-_check_name = check_name
-
-
 @contextlib.contextmanager
 def use_backend(name: str):
     """Context manager: ops called inside use backend ``name`` unless they pass ``backend=``."""
-    _check_name(name, "use_backend")
+    check_name(name, "use_backend")
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []
@@ -115,23 +268,23 @@ def use_backend(name: str):
         stack.pop()
 
 
-def _requested(explicit: str | None) -> tuple[str | None, str]:
+def requested(explicit: str | None = None) -> tuple[str | None, str]:
+    """(backend name or None for automatic, where the request came from) without resolving it."""
     if explicit is not None:
-        return _check_name(explicit, "backend="), "backend= argument"
+        return check_name(explicit, "backend="), "backend= argument"
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1], "use_backend() context"
     env = os.environ.get("SAML_KERNELS_BACKEND")
     if env:
-        return _check_name(env, "SAML_KERNELS_BACKEND"), "SAML_KERNELS_BACKEND"
+        return check_name(env, "SAML_KERNELS_BACKEND"), "SAML_KERNELS_BACKEND"
     return None, "automatic"
 
 
 def auto_backend(op: str, device_type: str) -> tuple[str, str]:
-    """(backend, why) for automatic choice; warns once when it falls back past a faster backend."""
-    order = AUTO_ORDER.get(device_type, ("reference",))
+    """(backend, why) for automatic choice; warns once when it falls back past a preferred backend."""
     skipped = []
-    for b in order:
+    for b in preference(op, device_type):
         reason = why_unavailable(b, device_type, op)
         if reason is None:
             if skipped and (op, device_type) not in _warned:
@@ -147,14 +300,9 @@ def auto_backend(op: str, device_type: str) -> tuple[str, str]:
     return "reference", "automatic"
 
 
-def requested(explicit: str | None = None) -> tuple[str | None, str]:
-    """(backend name or None for automatic, where the request came from) without resolving it."""
-    return _requested(explicit)
-
-
 def resolve(op: str, device_type: str, explicit: str | None = None) -> str:
     """The backend that serves ``op`` for tensors on ``device_type``; raises if a requested one cannot."""
-    name, source = _requested(explicit)
+    name, source = requested(explicit)
     if name is None:
         return auto_backend(op, device_type)[0]
     reason = why_unavailable(name, device_type, op)

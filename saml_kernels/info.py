@@ -1,4 +1,8 @@
-"""``python -m saml_kernels.info``: versions, what was built, and which backend serves each op on each device."""
+"""``python -m saml_kernels.info``: versions, what was built, and which backend serves each op on each device.
+
+For each op and device type it prints the preference order of the automatic choice
+(``saml_kernels._backend.PREFERENCE``, fastest measured first), the backend chosen here, and for every backend
+whether it can run or why not."""
 from __future__ import annotations
 
 import platform
@@ -35,12 +39,14 @@ def report() -> str:
         lines.append(f"\n{op}:")
         for dev in devices + ([] if "cuda" in devices else ["cuda"]):
             auto, why = _backend.auto_backend(op, dev) if dev in devices else ("-", "no device")
+            order = " > ".join(_backend.preference(op, dev))
             if name is None:
-                lines.append(f"  {dev:5s} automatic -> {auto}" + ("" if dev in devices else " (no CUDA device here)"))
+                lines.append(f"  {dev:5s} automatic -> {auto}" + ("" if dev in devices else " (no CUDA device here)")
+                             + f"  [preference {order}]")
             else:
                 reason = _backend.why_unavailable(name, dev, op)
                 lines.append(f"  {dev:5s} {source} -> {name}" + ("" if reason is None else f" (FAILS here: {reason})")
-                             + f"  [automatic would be {auto}]")
+                             + f"  [automatic would be {auto}; preference {order}]")
             for b in _backend.BACKENDS:
                 reason = _backend.why_unavailable(b, dev, op)
                 lines.append(f"      {b:9s} {'available' if reason is None else 'no: ' + reason}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .ops.embedding_optimizer import rowwise_adagrad_step
+
 
 def bce_loss(logit: Tensor, label: Tensor) -> Tensor:
     """mean_b BCE(logit_b, label_b) (with logits), logit and label [B].
@@ -140,8 +142,10 @@ class TrainingOptimizer:
             if w.grad is None:
                 continue
             g = w.grad.to_dense() if w.grad.is_sparse else w.grad
-            st.add_(g.float().pow(2).mean(-1))
-            w.sub_((lr * g.float() / (st.sqrt() + self.eps).unsqueeze(-1)).to(w.dtype))
+            acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+            w_new, st_new = rowwise_adagrad_step(w.to(acc), g.to(acc), st, lr, self.eps)
+            st.copy_(st_new)
+            w.copy_(w_new)
 
     def state_dict(self) -> dict:
         """{"dense": {"params": [names], "state": {name: Adam state}, "param_group": Adam hyper-parameters},

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import saml_kernels
+from saml_kernels import _backend
 from saml_kernels.ops import mbranch_linear as mbl_ops
 from saml_kernels.ops.mbranch_linear import mbranch_linear
 from saml_kernels.reference import mbranch_linear as ref
@@ -173,8 +174,8 @@ def test_grad_mask_own_blocks_off_branch_outputs_entirely(device, backend, share
 @pytest.mark.parametrize("activation", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_contract(device, backend, activation, dtype):
-    k = mbl_ops.kernels(backend)
-    rk = mbl_ops.kernels("reference")
+    k = _backend.kernels(mbl_ops.OP, backend)
+    rk = _backend.kernels(mbl_ops.OP, "reference")
     inp = make_inputs(M=3, B=26, K=7, N=9, Ka=3, dtype=dtype, device=device)
     args = (inp["weight"], inp["bias"], inp["aux"], inp["aux_weight"])
     y, z = k.grouped_forward(inp["x"], *args, inp["scenario"], activation)
@@ -201,10 +202,10 @@ def test_kernel_contract(device, backend, activation, dtype):
 @pytest.mark.parametrize("activation", [0, 1, 2])
 @pytest.mark.parametrize("dy_dim,x_dim", [(2, 2), (3, 2), (3, 3), (2, 3)])
 def test_fused_backward_contract(device, backend, activation, dy_dim, x_dim):
-    k = mbl_ops.kernels(backend)
+    k = _backend.kernels(mbl_ops.OP, backend)
     if k.grouped_backward_act is None:
         pytest.skip(f"{backend} has no fused grouped_backward_act (optional)")
-    rk = mbl_ops.kernels("reference")
+    rk = _backend.kernels(mbl_ops.OP, "reference")
     M, B, N = 3, 22, 6
     inp = make_inputs(M=M, B=B, K=5, N=N, Ka=3, shared=x_dim == 2, device=device)
     dy = torch.randn((M, B, N) if dy_dim == 3 else (B, N), device=device)

@@ -627,13 +627,15 @@ def test_determinism(device, backend, sparse):
 def spy(monkeypatch):
     """Records the backend each kernel call used."""
     used = []
-    real = seb_mod._kernels
+    real = _backend.kernels
 
-    def fake(backend):
-        used.append(backend)
-        return real("reference")  # only the choice is under test here, not the kernels
+    def fake(op, backend):
+        if op == OP:
+            used.append(backend)
+            return real(op, "reference")  # only the choice is under test here, not the kernels
+        return real(op, backend)
 
-    monkeypatch.setattr(seb_mod, "_kernels", fake)
+    monkeypatch.setattr(_backend, "kernels", fake)
     return used
 
 
@@ -644,7 +646,8 @@ def test_backend_precedence(monkeypatch, spy):
     other = "reference" if auto != "reference" else next((b for b in avail if b != "reference"), "reference")
     monkeypatch.delenv("SAML_KERNELS_BACKEND", raising=False)
     run(inp, None)
-    assert spy[-1] == auto == _backend.AUTO_ORDER["cpu"][[b in avail for b in _backend.AUTO_ORDER["cpu"]].index(True)]
+    order = _backend.preference(OP, "cpu")
+    assert spy[-1] == auto == order[[b in avail for b in order].index(True)]
     monkeypatch.setenv("SAML_KERNELS_BACKEND", other)
     run(inp, None)
     assert spy[-1] == other

@@ -1,6 +1,6 @@
-// Device helpers shared by csrc/cuda/mbranch_linear.cu and csrc/cuda/mutual_unit.cu (activation codes of
-// csrc/registry.cpp: 0 none, 1 relu, 2 leaky_relu 0.01, 3 exact gelu (erf), 4 silu), the device-side grouping of
-// rows by scenario, and the sync-free tiled GEMM engine of the mbranch/mutual ops (section "gemm" below).
+// Device helpers shared by csrc/cuda/mbranch_linear.cu and csrc/cuda/mutual_unit.cu: the activations (codes
+// saml::Activation of saml_common.h), the device-side grouping of rows by scenario, and the sync-free tiled GEMM
+// engine of the mbranch/mutual ops (section "gemm" below).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -14,33 +14,33 @@
 #include <cstring>
 #include <tuple>
 
+#include "saml_common.h"
+
 namespace saml_cuda {
 
-constexpr int kGelu = 3;
-constexpr int kSilu = 4;
-
-inline bool needs_preactivation(int64_t act) { return act == kGelu || act == kSilu; }
+// gelu and silu need the pre-activation z in the backward; relu/leaky_relu recover act'(z) from y = act(z).
+inline bool needs_preactivation(int64_t act) { return act == saml::kActGelu || act == saml::kActSilu; }
 
 template <typename A>
 __device__ __forceinline__ A activate(A z, int act) {
   switch (act) {
-    case 1: return z < A(0) ? A(0) : z;  // keeps NaN, as torch.relu
-    case 2: return z > A(0) ? z : z * A(0.01);
-    case 3: return A(0.5) * z * (A(1) + erf(z * A(0.70710678118654752440)));
-    case 4: return z / (A(1) + exp(-z));
+    case saml::kActRelu: return z < A(0) ? A(0) : z;  // keeps NaN, as torch.relu
+    case saml::kActLeakyRelu: return z > A(0) ? z : z * A(saml::kLeakyReluSlope);
+    case saml::kActGelu: return A(0.5) * z * (A(1) + erf(z * A(0.70710678118654752440)));
+    case saml::kActSilu: return z / (A(1) + exp(-z));
     default: return z;
   }
 }
 
-// act'(z); at z == 0 relu gives 0 and leaky_relu 0.01, as torch's threshold/leaky_relu backward (z > 0 test).
+// act'(z); at z == 0 relu gives 0 and leaky_relu the slope, as torch's threshold/leaky_relu backward (z > 0 test).
 template <typename A>
 __device__ __forceinline__ A activate_grad(A z, int act) {
   switch (act) {
-    case 1: return z > A(0) ? A(1) : A(0);
-    case 2: return z > A(0) ? A(1) : A(0.01);
-    case 3: return A(0.5) * (A(1) + erf(z * A(0.70710678118654752440))) +
+    case saml::kActRelu: return z > A(0) ? A(1) : A(0);
+    case saml::kActLeakyRelu: return z > A(0) ? A(1) : A(saml::kLeakyReluSlope);
+    case saml::kActGelu: return A(0.5) * (A(1) + erf(z * A(0.70710678118654752440))) +
                    z * exp(A(-0.5) * z * z) * A(0.39894228040143267794);
-    case 4: {
+    case saml::kActSilu: {
       A sg = A(1) / (A(1) + exp(-z));
       return sg * (A(1) + z * (A(1) - sg));
     }

@@ -20,16 +20,15 @@
 // Why a hand-written kernel and not cuBLAS per scenario: cuBLAS has no grouped GEMM whose group sizes live in
 // device memory, so sizing per-scenario calls costs one host sync per call (seg to the host).
 //
-// Precision note (the reported bfloat16 leaky_relu mismatch of the all route): the former path computed
-// x @ Wp in bfloat16 (cuBLAS rounds its output to bf16, and may also use reduced-precision split-K reductions),
-// added aux @ Wap to that rounded partial and the bias to the rounded sum: up to three bf16 roundings of O(1)
-// partials (~4e-3 each) before the activation. For z within that distance of 0 the sign of z could differ from
-// the float32-accumulated z of the contract, and relu/leaky_relu' jumps there (1 vs 0.01): an O(1) error in dz
-// and so in dW/dx, far outside any rounding tolerance. With one rounding after float32 accumulation the sign of y
-// is the sign of the float32 z (wrong only for |z| ~ 1e-7 |partials|).
+// Precision: the all route rounds z once, after float32 accumulation of x W + aux Wa + bias. Rounding the partial
+// products to bfloat16 first (cuBLAS writes its output in the input dtype and may use reduced-precision split-K)
+// would add up to three roundings of O(1) partials (~4e-3 each) before the activation; for z that close to 0 the
+// sign of z can differ from the float32-accumulated z of the contract, and relu'/leaky_relu' jump there (1 vs the
+// slope): an O(1) error in dz and so in dW/dx. With one rounding the sign of y is the sign of the float32 z (wrong
+// only for |z| ~ 1e-7 |partials|).
 //
-// SAML_CUDA_GROUPED=cublas restores the former grouped path (per-scenario cuBLAS GEMMs sized by ONE host sync
-// per call, index_select gathers, not capturable) and the cuBLAS all route for every dtype: for benchmarking only.
+// SAML_CUDA_GROUPED=cublas selects per-scenario cuBLAS GEMMs for the grouped route (sized by ONE host sync per
+// call, index_select gathers, not capturable) and the cuBLAS all route for every dtype: for benchmarking only.
 // SAML_CUDA_GROUPED=simt runs the tiled engine with FMA tiles for every dtype and route (a debugging aid).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>

@@ -17,7 +17,8 @@
 // <g,h_m>) over its lanes' columns in float32 (float64 for double) and reduces with a fixed xor-shuffle tree:
 // deterministic. Lane 0 turns the M values (in shared memory) into softmax weights / gradient coefficients.
 // Pass 2: every lane writes its columns. The backward recomputes the softmax weights from its own pass-1
-// values (free: M numbers per row) instead of reading the float32 attn, so float64 gradients stay exact. h is read through a "source" functor, so the same kernels serve
+// values (free: M numbers per row) instead of reading the float32 attn, so float64 gradients stay exact.
+// h is read through a "source" functor, so the same kernels serve
 // mutual_unit (h in memory, any strides) and mutual_linear (h = act(z + bias) computed on the fly from the
 // GEMM output z).
 //
@@ -31,7 +32,7 @@
 //     float32 contract (a bf16-rounded z can flip the sign of a near-zero z: relu'/leaky_relu' jump there);
 //   - float32/float64: one cuBLAS GEMM against the packed [K, M*N] weights (float32 exact unless torch allows
 //     TF32 for cuBLAS). SAML_CUDA_GROUPED=simt sends these through the engine too, =cublas sends the 16-bit
-//     types through cuBLAS (rounded partials, the former behaviour; benchmarking only).
+//     types through cuBLAS (rounded partials; benchmarking only).
 // Host syncs: none (no .item(), no host copies, no data-dependent shapes; the chunk count depends on B only), so
 // all four ops can be captured in a CUDA graph. A scenario outside [0, M) (the Python op checks the range unless
 // check_scenario=False) gives a NaN row instead of an out-of-bounds read.
@@ -103,7 +104,7 @@ __device__ __forceinline__ void row_scales(const Src& src, int64_t b, int M, int
                                            acc_t* r) {
   for (int m = 0; m < M; ++m) {
     acc_t mx = 0;
-    if (sim_code == 0)
+    if (sim_code == saml::kSimCosine)
       for (int64_t n = lane; n < N; n += 32) mx = max(mx, abs(src.get(m, b, n)));
     mx = warp_max(mx);
     if (lane == 0) {
@@ -157,7 +158,7 @@ __global__ void mutual_fwd_rows(Src src, const int64_t* __restrict__ scen, int64
     const acc_t rs = acc_t(1) / sqrt(static_cast<acc_t>(N));
     acc_t mx = -INFINITY;
     for (int m = 0; m < M; ++m) {
-      const acc_t simv = sim_code == 0 ? sm[m] / (max(sqrt(sm[M + m]), eps * r[m]) * no) : sm[m] * rs;
+      const acc_t simv = sim_code == saml::kSimCosine ? sm[m] / (max(sqrt(sm[M + m]), eps * r[m]) * no) : sm[m] * rs;
       sm[m] = simv * static_cast<acc_t>(inv_t);
       mx = max(mx, sm[m]);
     }
@@ -220,7 +221,7 @@ __global__ void mutual_bwd_rows(Src src, const scalar_t* __restrict__ g, int64_t
       const acc_t no = max(sqrt(sm[M + s]), eps * r_s), rs = acc_t(1) / sqrt(static_cast<acc_t>(N));
       acc_t mx = -INFINITY, den = 0;
       for (int m = 0; m < M; ++m) {
-        sa[m] = (sim_code == 0 ? sm[m] / (max(sqrt(sm[M + m]), eps * r[m]) * no) : sm[m] * rs) * it;
+        sa[m] = (sim_code == saml::kSimCosine ? sm[m] / (max(sqrt(sm[M + m]), eps * r[m]) * no) : sm[m] * rs) * it;
         mx = max(mx, sa[m]);
       }
       for (int m = 0; m < M; ++m) { sa[m] = exp(sa[m] - mx); den += sa[m]; }
@@ -231,7 +232,7 @@ __global__ void mutual_bwd_rows(Src src, const scalar_t* __restrict__ g, int64_t
     const acc_t a_s = sa[s];
     const acc_t c_s = a_s * (sm[2 * M + s] - ubar) * it;
     acc_t coef_o, q = acc_t(1);
-    if (sim_code == 0) {
+    if (sim_code == saml::kSimCosine) {
       // scaled norms: the true n_m is nm / r_m, so coefficients carry r_s r_m or r_s^2, one factor at a time
       const acc_t o_len = sqrt(sm[M + s]);
       const acc_t no = max(o_len, eps * r_s);
@@ -279,7 +280,8 @@ void check_h(const Tensor& h, const Tensor& scenario, double temperature, int64_
   TORCH_CHECK(h.is_cuda() && h.dim() == 3, op, ": h must be a CUDA tensor [M, B, N], got ", h.sizes());
   TORCH_CHECK(scenario.dim() == 1 && scenario.size(0) == h.size(1), op, ": scenario must be [B]");
   TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
-  TORCH_CHECK(similarity == 0 || similarity == 1, op, ": similarity code must be 0 or 1, got ", similarity);
+  TORCH_CHECK(similarity == saml::kSimCosine || similarity == saml::kSimDot, op,
+              ": similarity code must be 0 (cosine) or 1 (dot), got ", similarity);
   TORCH_CHECK(h.size(0) <= kMaxBranches, op, ": at most ", kMaxBranches, " branches (shared-memory scratch)");
 }
 
@@ -360,7 +362,8 @@ LinearGemm prepare_linear(const Tensor& x, const Tensor& weight, const c10::opti
                     aux_weight->scalar_type() == x.scalar_type(),
                 op, ": aux [B, Ka] / aux_weight [M, Ka, N] of x's dtype expected");
   TORCH_CHECK(temperature > 0, op, ": temperature must be > 0");
-  TORCH_CHECK(similarity == 0 || similarity == 1, op, ": similarity code must be 0 or 1");
+  TORCH_CHECK(similarity == saml::kSimCosine || similarity == saml::kSimDot, op,
+              ": similarity code must be 0 (cosine) or 1 (dot)");
   TORCH_CHECK(weight.size(0) <= kMaxBranches, op, ": at most ", kMaxBranches, " branches");
   if (bias.has_value())
     TORCH_CHECK(bias->dim() == 2 && bias->size(0) == weight.size(0) && bias->size(1) == weight.size(2) &&

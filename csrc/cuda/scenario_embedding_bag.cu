@@ -322,10 +322,10 @@ __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
       }
       sq = group_sum(sq, G, mask);
       float* st = (is_s ? sst : gst) + row;
-      const float snew = *st + float(sq / acc_t(D));  // every lane reads before lane 0 writes (below)
+      float snew = *st;  // every lane reads before lane 0 writes (below)
+      mult = saml::fused_step_scale(saml::kFusedRowwiseAdagrad, lr, eps, sq / acc_t(D), &snew);
       __syncwarp(mask);
       if (lane == 0) *st = snew;
-      mult = lr / (sqrt(acc_t(snew)) + eps);
     }
     for (int64_t base = 0; base < D; base += span) {
       if (!folded) walk(base);
@@ -724,7 +724,7 @@ void seb_backward_update_cuda(const at::Tensor& grad_global, const at::Tensor& g
   const c10::cuda::CUDAGuard guard(indices.device());
   Args a = prepare(indices, offsets, scenario, gw, sw, fr, fsr, slot, psw, "seb_backward_update_");
   at::Tensor gst, sst;
-  if (optimizer == 2) {
+  if (optimizer == saml::kFusedRowwiseAdagrad) {
     TORCH_CHECK(gstate.has_value() && sstate.has_value(), "seb_backward_update_: row-wise Adagrad needs both states");
     TORCH_CHECK(gstate->scalar_type() == at::kFloat && gstate->is_contiguous() && gstate->numel() == a.R &&
                     gstate->device() == gw.device(),

@@ -42,15 +42,16 @@ enum Similarity : int64_t { kSimCosine = 0, kSimDot = 1 };
 
 // One row's fused update (the math above), written once for the CPU and CUDA kernels. g is the row's summed
 // gradient already including weight decay (g' above); mean_sq = mean_d(g'^2) (row-wise Adagrad only). Returns the
-// factor f of the step w -= f * g' and advances the row's Adagrad state.
-template <typename acc_t>
-SAML_HOST_DEVICE inline acc_t fused_step_scale(int64_t optimizer, acc_t lr, acc_t eps, acc_t mean_sq, acc_t* state) {
+// factor f of the step w -= f * g' and advances the row's Adagrad state, which is kept in its own type state_t
+// (float32 for the fused optimizer, whatever the accumulation type): the sum is rounded to state_t first.
+template <typename acc_t, typename state_t>
+SAML_HOST_DEVICE inline acc_t fused_step_scale(int64_t optimizer, acc_t lr, acc_t eps, acc_t mean_sq, state_t* state) {
   if (optimizer == kFusedRowwiseAdagrad) {
-    *state += mean_sq;
+    *state += state_t(mean_sq);
 #if defined(__CUDA_ARCH__)
-    return lr / (sqrt(*state) + eps);
+    return lr / (sqrt(acc_t(*state)) + eps);
 #else
-    return lr / (std::sqrt(*state) + eps);
+    return lr / (std::sqrt(acc_t(*state)) + eps);
 #endif
   }
   return lr;

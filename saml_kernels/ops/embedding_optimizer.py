@@ -20,9 +20,11 @@ CUDA-graph replays, and ``apply = 0`` (e.g. a non-finite gradient found on the d
 without a host sync. A frozen table (``update_global`` / ``update_scenario`` False) is left untouched, state
 included.
 
-Backends: ``cpu`` / ``cuda`` call the fused C++ op ``torch.ops.saml_C.seb_backward_update_`` (no gradient
-tensor beyond per-row scratch); ``reference`` / ``triton`` take the backend's deduplicated rows
-(``seb_backward_rows`` contract) and apply the same update in PyTorch on the unique rows. Both are
+Backends: those whose kernel table has ``backward_update`` (``cpu``, ``cuda``: the fused C++ op
+``torch.ops.saml_C.seb_backward_update_``, no gradient tensor beyond per-row scratch) run it; the others
+(``reference``, ``triton``) take the backend's deduplicated rows (``backward_rows``) and apply the same update
+in PyTorch on the unique rows (:func:`rowwise_adagrad_step`, also the table update of
+``saml_kernels.training.TrainingOptimizer``). Both are
 deterministic: the per-row sums come from a sort + segment reduce, never from atomics.
 """
 from __future__ import annotations
@@ -32,12 +34,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _backend
+from .._codes import FUSED_OPTIMIZERS, HPARAMS as _HPARAM_SLOTS
 from . import scenario_embedding_bag as _seb
 
 OP = "scenario_embedding_bag (fused optimizer)"
-OPTIMIZERS = {"sgd": 1, "rowwise_adagrad": 2}
-# Slots of the hparams tensor; the C++ side names them in csrc/include/saml_common.h (FusedHparam).
-HPARAMS = ("lr", "eps", "weight_decay", "apply")
+OPTIMIZERS = FUSED_OPTIMIZERS
+#: names of the hparams slots in slot order (saml_kernels/_codes.py: HPARAMS)
+HPARAMS = tuple(sorted(_HPARAM_SLOTS, key=_HPARAM_SLOTS.get))
+SGD, ROWWISE_ADAGRAD = FUSED_OPTIMIZERS["sgd"], FUSED_OPTIMIZERS["rowwise_adagrad"]
 
 
 def make_hparams(lr: float, eps: float, weight_decay: float = 0.0, device=None) -> Tensor:
@@ -55,6 +60,19 @@ def finite_flag(*grads: Tensor) -> Tensor:
     return ok.to(torch.float64)
 
 
+def rowwise_adagrad_step(weight: Tensor, grad: Tensor, state: Tensor, lr, eps) -> tuple[Tensor, Tensor]:
+    """Row-wise Adagrad on rows ``weight`` [..., D] with gradients ``grad`` [..., D] (both in the accumulation
+    dtype: float32, float64 for float64 tables) and their float32 states ``state`` [...]; ``lr``, ``eps`` are
+    floats or 0-dim tensors:
+
+        state' = state + mean_d(grad^2);    weight' = weight - lr / (sqrt(state') + eps) * grad
+
+    Returns (weight', state') without writing the inputs. The C++ kernels compute the same factor with
+    ``saml::fused_step_scale`` (csrc/include/saml_common.h)."""
+    new_state = state + (grad * grad).mean(-1).to(torch.float32)
+    return weight - (lr / (new_state.to(grad.dtype).sqrt() + eps)).unsqueeze(-1) * grad, new_state
+
+
 def _apply_rows(weight2d: Tensor, rows: Tensor, grads: Tensor, state: Optional[Tensor], optimizer: int,
                 hparams: Tensor) -> None:
     """The update on unique ``rows`` of ``weight2d`` [N, D] with their reduced gradients ``grads`` [U, D]; a
@@ -67,13 +85,12 @@ def _apply_rows(weight2d: Tensor, rows: Tensor, grads: Tensor, state: Optional[T
     w = w_old.to(acc)
     g = grads.to(acc) + wd.to(acc) * w
     keep = apply == 0
-    if optimizer == 1:
+    if optimizer == SGD:
         w = w - lr.to(acc) * g
     else:
         s_old = state.index_select(0, rows)
-        s = s_old + (g * g).mean(1).to(torch.float32)
+        w, s = rowwise_adagrad_step(w, g, s_old, lr.to(acc), eps.to(acc))
         state.index_copy_(0, rows, torch.where(keep, s_old, s))
-        w = w - (lr.to(acc) / (s.to(acc).sqrt() + eps.to(acc))).unsqueeze(1) * g
     weight2d.index_copy_(0, rows, torch.where(keep, w_old, w.to(weight2d.dtype)))
 
 
@@ -111,7 +128,7 @@ def backward_update(backend: str, grad_global: Tensor, grad_scenario: Tensor, in
             or hparams.device != global_weight.device):
         raise ValueError(f"{OP}: hparams must be a float64 tensor {list(HPARAMS)} on {global_weight.device}, got "
                          f"{hparams if not isinstance(hparams, Tensor) else (hparams.dtype, hparams.device)}")
-    if code == 2:
+    if code == ROWWISE_ADAGRAD:
         for name, st, n in (("global_state", global_state, global_weight.shape[0]),
                             ("scenario_state", scenario_state, scenario_weight.shape[0] * scenario_weight.shape[1])):
             if st is None or st.dtype != torch.float32 or st.numel() != n or not st.is_contiguous():
@@ -123,21 +140,20 @@ def backward_update(backend: str, grad_global: Tensor, grad_scenario: Tensor, in
         global_state = scenario_state = None
     if not (update_global or update_scenario):
         return
+    _backend.check_name(backend, f"{OP}: backend")
     hparams = hparams.contiguous()
     with torch.no_grad():
-        if backend in ("cpu", "cuda"):
-            torch.ops.saml_C.seb_backward_update_(
+        k = _backend.kernels(_seb.OP, backend)
+        if k.backward_update is not None:
+            k.backward_update(
                 grad_global, grad_scenario, indices, offsets, scenario, global_weight, scenario_weight, feature_rows,
                 feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len, global_state,
                 scenario_state, code, hparams, bool(update_global), bool(update_scenario))
             return
-        if backend not in ("reference", "triton"):
-            raise ValueError(f"{OP}: unknown backend {backend!r}")
-        _, bwd = _seb._kernels(backend)
-        grows, gvals, srows, svals, _ = bwd(grad_global.contiguous(), grad_scenario.contiguous(), indices, offsets,
-                                            scenario, global_weight, scenario_weight, feature_rows,
-                                            feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len,
-                                            False)
+        grows, gvals, srows, svals, _ = k.backward_rows(
+            grad_global.contiguous(), grad_scenario.contiguous(), indices, offsets, scenario, global_weight,
+            scenario_weight, feature_rows, feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len,
+            False)
         D = global_weight.shape[1]
         if update_global:
             _apply_rows(global_weight, grows, gvals, global_state, code, hparams)

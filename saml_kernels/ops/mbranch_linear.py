@@ -1,19 +1,20 @@
 """``saml_kernels::mbranch_linear``: the M-branch linear layer (routes "own"/"all", scenario gradient masking).
 
-Kernel-contract notes for backend authors (csrc/registry.cpp has the schemas):
-- SCHEMA ADDITION (no existing schema changed): ``mbl_grouped_backward_act(dy, saved, x, weight, aux?, aux_weight?,
-  scenario, activation, need_dx, need_dweight, need_dbias, need_daux, need_daux_weight)``, an OPTIONAL fused
-  variant of ``mbl_grouped_backward``: dy/saved may be [M, B, N] (row b read at (s_b, b)), x may be [M, B, K]
-  (dx then [M, B, K], zero off the own rows), and act' of relu/leaky_relu (codes 0-2) is applied while the rows
-  are gathered. The CPU kernel has it; a backend without it (no CUDA kernel registered, no
-  ``grouped_backward_act`` in the Triton module) gets the unfused path automatically.
-- ``mbl_all_forward`` with a shared x [B, K] returns y (and z) as the [M, B, N] *view* with strides
-  (N, M*N, 1) of a contiguous [B, M*N] buffer: the output of ONE GEMM x @ Wp against the packed weights
-  Wp [K, M*N] (Wp[k, m*N + n] = W[m, k, n]); with a per-branch x [M, B, K] they are contiguous [M, B, N].
-  The custom op below restores this layout (one copy) if a backend returns another one, because the fake
-  (meta) implementation promises it to torch.compile. Consumers of h (mutual unit) must honour strides.
-- z (the pre-activation) is returned only for gelu/silu (the backward needs it); relu/leaky_relu recover
-  act'(z) from y. The activation backward (dz = dy * act'(z)) is done here, in PyTorch, for every backend.
+Kernel table (``saml_kernels._backend.kernels(OP, backend)``; signatures of ``torch.ops.saml_C.mbl_*`` in
+csrc/registry.cpp): ``grouped_forward``, ``all_forward``, ``grouped_backward`` on every backend, and the optional
+``grouped_backward_act`` (``mbl_grouped_backward_act``): the own-rows backward with the row pick of a [M, B, N]
+dy / saved / [M, B, K] x and the relu / leaky_relu derivative folded into the gather (dx then [M, B, K], zero
+off the own rows). A backend without it (None in its table) gets the unfused path.
+
+Layout: ``all_forward`` with a shared x [B, K] returns y (and z) as the [M, B, N] *view* with strides
+(N, M*N, 1) of a contiguous [B, M*N] buffer, the output of ONE GEMM x @ Wp against the packed weights
+Wp [K, M*N] (Wp[k, m*N + n] = W[m, k, n]); with a per-branch x [M, B, K] they are contiguous [M, B, N]. The
+custom op restores this layout (one copy) if a backend returns another one, because the fake (meta)
+implementation promises it to torch.compile. Consumers of h (mutual unit) must honour strides.
+
+z (the pre-activation) is returned only for gelu/silu (the backward needs it); relu/leaky_relu recover act'(z)
+from y. The activation backward (dz = dy * act'(z)) of the unfused paths is done in PyTorch
+(ops/_activation.py), the same for every backend.
 
 Math (W [M, K, N], Wa [M, Ka, N], bias [M, N], s_b the scenario of sample b):
 
@@ -31,55 +32,29 @@ Backward (dz = dy * act'(z)):
 """
 from __future__ import annotations
 
-import types
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _backend
-from ..reference import mbranch_linear as _ref
+from .._codes import ACTIVATIONS
 from . import _checks
+from ._activation import LEAKY_RELU, NONE, RELU, activation_backward, needs_preactivation
 
 OP = "mbranch_linear"
 ROUTES = ("own", "all")
 GRAD_MASKS = {"own": 0, "params": 1, "none": 2}
-ACTIVATIONS = _ref.ACTIVATIONS
 
-_backend.register_op(OP, ("reference", "cpu", "triton", "cuda"))
-
-
-def _has_kernel(name: str, dispatch_key: str) -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"saml_C::{name}", dispatch_key)
-    except RuntimeError:
-        return False
+_backend.define_op(OP, kernels=("grouped_forward", "all_forward", "grouped_backward"),
+                   optional=("grouped_backward_act",))
+_backend.register_python_kernels(OP, "mbranch_linear")
+_backend.register_aten_kernels(OP, {"grouped_forward": "mbl_grouped_forward", "all_forward": "mbl_all_forward",
+                                    "grouped_backward": "mbl_grouped_backward",
+                                    "grouped_backward_act": "mbl_grouped_backward_act"})
 
 
-def kernels(backend: str):
-    """The kernel table of one backend: ``grouped_forward``, ``all_forward``, ``grouped_backward``, each with
-    the signature of the C++ op ``torch.ops.saml_C.mbl_*`` (csrc/registry.cpp), and ``grouped_backward_act``
-    (the optional fused variant, ``mbl_grouped_backward_act``) or None where the backend lacks it."""
-    if backend == "reference":
-        return types.SimpleNamespace(grouped_forward=_ref.grouped_forward_kernel, all_forward=_ref.all_forward_kernel,
-                                     grouped_backward=_ref.grouped_backward_kernel,
-                                     grouped_backward_act=_ref.grouped_backward_act_kernel)
-    if backend == "triton":
-        from ..triton import mbranch_linear as tk
-
-        return types.SimpleNamespace(grouped_forward=tk.grouped_forward, all_forward=tk.all_forward,
-                                     grouped_backward=tk.grouped_backward,
-                                     grouped_backward_act=getattr(tk, "grouped_backward_act", None))
-    if backend in ("cpu", "cuda"):
-        ops = torch.ops.saml_C
-        fused = _has_kernel("mbl_grouped_backward_act", backend.upper())
-        return types.SimpleNamespace(grouped_forward=ops.mbl_grouped_forward, all_forward=ops.mbl_all_forward,
-                                     grouped_backward=ops.mbl_grouped_backward,
-                                     grouped_backward_act=ops.mbl_grouped_backward_act if fused else None)
-    raise ValueError(f"{OP}: unknown backend {backend!r}")
-
-
-FUSED_ACTS = (_ref.NONE, _ref.RELU, _ref.LEAKY_RELU)  # activation backwards the fused kernel applies itself
+FUSED_ACTS = (NONE, RELU, LEAKY_RELU)  # activation backwards the fused kernel applies itself
 
 
 def all_layout(t: Tensor, shared: bool) -> Tensor:
@@ -107,14 +82,14 @@ def _own_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], aux: Optional[Ten
     """(y [B, N], z [B, N] for gelu/silu else empty): each row through its own scenario's branch."""
     if check:
         _checks.scenario_range(OP, scenario, weight.shape[0])
-    y, z = kernels(backend).grouped_forward(x, weight, bias, aux, aux_weight, scenario, activation)
+    y, z = _backend.kernels(OP, backend).grouped_forward(x, weight, bias, aux, aux_weight, scenario, activation)
     return y, z
 
 
 @_own_op.register_fake
 def _(x, weight, bias, aux, aux_weight, scenario, activation, check, backend):
     y = x.new_empty(x.shape[0], weight.shape[2])
-    return y, (torch.empty_like(y) if _ref.needs_preactivation(activation) else x.new_empty(0))
+    return y, (torch.empty_like(y) if needs_preactivation(activation) else x.new_empty(0))
 
 
 @torch.library.custom_op("saml_kernels::mbranch_linear_all", mutates_args=())
@@ -123,10 +98,10 @@ def _all_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], aux: Optional[Ten
     """(y [M, B, N], z or empty): every row through every branch (scenario/grad_mask serve the backward)."""
     if check:
         _checks.scenario_range(OP, scenario, weight.shape[0])
-    y, z = kernels(backend).all_forward(x, weight, bias, aux, aux_weight, activation)
+    y, z = _backend.kernels(OP, backend).all_forward(x, weight, bias, aux, aux_weight, activation)
     shared = x.dim() == 2
     y = all_layout(y, shared)
-    z = all_layout(z, shared) if _ref.needs_preactivation(activation) else z
+    z = all_layout(z, shared) if needs_preactivation(activation) else z
     return y, z
 
 
@@ -134,7 +109,7 @@ def _all_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], aux: Optional[Ten
 def _(x, weight, bias, aux, aux_weight, scenario, activation, grad_mask, check, backend):
     M, N = weight.shape[0], weight.shape[2]
     y = _empty_all(x, M, N)
-    return y, (_empty_all(x, M, N) if _ref.needs_preactivation(activation) else x.new_empty(0))
+    return y, (_empty_all(x, M, N) if needs_preactivation(activation) else x.new_empty(0))
 
 
 # ------------------------------------------------------------------------------------------------ backward ops
@@ -153,11 +128,11 @@ def _own_backward_op(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, aux: 
                      aux_weight: Optional[Tensor], scenario: Tensor, activation: int, need_dx: bool,
                      need_dweight: bool, need_dbias: bool, need_daux: bool, need_daux_weight: bool,
                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    k = kernels(backend)
+    k = _backend.kernels(OP, backend)
     need = (need_dx, need_dweight, need_dbias, need_daux, need_daux_weight)
     if k.grouped_backward_act is not None and activation in FUSED_ACTS:
         return _distinct(k.grouped_backward_act(dy, saved, x, weight, aux, aux_weight, scenario, activation, *need))
-    dz = _ref.activation_backward(dy, saved, activation).contiguous()
+    dz = activation_backward(dy, saved, activation).contiguous()
     return _distinct(k.grouped_backward(dz, x, weight, aux, aux_weight, scenario, *need))
 
 
@@ -204,7 +179,7 @@ def _all_backward_op(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, aux: 
     s = scenario.long()
     ar = torch.arange(B, device=x.device)
     shared = x.dim() == 2
-    k = kernels(backend)
+    k = _backend.kernels(OP, backend)
     grouped = k.grouped_backward
     fused = k.grouped_backward_act
     if grad_mask == GRAD_MASKS["own"] and fused is not None:
@@ -213,15 +188,15 @@ def _all_backward_op(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, aux: 
             out = fused(dy, saved, x, weight, aux, aux_weight, scenario, activation, need_dx, need_dweight,
                         need_dbias, need_daux, need_daux_weight)
         else:
-            dz = _ref.activation_backward(dy[s, ar], saved[s, ar], activation)
-            out = fused(dz, dz.new_empty(0), x, weight, aux, aux_weight, scenario, _ref.NONE, need_dx, need_dweight,
+            dz = activation_backward(dy[s, ar], saved[s, ar], activation)
+            out = fused(dz, dz.new_empty(0), x, weight, aux, aux_weight, scenario, NONE, need_dx, need_dweight,
                         need_dbias, need_daux, need_daux_weight)
         return _distinct(out)
     if grad_mask == GRAD_MASKS["own"]:
         # Only the own branch of each row carries gradient: gather it, run the grouped backward.
         dy_own = dy[s, ar]
         saved_own = saved[s, ar] if saved.dim() == 3 else saved
-        dz = _ref.activation_backward(dy_own, saved_own, activation).contiguous()
+        dz = activation_backward(dy_own, saved_own, activation).contiguous()
         x_own = x if shared else x[s, ar]
         dx, dW, db, daux, dWa = grouped(dz, x_own.contiguous(), weight, aux, aux_weight, scenario, need_dx,
                                         need_dweight, need_dbias, need_daux, need_daux_weight)
@@ -230,11 +205,11 @@ def _all_backward_op(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, aux: 
             full[s, ar] = dx
             dx = full
         return _distinct((dx, dW, db, daux, dWa))
-    dz = _ref.activation_backward(dy, saved, activation)  # [M, B, N], keeps dy's layout
+    dz = activation_backward(dy, saved, activation)  # [M, B, N], keeps dy's layout
     if grad_mask == GRAD_MASKS["params"]:
         # Parameters from own rows only (grouped); inputs from every branch (dense).
         if fused is not None:
-            _, dW, db, _, dWa = fused(dz, dz.new_empty(0), x, weight, aux, aux_weight, scenario, _ref.NONE, False,
+            _, dW, db, _, dWa = fused(dz, dz.new_empty(0), x, weight, aux, aux_weight, scenario, NONE, False,
                                       need_dweight, need_dbias, False, need_daux_weight)
         else:
             dz_own = dz[s, ar].contiguous()
@@ -269,9 +244,9 @@ def _(dy, saved, x, weight, aux, aux_weight, scenario, activation, grad_mask, ne
 
 def _saved_activation(y, z, activation):
     """What the activation backward needs: z for gelu/silu, y for relu/leaky_relu, nothing otherwise."""
-    if _ref.needs_preactivation(activation):
+    if needs_preactivation(activation):
         return z
-    if activation in (_ref.RELU, _ref.LEAKY_RELU):
+    if activation in (RELU, LEAKY_RELU):
         return y
     return y.new_empty(0)
 

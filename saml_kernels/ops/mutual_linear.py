@@ -16,13 +16,13 @@ Where h comes from in the backward (``save_branch_outputs``):
   (one extra GEMM of the forward's size); nothing of size M x B x N is ever allocated.
 - True: the forward runs ``mbl_all_forward`` (h goes to memory, [M, B, N]) + ``mutual_forward`` and keeps h
   (and z[s_b, b] for gelu/silu) for the backward: no recompute GEMM, M*B*N elements more memory.
-Measured trade-off (2-core CPU shared with other jobs, M=4 B=4096 K=N=256 fp32, relu, fwd+bwd; alternating
-timing, medians): 1 thread: recompute 175 ms, saved 126 ms (saved 1.37x faster), eager reference 398 ms;
-2 threads (load average ~7-10): recompute 490 ms, saved 324 ms, eager 760 ms (median per-round ratio
-saved/recompute 1.0). Peak extra memory of one fwd+bwd call (RSS probe, three runs,
-benchmarks/results/bench_mutual_cpu2*.md): recompute 8-16 MiB, saved 44-56 MiB, eager 92 MiB; the
-difference is h [M, B, N] (16 MiB here) plus its temporaries. Choose True when M*B*N activations fit and speed matters; the default keeps the layer's memory
-independent of M.
+Choose True when M*B*N activations fit and speed matters; the default keeps the layer's memory independent of
+M (measurements: benchmarks/results/bench_mutual_cpu2*.md, providers ``ours`` and ``ours_saved``).
+
+Kernel table (``saml_kernels._backend.kernels(OP, backend)``; signatures of ``torch.ops.saml_C.
+mutual_linear_forward`` / ``mutual_linear_backward`` in csrc/registry.cpp): ``forward`` -> (out, attn), and
+``backward`` -> dz_own [B, N], the recompute backward. The saved path uses the tables of ``mbranch_linear``
+(``all_forward``, ``grouped_backward``) and ``mutual_unit`` (``forward``, ``backward``).
 """
 from __future__ import annotations
 
@@ -32,15 +32,18 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ..reference import mbranch_linear as _mbl_ref
+from .._codes import ACTIVATIONS
 from . import _checks
 from . import mbranch_linear as _mbl
-from .mutual_unit import check_similarity, check_temperature, kernels
+from . import mutual_unit as _mu
+from ._activation import activation_backward, needs_preactivation
+from .mutual_unit import check_similarity, check_temperature
 
 OP = "mutual_linear"
-ACTIVATIONS = _mbl_ref.ACTIVATIONS
 
-_backend.register_op(OP, ("reference", "cpu", "triton", "cuda"))
+_backend.define_op(OP, kernels=("forward", "backward"))
+_backend.register_python_kernels(OP, "mutual_unit")
+_backend.register_aten_kernels(OP, {"forward": "mutual_linear_forward", "backward": "mutual_linear_backward"})
 
 
 def _own_rows(t: Tensor, scenario: Tensor) -> Tensor:
@@ -60,13 +63,13 @@ def _forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], aux: Optional
         _checks.scenario_range(OP, scenario, weight.shape[0])
     empty = x.new_empty(0)
     if not save_branch_outputs:
-        out, attn = kernels(backend).linear_forward(x, weight, bias, aux, aux_weight, scenario, activation,
+        out, attn = _backend.kernels(OP, backend).forward(x, weight, bias, aux, aux_weight, scenario, activation,
                                                     temperature, similarity)
         return out, attn, empty, empty.clone()
-    h, z = _mbl.kernels(backend).all_forward(x, weight, bias, aux, aux_weight, activation)
+    h, z = _backend.kernels(_mbl.OP, backend).all_forward(x, weight, bias, aux, aux_weight, activation)
     h = _mbl.all_layout(h, True)
-    out, attn = kernels(backend).forward(h, scenario, temperature, similarity)
-    z_own = _own_rows(z, scenario) if _mbl_ref.needs_preactivation(activation) else empty.clone()
+    out, attn = _backend.kernels(_mu.OP, backend).forward(h, scenario, temperature, similarity)
+    z_own = _own_rows(z, scenario) if needs_preactivation(activation) else empty.clone()
     return out, attn, h, z_own
 
 
@@ -79,7 +82,7 @@ def _(x, weight, bias, aux, aux_weight, scenario, activation, temperature, simil
     if not save_branch_outputs:
         return out, attn, x.new_empty(0), x.new_empty(0)
     h = x.new_empty(B, M, N).permute(1, 0, 2)
-    z_own = x.new_empty(B, N) if _mbl_ref.needs_preactivation(activation) else x.new_empty(0)
+    z_own = x.new_empty(B, N) if needs_preactivation(activation) else x.new_empty(0)
     return out, attn, h, z_own
 
 
@@ -91,16 +94,15 @@ def _backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Ten
                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW, db, daux, dWa), empty where not needed."""
     g = grad_out.contiguous()
-    k = kernels(backend)
     if saved:
-        dh_own = k.backward(g, saved_h, scenario, attn, temperature, similarity)
-        act_in = saved_z if _mbl_ref.needs_preactivation(activation) else _own_rows(saved_h, scenario)
-        dz = _mbl_ref.activation_backward(dh_own, act_in, activation).contiguous()
+        dh_own = _backend.kernels(_mu.OP, backend).backward(g, saved_h, scenario, attn, temperature, similarity)
+        act_in = saved_z if needs_preactivation(activation) else _own_rows(saved_h, scenario)
+        dz = activation_backward(dh_own, act_in, activation).contiguous()
     else:
-        dz = k.linear_backward(g, x, weight, bias, aux, aux_weight, scenario, attn, activation, temperature,
-                               similarity)
-    return _mbl.kernels(backend).grouped_backward(dz, x, weight, aux, aux_weight, scenario, need_dx, need_dweight,
-                                                  need_dbias, need_daux, need_daux_weight)
+        dz = _backend.kernels(OP, backend).backward(g, x, weight, bias, aux, aux_weight, scenario, attn, activation,
+                                                    temperature, similarity)
+    return _backend.kernels(_mbl.OP, backend).grouped_backward(dz, x, weight, aux, aux_weight, scenario, need_dx,
+                                                               need_dweight, need_dbias, need_daux, need_daux_weight)
 
 
 @_backward_op.register_fake

@@ -1,14 +1,9 @@
 """``saml_kernels::mutual_unit``: the SAML mutual unit on all-branch outputs, with autograd.
 
-Schema changes to csrc/registry.cpp made by this op's owner (backend authors implement them too):
-- NEW ``mutual_linear_backward(grad_out, x, weight, bias?, aux?, aux_weight?, scenario, attn, activation,
-  temperature, similarity) -> dz_own [B, N]``: the recompute backward of the fused mutual_linear (see
-  ops/mutual_linear.py). Triton: ``saml_kernels.triton.mutual_unit.mutual_linear_backward``.
-- ``mutual_forward`` / ``mutual_backward`` accept h with any strides on dims 0 and 1 as long as stride(2) == 1
-  (the all-route output of mbranch_linear is the [M, B, N] view of a [B, M, N] buffer; no copy is made).
-Kernel table (``kernels(backend)``): ``forward``, ``backward``, ``linear_forward``, ``linear_backward`` with the
-signatures of ``torch.ops.saml_C.mutual_forward`` / ``mutual_backward`` / ``mutual_linear_forward`` /
-``mutual_linear_backward``; the Triton module ``saml_kernels.triton.mutual_unit`` exposes the same four names.
+Kernel table (``saml_kernels._backend.kernels(OP, backend)``; signatures of ``torch.ops.saml_C.mutual_forward``
+/ ``mutual_backward`` in csrc/registry.cpp): ``forward`` and ``backward``. Both accept h with any strides on
+dims 0 and 1 as long as stride(2) == 1 (the all-route output of mbranch_linear is the [M, B, N] view of a
+[B, M, N] buffer; no copy is made).
 
 Math (h [M, B, N], s_b the scenario of sample b, own = h[s_b, b]):
 
@@ -24,40 +19,21 @@ for dot h_m / sqrt(N).
 from __future__ import annotations
 
 import math
-import types
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _backend
-from ..reference import mutual_unit as _ref
+from .._codes import SIMILARITIES
 from . import _checks
 
 OP = "mutual_unit"
-SIMILARITY = _ref.SIMILARITY
+SIMILARITY = SIMILARITIES
 
-_backend.register_op(OP, ("reference", "cpu", "triton", "cuda"))
-
-
-def kernels(backend: str):
-    """Kernel table of one backend: forward, backward, linear_forward, linear_backward (C++ op signatures)."""
-    if backend == "reference":
-        return types.SimpleNamespace(forward=_ref.mutual_forward_kernel, backward=_ref.mutual_backward_kernel,
-                                     linear_forward=_ref.mutual_linear_forward_kernel,
-                                     linear_backward=_ref.mutual_linear_backward_kernel)
-    if backend == "triton":
-        from ..triton import mutual_unit as tk
-
-        return types.SimpleNamespace(forward=tk.mutual_forward, backward=tk.mutual_backward,
-                                     linear_forward=tk.mutual_linear_forward,
-                                     linear_backward=tk.mutual_linear_backward)
-    if backend in ("cpu", "cuda"):
-        ops = torch.ops.saml_C
-        return types.SimpleNamespace(forward=ops.mutual_forward, backward=ops.mutual_backward,
-                                     linear_forward=ops.mutual_linear_forward,
-                                     linear_backward=ops.mutual_linear_backward)
-    raise ValueError(f"{OP}: unknown backend {backend!r}")
+_backend.define_op(OP, kernels=("forward", "backward"))
+_backend.register_python_kernels(OP, "mutual_unit")
+_backend.register_aten_kernels(OP, {"forward": "mutual_forward", "backward": "mutual_backward"})
 
 
 def check_temperature(op: str, temperature) -> float:
@@ -92,7 +68,7 @@ def _forward_op(h: Tensor, scenario: Tensor, temperature: float, similarity: int
     """(out [B, N] h.dtype, attn [B, M] float32)."""
     if check:
         _checks.scenario_range(OP, scenario, h.shape[0])
-    out, attn = kernels(backend).forward(h, scenario, temperature, similarity)
+    out, attn = _backend.kernels(OP, backend).forward(h, scenario, temperature, similarity)
     return out, attn
 
 
@@ -106,7 +82,7 @@ def _(h, scenario, temperature, similarity, check, backend):
 def _backward_op(grad_out: Tensor, h: Tensor, scenario: Tensor, attn: Tensor, temperature: float, similarity: int,
                  backend: str) -> Tensor:
     """dh [M, B, N] in h's layout: zero except dh[s_b, b] (the other branches are stop-gradient)."""
-    dh_own = kernels(backend).backward(grad_out.contiguous(), h, scenario, attn, temperature, similarity)
+    dh_own = _backend.kernels(OP, backend).backward(grad_out.contiguous(), h, scenario, attn, temperature, similarity)
     return scatter_own(dh_own, scenario, h)
 
 

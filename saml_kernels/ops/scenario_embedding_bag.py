@@ -9,41 +9,34 @@ where f_j is the j-th scenario-aware feature, pool is sum / mean (empty bag -> 0
 w_i the per-sample weights (1 without them). Gradients: dG and dS by the transposed gather (rows of S[s] only
 from samples of scenario s), dw_i = <grad_out[b, f], G[row_i]> (+ the scenario term for aware features).
 
-Backend kernels share one contract (``torch.ops.saml_C.seb_forward`` / ``seb_backward_rows``; see
-csrc/registry.cpp); ``reference``, ``cpu``, ``cuda`` and ``triton`` implement it.
+Kernel table (``saml_kernels._backend.kernels(OP, backend)``; signatures of the C++ operators in
+csrc/registry.cpp): ``forward`` (``seb_forward``) and ``backward_rows`` (``seb_backward_rows``) on every backend;
+optional ``backward_dense`` (``seb_backward_dense``: dense gradients written in place, no host read) and
+``backward_update`` (``seb_backward_update_``: the fused optimizer step, ops/embedding_optimizer.py), None where a
+backend lacks them (the op then builds the dense gradients / applies the update from ``backward_rows``).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import warnings
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _backend
-from ..reference import scenario_embedding_bag as _ref
+from .._codes import POOLING
 from . import _checks
 
 OP = "scenario_embedding_bag"
-POOLING = {"sum": 0, "mean": 1, "none": 2}
 BOUNDS = {"off": 0, "zero": 1, "error": 2}
 
-_backend.register_op(OP, ("reference", "cpu", "triton", "cuda"))
+_backend.define_op(OP, kernels=("forward", "backward_rows"), optional=("backward_dense", "backward_update"))
+_backend.register_python_kernels(OP, "scenario_embedding_bag")
+_backend.register_aten_kernels(OP, {"forward": "seb_forward", "backward_rows": "seb_backward_rows",
+                                    "backward_dense": "seb_backward_dense", "backward_update": "seb_backward_update_"})
 _warned_zero = False
-
-
-def _kernels(backend: str):
-    """(forward, backward_rows) callables of one backend, all with the C++ op's signature."""
-    if backend == "reference":
-        return _ref.forward_kernel, _ref.backward_rows_kernel
-    if backend == "triton":
-        from ..triton import scenario_embedding_bag as tk
-
-        return tk.forward, tk.backward_rows
-    ops = torch.ops.saml_C
-    return ops.seb_forward, ops.seb_backward_rows
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -106,14 +99,19 @@ def _report_bad_ids(indices, offsets, feature_rows, mode):
     """Names the first invalid id (error mode) or warns once (zero mode). Runs only when the kernel saw one."""
     global _warned_zero
     F = feature_rows.numel() - 1
-    bag, feat, sample, _, valid, _, _, _ = _ref._expand(indices, offsets, None, feature_rows, feature_rows, F)
-    bad = (~valid).nonzero()
+    B = (offsets.numel() - 1) // F
+    ids = indices.long()
+    lengths = (offsets[1:] - offsets[:-1]).long()
+    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths, output_size=ids.numel())
+    feat = bag // max(B, 1)
+    sizes = (feature_rows[1:] - feature_rows[:-1]).to(ids.device)
+    bad = ((ids < 0) | (ids >= sizes[feat])).nonzero()
     if bad.numel() == 0:
         return
     pos = int(bad[0, 0])
     f = int(feat[pos])
-    rows = int(feature_rows[f + 1] - feature_rows[f])
-    msg = (f"{OP}: indices[{pos}] = {int(indices[pos])} is out of range for feature {f} (sample {int(sample[pos])}), "
+    rows = int(sizes[f])
+    msg = (f"{OP}: indices[{pos}] = {int(indices[pos])} is out of range for feature {f} (sample {int(bag[pos]) % B}), "
            f"which has {rows} rows (valid ids 0..{rows - 1}); {bad.shape[0]} invalid id(s) in all")
     if mode == BOUNDS["error"]:
         raise IndexError(msg)
@@ -131,7 +129,7 @@ def _forward_op(indices: Tensor, offsets: Tensor, scenario: Tensor, global_weigh
                 per_sample_weights: Optional[Tensor], pooling: int, bag_len: int, num_aware: int,
                 bounds_check: int, sparse: bool, backend: str) -> tuple[Tensor, Tensor]:
     num_features = feature_rows.numel() - 1
-    fwd, _ = _kernels(backend)
+    fwd = _backend.kernels(OP, backend).forward
     check = bounds_check != BOUNDS["off"]
     # On a GPU: one host sync per call in eager mode (none inside a model's deferred block or in capture-safe
     # mode): the kernels get safe stand-ins and all flags, the kernel's bad-id count included, are read together
@@ -174,13 +172,12 @@ def _backward_op(grad_global: Tensor, grad_scenario: Tensor, indices: Tensor, of
                  aware_slot: Tensor, per_sample_weights: Optional[Tensor], pooling: int, bag_len: int,
                  need_psw_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Dense gradients (dG [R, D], dS [M, Rs, D], dw [nnz] or empty) from the deduplicated rows."""
-    if backend == "cuda":  # written in place by the kernel, with no host read (CUDA-graph safe)
-        return torch.ops.saml_C.seb_backward_dense(grad_global.contiguous(), grad_scenario.contiguous(), indices,
-                                                   offsets, scenario, global_weight, scenario_weight, feature_rows,
-                                                   feature_scenario_rows, aware_slot, per_sample_weights, pooling,
-                                                   bag_len, need_psw_grad)
-    _, bwd = _kernels(backend)
-    grows, gvals, srows, svals, gpsw = bwd(grad_global.contiguous(), grad_scenario.contiguous(), indices, offsets,
+    k = _backend.kernels(OP, backend)
+    if k.backward_dense is not None:  # written in place by the kernel, with no host read (CUDA-graph safe)
+        return k.backward_dense(grad_global.contiguous(), grad_scenario.contiguous(), indices, offsets, scenario,
+                                global_weight, scenario_weight, feature_rows, feature_scenario_rows, aware_slot,
+                                per_sample_weights, pooling, bag_len, need_psw_grad)
+    grows, gvals, srows, svals, gpsw = k.backward_rows(grad_global.contiguous(), grad_scenario.contiguous(), indices, offsets,
                                            scenario, global_weight, scenario_weight, feature_rows,
                                            feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len,
                                            need_psw_grad)
@@ -203,7 +200,7 @@ def _(grad_global, grad_scenario, indices, offsets, scenario, global_weight, sce
 def _sparse_grads(ctx, grad_global, grad_scenario, need_psw_grad):
     """torch sparse COO gradients (coalesced), as nn.Embedding(sparse=True) gives."""
     (indices, offsets, scenario, gw, sw, fr, fsr, slot, psw) = ctx.saved_tensors
-    _, bwd = _kernels(ctx.backend)
+    bwd = _backend.kernels(OP, ctx.backend).backward_rows
     grows, gvals, srows, svals, gpsw = bwd(grad_global.contiguous(), grad_scenario.contiguous(), indices, offsets,
                                            scenario, gw, sw, fr, fsr, slot, psw, ctx.pooling, ctx.bag_len,
                                            need_psw_grad)

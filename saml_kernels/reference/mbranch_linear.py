@@ -3,9 +3,8 @@
 Two entry points:
 - ``mbranch_linear_reference``: the public signature of ``saml_kernels.mbranch_linear``, differentiable through
   ordinary autograd (scenario gradient masking by ``torch.where(mask, y, y.detach())``);
-- ``grouped_forward_kernel`` / ``all_forward_kernel`` / ``grouped_backward_kernel``: the backend-kernel contract
-  (same arguments and results as ``torch.ops.saml_C.mbl_*``, see csrc/registry.cpp), used by the ``reference``
-  backend of the custom op.
+- ``KERNELS``: the ``reference`` backend's kernel table (``grouped_forward_kernel`` ... with the arguments and
+  results of ``torch.ops.saml_C.mbl_*``, see csrc/registry.cpp).
 
 Math (W [M, K, N], Wa [M, Ka, N], bias [M, N], s_b the scenario of sample b):
 
@@ -15,13 +14,12 @@ Math (W [M, K, N], Wa [M, Ka, N], bias [M, N], s_b the scenario of sample b):
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-NONE, RELU, LEAKY_RELU, GELU, SILU = 0, 1, 2, 3, 4
-ACTIVATIONS = {None: NONE, "none": NONE, "relu": RELU, "leaky_relu": LEAKY_RELU, "gelu": GELU, "silu": SILU}
-LEAKY_SLOPE = 0.01
+from .._codes import ACTIVATIONS, LEAKY_RELU_SLOPE
+from ..ops._activation import GELU, LEAKY_RELU, NONE, RELU, SILU, activation_backward, needs_preactivation  # noqa: F401
+
+LEAKY_SLOPE = LEAKY_RELU_SLOPE
 
 
 def activate(z: torch.Tensor, code: int) -> torch.Tensor:
@@ -31,38 +29,11 @@ def activate(z: torch.Tensor, code: int) -> torch.Tensor:
     if code == RELU:
         return torch.relu(z)
     if code == LEAKY_RELU:
-        return torch.nn.functional.leaky_relu(z, LEAKY_SLOPE)
+        return torch.nn.functional.leaky_relu(z, LEAKY_RELU_SLOPE)
     if code == GELU:
         return torch.nn.functional.gelu(z)
     if code == SILU:
         return torch.nn.functional.silu(z)
-    raise ValueError(f"unknown activation code {code}")
-
-
-def needs_preactivation(code: int) -> bool:
-    """Whether the backward of ``code`` needs z (gelu, silu); relu/leaky_relu recover act' from y."""
-    return code in (GELU, SILU)
-
-
-def activation_backward(dy: torch.Tensor, saved: torch.Tensor, code: int) -> torch.Tensor:
-    """dz = dy * act'(z). ``saved`` is y for relu/leaky_relu (sign(y) = sign(z)), z for gelu/silu.
-
-    Computed in float32 (float64 for float64) and returned in dy's dtype."""
-    if code == NONE:
-        return dy
-    if code == RELU:
-        return torch.where(saved > 0, dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
-    if code == LEAKY_RELU:
-        return torch.where(saved > 0, dy, dy * LEAKY_SLOPE)
-    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    z = saved.to(acc)
-    if code == GELU:
-        cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
-        pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
-        return (dy.to(acc) * (cdf + z * pdf)).to(dy.dtype)
-    if code == SILU:
-        sig = torch.sigmoid(z)
-        return (dy.to(acc) * (sig * (1.0 + z * (1.0 - sig)))).to(dy.dtype)
     raise ValueError(f"unknown activation code {code}")
 
 
@@ -223,3 +194,8 @@ def grouped_backward_act_kernel(dy, saved, x, weight, aux, aux_weight, scenario,
         full[s, ar] = dx
         dx = full
     return dx, dW, db, daux, dWa
+
+
+KERNELS = {"mbranch_linear": {"grouped_forward": grouped_forward_kernel, "all_forward": all_forward_kernel,
+                              "grouped_backward": grouped_backward_kernel,
+                              "grouped_backward_act": grouped_backward_act_kernel}}

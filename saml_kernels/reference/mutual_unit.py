@@ -18,8 +18,8 @@ Two kinds of entry points:
 - ``mutual_unit_reference`` / ``mutual_linear_reference``: differentiable through ordinary autograd;
 - ``mutual_forward_kernel`` / ``mutual_backward_kernel`` / ``mutual_linear_forward_kernel`` /
   ``mutual_linear_backward_kernel``: the backend-kernel contract (the arguments of the C++ ops
-  ``torch.ops.saml_C.mutual_*``, integer codes for similarity and activation), used by the ``reference``
-  backend of the custom ops.
+  ``torch.ops.saml_C.mutual_*``, integer codes for similarity and activation): the ``reference`` backend's
+  kernel tables, ``KERNELS``.
 
 Overflow: in float32 |h|^2 overflows for |h| > ~1.8e19 (cos = inf/inf = NaN although cosine is scale-invariant).
 Every backend therefore computes the cosine on rows scaled by an exact power of two r_m = 2^-e (max|h_m r_m| < 1
@@ -32,10 +32,11 @@ import math
 
 import torch
 
+from .._codes import SIMILARITIES
 from . import mbranch_linear as _mbl
 
 EPS = 1e-8
-SIMILARITY = {"cosine": 0, "dot": 1}
+SIMILARITY = SIMILARITIES
 
 
 def _acc(dtype):
@@ -199,3 +200,7 @@ def mutual_linear_backward_kernel(grad_out, x, weight, bias, aux, aux_weight, sc
     dh_own = _mix_backward(grad_out.to(z.dtype), h, scenario, attn, temperature, similarity)
     z_own = z[scenario.long(), torch.arange(x.shape[0], device=x.device)]
     return _mbl.activation_backward(dh_own, z_own, act).to(x.dtype)
+
+
+KERNELS = {"mutual_unit": {"forward": mutual_forward_kernel, "backward": mutual_backward_kernel},
+           "mutual_linear": {"forward": mutual_linear_forward_kernel, "backward": mutual_linear_backward_kernel}}

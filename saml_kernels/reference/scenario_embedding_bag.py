@@ -3,13 +3,15 @@
 Two entry points:
 - ``scenario_embedding_bag_reference``: the public signature, differentiable through ordinary autograd;
 - ``forward_kernel`` / ``backward_rows_kernel``: the backend-kernel contract (same arguments as the C++ op
-  ``torch.ops.saml_C.seb_forward`` / ``seb_backward_rows``), used by the ``reference`` backend of the custom op.
+  ``torch.ops.saml_C.seb_forward`` / ``seb_backward_rows``): the ``reference`` backend's kernel table, ``KERNELS``.
 """
 from __future__ import annotations
 
 import torch
 
-SUM, MEAN, NONE = 0, 1, 2
+from .._codes import POOLING
+
+SUM, MEAN, NONE = POOLING["sum"], POOLING["mean"], POOLING["none"]
 
 
 def _expand(indices, offsets, scenario, feature_rows, feature_scenario_rows, num_features):
@@ -165,3 +167,6 @@ def backward_rows_kernel(grad_global, grad_scenario, indices, offsets, scenario,
     srows, sinv = torch.unique(sidx[is_aware], sorted=True, return_inverse=True)
     svals = gv.new_zeros(srows.numel(), D).index_add_(0, sinv, (sg * scale.unsqueeze(1))[is_aware])
     return (grows, gvals.to(global_weight.dtype), srows, svals.to(scenario_weight.dtype), psw_grad)
+
+
+KERNELS = {"scenario_embedding_bag": {"forward": forward_kernel, "backward_rows": backward_rows_kernel}}

@@ -11,7 +11,8 @@ and compiles every spec for sm_80 and sm_90 with :func:`compile_spec`.
 - ``fn``: the ``@triton.jit`` function (not an autotuner wrapper);
 - ``signature``: ``{arg_name: type}`` for EVERY argument of ``fn`` in order, Triton type strings
   (``"*fp32"``, ``"*fp16"``, ``"*bf16"``, ``"*fp64"``, ``"*i32"``, ``"*i64"``, ``"i32"``, ``"i64"``,
-  ``"fp32"``), with ``"constexpr"`` for the constexpr arguments;
+  ``"fp32"``), with ``"constexpr"`` for the constexpr arguments; built by :func:`kernel_signature` from the
+  kernel's own parameter list, so it cannot drift from the kernel;
 - ``constexprs``: ``{arg_name: value}`` for every constexpr argument (a ``tl.dtype`` is a valid value);
 - ``num_warps``, ``num_stages``: the launch options of that configuration;
 - ``divisible_by_16`` (optional): argument names to compile as multiples of 16 (pointers 16-byte aligned,
@@ -23,7 +24,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-__all__ = ["AotSpec", "compile_spec", "torch_to_triton_ptr", "torch_allows_tf32", "dot_input_precision"]
+__all__ = ["AotSpec", "compile_spec", "kernel_signature", "torch_to_triton_ptr", "torch_allows_tf32",
+           "dot_input_precision"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,26 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 2
     divisible_by_16: tuple = ()
+
+
+def kernel_signature(fn, pointer: str, **types: str) -> dict:
+    """``{argument: Triton type}`` for every argument of the ``@triton.jit`` function ``fn``, in its order, read
+    from the kernel's own parameter list (``fn.params``): a constexpr parameter -> ``"constexpr"``; a name given in
+    ``types`` -> that type; a name ending in ``_ptr`` -> ``pointer`` (the data pointer type, e.g. ``"*fp32"``); any
+    other (sizes, strides) -> ``"i32"``. A name in ``types`` that is not an argument raises (a stale override)."""
+    params = fn.params
+    unknown = set(types) - {p.name for p in params}
+    if unknown:
+        raise ValueError(f"kernel_signature({fn.__name__}): no arguments {sorted(unknown)}")
+    sig = {}
+    for p in params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name in types:
+            sig[p.name] = types[p.name]
+        else:
+            sig[p.name] = pointer if p.name.endswith("_ptr") else "i32"
+    return sig
 
 
 def torch_to_triton_ptr(dtype) -> str:

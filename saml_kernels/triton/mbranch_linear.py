@@ -1,7 +1,7 @@
 """Triton kernels of the M-branch linear layer: grouped (own route) forward/backward and all-branch forward.
 
 Kernel contracts (csrc/registry.cpp; shapes: x [B,K], weight [M,K,N], bias [M,N], aux [B,Ka], aux_weight
-[M,Ka,N], scenario [B] int32/int64, activation codes 0 none 1 relu 2 leaky_relu(0.01) 3 gelu(erf) 4 silu):
+[M,Ka,N], scenario [B] int32/int64, activation codes of saml_kernels/_codes.py):
 
     grouped_forward:  z[b] = x[b] W[s_b] + aux[b] Wa[s_b] + bias[s_b];  y = act(z)           -> (y [B,N], z or [])
     all_forward:      z[m,b] = x[b] W[m] + aux[b] Wa[m] + bias[m]   (x [M,B,K]: x[m,b])    -> (y [M,B,N], z or [])
@@ -12,8 +12,8 @@ z is returned only for gelu/silu (their backward needs the pre-activation).
 
 Precision (the accumulator dtype ACC and the dot precision PREC are constexprs, one kernel for every dtype):
 - ACC = float64 for float64 operands, float32 otherwise; every ``tl.dot`` passes ``out_dtype=acc.dtype``
-  explicitly: triton <= 3.6 defaults ``out_dtype`` to float32 and rejects a float64 accumulator at compile time
-  (the float64 kernels did not compile on the GPU), triton 3.8 infers it from ``acc``. float64 dots lower to fp64
+  explicitly: triton <= 3.6 defaults ``out_dtype`` to float32 and rejects a float64 accumulator at compile time,
+  triton 3.8 infers it from ``acc``. float64 dots lower to fp64
   DMMA / FMA (``mma.sync ... .f64`` in the PTX), never through float32.
 - PREC = :func:`saml_kernels.triton.dot_input_precision`: "ieee" (exact fp32 products) for float32 unless torch
   allows TF32 for matmuls (``torch.backends.cuda.matmul.allow_tf32`` / ``set_float32_matmul_precision``), then
@@ -42,12 +42,20 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-from . import AotSpec, dot_input_precision
+from .._codes import ACTIVATIONS, LEAKY_RELU_SLOPE
+from ..ops._activation import NEEDS_PREACTIVATION as _NEEDS_Z
+from . import AotSpec, dot_input_precision, kernel_signature
 
-__all__ = ["grouped_forward", "all_forward", "grouped_backward", "aot_specs"]
+__all__ = ["grouped_forward", "all_forward", "grouped_backward", "aot_specs", "KERNELS"]
 
-ACT_NONE, ACT_RELU, ACT_LEAKY, ACT_GELU, ACT_SILU = 0, 1, 2, 3, 4
-_NEEDS_Z = (ACT_GELU, ACT_SILU)
+ACT_NONE, ACT_RELU, ACT_LEAKY, ACT_GELU, ACT_SILU = (ACTIVATIONS[n] for n in ("none", "relu", "leaky_relu", "gelu",
+                                                                              "silu"))
+# The same codes as constexprs for the jit functions (a jit function reads only constexpr globals).
+_RELU: tl.constexpr = tl.constexpr(ACT_RELU)
+_LEAKY: tl.constexpr = tl.constexpr(ACT_LEAKY)
+_GELU: tl.constexpr = tl.constexpr(ACT_GELU)
+_SILU: tl.constexpr = tl.constexpr(ACT_SILU)
+_SLOPE: tl.constexpr = tl.constexpr(LEAKY_RELU_SLOPE)
 
 
 # ------------------------------------------------------------------------------------------------ jit helpers
@@ -55,13 +63,13 @@ _NEEDS_Z = (ACT_GELU, ACT_SILU)
 @triton.jit
 def _activate(z, ACT: tl.constexpr):
     """act(z) elementwise, in the accumulator precision (float64 stays float64 throughout)."""
-    if ACT == 1:
+    if ACT == _RELU:
         z = tl.where(z < 0, 0.0, z)        # keeps NaN, as torch.relu (tl.maximum would return 0)
-    elif ACT == 2:
-        z = tl.where(z > 0, z, z * 0.01)   # a Python scalar takes z's dtype (0.01 as a double for fp64)
-    elif ACT == 3:
+    elif ACT == _LEAKY:
+        z = tl.where(z > 0, z, z * _SLOPE)  # a Python scalar takes z's dtype (a double for fp64)
+    elif ACT == _GELU:
         z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACT == 4:
+    elif ACT == _SILU:
         z = z / (1.0 + tl.exp(-z))
     return z
 
@@ -442,32 +450,19 @@ def aot_specs() -> list:
                 for has_aux, act, store_z in variants:
                     tag = f"{dts},{prec},{c[0]}x{c[1]}x{c[2]},w{c[3]},aux{int(has_aux)},act{act}"
                     const = dict(HAS_BIAS=True, HAS_AUX=has_aux, ACT=act, STORE_Z=store_z, PREC=prec, **blocks)
-                    sig = dict(a_ptr=p, w_ptr=p, bias_ptr=p, a2_ptr=p, w2_ptr=p, y_ptr=p, z_ptr=p,
-                               perm_ptr="*i64", seg_ptr="*i64", M="i32", N="i32", K="i32", K2="i32",
-                               **{k: "i32" for k in ("stride_ar", "stride_ak", "stride_wm", "stride_wk", "stride_wn",
-                                                     "stride_bm", "stride_bn", "stride_a2r", "stride_a2k",
-                                                     "stride_w2m", "stride_w2k", "stride_w2n", "stride_yr",
-                                                     "stride_yn")})
-                    sig.update({k: "constexpr" for k in const})
-                    sig["MP"] = "constexpr"
+                    sig = kernel_signature(_grouped_mm_kernel, p, perm_ptr="*i64", seg_ptr="*i64")
                     specs.append(AotSpec(f"mbl_grouped_mm[{tag}]", _grouped_mm_kernel, sig, {**const, "MP": 4},
                                          c[3], c[4]))
-                    sig = dict(x_ptr=p, w_ptr=p, bias_ptr=p, a2_ptr=p, w2_ptr=p, y_ptr=p, z_ptr=p,
-                               M="i32", B="i32", N="i32", K="i32", K2="i32",
-                               **{k: "i32" for k in ("stride_xm", "stride_xb", "stride_xk", "stride_wm", "stride_wk",
-                                                     "stride_wn", "stride_bm", "stride_bn", "stride_a2b",
-                                                     "stride_a2k", "stride_w2m", "stride_w2k", "stride_w2n",
-                                                     "stride_ym", "stride_yb", "stride_yn")})
-                    sig.update({k: "constexpr" for k in const})
+                    sig = kernel_signature(_all_mm_kernel, p)
                     specs.append(AotSpec(f"mbl_all_mm[{tag}]", _all_mm_kernel, sig, const, c[3], c[4]))
             for c in _WG_CONFIGS:
                 for has_db in (True,):
                     const = dict(HAS_DB=has_db, PREC=prec, BLOCK_K=c[0], BLOCK_N=c[1], BLOCK_R=c[2])
-                    sig = dict(a_ptr=p, g_ptr=p, dw_ptr=p, db_ptr=p, perm_ptr="*i64", seg_ptr="*i64",
-                               K="i32", N="i32",
-                               **{k: "i32" for k in ("stride_ar", "stride_ak", "stride_gr", "stride_gn", "stride_dwm",
-                                                     "stride_dwk", "stride_dwn", "stride_dbm", "stride_dbn")})
-                    sig.update({k: "constexpr" for k in const})
+                    sig = kernel_signature(_grouped_wgrad_kernel, p, perm_ptr="*i64", seg_ptr="*i64")
                     specs.append(AotSpec(f"mbl_wgrad[{dts},{prec},{c[0]}x{c[1]}x{c[2]},w{c[3]},db{int(has_db)}]",
                                          _grouped_wgrad_kernel, sig, const, c[3], c[4]))
     return specs
+
+
+KERNELS = {"mbranch_linear": {"grouped_forward": grouped_forward, "all_forward": all_forward,
+                              "grouped_backward": grouped_backward}}

@@ -2,8 +2,8 @@
 
 Contracts (csrc/registry.cpp), for h [M,B,N], scenario s [B], own = h[s_b, b]:
 
-    sim[m,b] = <own, h[m,b]> / (max(|own|,1e-8) max(|h[m,b]|,1e-8))   (similarity 0, cosine)
-             = <own, h[m,b]> / sqrt(N)                                  (similarity 1, dot)
+    sim[m,b] = <own, h[m,b]> / (max(|own|,1e-8) max(|h[m,b]|,1e-8))   (cosine)
+             = <own, h[m,b]> / sqrt(N)                                  (dot)
     a[b] = softmax_m(sim[:, b] / T);  out[b] = sum_m a[b,m] h[m,b]
 
     mutual_forward(h, s, T, sim)                   -> (out [B,N] h.dtype, attn [B,M] float32)
@@ -28,8 +28,8 @@ factor at a time after the O(|h|) factor c (r_o r_m underflows at |h| = 1e30). R
 extra pass for max|h_m| (cosine only).
 
 Precision: the mutual kernels compute in float32 (float64 for float64 h); 1/T reaches them as a float32 pair
-(hi, lo) summed in that dtype (``_inv_temperature``: a single float32 argument cost float64 a 6e-8 relative
-error on the GPU only). The fused GEMMs use ``dot_input_precision`` like mbranch_linear (exact fp32 unless torch
+(hi, lo) summed in that dtype (``_inv_temperature``: Triton passes a Python float as float32, whose 6e-8 relative
+error float64 would otherwise carry). The fused GEMMs use ``dot_input_precision`` like mbranch_linear (exact fp32 unless torch
 allows TF32); the fused path is float32/half only, float64 runs all_forward (fp64 dots) + the mutual kernels.
 
 Layout: one program per BLOCK_B rows holds a [MP, BLOCK_B, BLOCK_N] register tile (all M branches, MP = M
@@ -50,13 +50,17 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-from . import AotSpec, dot_input_precision
-from .mbranch_linear import _activate, _mm_rows, _pow2, all_forward
+from .._codes import SIMILARITIES
+from ..ops._activation import activation_backward, needs_preactivation
+from . import AotSpec, dot_input_precision, kernel_signature
+from .mbranch_linear import _GELU, _LEAKY, _RELU, _SILU, _SLOPE, ACT_GELU, _activate, _mm_rows, _pow2, all_forward
 
 __all__ = ["mutual_forward", "mutual_backward", "mutual_linear_forward", "mutual_linear_backward", "fused_supported",
            "aot_specs"]
 
 EPS = 1e-8
+COSINE = SIMILARITIES["cosine"]
+_COSINE: tl.constexpr = tl.constexpr(COSINE)  # for the jit functions (they read only constexpr globals)
 FUSED_MAX_N = 256
 FUSED_MAX_MN = 1024
 _ELEMS = 2048          # register-tile budget MP * BLOCK_B * BLOCK_N of the mutual kernels (4 warps: 16 values
@@ -94,7 +98,7 @@ def _inv_scale(amax):
 @triton.jit
 def _row_scale(H, own_mask, SIM: tl.constexpr):
     """r [MP, BB] of a whole-row tile H [MP, BB, BN] (cosine); ones for dot (no scaling)."""
-    if SIM == 0:
+    if SIM == _COSINE:
         r = _inv_scale(tl.max(tl.abs(H), 2))
     else:
         r = tl.where(own_mask, 1.0, 1.0).to(H.dtype)
@@ -112,7 +116,7 @@ def _tile_stats(H, r, own_mask):
 @triton.jit
 def _similarity(dots, norms, r, own_mask, N, SIM: tl.constexpr):
     """sim [MP, BB] from the scaled <own, h_m> and |h_m|^2 (own's norm is its own branch's entry)."""
-    if SIM == 0:
+    if SIM == _COSINE:
         nm = tl.maximum(tl.sqrt(norms), 1e-8 * r)
         no = tl.sum(tl.where(own_mask, nm, 0.0), 0)
         sim = dots / (nm * no[None, :])
@@ -135,7 +139,7 @@ def _grad_coefs(dots, norms, r, u, a, own_mask, N, inv_t, SIM: tl.constexpr):
     c = a * (u - ubar[None, :]) * inv_t                                      # dL/dsim_m
     a_s = tl.sum(tl.where(own_mask, a, 0.0), 0)
     c_s = tl.sum(tl.where(own_mask, c, 0.0), 0)
-    if SIM == 0:
+    if SIM == _COSINE:
         # scaled quantities (module docstring "Overflow"): the true n_m is nm / r_m, so each true coefficient
         # carries r_o r_m or r_o^2, applied one factor at a time
         nm = tl.maximum(tl.sqrt(norms), 1e-8 * r)
@@ -164,13 +168,13 @@ def _grad_coefs(dots, norms, r, u, a, own_mask, N, inv_t, SIM: tl.constexpr):
 @triton.jit
 def _activate_grad(z, ACT: tl.constexpr):
     """act'(z) (relu' = [z > 0], leaky 1 or 0.01, exact gelu Phi(z) + z phi(z), silu sig (1 + z (1 - sig)))."""
-    if ACT == 1:
+    if ACT == _RELU:
         d = tl.where(z > 0, 1.0, 0.0)
-    elif ACT == 2:
-        d = tl.where(z > 0, 1.0, 0.01)
-    elif ACT == 3:
+    elif ACT == _LEAKY:
+        d = tl.where(z > 0, 1.0, _SLOPE)
+    elif ACT == _GELU:
         d = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
-    elif ACT == 4:
+    elif ACT == _SILU:
         sg = 1.0 / (1.0 + tl.exp(-z))
         d = sg * (1.0 + z * (1.0 - sg))
     else:
@@ -208,7 +212,7 @@ def _branch_tiles(x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, rows, rmask, cols, cma
 def _row_scale_passes(base, stride_hn, valid_m, own_mask, N, ACC: tl.constexpr, SIM: tl.constexpr,
                       MP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     """r [MP, BB] of rows longer than one tile: an extra pass for max|h_m| (cosine only; ones for dot)."""
-    if SIM == 0:
+    if SIM == _COSINE:
         amax = tl.zeros((MP, BLOCK_B), dtype=ACC)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
@@ -528,12 +532,10 @@ def mutual_linear_backward(grad_out, x, weight, bias, aux, aux_weight, scenario,
     M, K, N = weight.shape
     B = x.shape[0]
     if not fused_supported(M, N, x.dtype):
-        from ..reference.mbranch_linear import activation_backward
-
         h, z = all_forward(x, weight, bias, aux, aux_weight, activation)
         dh = mutual_backward(grad_out, h, scenario, attn, temperature, similarity)
         ar = torch.arange(B, device=x.device)
-        saved = (z if activation in (3, 4) else h)[scenario.long(), ar]
+        saved = (z if needs_preactivation(activation) else h)[scenario.long(), ar]
         return activation_backward(dh, saved, activation).contiguous()
     dz = torch.empty((B, N), device=x.device, dtype=x.dtype)
     if B == 0 or M == 0:
@@ -562,21 +564,16 @@ def aot_specs() -> list:
     dts = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
     for dt, name in dts.items():
         p = "*" + name
-        for sim in ((0, 1) if dt in (torch.float32, torch.float64) else (0,)):
+        for sim in (tuple(SIMILARITIES.values()) if dt in (torch.float32, torch.float64) else (COSINE,)):
             for M, N in ((4, 64), (8, 512)):
                 MP, BB, BN, nw = _mix_blocks(M, N)
                 const = dict(SIM=sim, MP=MP, BLOCK_B=BB, BLOCK_N=BN, SINGLE=N <= BN)
-                sig = dict(h_ptr=p, s_ptr="*i64", out_ptr=p, attn_ptr="*fp32", M="i32", B="i32", N="i32",
-                           inv_t_hi="fp32", inv_t_lo="fp32", **{k: "i32" for k in ("stride_hm", "stride_hb", "stride_hn", "stride_ob",
-                                                               "stride_on", "stride_ab", "stride_am")})
-                sig.update({k: "constexpr" for k in const})
+                sig = kernel_signature(_mutual_fwd_kernel, p, s_ptr="*i64", attn_ptr="*fp32", inv_t_hi="fp32",
+                                       inv_t_lo="fp32")
                 specs.append(AotSpec(f"mutual_fwd[{name},sim{sim},M{M},N{N}]", _mutual_fwd_kernel, sig, const, nw))
                 const = dict(SIM=sim, MP=MP, BLOCK_B=BB, BLOCK_N=BN)
-                sig = dict(g_ptr=p, h_ptr=p, s_ptr="*i64", attn_ptr="*fp32", dh_ptr=p, M="i32", B="i32", N="i32",
-                           inv_t_hi="fp32", inv_t_lo="fp32", **{k: "i32" for k in ("stride_gb", "stride_gn", "stride_hm", "stride_hb",
-                                                               "stride_hn", "stride_ab", "stride_am", "stride_db",
-                                                               "stride_dn")})
-                sig.update({k: "constexpr" for k in const})
+                sig = kernel_signature(_mutual_bwd_kernel, p, s_ptr="*i64", attn_ptr="*fp32", inv_t_hi="fp32",
+                                       inv_t_lo="fp32")
                 specs.append(AotSpec(f"mutual_bwd[{name},sim{sim},M{M},N{N}]", _mutual_bwd_kernel, sig, const, nw))
         if dt == torch.float64:     # the fused kernels never run in float64 (fused_supported)
             continue
@@ -586,21 +583,17 @@ def aot_specs() -> list:
             shapes += [((4, 64), _FUSED_CONFIGS[0], "ieee")] + [((4, 256), c, "tf32") for c in _FUSED_CONFIGS]
         for (M, N), c, prec in shapes:
             MP, BB, BN = _fused_blocks(M, N)
-            const = dict(HAS_BIAS=True, HAS_AUX=True, ACT=3, SIM=0, PREC=prec, MP=MP, BLOCK_B=BB, BLOCK_N=BN,
-                         BLOCK_K=c[0])
-            strides = ("stride_xb", "stride_xk", "stride_wm", "stride_wk", "stride_wn", "stride_bm", "stride_bn",
-                       "stride_a2b", "stride_a2k", "stride_w2m", "stride_w2k", "stride_w2n")
-            sig = dict(x_ptr=p, w_ptr=p, bias_ptr=p, a2_ptr=p, w2_ptr=p, s_ptr="*i64", out_ptr=p,
-                       attn_ptr="*fp32", M="i32", B="i32", N="i32", K="i32", K2="i32", inv_t_hi="fp32", inv_t_lo="fp32",
-                       **{k: "i32" for k in strides + ("stride_ob", "stride_on", "stride_ab", "stride_am")})
-            sig.update({k: "constexpr" for k in const})
+            const = dict(HAS_BIAS=True, HAS_AUX=True, ACT=ACT_GELU, SIM=COSINE, PREC=prec, MP=MP, BLOCK_B=BB,
+                         BLOCK_N=BN, BLOCK_K=c[0])
+            scalars = dict(s_ptr="*i64", attn_ptr="*fp32", inv_t_hi="fp32", inv_t_lo="fp32")
+            sig = kernel_signature(_mutual_linear_fwd_kernel, p, **scalars)
             specs.append(AotSpec(f"mutual_linear_fwd[{name},{prec},M{M},N{N},k{c[0]},w{c[1]}]",
                                  _mutual_linear_fwd_kernel, sig, const, c[1], c[2]))
-            sig = dict(g_ptr=p, x_ptr=p, w_ptr=p, bias_ptr=p, a2_ptr=p, w2_ptr=p, s_ptr="*i64", attn_ptr="*fp32",
-                       dz_ptr=p, M="i32", B="i32", N="i32", K="i32", K2="i32", inv_t_hi="fp32", inv_t_lo="fp32",
-                       **{k: "i32" for k in ("stride_gb", "stride_gn") + strides
-                          + ("stride_ab", "stride_am", "stride_db", "stride_dn")})
-            sig.update({k: "constexpr" for k in const})
+            sig = kernel_signature(_mutual_linear_bwd_kernel, p, **scalars)
             specs.append(AotSpec(f"mutual_linear_bwd[{name},{prec},M{M},N{N},k{c[0]},w{c[1]}]",
                                  _mutual_linear_bwd_kernel, sig, const, c[1], c[2]))
     return specs
+
+
+KERNELS = {"mutual_unit": {"forward": mutual_forward, "backward": mutual_backward},
+           "mutual_linear": {"forward": mutual_linear_forward, "backward": mutual_linear_backward}}

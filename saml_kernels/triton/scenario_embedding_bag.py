@@ -33,9 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import AotSpec, torch_to_triton_ptr
+from .._codes import POOLING
+from . import AotSpec, kernel_signature, torch_to_triton_ptr
 
-SUM, MEAN, NONE = 0, 1, 2
+SUM, MEAN, NONE = POOLING["sum"], POOLING["mean"], POOLING["none"]
+# The same codes as constexprs for the jit functions (a jit function reads only constexpr globals).
+_MEAN: tl.constexpr = tl.constexpr(MEAN)
+_NONE: tl.constexpr = tl.constexpr(NONE)
 # Sorts after every valid key (global rows < R, scenario rows < R + M * Rs).
 SENTINEL: tl.constexpr = tl.constexpr(1 << 62)
 # Longest run of entries one program sums in one pass; longer segments (hot rows) are split in two levels.
@@ -99,7 +103,7 @@ def _seb_fwd_kernel(idx_ptr, off_ptr, scen_ptr, gw_ptr, sw_ptr, fr_ptr, fsr_ptr,
         acc_s = tl.zeros([BLOCK_B, BLOCK_D], ACC_DTYPE)
     acc_g = tl.zeros([BLOCK_B, BLOCK_D], ACC_DTYPE)
     nbad = tl.zeros([BLOCK_B], tl.int64)
-    if POOL == 2:
+    if POOL == _NONE:
         nloop = L
     else:
         nloop = tl.max(length, axis=0)
@@ -121,7 +125,7 @@ def _seb_fwd_kernel(idx_ptr, off_ptr, scen_ptr, gw_ptr, sw_ptr, fr_ptr, fsr_ptr,
                          other=0.0).to(ACC_DTYPE)
             if HAS_PSW:
                 sv = sv * w[:, None]
-        if POOL == 2:
+        if POOL == _NONE:
             # Every (bag, j < L) position is written (zeros past a short bag), so the output has no holes.
             orow = (b * F + f) * L + j
             tl.store(gout_ptr + orow[:, None] * D + d[None, :], gv.to(gout_ptr.dtype.element_ty),
@@ -135,14 +139,14 @@ def _seb_fwd_kernel(idx_ptr, off_ptr, scen_ptr, gw_ptr, sw_ptr, fr_ptr, fsr_ptr,
             if HAS_AWARE:
                 acc_s += sv
     if POOL != 2:
-        if POOL == 1:
+        if POOL == _MEAN:
             inv = 1.0 / tl.maximum(length, 1).to(ACC_DTYPE)
             acc_g = acc_g * inv[:, None]
         orow = b * F + f
         tl.store(gout_ptr + orow[:, None] * D + d[None, :], acc_g.to(gout_ptr.dtype.element_ty),
                  mask=bmask[:, None] & dmask[None, :])
         if HAS_AWARE:
-            if POOL == 1:
+            if POOL == _MEAN:
                 acc_s = acc_s * inv[:, None]
             srow_o = b * Fs + slot
             # Aware features of samples with a valid scenario; the others were zeroed by the caller.
@@ -182,12 +186,12 @@ def _seb_bwd_keys_kernel(idx_ptr, off_ptr, scen_ptr, fr_ptr, fsr_ptr, slot_ptr, 
         pos = start + j
         ids = tl.load(idx_ptr + pos, mask=m, other=0).to(tl.int64)
         ok = m & (ids >= 0) & (ids < fsize)
-        if POOL == 2:
+        if POOL == _NONE:
             ok = ok & (j < L)  # "none" reads gradient row j of the bag: keep j < L even for unchecked offsets
         sok = ok & aware
         grow = fbase + ids
         srow = srow0 + ids
-        if POOL == 2:
+        if POOL == _NONE:
             gsrc = (b * F + f) * L + j
             ssrc = (b * Fs + slot) * L + j
         else:
@@ -200,7 +204,7 @@ def _seb_bwd_keys_kernel(idx_ptr, off_ptr, scen_ptr, fr_ptr, fsr_ptr, slot_ptr, 
         scale = tl.full([BLOCK_B], 1.0, ACC_DTYPE)
         if HAS_PSW:
             scale = tl.load(psw_ptr + pos, mask=m, other=0.0).to(ACC_DTYPE)
-        if POOL == 1:
+        if POOL == _MEAN:
             scale = scale * inv
         tl.store(scale_ptr + pos, scale, mask=m)
         if NEED_PSW:
@@ -219,7 +223,7 @@ def _seb_bwd_keys_kernel(idx_ptr, off_ptr, scen_ptr, fr_ptr, fsr_ptr, slot_ptr, 
                                  other=0.0)
                     acc += sv.to(ACC_DTYPE) * so.to(ACC_DTYPE)
                 dot += tl.sum(acc, axis=1)
-            if POOL == 1:
+            if POOL == _MEAN:
                 dot = dot * inv
             tl.store(gpsw_ptr + pos, dot.to(gpsw_ptr.dtype.element_ty), mask=m)
 
@@ -482,35 +486,29 @@ def aot_specs() -> list:
     p = torch_to_triton_ptr
 
     def fwd(cfg, pool, wdt, idt, psw, aware, check):
-        sig = dict(idx_ptr=p(idt), off_ptr=p(idt), scen_ptr=p(idt), gw_ptr=p(wdt), sw_ptr=p(wdt), fr_ptr="*i64",
-                   fsr_ptr="*i64", slot_ptr="*i64", psw_ptr=p(wdt), gout_ptr=p(wdt), sout_ptr=p(wdt),
-                   bad_ptr="*i64", B="i32", F="i32", Fs="i32", D="i32", Rs="i32", M="i32", L="i32", nbags="i32")
+        sig = kernel_signature(_seb_fwd_kernel, p(wdt), idx_ptr=p(idt), off_ptr=p(idt), scen_ptr=p(idt), fr_ptr="*i64",
+                               fsr_ptr="*i64", slot_ptr="*i64", bad_ptr="*i64")
         ce = dict(POOL=pool, HAS_PSW=psw, HAS_AWARE=aware, CHECK=check, ACC_DTYPE=_acc_dtype(wdt),
                   BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d)
-        sig.update({k: "constexpr" for k in ce})
         name = f"seb_fwd[pool{pool},{str(wdt)[6:]},{str(idt)[6:]},psw{int(psw)},aware{int(aware)},B{cfg.block_b}xD{cfg.block_d}]"
         return AotSpec(name, _seb_fwd_kernel, sig, ce, cfg.num_warps, cfg.num_stages)
 
     def keys(cfg, pool, wdt, idt, psw, need):
-        sig = dict(idx_ptr=p(idt), off_ptr=p(idt), scen_ptr=p(idt), fr_ptr="*i64", fsr_ptr="*i64", slot_ptr="*i64",
-                   psw_ptr=p(wdt), gw_ptr=p(wdt), sw_ptr=p(wdt), gg_ptr=p(wdt), gs_ptr=p(wdt), key_ptr="*i64",
-                   src_ptr="*i64", scale_ptr=p(torch.float64 if wdt == torch.float64 else torch.float32),
-                   gpsw_ptr=p(wdt), B="i32", F="i32", Fs="i32", D="i32", Rs="i32", M="i32", L="i32", R="i32",
-                   nnz="i32", nbags="i32")
+        sig = kernel_signature(_seb_bwd_keys_kernel, p(wdt), idx_ptr=p(idt), off_ptr=p(idt), scen_ptr=p(idt),
+                               fr_ptr="*i64", fsr_ptr="*i64", slot_ptr="*i64", key_ptr="*i64", src_ptr="*i64",
+                               scale_ptr=p(torch.float64 if wdt == torch.float64 else torch.float32))
         ce = dict(POOL=pool, HAS_PSW=psw, HAS_AWARE=True, NEED_PSW=need, ACC_DTYPE=_acc_dtype(wdt),
                   BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d)
-        sig.update({k: "constexpr" for k in ce})
         name = f"seb_bwd_keys[pool{pool},{str(wdt)[6:]},{str(idt)[6:]},psw{int(psw)},B{cfg.block_b}xD{cfg.block_d}]"
         return AotSpec(name, _seb_bwd_keys_kernel, sig, ce, cfg.num_warps, cfg.num_stages)
 
     def seg(cfg, wdt, has_scale, direct=False):
         acc = torch.float64 if wdt == torch.float64 else torch.float32
         gdt = acc if direct else wdt
-        sig = dict(perm_ptr="*i64", start_ptr="*i64", end_ptr="*i64", src_ptr="*i64", scale_ptr=p(acc),
-                   gg_ptr=p(gdt), gs_ptr=p(gdt), out_ptr=p(wdt), U="i32", D="i32", nnz="i32")
+        sig = kernel_signature(_seb_segment_sum_kernel, p(gdt), perm_ptr="*i64", start_ptr="*i64", end_ptr="*i64",
+                               src_ptr="*i64", scale_ptr=p(acc), out_ptr=p(wdt))
         ce = dict(DIRECT=direct, HAS_SCALE=has_scale, HAS_AWARE=True, ACC_DTYPE=_acc_dtype(wdt),
                   BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d)
-        sig.update({k: "constexpr" for k in ce})
         name = (f"seb_segment_sum[{str(wdt)[6:]},scale{int(has_scale)},direct{int(direct)},"
                 f"B{cfg.block_b}xD{cfg.block_d}]")
         return AotSpec(name, _seb_segment_sum_kernel, sig, ce, cfg.num_warps, cfg.num_stages)
@@ -540,3 +538,6 @@ def aot_specs() -> list:
         specs.append(seg(cfg, wdt, True, direct=True))
     specs.append(fwd(cfg, SUM, f32, torch.int32, True, True, True))
     return specs
+
+
+KERNELS = {"scenario_embedding_bag": {"forward": forward, "backward_rows": backward_rows}}

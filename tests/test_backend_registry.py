@@ -1,0 +1,99 @@
+"""The backend registry of saml_kernels/_backend.py: kernel tables, declared support, the preference table."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+import saml_kernels  # noqa: F401  (registers every op)
+from saml_kernels import _backend, info
+
+OPS = ("scenario_embedding_bag", "mbranch_linear", "mutual_unit", "mutual_linear")
+
+
+@pytest.fixture
+def toy_op(monkeypatch):
+    """A throw-away op "toy" with one required kernel "f" and one optional "g", removed after the test."""
+    monkeypatch.setattr(_backend, "_OPS", dict(_backend._OPS))
+    monkeypatch.setattr(_backend, "PREFERENCE", {d: dict(p) for d, p in _backend.PREFERENCE.items()})
+    monkeypatch.setattr(_backend, "_warned", set())
+    _backend.define_op("toy", kernels=("f",), optional=("g",))
+    return "toy"
+
+
+def test_every_op_is_registered_on_every_backend():
+    assert {op: set(b) for op, b in _backend.registered_ops().items() if op in OPS} == {
+        op: set(_backend.BACKENDS) for op in OPS}
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_available_table_loads_with_its_required_kernels(op):
+    spec = _backend._OPS[op]
+    for backend in _backend.BACKENDS:
+        if backend == "triton" and _backend._triton_import_error():
+            continue
+        if backend in ("cpu", "cuda") and _backend.why_unavailable(backend, backend, op) is not None:
+            continue
+        table = _backend.kernels(op, backend)
+        assert all(callable(getattr(table, n)) for n in spec.required), (op, backend)
+        assert all(getattr(table, n) is None or callable(getattr(table, n)) for n in spec.optional), (op, backend)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_preference_entries_name_registered_backends_and_end_with_the_reference(op, device):
+    order = _backend.PREFERENCE[device][op]
+    assert order[-1] == "reference" and len(set(order)) == len(order)
+    assert set(order) <= set(_backend.registered_ops()[op])
+
+
+def test_optional_kernel_missing_is_none_and_required_missing_raises(toy_op):
+    f = lambda: "f"  # noqa: E731
+    _backend.register_kernels(toy_op, "reference", lambda: {"f": f})
+    _backend.register_kernels(toy_op, "cpu", lambda: {"g": f})
+    table = _backend.kernels(toy_op, "reference")
+    assert table.f is f and table.g is None
+    with pytest.raises(_backend.BackendUnavailableError, match=r"cpu kernel table of toy lacks \['f'\]"):
+        _backend.kernels(toy_op, "cpu")
+    with pytest.raises(_backend.BackendUnavailableError, match="op toy has no cuda implementation"):
+        _backend.kernels(toy_op, "cuda")
+    assert _backend.why_unavailable("cuda", "cuda", toy_op) == "op toy has no cuda implementation"
+    with pytest.raises(ValueError, match="define_op"):
+        _backend.register_kernels("no_such_op", "reference", lambda: {})
+    with pytest.raises(ValueError, match="unknown backend"):
+        _backend.register_kernels(toy_op, "tpu", lambda: {})
+
+
+def test_table_is_loaded_once(toy_op):
+    calls = []
+    _backend.register_kernels(toy_op, "reference", lambda: calls.append(1) or {"f": len})
+    assert _backend.kernels(toy_op, "reference") is _backend.kernels(toy_op, "reference")
+    assert calls == [1]
+
+
+def test_automatic_choice_follows_the_preference_and_names_the_reason_of_a_fallback(toy_op):
+    _backend.register_kernels(toy_op, "reference", lambda: {"f": len})
+    _backend.register_kernels(toy_op, "triton", lambda: {"f": len}, why_not=lambda dev: "toy says no")
+    _backend.PREFERENCE["cpu"][toy_op] = ("reference",)
+    assert _backend.auto_backend(toy_op, "cpu")[0] == "reference"
+    _backend.PREFERENCE["cuda"][toy_op] = ("triton", "reference")
+    with pytest.warns(RuntimeWarning, match="falling back to the reference backend because triton: .*toy says no"
+                      if not _backend._triton_import_error() else "falling back to the reference backend"):
+        assert _backend.auto_backend(toy_op, "cuda")[0] == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per (op, device)
+        assert _backend.auto_backend(toy_op, "cuda")[0] == "reference"
+    with pytest.raises(_backend.BackendUnavailableError, match="backend 'triton' .* cannot run here"):
+        _backend.resolve(toy_op, "cuda", "triton")
+
+
+def test_an_op_without_preference_entries_gets_the_default_order(toy_op):
+    assert _backend.preference(toy_op, "cpu") == _backend.DEFAULT_PREFERENCE["cpu"]
+    assert _backend.preference(toy_op, "xla") == ("reference",)
+
+
+def test_info_reports_the_preference_order():
+    text = info.report()
+    for op in OPS:
+        assert f"{op}:" in text
+    assert "[preference cpu > reference]" in text and "[preference cuda > triton > reference]" in text
