@@ -132,18 +132,6 @@ class SAML(nn.Module):
             glob.append(dense.to(e_g.dtype))
         return torch.cat(glob, 1), torch.cat(scen, 1)
 
-    def _branch(self, kind: str, branch: nn.Module, h: Tensor, scenario: Tensor, a: Tensor) -> Tensor:
-        if kind == "mutual" and h.dim() == 3:
-            # per-branch inputs (a route-"all" layer below): the unfused pair, all branches then the mutual mix
-            from ..ops.mbranch_linear import mbranch_linear
-            from ..ops.mutual_unit import mutual_unit
-
-            z = mbranch_linear(h, branch.weight, branch.bias, scenario, route="all", activation="relu",
-                               grad_mask="own", aux=a, aux_weight=branch.aux_weight, backend=self.backend)
-            return mutual_unit(z, scenario, temperature=self.config.temperature, similarity=self.config.similarity,
-                               backend=self.backend)
-        return branch(h, scenario, a)
-
     def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None):
         # The value checks of every layer (ids, offsets, scenario ids, lengths) are read with one host sync when
         # the forward ends, and a bad input raises its layer's clear error then, before any backward (so nothing
@@ -154,8 +142,8 @@ class SAML(nn.Module):
 
     def _forward(self, indices, offsets, scenario, seq_ids, seq_lengths, dense):
         a, h = self.representations(indices, offsets, scenario, seq_ids, seq_lengths, dense)
-        for kind, aux_layer, branch in zip(self.config.layer_kinds(), self.aux_layers, self.branch_layers):
-            h_next = self.dropout(self._branch(kind, branch, h, scenario, a))
+        for aux_layer, branch in zip(self.aux_layers, self.branch_layers):
+            h_next = self.dropout(branch(h, scenario, a))
             a = self.dropout(torch.relu(aux_layer(a)))
             h = h_next
         return self.branch_head(h, scenario, a).squeeze(-1), self.aux_head(a).squeeze(-1)

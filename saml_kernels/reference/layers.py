@@ -138,7 +138,9 @@ class RefMultiBranchLinear(nn.Module):
 
 class RefMutualUnit(RefMultiBranchLinear):
     """Reference MutualUnit: every branch on the full batch (other branches stop-gradient), then the mutual mix
-    own = h[s]; a = softmax_m(sim(own, h[m]) / temperature); out = sum_m a[m] h[m]  -> [B, N]."""
+    own = h[s]; a = softmax_m(sim(own, h[m]) / temperature); out = sum_m a[m] h[m]  -> [B, N].
+
+    forward(x [B, K] shared or [M, B, K] one input per branch, scenario [B], aux [B, Ka] or None) -> [B, N]."""
 
     def __init__(self, in_features: int, out_features: int, num_branches: int, aux_features: int = 0,
                  activation: Optional[str] = "relu", temperature: float = 1.0, similarity: str = "cosine",
