@@ -4,7 +4,6 @@ scenario stop-gradient, odd and empty sizes, int32/int64 scenarios, non-contiguo
 agreement with the shared-input (fused) path, and bad input."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
