@@ -88,7 +88,7 @@ class TrainingOptimizer:
             if not isinstance(w_g, nn.Parameter) or not isinstance(w_s, nn.Parameter):
                 continue
             emb_ids.update((id(w_g), id(w_s)))
-            if getattr(mod, "optimizer", None) is not None:  # fused in the module's backward
+            if getattr(mod, "fused_optimizer", None) is not None:  # fused in the module's backward
                 if mod.optimizer != "rowwise_adagrad" or mod.lr != embedding_lr or mod.eps != eps:
                     raise ValueError(f"TrainingOptimizer: the model's fused embedding optimizer ({mod.optimizer!r}, "
                                      f"lr={mod.lr}, eps={mod.eps}) differs from this recipe (rowwise_adagrad, "
