@@ -7,3 +7,6 @@ from .mutual_unit import MutualUnit
 from .attention import ScenarioAttention
 from .layer_set import KERNEL_LAYERS
 from .saml import SAML, SAMLConfig, SharedBottom, TrainingOptimizer
+
+__all__ = ["EmbeddingFeature", "ScenarioEmbedding", "MultiBranchLinear", "MutualUnit", "ScenarioAttention",
+           "KERNEL_LAYERS", "SAML", "SAMLConfig", "SharedBottom", "TrainingOptimizer"]

@@ -1,4 +1,5 @@
-"""``ScenarioAttention``: SAML's scenario-aware target attention over the behaviour sequence (docs/design.md section 1, item 2).
+"""``ScenarioAttention``: SAML's scenario-aware target attention over the behaviour sequence (docs/design.md
+section 1, item 2).
 
 For a sample b of scenario s with target embeddings t_g, t_s [D], sequence embeddings S_g, S_s [L, D] and
 ``seq_lengths[b]`` real positions (the rest padding):

@@ -46,6 +46,9 @@ class MutualUnit(nn.Module):
 
     forward(x [B, K] or [M, B, K], scenario [B] int in [0, M), aux [B, Ka] or None) -> [B, N]. The op checks
     apply (a wrong shape, dtype or device, or a scenario outside [0, M), raises naming the argument).
+
+    Twin: ``saml_kernels.reference.layers.RefMutualUnit`` (the same arguments but ``save_branch_outputs`` and
+    ``backend``, the same parameters, both input forms).
     """
 
     def __init__(self, in_features: int, out_features: int, num_branches: int, aux_features: int = 0,
