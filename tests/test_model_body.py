@@ -3,7 +3,8 @@ SharedBottomReference built from REFERENCE_LAYERS.
 
 - the twin layers take the same constructor arguments (names, order, defaults; the kernel layers add only the
   documented kernel-only options) and hold the same parameter names;
-- the reference models are the kernel bodies with the reference layers (same module tree, layer for layer);
+- the reference models are the kernel bodies with the reference layers (same module tree, layer for layer;
+  `SAML(cfg, layers=REFERENCE_LAYERS)` is SAMLReference), and both handle an empty batch alike;
 - for every SAMLConfig variant the tests use: state_dicts interchange both ways (bitwise equal weights), the
   forwards agree within float32 rounding, and a few training steps stay equal (every backend here);
 - the kernel-only options stay on the kernel side: a backend with the reference layers raises, the reference
@@ -145,6 +146,28 @@ def test_reference_models_are_the_bodies_with_reference_layers(kind):
         else:
             assert type(r) is type(m), name  # torch modules: the same in both
     assert kernel_classes >= 5
+    # the kernel body given the reference layers is the reference model
+    body = type(fast)(cfg, layers=REFERENCE_LAYERS)
+    body.load_state_dict(ref.state_dict())
+    b = d.batch(np.arange(60))
+    for x, y in zip(_outputs(body, b, 0), _outputs(ref, b, 0)):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("emb_opt", [None, "rowwise_adagrad"], ids=str)
+@pytest.mark.parametrize("kind", ["SAML", "SharedBottom"])
+def test_empty_batch_in_both_twins(kind, emb_opt):
+    d, cfg = _variant("mutual1-dot")
+    fast, ref = _twins(kind, cfg, emb_opt)
+    fast.load_state_dict(ref.state_dict())
+    empty = d.batch(np.zeros(0, dtype=np.int64))
+    for model in (fast, ref):
+        for o in _outputs(model, empty, 0):
+            assert o.shape == (0,)
+        loss = model.loss(empty)
+        assert loss.item() == 0.0
+        loss.backward()
+        assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------------------------ interchange
