@@ -24,9 +24,9 @@ OPTIMIZER_STATE_NAMES = ("global_state", "scenario_state")
 
 
 def optimizer_state_keys_optional(model: nn.Module, incompatible_keys) -> None:
-    """``load_state_dict`` post-hook of SAML, SAMLReference and SharedBottom: the row-wise Adagrad states of the
-    embedding modules (``<embedding module>.global_state`` / ``.scenario_state``) are optimizer state, not weights,
-    so they never make a (strict) load fail:
+    """``load_state_dict`` post-hook of the model bodies (SAML, SharedBottom and their reference twins): the row-wise
+    Adagrad states of the embedding modules (``<embedding module>.global_state`` / ``.scenario_state``) are
+    optimizer state, not weights, so they never make a (strict) load fail:
 
     - present in the state_dict but absent from the model (an Adagrad model's state_dict into a model built with
       another embedding optimizer): ignored;
@@ -59,10 +59,11 @@ class TrainingOptimizer:
         state[row] += mean_d(g[row]^2);   w[row] -= embedding_lr * g[row] / (sqrt(state[row]) + eps)
 
     with g the row's gradient summed over the batch (rows not in the batch have g = 0 and do not change).
-    For an embedding module that applies it fused in its backward (``nn.ScenarioEmbedding(optimizer=...)`` in
-    training) nothing is left to do here; for one with dense gradients (the reference) it runs after the
-    backward, on the module's ``global_state`` / ``scenario_state`` buffers when it has them (else on float32
-    states [rows] kept here). Both paths are the same math, so SAML and SAMLReference stay equal step after step.
+    For an embedding module that applies it fused in its backward (one with a ``fused_optimizer``:
+    ``nn.ScenarioEmbedding(optimizer=...)`` in training) nothing is left to do here; for one with dense gradients
+    (the reference) it runs after the backward, on the module's ``global_state`` / ``scenario_state`` buffers when
+    it has them (else on float32 states [rows] kept here). Both paths are the same math, so SAML and SAMLReference
+    stay equal step after step.
 
     Learning rates: ``dense`` is a plain ``torch.optim.Adam`` (fused where torch has it): drive it with any torch
     LR scheduler, ``torch.optim.lr_scheduler.StepLR(opt.dense, ...)``. ``embedding_lr`` is an attribute read at
@@ -90,7 +91,7 @@ class TrainingOptimizer:
             if not isinstance(w_g, nn.Parameter) or not isinstance(w_s, nn.Parameter):
                 continue
             emb_ids.update((id(w_g), id(w_s)))
-            if getattr(mod, "optimizer", None) is not None:  # fused in the module's backward
+            if getattr(mod, "fused_optimizer", None) is not None:  # fused in the module's backward
                 if mod.optimizer != "rowwise_adagrad" or mod.lr != embedding_lr or mod.eps != eps:
                     raise ValueError(f"TrainingOptimizer: the model's fused embedding optimizer ({mod.optimizer!r}, "
                                      f"lr={mod.lr}, eps={mod.eps}) differs from this recipe (rowwise_adagrad, "

@@ -467,7 +467,7 @@ def test_reference_layer_twin(device, backend, optimizer):
     them unchanged and both give the same outputs and gradients."""
     layers = pytest.importorskip("saml_kernels.reference.layers")
     ours = ScenarioEmbedding(FEATURES, 3, 4, backend=backend, device=device, optimizer=optimizer).eval()
-    ref = layers.RefScenarioEmbedding(FEATURES, 3, 4, device=device, optimizer_state=optimizer is not None)
+    ref = layers.RefScenarioEmbedding(FEATURES, 3, 4, device=device, optimizer=optimizer)
     assert set(ref.state_dict()) == set(ours.state_dict())
     ref.load_state_dict(ours.state_dict())
     ours.load_state_dict(ref.state_dict())

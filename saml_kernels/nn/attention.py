@@ -1,4 +1,5 @@
-"""``ScenarioAttention``: SAML's scenario-aware target attention over the behaviour sequence (docs/design.md section 1, item 2).
+"""``ScenarioAttention``: SAML's scenario-aware target attention over the behaviour sequence (docs/design.md
+section 1, item 2).
 
 For a sample b of scenario s with target embeddings t_g, t_s [D], sequence embeddings S_g, S_s [L, D] and
 ``seq_lengths[b]`` real positions (the rest padding):
@@ -22,15 +23,65 @@ import torch
 from torch import Tensor, nn
 
 from .. import _backend
-
-from ..reference.attention import check_seq_lengths, masked_attention, sequence_mask
 from .._args import size_arg
+from ..ops import _checks
+from ..ops.mbranch_linear import mbranch_linear
+from .multi_branch_linear import MultiBranchLinear
 
-__all__ = ["ScenarioAttention"]
+__all__ = ["ScenarioAttention", "check_seq_lengths", "masked_attention", "sequence_mask"]
+
+
+def masked_attention(scores: Tensor, mask: Tensor) -> Tensor:
+    """softmax over positions with padding masked out; an all-padding row gives all-zero weights (never NaN).
+
+    scores [B, L] (any float dtype), mask [B, L] bool (True = a real position). Padded scores become the dtype's
+    lowest value, so a row with at least one real position puts exactly 0 on padding; an all-padding row gets
+    a uniform softmax that the final ``* mask`` zeroes (its gradient is zero too)."""
+    neg = torch.finfo(scores.dtype).min
+    w = torch.softmax(scores.masked_fill(~mask, neg), dim=-1)
+    return w * mask.to(w.dtype)
+
+
+def sequence_mask(seq_lengths: Tensor, L: int) -> Tensor:
+    """[B, L] bool, True at positions < seq_lengths[b]."""
+    return torch.arange(L, device=seq_lengths.device).unsqueeze(0) < seq_lengths.unsqueeze(1)
+
+
+def check_seq_lengths(who: str, seq_lengths, B: int, L: int) -> Tensor:
+    """Checks that ``seq_lengths`` is an integer tensor of shape [B] with every value in [0, L]; returns the
+    lengths to use. Shared by ``ScenarioAttention`` and its reference twin, so both reject alike.
+
+    A length above L (or below 0) would silently read as a full (or empty) sequence, so it is an error
+    (ValueError) that names the first bad position and its value. Cost: one fused device reduction; the host read
+    of its flag follows the check mode of ``saml_kernels.ops._checks`` (at once; once per block inside a model's
+    deferred checks, which then use the lengths clamped to [0, L] until the flag is read; never in capture-safe
+    mode, which counts the error and clamps). Under ``torch.compile`` the range check is a device-side assert
+    (RuntimeError without the position), so the graph does not break."""
+    if not isinstance(seq_lengths, Tensor):
+        raise TypeError(f"{who}: seq_lengths must be a [B] = [{B}] integer tensor, got {type(seq_lengths).__name__}")
+    if seq_lengths.dtype == torch.bool or seq_lengths.is_floating_point() or seq_lengths.is_complex():
+        raise ValueError(f"{who}: seq_lengths must be an integer tensor, got {seq_lengths.dtype}")
+    if tuple(seq_lengths.shape) != (B,):
+        raise ValueError(f"{who}: seq_lengths must have shape [B] = [{B}], got {list(seq_lengths.shape)}")
+    bad = (seq_lengths < 0) | (seq_lengths > L)
+    if torch.compiler.is_compiling():  # no host read inside a compiled graph: a device-side assert instead
+        torch._assert_async(~bad.any(), f"{who}: seq_lengths out of the valid range [0, L] = [0, {L}]")
+        return seq_lengths
+
+    def explain():
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{who}: seq_lengths[{b}] = {int(seq_lengths[b])} is out of the valid range [0, L] = "
+                         f"[0, {L}] (L = the sequence length)")
+
+    if B and _checks.check_value(bad.any(), explain, f"{who}: seq_lengths out of [0, L]",
+                                 key=("seq_lengths", L) + _checks.tensor_key(seq_lengths)):
+        return seq_lengths.clamp(0, L)
+    return seq_lengths
 
 
 class ScenarioAttention(nn.Module):
-    """Scenario-aware target attention (drop-in; parameters named as ``reference.attention.RefScenarioAttention``).
+    """Scenario-aware target attention (drop-in; its twin ``saml_kernels.reference.attention.RefScenarioAttention``
+    takes the same arguments but ``backend`` and has the same parameter names).
 
     Args:
         embedding_dim: D (target and sequence embeddings, and the output width).
@@ -52,8 +103,6 @@ class ScenarioAttention(nn.Module):
     def __init__(self, embedding_dim: int, attention_dim: int, num_scenarios: int, *, backend=None, device=None,
                  dtype=None):
         super().__init__()
-        from . import MultiBranchLinear  # the package's layer (imported late: nn/__init__ lists the layers)
-
         fk = dict(device=device, dtype=dtype)
         # sizes: any integral value (numpy ints, 0-dim int tensors), never bool; stored as Python ints
         D, d, M = (size_arg("ScenarioAttention", n, v) for n, v in (
@@ -92,8 +141,6 @@ class ScenarioAttention(nn.Module):
 
     def forward(self, target_g: Tensor, target_s: Tensor, seq_g: Tensor, seq_s: Tensor, seq_lengths: Tensor,
                 scenario: Tensor) -> tuple[Tensor, Tensor]:
-        from ..ops.mbranch_linear import mbranch_linear
-
         seq_lengths = self._check(target_g, target_s, seq_g, seq_s, seq_lengths, scenario)
         B, L, D = seq_g.shape
         scale = 1.0 / math.sqrt(self.attention_dim)

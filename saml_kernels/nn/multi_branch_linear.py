@@ -1,4 +1,5 @@
-"""``MultiBranchLinear``: M scenario branches of a linear layer, routed by scenario (docs/design.md section 1, items 4 and 6)."""
+"""``MultiBranchLinear``: M scenario branches of a linear layer, routed by scenario (docs/design.md section 1,
+items 4 and 6)."""
 from __future__ import annotations
 
 import math
@@ -30,6 +31,9 @@ class MultiBranchLinear(nn.Module):
     (kaiming_uniform(a=sqrt(5)) of the branch's [N, K + Ka] weight; 1/sqrt(K) without aux).
 
     forward(x [B, K] or [M, B, K], scenario [B] int, aux [B, Ka] or None) -> [B, N] or [M, B, N].
+
+    Twin: ``saml_kernels.reference.layers.RefMultiBranchLinear`` (the same arguments but ``backend``, the same
+    parameters).
     """
 
     def __init__(self, in_features: int, out_features: int, num_branches: int, aux_features: int = 0,

@@ -1,4 +1,5 @@
-"""``MutualUnit``: the SAML mutual layer (docs/design.md section 1, item 5), the fused ``saml_kernels.mutual_linear`` as a module."""
+"""``MutualUnit``: the SAML mutual layer (docs/design.md section 1, item 5): all branches of a linear layer mixed by the
+mutual unit, the fused ``saml_kernels.mutual_linear`` for a shared input."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,29 +9,33 @@ from torch import Tensor, nn
 
 from .. import _backend
 
+from ..ops.mbranch_linear import mbranch_linear
 from ..ops.mutual_linear import ACTIVATIONS, mutual_linear
-from ..ops.mutual_unit import SIMILARITY, check_temperature
+from ..ops.mutual_unit import SIMILARITY, check_temperature, mutual_unit
 from .._args import size_arg
 from .multi_branch_linear import MultiBranchLinear
 
 
 class MutualUnit(nn.Module):
-    """All M branches of a linear layer for every sample, mixed by the mutual unit, in one fused op:
+    """All M branches of a linear layer for every sample, mixed by the mutual unit:
 
-        h[m, b] = act(x_b W_m + aux_b Wa_m + bias_m),  a[b] = softmax_m(sim(h[s_b, b], h[m, b]) / temperature),
+        h[m, b] = act(x_{m,b} W_m + aux_b Wa_m + bias_m),  a[b] = softmax_m(sim(h[s_b, b], h[m, b]) / temperature),
         out[b]  = sum_m a[b, m] h[m, b]                                                    -> [B, N]
 
-    Equals ``MultiBranchLinear(route="all", grad_mask="own")`` followed by ``saml_kernels.mutual_unit`` (same
-    values and gradients: branch m's parameters learn only from scenario-m samples), without the [M, B, N]
-    branch outputs in memory.
+    with x_{m,b} = x[b] for a shared input x [B, K] and x[m, b] for a per-branch input x [M, B, K] (the output of
+    a route-"all" layer below). Equals ``MultiBranchLinear(route="all", grad_mask="own")`` followed by
+    ``saml_kernels.mutual_unit`` (same values and gradients: branch m's parameters learn only from scenario-m
+    samples, and x_{m,b} only through the own branch m = s_b). A shared input runs the fused
+    ``saml_kernels.mutual_linear`` (no [M, B, N] branch outputs in memory); a per-branch input runs that pair of
+    ops (the [M, B, N] branch outputs are built).
 
     Args:
         in_features: K. out_features: N. num_branches: M. aux_features: Ka (0 = no aux input).
         activation: None | "relu" | "leaky_relu" | "gelu" | "silu". temperature: > 0.
         similarity: "cosine" | "dot". bias: learn bias [M, N].
-        save_branch_outputs: False (default) recomputes the branch outputs in the backward (no M x B x N memory,
-            one more all-branch GEMM); True keeps them from the forward: ~1.4x faster fwd+bwd on one CPU core,
-            M*B*N more memory (measured numbers in saml_kernels/ops/mutual_linear.py).
+        save_branch_outputs (shared input): False (default) recomputes the branch outputs in the backward (no
+            M x B x N memory, one more all-branch GEMM); True keeps them from the forward (a faster backward, M*B*N
+            more memory; measured in benchmarks/results/bench_mutual_*.md, "ours_saved").
         backend: force a backend (None = automatic).
         Sizes (K, N, M >= 1; Ka >= 0) take any integral value (int, numpy integer, 0-dim integer tensor), not
         bool: anything else raises TypeError / ValueError naming the argument and the value.
@@ -39,7 +44,11 @@ class MutualUnit(nn.Module):
     ``bias [M, N]``, ``aux_weight [M, Ka, N]``; each branch like ``nn.Linear(K + Ka, N)``), so a state_dict moves
     between the two unchanged.
 
-    forward(x [B, K], scenario [B] int in [0, M), aux [B, Ka] or None) -> [B, N].
+    forward(x [B, K] or [M, B, K], scenario [B] int in [0, M), aux [B, Ka] or None) -> [B, N]. The op checks
+    apply (a wrong shape, dtype or device, or a scenario outside [0, M), raises naming the argument).
+
+    Twin: ``saml_kernels.reference.layers.RefMutualUnit`` (the same arguments but ``save_branch_outputs`` and
+    ``backend``, the same parameters, both input forms).
     """
 
     def __init__(self, in_features: int, out_features: int, num_branches: int, aux_features: int = 0,
@@ -78,6 +87,11 @@ class MutualUnit(nn.Module):
         if (aux is None) != (self.aux_weight is None):
             raise ValueError(f"MutualUnit: aux_features={self.aux_features}, so aux must be "
                              f"{'given' if self.aux_weight is not None else 'None'}")
+        if isinstance(x, Tensor) and x.dim() == 3:
+            h = mbranch_linear(x, self.weight, self.bias, scenario, route="all", activation=self.activation,
+                               grad_mask="own", aux=aux, aux_weight=self.aux_weight, backend=self.backend)
+            return mutual_unit(h, scenario, temperature=self.temperature, similarity=self.similarity,
+                               backend=self.backend)
         return mutual_linear(x, self.weight, self.bias, scenario, activation=self.activation,
                              temperature=self.temperature, similarity=self.similarity, aux=aux,
                              aux_weight=self.aux_weight, save_branch_outputs=self.save_branch_outputs,

@@ -1,7 +1,9 @@
 """Plain-PyTorch scenario-aware attention (the oracle of ``saml_kernels.nn.ScenarioAttention``).
 
 Written the direct way public code writes it: every key and value of the sequence is projected, the
-per-scenario key/query projections run every branch on the whole batch and pick rows with ``torch.where``.
+per-scenario key/query projections run every branch on the whole batch and pick rows with ``torch.where``. The
+masked softmax is the oracle's own; the ``seq_lengths`` input check is the kernel layer's
+(``saml_kernels.nn.attention.check_seq_lengths``), so both twins reject a bad length alike.
 """
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..nn.attention import check_seq_lengths
 from .layers import RefMultiBranchLinear, size_arg
+
+__all__ = ["RefScenarioAttention", "check_seq_lengths", "masked_attention", "sequence_mask"]
 
 
 def masked_attention(scores: Tensor, mask: Tensor) -> Tensor:
@@ -24,47 +29,13 @@ def masked_attention(scores: Tensor, mask: Tensor) -> Tensor:
     return w * mask.to(w.dtype)
 
 
-def check_seq_lengths(who: str, seq_lengths, B: int, L: int) -> Tensor:
-    """Checks that ``seq_lengths`` is an integer tensor of shape [B] with every value in [0, L]; returns the
-    lengths to use.
-
-    A length above L (or below 0) would silently read as a full (or empty) sequence, so it is an error
-    (ValueError) that names the first bad position and its value. Cost: one fused device reduction; the host read
-    of its flag follows the check mode of ``saml_kernels.ops._checks`` (at once; once per block inside a model's
-    deferred checks, which then use the lengths clamped to [0, L] until the flag is read; never in capture-safe
-    mode, which counts the error and clamps). Under ``torch.compile`` the range check is a device-side assert
-    (RuntimeError without the position), so the graph does not break."""
-    from ..ops import _checks  # (lazy: the reference stays importable without the ops package loaded)
-
-    if not isinstance(seq_lengths, Tensor):
-        raise TypeError(f"{who}: seq_lengths must be a [B] = [{B}] integer tensor, got {type(seq_lengths).__name__}")
-    if seq_lengths.dtype == torch.bool or seq_lengths.is_floating_point() or seq_lengths.is_complex():
-        raise ValueError(f"{who}: seq_lengths must be an integer tensor, got {seq_lengths.dtype}")
-    if tuple(seq_lengths.shape) != (B,):
-        raise ValueError(f"{who}: seq_lengths must have shape [B] = [{B}], got {list(seq_lengths.shape)}")
-    bad = (seq_lengths < 0) | (seq_lengths > L)
-    if torch.compiler.is_compiling():  # no host read inside a compiled graph: a device-side assert instead
-        torch._assert_async(~bad.any(), f"{who}: seq_lengths out of the valid range [0, L] = [0, {L}]")
-        return seq_lengths
-
-    def explain():
-        b = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{who}: seq_lengths[{b}] = {int(seq_lengths[b])} is out of the valid range [0, L] = "
-                         f"[0, {L}] (L = the sequence length)")
-
-    if B and _checks.check_value(bad.any(), explain, f"{who}: seq_lengths out of [0, L]",
-                                 key=("seq_lengths", L) + _checks.tensor_key(seq_lengths)):
-        return seq_lengths.clamp(0, L)
-    return seq_lengths
-
-
 def sequence_mask(seq_lengths: Tensor, L: int) -> Tensor:
     """[B, L] bool, True at positions < seq_lengths[b]."""
     return torch.arange(L, device=seq_lengths.device).unsqueeze(0) < seq_lengths.unsqueeze(1)
 
 
 class RefScenarioAttention(nn.Module):
-    """Reference ScenarioAttention; same parameters as ``nn.ScenarioAttention``:
+    """Reference ScenarioAttention; the arguments (but ``backend``) and parameters of ``nn.ScenarioAttention``:
 
     global_query.weight [d, D], global_key.weight [d, D], value.weight [D, D] (the shared V_g),
     local_query.weight [M, D, d], local_key.weight [M, D, d] (per-scenario projections, no bias).

@@ -1,7 +1,9 @@
 """Plain-PyTorch twins of the ``saml_kernels.nn`` layers, written the way public multi-scenario code writes them
 (a loop over scenarios on the full batch, rows picked with ``torch.where``; the HMoE stop-gradient by
-``torch.where(own, y, y.detach())``). Same parameter names as the accelerated layers, so a state_dict moves
-between them unchanged. They are the building blocks of :class:`saml_kernels.reference.SAMLReference`.
+``torch.where(own, y, y.detach())``). Each twin takes the constructor arguments of its kernel layer (same names,
+same order; the kernel-only options such as ``backend=`` are the kernel layer's alone) and holds the same parameter
+names, so a state_dict moves between them unchanged. They are the layers of ``REFERENCE_LAYERS``, from which
+:class:`saml_kernels.reference.SAMLReference` is built.
 """
 from __future__ import annotations
 
@@ -12,12 +14,21 @@ import torch
 from torch import Tensor, nn
 
 from .._args import size_arg  # noqa: F401  (re-exported)
+from .._codes import ACTIVATIONS, SIMILARITIES
 from .mutual_unit import mutual_unit_reference
 from .scenario_embedding_bag import scenario_embedding_bag_reference
 
 _ACT = {None: lambda z: z, "none": lambda z: z, "relu": torch.relu,
         "leaky_relu": lambda z: nn.functional.leaky_relu(z, 0.01), "gelu": nn.functional.gelu,
         "silu": nn.functional.silu}
+ROUTES = ("own", "all")
+GRAD_MASKS = ("own", "params", "none")
+OPTIMIZERS = (None, "rowwise_adagrad")
+
+
+def _choice(who: str, name: str, value, allowed) -> None:
+    if not isinstance(value, (str, type(None))) or value not in allowed:
+        raise ValueError(f"{who}: {name} must be one of {tuple(allowed)}, got {value!r}")
 
 
 def feature_layout(features: Sequence, num_scenarios: int) -> tuple[list, list]:
@@ -34,11 +45,19 @@ class RefScenarioEmbedding(nn.Module):
     """Reference ScenarioEmbedding: ``global_weight [R, D]``, ``scenario_weight [M, Rs, D]``.
 
     features: (name, num_embeddings, scenario_aware, pooling) tuples, one pooling for all of them.
+    optimizer: None | "rowwise_adagrad": the latter registers the row-wise Adagrad states of
+    ``nn.ScenarioEmbedding(optimizer="rowwise_adagrad")`` (float32 buffers ``global_state [R]``,
+    ``scenario_state [M, Rs]``, same names, so state_dicts match); the update is not fused here:
+    ``saml_kernels.training.TrainingOptimizer`` applies it after the backward, on these buffers.
     forward(indices, offsets, scenario) -> (E_g [B, F, D], E_s [B, Fs, D]) ([B, F, L, D] for pooling "none")."""
 
-    def __init__(self, features: Sequence, num_scenarios: int, embedding_dim: int, *, optimizer_state: bool = False,
-                 device=None, dtype=None):
+    def __init__(self, features: Sequence, num_scenarios: int, embedding_dim: int, *,
+                 optimizer: Optional[str] = None, device=None, dtype=None):
         super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"RefScenarioEmbedding: optimizer must be one of {OPTIMIZERS} (the reference fuses no "
+                             f"update; TrainingOptimizer applies row-wise Adagrad after the backward), got "
+                             f"{optimizer!r}")
         self.features = [tuple(f) for f in features]
         pools = {f[3] if len(f) > 3 else "sum" for f in self.features}
         if len(pools) != 1:
@@ -50,13 +69,12 @@ class RefScenarioEmbedding(nn.Module):
         self.global_weight = nn.Parameter(torch.empty(self.feature_rows[-1], embedding_dim, **fk))
         self.scenario_weight = nn.Parameter(torch.empty(num_scenarios, self.feature_scenario_rows[-1],
                                                         embedding_dim, **fk))
-        # Row-wise Adagrad states with the names and shapes of nn.ScenarioEmbedding(optimizer="rowwise_adagrad"),
-        # so that state_dicts match; here a torch optimizer (RowWiseAdagrad) updates them after the backward.
-        self.optimizer = None
-        if optimizer_state:
-            self.register_buffer("global_state", torch.zeros(self.feature_rows[-1], device=device))
+        self.optimizer = optimizer
+        if optimizer == "rowwise_adagrad":
+            self.register_buffer("global_state", torch.zeros(self.feature_rows[-1], device=device,
+                                                             dtype=torch.float32))
             self.register_buffer("scenario_state", torch.zeros(num_scenarios, self.feature_scenario_rows[-1],
-                                                               device=device))
+                                                               device=device, dtype=torch.float32))
         else:
             self.global_state = self.scenario_state = None
         self.reset_parameters()
@@ -91,6 +109,9 @@ class RefMultiBranchLinear(nn.Module):
         K, N, M = (size_arg(who, n, v) for n, v in (("in_features", in_features), ("out_features", out_features),
                                                     ("num_branches", num_branches)))
         Ka = size_arg(who, "aux_features", aux_features, minimum=0)
+        _choice(who, "route", route, ROUTES)
+        _choice(who, "grad_mask", grad_mask, GRAD_MASKS)
+        _choice(who, "activation", activation, ACTIVATIONS)
         self.in_features, self.out_features, self.num_branches, self.aux_features = K, N, M, Ka
         self.activation, self.route, self.grad_mask = activation, route, grad_mask
         self.weight = nn.Parameter(torch.empty(M, K, N, **fk))
@@ -117,6 +138,9 @@ class RefMultiBranchLinear(nn.Module):
         return z
 
     def forward(self, x: Tensor, scenario: Tensor, aux: Optional[Tensor] = None) -> Tensor:
+        if (aux is None) != (self.aux_weight is None):
+            raise ValueError(f"{type(self).__name__}: aux_features={self.aux_features}, so aux must be "
+                             f"{'given' if self.aux_weight is not None else 'None'}")
         act = _ACT[self.activation]
         if self.route == "own":
             out = None
@@ -138,14 +162,21 @@ class RefMultiBranchLinear(nn.Module):
 
 class RefMutualUnit(RefMultiBranchLinear):
     """Reference MutualUnit: every branch on the full batch (other branches stop-gradient), then the mutual mix
-    own = h[s]; a = softmax_m(sim(own, h[m]) / temperature); out = sum_m a[m] h[m]  -> [B, N]."""
+    own = h[s]; a = softmax_m(sim(own, h[m]) / temperature); out = sum_m a[m] h[m]  -> [B, N].
+
+    forward(x [B, K] shared or [M, B, K] one input per branch, scenario [B], aux [B, Ka] or None) -> [B, N]."""
 
     def __init__(self, in_features: int, out_features: int, num_branches: int, aux_features: int = 0,
                  activation: Optional[str] = "relu", temperature: float = 1.0, similarity: str = "cosine",
                  bias: bool = True, *, device=None, dtype=None):
         super().__init__(in_features, out_features, num_branches, aux_features, bias, activation, "all", "own",
                          device=device, dtype=dtype)
-        self.temperature, self.similarity = temperature, similarity
+        _choice(type(self).__name__, "similarity", similarity, SIMILARITIES)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"{type(self).__name__}: temperature must be a positive finite float, got {temperature!r}")
+        if not 0 < temperature < math.inf:
+            raise ValueError(f"{type(self).__name__}: temperature must be a positive finite float, got {temperature!r}")
+        self.temperature, self.similarity = float(temperature), similarity
 
     def forward(self, x: Tensor, scenario: Tensor, aux: Optional[Tensor] = None) -> Tensor:
         h = super().forward(x, scenario, aux)
