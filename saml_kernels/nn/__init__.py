@@ -5,3 +5,7 @@ from .multi_branch_linear import MultiBranchLinear
 from .mutual_unit import MutualUnit
 from .attention import ScenarioAttention
 from .saml import SAML, SAMLConfig, SharedBottom, TrainingOptimizer
+from .star_linear import StarLinear
+from .partitioned_norm import PartitionedNorm
+from .star import STAR, STARConfig
+from .hmoe import HMoE, HMoEConfig
