@@ -132,11 +132,38 @@ def run(device: str, dtype, reps: int, batch: int, compile_ref: bool, model: str
     return out
 
 
+def star_linear_overhead(reps: int, batch: int = 4096) -> dict:
+    """The cost of materialising W_eff = W_m * W_shared in autograd: StarLinear vs a MultiBranchLinear (route "own")
+    of the same shape (the GEMMs alone), forward + backward, B x 256 -> 128, M = 4, float32."""
+    from saml_kernels.nn import MultiBranchLinear, StarLinear
+
+    torch.manual_seed(0)
+    K, N, M = 256, 128, 4
+    x = torch.randn(batch, K, requires_grad=True)
+    s = torch.randint(0, M, (batch,))
+    star = StarLinear(K, N, M, activation="relu")
+    plain = MultiBranchLinear(K, N, M, activation="relu", route="own")
+    g = torch.randn(batch, N)
+
+    def run(layer):
+        def fn():
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            layer(x, s).backward(g)
+        return fn
+
+    res = time_alternating({"StarLinear": run(star), "MultiBranchLinear": run(plain)}, reps=reps, warmup=2)
+    return {"batch": batch, "K": K, "N": N, "M": M, "medians_ms": res["medians_ms"],
+            "ratio_star_to_plain": res["ratios"][("StarLinear", "MultiBranchLinear")]}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="SAML / STAR / HMoE training-step benchmark")
     p.add_argument("--model", nargs="+", choices=[m.lower() for m in MODELS], default=["saml"],
                    help="models to time (default saml)")
     p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--star-linear-overhead", action="store_true",
+                   help="only time StarLinear against MultiBranchLinear of the same shape (the W_m * W_shared cost)")
     p.add_argument("--quick", action="store_true", help="few repetitions, no torch.compile (a smoke check)")
     p.add_argument("--gpu", action="store_true", help="run on CUDA in float32 and bfloat16")
     p.add_argument("--reps", type=int, default=None)
@@ -148,6 +175,11 @@ def main(argv=None):
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("bench_model.py --gpu: CUDA is not available")
     reps = args.reps or (3 if args.quick else 10)
+    if args.star_linear_overhead:
+        r = star_linear_overhead(reps * 3)
+        print(f"StarLinear vs MultiBranchLinear (B={r['batch']}, {r['K']} -> {r['N']}, M={r['M']}, fwd+bwd): "
+              f"{r['medians_ms']} ms, ratio {r['ratio_star_to_plain']:.3f}")
+        return [r]
     compile_ref = not (args.quick or args.no_compile)
     if args.batch:
         plan = [(B, torch.float32, compile_ref) for B in args.batch]

@@ -63,7 +63,7 @@ def parse_args(argv=None):
                    "data/ali_ccp/)")
     p.add_argument("--val-path", help="Ali-CCP CSV held-out file (default: the shipped validation rows with the "
                    "default --path, else a split of --path)")
-    p.add_argument("--samples", type=int, default=50_000, help="synthetic samples (train + held-out)")
+    p.add_argument("--samples", type=int, default=80_000, help="synthetic samples (train + held-out)")
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction when there is no --val-path")
     p.add_argument("--backend", default=None, help="force a backend for every op (reference|cpu|triton|cuda)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -94,7 +94,8 @@ class HMoEBody(nn.Module):
 
     def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None) -> Tensor:
         who = type(self).__name__
-        if isinstance(scenario, Tensor) and scenario.dim() == 1 and scenario.dtype in _checks.INDEX_DTYPES:
+        if isinstance(scenario, Tensor) and scenario.dim() == 1 and scenario.dtype in _checks.INDEX_DTYPES \
+                and not torch.compiler.is_compiling():  # a compiled graph leaves the checks to the ops
             scenario = _checks.scenario_range(who, scenario, self.config.num_scenarios)
         h = self.bottom(self.inputs(who, indices, offsets, scenario, seq_ids, seq_lengths, dense))
         gate = torch.softmax(self.gate(h), dim=1)  # [B, M]

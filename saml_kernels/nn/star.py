@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from .. import _backend
@@ -95,7 +96,8 @@ class STARBody(nn.Module):
 
     def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None) -> Tensor:
         who = type(self).__name__
-        if isinstance(scenario, Tensor) and scenario.dim() == 1 and scenario.dtype in _checks.INDEX_DTYPES:
+        if isinstance(scenario, Tensor) and scenario.dim() == 1 and scenario.dtype in _checks.INDEX_DTYPES \
+                and not torch.compiler.is_compiling():  # a compiled graph leaves the checks to the ops
             # checked here (eager: raises at once), before a running statistic or a fused table update sees a bad id
             scenario = _checks.scenario_range(who, scenario, self.config.num_scenarios)
         x = self.inputs(who, indices, offsets, scenario, seq_ids, seq_lengths, dense)
