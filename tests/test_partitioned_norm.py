@@ -254,3 +254,12 @@ def test_layer_bad_arguments():
         args.update(kw)
         with pytest.raises(exc, match=msg):
             PartitionedNorm(**args)
+
+
+def test_cuda_backend_is_the_triton_table():
+    """No CUDA C++ kernel: the cuda backend of partitioned_norm runs the Triton kernels (so backend="cuda" models work)."""
+    pytest.importorskip("triton")
+    from saml_kernels.ops import partitioned_norm as op
+
+    assert op.kernels("cuda").stats is op.kernels("triton").stats
+    assert "cuda" in saml_kernels._backend.registered_ops()["partitioned_norm"]

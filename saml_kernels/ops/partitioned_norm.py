@@ -36,15 +36,18 @@ from . import _checks
 
 OP = "partitioned_norm"
 
-_backend.register_op(OP, ("reference", "cpu", "triton"))
+# "cuda" runs the Triton kernels: a segmented reduction plus two elementwise passes gain nothing from a second,
+# hand-written CUDA implementation, and registering it keeps ``backend="cuda"`` models (STAR) working on a GPU.
+_backend.register_op(OP, ("reference", "cpu", "triton", "cuda"))
 
 
 def kernels(backend: str):
-    """Kernel table of one backend: ``stats``, ``forward``, ``backward`` (signatures of ``torch.ops.saml_C.pn_*``)."""
+    """Kernel table of one backend: ``stats``, ``forward``, ``backward`` (signatures of ``torch.ops.saml_C.pn_*``);
+    the "cuda" backend is the Triton table (no CUDA C++ kernel)."""
     if backend == "reference":
         return types.SimpleNamespace(stats=_ref.stats_kernel, forward=_ref.forward_kernel,
                                      backward=_ref.backward_kernel)
-    if backend == "triton":
+    if backend in ("triton", "cuda"):
         from ..triton import partitioned_norm as tk
 
         return types.SimpleNamespace(stats=tk.pn_stats, forward=tk.pn_forward, backward=tk.pn_backward)
