@@ -1,23 +1,30 @@
 #!/usr/bin/env python3
-"""Model benchmark: one SAML training step (forward, backward, optimizer) — ours vs the plain-PyTorch reference.
+"""Model benchmark: one training step (forward, backward, optimizer) of SAML, STAR and HMoE — ours vs the
+plain-PyTorch twins.
 
-Providers (same initial weights, same batch, timed alternately with benchmarks/harness.py):
-- ``SAML``: ``saml_kernels.nn.SAML`` on the package's kernels, row-wise Adagrad on the tables fused in the
-  embedding backward, Adam on the dense parameters;
-- ``reference eager``: ``saml_kernels.reference.SAMLReference`` (scenario loops + torch.where, dense table
-  gradients), the same row-wise Adagrad after the backward (``TrainingOptimizer``) and Adam;
+Providers per model (same initial weights, same batch, timed alternately with benchmarks/harness.py):
+- ours (``SAML`` / ``STAR`` / ``HMoE`` of ``saml_kernels.nn``) on the package's kernels, row-wise Adagrad on the
+  tables fused in the embedding backward, Adam on the dense parameters;
+- ``reference eager``: the twin (``SAMLReference`` / ``STARReference`` / ``HMoEReference``: scenario loops +
+  torch.where, dense table gradients), the same row-wise Adagrad after the backward (``TrainingOptimizer``) and Adam;
 - ``reference compiled``: the same with ``torch.compile`` of the reference's forward + loss (backward through
   AOT autograd; the optimizer step stays eager, as in a typical training loop);
 - ``SAML CUDA graph`` (``--gpu``): the SAML step captured once in a CUDA graph (``saml_kernels.graphs.
   CapturedTrainingStep``, capture-safe checks, capturable Adam) and replayed: no launch overhead, no host sync.
 
-Work: B = 4096, the default ``SAMLConfig`` (D = 16, attention d = 16, aux and branch hidden (256, 128), mutual unit
-at the first hidden layer) on the synthetic features (6 sparse features, 2 scenario-aware, a behaviour sequence of
-20, 4 scenarios with the 40/30/20/10 mix), float32 (``--gpu``: float32 and bfloat16 on CUDA).
+Work: B = 4096 on the synthetic features (6 sparse features, 2 scenario-aware, a behaviour sequence of 20, 4
+scenarios with the 40/30/20/10 mix), float32 (``--gpu``: float32 and bfloat16 on CUDA), the default configs:
+``SAMLConfig`` (D = 16, attention d = 16, aux and branch hidden (256, 128), mutual unit at the first hidden layer),
+``STARConfig`` (partitioned norm, star layers (256, 128), indicator auxiliary network), ``HMoEConfig`` (bottom
+(256,), towers of 128, gate).
 Reported: median step time, samples/s, speed-up (median of per-round ratios), peak memory of one step.
 Targets on the 2-core CPU: >= 2x the eager reference and >= 1.3x the compiled reference.
 
-    python benchmarks/bench_model.py [--quick] [--gpu] [--reps N] [--no-compile] [--batch B [B ...]]
+    python benchmarks/bench_model.py [--model saml|star|hmoe ...] [--quick] [--gpu] [--reps N] [--no-compile]
+                                     [--batch B [B ...]] [--out-dir DIR]
+
+``--model`` (default saml) picks the models; results go to ``bench_model_<machine>`` for SAML alone and to
+``model_family_<machine>`` otherwise (``_quick`` appended with ``--quick``).
 
 ``--gpu`` runs B = 4096 in float32 and bfloat16 and B = 65536 in float32 (the large batch without torch.compile).
 """
@@ -37,37 +44,45 @@ import torch  # noqa: E402
 from harness import machine_tag, markdown_table, peak_memory, time_alternating, write_results  # noqa: E402
 
 from saml_kernels.data import make_synthetic  # noqa: E402
-from saml_kernels.nn import SAML, SAMLConfig, TrainingOptimizer  # noqa: E402
-from saml_kernels.reference import SAMLReference  # noqa: E402
-from saml_kernels.training import saml_loss  # noqa: E402
+from saml_kernels.nn import HMoE, HMoEConfig, SAML, SAMLConfig, STAR, STARConfig, TrainingOptimizer  # noqa: E402
+from saml_kernels.reference import HMoEReference, SAMLReference, STARReference  # noqa: E402
+from saml_kernels.training import bce_loss, saml_loss  # noqa: E402
 
 LR, EMB_LR = 1e-3, 0.05
 
+# name -> (ours, twin, config from data, loss from (model outputs, label, config))
+MODELS = {
+    "SAML": (SAML, SAMLReference, SAMLConfig.from_data, lambda out, y, c: saml_loss(*out, y, c.aux_loss_weight)),
+    "STAR": (STAR, STARReference, STARConfig.from_data, lambda out, y, c: bce_loss(out, y)),
+    "HMoE": (HMoE, HMoEReference, HMoEConfig.from_data, lambda out, y, c: bce_loss(out, y)),
+}
 
-def build(batch: int, device: str, dtype, compile_ref: bool, seed: int = 0, graph: bool = False):
+
+def build(batch: int, device: str, dtype, compile_ref: bool, seed: int = 0, graph: bool = False, model: str = "SAML"):
+    ours_cls, ref_cls, make_cfg, loss_of = MODELS[model]
     data = make_synthetic(max(batch, 1), seed=seed)
-    cfg = SAMLConfig.from_data(data)
+    cfg = make_cfg(data)
     b = data.batch(np.arange(batch)).to(device)
     if b.dense is not None:
         b.dense = b.dense.to(dtype)
     torch.manual_seed(seed)
-    ours = SAML(cfg, embedding_optimizer="rowwise_adagrad", embedding_lr=EMB_LR, device=device, dtype=dtype)
-    ref = SAMLReference(cfg, embedding_optimizer="rowwise_adagrad", device=device, dtype=dtype)
+    ours = ours_cls(cfg, embedding_optimizer="rowwise_adagrad", embedding_lr=EMB_LR, device=device, dtype=dtype)
+    ref = ref_cls(cfg, embedding_optimizer="rowwise_adagrad", device=device, dtype=dtype)
     ref.load_state_dict(ours.state_dict())
-    models = {"SAML": ours, "reference eager": ref}
+    models = {model: ours, "reference eager": ref}
     if compile_ref:
-        refc = SAMLReference(cfg, embedding_optimizer="rowwise_adagrad", device=device, dtype=dtype)
+        refc = ref_cls(cfg, embedding_optimizer="rowwise_adagrad", device=device, dtype=dtype)
         refc.load_state_dict(ours.state_dict())
         models["reference compiled"] = refc
     steps = {}
-    for name, model in models.items():
-        opt = TrainingOptimizer(model, LR, EMB_LR)
-        fwd = model.loss
+    for name, m in models.items():
+        opt = TrainingOptimizer(m, LR, EMB_LR)
+        fwd = m.loss
         if name == "reference compiled":
-            cf = torch.compile(lambda *inp, m=model: saml_loss(*m(*inp[:-1]), inp[-1], cfg.aux_loss_weight))
+            cf = torch.compile(lambda *inp, m=m: loss_of(m(*inp[:-1]), inp[-1], cfg))
             fwd = lambda bb, cf=cf: cf(*bb.inputs(), bb.label)  # noqa: E731
 
-        def step(model=model, opt=opt, fwd=fwd):
+        def step(opt=opt, fwd=fwd):
             opt.zero_grad()
             loss = fwd(b)
             loss.backward()
@@ -75,7 +90,7 @@ def build(batch: int, device: str, dtype, compile_ref: bool, seed: int = 0, grap
             return loss
 
         steps[name] = step
-    if graph:  # the same SAML step, captured once and replayed
+    if graph and model == "SAML":  # the same SAML step, captured once and replayed
         from saml_kernels.graphs import CapturedTrainingStep
 
         g = SAML(cfg, embedding_optimizer="rowwise_adagrad", embedding_lr=EMB_LR, device=device, dtype=dtype)
@@ -95,9 +110,9 @@ def build(batch: int, device: str, dtype, compile_ref: bool, seed: int = 0, grap
     return cfg, b, models, steps
 
 
-def run(device: str, dtype, reps: int, batch: int, compile_ref: bool) -> dict:
+def run(device: str, dtype, reps: int, batch: int, compile_ref: bool, model: str = "SAML") -> dict:
     t0 = time.perf_counter()
-    cfg, b, models, steps = build(batch, device, dtype, compile_ref, graph=device == "cuda")
+    cfg, b, models, steps = build(batch, device, dtype, compile_ref, graph=device == "cuda", model=model)
     # first calls: warm-up (and the compile) outside the timed region; peak memory of one step, ours first
     mem = {}
     for name, fn in steps.items():
@@ -109,16 +124,46 @@ def run(device: str, dtype, reps: int, batch: int, compile_ref: bool) -> dict:
         mem[name] = peak_memory(fn, device)
     res = time_alternating(steps, reps=reps, warmup=1, device=device)
     med = res["medians_ms"]
-    out = {"dtype": str(dtype).replace("torch.", ""), "device": device, "batch": batch, "medians_ms": med,
-           "samples_per_s": {k: batch / (v / 1e3) for k, v in med.items()},
-           "speedup": {k: res["ratios"][(k, "SAML")] for k in med if k != "SAML"},
-           "peak_memory_bytes": mem, "params": sum(p.numel() for p in models["SAML"].parameters()),
+    out = {"model": model, "dtype": str(dtype).replace("torch.", ""), "device": device, "batch": batch,
+           "medians_ms": med, "samples_per_s": {k: batch / (v / 1e3) for k, v in med.items()},
+           "speedup": {k: res["ratios"][(k, model)] for k in med if k != model},
+           "peak_memory_bytes": mem, "params": sum(p.numel() for p in models[model].parameters()),
            "wall_s": time.perf_counter() - t0}
     return out
 
 
+def star_linear_overhead(reps: int, batch: int = 4096) -> dict:
+    """The cost of materialising W_eff = W_m * W_shared in autograd: StarLinear vs a MultiBranchLinear (route "own")
+    of the same shape (the GEMMs alone), forward + backward, B x 256 -> 128, M = 4, float32."""
+    from saml_kernels.nn import MultiBranchLinear, StarLinear
+
+    torch.manual_seed(0)
+    K, N, M = 256, 128, 4
+    x = torch.randn(batch, K, requires_grad=True)
+    s = torch.randint(0, M, (batch,))
+    star = StarLinear(K, N, M, activation="relu")
+    plain = MultiBranchLinear(K, N, M, activation="relu", route="own")
+    g = torch.randn(batch, N)
+
+    def run(layer):
+        def fn():
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            layer(x, s).backward(g)
+        return fn
+
+    res = time_alternating({"StarLinear": run(star), "MultiBranchLinear": run(plain)}, reps=reps, warmup=2)
+    return {"batch": batch, "K": K, "N": N, "M": M, "medians_ms": res["medians_ms"],
+            "ratio_star_to_plain": res["ratios"][("StarLinear", "MultiBranchLinear")]}
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="SAML training-step benchmark")
+    p = argparse.ArgumentParser(description="SAML / STAR / HMoE training-step benchmark")
+    p.add_argument("--model", nargs="+", choices=[m.lower() for m in MODELS], default=["saml"],
+                   help="models to time (default saml)")
+    p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--star-linear-overhead", action="store_true",
+                   help="only time StarLinear against MultiBranchLinear of the same shape (the W_m * W_shared cost)")
     p.add_argument("--quick", action="store_true", help="few repetitions, no torch.compile (a smoke check)")
     p.add_argument("--gpu", action="store_true", help="run on CUDA in float32 and bfloat16")
     p.add_argument("--reps", type=int, default=None)
@@ -130,6 +175,11 @@ def main(argv=None):
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("bench_model.py --gpu: CUDA is not available")
     reps = args.reps or (3 if args.quick else 10)
+    if args.star_linear_overhead:
+        r = star_linear_overhead(reps * 3)
+        print(f"StarLinear vs MultiBranchLinear (B={r['batch']}, {r['K']} -> {r['N']}, M={r['M']}, fwd+bwd): "
+              f"{r['medians_ms']} ms, ratio {r['ratio_star_to_plain']:.3f}")
+        return [r]
     compile_ref = not (args.quick or args.no_compile)
     if args.batch:
         plan = [(B, torch.float32, compile_ref) for B in args.batch]
@@ -137,30 +187,39 @@ def main(argv=None):
         plan = [(4096, torch.float32, compile_ref), (4096, torch.bfloat16, compile_ref), (65536, torch.float32, False)]
     else:
         plan = [(4096, torch.float32, compile_ref)]
+    names = [next(k for k in MODELS if k.lower() == m) for m in dict.fromkeys(args.model)]
     results = []
-    for batch, dt, comp in plan:
-        print(f"bench_model: {device} {dt} B={batch} reps={reps} compile={comp}", flush=True)
-        results.append(run(device, dt, reps, batch, comp))
+    for model in names:
+        for batch, dt, comp in plan:
+            print(f"bench_model: {model} {device} {dt} B={batch} reps={reps} compile={comp}", flush=True)
+            results.append(run(device, dt, reps, batch, comp, model))
     rows = []
     for r in results:
         for k, ms in r["medians_ms"].items():
             sp = r["speedup"].get(k)
             mem = r["peak_memory_bytes"].get(k)
-            rows.append([r["dtype"], r["batch"], k, ms, f"{r['samples_per_s'][k]:,.0f}", "1.00x (ours)" if sp is None else
-                         f"{sp:.2f}x", "n/a" if mem is None else f"{mem / 2**20:.1f}"])
-    body = markdown_table(["dtype", "B", "provider", "step ms (median)", "samples/s", "SAML speed-up vs it",
+            rows.append([r["model"], r["dtype"], r["batch"], k, ms, f"{r['samples_per_s'][k]:,.0f}",
+                         "1.00x (ours)" if sp is None else f"{sp:.2f}x", "n/a" if mem is None else f"{mem / 2**20:.1f}"])
+    body = markdown_table(["model", "dtype", "B", "provider", "step ms (median)", "samples/s", "our speed-up vs it",
                            "peak extra memory MiB"], rows)
+    params = ", ".join(f"{r['model']} {r['params']:,}" for r in results if r["batch"] == results[0]["batch"])
     body += ("\n\nOne training step = forward + backward + optimizer (Adam on dense parameters, row-wise Adagrad on "
-             f"the tables, fused into the embedding backward for SAML). Default SAMLConfig "
-             f"({results[0]['params']:,} parameters). Speed-up = median over alternating rounds of "
-             "t(provider) / t(SAML). Targets (2-core CPU): >= 2x eager, >= 1.3x compiled. CPU peak memory is the "
-             "growth of the process RSS high-water mark over one step (providers measured in the order listed; "
-             "later providers only show growth beyond earlier peaks).")
+             f"the tables, fused into the embedding backward for ours). Default configs (parameters: {params}). "
+             "Speed-up = median over alternating rounds of t(provider) / t(ours). Targets (2-core CPU): >= 2x eager, "
+             ">= 1.3x compiled. CPU peak memory is the growth of the process RSS high-water mark over one step "
+             "(providers measured in the order listed; later providers only show growth beyond earlier peaks). "
+             f"Load average when the run ended: {', '.join(f'{v:.1f}' for v in os.getloadavg())}.")
     print(body)
-    stem = f"bench_model_{machine_tag()}" + ("_quick" if args.quick else "")
-    plot = {"groups": {f"{r['dtype']} B={r['batch']}": r["samples_per_s"] for r in results}, "ylabel": "samples/s"}
-    paths = write_results(stem, "SAML training step: ours vs SAMLReference (eager, torch.compile)", body,
-                          {"results": results}, plot=plot)
+    family = names != ["SAML"]
+    stem = (f"model_family_{machine_tag()}" if family else f"bench_model_{machine_tag()}") + (
+        "_quick" if args.quick else "")
+    plot = {"groups": {f"{r['model']} {r['dtype']} B={r['batch']}": {
+        ("ours" if k == r["model"] else k): v for k, v in r["samples_per_s"].items()} for r in results},
+        "ylabel": "samples/s"}
+    title = (f"{' / '.join(names)} training step: ours vs the plain-PyTorch twins (eager, torch.compile)" if family
+             else "SAML training step: ours vs SAMLReference (eager, torch.compile)")
+    out = {"out_dir": args.out_dir} if args.out_dir else {}
+    paths = write_results(stem, title, body, {"results": results}, plot=plot, **out)
     print("wrote", ", ".join(paths.values()))
     return results
 

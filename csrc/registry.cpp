@@ -102,6 +102,22 @@ TORCH_LIBRARY(saml_C, m) {
       "mutual_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? aux, "
       "Tensor? aux_weight, Tensor scenario, Tensor attn, int activation, float temperature, int similarity) "
       "-> Tensor");
+
+  // ---- partitioned_norm (saml_kernels/ops/partitioned_norm.py): STAR's scenario-wise batch normalisation ----
+  // x [B, N] contiguous, rows of any scenarios in any order, scenario [B] int32/int64 in [0, M). "acc" is float32
+  // (float64 for float64 x). Segmented sums over fixed row blocks, added in order (deterministic).
+  // Statistics per scenario: mean, biased var [M, N] acc; count [M] int64; 0 for a scenario with no rows.
+  m.def("pn_stats(Tensor x, Tensor scenario, int num_scenarios) -> (Tensor, Tensor, Tensor)");
+  // y[b] = (x[b] - mean[s_b]) * rstd[s_b] * scale[s_b] + shift[s_b]; mean, rstd [M, N] acc; scale, shift [M, N]
+  //   in x's dtype. Returns y [B, N] in x's dtype.
+  m.def("pn_forward(Tensor x, Tensor scenario, Tensor mean, Tensor rstd, Tensor scale, Tensor shift) -> Tensor");
+  // With xhat = (x - mean[s]) rstd[s]: dscale[m] = sum dy xhat, dshift[m] = sum dy over the rows of m;
+  //   dx = scale[s] rstd[s] (dy - (dshift[s] + xhat dscale[s]) / max(count[s], 1)) when batch_stats (mean and rstd
+  //   are the batch's), scale[s] rstd[s] dy otherwise. Returns (dx [B, N] x dtype, dscale, dshift [M, N] in scale's
+  //   dtype).
+  m.def(
+      "pn_backward(Tensor dy, Tensor x, Tensor scenario, Tensor mean, Tensor rstd, Tensor scale, Tensor count, "
+      "bool batch_stats) -> (Tensor, Tensor, Tensor)");
 }
 
 static bool built_with_cuda() { return SAML_WITH_CUDA != 0; }

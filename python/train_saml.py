@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
-"""The main job: train SAML on multi-scenario CTR data and compare it with a shared-bottom baseline.
+"""The main job: train SAML, STAR, HMoE and a shared-bottom baseline on the same multi-scenario CTR data.
 
-    python python/train_saml.py                       # synthetic data, CPU, < 3 minutes on 2 cores
+    python python/train_saml.py                       # synthetic data, CPU, about a minute on 2 cores
     python python/train_saml.py --data ali_ccp [--path FILE.csv] [--val-path FILE.csv]
         (default: the real Ali-CCP sample rows shipped in data/ali_ccp/, train and validation files)
 
-Steps: build data (held-out split, or --val-path), train SAML (accelerated layers, ``saml_kernels.nn.SAML``) and
-the shared-bottom baseline on the same batches with the same optimizer, evaluate overall and per-scenario AUC
-on the held-out data, time training throughput (samples/s) of SAML and of the plain-PyTorch ``SAMLReference``
+Steps: build data (held-out split, or --val-path), train SAML, STAR, HMoE (the package's models,
+``saml_kernels.nn``) and the shared-bottom baseline on the same batches with the same optimizer (Adam on the
+dense parameters, row-wise Adagrad fused into the embedding backward), evaluate overall and per-scenario AUC on
+the held-out data, time training throughput (samples/s) of SAML and of the plain-PyTorch ``SAMLReference``
 (same weights, same batches, timed alternately), write ``<out>/<name>/summary.json`` and ``<out>/<name>/report.png``
-and print a table. ``--out`` defaults to ``./saml_run`` under the *current* directory (never the package or source
+and print one table (AUCs, parameters, train time, training samples/s per model) and where the files went. ``--out`` defaults to ``./saml_run`` under the *current* directory (never the package or source
 tree unless asked), so ``make run`` from the repository root writes to ``./saml_run/``.
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ if str(ROOT) not in sys.path:
 
 import saml_kernels  # noqa: E402
 from saml_kernels import data as sdata  # noqa: E402
-from saml_kernels.nn import SAML, SAMLConfig, SharedBottom, TrainingOptimizer  # noqa: E402
+from saml_kernels.nn import (HMoE, HMoEConfig, SAML, SAMLConfig, STAR, STARConfig, SharedBottom,  # noqa: E402
+                             TrainingOptimizer)
 from saml_kernels.reference import SAMLReference  # noqa: E402
 
 
@@ -96,10 +98,31 @@ def load_data(args):
     return train, held, f"ali_ccp ({os.path.basename(args.path)})"
 
 
+MODEL_NAMES = ("SAML", "STAR", "HMoE", "shared-bottom")
+
+
 def make_config(train, args) -> SAMLConfig:
     h = tuple(args.hidden)
     return SAMLConfig.from_data(train, embedding_dim=args.embedding_dim, attention_dim=args.embedding_dim,
                                 aux_hidden=h, branch_hidden=h, mutual_layers=(0,), dropout=0.0)
+
+
+def make_models(train, cfg: SAMLConfig, args, device) -> dict:
+    """The four models of the comparison, same widths: SAML and shared-bottom from ``cfg``; STAR with star layers
+    of widths ``--hidden``; HMoE with a shared bottom of the first width and towers of the last."""
+    fused = dict(embedding_optimizer="rowwise_adagrad", embedding_lr=args.embedding_lr, device=device)
+    dims = dict(embedding_dim=args.embedding_dim, attention_dim=args.embedding_dim)
+    h = tuple(args.hidden)
+    build = {"SAML": lambda: SAML(cfg, **fused),
+             "STAR": lambda: STAR(STARConfig.from_data(train, hidden=h, **dims), **fused),
+             "HMoE": lambda: HMoE(HMoEConfig.from_data(train, bottom_hidden=h[:1], tower_hidden=h[-1], **dims),
+                                  **fused),
+             "shared-bottom": lambda: SharedBottom(cfg, **fused)}
+    models = {}
+    for name in MODEL_NAMES:
+        torch.manual_seed(args.seed)
+        models[name] = build[name]()
+    return models
 
 
 def predict(model, held, batch_size, device):
@@ -190,7 +213,7 @@ def plot(path, curves: dict, auc_table: dict, title: str):
         a1.plot(x[k - 1:], sm, label=name, color=a1.lines[-1].get_color())
     a1.set_xlabel("step")
     a1.set_ylabel("training loss")
-    a1.set_title("training loss (SAML: BCE + aux; baseline: BCE)")
+    a1.set_title("training loss (SAML: BCE + aux; others: BCE)")
     a1.legend()
     keys = list(next(iter(auc_table.values())).keys())
     w = 0.8 / len(auc_table)
@@ -228,16 +251,13 @@ def main(argv=None) -> dict:
     ctx = saml_kernels.use_backend(args.backend) if args.backend else _null()
     with ctx:
         fused = dict(embedding_optimizer="rowwise_adagrad", embedding_lr=args.embedding_lr, device=device)
-        torch.manual_seed(args.seed)
-        saml = SAML(cfg, **fused)
-        init_state = copy.deepcopy(saml.state_dict())
-        torch.manual_seed(args.seed)
-        base = SharedBottom(cfg, **fused)
+        models = make_models(train_data, cfg, args, device)
+        init_state = copy.deepcopy(models["SAML"].state_dict())
         progress = not args.no_progress
-        saml_losses, saml_time = train(saml, batches, args.epochs, args, "SAML", progress, device)
-        base_losses, base_time = train(base, batches, args.epochs, args, "shared-bottom", progress, device)
-        auc_table = {"SAML": aucs(held, predict(saml, held, 4096, device)),
-                     "shared-bottom": aucs(held, predict(base, held, 4096, device))}
+        losses, train_time, auc_table = {}, {}, {}
+        for name, model in models.items():
+            losses[name], train_time[name] = train(model, batches, args.epochs, args, name, progress, device)
+            auc_table[name] = aucs(held, predict(model, held, 4096, device))
         # throughput: the accelerated model vs the plain-PyTorch twin from the same initial weights
         fast = SAML(cfg, **fused)
         fast.load_state_dict(init_state)
@@ -246,13 +266,14 @@ def main(argv=None) -> dict:
         tb = [b for ep in batches for b in ep][: max(2, args.throughput_steps + 1)]
         tput = throughput({"SAML": fast, "SAMLReference": ref}, tb, args.throughput_steps, args, device)
 
-    n_params = {"SAML": sum(p.numel() for p in saml.parameters()),
-                "shared-bottom": sum(p.numel() for p in base.parameters())}
+    n_params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    seen = sum(len(b) for ep in batches for b in ep)
+    samples_per_s = {name: seen / t for name, t in train_time.items()}
     speedup = tput["SAMLReference"]["ratio_to_SAML"]
     from saml_kernels import _backend
     backends = {op: _backend.resolve(op, device.type, args.backend) for op in _backend.registered_ops()}
     name = time.strftime("%Y%m%d-%H%M%S") + f"-{args.data}-seed{args.seed}"
-    out_dir = Path(args.out) / name
+    out_dir = (Path(args.out) / name).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {
         "data": data_desc, "train_samples": len(train_data), "heldout_samples": len(held),
@@ -263,15 +284,14 @@ def main(argv=None) -> dict:
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()
                    if k not in ("features", "sequence")},
         "num_features": len(cfg.features), "num_aware": cfg.num_aware, "parameters": n_params,
-        "auc": auc_table, "train_time_s": {"SAML": saml_time, "shared-bottom": base_time},
-        "final_loss": {"SAML": float(np.mean(saml_losses[-20:])), "shared-bottom": float(np.mean(base_losses[-20:]))},
+        "auc": auc_table, "train_time_s": train_time, "train_samples_per_s": samples_per_s,
+        "final_loss": {k: float(np.mean(v[-20:])) if v else None for k, v in losses.items()},
         "throughput": tput, "speedup_vs_reference": speedup,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "wall_s": None,
     }
-    plot(out_dir / "report.png", {"SAML": saml_losses, "shared-bottom": base_losses}, auc_table,
-         f"SAML vs shared-bottom on {data_desc}")
+    plot(out_dir / "report.png", losses, auc_table, f"SAML, STAR, HMoE and shared-bottom on {data_desc}")
     summary["wall_s"] = time.perf_counter() - t_start
     with open(out_dir / "summary.json", "w") as fh:
         json.dump(summary, fh, indent=2)
@@ -293,19 +313,24 @@ def print_table(s: dict, out_dir: Path) -> None:
     print()
     print(f"data: {s['data']}   train {s['train_samples']}  held-out {s['heldout_samples']}   device {s['device']} "
           f"({s['threads']} threads)   backends {s['backends']}")
-    print("held-out AUC".ljust(16) + "".join(k.rjust(w) for k in keys) + "params".rjust(w) + "train s".rjust(10))
+    print("held-out AUC".ljust(16) + "".join(k.rjust(w) for k in keys) + "params".rjust(w) + "train s".rjust(10)
+          + "samples/s".rjust(12))
     for name, res in s["auc"].items():
         print(name.ljust(16) + "".join(f"{res[k]:.4f}".rjust(w) for k in keys)
-              + f"{s['parameters'][name]:,}".rjust(w) + f"{s['train_time_s'][name]:.1f}".rjust(10))
-    d = {k: s["auc"]["SAML"][k] - s["auc"]["shared-bottom"][k] for k in keys}
-    print("SAML - baseline".ljust(16) + "".join(f"{v:+.4f}".rjust(w) for v in d.values()))
+              + f"{s['parameters'][name]:,}".rjust(w) + f"{s['train_time_s'][name]:.1f}".rjust(10)
+              + f"{s['train_samples_per_s'][name]:,.0f}".rjust(12))
+    for name in s["auc"]:
+        if name != "shared-bottom":
+            d = [s["auc"][name][k] - s["auc"]["shared-bottom"][k] for k in keys]
+            print(f"{name} - baseline".ljust(16) + "".join(f"{v:+.4f}".rjust(w) for v in d))
+    print("(samples/s: training samples over the whole training time of the model, evaluation excluded)")
     print()
     print("training throughput".ljust(24) + "step ms".rjust(12) + "samples/s".rjust(14))
     for name, t in s["throughput"].items():
         print(name.ljust(24) + f"{t['median_step_s'] * 1e3:.1f}".rjust(12) + f"{t['samples_per_s']:,.0f}".rjust(14))
     print(f"speed-up of SAML over SAMLReference: {s['speedup_vs_reference']:.2f}x (median of per-step ratios, "
           f"batch {s['batch_size']}, same batches, timed alternately)")
-    print(f"wrote {out_dir}/summary.json and {out_dir}/report.png   (wall {s['wall_s']:.0f} s)")
+    print(f"wrote {out_dir / 'summary.json'} and {out_dir / 'report.png'}   (wall {s['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":

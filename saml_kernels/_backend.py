@@ -50,6 +50,8 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
         # benchmarks/results/bench_mutual_cpu2.md (M=4, B=4096, K=N=256, fp32): fwd+bwd cpu 58.3 ms against 233 ms
         # eager.
         "mutual_linear": ("cpu", "reference"),
+        # benchmarks/results/model_family_cpu2.md: the C++ kernel inside STAR's step; no stand-alone figure yet.
+        "partitioned_norm": ("cpu", "reference"),
     },
     "cuda": {
         # No GPU figure yet (the H200 run stopped before the embedding was timed): the hand-written CUDA kernel
@@ -62,6 +64,8 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
         "mutual_unit": ("cuda", "triton", "reference"),
         # H200 (bench_mutual.py --gpu; same sizes, bf16, fwd+bwd): cuda 4.44 ms = 2.75x eager, triton 1.48x eager.
         "mutual_linear": ("cuda", "triton", "reference"),
+        # No GPU figure; the "cuda" table is the Triton one (no CUDA C++ kernel), so the two are the same code.
+        "partitioned_norm": ("cuda", "triton", "reference"),
     },
 }
 # An op or device type missing from PREFERENCE (a new op before its first benchmark): the compiled backends first.

@@ -26,3 +26,16 @@ def test_bench_scaling_quick(tmp_path):
     written = sorted(p.name for p in tmp_path.iterdir())
     assert any(n.startswith("scaling_") and n.endswith("_quick.md") for n in written), written
     assert any(n.endswith("_quick_m.png") for n in written) or "matplotlib" not in sys.modules, written
+
+
+def test_bench_model_family_quick(tmp_path):
+    """STAR and HMoE against their eager twins, small batch, no torch.compile."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_model.py"), "--model", "star", "hmoe",
+                        "--quick", "--batch", "256", "--out-dir", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "| STAR | float32 | 256 | reference eager |" in r.stdout and "| HMoE | float32 | 256 | HMoE |" in r.stdout
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert "model_family_" + ("cpu%d" % os.cpu_count()) + "_quick.md" in written or any(
+        n.startswith("model_family_") and n.endswith("_quick.json") for n in written), written

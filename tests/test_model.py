@@ -199,7 +199,8 @@ def test_train_saml_smoke(tmp_path):
     assert "held-out AUC" in out and "samples/s" in out
     (run,) = list(tmp_path.iterdir())
     s = json.loads((run / "summary.json").read_text())
-    assert set(s["auc"]) == {"SAML", "shared-bottom"} and len(s["auc"]["SAML"]) == 1 + 4
+    assert set(s["auc"]) == {"SAML", "STAR", "HMoE", "shared-bottom"} and len(s["auc"]["SAML"]) == 1 + 4
+    assert all(s["train_samples_per_s"][k] > 0 for k in s["auc"])
     assert 0.0 <= s["auc"]["SAML"]["overall"] <= 1.0 and s["throughput"]["SAMLReference"]["samples_per_s"] > 0
     assert (run / "report.png").stat().st_size > 1000
 

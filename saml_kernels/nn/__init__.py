@@ -7,6 +7,11 @@ from .mutual_unit import MutualUnit
 from .attention import ScenarioAttention
 from .layer_set import KERNEL_LAYERS
 from .saml import SAML, SAMLConfig, SharedBottom, TrainingOptimizer
+from .star_linear import StarLinear
+from .partitioned_norm import PartitionedNorm
+from .star import STAR, STARConfig
+from .hmoe import HMoE, HMoEConfig
 
 __all__ = ["EmbeddingFeature", "ScenarioEmbedding", "MultiBranchLinear", "MutualUnit", "ScenarioAttention",
-           "KERNEL_LAYERS", "SAML", "SAMLConfig", "SharedBottom", "TrainingOptimizer"]
+           "StarLinear", "PartitionedNorm", "KERNEL_LAYERS", "SAML", "SAMLConfig", "SharedBottom",
+           "TrainingOptimizer", "STAR", "STARConfig", "HMoE", "HMoEConfig"]

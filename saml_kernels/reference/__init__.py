@@ -8,12 +8,15 @@ import importlib
 from .scenario_embedding_bag import scenario_embedding_bag_reference
 from .mbranch_linear import mbranch_linear_reference
 from .mutual_unit import mutual_linear_reference, mutual_unit_reference
+from .partitioned_norm import partitioned_norm_reference
 
 _ON_FIRST_USE = {"REFERENCE_LAYERS": ".layer_set", "SAMLReference": ".model", "SharedBottomReference": ".model",
-                 "SAMLConfig": ".model", "TrainingOptimizer": ".model"}
+                 "SAMLConfig": ".model", "TrainingOptimizer": ".model", "STARReference": ".star",
+                 "HMoEReference": ".hmoe"}
 
 __all__ = ["mbranch_linear_reference", "mutual_unit_reference", "mutual_linear_reference",
-           "scenario_embedding_bag_reference", "REFERENCE_LAYERS", "SAMLReference", "SharedBottomReference"]
+           "scenario_embedding_bag_reference", "partitioned_norm_reference", "REFERENCE_LAYERS", "SAMLReference",
+           "SharedBottomReference", "STARReference", "HMoEReference"]
 
 
 def __getattr__(name: str):

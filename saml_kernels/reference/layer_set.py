@@ -4,6 +4,7 @@ from __future__ import annotations
 from .._layer_set import LayerSet
 from .attention import RefScenarioAttention
 from .layers import RefMultiBranchLinear, RefMutualUnit, RefScenarioEmbedding
+from .star_layers import RefPartitionedNorm, RefStarLinear
 
 REFERENCE_LAYERS = LayerSet("reference", RefScenarioEmbedding, RefScenarioAttention, RefMultiBranchLinear,
-                            RefMutualUnit)
+                            RefMutualUnit, star_linear=RefStarLinear, partitioned_norm=RefPartitionedNorm)

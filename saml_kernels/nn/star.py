@@ -1,0 +1,129 @@
+"""``STAR``: the Star Topology Adaptive Recommender (Sheng et al., CIKM 2021) on the package's kernels, and the
+body it shares with its plain-PyTorch twin ``saml_kernels.reference.STARReference`` (docs/design.md section 9).
+
+    x_0 = [E_g ; att_g ; dense]                        shared embeddings (every feature in the global table)
+    h_0 = PartitionedNorm(x_0, s)                      statistics, scale and shift per scenario
+    h_l = dropout(StarLinear_l(h_{l-1}, s), relu)      W_eff = W_s * W_shared, b_eff = b_s + b_shared
+    logit = StarLinear_head(h_L, s) + aux(s)           aux: STAR's small network on the scenario indicator,
+                                                       Linear(relu(Linear(Embedding(s)))) -> [B]
+    loss = BCE(logit, y)
+
+Parameter names (shared with the twin): inputs.embedding.{global_weight, scenario_weight},
+inputs.sequence_embedding.*, inputs.attention.*, norm.{weight, bias, scenario_weight, scenario_bias} (buffers
+running_mean, running_var), star_layers.<l>.{shared_weight, shared_bias, weight, bias}, head.*,
+aux_embedding.weight, aux_net.{0,2}.{weight, bias}.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import _backend
+from .._args import size_arg
+from ..ops import _checks
+from ..training import bce_loss, optimizer_state_keys_optional
+from ._family import FamilyConfig, SharedInput, family_kwargs
+from .partitioned_norm import check_norm_args
+
+__all__ = ["STAR", "STARConfig", "STARBody"]
+
+
+@dataclasses.dataclass
+class STARConfig(FamilyConfig):
+    """STAR's configuration: the input fields of ``FamilyConfig`` and
+
+    hidden: widths of the star (StarLinear) layers. aux_dim: width of the scenario-indicator embedding of the
+    auxiliary network; aux_hidden: its hidden width. norm_eps, norm_momentum: of the partitioned normalisation.
+    ``STARConfig.from_data(data, **fields)`` reads the inputs from a ``saml_kernels.data.CTRData``."""
+
+    hidden: tuple = (256, 128)
+    aux_dim: int = 8
+    aux_hidden: int = 32
+    norm_eps: float = 1e-5
+    norm_momentum: float = 0.1
+
+    def __post_init__(self):
+        self._check("STARConfig")
+        if not self.hidden:
+            raise ValueError("STARConfig: hidden needs at least one layer width")
+        self.hidden = tuple(size_arg("STARConfig", f"hidden[{i}]", v) for i, v in enumerate(self.hidden))
+        self.aux_dim = size_arg("STARConfig", "aux_dim", self.aux_dim)
+        self.aux_hidden = size_arg("STARConfig", "aux_hidden", self.aux_hidden)
+        self.norm_eps, self.norm_momentum = check_norm_args("STARConfig", self.norm_eps, self.norm_momentum)
+
+
+class STARBody(nn.Module):
+    """STAR written once over a ``LayerSet`` (``star_linear``, ``partitioned_norm``, ``scenario_embedding``,
+    ``attention``). Use :class:`STAR` or ``saml_kernels.reference.STARReference``.
+
+    forward(indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None) -> logit [B] (inputs as
+    ``SAML``'s: a ``saml_kernels.data.Batch``'s ``inputs()``). ``loss(batch)``: mean BCE (0 for B = 0).
+    A scenario id outside [0, M) raises IndexError before anything is computed or updated."""
+
+    def __init__(self, config: STARConfig, layers, *, backend: Optional[str] = None,
+                 embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
+                 device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, STARConfig):
+            raise TypeError(f"{type(self).__name__}: config must be a STARConfig, got {type(config).__name__}")
+        c = self.config = config
+        fk = dict(device=device, dtype=dtype)
+        if backend is not None:
+            _backend.check_name(backend, f"{type(self).__name__}(backend=...)")
+        ek, lk = family_kwargs(layers, backend, embedding_optimizer, embedding_lr, embedding_eps)
+        M = c.num_scenarios
+        self.inputs = SharedInput(c, layers, ek, lk, fk)
+        self.norm = layers.partitioned_norm(c.global_dim, M, eps=c.norm_eps, momentum=c.norm_momentum, **lk, **fk)
+        self.star_layers = nn.ModuleList()
+        k = c.global_dim
+        for n in c.hidden:
+            self.star_layers.append(layers.star_linear(k, n, M, bias=True, activation="relu", **lk, **fk))
+            k = n
+        self.head = layers.star_linear(k, 1, M, bias=True, activation=None, **lk, **fk)
+        self.aux_embedding = nn.Embedding(M, c.aux_dim, **fk)
+        self.aux_net = nn.Sequential(nn.Linear(c.aux_dim, c.aux_hidden, **fk), nn.ReLU(),
+                                     nn.Linear(c.aux_hidden, 1, **fk))
+        self.dropout = nn.Dropout(c.dropout)
+        self.register_load_state_dict_post_hook(optimizer_state_keys_optional)
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+    def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None) -> Tensor:
+        who = type(self).__name__
+        if isinstance(scenario, Tensor) and scenario.dim() == 1 and scenario.dtype in _checks.INDEX_DTYPES \
+                and not torch.compiler.is_compiling():  # a compiled graph leaves the checks to the ops
+            # checked here (eager: raises at once), before a running statistic or a fused table update sees a bad id
+            scenario = _checks.scenario_range(who, scenario, self.config.num_scenarios)
+        x = self.inputs(who, indices, offsets, scenario, seq_ids, seq_lengths, dense)
+        h = self.norm(x, scenario)
+        for layer in self.star_layers:
+            h = self.dropout(layer(h, scenario))
+        aux = self.aux_net(self.aux_embedding(scenario.long()))
+        return (self.head(h, scenario) + aux).squeeze(-1)
+
+    def loss(self, batch) -> Tensor:
+        """Mean BCE of the logit on a ``saml_kernels.data.Batch`` (0 with zero gradients for an empty batch)."""
+        return bce_loss(self(*batch.inputs()), batch.label)
+
+
+class STAR(STARBody):
+    """STAR on the package's kernels (grouped-GEMM ``StarLinear``, segmented-statistics ``PartitionedNorm``,
+    fused embedding bags); see :class:`STARBody` and the module docstring.
+
+    Args: config (:class:`STARConfig`); backend (forced backend of every op); embedding_optimizer None | "sgd" |
+    "rowwise_adagrad" (fused into the embedding backward, as ``SAML``), embedding_lr, embedding_eps; device, dtype.
+    """
+
+    def __init__(self, config: STARConfig, *, backend: Optional[str] = None,
+                 embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
+                 device=None, dtype=None):
+        from .layer_set import KERNEL_LAYERS
+
+        super().__init__(config, KERNEL_LAYERS, backend=backend, embedding_optimizer=embedding_optimizer,
+                         embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype)
