@@ -14,7 +14,7 @@ import torch
 from conftest import device_backends
 from saml_kernels import serving
 from saml_kernels.data import load_ali_ccp, make_synthetic
-from saml_kernels.nn import SAML, SAMLConfig, TrainingOptimizer
+from saml_kernels.nn import SAML, SAMLConfig, SharedBottom, TrainingOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ALI_TRAIN = ROOT / "data" / "ali_ccp" / "ali_ccp_train_sample.csv"
@@ -67,6 +67,16 @@ def test_exported_program_scores_equal_eager_for_any_batch_size(tmp_path, name, 
             assert got_main.shape == (len(rows),) and type(got_main) is torch.Tensor
             torch.testing.assert_close(got_main, main, atol=1e-6, rtol=1e-6)
             torch.testing.assert_close(got_aux, aux, atol=1e-6, rtol=1e-6)
+
+
+def test_shared_bottom_exports_with_dynamic_batch():
+    data = _synthetic()
+    cfg = SAMLConfig.from_data(data, embedding_dim=8, attention_dim=4, aux_hidden=(12, 7), branch_hidden=(10, 6))
+    model = SharedBottom(cfg).eval()
+    fn = serving.export_saml(model, data.batch(np.arange(16))).module()
+    for rows in (np.arange(9), np.arange(20, 22), np.arange(30, 31)):
+        batch = data.batch(rows)
+        torch.testing.assert_close(fn(*batch.inputs()), _eager(model, batch), atol=1e-6, rtol=1e-6)
 
 
 def test_eager_model_unchanged_after_export():
