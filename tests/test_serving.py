@@ -79,6 +79,27 @@ def test_shared_bottom_exports_with_dynamic_batch():
         torch.testing.assert_close(fn(*batch.inputs()), _eager(model, batch), atol=1e-6, rtol=1e-6)
 
 
+class _LayoutNeedsTwo(SAML):
+    """A model whose trace decides a memory layout on a [B, 1] slice (contiguous only when B == 1)."""
+
+    def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None):
+        dense = torch.cat([dense[:, 1:2].contiguous(), dense[:, :1]], 1)
+        return super().forward(indices, offsets, scenario, seq_ids, seq_lengths, dense)
+
+
+def test_export_falls_back_to_batches_of_two_when_the_trace_needs_it():
+    data = _synthetic()
+    cfg = SAMLConfig.from_data(data, embedding_dim=8, attention_dim=4, aux_hidden=(12, 7), branch_hidden=(10, 6))
+    model = _LayoutNeedsTwo(cfg).eval()
+    with pytest.warns(RuntimeWarning, match="batches of 2 or more"):
+        fn = serving.export_saml(model, data.batch(np.arange(16))).module()
+    for rows in (np.arange(9), np.arange(20, 22)):
+        batch = data.batch(rows)
+        torch.testing.assert_close(fn(*batch.inputs()), _eager(model, batch), atol=1e-6, rtol=1e-6)
+    with pytest.raises(Exception):
+        fn(*data.batch(np.arange(1)).inputs())
+
+
 def test_eager_model_unchanged_after_export():
     """Tracing creates fake layout tensors; none of them may leak into the model's next eager call."""
     data = _synthetic()
