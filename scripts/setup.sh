@@ -30,8 +30,12 @@ stage() {
   else
     rc=$?
     echo "FAILED (exit $rc)"
-    echo "---- last 30 lines of $log ----"
-    tail -n 30 "$log"
+    if grep -qiE '(^|[^a-z_])error' "$log"; then  # the compiler's (or pip's) first errors, not a traceback's tail
+      echo "---- first error lines of $log ----"
+      grep -iE -m 12 '(^|[^a-z_])error' "$log" | cut -c1-300
+    fi
+    echo "---- last lines of $log ----"
+    tail -n 8 "$log" | cut -c1-300
     echo "---- full log: $PWD/$log"
     exit "$rc"
   fi
