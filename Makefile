@@ -3,39 +3,42 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
-# Builds are cached in build/ (ninja, incremental); the lock keeps concurrent builds from clashing.
-BUILD_LOCK := /tmp/saml_kernels_build.lock
 
 .PHONY: setup build run test test-fast test-interp bench clean info
 
-$(VENV)/.installed: requirements.txt
-	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet -r requirements.txt
-	touch $@
+# Set-up (scripts/setup.sh): one progress line per stage (venv, packages, build), each stage's output in a log
+# under build/ whose path is printed if the stage fails. `make run` builds the C++ CPU kernels only when no GPU is
+# visible; `make test` (and so CI) builds the CUDA kernels too wherever nvcc exists, so the GPU build is proven on
+# every test run. Either order of the two works: each mode keeps its own build directory.
+setup:
+	@PY=$(PY) scripts/setup.sh test
 
-setup: $(VENV)/.installed build
+build:
+	@PY=$(PY) scripts/setup.sh build
 
-build: $(VENV)/.installed
-	flock $(BUILD_LOCK) $(VPY) setup.py --quiet build_ext --inplace
+run:
+	@PY=$(PY) scripts/setup.sh run
+	@echo "[4/4] main job: python/train_saml.py"
+	@$(VPY) python/train_saml.py
 
-run: setup
-	$(VPY) python/train_saml.py
-
-info: setup
+info:
+	@PY=$(PY) scripts/setup.sh run
 	$(VPY) -m saml_kernels.info
 
 # Two pytest runs: the normal suite, then the Triton kernels under the CPU interpreter
 # (TRITON_INTERPRET must be set before triton is imported, so it is a separate process).
-test: setup
+test:
+	@PY=$(PY) scripts/setup.sh test
 	$(VPY) -m saml_kernels.info
 	$(VPY) -m pytest -q -x tests
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -m triton_interp tests
 
-test-fast: setup
+test-fast:
+	@PY=$(PY) scripts/setup.sh test
 	$(VPY) -m pytest -q -x tests -m "not slow"
 
-bench: setup
+bench:
+	@PY=$(PY) scripts/setup.sh run
 	$(VPY) benchmarks/run_all.py
 
 clean:

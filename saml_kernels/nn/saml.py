@@ -176,7 +176,9 @@ class SAML(nn.Module):
         if c.sequence is not None:
             s_g, s_s = self.sequence_embedding(seq_ids.reshape(-1), seq_offsets(B, L, seq_ids), scenario)
             fg, fs = c.target_slots()
-            att_g, att_l = self.attention(e_g[:, fg], e_s[:, fs], s_g.reshape(B, L, D), s_s.reshape(B, L, D),
+            # a fresh contiguous copy: .contiguous() on the strided slice would make torch.export specialise B != 1
+            target_s = e_s[:, fs].clone(memory_format=torch.contiguous_format)
+            att_g, att_l = self.attention(e_g[:, fg], target_s, s_g.reshape(B, L, D), s_s.reshape(B, L, D),
                                           seq_lengths, scenario)
             glob.append(att_g)
             scen.append(att_l)

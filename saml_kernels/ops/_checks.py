@@ -231,8 +231,10 @@ def scenario_range(op: str, scenario: torch.Tensor, num_scenarios: int) -> torch
 
     Returns the scenario tensor the kernels get: itself in eager mode (checked), else a copy clamped into range
     (so no kernel reads outside its tables before the flag is read). One reduction; the host sync follows the
-    check mode; inside a deferred block the same tensor is checked (and clamped) once."""
-    if scenario.numel() == 0:
+    check mode; inside a deferred block the same tensor is checked (and clamped) once. Traced (torch.compile /
+    torch.export) it returns ``scenario`` unchecked: a graph has no host read, and every op checks the ids again
+    inside its opaque custom op when the graph runs."""
+    if torch.compiler.is_compiling() or scenario.numel() == 0:
         return scenario
     if check_mode() == "eager":  # read at once: no stand-in, no dedup key
         flag = ((scenario < 0) | (scenario >= num_scenarios)).any()

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._codes import ACTIVATIONS
-from . import _checks
+from . import _autocast, _checks
 from ._activation import LEAKY_RELU, NONE, RELU, activation_backward, needs_preactivation
 
 OP = "mbranch_linear"
@@ -304,8 +304,10 @@ def _validate(x, weight, bias, scenario, route, activation, grad_mask, aux, aux_
     _checks.choice(OP, "grad_mask", grad_mask, GRAD_MASKS)
     if not isinstance(activation, (str, type(None))) or activation not in ACTIVATIONS:
         raise ValueError(f"{OP}: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    # under torch.autocast the op casts them all to the autocast dtype first (ops/_autocast.py)
+    mixed_ok = _autocast.will_cast(x.device.type, x, weight, bias, aux, aux_weight)
     for name, t in (("weight", weight), ("bias", bias), ("aux", aux), ("aux_weight", aux_weight)):
-        if t is not None and t.dtype != x.dtype:
+        if t is not None and t.dtype != x.dtype and not mixed_ok:
             raise TypeError(f"{OP}: {name} dtype {t.dtype} differs from x dtype {x.dtype}; all must share one dtype")
     M, K, N = weight.shape
     if M < 1:
