@@ -70,7 +70,7 @@ def _clear_layout_cache():
     # are fake, so they must not outlive the trace (the next eager call would get them).
     from .ops import scenario_embedding_bag as _seb
 
-    _seb._layout_cached.cache_clear()
+    _seb._layout_cached.cache_clear()  # belt and braces: table_layout itself no longer caches while tracing
 
 
 def export_saml(model, example_batch, path: Optional[Union[str, os.PathLike]] = None, *,

@@ -115,6 +115,22 @@ def test_eager_model_unchanged_after_export():
     torch.testing.assert_close(after, before, atol=0, rtol=0)
 
 
+def test_bare_torch_export_leaves_no_fake_tensor_behind():
+    """A plain ``torch.export.export`` (not through export_saml, so nothing clears a cache) must not leave fake
+    layout tensors for the model's next eager call."""
+    data = _synthetic()
+    model = _trained(data)
+    batch = data.batch(np.arange(20))
+    before = _eager(model, batch)
+    from saml_kernels.ops import scenario_embedding_bag as seb
+
+    seb._layout_cached.cache_clear()  # the trace is the first to build the layout
+    torch.export.export(model, tuple(batch.inputs()))
+    after = _eager(model, batch)
+    assert type(after[0]) is torch.Tensor and type(after[1]) is torch.Tensor
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
 def test_exported_program_still_checks_inputs():
     data = _synthetic()
     model = _trained(data)

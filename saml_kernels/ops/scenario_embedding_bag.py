@@ -287,7 +287,18 @@ def table_layout(feature_rows, feature_scenario_rows, num_rows: int, num_scenari
         if ss and ss != gs:
             raise ValueError(f"{OP}: feature_scenario_rows gives feature {f} {ss} scenario rows but feature_rows "
                              f"gives it {gs} global rows; an aware feature's scenario range must have its global size")
+    if torch.compiler.is_compiling() or _tracing_with_fake_tensors():
+        # a trace (torch.compile, torch.export) makes fake tensors here: never cache them for later eager calls
+        return _layout_cached.__wrapped__(fr, fsr, torch.device(device))
     return _layout_cached(fr, fsr, torch.device(device))
+
+
+def _tracing_with_fake_tensors() -> bool:
+    try:
+        from torch._guards import detect_fake_mode
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return False
+    return detect_fake_mode() is not None
 
 
 def scenario_embedding_bag(indices: Tensor, offsets: Tensor, scenario: Tensor, global_weight: Tensor,
