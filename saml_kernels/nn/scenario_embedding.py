@@ -48,7 +48,9 @@ def huge_page_empty(shape: Sequence[int], dtype: torch.dtype = torch.float32) ->
     numel = math.prod(shape)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     size = -(-max(nbytes, 1) // _HUGE_PAGE) * _HUGE_PAGE
-    mem = mmap.mmap(-1, size + _HUGE_PAGE)  # anonymous; one spare huge page to align the start
+    # private anonymous memory (a shared mapping would be shmem, which THP treats separately); one spare huge
+    # page to align the start
+    mem = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
     start = -addr % _HUGE_PAGE
     mem.madvise(mmap.MADV_HUGEPAGE, start, size)
