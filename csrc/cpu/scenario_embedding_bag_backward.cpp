@@ -35,7 +35,7 @@ using saml::cpu::seb::make_layout;
 using saml::cpu::seb::scen_row_base;
 using saml::cpu::pooled_empty;
 
-constexpr int64_t kPrefetchPairs = 8;  // sorted pairs ahead: upstream-gradient rows and the visitor's row
+constexpr int64_t kPrefetchPairs = 16;  // sorted pairs ahead: upstream-gradient rows and the visitor's row
 enum ScratchSlot { kSlotSortWords = 1 };
 
 // Per-feature sorted (key, position) pairs of the valid ids; regions are [off[f*B], off[f*B] + n) of each array.
@@ -94,8 +94,10 @@ void sort_pairs(const Layout& L, const index_t* idx, const index_t* off, SortedP
 
 // Walks the unique rows of one feature's sorted pairs; for each, sums scale_p * grad_row(p) over its positions
 // (in position order) into acc and calls visit(key, acc). The sorted order scatters the upstream-gradient reads
-// (and, for the fused update, the weight rows), so both are prefetched PFB pairs ahead (pre(key) prefetches
-// the visitor's row).
+// and the visitor's rows (for the fused update: the weight rows it reads and writes back), so a prefetch cursor
+// runs kPrefetchPairs pairs ahead of the walk: it prefetches every pair's gradient row and, at the first pair of
+// each unique row, calls pre(key) to prefetch the visitor's row. The walk is a long chain of independent random
+// accesses; keeping many of them in flight is what sets its speed.
 template <typename scalar_t, typename index_t, typename Visit, typename Pre>
 void reduce_segments(const Layout& L, const index_t* off, const scalar_t* psw, int64_t pooling, int64_t lp_stride,
                      const uint64_t* keys, int64_t n, int64_t base, const int32_t* sample, int64_t f,
@@ -103,7 +105,6 @@ void reduce_segments(const Layout& L, const index_t* off, const scalar_t* psw, i
                      std::vector<typename AccType<scalar_t>::type>& acc, Visit&& visit, Pre&& pre) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t D = L.D, B = L.B;
-  constexpr int64_t PFB = kPrefetchPairs;
   auto grad_row = [&](int64_t i) {
     const int64_t p = base + int64_t(keys[i] & 0xffffffffu);
     const int64_t b = sample[p];
@@ -111,14 +112,20 @@ void reduce_segments(const Layout& L, const index_t* off, const scalar_t* psw, i
     return grad + ((b * grad_cols + col) * lp_stride + k) * D;
   };
   const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
+  int64_t ahead = 0;  // pairs [0, ahead) have been prefetched
+  auto prefetch_to = [&](int64_t end) {
+    for (end = std::min(end, n); ahead < end; ++ahead) {
+      saml::cpu::seb::prefetch_read(grad_row(ahead), row_bytes);
+      if (ahead == 0 || (keys[ahead] >> 32) != (keys[ahead - 1] >> 32)) pre(int64_t(keys[ahead] >> 32));
+    }
+  };
   int64_t i = 0;
   while (i < n) {
     const uint64_t key = keys[i] >> 32;
     std::fill(acc.begin(), acc.end(), acc_t(0));
     acc_t* a = acc.data();
-    if (PFB > 0 && i + PFB < n) pre(int64_t(keys[i + PFB] >> 32));
     for (; i < n && (keys[i] >> 32) == key; ++i) {
-      if (PFB > 0 && i + PFB < n) saml::cpu::seb::prefetch_read(grad_row(i + PFB), row_bytes);
+      prefetch_to(i + kPrefetchPairs);
       const int64_t p = base + int64_t(keys[i] & 0xffffffffu);
       const int64_t bag = f * B + sample[p];
       const scalar_t* g = grad_row(i);
