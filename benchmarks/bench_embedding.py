@@ -361,7 +361,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, 3 rounds (smoke test)")
     ap.add_argument("--gpu", action="store_true", help="run on CUDA; GB/s against the device copy bandwidth")
-    ap.add_argument("--reps", type=int, default=15, help="alternating rounds per case")
+    ap.add_argument("--reps", type=int, default=11, help="alternating rounds per case")
     ap.add_argument("--all", action="store_true", help="include the reference backend among ours")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     ap.add_argument("--no-fbgemm", action="store_true", help="skip FBGEMM")
