@@ -34,6 +34,7 @@ using saml::cpu::seb::check_common;
 using saml::cpu::seb::make_layout;
 using saml::cpu::seb::scen_row_base;
 using saml::cpu::pooled_empty;
+using saml::cpu::seb::prefetch_write;
 
 constexpr int64_t kPrefetchPairs = 16;  // sorted pairs ahead: upstream-gradient rows and the visitor's row
 enum ScratchSlot { kSlotSortWords = 1 };
@@ -387,10 +388,11 @@ void seb_backward_update_cpu(const at::Tensor& grad_global, const at::Tensor& gr
             if (update_scenario) apply(swp + row * D, sst ? sst + row : nullptr, a);
           },
           [&](int64_t row) {
-            if (update_global) saml::cpu::seb::prefetch_write(gwp + row * D, D * int64_t(sizeof(scalar_t_)), gst ? gst + row : nullptr);
+            if (update_global) prefetch_write(gwp + row * D, D * int64_t(sizeof(scalar_t_)), gst ? gst + row : nullptr);
           },
           [&](int64_t row) {
-            if (update_scenario) saml::cpu::seb::prefetch_write(swp + row * D, D * int64_t(sizeof(scalar_t_)), sst ? sst + row : nullptr);
+            if (update_scenario)
+              prefetch_write(swp + row * D, D * int64_t(sizeof(scalar_t_)), sst ? sst + row : nullptr);
           });
     });
   });
