@@ -52,10 +52,12 @@ def extensions():
     with_cuda = _want_cuda()
     sources = ["csrc/registry.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-DSAML_WITH_CUDA=%d" % with_cuda]
-    if platform.machine() in ("x86_64", "AMD64"):  # SSE4.2 baseline on x86; other CPUs use their defaults
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    if x86:  # SSE4.2 baseline on x86; other CPUs use their compiler's defaults
         cxx.append("-march=x86-64-v2")
-    # FBGEMM's embedding kernels, where libtorch ships them; SAML_BUILD_FBGEMM=0 builds the portable path only.
-    if os.environ.get("SAML_BUILD_FBGEMM", "auto") != "0" and "fbgemm" in torch.backends.quantized.supported_engines:
+    # FBGEMM's JIT embedding kernels (x86) where libtorch ships them; SAML_BUILD_FBGEMM=0: portable path only.
+    if (x86 and os.environ.get("SAML_BUILD_FBGEMM", "auto") != "0"
+            and "fbgemm" in torch.backends.quantized.supported_engines):
         cxx.append("-DSAML_CPU_WITH_FBGEMM=1")
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     if not with_cuda:
