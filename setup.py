@@ -1,10 +1,12 @@
 """Builds saml_kernels._C: C++ CPU kernels always, CUDA kernels when a toolkit and a CUDA torch are present.
 
 SAML_BUILD_CUDA=auto (default) | 0 | 1.  TORCH_CUDA_ARCH_LIST is respected (default "8.0;9.0").
+SAML_BUILD_FBGEMM=auto (default) | 0: 0 leaves FBGEMM's embedding kernels out of the CPU forward.
 A compile error fails the build; nothing is downgraded silently.
 """
 import glob
 import os
+import platform
 import sys
 
 from setuptools import find_packages, setup
@@ -49,7 +51,14 @@ def _cuda_library_dirs():
 def extensions():
     with_cuda = _want_cuda()
     sources = ["csrc/registry.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-march=x86-64-v2", "-DSAML_WITH_CUDA=%d" % with_cuda]
+    cxx = ["-O3", "-fopenmp", "-DSAML_WITH_CUDA=%d" % with_cuda]
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    if x86:  # SSE4.2 baseline on x86; other CPUs use their compiler's defaults
+        cxx.append("-march=x86-64-v2")
+    # FBGEMM's JIT embedding kernels (x86) where libtorch ships them; SAML_BUILD_FBGEMM=0: portable path only.
+    if (x86 and os.environ.get("SAML_BUILD_FBGEMM", "auto") != "0"
+            and "fbgemm" in torch.backends.quantized.supported_engines):
+        cxx.append("-DSAML_CPU_WITH_FBGEMM=1")
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     if not with_cuda:
         return [cpp_extension.CppExtension("saml_kernels._C", sources, include_dirs=include_dirs,

@@ -1,4 +1,4 @@
-"""Benchmark of scenario_embedding_bag (issue 2, section 5).
+"""Benchmark of scenario_embedding_bag.
 
 Problem: B=4096 samples, F=16 features of 100,000 rows each, D=32, M=4 scenarios, every feature scenario-aware;
 one-hot bags and bags of 8; uniform and Zipf(1.05) ids; float32. Every lookup reads one global row and one row of
@@ -10,16 +10,26 @@ Providers (timed alternately, see harness.time_alternating; ratios are medians o
   eager-emb          two F.embedding calls + sum over the bag (fixed-length bags)
   compile-ref        torch.compile of saml_kernels.reference.scenario_embedding_bag_reference (forward only)
   fbgemm             FBGEMM CPU TBE (fbgemm-gpu-cpu): 16 global tables + 16 scenario tables of M*100k rows
+  gather-ceiling     (fwd, CPU) torch.index_select of the same global and scenario rows (row ids precomputed,
+                     outside the timed region) into preallocated outputs: one random-row read per lookup and
+                     nothing else, the memory-latency ceiling of the gather. "% ceiling" = its time / the provider's.
+  *-thp              (fwd, CPU) the same provider with both tables on transparent huge pages
+                     (saml_kernels.nn.scenario_embedding.huge_page_empty; ScenarioEmbedding(huge_pages=True)).
 Modes: fwd (forward), fwd+bwd (sparse gradients), fwd+bwd+sgd (ours: fused optimizer; eager: sparse grads +
 torch.optim.SGD.step; fbgemm: its fused EXACT_SGD).
 Index arithmetic (feature offsets, scenario * Rs) is inside every provider's timed region: it is part of the op.
+
+Per-phase breakdown (ours, fwd+bwd and fwd+bwd+sgd; JSON "phases_ms"): a torch.profiler pass over a few extra
+calls, reading the kernels' profiler scopes: forward (saml_C::seb_forward), sort (seb_backward::sort), reduce
+(seb_backward::reduce: per-row gradient sums written out) or reduce_update (seb_backward::reduce_update: the
+fused reduction + in-place update, each touched row read and written once).
 
 Effective bytes (compulsory traffic, counted per lookup, not per unique row):
   fwd  = 2 * nnz * D * 4 (global + scenario rows read) + 2 * B * F * D * 4 (outputs written) + nnz * 8 (ids)
   bwd  += 2 * B * F * D * 4 (upstream gradients read) + 2 * nnz * D * 4 (gradient rows written)
   sgd  += 2 * 2 * nnz * D * 4 (rows read and written back)
 
-Usage: python benchmarks/bench_embedding.py [--quick] [--gpu] [--reps N] [--out-tag TAG]
+Usage: python benchmarks/bench_embedding.py [--quick] [--gpu] [--reps N] [--no-thp] [--out-tag TAG]
 Writes benchmarks/results/embedding_<machine>.md / .json / .png (with --quick: embedding_<machine>_quick.*).
 """
 from __future__ import annotations
@@ -36,11 +46,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from harness import (RESULTS_DIR, machine_info, machine_tag, markdown_table, measure_copy_bandwidth,  # noqa: E402
-                     measure_gather_ceiling, time_alternating, write_results)
+                     time_alternating, write_results)
 
 import saml_kernels  # noqa: E402
 from saml_kernels import _backend  # noqa: E402
 from saml_kernels.ops import embedding_optimizer  # noqa: E402
+from saml_kernels.nn.scenario_embedding import huge_page_empty  # noqa: E402
 from saml_kernels.ops import scenario_embedding_bag as seb_ops  # noqa: E402
 from saml_kernels.reference.scenario_embedding_bag import scenario_embedding_bag_reference  # noqa: E402
 
@@ -100,7 +111,13 @@ class Problem:
         return grow.reshape(-1), srow.reshape(-1)
 
 
-def providers_for(P: Problem, mode: str, backends, with_compile: bool, fb_ok: bool):
+def on_huge_pages(t):
+    out = huge_page_empty(t.shape, t.dtype)
+    out.copy_(t)
+    return out
+
+
+def providers_for(P: Problem, mode: str, backends, with_compile: bool, fb_ok: bool, thp: bool = False):
     """{name: zero-arg callable} for one mode. Parameters are fresh per mode (the updates modify them)."""
     dev, B, F, D, L = P.device, P.B, P.F, P.D, P.L
     train = mode != "fwd"
@@ -110,6 +127,35 @@ def providers_for(P: Problem, mode: str, backends, with_compile: bool, fb_ok: bo
         gw = P.gw.clone().requires_grad_(train)
         sw = P.sw.clone().requires_grad_(train)
         return gw, sw
+
+    if mode == "fwd" and dev == "cpu":
+        grow, srow = P.eager_rows()  # precomputed: the ceiling times the row reads only
+        gout, sout = torch.empty(grow.numel(), D), torch.empty(srow.numel(), D)
+        tables = {"": (P.gw, P.sw)}
+        if thp:
+            tables["-thp"] = (on_huge_pages(P.gw), on_huge_pages(P.sw))
+        for tag, (gw, sw) in tables.items():
+            def ceiling(gw=gw, swf=sw.view(-1, D)):
+                torch.index_select(gw, 0, grow, out=gout)
+                torch.index_select(swf, 0, srow, out=sout)
+            provs[f"gather-ceiling{tag}"] = ceiling
+            if not tag:
+                continue
+            bag_off = torch.arange(0, P.nnz, L, device=dev)
+            for be in backends:
+                def f(be=be, gw=gw, sw=sw):
+                    with torch.no_grad():
+                        return saml_kernels.scenario_embedding_bag(P.ids, P.offsets, P.scenario, gw, sw, P.fr, P.fr,
+                                                                   backend=be)
+                provs[f"ours-{be}{tag}"] = f
+
+            def f(gw=gw, swf=sw.view(-1, D), bag_off=bag_off):
+                with torch.no_grad():
+                    grow, srow = P.eager_rows()
+                    g = Fn.embedding_bag(grow, gw, bag_off, mode="sum")
+                    s = Fn.embedding_bag(srow, swf, bag_off, mode="sum")
+                    return g.view(F, B, D).transpose(0, 1), s.view(F, B, D).transpose(0, 1)
+            provs[f"eager-embbag{tag}"] = f
 
     for be in backends:
         gw, sw = params()
@@ -217,6 +263,22 @@ def fbgemm_provider(P: Problem, mode: str):
     return f
 
 
+PHASES = ("saml_C::seb_forward", "seb_backward::sort", "seb_backward::reduce", "seb_backward::reduce_update")
+
+
+def phase_breakdown(fn, calls=3):
+    """Median-free per-call ms of the kernels' profiler scopes over `calls` calls (after the timed rounds)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    out = {}
+    for e in prof.key_averages():
+        if e.key in PHASES:
+            out[e.key.split("::")[-1]] = e.cpu_time_total / calls / 1e3
+    return out
+
+
 def run(args):
     device = "cuda" if args.gpu else "cpu"
     if args.gpu and not torch.cuda.is_available():
@@ -231,41 +293,59 @@ def run(args):
     print(f"machine: {machine_info()}\n{fb_msg}", flush=True)
     if device == "cuda":
         ceiling_name, ceiling = "device copy bandwidth", measure_copy_bandwidth(device="cuda")
+        print(f"ceiling: {ceiling_name} = {ceiling:.2f} GB/s", flush=True)
     else:
-        ceiling_name, ceiling = "random-row gather (index_select, 128 B rows)", measure_gather_ceiling(
-            rows=500_000 if args.quick else 4_000_000, n=65536 if args.quick else 262_144)
-    print(f"ceiling: {ceiling_name} = {ceiling:.2f} GB/s", flush=True)
-    results, rows_md, groups = [], [], {}
+        ceiling_name, ceiling = "gather-ceiling (index_select of the same rows, per case)", None
+    thp = device == "cpu" and not args.no_thp
+    results, rows_md, groups, phases_md = [], [], {}, []
     for L in ([1] if args.quick else [1, 8]):
         for dist in ("uniform", "zipf"):
             P = Problem(B, F, R, D, M, L, dist, device)
             for mode in ("fwd", "fwd+bwd", "fwd+bwd+sgd"):
-                provs = providers_for(P, mode, backends, not args.no_compile, fb_ok)
+                provs = providers_for(P, mode, backends, not args.no_compile, fb_ok, thp=thp and mode == "fwd")
                 provs = {k: v for k, v in provs.items() if v is not None}
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     r = time_alternating(provs, reps=reps, warmup=2, device=device)
                 case = f"{'one-hot' if L == 1 else f'bag{L}'} {dist} {mode}"
-                ours = [k for k in provs if k.startswith("ours-")]
+                ours = [k for k in provs if k.startswith("ours-") and not k.endswith("-thp")]
                 best = min(ours, key=lambda k: r["medians_ms"][k]) if ours else None
                 groups[case] = dict(r["medians_ms"])
+                phases = {}
+                if best is not None and mode != "fwd":
+                    phases = phase_breakdown(provs[best])
+                    phases_md.append([case, best] + [phases.get(k.split("::")[-1], "") for k in PHASES])
                 for name, ms in r["medians_ms"].items():
                     gbs = P.bytes(mode) / (ms / 1e3) / 1e9
                     speed = {p: r["ratios"][(p, name)] for p in provs if p != name}
+                    if device == "cuda":
+                        pct = 100 * gbs / ceiling
+                    else:  # against the index_select ceiling on the same kind of pages, fwd only
+                        ceil_name = "gather-ceiling" + ("-thp" if name.endswith("-thp") else "")
+                        pct = 100 * r["ratios"][(ceil_name, name)] if ceil_name in provs and ceil_name != name else None
                     results.append(dict(case=case, L=L, dist=dist, mode=mode, provider=name, ms=ms, gbs=gbs,
-                                        pct_ceiling=100 * gbs / ceiling, speedup_vs=speed))
+                                        pct_ceiling=pct, speedup_vs=speed,
+                                        **({"phases_ms": phases} if name == best and phases else {})))
                     vs = ", ".join(f"{p} {x:.2f}x" for p, x in speed.items()) if name == best else ""
-                    rows_md.append([case, name, ms, gbs, 100 * gbs / ceiling, vs])
-                    print(f"{case:28s} {name:14s} {ms:9.2f} ms {gbs:7.2f} GB/s {100 * gbs / ceiling:5.1f}%  {vs}",
-                          flush=True)
+                    rows_md.append([case, name, ms, gbs, "" if pct is None else pct, vs])
+                    pct_s = "" if pct is None else f"{pct:5.1f}%"
+                    print(f"{case:28s} {name:22s} {ms:9.2f} ms {gbs:7.2f} GB/s {pct_s:6s}  {vs}", flush=True)
+                if phases:
+                    print(f"{'':28s} phases (ms/call): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
                 del provs
     body = [f"Problem: B={B}, F={F} features x {R} rows, D={D}, M={M} scenarios, all aware, fp32, "
             f"{torch.get_num_threads()} threads, {reps} alternating rounds per case (medians; speed-ups are medians "
             f"of per-round ratios t_peer / t_ours, > 1 = ours faster).",
-            f"Ceiling: {ceiling_name} measured in this run: {ceiling:.2f} GB/s. {fb_msg}.",
+            (f"Ceiling: {ceiling_name} measured in this run: {ceiling:.2f} GB/s. {fb_msg}." if ceiling else
+             f"Ceiling: {ceiling_name}; % ceiling = median per-round t_ceiling / t_provider (fwd only; -thp rows "
+             f"against the ceiling on huge pages). {fb_msg}."),
             f"Load average at the start: {machine_info()['loadavg_1m']:.2f} (the machine is shared; numbers are noisy).",
             "", markdown_table(["case", "provider", "median ms", "GB/s", "% ceiling", "speed-up of best ours vs"],
                                rows_md)]
+    if phases_md:
+        body += ["", "Per-phase breakdown of ours (ms per call, torch.profiler scopes of the kernels; reduce = per-row "
+                 "gradients written out, reduce_update = fused reduction + in-place update):", "",
+                 markdown_table(["case", "provider"] + [k.split("::")[-1] for k in PHASES], phases_md)]
     if args.note:
         body.insert(0, args.note + "\n")
     stem = f"embedding_{args.out_tag or machine_tag()}" + ("_quick" if args.quick else "")
@@ -281,10 +361,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, 3 rounds (smoke test)")
     ap.add_argument("--gpu", action="store_true", help="run on CUDA; GB/s against the device copy bandwidth")
-    ap.add_argument("--reps", type=int, default=15, help="alternating rounds per case")
+    ap.add_argument("--reps", type=int, default=11, help="alternating rounds per case")
     ap.add_argument("--all", action="store_true", help="include the reference backend among ours")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     ap.add_argument("--no-fbgemm", action="store_true", help="skip FBGEMM")
+    ap.add_argument("--no-thp", action="store_true", help="skip the huge-page (-thp) providers")
     ap.add_argument("--out-tag", default=None, help="results file tag (default: machine tag)")
     ap.add_argument("--out-dir", default=RESULTS_DIR, help="where the results go (default benchmarks/results)")
     ap.add_argument("--note", default=None, help="a note written at the top of the results file")

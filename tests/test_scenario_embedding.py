@@ -165,6 +165,29 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(c.eval()(idx, off, sc), a(idx, off, sc), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="no MADV_HUGEPAGE here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_pages_tables(dtype):
+    """huge_pages=True: 2 MiB-aligned tables, same values and outputs as ordinary tables, fused update in place."""
+    from saml_kernels.nn.scenario_embedding import huge_page_empty
+    t = huge_page_empty((3, 5, 7), torch.float64)
+    assert t.shape == (3, 5, 7) and t.dtype == torch.float64 and t.is_contiguous()
+    assert t.data_ptr() % (2 << 20) == 0
+    assert huge_page_empty((0, 4)).shape == (0, 4)
+    a = ScenarioEmbedding(FEATURES, 3, 4, dtype=dtype)
+    b = ScenarioEmbedding(FEATURES, 3, 4, dtype=dtype, huge_pages=True, optimizer="sgd", lr=0.1)
+    assert b.huge_pages and b.global_weight.dtype == dtype and b.global_weight.data_ptr() % (2 << 20) == 0
+    b.load_state_dict(a.state_dict())
+    idx, off, sc, _ = batch(a)
+    torch.testing.assert_close(a(idx, off, sc), b.eval()(idx, off, sc), rtol=0, atol=0)
+    ptr, before = b.global_weight.data_ptr(), b.global_weight.detach().clone()
+    g, s = b.train()(idx, off, sc)
+    (g.float().sum() + s.float().sum()).backward()
+    assert b.global_weight.data_ptr() == ptr and not torch.equal(b.global_weight, before)
+    with pytest.raises(ValueError, match="huge_pages=True needs CPU tables"):
+        ScenarioEmbedding(FEATURES, 3, 4, huge_pages=True, device="meta")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_factory_args_and_init(dtype):
     D = 16

@@ -26,9 +26,38 @@ from ..ops import _checks
 from ..ops import embedding_optimizer as _eo
 from ..ops import scenario_embedding_bag as _seb
 
-__all__ = ["EmbeddingFeature", "FusedEmbeddingOptimizer", "ScenarioEmbedding"]
+__all__ = ["EmbeddingFeature", "FusedEmbeddingOptimizer", "ScenarioEmbedding", "huge_page_empty"]
 
 OPTIMIZERS = (None, "sgd", "rowwise_adagrad")
+_HUGE_PAGE = 2 << 20
+
+
+def huge_page_empty(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+    """An uninitialised, contiguous CPU tensor of ``shape`` whose memory is advised as transparent huge pages.
+
+    The memory is an anonymous mapping aligned to 2 MiB and ``madvise(MADV_HUGEPAGE)``d, so the kernel backs it
+    with 2 MiB pages where it can (Linux with ``/sys/kernel/mm/transparent_hugepage/enabled`` = madvise or always).
+    Random-row lookups into a table much larger than the TLB's reach then miss the TLB far less. The mapping lives
+    as long as the tensor. Raises ``RuntimeError`` where the platform has no ``MADV_HUGEPAGE``.
+    """
+    import ctypes
+    import mmap
+
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        raise RuntimeError("huge_page_empty: this platform has no MADV_HUGEPAGE (Linux only)")
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    size = -(-max(nbytes, 1) // _HUGE_PAGE) * _HUGE_PAGE
+    # private anonymous memory (a shared mapping would be shmem, which THP treats separately); one spare huge
+    # page to align the start
+    mem = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    start = -addr % _HUGE_PAGE
+    mem.madvise(mmap.MADV_HUGEPAGE, start, size)
+    if nbytes == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    flat = torch.frombuffer(mem, dtype=torch.uint8, count=nbytes, offset=start)  # keeps `mem` alive
+    return flat.view(dtype).view(tuple(shape))
 
 
 @dataclass(frozen=True)
@@ -189,6 +218,12 @@ class ScenarioEmbedding(nn.Module):
         bounds_check: "error" | "zero" | "off", as in ``saml_kernels.scenario_embedding_bag``.
         backend: forced backend for the op (None: ``use_backend`` context / env / automatic).
         device, dtype: factory arguments of the tables (dtype float32 / float16 / bfloat16 / float64).
+        huge_pages: allocate the CPU tables on transparent huge pages (``huge_page_empty``). Lookups into tables
+            much larger than the TLB's reach (hundreds of MB) spend much of their time in page walks; 2 MiB pages
+            cut those misses (measured in benchmarks/results/embedding_*.md). The trade-off: each table is rounded
+            up to 2 MiB and faulted in 2 MiB at a time (the kernel may stall to compact memory for it), the
+            effect depends on the host's THP setting, and anything that reallocates the tables (``.to(...)``,
+            ``copy.deepcopy``, ``load_state_dict(..., assign=True)``) lands on ordinary pages again.
 
     Parameters: ``global_weight [R, D]`` (R = sum of num_embeddings) and ``scenario_weight [M, Rs, D]`` (Rs = sum of
     the aware features' num_embeddings), rows in feature order.
@@ -204,7 +239,7 @@ class ScenarioEmbedding(nn.Module):
     def __init__(self, features: Sequence, num_scenarios: int, embedding_dim: int, *, sparse: bool = False,
                  optimizer: Optional[str] = None, lr: float = 0.01, eps: float = 1e-8, weight_decay: float = 0.0,
                  skip_nonfinite: bool = False, bounds_check: str = "error", backend: Optional[str] = None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, huge_pages: bool = False):
         super().__init__()
         feats = [_as_feature(f) for f in features]
         if not feats:
@@ -248,8 +283,16 @@ class ScenarioEmbedding(nn.Module):
                 a = f
         self._runs = tuple(runs)
         factory = dict(device=device, dtype=dtype)
-        self.global_weight = nn.Parameter(torch.empty(fr[-1], embedding_dim, **factory))
-        self.scenario_weight = nn.Parameter(torch.empty(num_scenarios, fsr[-1], embedding_dim, **factory))
+        if huge_pages:
+            if torch.empty(0, device=device).device.type != "cpu":
+                raise ValueError(f"ScenarioEmbedding: huge_pages=True needs CPU tables, got device={device!r}")
+            dt = dtype if dtype is not None else torch.get_default_dtype()
+            empty = lambda *shape: huge_page_empty(shape, dt)  # noqa: E731
+        else:
+            empty = lambda *shape: torch.empty(*shape, **factory)  # noqa: E731
+        self.huge_pages = bool(huge_pages)
+        self.global_weight = nn.Parameter(empty(fr[-1], embedding_dim))
+        self.scenario_weight = nn.Parameter(empty(num_scenarios, fsr[-1], embedding_dim))
         if optimizer == "rowwise_adagrad":
             self.register_buffer("global_state", torch.zeros(fr[-1], device=device, dtype=torch.float32))
             self.register_buffer("scenario_state", torch.zeros(num_scenarios, fsr[-1], device=device,
