@@ -2,20 +2,24 @@
 // csrc/registry.cpp, saml_kernels/ops/mbranch_linear.py); route "all" is in mbranch_linear_all.cpp.
 //
 // Rows come in any scenario order. A stable counting sort groups them by scenario, and each scenario's rows are
-// cut into tiles of at most kTileRows rows. One parallel pass over the tiles does all the row work of a call while
-// the tile is in cache:
-//   forward:  gather the tile's x rows (converted to the accumulation dtype) -> GEMM with W_m (MKL, one thread)
-//             -> bias + activation -> each row stored straight to its unsorted position in y (and z);
-//   backward: gather the tile's dz = dy * act'(z) rows (and, for dW, its x rows) -> db partial sums of the tile
-//             -> dx tile = dz W_m^T (MKL, one thread) -> each row stored straight to its unsorted position in dx.
-// Only dW_m = X_m^T dZ_m needs the whole scenario at once: one multithreaded GEMM per scenario on the rows the
-// tile pass left in scenario order. No pass reads or writes a full-size buffer other than that.
+// cut into tiles of at most kTileRows rows. Every row is read and written once, while its tile is in cache:
+//   forward:  gather the tile's x rows (converted to the accumulation dtype) into the GEMM's input tile -> GEMM
+//             with W_m (MKL, one thread per tile) -> bias + activation -> each row stored straight to its
+//             unsorted position in y (and z). Parallel over tiles.
+//   backward: per tile, gather dz = dy * act'(z) -> db partial sums of the tile -> gather the tile's x rows and
+//             accumulate dW_m += X_tile^T dZ_tile -> dx tile = dZ_tile W_m^T -> each dx row stored straight to
+//             its unsorted position. Parallel over chunks of up to kChunkTiles tiles of one scenario; each chunk
+//             sums its own dW part, and a scenario's parts are added in chunk order at the end.
+// No full-size buffer of sorted rows is written.
 //
-// Determinism: the tiles depend only on the scenario counts, never on the thread count, and each tile's GEMM and
-// partial sums run on one thread in a fixed order, so results are bitwise identical for any thread count.
+// Determinism: tiles and chunks depend only on the scenario counts, never on the thread count, and each tile's
+// GEMMs and each chunk's sums run on one thread in a fixed order, so results are bitwise identical for any
+// thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <atomic>
 
 #include "mbranch_linear_rows.h"
 
@@ -58,6 +62,43 @@ void for_tiles(const std::vector<Tile>& tiles, const Fn& fn) {
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
     at::NoGradGuard no_grad;
     for (int64_t t = t0; t < t1; ++t) fn(tiles[t], t);
+  });
+}
+
+// The backward's unit of work: tiles [t0, t1) of one scenario, at most kChunkTiles of them. A chunk accumulates
+// its own weight-gradient sum over its tiles in order (whole: the scenario's only chunk, summed in place), so no
+// full-size buffer of sorted rows is written. Chunks, like tiles, depend only on the scenario counts.
+constexpr int64_t kChunkTiles = 4;
+
+struct Chunk {
+  int64_t m, t0, t1;
+  bool whole;
+};
+
+std::vector<Chunk> make_chunks(const std::vector<Tile>& tiles) {
+  std::vector<Chunk> chunks;
+  const int64_t T = static_cast<int64_t>(tiles.size());
+  for (int64_t a = 0; a < T;) {
+    int64_t e = a;
+    while (e < T && tiles[e].m == tiles[a].m) ++e;  // tiles [a, e) are one scenario's
+    const int64_t k = (e - a + kChunkTiles - 1) / kChunkTiles;
+    for (int64_t j = 0; j < k; ++j)
+      chunks.push_back({tiles[a].m, a + (e - a) * j / k, a + (e - a) * (j + 1) / k, k == 1});
+    a = e;
+  }
+  return chunks;
+}
+
+// Runs fn(chunk, index) over the chunks, handed out one at a time to whichever thread is free (chunks differ in
+// size; the result of a chunk does not depend on the thread that runs it).
+template <typename Fn>
+void for_chunks(const std::vector<Chunk>& chunks, const Fn& fn) {
+  const int64_t C = static_cast<int64_t>(chunks.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(C, at::get_num_threads()), 1, [&](int64_t w0, int64_t w1) {
+    at::NoGradGuard no_grad;
+    for (int64_t k = w0; k < w1; ++k)
+      for (int64_t c = next++; c < C; c = next++) fn(chunks[c], c);
   });
 }
 
@@ -168,17 +209,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   const int64_t T = static_cast<int64_t>(tiles.size());
   const int64_t* perm = g.perm.data_ptr<int64_t>();
 
-  // What outlives the tile pass, in scenario order: dz rows and x / aux rows for the weight GEMMs, and the
-  // tiles' bias partial sums.
-  const bool keep_dz = need_dw || need_dwa;
-  const Tensor dzs = keep_dz ? scratch(kSortedGrad, B, N, acc) : Tensor();
-  const Tensor xs = need_dw ? scratch(kSortedRows, B, K, acc) : Tensor();
-  const Tensor auxs = need_dwa ? scratch(kSortedAux, B, Ka, acc) : Tensor();
+  const std::vector<Chunk> chunks = make_chunks(tiles);
+  const int64_t C = static_cast<int64_t>(chunks.size());
   const Tensor db_tiles = need_db ? at::empty({T, N}, opts.dtype(acc)) : Tensor();
   const Tensor w = need_dx ? to_acc(weight) : Tensor();
   const Tensor wa = need_daux ? to_acc(*aux_weight) : Tensor();
   if (need_dx) dx = x.dim() == 3 ? at::zeros(x.sizes(), opts) : at::empty(x.sizes(), opts);
   if (need_daux) daux = at::empty(aux.sizes(), opts);
+  // Weight gradients in the accumulation dtype: a scenario of one chunk is written in place, a scenario of several
+  // chunks gets one partial sum per chunk (scratch), added in chunk order afterwards.
+  const Tensor dw_acc = need_dw ? at::empty({M, K, N}, opts.dtype(acc)) : Tensor();
+  const Tensor dwa_acc = need_dwa ? at::empty({M, Ka, N}, opts.dtype(acc)) : Tensor();
+  const Tensor dw_parts = need_dw ? scratch(kSortedRows, C * K, N, acc).view({C, K, N}) : Tensor();
+  const Tensor dwa_parts = need_dwa ? scratch(kSortedAux, C * Ka, N, acc).view({C, Ka, N}) : Tensor();
+  auto param_dst = [&](const Tensor& full, const Tensor& parts, const Chunk& c, int64_t ci) {
+    return c.whole ? full[c.m] : parts[ci];
+  };
   SAML_DISPATCH_FLOATING(x.scalar_type(), "mbl_grouped_backward", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const RowSrc<scalar_t> dyr(dy), xr(x);
@@ -189,53 +235,66 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     scalar_t* dxp = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
     scalar_t* daxp = need_daux ? daux.data_ptr<scalar_t>() : nullptr;
     acc_t* dbp = need_db ? db_tiles.data_ptr<acc_t>() : nullptr;
-    for_tiles(tiles, [&](const Tile& t, int64_t ti) {
-      const Tensor dz = keep_dz ? dzs.narrow(0, t.r0, t.n) : scratch(kTileGrad, t.n, N, acc);
-      acc_t* dzp = dz.data_ptr<acc_t>();
-      for (int64_t i = 0; i < t.n; ++i) {
-        const int64_t b = perm[t.r0 + i];
-        grad_row<scalar_t, acc_t>(dyr.row(t.m, b), act == kActNone ? nullptr : vr.row(t.m, b), dzp + i * N, N, act);
-      }
-      if (need_db) {
-        acc_t* p = dbp + ti * N;
-        std::fill(p, p + N, acc_t(0));
-        for (int64_t i = 0; i < t.n; ++i)
-          for (int64_t c = 0; c < N; ++c) p[c] += dzp[i * N + c];
-      }
-      if (need_dw) {
-        acc_t* xsp = xs.data_ptr<acc_t>() + t.r0 * K;
-        for (int64_t i = 0; i < t.n; ++i) load_row(xr.row(t.m, perm[t.r0 + i]), xsp + i * K, K);
-      }
-      if (need_dwa) {
-        acc_t* asp = auxs.data_ptr<acc_t>() + t.r0 * Ka;
-        for (int64_t i = 0; i < t.n; ++i) load_row(ar.row(t.m, perm[t.r0 + i]), asp + i * Ka, Ka);
-      }
-      // Input gradients: dz W_m^T into the tile buffer, each row stored to its unsorted position.
-      auto input_grad = [&](const Tensor& wt, int64_t F, scalar_t* dst, int64_t dst_sm) {
-        Tensor out = scratch(kTileOut, t.n, F, acc);
-        at::mm_out(out, dz, wt[t.m].t());
-        const acc_t* op = out.data_ptr<acc_t>();
+    for_chunks(chunks, [&](const Chunk& c, int64_t ci) {
+      for (int64_t ti = c.t0; ti < c.t1; ++ti) {
+        const Tile& t = tiles[ti];
+        const bool first = ti == c.t0;
+        Tensor dz = scratch(kTileGrad, t.n, N, acc);
+        acc_t* dzp = dz.data_ptr<acc_t>();
         for (int64_t i = 0; i < t.n; ++i) {
           const int64_t b = perm[t.r0 + i];
-          store_row<scalar_t, acc_t>(op + i * F, nullptr, dst + t.m * dst_sm + b * F, F, kActNone);
+          grad_row<scalar_t, acc_t>(dyr.row(t.m, b), act == kActNone ? nullptr : vr.row(t.m, b), dzp + i * N, N,
+                                    act);
         }
-      };
-      if (need_dx) input_grad(w, K, dxp, dx_sm);
-      if (need_daux) input_grad(wa, Ka, daxp, 0);
+        if (need_db) {
+          acc_t* p = dbp + ti * N;
+          std::fill(p, p + N, acc_t(0));
+          for (int64_t i = 0; i < t.n; ++i)
+            for (int64_t j = 0; j < N; ++j) p[j] += dzp[i * N + j];
+        }
+        // Weight gradients: dW += X_tile^T dZ_tile, accumulated over the chunk's tiles in order.
+        auto param_grad = [&](const RowSrc<scalar_t>& src, int64_t F, Tensor dst) {
+          Tensor rows = scratch(kTileIn, t.n, F, acc);
+          acc_t* rp = rows.data_ptr<acc_t>();
+          for (int64_t i = 0; i < t.n; ++i) load_row(src.row(t.m, perm[t.r0 + i]), rp + i * F, F);
+          if (first) {
+            at::mm_out(dst, rows.t(), dz);
+          } else {
+            dst.addmm_(rows.t(), dz);
+          }
+        };
+        if (need_dw) param_grad(xr, K, param_dst(dw_acc, dw_parts, c, ci));
+        if (need_dwa) param_grad(ar, Ka, param_dst(dwa_acc, dwa_parts, c, ci));
+        // Input gradients: dz W_m^T into the tile buffer, each row stored to its unsorted position.
+        auto input_grad = [&](const Tensor& wt, int64_t F, scalar_t* dst, int64_t dst_sm) {
+          Tensor out = scratch(kTileOut, t.n, F, acc);
+          at::mm_out(out, dz, wt[t.m].t());
+          const acc_t* op = out.data_ptr<acc_t>();
+          for (int64_t i = 0; i < t.n; ++i) {
+            const int64_t b = perm[t.r0 + i];
+            store_row<scalar_t, acc_t>(op + i * F, nullptr, dst + t.m * dst_sm + b * F, F, kActNone);
+          }
+        };
+        if (need_dx) input_grad(w, K, dxp, dx_sm);
+        if (need_daux) input_grad(wa, Ka, daxp, 0);
+      }
     });
   });
-  // Parameter gradients: dW_m = X_m^T dZ_m, one multithreaded GEMM per scenario on its rows in scenario order.
-  auto param_grad = [&](const Tensor& rows, int64_t F) {
-    Tensor out = at::empty({M, F, N}, opts.dtype(acc));
-    for (int64_t m = 0; m < M; ++m) {
-      const int64_t r0 = g.start[m], n = g.start[m + 1] - r0;
-      Tensor o = out[m];
-      if (n == 0) o.zero_(); else at::mm_out(o, rows.narrow(0, r0, n).t(), dzs.narrow(0, r0, n));
+  // Scenarios of several chunks: their partial sums in chunk order; scenarios without rows: zero.
+  auto finish_param = [&](const Tensor& full, const Tensor& parts) {
+    std::vector<bool> seen(M, false);
+    for (int64_t ci = 0; ci < C; ++ci) {
+      const Chunk& c = chunks[ci];
+      if (c.whole) { seen[c.m] = true; continue; }
+      Tensor o = full[c.m];
+      if (seen[c.m]) o.add_(parts[ci]); else o.copy_(parts[ci]);
+      seen[c.m] = true;
     }
-    return out.to(x.scalar_type());
+    for (int64_t m = 0; m < M; ++m) if (!seen[m]) full[m].zero_();
+    return full.to(x.scalar_type());
   };
-  if (need_dw) dw = param_grad(xs, K);
-  if (need_dwa) dwa = param_grad(auxs, Ka);
+  if (need_dw) dw = finish_param(dw_acc, dw_parts);
+  if (need_dwa) dwa = finish_param(dwa_acc, dwa_parts);
   if (need_db) {
     // db_m: the partial sums of scenario m's tiles, added in tile order.
     Tensor out = at::zeros({M, N}, opts.dtype(acc));
