@@ -323,7 +323,9 @@ def main():
             for mix in args.mixes.split(","):
                 c = make_case(M, B, K, N, dtype, device, mix)
                 torch._dynamo.reset()
-                rows, d = bench_one(c, route, mode, reps, device, compile_ref, mem)
+                # linear is about the ratio to the plain matmul: no compile_ref, no memory sampling (keeps the run short)
+                full = layer == "relu_bias"
+                rows, d = bench_one(c, route, mode, reps, device, compile_ref and full, mem and full)
                 key = f"{layer} route={route}{' grad_mask=own' if route == 'all' else ''} {mode} {mix}"
                 data["results"][key] = d
                 plot[key] = {n: v["gflops"] for n, v in d["providers"].items()}
