@@ -25,8 +25,7 @@ Peak memory on the CPU: the process re-executes itself with MALLOC_MMAP_THRESHOL
 buffer is mmapped and returned on free; resident memory then follows live memory and a sampling thread
 (~0.2 ms period) records its peak over one call (warm). On CUDA: the allocator's peak.
 
-Mutual providers: the mutual_linear benchmark lives in benchmarks/bench_mutual.py (the mutual_linear owner);
-``add_mutual_providers`` below is the hook if they prefer to extend this file.
+The mutual layer (mutual_linear) is benchmarked in benchmarks/bench_mutual.py.
 """
 from __future__ import annotations
 
@@ -161,11 +160,6 @@ def all_providers(c, compile_ref=True):
     return provs
 
 
-def add_mutual_providers(provs, c):
-    """# ---- MUTUAL PROVIDERS: hook for the mutual_linear owner (or see benchmarks/bench_mutual.py) ----"""
-    return provs
-
-
 def plain_provider(c, route):
     """One plain matmul of the route's shape class: the rate ceiling measured in the same run."""
     M, K, N = c["M"], c["K"], c["N"]
@@ -242,7 +236,6 @@ def plain_flops(c, route, mode):
 
 def bench_one(c, route, mode, reps, device, compile_ref, mem):
     provs = own_providers(c, compile_ref) if route == "own" else all_providers(c, compile_ref)
-    provs = add_mutual_providers(provs, c) if route == "all" else provs
     plain_f, plain_w = plain_provider(c, route)
     calls, skipped = {}, {}
     for name, f in provs.items():
