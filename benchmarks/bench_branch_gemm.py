@@ -1,7 +1,9 @@
-"""Benchmark of the M-branch GEMMs (issue 3, section 4): ``mbranch_linear`` routes "own" and "all" (grad_mask "own").
+"""Benchmark of the M-branch GEMMs: ``mbranch_linear`` routes "own" and "all" (grad_mask "own").
 
 CPU (default): M=4, B=4096, K=N=256, float32.  ``--gpu``: M=4, B=16384, K=N=512, bfloat16 on CUDA.
-Scenario mixes: uniform and skewed (70/20/5/5); rows always unsorted (random order). Layer: bias + relu.
+Scenario mixes: uniform and skewed (70/20/5/5); rows always unsorted (random order).
+Layers (``--layers``): "relu_bias" (bias + relu, every route) and "linear" (no bias, no activation: the same
+work as the plain matmul, route own only).
 
 Providers (all compute the same y and, for fwd+bwd, the gradients of x, W and bias):
   ours         saml_kernels.mbranch_linear (backend chosen automatically: cpu / cuda)
@@ -15,19 +17,21 @@ Providers (all compute the same y and, for fwd+bwd, the gradients of x, W and bi
 
 Reported: median ms, useful GFLOP/s (own: 2BKN fwd, 6BKN fwd+bwd; all+grad_mask own: 2MBKN fwd,
 2MBKN + 4BKN fwd+bwd), % of the plain-matmul rate measured in the same run, speed-up of ours over each provider
-(median of per-round ratios, alternating timing), peak extra memory of one call.
+(median of per-round ratios, alternating timing), peak extra memory of one call. For ours, the per-round ratio
+of the plain matmul's rate to ours is also given as median [25th, 75th percentile] across rounds: its spread
+shows how much a shared machine disturbed the pair.
 
 Peak memory on the CPU: the process re-executes itself with MALLOC_MMAP_THRESHOLD_=65536 so that every large
 buffer is mmapped and returned on free; resident memory then follows live memory and a sampling thread
 (~0.2 ms period) records its peak over one call (warm). On CUDA: the allocator's peak.
 
-Mutual providers: the mutual_linear benchmark lives in benchmarks/bench_mutual.py (the mutual_linear owner);
-``add_mutual_providers`` below is the hook if they prefer to extend this file.
+The mutual layer (mutual_linear) is benchmarked in benchmarks/bench_mutual.py.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import threading
 import time
@@ -64,8 +68,23 @@ def make_case(M, B, K, N, dtype, device, mix, seed=0):
 
 # ------------------------------------------------------------------------------------------------ providers
 
+_LAYER = {"name": "relu_bias"}  # set by main() per configuration
+
+
 def _relu(t):
-    return torch.relu(t)
+    return torch.relu(t) if _LAYER["name"] == "relu_bias" else t
+
+
+def _act():
+    return "relu" if _LAYER["name"] == "relu_bias" else None
+
+
+def _bias(b):
+    return b if _LAYER["name"] == "relu_bias" else None
+
+
+def _add_bias(t, b):
+    return t + b if _LAYER["name"] == "relu_bias" else t
 
 
 def own_providers(c, compile_ref=True):
@@ -73,19 +92,19 @@ def own_providers(c, compile_ref=True):
     M, B, N = c["M"], c["B"], c["N"]
 
     def ours(x, w, b, s):
-        return saml_kernels.mbranch_linear(x, w, b, s, route="own", activation="relu")
+        return saml_kernels.mbranch_linear(x, w, _bias(b), s, route="own", activation=_act())
 
     def eager_where(x, w, b, s):
         out = x.new_zeros(B, N)
         for m in range(M):
-            out = torch.where((s == m).unsqueeze(1), _relu(x @ w[m] + b[m]), out)
+            out = torch.where((s == m).unsqueeze(1), _relu(_add_bias(x @ w[m], b[m])), out)
         return out
 
     def masked_loop(x, w, b, s):
         out = x.new_zeros(B, N)
         for m in range(M):
             rows = s == m
-            out = out.index_put((rows,), _relu(x[rows] @ w[m] + b[m]))
+            out = out.index_put((rows,), _relu(_add_bias(x[rows] @ w[m], b[m])))
         return out
 
     def _sorted(s):
@@ -96,21 +115,21 @@ def own_providers(c, compile_ref=True):
     def sort_segment(x, w, b, s):
         order, counts = _sorted(s)
         parts = x.index_select(0, order).split(counts.tolist())
-        ys = torch.cat([_relu(p @ w[m] + b[m]) for m, p in enumerate(parts)])
+        ys = torch.cat([_relu(_add_bias(p @ w[m], b[m])) for m, p in enumerate(parts)])
         return ys.new_zeros(B, N).index_copy(0, order, ys)
 
     def grouped_mm(x, w, b, s):
         order, counts = _sorted(s)
         offs = counts.cumsum(0).to(torch.int32)
         ys = torch._grouped_mm(x.index_select(0, order), w, offs=offs)
-        ys = _relu(ys + b.index_select(0, s.index_select(0, order)))
+        ys = _relu(_add_bias(ys, b.index_select(0, s.index_select(0, order))))
         return ys.new_zeros(B, N).index_copy(0, order, ys)
 
     provs = dict(ours=ours, eager_where=eager_where, masked_loop=masked_loop, sort_segment=sort_segment,
                  grouped_mm=grouped_mm)
     if compile_ref:
         provs["compile_ref"] = torch.compile(
-            lambda x, w, b, s: mbranch_linear_reference(x, w, b, s, route="own", activation="relu"))
+            lambda x, w, b, s: mbranch_linear_reference(x, w, _bias(b), s, route="own", activation=_act()))
     return provs
 
 
@@ -128,7 +147,7 @@ def all_providers(c, compile_ref=True):
         return (torch.arange(M, device=s.device).view(M, 1) == s.view(1, B)).unsqueeze(-1)
 
     def eager_loop(x, w, b, s):
-        y = torch.stack([_relu(x @ w[m] + b[m]) for m in range(M)])
+        y = torch.stack([_relu(_add_bias(x @ w[m], b[m])) for m in range(M)])
         return torch.where(_mask(s), y, y.detach())
 
     def grouped_mm(x, w, b, s):
@@ -138,11 +157,6 @@ def all_providers(c, compile_ref=True):
     provs = dict(ours=ours, eager_ref=eager_ref, eager_loop=eager_loop, grouped_mm=grouped_mm)
     if compile_ref:
         provs["compile_ref"] = torch.compile(eager_ref)
-    return provs
-
-
-def add_mutual_providers(provs, c):
-    """# ---- MUTUAL PROVIDERS: hook for the mutual_linear owner (or see benchmarks/bench_mutual.py) ----"""
     return provs
 
 
@@ -222,7 +236,6 @@ def plain_flops(c, route, mode):
 
 def bench_one(c, route, mode, reps, device, compile_ref, mem):
     provs = own_providers(c, compile_ref) if route == "own" else all_providers(c, compile_ref)
-    provs = add_mutual_providers(provs, c) if route == "all" else provs
     plain_f, plain_w = plain_provider(c, route)
     calls, skipped = {}, {}
     for name, f in provs.items():
@@ -238,6 +251,12 @@ def bench_one(c, route, mode, reps, device, compile_ref, mem):
     med = res["medians_ms"]
     plain_rate = plain_flops(c, route, mode) / (med["plain"] * 1e-3) / 1e9
     rows, data = [], {"skipped": skipped, "plain_gflops": plain_rate, "providers": {}}
+    times = res["times_ms"]
+    spread = sorted(p / o for p, o in zip(times["plain"], times["ours"])) if "ours" in times else []
+    if spread:
+        q = lambda f: 100 * spread[min(len(spread) - 1, int(f * len(spread)))]  # noqa: E731
+        data["ours_pct_plain_rounds"] = dict(median=100 * statistics.median(spread), q25=q(0.25), q75=q(0.75),
+                                             rounds=len(spread))
     for name in calls:
         if name == "plain":
             rate = plain_rate
@@ -249,7 +268,11 @@ def bench_one(c, route, mode, reps, device, compile_ref, mem):
         speedup = res["ratios"][(name, "ours")] if name != "ours" else 1.0
         data["providers"][name] = dict(ms=med[name], gflops=rate, pct_plain=100 * rate / plain_rate,
                                        ours_speedup=speedup, peak_bytes=pk)
-        rows.append([name, med[name], rate, f"{100 * rate / plain_rate:.0f}%", f"{speedup:.2f}x",
+        pct = f"{100 * rate / plain_rate:.0f}%"
+        if name == "ours" and spread:
+            r = data["ours_pct_plain_rounds"]
+            pct += f" (rounds {r['median']:.0f}% [{r['q25']:.0f}, {r['q75']:.0f}])"
+        rows.append([name, med[name], rate, pct, f"{speedup:.2f}x",
                      "-" if pk is None else f"{pk / 2**20:.1f}"])
     for name, why in skipped.items():
         rows.append([name, "n/a", "n/a", "n/a", "n/a", why])
@@ -266,6 +289,8 @@ def main():
     ap.add_argument("--routes", default="own,all")
     ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--mixes", default="uniform,skewed")
+    ap.add_argument("--layers", default="relu_bias,linear",
+                    help="relu_bias (every route) and/or linear (no bias, no activation; route own only)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
@@ -281,16 +306,20 @@ def main():
     compile_ref = not (args.no_compile or args.quick)
     mem = not (args.no_mem or args.quick)
     header = ["provider", "median ms", "useful GFLOP/s", "% of plain matmul", "ours speed-up", "peak extra MiB"]
-    body, data = [], {"shape": dict(M=M, B=B, K=K, N=N, dtype=str(dtype), device=device, activation="relu",
-                                    bias=True), "results": {}}
+    body, data = [], {"shape": dict(M=M, B=B, K=K, N=N, dtype=str(dtype), device=device), "results": {}}
     plot = {}
-    for route in args.routes.split(","):
+    configs = [(layer, route) for layer in args.layers.split(",") for route in args.routes.split(",")
+               if layer == "relu_bias" or route == "own"]
+    for layer, route in configs:
+        _LAYER["name"] = layer
         for mode in args.modes.split(","):
             for mix in args.mixes.split(","):
                 c = make_case(M, B, K, N, dtype, device, mix)
                 torch._dynamo.reset()
-                rows, d = bench_one(c, route, mode, reps, device, compile_ref, mem)
-                key = f"route={route}{' grad_mask=own' if route == 'all' else ''} {mode} {mix}"
+                # linear is about the ratio to the plain matmul: no compile_ref, no memory sampling (keeps the run short)
+                full = layer == "relu_bias"
+                rows, d = bench_one(c, route, mode, reps, device, compile_ref and full, mem and full)
+                key = f"{layer} route={route}{' grad_mask=own' if route == 'all' else ''} {mode} {mix}"
                 data["results"][key] = d
                 plot[key] = {n: v["gflops"] for n, v in d["providers"].items()}
                 body.append(f"## {key}\n\nplain matmul rate: {d['plain_gflops']:.1f} GFLOP/s\n\n"
@@ -298,7 +327,7 @@ def main():
                 print(body[-1], flush=True)
     stem = (f"bench_branch_gemm_{machine_tag()}" + (f"_t{args.threads}" if args.threads else "")
             + ("_quick" if args.quick else ""))
-    title = f"M-branch GEMM, M={M} B={B} K={K} N={N} {dtype} on {device} (bias + relu, unsorted rows)"
+    title = f"M-branch GEMM, M={M} B={B} K={K} N={N} {dtype} on {device} (unsorted rows)"
     paths = write_results(stem, title, "\n".join(body), data, plot={"groups": plot, "ylabel": "useful GFLOP/s"})
     print(paths)
 

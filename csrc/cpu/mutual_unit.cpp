@@ -32,8 +32,11 @@
 namespace {
 
 constexpr double kEps = 1e-8;
-enum Similarity : int64_t { kCosine = 0, kDot = 1 };
-enum Activation : int64_t { kNone = 0, kRelu = 1, kLeakyRelu = 2, kGelu = 3, kSilu = 4 };
+using saml::kActGelu;
+using saml::kActLeakyRelu;
+using saml::kActRelu;
+using saml::kActSilu;
+using saml::kSimCosine;
 
 template <typename acc_t, typename a_t, typename b_t>
 inline acc_t dot(const a_t* a, const b_t* b, int64_t n) {
@@ -68,20 +71,20 @@ inline acc_t inv_scale(const src_t* x, int64_t n) {
 // at a dead unit gives 0, as torch does.
 void act_inplace(at::Tensor& z, int64_t act) {
   switch (act) {
-    case kRelu: z.relu_(); break;
-    case kLeakyRelu: at::leaky_relu_(z, 0.01); break;
-    case kGelu: at::gelu_(z); break;
-    case kSilu: at::silu_(z); break;
+    case kActRelu: z.relu_(); break;
+    case kActLeakyRelu: at::leaky_relu_(z, saml::kLeakyReluSlope); break;
+    case kActGelu: at::gelu_(z); break;
+    case kActSilu: at::silu_(z); break;
     default: break;
   }
 }
 
 at::Tensor act_backward(const at::Tensor& dh, const at::Tensor& z, int64_t act) {
   switch (act) {
-    case kRelu: return at::threshold_backward(dh, z, 0);
-    case kLeakyRelu: return at::leaky_relu_backward(dh, z, 0.01, false);
-    case kGelu: return at::gelu_backward(dh, z);
-    case kSilu: return at::silu_backward(dh, z);
+    case kActRelu: return at::threshold_backward(dh, z, 0);
+    case kActLeakyRelu: return at::leaky_relu_backward(dh, z, saml::kLeakyReluSlope, false);
+    case kActGelu: return at::gelu_backward(dh, z);
+    case kActSilu: return at::silu_backward(dh, z);
     default: return dh;
   }
 }
@@ -100,7 +103,7 @@ acc_t row_attention(const src_t* const* rows, int64_t M, int64_t N, int64_t s, d
                     RowScratch<acc_t>& sc) {
   const src_t* own = rows[s];
   acc_t own_raw = 0;
-  if (sim == kCosine) {
+  if (sim == kSimCosine) {
     for (int64_t m = 0; m < M; ++m) {
       const acc_t r = inv_scale<acc_t>(rows[m], N);
       const acc_t len = std::sqrt(scaled_dot<acc_t>(rows[m], r, rows[m], r, N));
@@ -112,7 +115,7 @@ acc_t row_attention(const src_t* const* rows, int64_t M, int64_t N, int64_t s, d
   const acc_t inv_sqrt_n = acc_t(1) / std::sqrt(acc_t(std::max<int64_t>(N, 1)));
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
   for (int64_t m = 0; m < M; ++m) {
-    sc.sim[m] = sim == kCosine
+    sc.sim[m] = sim == kSimCosine
                     ? scaled_dot<acc_t>(own, sc.inv[s], rows[m], sc.inv[m], N) / (sc.norm[s] * sc.norm[m])
                     : dot<acc_t>(own, rows[m], N) * inv_sqrt_n;
     sc.a[m] = sc.sim[m] / acc_t(temperature);
@@ -157,7 +160,7 @@ void row_backward(const src_t* const* rows, const g_t* g, int64_t M, int64_t N, 
   acc_t coef_own = 0, e_s = 0;  // coef_own multiplies h_s q (cosine: own term and derivative of the own norm)
   for (int64_t m = 0; m < M; ++m) {
     const acc_t e = sc.a[m] * (sc.w[m] - ga) * (m == s ? acc_t(2) : acc_t(1)) * inv_t;
-    if (sim == kCosine) {
+    if (sim == kSimCosine) {
       // = e / (|h_s|_eps |h_m|_eps); the own row's coefficient goes through coef_own (below)
       // e = O(|h| / min(r)): the smaller scale first, the larger last (neither step overflows nor underflows)
       sc.w[m] = m == s ? acc_t(0)
@@ -171,7 +174,7 @@ void row_backward(const src_t* const* rows, const g_t* g, int64_t M, int64_t N, 
   // Own row: true coefficient r_s^2 (e_s - [|h_s| > eps] sum_m e_m sim_m) / own_n^2, applied as coef_own (h_s q)
   // with q = r_s / own_n (|h_s q| <= 1): e_s / own_n^2 alone overflows at a zero own next to huge branches.
   acc_t q = 1;
-  if (sim == kCosine) {
+  if (sim == kSimCosine) {
     coef_own = (((own_raw > acc_t(kEps) * r_s ? coef_own : acc_t(0)) + e_s) / own_n) * r_s;
     q = (acc_t(1) / own_n) * r_s;
   } else {

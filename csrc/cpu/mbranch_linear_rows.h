@@ -1,0 +1,196 @@
+// Row-level pieces shared by the CPU kernels of the M-branch linear layer (mbranch_linear.cpp: routes "own" and
+// the grouped backward; mbranch_linear_all.cpp: route "all"): accumulation dtype, stable grouping of rows by
+// scenario, per-thread scratch, and the per-row loops that convert, add the bias, and apply relu / leaky_relu or
+// their derivative.
+//
+// Accumulation: float32 (float64 for float64 inputs). float16/bfloat16 rows are converted to float32 while they
+// are read, so every GEMM runs in float32 and rounding to the input dtype happens once, when a row is stored.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "saml_common.h"
+
+namespace saml::mbranch {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// gelu / silu keep the pre-activation z (their backward needs it); relu / leaky_relu recover act'(z) from y.
+inline bool needs_z(int64_t act) { return act == kActGelu || act == kActSilu; }
+
+// Weights in the accumulation dtype, contiguous (no copy for float32/float64 contiguous weights).
+inline Tensor to_acc(const Tensor& w) { return w.to(acc_type(w.scalar_type())).contiguous(); }
+
+// Rows of each scenario, contiguous: perm[start[m] .. start[m+1]) are the rows of scenario m in their original
+// order (a stable counting sort, O(B)). Out-of-range scenarios are an error (checked while counting).
+struct Groups {
+  Tensor perm;                 // int64 [B]
+  std::vector<int64_t> start;  // [M + 1]
+};
+
+inline Groups group_rows(const Tensor& scenario, int64_t M) {
+  const int64_t B = scenario.numel();
+  Groups g;
+  g.perm = at::empty({B}, scenario.options().dtype(at::kLong));
+  g.start.assign(M + 1, 0);
+  int64_t* perm = g.perm.data_ptr<int64_t>();
+  AT_DISPATCH_INDEX_TYPES(scenario.scalar_type(), "mbl_group_rows", [&] {
+    const index_t* s = scenario.data_ptr<index_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t v = s[b];
+      TORCH_CHECK(v >= 0 && v < M, "mbranch_linear: scenario[", b, "] = ", v, " is out of range [0, ", M, ")");
+      ++g.start[v + 1];
+    }
+    for (int64_t m = 0; m < M; ++m) g.start[m + 1] += g.start[m];
+    std::vector<int64_t> pos(g.start.begin(), g.start.end() - 1);
+    for (int64_t b = 0; b < B; ++b) perm[pos[s[b]]++] = b;
+  });
+  return g;
+}
+
+// Per-thread, grow-only scratch buffers. The CPU allocator does not cache, and every fresh page of a multi-MB
+// buffer costs a page fault on first touch (on a 2-core VM, three fresh 4 MB buffers per call cost about as much
+// as the call's GEMMs). Scratch never escapes a kernel call, and the slots one thread uses in one call are
+// distinct. The kTile* slots are used inside parallel regions (each worker thread has its own); the others only
+// by the calling thread. Buffers above kScratchCap bytes are not kept.
+enum Slot : int {
+  kSortedRows = 0,  // x rows (or the all route's GEMM output) in scenario order
+  kSortedAux = 1,   // aux rows in scenario order
+  kSortedGrad = 2,  // dz rows in scenario order
+  kTileIn = 3,      // one tile of gathered input rows
+  kTileAux = 4,     // one tile of gathered aux rows
+  kTileOut = 5,     // one tile of GEMM output rows
+  kTileGrad = 6,    // one tile of dz rows
+  kNumSlots = 7
+};
+constexpr int64_t kScratchCap = int64_t(1) << 30;
+
+inline Tensor scratch(Slot slot, int64_t rows, int64_t cols, at::ScalarType dt) {
+  thread_local std::array<Tensor, kNumSlots> ws;
+  const int64_t n = rows * cols;
+  if (n * static_cast<int64_t>(c10::elementSize(dt)) > kScratchCap) return at::empty({rows, cols}, at::dtype(dt));
+  Tensor& w = ws[slot];
+  if (!w.defined() || w.scalar_type() != dt || w.numel() < n) w = at::empty({std::max<int64_t>(n, 1)}, at::dtype(dt));
+  return w.narrow(0, 0, n).view({rows, cols});
+}
+
+// Row b of scenario m of a [B, C] or [M, B, C] tensor (stride(-1) == 1; a 2-D tensor ignores m).
+template <typename T>
+struct RowSrc {
+  const T* p = nullptr;
+  int64_t s_m = 0, s_b = 0;
+  RowSrc() = default;
+  explicit RowSrc(const Tensor& t) : p(t.data_ptr<T>()), s_m(t.dim() == 3 ? t.stride(0) : 0), s_b(t.stride(-2)) {}
+  const T* row(int64_t m, int64_t b) const { return p + m * s_m + b * s_b; }
+};
+
+inline Tensor unit_stride_rows(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// d = s converted to the accumulation dtype.
+template <typename scalar_t, typename acc_t>
+inline void load_row(const scalar_t* __restrict__ s, acc_t* __restrict__ d, int64_t C) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(d, s, C * sizeof(acc_t));
+  } else {
+    for (int64_t c = 0; c < C; ++c) d[c] = static_cast<acc_t>(s[c]);
+  }
+}
+
+// d = act(s + b), converted to scalar_t; b may be nullptr (no bias). Only relu / leaky_relu are applied here
+// (any other code stores s + b). d may alias s (same dtype): each element is read before it is written.
+// One loop per case so the compiler vectorises each; max/min keep relu / leaky_relu branch-free (a
+// data-dependent branch on random signs mispredicts half the time: ~10x slower, measured).
+template <typename scalar_t, typename acc_t>
+inline void store_row(const acc_t* s, const acc_t* b, scalar_t* d, int64_t C, int64_t act) {
+  const acc_t slope = static_cast<acc_t>(kLeakyReluSlope);
+  if (b != nullptr) {
+    if (act == kActRelu) {
+      for (int64_t c = 0; c < C; ++c) { acc_t v = s[c] + b[c]; d[c] = static_cast<scalar_t>(std::max(v, acc_t(0))); }
+    } else if (act == kActLeakyRelu) {
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t v = s[c] + b[c];
+        d[c] = static_cast<scalar_t>(std::max(v, acc_t(0)) + slope * std::min(v, acc_t(0)));
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) d[c] = static_cast<scalar_t>(s[c] + b[c]);
+    }
+  } else {
+    if (act == kActRelu) {
+      for (int64_t c = 0; c < C; ++c) d[c] = static_cast<scalar_t>(std::max(s[c], acc_t(0)));
+    } else if (act == kActLeakyRelu) {
+      for (int64_t c = 0; c < C; ++c) d[c] = static_cast<scalar_t>(std::max(s[c], acc_t(0)) + slope * std::min(s[c], acc_t(0)));
+    } else if (static_cast<const void*>(d) != static_cast<const void*>(s)) {
+      for (int64_t c = 0; c < C; ++c) d[c] = static_cast<scalar_t>(s[c]);
+    }
+  }
+}
+
+// d = g * act'(z) recovered from the saved output v = act(z): none: g; relu: g * (v > 0);
+// leaky_relu: g * (v > 0 ? 1 : slope). Selects, not branches (vectorised compare + blend); for leaky_relu one of
+// the two selected terms is exactly 0, so the sum is exact.
+template <typename scalar_t, typename acc_t>
+inline void grad_row(const scalar_t* __restrict__ g, const scalar_t* __restrict__ v, acc_t* __restrict__ d,
+                     int64_t C, int64_t act) {
+  if (act == kActRelu) {
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t gv = static_cast<acc_t>(g[c]);
+      d[c] = static_cast<acc_t>(v[c]) > acc_t(0) ? gv : acc_t(0);
+    }
+  } else if (act == kActLeakyRelu) {
+    const acc_t slope = static_cast<acc_t>(kLeakyReluSlope);
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t gv = static_cast<acc_t>(g[c]);
+      const bool p = static_cast<acc_t>(v[c]) > acc_t(0);
+      d[c] = (p ? gv : acc_t(0)) + (p ? acc_t(0) : gv * slope);
+    }
+  } else {
+    load_row(g, d, C);
+  }
+}
+
+// gelu / silu on the stored pre-activation z (ATen's vectorised kernels), written into y.
+inline void apply_smooth_act(const Tensor& z, Tensor& y, int64_t act) {
+  if (act == kActGelu) {
+    at::gelu_out(y, z, "none");
+  } else if (act == kActSilu) {
+    at::silu_out(y, z);
+  }
+}
+
+inline void check_common(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                         const OptTensor& aux, const OptTensor& aux_weight, int64_t act) {
+  TORCH_CHECK(weight.dim() == 3, op, ": weight must be [M, K, N], got ", weight.sizes());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": x dtype ", x.scalar_type(), " != weight dtype ",
+              weight.scalar_type());
+  TORCH_CHECK(x.size(-1) == weight.size(1), op, ": x has ", x.size(-1), " features, weight expects ", weight.size(1));
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->sizes() == at::IntArrayRef({weight.size(0), weight.size(2)}), op, ": bias must be [M, N], got ",
+                bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(), " != x dtype");
+  }
+  TORCH_CHECK(aux.has_value() == aux_weight.has_value(), op, ": aux and aux_weight must be given together");
+  if (aux.has_value()) {
+    TORCH_CHECK(aux->dim() == 2 && aux_weight->dim() == 3 && aux_weight->size(0) == weight.size(0) &&
+                    aux_weight->size(1) == aux->size(1) && aux_weight->size(2) == weight.size(2),
+                op, ": aux [B, Ka] / aux_weight [M, Ka, N] mismatch: ", aux->sizes(), " / ", aux_weight->sizes());
+    TORCH_CHECK(aux->size(0) == x.size(-2), op, ": aux has ", aux->size(0), " rows, x has ", x.size(-2));
+    TORCH_CHECK(aux->scalar_type() == x.scalar_type() && aux_weight->scalar_type() == x.scalar_type(), op,
+                ": aux / aux_weight dtype must equal x dtype");
+  }
+  TORCH_CHECK(act >= kActNone && act <= kActSilu, op, ": unknown activation code ", act);
+}
+
+}  // namespace saml::mbranch
