@@ -214,7 +214,8 @@ def _op_cases(device, backend, M=3, B=7, K=5, N=4):
         saml_kernels.partitioned_norm(x, sc, g(N), g(N), g(M, N), g(M, N), running_mean=rm, running_var=rv,
                                       backend=backend).sum().backward()
 
-    return [("partitioned_norm", partitioned_norm), ("mbranch_linear own", lambda: mbl("own")), ("mbranch_linear all", lambda: mbl("all")),
+    return [("partitioned_norm", partitioned_norm), ("mbranch_linear own", lambda: mbl("own")),
+            ("mbranch_linear all", lambda: mbl("all")),
             ("mutual_unit", mutual_unit), ("mutual_linear", mutual_linear), ("scenario_embedding_bag", embedding)]
 
 
