@@ -254,6 +254,212 @@ class TestScenarioEmbeddingBag:
         assert args["global_weight"].grad is None
 
 
+# ---------------------------------------------------------------------------------- partitioned_norm
+
+class TestPartitionedNorm:
+    OP = "partitioned_norm"
+    PAIRS = device_backends(OP)
+
+    @staticmethod
+    def valid(device, idx_dtype=torch.int64):
+        """A valid training call: B=5 rows of N=3 features, M=2 scenarios, running statistics given."""
+        B, N, M = 5, 3, 2
+        r = lambda *s: torch.randn(*s, device=device)  # noqa: E731
+        return dict(x=r(B, N), scenario=torch.tensor([0, 1, 1, 0, 1], dtype=idx_dtype, device=device), weight=r(N),
+                    bias=r(N), scenario_weight=r(M, N), scenario_bias=r(M, N), running_mean=r(M, N),
+                    running_var=torch.rand(M, N, device=device) + 0.5)
+
+    @staticmethod
+    def call(**kw):
+        return saml_kernels.partitioned_norm(**kw)
+
+    CASES = [
+        Case("x-int", _set("x", lambda a: a["x"].long()), TypeError, ("x",)),
+        Case("x-1d", _set("x", lambda a: a["x"].flatten()), ValueError, ("x",)),
+        Case("x-list", _set("x", lambda a: a["x"].tolist()), TypeError, ("x",)),
+        Case("x-none", _set("x", lambda a: None), TypeError, ("x",)),
+        Case("x-sparse", _set("x", lambda a: a["x"].to_sparse()), TypeError, ("x",)),
+        Case("scenario-float", _set("scenario", lambda a: a["scenario"].float()), TypeError, ("scenario",)),
+        Case("scenario-2d", _set("scenario", lambda a: a["scenario"][None]), ValueError, ("scenario",)),
+        Case("scenario-short", _set("scenario", lambda a: a["scenario"][:-1]), ValueError, ("scenario",)),
+        Case("scenario-equal-M", _edit("scenario", lambda t, a: t.__setitem__(1, 2)), IndexError, ("scenario[1] = 2",)),
+        Case("scenario-negative", _edit("scenario", lambda t, a: t.__setitem__(0, -1)), IndexError,
+             ("scenario[0] = -1",)),
+        Case("weight-dtype-differs", _set("weight", lambda a: a["weight"].double()), TypeError, ("weight",)),
+        Case("weight-N-differs", _set("weight", lambda a: a["weight"][:-1]), ValueError, ("weight",)),
+        Case("bias-2d", _set("bias", lambda a: a["bias"][None]), ValueError, ("bias",)),
+        Case("scenario-weight-1d", _set("scenario_weight", lambda a: a["scenario_weight"][0]), ValueError,
+             ("scenario_weight",)),
+        Case("scenario-weight-no-scenarios", _set("scenario_weight", lambda a: a["scenario_weight"][:0]), ValueError,
+             ("scenario_weight",)),
+        Case("scenario-bias-M-differs", _set("scenario_bias", lambda a: a["scenario_bias"][:1]), ValueError,
+             ("scenario_bias",)),
+        Case("running-mean-shape", _set("running_mean", lambda a: a["running_mean"][:, :-1]), ValueError,
+             ("running_mean",)),
+        Case("running-var-half", _set("running_var", lambda a: a["running_var"].half()), TypeError, ("running_var",)),
+        Case("running-var-missing", _set("running_var", lambda a: None), ValueError, ("running_mean",)),
+        Case("momentum-above-1", _set("momentum", lambda a: 1.5), ValueError, ("momentum",)),
+        Case("momentum-nan", _set("momentum", lambda a: float("nan")), ValueError, ("momentum",)),
+        Case("momentum-string", _set("momentum", lambda a: "0.1"), TypeError, ("momentum",)),
+        Case("eps-zero", _set("eps", lambda a: 0.0), ValueError, ("eps",)),
+        Case("eps-bool", _set("eps", lambda a: True), TypeError, ("eps",)),
+        Case("backend-unknown", _set("backend", lambda a: "tpu"), ValueError, ("backend",)),
+        Case("device-running-mean", _set("running_mean", lambda a: a["running_mean"].to("meta")), ValueError,
+             ("running_mean",)),
+        Case("device-scenario", _set("scenario", lambda a: a["scenario"].to("meta")), ValueError, ("scenario",)),
+    ]
+
+    @pytest.mark.parametrize("device,backend", PAIRS)
+    def test_valid_call_passes(self, device, backend):
+        assert self.call(**self.valid(device), backend=backend).shape == (5, 3)
+
+    @pytest.mark.parametrize("device,backend", PAIRS)
+    @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
+    @pytest.mark.parametrize("case", CASES, ids=cases_ids(CASES))
+    def test_rejected(self, device, backend, idx_dtype, case):
+        """Named error; no tensor argument (the running statistics included) modified."""
+        args = self.valid(device, idx_dtype)
+        args["backend"] = backend
+        case.mutate(args)
+        expect_rejected(self.call, args, case.exc, case.names)
+
+    @pytest.mark.parametrize("device,backend", PAIRS)
+    def test_bad_scenario_in_a_deferred_block(self, device, backend):
+        """The same error when the block's one check is read; the running statistics untouched meanwhile."""
+        args = dict(self.valid(device), backend=backend)
+        args["scenario"][3] = 7
+        msg = expect_rejected(lambda **kw: _deferred(self.call, kw), args, IndexError, ("scenario",))
+        assert "partitioned_norm: scenario[3] = 7 is out of range [0, 2)" in msg
+
+
+def _deferred(fn, kw):
+    snap = [(t, t.clone()) for t in kw.values() if isinstance(t, torch.Tensor)]
+    try:
+        with saml_kernels.deferred_checks():
+            fn(**kw)
+    finally:
+        for t, before in snap:
+            assert torch.equal(t, before), "a deferred call modified a tensor before its check raised"
+
+
+# ---------------------------------------------------------------------------------- STAR / HMoE layers and models
+
+def _layer(kind, device, backend):
+    from saml_kernels.nn import PartitionedNorm, StarLinear
+
+    if kind == "StarLinear":
+        return StarLinear(3, 4, 2, activation="relu", backend=backend, device=device)
+    return PartitionedNorm(3, 2, backend=backend, device=device)
+
+
+LAYER_CASES = [  # (id, mutate(x, scenario) -> (x, scenario), exception, text the message must hold)
+    ("scenario-equal-M", lambda x, s: (x, s.index_fill(0, torch.tensor([2], device=s.device), 2)), IndexError,
+     "scenario[2] = 2 is out of range [0, 2)"),
+    ("scenario-negative", lambda x, s: (x, s.index_fill(0, torch.tensor([0], device=s.device), -3)), IndexError,
+     "scenario[0] = -3"),
+    ("scenario-float", lambda x, s: (x, s.float()), TypeError, "scenario"),
+    ("scenario-short", lambda x, s: (x, s[:-1]), ValueError, "scenario"),
+    ("x-int", lambda x, s: (x.long(), s), TypeError, "x"),
+    ("x-width", lambda x, s: (x[:, :2], s), ValueError, "x"),
+    ("x-3d", lambda x, s: (x[None], s), ValueError, "x"),
+]
+
+
+@pytest.mark.parametrize("kind", ["StarLinear", "PartitionedNorm"])
+@pytest.mark.parametrize("device,backend", device_backends("partitioned_norm"))
+@pytest.mark.parametrize("deferred", [False, True], ids=["eager", "deferred"])
+@pytest.mark.parametrize("case", LAYER_CASES, ids=[c[0] for c in LAYER_CASES])
+def test_star_layer_rejects_and_modifies_nothing(kind, device, backend, deferred, case):
+    """Every bad input of StarLinear / PartitionedNorm (training mode): a named error, the parameters, running
+    statistics and gradients untouched, also when the scenario check is deferred to the end of a block."""
+    _, mutate, exc, text = case
+    layer = _layer(kind, device, backend).train()
+    x, s = mutate(torch.randn(5, 3, device=device), torch.tensor([0, 1, 1, 0, 1], device=device))
+    snap = {k: v.clone() for k, v in layer.state_dict().items()}
+
+    with pytest.raises(exc) as info:
+        if deferred:  # as a model runs it: the forward in the block, the backward after its check is read
+            with saml_kernels.deferred_checks():
+                y = layer(x, s)
+        else:
+            y = layer(x, s)
+        y.sum().backward()
+    assert text in str(info.value), info.value
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, snap[k]), f"{k} modified"
+    assert all(p.grad is None for p in layer.parameters())
+
+
+def _family(kind):
+    from saml_kernels.data import make_synthetic
+    from saml_kernels.nn import HMoE, HMoEConfig, STAR, STARConfig
+
+    data = make_synthetic(200, seed=7)
+    if kind == "STAR":
+        return data, STAR(STARConfig.from_data(data, hidden=(8,), embedding_dim=4, attention_dim=4),
+                          embedding_optimizer="rowwise_adagrad")
+    return data, HMoE(HMoEConfig.from_data(data, bottom_hidden=(8,), tower_hidden=4, embedding_dim=4,
+                                           attention_dim=4), embedding_optimizer="rowwise_adagrad")
+
+
+def _model_cases(batch, M):
+    """(id, inputs, exception, text) over (indices, offsets, scenario, seq_ids, seq_lengths, dense)."""
+    i = list(batch.inputs())
+
+    def with_(pos, value):
+        out = list(i)
+        out[pos] = value
+        return out
+
+    def edit(pos, fn):
+        t = i[pos].clone()
+        fn(t)
+        return with_(pos, t)
+
+    L = i[3].shape[1]
+    return [
+        ("id-out-of-feature", edit(0, lambda t: t.__setitem__(4, 10 ** 6)), IndexError, "indices[4] = 1000000"),
+        ("id-negative", edit(0, lambda t: t.__setitem__(0, -1)), IndexError, "indices[0] = -1"),
+        ("indices-float", with_(0, i[0].float()), TypeError, "indices"),
+        ("offsets-non-monotone", edit(1, lambda t: t.__setitem__(2, t[3] + 1)), ValueError, "offsets"),
+        ("offsets-short", with_(1, i[1][:-1]), ValueError, "offsets"),
+        ("scenario-equal-M", edit(2, lambda t: t.__setitem__(6, M)), IndexError, f"scenario[6] = {M}"),
+        ("scenario-float", with_(2, i[2].float()), TypeError, "scenario"),
+        ("seq-ids-1d", with_(3, i[3].flatten()), ValueError, "seq_ids"),
+        ("seq-id-out-of-range", edit(3, lambda t: t.__setitem__((1, 0), 10 ** 6)), IndexError, "1000000"),
+        ("seq-length-above-L", edit(4, lambda t: t.__setitem__(2, L + 1)), ValueError, f"seq_lengths[2] = {L + 1}"),
+        ("seq-lengths-missing", with_(4, None), ValueError, "seq_lengths"),
+        ("dense-width", with_(5, i[5][:, :1]), ValueError, "dense"),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["STAR", "HMoE"])
+def test_star_hmoe_reject_every_bad_input_and_modify_nothing(kind):
+    """Through a training step (forward, backward, optimizer step): each bad input raises its named error, and the
+    weights, the fused embedding tables and their row-wise states, PartitionedNorm's running statistics and the
+    optimizer's state are exactly as before."""
+    from saml_kernels.nn import TrainingOptimizer
+    from saml_kernels.training import bce_loss
+
+    data, model = _family(kind)
+    opt = TrainingOptimizer(model)
+    batch = data.batch(list(range(32)))
+    opt.zero_grad()
+    model.loss(batch).backward()
+    opt.step()  # running statistics and optimizer state away from their initial values
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_snap = repr(opt.state_dict())  # tensors print their values
+    for cid, inputs, exc, text in _model_cases(batch, model.config.num_scenarios):
+        opt.zero_grad()
+        with pytest.raises(exc) as info:
+            bce_loss(model(*inputs), batch.label).backward()
+            opt.step()
+        assert text in str(info.value), f"{cid}: {info.value}"
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, snap[k]), f"{cid}: {k} modified"
+        assert repr(opt.state_dict()) == opt_snap, f"{cid}: optimizer state modified"
+
+
 # ---------------------------------------------------------------------------------- crash-proofing
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import torch
 
 import saml_kernels
 from saml_kernels.data import make_synthetic
-from saml_kernels.nn import SAML, SAMLConfig, SharedBottom, TrainingOptimizer
+from saml_kernels.nn import HMoE, HMoEConfig, SAML, SAMLConfig, SharedBottom, STAR, STARConfig, TrainingOptimizer
 from saml_kernels.ops import _checks
 from saml_kernels.training import saml_loss
 
@@ -91,6 +91,99 @@ def test_shared_bottom_step_has_one_host_sync(data, backend):
     assert c.count == 1
 
 
+def _family_model(kind, data, **kw):
+    if kind == "STAR":
+        return STAR(STARConfig.from_data(data, hidden=(16, 8), aux_dim=4, aux_hidden=8), **kw)
+    return HMoE(HMoEConfig.from_data(data, bottom_hidden=(16,), tower_hidden=8), **kw)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("emb_opt", [None, "rowwise_adagrad"])
+@pytest.mark.parametrize("kind", ["STAR", "HMoE"])
+def test_star_hmoe_step_has_one_host_sync(data, backend, emb_opt, kind):
+    """STAR and HMoE run SAML's checked forward: every value check of the step read once, none capture-safe."""
+    model = _family_model(kind, data, backend=backend, embedding_optimizer=emb_opt)
+    opt = TrainingOptimizer(model)
+    batch = data.batch(np.arange(200))
+    _step(model, opt, batch)  # warm caches
+    with SyncCounter() as c:
+        _step(model, opt, batch)
+    assert c.count == 1
+    with SyncCounter() as c, saml_kernels.capture_safe_checks():
+        _step(model, opt, batch)
+    assert c.count == 0
+    saml_kernels.raise_errors()
+
+
+def _bad_inputs(batch, num_scenarios):
+    """(name, inputs, exception, message) of a batch with one bad value each, read by a deferred value check."""
+    inputs = list(batch.inputs())
+    bad_id, bad_sc, bad_len = inputs[0].clone(), inputs[2].clone(), inputs[4].clone()
+    bad_id[5] = 10 ** 6
+    bad_sc[3] = num_scenarios
+    bad_len[2] = inputs[3].shape[1] + 1
+    return [("id", [bad_id, *inputs[1:]], IndexError, r"indices\[5\] = 1000000 is out of range for feature"),
+            ("scenario", [*inputs[:2], bad_sc, *inputs[3:]], IndexError,
+             rf"scenario\[3\] = {num_scenarios} is out of range"),
+            ("length", [*inputs[:4], bad_len, inputs[5]], ValueError, r"lengths\[2\] = 21")]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["STAR", "HMoE"])
+def test_bad_input_through_star_hmoe_raises_and_modifies_nothing(data, backend, kind):
+    """Deferred checks: the kernels ran on stand-ins before the flags were read, yet nothing moved: weights, the
+    fused tables and their row-wise states, PartitionedNorm's running statistics, the optimizer's state."""
+    model = _family_model(kind, data, backend=backend, embedding_optimizer="rowwise_adagrad")
+    opt = TrainingOptimizer(model)
+    batch = data.batch(np.arange(64))
+    _step(model, opt, batch)  # non-trivial optimizer state and running statistics
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_snap = {k: v.clone() for k, v in _flat_state(opt.state_dict())}
+    for name, inputs, exc, msg in _bad_inputs(batch, model.config.num_scenarios):
+        opt.zero_grad()
+        with pytest.raises(exc, match=msg):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(*inputs), batch.label)
+            loss.backward()
+            opt.step()
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(v, snap[k], rtol=0, atol=0, msg=f"{name}: {k} modified")
+        for k, v in _flat_state(opt.state_dict()):
+            torch.testing.assert_close(v, opt_snap[k], rtol=0, atol=0, msg=f"{name}: optimizer {k} modified")
+        assert all(p.grad is None or not p.grad.any() for p in model.parameters()), name
+
+
+def _flat_state(d, prefix=""):
+    """(path, tensor) of every tensor in a nested optimizer state dict."""
+    out = []
+    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, (list, tuple)) else []
+    for k, v in items:
+        if isinstance(v, torch.Tensor):
+            out.append((f"{prefix}{k}", v))
+        else:
+            out += _flat_state(v, f"{prefix}{k}.")
+    return out
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_star_capture_safe_bad_id_leaves_running_stats(data, backend):
+    """Capture-safe: no error raised, the count is kept, and the running statistics are not fed the stand-ins."""
+    model = _family_model("STAR", data, backend=backend)
+    batch = data.batch(np.arange(64))
+    model(*batch.inputs())
+    before = model.norm.running_mean.clone(), model.norm.running_var.clone()
+    bad = list(batch.inputs())
+    bad[0] = bad[0].clone()
+    bad[0][5] = 10 ** 6
+    with saml_kernels.capture_safe_checks():
+        model(*bad)
+    torch.testing.assert_close(model.norm.running_mean, before[0], rtol=0, atol=0)
+    torch.testing.assert_close(model.norm.running_var, before[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="id out of its feature's range"):
+        saml_kernels.raise_errors()
+    model(*batch.inputs())  # counters reset: a clean batch updates them again
+    assert not torch.equal(model.norm.running_mean, before[0])
+
+
 def _op_cases(device, backend, M=3, B=7, K=5, N=4):
     """(name, callable) pairs: every op, forward and backward, on fresh inputs."""
     g = lambda *s: torch.randn(*s, device=device, requires_grad=True)  # noqa: E731
@@ -116,7 +209,13 @@ def _op_cases(device, backend, M=3, B=7, K=5, N=4):
         a, s = saml_kernels.scenario_embedding_bag(idx, off, sc, G, S, [0, 6, 12], [0, 6, 12], backend=backend)
         (a.sum() + s.sum()).backward()
 
-    return [("mbranch_linear own", lambda: mbl("own")), ("mbranch_linear all", lambda: mbl("all")),
+    def partitioned_norm():
+        x, rm, rv = g(B, N), torch.zeros(M, N, device=device), torch.ones(M, N, device=device)
+        saml_kernels.partitioned_norm(x, sc, g(N), g(N), g(M, N), g(M, N), running_mean=rm, running_var=rv,
+                                      backend=backend).sum().backward()
+
+    return [("partitioned_norm", partitioned_norm), ("mbranch_linear own", lambda: mbl("own")),
+            ("mbranch_linear all", lambda: mbl("all")),
             ("mutual_unit", mutual_unit), ("mutual_linear", mutual_linear), ("scenario_embedding_bag", embedding)]
 
 
@@ -273,3 +372,42 @@ def test_bad_scenario_per_mode(backend, op):
                                rtol=0, atol=0)
     with pytest.raises(ValueError, match="scenario id out of range"):
         saml_kernels.raise_errors()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_partitioned_norm_bad_scenario_per_mode(backend):
+    """eager and deferred: the op's IndexError, and the running statistics untouched (the deferred update is masked
+    on the device by the pending flag, so it needs no sync); capture-safe: the clamped ids' output, the count, and
+    the running statistics untouched too."""
+    M, B, N = 3, 6, 4
+    x = torch.randn(B, N, requires_grad=True)
+    params = [torch.randn(N), torch.randn(N), torch.randn(M, N), torch.randn(M, N)]
+    rm0, rv0 = torch.randn(M, N), torch.rand(M, N) + 0.5
+    bad = torch.tensor([0, 2, 5, 1, -1, 2])
+
+    def run(sc, rm, rv):
+        y = saml_kernels.partitioned_norm(x, sc, *params, running_mean=rm, running_var=rv, backend=backend)
+        y.sum().backward()
+        return y.detach()
+
+    for mode in ("eager", "deferred"):
+        rm, rv = rm0.clone(), rv0.clone()
+        with pytest.raises(IndexError, match=r"partitioned_norm: scenario\[2\] = 5 is out of range \[0, 3\)"):
+            if mode == "deferred":
+                with saml_kernels.deferred_checks():
+                    run(bad, rm, rv)
+            else:
+                run(bad, rm, rv)
+        torch.testing.assert_close((rm, rv), (rm0, rv0), rtol=0, atol=0, msg=f"{mode}: running stats modified")
+    saml_kernels.raise_errors()
+    rm, rv = rm0.clone(), rv0.clone()
+    with SyncCounter() as c, saml_kernels.capture_safe_checks():
+        got = run(bad, rm, rv)
+    assert c.count == 0
+    torch.testing.assert_close((rm, rv), (rm0, rv0), rtol=0, atol=0)
+    torch.testing.assert_close(got, run(bad.clamp(0, M - 1), rm0.clone(), rv0.clone()), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="scenario id out of range"):
+        saml_kernels.raise_errors()
+    with saml_kernels.deferred_checks():  # a good batch in a deferred block does update them
+        run(bad.clamp(0, M - 1), rm, rv)
+    assert not torch.equal(rm, rm0) and not torch.equal(rv, rv0)

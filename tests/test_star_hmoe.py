@@ -242,3 +242,34 @@ def test_configs_from_data_and_bad_values():
         STAR(h)
     with pytest.raises(ValueError, match="unknown backend"):
         HMoE(h, backend="fortran")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_body_shares_saml_options_and_checked_forward(name, monkeypatch):
+    """The bodies take SAML's layer options (kernel-only options stay on the kernel side) and forward under its
+    checked_forward: only the kernel model defers its value checks; both check the scenario at the boundary."""
+    from saml_kernels.nn import saml as saml_body
+    from saml_kernels.reference import REFERENCE_LAYERS
+
+    kernel_cls, ref_cls, cfg = MODELS[name]
+    body = kernel_cls.__mro__[1]
+    with pytest.raises(ValueError, match="backend='cpu' selects kernels, but the reference layers have none"):
+        body(cfg(), REFERENCE_LAYERS, backend="cpu")
+    with pytest.raises(ValueError, match=rf"{ref_cls.__name__}: embedding_optimizer must be None or "
+                                         r"'rowwise_adagrad', got 'sgd'"):
+        ref_cls(cfg(), embedding_optimizer="sgd")
+    fast, ref = _pair(name, "cpu")
+    entered = []
+    real = saml_body._checks.deferred_checks
+    monkeypatch.setattr(saml_body._checks, "deferred_checks", lambda: entered.append(1) or real())
+    b = _batch(np.arange(20))
+    ref(*b.inputs())
+    assert not entered
+    fast(*b.inputs())
+    assert len(entered) == 1
+    bad = b.scenario.clone()
+    bad[3] = fast.config.num_scenarios
+    for model in (fast, ref):
+        with pytest.raises(IndexError, match=rf"{type(model).__name__}: scenario\[3\] = {fast.config.num_scenarios} "
+                                             rf"is out of range"):
+            model(b.indices, b.offsets, bad, b.seq_ids, b.seq_lengths, b.dense)

@@ -4,8 +4,9 @@
     x_0 = [E_g ; att_g ; dense]   [B, global_dim]
 
 with every feature in the global (shared) table, and the global half of the scenario attention over the behaviour
-sequence (as ``SharedBottom``). The layers come from a ``LayerSet`` so that the kernel models and their reference
-twins build the same modules with the same parameter names (docs/design.md section 9).
+sequence (as ``SharedBottom``), and the body around it (:class:`FamilyBody`: SAML's layer options and checked
+forward). The layers come from a ``LayerSet`` so that the kernel models and their reference twins build the same
+modules with the same parameter names (docs/design.md section 9).
 """
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from .._args import size_arg
+from .._layer_set import LayerSet
 from ..config import check_model_inputs
 from ..data.batch import FeatureSpec, SequenceSpec
+from ..training import bce_loss, optimizer_state_keys_optional
+from .saml import checked_forward, layer_options, seq_offsets
 
 
 @dataclasses.dataclass
@@ -68,26 +72,22 @@ class FamilyConfig:
                    target_feature=target if data.sequence is not None else None, num_dense=data.num_dense, **kw)
 
 
-def _seq_offsets(B: int, L: int, like: Tensor) -> Tensor:
-    return torch.arange(0, B * L + 1, L, device=like.device, dtype=like.dtype)
-
-
 class SharedInput(nn.Module):
     """x_0 = [E_g ; att_g ; dense] from the shared tables. Submodules ``embedding``, ``sequence_embedding`` and
-    ``attention`` (the latter two with a sequence), built from ``layers`` with ``embedding_kwargs`` (the
-    embedding layer's own options) and ``layer_kwargs`` (e.g. the kernel layers' ``backend``)."""
+    ``attention`` (the latter two with a sequence), built from ``layers`` with the options of
+    ``saml_kernels.nn.saml.layer_options``: ``options`` (every layer's) and ``embedding_options``."""
 
-    def __init__(self, config: FamilyConfig, layers, embedding_kwargs: dict, layer_kwargs: dict, fk: dict):
+    def __init__(self, config: FamilyConfig, layers, options: dict, embedding_options: dict):
         super().__init__()
         c = self.config = config
         M, D = c.num_scenarios, c.embedding_dim
         shared = [(f.name, f.num_embeddings, False, f.pooling) for f in c.features]
-        self.embedding = layers.scenario_embedding(shared, M, D, **embedding_kwargs, **fk)
+        self.embedding = layers.scenario_embedding(shared, M, D, **embedding_options)
         if c.sequence is not None:
             seq = c.sequence
             self.sequence_embedding = layers.scenario_embedding([(seq.name, seq.num_embeddings, False, "none")], M, D,
-                                                                **embedding_kwargs, **fk)
-            self.attention = layers.attention(D, c.attention_dim, M, **layer_kwargs, **fk)
+                                                                **embedding_options)
+            self.attention = layers.attention(D, c.attention_dim, M, **options)
 
     def forward(self, who: str, indices, offsets, scenario, seq_ids, seq_lengths, dense) -> Tensor:
         c = self.config
@@ -96,7 +96,7 @@ class SharedInput(nn.Module):
         e_g, _ = self.embedding(indices, offsets, scenario)
         parts = [e_g.reshape(B, len(c.features) * D)]  # explicit width: reshape(B, -1) fails for B = 0
         if c.sequence is not None:
-            s_g, _ = self.sequence_embedding(seq_ids.reshape(-1), _seq_offsets(B, L, seq_ids), scenario)
+            s_g, _ = self.sequence_embedding(seq_ids.reshape(-1), seq_offsets(B, L, seq_ids), scenario)
             fg = c.target_slot()
             s_g = s_g.reshape(B, L, D)
             # the global half of the attention only (the local half gets the same global inputs, unused)
@@ -107,13 +107,46 @@ class SharedInput(nn.Module):
         return torch.cat(parts, 1)
 
 
-def family_kwargs(layers, backend, embedding_optimizer, embedding_lr, embedding_eps) -> tuple[dict, dict]:
-    """(embedding_kwargs, layer_kwargs) for a layer set: the kernel layers take a backend and the fused embedding
-    optimizer; the reference layers only the row-wise state buffers (updated by ``TrainingOptimizer``)."""
-    if layers.name == "kernels":
-        return (dict(backend=backend, optimizer=embedding_optimizer, lr=embedding_lr, eps=embedding_eps),
-                dict(backend=backend))
-    if embedding_optimizer not in (None, "rowwise_adagrad"):
-        raise ValueError(f"reference models: embedding_optimizer must be None or 'rowwise_adagrad', "
-                         f"got {embedding_optimizer!r}")
-    return dict(optimizer=embedding_optimizer), {}
+class FamilyBody(nn.Module):
+    """What the STAR and HMoE bodies share with ``SAML``'s: the layer options (``layer_options``: the kernel-only
+    options reach the layers only with the kernel set, a bad backend fails at construction), the ``inputs``
+    (:class:`SharedInput`), and the forward under ``checked_forward`` (the scenario range checked once at the
+    boundary; with the kernel layers every value check of the step read with one host sync when the forward
+    ends, so a bad input raises before a backward, an optimizer step or a running statistic uses it).
+
+    Subclasses build their layers after ``super().__init__`` from ``self.options`` and define
+    ``_forward(x_0, scenario) -> logit [B]``."""
+
+    config_type: type = FamilyConfig
+
+    def __init__(self, config, layers: LayerSet, *, backend: Optional[str], embedding_optimizer: Optional[str],
+                 embedding_lr: float, embedding_eps: float, device, dtype):
+        super().__init__()
+        who = type(self).__name__
+        if not isinstance(config, self.config_type):
+            raise TypeError(f"{who}: config must be a {self.config_type.__name__}, got {type(config).__name__}")
+        self.options, emb = layer_options(who, layers, backend=backend, embedding_optimizer=embedding_optimizer,
+                                          embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device,
+                                          dtype=dtype)
+        self.config, self.layer_set, self.backend = config, layers, backend
+        self.inputs = SharedInput(config, layers, self.options, emb)
+        self.register_load_state_dict_post_hook(optimizer_state_keys_optional)
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+    def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None) -> Tensor:
+        return checked_forward(self, self._inputs_forward, indices, offsets, scenario, seq_ids, seq_lengths, dense)
+
+    def _inputs_forward(self, indices, offsets, scenario, seq_ids, seq_lengths, dense) -> Tensor:
+        x0 = self.inputs(type(self).__name__, indices, offsets, scenario, seq_ids, seq_lengths, dense)
+        return self._forward(x0, scenario)
+
+    def _forward(self, x0: Tensor, scenario: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, batch) -> Tensor:
+        """Mean BCE of the logit on a ``saml_kernels.data.Batch`` (0 with zero gradients for an empty batch)."""
+        return bce_loss(self(*batch.inputs()), batch.label)

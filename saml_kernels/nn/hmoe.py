@@ -23,11 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import _backend
 from .._args import size_arg
-from ..ops import _checks
-from ..training import bce_loss, optimizer_state_keys_optional
-from ._family import FamilyConfig, SharedInput, family_kwargs
+from ._family import FamilyBody, FamilyConfig
 
 __all__ = ["HMoE", "HMoEConfig", "HMoEBody"]
 
@@ -49,61 +46,45 @@ class HMoEConfig(FamilyConfig):
         self.tower_hidden = size_arg("HMoEConfig", "tower_hidden", self.tower_hidden)
 
 
-class HMoEBody(nn.Module):
+class HMoEBody(FamilyBody):
     """HMoE written once over a ``LayerSet`` (``multi_branch_linear``, ``scenario_embedding``, ``attention``). Use
     :class:`HMoE` or ``saml_kernels.reference.HMoEReference``.
 
     forward(indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None) -> logit [B];
-    ``loss(batch)``: mean BCE (0 for B = 0). A scenario id outside [0, M) raises IndexError."""
+    ``loss(batch)``: mean BCE (0 for B = 0). A bad input raises its named error before anything is updated (the
+    checks of :class:`~saml_kernels.nn._family.FamilyBody`)."""
+
+    config_type = HMoEConfig
 
     def __init__(self, config: HMoEConfig, layers, *, backend: Optional[str] = None,
                  embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
                  device=None, dtype=None):
-        super().__init__()
-        if not isinstance(config, HMoEConfig):
-            raise TypeError(f"{type(self).__name__}: config must be a HMoEConfig, got {type(config).__name__}")
-        c = self.config = config
+        super().__init__(config, layers, backend=backend, embedding_optimizer=embedding_optimizer,
+                         embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype)
+        c, kw = self.config, self.options
         fk = dict(device=device, dtype=dtype)
-        if backend is not None:
-            _backend.check_name(backend, f"{type(self).__name__}(backend=...)")
-        ek, lk = family_kwargs(layers, backend, embedding_optimizer, embedding_lr, embedding_eps)
         M = c.num_scenarios
-        self.inputs = SharedInput(c, layers, ek, lk, fk)
         mods, k = [], c.global_dim
         for n in c.bottom_hidden:
             mods += [nn.Linear(k, n, **fk), nn.ReLU(), nn.Dropout(c.dropout)]
             k = n
         self.bottom = nn.Sequential(*mods)
-        tower = dict(bias=True, route="all", grad_mask="own", **lk, **fk)
+        tower = dict(bias=True, route="all", grad_mask="own", **kw)
         self.towers = layers.multi_branch_linear(in_features=k, out_features=c.tower_hidden, num_branches=M,
                                                  activation="relu", **tower)
         self.tower_heads = layers.multi_branch_linear(in_features=c.tower_hidden, out_features=1, num_branches=M,
                                                       activation=None, **tower)
         self.gate = nn.Linear(k, M, **fk)
-        self.register_load_state_dict_post_hook(optimizer_state_keys_optional)
-
-    def reset_parameters(self) -> None:
-        for m in self.modules():
-            if m is not self and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
 
     def tower_scores(self, h: Tensor, scenario: Tensor) -> Tensor:
         """score [M, B]: every tower on every sample (other scenarios' towers stop-gradient)."""
         t = self.towers(h, scenario)
         return self.tower_heads(t, scenario).squeeze(-1)
 
-    def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None) -> Tensor:
-        who = type(self).__name__
-        if isinstance(scenario, Tensor) and scenario.dim() == 1 and scenario.dtype in _checks.INDEX_DTYPES \
-                and not torch.compiler.is_compiling():  # a compiled graph leaves the checks to the ops
-            scenario = _checks.scenario_range(who, scenario, self.config.num_scenarios)
-        h = self.bottom(self.inputs(who, indices, offsets, scenario, seq_ids, seq_lengths, dense))
+    def _forward(self, x0: Tensor, scenario: Tensor) -> Tensor:
+        h = self.bottom(x0)
         gate = torch.softmax(self.gate(h), dim=1)  # [B, M]
         return (gate * self.tower_scores(h, scenario).t()).sum(1)
-
-    def loss(self, batch) -> Tensor:
-        """Mean BCE of the logit on a ``saml_kernels.data.Batch`` (0 with zero gradients for an empty batch)."""
-        return bce_loss(self(*batch.inputs()), batch.label)
 
 
 class HMoE(HMoEBody):

@@ -18,14 +18,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
-from .. import _backend
 from .._args import size_arg
-from ..ops import _checks
-from ..training import bce_loss, optimizer_state_keys_optional
-from ._family import FamilyConfig, SharedInput, family_kwargs
+from ._family import FamilyBody, FamilyConfig
 from .partitioned_norm import check_norm_args
 
 __all__ = ["STAR", "STARConfig", "STARBody"]
@@ -55,61 +51,45 @@ class STARConfig(FamilyConfig):
         self.norm_eps, self.norm_momentum = check_norm_args("STARConfig", self.norm_eps, self.norm_momentum)
 
 
-class STARBody(nn.Module):
+class STARBody(FamilyBody):
     """STAR written once over a ``LayerSet`` (``star_linear``, ``partitioned_norm``, ``scenario_embedding``,
     ``attention``). Use :class:`STAR` or ``saml_kernels.reference.STARReference``.
 
     forward(indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None) -> logit [B] (inputs as
     ``SAML``'s: a ``saml_kernels.data.Batch``'s ``inputs()``). ``loss(batch)``: mean BCE (0 for B = 0).
-    A scenario id outside [0, M) raises IndexError before anything is computed or updated."""
+    A bad input (a scenario id outside [0, M) at the boundary, an id, offset or length at its layer) raises its
+    named error before anything is updated: the weights, the fused embedding tables and the normalisation's
+    running statistics (with the kernel layers, when the step's one deferred check is read; see
+    :class:`~saml_kernels.nn._family.FamilyBody`)."""
+
+    config_type = STARConfig
 
     def __init__(self, config: STARConfig, layers, *, backend: Optional[str] = None,
                  embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
                  device=None, dtype=None):
-        super().__init__()
-        if not isinstance(config, STARConfig):
-            raise TypeError(f"{type(self).__name__}: config must be a STARConfig, got {type(config).__name__}")
-        c = self.config = config
+        super().__init__(config, layers, backend=backend, embedding_optimizer=embedding_optimizer,
+                         embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype)
+        c, kw = self.config, self.options
         fk = dict(device=device, dtype=dtype)
-        if backend is not None:
-            _backend.check_name(backend, f"{type(self).__name__}(backend=...)")
-        ek, lk = family_kwargs(layers, backend, embedding_optimizer, embedding_lr, embedding_eps)
         M = c.num_scenarios
-        self.inputs = SharedInput(c, layers, ek, lk, fk)
-        self.norm = layers.partitioned_norm(c.global_dim, M, eps=c.norm_eps, momentum=c.norm_momentum, **lk, **fk)
+        self.norm = layers.partitioned_norm(c.global_dim, M, eps=c.norm_eps, momentum=c.norm_momentum, **kw)
         self.star_layers = nn.ModuleList()
         k = c.global_dim
         for n in c.hidden:
-            self.star_layers.append(layers.star_linear(k, n, M, bias=True, activation="relu", **lk, **fk))
+            self.star_layers.append(layers.star_linear(k, n, M, bias=True, activation="relu", **kw))
             k = n
-        self.head = layers.star_linear(k, 1, M, bias=True, activation=None, **lk, **fk)
+        self.head = layers.star_linear(k, 1, M, bias=True, activation=None, **kw)
         self.aux_embedding = nn.Embedding(M, c.aux_dim, **fk)
         self.aux_net = nn.Sequential(nn.Linear(c.aux_dim, c.aux_hidden, **fk), nn.ReLU(),
                                      nn.Linear(c.aux_hidden, 1, **fk))
         self.dropout = nn.Dropout(c.dropout)
-        self.register_load_state_dict_post_hook(optimizer_state_keys_optional)
 
-    def reset_parameters(self) -> None:
-        for m in self.modules():
-            if m is not self and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-
-    def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None) -> Tensor:
-        who = type(self).__name__
-        if isinstance(scenario, Tensor) and scenario.dim() == 1 and scenario.dtype in _checks.INDEX_DTYPES \
-                and not torch.compiler.is_compiling():  # a compiled graph leaves the checks to the ops
-            # checked here (eager: raises at once), before a running statistic or a fused table update sees a bad id
-            scenario = _checks.scenario_range(who, scenario, self.config.num_scenarios)
-        x = self.inputs(who, indices, offsets, scenario, seq_ids, seq_lengths, dense)
-        h = self.norm(x, scenario)
+    def _forward(self, x0: Tensor, scenario: Tensor) -> Tensor:
+        h = self.norm(x0, scenario)
         for layer in self.star_layers:
             h = self.dropout(layer(h, scenario))
         aux = self.aux_net(self.aux_embedding(scenario.long()))
         return (self.head(h, scenario) + aux).squeeze(-1)
-
-    def loss(self, batch) -> Tensor:
-        """Mean BCE of the logit on a ``saml_kernels.data.Batch`` (0 with zero gradients for an empty batch)."""
-        return bce_loss(self(*batch.inputs()), batch.label)
 
 
 class STAR(STARBody):

@@ -14,6 +14,8 @@ a scenario with no row has no statistics and its running statistics are not upda
 empty y. Running statistics ([M, N], float32, updated in place when training, without a host sync):
 running_mean_m <- (1 - momentum) running_mean_m + momentum mean_m for n_m >= 1, running_var_m likewise with the
 unbiased variance var_m n_m / (n_m - 1) for n_m >= 2. In eval (training=False) they replace the batch statistics.
+Under ``deferred_checks()`` / ``capture_safe_checks()`` (a model's forward) the update is masked on the device by
+the value checks not read yet (this op's and every earlier layer's), so a bad input leaves them unchanged.
 
 Kernel contract (csrc/registry.cpp, one table per backend, ``kernels(backend)``):
     pn_stats(x, scenario, M) -> (mean [M, N], var [M, N] acc dtype, count [M] int64)
@@ -156,13 +158,33 @@ def _validate(x, scenario, weight, bias, scenario_weight, scenario_bias, running
         raise ValueError(f"{OP}: eps must be > 0, got {eps!r}")
 
 
+def _no_bad_input_yet(device: torch.device) -> Optional[Tensor]:
+    """0-dim bool tensor on ``device``, True while no value check whose flag is not read yet has failed: in a
+    deferred block the flags pending so far (this op's scenario check and every earlier layer's, e.g. the
+    embedding ids that produced x), in the capture-safe mode no error counted since the last ``raise_errors``.
+    None in eager mode (every check so far has passed or raised). No host sync."""
+    if torch.compiler.is_compiling():
+        return None
+    mode = _checks.check_mode()
+    if mode == "capture_safe":
+        return _checks.error_total(device) == 0
+    if mode != "deferred":
+        return None
+    flags = [f.reshape(()) for f, _ in _checks._stack()[-1][1].pending if f.device == device]
+    return ~torch.stack(flags).any() if flags else None
+
+
 @torch.no_grad()
 def _update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: Tensor,
-                    momentum: float) -> None:
-    """In place, no host sync: scenarios with >= 1 row update the mean, >= 2 rows the (unbiased) variance."""
+                    momentum: float, inputs_good: Optional[Tensor]) -> None:
+    """In place, no host sync: scenarios with >= 1 row update the mean, >= 2 rows the (unbiased) variance; with
+    ``inputs_good`` (a pending check's verdict, see ``_no_bad_input_yet``) nothing moves unless it is True, so a
+    bad input that raises when its deferred check is read has not touched the running statistics."""
     n = count.to(var.dtype).unsqueeze(1)
     has_mean = (count >= 1).unsqueeze(1)
     has_var = (count >= 2).unsqueeze(1)
+    if inputs_good is not None:
+        has_mean, has_var = has_mean & inputs_good, has_var & inputs_good
     unbiased = var * n / (n - 1).clamp_min(1)
     running_mean.copy_(torch.where(has_mean, running_mean + momentum * (mean.to(running_mean.dtype) - running_mean),
                                    running_mean))
@@ -207,7 +229,8 @@ def partitioned_norm(x: Tensor, scenario: Tensor, weight: Tensor, bias: Tensor, 
         # detached: the statistics' dependence on x is part of the backward kernel's dx
         mean, var, count = _stats_op(x.detach(), scenario, M, be)
         if training and running_mean is not None:
-            _update_running(running_mean, running_var, mean, var, count, float(momentum))
+            _update_running(running_mean, running_var, mean, var, count, float(momentum),
+                            _no_bad_input_yet(x.device))
     else:
         acc = acc_dtype(x.dtype)
         mean, var = running_mean.detach().to(acc), running_var.detach().to(acc)

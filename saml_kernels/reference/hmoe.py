@@ -7,6 +7,7 @@ from typing import Optional
 
 from ..nn.hmoe import HMoEBody, HMoEConfig
 from .layer_set import REFERENCE_LAYERS
+from .model import _check_embedding_optimizer
 
 __all__ = ["HMoEReference", "HMoEConfig"]
 
@@ -15,5 +16,6 @@ class HMoEReference(HMoEBody):
     """HMoE from the reference layers (embedding_optimizer None or "rowwise_adagrad", as ``STARReference``)."""
 
     def __init__(self, config: HMoEConfig, *, embedding_optimizer: Optional[str] = None, device=None, dtype=None):
+        _check_embedding_optimizer(type(self).__name__, embedding_optimizer)
         super().__init__(config, REFERENCE_LAYERS, embedding_optimizer=embedding_optimizer, device=device,
                          dtype=dtype)

@@ -7,6 +7,7 @@ from typing import Optional
 
 from ..nn.star import STARBody, STARConfig
 from .layer_set import REFERENCE_LAYERS
+from .model import _check_embedding_optimizer
 
 __all__ = ["STARReference", "STARConfig"]
 
@@ -16,5 +17,6 @@ class STARReference(STARBody):
     row-wise state buffers, which ``TrainingOptimizer`` updates after the backward)."""
 
     def __init__(self, config: STARConfig, *, embedding_optimizer: Optional[str] = None, device=None, dtype=None):
+        _check_embedding_optimizer(type(self).__name__, embedding_optimizer)
         super().__init__(config, REFERENCE_LAYERS, embedding_optimizer=embedding_optimizer, device=device,
                          dtype=dtype)
