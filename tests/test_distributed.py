@@ -80,6 +80,7 @@ def _shard_worker(rank, world, port):
                                        rtol=1e-5, msg=lambda m: f"{pooling} rank {rank} global shard grad: {m}")
             torch.testing.assert_close(sh.scenario_weight.grad, full.scenario_weight.grad[:, sh.scenario_rows],
                                        atol=1e-5, rtol=1e-5, msg=lambda m: f"{pooling} rank {rank} scenario grad: {m}")
+        dist.barrier()  # no rank tears gloo down while another still has a collective in flight (SIGABRT)
     finally:
         dist.destroy_process_group()
 

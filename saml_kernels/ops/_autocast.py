@@ -37,6 +37,10 @@ POLICY = {
     "mbranch_linear_all_backward": "keep",
     "mutual_unit_backward": "keep",
     "mutual_linear_backward": "keep",
+    # a normalisation runs in its input's dtype with float32 statistics (as torch's batch_norm under autocast)
+    "partitioned_norm_stats": "keep",
+    "partitioned_norm": "keep",
+    "partitioned_norm_backward": "keep",
 }
 _AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
@@ -82,7 +86,8 @@ def _kernel(op, device_type: str, key: str, cast: bool):
 def _register() -> None:
     # the op modules register the custom ops when imported (they import this module for will_cast, so the
     # helpers above are defined by then)
-    from . import embedding_optimizer, mbranch_linear, mutual_linear, mutual_unit, scenario_embedding_bag  # noqa: F401
+    from . import (embedding_optimizer, mbranch_linear, mutual_linear, mutual_unit,  # noqa: F401
+                   partitioned_norm, scenario_embedding_bag)
 
     global _LIB
     _LIB = torch.library.Library("saml_kernels", "IMPL")
