@@ -31,6 +31,7 @@ from triton.runtime.jit import KernelInterface  # noqa: E402
 import saml_kernels.triton as tpkg  # noqa: E402
 from saml_kernels.triton import mbranch_linear as mbl  # noqa: E402
 from saml_kernels.triton import mutual_unit as mu  # noqa: E402
+from saml_kernels.triton import partitioned_norm as pn  # noqa: E402
 from saml_kernels.triton import scenario_embedding_bag as seb  # noqa: E402
 
 pytestmark = pytest.mark.triton_interp
@@ -41,6 +42,7 @@ META = torch.device("meta")
 NOT_LAUNCHERS = {
     "mbranch_linear": {"aot_specs", "sort_by_scenario"},
     "mutual_unit": {"aot_specs", "fused_supported"},
+    "partitioned_norm": {"aot_specs"},
     "scenario_embedding_bag": {"aot_specs", "pick_config", "sorted_segments", "split_segments", "segment_sizes"},
 }
 
@@ -211,6 +213,22 @@ def _seb_backward_rows(mp):
     return outs
 
 
+def _pn_stats(mp):
+    return list(pn.pn_stats(_m(10, 7), _m(10, dtype=torch.int64), 3))
+
+
+def _pn_forward(mp):
+    return [pn.pn_forward(_m(10, 7), _m(10, dtype=torch.int64), _m(3, 7), _m(3, 7), _m(3, 7), _m(3, 7))]
+
+
+def _pn_backward(mp):
+    outs = []
+    for batch_stats in (True, False):                     # batch statistics and running statistics
+        outs += pn.pn_backward(_m(10, 7), _m(10, 7), _m(10, dtype=torch.int64), _m(3, 7), _m(3, 7), _m(3, 7),
+                               _m(3, dtype=torch.int64), batch_stats)
+    return outs
+
+
 CASES = {
     ("mbranch_linear", "grouped_forward"): _mbl_grouped_forward,
     ("mbranch_linear", "all_forward"): _mbl_all_forward,
@@ -221,6 +239,9 @@ CASES = {
     ("mutual_unit", "mutual_linear_backward"): _mu_linear_backward,
     ("scenario_embedding_bag", "forward"): _seb_forward,
     ("scenario_embedding_bag", "backward_rows"): _seb_backward_rows,
+    ("partitioned_norm", "pn_stats"): _pn_stats,
+    ("partitioned_norm", "pn_forward"): _pn_forward,
+    ("partitioned_norm", "pn_backward"): _pn_backward,
 }
 
 

@@ -46,7 +46,13 @@ def kernel_signature(fn, pointer: str, **types: str) -> dict:
     from the kernel's own parameter list (``fn.params``): a constexpr parameter -> ``"constexpr"``; a name given in
     ``types`` -> that type; a name ending in ``_ptr`` -> ``pointer`` (the data pointer type, e.g. ``"*fp32"``); any
     other (sizes, strides) -> ``"i32"``. A name in ``types`` that is not an argument raises (a stale override)."""
-    params = fn.params
+    params = getattr(fn, "params", None)
+    if params is None:  # TRITON_INTERPRET=1: an InterpretedFunction wraps the plain Python function
+        import inspect
+        import types as _types
+
+        params = [_types.SimpleNamespace(name=n, is_constexpr="constexpr" in str(p.annotation))
+                  for n, p in inspect.signature(fn.fn).parameters.items()]
     unknown = set(types) - {p.name for p in params}
     if unknown:
         raise ValueError(f"kernel_signature({fn.__name__}): no arguments {sorted(unknown)}")
