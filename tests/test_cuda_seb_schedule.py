@@ -1,5 +1,5 @@
 """CPU mirror of the sync-free backward schedule of the CUDA scenario_embedding_bag kernels
-(csrc/cuda/scenario_embedding_bag.cu: ``schedule``, ``heads_to_starts``, ``launch_two_level``).
+(csrc/cuda/scenario_embedding_bag_backward.cu: ``schedule``, ``heads_to_starts``, ``launch_two_level``).
 
 The C++ builds the schedule from ATen ops; here the same ops, in the same order, run on the CPU, and the two
 levels of the segment kernel are replayed in Python: every unique row must get exactly the sum of its entries

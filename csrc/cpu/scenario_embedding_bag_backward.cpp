@@ -370,9 +370,7 @@ void seb_backward_update_cpu(const at::Tensor& grad_global, const at::Tensor& gr
         if (state) {
           acc_t sq = 0;
           for (int64_t d = 0; d < D; ++d) sq += g[d] * g[d];
-          const float s = *state + float(sq / acc_t(D));
-          *state = s;
-          mult = alr / (std::sqrt(acc_t(s)) + aeps);
+          mult = saml::fused_step_scale<acc_t, float>(saml::kFusedRowwiseAdagrad, alr, aeps, sq / acc_t(D), state);
         }
         for (int64_t d = 0; d < D; ++d) w[d] = scalar_t_(acc_t(w[d]) - mult * g[d]);
       };

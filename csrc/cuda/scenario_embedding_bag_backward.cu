@@ -1,161 +1,15 @@
-// CUDA kernels of scenario_embedding_bag: fused forward gather, deterministic backward, fused optimizer.
+// CUDA backward of scenario_embedding_bag: per-row gradients, dense gradients and the fused optimizer update.
+// Contract, row mapping and thread layout: scenario_embedding_bag.cuh.
 //
-// Contract: csrc/registry.cpp (seb_forward / seb_backward_rows / seb_backward_update_) and the Python oracle
-// saml_kernels/reference/scenario_embedding_bag.py. Bag (f, b) = indices[offsets[f*B+b] : offsets[f*B+b+1]]:
-//   global row   = feature_rows[f] + id                               (valid iff 0 <= id < rows of f)
-//   scenario row = scenario[b] * Rs + feature_scenario_rows[f] + id    (aware features, scenario in [0, M))
-//
-// Thread layout: a "group" of G lanes (a power of two <= 32, inside one warp) owns one bag (forward) or one
-// unique row (backward); lane l covers columns (l + k*G) * VEC .. + VEC, VEC = 16 bytes / sizeof(scalar) when
-// D and the pointers allow 16-byte accesses, else 1. A gather is bound by memory latency, so the id loop is
-// unrolled (UNROLL independent row loads in flight per lane) and each warp serves 32/G bags at once.
-// Rows are int64 before the multiply by D. Accumulation: float32 (float64 for double tables).
 // Backward: keys kernel (2 entries per id: global row, R + scenario row, or a sentinel) -> at::sort(stable)
 // -> one group per unique row sums its entries in sorted (= id) order: deterministic, no float atomics. The
 // training paths (dense gradients, fused SGD / row-wise Adagrad) schedule the segments on the device with no
 // host read (see `schedule`); only seb_backward_rows, whose outputs have data-dependent shapes, reads counts.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
-#include <type_traits>
-
-#include "saml_common.h"
+#include "scenario_embedding_bag.cuh"
 
 namespace {
 
-using saml::kMean;
-using saml::kNone;
-using saml::kSum;
-
-constexpr int kThreads = 256;
-constexpr int kUnroll = 4;
-constexpr int kChunks = 4;  // column chunks per lane kept in registers by the segment kernel
-constexpr int64_t kSentinel = int64_t(1) << 62;
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, N>*>(p);
-}
-
-template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> zero_vec() {
-  Vec<T, N> z;
-#pragma unroll
-  for (int k = 0; k < N; ++k) z.v[k] = T(0);
-  return z;
-}
-
-template <typename T, typename A, int N>
-__device__ __forceinline__ void store_vec(T* p, const A (&a)[N], A mult) {
-  Vec<T, N> o;
-#pragma unroll
-  for (int k = 0; k < N; ++k) o.v[k] = T(a[k] * mult);
-  *reinterpret_cast<Vec<T, N>*>(p) = o;
-}
-
-// Lanes of this thread's group (G lanes starting at a multiple of G): the mask for group shuffles.
-__device__ __forceinline__ unsigned group_mask(int G) {
-  if (G == 32) return 0xffffffffu;
-  const int first = (threadIdx.x & 31) & ~(G - 1);
-  return ((1u << G) - 1u) << first;
-}
-
-template <typename T>
-__device__ __forceinline__ T group_sum(T v, int G, unsigned mask) {
-  for (int o = G >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(mask, v, o, G);
-  return v;
-}
-
-// ------------------------------------------------------------------------------------------------ forward
-
-template <typename scalar_t, typename index_t, int VEC>
-__global__ void __launch_bounds__(kThreads) seb_fwd_kernel(
-    const index_t* __restrict__ idx, const index_t* __restrict__ off, const int64_t* __restrict__ scen,
-    const scalar_t* __restrict__ gw, const scalar_t* __restrict__ sw, const int64_t* __restrict__ fr,
-    const int64_t* __restrict__ fsr, const int64_t* __restrict__ slot, const scalar_t* __restrict__ psw,
-    scalar_t* __restrict__ gout, scalar_t* __restrict__ sout, unsigned long long* __restrict__ bad, int64_t B,
-    int64_t F, int64_t Fs, int64_t D, int64_t Rs, int64_t M, int64_t L, int64_t nbags, int pooling, bool check,
-    int G) {
-  using acc_t = typename Acc<scalar_t>::type;
-  const int lane = threadIdx.x & (G - 1);
-  const int64_t bag = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / G;
-  if (bag >= nbags) return;
-  const int64_t f = bag / B, b = bag - f * B;
-  const int64_t start = int64_t(off[bag]);
-  const int64_t len = int64_t(off[bag + 1]) - start;
-  const int64_t fbase = fr[f], fsize = fr[f + 1] - fbase;
-  const int64_t sl = slot[f];
-  const int64_t sc = scen[b];
-  // A bad scenario id (only possible unchecked) never reads another scenario's table: it reads zeros.
-  const bool aware = sl >= 0 && fsr[f + 1] > fsr[f] && sc >= 0 && sc < M;
-  const int64_t srow0 = sc * Rs + fsr[f];
-  const int64_t n = pooling == kNone ? L : len;
-  int64_t nbad = 0;
-  for (int64_t d0 = int64_t(lane) * VEC; d0 < D; d0 += int64_t(G) * VEC) {
-    const bool count = check && d0 == 0;  // one lane per bag counts the invalid ids
-    acc_t ag[VEC], as[VEC];
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) ag[k] = as[k] = acc_t(0);
-    for (int64_t j0 = 0; j0 < n; j0 += kUnroll) {
-      Vec<scalar_t, VEC> vg[kUnroll], vs[kUnroll];
-      acc_t w[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t j = j0 + u;
-        const bool in = j < n && j < len;
-        const int64_t id = in ? int64_t(idx[start + j]) : 0;
-        const bool ok = in && id >= 0 && id < fsize;
-        if (count && in && !ok) ++nbad;
-        w[u] = ok ? (psw ? acc_t(psw[start + j]) : acc_t(1)) : acc_t(0);
-        vg[u] = ok ? load_vec<scalar_t, VEC>(gw + (fbase + id) * D + d0) : zero_vec<scalar_t, VEC>();
-        vs[u] = (ok && aware) ? load_vec<scalar_t, VEC>(sw + (srow0 + id) * D + d0) : zero_vec<scalar_t, VEC>();
-      }
-      if (pooling == kNone) {
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t j = j0 + u;
-          if (j >= n) break;
-          acc_t tg[VEC], ts[VEC];
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            tg[k] = acc_t(vg[u].v[k]);
-            ts[k] = acc_t(vs[u].v[k]);
-          }
-          store_vec<scalar_t, acc_t, VEC>(gout + ((b * F + f) * L + j) * D + d0, tg, w[u]);
-          if (sl >= 0) store_vec<scalar_t, acc_t, VEC>(sout + ((b * Fs + sl) * L + j) * D + d0, ts, w[u]);
-        }
-      } else {
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            ag[k] += w[u] * acc_t(vg[u].v[k]);
-            as[k] += w[u] * acc_t(vs[u].v[k]);
-          }
-        }
-      }
-    }
-    if (pooling != kNone) {
-      const acc_t mult = pooling == kMean ? acc_t(1) / acc_t(len > 1 ? len : 1) : acc_t(1);
-      store_vec<scalar_t, acc_t, VEC>(gout + (b * F + f) * D + d0, ag, mult);
-      if (sl >= 0) store_vec<scalar_t, acc_t, VEC>(sout + (b * Fs + sl) * D + d0, as, mult);
-    }
-  }
-  if (nbad) atomicAdd(bad, static_cast<unsigned long long>(nbad));
-}
-
-// ------------------------------------------------------------------------------------------------ backward
+using namespace saml::seb;
 
 // Two entries per id p: entry p (global: key = row) and entry nnz + p (scenario: key = R + m*Rs + r), each with
 // the row of the incoming gradient it reads (src) and the id's scale (w_p, / length for mean). Invalid and
@@ -348,110 +202,6 @@ __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
 }
 
 // ------------------------------------------------------------------------------------------------ host side
-
-struct Args {
-  at::Tensor indices, offsets, scenario, gw, sw, fr, fsr, slot, psw;
-  int64_t F = 0, B = 0, D = 0, R = 0, M = 0, Rs = 0, nbags = 0, nnz = 0;
-};
-
-Args prepare(const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& scenario, const at::Tensor& gw,
-             const at::Tensor& sw, const at::Tensor& fr, const at::Tensor& fsr, const at::Tensor& slot,
-             const c10::optional<at::Tensor>& psw, const char* op) {
-  TORCH_CHECK(indices.is_cuda(), op, ": indices must be a CUDA tensor");
-  TORCH_CHECK(indices.scalar_type() == offsets.scalar_type(), op, ": offsets dtype ", offsets.scalar_type(),
-              " differs from indices dtype ", indices.scalar_type());
-  TORCH_CHECK(gw.dim() == 2 && sw.dim() == 3 && sw.size(2) == gw.size(1), op,
-              ": global_weight must be [R, D] and scenario_weight [M, Rs, D] with the same D");
-  TORCH_CHECK(gw.scalar_type() == sw.scalar_type(), op, ": table dtypes differ");
-  TORCH_CHECK(fr.numel() >= 2 && fsr.numel() == fr.numel() && slot.numel() >= fr.numel() - 1, op,
-              ": feature_rows / feature_scenario_rows need F+1 entries and aware_slot F");
-  Args a;
-  a.indices = indices.contiguous();
-  a.offsets = offsets.contiguous();
-  a.scenario = scenario.to(at::kLong).contiguous();
-  a.gw = gw.contiguous();
-  a.sw = sw.contiguous();
-  a.fr = fr.to(indices.device(), at::kLong).contiguous();
-  a.fsr = fsr.to(indices.device(), at::kLong).contiguous();
-  a.slot = slot.to(indices.device(), at::kLong).contiguous();
-  if (psw.has_value()) a.psw = psw->to(gw.scalar_type()).contiguous();
-  a.F = fr.numel() - 1;
-  TORCH_CHECK((offsets.numel() - 1) % a.F == 0, op, ": offsets must have F*B+1 entries, F = ", a.F);
-  a.nbags = offsets.numel() - 1;
-  a.B = a.nbags / a.F;
-  TORCH_CHECK(a.scenario.numel() == a.B, op, ": scenario must have B = ", a.B, " entries");
-  a.D = gw.size(1);
-  a.R = gw.size(0);
-  a.M = sw.size(0);
-  a.Rs = sw.size(1);
-  a.nnz = indices.numel();
-  if (a.psw.defined()) TORCH_CHECK(a.psw.numel() == a.nnz, op, ": per_sample_weights needs nnz entries");
-  return a;
-}
-
-// Lanes per bag / row: enough lanes of VEC columns to cover D, at most a warp.
-int group_size(int64_t D, int vec) {
-  const int64_t cols = (D + vec - 1) / vec;
-  int g = 1;
-  while (g < 32 && g < cols) g <<= 1;
-  return g;
-}
-
-bool aligned16(const at::Tensor& t) {
-  return !t.defined() || t.numel() == 0 || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-}
-
-// Calls fn(std::integral_constant<int, VEC>) with the widest VEC (16 bytes) when D and every pointer allow it.
-template <typename scalar_t, typename Fn>
-void with_vec(int64_t D, std::initializer_list<at::Tensor> ts, Fn&& fn) {
-  constexpr int kVec = 16 / int(sizeof(scalar_t));
-  bool ok = D % kVec == 0;
-  for (const auto& t : ts) ok = ok && aligned16(t);
-  if (ok) fn(std::integral_constant<int, kVec>{});
-  else fn(std::integral_constant<int, 1>{});
-}
-
-int64_t blocks_for(int64_t groups, int G) {
-  const int64_t per_block = kThreads / G;
-  return (groups + per_block - 1) / per_block;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> seb_forward_cuda(
-    const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& scenario, const at::Tensor& gw_in,
-    const at::Tensor& sw_in, const at::Tensor& fr, const at::Tensor& fsr, const at::Tensor& slot,
-    const c10::optional<at::Tensor>& psw, int64_t pooling, int64_t bag_len, bool check, int64_t num_aware) {
-  const c10::cuda::CUDAGuard guard(indices.device());
-  Args a = prepare(indices, offsets, scenario, gw_in, sw_in, fr, fsr, slot, psw, "seb_forward");
-  TORCH_CHECK(pooling >= 0 && pooling <= 2, "seb_forward: pooling must be 0, 1 or 2, got ", pooling);
-  // Fs (number of aware features) sizes the output: given by the caller (the op knows the layout), else one
-  // small device->host read.
-  const int64_t Fs = num_aware >= 0 ? num_aware : (a.slot.numel() ? a.slot.max().item<int64_t>() + 1 : 0);
-  const int64_t L = pooling == kNone ? bag_len : 0;
-  auto gout = pooling == kNone ? at::empty({a.B, a.F, L, a.D}, a.gw.options())
-                               : at::empty({a.B, a.F, a.D}, a.gw.options());
-  auto sout = pooling == kNone ? at::empty({a.B, Fs, L, a.D}, a.sw.options())
-                               : at::empty({a.B, Fs, a.D}, a.sw.options());
-  auto bad = at::zeros({1}, indices.options().dtype(at::kLong));
-  if (a.nbags == 0 || a.D == 0 || gout.numel() == 0) return {gout.zero_(), sout.zero_(), bad};
-  auto stream = at::cuda::getCurrentCUDAStream();
-  SAML_DISPATCH_FLOATING(a.gw.scalar_type(), "seb_forward_cuda", [&] {
-    using sc_t = scalar_t;
-    SAML_DISPATCH_INDEX(a.indices.scalar_type(), "seb_forward_cuda_idx", [&] {
-      with_vec<sc_t>(a.D, {a.gw, a.sw, gout, sout}, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value;
-        const int G = group_size(a.D, VEC);
-        seb_fwd_kernel<sc_t, index_t, VEC><<<blocks_for(a.nbags, G), kThreads, 0, stream>>>(
-            a.indices.data_ptr<index_t>(), a.offsets.data_ptr<index_t>(), a.scenario.data_ptr<int64_t>(),
-            a.gw.data_ptr<sc_t>(), a.sw.data_ptr<sc_t>(), a.fr.data_ptr<int64_t>(), a.fsr.data_ptr<int64_t>(),
-            a.slot.data_ptr<int64_t>(), a.psw.defined() ? a.psw.data_ptr<sc_t>() : nullptr, gout.data_ptr<sc_t>(),
-            sout.data_ptr<sc_t>(), reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>()), a.B, a.F, Fs,
-            a.D, a.Rs, a.M, L, a.nbags, int(pooling), check, G);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  });
-  return {gout, sout, bad};
-}
 
 // The sorted, deduplicated entries of a backward pass.
 struct Sorted {
@@ -748,7 +498,6 @@ void seb_backward_update_cuda(const at::Tensor& grad_global, const at::Tensor& g
 }  // namespace
 
 TORCH_LIBRARY_IMPL(saml_C, CUDA, m) {
-  m.impl("seb_forward", &seb_forward_cuda);
   m.impl("seb_backward_rows", &seb_backward_rows_cuda);
   m.impl("seb_backward_update_", &seb_backward_update_cuda);
   m.impl("seb_backward_dense", &seb_backward_dense_cuda);
