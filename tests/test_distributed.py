@@ -55,7 +55,7 @@ def _local_batch(rank, pooling, B=5, F=3, sizes=(11, 5, 7), L=3):
     return ids, torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]), torch.randint(0, 3, (B,), generator=g)
 
 
-def _shard_worker(rank, world, port):
+def _shard_worker(rank, world, port, done_dir):
     ex = _example()
     from saml_kernels.nn import ScenarioEmbedding
 
@@ -80,15 +80,24 @@ def _shard_worker(rank, world, port):
                                        rtol=1e-5, msg=lambda m: f"{pooling} rank {rank} global shard grad: {m}")
             torch.testing.assert_close(sh.scenario_weight.grad, full.scenario_weight.grad[:, sh.scenario_rows],
                                        atol=1e-5, rtol=1e-5, msg=lambda m: f"{pooling} rank {rank} scenario grad: {m}")
-        dist.barrier()  # no rank tears gloo down while another still has a collective in flight (SIGABRT)
+        open(os.path.join(done_dir, str(rank)), "w").close()  # every check of this rank passed
+        dist.barrier()  # no rank tears gloo down while another still has a collective in flight
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_rowwise_sharded_embedding_matches_unsharded():
+def test_rowwise_sharded_embedding_matches_unsharded(tmp_path):
     _example()
-    mp.spawn(_shard_worker, args=(WORLD, _free_port()), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(_shard_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as exc:
+        # gloo's teardown can abort a rank after every check passed ("terminate called without an active
+        # exception" while the peer closes its sockets); only that case is tolerated: each rank leaves a marker
+        # after its last assertion, so a wrong number still fails here.
+        done = sorted(p.name for p in tmp_path.iterdir())
+        if exc.signal_name != "SIGABRT" or done != [str(r) for r in range(WORLD)]:
+            raise
 
 
 @pytest.mark.slow
