@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import spawn_checked
+
 try:
     import saml_kernels.torchrec as T
 except ImportError as e:  # torchrec / fbgemm missing or not loadable beside this torch
@@ -267,7 +269,7 @@ CASES = [  # (sharding, fused optimizer, TorchRec's gradient division)
     ("row_wise", "rowwise_adagrad", True), ("row_wise", "sgd", False)]
 
 
-def _sharded_worker(rank, world, port):
+def _sharded_worker(rank, world, port, done_dir):
     from torchrec.distributed import comm_ops
 
     ex = _example()
@@ -310,6 +312,8 @@ def _sharded_worker(rank, world, port):
                 torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=2e-5,
                                            msg=lambda m: f"{tag}: parameter {k} after {len(batches)} steps: {m}")
         _check_sharded_mean_pooling(rank, world)
+        open(os.path.join(done_dir, str(rank)), "w").close()  # every check of this rank passed
+        dist.barrier()
     finally:
         comm_ops.set_gradient_division(True)
         dist.destroy_process_group()
@@ -355,6 +359,6 @@ def _check_sharded_mean_pooling(rank, world):
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed/gloo missing")
-def test_sharded_saml_matches_single_process():
+def test_sharded_saml_matches_single_process(tmp_path):
     _example()
-    mp.spawn(_sharded_worker, args=(WORLD, _free_port()), nprocs=WORLD, join=True)
+    spawn_checked(_sharded_worker, (WORLD, _free_port()), WORLD, tmp_path)
