@@ -75,6 +75,15 @@ class SyncCounter:
             setattr(torch.Tensor, n, orig)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the rendezvous port of a spawned gloo group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def spawn_checked(worker, args: tuple, world: int, done_dir) -> None:
     """``torch.multiprocessing.spawn(worker, args + (str(done_dir),), nprocs=world)`` for gloo tests whose workers
     write a marker file ``done_dir/<rank>`` after their last assertion.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
 import sys
 
 import pytest
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import spawn_checked
+from conftest import free_port as _free_port, spawn_checked
 
 import _reliability_cases as R
 
@@ -41,12 +40,6 @@ def _example():
     if path not in sys.path:
         sys.path.insert(0, path)
     return importlib.import_module("ddp_example")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _local_batch(rank, pooling, B=5, F=3, sizes=(11, 5, 7), L=3):
