@@ -51,7 +51,8 @@ def _cuda_library_dirs():
 def extensions():
     with_cuda = _want_cuda()
     sources = ["csrc/registry.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-DSAML_WITH_CUDA=%d" % with_cuda]
+    # -ffp-contract=off: the ISA clones of csrc/cpu/common/multiversion.h round exactly like the baseline
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-DSAML_WITH_CUDA=%d" % with_cuda]
     x86 = platform.machine() in ("x86_64", "AMD64")
     if x86:  # SSE4.2 baseline on x86; other CPUs use their compiler's defaults
         cxx.append("-march=x86-64-v2")

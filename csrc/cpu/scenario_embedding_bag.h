@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/multiversion.h"
 #include "saml_common.h"
 
 namespace saml {
@@ -25,16 +26,9 @@ struct AccType { using type = float; };
 template <>
 struct AccType<double> { using type = double; };
 
-inline void prefetch_read(const void* p, int64_t bytes) {
+SAML_INLINE void prefetch_read(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
-}
-
-// A weight row (and its optimizer state) about to be updated in place.
-inline void prefetch_write(const void* p, int64_t bytes, const float* state) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 1, 3);
-  if (state) __builtin_prefetch(state, 1, 3);
 }
 
 // Per-feature layout, as int64 host arrays (F is small).
@@ -89,7 +83,7 @@ inline Layout make_layout(const at::Tensor& offsets, const at::Tensor& scenario,
 
 // Scenario row base (m * Rs + sbase) of feature f, sample b; -1 when not aware or scenario out of range
 // (the Python op validates scenario ids; the guard only keeps a bad id from reading another table).
-inline int64_t scen_row_base(const Layout& L, int64_t f, int64_t b) {
+SAML_INLINE int64_t scen_row_base(const Layout& L, int64_t f, int64_t b) {
   if (L.slot[f] < 0) return -1;
   const int64_t m = L.scen[b];
   if (m < 0 || m >= L.M) return -1;

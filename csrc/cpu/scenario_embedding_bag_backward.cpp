@@ -34,9 +34,10 @@ using saml::cpu::seb::check_common;
 using saml::cpu::seb::make_layout;
 using saml::cpu::seb::scen_row_base;
 using saml::cpu::pooled_empty;
-using saml::cpu::seb::prefetch_write;
 
-constexpr int64_t kPrefetchPairs = 16;  // sorted pairs ahead: upstream-gradient rows and the visitor's row
+// Sorted pairs ahead of the walk: upstream-gradient rows and the visitor's rows (weight row + state) in flight.
+constexpr int64_t kPrefetchPairs = 64;
+inline int64_t EXP_pairs() { static int64_t v = getenv("SAML_EXP_PAIRS") ? atol(getenv("SAML_EXP_PAIRS")) : kPrefetchPairs; return v; }  // EXPERIMENT
 enum ScratchSlot { kSlotSortWords = 1 };
 
 // Per-feature sorted (key, position) pairs of the valid ids; regions are [off[f*B], off[f*B] + n) of each array.
@@ -93,17 +94,36 @@ void sort_pairs(const Layout& L, const index_t* idx, const index_t* off, SortedP
   });
 }
 
+// acc[0, D) += scale * g[0, D)
+template <typename acc_t, typename scalar_t>
+SAML_INLINE void add_scaled_row(acc_t* __restrict acc, const scalar_t* __restrict g, acc_t scale, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) acc[d] += acc_t(g[d]) * scale;
+}
+
+// A feature's sorted scenario keys (m * size + id) mapped to rows of the [M * Rs] scenario table. Keys ascend, so
+// the scenario m only grows: tracking its block start replaces a division per key.
+struct ScenarioKeyRows {
+  int64_t size, Rs, sbase;
+  int64_t m = 0, lo = 0;  // key block [lo, lo + size) holds scenario m
+  SAML_INLINE int64_t operator()(int64_t key) {
+    while (key >= lo + size) { lo += size; ++m; }
+    return m * Rs + sbase + (key - lo);
+  }
+};
+
 // Walks the unique rows of one feature's sorted pairs; for each, sums scale_p * grad_row(p) over its positions
 // (in position order) into acc and calls visit(key, acc). The sorted order scatters the upstream-gradient reads
 // and the visitor's rows (for the fused update: the weight rows it reads and writes back), so a prefetch cursor
 // runs kPrefetchPairs pairs ahead of the walk: it prefetches every pair's gradient row and, at the first pair of
-// each unique row, calls pre(key) to prefetch the visitor's row. The walk is a long chain of independent random
-// accesses; keeping many of them in flight is what sets its speed.
-template <typename scalar_t, typename index_t, typename Visit, typename Pre>
-void reduce_segments(const Layout& L, const index_t* off, const scalar_t* psw, int64_t pooling, int64_t lp_stride,
-                     const uint64_t* keys, int64_t n, int64_t base, const int32_t* sample, int64_t f,
-                     const scalar_t* grad, int64_t grad_cols, int64_t col,
-                     std::vector<typename AccType<scalar_t>::type>& acc, Visit&& visit, Pre&& pre) {
+// each unique row, the visitor's weight row and state. The walk is a long chain of independent random
+// accesses; keeping many of them in flight is what sets its speed. table (nullptr: none) and state (nullptr: none)
+// are what the visitor updates; row_of maps the (ascending) keys to their rows.
+template <typename scalar_t, typename index_t, typename Visit, typename RowOf>
+SAML_INLINE void reduce_segments(const Layout& L, const index_t* off, const scalar_t* psw, int64_t pooling,
+                                 int64_t lp_stride, const uint64_t* keys, int64_t n, int64_t base,
+                                 const int32_t* sample, int64_t f, const scalar_t* grad, int64_t grad_cols,
+                                 int64_t col, typename AccType<scalar_t>::type* acc, Visit&& visit,
+                                 const scalar_t* table, const float* state, RowOf&& row_of) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t D = L.D, B = L.B;
   auto grad_row = [&](int64_t i) {
@@ -117,23 +137,27 @@ void reduce_segments(const Layout& L, const index_t* off, const scalar_t* psw, i
   auto prefetch_to = [&](int64_t end) {
     for (end = std::min(end, n); ahead < end; ++ahead) {
       saml::cpu::seb::prefetch_read(grad_row(ahead), row_bytes);
-      if (ahead == 0 || (keys[ahead] >> 32) != (keys[ahead - 1] >> 32)) pre(int64_t(keys[ahead] >> 32));
+      if (table && (ahead == 0 || (keys[ahead] >> 32) != (keys[ahead - 1] >> 32))) {
+        const int64_t row = row_of(int64_t(keys[ahead] >> 32));
+        saml::cpu::seb::prefetch_read(table + row * D, row_bytes);
+        if (state) __builtin_prefetch(state + row, 0, 3);
+      }
     }
   };
   int64_t i = 0;
   while (i < n) {
     const uint64_t key = keys[i] >> 32;
-    std::fill(acc.begin(), acc.end(), acc_t(0));
-    acc_t* a = acc.data();
+    std::fill(acc, acc + D, acc_t(0));
+    acc_t* a = acc;
     for (; i < n && (keys[i] >> 32) == key; ++i) {
-      prefetch_to(i + kPrefetchPairs);
+      prefetch_to(i + EXP_pairs());
       const int64_t p = base + int64_t(keys[i] & 0xffffffffu);
       const int64_t bag = f * B + sample[p];
       const scalar_t* g = grad_row(i);
       acc_t scale = acc_t(1);
       if (pooling == kMean) scale = scale / acc_t(std::max<int64_t>(int64_t(off[bag + 1]) - int64_t(off[bag]), 1));
       if (psw) scale = scale * acc_t(psw[p]);
-      for (int64_t d = 0; d < D; ++d) a[d] += acc_t(g[d]) * scale;
+      add_scaled_row(a, g, scale, D);
     }
     visit(int64_t(key), a);
   }
@@ -167,39 +191,56 @@ BwdArgs prepare_backward(const at::Tensor& grad_global, const at::Tensor& grad_s
   return A;
 }
 
-// Given the sorted pairs, per feature (in parallel) calls visit_g(f, u, row, acc) for unique global rows and
-// visit_s(f, m, u_in_m_block, row, acc) for unique scenario rows, with u counting within the feature's block.
-template <typename scalar_t, typename index_t, typename VG, typename VS, typename PG, typename PS>
-void backward_walk_sorted(const BwdArgs& A, const SortedPairs& S, VG&& visit_g, VS&& visit_s, PG&& pre_g,
-                          PS&& pre_s) {
-  using acc_t = typename AccType<scalar_t>::type;
+// What the visitors update, prefetched ahead of the walk (nullptr: nothing, e.g. a frozen table or no state).
+template <typename scalar_t>
+struct UpdateTargets {
+  const scalar_t* global = nullptr;
+  const scalar_t* scenario = nullptr;
+  const float* global_state = nullptr;
+  const float* scenario_state = nullptr;
+};
+
+// One feature's unique rows (global, then scenario; see backward_walk_sorted). One ISA clone per CPU level: the
+// row sums and the visitors' row updates inlined here are the compute-bound part of the walk.
+template <typename scalar_t, typename index_t, typename VG, typename VS>
+SAML_CPU_MULTIVERSION void walk_feature(const BwdArgs& A, const SortedPairs& S, int64_t f,
+                                        typename AccType<scalar_t>::type* acc, VG& visit_g, VS& visit_s,
+                                        const UpdateTargets<scalar_t>& T) {
   const Layout& L = A.L;
   const index_t* off = A.offsets.data_ptr<index_t>();
   const scalar_t* psw = A.psw.defined() ? A.psw.data_ptr<scalar_t>() : nullptr;
   const int64_t lp = A.pooling == kNone ? A.bag_len : 1;
-  const scalar_t* gg = A.gg.data_ptr<scalar_t>();
-  const scalar_t* gs = A.gs.data_ptr<scalar_t>();
-  at::parallel_for(0, L.F, 1, [&](int64_t f0, int64_t f1) {
-    std::vector<acc_t> acc(L.D);
-    for (int64_t f = f0; f < f1; ++f) {
-      const int64_t base = off[f * L.B];
-      const int64_t size = std::max<int64_t>(L.size[f], 1);
-      int64_t u = 0;
-      reduce_segments<scalar_t, index_t>(L, off, psw, A.pooling, lp, S.kg + base, S.ng[f], base, S.sample, f, gg,
-                                         L.F, f, acc, [&](int64_t key, const acc_t* a) {
-                                           visit_g(f, u++, L.gbase[f] + key, a);
-                                         },
-                                         [&](int64_t key) { pre_g(L.gbase[f] + key); });
-      if (L.slot[f] < 0) continue;
-      int64_t m_prev = -1, um = 0;
-      reduce_segments<scalar_t, index_t>(L, off, psw, A.pooling, lp, S.ks + base, S.ns[f], base, S.sample, f, gs,
-                                         L.Fs, L.slot[f], acc, [&](int64_t key, const acc_t* a) {
-                                           const int64_t m = key / size;
-                                           if (m != m_prev) { m_prev = m; um = 0; }
-                                           visit_s(f, m, um++, m * L.Rs + L.sbase[f] + key % size, a);
-                                         },
-                                         [&](int64_t key) { pre_s((key / size) * L.Rs + L.sbase[f] + key % size); });
-    }
+  const int64_t base = off[f * L.B];
+  const int64_t gbase = L.gbase[f];
+  int64_t u = 0;
+  reduce_segments<scalar_t, index_t>(L, off, psw, A.pooling, lp, S.kg + base, S.ng[f], base, S.sample, f,
+                                     A.gg.data_ptr<scalar_t>(), L.F, f, acc,
+                                     [&](int64_t key, const auto* a) { visit_g(f, u++, gbase + key, a); },
+                                     T.global, T.global_state, [gbase](int64_t key) { return gbase + key; });
+  if (L.slot[f] < 0) return;
+  const int64_t size = std::max<int64_t>(L.size[f], 1);
+  ScenarioKeyRows visit_rows{size, L.Rs, L.sbase[f]}, prefetch_rows{size, L.Rs, L.sbase[f]};
+  int64_t m_prev = -1, um = 0;
+  reduce_segments<scalar_t, index_t>(L, off, psw, A.pooling, lp, S.ks + base, S.ns[f], base, S.sample, f,
+                                     A.gs.data_ptr<scalar_t>(), L.Fs, L.slot[f], acc,
+                                     [&](int64_t key, const auto* a) {
+                                       const int64_t row = visit_rows(key);
+                                       if (visit_rows.m != m_prev) { m_prev = visit_rows.m; um = 0; }
+                                       visit_s(f, visit_rows.m, um++, row, a);
+                                     },
+                                     T.scenario, T.scenario_state, prefetch_rows);
+}
+
+// Given the sorted pairs, per feature (in parallel) calls visit_g(f, u, row, acc) for unique global rows and
+// visit_s(f, m, u_in_m_block, row, acc) for unique scenario rows, with u counting within the feature's block;
+// the rows of T are prefetched ahead of the visits.
+template <typename scalar_t, typename index_t, typename VG, typename VS>
+void backward_walk_sorted(const BwdArgs& A, const SortedPairs& S, VG&& visit_g, VS&& visit_s,
+                          const UpdateTargets<scalar_t>& T = {}) {
+  using acc_t = typename AccType<scalar_t>::type;
+  at::parallel_for(0, A.L.F, 1, [&](int64_t f0, int64_t f1) {
+    std::vector<acc_t> acc(A.L.D);
+    for (int64_t f = f0; f < f1; ++f) walk_feature<scalar_t, index_t>(A, S, f, acc.data(), visit_g, visit_s, T);
   });
 }
 
@@ -299,8 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> seb_backw
             const int64_t o = sstart[f * L.M + m] + u;
             sr[o] = row;
             for (int64_t d = 0; d < D; ++d) sv[o * D + d] = scalar_t_(a[d]);
-          },
-          [](int64_t) {}, [](int64_t) {});
+          });
       if (need_psw_grad && psw.has_value()) {
         gpsw = at::empty({A.indices.numel()}, gw.options());
         RECORD_FUNCTION("seb_backward::psw_grad", std::vector<c10::IValue>());
@@ -310,6 +350,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> seb_backw
     });
   });
   return {grows, gvals, srows, svals, gpsw};
+}
+
+// One touched row's fused step (saml_common.h, FusedOptimizer): g' = g + wd * w; state (row-wise Adagrad, else
+// nullptr) and w updated in place. Inlined into the walk's ISA clones.
+template <typename scalar_t, typename acc_t>
+SAML_INLINE void apply_row_update(scalar_t* __restrict w, float* state, const acc_t* g, int64_t D, acc_t lr, acc_t eps,
+                                  acc_t wd) {
+  if (wd != acc_t(0)) {  // g' built once in a per-thread row buffer, so the loops below stay plain
+    thread_local std::vector<acc_t> decayed;
+    decayed.resize(D);
+    for (int64_t d = 0; d < D; ++d) decayed[d] = g[d] + wd * acc_t(w[d]);
+    g = decayed.data();
+  }
+  acc_t mult = lr;
+  if (state) {
+    acc_t sq = 0;
+    for (int64_t d = 0; d < D; ++d) sq += g[d] * g[d];
+    mult = saml::fused_step_scale<acc_t, float>(saml::kFusedRowwiseAdagrad, lr, eps, sq / acc_t(D), state);
+  }
+  for (int64_t d = 0; d < D; ++d) w[d] = scalar_t(acc_t(w[d]) - mult * g[d]);
 }
 
 // Fused optimizer (csrc/registry.cpp: seb_backward_update_; the math in saml_common.h, FusedOptimizer): every unique
@@ -359,20 +419,7 @@ void seb_backward_update_cpu(const at::Tensor& grad_global, const at::Tensor& gr
       const int64_t D = L.D;
       const acc_t alr = acc_t(hp[saml::kLr]), aeps = acc_t(hp[saml::kEps]), wd = acc_t(hp[saml::kWeightDecay]);
       auto apply = [&](scalar_t_* w, float* state, const acc_t* g) {
-        // g' = g + wd * w, built once in a per-thread row buffer (the plain loops below stay vectorisable)
-        if (wd != acc_t(0)) {
-          thread_local std::vector<acc_t> gdecay;
-          gdecay.resize(D);
-          for (int64_t d = 0; d < D; ++d) gdecay[d] = g[d] + wd * acc_t(w[d]);
-          g = gdecay.data();
-        }
-        acc_t mult = alr;
-        if (state) {
-          acc_t sq = 0;
-          for (int64_t d = 0; d < D; ++d) sq += g[d] * g[d];
-          mult = saml::fused_step_scale<acc_t, float>(saml::kFusedRowwiseAdagrad, alr, aeps, sq / acc_t(D), state);
-        }
-        for (int64_t d = 0; d < D; ++d) w[d] = scalar_t_(acc_t(w[d]) - mult * g[d]);
+        apply_row_update(w, state, g, D, alr, aeps, wd);
       };
       scalar_t_* gwp = gw.data_ptr<scalar_t_>();
       scalar_t_* swp = sw.data_ptr<scalar_t_>();
@@ -385,13 +432,8 @@ void seb_backward_update_cpu(const at::Tensor& grad_global, const at::Tensor& gr
           [&](int64_t, int64_t, int64_t, int64_t row, const acc_t* a) {
             if (update_scenario) apply(swp + row * D, sst ? sst + row : nullptr, a);
           },
-          [&](int64_t row) {
-            if (update_global) prefetch_write(gwp + row * D, D * int64_t(sizeof(scalar_t_)), gst ? gst + row : nullptr);
-          },
-          [&](int64_t row) {
-            if (update_scenario)
-              prefetch_write(swp + row * D, D * int64_t(sizeof(scalar_t_)), sst ? sst + row : nullptr);
-          });
+          UpdateTargets<scalar_t_>{update_global ? gwp : nullptr, update_scenario ? swp : nullptr,
+                                   update_global ? gst : nullptr, update_scenario ? sst : nullptr});
     });
   });
 }
