@@ -8,6 +8,9 @@ TORCH_LIBRARY(saml_C, m) {
   // ---- scenario_embedding_bag (see saml_kernels/ops/scenario_embedding_bag.py for the contract) ----
   // Fused gather of the global and scenario tables. Returns (global_out, scenario_out, bad_count[1] int64).
   // Invalid ids (outside their feature's rows) read as zero vectors and are counted when check=True.
+  // CPU with check=True also validates offsets (offsets[0] = 0, offsets[-1] = nnz, non-decreasing, every bag
+  // bag_len long for pooling none) and scenario ids (in [0, M)); if any fails it gathers nothing, leaves the
+  // outputs undefined and returns bad_count = -1 (the Python op then names the bad entry).
   // num_aware = Fs (the number of aware features, which sizes scenario_out); -1 = derive it from aware_slot,
   // which is a host read on CUDA (the public op always passes it: no sync).
   m.def(
