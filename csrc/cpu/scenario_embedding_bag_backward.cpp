@@ -37,7 +37,6 @@ using saml::cpu::pooled_empty;
 
 // Sorted pairs ahead of the walk: upstream-gradient rows and the visitor's rows (weight row + state) in flight.
 constexpr int64_t kPrefetchPairs = 64;
-inline int64_t EXP_pairs() { static int64_t v = getenv("SAML_EXP_PAIRS") ? atol(getenv("SAML_EXP_PAIRS")) : kPrefetchPairs; return v; }  // EXPERIMENT
 enum ScratchSlot { kSlotSortWords = 1 };
 
 // Per-feature sorted (key, position) pairs of the valid ids; regions are [off[f*B], off[f*B] + n) of each array.
@@ -150,7 +149,7 @@ SAML_INLINE void reduce_segments(const Layout& L, const index_t* off, const scal
     std::fill(acc, acc + D, acc_t(0));
     acc_t* a = acc;
     for (; i < n && (keys[i] >> 32) == key; ++i) {
-      prefetch_to(i + EXP_pairs());
+      prefetch_to(i + kPrefetchPairs);
       const int64_t p = base + int64_t(keys[i] & 0xffffffffu);
       const int64_t bag = f * B + sample[p];
       const scalar_t* g = grad_row(i);

@@ -1,17 +1,22 @@
 // CPU forward of scenario_embedding_bag: the fused global + scenario gather (contract: scenario_embedding_bag.h).
 //
 // Why the shape of this code:
-// - The gather is bound by memory latency and TLB misses (one random row per id and table), not bandwidth: its
-//   speed is how many row reads overlap. Each id's global and scenario rows are read in the same step, and a
-//   prefetch cursor runs ~kLinesAhead cache lines ahead of the walk over both tables, so ~100 random reads are in
-//   flight per core. This measured ~2x faster than FBGEMM's JIT EmbeddingSpMDM (what F.embedding_bag runs: one
-//   table at a time, 16 rows ahead), which an earlier version of this file called per table.
-// - Bags are walked feature-major (the order of `indices`, so the id stream is sequential); outputs are written
-//   straight into [B, F, D] / [B, Fs, D].
-// - Which code computes a bag depends only on the bag itself, never on how bags are split across threads, so
-//   results are bitwise identical for any thread count.
+// - The gather is bound by memory latency and TLB misses (one random D-float row per id), not bandwidth. Bags are
+//   walked feature-major (the order of `indices`, so the id stream is sequential), in blocks of kBlock bags per
+//   thread: the block's global rows, then its scenario rows, so both streams reuse the block's ids from L1.
+// - float32 sum/mean pooling runs FBGEMM's JIT-generated EmbeddingSpMDM kernel (the one F.embedding_bag uses:
+//   register accumulation across a bag, prefetch 16 ids ahead) when libtorch was built with FBGEMM. Our fusion
+//   is around it: one pass over a block's ids validates them and produces the scenario row ids
+//   (scenario[b] * Rs + base + id) in scratch, and both tables are gathered in one parallel region, writing
+//   straight into the [B, F, D] / [B, Fs, D] outputs through FBGEMM's output stride. A hand-written gather of both
+//   tables in one loop with a deep (~128-line) prefetch was measured at 0.5-0.7x of this at one thread (the
+//   strided [B, F, D] stores and the per-id bookkeeping cost more than the extra loads in flight gained).
+// - Everything else (other dtypes, pooling none, bags with invalid ids, builds without FBGEMM: SAML_BUILD_FBGEMM=0
+//   or a libtorch without it) runs the portable gather below. Which path computes a bag depends only on the bag itself,
+//   never on how bags are split across threads, so results are bitwise identical for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -19,8 +24,16 @@
 #include <type_traits>
 #include <vector>
 
-#include "common/multiversion.h"
+// setup.py defines SAML_CPU_WITH_FBGEMM when libtorch was built with FBGEMM (and SAML_BUILD_FBGEMM != 0).
+#if defined(SAML_CPU_WITH_FBGEMM) && __has_include(<fbgemm/FbgemmEmbedding.h>)
+#include <fbgemm/FbgemmEmbedding.h>
+#define SAML_SEB_USE_FBGEMM 1
+#else
+#define SAML_SEB_USE_FBGEMM 0
+#endif
+
 #include "common/output_pool.h"
+#include "common/scratch.h"
 #include "scenario_embedding_bag.h"
 
 namespace {
@@ -33,64 +46,140 @@ using saml::cpu::seb::Layout;
 using saml::cpu::seb::prefetch_read;
 using saml::cpu::seb::scen_row_base;
 
-// acc[0, D) += w * row[0, D) (plain loops: each ISA clone of Gather::bags vectorises them for its width).
-template <typename acc_t, typename scalar_t>
-SAML_INLINE void axpy_row(acc_t* __restrict acc, const scalar_t* __restrict row, acc_t w, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) acc[d] += acc_t(row[d]) * w;
-}
+constexpr int64_t kBlock = 512;          // bags per block (ids of a block stay in L1 between the two tables)
+constexpr int64_t kPrefetchGlobal = 16;  // ids ahead; scenario rows are not prefetched (see gather_bags)
+enum ScratchSlot { kSlotScenarioRows = 0 };
 
-template <typename acc_t>
-SAML_INLINE void divide_row(acc_t* acc, acc_t n, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) acc[d] /= n;
+// acc[0, D) += w * row[0, D), vectorised through at::vec where the types allow it.
+template <typename acc_t, typename scalar_t>
+inline void axpy_row(acc_t* acc, const scalar_t* row, acc_t w, int64_t D) {
+  int64_t d = 0;
+  if constexpr (std::is_same<acc_t, scalar_t>::value) {
+    using Vec = at::vec::Vectorized<acc_t>;
+    const Vec wv(w);
+    for (; d + Vec::size() <= D; d += Vec::size())
+      (Vec::loadu(acc + d) + Vec::loadu(row + d) * wv).store(acc + d);
+  }
+  for (; d < D; ++d) acc[d] += acc_t(row[d]) * w;
 }
 
 template <typename scalar_t, typename src_t>
-SAML_INLINE void store_row(scalar_t* __restrict out, const src_t* __restrict in, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) out[d] = scalar_t(in[d]);
+inline void store_row(scalar_t* out, const src_t* in, int64_t D) {
+  if constexpr (std::is_same<scalar_t, src_t>::value) {
+    std::memcpy(out, in, sizeof(scalar_t) * D);
+  } else {
+    for (int64_t d = 0; d < D; ++d) out[d] = scalar_t(in[d]);
+  }
 }
 
-// Rows of both tables in flight ahead of the walk, counted in 64-byte lines (global + scenario). A random row
-// read costs a full memory latency (plus a nested page walk on a VM); throughput is set by how many such reads
-// overlap. Measured on the 2-core EPYC VM: two interleaved streams prefetched ~128 lines ahead gather 1M rows in
-// ~2 ms, one stream 16 rows ahead (FBGEMM's EmbeddingSpMDM, i.e. F.embedding_bag) in ~4.8 ms.
-constexpr int64_t kLinesAhead = 128;
-inline int64_t EXP_lines() { static int64_t v = getenv("SAML_EXP_LINES") ? atol(getenv("SAML_EXP_LINES")) : kLinesAhead; return v; }  // EXPERIMENT
-
-// Prefetch cursor: walks positions q >= the consumer's, tracking the bag (f, b) that holds q, and prefetches the
-// global row and (aware features) the scenario row of every valid id. Never reads past bag1's ids.
-template <typename scalar_t, typename index_t>
-struct PrefetchCursor {
-  const Layout& L;
-  const index_t* idx;
-  const index_t* off;
-  const scalar_t* gw;
-  const scalar_t* sw;
-  int64_t row_bytes, end, bag, f, b, q;
-
-  PrefetchCursor(const Layout& L_, const index_t* idx_, const index_t* off_, const scalar_t* gw_,
-                 const scalar_t* sw_, int64_t bag0, int64_t bag1)
-      : L(L_), idx(idx_), off(off_), gw(gw_), sw(sw_), row_bytes(L_.D * int64_t(sizeof(scalar_t))),
-        end(off_[bag1]), bag(bag0), f(bag0 / L_.B), b(bag0 % L_.B), q(off_[bag0]) {}
-
-  // Prefetches every position < min(target, end) not prefetched yet.
-  SAML_INLINE void advance(int64_t target) {
-    for (target = std::min(target, end); q < target; ++q) {
-      while (int64_t(off[bag + 1]) <= q) {
-        ++bag;
-        if (++b == L.B) { b = 0; ++f; }
-      }
-      const int64_t id = int64_t(idx[q]);
-      if (id < 0 || id >= L.size[f]) continue;
-      prefetch_read(gw + (L.gbase[f] + id) * L.D, row_bytes);
-      const int64_t sb = scen_row_base(L, f, b);
-      if (sb >= 0) prefetch_read(sw + (sb + id) * L.D, row_bytes);
+// Portable gather of one table over bags [bag0, bag1): kScen = false gathers the global rows into gout, true the
+// rows of the sample's scenario into sout (aware features only). Invalid ids contribute nothing (pooled) or a
+// zero row (pooling none); returns how many it saw. Global rows are prefetched kPrefetchGlobal ids ahead; the
+// scenario tables' M-times larger footprint misses the TLB, and dropped or stalled prefetches measured slower
+// than none, so their loads rely on the grouped copies and the out-of-order window instead.
+template <bool kScen, typename scalar_t, typename index_t>
+int64_t gather_bags(const Layout& L, const index_t* idx, const index_t* off, const scalar_t* table,
+                    const scalar_t* psw, int64_t pooling, int64_t bag_len, scalar_t* out, int64_t bag0, int64_t bag1,
+                    typename AccType<scalar_t>::type* acc, const typename AccType<scalar_t>::type* zeros) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t B = L.B, D = L.D;
+  const int64_t cols = kScen ? L.Fs : L.F;
+  const int64_t PF = kScen ? 0 : kPrefetchGlobal;
+  const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
+  const int64_t p_end = off[bag1];
+  // Row base of bag (f, b) in `table`, or -1 when this pass has nothing to read for it.
+  auto row_base = [&](int64_t f, int64_t b) -> int64_t { return kScen ? scen_row_base(L, f, b) : L.gbase[f]; };
+  // Prefetch cursor: bag (qf, qb) holds position q = p + PF.
+  int64_t qbag = bag0, qf = bag0 / B, qb = bag0 % B;
+  auto issue = [&](int64_t q) {
+    while (off[qbag + 1] <= q) {
+      ++qbag;
+      if (++qb == B) { qb = 0; ++qf; }
     }
+    const int64_t id = int64_t(idx[q]);
+    const int64_t rb = row_base(qf, qb);
+    if (rb >= 0 && id >= 0 && id < L.size[qf]) prefetch_read(table + (rb + id) * D, row_bytes);
+  };
+  if (PF > 0)
+    for (int64_t q = off[bag0]; q < std::min<int64_t>(off[bag0] + PF, p_end); ++q) issue(q);
+  int64_t nbad = 0;
+  // One-hot rows are copied in groups: the group's row loads are independent and issue back to back, which keeps
+  // many misses in flight even where a software prefetch is dropped (e.g. on a TLB miss).
+  constexpr int kGroup = 16;
+  const scalar_t* qsrc[kGroup];
+  scalar_t* qdst[kGroup];
+  int nq = 0;
+  auto flush = [&] {
+    for (int i = 0; i < nq; ++i) {
+      if (qsrc[i]) store_row(qdst[i], qsrc[i], D);
+      else store_row(qdst[i], zeros, D);
+    }
+    nq = 0;
+  };
+  int64_t f = bag0 / B, b = bag0 % B;
+  for (int64_t bag = bag0; bag < bag1; ++bag, ++b) {
+    if (b == B) { b = 0; ++f; }
+    const int64_t s = off[bag], e = off[bag + 1];
+    const int64_t size = L.size[f];
+    const int64_t col = kScen ? L.slot[f] : f;
+    if (kScen && col < 0) {  // not aware: nothing to write; keep the prefetch stream going
+      if (PF > 0)
+        for (int64_t p = s; p < e; ++p)
+          if (p + PF < p_end) issue(p + PF);
+      continue;
+    }
+    const int64_t rb = row_base(f, b);  // -1 only for a scenario id out of range (guard, reads zeros)
+    if (pooling == kNone) {
+      for (int64_t p = s, k = 0; p < e; ++p, ++k) {
+        if (PF > 0 && p + PF < p_end) issue(p + PF);
+        const int64_t id = int64_t(idx[p]);
+        const bool valid = id >= 0 && id < size;
+        nbad += !valid;
+        scalar_t* o = out + ((b * cols + col) * bag_len + k) * D;
+        if (!valid || rb < 0) {
+          store_row(o, zeros, D);
+        } else if (psw) {
+          std::fill(acc, acc + D, acc_t(0));
+          axpy_row(acc, table + (rb + id) * D, acc_t(psw[p]), D);
+          store_row(o, acc, D);
+        } else {
+          store_row(o, table + (rb + id) * D, D);
+        }
+      }
+      continue;
+    }
+    scalar_t* o = out + (b * cols + col) * D;
+    if (e - s == 1 && !psw) {  // one-hot bag: the row itself (the mean of one row is the row)
+      if (PF > 0 && s + PF < p_end) issue(s + PF);
+      const int64_t id = int64_t(idx[s]);
+      const bool valid = id >= 0 && id < size;
+      nbad += !valid;
+      qsrc[nq] = (valid && rb >= 0) ? table + (rb + id) * D : nullptr;
+      qdst[nq++] = o;
+      if (nq == kGroup) flush();
+      continue;
+    }
+    flush();
+    std::fill(acc, acc + D, acc_t(0));
+    for (int64_t p = s; p < e; ++p) {
+      if (PF > 0 && p + PF < p_end) issue(p + PF);
+      const int64_t id = int64_t(idx[p]);
+      if (id < 0 || id >= size) { ++nbad; continue; }
+      if (rb < 0) continue;
+      axpy_row(acc, table + (rb + id) * D, psw ? acc_t(psw[p]) : acc_t(1), D);
+    }
+    if (pooling == kMean) {
+      const acc_t len = acc_t(std::max<int64_t>(e - s, 1));
+      for (int64_t d = 0; d < D; ++d) acc[d] /= len;
+    }
+    store_row(o, acc, D);
   }
-};
+  flush();
+  return nbad;
+}
 
 template <typename scalar_t, typename index_t>
 struct Gather {
-  using acc_t = typename AccType<scalar_t>::type;
   const Layout& L;
   const index_t* idx;
   const index_t* off;
@@ -101,96 +190,112 @@ struct Gather {
   scalar_t* gout;
   scalar_t* sout;
 
-  // Ids ahead of the walk for kLinesAhead lines in flight (each id reads up to two rows).
-  int64_t prefetch_distance() const {
-    const int64_t lines = 2 * std::max<int64_t>(1, (L.D * int64_t(sizeof(scalar_t)) + 63) / 64);
-    return std::max<int64_t>(2, EXP_lines() / lines);
+  // Both tables over bags [lo, hi) with the portable gather.
+  int64_t portable(int64_t lo, int64_t hi, typename AccType<scalar_t>::type* acc,
+                   const typename AccType<scalar_t>::type* zeros) const {
+    int64_t nbad = gather_bags<false>(L, idx, off, gw, psw, pooling, bag_len, gout, lo, hi, acc, zeros);
+    if (L.Fs > 0) gather_bags<true>(L, idx, off, sw, psw, pooling, bag_len, sout, lo, hi, acc, zeros);
+    return nbad;
+  }
+};
+
+#if SAML_SEB_USE_FBGEMM
+template <typename index_t>
+struct FbgemmGather {
+  using GlobalKernel = typename fbgemm::EmbeddingSpMDMKernelSignature<float, index_t, index_t, float>::Type;
+  using ScenarioKernel = typename fbgemm::EmbeddingSpMDMKernelSignature<float, int64_t, index_t, float>::Type;
+  GlobalKernel global;
+  ScenarioKernel scenario;
+
+  FbgemmGather(const Layout& L, bool weighted, bool mean) {
+    global = fbgemm::GenerateEmbeddingSpMDMWithStrides<float, index_t, index_t, float>(
+        L.D, weighted, mean, /*prefetch=*/16, /*is_weight_positional=*/false, /*use_offsets=*/true,
+        /*output_stride=*/L.F * L.D);
+    if (L.Fs > 0)
+      scenario = fbgemm::GenerateEmbeddingSpMDMWithStrides<float, int64_t, index_t, float>(
+          L.D, weighted, mean, 16, false, true, /*output_stride=*/L.Fs * L.D);
   }
 
-  // Bags [bag0, bag1), both tables in one pass: each id's global and scenario rows are read together, so the two
-  // random streams overlap. Invalid ids contribute nothing (pooled) or a zero row (pooling none); a scenario id
-  // out of range (only reachable with checks off) reads nothing. Returns the number of invalid ids.
-  SAML_CPU_MULTIVERSION int64_t bags(int64_t bag0, int64_t bag1, acc_t* acc_g, acc_t* acc_s) const {
-    const int64_t B = L.B, D = L.D, Fs = L.Fs, F = L.F;
-    const int64_t PF = prefetch_distance();
-    PrefetchCursor<scalar_t, index_t> cursor(L, idx, off, gw, sw, bag0, bag1);
+  // Bags [s0, s1) of one feature f. One pass over their ids validates them and writes the scenario row ids into
+  // srow; runs of valid bags then go to FBGEMM (global stream, then scenario stream), any bag holding an invalid
+  // id or scenario to the portable gather. Returns the number of invalid ids.
+  int64_t feature_run(const Gather<float, index_t>& G, int64_t f, int64_t s0, int64_t s1, int64_t* srow,
+                      uint8_t* bag_ok, float* acc, const float* zeros) const {
+    const Layout& L = G.L;
+    const int64_t B = L.B, D = L.D, size = L.size[f], p0 = G.off[s0];
+    const bool aware = L.slot[f] >= 0;
+    bool all_ok = true;
+    for (int64_t bag = s0; bag < s1; ++bag) {
+      const int64_t b = bag - f * B;
+      const int64_t sb = aware ? scen_row_base(L, f, b) : 0;
+      bool ok = sb >= 0;
+      for (int64_t p = G.off[bag]; p < G.off[bag + 1]; ++p) {
+        const int64_t id = int64_t(G.idx[p]);
+        ok &= (id >= 0) & (id < size);
+        if (aware) srow[p - p0] = sb + id;
+      }
+      bag_ok[bag - s0] = ok;
+      all_ok &= ok;
+    }
     int64_t nbad = 0;
-    int64_t f = bag0 / B, b = bag0 % B;
-    for (int64_t bag = bag0; bag < bag1; ++bag, ++b) {
-      if (b == B) { b = 0; ++f; }
-      const int64_t s = off[bag], e = off[bag + 1];
-      const int64_t size = L.size[f];
-      const scalar_t* grow = gw + L.gbase[f] * D;
-      const int64_t col = L.slot[f];
-      const int64_t sb = scen_row_base(L, f, b);  // -1: not aware, or a scenario id out of range
-      const scalar_t* srow = sb >= 0 ? sw + sb * D : nullptr;
-      if (pooling == kNone) {
-        for (int64_t p = s, k = 0; p < e; ++p, ++k) {
-          cursor.advance(p + PF);
-          const int64_t id = int64_t(idx[p]);
-          const bool valid = id >= 0 && id < size;
-          nbad += !valid;
-          const acc_t w = psw ? acc_t(psw[p]) : acc_t(1);
-          emit_row(gout + ((b * F + f) * bag_len + k) * D, valid ? grow + id * D : nullptr, w, acc_g);
-          if (col >= 0)
-            emit_row(sout + ((b * Fs + col) * bag_len + k) * D, valid && srow ? srow + id * D : nullptr, w, acc_s);
-        }
+    for (int64_t r0 = s0; r0 < s1;) {
+      if (!bag_ok[r0 - s0]) {
+        nbad += G.portable(r0, r0 + 1, acc, zeros);
+        ++r0;
         continue;
       }
-      scalar_t* og = gout + (b * F + f) * D;
-      scalar_t* os = col >= 0 ? sout + (b * Fs + col) * D : nullptr;
-      if (e - s == 1 && !psw) {  // one-hot bag: the row itself (the mean of one row is the row)
-        cursor.advance(s + PF);
-        const int64_t id = int64_t(idx[s]);
-        const bool valid = id >= 0 && id < size;
-        nbad += !valid;
-        emit_row(og, valid ? grow + id * D : nullptr, acc_t(1), acc_g);
-        if (os) emit_row(os, valid && srow ? srow + id * D : nullptr, acc_t(1), acc_s);
-        continue;
-      }
-      std::fill(acc_g, acc_g + D, acc_t(0));
-      if (os) std::fill(acc_s, acc_s + D, acc_t(0));
-      for (int64_t p = s; p < e; ++p) {
-        cursor.advance(p + PF);
-        const int64_t id = int64_t(idx[p]);
-        if (id < 0 || id >= size) { ++nbad; continue; }
-        const acc_t w = psw ? acc_t(psw[p]) : acc_t(1);
-        axpy_row(acc_g, grow + id * D, w, D);
-        if (os && srow) axpy_row(acc_s, srow + id * D, w, D);
-      }
-      if (pooling == kMean) {
-        const acc_t len = acc_t(std::max<int64_t>(e - s, 1));
-        divide_row(acc_g, len, D);
-        if (os) divide_row(acc_s, len, D);
-      }
-      store_row(og, acc_g, D);
-      if (os) store_row(os, acc_s, D);
+      int64_t r1 = r0 + 1;
+      while (r1 < s1 && (all_ok || bag_ok[r1 - s0])) ++r1;
+      const int64_t b0 = r0 - f * B, q0 = G.off[r0], n = G.off[r1] - q0;
+      const float* w = G.psw ? G.psw + q0 : nullptr;
+      bool done = global(r1 - r0, n, size, G.gw + L.gbase[f] * D, G.idx + q0, G.off + r0, w,
+                         G.gout + (b0 * L.F + f) * D);
+      if (aware)
+        done &= scenario(r1 - r0, n, L.M * L.Rs, G.sw, srow + (q0 - p0), G.off + r0, w,
+                         G.sout + (b0 * L.Fs + L.slot[f]) * D);
+      TORCH_CHECK(done, "seb_forward: FBGEMM gather rejected validated ids (internal error)");
+      r0 = r1;
     }
     return nbad;
   }
-
-  // out = w * row (row == nullptr: zeros); a plain copy when no scaling or conversion is needed.
-  SAML_INLINE void emit_row(scalar_t* out, const scalar_t* row, acc_t w, acc_t* acc) const {
-    const int64_t D = L.D;
-    if (!row) {
-      std::fill(out, out + D, scalar_t(0));
-    } else if (w == acc_t(1)) {
-      for (int64_t d = 0; d < D; ++d) out[d] = row[d];
-    } else {
-      std::fill(acc, acc + D, acc_t(0));
-      axpy_row(acc, row, w, D);
-      store_row(out, acc, D);
-    }
-  }
 };
+#endif
 
 template <typename scalar_t, typename index_t>
 int64_t forward_impl(const Gather<scalar_t, index_t>& G) {
   using acc_t = typename AccType<scalar_t>::type;
+  const Layout& L = G.L;
+  const int64_t D = L.D, nbags = L.F * L.B;
   std::atomic<int64_t> bad{0};
-  at::parallel_for(0, G.L.F * G.L.B, 64, [&](int64_t bag0, int64_t bag1) {
-    std::vector<acc_t> acc(2 * G.L.D);
-    const int64_t nbad = G.bags(bag0, bag1, acc.data(), acc.data() + G.L.D);
+#if SAML_SEB_USE_FBGEMM
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (G.pooling != kNone) {
+      const FbgemmGather<index_t> K(L, G.psw != nullptr, G.pooling == kMean);
+      at::parallel_for(0, nbags, 64, [&](int64_t bag0, int64_t bag1) {
+        std::vector<float> acc(D), zeros(D, 0.f);
+        std::vector<uint8_t> bag_ok(kBlock);
+        int64_t nbad = 0;
+        for (int64_t lo = bag0; lo < bag1; lo += kBlock) {
+          const int64_t hi = std::min(bag1, lo + kBlock);
+          int64_t* srow = saml::cpu::scratch<int64_t>(kSlotScenarioRows, int64_t(G.off[hi]) - int64_t(G.off[lo]));
+          for (int64_t s0 = lo; s0 < hi;) {  // split the block at feature boundaries
+            const int64_t f = s0 / L.B, s1 = std::min(hi, (f + 1) * L.B);
+            nbad += K.feature_run(G, f, s0, s1, srow + (int64_t(G.off[s0]) - int64_t(G.off[lo])),
+                                  bag_ok.data(), acc.data(), zeros.data());
+            s0 = s1;
+          }
+        }
+        if (nbad) bad.fetch_add(nbad);
+      });
+      return bad.load();
+    }
+  }
+#endif
+  at::parallel_for(0, nbags, 64, [&](int64_t bag0, int64_t bag1) {
+    std::vector<acc_t> acc(D), zeros(D, acc_t(0));
+    int64_t nbad = 0;
+    for (int64_t lo = bag0; lo < bag1; lo += kBlock)
+      nbad += G.portable(lo, std::min(bag1, lo + kBlock), acc.data(), zeros.data());
     if (nbad) bad.fetch_add(nbad);
   });
   return bad.load();
