@@ -16,8 +16,10 @@ Providers (timed alternately, see harness.time_alternating; ratios are medians o
                      ahead (best distance kept); nothing else. "% ceiling" = its time / the provider's.
   index-select       (fwd, CPU) torch.index_select of the same rows into preallocated buffers (what an earlier
                      version of this benchmark called the ceiling; it is slower than a good gather).
-  *-thp              (fwd, CPU) the same provider with both tables on transparent huge pages
-                     (saml_kernels.nn.scenario_embedding.huge_page_empty; ScenarioEmbedding(huge_pages=True)).
+  *-thp              (fwd and fwd+bwd+sgd, CPU) the same provider with its tables on transparent huge pages
+                     (saml_kernels.nn.scenario_embedding.huge_page_empty; ScenarioEmbedding(huge_pages=True);
+                     FBGEMM's flat weight parameter moved there). Huge pages speed up every provider, so the
+                     comparisons are reported both ways: -thp against -thp, plain against plain.
 Modes: fwd (forward), fwd+bwd (sparse gradients), fwd+bwd+sgd (ours: fused optimizer; eager: sparse grads +
 torch.optim.SGD.step; fbgemm: its fused EXACT_SGD).
 Index arithmetic (feature offsets, scenario * Rs) is inside every provider's timed region: it is part of the op.
@@ -178,15 +180,17 @@ def providers_for(P: Problem, mode: str, backends, with_compile: bool, fb_ok: bo
                 torch.autograd.backward([g, s], [P.gg, P.gs])
                 gw.grad = sw.grad = None
         else:
-            gw, sw = gw.detach(), sw.detach()
-
             hp = embedding_optimizer.make_hparams(LR, 0.0, device=gw.device)
 
-            def f(be=be, gw=gw, sw=sw, hp=hp):  # the layer's fused path: forward, then the fused update
-                g, s = saml_kernels.scenario_embedding_bag(P.ids, P.offsets, P.scenario, gw, sw, P.fr, P.fr,
-                                                           backend=be)
-                embedding_optimizer.backward_update(be, P.gg, P.gs, P.ids, P.offsets, P.scenario, gw, sw, P.fr_t,
-                                                    P.fsr_t, P.slot, None, 0, 0, None, None, "sgd", hp)
+            def fused_step(be, gw, sw, hp=hp):  # the layer's fused path: forward, then the fused update
+                def f():
+                    saml_kernels.scenario_embedding_bag(P.ids, P.offsets, P.scenario, gw, sw, P.fr, P.fr, backend=be)
+                    embedding_optimizer.backward_update(be, P.gg, P.gs, P.ids, P.offsets, P.scenario, gw, sw, P.fr_t,
+                                                        P.fsr_t, P.slot, None, 0, 0, None, None, "sgd", hp)
+                return f
+            f = fused_step(be, gw.detach(), sw.detach())
+            if thp and dev == "cpu":  # ScenarioEmbedding(huge_pages=True)
+                provs[f"ours-{be}-thp"] = fused_step(be, on_huge_pages(P.gw), on_huge_pages(P.sw))
         provs[f"ours-{be}"] = f
 
     # eager formulations
@@ -231,10 +235,12 @@ def providers_for(P: Problem, mode: str, backends, with_compile: bool, fb_ok: bo
 
     if fb_ok and dev == "cpu":
         provs["fbgemm"] = fbgemm_provider(P, mode)
+        if thp and mode == "fwd+bwd+sgd":
+            provs["fbgemm-thp"] = fbgemm_provider(P, mode, huge_pages=True)
     return provs
 
 
-def fbgemm_provider(P: Problem, mode: str):
+def fbgemm_provider(P: Problem, mode: str, huge_pages: bool = False):
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (ComputeDevice,
@@ -250,6 +256,8 @@ def fbgemm_provider(P: Problem, mode: str):
                 w.copy_(P.gw[f * R:(f + 1) * R])
             else:
                 w.view(M, R, D).copy_(P.sw[:, (f - F) * R:(f - F + 1) * R])
+    if huge_pages:  # its flat weight parameter moved onto transparent huge pages (updated in place there)
+        tbe.weights_host.data = on_huge_pages(tbe.weights_host.data)
     offsets = torch.arange(0, 2 * P.nnz + 1, P.L)
     grad = torch.cat([P.gg, P.gs], 1).reshape(B, 2 * F * D)
 
@@ -309,7 +317,7 @@ def run(args):
         for dist in ("uniform", "zipf"):
             P = Problem(B, F, R, D, M, L, dist, device)
             for mode in ("fwd", "fwd+bwd", "fwd+bwd+sgd"):
-                provs = providers_for(P, mode, backends, not args.no_compile, fb_ok, thp=thp and mode == "fwd",
+                provs = providers_for(P, mode, backends, not args.no_compile, fb_ok, thp=thp and mode != "fwd+bwd",
                                       with_ceiling=not args.quick)
                 provs = {k: v for k, v in provs.items() if v is not None}
                 with warnings.catch_warnings():
@@ -334,7 +342,8 @@ def run(args):
                     results.append(dict(case=case, L=L, dist=dist, mode=mode, provider=name, ms=ms, gbs=gbs,
                                         pct_ceiling=pct, speedup_vs=speed,
                                         **({"phases_ms": phases} if name == best and phases else {})))
-                    vs = ", ".join(f"{p} {x:.2f}x" for p, x in speed.items()) if name == best else ""
+                    ours_thp = name.startswith("ours-") and name.endswith("-thp")
+                    vs = ", ".join(f"{p} {x:.2f}x" for p, x in speed.items()) if name == best or ours_thp else ""
                     rows_md.append([case, name, ms, gbs, "" if pct is None else pct, vs])
                     pct_s = "" if pct is None else f"{pct:5.1f}%"
                     print(f"{case:28s} {name:22s} {ms:9.2f} ms {gbs:7.2f} GB/s {pct_s:6s}  {vs}", flush=True)
