@@ -40,11 +40,16 @@ constexpr int64_t kPrefetchPairs = 64;
 enum ScratchSlot { kSlotSortWords = 1 };
 
 // Per-feature sorted (key, position) pairs of the valid ids; regions are [off[f*B], off[f*B] + n) of each array.
+// A pair is (key << 32) | low. low is the sample b of the pair's bag when the reduction needs nothing else
+// (by_sample: sum/mean pooling without per-sample weights), saving the walk a dependent load per pair; otherwise
+// the position p - base within the feature, with sample[p] = b. Either way pairs arrive in position order, which
+// within a feature is sample order, so the stable sort yields the same order and the same sums.
 struct SortedPairs {
   int64_t nnz = 0;
+  bool by_sample = false;
   uint64_t* kg = nullptr;  // global keys: id
   uint64_t* ks = nullptr;  // scenario keys: m * size + id
-  int32_t* sample = nullptr;
+  int32_t* sample = nullptr;  // only when !by_sample
   std::vector<int64_t> ng, ns, ug, us;  // counts; unique counts (us is [F * M])
 };
 
@@ -73,10 +78,10 @@ void sort_pairs(const Layout& L, const index_t* idx, const index_t* off, SortedP
         const int64_t sb = scen_row_base(L, f, b);
         const uint64_t mkey = sb >= 0 ? uint64_t(L.scen[b] * size) : 0;
         for (int64_t p = off[f * B + b]; p < off[f * B + b + 1]; ++p) {
-          S.sample[p] = int32_t(b);
+          if (!S.by_sample) S.sample[p] = int32_t(b);
           const int64_t id = int64_t(idx[p]);
           if (id < 0 || id >= size) continue;
-          const uint64_t lp = uint64_t(p - base);
+          const uint64_t lp = S.by_sample ? uint64_t(b) : uint64_t(p - base);
           S.kg[base + ng++] = (uint64_t(id) << 32) | lp;
           if (sb >= 0) S.ks[base + ns++] = ((mkey + uint64_t(id)) << 32) | lp;
         }
@@ -120,15 +125,19 @@ struct ScenarioKeyRows {
 template <typename scalar_t, typename index_t, typename Visit, typename RowOf>
 SAML_INLINE void reduce_segments(const Layout& L, const index_t* off, const scalar_t* psw, int64_t pooling,
                                  int64_t lp_stride, const uint64_t* keys, int64_t n, int64_t base,
-                                 const int32_t* sample, int64_t f, const scalar_t* grad, int64_t grad_cols,
+                                 const int32_t* sample, bool by_sample, int64_t f, const scalar_t* grad,
+                                 int64_t grad_cols,
                                  int64_t col, typename AccType<scalar_t>::type* acc, Visit&& visit,
                                  const scalar_t* table, const float* state, RowOf&& row_of) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t D = L.D, B = L.B;
+  auto sample_of = [&](int64_t i) -> int64_t {
+    const int64_t low = int64_t(keys[i] & 0xffffffffu);
+    return by_sample ? low : sample[base + low];
+  };
   auto grad_row = [&](int64_t i) {
-    const int64_t p = base + int64_t(keys[i] & 0xffffffffu);
-    const int64_t b = sample[p];
-    const int64_t k = pooling == kNone ? p - int64_t(off[f * B + b]) : 0;
+    const int64_t b = sample_of(i);
+    const int64_t k = pooling == kNone ? base + int64_t(keys[i] & 0xffffffffu) - int64_t(off[f * B + b]) : 0;
     return grad + ((b * grad_cols + col) * lp_stride + k) * D;
   };
   const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
@@ -150,12 +159,13 @@ SAML_INLINE void reduce_segments(const Layout& L, const index_t* off, const scal
     acc_t* a = acc;
     for (; i < n && (keys[i] >> 32) == key; ++i) {
       prefetch_to(i + kPrefetchPairs);
-      const int64_t p = base + int64_t(keys[i] & 0xffffffffu);
-      const int64_t bag = f * B + sample[p];
       const scalar_t* g = grad_row(i);
       acc_t scale = acc_t(1);
-      if (pooling == kMean) scale = scale / acc_t(std::max<int64_t>(int64_t(off[bag + 1]) - int64_t(off[bag]), 1));
-      if (psw) scale = scale * acc_t(psw[p]);
+      if (pooling == kMean) {
+        const int64_t bag = f * B + sample_of(i);
+        scale = scale / acc_t(std::max<int64_t>(int64_t(off[bag + 1]) - int64_t(off[bag]), 1));
+      }
+      if (psw) scale = scale * acc_t(psw[base + int64_t(keys[i] & 0xffffffffu)]);  // psw implies !by_sample
       add_scaled_row(a, g, scale, D);
     }
     visit(int64_t(key), a);
@@ -212,7 +222,7 @@ SAML_CPU_MULTIVERSION void walk_feature(const BwdArgs& A, const SortedPairs& S, 
   const int64_t base = off[f * L.B];
   const int64_t gbase = L.gbase[f];
   int64_t u = 0;
-  reduce_segments<scalar_t, index_t>(L, off, psw, A.pooling, lp, S.kg + base, S.ng[f], base, S.sample, f,
+  reduce_segments<scalar_t, index_t>(L, off, psw, A.pooling, lp, S.kg + base, S.ng[f], base, S.sample, S.by_sample, f,
                                      A.gg.data_ptr<scalar_t>(), L.F, f, acc,
                                      [&](int64_t key, const auto* a) { visit_g(f, u++, gbase + key, a); },
                                      T.global, T.global_state, [gbase](int64_t key) { return gbase + key; });
@@ -220,7 +230,7 @@ SAML_CPU_MULTIVERSION void walk_feature(const BwdArgs& A, const SortedPairs& S, 
   const int64_t size = std::max<int64_t>(L.size[f], 1);
   ScenarioKeyRows visit_rows{size, L.Rs, L.sbase[f]}, prefetch_rows{size, L.Rs, L.sbase[f]};
   int64_t m_prev = -1, um = 0;
-  reduce_segments<scalar_t, index_t>(L, off, psw, A.pooling, lp, S.ks + base, S.ns[f], base, S.sample, f,
+  reduce_segments<scalar_t, index_t>(L, off, psw, A.pooling, lp, S.ks + base, S.ns[f], base, S.sample, S.by_sample, f,
                                      A.gs.data_ptr<scalar_t>(), L.Fs, L.slot[f], acc,
                                      [&](int64_t key, const auto* a) {
                                        const int64_t row = visit_rows(key);
@@ -308,6 +318,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> seb_backw
       std::vector<int64_t> gstart, sstart;  // output offsets: per feature; per (m, f) in m-major order
       // Output sizes are known after the sort (unique counts), before the reduction.
       S.nnz = A.indices.numel();
+      S.by_sample = A.pooling != kNone && !A.psw.defined();
       {
         RECORD_FUNCTION("seb_backward::sort", std::vector<c10::IValue>());
         sort_pairs<index_t>(L, A.indices.data_ptr<index_t>(), A.offsets.data_ptr<index_t>(), S);
@@ -411,6 +422,7 @@ void seb_backward_update_cpu(const at::Tensor& grad_global, const at::Tensor& gr
     SAML_DISPATCH_INDEX(A.indices.scalar_type(), "seb_backward_update_cpu_idx", [&] {
       SortedPairs S;
       S.nnz = A.indices.numel();
+      S.by_sample = A.pooling != kNone && !A.psw.defined();
       {
         RECORD_FUNCTION("seb_backward::sort", std::vector<c10::IValue>());
         sort_pairs<index_t>(L, A.indices.data_ptr<index_t>(), A.offsets.data_ptr<index_t>(), S);
