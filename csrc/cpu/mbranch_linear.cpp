@@ -226,6 +226,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   const std::vector<Chunk>& chunks = chunk_plan.list;
   const int64_t C = static_cast<int64_t>(chunks.size()), P = chunk_plan.parts;
   const Tensor db_tiles = need_db ? at::empty({T, N}, opts.dtype(acc)) : Tensor();
+  const Tensor db_acc = need_db ? at::zeros({M, N}, opts.dtype(acc)) : Tensor();
+  std::vector<int64_t> chunks_left_init(M, 0);
+  for (const Chunk& c : chunks) ++chunks_left_init[c.m];
+  std::vector<std::atomic<int64_t>> chunks_left(M);
+  for (int64_t m = 0; m < M; ++m) chunks_left[m].store(chunks_left_init[m], std::memory_order_relaxed);
   const Tensor w = need_dx ? to_acc(weight) : Tensor();
   const Tensor wa = need_daux ? to_acc(*aux_weight) : Tensor();
   if (need_dx) dx = x.dim() == 3 ? at::zeros(x.sizes(), opts) : at::empty(x.sizes(), opts);
@@ -249,6 +254,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     scalar_t* dxp = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
     scalar_t* daxp = need_daux ? daux.data_ptr<scalar_t>() : nullptr;
     acc_t* dbp = need_db ? db_tiles.data_ptr<acc_t>() : nullptr;
+    // Scenario m's weight gradient = its first chunk's sum + the other chunks' partial sums in chunk order; its bias
+    // gradient = its tiles' partial sums in tile order. Fixed orders: the result does not depend on the thread.
+    auto finish_scenario = [&](int64_t m) {
+      auto add_parts = [&](const Tensor& full, const Tensor& parts, int64_t F) {
+        acc_t* o = full.data_ptr<acc_t>() + m * F * N;
+        for (const Chunk& c : chunks) {
+          if (c.m != m || c.part < 0) continue;
+          const acc_t* p = parts.data_ptr<acc_t>() + c.part * F * N;
+          for (int64_t j = 0; j < F * N; ++j) o[j] += p[j];
+        }
+      };
+      if (need_dw) add_parts(dw_acc, dw_parts, K);
+      if (need_dwa) add_parts(dwa_acc, dwa_parts, Ka);
+      if (need_db) {
+        acc_t* o = db_acc.data_ptr<acc_t>() + m * N;
+        for (int64_t t = 0; t < T; ++t)
+          if (tiles[t].m == m)
+            for (int64_t j = 0; j < N; ++j) o[j] += dbp[t * N + j];
+      }
+    };
     for_each_dynamic(C, [&](int64_t ci) {
       const Chunk& c = chunks[ci];
       for (int64_t ti = c.t0; ti < c.t1; ++ti) {
@@ -301,31 +326,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
         if (need_dx) input_grad(w, K, dxp, dx_sm);
         if (need_daux) input_grad(wa, Ka, daxp, 0);
       }
+      // The thread that completes a scenario's last chunk finishes its sums inside this parallel region (no
+      // extra pass or parallel region after it).
+      if (chunks_left[c.m].fetch_sub(1, std::memory_order_acq_rel) == 1) finish_scenario(c.m);
     });
   });
-  // The partial sums added in chunk order; scenarios without rows: zero.
-  auto finish_param = [&](const Tensor& full, const Tensor& parts) {
-    std::vector<bool> seen(M, false);
-    for (const Chunk& c : chunks) {
-      if (c.part >= 0) full[c.m].add_(parts[c.part]);
-      seen[c.m] = true;
-    }
-    for (int64_t m = 0; m < M; ++m) if (!seen[m]) full[m].zero_();
-    return full.to(x.scalar_type());
-  };
-  if (need_dw) dw = finish_param(dw_acc, dw_parts);
-  if (need_dwa) dwa = finish_param(dwa_acc, dwa_parts);
-  if (need_db) {
-    // db_m: the partial sums of scenario m's tiles, added in tile order.
-    Tensor out = at::zeros({M, N}, opts.dtype(acc));
-    AT_DISPATCH_FLOATING_TYPES(acc, "mbl_db_finish", [&] {
-      scalar_t* o = out.data_ptr<scalar_t>();
-      const scalar_t* parts = db_tiles.data_ptr<scalar_t>();
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t j = 0; j < N; ++j) o[tiles[t].m * N + j] += parts[t * N + j];
-    });
-    db = out.to(x.scalar_type());
+  // Scenarios without rows: zero weight gradients (their bias gradients are zero-initialised).
+  for (int64_t m = 0; m < M; ++m) {
+    if (chunks_left_init[m] > 0) continue;
+    if (need_dw) dw_acc[m].zero_();
+    if (need_dwa) dwa_acc[m].zero_();
   }
+  if (need_dw) dw = dw_acc.to(x.scalar_type());
+  if (need_dwa) dwa = dwa_acc.to(x.scalar_type());
+  if (need_db) db = db_acc.to(x.scalar_type());
   return {dx, dw, db, daux, dwa};
 }
 
