@@ -5,16 +5,17 @@
 // cut into tiles of at most kTileRows rows. Every row is read and written once, while its tile is in cache:
 //   forward:  gather the tile's x rows (converted to the accumulation dtype) into the GEMM's input tile -> GEMM
 //             with W_m (MKL, one thread per tile) -> bias + activation -> each row stored straight to its
-//             unsorted position in y (and z). Parallel over tiles.
-//   backward: per tile, gather dz = dy * act'(z) -> db partial sums of the tile -> gather the tile's x rows and
-//             accumulate dW_m += X_tile^T dZ_tile -> dx tile = dZ_tile W_m^T -> each dx row stored straight to
-//             its unsorted position. Parallel over chunks of up to kChunkTiles tiles of one scenario; each chunk
-//             sums its own dW part, and a scenario's parts are added in chunk order at the end.
-// No full-size buffer of sorted rows is written.
+//             unsorted position in y (and z). Tiles are handed out dynamically to the threads.
+//   backward: per tile, one gather pass forms dz = dy * act'(z) and the tile's db partial sum -> gather the tile's
+//             x rows and accumulate dW_m += X_tile^T dZ_tile -> dx tile = dZ_tile W_m^T -> each dx row stored
+//             straight to its unsorted position. Work unit: a chunk of about kChunkTiles tiles of one scenario,
+//             handed out dynamically. A scenario's first chunk sums its dW part in place, the others into partial
+//             sums; the thread that completes a scenario's last chunk adds them (and the db parts) in order.
+// No full-size buffer of sorted rows is written, and the backward runs one parallel region.
 //
 // Determinism: tiles and chunks depend only on the scenario counts, never on the thread count, and each tile's
-// GEMMs and each chunk's sums run on one thread in a fixed order, so results are bitwise identical for any
-// thread count.
+// GEMMs, each chunk's sums and each scenario's final sums run on one thread in a fixed order, so results are
+// bitwise identical for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
