@@ -74,11 +74,12 @@ void for_each_dynamic(int64_t n, const Fn& fn) {
 // The backward's unit of work: tiles [t0, t1) of one scenario, about kChunkTiles of them. A chunk accumulates its
 // own weight-gradient sum over its tiles in order: a scenario's first chunk straight into the gradient, every
 // other chunk into a partial sum (part) that is added afterwards in chunk order, so no full-size buffer of sorted
-// rows is written. At most kMaxChunks chunks per scenario (longer chunks for larger scenarios) bound the partial
-// sums to (kMaxChunks - 1) * K * N per scenario whatever B is. Chunks, like tiles, depend only on the scenario
-// counts.
+// rows is written. Larger scenarios get longer chunks: at most kMaxChunks per scenario, and partial sums of at most
+// kMaxPartBytes in all (a scenario's share of them follows its share of the tiles), whatever B and M are. Chunks,
+// like tiles, depend only on the scenario counts and the shapes, never on the thread count.
 constexpr int64_t kChunkTiles = 2;
 constexpr int64_t kMaxChunks = 16;
+constexpr int64_t kMaxPartBytes = int64_t(64) << 20;
 
 struct Chunk {
   int64_t m, t0, t1;
@@ -90,13 +91,15 @@ struct Chunks {
   int64_t parts = 0;  // partial-sum slots in use
 };
 
-Chunks make_chunks(const std::vector<Tile>& tiles) {
+// part_bytes: the bytes of one chunk's partial sums (weight and aux weight).
+Chunks make_chunks(const std::vector<Tile>& tiles, int64_t part_bytes) {
   Chunks c;
   const int64_t T = static_cast<int64_t>(tiles.size());
+  const int64_t max_parts = kMaxPartBytes / std::max<int64_t>(part_bytes, 1);
   for (int64_t a = 0; a < T;) {
     int64_t e = a;
     while (e < T && tiles[e].m == tiles[a].m) ++e;  // tiles [a, e) are one scenario's
-    const int64_t k = std::min((e - a + kChunkTiles - 1) / kChunkTiles, kMaxChunks);
+    const int64_t k = std::min({(e - a + kChunkTiles - 1) / kChunkTiles, kMaxChunks, 1 + max_parts * (e - a) / T});
     for (int64_t j = 0; j < k; ++j)
       c.list.push_back({tiles[a].m, a + (e - a) * j / k, a + (e - a) * (j + 1) / k, j == 0 ? -1 : c.parts++});
     a = e;
@@ -223,7 +226,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   const int64_t T = static_cast<int64_t>(tiles.size());
   const int64_t* perm = g.perm.data_ptr<int64_t>();
 
-  const Chunks chunk_plan = make_chunks(tiles);
+  const int64_t acc_bytes = static_cast<int64_t>(c10::elementSize(acc));
+  const Chunks chunk_plan = make_chunks(tiles, ((need_dw ? K : 0) + (need_dwa ? Ka : 0)) * N * acc_bytes);
   const std::vector<Chunk>& chunks = chunk_plan.list;
   const int64_t C = static_cast<int64_t>(chunks.size()), P = chunk_plan.parts;
   const Tensor db_tiles = need_db ? at::empty({T, N}, opts.dtype(acc)) : Tensor();
