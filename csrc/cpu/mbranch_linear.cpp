@@ -241,7 +241,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   if (need_dx) dx = x.dim() == 3 ? at::zeros(x.sizes(), opts) : at::empty(x.sizes(), opts);
   if (need_daux) daux = at::empty(aux.sizes(), opts);
   // Weight gradients in the accumulation dtype: each scenario's first chunk writes its sum in place, the other
-  // chunks write partial sums (scratch), added in chunk order afterwards.
+  // chunks write partial sums (scratch), added in chunk order by the thread that completes the scenario.
   const Tensor dw_acc = need_dw ? at::empty({M, K, N}, opts.dtype(acc)) : Tensor();
   const Tensor dwa_acc = need_dwa ? at::empty({M, Ka, N}, opts.dtype(acc)) : Tensor();
   const Tensor dw_parts = need_dw ? scratch(kWeightParts, P * K, N, acc).view({P, K, N}) : Tensor();
