@@ -64,8 +64,9 @@ inline Groups group_rows(const Tensor& scenario, int64_t M) {
 // Per-thread, grow-only scratch (common/scratch.h): the CPU allocator does not cache, and every fresh page of a
 // multi-MB buffer costs a page fault on first touch (on a 2-core VM, three fresh 4 MB buffers per call cost about
 // as much as the call's GEMMs). Scratch never escapes a kernel call, and the slots one thread uses in one call are
-// distinct. The kTile* slots are used inside parallel regions (each worker thread has its own); the others only
-// by the calling thread. Requests above kScratchCap bytes get an ordinary tensor (not kept).
+// distinct. The kTile* slots are taken inside parallel regions (each worker thread has its own); the others are
+// taken by the calling thread before a parallel region, whose workers then write disjoint parts of them. Requests
+// above kScratchCap bytes get an ordinary tensor (not kept).
 enum Slot : int {
   kWeightParts = 0,     // own route's backward: weight-gradient partial sums
   kAllRouteOut = 0,     // all route's forward: its GEMM output (never live together with kWeightParts)
@@ -78,7 +79,8 @@ enum Slot : int {
 constexpr int64_t kScratchCap = int64_t(1) << 30;
 
 inline Tensor scratch(Slot slot, int64_t rows, int64_t cols, at::ScalarType dt) {
-  if (rows * cols * static_cast<int64_t>(c10::elementSize(dt)) > kScratchCap) return at::empty({rows, cols}, at::dtype(dt));
+  const int64_t bytes = rows * cols * static_cast<int64_t>(c10::elementSize(dt));
+  if (bytes > kScratchCap) return at::empty({rows, cols}, at::dtype(dt));
   return saml::cpu::scratch_tensor(slot, {rows, cols}, dt);
 }
 
