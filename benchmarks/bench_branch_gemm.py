@@ -25,6 +25,11 @@ Peak memory on the CPU: the process re-executes itself with MALLOC_MMAP_THRESHOL
 buffer is mmapped and returned on free; resident memory then follows live memory and a sampling thread
 (~0.2 ms period) records its peak over one call (warm). On CUDA: the allocator's peak.
 
+Phase breakdown (route own, fwd+bwd, CPU kernel): the kernels called directly, alternating with one plain
+[B,K]x[K,N] GEMM: the forward, and the backward asked for dx only, dW only, db only and all three. Each backward
+phase includes the dz = dy * act'(y) gather it needs, so the phases do not add up to "all"; the ratio to one plain
+GEMM shows which phase is off its ceiling (dx and dW are each one GEMM's worth of FLOPs).
+
 The mutual layer (mutual_linear) is benchmarked in benchmarks/bench_mutual.py.
 """
 from __future__ import annotations
@@ -279,6 +284,28 @@ def bench_one(c, route, mode, reps, device, compile_ref, mem):
     return rows, data
 
 
+def phase_breakdown(c, reps, device):
+    """ms of the route-own kernels per phase and their ratio to one plain GEMM (see the module docstring)."""
+    x, w, s = c["x"], c["weight"], c["scenario"]
+    b, act = _bias(c["bias"]), 1 if _act() == "relu" else 0
+    ops = torch.ops.saml_C
+    y, _ = ops.mbl_grouped_forward(x, w, b, None, None, s, act)
+    dy = torch.randn_like(y)
+    w0 = w[0].contiguous()
+
+    def bwd(dx, dw, db):
+        return lambda: ops.mbl_grouped_backward_act(dy, y if act else y.new_empty(0), x, w, None, None, s, act,
+                                                    dx, dw, db, False, False)
+    calls = {"forward": lambda: ops.mbl_grouped_forward(x, w, b, None, None, s, act),
+             "backward dx": bwd(True, False, False), "backward dW": bwd(False, True, False)}
+    if b is not None:
+        calls["backward db"] = bwd(False, False, True)
+    calls.update({"backward all": bwd(True, True, b is not None), "plain GEMM": lambda: torch.mm(x, w0)})
+    res = time_alternating(calls, reps=reps, warmup=2, device=device)
+    return {n: dict(ms=res["medians_ms"][n], x_plain_gemm=res["ratios"].get((n, "plain GEMM"), 1.0))
+            for n in calls}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpu", action="store_true", help="CUDA, M=4 B=16384 K=N=512 bf16")
@@ -292,6 +319,7 @@ def main():
     ap.add_argument("--layers", default="relu_bias,linear",
                     help="relu_bias (every route) and/or linear (no bias, no activation; route own only)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--out-dir", default=None, help="where the results go (default: benchmarks/results)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -320,15 +348,24 @@ def main():
                 full = layer == "relu_bias"
                 rows, d = bench_one(c, route, mode, reps, device, compile_ref and full, mem and full)
                 key = f"{layer} route={route}{' grad_mask=own' if route == 'all' else ''} {mode} {mix}"
+                phases = ""
+                if route == "own" and mode == "fwdbwd" and device == "cpu":
+                    d["phases"] = phase_breakdown(c, reps, device)
+                    phases = ("\nphases of ours (kernels called directly; x plain GEMM = median per-round time ratio "
+                              "to one plain [B,K]x[K,N] GEMM):\n\n"
+                              + markdown_table(["phase", "median ms", "x plain GEMM"],
+                                               [[n, v["ms"], f"{v['x_plain_gemm']:.2f}"]
+                                                for n, v in d["phases"].items()]) + "\n")
                 data["results"][key] = d
                 plot[key] = {n: v["gflops"] for n, v in d["providers"].items()}
                 body.append(f"## {key}\n\nplain matmul rate: {d['plain_gflops']:.1f} GFLOP/s\n\n"
-                            + markdown_table(header, rows) + "\n")
+                            + markdown_table(header, rows) + "\n" + phases)
                 print(body[-1], flush=True)
     stem = (f"bench_branch_gemm_{machine_tag()}" + (f"_t{args.threads}" if args.threads else "")
             + ("_quick" if args.quick else ""))
     title = f"M-branch GEMM, M={M} B={B} K={K} N={N} {dtype} on {device} (unsorted rows)"
-    paths = write_results(stem, title, "\n".join(body), data, plot={"groups": plot, "ylabel": "useful GFLOP/s"})
+    paths = write_results(stem, title, "\n".join(body), data, plot={"groups": plot, "ylabel": "useful GFLOP/s"},
+                          **({"out_dir": args.out_dir} if args.out_dir else {}))
     print(paths)
 
 

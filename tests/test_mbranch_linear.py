@@ -128,6 +128,61 @@ def test_empty_batch(device, backend, route, grad_mask, shared):
         assert t.grad is not None and t.grad.shape == t.shape and (t.grad == 0).all()
 
 
+# Scenario sizes that give the CPU kernel several row tiles per scenario, several backward chunks per scenario
+# (partial weight-gradient sums added in chunk order) and the cap on chunks per scenario, next to a one-row and an
+# empty scenario; rows in random order.
+MANY_TILE_COUNTS = (9000, 700, 1, 0)
+
+
+def many_tile_scenario():
+    s = torch.cat([torch.full((c,), m) for m, c in enumerate(MANY_TILE_COUNTS)])
+    return s[torch.randperm(s.numel())]
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("route,grad_mask", [("own", "own"), ("all", "own"), ("all", "params")])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+def test_many_tiles_and_chunks(device, backend, route, grad_mask, activation):
+    inp = make_inputs(M=len(MANY_TILE_COUNTS), B=sum(MANY_TILE_COUNTS), K=9, N=7, Ka=3, device=device,
+                      scenario=many_tile_scenario())
+    run_and_compare(inp, backend=backend, route=route, grad_mask=grad_mask, activation=activation,
+                    dtype=torch.float32)
+
+
+@pytest.mark.parametrize("route,grad_mask", [("own", "own"), ("all", "own")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_results_bitwise_identical_for_any_thread_count(route, grad_mask, dtype):
+    """Tiles, chunks and every sum's order depend only on the scenario counts, never on the thread split."""
+    if "cpu" not in _backend.available_backends("cpu", "mbranch_linear"):
+        pytest.skip("CPU kernels not built")
+    inp = make_inputs(M=len(MANY_TILE_COUNTS), B=sum(MANY_TILE_COUNTS), K=9, N=7, Ka=3, dtype=dtype,
+                      scenario=many_tile_scenario())
+    names = ["x", "weight", "bias", "aux", "aux_weight"]
+    gy = torch.randn((inp["x"].shape[0], 7) if route == "own" else (len(MANY_TILE_COUNTS), inp["x"].shape[0], 7))
+
+    def run():
+        leaves = {n: inp[n].detach().clone().requires_grad_() for n in names}
+        y = mbranch_linear(leaves["x"], leaves["weight"], leaves["bias"], inp["scenario"], route=route,
+                           activation="relu", grad_mask=grad_mask, aux=leaves["aux"], aux_weight=leaves["aux_weight"],
+                           backend="cpu")
+        y.backward(gy.to(dtype))
+        return [y.detach()] + [leaves[n].grad for n in names]
+
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results[t] = run()
+    finally:
+        torch.set_num_threads(threads)
+    for t in (2, 3):
+        for i, (a, b) in enumerate(zip(results[1], results[t])):
+            assert torch.equal(a.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                               b.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), \
+                f"output {i} (y, then grads of {names}) differs between 1 and {t} threads"
+
+
 # ------------------------------------------------------------------------------------------------ gradient masking
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

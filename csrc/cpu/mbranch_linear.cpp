@@ -5,16 +5,17 @@
 // cut into tiles of at most kTileRows rows. Every row is read and written once, while its tile is in cache:
 //   forward:  gather the tile's x rows (converted to the accumulation dtype) into the GEMM's input tile -> GEMM
 //             with W_m (MKL, one thread per tile) -> bias + activation -> each row stored straight to its
-//             unsorted position in y (and z). Parallel over tiles.
-//   backward: per tile, gather dz = dy * act'(z) -> db partial sums of the tile -> gather the tile's x rows and
-//             accumulate dW_m += X_tile^T dZ_tile -> dx tile = dZ_tile W_m^T -> each dx row stored straight to
-//             its unsorted position. Parallel over chunks of up to kChunkTiles tiles of one scenario; each chunk
-//             sums its own dW part, and a scenario's parts are added in chunk order at the end.
-// No full-size buffer of sorted rows is written.
+//             unsorted position in y (and z). Tiles are handed out dynamically to the threads.
+//   backward: per tile, one gather pass forms dz = dy * act'(z) and the tile's db partial sum -> gather the tile's
+//             x rows and accumulate dW_m += X_tile^T dZ_tile -> dx tile = dZ_tile W_m^T -> each dx row stored
+//             straight to its unsorted position. Work unit: a chunk of about kChunkTiles tiles of one scenario,
+//             handed out dynamically. A scenario's first chunk sums its dW part in place, the others into partial
+//             sums; the thread that completes a scenario's last chunk adds them (and the db parts) in order.
+// No full-size buffer of sorted rows is written, and the backward runs one parallel region.
 //
 // Determinism: tiles and chunks depend only on the scenario counts, never on the thread count, and each tile's
-// GEMMs and each chunk's sums run on one thread in a fixed order, so results are bitwise identical for any
-// thread count.
+// GEMMs, each chunk's sums and each scenario's final sums run on one thread in a fixed order, so results are
+// bitwise identical for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -32,8 +33,9 @@ using saml::kActNone;
 using saml::kActRelu;
 
 // Rows per tile: a tile's input, output and gradient rows (K, N <= a few hundred) stay in L2 next to W_m, and the
-// per-call cost of a GEMM (packing W_m) is small against 2 * kTileRows * K * N flops.
-constexpr int64_t kTileRows = 128;
+// per-call cost of a GEMM (packing W_m) is small against 2 * kTileRows * K * N flops. 256 rows measured 1-2% faster
+// than 128 (fewer GEMM calls and W_m packings; M=4, B=4096, K=N=256, one thread).
+constexpr int64_t kTileRows = 256;
 
 // Tile t covers sorted rows [r0, r0 + n) of scenario m. A scenario of n_m rows is cut into ceil(n_m / kTileRows)
 // tiles of near-equal size (no short tail tile).
@@ -55,52 +57,56 @@ std::vector<Tile> make_tiles(const Groups& g) {
   return tiles;
 }
 
-// Runs fn(tile, index) over the tiles in parallel, one tile at a time per thread. Worker threads do not inherit
-// the caller's autograd mode: without the guard, an out= GEMM on weights that require grad raises.
+// Runs fn(i) for i in [0, n), handed out one at a time to whichever thread is free: items differ in size, a thread
+// may lose its core to another process for a while, and the result of an item never depends on the thread that
+// runs it. Worker threads do not inherit the caller's autograd mode: without the guard, an out= GEMM on weights
+// that require grad raises.
 template <typename Fn>
-void for_tiles(const std::vector<Tile>& tiles, const Fn& fn) {
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
+void for_each_dynamic(int64_t n, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t w0, int64_t w1) {
     at::NoGradGuard no_grad;
-    for (int64_t t = t0; t < t1; ++t) fn(tiles[t], t);
+    for (int64_t k = w0; k < w1; ++k)
+      for (int64_t i = next++; i < n; i = next++) fn(i);
   });
 }
 
-// The backward's unit of work: tiles [t0, t1) of one scenario, at most kChunkTiles of them. A chunk accumulates
-// its own weight-gradient sum over its tiles in order (whole: the scenario's only chunk, summed in place), so no
-// full-size buffer of sorted rows is written. Chunks, like tiles, depend only on the scenario counts.
-constexpr int64_t kChunkTiles = 4;
+// The backward's unit of work: tiles [t0, t1) of one scenario, about kChunkTiles of them. A chunk accumulates its
+// own weight-gradient sum over its tiles in order: a scenario's first chunk straight into the gradient, every
+// other chunk into a partial sum (part) that is added afterwards in chunk order, so no full-size buffer of sorted
+// rows is written. Larger scenarios get longer chunks: at most kMaxChunks per scenario, and partial sums of at most
+// kMaxPartBytes in all (a scenario's share of them follows its share of the tiles), whatever B and M are. Chunks,
+// like tiles, depend only on the scenario counts and the shapes, never on the thread count.
+constexpr int64_t kChunkTiles = 2;
+constexpr int64_t kMaxChunks = 16;
+constexpr int64_t kMaxPartBytes = int64_t(64) << 20;
 
 struct Chunk {
   int64_t m, t0, t1;
-  bool whole;
+  int64_t part;  // -1: the scenario's first chunk; else its partial-sum slot
 };
 
-std::vector<Chunk> make_chunks(const std::vector<Tile>& tiles) {
-  std::vector<Chunk> chunks;
+struct Chunks {
+  std::vector<Chunk> list;
+  int64_t parts = 0;  // partial-sum slots in use
+};
+
+// part_bytes: the bytes of one chunk's partial sums (weight and aux weight).
+Chunks make_chunks(const std::vector<Tile>& tiles, int64_t part_bytes) {
+  Chunks c;
   const int64_t T = static_cast<int64_t>(tiles.size());
+  const int64_t max_parts = kMaxPartBytes / std::max<int64_t>(part_bytes, 1);
   for (int64_t a = 0; a < T;) {
     int64_t e = a;
     while (e < T && tiles[e].m == tiles[a].m) ++e;  // tiles [a, e) are one scenario's
-    const int64_t k = (e - a + kChunkTiles - 1) / kChunkTiles;
+    const int64_t k = std::min({(e - a + kChunkTiles - 1) / kChunkTiles, kMaxChunks, 1 + max_parts * (e - a) / T});
     for (int64_t j = 0; j < k; ++j)
-      chunks.push_back({tiles[a].m, a + (e - a) * j / k, a + (e - a) * (j + 1) / k, k == 1});
+      c.list.push_back({tiles[a].m, a + (e - a) * j / k, a + (e - a) * (j + 1) / k, j == 0 ? -1 : c.parts++});
     a = e;
   }
-  return chunks;
+  return c;
 }
 
-// Runs fn(chunk, index) over the chunks, handed out one at a time to whichever thread is free (chunks differ in
-// size; the result of a chunk does not depend on the thread that runs it).
-template <typename Fn>
-void for_chunks(const std::vector<Chunk>& chunks, const Fn& fn) {
-  const int64_t C = static_cast<int64_t>(chunks.size());
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(C, at::get_num_threads()), 1, [&](int64_t w0, int64_t w1) {
-    at::NoGradGuard no_grad;
-    for (int64_t k = w0; k < w1; ++k)
-      for (int64_t c = next++; c < C; c = next++) fn(chunks[c], c);
-  });
-}
 
 // ------------------------------------------------------------------------------------------------ grouped forward
 
@@ -132,21 +138,32 @@ std::tuple<Tensor, Tensor> grouped_forward(const Tensor& x_, const Tensor& weigh
     const acc_t* bp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* zp = needs_z(act) ? z.data_ptr<scalar_t>() : nullptr;
-    for_tiles(tiles, [&](const Tile& t, int64_t) {
+    for_each_dynamic(static_cast<int64_t>(tiles.size()), [&](int64_t ti) {
+      const Tile& t = tiles[ti];
       Tensor in = scratch(kTileIn, t.n, K, acc), out = scratch(kTileOut, t.n, N, acc);
       acc_t* ip = in.data_ptr<acc_t>();
       acc_t* op = out.data_ptr<acc_t>();
-      for (int64_t i = 0; i < t.n; ++i) load_row(xp + perm[t.r0 + i] * K, ip + i * K, K);
+      const int64_t* rows = perm + t.r0;
+      for (int64_t i = 0; i < t.n; ++i) {
+        if (i + kPrefetchRows < t.n) prefetch_row(xp + rows[i + kPrefetchRows] * K, K);
+        load_row(xp + rows[i] * K, ip + i * K, K);
+      }
       at::mm_out(out, in, w[t.m]);
       if (ap != nullptr) {
         Tensor ain = scratch(kTileAux, t.n, Ka, acc);
         acc_t* aip = ain.data_ptr<acc_t>();
-        for (int64_t i = 0; i < t.n; ++i) load_row(ap + perm[t.r0 + i] * Ka, aip + i * Ka, Ka);
+        for (int64_t i = 0; i < t.n; ++i) {
+          if (i + kPrefetchRows < t.n) prefetch_row(ap + rows[i + kPrefetchRows] * Ka, Ka);
+          load_row(ap + rows[i] * Ka, aip + i * Ka, Ka);
+        }
         out.addmm_(ain, wa[t.m]);
       }
       const acc_t* b = bp == nullptr ? nullptr : bp + t.m * N;
       if (!needs_z(act)) {
-        for (int64_t i = 0; i < t.n; ++i) store_row<scalar_t, acc_t>(op + i * N, b, yp + perm[t.r0 + i] * N, N, act);
+        for (int64_t i = 0; i < t.n; ++i) {
+          if (i + kPrefetchRows < t.n) prefetch_row(yp + rows[i + kPrefetchRows] * N, N, /*write=*/true);
+          store_row<scalar_t, acc_t>(op + i * N, b, yp + rows[i] * N, N, act);
+        }
         return;
       }
       // gelu / silu: store z, then y = act(z) of the stored (rounded) z, as the backward will see it.
@@ -209,21 +226,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   const int64_t T = static_cast<int64_t>(tiles.size());
   const int64_t* perm = g.perm.data_ptr<int64_t>();
 
-  const std::vector<Chunk> chunks = make_chunks(tiles);
-  const int64_t C = static_cast<int64_t>(chunks.size());
+  const int64_t acc_bytes = static_cast<int64_t>(c10::elementSize(acc));
+  const Chunks chunk_plan = make_chunks(tiles, ((need_dw ? K : 0) + (need_dwa ? Ka : 0)) * N * acc_bytes);
+  const std::vector<Chunk>& chunks = chunk_plan.list;
+  const int64_t C = static_cast<int64_t>(chunks.size()), P = chunk_plan.parts;
   const Tensor db_tiles = need_db ? at::empty({T, N}, opts.dtype(acc)) : Tensor();
+  const Tensor db_acc = need_db ? at::zeros({M, N}, opts.dtype(acc)) : Tensor();
+  std::vector<int64_t> chunks_left_init(M, 0);
+  for (const Chunk& c : chunks) ++chunks_left_init[c.m];
+  std::vector<std::atomic<int64_t>> chunks_left(M);
+  for (int64_t m = 0; m < M; ++m) chunks_left[m].store(chunks_left_init[m], std::memory_order_relaxed);
   const Tensor w = need_dx ? to_acc(weight) : Tensor();
   const Tensor wa = need_daux ? to_acc(*aux_weight) : Tensor();
   if (need_dx) dx = x.dim() == 3 ? at::zeros(x.sizes(), opts) : at::empty(x.sizes(), opts);
   if (need_daux) daux = at::empty(aux.sizes(), opts);
-  // Weight gradients in the accumulation dtype: a scenario of one chunk is written in place, a scenario of several
-  // chunks gets one partial sum per chunk (scratch), added in chunk order afterwards.
+  // Weight gradients in the accumulation dtype: each scenario's first chunk writes its sum in place, the other
+  // chunks write partial sums (scratch), added in chunk order by the thread that completes the scenario.
   const Tensor dw_acc = need_dw ? at::empty({M, K, N}, opts.dtype(acc)) : Tensor();
   const Tensor dwa_acc = need_dwa ? at::empty({M, Ka, N}, opts.dtype(acc)) : Tensor();
-  const Tensor dw_parts = need_dw ? scratch(kSortedRows, C * K, N, acc).view({C, K, N}) : Tensor();
-  const Tensor dwa_parts = need_dwa ? scratch(kSortedAux, C * Ka, N, acc).view({C, Ka, N}) : Tensor();
-  auto param_dst = [&](const Tensor& full, const Tensor& parts, const Chunk& c, int64_t ci) {
-    return c.whole ? full[c.m] : parts[ci];
+  const Tensor dw_parts = need_dw ? scratch(kWeightParts, P * K, N, acc).view({P, K, N}) : Tensor();
+  const Tensor dwa_parts = need_dwa ? scratch(kAuxWeightParts, P * Ka, N, acc).view({P, Ka, N}) : Tensor();
+  auto param_dst = [&](const Tensor& full, const Tensor& parts, const Chunk& c) {
+    return c.part < 0 ? full[c.m] : parts[c.part];
   };
   SAML_DISPATCH_FLOATING(x.scalar_type(), "mbl_grouped_backward", [&] {
     using acc_t = acc_type_t<scalar_t>;
@@ -235,72 +259,92 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     scalar_t* dxp = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
     scalar_t* daxp = need_daux ? daux.data_ptr<scalar_t>() : nullptr;
     acc_t* dbp = need_db ? db_tiles.data_ptr<acc_t>() : nullptr;
-    for_chunks(chunks, [&](const Chunk& c, int64_t ci) {
+    // Scenario m's weight gradient = its first chunk's sum + the other chunks' partial sums in chunk order; its bias
+    // gradient = its tiles' partial sums in tile order. Fixed orders: the result does not depend on the thread.
+    auto finish_scenario = [&](int64_t m) {
+      auto add_parts = [&](const Tensor& full, const Tensor& parts, int64_t F) {
+        acc_t* o = full.data_ptr<acc_t>() + m * F * N;
+        for (const Chunk& c : chunks) {
+          if (c.m != m || c.part < 0) continue;
+          const acc_t* p = parts.data_ptr<acc_t>() + c.part * F * N;
+          for (int64_t j = 0; j < F * N; ++j) o[j] += p[j];
+        }
+      };
+      if (need_dw) add_parts(dw_acc, dw_parts, K);
+      if (need_dwa) add_parts(dwa_acc, dwa_parts, Ka);
+      if (need_db) {
+        acc_t* o = db_acc.data_ptr<acc_t>() + m * N;
+        for (int64_t t = 0; t < T; ++t)
+          if (tiles[t].m == m)
+            for (int64_t j = 0; j < N; ++j) o[j] += dbp[t * N + j];
+      }
+    };
+    for_each_dynamic(C, [&](int64_t ci) {
+      const Chunk& c = chunks[ci];
       for (int64_t ti = c.t0; ti < c.t1; ++ti) {
         const Tile& t = tiles[ti];
         const bool first = ti == c.t0;
+        const int64_t* rows = perm + t.r0;
         Tensor dz = scratch(kTileGrad, t.n, N, acc);
         acc_t* dzp = dz.data_ptr<acc_t>();
+        // dz rows, and the tile's bias-gradient partial sum (rows added in order) while each row is in L1.
+        acc_t* dbt = need_db ? dbp + ti * N : nullptr;
+        if (need_db) std::fill(dbt, dbt + N, acc_t(0));
         for (int64_t i = 0; i < t.n; ++i) {
-          const int64_t b = perm[t.r0 + i];
-          grad_row<scalar_t, acc_t>(dyr.row(t.m, b), act == kActNone ? nullptr : vr.row(t.m, b), dzp + i * N, N,
+          if (i + kPrefetchRows < t.n) {
+            prefetch_row(dyr.row(t.m, rows[i + kPrefetchRows]), N);
+            if (act != kActNone) prefetch_row(vr.row(t.m, rows[i + kPrefetchRows]), N);
+          }
+          acc_t* d = dzp + i * N;
+          grad_row<scalar_t, acc_t>(dyr.row(t.m, rows[i]), act == kActNone ? nullptr : vr.row(t.m, rows[i]), d, N,
                                     act);
-        }
-        if (need_db) {
-          acc_t* p = dbp + ti * N;
-          std::fill(p, p + N, acc_t(0));
-          for (int64_t i = 0; i < t.n; ++i)
-            for (int64_t j = 0; j < N; ++j) p[j] += dzp[i * N + j];
+          if (need_db)
+            for (int64_t j = 0; j < N; ++j) dbt[j] += d[j];
         }
         // Weight gradients: dW += X_tile^T dZ_tile, accumulated over the chunk's tiles in order.
         auto param_grad = [&](const RowSrc<scalar_t>& src, int64_t F, Tensor dst) {
-          Tensor rows = scratch(kTileIn, t.n, F, acc);
-          acc_t* rp = rows.data_ptr<acc_t>();
-          for (int64_t i = 0; i < t.n; ++i) load_row(src.row(t.m, perm[t.r0 + i]), rp + i * F, F);
+          Tensor in = scratch(kTileIn, t.n, F, acc);
+          acc_t* ip = in.data_ptr<acc_t>();
+          for (int64_t i = 0; i < t.n; ++i) {
+            if (i + kPrefetchRows < t.n) prefetch_row(src.row(t.m, rows[i + kPrefetchRows]), F);
+            load_row(src.row(t.m, rows[i]), ip + i * F, F);
+          }
           if (first) {
-            at::mm_out(dst, rows.t(), dz);
+            at::mm_out(dst, in.t(), dz);
           } else {
-            dst.addmm_(rows.t(), dz);
+            dst.addmm_(in.t(), dz);
           }
         };
-        if (need_dw) param_grad(xr, K, param_dst(dw_acc, dw_parts, c, ci));
-        if (need_dwa) param_grad(ar, Ka, param_dst(dwa_acc, dwa_parts, c, ci));
+        if (need_dw) param_grad(xr, K, param_dst(dw_acc, dw_parts, c));
+        if (need_dwa) param_grad(ar, Ka, param_dst(dwa_acc, dwa_parts, c));
         // Input gradients: dz W_m^T into the tile buffer, each row stored to its unsorted position.
         auto input_grad = [&](const Tensor& wt, int64_t F, scalar_t* dst, int64_t dst_sm) {
           Tensor out = scratch(kTileOut, t.n, F, acc);
           at::mm_out(out, dz, wt[t.m].t());
           const acc_t* op = out.data_ptr<acc_t>();
+          scalar_t* base = dst + t.m * dst_sm;
           for (int64_t i = 0; i < t.n; ++i) {
-            const int64_t b = perm[t.r0 + i];
-            store_row<scalar_t, acc_t>(op + i * F, nullptr, dst + t.m * dst_sm + b * F, F, kActNone);
+            if (i + kPrefetchRows < t.n) prefetch_row(base + rows[i + kPrefetchRows] * F, F, /*write=*/true);
+            store_row<scalar_t, acc_t>(op + i * F, nullptr, base + rows[i] * F, F, kActNone);
           }
         };
         if (need_dx) input_grad(w, K, dxp, dx_sm);
         if (need_daux) input_grad(wa, Ka, daxp, 0);
       }
+      // The thread that completes a scenario's last chunk finishes its sums inside this parallel region (no
+      // extra pass or parallel region after it).
+      if (chunks_left[c.m].fetch_sub(1, std::memory_order_acq_rel) == 1) finish_scenario(c.m);
     });
   });
-  // Scenarios of several chunks: their partial sums in chunk order; scenarios without rows: zero.
-  auto finish_param = [&](const Tensor& full, const Tensor& parts) {
-    std::vector<bool> seen(M, false);
-    for (int64_t ci = 0; ci < C; ++ci) {
-      const Chunk& c = chunks[ci];
-      if (c.whole) { seen[c.m] = true; continue; }
-      Tensor o = full[c.m];
-      if (seen[c.m]) o.add_(parts[ci]); else o.copy_(parts[ci]);
-      seen[c.m] = true;
-    }
-    for (int64_t m = 0; m < M; ++m) if (!seen[m]) full[m].zero_();
-    return full.to(x.scalar_type());
-  };
-  if (need_dw) dw = finish_param(dw_acc, dw_parts);
-  if (need_dwa) dwa = finish_param(dwa_acc, dwa_parts);
-  if (need_db) {
-    // db_m: the partial sums of scenario m's tiles, added in tile order.
-    Tensor out = at::zeros({M, N}, opts.dtype(acc));
-    for (int64_t t = 0; t < T; ++t) out[tiles[t].m].add_(db_tiles[t]);
-    db = out.to(x.scalar_type());
+  // Scenarios without rows: zero weight gradients (their bias gradients are zero-initialised).
+  for (int64_t m = 0; m < M; ++m) {
+    if (chunks_left_init[m] > 0) continue;
+    if (need_dw) dw_acc[m].zero_();
+    if (need_dwa) dwa_acc[m].zero_();
   }
+  if (need_dw) dw = dw_acc.to(x.scalar_type());
+  if (need_dwa) dwa = dwa_acc.to(x.scalar_type());
+  if (need_db) db = db_acc.to(x.scalar_type());
   return {dx, dw, db, daux, dwa};
 }
 

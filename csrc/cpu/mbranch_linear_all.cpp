@@ -32,7 +32,7 @@ std::tuple<Tensor, Tensor> all_forward(const Tensor& x_, const Tensor& weight_, 
   // buf: z in acc dtype, scratch unless it becomes y itself (float32/float64 without a stored z).
   const bool buf_is_y = same && !needs_z(act);
   auto make_buf = [&](at::IntArrayRef shape, int64_t rows, int64_t cols) {
-    return buf_is_y ? at::empty(shape, x_.options().dtype(acc)) : scratch(kSortedRows, rows, cols, acc).view(shape);
+    return buf_is_y ? at::empty(shape, x_.options().dtype(acc)) : scratch(kAllRouteOut, rows, cols, acc).view(shape);
   };
   Tensor buf;
   int64_t R, C;

@@ -10,12 +10,12 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <array>
 #include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
 
+#include "common/scratch.h"
 #include "saml_common.h"
 
 namespace saml::mbranch {
@@ -61,30 +61,27 @@ inline Groups group_rows(const Tensor& scenario, int64_t M) {
   return g;
 }
 
-// Per-thread, grow-only scratch buffers. The CPU allocator does not cache, and every fresh page of a multi-MB
-// buffer costs a page fault on first touch (on a 2-core VM, three fresh 4 MB buffers per call cost about as much
-// as the call's GEMMs). Scratch never escapes a kernel call, and the slots one thread uses in one call are
-// distinct. The kTile* slots are used inside parallel regions (each worker thread has its own); the others only
-// by the calling thread. Buffers above kScratchCap bytes are not kept.
+// Per-thread, grow-only scratch (common/scratch.h): the CPU allocator does not cache, and every fresh page of a
+// multi-MB buffer costs a page fault on first touch (on a 2-core VM, three fresh 4 MB buffers per call cost about
+// as much as the call's GEMMs). Scratch never escapes a kernel call, and the slots one thread uses in one call are
+// distinct. The kTile* slots are taken inside parallel regions (each worker thread has its own); the others are
+// taken by the calling thread before a parallel region, whose workers then write disjoint parts of them. Requests
+// above kScratchCap bytes get an ordinary tensor (not kept).
 enum Slot : int {
-  kSortedRows = 0,  // x rows (or the all route's GEMM output) in scenario order
-  kSortedAux = 1,   // aux rows in scenario order
-  kSortedGrad = 2,  // dz rows in scenario order
-  kTileIn = 3,      // one tile of gathered input rows
-  kTileAux = 4,     // one tile of gathered aux rows
-  kTileOut = 5,     // one tile of GEMM output rows
-  kTileGrad = 6,    // one tile of dz rows
-  kNumSlots = 7
+  kWeightParts = 0,     // own route's backward: weight-gradient partial sums
+  kAllRouteOut = 0,     // all route's forward: its GEMM output (never live together with kWeightParts)
+  kAuxWeightParts = 1,  // own route's backward: aux-weight-gradient partial sums
+  kTileIn = 2,          // one tile of gathered input rows
+  kTileAux = 3,         // one tile of gathered aux rows
+  kTileOut = 4,         // one tile of GEMM output rows
+  kTileGrad = 5,        // one tile of dz rows
 };
 constexpr int64_t kScratchCap = int64_t(1) << 30;
 
 inline Tensor scratch(Slot slot, int64_t rows, int64_t cols, at::ScalarType dt) {
-  thread_local std::array<Tensor, kNumSlots> ws;
-  const int64_t n = rows * cols;
-  if (n * static_cast<int64_t>(c10::elementSize(dt)) > kScratchCap) return at::empty({rows, cols}, at::dtype(dt));
-  Tensor& w = ws[slot];
-  if (!w.defined() || w.scalar_type() != dt || w.numel() < n) w = at::empty({std::max<int64_t>(n, 1)}, at::dtype(dt));
-  return w.narrow(0, 0, n).view({rows, cols});
+  const int64_t bytes = rows * cols * static_cast<int64_t>(c10::elementSize(dt));
+  if (bytes > kScratchCap) return at::empty({rows, cols}, at::dtype(dt));
+  return saml::cpu::scratch_tensor(slot, {rows, cols}, dt);
 }
 
 // Row b of scenario m of a [B, C] or [M, B, C] tensor (stride(-1) == 1; a 2-D tensor ignores m).
@@ -98,6 +95,22 @@ struct RowSrc {
 };
 
 inline Tensor unit_stride_rows(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// Rows touched in a gather / scatter loop are prefetched this many rows ahead. Rows come in random order, so the
+// hardware prefetcher misses the start of every row (a tile's gather stalled on L3 latency without this).
+constexpr int64_t kPrefetchRows = 4;
+
+// Prefetches the C elements at p: for reading, or (write) for a row about to be overwritten.
+template <typename T>
+inline void prefetch_row(const T* p, int64_t C, bool write = false) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = C * static_cast<int64_t>(sizeof(T));
+  if (write) {
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 1);
+  } else {
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0);
+  }
+}
 
 // d = s converted to the accumulation dtype.
 template <typename scalar_t, typename acc_t>

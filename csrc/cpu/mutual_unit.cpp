@@ -27,6 +27,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/scratch.h"
 #include "saml_common.h"
 
 namespace {
@@ -282,6 +283,9 @@ int64_t block_rows(int64_t M, int64_t N, int64_t elem) {
   return std::clamp<int64_t>((256 * 1024) / per_row, 16, 256);
 }
 
+// Per-thread scratch slots (common/scratch.h) of the fused mutual_linear: each worker's block buffers.
+enum Slot : int { kBlockZ = 0, kBlockX = 1, kBlockAux = 2, kBlockGrad = 3 };
+
 struct Packed {
   at::Tensor w, b, wa;  // [K, M*N], [M*N] or undefined, [Ka, M*N] or undefined, all in the accumulation dtype
 };
@@ -322,15 +326,14 @@ void for_blocks(const at::Tensor& x, const c10::optional<at::Tensor>& aux, const
                 at::ScalarType acc, Fn&& fn) {
   const int64_t blk = block_rows(MN, 1, acc == at::kDouble ? 8 : 4);
   const int64_t nblocks = (B + blk - 1) / blk;
-  const auto opts = x.options().dtype(acc);
   at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
     // Worker threads do not inherit the caller's autograd exclusion: without this, addmm_out on parameters
     // that require grad raises "functions with out=... arguments don't support automatic differentiation".
     at::NoGradGuard no_grad;
-    auto scratch = at::empty({blk, MN}, opts);
-    auto xbuf = x.scalar_type() != acc ? at::empty({blk, x.size(1)}, opts) : at::Tensor();
+    auto scratch = saml::cpu::scratch_tensor(kBlockZ, {blk, MN}, acc);
+    auto xbuf = x.scalar_type() != acc ? saml::cpu::scratch_tensor(kBlockX, {blk, x.size(1)}, acc) : at::Tensor();
     auto abuf = (aux.has_value() && aux->defined() && aux->scalar_type() != acc)
-                    ? at::empty({blk, aux->size(1)}, opts) : at::Tensor();
+                    ? saml::cpu::scratch_tensor(kBlockAux, {blk, aux->size(1)}, acc) : at::Tensor();
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t r0 = k * blk, rows = std::min(blk, B - r0);
       block_gemm(x, aux, p, r0, rows, scratch, xbuf, abuf);
@@ -423,7 +426,7 @@ at::Tensor mutual_linear_backward(const at::Tensor& grad_in, const at::Tensor& x
         auto zown = zb.view({rows, M, N}).gather(1, own_idx.narrow(0, r0, rows).view({rows, 1, 1}).expand({rows, 1, N}))
                         .view({rows, N});
         act_inplace(zb, activation);
-        auto dh = at::empty({rows, N}, zb.options());
+        auto dh = saml::cpu::scratch_tensor(kBlockGrad, {rows, N}, zb.scalar_type());
         const acc_t* z = scratch.data_ptr<acc_t>();
         acc_t* dhp = dh.data_ptr<acc_t>();
         for (int64_t r = 0; r < rows; ++r) {
