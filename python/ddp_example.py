@@ -34,6 +34,12 @@ import tempfile
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists, on purpose: its collectives take ``group=group.WORLD`` as a default
+# argument, evaluated at import. Imported after init_process_group (DDP's constructor imports it), that default
+# holds the default group past destroy_process_group; gloo's threads then live into interpreter shutdown, where
+# one releasing a finished collective's tensors needs the GIL and aborts the process ("terminate called without
+# an active exception").
+import torch.distributed.nn.functional as dist_nn
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
@@ -50,10 +56,8 @@ MODES = ("torchrec", "excluded", "excluded-sparse", "rowwise")
 
 def _all_to_all(x: Tensor, send_splits, recv_splits, group=None) -> Tensor:
     """all_to_all_single along dim 0 with autograd (its backward is the reverse all_to_all)."""
-    import torch.distributed.nn.functional as dnf
-
     out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
-    return dnf.all_to_all_single(out, x.contiguous(), list(recv_splits), list(send_splits), group=group)
+    return dist_nn.all_to_all_single(out, x.contiguous(), list(recv_splits), list(send_splits), group=group)
 
 
 def _a2a_plain(x: Tensor, send_splits, recv_splits, group=None) -> Tensor:

@@ -9,6 +9,9 @@
   nn.Embedding / nn.EmbeddingBag.)
 * The row-wise sharded scenario embedding gives, for different local batches on every rank, the outputs of the
   unsharded ScenarioEmbedding and shard gradients equal to the full table's gradient rows (sum, mean, none).
+
+Every rank runs through conftest.spawn_checked, which also fails a rank whose process-group threads outlive its
+worker (they would race the exit-time static destructors).
 """
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import free_port as _free_port, spawn_checked
 
@@ -50,7 +52,7 @@ def _local_batch(rank, pooling, B=5, F=3, sizes=(11, 5, 7), L=3):
     return ids, torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]), torch.randint(0, 3, (B,), generator=g)
 
 
-def _shard_worker(rank, world, port, done_dir):
+def _shard_worker(rank, world, port):
     ex = _example()
     from saml_kernels.nn import ScenarioEmbedding
 
@@ -75,7 +77,6 @@ def _shard_worker(rank, world, port, done_dir):
                                        rtol=1e-5, msg=lambda m: f"{pooling} rank {rank} global shard grad: {m}")
             torch.testing.assert_close(sh.scenario_weight.grad, full.scenario_weight.grad[:, sh.scenario_rows],
                                        atol=1e-5, rtol=1e-5, msg=lambda m: f"{pooling} rank {rank} scenario grad: {m}")
-        open(os.path.join(done_dir, str(rank)), "w").close()  # every check of this rank passed
         dist.barrier()  # no rank tears gloo down while another still has a collective in flight
     finally:
         dist.destroy_process_group()
@@ -90,14 +91,20 @@ def test_rowwise_sharded_embedding_matches_unsharded(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not R.model_available(), reason="saml_kernels.nn.SAML has not landed yet")
 @pytest.mark.parametrize("mode", ["torchrec", "excluded", "excluded-sparse", "rowwise"])
-def test_saml_ddp_matches_single_process(mode):
+def test_saml_ddp_matches_single_process(mode, tmp_path):
     if mode == "torchrec":
         try:
             importlib.import_module("saml_kernels.torchrec")
         except ImportError as e:
             pytest.skip(f"saml_kernels.torchrec unavailable: {e}")
     ex = _example()
-    dist_state, single = ex.run(mode, world=WORLD, steps=4, global_batch=128, port=_free_port())
+    # ex.run's steps, with the ranks spawned through spawn_checked (clean teardown of every rank checked)
+    data, cfg = ex.make_problem(0)
+    batches = list(data.batches(128))[:4]
+    out = tmp_path / "state.pt"
+    (tmp_path / "done").mkdir()
+    spawn_checked(ex.train_distributed, (WORLD, mode, cfg, batches, _free_port(), str(out)), WORLD, tmp_path / "done")
+    dist_state, single = torch.load(out), ex.train_single(cfg, batches)
     diff = ex.compare(dist_state, single)
     assert diff < TOL, f"{mode}: max |param(DDP, {WORLD} ranks) - param(1 process)| = {diff:.3e} >= {TOL}"
     # the run must have moved the parameters, else equality proves nothing
