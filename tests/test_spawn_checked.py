@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import resource
 
 import pytest
 import torch
@@ -50,6 +51,7 @@ def _wrong_number(rank, world, port):
 
 
 def _abort_at_exit(rank):
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a deliberate abort leaves no core file behind
     atexit.register(os.abort)  # the worker itself passed; the process dies with SIGABRT at shutdown
 
 
