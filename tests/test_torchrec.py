@@ -22,7 +22,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import free_port as _free_port, spawn_checked
 
