@@ -110,3 +110,16 @@ def test_saml_ddp_matches_single_process(mode, tmp_path):
     # the run must have moved the parameters, else equality proves nothing
     init = ex.make_model(ex.make_problem(0)[1], 0).state_dict()
     assert ex.compare(single, {k: v for k, v in init.items()}) > 1e-3, "training did not change the parameters"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not R.model_available(), reason="saml_kernels.nn.SAML has not landed yet")
+def test_ddp_example_command_line():
+    """The example as users run it (its own mp.spawn in ``run``): exit status 0 and the printed comparison."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "python", "ddp_example.py"), "--mode", "excluded",
+                        "--world", "2", "--steps", "2", "--batch-size", "64"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "mode=excluded world=2 steps=2: max |param(distributed) - param(single)| = " in r.stdout, r.stdout
