@@ -111,11 +111,14 @@ def process_group_threads() -> list[str]:
 
 
 def _checked_rank(rank, worker, args, done_dir):
-    """One spawned rank: ``worker(rank, *args)``, then the clean-teardown check, then the marker."""
+    """One spawned rank: ``worker(rank, *args)``, the collection of its garbage, the clean-teardown check, then
+    the marker."""
     import gc
     import os
 
     worker(rank, *args)
+    # TorchRec's sharded modules hold their process group in reference cycles: collected here, the group's
+    # threads end before the process exits rather than during interpreter shutdown
     gc.collect()
     left = process_group_threads()
     assert not left, (
