@@ -10,8 +10,9 @@
 * The row-wise sharded scenario embedding gives, for different local batches on every rank, the outputs of the
   unsharded ScenarioEmbedding and shard gradients equal to the full table's gradient rows (sum, mean, none).
 
-Every rank runs through conftest.spawn_checked, which also fails a rank whose process-group threads outlive its
-worker (they would race the exit-time static destructors).
+The tests spawn their ranks through conftest.spawn_checked, which also fails a rank whose process-group threads
+outlive its worker (they would run into interpreter shutdown and can abort the process there); the example's own
+command line (its mp.spawn) runs once too.
 """
 from __future__ import annotations
 
