@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 import saml_kernels  # noqa: E402
 from bench_branch_gemm import cpu_peak  # noqa: E402  (the team's CPU peak-memory probe)
-from harness import machine_tag, markdown_table, peak_memory, time_alternating, write_results  # noqa: E402
+from harness import (RESULTS_DIR, machine_tag, markdown_table, peak_memory, time_alternating,  # noqa: E402
+                     write_results)
 from saml_kernels.reference.mutual_unit import mutual_linear_reference  # noqa: E402
 
 
@@ -72,6 +73,7 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); results get _t<n>")
+    ap.add_argument("--out-dir", default=RESULTS_DIR, help="where the results go (default benchmarks/results)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,7 +116,8 @@ def main():
     stem = (f"bench_mutual_{machine_tag()}" + (f"_t{args.threads}" if args.threads else "")
             + ("_quick" if args.quick else ""))
     paths = write_results(stem, "mutual_linear: fused all-branch GEMM + mutual unit", body, data,
-                          plot={"groups": {f"{r[0]}/{r[1]}": {"ms": r[2]} for r in rows}, "ylabel": "median ms"})
+                          plot={"groups": {f"{r[0]}/{r[1]}": {"ms": r[2]} for r in rows}, "ylabel": "median ms"},
+                          out_dir=args.out_dir)
     print("wrote", ", ".join(paths.values()))
 
 

@@ -28,12 +28,20 @@ The example is importable: tests/test_distributed.py runs every mode (torchrec w
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists, on purpose: its collectives take ``group=group.WORLD`` as a default
+# argument, evaluated at import. Imported after init_process_group (DDP's constructor imports it), that default
+# holds the default group past destroy_process_group; gloo's threads then live into interpreter shutdown, where
+# one releasing a finished collective's tensors needs the GIL and aborts the process ("terminate called without
+# an active exception"). A group must be gone before the rank exits: nothing may hold it (this import), and what
+# holds it in reference cycles is collected (train_distributed).
+import torch.distributed.nn.functional as dist_nn
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
@@ -50,10 +58,8 @@ MODES = ("torchrec", "excluded", "excluded-sparse", "rowwise")
 
 def _all_to_all(x: Tensor, send_splits, recv_splits, group=None) -> Tensor:
     """all_to_all_single along dim 0 with autograd (its backward is the reverse all_to_all)."""
-    import torch.distributed.nn.functional as dnf
-
     out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
-    return dnf.all_to_all_single(out, x.contiguous(), list(recv_splits), list(send_splits), group=group)
+    return dist_nn.all_to_all_single(out, x.contiguous(), list(recv_splits), list(send_splits), group=group)
 
 
 def _a2a_plain(x: Tensor, send_splits, recv_splits, group=None) -> Tensor:
@@ -284,60 +290,69 @@ def train_torchrec(model, cfg, batches, rank: int, world: int, lr: float, shardi
 def train_distributed(rank: int, world: int, mode: str, cfg, batches, port: int, out_path: str, lr: float = 0.1,
                       seed: int = 0, backend=None, sharding: str = "row_wise"):
     """One rank of distributed training; rank 0 saves the final full state_dict to ``out_path``."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     _setup(rank, world, port)
     try:
-        model = make_model(cfg, seed, backend)  # same seed on every rank: identical initial replicas
-        full_tables = {}
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-        if mode == "torchrec":
-            state = train_torchrec(model, cfg, batches, rank, world, lr, sharding)
-            if rank == 0:
-                torch.save(state, out_path)
-            dist.barrier()
-            return
-        if mode == "excluded-sparse":
-            for m in (model.embedding, getattr(model, "sequence_embedding", None)):
-                if m is not None:
-                    m.sparse = True
-        if mode == "rowwise":
-            for name in ("embedding", "sequence_embedding"):
-                full = getattr(model, name, None)
-                if full is not None:
-                    full_tables[name] = (full.global_weight.detach().clone(), full.scenario_weight.detach().clone())
-                    setattr(model, name, RowWiseShardedScenarioEmbedding(full, rank, world))
-        # The tables (and, for shards, their per-rank row buffers, which DDP would otherwise broadcast from
-        # rank 0) stay out of DDP.
-        emb_names = [n for n, _ in model.named_parameters() if n.startswith(EMB_PREFIXES)]
-        DDP._set_params_and_buffers_to_ignore_for_model(
-            model, emb_names + [n for n, _ in model.named_buffers() if n.startswith(EMB_PREFIXES)])
-        ddp = DDP(model)
-        emb_params = [p for n, p in model.named_parameters() if n in emb_names]
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
-        for gb in batches:
-            b = _slice(gb, rank, world)
-            opt.zero_grad(set_to_none=True)
-            _loss(ddp, cfg, b).backward()
-            if mode.startswith("excluded"):  # the tables' gradients, averaged by hand (sparse COO or dense)
-                for p in emb_params:
-                    g = p.grad.coalesce() if p.grad.is_sparse else p.grad
-                    dist.all_reduce(g)
-                    p.grad = g / world
-            elif mode == "rowwise":  # each shard got the summed gradient of all ranks' losses: average
-                for p in emb_params:
-                    p.grad.div_(world)
-            opt.step()
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        for name, (fg, fs) in full_tables.items():
-            g, s = getattr(model, name).gather_full(fg, fs)
-            state[f"{name}.global_weight"], state[f"{name}.scenario_weight"] = g, s
+        _train_rank(rank, world, mode, cfg, batches, out_path, lr, seed, backend, sharding)
+    finally:
+        dist.destroy_process_group()
+        # The rank's models are garbage now, but TorchRec's sharded model holds the group in reference cycles:
+        # collected here, the group and its threads end now rather than during interpreter shutdown (see the
+        # import of torch.distributed.nn.functional above).
+        gc.collect()
+
+
+def _train_rank(rank, world, mode, cfg, batches, out_path, lr, seed, backend, sharding):
+    """train_distributed's training, in its own frame so that its models are garbage once it returns."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model(cfg, seed, backend)  # same seed on every rank: identical initial replicas
+    full_tables = {}
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if mode == "torchrec":
+        state = train_torchrec(model, cfg, batches, rank, world, lr, sharding)
         if rank == 0:
             torch.save(state, out_path)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        return
+    if mode == "excluded-sparse":
+        for m in (model.embedding, getattr(model, "sequence_embedding", None)):
+            if m is not None:
+                m.sparse = True
+    if mode == "rowwise":
+        for name in ("embedding", "sequence_embedding"):
+            full = getattr(model, name, None)
+            if full is not None:
+                full_tables[name] = (full.global_weight.detach().clone(), full.scenario_weight.detach().clone())
+                setattr(model, name, RowWiseShardedScenarioEmbedding(full, rank, world))
+    # The tables (and, for shards, their per-rank row buffers, which DDP would otherwise broadcast from
+    # rank 0) stay out of DDP.
+    emb_names = [n for n, _ in model.named_parameters() if n.startswith(EMB_PREFIXES)]
+    DDP._set_params_and_buffers_to_ignore_for_model(
+        model, emb_names + [n for n, _ in model.named_buffers() if n.startswith(EMB_PREFIXES)])
+    ddp = DDP(model)
+    emb_params = [p for n, p in model.named_parameters() if n in emb_names]
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for gb in batches:
+        b = _slice(gb, rank, world)
+        opt.zero_grad(set_to_none=True)
+        _loss(ddp, cfg, b).backward()
+        if mode.startswith("excluded"):  # the tables' gradients, averaged by hand (sparse COO or dense)
+            for p in emb_params:
+                g = p.grad.coalesce() if p.grad.is_sparse else p.grad
+                dist.all_reduce(g)
+                p.grad = g / world
+        elif mode == "rowwise":  # each shard got the summed gradient of all ranks' losses: average
+            for p in emb_params:
+                p.grad.div_(world)
+        opt.step()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, (fg, fs) in full_tables.items():
+        g, s = getattr(model, name).gather_full(fg, fs)
+        state[f"{name}.global_weight"], state[f"{name}.scenario_weight"] = g, s
+    if rank == 0:
+        torch.save(state, out_path)
+    dist.barrier()
 
 
 def run(mode: str, world: int = 2, steps: int = 4, global_batch: int = 128, seed: int = 0, port: int = 29571,

@@ -218,6 +218,9 @@ def make_case(op: str, seed: int = 0, *, size: str = "small", dtype=torch.float3
             return [go.detach(), so.detach()] + [leaf[k].grad for k in names]
         return dict(call=call, inputs=inp)
 
+    if op == "partitioned_norm":
+        return _partitioned_norm_case(g, seed, size, dtype)
+
     M, B, K, N, Ka = {"small": (3, 11, 7, 5, 3), "medium": (4, 96, 40, 24, 12), "large": (4, 512, 64, 48, 16)}[size]
     sc = torch.randint(0, M, (B,), generator=g)
     base = dict(x=torch.randn(B, K, generator=g).to(dtype), weight=(torch.randn(M, K, N, generator=g) / K ** 0.5).to(dtype),
@@ -248,7 +251,40 @@ def make_case(op: str, seed: int = 0, *, size: str = "small", dtype=torch.float3
     return dict(call=call, inputs=base)
 
 
-ALL_OPS = ("scenario_embedding_bag", "mbranch_linear", "mutual_unit", "mutual_linear")
+def _partitioned_norm_case(g: torch.Generator, seed: int, size: str, dtype):
+    """partitioned_norm on B rows (odd) of M scenarios in random order: scenario M - 1 has no row, M - 2 exactly
+    one, the others the rest. Each call runs three scenarios on fresh leaves and returns all their tensors: training
+    with running statistics (y, the 5 input gradients, the updated running mean / var), eval on the running
+    statistics (y, 5 gradients), and an empty batch (y, 5 gradients). "large" has B > 2 x 256 rows, so the CPU
+    kernel's segmented sums span several blocks and parallel_for splits them over threads."""
+    M, B, N = {"small": (4, 13, 5), "medium": (4, 301, 24), "large": (5, 1031, 37)}[size]
+    sc = torch.randint(0, M - 2, (B,), generator=g)
+    sc[int(torch.randint(0, B, (1,), generator=g))] = M - 2
+    base = dict(x=(torch.randn(B, N, generator=g) * 3 + 1).to(dtype), weight=torch.randn(N, generator=g).to(dtype),
+                bias=torch.randn(N, generator=g).to(dtype), scenario_weight=torch.randn(M, N, generator=g).to(dtype),
+                scenario_bias=torch.randn(M, N, generator=g).to(dtype),
+                scenario=sc.to(torch.int32 if size == "medium" else torch.int64),
+                running_mean=torch.randn(M, N, generator=g), running_var=torch.rand(M, N, generator=g) + 0.5)
+    grads = ("x", "weight", "bias", "scenario_weight", "scenario_bias")
+    fn = op_fn("partitioned_norm")
+
+    def run(backend, training, rows):
+        leaf = _leafs(base, grads)
+        x = leaf["x"][:rows]
+        y = fn(x, leaf["scenario"][:rows], leaf["weight"], leaf["bias"], leaf["scenario_weight"],
+               leaf["scenario_bias"], running_mean=leaf["running_mean"], running_var=leaf["running_var"],
+               training=training, backend=backend)
+        up = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(y.dtype)
+        y.backward(up)
+        out = [y.detach()] + [leaf[k].grad for k in grads]
+        return out + [leaf["running_mean"], leaf["running_var"]] if training else out
+
+    def call(backend):
+        return run(backend, True, B) + run(backend, False, B) + run(backend, True, 0)
+    return dict(call=call, inputs=base)
+
+
+ALL_OPS = ("scenario_embedding_bag", "mbranch_linear", "mutual_unit", "mutual_linear", "partitioned_norm")
 
 
 def landed_ops():

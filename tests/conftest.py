@@ -84,21 +84,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_checked(worker, args: tuple, world: int, done_dir) -> None:
-    """``torch.multiprocessing.spawn(worker, args + (str(done_dir),), nprocs=world)`` for gloo tests whose workers
-    write a marker file ``done_dir/<rank>`` after their last assertion.
+# Thread names torch gives a process group's threads: gloo's worker threads and its TCP event loop, the TCPStore
+# daemon (libuv or classic). On a torch that leaves them unnamed the check below is vacuous.
+_GROUP_THREAD_PREFIXES = ("pt_gloo", "gloo_tcp", "pt_tcpstore")
 
-    In full-suite runs a rank sometimes aborts at gloo teardown ("terminate called without an active exception",
-    SIGABRT) after every check has passed; the cause is not known. Only that case is tolerated: an abort with
-    every rank's marker present. A failed assertion (ProcessRaisedException), any other signal, or a missing
-    marker still fails the test."""
+
+def process_group_threads() -> list[str]:
+    """Names of this process's threads that belong to a torch.distributed process group (Linux /proc; [] when
+    the names cannot be read)."""
+    import os
+
+    names = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return names
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if name.startswith(_GROUP_THREAD_PREFIXES):
+            names.append(name)
+    return names
+
+
+def _checked_rank(rank, worker, args, done_dir):
+    """One spawned rank: ``worker(rank, *args)``, the collection of its garbage, the clean-teardown check, then
+    the marker."""
+    import gc
+    import os
+
+    worker(rank, *args)
+    # TorchRec's sharded modules hold their process group in reference cycles: collected here, the group's
+    # threads end before the process exits rather than during interpreter shutdown
+    gc.collect()
+    left = process_group_threads()
+    assert not left, (
+        f"rank {rank}: process-group threads still run after the worker returned: {left}. A process group "
+        f"outlived destroy_process_group (something holds it, e.g. torch.distributed.nn.functional imported "
+        f"after init_process_group), so gloo's threads would run into interpreter shutdown, where one releasing a "
+        f"finished collective's tensors needs the GIL and aborts the process ('terminate called without an "
+        f"active exception').")
+    open(os.path.join(done_dir, str(rank)), "w").close()
+
+
+def spawn_checked(worker, args: tuple, world: int, done_dir) -> None:
+    """Runs ``worker(rank, *args)`` on ``world`` spawned processes (gloo tests) and fails on anything but a clean
+    run of every rank: a failed assertion (ProcessRaisedException), any signal or non-zero exit
+    (ProcessExitedException), a rank whose process-group threads outlive the worker (an AssertionError from that
+    rank: those threads would run into interpreter shutdown, where they can abort the process), or a rank that
+    exited 0 without reaching the end of the worker (its marker ``done_dir/<rank>`` is missing)."""
     import pathlib
 
     import torch.multiprocessing as mp
 
-    try:
-        mp.spawn(worker, args=tuple(args) + (str(done_dir),), nprocs=world, join=True)
-    except mp.ProcessExitedException as exc:
-        done = sorted(p.name for p in pathlib.Path(done_dir).iterdir())
-        if exc.signal_name != "SIGABRT" or done != sorted(str(r) for r in range(world)):
-            raise
+    mp.spawn(_checked_rank, args=(worker, tuple(args), str(done_dir)), nprocs=world, join=True)
+    done = sorted(p.name for p in pathlib.Path(done_dir).iterdir())
+    missing = sorted(set(str(r) for r in range(world)) - set(done))
+    assert not missing, f"ranks {missing} exited 0 without finishing their worker"

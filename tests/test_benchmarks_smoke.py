@@ -1,5 +1,6 @@
-"""The embedding benchmark runs end to end on small sizes (so it cannot rot). Performance is not asserted."""
+"""The benchmarks run end to end on small sizes (so they cannot rot). Performance is not asserted."""
 import os
+import re
 import subprocess
 import sys
 
@@ -39,3 +40,15 @@ def test_bench_model_family_quick(tmp_path):
     written = sorted(p.name for p in tmp_path.iterdir())
     assert "model_family_" + ("cpu%d" % os.cpu_count()) + "_quick.md" in written or any(
         n.startswith("model_family_") and n.endswith("_quick.json") for n in written), written
+
+
+def test_bench_mutual_quick(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_mutual.py"), "--quick", "--reps", "2",
+                        "--out-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for mode in ("fwd", "fwdbwd"):
+        for provider in ("ours", "ours_saved", "eager"):
+            assert re.search(rf"^{mode} +{provider} +[0-9.]+ ms", r.stdout, re.M), (mode, provider, r.stdout)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert any(n.startswith("bench_mutual_") and n.endswith("_quick.json") for n in written), written

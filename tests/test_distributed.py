@@ -9,6 +9,10 @@
   nn.Embedding / nn.EmbeddingBag.)
 * The row-wise sharded scenario embedding gives, for different local batches on every rank, the outputs of the
   unsharded ScenarioEmbedding and shard gradients equal to the full table's gradient rows (sum, mean, none).
+
+The tests spawn their ranks through conftest.spawn_checked, which also fails a rank whose process-group threads
+outlive its worker (they would run into interpreter shutdown and can abort the process there); the example's own
+command line (its mp.spawn) runs once too.
 """
 from __future__ import annotations
 
@@ -19,7 +23,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import free_port as _free_port, spawn_checked
 
@@ -50,7 +53,7 @@ def _local_batch(rank, pooling, B=5, F=3, sizes=(11, 5, 7), L=3):
     return ids, torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]), torch.randint(0, 3, (B,), generator=g)
 
 
-def _shard_worker(rank, world, port, done_dir):
+def _shard_worker(rank, world, port):
     ex = _example()
     from saml_kernels.nn import ScenarioEmbedding
 
@@ -75,7 +78,6 @@ def _shard_worker(rank, world, port, done_dir):
                                        rtol=1e-5, msg=lambda m: f"{pooling} rank {rank} global shard grad: {m}")
             torch.testing.assert_close(sh.scenario_weight.grad, full.scenario_weight.grad[:, sh.scenario_rows],
                                        atol=1e-5, rtol=1e-5, msg=lambda m: f"{pooling} rank {rank} scenario grad: {m}")
-        open(os.path.join(done_dir, str(rank)), "w").close()  # every check of this rank passed
         dist.barrier()  # no rank tears gloo down while another still has a collective in flight
     finally:
         dist.destroy_process_group()
@@ -90,16 +92,35 @@ def test_rowwise_sharded_embedding_matches_unsharded(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not R.model_available(), reason="saml_kernels.nn.SAML has not landed yet")
 @pytest.mark.parametrize("mode", ["torchrec", "excluded", "excluded-sparse", "rowwise"])
-def test_saml_ddp_matches_single_process(mode):
+def test_saml_ddp_matches_single_process(mode, tmp_path):
     if mode == "torchrec":
         try:
             importlib.import_module("saml_kernels.torchrec")
         except ImportError as e:
             pytest.skip(f"saml_kernels.torchrec unavailable: {e}")
     ex = _example()
-    dist_state, single = ex.run(mode, world=WORLD, steps=4, global_batch=128, port=_free_port())
+    # ex.run's steps, with the ranks spawned through spawn_checked (clean teardown of every rank checked)
+    data, cfg = ex.make_problem(0)
+    batches = list(data.batches(128))[:4]
+    out = tmp_path / "state.pt"
+    (tmp_path / "done").mkdir()
+    spawn_checked(ex.train_distributed, (WORLD, mode, cfg, batches, _free_port(), str(out)), WORLD, tmp_path / "done")
+    dist_state, single = torch.load(out), ex.train_single(cfg, batches)
     diff = ex.compare(dist_state, single)
     assert diff < TOL, f"{mode}: max |param(DDP, {WORLD} ranks) - param(1 process)| = {diff:.3e} >= {TOL}"
     # the run must have moved the parameters, else equality proves nothing
     init = ex.make_model(ex.make_problem(0)[1], 0).state_dict()
     assert ex.compare(single, {k: v for k, v in init.items()}) > 1e-3, "training did not change the parameters"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not R.model_available(), reason="saml_kernels.nn.SAML has not landed yet")
+def test_ddp_example_command_line():
+    """The example as users run it (its own mp.spawn in ``run``): exit status 0 and the printed comparison."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "python", "ddp_example.py"), "--mode", "excluded",
+                        "--world", "2", "--steps", "2", "--batch-size", "64"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "mode=excluded world=2 steps=2: max |param(distributed) - param(single)| = " in r.stdout, r.stdout
