@@ -6,7 +6,10 @@ the sample's scenario table.
 
 Providers (timed alternately, see harness.time_alternating; ratios are medians of per-round ratios):
   ours-<backend>     saml_kernels.scenario_embedding_bag (each backend available; the reference only with --all)
-  eager-embbag       two F.embedding_bag calls (global table, scenario tables viewed as one [M*Rs, D] table)
+  eager-embbag       two F.embedding_bag calls (global table, scenario tables viewed as one [M*Rs, D] table); their
+                     outputs are [F, B, D] returned as transposed views, not ours' contiguous [B, F, D]
+  eager-embbag+layout (fwd, CPU) the same plus .contiguous(): the same output as ours (a model reading [B, F*D]
+                     rows pays this copy)
   eager-emb          two F.embedding calls + sum over the bag (fixed-length bags)
   compile-ref        torch.compile of saml_kernels.reference.scenario_embedding_bag_reference (forward only)
   fbgemm             FBGEMM CPU TBE (fbgemm-gpu-cpu): 16 global tables + 16 scenario tables of M*100k rows
@@ -223,6 +226,12 @@ def providers_for(P: Problem, mode: str, backends, with_compile: bool, fb_ok: bo
                     opt.step()
                 gw.grad = sw.grad = None
         provs[f"eager-{kind}"] = f
+        if kind == "embbag" and mode == "fwd" and dev == "cpu":
+            def f_layout(fwd=fwd):  # delivered in ours' contiguous [B, F, D] layout (what a model reads)
+                with torch.no_grad():
+                    g, s = fwd()
+                    return g.contiguous(), s.contiguous()
+            provs["eager-embbag+layout"] = f_layout
 
     if with_compile and mode == "fwd":
         gw, sw = params()
