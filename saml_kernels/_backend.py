@@ -38,16 +38,16 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 # (benchmarks/results/*_h200.*) are not committed yet. Re-measure and update an entry when a kernel changes.
 PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "cpu": {
-        # benchmarks/results/embedding_cpu2.md (B=4096, 16 x 100k rows, D=32, fp32): one-hot forward cpu 4.38 ms
-        # against 10.3 ms eager (the reference's gather) and 14.8 ms compiled reference.
+        # benchmarks/results/embedding_cpu2.md (B=4096, 16 x 100k rows, D=32, fp32): one-hot forward cpu 1.62 ms
+        # against 2.86 ms eager (stacked F.embedding, the reference's gather) and 12.0 ms compiled reference.
         "scenario_embedding_bag": ("cpu", "reference"),
-        # benchmarks/results/bench_branch_gemm_cpu2.md (M=4, B=4096, K=N=256, fp32): route own fwd+bwd cpu 16.2 ms
-        # against 88.7 ms eager_where and 99.4 ms compiled reference.
+        # benchmarks/results/bench_branch_gemm_cpu2.md (M=4, B=4096, K=N=256, fp32): route own fwd+bwd cpu 12.8 ms
+        # against 82.0 ms eager_where and 87.5 ms compiled reference.
         "mbranch_linear": ("cpu", "reference"),
         # benchmarks/results/bench_mutual_cpu2.md: no stand-alone figure; the saved path (cpu mbl_all_forward +
-        # mutual_forward/backward) is 55.5 ms fwd+bwd against 233 ms eager.
+        # mutual_forward/backward) is 44.4 ms fwd+bwd against 192 ms eager.
         "mutual_unit": ("cpu", "reference"),
-        # benchmarks/results/bench_mutual_cpu2.md (M=4, B=4096, K=N=256, fp32): fwd+bwd cpu 58.3 ms against 233 ms
+        # benchmarks/results/bench_mutual_cpu2.md (M=4, B=4096, K=N=256, fp32): fwd+bwd cpu 44.7 ms against 192 ms
         # eager.
         "mutual_linear": ("cpu", "reference"),
         # benchmarks/results/model_family_cpu2.md: the C++ kernel inside STAR's step; no stand-alone figure yet.
