@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .nn.scenario_embedding import ScenarioEmbedding
+from .nn.scenario_embedding import FeatureListProperties, ScenarioEmbedding
 from .ops import _checks
 
 try:
@@ -139,7 +139,7 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-class TorchRecScenarioEmbedding(nn.Module):
+class TorchRecScenarioEmbedding(FeatureListProperties, nn.Module):
     """A ``ScenarioEmbedding`` whose lookups run through a TorchRec ``EmbeddingBagCollection`` (``self.ebc``), so
     ``DistributedModelParallel`` can shard its tables. Same forward contract as the layer it was built from:
     ``forward(indices, offsets, scenario, per_sample_weights=None)`` or ``forward(kjt, scenario)`` ->
@@ -177,18 +177,6 @@ class TorchRecScenarioEmbedding(nn.Module):
                              persistent=False)
         self.ebc = EmbeddingBagCollection(tables=configs, is_weighted=self.weighted, device=dev)
         self.load_tables(table_weights(emb))
-
-    @property
-    def feature_names(self) -> list:
-        return [f.name for f in self.features]
-
-    @property
-    def num_features(self) -> int:
-        return len(self.features)
-
-    @property
-    def num_aware(self) -> int:
-        return int(sum(f.scenario_aware for f in self.features))
 
     def extra_repr(self) -> str:
         return (f"num_features={self.num_features}, num_aware={self.num_aware}, num_scenarios={self.num_scenarios}, "

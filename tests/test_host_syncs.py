@@ -57,11 +57,8 @@ def _gpu_params(backends, embedding=True):
 CPU_BACKENDS = [b for b in _backends("cpu")]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("emb_opt", [None, "rowwise_adagrad"])
-@pytest.mark.parametrize("mutual", [(0,), (1,)])
-def test_saml_step_has_one_host_sync(data, backend, emb_opt, mutual):
-    model = SAML(_config(data, mutual), backend=backend, embedding_optimizer=emb_opt)
+def _assert_one_sync_per_step(model, data):
+    """A warm training step reads the host once (every value check together), and not at all capture-safe."""
     opt = TrainingOptimizer(model)
     batch = data.batch(np.arange(200))
     _step(model, opt, batch)  # warm caches
@@ -71,6 +68,14 @@ def test_saml_step_has_one_host_sync(data, backend, emb_opt, mutual):
     with SyncCounter() as c, saml_kernels.capture_safe_checks():
         _step(model, opt, batch)
     assert c.count == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("emb_opt", [None, "rowwise_adagrad"])
+@pytest.mark.parametrize("mutual", [(0,), (1,)])
+def test_saml_step_has_one_host_sync(data, backend, emb_opt, mutual):
+    model = SAML(_config(data, mutual), backend=backend, embedding_optimizer=emb_opt)
+    _assert_one_sync_per_step(model, data)
     saml_kernels.raise_errors()  # a clean batch counted nothing
 
 
@@ -103,15 +108,7 @@ def _family_model(kind, data, **kw):
 def test_star_hmoe_step_has_one_host_sync(data, backend, emb_opt, kind):
     """STAR and HMoE run SAML's checked forward: every value check of the step read once, none capture-safe."""
     model = _family_model(kind, data, backend=backend, embedding_optimizer=emb_opt)
-    opt = TrainingOptimizer(model)
-    batch = data.batch(np.arange(200))
-    _step(model, opt, batch)  # warm caches
-    with SyncCounter() as c:
-        _step(model, opt, batch)
-    assert c.count == 1
-    with SyncCounter() as c, saml_kernels.capture_safe_checks():
-        _step(model, opt, batch)
-    assert c.count == 0
+    _assert_one_sync_per_step(model, data)
     saml_kernels.raise_errors()
 
 

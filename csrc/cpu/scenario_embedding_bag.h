@@ -82,7 +82,8 @@ inline Layout make_layout(const at::Tensor& offsets, const at::Tensor& scenario,
 }
 
 // Scenario row base (m * Rs + sbase) of feature f, sample b; -1 when not aware or scenario out of range
-// (the Python op validates scenario ids; the guard only keeps a bad id from reading another table).
+// (the op validates scenario ids before any gather; the guard only keeps a bad id, with checks off, from reading
+// another table).
 SAML_INLINE int64_t scen_row_base(const Layout& L, int64_t f, int64_t b) {
   if (L.slot[f] < 0) return -1;
   const int64_t m = L.scen[b];

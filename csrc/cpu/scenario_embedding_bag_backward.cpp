@@ -53,8 +53,21 @@ struct SortedPairs {
   std::vector<int64_t> ng, ns, ug, us;  // counts; unique counts (us is [F * M])
 };
 
+struct BwdArgs {
+  at::Tensor gg, gs, indices, offsets, gw, sw, psw;
+  Layout L;
+  int64_t pooling, bag_len;
+};
+
+// Sorts the valid ids of A into S (every feature in parallel), choosing S.by_sample from A's pooling and weights.
 template <typename index_t>
-void sort_pairs(const Layout& L, const index_t* idx, const index_t* off, SortedPairs& S) {
+void sort_pairs(const BwdArgs& A, SortedPairs& S) {
+  RECORD_FUNCTION("seb_backward::sort", std::vector<c10::IValue>());
+  const Layout& L = A.L;
+  const index_t* idx = A.indices.data_ptr<index_t>();
+  const index_t* off = A.offsets.data_ptr<index_t>();
+  S.nnz = A.indices.numel();
+  S.by_sample = A.pooling != kNone && !A.psw.defined();
   const int64_t F = L.F, B = L.B, M = L.M;
   const int64_t nnz = S.nnz;
   uint64_t* words = saml::cpu::scratch<uint64_t>(kSlotSortWords, 3 * nnz + (nnz + 1) / 2 + 1);
@@ -126,8 +139,7 @@ template <typename scalar_t, typename index_t, typename Visit, typename RowOf>
 SAML_INLINE void reduce_segments(const Layout& L, const index_t* off, const scalar_t* psw, int64_t pooling,
                                  int64_t lp_stride, const uint64_t* keys, int64_t n, int64_t base,
                                  const int32_t* sample, bool by_sample, int64_t f, const scalar_t* grad,
-                                 int64_t grad_cols,
-                                 int64_t col, typename AccType<scalar_t>::type* acc, Visit&& visit,
+                                 int64_t grad_cols, int64_t col, typename AccType<scalar_t>::type* acc, Visit&& visit,
                                  const scalar_t* table, const float* state, RowOf&& row_of) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t D = L.D, B = L.B;
@@ -171,12 +183,6 @@ SAML_INLINE void reduce_segments(const Layout& L, const index_t* off, const scal
     visit(int64_t(key), a);
   }
 }
-
-struct BwdArgs {
-  at::Tensor gg, gs, indices, offsets, gw, sw, psw;
-  Layout L;
-  int64_t pooling, bag_len;
-};
 
 BwdArgs prepare_backward(const at::Tensor& grad_global, const at::Tensor& grad_scenario, const at::Tensor& indices,
                          const at::Tensor& offsets, const at::Tensor& scenario, const at::Tensor& gw,
@@ -316,13 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> seb_backw
     SAML_DISPATCH_INDEX(A.indices.scalar_type(), "seb_backward_rows_cpu_idx", [&] {
       SortedPairs S;
       std::vector<int64_t> gstart, sstart;  // output offsets: per feature; per (m, f) in m-major order
-      // Output sizes are known after the sort (unique counts), before the reduction.
-      S.nnz = A.indices.numel();
-      S.by_sample = A.pooling != kNone && !A.psw.defined();
-      {
-        RECORD_FUNCTION("seb_backward::sort", std::vector<c10::IValue>());
-        sort_pairs<index_t>(L, A.indices.data_ptr<index_t>(), A.offsets.data_ptr<index_t>(), S);
-      }
+      sort_pairs<index_t>(A, S);  // output sizes are known after the sort (unique counts), before the reduction
       int64_t U = 0, Us = 0;
       gstart.resize(L.F);
       for (int64_t f = 0; f < L.F; ++f) { gstart[f] = U; U += S.ug[f]; }
@@ -421,27 +421,19 @@ void seb_backward_update_cpu(const at::Tensor& grad_global, const at::Tensor& gr
     using acc_t = typename AccType<scalar_t_>::type;
     SAML_DISPATCH_INDEX(A.indices.scalar_type(), "seb_backward_update_cpu_idx", [&] {
       SortedPairs S;
-      S.nnz = A.indices.numel();
-      S.by_sample = A.pooling != kNone && !A.psw.defined();
-      {
-        RECORD_FUNCTION("seb_backward::sort", std::vector<c10::IValue>());
-        sort_pairs<index_t>(L, A.indices.data_ptr<index_t>(), A.offsets.data_ptr<index_t>(), S);
-      }
+      sort_pairs<index_t>(A, S);
       const int64_t D = L.D;
       const acc_t alr = acc_t(hp[saml::kLr]), aeps = acc_t(hp[saml::kEps]), wd = acc_t(hp[saml::kWeightDecay]);
-      auto apply = [&](scalar_t_* w, float* state, const acc_t* g) {
-        apply_row_update(w, state, g, D, alr, aeps, wd);
-      };
       scalar_t_* gwp = gw.data_ptr<scalar_t_>();
       scalar_t_* swp = sw.data_ptr<scalar_t_>();
       RECORD_FUNCTION("seb_backward::reduce_update", std::vector<c10::IValue>());
       backward_walk_sorted<scalar_t_, index_t>(
           A, S,
           [&](int64_t, int64_t, int64_t row, const acc_t* a) {
-            if (update_global) apply(gwp + row * D, gst ? gst + row : nullptr, a);
+            if (update_global) apply_row_update(gwp + row * D, gst ? gst + row : nullptr, a, D, alr, aeps, wd);
           },
           [&](int64_t, int64_t, int64_t, int64_t row, const acc_t* a) {
-            if (update_scenario) apply(swp + row * D, sst ? sst + row : nullptr, a);
+            if (update_scenario) apply_row_update(swp + row * D, sst ? sst + row : nullptr, a, D, alr, aeps, wd);
           },
           UpdateTargets<scalar_t_>{update_global ? gwp : nullptr, update_scenario ? swp : nullptr,
                                    update_global ? gst : nullptr, update_scenario ? sst : nullptr});

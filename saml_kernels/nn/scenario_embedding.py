@@ -190,7 +190,24 @@ class FusedEmbeddingOptimizer(torch.optim.Optimizer):
         """No-op: the fused path produces no gradients."""
 
 
-class ScenarioEmbedding(nn.Module):
+class FeatureListProperties:
+    """``feature_names``, ``num_features`` and ``num_aware`` of a module holding ``self.features`` (FeatureSpecs):
+    the layer and its TorchRec form answer them the same way."""
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    @property
+    def num_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def num_aware(self) -> int:
+        return int(sum(f.scenario_aware for f in self.features))
+
+
+class ScenarioEmbedding(FeatureListProperties, nn.Module):
     """Scenario-aware embedding bag layer (drop-in; TorchRec ``KeyedJaggedTensor`` input accepted).
 
     Args:
@@ -326,19 +343,6 @@ class ScenarioEmbedding(nn.Module):
         return (self.fused_optimizer.param_groups[0]["weight_decay"] if self.fused_optimizer is not None
                 else self._weight_decay)
 
-    # -------------------------------------------------------------------------------------------- properties
-
-    @property
-    def feature_names(self) -> list[str]:
-        return [f.name for f in self.features]
-
-    @property
-    def num_features(self) -> int:
-        return len(self.features)
-
-    @property
-    def num_aware(self) -> int:
-        return sum(f.scenario_aware for f in self.features)
 
     def reset_parameters(self) -> None:
         """Tables ~ U(-1/sqrt(D), 1/sqrt(D)); Adagrad states (if any) zero."""
