@@ -201,38 +201,62 @@ struct Gather {
 };
 
 #if SAML_SEB_USE_FBGEMM
+// FBGEMM's element type for a table dtype: float, or the raw 16 bits of a Half / BFloat16 (is_bf16 tells which).
+template <typename scalar_t>
+using FbgemmElem = typename std::conditional<std::is_same<scalar_t, float>::value, float, uint16_t>::type;
+
+// Whether this libtorch's FBGEMM generates the kernel for scalar_t: float always; Half / BFloat16 where the
+// generator takes the is_bf16_out / is_bf16_in arguments (the libtorch of every torch we support; checked, not
+// assumed, so an older header falls back to the portable gather instead of failing to build).
+template <typename scalar_t, typename index_t, typename = void>
+struct FbgemmSupports : std::false_type {};
 template <typename index_t>
+struct FbgemmSupports<float, index_t> : std::true_type {};
+template <typename scalar_t, typename index_t>
+struct FbgemmSupports<
+    scalar_t, index_t,
+    std::enable_if_t<!std::is_same<scalar_t, float>::value &&
+                     (std::is_same<scalar_t, at::Half>::value || std::is_same<scalar_t, at::BFloat16>::value),
+                     std::void_t<decltype(fbgemm::GenerateEmbeddingSpMDMWithStrides<uint16_t, index_t, index_t, uint16_t>(
+                         int64_t(1), false, false, 16, false, true, int64_t(-1), int64_t(-1), true, false, false,
+                         false))>>> : std::true_type {};
+
+template <typename scalar_t, typename index_t>
 struct FbgemmGather {
-  using GlobalKernel = typename fbgemm::EmbeddingSpMDMKernelSignature<float, index_t, index_t, float>::Type;
-  using ScenarioKernel = typename fbgemm::EmbeddingSpMDMKernelSignature<float, int64_t, index_t, float>::Type;
+  using elem_t = FbgemmElem<scalar_t>;
+  using GlobalKernel = typename fbgemm::EmbeddingSpMDMKernelSignature<elem_t, index_t, index_t, elem_t>::Type;
+  using ScenarioKernel = typename fbgemm::EmbeddingSpMDMKernelSignature<elem_t, int64_t, index_t, elem_t>::Type;
   GlobalKernel global;
   ScenarioKernel scenario;
+  const float* weights;  // per-sample weights as float (FBGEMM's weight type), or null
 
-  FbgemmGather(const Layout& L, bool weighted, bool mean, int64_t nnz) {
+  FbgemmGather(const Layout& L, const float* weights, bool mean, int64_t nnz) : weights(weights) {
     const int prefetch = prefetch_ids(L, nnz);
-    global = fbgemm::GenerateEmbeddingSpMDMWithStrides<float, index_t, index_t, float>(
-        L.D, weighted, mean, prefetch, /*is_weight_positional=*/false, /*use_offsets=*/true,
-        /*output_stride=*/L.F * L.D);
+    constexpr bool bf16 = std::is_same<scalar_t, at::BFloat16>::value;
+    global = fbgemm::GenerateEmbeddingSpMDMWithStrides<elem_t, index_t, index_t, elem_t>(
+        L.D, weights != nullptr, mean, prefetch, /*is_weight_positional=*/false, /*use_offsets=*/true,
+        /*output_stride=*/L.F * L.D, /*input_stride=*/-1, /*scale_bias_last=*/true, /*no_bag=*/false, bf16, bf16);
     if (L.Fs > 0)
-      scenario = fbgemm::GenerateEmbeddingSpMDMWithStrides<float, int64_t, index_t, float>(
-          L.D, weighted, mean, prefetch, false, true, /*output_stride=*/L.Fs * L.D);
+      scenario = fbgemm::GenerateEmbeddingSpMDMWithStrides<elem_t, int64_t, index_t, elem_t>(
+          L.D, weights != nullptr, mean, prefetch, false, true, /*output_stride=*/L.Fs * L.D, -1, true, false, bf16,
+          bf16);
   }
 
   // How many ids ahead the generated kernel prefetches. F.embedding_bag uses 16; on the 2-core EPYC VM (D = 32,
-  // 1 GB of tables) a deeper prefetch measured 1.27-1.81x faster on bags of 8 (best at 96-128 ids) and 1.04-1.11x
-  // on one-hot bags (best at 32-64; deeper is slower there). Counted in cache lines in flight (256 for bags of 4
-  // or more ids on average, 128 below), so wider rows prefetch fewer ids.
+  // 1 GB of fp32 tables) a deeper prefetch measured 1.27-1.81x faster on bags of 8 (best at 96-128 ids) and
+  // 1.04-1.11x on one-hot bags (best at 32-64; deeper is slower there). Counted in cache lines in flight (256 for
+  // bags of 4 or more ids on average, 128 below), so wider rows prefetch fewer ids.
   static int prefetch_ids(const Layout& L, int64_t nnz) {
     const int64_t mean_bag = nnz / std::max<int64_t>(L.F * L.B, 1);
     const int64_t lines = mean_bag >= 4 ? 256 : 128;
-    const int64_t lines_per_row = std::max<int64_t>(1, (L.D * int64_t(sizeof(float)) + 63) / 64);
+    const int64_t lines_per_row = std::max<int64_t>(1, (L.D * int64_t(sizeof(scalar_t)) + 63) / 64);
     return int(std::min<int64_t>(256, std::max<int64_t>(16, lines / lines_per_row)));
   }
 
   // Bags [s0, s1) of one feature f. One pass over their ids validates them and writes the scenario row ids into
   // srow; runs of valid bags then go to FBGEMM (global stream, then scenario stream), any bag holding an invalid
   // id or scenario to the portable gather. Returns the number of invalid ids.
-  int64_t feature_run(const Gather<float, index_t>& G, int64_t f, int64_t s0, int64_t s1, int64_t* srow,
+  int64_t feature_run(const Gather<scalar_t, index_t>& G, int64_t f, int64_t s0, int64_t s1, int64_t* srow,
                       uint8_t* bag_ok, float* acc, const float* zeros) const {
     const Layout& L = G.L;
     const int64_t B = L.B, D = L.D, size = L.size[f], p0 = G.off[s0];
@@ -250,6 +274,11 @@ struct FbgemmGather {
       bag_ok[bag - s0] = ok;
       all_ok &= ok;
     }
+    auto elems = [](auto* p) {
+      using T = std::remove_pointer_t<decltype(p)>;
+      using E = typename std::conditional<std::is_const<T>::value, const elem_t, elem_t>::type;
+      return reinterpret_cast<E*>(p);
+    };
     int64_t nbad = 0;
     for (int64_t r0 = s0; r0 < s1;) {
       if (!bag_ok[r0 - s0]) {
@@ -260,12 +289,12 @@ struct FbgemmGather {
       int64_t r1 = r0 + 1;
       while (r1 < s1 && (all_ok || bag_ok[r1 - s0])) ++r1;
       const int64_t b0 = r0 - f * B, q0 = G.off[r0], n = G.off[r1] - q0;
-      const float* w = G.psw ? G.psw + q0 : nullptr;
-      bool done = global(r1 - r0, n, size, G.gw + L.gbase[f] * D, G.idx + q0, G.off + r0, w,
-                         G.gout + (b0 * L.F + f) * D);
+      const float* w = weights ? weights + q0 : nullptr;
+      bool done = global(r1 - r0, n, size, elems(G.gw + L.gbase[f] * D), G.idx + q0, G.off + r0, w,
+                         elems(G.gout + (b0 * L.F + f) * D));
       if (aware)
-        done &= scenario(r1 - r0, n, L.M * L.Rs, G.sw, srow + (q0 - p0), G.off + r0, w,
-                         G.sout + (b0 * L.Fs + L.slot[f]) * D);
+        done &= scenario(r1 - r0, n, L.M * L.Rs, elems(G.sw), srow + (q0 - p0), G.off + r0, w,
+                         elems(G.sout + (b0 * L.Fs + L.slot[f]) * D));
       TORCH_CHECK(done, "seb_forward: FBGEMM gather rejected validated ids (internal error)");
       r0 = r1;
     }
@@ -281,11 +310,17 @@ int64_t forward_impl(const Gather<scalar_t, index_t>& G) {
   const int64_t D = L.D, nbags = L.F * L.B;
   std::atomic<int64_t> bad{0};
 #if SAML_SEB_USE_FBGEMM
-  if constexpr (std::is_same<scalar_t, float>::value) {
+  if constexpr (FbgemmSupports<scalar_t, index_t>::value) {
     if (G.pooling != kNone) {
-      const FbgemmGather<index_t> K(L, G.psw != nullptr, G.pooling == kMean, int64_t(G.off[L.F * L.B]));
+      at::Tensor wf;  // FBGEMM takes float per-sample weights
+      if (G.psw && !std::is_same<scalar_t, float>::value)
+        wf = at::from_blob(const_cast<scalar_t*>(G.psw), {int64_t(G.off[L.F * L.B])},
+                           at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value)).to(at::kFloat);
+      const float* weights = !G.psw ? nullptr : wf.defined() ? wf.data_ptr<float>()
+                                                             : reinterpret_cast<const float*>(G.psw);
+      const FbgemmGather<scalar_t, index_t> K(L, weights, G.pooling == kMean, int64_t(G.off[L.F * L.B]));
       at::parallel_for(0, nbags, 64, [&](int64_t bag0, int64_t bag1) {
-        std::vector<float> acc(D), zeros(D, 0.f);
+        std::vector<acc_t> acc(D), zeros(D, acc_t(0));
         std::vector<uint8_t> bag_ok(kBlock);
         int64_t nbad = 0;
         for (int64_t lo = bag0; lo < bag1; lo += kBlock) {
