@@ -135,6 +135,36 @@ def test_fused_update_cpu_low_and_double_precision(dtype):
     torch.testing.assert_close(sw.double(), (c["sw"].double() - 0.1 * dS.double()), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("optimizer,wd", [("sgd", 0.0), ("sgd", 0.03), ("rowwise_adagrad", 0.0)])
+def test_fused_update_cpu_low_precision_rounds_once(dtype, optimizer, wd):
+    """A 16-bit table's update is the float32 update of the same values, rounded once (to nearest even) into the
+    table: bitwise what a float32 table started from those values gets, then converted."""
+    from saml_kernels import _ext
+    if not _ext.has_cpu_ext():
+        pytest.skip("C++ extension not built")
+    c = make_case("cpu")
+    gw16, sw16 = c["gw"].to(dtype), c["sw"].to(dtype)
+    B, D = c["scenario"].numel(), c["gw"].shape[1]
+    gg, gs = torch.randn(B, 3, D).to(dtype), torch.randn(B, 2, D).to(dtype)
+    fr, fsr, slot, _ = seb.table_layout(c["fr"], c["fsr"], gw16.shape[0], sw16.shape[1], "cpu")
+    adagrad = optimizer == "rowwise_adagrad"
+    gst0, sst0 = torch.rand(gw16.shape[0]), torch.rand(sw16.shape[0], sw16.shape[1])
+    out = {}
+    for name, cast in (("low", lambda t: t.clone()), ("f32", lambda t: t.float())):
+        gw, sw = cast(gw16), cast(sw16)
+        gst, sst = (gst0.clone(), sst0.clone()) if adagrad else (None, None)
+        eo.backward_update("cpu", cast(gg), cast(gs), c["indices"], c["offsets"], c["scenario"], gw, sw, fr, fsr,
+                           slot, None, seb.POOLING["sum"], 0, gst, sst, optimizer,
+                           eo.make_hparams(0.1, 1e-6, weight_decay=wd, device="cpu"))
+        out[name] = (gw, sw, gst, sst)
+    assert not torch.equal(out["low"][0], gw16), "the update changed nothing"
+    assert torch.equal(out["low"][0], out["f32"][0].to(dtype))
+    assert torch.equal(out["low"][1], out["f32"][1].to(dtype))
+    if adagrad:
+        assert torch.equal(out["low"][2], out["f32"][2]) and torch.equal(out["low"][3], out["f32"][3])
+
+
 def test_bad_arguments():
     c = make_case("cpu")
     B, D = c["scenario"].numel(), c["gw"].shape[1]

@@ -33,6 +33,8 @@ using saml::cpu::seb::Layout;
 using saml::cpu::seb::check_common;
 using saml::cpu::seb::make_layout;
 using saml::cpu::seb::scen_row_base;
+using saml::cpu::seb::from_acc;
+using saml::cpu::seb::to_acc;
 using saml::cpu::pooled_empty;
 
 // Sorted pairs ahead of the walk: upstream-gradient rows and the visitor's rows (weight row + state) in flight.
@@ -114,7 +116,7 @@ void sort_pairs(const BwdArgs& A, SortedPairs& S) {
 // acc[0, D) += scale * g[0, D)
 template <typename acc_t, typename scalar_t>
 SAML_INLINE void add_scaled_row(acc_t* __restrict acc, const scalar_t* __restrict g, acc_t scale, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) acc[d] += acc_t(g[d]) * scale;
+  for (int64_t d = 0; d < D; ++d) acc[d] += to_acc<acc_t>(g[d]) * scale;
 }
 
 // A feature's sorted scenario keys (m * size + id) mapped to rows of the [M * Rs] scenario table. Keys ascend, so
@@ -370,7 +372,7 @@ SAML_INLINE void apply_row_update(scalar_t* __restrict w, float* state, const ac
   if (wd != acc_t(0)) {  // g' built once in a per-thread row buffer, so the loops below stay plain
     thread_local std::vector<acc_t> decayed;
     decayed.resize(D);
-    for (int64_t d = 0; d < D; ++d) decayed[d] = g[d] + wd * acc_t(w[d]);
+    for (int64_t d = 0; d < D; ++d) decayed[d] = g[d] + wd * to_acc<acc_t>(w[d]);
     g = decayed.data();
   }
   acc_t mult = lr;
@@ -379,7 +381,7 @@ SAML_INLINE void apply_row_update(scalar_t* __restrict w, float* state, const ac
     for (int64_t d = 0; d < D; ++d) sq += g[d] * g[d];
     mult = saml::fused_step_scale<acc_t, float>(saml::kFusedRowwiseAdagrad, lr, eps, sq / acc_t(D), state);
   }
-  for (int64_t d = 0; d < D; ++d) w[d] = scalar_t(acc_t(w[d]) - mult * g[d]);
+  for (int64_t d = 0; d < D; ++d) w[d] = from_acc<scalar_t>(to_acc<acc_t>(w[d]) - mult * g[d]);
 }
 
 // Fused optimizer (csrc/registry.cpp: seb_backward_update_; the math in saml_common.h, FusedOptimizer): every unique
