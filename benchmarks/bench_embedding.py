@@ -37,8 +37,12 @@ Effective bytes (compulsory traffic, counted per lookup, not per unique row):
   bwd  += 2 * B * F * D * 4 (upstream gradients read) + 2 * nnz * D * 4 (gradient rows written)
   sgd  += 2 * 2 * nnz * D * 4 (rows read and written back)
 
-Usage: python benchmarks/bench_embedding.py [--quick] [--gpu] [--reps N] [--no-thp] [--out-tag TAG]
-Writes benchmarks/results/embedding_<machine>.md / .json / .png (with --quick: embedding_<machine>_quick.*).
+Tables in another dtype (--dtype bfloat16 | float16; gradients in the same dtype, bytes counted at its size): the
+gather-ceiling rows are left out (the tool reads float32), FBGEMM's TBE runs with weights and outputs in float16
+(it has no bfloat16 CPU kernels, so no fbgemm rows for bfloat16).
+
+Usage: python benchmarks/bench_embedding.py [--quick] [--gpu] [--reps N] [--no-thp] [--dtype DT] [--out-tag TAG]
+Writes benchmarks/results/embedding_<machine>[_<dtype>].md / .json / .png (with --quick: ..._quick.*).
 """
 from __future__ import annotations
 
@@ -89,27 +93,29 @@ def make_ids(n, rows, dist, gen, device):
 
 
 class Problem:
-    def __init__(self, B, F, R, D, M, L, dist, device, seed=0):
+    def __init__(self, B, F, R, D, M, L, dist, device, seed=0, dtype=torch.float32):
         g = torch.Generator().manual_seed(seed)
         self.B, self.F, self.R, self.D, self.M, self.L, self.device = B, F, R, D, M, L, device
+        self.dtype, self.esize = dtype, torch.empty((), dtype=dtype).element_size()
         self.nnz = B * F * L
         self.ids = torch.cat([make_ids(B * L, R, dist, g, "cpu") for _ in range(F)]).to(device)
         self.offsets = torch.arange(0, self.nnz + 1, L, device=device)
         self.scenario = torch.randint(0, M, (B,), generator=g).to(device)
         self.fr = [f * R for f in range(F + 1)]
-        self.gw = (torch.randn(F * R, D, generator=g) * 0.1).to(device)
-        self.sw = (torch.randn(M, F * R, D, generator=g) * 0.1).to(device)
-        self.gg = torch.randn(B, F, D, generator=g).to(device)
-        self.gs = torch.randn(B, F, D, generator=g).to(device)
+        self.gw = (torch.randn(F * R, D, generator=g) * 0.1).to(device, dtype)
+        self.sw = (torch.randn(M, F * R, D, generator=g) * 0.1).to(device, dtype)
+        self.gg = torch.randn(B, F, D, generator=g).to(device, dtype)
+        self.gs = torch.randn(B, F, D, generator=g).to(device, dtype)
         self.fr_t, self.fsr_t, self.slot, _ = seb_ops.table_layout(self.fr, self.fr, F * R, F * R, device)
         self.base = torch.arange(F, device=device).view(F, 1, 1) * R
 
     def bytes(self, mode):
-        b = 2 * self.nnz * self.D * 4 + 2 * self.B * self.F * self.D * 4 + self.nnz * 8
+        e = self.esize
+        b = 2 * self.nnz * self.D * e + 2 * self.B * self.F * self.D * e + self.nnz * 8
         if mode != "fwd":
-            b += 2 * self.B * self.F * self.D * 4 + 2 * self.nnz * self.D * 4
+            b += 2 * self.B * self.F * self.D * e + 2 * self.nnz * self.D * e
         if mode == "fwd+bwd+sgd":
-            b += 4 * self.nnz * self.D * 4
+            b += 4 * self.nnz * self.D * e
         return b
 
     # eager index arithmetic: global row = f * R + id; scenario row = s * (F * R) + f * R + id
@@ -140,7 +146,7 @@ def providers_for(P: Problem, mode: str, backends, with_compile: bool, fb_ok: bo
 
     if mode == "fwd" and dev == "cpu":
         grow, srow = P.eager_rows()  # precomputed: the ceiling times the row reads only
-        gout, sout = torch.empty(grow.numel(), D), torch.empty(srow.numel(), D)
+        gout, sout = torch.empty(grow.numel(), D, dtype=P.dtype), torch.empty(srow.numel(), D, dtype=P.dtype)
         tables = {"": (P.gw, P.sw)}
         if thp:
             tables["-thp"] = (on_huge_pages(P.gw), on_huge_pages(P.sw))
@@ -149,7 +155,7 @@ def providers_for(P: Problem, mode: str, backends, with_compile: bool, fb_ok: bo
                 torch.index_select(gw, 0, grow, out=gout)
                 torch.index_select(swf, 0, srow, out=sout)
             provs[f"index-select{tag}"] = index_select
-            if with_ceiling:
+            if with_ceiling and P.dtype == torch.float32:  # the ceiling tool reads float32 rows
                 provs[f"gather-ceiling{tag}"], _ = make_ceiling(gw, sw.view(-1, D), grow, srow, L)
             if not tag:
                 continue
@@ -250,15 +256,18 @@ def providers_for(P: Problem, mode: str, backends, with_compile: bool, fb_ok: bo
 
 
 def fbgemm_provider(P: Problem, mode: str, huge_pages: bool = False):
-    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (ComputeDevice,
                                                                         SplitTableBatchedEmbeddingBagsCodegen)
     F, R, D, M, B = P.F, P.R, P.D, P.M, P.B
     specs = [(R, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * F + \
             [(M * R, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * F
+    precision = {torch.float32: SparseType.FP32, torch.float16: SparseType.FP16}.get(P.dtype)
+    if precision is None:  # FBGEMM's CPU TBE has no bfloat16 kernels (NotImplementedError for 'BFloat16')
+        return None
     tbe = SplitTableBatchedEmbeddingBagsCodegen(specs, optimizer=EmbOptimType.EXACT_SGD, learning_rate=LR,
-                                                device="cpu")
+                                                device="cpu", weights_precision=precision, output_dtype=precision)
     with torch.no_grad():  # same initial values as the other providers
         for f, w in enumerate(tbe.split_embedding_weights()):
             if f < F:
@@ -305,6 +314,7 @@ def phase_breakdown(fn, calls=3):
 
 def run(args):
     device = "cuda" if args.gpu else "cpu"
+    dtype = getattr(torch, args.dtype)
     if args.gpu and not torch.cuda.is_available():
         sys.exit("--gpu: no CUDA device")
     if args.quick:
@@ -324,7 +334,7 @@ def run(args):
     results, rows_md, groups, phases_md = [], [], {}, []
     for L in ([1] if args.quick else [1, 8]):
         for dist in ("uniform", "zipf"):
-            P = Problem(B, F, R, D, M, L, dist, device)
+            P = Problem(B, F, R, D, M, L, dist, device, dtype=dtype)
             for mode in ("fwd", "fwd+bwd", "fwd+bwd+sgd"):
                 provs = providers_for(P, mode, backends, not args.no_compile, fb_ok, thp=thp and mode != "fwd+bwd",
                                       with_ceiling=not args.quick)
@@ -359,7 +369,7 @@ def run(args):
                 if phases:
                     print(f"{'':28s} phases (ms/call): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
                 del provs
-    body = [f"Problem: B={B}, F={F} features x {R} rows, D={D}, M={M} scenarios, all aware, fp32, "
+    body = [f"Problem: B={B}, F={F} features x {R} rows, D={D}, M={M} scenarios, all aware, {args.dtype} tables, "
             f"{torch.get_num_threads()} threads, {reps} alternating rounds per case (medians; speed-ups are medians "
             f"of per-round ratios t_peer / t_ours, > 1 = ours faster).",
             (f"Ceiling: {ceiling_name} measured in this run: {ceiling:.2f} GB/s. {fb_msg}." if ceiling else
@@ -374,10 +384,11 @@ def run(args):
                  markdown_table(["case", "provider"] + [k.split("::")[-1] for k in PHASES], phases_md)]
     if args.note:
         body.insert(0, args.note + "\n")
-    stem = f"embedding_{args.out_tag or machine_tag()}" + ("_quick" if args.quick else "")
+    stem = (f"embedding_{args.out_tag or machine_tag()}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
+            + ("_quick" if args.quick else ""))
     paths = write_results(stem, "scenario_embedding_bag benchmark", "\n".join(body),
                           dict(results=results, ceiling_gbs=ceiling, ceiling=ceiling_name, fbgemm=fb_msg,
-                               shape=dict(B=B, F=F, R=R, D=D, M=M)),
+                               shape=dict(B=B, F=F, R=R, D=D, M=M), dtype=args.dtype),
                           plot=dict(groups=groups, ylabel="median ms (lower is better)"), out_dir=args.out_dir)
     print("wrote", ", ".join(paths.values()))
     return results
@@ -388,6 +399,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes, 3 rounds (smoke test)")
     ap.add_argument("--gpu", action="store_true", help="run on CUDA; GB/s against the device copy bandwidth")
     ap.add_argument("--reps", type=int, default=11, help="alternating rounds per case")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="table (and gradient) dtype; results file gets a _<dtype> suffix unless float32")
     ap.add_argument("--all", action="store_true", help="include the reference backend among ours")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     ap.add_argument("--no-fbgemm", action="store_true", help="skip FBGEMM")

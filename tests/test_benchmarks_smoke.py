@@ -4,18 +4,23 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_embedding_quick(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_embedding_quick(tmp_path, dtype):
     env = dict(os.environ, PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_embedding.py"), "--quick",
-                        "--no-compile", "--out-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
+                        "--no-compile", "--dtype", dtype, "--out-dir", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ours-" in r.stdout and "eager-embbag" in r.stdout
     written = sorted(p.name for p in tmp_path.iterdir())
-    assert any(n.endswith("_quick.md") for n in written) and any(n.endswith("_quick.json") for n in written), written
+    suffix = "" if dtype == "float32" else f"_{dtype}"
+    assert any(n.endswith(f"{suffix}_quick.md") for n in written), written
+    assert any(n.endswith(f"{suffix}_quick.json") for n in written), written
 
 
 def test_bench_scaling_quick(tmp_path):
