@@ -4,15 +4,15 @@
 // - The gather is bound by memory latency and TLB misses (one random D-float row per id), not bandwidth. Bags are
 //   walked feature-major (the order of `indices`, so the id stream is sequential), in blocks of kBlock bags per
 //   thread: the block's global rows, then its scenario rows, so both streams reuse the block's ids from L1.
-// - float32 sum/mean pooling runs FBGEMM's JIT-generated EmbeddingSpMDM kernel (the one F.embedding_bag uses:
-//   register accumulation across a bag) when libtorch was built with FBGEMM, generated with a deeper prefetch than
-//   F.embedding_bag's 16 ids (FbgemmGather::prefetch_ids). Our fusion is around it: one pass over a block's ids
-//   validates them and produces the scenario row ids (scenario[b] * Rs + base + id) in scratch, and both tables are
-//   gathered in one parallel region, writing straight into the [B, F, D] / [B, Fs, D] outputs through FBGEMM's
-//   output stride. A hand-written gather of both tables in one loop with a deep (~128-line) prefetch was measured
-//   at 0.5-0.7x of this at one thread (the strided [B, F, D] stores and the per-id bookkeeping cost more than the
-//   extra loads in flight gained).
-// - Everything else (other dtypes, pooling none, bags with invalid ids, builds without FBGEMM: SAML_BUILD_FBGEMM=0
+// - float32 / float16 / bfloat16 sum/mean pooling runs FBGEMM's JIT-generated EmbeddingSpMDM kernel (the one
+//   F.embedding_bag uses: register accumulation across a bag, 16-bit rows summed in float32) when libtorch was built
+//   with FBGEMM, generated with a deeper prefetch than F.embedding_bag's 16 ids (FbgemmGather::prefetch_ids). Our
+//   fusion is around it: one pass over a block's ids validates them and produces the scenario row ids
+//   (scenario[b] * Rs + base + id) in scratch, and both tables are gathered in one parallel region, writing
+//   straight into the [B, F, D] / [B, Fs, D] outputs through FBGEMM's output stride. A hand-written gather of both
+//   tables in one loop with a deep (~128-line) prefetch was measured at 0.5-0.7x of this at one thread, and
+//   gathering into a feature-major tile then transposing it was slower in every case (docs/design.md, CPU build).
+// - Everything else (float64, pooling none, bags with invalid ids, builds without FBGEMM: SAML_BUILD_FBGEMM=0
 //   or a libtorch without it) runs the portable gather below. Which path computes a bag depends only on the bag itself,
 //   never on how bags are split across threads, so results are bitwise identical for any thread count.
 #include <ATen/ATen.h>
@@ -48,6 +48,12 @@ using saml::cpu::seb::prefetch_read;
 using saml::cpu::seb::scen_row_base;
 
 constexpr int64_t kBlock = 512;          // bags per block (ids of a block stay in L1 between the two tables)
+// The FBGEMM path's blocks are longer: every call starts with no prefetch in flight (FBGEMM prefetches only inside
+// a call), so fewer, longer calls keep the loads flowing. With blocks of 4096 bags and the first kLeadIds rows of
+// each call prefetched by us ahead of it, the 2-core VM measured one-hot bags 1.14x and Zipf bags of 8 1.09-1.25x
+// faster than blocks of 512 with no lead, uniform bags of 8 unchanged (in-process A/B, fresh ids per call).
+constexpr int64_t kFbgemmBlock = 4096;
+constexpr int64_t kLeadIds = 32;
 constexpr int64_t kPrefetchGlobal = 16;  // ids ahead; scenario rows are not prefetched (see gather_bags)
 enum ScratchSlot { kSlotScenarioRows = 0 };
 
@@ -229,9 +235,11 @@ struct FbgemmGather {
   GlobalKernel global;
   ScenarioKernel scenario;
   const float* weights;  // per-sample weights as float (FBGEMM's weight type), or null
+  int64_t lead;          // ids whose rows we prefetch ahead of a call (see feature_run)
 
   FbgemmGather(const Layout& L, const float* weights, bool mean, int64_t nnz) : weights(weights) {
     const int prefetch = prefetch_ids(L, nnz);
+    lead = std::min<int64_t>(kLeadIds, prefetch);
     constexpr bool bf16 = std::is_same<scalar_t, at::BFloat16>::value;
     global = fbgemm::GenerateEmbeddingSpMDMWithStrides<elem_t, index_t, index_t, elem_t>(
         L.D, weights != nullptr, mean, prefetch, /*is_weight_positional=*/false, /*use_offsets=*/true,
@@ -290,8 +298,16 @@ struct FbgemmGather {
       while (r1 < s1 && (all_ok || bag_ok[r1 - s0])) ++r1;
       const int64_t b0 = r0 - f * B, q0 = G.off[r0], n = G.off[r1] - q0;
       const float* w = weights ? weights + q0 : nullptr;
+      if (aware)  // the scenario call's first rows, which FBGEMM does not prefetch, load during the global call
+        for (int64_t q = q0; q < std::min(q0 + lead, q0 + n); ++q)
+          prefetch_read(G.sw + srow[q - p0] * D, D * int64_t(sizeof(scalar_t)));
       bool done = global(r1 - r0, n, size, elems(G.gw + L.gbase[f] * D), G.idx + q0, G.off + r0, w,
                          elems(G.gout + (b0 * L.F + f) * D));
+      if (r1 == s1 && s1 < L.F * B) {  // likewise the next block's first global rows, during the scenario call
+        const int64_t fn = s1 / B, pn = G.off[s1], pe = std::min<int64_t>(pn + lead, G.off[L.F * B]);
+        for (int64_t q = pn; q < pe; ++q)
+          prefetch_read(G.gw + (L.gbase[fn] + int64_t(G.idx[q])) * D, D * int64_t(sizeof(scalar_t)));
+      }
       if (aware)
         done &= scenario(r1 - r0, n, L.M * L.Rs, elems(G.sw), srow + (q0 - p0), G.off + r0, w,
                          elems(G.sout + (b0 * L.Fs + L.slot[f]) * D));
@@ -321,10 +337,11 @@ int64_t forward_impl(const Gather<scalar_t, index_t>& G) {
       const FbgemmGather<scalar_t, index_t> K(L, weights, G.pooling == kMean, int64_t(G.off[L.F * L.B]));
       at::parallel_for(0, nbags, 64, [&](int64_t bag0, int64_t bag1) {
         std::vector<acc_t> acc(D), zeros(D, acc_t(0));
-        std::vector<uint8_t> bag_ok(kBlock);
+        const int64_t blk = kFbgemmBlock;
+        std::vector<uint8_t> bag_ok(blk);
         int64_t nbad = 0;
-        for (int64_t lo = bag0; lo < bag1; lo += kBlock) {
-          const int64_t hi = std::min(bag1, lo + kBlock);
+        for (int64_t lo = bag0; lo < bag1; lo += blk) {
+          const int64_t hi = std::min(bag1, lo + blk);
           int64_t* srow = saml::cpu::scratch<int64_t>(kSlotScenarioRows, int64_t(G.off[hi]) - int64_t(G.off[lo]));
           for (int64_t s0 = lo; s0 < hi;) {  // split the block at feature boundaries
             const int64_t f = s0 / L.B, s1 = std::min(hi, (f + 1) * L.B);
