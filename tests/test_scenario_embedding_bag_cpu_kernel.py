@@ -92,7 +92,7 @@ def test_forward_matches_reference(dtype, itype, pooling):
 
 
 @pytest.mark.parametrize("psw", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("itype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("pooling", [SUM, MEAN, NONE])
 def test_backward_rows_matches_reference(psw, dtype, itype, pooling):
