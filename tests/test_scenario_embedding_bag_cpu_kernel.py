@@ -261,3 +261,18 @@ def test_pooled_fast_path_dtypes_match_reference(dtype, itype, pooling, psw, D):
     torch.testing.assert_close(g.double(), rg, **tolerance(dtype))
     torch.testing.assert_close(s.double(), rs, **tolerance(dtype))
     assert int(bad) == int(rbad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backward_rows_low_precision_round_once(dtype):
+    """16-bit gradient rows are the float32 sums of the same values rounded once (to nearest even), bitwise (float16
+    rows take the 8-lane F16C loops where the CPU has them; D = 21 adds a scalar tail)."""
+    c = make_case(dtype, B=40, D=21, max_len=6, sizes=(7, 9, 5, 6))
+    g, s, _ = R.forward_kernel(*fwd_args(c))
+    gg, gs = torch.randn_like(g, dtype=torch.float32).to(dtype), torch.randn_like(s, dtype=torch.float32).to(dtype)
+    low = torch.ops.saml_C.seb_backward_rows(*bwd_args(c, gg, gs, False))
+    c32 = dict(c, global_weight=c["global_weight"].float(), scenario_weight=c["scenario_weight"].float())
+    f32 = torch.ops.saml_C.seb_backward_rows(*bwd_args(c32, gg.float(), gs.float(), False))
+    assert torch.equal(low[0], f32[0]) and torch.equal(low[2], f32[2])
+    assert torch.equal(low[1], f32[1].to(dtype)) and torch.equal(low[3], f32[3].to(dtype))
+    assert low[1].abs().sum() > 0

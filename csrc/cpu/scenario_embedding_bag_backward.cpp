@@ -149,6 +149,16 @@ __attribute__((target("avx,f16c"))) void half_step_row(c10::Half* __restrict w, 
   for (; d < D; ++d) w[d] = c10::Half(float(w[d]) - mult * g[d]);
 }
 
+// out[0, D) = fp16(a)
+__attribute__((target("avx,f16c"))) void half_store_row(c10::Half* __restrict out, const float* __restrict a,
+                                                        int64_t D) {
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + d),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(a + d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; d < D; ++d) out[d] = c10::Half(a[d]);
+}
+
 bool cpu_has_f16c() {
   static const bool yes = [] {
     __builtin_cpu_init();
@@ -159,6 +169,16 @@ bool cpu_has_f16c() {
 #else
 #define SAML_F16C_ROWS 0
 #endif
+
+// out[0, D) = a[0, D) in the table's dtype (a summed gradient row written out)
+template <typename scalar_t, typename acc_t>
+SAML_INLINE void store_row(scalar_t* __restrict out, const acc_t* __restrict a, int64_t D) {
+#if SAML_F16C_ROWS
+  if constexpr (std::is_same<scalar_t, c10::Half>::value)
+    if (cpu_has_f16c()) return half_store_row(out, a, D);
+#endif
+  for (int64_t d = 0; d < D; ++d) out[d] = from_acc<scalar_t>(a[d]);
+}
 
 // acc[0, D) += scale * g[0, D)
 template <typename acc_t, typename scalar_t>
@@ -397,12 +417,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> seb_backw
           [&](int64_t f, int64_t u, int64_t row, const acc_t* a) {
             const int64_t o = gstart[f] + u;
             gr[o] = row;
-            for (int64_t d = 0; d < D; ++d) gv[o * D + d] = scalar_t_(a[d]);
+            store_row(gv + o * D, a, D);
           },
           [&](int64_t f, int64_t m, int64_t u, int64_t row, const acc_t* a) {
             const int64_t o = sstart[f * L.M + m] + u;
             sr[o] = row;
-            for (int64_t d = 0; d < D; ++d) sv[o * D + d] = scalar_t_(a[d]);
+            store_row(sv + o * D, a, D);
           });
       if (need_psw_grad && psw.has_value()) {
         gpsw = at::empty({A.indices.numel()}, gw.options());
