@@ -221,7 +221,9 @@ def _sparse_grads(ctx, grad_global, grad_scenario, need_psw_grad):
     # explicit choice (which also keeps torch's "invariant checks are implicitly disabled" warning away).
     coo = dict(is_coalesced=True, check_invariants=False)
     dg = torch.sparse_coo_tensor(grows.unsqueeze(0), gvals.to(gw.dtype), (gw.shape[0], D), **coo)
-    s_idx = torch.stack([srows // max(Rs, 1), srows % max(Rs, 1)])
+    s_idx = srows.new_empty(2, srows.numel())  # (m, r) of each row m * Rs + r, written in place (no stack copy)
+    torch.div(srows, max(Rs, 1), rounding_mode="floor", out=s_idx[0])
+    torch.sub(srows, s_idx[0], alpha=max(Rs, 1), out=s_idx[1])
     ds = torch.sparse_coo_tensor(s_idx, svals.to(sw.dtype), (M, Rs, D), **coo)
     return dg, ds, gpsw
 
