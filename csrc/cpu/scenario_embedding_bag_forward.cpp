@@ -2,8 +2,9 @@
 //
 // Why the shape of this code:
 // - The gather is bound by memory latency and TLB misses (one random D-float row per id), not bandwidth. Bags are
-//   walked feature-major (the order of `indices`, so the id stream is sequential), in blocks of kBlock bags per
-//   thread: the block's global rows, then its scenario rows, so both streams reuse the block's ids from L1.
+//   walked feature-major (the order of `indices`, so the id stream is sequential), in blocks of bags per thread
+//   (kBlock, kFbgemmBlock): the block's global rows, then its scenario rows, so both streams reuse the block's ids
+//   from cache.
 // - float32 / float16 / bfloat16 sum/mean pooling runs FBGEMM's JIT-generated EmbeddingSpMDM kernel (the one
 //   F.embedding_bag uses: register accumulation across a bag, 16-bit rows summed in float32) when libtorch was built
 //   with FBGEMM, generated with a deeper prefetch than F.embedding_bag's 16 ids (FbgemmGather::prefetch_ids). Our
@@ -47,7 +48,7 @@ using saml::cpu::seb::Layout;
 using saml::cpu::seb::prefetch_read;
 using saml::cpu::seb::scen_row_base;
 
-constexpr int64_t kBlock = 512;          // bags per block (ids of a block stay in L1 between the two tables)
+constexpr int64_t kBlock = 512;          // portable path: bags per block (its ids stay in L1 between the two tables)
 // The FBGEMM path's blocks are longer: every call starts with no prefetch in flight (FBGEMM prefetches only inside
 // a call), so fewer, longer calls keep the loads flowing. With blocks of 4096 bags and the first kLeadIds rows of
 // each call prefetched by us ahead of it, the 2-core VM measured one-hot bags 1.14x and Zipf bags of 8 1.09-1.25x
@@ -305,8 +306,11 @@ struct FbgemmGather {
                          elems(G.gout + (b0 * L.F + f) * D));
       if (r1 == s1 && s1 < L.F * B) {  // likewise the next block's first global rows, during the scenario call
         const int64_t fn = s1 / B, pn = G.off[s1], pe = std::min<int64_t>(pn + lead, G.off[L.F * B]);
-        for (int64_t q = pn; q < pe; ++q)
-          prefetch_read(G.gw + (L.gbase[fn] + int64_t(G.idx[q])) * D, D * int64_t(sizeof(scalar_t)));
+        for (int64_t q = pn; q < pe; ++q) {
+          const int64_t id = int64_t(G.idx[q]);  // not validated yet: only in-range rows are prefetched
+          if (id >= 0 && id < L.size[fn])
+            prefetch_read(G.gw + (L.gbase[fn] + id) * D, D * int64_t(sizeof(scalar_t)));
+        }
       }
       if (aware)
         done &= scenario(r1 - r0, n, L.M * L.Rs, elems(G.sw), srow + (q0 - p0), G.off + r0, w,
