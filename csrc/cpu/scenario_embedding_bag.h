@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "common/multiversion.h"
@@ -26,30 +25,6 @@ template <typename T>
 struct AccType { using type = float; };
 template <>
 struct AccType<double> { using type = double; };
-
-// Element <-> accumulator conversions for the ISA-cloned loops (common/multiversion.h). c10::Half converts through
-// code chosen when the extension is compiled (baseline ISA: some 20 integer operations each way); through the
-// compiler's _Float16 the x86-64-v3/v4 clones convert with one F16C instruction, rounding the same way (to nearest
-// even). Every other type converts as usual.
-template <typename acc_t, typename scalar_t>
-SAML_INLINE acc_t to_acc(scalar_t v) { return acc_t(v); }
-template <typename scalar_t, typename acc_t>
-SAML_INLINE scalar_t from_acc(acc_t v) { return scalar_t(v); }
-#if defined(__FLT16_MAX__)
-template <>
-SAML_INLINE float to_acc<float, c10::Half>(c10::Half v) {
-  _Float16 h;
-  std::memcpy(&h, &v.x, sizeof(h));
-  return float(h);
-}
-template <>
-SAML_INLINE c10::Half from_acc<c10::Half, float>(float v) {
-  const _Float16 h = _Float16(v);
-  c10::Half r;
-  std::memcpy(&r.x, &h, sizeof(h));
-  return r;
-}
-#endif
 
 SAML_INLINE void prefetch_read(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);

@@ -38,8 +38,6 @@ using saml::cpu::seb::Layout;
 using saml::cpu::seb::check_common;
 using saml::cpu::seb::make_layout;
 using saml::cpu::seb::scen_row_base;
-using saml::cpu::seb::from_acc;
-using saml::cpu::seb::to_acc;
 using saml::cpu::pooled_empty;
 
 // Sorted pairs ahead of the walk: upstream-gradient rows and the visitor's rows (weight row + state) in flight.
@@ -120,8 +118,9 @@ void sort_pairs(const BwdArgs& A, SortedPairs& S) {
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SAML_F16C_ROWS 1
-// float16 rows 8 lanes at a time with F16C: GCC 12 converts _Float16 one element at a time even in the AVX2 / AVX-512
-// clones, which left float16's fused step ~2x bfloat16's. These have their own target, so the ISA clones call them
+// float16 rows 8 lanes at a time with F16C: c10::Half converts one element at a time in software (its conversion is
+// fixed at the baseline ISA, and GCC 12 does not vectorise _Float16 conversions even in the AVX2 / AVX-512 clones),
+// which left float16's fused step ~3x bfloat16's. These have their own target, so the ISA clones call them
 // (never inline them), and only where the CPU has F16C. Multiply and add stay separate instructions, and the
 // conversion back rounds to nearest even: bitwise the scalar loops' results (-ffp-contract=off).
 __attribute__((target("avx,f16c"))) void half_add_scaled_row(float* __restrict acc, const c10::Half* __restrict g,
@@ -177,7 +176,7 @@ SAML_INLINE void store_row(scalar_t* __restrict out, const acc_t* __restrict a, 
   if constexpr (std::is_same<scalar_t, c10::Half>::value)
     if (cpu_has_f16c()) return half_store_row(out, a, D);
 #endif
-  for (int64_t d = 0; d < D; ++d) out[d] = from_acc<scalar_t>(a[d]);
+  for (int64_t d = 0; d < D; ++d) out[d] = scalar_t(a[d]);
 }
 
 // acc[0, D) += scale * g[0, D)
@@ -187,7 +186,7 @@ SAML_INLINE void add_scaled_row(acc_t* __restrict acc, const scalar_t* __restric
   if constexpr (std::is_same<scalar_t, c10::Half>::value)
     if (cpu_has_f16c()) return half_add_scaled_row(acc, g, scale, D);
 #endif
-  for (int64_t d = 0; d < D; ++d) acc[d] += to_acc<acc_t>(g[d]) * scale;
+  for (int64_t d = 0; d < D; ++d) acc[d] += acc_t(g[d]) * scale;
 }
 
 // A feature's sorted scenario keys (m * size + id) mapped to rows of the [M * Rs] scenario table. Keys ascend, so
@@ -443,7 +442,7 @@ SAML_INLINE void apply_row_update(scalar_t* __restrict w, float* state, const ac
   if (wd != acc_t(0)) {  // g' built once in a per-thread row buffer, so the loops below stay plain
     thread_local std::vector<acc_t> decayed;
     decayed.resize(D);
-    for (int64_t d = 0; d < D; ++d) decayed[d] = g[d] + wd * to_acc<acc_t>(w[d]);
+    for (int64_t d = 0; d < D; ++d) decayed[d] = g[d] + wd * acc_t(w[d]);
     g = decayed.data();
   }
   acc_t mult = lr;
@@ -456,7 +455,7 @@ SAML_INLINE void apply_row_update(scalar_t* __restrict w, float* state, const ac
   if constexpr (std::is_same<scalar_t, c10::Half>::value)
     if (cpu_has_f16c()) return half_step_row(w, g, mult, D);
 #endif
-  for (int64_t d = 0; d < D; ++d) w[d] = from_acc<scalar_t>(to_acc<acc_t>(w[d]) - mult * g[d]);
+  for (int64_t d = 0; d < D; ++d) w[d] = scalar_t(acc_t(w[d]) - mult * g[d]);
 }
 
 // Fused optimizer (csrc/registry.cpp: seb_backward_update_; the math in saml_common.h, FusedOptimizer): every unique
