@@ -72,14 +72,18 @@ def checked_forward(model: nn.Module, forward, indices, offsets, scenario, *rest
     offsets, scenario ids, lengths) are read with one host sync when the forward ends, and a bad input raises its
     layer's clear error then, before any backward (so nothing is written to the tables); the layers get the
     boundary's scenario (clamped while its check is pending). Inside ``capture_safe_checks()`` there is no sync at
-    all. The reference layers check each input at once (plain PyTorch), so their forward runs outside that block
-    (and under ``torch.compile`` without the boundary check, which would add a graph break)."""
+    all: the forward is one step of the fused embedding update (``_checks.step_errors``, entered before the
+    boundary check), so a bad input anywhere in it (the scenario, any layer's ids, offsets or lengths) skips the
+    fused update of every embedding layer of the model in the backward. The reference layers check each input at
+    once (plain PyTorch), so their forward runs outside that block (and under ``torch.compile`` without the
+    boundary check, which would add a graph break)."""
     who, M = type(model).__name__, model.config.num_scenarios
     if not model.layer_set.kernels:
         if not torch.compiler.is_compiling():  # compiled, a host read would break the graph: the layers' checks do
             scenario = _boundary_scenario(who, scenario, M)
         return forward(indices, offsets, scenario, *rest)
-    with _checks.deferred_checks():
+    param = next(model.parameters(), None)
+    with _checks.deferred_checks(), _checks.step_errors(param.device if param is not None else None):
         return forward(indices, offsets, _boundary_scenario(who, scenario, M), *rest)
 
 

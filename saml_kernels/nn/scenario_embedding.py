@@ -117,6 +117,9 @@ class _FusedUpdate(torch.autograd.Function):
     def backward(ctx, grad_global, grad_scenario):
         indices, offsets, scenario, fr, fsr, slot, psw = ctx.saved_tensors
         layer = ctx.layer
+        # which backward pass this is (host bookkeeping, no sync): TrainingOptimizer.step() warns when one step
+        # saw several (gradient accumulation, retain_graph), each of which applied its own update
+        layer._backward_passes.add(torch._C._current_graph_task_id())
         hparams = layer._fused_hparams
         if layer.skip_nonfinite:
             # The step is skipped on the device when an upstream gradient is not finite: no host sync, and the
@@ -125,7 +128,8 @@ class _FusedUpdate(torch.autograd.Function):
             layer.nonfinite_steps.add_((1 - ok).to(layer.nonfinite_steps.dtype))
             hparams = torch.cat([hparams[:3], ok.reshape(1)])
         if ctx.errors_before is not None:
-            # capture-safe mode: no update from a step in which a bad input was counted (since this forward)
+            # capture-safe mode: no update from a step in which a bad input was counted (since the snapshot of
+            # this step: the enclosing model forward's, see _checks.step_errors, else this layer's forward)
             clean = (_checks.error_total(ctx.gw.device) == ctx.errors_before).to(torch.float64)
             hparams = torch.cat([hparams[:3], (hparams[3] * clean).reshape(1)])
         sstate = layer.scenario_state
@@ -136,21 +140,29 @@ class _FusedUpdate(torch.autograd.Function):
         return None, None, None, None, None
 
 
+#: the param-group keys the kernels read from the device tensor ``_fused_hparams``
+_PUSHED = ("lr", "eps", "weight_decay")
+
+
 class _HparamGroup(dict):
-    """The fused optimizer's param group: writing "lr" or "weight_decay" (as an LR scheduler does) also writes the
-    device tensor the backward kernels read (a fill_, no host sync), so the change holds for CUDA-graph replays."""
+    """The fused optimizer's param group: writing "lr", "eps" or "weight_decay" (by hand, by an LR scheduler or by
+    ``load_state_dict``) also writes the device tensor the backward kernels read (a fill_, no host sync), so the
+    change holds for the next backward and for CUDA-graph replays. Bad values raise ValueError, nothing written."""
 
     def __init__(self, layer: "ScenarioEmbedding", *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._layer = layer
 
     def __setitem__(self, key, value):
-        if key in ("lr", "weight_decay"):
+        if key in _PUSHED:
             value = float(value)
-            if not value >= 0:
-                raise ValueError(f"ScenarioEmbedding: fused optimizer {key} must be >= 0, got {value!r}")
-            # (while a deepcopy/unpickle rebuilds the layer its buffers are not there yet; they carry the values)
-            hparams = vars(self._layer).get("_buffers", {}).get("_fused_hparams")
+            if not (value > 0 if key == "eps" else value >= 0):
+                raise ValueError(f"ScenarioEmbedding: fused optimizer {key} must be {'> 0' if key == 'eps' else '>= 0'}"
+                                 f", got {value!r}")
+            # While pickle / deepcopy rebuild the group, its items come before its __dict__ (no _layer yet) and the
+            # layer's buffers may not be there yet: the pickled buffer carries the same values then.
+            layer = self.__dict__.get("_layer")
+            hparams = vars(layer).get("_buffers", {}).get("_fused_hparams") if layer is not None else None
             if hparams is not None:
                 hparams[_eo.HPARAMS.index(key)].fill_(value)
         super().__setitem__(key, value)
@@ -159,10 +171,13 @@ class _HparamGroup(dict):
 class FusedEmbeddingOptimizer(torch.optim.Optimizer):
     """The handle of a ``ScenarioEmbedding``'s fused optimizer for torch tooling (LR schedulers, logging).
 
-    The update itself runs inside the layer's backward; ``step()`` and ``zero_grad()`` do nothing. Its one param
-    group holds the tables and ``lr``, ``eps``, ``weight_decay``; setting ``lr`` / ``weight_decay`` there (by hand or
-    by any ``torch.optim.lr_scheduler``) takes effect from the next backward, also in a replayed CUDA graph.
-    ``state_dict()`` holds those hyper-parameters; the row-wise Adagrad states stay the layer's buffers.
+    The update itself runs inside the layer's backward (every backward through the layer applies one update);
+    ``step()`` changes no weight: it marks the end of a training step (so torch's LR schedulers see the optimizer
+    stepped, and ``TrainingOptimizer`` can tell one backward per step from several) and ``zero_grad()`` does
+    nothing. Its one param group holds the tables and ``lr``, ``eps``, ``weight_decay``; setting any of them there
+    (by hand, by any ``torch.optim.lr_scheduler``, or by ``load_state_dict``) takes effect from the next backward,
+    also in a replayed CUDA graph. ``state_dict()`` holds those hyper-parameters (and a scheduler's
+    ``initial_lr``); the row-wise Adagrad states stay the layer's buffers. Picklable with its layer.
     """
 
     def __init__(self, layer: "ScenarioEmbedding", lr: float, eps: float, weight_decay: float):
@@ -174,16 +189,25 @@ class FusedEmbeddingOptimizer(torch.optim.Optimizer):
         g = self.param_groups[0]
         if not isinstance(g, _HparamGroup):
             g = self.param_groups[0] = _HparamGroup(self._layer, g)
-        for key in ("lr", "weight_decay"):
+        for key in _PUSHED:
             g[key] = g[key]  # push to the device tensor
 
     def load_state_dict(self, state_dict) -> None:
+        (group,) = state_dict["param_groups"]
+        for key in _PUSHED:  # check before anything is written (torch's load replaces the group wholesale)
+            _HparamGroup(None)[key] = group[key]
         super().load_state_dict(state_dict)
         self._wrap_group()
 
+    def __getstate__(self):
+        # torch.optim.Optimizer pickles only defaults / state / param_groups: keep the layer link too
+        return {**super().__getstate__(), "_layer": self._layer}
+
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - the update happened in the backward
-        """No-op: the layer's backward already applied the update (kept so schedulers and training loops work)."""
+        """Changes no weight (the layer's backward applied the update): ends the training step's bookkeeping
+        (the backward passes counted since the last step) and lets LR schedulers see an optimizer step."""
+        self._layer._backward_passes.clear()
         return None if closure is None else closure()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -221,12 +245,20 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
             gradient summed over the batch and ``g' = g + weight_decay * w``, SGD ``w -= lr * g'``; row-wise Adagrad
             ``state[row] += mean_d(g'^2); w -= lr * g' / (sqrt(state[row]) + eps)``. The Adagrad states are float32
             buffers ``global_state [R]`` and ``scenario_state [M, Rs]`` (part of the state_dict). The fused path
-            runs in training with grad enabled and only for tables that require grad: ``requires_grad_(False)`` on
-            a table freezes it (weights and state). per_sample_weights get no gradient there (passing ones that
+            runs whenever grad is enabled, in ``train()`` and in ``eval()`` alike (as FBGEMM / TorchRec: a backward
+            in eval mode, e.g. fine-tuning with frozen norm statistics, updates the tables), and only for tables
+            that require grad: ``requires_grad_(False)`` on a table freezes it (weights and state); under
+            ``torch.no_grad()`` the plain op runs. Every backward applies one update: gradient accumulation (k
+            backwards, then one optimizer step) or a ``retain_graph`` second backward updates the rows k times, not
+            once with the summed gradient (FBGEMM's behaviour; with Adagrad or weight decay the two differ), and
+            ``TrainingOptimizer.step()`` warns when it sees that. per_sample_weights get no gradient there (passing ones that
             require grad raises). The tables are updated in place, so they are kept contiguous: a non-contiguous
             table (e.g. loaded with ``load_state_dict(..., assign=True)`` from a column slice) is re-laid out once,
             in place of the parameter's data (the Parameter object stays; it no longer aliases the loaded tensor).
-            ``fused_optimizer`` is the torch Optimizer handle whose ``lr`` / ``weight_decay`` a scheduler drives.
+            ``fused_optimizer`` is the torch Optimizer handle whose ``lr`` / ``eps`` / ``weight_decay`` a scheduler
+            (or a hand) drives; call its ``step()`` once per training step (``TrainingOptimizer.step()`` does) so
+            torch's schedulers see an optimizer step. The layer (and a model holding it) pickles, deep-copies and
+            ``torch.save``s whole, its fused optimizer included.
         lr, eps, weight_decay: the fused optimizer's learning rate, Adagrad epsilon and L2 weight decay (applied to
             the touched rows only, FBGEMM's L2 mode).
         skip_nonfinite: with a fused optimizer, skip the whole update of a step whose upstream gradient holds a NaN
@@ -284,7 +316,7 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
             _backend.check_name(backend, "ScenarioEmbedding(backend=...)")
         self.features = tuple(feats)
         self.num_scenarios, self.embedding_dim = num_scenarios, embedding_dim
-        self.sparse, self.optimizer, self.eps = bool(sparse), optimizer, float(eps)
+        self.sparse, self.optimizer, self._eps = bool(sparse), optimizer, float(eps)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.bounds_check, self.backend = bounds_check, backend
         fr, fsr = [0], [0]
@@ -325,6 +357,8 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
         self.fused_optimizer = (FusedEmbeddingOptimizer(self, float(lr), float(eps), float(weight_decay))
                                 if optimizer is not None else None)
         self._lr, self._weight_decay = float(lr), float(weight_decay)
+        # graph-task ids of the backward passes that updated the tables since fused_optimizer.step()
+        self._backward_passes: set = set()
         self.reset_parameters()
 
     @property
@@ -337,6 +371,19 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
         if self.fused_optimizer is not None:
             self.fused_optimizer.param_groups[0]["lr"] = value
         self._lr = float(value)
+
+    @property
+    def eps(self) -> float:
+        """The fused row-wise Adagrad's epsilon (settable; the same value as ``fused_optimizer.param_groups[0]``)."""
+        fo = self.__dict__.get("fused_optimizer")
+        return fo.param_groups[0]["eps"] if fo is not None else self._eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        fo = self.__dict__.get("fused_optimizer")
+        if fo is not None:
+            fo.param_groups[0]["eps"] = value
+        self._eps = float(value)
 
     @property
     def weight_decay(self) -> float:
@@ -473,7 +520,10 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
         """
         indices, offsets, scenario, psw = self._unpack(indices, offsets, scenario, per_sample_weights)
         update = (self.global_weight.requires_grad, self.scenario_weight.requires_grad)
-        fused = self.optimizer is not None and self.training and torch.is_grad_enabled() and any(update)
+        # As FBGEMM / TorchRec: the fused update runs in every backward, whatever self.training is (fine-tuning in
+        # eval mode trains the tables too); not in a torch.export trace (an inference artifact has no backward).
+        fused = (self.optimizer is not None and torch.is_grad_enabled() and any(update)
+                 and not torch.compiler.is_exporting())
         gs, ss = [], []
         for idx, off, w, a, b, pooling in self._runs_inputs(indices, offsets, psw):
             fr, fsr = self.feature_rows[a:b + 1], self.feature_scenario_rows[a:b + 1]
@@ -499,8 +549,9 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
             if not p.is_contiguous():  # updated in place below: a contiguous copy would be updated instead
                 with torch.no_grad():
                     p.data = p.data.contiguous()
-        errors_before = (_checks.error_total(self.global_weight.device).clone()
-                         if _checks.check_mode() == "capture_safe" else None)
+        # capture-safe mode: the step's snapshot of the error counters (the enclosing model's, taken before its
+        # first check, so an error anywhere in the model's forward skips this update too), else None
+        errors_before = _checks.errors_before(self.global_weight.device)
         args = _seb.prepare_args(indices, offsets, scenario, self.global_weight.detach(),
                                  self.scenario_weight.detach(), fr, fsr, pooling=pooling, per_sample_weights=psw,
                                  bounds_check=self.bounds_check, sparse=False, backend=self.backend)

@@ -14,8 +14,15 @@ when it is read, by the check mode:
 - ``capture_safe_checks()``: no host sync at all (CUDA-graph capture, ``set_sync_debug_mode("error")``). Flags
   are added to per-device error counters (``error_counts()``) and inputs are made safe instead of raising: an id
   outside its feature reads as a zero vector with no gradient, a scenario id outside [0, M) is clamped into
-  range for the gather, and a fused embedding optimizer skips its update when an error was counted between the
-  layer's forward and its backward. ``raise_errors()`` reads the counters later (one sync) and raises.
+  range for the gather, and a fused embedding optimizer skips its update when an error was counted in its step
+  (see ``step_errors``). ``raise_errors()`` reads the counters later (one sync) and raises. The counters count
+  failed *checks* (one per op call that saw a bad input, whatever the number of bad entries in it), not entries.
+
+The step of a fused update (capture-safe mode): a model's forward (``nn.saml.checked_forward``) opens a
+``step_errors`` block that snapshots the error counters before its first check, and every fused embedding layer
+inside compares the counters against that one snapshot in its backward. So an error anywhere in the model's
+forward (the boundary's scenario check, another layer's ids, offsets or lengths) skips the fused update of every
+fused layer of that step. A layer called outside a model takes its own snapshot at its forward.
 """
 from __future__ import annotations
 
@@ -158,6 +165,35 @@ def error_counts(device=None) -> dict:
 def error_total(device) -> torch.Tensor:
     """0-dim int64 device tensor: all errors counted so far on ``device`` (no sync)."""
     return _counters(device).sum()
+
+
+@contextlib.contextmanager
+def step_errors(device):
+    """One training step's "errors before" snapshot (capture-safe mode only; elsewhere a no-op): inside the block,
+    :func:`errors_before` on ``device`` returns the counters' total as it was when the block was entered. Entered
+    by a model's forward before its first check; nested blocks (a model inside a model) keep the outermost
+    snapshot. Costs one device reduction, no host sync."""
+    st = getattr(_local, "step", None)
+    if st is not None or check_mode() != "capture_safe" or device is None:
+        yield
+        return
+    _local.step = {torch.device(device): error_total(device).clone()}
+    try:
+        yield
+    finally:
+        _local.step = None
+
+
+def errors_before(device) -> Optional[torch.Tensor]:
+    """The snapshot a fused update compares against (0-dim int64 on ``device``) in capture-safe mode, else None:
+    the enclosing :func:`step_errors` block's (so every layer of a model's step shares one), or a fresh one."""
+    if check_mode() != "capture_safe":
+        return None
+    device = torch.device(device)
+    st = getattr(_local, "step", None)
+    if st is not None and device in st:
+        return st[device]
+    return error_total(device).clone()
 
 
 def raise_errors(reset: bool = True) -> None:
