@@ -30,6 +30,7 @@ from saml_kernels.nn import (HMoE, HMoEConfig, SAML, SAMLConfig, ScenarioEmbeddi
                              TrainingOptimizer)
 from saml_kernels.ops import _checks
 from saml_kernels.reference import SAMLReference
+from saml_kernels.training import saml_loss
 
 EMB_LR = 0.1
 
@@ -418,3 +419,33 @@ def test_training_optimizer_accepts_fused_sgd_models_and_keeps_their_lr():
     adagrad = _model("SAML", d)
     with pytest.raises(ValueError, match="differ"):
         TrainingOptimizer(adagrad, 1e-2, EMB_LR).load_state_dict(sd)
+
+
+# ----------------------------------------------------------------------- 1 on a GPU: a replayed CUDA graph
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
+@pytest.mark.parametrize("kind", ["scenario", "feature_id"])
+def test_cuda_graph_replay_with_bad_input_writes_no_fused_table(kind):
+    from saml_kernels.graphs import CapturedTrainingStep
+
+    d = _data()
+    model = _model("SAML", d).cuda()
+    opt = TrainingOptimizer(model, 1e-2, EMB_LR, capturable=True)
+    clean, = _batches(d, 1)
+    bad = _bad(clean, kind, model.config.num_scenarios)
+    to_t = lambda b: [t.cuda() for t in b.inputs()] + [b.label.cuda()]  # noqa: E731
+
+    def loss_fn(m, *t):
+        main, aux = m(*t[:-1])
+        return saml_loss(main, aux, t[-1], m.config.aux_loss_weight)
+
+    step = CapturedTrainingStep(model, opt, to_t(clean), loss_fn=loss_fn)
+    saml_kernels.raise_errors()
+    before = _tables(model)
+    step(*to_t(bad))
+    torch.cuda.synchronize()
+    _assert_state_equal(_tables(model), before)
+    with pytest.raises(ValueError, match="capture-safe"):
+        saml_kernels.raise_errors()
+    step(*to_t(clean))
+    assert not torch.equal(model.embedding.global_weight, before["embedding.global_weight"])
