@@ -12,8 +12,10 @@ Contract:
 - every replay's tensors have the example's shapes, dtypes and device (jagged inputs: keep nnz fixed, e.g. pad
   bags with a padding id of per-sample weight 0, or capture one graph per nnz bucket);
 - the value checks run in capture-safe mode (``saml_kernels.ops._checks``): no host sync, bad inputs are counted
-  on the device, made safe, and the fused embedding update of such a step is skipped; call
-  ``saml_kernels.raise_errors()`` now and then (one sync) to surface them;
+  on the device (one count per failing check call), made safe, and the fused embedding update of such a step is
+  skipped in every fused layer of the model (the model's forward snapshots the counters before its first
+  check); call ``saml_kernels.raise_errors()`` now and then (one sync) to surface them;
+- one backward per step: the fused embedding update runs in each backward (see ``nn.ScenarioEmbedding``);
 - the warm-up steps (``warmup``, on the example inputs, on a side stream as torch requires) are real training
   steps; the capture itself changes nothing;
 - hyper-parameters: the fused embedding optimizer's lr / weight_decay (``ScenarioEmbedding.fused_optimizer``) are
