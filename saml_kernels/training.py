@@ -174,7 +174,7 @@ class TrainingOptimizer:
         """The fused modules' end of step: warn (once) about several backward passes since the last step, then
         ``fused_optimizer.step()`` (no weight changes; schedulers see the step, the pass count restarts)."""
         for path, mod in self._fused.items():
-            n = len(mod._backward_passes)
+            n = len(mod.__dict__.get("_backward_passes", ()))
             if n > 1 and not self._warned_backwards:
                 self._warned_backwards = True
                 warnings.warn(

@@ -119,7 +119,7 @@ class _FusedUpdate(torch.autograd.Function):
         layer = ctx.layer
         # which backward pass this is (host bookkeeping, no sync): TrainingOptimizer.step() warns when one step
         # saw several (gradient accumulation, retain_graph), each of which applied its own update
-        layer._backward_passes.add(torch._C._current_graph_task_id())
+        layer.__dict__.setdefault("_backward_passes", set()).add(torch._C._current_graph_task_id())
         hparams = layer._fused_hparams
         if layer.skip_nonfinite:
             # The step is skipped on the device when an upstream gradient is not finite: no host sync, and the
@@ -144,6 +144,15 @@ class _FusedUpdate(torch.autograd.Function):
 _PUSHED = ("lr", "eps", "weight_decay")
 
 
+def _checked_hparam(key: str, value) -> float:
+    """``float(value)`` for the fused optimizer's ``key``; ValueError unless eps > 0, lr and weight_decay >= 0."""
+    value = float(value)
+    if not (value > 0 if key == "eps" else value >= 0):
+        raise ValueError(f"ScenarioEmbedding: fused optimizer {key} must be {'> 0' if key == 'eps' else '>= 0'}, "
+                         f"got {value!r}")
+    return value
+
+
 class _HparamGroup(dict):
     """The fused optimizer's param group: writing "lr", "eps" or "weight_decay" (by hand, by an LR scheduler or by
     ``load_state_dict``) also writes the device tensor the backward kernels read (a fill_, no host sync), so the
@@ -155,10 +164,7 @@ class _HparamGroup(dict):
 
     def __setitem__(self, key, value):
         if key in _PUSHED:
-            value = float(value)
-            if not (value > 0 if key == "eps" else value >= 0):
-                raise ValueError(f"ScenarioEmbedding: fused optimizer {key} must be {'> 0' if key == 'eps' else '>= 0'}"
-                                 f", got {value!r}")
+            value = _checked_hparam(key, value)
             # While pickle / deepcopy rebuild the group, its items come before its __dict__ (no _layer yet) and the
             # layer's buffers may not be there yet: the pickled buffer carries the same values then.
             layer = self.__dict__.get("_layer")
@@ -195,7 +201,7 @@ class FusedEmbeddingOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict) -> None:
         (group,) = state_dict["param_groups"]
         for key in _PUSHED:  # check before anything is written (torch's load replaces the group wholesale)
-            _HparamGroup(None)[key] = group[key]
+            _checked_hparam(key, group[key])
         super().load_state_dict(state_dict)
         self._wrap_group()
 
@@ -207,7 +213,7 @@ class FusedEmbeddingOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):  # noqa: D401 - the update happened in the backward
         """Changes no weight (the layer's backward applied the update): ends the training step's bookkeeping
         (the backward passes counted since the last step) and lets LR schedulers see an optimizer step."""
-        self._layer._backward_passes.clear()
+        self._layer.__dict__.setdefault("_backward_passes", set()).clear()
         return None if closure is None else closure()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -251,10 +257,11 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
             ``torch.no_grad()`` the plain op runs. Every backward applies one update: gradient accumulation (k
             backwards, then one optimizer step) or a ``retain_graph`` second backward updates the rows k times, not
             once with the summed gradient (FBGEMM's behaviour; with Adagrad or weight decay the two differ), and
-            ``TrainingOptimizer.step()`` warns when it sees that. per_sample_weights get no gradient there (passing ones that
-            require grad raises). The tables are updated in place, so they are kept contiguous: a non-contiguous
-            table (e.g. loaded with ``load_state_dict(..., assign=True)`` from a column slice) is re-laid out once,
-            in place of the parameter's data (the Parameter object stays; it no longer aliases the loaded tensor).
+            ``TrainingOptimizer.step()`` warns when it sees that. per_sample_weights get no gradient there (passing
+            ones that require grad raises). The tables are updated in place, so they are kept contiguous: a
+            non-contiguous table (e.g. loaded with ``load_state_dict(..., assign=True)`` from a column slice) is
+            re-laid out once, in place of the parameter's data (the Parameter object stays; it no longer aliases
+            the loaded tensor).
             ``fused_optimizer`` is the torch Optimizer handle whose ``lr`` / ``eps`` / ``weight_decay`` a scheduler
             (or a hand) drives; call its ``step()`` once per training step (``TrainingOptimizer.step()`` does) so
             torch's schedulers see an optimizer step. The layer (and a model holding it) pickles, deep-copies and
