@@ -260,6 +260,24 @@ def test_resume_with_a_scheduler_on_the_fused_optimizers_is_exact(sched):
     _assert_state_equal(resumed.state_dict(), straight.state_dict())
 
 
+def test_an_optimizer_state_dict_without_fused_entries_still_loads():
+    """A dict written before the fused modules' hyper-parameters were saved (or by the reference twin, whose
+    tables are not fused) gives the Adagrad fused modules the recipe's embedding_lr / eps."""
+    d = _data()
+    model = _model("SAML", d)
+    opt = TrainingOptimizer(model, 1e-2, EMB_LR)
+    _train(model, opt, _batches(d, 1))
+    sd = opt.state_dict()
+    del sd["fused"]
+    sd["embedding_lr"], sd["eps"] = 0.02, 1e-6
+    other = _model("SAML", d)
+    o2 = TrainingOptimizer(other, 1e-2, EMB_LR)
+    o2.load_state_dict(sd)
+    for m in _fused_modules(other).values():
+        assert (m.lr, m.eps) == (0.02, 1e-6)
+        assert m._fused_hparams[:2].tolist() == [0.02, 1e-6]
+
+
 def test_scheduler_on_a_bare_layer_sees_the_step():
     """The README pattern on a bare layer: fused_optimizer.step() (a no-op on the weights) ends the step."""
     layer = ScenarioEmbedding([("a", 6, True)], 3, 4, optimizer="rowwise_adagrad", lr=EMB_LR)

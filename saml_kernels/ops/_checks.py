@@ -153,7 +153,8 @@ def prepare_capture_safe(device) -> None:
 
 
 def error_counts(device=None) -> dict:
-    """{kind: int64 0-dim device tensor} of the capture-safe mode's counters (reading a value syncs)."""
+    """{kind: int64 0-dim device tensor} of the capture-safe mode's counters (reading a value syncs). Each counts
+    the failing check *calls* of its kind (an op call with three bad ids adds 1), not the bad entries."""
     out = {}
     for dev, c in _COUNTERS.items():
         if device is None or dev == torch.device(device):
