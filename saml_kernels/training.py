@@ -183,7 +183,7 @@ class TrainingOptimizer:
                     f"behaviour): gradient accumulation or a retain_graph second backward updates those rows {n} "
                     f"times, not once with the summed gradient. Sum the losses and run one backward per step, or "
                     f"build the model with embedding_optimizer=None to accumulate gradients (warned once per "
-                    f"optimizer)", RuntimeWarning, stacklevel=3)
+                    f"optimizer)", RuntimeWarning, stacklevel=4)
             mod.fused_optimizer.step()
 
     def state_dict(self) -> dict:
