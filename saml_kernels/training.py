@@ -172,7 +172,8 @@ class TrainingOptimizer:
 
     def _end_fused_step(self) -> None:
         """The fused modules' end of step: warn (once) about several backward passes since the last step, then
-        ``fused_optimizer.step()`` (no weight changes; schedulers see the step, the pass count restarts)."""
+        ``fused_optimizer.step()`` via ``end_step()`` (no weight changes; schedulers see the step, the pass count
+        restarts)."""
         for path, mod in self._fused.items():
             n = len(mod.__dict__.get("_backward_passes", ()))
             if n > 1 and not self._warned_backwards:
@@ -184,7 +185,7 @@ class TrainingOptimizer:
                     f"times, not once with the summed gradient. Sum the losses and run one backward per step, or "
                     f"build the model with embedding_optimizer=None to accumulate gradients (warned once per "
                     f"optimizer)", RuntimeWarning, stacklevel=4)
-            mod.fused_optimizer.step()
+            mod.fused_optimizer.end_step()
 
     def state_dict(self) -> dict:
         """{"dense": {"params": [names], "state": {name: Adam state}, "param_group": Adam hyper-parameters},
