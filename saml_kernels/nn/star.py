@@ -38,7 +38,8 @@ class STARConfig(FamilyConfig):
     """STAR's configuration: the input fields of ``FamilyConfig`` and
 
     hidden: widths of the star (StarLinear) layers. aux_dim: width of the scenario-indicator embedding of the
-    auxiliary network (which also sees the features x_0); aux_hidden: its hidden width. norm_eps, norm_momentum: of the partitioned normalisation.
+    auxiliary network (which also sees the features x_0); aux_hidden: its hidden width. norm_eps, norm_momentum:
+    of the partitioned normalisation.
     ``STARConfig.from_data(data, **fields)`` reads the inputs from a ``saml_kernels.data.CTRData``."""
 
     hidden: tuple = (256, 128)
