@@ -15,8 +15,8 @@ Providers per model (same initial weights, same batch, timed alternately with be
 Work: B = 4096 on the synthetic features (6 sparse features, 2 scenario-aware, a behaviour sequence of 20, 4
 scenarios with the 40/30/20/10 mix), float32 (``--gpu``: float32 and bfloat16 on CUDA), the default configs:
 ``SAMLConfig`` (D = 16, attention d = 16, aux and branch hidden (256, 128), mutual unit at the first hidden layer),
-``STARConfig`` (partitioned norm, star layers (256, 128), indicator auxiliary network), ``HMoEConfig`` (bottom
-(256,), towers of 128, gate).
+``STARConfig`` (partitioned norm, star layers (256, 128), auxiliary network on the indicator and the features),
+``HMoEConfig`` (4 experts of (256,), a gate per scenario over them, towers of 128, a score gate per scenario).
 Reported: median step time, samples/s, speed-up (median of per-round ratios), peak memory of one step.
 Targets on the 2-core CPU: >= 2x the eager reference and >= 1.3x the compiled reference.
 

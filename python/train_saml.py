@@ -109,13 +109,13 @@ def make_config(train, args) -> SAMLConfig:
 
 def make_models(train, cfg: SAMLConfig, args, device) -> dict:
     """The four models of the comparison, same widths: SAML and shared-bottom from ``cfg``; STAR with star layers
-    of widths ``--hidden``; HMoE with a shared bottom of the first width and towers of the last."""
+    of widths ``--hidden``; HMoE with experts of the first width and towers of the last."""
     fused = dict(embedding_optimizer="rowwise_adagrad", embedding_lr=args.embedding_lr, device=device)
     dims = dict(embedding_dim=args.embedding_dim, attention_dim=args.embedding_dim)
     h = tuple(args.hidden)
     build = {"SAML": lambda: SAML(cfg, **fused),
              "STAR": lambda: STAR(STARConfig.from_data(train, hidden=h, **dims), **fused),
-             "HMoE": lambda: HMoE(HMoEConfig.from_data(train, bottom_hidden=h[:1], tower_hidden=h[-1], **dims),
+             "HMoE": lambda: HMoE(HMoEConfig.from_data(train, expert_hidden=h[:1], tower_hidden=h[-1], **dims),
                                   **fused),
              "shared-bottom": lambda: SharedBottom(cfg, **fused)}
     models = {}

@@ -398,7 +398,7 @@ def _family(kind):
     if kind == "STAR":
         return data, STAR(STARConfig.from_data(data, hidden=(8,), embedding_dim=4, attention_dim=4),
                           embedding_optimizer="rowwise_adagrad")
-    return data, HMoE(HMoEConfig.from_data(data, bottom_hidden=(8,), tower_hidden=4, embedding_dim=4,
+    return data, HMoE(HMoEConfig.from_data(data, expert_hidden=(8,), tower_hidden=4, embedding_dim=4,
                                            attention_dim=4), embedding_optimizer="rowwise_adagrad")
 
 

@@ -99,7 +99,7 @@ def test_shared_bottom_step_has_one_host_sync(data, backend):
 def _family_model(kind, data, **kw):
     if kind == "STAR":
         return STAR(STARConfig.from_data(data, hidden=(16, 8), aux_dim=4, aux_hidden=8), **kw)
-    return HMoE(HMoEConfig.from_data(data, bottom_hidden=(16,), tower_hidden=8), **kw)
+    return HMoE(HMoEConfig.from_data(data, expert_hidden=(16,), tower_hidden=8), **kw)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -86,7 +86,8 @@ DATA = make_synthetic(600, seed=5)
 SMALL = dict(embedding_dim=4, attention_dim=4)
 MODELS = {
     "STAR": (STAR, STARReference, lambda: STARConfig.from_data(DATA, hidden=(16, 8), aux_dim=3, aux_hidden=5, **SMALL)),
-    "HMoE": (HMoE, HMoEReference, lambda: HMoEConfig.from_data(DATA, bottom_hidden=(16,), tower_hidden=8, **SMALL)),
+    "HMoE": (HMoE, HMoEReference, lambda: HMoEConfig.from_data(DATA, num_experts=3, expert_hidden=(16, 12),
+                                                              tower_hidden=8, **SMALL)),
 }
 
 
@@ -161,7 +162,7 @@ def _scenario_param_slices(name, model, t):
         if name == "STAR" and (n.startswith(("star_layers.", "head.")) and n.rsplit(".", 1)[1] in ("weight", "bias")
                                or n in ("norm.scenario_weight", "norm.scenario_bias", "aux_embedding.weight")):
             out.append((n, p, other))
-        if name == "HMoE" and n.startswith(("towers.", "tower_heads.")):
+        if name == "HMoE" and n.startswith(("towers.", "tower_heads.", "expert_gates.", "score_gate.")):
             out.append((n, p, other))
     assert out
     return out
@@ -181,8 +182,9 @@ def test_gradient_isolation(name, backend, twin):
         g = p.grad
         assert g is not None and g[t].abs().sum() > 0, f"{n}: scenario {t} got no gradient"
         assert not g[other].any(), f"{n}: other scenarios got gradient"
-    shared = {"STAR": ["star_layers.0.shared_weight", "norm.weight", "head.shared_bias"],
-              "HMoE": ["gate.weight", "bottom.0.weight"]}[name]
+    shared = {"STAR": ["star_layers.0.shared_weight", "norm.weight", "head.shared_bias", "aux_layer.weight",
+                       "aux_head.weight"],
+              "HMoE": ["experts.0.weight", "experts.1.bias"]}[name]
     params = dict(model.named_parameters())
     for n in shared:
         assert params[n].grad is not None and params[n].grad.abs().sum() > 0, n
@@ -227,13 +229,15 @@ def test_bad_scenario_raises_and_modifies_nothing(name):
 def test_configs_from_data_and_bad_values():
     c = STARConfig.from_data(DATA)
     assert c.num_scenarios == DATA.num_scenarios and c.target_feature == "item"
-    h = HMoEConfig.from_data(DATA, bottom_hidden=())
-    assert h.bottom_hidden == ()
+    h = HMoEConfig.from_data(DATA, expert_hidden=(8,))
+    assert (h.num_experts, h.expert_hidden) == (4, (8,))
     for cls, kw, exc, msg in ((STARConfig, dict(hidden=()), ValueError, "hidden"),
                               (STARConfig, dict(hidden=(8, 0)), ValueError, r"hidden\[1\]"),
                               (STARConfig, dict(norm_eps=0.0), ValueError, "eps"),
                               (STARConfig, dict(aux_dim=True), TypeError, "aux_dim"),
                               (HMoEConfig, dict(tower_hidden=0), ValueError, "tower_hidden"),
+                              (HMoEConfig, dict(expert_hidden=()), ValueError, "expert_hidden"),
+                              (HMoEConfig, dict(num_experts=0), ValueError, "num_experts"),
                               (HMoEConfig, dict(dropout=1.0), ValueError, "dropout"),
                               (HMoEConfig, dict(target_feature="nope"), ValueError, "target_feature")):
         with pytest.raises(exc, match=msg):

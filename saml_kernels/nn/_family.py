@@ -72,6 +72,13 @@ class FamilyConfig:
                    target_feature=target if data.sequence is not None else None, num_dense=data.num_dense, **kw)
 
 
+def unrouted(scenario: Tensor) -> Tensor:
+    """The scenario argument of a ``multi_branch_linear`` whose branches are not scenarios (HMoE's experts, STAR's
+    one-branch auxiliary layer): zeros, so its range check (against its own branch count) passes; such a layer
+    runs route "all" with dense gradients (``grad_mask="none"``), so the ids route nothing."""
+    return torch.zeros_like(scenario)
+
+
 class SharedInput(nn.Module):
     """x_0 = [E_g ; att_g ; dense] from the shared tables. Submodules ``embedding``, ``sequence_embedding`` and
     ``attention`` (the latter two with a sequence), built from ``layers`` with the options of

@@ -1,19 +1,28 @@
-"""``HMoE``: the hybrid mixture of scenario experts (Li et al., 2020) on the package's kernels, and the body it
-shares with its plain-PyTorch twin ``saml_kernels.reference.HMoEReference`` (docs/design.md section 9).
+"""``HMoE``: the hybrid of implicit and explicit mixture-of-experts (Li et al., CIKM 2020, "Improving
+Multi-Scenario Learning to Rank in E-commerce by Exploiting Task Relationships in the Label Space") on the
+package's kernels, and the body it shares with its plain-PyTorch twin ``saml_kernels.reference.HMoEReference``
+(docs/design.md section 9, which also lists where this model departs from the paper).
 
     x_0 = [E_g ; att_g ; dense]                         shared embeddings (every feature in the global table)
-    h = bottom(x_0)                                     shared MLP: dropout(relu(Linear)) per bottom_hidden width
-    t[m, b] = relu(h_b T_m + c_m)                       every scenario tower on every sample: one GEMM against
-    score[m, b] = t[m, b] u_m + d_m                     the packed tower weights (mbranch_linear route "all")
-    g_b = softmax(h_b G + e)   [B, M]                   gate over the towers
-    logit_b = sum_m g_b[m] score[m, b]
+    e[k, b] = expert_k(x_0b)          [K, B, He]        K shared experts (MLPs), every sample through every
+                                                        expert: one GEMM against the packed expert weights
+    g[m, b] = softmax(x_0b Gx_m + gx_m)  [M, B, K]      implicit part (feature space): scenario m's gate over
+    f[m, b] = sum_k g[m, b, k] e[k, b]   [M, B, He]     the experts (MMoE), one gate per scenario
+    score[m, b] = tower_m(f[m, b])       [M, B]         scenario m's tower on its own mixture, every tower on
+                                                        every sample (route "all")
+    w_b = softmax(x_0b Gs_{s_b} + gs_{s_b})  [B, M]     explicit part (label space): the gate of the sample's
+    logit_b = sum_m w_b[m] score[m, b]                  own scenario mixes all the scenarios' scores
 
-Stop-gradient: for sample b only its own tower (m = s_b) passes gradient back (to its parameters and to h_b);
-the other towers' scores enter the mix as constants (``grad_mask="own"``: the rule of SAML's mutual unit). So a
-tower learns from its own scenario's samples only, while the gate and the shared layers learn from all.
+Task-constrained back-propagation (the paper's stop-gradient): for sample b only its own scenario's path
+(gate g[s_b], tower s_b) passes gradient back; the other scenarios' scores enter the mix as constants (route
+"all" with ``grad_mask="own"`` on the expert gates and the towers: the rule of SAML's mutual unit). So scenario
+m's expert gate, tower and score gate (route "own") learn from scenario m's samples only; the experts and the
+embeddings learn from all. The prediction depends on the scenario through the score gate w (and, in training,
+through which path carries gradient).
 
-Parameter names (shared with the twin): inputs.*, bottom.<3 i>.{weight, bias}, towers.{weight, bias},
-tower_heads.{weight, bias}, gate.{weight, bias}.
+Parameter names (shared with the twin): inputs.*, experts.<l>.{weight, bias} ([K, k_l, n_l], one packed
+branch per expert), expert_gates.{weight, bias} ([M, global_dim, K]), towers.{weight, bias},
+tower_heads.{weight, bias}, score_gate.{weight, bias} ([M, global_dim, M]).
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .._args import size_arg
-from ._family import FamilyBody, FamilyConfig
+from ._family import FamilyBody, FamilyConfig, unrouted
 
 __all__ = ["HMoE", "HMoEConfig", "HMoEBody"]
 
@@ -33,17 +42,30 @@ __all__ = ["HMoE", "HMoEConfig", "HMoEBody"]
 class HMoEConfig(FamilyConfig):
     """HMoE's configuration: the input fields of ``FamilyConfig`` and
 
-    bottom_hidden: widths of the shared bottom MLP (may be empty); tower_hidden: width of each scenario tower's
+    num_experts: K, the shared experts; expert_hidden: the widths of each expert's MLP (relu after every layer,
+    at least one layer; the last width is the experts' output He); tower_hidden: width of each scenario tower's
     hidden layer. ``HMoEConfig.from_data(data, **fields)`` reads the inputs from a ``saml_kernels.data.CTRData``."""
 
-    bottom_hidden: tuple = (256,)
+    num_experts: int = 4
+    expert_hidden: tuple = (256,)
     tower_hidden: int = 128
 
     def __post_init__(self):
         self._check("HMoEConfig")
-        self.bottom_hidden = tuple(size_arg("HMoEConfig", f"bottom_hidden[{i}]", v)
-                                   for i, v in enumerate(self.bottom_hidden))
+        self.num_experts = size_arg("HMoEConfig", "num_experts", self.num_experts)
+        if not self.expert_hidden:
+            raise ValueError("HMoEConfig: expert_hidden needs at least one layer width (the experts' output)")
+        self.expert_hidden = tuple(size_arg("HMoEConfig", f"expert_hidden[{i}]", v)
+                                   for i, v in enumerate(self.expert_hidden))
         self.tower_hidden = size_arg("HMoEConfig", "tower_hidden", self.tower_hidden)
+
+
+def mix_experts(gate: Tensor, experts: Tensor) -> Tensor:
+    """f[m, b] = sum_k gate[m, b, k] experts[k, b]: gate [M, B, K], experts [K, B, He] -> [M, B, He].
+
+    One batched GEMM over the samples ([B, M, K] @ [B, K, He]); both inputs are views of B-major buffers when they
+    come from the all-route GEMM, so the transposes are free."""
+    return torch.bmm(gate.transpose(0, 1), experts.transpose(0, 1)).transpose(0, 1)
 
 
 class HMoEBody(FamilyBody):
@@ -62,34 +84,45 @@ class HMoEBody(FamilyBody):
         super().__init__(config, layers, backend=backend, embedding_optimizer=embedding_optimizer,
                          embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype)
         c, kw = self.config, self.options
-        fk = dict(device=device, dtype=dtype)
-        M = c.num_scenarios
-        mods, k = [], c.global_dim
-        for n in c.bottom_hidden:
-            mods += [nn.Linear(k, n, **fk), nn.ReLU(), nn.Dropout(c.dropout)]
+        M, K, D0 = c.num_scenarios, c.num_experts, c.global_dim
+        mbl = layers.multi_branch_linear
+        # experts: shared by every scenario, so their gradients are dense (grad_mask "none"); one branch each
+        self.experts = nn.ModuleList()
+        k = D0
+        for n in c.expert_hidden:
+            self.experts.append(mbl(in_features=k, out_features=n, num_branches=K, activation="relu", bias=True,
+                                    route="all", grad_mask="none", **kw))
             k = n
-        self.bottom = nn.Sequential(*mods)
-        tower = dict(bias=True, route="all", grad_mask="own", **kw)
-        self.towers = layers.multi_branch_linear(in_features=k, out_features=c.tower_hidden, num_branches=M,
-                                                 activation="relu", **tower)
-        self.tower_heads = layers.multi_branch_linear(in_features=c.tower_hidden, out_features=1, num_branches=M,
-                                                      activation=None, **tower)
-        self.gate = nn.Linear(k, M, **fk)
+        own = dict(bias=True, route="all", grad_mask="own", **kw)  # scenario m's path: scenario m's samples only
+        self.expert_gates = mbl(in_features=D0, out_features=K, num_branches=M, activation=None, **own)
+        self.towers = mbl(in_features=k, out_features=c.tower_hidden, num_branches=M, activation="relu", **own)
+        self.tower_heads = mbl(in_features=c.tower_hidden, out_features=1, num_branches=M, activation=None, **own)
+        self.score_gate = mbl(in_features=D0, out_features=M, num_branches=M, activation=None, bias=True,
+                              route="own", **kw)
+        self.dropout = nn.Dropout(c.dropout)
 
-    def tower_scores(self, h: Tensor, scenario: Tensor) -> Tensor:
-        """score [M, B]: every tower on every sample (other scenarios' towers stop-gradient)."""
-        t = self.towers(h, scenario)
-        return self.tower_heads(t, scenario).squeeze(-1)
+    def expert_outputs(self, x0: Tensor, scenario: Tensor) -> Tensor:
+        """e [K, B, He]: every expert on every sample."""
+        e, anyone = x0, unrouted(scenario)
+        for layer in self.experts:
+            e = self.dropout(layer(e, anyone))
+        return e
+
+    def tower_scores(self, x0: Tensor, scenario: Tensor) -> Tensor:
+        """score [M, B]: scenario m's tower on its gate's mixture of the experts, for every sample (stop-gradient
+        off the sample's own scenario)."""
+        gate = torch.softmax(self.expert_gates(x0, scenario), dim=-1)  # [M, B, K]
+        f = mix_experts(gate, self.expert_outputs(x0, scenario))  # [M, B, He]
+        return self.tower_heads(self.towers(f, scenario), scenario).squeeze(-1)
 
     def _forward(self, x0: Tensor, scenario: Tensor) -> Tensor:
-        h = self.bottom(x0)
-        gate = torch.softmax(self.gate(h), dim=1)  # [B, M]
-        return (gate * self.tower_scores(h, scenario).t()).sum(1)
+        w = torch.softmax(self.score_gate(x0, scenario), dim=1)  # [B, M]: the sample's own scenario's gate
+        return (w * self.tower_scores(x0, scenario).t()).sum(1)
 
 
 class HMoE(HMoEBody):
-    """HMoE on the package's kernels (towers on the all-branch GEMM with the own-branch gradient mask, fused
-    embedding bags); see :class:`HMoEBody` and the module docstring.
+    """HMoE on the package's kernels (experts, expert gates and towers on the all-branch GEMM, the score gate on
+    the grouped GEMM, fused embedding bags); see :class:`HMoEBody` and the module docstring.
 
     Args: config (:class:`HMoEConfig`); backend; embedding_optimizer None | "sgd" | "rowwise_adagrad" (fused into the
     embedding backward), embedding_lr, embedding_eps; device, dtype."""

@@ -4,14 +4,20 @@ body it shares with its plain-PyTorch twin ``saml_kernels.reference.STARReferenc
     x_0 = [E_g ; att_g ; dense]                        shared embeddings (every feature in the global table)
     h_0 = PartitionedNorm(x_0, s)                      statistics, scale and shift per scenario
     h_l = dropout(StarLinear_l(h_{l-1}, s), relu)      W_eff = W_s * W_shared, b_eff = b_s + b_shared
-    logit = StarLinear_head(h_L, s) + aux(s)           aux: STAR's small network on the scenario indicator,
-                                                       Linear(relu(Linear(Embedding(s)))) -> [B]
+    a_b = relu(x_0b Wx + Embedding(s_b) We + c)       STAR's auxiliary network: the scenario indicator (its
+    logit = StarLinear_head(h_L, s) + a Wo + c_o       embedding) and the features, two layers -> [B]
     loss = BCE(logit, y)
+
+The auxiliary network's first layer is [x_0 ; Embedding(s)] @ [Wx ; We] + c on the package's M-branch GEMM
+(one branch, the indicator embedding as its second operand: no concatenation); its output is added to the star
+network's logit, as in the paper (there the network sees the domain indicator and the features that describe the
+domain; this package's data marks no such subset, so it sees x_0, every shared feature).
 
 Parameter names (shared with the twin): inputs.embedding.{global_weight, scenario_weight},
 inputs.sequence_embedding.*, inputs.attention.*, norm.{weight, bias, scenario_weight, scenario_bias} (buffers
 running_mean, running_var), star_layers.<l>.{shared_weight, shared_bias, weight, bias}, head.*,
-aux_embedding.weight, aux_net.{0,2}.{weight, bias}.
+aux_embedding.weight, aux_layer.{weight, aux_weight, bias} ([1, global_dim, aux_hidden], [1, aux_dim, aux_hidden],
+[1, aux_hidden]), aux_head.{weight, bias}.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .._args import size_arg
-from ._family import FamilyBody, FamilyConfig
+from ._family import FamilyBody, FamilyConfig, unrouted
 from .partitioned_norm import check_norm_args
 
 __all__ = ["STAR", "STARConfig", "STARBody"]
@@ -32,7 +38,8 @@ class STARConfig(FamilyConfig):
     """STAR's configuration: the input fields of ``FamilyConfig`` and
 
     hidden: widths of the star (StarLinear) layers. aux_dim: width of the scenario-indicator embedding of the
-    auxiliary network; aux_hidden: its hidden width. norm_eps, norm_momentum: of the partitioned normalisation.
+    auxiliary network (which also sees the features x_0); aux_hidden: its hidden width. norm_eps, norm_momentum:
+    of the partitioned normalisation.
     ``STARConfig.from_data(data, **fields)`` reads the inputs from a ``saml_kernels.data.CTRData``."""
 
     hidden: tuple = (256, 128)
@@ -80,16 +87,23 @@ class STARBody(FamilyBody):
             k = n
         self.head = layers.star_linear(k, 1, M, bias=True, activation=None, **kw)
         self.aux_embedding = nn.Embedding(M, c.aux_dim, **fk)
-        self.aux_net = nn.Sequential(nn.Linear(c.aux_dim, c.aux_hidden, **fk), nn.ReLU(),
-                                     nn.Linear(c.aux_hidden, 1, **fk))
+        # one branch: the auxiliary network is shared by the scenarios; the indicator enters as its embedding
+        self.aux_layer = layers.multi_branch_linear(c.global_dim, c.aux_hidden, 1, aux_features=c.aux_dim,
+                                                    bias=True, activation="relu", route="all", grad_mask="none",
+                                                    **kw)
+        self.aux_head = nn.Linear(c.aux_hidden, 1, **fk)
         self.dropout = nn.Dropout(c.dropout)
 
     def _forward(self, x0: Tensor, scenario: Tensor) -> Tensor:
         h = self.norm(x0, scenario)
         for layer in self.star_layers:
             h = self.dropout(layer(h, scenario))
-        aux = self.aux_net(self.aux_embedding(scenario.long()))
-        return (self.head(h, scenario) + aux).squeeze(-1)
+        return (self.head(h, scenario) + self.auxiliary(x0, scenario)).squeeze(-1)
+
+    def auxiliary(self, x0: Tensor, scenario: Tensor) -> Tensor:
+        """STAR's auxiliary network [B, 1]: relu([x_0 ; Embedding(s)] @ [Wx ; We] + c) -> Linear."""
+        a = self.aux_layer(x0, unrouted(scenario), self.aux_embedding(scenario.long()))[0]
+        return self.aux_head(a)
 
 
 class STAR(STARBody):

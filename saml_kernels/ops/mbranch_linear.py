@@ -40,6 +40,7 @@ from torch import Tensor
 from .. import _backend
 from .._codes import ACTIVATIONS
 from . import _autocast, _checks
+from ._layout import dense
 from ._activation import LEAKY_RELU, NONE, RELU, activation_backward, needs_preactivation
 
 OP = "mbranch_linear"
@@ -360,7 +361,7 @@ def mbranch_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scenario: 
     _validate(x, weight, bias, scenario, route, activation, grad_mask, aux, aux_weight)
     be = _backend.resolve(OP, x.device.type, backend)
     act = ACTIVATIONS[activation]
-    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    c = dense  # .contiguous() without a B != 1 guard under torch.export (ops/_layout.py)
     scenario = _checks.entry_scenario(OP, scenario.contiguous(), weight.shape[0], check_scenario)
     if route == "own":
         if x.dim() == 3:
@@ -368,9 +369,9 @@ def mbranch_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scenario: 
             if check_scenario and not torch.compiler.is_compiling():
                 _checks.scenario_range(OP, scenario, weight.shape[0])
             x = x[scenario.long(), torch.arange(x.shape[1], device=x.device)]
-        y, _ = _own_op(x.contiguous(), weight.contiguous(), c(bias), c(aux), c(aux_weight), scenario, act,
+        y, _ = _own_op(c(x), weight.contiguous(), c(bias), c(aux), c(aux_weight), scenario, act,
                        bool(check_scenario), be)
         return y
-    y, _ = _all_op(x.contiguous(), weight.contiguous(), c(bias), c(aux), c(aux_weight), scenario, act,
+    y, _ = _all_op(c(x), weight.contiguous(), c(bias), c(aux), c(aux_weight), scenario, act,
                    GRAD_MASKS[grad_mask], bool(check_scenario), be)
     return y

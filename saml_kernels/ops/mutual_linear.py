@@ -37,6 +37,7 @@ from . import _checks
 from . import mbranch_linear as _mbl
 from . import mutual_unit as _mu
 from ._activation import activation_backward, needs_preactivation
+from ._layout import dense
 from .mutual_unit import check_similarity, check_temperature
 
 OP = "mutual_linear"
@@ -173,9 +174,9 @@ def mutual_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scenario: T
     if not isinstance(save_branch_outputs, bool):
         raise TypeError(f"{OP}: save_branch_outputs must be a bool, got {save_branch_outputs!r}")
     be = _backend.resolve(OP, x.device.type, backend)
-    c = lambda v: None if v is None else v.contiguous()  # noqa: E731
+    c = dense  # .contiguous() without a B != 1 guard under torch.export (ops/_layout.py)
     scenario = _checks.entry_scenario(OP, scenario.contiguous(), weight.shape[0], check_scenario)
-    out, attn, _, _ = _forward_op(x.contiguous(), weight.contiguous(), c(bias), c(aux), c(aux_weight),
+    out, attn, _, _ = _forward_op(c(x), weight.contiguous(), c(bias), c(aux), c(aux_weight),
                                   scenario, ACTIVATIONS[activation], t, sim, save_branch_outputs,
                                   bool(check_scenario), be)
     return (out, attn) if return_attention else out
