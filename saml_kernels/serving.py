@@ -16,22 +16,39 @@ Inputs (the positional inputs of ``SAML.forward``, a ``saml_kernels.data.Batch``
     seq_ids [B, L] int64 | None, seq_lengths [B] int64 | None, dense [B, num_dense] float32 | None
 
 B (``batch``) and nnz are dynamic; F, L and the widths are fixed by the config. Outputs: (main [B], aux [B])
-logits, as the eager model in ``eval()`` mode (dropout off). Input value checks (ids, offsets, scenario ids) run
-inside each custom op when the graph runs, one host read per op (free on the CPU); a bad id raises the op's
-error as in eager mode. The sequence lengths are checked with a device-side assert.
+logits, as the eager model in ``eval()`` mode (dropout off).
+
+Bad inputs. ``load_exported`` returns a :class:`ServedProgram`: before the graph it runs the eager model's input
+contract (saved beside the program by ``export_saml``): the shape and dtype checks of ``check_model_inputs`` and
+of the embedding op's entry, the scenario range named by the model, and it casts ``dense`` to the dense dtype as
+the eager model does. Inside the graph every custom op checks its ids and offsets as in eager mode, and a
+sequence length outside [0, L] is re-raised as the eager ValueError. So each bad input raises the eager model's
+exception type and message (``tests/test_serving.py`` compares them one by one). What still differs, and why:
+
+- the sequence length L is fixed when exporting (the trace specialises it); eager takes any L >= 1, the served
+  program raises ValueError naming the exported L;
+- a bare ``program.module()`` (torch's own wrapper, no saved contract) and an AOTInductor package check only
+  what the graph does: torch's input guards (``AssertionError: Guard failed ...`` / ``RuntimeError`` on a shape
+  or dtype the program was not exported for), the ops' own value errors (a bad scenario id then names
+  ``scenario_embedding_bag``, not the model) and a ``RuntimeError`` without the position for a bad sequence
+  length. ``served_module(program)`` wraps an in-memory program returned by ``export_saml`` like ``load_exported``.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import types
 import warnings
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["export_saml", "save_exported", "load_exported", "aoti_package", "load_aoti", "dynamic_shapes",
-           "example_inputs", "sigmoid_scores"]
+__all__ = ["export_saml", "save_exported", "load_exported", "served_module", "ServedProgram", "aoti_package",
+           "load_aoti", "dynamic_shapes", "example_inputs", "sigmoid_scores"]
+
+_SPEC_FILE = "saml_serving_inputs.json"  # the eager input contract, saved beside the program (extra_files)
 
 
 def example_inputs(batch) -> tuple:
@@ -111,26 +128,113 @@ def export_saml(model, example_batch, path: Optional[Union[str, os.PathLike]] = 
     finally:
         _clear_layout_cache()
         model.train(was_training)
+    program._saml_serving_inputs = input_contract(model, inputs)
     if path is not None:
         save_exported(program, path)
     return program
 
 
+def input_contract(model, inputs: Sequence) -> dict:
+    """What the eager ``model`` checks of its inputs that a traced graph cannot (JSON-able): its name, M, the
+    number of features F, the sequence length L of the example (fixed in the trace), num_dense and the dense
+    dtype the model casts ``dense`` to."""
+    from .nn.saml import dense_dtype
+
+    c = model.config
+    seq_ids = inputs[3]
+    return {"model": type(model).__name__, "num_scenarios": int(c.num_scenarios), "num_features": len(c.features),
+            "seq_len": int(seq_ids.shape[1]) if c.sequence is not None and seq_ids is not None else None,
+            "num_dense": int(c.num_dense), "dense_dtype": str(dense_dtype(model)).replace("torch.", "")}
+
+
 def save_exported(program, path: Union[str, os.PathLike]) -> str:
-    """Writes an ``ExportedProgram`` to ``path`` (``torch.export.save``); returns the path."""
+    """Writes an ``ExportedProgram`` to ``path`` (``torch.export.save``), with the input contract of a program
+    from ``export_saml`` as an extra file; returns the path."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.export.save(program, path)
+    spec = getattr(program, "_saml_serving_inputs", None)
+    extra = {_SPEC_FILE: json.dumps(spec)} if spec is not None else None
+    torch.export.save(program, path, extra_files=extra)
     return path
 
 
 def load_exported(path: Union[str, os.PathLike]) -> torch.nn.Module:
-    """Loads a program written by ``export_saml`` / ``save_exported``: a module whose call
-    ``(indices, offsets, scenario, seq_ids, seq_lengths, dense) -> (main [B], aux [B])`` runs the graph.
+    """Loads a program written by ``export_saml`` / ``save_exported``: a :class:`ServedProgram` whose call
+    ``(indices, offsets, scenario, seq_ids, seq_lengths, dense) -> (main [B], aux [B])`` checks the inputs as the
+    eager model does and runs the graph (a program saved without the contract: torch's bare module).
     Needs the custom ops: this module imports ``saml_kernels`` (and so its compiled extension) first."""
     import saml_kernels  # noqa: F401  (registers torch.ops.saml_kernels.* before the graph is deserialised)
 
-    return torch.export.load(os.fspath(path)).module()
+    extra = {_SPEC_FILE: ""}
+    program = torch.export.load(os.fspath(path), extra_files=extra)
+    if not extra[_SPEC_FILE]:
+        return program.module()
+    return ServedProgram(program.module(), json.loads(extra[_SPEC_FILE]))
+
+
+def served_module(program) -> torch.nn.Module:
+    """The :class:`ServedProgram` of an in-memory ``ExportedProgram`` returned by ``export_saml``."""
+    spec = getattr(program, "_saml_serving_inputs", None)
+    if spec is None:
+        raise ValueError("serving.served_module: this program has no input contract (export it with "
+                         "serving.export_saml)")
+    return ServedProgram(program.module(), spec)
+
+
+class ServedProgram(torch.nn.Module):
+    """An exported model's graph behind the eager model's input contract (see the module docstring).
+
+    forward(indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None): the checks run in the eager
+    model's order: shapes and dtypes (``check_model_inputs``, then the embedding op's entry checks of indices,
+    offsets and scenario), the scenario range (IndexError naming the model; one host read, as the eager model's
+    deferred block), then the graph, whose ops check ids and offsets; a sequence length outside [0, L] raises
+    the eager ValueError with the position. ``dense`` is cast to the model's dense dtype, as in eager mode."""
+
+    def __init__(self, graph: torch.nn.Module, spec: dict):
+        super().__init__()
+        self.graph, self.spec = graph, dict(spec)
+        seq = spec["seq_len"]
+        # check_model_inputs reads only these two fields of a config
+        self._config = types.SimpleNamespace(sequence=seq, num_dense=spec["num_dense"])
+        self._dense_dtype = getattr(torch, spec["dense_dtype"])
+
+    def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None):
+        from .config import check_model_inputs
+        from .nn.attention import check_seq_lengths
+        from .ops import _checks
+
+        sp = self.spec
+        who, F, L = sp["model"], sp["num_features"], sp["seq_len"]
+        B, L_in = check_model_inputs(who, self._config, scenario, seq_ids, seq_lengths, dense)
+        if L is not None and L_in != L:
+            raise ValueError(f"{who}: seq_ids must be [B, L] with L = {L}, the sequence length this program was "
+                             f"exported with (the trace fixes it; export again for another L), got "
+                             f"{list(seq_ids.shape)}")
+        # the embedding op's entry checks (ops/scenario_embedding_bag.prepare_args), with its messages
+        op = "scenario_embedding_bag"
+        _checks.tensor(op, "indices", indices, ndim=1, dtypes=_checks.INDEX_DTYPES)
+        _checks.tensor(op, "offsets", offsets, ndim=1, dtypes=_checks.INDEX_DTYPES)
+        _checks.tensor(op, "scenario", scenario, ndim=1, dtypes=_checks.INDEX_DTYPES)
+        if offsets.dtype != indices.dtype:
+            raise TypeError(f"{op}: offsets must have the dtype of indices ({indices.dtype}), got {offsets.dtype}")
+        if offsets.numel() < 1 or (offsets.numel() - 1) % F:
+            raise ValueError(f"{op}: offsets must have F*B + 1 entries with F = {F} features, got {offsets.numel()}")
+        if (offsets.numel() - 1) // F != B:
+            raise ValueError(f"{op}: scenario must have B = {(offsets.numel() - 1) // F} entries (offsets imply F = "
+                             f"{F} features x B samples), got {B}")
+        if L is not None:  # the attention's type / dtype / shape checks of the lengths (their values: the graph's)
+            check_seq_lengths("ScenarioAttention", torch.zeros_like(seq_lengths)
+                              if isinstance(seq_lengths, torch.Tensor) else seq_lengths, B, L)
+        _checks.scenario_range(who, scenario, sp["num_scenarios"])  # the model's boundary check (eager mode)
+        if dense is not None:
+            dense = dense.to(self._dense_dtype)
+        try:
+            return self.graph(indices, offsets, scenario, seq_ids, seq_lengths, dense)
+        except RuntimeError as exc:  # the graph's device-side assert: raise the eager error with its position
+            if L is None or "seq_lengths out of the valid range" not in str(exc):
+                raise
+            check_seq_lengths("ScenarioAttention", seq_lengths, B, L)
+            raise
 
 
 def _check_aoti():
