@@ -64,13 +64,14 @@ def layer_options(who: str, layers: LayerSet, *, backend: Optional[str], embeddi
     if not isinstance(embedding_skip_nonfinite, bool):
         raise TypeError(f"{who}: embedding_skip_nonfinite must be a bool, got {embedding_skip_nonfinite!r}")
     if not layers.kernels:
-        fused_only = [f"{k}={v!r}" for k, v, default in (("backend", backend, None),
-                                                          ("embedding_weight_decay", embedding_weight_decay, 0.0),
+        if backend is not None:
+            raise ValueError(f"{who}: backend={backend!r} selects kernels, but the {layers.name} layers have none")
+        fused_only = [f"{k}={v!r}" for k, v, default in (("embedding_weight_decay", embedding_weight_decay, 0.0),
                                                           ("embedding_skip_nonfinite", embedding_skip_nonfinite, False))
                       if v != default]
         if fused_only:
-            raise ValueError(f"{who}: {', '.join(fused_only)} select kernels or the fused embedding update, but the "
-                             f"{layers.name} layers have neither (TrainingOptimizer's row-wise Adagrad there has no "
+            raise ValueError(f"{who}: {', '.join(fused_only)} configure the fused embedding update, but the "
+                             f"{layers.name} layers fuse none (TrainingOptimizer's row-wise Adagrad there has no "
                              f"weight decay and no non-finite skip)")
         return factory, dict(optimizer=embedding_optimizer, **emb_factory)
     if backend is not None:

@@ -32,6 +32,9 @@ class SAMLReference(SAML):
     (``global_state``, ``scenario_state``) of ``nn.SAML(embedding_optimizer="rowwise_adagrad")``, which
     :class:`TrainingOptimizer` then updates with the same math after the backward (not fused).
 
+    embedding_dtype: dtype of the tables (None = ``dtype``), a factory argument as in ``nn.SAML``: 16-bit tables
+    beside float32 dense layers, the embedding outputs cast to the dense dtype.
+
     forward / loss / state_dict rules: as ``nn.SAML``; bad inputs raise at once (no deferred checks).
     """
 
