@@ -27,8 +27,10 @@ exception type and message (``tests/test_serving.py`` compares them one by one).
 
 - the sequence length L is fixed when exporting (the trace specialises it); eager takes any L >= 1, the served
   program raises ValueError naming the exported L;
-- a bare ``program.module()`` (torch's own wrapper, no saved contract) and an AOTInductor package check only
-  what the graph does: torch's input guards (``AssertionError: Guard failed ...`` / ``RuntimeError`` on a shape
+- ``load_aoti`` of a package from ``aoti_package`` (which stores the contract in it) is a ``ServedProgram`` too,
+  and gives back the op's exception where AOTInductor's proxy executor wrapped it in a RuntimeError;
+- a bare ``program.module()`` (torch's own wrapper, no saved contract) and a package loaded with torch's
+  ``aoti_load_package`` check only what the graph does: torch's input guards (``AssertionError: Guard failed ...`` / ``RuntimeError`` on a shape
   or dtype the program was not exported for), the ops' own value errors (a bad scenario id then names
   ``scenario_embedding_bag``, not the model) and a ``RuntimeError`` without the position for a bad sequence
   length. ``served_module(program)`` wraps an in-memory program returned by ``export_saml`` like ``load_exported``.
@@ -181,6 +183,9 @@ def served_module(program) -> torch.nn.Module:
     return ServedProgram(program.module(), spec)
 
 
+_WRAPPED = {"IndexError": IndexError, "ValueError": ValueError, "TypeError": TypeError}
+
+
 class ServedProgram(torch.nn.Module):
     """An exported model's graph behind the eager model's input contract (see the module docstring).
 
@@ -190,9 +195,9 @@ class ServedProgram(torch.nn.Module):
     deferred block), then the graph, whose ops check ids and offsets; a sequence length outside [0, L] raises
     the eager ValueError with the position. ``dense`` is cast to the model's dense dtype, as in eager mode."""
 
-    def __init__(self, graph: torch.nn.Module, spec: dict):
+    def __init__(self, graph, spec: dict):
         super().__init__()
-        self.graph, self.spec = graph, dict(spec)
+        self.graph, self.spec = graph, dict(spec)  # the graph: an exported module or an AOTInductor runner
         seq = spec["seq_len"]
         # check_model_inputs reads only these two fields of a config
         self._config = types.SimpleNamespace(sequence=seq, num_dense=spec["num_dense"])
@@ -230,10 +235,17 @@ class ServedProgram(torch.nn.Module):
             dense = dense.to(self._dense_dtype)
         try:
             return self.graph(indices, offsets, scenario, seq_ids, seq_lengths, dense)
-        except RuntimeError as exc:  # the graph's device-side assert: raise the eager error with its position
-            if L is None or "seq_lengths out of the valid range" not in str(exc):
+        except RuntimeError as exc:
+            msg = str(exc)
+            if L is not None and "seq_lengths out of the valid range" in msg:
+                # the graph's device-side assert: raise the eager error with its position
+                check_seq_lengths("ScenarioAttention", seq_lengths, B, L)
                 raise
-            check_seq_lengths("ScenarioAttention", seq_lengths, B, L)
+            kind, sep, rest = msg.partition(": ")
+            if sep and kind in _WRAPPED:
+                # AOTInductor's proxy executor re-raises an op's Python exception as RuntimeError("Kind: message
+                # \n\nAt: <traceback>"); give the op's own exception back
+                raise _WRAPPED[kind](rest.split("\n\nAt:")[0]) from exc
             raise
 
 
@@ -243,29 +255,55 @@ def _check_aoti():
                            f"torch {torch.__version__}")
 
 
+def _spec_entry() -> str:
+    """The input contract's name inside a PT2 archive (torch's extra-files directory)."""
+    from torch.export.pt2_archive.constants import EXTRA_DIR
+
+    return EXTRA_DIR + _SPEC_FILE
+
+
 def aoti_package(program, package_path: Union[str, os.PathLike]) -> str:
     """Compiles an ``ExportedProgram`` (or the path of a saved one) with AOTInductor into ``package_path``
     (``.pt2``); returns the path. The package holds a compiled shared library of the graph's ATen part; our
     custom ops stay calls into the dispatcher, so ``load_aoti`` needs ``saml_kernels`` importable (with its
-    extension ``saml_kernels._C`` for the cpu/cuda backends). Compiling takes a C++ compiler and tens of seconds
-    on a CPU (see docs/design.md section 10)."""
+    extension ``saml_kernels._C`` for the cpu/cuda backends). The input contract of a program from
+    ``export_saml`` goes into the package as an extra file (``load_aoti`` then checks requests as the eager
+    model does). Compiling takes a C++ compiler and tens of seconds on a CPU (see docs/design.md section 10)."""
     _check_aoti()
+    spec = getattr(program, "_saml_serving_inputs", None)
     if isinstance(program, (str, os.PathLike)):
         import saml_kernels  # noqa: F401
 
-        program = torch.export.load(os.fspath(program))
+        extra = {_SPEC_FILE: ""}
+        program = torch.export.load(os.fspath(program), extra_files=extra)
+        spec = json.loads(extra[_SPEC_FILE]) if extra[_SPEC_FILE] else None
     package_path = os.fspath(package_path)
     os.makedirs(os.path.dirname(os.path.abspath(package_path)), exist_ok=True)
-    return torch._inductor.aoti_compile_and_package(program, package_path=package_path)
+    out = torch._inductor.aoti_compile_and_package(program, package_path=package_path)
+    if spec is not None:
+        import zipfile
+
+        # appended after packaging: the PT2 archive keeps its entries; torch's loader reads only the ones it knows
+        with zipfile.ZipFile(out, "a", compression=zipfile.ZIP_STORED) as z:
+            z.writestr(_spec_entry(), json.dumps(spec))
+    return out
 
 
 def load_aoti(package_path: Union[str, os.PathLike]):
     """Loads an AOTInductor package written by ``aoti_package``: a callable with the exported program's inputs
-    and outputs. Imports ``saml_kernels`` first (the package calls its custom ops)."""
+    and outputs, a :class:`ServedProgram` when the package holds the input contract. Imports ``saml_kernels``
+    first (the package calls its custom ops)."""
     _check_aoti()
+    import zipfile
+
     import saml_kernels  # noqa: F401
 
-    return torch._inductor.aoti_load_package(os.fspath(package_path))
+    package_path = os.fspath(package_path)
+    runner = torch._inductor.aoti_load_package(package_path)
+    with zipfile.ZipFile(package_path) as z:
+        names = set(z.namelist())
+        spec = json.loads(z.read(_spec_entry())) if _spec_entry() in names else None
+    return ServedProgram(runner, spec) if spec is not None else runner
 
 
 def sigmoid_scores(fn, batch) -> tuple[Tensor, Tensor]:
