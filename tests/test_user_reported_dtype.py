@@ -262,7 +262,12 @@ def test_fused_only_options_rejected_with_reference_layers(kwargs):
 
 def test_bad_option_values():
     cfg = MODELS["STAR"][1]()
-    with pytest.raises(ValueError, match="STAR: embedding_weight_decay must be >= 0, got -1"):
-        STAR(cfg, embedding_weight_decay=-1)
+    with pytest.raises(ValueError, match="STAR: embedding_weight_decay must be a float >= 0, got -1"):
+        STAR(cfg, embedding_optimizer="sgd", embedding_weight_decay=-1)
+    with pytest.raises(ValueError, match="HMoE: embedding_weight_decay=0.1 / embedding_skip_nonfinite=False act in "
+                                         "the fused embedding update; pass embedding_optimizer="):
+        HMoE(MODELS["HMoE"][1](), embedding_weight_decay=0.1)
+    with pytest.raises(ValueError, match="SAML: .*embedding_skip_nonfinite=True act in the fused"):
+        SAML(MODELS["SAML"][1](), embedding_skip_nonfinite=True)
     with pytest.raises(TypeError, match="STAR: embedding_skip_nonfinite must be a bool, got 'yes'"):
         STAR(cfg, embedding_skip_nonfinite="yes")

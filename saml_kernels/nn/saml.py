@@ -58,9 +58,9 @@ def layer_options(who: str, layers: LayerSet, *, backend: Optional[str], embeddi
     if embedding_dtype is not None and embedding_dtype not in EMBEDDING_DTYPES:
         raise ValueError(f"{who}: embedding_dtype must be one of {[str(d) for d in EMBEDDING_DTYPES]} or None, "
                          f"got {embedding_dtype!r}")
-    weight_decay = float(embedding_weight_decay)
-    if not weight_decay >= 0:
-        raise ValueError(f"{who}: embedding_weight_decay must be >= 0, got {embedding_weight_decay!r}")
+    weight_decay = embedding_weight_decay
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+        raise ValueError(f"{who}: embedding_weight_decay must be a float >= 0, got {embedding_weight_decay!r}")
     if not isinstance(embedding_skip_nonfinite, bool):
         raise TypeError(f"{who}: embedding_skip_nonfinite must be a bool, got {embedding_skip_nonfinite!r}")
     if not layers.kernels:
@@ -74,10 +74,15 @@ def layer_options(who: str, layers: LayerSet, *, backend: Optional[str], embeddi
                              f"{layers.name} layers fuse none (TrainingOptimizer's row-wise Adagrad there has no "
                              f"weight decay and no non-finite skip)")
         return factory, dict(optimizer=embedding_optimizer, **emb_factory)
+    if embedding_optimizer is None and (weight_decay or embedding_skip_nonfinite):
+        raise ValueError(f"{who}: embedding_weight_decay={embedding_weight_decay!r} / embedding_skip_nonfinite="
+                         f"{embedding_skip_nonfinite!r} act in the fused embedding update; pass embedding_optimizer="
+                         f"'sgd' or 'rowwise_adagrad' (without one the tables get plain gradients)")
     if backend is not None:
         _backend.check_name(backend, f"{who}(backend=...)")
     common = dict(backend=backend, **factory)
-    return common, dict(optimizer=embedding_optimizer, lr=embedding_lr, eps=embedding_eps, weight_decay=weight_decay,
+    return common, dict(optimizer=embedding_optimizer, lr=embedding_lr, eps=embedding_eps,
+                        weight_decay=float(weight_decay),
                         skip_nonfinite=embedding_skip_nonfinite, backend=backend, **emb_factory)
 
 
@@ -146,7 +151,8 @@ class SAML(nn.Module):
             g' = g + embedding_weight_decay * w); kernel layers only (ValueError with the reference layers).
         embedding_skip_nonfinite: skip a step's fused embedding update when its upstream gradient holds a NaN or
             Inf (decided on the device; each table's ``nonfinite_steps`` counts them). Only the fused tables'
-            update is skipped, not the dense optimizer's step. Kernel layers only.
+            update is skipped, not the dense optimizer's step. Kernel layers only. Both need an
+            ``embedding_optimizer`` (ValueError without one: they would do nothing).
         device, dtype: factory arguments (dtype: of every layer, and of the tables unless embedding_dtype is set).
         embedding_dtype: dtype of the embedding tables (float32 / float16 / bfloat16 / float64), None = ``dtype``.
             16-bit tables with float32 dense layers is FBGEMM's usual set-up: the tables (and the fused update)
