@@ -26,7 +26,8 @@ sequence length outside [0, L] is re-raised as the eager ValueError. So each bad
 exception type and message (``tests/test_serving.py`` compares them one by one). What still differs, and why:
 
 - the sequence length L is fixed when exporting (the trace specialises it); eager takes any L >= 1, the served
-  program raises ValueError naming the exported L;
+  program raises ValueError naming the exported L; likewise a program that ``export_saml`` had to export for
+  B >= 2 (it warns) raises ValueError for B = 1;
 - ``load_aoti`` of a package from ``aoti_package`` (which stores the contract in it) is a ``ServedProgram`` too,
   and gives back the op's exception where AOTInductor's proxy executor wrapped it in a RuntimeError;
 - a bare ``program.module()`` (torch's own wrapper, no saved contract) and a package loaded with torch's
@@ -111,6 +112,7 @@ def export_saml(model, example_batch, path: Optional[Union[str, os.PathLike]] = 
     """
     inputs = example_inputs(example_batch)
     was_training = model.training
+    used_min = min_batch
     model.eval()
     try:
         _clear_layout_cache()
@@ -124,13 +126,14 @@ def export_saml(model, example_batch, path: Optional[Union[str, os.PathLike]] = 
             warnings.warn("serving.export_saml: this model's trace needs B != 1 (a layout decision on a [B, ...] "
                           "slice); the artifact accepts batches of 2 or more", RuntimeWarning, stacklevel=2)
             _clear_layout_cache()
+            used_min = 2
             with _size_oblivious():
                 program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes(model, inputs,
                                                                                           min_batch=2))
     finally:
         _clear_layout_cache()
         model.train(was_training)
-    program._saml_serving_inputs = input_contract(model, inputs)
+    program._saml_serving_inputs = dict(input_contract(model, inputs), min_batch=used_min)
     if path is not None:
         save_exported(program, path)
     return program
@@ -211,6 +214,9 @@ class ServedProgram(torch.nn.Module):
         sp = self.spec
         who, F, L = sp["model"], sp["num_features"], sp["seq_len"]
         B, L_in = check_model_inputs(who, self._config, scenario, seq_ids, seq_lengths, dense)
+        if B < sp.get("min_batch", 1):
+            raise ValueError(f"{who}: this program serves batches of B >= {sp['min_batch']} (export_saml could not "
+                             f"keep B = 1 general for this model and warned), got B = {B}")
         if L is not None and L_in != L:
             raise ValueError(f"{who}: seq_ids must be [B, L] with L = {L}, the sequence length this program was "
                              f"exported with (the trace fixes it; export again for another L), got "

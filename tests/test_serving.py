@@ -98,6 +98,10 @@ def test_export_falls_back_to_batches_of_two_when_the_trace_needs_it():
         torch.testing.assert_close(fn(*batch.inputs()), _eager(model, batch), atol=1e-6, rtol=1e-6)
     with pytest.raises(Exception):
         fn(*data.batch(np.arange(1)).inputs())
+    with pytest.warns(RuntimeWarning, match="batches of 2 or more"):
+        program = serving.export_saml(model, data.batch(np.arange(16)))
+    with pytest.raises(ValueError, match=r"_LayoutNeedsTwo: this program serves batches of B >= 2 .*got B = 1"):
+        serving.served_module(program)(*data.batch(np.arange(1)).inputs())
 
 
 def test_eager_model_unchanged_after_export():
