@@ -173,7 +173,64 @@ def test_each_input_cast_once_and_never_to_float64(backend):
 def test_policy_covers_every_custom_op():
     ours = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("saml_kernels::")}
     assert ours == set(_autocast.POLICY)
-    assert {p for p in _autocast.POLICY.values()} <= {"cast", "keep"}
+    assert {p for p in _autocast.POLICY.values()} <= {"cast", "promote", "keep"}
+    assert {n for n, p in _autocast.POLICY.items() if p == "promote"} == set(_autocast.PROMOTED)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_partitioned_norm_promotes_under_autocast(backend, low):
+    """A 16-bit x (an autocast GEMM's output) with float32 parameters: normalised in float32, equal to the float32
+    call on the same x; gradients in each tensor's own dtype. All-16-bit and all-float32 calls are not cast."""
+    if backend not in sk.available_backends("cpu", "partitioned_norm"):
+        pytest.skip(f"{backend} not built")
+    from saml_kernels.nn import PartitionedNorm
+
+    torch.manual_seed(0)
+    norm = PartitionedNorm(6, M, backend=backend)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.uniform_(0.5, 1.5)
+    x = torch.randn(B, 6).to(low).requires_grad_()
+    s = torch.randint(0, M, (B,))
+    x_full = x.detach().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16), _CastCounter() as base:
+        norm(x_full, s)  # the casts of an all-float32 call (the running statistics' count -> float)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _CastCounter() as counter:
+        y = norm(x, s)
+    assert y.dtype == torch.float32 and counter.casts == base.casts + [torch.float32]  # x, once
+    norm.reset_running_stats()
+    y.pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in norm.named_parameters()}
+    assert x.grad.dtype == low and all(g.dtype == torch.float32 for g in grads.values())
+    norm.zero_grad()
+    x32 = x.detach().float().requires_grad_()
+    y32 = norm(x32, s)
+    y32.pow(2).sum().backward()
+    torch.testing.assert_close(y, y32, atol=0, rtol=0)
+    torch.testing.assert_close(x.grad, x32.grad.to(low), atol=0, rtol=0)
+    for n, p in norm.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=0, rtol=0, msg=n)
+    low_norm = PartitionedNorm(6, M, backend=backend, dtype=low)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _CastCounter() as counter:
+        assert low_norm(x.detach(), s).dtype == low and counter.casts == base.casts  # nothing cast
+    with pytest.raises(TypeError, match="weight dtype torch.float32 differs from x dtype"):
+        norm(x.detach(), s)  # without autocast the dtypes must agree
+
+
+def test_star_under_autocast_runs_partitioned_norm_on_bf16_activations():
+    """STAR with bfloat16 tables (and so a bfloat16 x_0 when only the attention's autocast output and the tables
+    meet) under CPU autocast: issue 21 item 10 failed here in partitioned_norm's dtype check."""
+    from saml_kernels.nn import STAR, STARConfig
+
+    d = _data()
+    cfg = STARConfig.from_data(d, embedding_dim=8, attention_dim=4, hidden=(12, 6), aux_dim=3, aux_hidden=5)
+    model = STAR(cfg, embedding_dtype=torch.bfloat16)
+    batch = d.batch(np.arange(40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is None or p.grad.dtype == p.dtype for p in model.parameters())
 
 
 def test_mixed_dtypes_still_rejected_without_autocast():

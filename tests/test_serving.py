@@ -98,6 +98,10 @@ def test_export_falls_back_to_batches_of_two_when_the_trace_needs_it():
         torch.testing.assert_close(fn(*batch.inputs()), _eager(model, batch), atol=1e-6, rtol=1e-6)
     with pytest.raises(Exception):
         fn(*data.batch(np.arange(1)).inputs())
+    with pytest.warns(RuntimeWarning, match="batches of 2 or more"):
+        program = serving.export_saml(model, data.batch(np.arange(16)))
+    with pytest.raises(ValueError, match=r"_LayoutNeedsTwo: this program serves batches of B >= 2 .*got B = 1"):
+        serving.served_module(program)(*data.batch(np.arange(1)).inputs())
 
 
 def test_eager_model_unchanged_after_export():
@@ -173,6 +177,13 @@ def test_aoti_package_scores_equal_eager(tmp_path):
         torch.testing.assert_close(got_main, main, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got_aux, aux, atol=1e-5, rtol=1e-5)
     assert program is not None
+    # the package carries the eager input contract: every bad input raises the eager type and message
+    assert isinstance(runner, serving.ServedProgram)
+    cases = _bad_inputs(data.batch(np.arange(8)))
+    assert len(cases) >= 10
+    for name, inputs in cases.items():
+        eager = _error(model, inputs)
+        assert eager[0] is not None and _error(runner, inputs) == eager, name
 
 
 def test_serve_saml_script(tmp_path):
@@ -189,3 +200,99 @@ def test_serve_saml_script(tmp_path):
                         timeout=300)
     assert r2.returncode == 0, r2.stdout + r2.stderr
     assert "scored 5 rows" in r2.stdout, r2.stdout
+
+
+def _bad_inputs(batch):
+    """{name: the six inputs with one bad entry}: every kind of bad input a serving request can carry."""
+    good = dict(indices=batch.indices, offsets=batch.offsets, scenario=batch.scenario, seq_ids=batch.seq_ids,
+                seq_lengths=batch.seq_lengths, dense=batch.dense)
+
+    def bad(**kw):
+        return tuple({**good, **kw}.values())
+
+    def put(t, i, v):
+        t = t.clone()
+        t[i] = v
+        return t
+
+    cases = {
+        "scenario too large": lambda: bad(scenario=put(batch.scenario, 3, 99)),
+        "scenario negative": lambda: bad(scenario=put(batch.scenario, 3, -1)),
+        "scenario float": lambda: bad(scenario=batch.scenario.float()),
+        "scenario 2-D": lambda: bad(scenario=batch.scenario[:, None]),
+        "id too large": lambda: bad(indices=put(batch.indices, 5, 10_000)),
+        "id negative": lambda: bad(indices=put(batch.indices, 5, -1)),
+        "indices float": lambda: bad(indices=batch.indices.float()),
+        "offsets decreasing": lambda: bad(offsets=put(batch.offsets, 2, int(batch.offsets[4]) + 1)),
+        "offsets last != nnz": lambda: bad(offsets=put(batch.offsets, -1, int(batch.offsets[-1]) - 1)),
+        "offsets too short": lambda: bad(offsets=batch.offsets[:-2]),
+        "offsets of another B": lambda: bad(offsets=batch.offsets[:-len(batch.scenario)]),
+        "offsets int32, indices int64": lambda: bad(offsets=batch.offsets.int()),
+        "sequence id too large": lambda: bad(seq_ids=put(batch.seq_ids, (1, 0), 10_000)),
+        "seq_lengths above L": lambda: bad(seq_lengths=put(batch.seq_lengths, 2, 99)),
+        "seq_lengths negative": lambda: bad(seq_lengths=put(batch.seq_lengths, 2, -1)),
+        "seq_lengths float": lambda: bad(seq_lengths=batch.seq_lengths.float()),
+        "seq_ids of another B": lambda: bad(seq_ids=batch.seq_ids[:5]),
+        "seq_ids missing": lambda: bad(seq_ids=None, seq_lengths=None),
+        "dense too narrow": lambda: bad(dense=batch.dense[:, :-1]),
+        "dense missing": lambda: bad(dense=None),
+    }
+    needs = {"seq": batch.seq_ids is not None, "dense": batch.dense is not None and batch.dense.shape[1] > 1}
+    return {k: v() for k, v in cases.items() if all(ok or w not in k for w, ok in needs.items())}
+
+
+def _error(fn, inputs):
+    try:
+        with torch.no_grad():
+            fn(*inputs)
+    except Exception as exc:  # noqa: BLE001 - the point is to compare whatever is raised
+        return type(exc), str(exc)
+    return None, "no error"
+
+
+@pytest.mark.parametrize("kind", ["SAML", "SharedBottom", "STAR"])
+def test_served_program_raises_the_eager_errors(tmp_path, kind):
+    """Issue 21 item 12: each bad input raises the same exception type and message from the loaded program as
+    from the eager model (they differed in type and naming: a torch guard AssertionError, the op's name instead
+    of the model's, a RuntimeError without the position for a bad sequence length)."""
+    data = _synthetic()
+    if kind == "STAR":
+        from saml_kernels.nn import STAR, STARConfig
+
+        model = STAR(STARConfig.from_data(data, embedding_dim=8, attention_dim=4, hidden=(12, 6), aux_dim=3,
+                                          aux_hidden=5)).eval()
+    else:
+        cfg = SAMLConfig.from_data(data, embedding_dim=8, attention_dim=4, aux_hidden=(12, 7), branch_hidden=(10, 6))
+        model = {"SAML": SAML, "SharedBottom": SharedBottom}[kind](cfg).eval()
+    serving.export_saml(model, data.batch(np.arange(16)), tmp_path / "m.pt2")
+    served = serving.load_exported(tmp_path / "m.pt2")
+    assert isinstance(served, serving.ServedProgram)
+    batch = data.batch(np.arange(8))
+    for name, inputs in _bad_inputs(batch).items():
+        eager = _error(model, inputs)
+        assert eager[0] is not None, name  # every case is a bad input for the eager model
+        assert _error(served, inputs) == eager, name
+    # accepted alike: int32 ids and offsets, a float64 dense (cast to the dense dtype as in eager mode)
+    inputs = list(batch.inputs())
+    inputs[0], inputs[1], inputs[5] = inputs[0].int(), inputs[1].int(), inputs[5].double()
+    torch.testing.assert_close(served(*inputs), _eager(model, batch), atol=1e-6, rtol=1e-6)
+    # the one documented difference: the sequence length is fixed by the export
+    short = (batch.indices, batch.offsets, batch.scenario, batch.seq_ids[:, :3], batch.seq_lengths.clamp(max=3),
+             batch.dense)
+    assert _error(model, short)[0] is None
+    with pytest.raises(ValueError, match=f"{kind}: seq_ids must be \\[B, L\\] with L = 6, the sequence length this"):
+        served(*short)
+
+
+def test_served_module_of_an_in_memory_program():
+    data = _synthetic()
+    model = _trained(data, steps=0)
+    program = serving.export_saml(model, data.batch(np.arange(16)))
+    served = serving.served_module(program)
+    bad = data.batch(np.arange(8))
+    scenario = bad.scenario.clone()
+    scenario[3] = 99
+    with pytest.raises(IndexError, match=r"^SAML: scenario\[3\] = 99 is out of range \[0, 4\)$"):
+        served(bad.indices, bad.offsets, scenario, bad.seq_ids, bad.seq_lengths, bad.dense)
+    with pytest.raises(ValueError, match="no input contract"):
+        serving.served_module(torch.export.export(model, tuple(bad.inputs())))

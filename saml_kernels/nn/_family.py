@@ -21,7 +21,7 @@ from .._layer_set import LayerSet
 from ..config import check_model_inputs
 from ..data.batch import FeatureSpec, SequenceSpec
 from ..training import bce_loss, optimizer_state_keys_optional
-from .saml import checked_forward, layer_options, seq_offsets
+from .saml import checked_forward, dense_dtype, layer_options, seq_offsets
 
 
 @dataclasses.dataclass
@@ -96,21 +96,22 @@ class SharedInput(nn.Module):
                                                                 **embedding_options)
             self.attention = layers.attention(D, c.attention_dim, M, **options)
 
-    def forward(self, who: str, indices, offsets, scenario, seq_ids, seq_lengths, dense) -> Tensor:
+    def forward(self, who: str, indices, offsets, scenario, seq_ids, seq_lengths, dense, dt: torch.dtype) -> Tensor:
+        """x_0 [B, global_dim] in ``dt`` (the body's dense dtype: the embedding outputs are cast to it)."""
         c = self.config
         B, L = check_model_inputs(who, c, scenario, seq_ids, seq_lengths, dense)
         D = c.embedding_dim
-        e_g, _ = self.embedding(indices, offsets, scenario)
+        e_g = self.embedding(indices, offsets, scenario)[0].to(dt)
         parts = [e_g.reshape(B, len(c.features) * D)]  # explicit width: reshape(B, -1) fails for B = 0
         if c.sequence is not None:
-            s_g, _ = self.sequence_embedding(seq_ids.reshape(-1), seq_offsets(B, L, seq_ids), scenario)
+            s_g = self.sequence_embedding(seq_ids.reshape(-1), seq_offsets(B, L, seq_ids), scenario)[0].to(dt)
             fg = c.target_slot()
             s_g = s_g.reshape(B, L, D)
             # the global half of the attention only (the local half gets the same global inputs, unused)
             att_g, _ = self.attention(e_g[:, fg], e_g[:, fg], s_g, s_g, seq_lengths, scenario)
             parts.append(att_g)
         if c.num_dense:
-            parts.append(dense.to(e_g.dtype))
+            parts.append(dense.to(dt))
         return torch.cat(parts, 1)
 
 
@@ -127,14 +128,15 @@ class FamilyBody(nn.Module):
     config_type: type = FamilyConfig
 
     def __init__(self, config, layers: LayerSet, *, backend: Optional[str], embedding_optimizer: Optional[str],
-                 embedding_lr: float, embedding_eps: float, device, dtype):
+                 embedding_lr: float, embedding_eps: float, device, dtype, **embedding_options):
         super().__init__()
         who = type(self).__name__
         if not isinstance(config, self.config_type):
             raise TypeError(f"{who}: config must be a {self.config_type.__name__}, got {type(config).__name__}")
+        # embedding_options: embedding_weight_decay, embedding_skip_nonfinite, embedding_dtype (see layer_options)
         self.options, emb = layer_options(who, layers, backend=backend, embedding_optimizer=embedding_optimizer,
                                           embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device,
-                                          dtype=dtype)
+                                          dtype=dtype, **embedding_options)
         self.config, self.layer_set, self.backend = config, layers, backend
         self.inputs = SharedInput(config, layers, self.options, emb)
         self.register_load_state_dict_post_hook(optimizer_state_keys_optional)
@@ -148,7 +150,8 @@ class FamilyBody(nn.Module):
         return checked_forward(self, self._inputs_forward, indices, offsets, scenario, seq_ids, seq_lengths, dense)
 
     def _inputs_forward(self, indices, offsets, scenario, seq_ids, seq_lengths, dense) -> Tensor:
-        x0 = self.inputs(type(self).__name__, indices, offsets, scenario, seq_ids, seq_lengths, dense)
+        x0 = self.inputs(type(self).__name__, indices, offsets, scenario, seq_ids, seq_lengths, dense,
+                         dense_dtype(self))
         return self._forward(x0, scenario)
 
     def _forward(self, x0: Tensor, scenario: Tensor) -> Tensor:

@@ -80,9 +80,10 @@ class HMoEBody(FamilyBody):
 
     def __init__(self, config: HMoEConfig, layers, *, backend: Optional[str] = None,
                  embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
-                 device=None, dtype=None):
+                 device=None, dtype=None, **embedding_options):
         super().__init__(config, layers, backend=backend, embedding_optimizer=embedding_optimizer,
-                         embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype)
+                         embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype,
+                         **embedding_options)
         c, kw = self.config, self.options
         M, K, D0 = c.num_scenarios, c.num_experts, c.global_dim
         mbl = layers.multi_branch_linear
@@ -125,12 +126,16 @@ class HMoE(HMoEBody):
     the grouped GEMM, fused embedding bags); see :class:`HMoEBody` and the module docstring.
 
     Args: config (:class:`HMoEConfig`); backend; embedding_optimizer None | "sgd" | "rowwise_adagrad" (fused into the
-    embedding backward), embedding_lr, embedding_eps; device, dtype."""
+    embedding backward), embedding_lr, embedding_eps, embedding_weight_decay, embedding_skip_nonfinite; device,
+    dtype; embedding_dtype. All as :class:`~saml_kernels.nn.SAML`."""
 
     def __init__(self, config: HMoEConfig, *, backend: Optional[str] = None,
                  embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
-                 device=None, dtype=None):
+                 embedding_weight_decay: float = 0.0, embedding_skip_nonfinite: bool = False, device=None,
+                 dtype=None, embedding_dtype=None):
         from .layer_set import KERNEL_LAYERS
 
         super().__init__(config, KERNEL_LAYERS, backend=backend, embedding_optimizer=embedding_optimizer,
-                         embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype)
+                         embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype,
+                         embedding_weight_decay=embedding_weight_decay,
+                         embedding_skip_nonfinite=embedding_skip_nonfinite, embedding_dtype=embedding_dtype)

@@ -34,26 +34,72 @@ from .layer_set import KERNEL_LAYERS
 
 __all__ = ["SAML", "SAMLConfig", "SharedBottom", "TrainingOptimizer"]
 
+# table dtypes a model's embedding_dtype may name (those of the embedding op)
+EMBEDDING_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
 
 def layer_options(who: str, layers: LayerSet, *, backend: Optional[str], embedding_optimizer: Optional[str],
-                  embedding_lr: float, embedding_eps: float, device, dtype) -> tuple[dict, dict]:
+                  embedding_lr: float, embedding_eps: float, device, dtype, embedding_weight_decay: float = 0.0,
+                  embedding_skip_nonfinite: bool = False, embedding_dtype=None) -> tuple[dict, dict]:
     """(keyword options of every layer, keyword options of the embedding layers) of a body built from ``layers``.
 
-    Every layer gets ``device`` / ``dtype``, and with the kernel layers ``backend`` (its name is checked here, so a
-    bad one fails when the model is built). The embedding layers also get ``optimizer=embedding_optimizer``: the
-    kernel layers fuse it into their backward with ``lr=embedding_lr``, ``eps=embedding_eps``; the reference layers
-    keep the row-wise Adagrad states that ``TrainingOptimizer`` updates after the backward and fuse nothing, so
-    the learning rate and eps are ``TrainingOptimizer``'s there. A ``backend`` given with a set other than the
-    kernel one raises ValueError (it would select nothing)."""
+    Every layer gets ``device`` / ``dtype``; the embedding layers get ``dtype=embedding_dtype`` when it is given
+    (16-bit tables beside float32 dense layers, FBGEMM's usual set-up; the bodies cast the embedding outputs to
+    the dense dtype, :func:`dense_dtype`). With the kernel layers every layer also gets ``backend`` (its name is
+    checked here, so a bad one fails when the model is built). The embedding layers also get
+    ``optimizer=embedding_optimizer``: the kernel layers fuse it into their backward with ``lr=embedding_lr``,
+    ``eps=embedding_eps``, ``weight_decay=embedding_weight_decay``, ``skip_nonfinite=embedding_skip_nonfinite``;
+    the reference layers keep the row-wise Adagrad states that ``TrainingOptimizer`` updates after the backward
+    and fuse nothing, so the learning rate and eps are ``TrainingOptimizer``'s there. Options that select kernels
+    or fused behaviour the reference layers do not have (``backend``, a non-zero ``embedding_weight_decay``,
+    ``embedding_skip_nonfinite=True``) raise ValueError with another set (they would silently do nothing)."""
     factory = dict(device=device, dtype=dtype)
+    emb_factory = dict(device=device, dtype=embedding_dtype if embedding_dtype is not None else dtype)
+    if embedding_dtype is not None and embedding_dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"{who}: embedding_dtype must be one of {[str(d) for d in EMBEDDING_DTYPES]} or None, "
+                         f"got {embedding_dtype!r}")
+    weight_decay = embedding_weight_decay
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+        raise ValueError(f"{who}: embedding_weight_decay must be a float >= 0, got {embedding_weight_decay!r}")
+    if not isinstance(embedding_skip_nonfinite, bool):
+        raise TypeError(f"{who}: embedding_skip_nonfinite must be a bool, got {embedding_skip_nonfinite!r}")
     if not layers.kernels:
         if backend is not None:
             raise ValueError(f"{who}: backend={backend!r} selects kernels, but the {layers.name} layers have none")
-        return factory, dict(optimizer=embedding_optimizer, **factory)
+        fused_only = [f"{k}={v!r}" for k, v, default in (("embedding_weight_decay", embedding_weight_decay, 0.0),
+                                                          ("embedding_skip_nonfinite", embedding_skip_nonfinite, False))
+                      if v != default]
+        if fused_only:
+            raise ValueError(f"{who}: {', '.join(fused_only)} configure the fused embedding update, but the "
+                             f"{layers.name} layers fuse none (TrainingOptimizer's row-wise Adagrad there has no "
+                             f"weight decay and no non-finite skip)")
+        return factory, dict(optimizer=embedding_optimizer, **emb_factory)
+    if embedding_optimizer is None and (weight_decay or embedding_skip_nonfinite):
+        raise ValueError(f"{who}: embedding_weight_decay={embedding_weight_decay!r} / embedding_skip_nonfinite="
+                         f"{embedding_skip_nonfinite!r} act in the fused embedding update; pass embedding_optimizer="
+                         f"'sgd' or 'rowwise_adagrad' (without one the tables get plain gradients)")
     if backend is not None:
         _backend.check_name(backend, f"{who}(backend=...)")
     common = dict(backend=backend, **factory)
-    return common, dict(optimizer=embedding_optimizer, lr=embedding_lr, eps=embedding_eps, **common)
+    return common, dict(optimizer=embedding_optimizer, lr=embedding_lr, eps=embedding_eps,
+                        weight_decay=float(weight_decay),
+                        skip_nonfinite=embedding_skip_nonfinite, backend=backend, **emb_factory)
+
+
+def dense_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's dense layers: that of its first floating parameter outside the embedding layers
+    (``model.layer_set.scenario_embedding`` instances). Read at every forward, so it follows ``.to()``: the
+    embedding outputs are cast to it, which lets 16-bit tables feed float32 dense layers (built with
+    ``embedding_dtype=``, or ``model.float()`` then ``model.embedding.to(torch.bfloat16)``). The cast is a no-op
+    when the dtypes agree; it is an autograd op, so the tables' gradients come back in the table dtype."""
+    table_layer = model.layer_set.scenario_embedding
+    for m in model.modules():
+        if isinstance(m, table_layer):
+            continue
+        for p in m._parameters.values():
+            if p is not None and p.is_floating_point():
+                return p.dtype
+    return torch.get_default_dtype()
 
 
 def _boundary_scenario(who: str, scenario, num_scenarios: int):
@@ -105,7 +151,18 @@ class SAML(nn.Module):
             ``TrainingOptimizer`` gives the reference layers the same row-wise Adagrad math after their backward
             (they take None | "rowwise_adagrad" and keep the states).
         embedding_lr, embedding_eps: learning rate and eps of the fused embedding optimizer (kernel layers).
-        device, dtype: factory arguments.
+        embedding_weight_decay: the fused optimizer's L2 weight decay on the touched rows (FBGEMM's L2 mode:
+            g' = g + embedding_weight_decay * w); kernel layers only (ValueError with the reference layers).
+        embedding_skip_nonfinite: skip a step's fused embedding update when its upstream gradient holds a NaN or
+            Inf (decided on the device; each table's ``nonfinite_steps`` counts them). Only the fused tables'
+            update is skipped, not the dense optimizer's step. Kernel layers only. Both need an
+            ``embedding_optimizer`` (ValueError without one: they would do nothing).
+        device, dtype: factory arguments (dtype: of every layer, and of the tables unless embedding_dtype is set).
+        embedding_dtype: dtype of the embedding tables (float32 / float16 / bfloat16 / float64), None = ``dtype``.
+            16-bit tables with float32 dense layers is FBGEMM's usual set-up: the tables (and the fused update)
+            stay 16-bit, their outputs are cast to the dense layers' dtype (:func:`dense_dtype`, read at every
+            forward, so ``model.embedding.to(torch.bfloat16)`` on a float32 model works too) and their
+            gradients come back through that cast, rounded to the table dtype.
 
     forward(indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None) -> (main [B], aux [B]) logits:
     indices/offsets feature-major over ``config.features`` (a ``saml_kernels.data.Batch``'s ``inputs()``),
@@ -130,10 +187,13 @@ class SAML(nn.Module):
 
     def __init__(self, config: SAMLConfig, *, layers: LayerSet = KERNEL_LAYERS, backend: Optional[str] = None,
                  embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
-                 device=None, dtype=None):
+                 embedding_weight_decay: float = 0.0, embedding_skip_nonfinite: bool = False, device=None, dtype=None,
+                 embedding_dtype: Optional[torch.dtype] = None):
         super().__init__()
         kw, emb = layer_options(type(self).__name__, layers, backend=backend, embedding_optimizer=embedding_optimizer,
-                                embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype)
+                                embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype,
+                                embedding_weight_decay=embedding_weight_decay,
+                                embedding_skip_nonfinite=embedding_skip_nonfinite, embedding_dtype=embedding_dtype)
         c = self.config = config
         self.layer_set, self.backend = layers, backend
         fk = dict(device=device, dtype=dtype)
@@ -174,11 +234,13 @@ class SAML(nn.Module):
         c = self.config
         B, L = check_model_inputs(type(self).__name__, c, scenario, seq_ids, seq_lengths, dense)
         D = c.embedding_dim
-        e_g, e_s = self.embedding(indices, offsets, scenario)
+        dt = dense_dtype(self)  # 16-bit tables may feed float32 dense layers: their outputs are cast here
+        e_g, e_s = (e.to(dt) for e in self.embedding(indices, offsets, scenario))
         # explicit widths: reshape(B, -1) is ambiguous (an error) for B = 0
         glob, scen = [e_g.reshape(B, len(c.features) * D)], [e_s.reshape(B, c.num_aware * D)]
         if c.sequence is not None:
-            s_g, s_s = self.sequence_embedding(seq_ids.reshape(-1), seq_offsets(B, L, seq_ids), scenario)
+            s_g, s_s = (e.to(dt) for e in self.sequence_embedding(seq_ids.reshape(-1), seq_offsets(B, L, seq_ids),
+                                                                  scenario))
             fg, fs = c.target_slots()
             # a fresh contiguous copy: .contiguous() on the strided slice would make torch.export specialise B != 1
             target_s = e_s[:, fs].clone(memory_format=torch.contiguous_format)
@@ -187,7 +249,7 @@ class SAML(nn.Module):
             glob.append(att_g)
             scen.append(att_l)
         if c.num_dense:
-            glob.append(dense.to(e_g.dtype))
+            glob.append(dense.to(dt))
         return torch.cat(glob, 1), torch.cat(scen, 1)
 
     def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None):
@@ -212,7 +274,7 @@ class SharedBottom(nn.Module):
     the representation (only the global embeddings E_g, global attention and dense go in), one shared bottom MLP
     (``config.branch_hidden[:-1]``) and a per-scenario tower (last hidden layer + logit, own route).
 
-    Arguments as :class:`SAML` (``layers``, ``backend``, ``embedding_optimizer``, ...); ``backend`` applies to
+    Arguments as :class:`SAML` (``layers``, ``backend``, ``embedding_optimizer``, ..., ``embedding_dtype``); ``backend`` applies to
     every op, the tower's included. forward(...) -> logit [B] (same inputs and input checks as SAML);
     loss(batch) = BCE(logit) (0 with zero gradients for an empty batch). Its state_dict follows SAML's rule:
     row-wise Adagrad states are optimizer state (optional in a strict load). Parameter names: embedding.*,
@@ -222,10 +284,13 @@ class SharedBottom(nn.Module):
 
     def __init__(self, config: SAMLConfig, *, layers: LayerSet = KERNEL_LAYERS, backend: Optional[str] = None,
                  embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
-                 device=None, dtype=None):
+                 embedding_weight_decay: float = 0.0, embedding_skip_nonfinite: bool = False, device=None, dtype=None,
+                 embedding_dtype: Optional[torch.dtype] = None):
         super().__init__()
         kw, emb = layer_options(type(self).__name__, layers, backend=backend, embedding_optimizer=embedding_optimizer,
-                                embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype)
+                                embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype,
+                                embedding_weight_decay=embedding_weight_decay,
+                                embedding_skip_nonfinite=embedding_skip_nonfinite, embedding_dtype=embedding_dtype)
         c = self.config = config
         self.layer_set, self.backend = layers, backend
         fk = dict(device=device, dtype=dtype)
@@ -261,17 +326,18 @@ class SharedBottom(nn.Module):
         c = self.config
         B, L = check_model_inputs(type(self).__name__, c, scenario, seq_ids, seq_lengths, dense)
         D = c.embedding_dim
-        e_g, _ = self.embedding(indices, offsets, scenario)
+        dt = dense_dtype(self)  # 16-bit tables may feed float32 dense layers: their outputs are cast here
+        e_g = self.embedding(indices, offsets, scenario)[0].to(dt)
         parts = [e_g.reshape(B, len(c.features) * D)]  # explicit width: reshape(B, -1) fails for B = 0
         if c.sequence is not None:
-            s_g, _ = self.sequence_embedding(seq_ids.reshape(-1), seq_offsets(B, L, seq_ids), scenario)
+            s_g = self.sequence_embedding(seq_ids.reshape(-1), seq_offsets(B, L, seq_ids), scenario)[0].to(dt)
             fg, _ = c.target_slots()
             s_g = s_g.reshape(B, L, D)
             # the global half of the attention only (the local half gets the same global inputs)
             att_g, _ = self.attention(e_g[:, fg], e_g[:, fg], s_g, s_g, seq_lengths, scenario)
             parts.append(att_g)
         if c.num_dense:
-            parts.append(dense.to(e_g.dtype))
+            parts.append(dense.to(dt))
         h = self.bottom(torch.cat(parts, 1))
         return self.head(self.tower(h, scenario), scenario).squeeze(-1)
 

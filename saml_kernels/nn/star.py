@@ -73,9 +73,10 @@ class STARBody(FamilyBody):
 
     def __init__(self, config: STARConfig, layers, *, backend: Optional[str] = None,
                  embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
-                 device=None, dtype=None):
+                 device=None, dtype=None, **embedding_options):
         super().__init__(config, layers, backend=backend, embedding_optimizer=embedding_optimizer,
-                         embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype)
+                         embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype,
+                         **embedding_options)
         c, kw = self.config, self.options
         fk = dict(device=device, dtype=dtype)
         M = c.num_scenarios
@@ -111,13 +112,18 @@ class STAR(STARBody):
     fused embedding bags); see :class:`STARBody` and the module docstring.
 
     Args: config (:class:`STARConfig`); backend (forced backend of every op); embedding_optimizer None | "sgd" |
-    "rowwise_adagrad" (fused into the embedding backward, as ``SAML``), embedding_lr, embedding_eps; device, dtype.
+    "rowwise_adagrad" (fused into the embedding backward, as ``SAML``), embedding_lr, embedding_eps,
+    embedding_weight_decay, embedding_skip_nonfinite; device, dtype; embedding_dtype (16-bit tables beside float32
+    dense layers: the embedding outputs are cast to the dense dtype). All as :class:`~saml_kernels.nn.SAML`.
     """
 
     def __init__(self, config: STARConfig, *, backend: Optional[str] = None,
                  embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
-                 device=None, dtype=None):
+                 embedding_weight_decay: float = 0.0, embedding_skip_nonfinite: bool = False, device=None,
+                 dtype=None, embedding_dtype=None):
         from .layer_set import KERNEL_LAYERS
 
         super().__init__(config, KERNEL_LAYERS, backend=backend, embedding_optimizer=embedding_optimizer,
-                         embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype)
+                         embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype,
+                         embedding_weight_decay=embedding_weight_decay,
+                         embedding_skip_nonfinite=embedding_skip_nonfinite, embedding_dtype=embedding_dtype)

@@ -4,6 +4,12 @@
   input on the autocast device that is float32 / float16 / bfloat16 is cast to the autocast dtype (``torch.
   get_autocast_dtype(device)``, e.g. bfloat16 on the CPU, float16 or bfloat16 on CUDA) and the op runs in it, as
   ``torch.mm`` does under autocast. float64 inputs are left as they are (as torch does), so nothing is promoted.
+- ``promote``: ``partitioned_norm`` (a normalisation). Its data inputs (x and the per-scenario scale and shift,
+  ``PROMOTED``) are cast to the widest of their dtypes (torch's ``promote`` rule, as for ``cat``): a 16-bit x from
+  an autocast GEMM with float32 parameters is normalised in float32 and comes out float32; an all-16-bit or an
+  all-float32 call is not cast. Its statistics (mean, rstd) are float32 whatever x is. Chosen over ``cast``
+  (normalising in 16 bits loses what the statistics are for) and over keeping x's dtype (the kernels take one
+  dtype for x, scale and shift, so the float32 parameters would be rounded to 16 bits in the forward).
 - ``keep``: ``scenario_embedding_bag`` (the tables keep their dtype, as ``F.embedding_bag`` does under autocast;
   the outputs are in the table dtype), ``mutual_unit`` (runs in the dtype of h, float32 arithmetic inside) and
   every backward op (they run in the dtypes the forward saved). Inputs pass through unchanged.
@@ -14,8 +20,9 @@ at most once, by the dispatcher, in front of the op. The casts are ordinary auto
 the parameters in the parameters' own dtype.
 
 Outputs under autocast with dtype d (float32 parameters): ``mbranch_linear`` -> d, ``mutual_linear`` -> d (its
-attention float32), ``mutual_unit`` -> h.dtype, ``scenario_embedding_bag`` -> the table dtype; in ``nn.SAML``
-the logits come out in d (the heads are a routed GEMM and an ``nn.Linear``).
+attention float32), ``mutual_unit`` -> h.dtype, ``scenario_embedding_bag`` -> the table dtype,
+``partitioned_norm`` -> the widest of x's and the parameters' dtypes (float32 here); in ``nn.SAML`` the logits come
+out in d (the heads are a routed GEMM and an ``nn.Linear``).
 """
 from __future__ import annotations
 
@@ -23,9 +30,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ["POLICY", "autocast_dtype", "will_cast"]
+__all__ = ["POLICY", "PROMOTED", "autocast_dtype", "will_cast"]
 
-# op name (namespace saml_kernels) -> "cast" | "keep"
+# op name (namespace saml_kernels) -> "cast" | "promote" | "keep"
 POLICY = {
     "mbranch_linear_own": "cast",
     "mbranch_linear_all": "cast",
@@ -37,11 +44,14 @@ POLICY = {
     "mbranch_linear_all_backward": "keep",
     "mutual_unit_backward": "keep",
     "mutual_linear_backward": "keep",
-    # a normalisation runs in its input's dtype with float32 statistics (as torch's batch_norm under autocast)
+    # statistics of x in float32 whatever x's dtype (the accumulation dtype of every 16-bit input)
     "partitioned_norm_stats": "keep",
-    "partitioned_norm": "keep",
+    # x, scale, shift brought to their widest dtype (see the module docstring); mean / rstd are float32 already
+    "partitioned_norm": "promote",
     "partitioned_norm_backward": "keep",
 }
+# "promote" ops: the positions of the arguments promoted together
+PROMOTED = {"partitioned_norm": (0, 4, 5)}
 _AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -70,13 +80,26 @@ def _cast(value, device_type: str, dtype: torch.dtype):
     return value
 
 
-def _kernel(op, device_type: str, key: str, cast: bool):
+def _promote(args: tuple, positions: tuple, device_type: str) -> tuple:
+    """``args`` with the floating tensors at ``positions`` cast to the widest of their (castable) dtypes."""
+    picked = [args[i] for i in positions if isinstance(args[i], torch.Tensor) and args[i].is_floating_point()]
+    if not picked or any(t.dtype not in _CASTABLE for t in picked):
+        return args  # float64 is never cast (the op's own dtype check then speaks)
+    dtype = picked[0].dtype
+    for t in picked[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(_cast(a, device_type, dtype) if i in positions else a for i, a in enumerate(args))
+
+
+def _kernel(op, device_type: str, key: str, policy: str, name: str):
     excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
     def kernel(_keyset, *args, **kwargs):
-        if cast:
+        if policy == "cast":
             dtype = torch.get_autocast_dtype(device_type)
             args = tuple(_cast(a, device_type, dtype) for a in args)
+        elif policy == "promote":
+            args = _promote(args, PROMOTED[name], device_type)
         with torch._C._ExcludeDispatchKeyGuard(excluded):
             return op(*args, **kwargs)
 
@@ -95,7 +118,7 @@ def _register() -> None:
         op = getattr(torch.ops.saml_kernels, name).default
         for device_type, key in _AUTOCAST_KEYS.items():
             if torch._C._is_autocast_available(device_type):
-                _LIB.impl(name, _kernel(op, device_type, key, policy == "cast"), key, with_keyset=True)
+                _LIB.impl(name, _kernel(op, device_type, key, policy, name), key, with_keyset=True)
 
 
 _LIB = None

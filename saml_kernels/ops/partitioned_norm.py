@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from . import _checks
+from . import _autocast, _checks
 
 OP = "partitioned_norm"
 
@@ -126,8 +126,10 @@ def _validate(x, scenario, weight, bias, scenario_weight, scenario_bias, running
     for name, t, nd in (("weight", weight, 1), ("bias", bias, 1), ("scenario_weight", scenario_weight, 2),
                         ("scenario_bias", scenario_bias, 2)):
         _checks.tensor(OP, name, t, ndim=nd, dtypes=_checks.FLOAT_DTYPES)
-        if t.dtype != x.dtype:
-            raise TypeError(f"{OP}: {name} dtype {t.dtype} differs from x dtype {x.dtype}; all must share one dtype")
+        # under autocast the op promotes x, scale and shift to their widest dtype (ops/_autocast.py)
+        if t.dtype != x.dtype and not _autocast.will_cast(x.device.type, x, t):
+            raise TypeError(f"{OP}: {name} dtype {t.dtype} differs from x dtype {x.dtype}; all must share one dtype "
+                            f"(mixed float32 / float16 / bfloat16 are accepted under torch.autocast)")
     _checks.tensor(OP, "running_mean", running_mean, ndim=2, dtypes=(torch.float32, torch.float64), optional=True)
     _checks.tensor(OP, "running_var", running_var, ndim=2, dtypes=(torch.float32, torch.float64), optional=True)
     _checks.same_device(OP, x=x, scenario=scenario, weight=weight, bias=bias, scenario_weight=scenario_weight,
@@ -210,7 +212,9 @@ def partitioned_norm(x: Tensor, scenario: Tensor, weight: Tensor, bias: Tensor, 
         eps: > 0, added to the variance. backend: "reference" | "cpu" | "triton" | None.
         check_scenario: raise IndexError for a scenario outside [0, M).
 
-    Returns y [B, N] in x's dtype; statistics in float32 (float64 for float64 x).
+    Returns y [B, N] in x's dtype; statistics in float32 (float64 for float64 x). Under ``torch.autocast`` x and the
+    parameters may mix float32 / float16 / bfloat16: y is then computed in, and returned in, the widest of their
+    dtypes (the ``promote`` policy of ``saml_kernels.ops._autocast``).
     """
     _validate(x, scenario, weight, bias, scenario_weight, scenario_bias, running_mean, running_var, momentum, eps)
     be = _backend.resolve(OP, x.device.type, backend)

@@ -32,13 +32,17 @@ class SAMLReference(SAML):
     (``global_state``, ``scenario_state``) of ``nn.SAML(embedding_optimizer="rowwise_adagrad")``, which
     :class:`TrainingOptimizer` then updates with the same math after the backward (not fused).
 
+    embedding_dtype: dtype of the tables (None = ``dtype``), a factory argument as in ``nn.SAML``: 16-bit tables
+    beside float32 dense layers, the embedding outputs cast to the dense dtype.
+
     forward / loss / state_dict rules: as ``nn.SAML``; bad inputs raise at once (no deferred checks).
     """
 
-    def __init__(self, config: SAMLConfig, *, embedding_optimizer: Optional[str] = None, device=None, dtype=None):
+    def __init__(self, config: SAMLConfig, *, embedding_optimizer: Optional[str] = None, device=None, dtype=None,
+                 embedding_dtype=None):
         _check_embedding_optimizer(type(self).__name__, embedding_optimizer)
         super().__init__(config, layers=REFERENCE_LAYERS, embedding_optimizer=embedding_optimizer, device=device,
-                         dtype=dtype)
+                         dtype=dtype, embedding_dtype=embedding_dtype)
 
 
 class SharedBottomReference(SharedBottom):
@@ -47,7 +51,8 @@ class SharedBottomReference(SharedBottom):
     embedding_optimizer: None or "rowwise_adagrad" (state buffers for :class:`TrainingOptimizer`, as
     :class:`SAMLReference`). forward / loss / state_dict rules: as ``nn.SharedBottom``."""
 
-    def __init__(self, config: SAMLConfig, *, embedding_optimizer: Optional[str] = None, device=None, dtype=None):
+    def __init__(self, config: SAMLConfig, *, embedding_optimizer: Optional[str] = None, device=None, dtype=None,
+                 embedding_dtype=None):
         _check_embedding_optimizer(type(self).__name__, embedding_optimizer)
         super().__init__(config, layers=REFERENCE_LAYERS, embedding_optimizer=embedding_optimizer, device=device,
-                         dtype=dtype)
+                         dtype=dtype, embedding_dtype=embedding_dtype)
