@@ -57,7 +57,8 @@ class HMoEBody(FamilyBody):
     config_type = HMoEConfig
 
     def __init__(self, config: HMoEConfig, layers, *, backend: Optional[str] = None,
-                 embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
+                 embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
                  device=None, dtype=None):
         super().__init__(config, layers, backend=backend, embedding_optimizer=embedding_optimizer,
                          embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype)
@@ -95,7 +96,8 @@ class HMoE(HMoEBody):
     embedding backward), embedding_lr, embedding_eps; device, dtype."""
 
     def __init__(self, config: HMoEConfig, *, backend: Optional[str] = None,
-                 embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
+                 embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
                  device=None, dtype=None):
         from .layer_set import KERNEL_LAYERS
 

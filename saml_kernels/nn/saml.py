@@ -125,7 +125,8 @@ class SAML(nn.Module):
     """
 
     def __init__(self, config: SAMLConfig, *, layers: LayerSet = KERNEL_LAYERS, backend: Optional[str] = None,
-                 embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
+                 embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
                  device=None, dtype=None):
         super().__init__()
         kw, emb = layer_options(type(self).__name__, layers, backend=backend, embedding_optimizer=embedding_optimizer,
@@ -217,7 +218,8 @@ class SharedBottom(nn.Module):
     """
 
     def __init__(self, config: SAMLConfig, *, layers: LayerSet = KERNEL_LAYERS, backend: Optional[str] = None,
-                 embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
+                 embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
                  device=None, dtype=None):
         super().__init__()
         kw, emb = layer_options(type(self).__name__, layers, backend=backend, embedding_optimizer=embedding_optimizer,

@@ -35,7 +35,8 @@ class SAMLReference(SAML):
     forward / loss / state_dict rules: as ``nn.SAML``; bad inputs raise at once (no deferred checks).
     """
 
-    def __init__(self, config: SAMLConfig, *, embedding_optimizer: Optional[str] = None, device=None, dtype=None):
+    def __init__(self, config: SAMLConfig, *, embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 device=None, dtype=None):
         _check_embedding_optimizer(type(self).__name__, embedding_optimizer)
         super().__init__(config, layers=REFERENCE_LAYERS, embedding_optimizer=embedding_optimizer, device=device,
                          dtype=dtype)
@@ -47,7 +48,8 @@ class SharedBottomReference(SharedBottom):
     embedding_optimizer: None or "rowwise_adagrad" (state buffers for :class:`TrainingOptimizer`, as
     :class:`SAMLReference`). forward / loss / state_dict rules: as ``nn.SharedBottom``."""
 
-    def __init__(self, config: SAMLConfig, *, embedding_optimizer: Optional[str] = None, device=None, dtype=None):
+    def __init__(self, config: SAMLConfig, *, embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 device=None, dtype=None):
         _check_embedding_optimizer(type(self).__name__, embedding_optimizer)
         super().__init__(config, layers=REFERENCE_LAYERS, embedding_optimizer=embedding_optimizer, device=device,
                          dtype=dtype)

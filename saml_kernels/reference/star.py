@@ -16,7 +16,8 @@ class STARReference(STARBody):
     """STAR from the reference layers. embedding_optimizer: None or "rowwise_adagrad" (the latter registers the
     row-wise state buffers, which ``TrainingOptimizer`` updates after the backward)."""
 
-    def __init__(self, config: STARConfig, *, embedding_optimizer: Optional[str] = None, device=None, dtype=None):
+    def __init__(self, config: STARConfig, *, embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 device=None, dtype=None):
         _check_embedding_optimizer(type(self).__name__, embedding_optimizer)
         super().__init__(config, REFERENCE_LAYERS, embedding_optimizer=embedding_optimizer, device=device,
                          dtype=dtype)
