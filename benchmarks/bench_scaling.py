@@ -78,6 +78,15 @@ GRIDS = {
 }
 
 
+# sweep "T" (issue 26): global table rows G, (M, B) fixed; the settings are timed one after another (one model
+# alive at a time: at G = 10M the tables take ~3 GB); "non-fused dense" only up to DENSE_MAX_ROWS (it is the slow one)
+ROWS_GRIDS = {"cpu": ((2, 2048), [100_000, 300_000, 1_000_000, 3_000_000, 10_000_000]),
+              "gpu": ((2, 8192), [100_000, 10_000_000]),
+              "quick": ((2, 128), [40_000, 200_000])}
+ROWS_SETTINGS = ("fused (default)", "non-fused sparse", "non-fused dense")
+DENSE_MAX_ROWS = 1_000_000
+
+
 # ------------------------------------------------------------------------------------------------ set-up
 
 def build_point(M: int, B: int, R: int, device: str, compile_ref: bool):
@@ -270,6 +279,157 @@ def block_gemm_probe(cfg, reps: int = 30) -> dict:
             "packed_weights_mib": (K + Ka) * M * N * 4 / 2**20}
 
 
+# ------------------------------------------------------------------------------------------------ table rows
+
+def rows_problem(M: int, B: int, G: int, device: str):
+    """(cfg, batch) of a SAML problem whose global table has about G rows: the synthetic data of a small
+    problem (users = items = 20k, so make_synthetic stays fast), with the user, item and behaviour-sequence tables
+    widened to G/2 rows each and their ids spread over the wide tables (id -> id * stride): the batch touches as
+    many rows as the small problem, scattered over tables G/40k times larger."""
+    import dataclasses
+
+    small = 20_000
+    data = make_synthetic(B, num_scenarios=M, scenario_mix=[1.0] * M, num_users=small, num_items=small, seed=0)
+    cfg = SAMLConfig.from_data(data)
+    wide = max(G // 2, small)
+    stride = wide // small
+    feats = [f._replace(num_embeddings=wide) if f.name in ("user", "item") else f for f in cfg.features]
+    seq = cfg.sequence._replace(num_embeddings=wide + 1)  # + the padding id 0
+    cfg = dataclasses.replace(cfg, features=feats, sequence=seq)
+    b = data.batch(np.arange(B))
+    off, idx = b.offsets, b.indices.clone()
+    for f, spec in enumerate(cfg.features):
+        if spec.name in ("user", "item"):
+            lo, hi = int(off[f * B]), int(off[(f + 1) * B])
+            idx[lo:hi] *= stride
+    seq_ids = torch.where(b.seq_ids > 0, (b.seq_ids - 1) * stride + 1, b.seq_ids)
+    b = dataclasses.replace(b, indices=idx, seq_ids=seq_ids)
+    return cfg, b.to(device)
+
+
+def build_rows_setting(cfg, setting: str, device: str):
+    """(model, optimizer, body) of one setting: the default model (fused row-wise Adagrad), or
+    embedding_optimizer=None with sparse (``sparse=True`` on the embedding layers) or dense table gradients, the
+    tables then updated by TrainingOptimizer.step (the rows the gradient touches)."""
+    torch.manual_seed(0)
+    if setting == "fused (default)":
+        model = SAML(cfg, device=device)
+    else:
+        model = SAML(cfg, embedding_optimizer=None, device=device)
+        for mod in (model.embedding, getattr(model, "sequence_embedding", None)):
+            if mod is not None:
+                mod.sparse = setting == "non-fused sparse"
+    opt = TrainingOptimizer(model, LR)  # embedding_lr: the models' default (0.05)
+    return model, opt
+
+
+def run_rows_point(M: int, B: int, G: int, device: str, reps: int) -> dict:
+    """Step time (median of ``reps`` steps after 2 warm-up steps), state and peak memory of each setting at G."""
+    import gc
+    import warnings
+
+    t_start = time.perf_counter()
+    cfg, b = rows_problem(M, B, G, device)
+    rows = cfg.features and sum(f.num_embeddings for f in cfg.features)
+    out = {"M": M, "B": B, "G": G, "global_rows": rows, "medians_ms": {}, "steps_ms": {}, "memory_bytes": {}}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for setting in ROWS_SETTINGS:
+        if setting == "non-fused dense" and rows > DENSE_MAX_ROWS:
+            continue
+        model, opt = build_rows_setting(cfg, setting, device)
+
+        def body(model=model, opt=opt):
+            model.loss(b).backward()
+            opt.step()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the dense setting's large-table warning, expected here
+            for _ in range(2):
+                opt.zero_grad()
+                body()
+            times = []
+            for _ in range(reps):
+                opt.zero_grad()
+                sync()
+                t = time.perf_counter()
+                body()
+                sync()
+                times.append((time.perf_counter() - t) * 1e3)
+            state = state_bytes(model, opt)
+            out["memory_bytes"][setting] = {"state": state, "peak": state + step_peak_extra(opt, body, device)}
+        out["medians_ms"][setting] = statistics.median(times)
+        out["steps_ms"][setting] = times
+        del model, opt, body
+        gc.collect()
+    out["wall_s"] = time.perf_counter() - t_start
+    return out
+
+
+def rows_table(res: dict) -> str:
+    pts = res["points"]
+    (M, B) = res["base"]
+    base = pts[0]["medians_ms"]["fused (default)"]
+    rows = []
+    for p in pts:
+        ms, mem = p["medians_ms"], p["memory_bytes"]
+        rows.append([f"{p['global_rows']:,}"] + [ms.get(s, "-") for s in ROWS_SETTINGS]
+                    + [f"{ms['fused (default)'] / base:.2f}x"]
+                    + [mem[s]["state"] / 2**20 if s in mem else "-" for s in ROWS_SETTINGS[:2]]
+                    + [mem[s]["peak"] / 2**20 if s in mem else "-" for s in ROWS_SETTINGS])
+    header = (["global rows"] + [f"{s} ms" for s in ROWS_SETTINGS] + ["default vs first point"]
+              + [f"{s} state MiB" for s in ROWS_SETTINGS[:2]] + [f"{s} peak MiB" for s in ROWS_SETTINGS])
+    text = (f"### Sweep over the global table rows (M={M}, B={B}; issue 26)\n\nSettings: `SAML(cfg)` (the default: "
+            "row-wise Adagrad fused into the embedding backward); `SAML(cfg, embedding_optimizer=None)` with sparse "
+            "table gradients (`sparse=True` on its embedding layers) or dense ones (the old default; only up to "
+            f"{DENSE_MAX_ROWS:,} global rows), tables updated by `TrainingOptimizer.step` on the touched rows. "
+            "Median of the timed steps of each setting (timed one setting after another, one model alive at a "
+            "time); the user and item tables and the behaviour-sequence table are G/2 rows each, with the "
+            "batch's ids spread over them (`rows_problem`). State = weights + row-wise and Adam states; peak = state "
+            "+ the peak extra allocation of one step.\n\n")
+    text += markdown_table(header, rows) + "\n\n"
+    gs = [p["global_rows"] for p in pts]
+    sl = [(s, slope([g for g, p in zip(gs, pts) if s in p["medians_ms"]],
+                    [p["medians_ms"][s] for p in pts if s in p["medians_ms"]])) for s in ROWS_SETTINGS]
+    text += "Slopes of log(ms) vs log(global rows):\n\n" + markdown_table(["setting", "slope"],
+                                                                          [[k, f"{v:.2f}"] for k, v in sl]) + "\n"
+    return text
+
+
+def plot_rows(res: dict, out_dir: str, stem: str) -> list:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    pts = res["points"]
+    fig, (ax, axm) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for s in ROWS_SETTINGS:
+        xs = [p["global_rows"] for p in pts if s in p["medians_ms"]]
+        if xs:
+            ax.plot(xs, [p["medians_ms"][s] for p in pts if s in p["medians_ms"]], "-o", ms=3,
+                    label=f"{s} (slope {slope(xs, [p['medians_ms'][s] for p in pts if s in p['medians_ms']]):.2f})")
+            axm.plot(xs, [p["memory_bytes"][s]["peak"] / 2**20 for p in pts if s in p["memory_bytes"]], "-o", ms=3,
+                     label=f"{s} peak")
+    xs = [p["global_rows"] for p in pts]
+    axm.plot(xs, [p["memory_bytes"]["fused (default)"]["state"] / 2**20 for p in pts], "k:o", ms=3,
+             label="state (weights + optimizer states)")
+    for a, yl, t in ((ax, "ms per training step (median)", "SAML step vs global table rows"),
+                     (axm, "MiB", "memory vs global table rows")):
+        a.set_xscale("log")
+        a.set_yscale("log")
+        a.set_xlabel("global table rows")
+        a.set_ylabel(yl)
+        a.set_title(f"{t} ({stem}, M={res['base'][0]}, B={res['base'][1]})", fontsize=9)
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{stem}_tables.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 # ------------------------------------------------------------------------------------------------ one point
 
 def run_point(M: int, B: int, R: int, device: str, reps: int, compile_ref: bool, phase_reps: int) -> dict:
@@ -446,6 +606,31 @@ def plot_all(results: dict, out_dir: str, stem: str) -> list:
     return paths
 
 
+def carry_over(out_dir: str, stem: str, results: dict) -> tuple:
+    """Keeps one current results file per benchmark and machine when only some sweeps run: the sweeps of the
+    previous ``<stem>.json`` that this invocation did not run are added to ``results`` (in place), and the
+    hand-written notes of the previous ``<stem>.md`` (from its first "## " heading on) are returned to be
+    appended. Returns (carried sweep keys, notes)."""
+    import json
+
+    carried, notes = [], ""
+    jpath, mpath = os.path.join(out_dir, stem + ".json"), os.path.join(out_dir, stem + ".md")
+    if os.path.exists(jpath):
+        with open(jpath) as f:
+            old = json.load(f).get("data", {}).get("results", {})
+        for k, r in old.items():
+            if k not in results:
+                results[k] = r
+                carried.append(k)
+    if os.path.exists(mpath):
+        with open(mpath) as f:
+            text = f.read()
+        at = text.find("\n## ")
+        if at >= 0:
+            notes = "\n" + text[at + 1:]
+    return carried, notes
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def main(argv=None):
@@ -454,7 +639,9 @@ def main(argv=None):
     p.add_argument("--gpu", action="store_true", help="small CUDA grid (about 60 s)")
     p.add_argument("--reps", type=int, default=None, help="alternating rounds per point")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--sweeps", default="MBR", help="which sweeps to run: any of M, B, R (default MBR)")
+    p.add_argument("--sweeps", default="MBRT", help="which sweeps to run: any of M, B, R, T (table rows, the "
+                   "settings of issue 26; default MBRT); the sweeps not run are carried over from the previous "
+                   "results file")
     p.add_argument("--out-dir", default=RESULTS_DIR)
     p.add_argument("--budget-s", type=float, default=None, help="start no new point after this many seconds "
                    "(default: 45 with --gpu, so the run fits in gpu_check.sh's 60 s; none on the CPU)")
@@ -469,7 +656,8 @@ def main(argv=None):
     last_wall = 0.0  # a point is started only if one as long as the last one still fits in the budget
     t0 = time.perf_counter()
     results = {}
-    for key in [k for k in "MBR" if k in args.sweeps.upper()]:
+    run_keys = [k for k in "MBRT" if k in args.sweeps.upper()]
+    for key in [k for k in "MBR" if k in run_keys]:
         base, axis, values, compile_at = grid[key]
         points = []
         for v in values:
@@ -487,19 +675,36 @@ def main(argv=None):
             last_wall = pt["wall_s"]
         if points:
             results[key] = {"base": base, "axis": axis, "points": points, "compile_at": compile_at}
+    if "T" in run_keys:
+        (M, B), values = ROWS_GRIDS["quick" if args.quick else device]
+        points = []
+        for G in values:
+            print(f"bench_scaling: {device} sweep T: M={M} B={B} global rows ~{G:,}", flush=True)
+            pt = run_rows_point(M, B, G, device, reps)
+            print("   " + ", ".join(f"{k} {v:.1f} ms" for k, v in pt["medians_ms"].items())
+                  + f"  ({pt['wall_s']:.0f} s)", flush=True)
+            points.append(pt)
+        results["T"] = {"base": (M, B), "axis": "global rows", "points": points}
     stem = f"scaling_{machine_tag()}" + ("_quick" if args.quick else "")
+    carried, notes = carry_over(args.out_dir, stem, results)
     body = (f"One training step = zero_grad + forward + backward + optimizer, float32, {torch.get_num_threads()} "
             f"threads, {reps} alternating rounds per point (medians); speed-up = median of per-round ratios "
             "t(provider) / t(SAML). Peak MiB = weights + Adagrad/Adam states + the peak extra allocation of one "
             "step after zero_grad. torch.compile of the reference only where a column has a value. Phases: see "
             "the benchmark's docstring (the CPU phase split comes from profiled steps, so 'sum' can exceed the "
             "timed median).\n\n")
-    body += "\n".join(sweep_tables(k, r["axis"], r["points"], r["base"]) for k, r in results.items())
-    body += f"\nTotal wall time: {time.perf_counter() - t0:.0f} s.\n"
+    if carried:
+        body += (f"Sweeps {', '.join(sorted(carried))} are carried over unchanged from the previous results file "
+                 f"(not rerun in this invocation, which ran {', '.join(run_keys)}).\n\n")
+    body += "\n".join(rows_table(r) if k == "T" else sweep_tables(k, r["axis"], r["points"], r["base"])
+                      for k, r in sorted(results.items(), key=lambda kr: "MBRT".index(kr[0])))
+    body += f"\nTotal wall time of this invocation: {time.perf_counter() - t0:.0f} s.\n" + notes
     print(body)
     paths = write_results(stem, "Scaling of the SAML training step with M, B and table rows: ours vs SAMLReference",
                           body, {"results": results}, out_dir=args.out_dir)
     paths = list(paths.values()) + plot_all(results, args.out_dir, stem)
+    if "T" in results:
+        paths += plot_rows(results["T"], args.out_dir, stem)
     print("wrote", ", ".join(paths))
     return results
 
