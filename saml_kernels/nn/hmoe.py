@@ -92,8 +92,9 @@ class HMoE(HMoEBody):
     """HMoE on the package's kernels (towers on the all-branch GEMM with the own-branch gradient mask, fused
     embedding bags); see :class:`HMoEBody` and the module docstring.
 
-    Args: config (:class:`HMoEConfig`); backend; embedding_optimizer None | "sgd" | "rowwise_adagrad" (fused into the
-    embedding backward), embedding_lr, embedding_eps; device, dtype."""
+    Args: config (:class:`HMoEConfig`); backend; embedding_optimizer "rowwise_adagrad" (the default) | "sgd" (fused
+    into the embedding backward, as ``SAML``) | None (plain table gradients), embedding_lr, embedding_eps; device,
+    dtype."""
 
     def __init__(self, config: HMoEConfig, *, backend: Optional[str] = None,
                  embedding_optimizer: Optional[str] = "rowwise_adagrad",

@@ -95,11 +95,13 @@ class SAML(nn.Module):
         config: a :class:`SAMLConfig`.
         layers: the :class:`~saml_kernels._layer_set.LayerSet` of the body (default ``KERNEL_LAYERS``).
         backend: forced backend of every op (None: ``use_backend`` context / env / automatic). Kernel layers only.
-        embedding_optimizer: None (the tables get ordinary dense gradients) | "sgd" | "rowwise_adagrad": the
-            embedding tables are updated inside the backward (``nn.ScenarioEmbedding``'s fused optimizer, only the
-            touched rows, no gradient tensor); the other parameters are left to a torch optimizer.
-            ``TrainingOptimizer`` gives the reference layers the same row-wise Adagrad math after their backward
-            (they take None | "rowwise_adagrad" and keep the states).
+        embedding_optimizer: "rowwise_adagrad" (the default) | "sgd": the embedding tables are updated inside
+            the backward (``nn.ScenarioEmbedding``'s fused optimizer, only the touched rows, no gradient tensor,
+            so the step does not grow with the tables); the other parameters are left to a torch optimizer
+            (``TrainingOptimizer``, built with the same ``embedding_lr`` / ``eps``). None: the tables get ordinary
+            dense gradients (``TrainingOptimizer.step`` then updates their non-zero rows; a table above 1M rows
+            warns once). ``TrainingOptimizer`` gives the reference layers the same row-wise Adagrad math after
+            their backward (they take None | "rowwise_adagrad", default "rowwise_adagrad", and keep the states).
         embedding_lr, embedding_eps: learning rate and eps of the fused embedding optimizer (kernel layers).
         device, dtype: factory arguments.
 

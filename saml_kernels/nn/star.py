@@ -97,8 +97,9 @@ class STAR(STARBody):
     """STAR on the package's kernels (grouped-GEMM ``StarLinear``, segmented-statistics ``PartitionedNorm``,
     fused embedding bags); see :class:`STARBody` and the module docstring.
 
-    Args: config (:class:`STARConfig`); backend (forced backend of every op); embedding_optimizer None | "sgd" |
-    "rowwise_adagrad" (fused into the embedding backward, as ``SAML``), embedding_lr, embedding_eps; device, dtype.
+    Args: config (:class:`STARConfig`); backend (forced backend of every op); embedding_optimizer
+    "rowwise_adagrad" (the default) | "sgd" (fused into the embedding backward, as ``SAML``) | None (plain table
+    gradients), embedding_lr, embedding_eps; device, dtype.
     """
 
     def __init__(self, config: STARConfig, *, backend: Optional[str] = None,

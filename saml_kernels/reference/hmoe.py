@@ -13,7 +13,8 @@ __all__ = ["HMoEReference", "HMoEConfig"]
 
 
 class HMoEReference(HMoEBody):
-    """HMoE from the reference layers (embedding_optimizer None or "rowwise_adagrad", as ``STARReference``)."""
+    """HMoE from the reference layers (embedding_optimizer "rowwise_adagrad", the default, or None, as
+    ``STARReference``)."""
 
     def __init__(self, config: HMoEConfig, *, embedding_optimizer: Optional[str] = "rowwise_adagrad",
                  device=None, dtype=None):

@@ -13,8 +13,8 @@ __all__ = ["STARReference", "STARConfig"]
 
 
 class STARReference(STARBody):
-    """STAR from the reference layers. embedding_optimizer: None or "rowwise_adagrad" (the latter registers the
-    row-wise state buffers, which ``TrainingOptimizer`` updates after the backward)."""
+    """STAR from the reference layers. embedding_optimizer: "rowwise_adagrad" (the default, as ``nn.STAR``'s: the
+    row-wise state buffers, which ``TrainingOptimizer`` updates after the backward) or None."""
 
     def __init__(self, config: STARConfig, *, embedding_optimizer: Optional[str] = "rowwise_adagrad",
                  device=None, dtype=None):
