@@ -85,6 +85,7 @@ ROWS_GRIDS = {"cpu": ((2, 2048), [100_000, 300_000, 1_000_000, 3_000_000, 10_000
               "quick": ((2, 128), [40_000, 200_000])}
 ROWS_SETTINGS = ("fused (default)", "non-fused sparse", "non-fused dense")
 DENSE_MAX_ROWS = 1_000_000
+ROWS_THREADS = 1  # torch threads of the T sweep on the CPU (see run_rows_point)
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -324,14 +325,20 @@ def build_rows_setting(cfg, setting: str, device: str):
 
 
 def run_rows_point(M: int, B: int, G: int, device: str, reps: int) -> dict:
-    """Step time (median of ``reps`` steps after 2 warm-up steps), state and peak memory of each setting at G."""
+    """Step time (median of ``reps`` steps after 2 warm-up steps), state and peak memory of each setting at G.
+
+    Two clocks per step: wall time, and on the CPU the CPU time of the calling thread (``time.thread_time``). The
+    sweep runs its CPU steps on one torch thread (``ROWS_THREADS``), so that thread's CPU time is the whole step's
+    CPU work and waiting for a core held by another process does not count: on a shared machine it is the number
+    that still compares across points (the cache and memory bandwidth stay shared)."""
     import gc
     import warnings
 
     t_start = time.perf_counter()
     cfg, b = rows_problem(M, B, G, device)
-    rows = cfg.features and sum(f.num_embeddings for f in cfg.features)
-    out = {"M": M, "B": B, "G": G, "global_rows": rows, "medians_ms": {}, "steps_ms": {}, "memory_bytes": {}}
+    rows = sum(f.num_embeddings for f in cfg.features)
+    out = {"M": M, "B": B, "G": G, "global_rows": rows, "medians_ms": {}, "steps_ms": {}, "cpu_medians_ms": {},
+           "cpu_steps_ms": {}, "memory_bytes": {}}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for setting in ROWS_SETTINGS:
         if setting == "non-fused dense" and rows > DENSE_MAX_ROWS:
@@ -347,18 +354,21 @@ def run_rows_point(M: int, B: int, G: int, device: str, reps: int) -> dict:
             for _ in range(2):
                 opt.zero_grad()
                 body()
-            times = []
+            times, cpu = [], []
             for _ in range(reps):
                 opt.zero_grad()
                 sync()
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 body()
                 sync()
                 times.append((time.perf_counter() - t) * 1e3)
+                cpu.append((time.thread_time() - c) * 1e3)
             state = state_bytes(model, opt)
             out["memory_bytes"][setting] = {"state": state, "peak": state + step_peak_extra(opt, body, device)}
         out["medians_ms"][setting] = statistics.median(times)
         out["steps_ms"][setting] = times
+        out["cpu_medians_ms"][setting] = statistics.median(cpu)
+        out["cpu_steps_ms"][setting] = cpu
         del model, opt, body
         gc.collect()
     out["wall_s"] = time.perf_counter() - t_start
@@ -368,29 +378,33 @@ def run_rows_point(M: int, B: int, G: int, device: str, reps: int) -> dict:
 def rows_table(res: dict) -> str:
     pts = res["points"]
     (M, B) = res["base"]
-    base = pts[0]["medians_ms"]["fused (default)"]
+    clock = "cpu_medians_ms" if pts[0].get("cpu_medians_ms") and res.get("device", "cpu") == "cpu" else "medians_ms"
+    base = pts[0][clock]["fused (default)"]
     rows = []
     for p in pts:
-        ms, mem = p["medians_ms"], p["memory_bytes"]
+        ms, wall, mem = p[clock], p["medians_ms"], p["memory_bytes"]
         rows.append([f"{p['global_rows']:,}"] + [ms.get(s, "-") for s in ROWS_SETTINGS]
-                    + [f"{ms['fused (default)'] / base:.2f}x"]
-                    + [mem[s]["state"] / 2**20 if s in mem else "-" for s in ROWS_SETTINGS[:2]]
+                    + [f"{ms['fused (default)'] / base:.2f}x"] + [wall.get(s, "-") for s in ROWS_SETTINGS]
+                    + [mem[s]["state"] / 2**20 if s in mem else "-" for s in ROWS_SETTINGS[:1]]
                     + [mem[s]["peak"] / 2**20 if s in mem else "-" for s in ROWS_SETTINGS])
-    header = (["global rows"] + [f"{s} ms" for s in ROWS_SETTINGS] + ["default vs first point"]
-              + [f"{s} state MiB" for s in ROWS_SETTINGS[:2]] + [f"{s} peak MiB" for s in ROWS_SETTINGS])
+    what = "CPU ms" if clock == "cpu_medians_ms" else "ms"
+    header = (["global rows"] + [f"{s} {what}" for s in ROWS_SETTINGS] + ["default vs first point"]
+              + [f"{s} wall ms" for s in ROWS_SETTINGS] + ["state MiB (every setting)"]
+              + [f"{s} peak MiB" for s in ROWS_SETTINGS])
     text = (f"### Sweep over the global table rows (M={M}, B={B}; issue 26)\n\nSettings: `SAML(cfg)` (the default: "
             "row-wise Adagrad fused into the embedding backward); `SAML(cfg, embedding_optimizer=None)` with sparse "
             "table gradients (`sparse=True` on its embedding layers) or dense ones (the old default; only up to "
             f"{DENSE_MAX_ROWS:,} global rows), tables updated by `TrainingOptimizer.step` on the touched rows. "
-            "Median of the timed steps of each setting (timed one setting after another, one model alive at a "
-            "time); the user and item tables and the behaviour-sequence table are G/2 rows each, with the "
+            f"Median of {res.get('reps', '?')} timed steps of each setting (timed one setting after another, one "
+            f"model alive at a time), {res.get('threads', '?')} torch thread(s); 'CPU ms' = CPU time of the step's "
+            "thread (`run_rows_point`: on a shared machine the comparable number), 'wall ms' beside it; the user and item tables and the behaviour-sequence table are G/2 rows each, with the "
             "batch's ids spread over them (`rows_problem`). State = weights + row-wise and Adam states; peak = state "
             "+ the peak extra allocation of one step.\n\n")
     text += markdown_table(header, rows) + "\n\n"
     gs = [p["global_rows"] for p in pts]
-    sl = [(s, slope([g for g, p in zip(gs, pts) if s in p["medians_ms"]],
-                    [p["medians_ms"][s] for p in pts if s in p["medians_ms"]])) for s in ROWS_SETTINGS]
-    text += "Slopes of log(ms) vs log(global rows):\n\n" + markdown_table(["setting", "slope"],
+    sl = [(s, slope([g for g, p in zip(gs, pts) if s in p[clock]],
+                    [p[clock][s] for p in pts if s in p[clock]])) for s in ROWS_SETTINGS]
+    text += f"Slopes of log({what}) vs log(global rows):\n\n" + markdown_table(["setting", "slope"],
                                                                           [[k, f"{v:.2f}"] for k, v in sl]) + "\n"
     return text
 
@@ -403,18 +417,20 @@ def plot_rows(res: dict, out_dir: str, stem: str) -> list:
     except ImportError:
         return []
     pts = res["points"]
+    clock = "cpu_medians_ms" if pts[0].get("cpu_medians_ms") and res.get("device", "cpu") == "cpu" else "medians_ms"
     fig, (ax, axm) = plt.subplots(1, 2, figsize=(11, 4.5))
     for s in ROWS_SETTINGS:
-        xs = [p["global_rows"] for p in pts if s in p["medians_ms"]]
+        xs = [p["global_rows"] for p in pts if s in p[clock]]
         if xs:
-            ax.plot(xs, [p["medians_ms"][s] for p in pts if s in p["medians_ms"]], "-o", ms=3,
-                    label=f"{s} (slope {slope(xs, [p['medians_ms'][s] for p in pts if s in p['medians_ms']]):.2f})")
+            ys = [p[clock][s] for p in pts if s in p[clock]]
+            ax.plot(xs, ys, "-o", ms=3, label=f"{s} (slope {slope(xs, ys):.2f})")
             axm.plot(xs, [p["memory_bytes"][s]["peak"] / 2**20 for p in pts if s in p["memory_bytes"]], "-o", ms=3,
                      label=f"{s} peak")
     xs = [p["global_rows"] for p in pts]
     axm.plot(xs, [p["memory_bytes"]["fused (default)"]["state"] / 2**20 for p in pts], "k:o", ms=3,
              label="state (weights + optimizer states)")
-    for a, yl, t in ((ax, "ms per training step (median)", "SAML step vs global table rows"),
+    ylab = "CPU ms per training step (median, 1 thread)" if clock == "cpu_medians_ms" else "ms per training step"
+    for a, yl, t in ((ax, ylab, "SAML step vs global table rows"),
                      (axm, "MiB", "memory vs global table rows")):
         a.set_xscale("log")
         a.set_yscale("log")
@@ -677,14 +693,22 @@ def main(argv=None):
             results[key] = {"base": base, "axis": axis, "points": points, "compile_at": compile_at}
     if "T" in run_keys:
         (M, B), values = ROWS_GRIDS["quick" if args.quick else device]
+        threads = torch.get_num_threads()
+        if device == "cpu":
+            torch.set_num_threads(ROWS_THREADS)
         points = []
-        for G in values:
-            print(f"bench_scaling: {device} sweep T: M={M} B={B} global rows ~{G:,}", flush=True)
-            pt = run_rows_point(M, B, G, device, reps)
-            print("   " + ", ".join(f"{k} {v:.1f} ms" for k, v in pt["medians_ms"].items())
-                  + f"  ({pt['wall_s']:.0f} s)", flush=True)
-            points.append(pt)
-        results["T"] = {"base": (M, B), "axis": "global rows", "points": points}
+        try:
+            for G in values:
+                print(f"bench_scaling: {device} sweep T: M={M} B={B} global rows ~{G:,}", flush=True)
+                pt = run_rows_point(M, B, G, device, reps)
+                print("   " + ", ".join(f"{k} {v:.1f} ms wall / {pt['cpu_medians_ms'][k]:.1f} ms CPU"
+                                        for k, v in pt["medians_ms"].items()) + f"  ({pt['wall_s']:.0f} s)", flush=True)
+                points.append(pt)
+        finally:
+            t_rows = torch.get_num_threads()
+            torch.set_num_threads(threads)
+        results["T"] = {"base": (M, B), "axis": "global rows", "points": points, "reps": reps, "threads": t_rows,
+                        "device": device, "loadavg_1m_after": os.getloadavg()[0]}
     stem = f"scaling_{machine_tag()}" + ("_quick" if args.quick else "")
     carried, notes = carry_over(args.out_dir, stem, results)
     body = (f"One training step = zero_grad + forward + backward + optimizer, float32, {torch.get_num_threads()} "
