@@ -341,7 +341,7 @@ def run_rows_point(M: int, B: int, G: int, device: str, reps: int) -> dict:
            "cpu_steps_ms": {}, "memory_bytes": {}}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for setting in ROWS_SETTINGS:
-        if setting == "non-fused dense" and rows > DENSE_MAX_ROWS:
+        if setting == "non-fused dense" and G > DENSE_MAX_ROWS:
             continue
         model, opt = build_rows_setting(cfg, setting, device)
 
@@ -393,8 +393,8 @@ def rows_table(res: dict) -> str:
               + [f"{s} peak MiB" for s in ROWS_SETTINGS])
     text = (f"### Sweep over the global table rows (M={M}, B={B}; issue 26)\n\nSettings: `SAML(cfg)` (the default: "
             "row-wise Adagrad fused into the embedding backward); `SAML(cfg, embedding_optimizer=None)` with sparse "
-            "table gradients (`sparse=True` on its embedding layers) or dense ones (the old default; only up to "
-            f"{DENSE_MAX_ROWS:,} global rows), tables updated by `TrainingOptimizer.step` on the touched rows. "
+            "table gradients (`sparse=True` on its embedding layers) or dense ones (the old default; only at the "
+            f"points of at most ~{DENSE_MAX_ROWS:,} global rows), tables updated by `TrainingOptimizer.step` on the touched rows. "
             f"Median of {res.get('reps', '?')} timed steps of each setting (timed one setting after another, one "
             f"model alive at a time), {res.get('threads', '?')} torch thread(s); 'CPU ms' = CPU time of the step's "
             "thread (`run_rows_point`: on a shared machine the comparable number), 'wall ms' beside it; the user and item tables and the behaviour-sequence table are G/2 rows each, with the "

@@ -118,8 +118,8 @@ def rowwise_adagrad_rows_(weight: Tensor, grad: Tensor, state: Tensor, lr: float
         for r in rows: state[r] += mean_d(g[r]^2);  w[r] -= lr * g[r] / (sqrt(state[r]) + eps)
 
     Exactness: a row whose gradient is +0.0 everywhere is left as it is, and there the full-table update is the
-    identity (state + 0 = state, w - 0 = w, bit for bit, -0.0 weights included) for any finite state >= 0 and
-    finite lr (the states Adagrad produces); so this equals the full-table computation bit for bit on every row
+    identity (state + 0 = state, w - 0 = w, bit for bit, -0.0 weights included) for a finite lr and any state
+    Adagrad produces (finite, +0.0 or positive); so this equals the full-table computation bit for bit on every row
     (the rows it updates get the same element-wise math on the same values). A -0.0 gradient is not skipped
     (w = -0.0 minus -0.0 gives +0.0 in the full update). The one difference: a row with a NaN / negative state or
     an infinite lr, which the full update would turn into NaN although nothing touched it, stays untouched here.
