@@ -243,3 +243,32 @@ def test_default_twins_train_alike():
         sf, sr = fast.state_dict(), ref.state_dict()
         for k in sf:
             torch.testing.assert_close(sf[k], sr[k], atol=1e-4, rtol=1e-3, msg=f"{fast_cls.__name__} {k}")
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_optimizer_on_layer_gradients_bitwise_equals_full_table(sparse, dtype):
+    """The layer's own gradients (sparse: coalesced per backward, accumulated uncoalesced over two backward calls;
+    or dense), through TrainingOptimizer.step, against the old full-table update on a copy."""
+    emb = ScenarioEmbedding([("user", 500, True), ("item", 700)], 3, 8, sparse=sparse, optimizer=None, dtype=dtype)
+    opt = _optimizer(emb, embedding_lr=LR)
+    tables = [(emb.global_weight, torch.zeros(1200)), (emb.scenario_weight, torch.zeros(3, 500))]
+    copies = [(w.detach().clone(), st.clone()) for w, st in tables]
+    for _ in range(3):
+        opt.zero_grad()
+        for _ in range(2):  # two backward calls before one step: the gradients accumulate
+            B = 32
+            idx = torch.cat([torch.randint(0, 500, (B,)), torch.randint(0, 700, (B,))])
+            g, s = emb(idx, torch.arange(2 * B + 1), torch.randint(0, 3, (B,)))
+            (g.float().square().sum() + (s.float() * torch.randn_like(s.float())).sum()).backward()
+        assert emb.global_weight.grad.is_sparse == sparse
+        if sparse:  # the sum of two backward calls' coalesced gradients: repeated rows
+            assert not emb.global_weight.grad.is_coalesced()
+        grads = [emb.global_weight.grad.clone(), emb.scenario_weight.grad.clone()]
+        opt.step()
+        for (w_old, st_old), g in zip(copies, grads):
+            full_table_step(w_old, g, st_old, LR, EPS)
+    own = [st for _, st in opt.tables]  # the states TrainingOptimizer keeps for the two tables, in order
+    assert all(a is b for (a, _), b in zip(opt.tables, (emb.global_weight, emb.scenario_weight)))
+    for (w, _), st, (w_old, st_old) in zip(tables, own, copies):
+        assert torch.equal(bits(w.detach()), bits(w_old)) and torch.equal(bits(st), bits(st_old))
