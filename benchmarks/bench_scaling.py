@@ -29,15 +29,24 @@ Three sweeps (one axis moves, the others stay at the base point): M, B, R. Per p
   two causes the results file names for the curves that are steeper than expected.
 Slopes: least-squares slope of log(y) against log(x) over each curve (1 = linear, 0 = flat).
 
-    python benchmarks/bench_scaling.py [--quick] [--gpu] [--reps N] [--no-compile] [--sweeps MBR] [--budget-s S]
+Sweep T (issue 26, ``ROWS_GRIDS``): the global table rows G from 100k to 10M at M=2, B=2048, for the settings of
+``ROWS_SETTINGS``: the default ``SAML(cfg)`` (fused row-wise Adagrad), ``embedding_optimizer=None`` with sparse
+table gradients, and with dense ones (the old default, only up to ``DENSE_MAX_ROWS``), each timed on its own (one
+model alive at a time), on one torch thread with the CPU time of the step's thread beside the wall time (see
+``run_rows_point``), plus state and peak memory; plot ``..._tables.png``.
+
+    python benchmarks/bench_scaling.py [--quick] [--gpu] [--reps N] [--no-compile] [--sweeps MBRT] [--budget-s S]
                                        [--out-dir DIR]
+
+The sweeps not named in ``--sweeps`` are carried over from the previous results file (``carry_over``), with its
+hand-written notes, so there is one current file per benchmark and machine.
 
 ``--quick``: a tiny grid, no compile, results suffixed ``_quick`` (git-ignored), for the smoke test. ``--gpu``: a
 small CUDA grid (no compile) that fits in gpu_check.sh's 60 s: no point is started unless one as long as the
 previous one still fits in ``--budget-s`` (45 s). The full CPU grid (GRIDS["cpu"]) takes 4-5 min on 2 cores with a
 warm inductor cache, 7-10 min cold (a compile of the reference takes 20-60 s per point). Results:
 ``benchmarks/results/scaling_<machine>.{md,json}`` and the plots ``..._m.png`` (time vs M), ``..._b.png`` (time vs
-B), ``..._rows.png`` (time vs R), ``..._mem.png`` (memory vs M).
+B), ``..._rows.png`` (time vs R), ``..._mem.png`` (memory vs M), ``..._tables.png`` (sweep T).
 """
 from __future__ import annotations
 
@@ -394,10 +403,11 @@ def rows_table(res: dict) -> str:
     text = (f"### Sweep over the global table rows (M={M}, B={B}; issue 26)\n\nSettings: `SAML(cfg)` (the default: "
             "row-wise Adagrad fused into the embedding backward); `SAML(cfg, embedding_optimizer=None)` with sparse "
             "table gradients (`sparse=True` on its embedding layers) or dense ones (the old default; only at the "
-            f"points of at most ~{DENSE_MAX_ROWS:,} global rows), tables updated by `TrainingOptimizer.step` on the touched rows. "
-            f"Median of {res.get('reps', '?')} timed steps of each setting (timed one setting after another, one "
-            f"model alive at a time), {res.get('threads', '?')} torch thread(s); 'CPU ms' = CPU time of the step's "
-            "thread (`run_rows_point`: on a shared machine the comparable number), 'wall ms' beside it; the user and item tables and the behaviour-sequence table are G/2 rows each, with the "
+            f"points of at most ~{DENSE_MAX_ROWS:,} global rows), tables updated by `TrainingOptimizer.step` on "
+            f"the touched rows. Median of {res.get('reps', '?')} timed steps of each setting (timed one setting "
+            f"after another, one model alive at a time), {res.get('threads', '?')} torch thread(s); 'CPU ms' = CPU "
+            "time of the step's thread (`run_rows_point`: on a shared machine the comparable number), 'wall ms' "
+            "beside it; the user and item tables and the behaviour-sequence table are G/2 rows each, with the "
             "batch's ids spread over them (`rows_problem`). State = weights + row-wise and Adam states; peak = state "
             "+ the peak extra allocation of one step.\n\n")
     text += markdown_table(header, rows) + "\n\n"
