@@ -29,15 +29,24 @@ Three sweeps (one axis moves, the others stay at the base point): M, B, R. Per p
   two causes the results file names for the curves that are steeper than expected.
 Slopes: least-squares slope of log(y) against log(x) over each curve (1 = linear, 0 = flat).
 
-    python benchmarks/bench_scaling.py [--quick] [--gpu] [--reps N] [--no-compile] [--sweeps MBR] [--budget-s S]
+Sweep T (issue 26, ``ROWS_GRIDS``): the global table rows G from 100k to 10M at M=2, B=2048, for the settings of
+``ROWS_SETTINGS``: the default ``SAML(cfg)`` (fused row-wise Adagrad), ``embedding_optimizer=None`` with sparse
+table gradients, and with dense ones (the old default, only up to ``DENSE_MAX_ROWS``), each timed on its own (one
+model alive at a time), on one torch thread with the CPU time of the step's thread beside the wall time (see
+``run_rows_point``), plus state and peak memory; plot ``..._tables.png``.
+
+    python benchmarks/bench_scaling.py [--quick] [--gpu] [--reps N] [--no-compile] [--sweeps MBRT] [--budget-s S]
                                        [--out-dir DIR]
+
+The sweeps not named in ``--sweeps`` are carried over from the previous results file (``carry_over``), with its
+hand-written notes, so there is one current file per benchmark and machine.
 
 ``--quick``: a tiny grid, no compile, results suffixed ``_quick`` (git-ignored), for the smoke test. ``--gpu``: a
 small CUDA grid (no compile) that fits in gpu_check.sh's 60 s: no point is started unless one as long as the
 previous one still fits in ``--budget-s`` (45 s). The full CPU grid (GRIDS["cpu"]) takes 4-5 min on 2 cores with a
 warm inductor cache, 7-10 min cold (a compile of the reference takes 20-60 s per point). Results:
 ``benchmarks/results/scaling_<machine>.{md,json}`` and the plots ``..._m.png`` (time vs M), ``..._b.png`` (time vs
-B), ``..._rows.png`` (time vs R), ``..._mem.png`` (memory vs M).
+B), ``..._rows.png`` (time vs R), ``..._mem.png`` (memory vs M), ``..._tables.png`` (sweep T).
 """
 from __future__ import annotations
 
@@ -76,6 +85,16 @@ GRIDS = {
               "B": ((2, 256, 500), "B", [128, 256], []),
               "R": ((2, 256, 500), "R", [500, 2000], [])},
 }
+
+
+# sweep "T" (issue 26): global table rows G, (M, B) fixed; the settings are timed one after another (one model
+# alive at a time: at G = 10M the tables take ~3 GB); "non-fused dense" only up to DENSE_MAX_ROWS (it is the slow one)
+ROWS_GRIDS = {"cpu": ((2, 2048), [100_000, 300_000, 1_000_000, 3_000_000, 10_000_000]),
+              "gpu": ((2, 8192), [100_000, 10_000_000]),
+              "quick": ((2, 128), [40_000, 200_000])}
+ROWS_SETTINGS = ("fused (default)", "non-fused sparse", "non-fused dense")
+DENSE_MAX_ROWS = 1_000_000
+ROWS_THREADS = 1  # torch threads of the T sweep on the CPU (see run_rows_point)
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -270,6 +289,173 @@ def block_gemm_probe(cfg, reps: int = 30) -> dict:
             "packed_weights_mib": (K + Ka) * M * N * 4 / 2**20}
 
 
+# ------------------------------------------------------------------------------------------------ table rows
+
+def rows_problem(M: int, B: int, G: int, device: str):
+    """(cfg, batch) of a SAML problem whose global table has about G rows: the synthetic data of a small
+    problem (users = items = 20k, so make_synthetic stays fast), with the user, item and behaviour-sequence tables
+    widened to G/2 rows each and their ids spread over the wide tables (id -> id * stride): the batch touches as
+    many rows as the small problem, scattered over tables G/40k times larger."""
+    import dataclasses
+
+    small = 20_000
+    data = make_synthetic(B, num_scenarios=M, scenario_mix=[1.0] * M, num_users=small, num_items=small, seed=0)
+    cfg = SAMLConfig.from_data(data)
+    wide = max(G // 2, small)
+    stride = wide // small
+    feats = [f._replace(num_embeddings=wide) if f.name in ("user", "item") else f for f in cfg.features]
+    seq = cfg.sequence._replace(num_embeddings=wide + 1)  # + the padding id 0
+    cfg = dataclasses.replace(cfg, features=feats, sequence=seq)
+    b = data.batch(np.arange(B))
+    off, idx = b.offsets, b.indices.clone()
+    for f, spec in enumerate(cfg.features):
+        if spec.name in ("user", "item"):
+            lo, hi = int(off[f * B]), int(off[(f + 1) * B])
+            idx[lo:hi] *= stride
+    seq_ids = torch.where(b.seq_ids > 0, (b.seq_ids - 1) * stride + 1, b.seq_ids)
+    b = dataclasses.replace(b, indices=idx, seq_ids=seq_ids)
+    return cfg, b.to(device)
+
+
+def build_rows_setting(cfg, setting: str, device: str):
+    """(model, optimizer, body) of one setting: the default model (fused row-wise Adagrad), or
+    embedding_optimizer=None with sparse (``sparse=True`` on the embedding layers) or dense table gradients, the
+    tables then updated by TrainingOptimizer.step (the rows the gradient touches)."""
+    torch.manual_seed(0)
+    if setting == "fused (default)":
+        model = SAML(cfg, device=device)
+    else:
+        model = SAML(cfg, embedding_optimizer=None, device=device)
+        for mod in (model.embedding, getattr(model, "sequence_embedding", None)):
+            if mod is not None:
+                mod.sparse = setting == "non-fused sparse"
+    opt = TrainingOptimizer(model, LR)  # embedding_lr: the models' default (0.05)
+    return model, opt
+
+
+def run_rows_point(M: int, B: int, G: int, device: str, reps: int) -> dict:
+    """Step time (median of ``reps`` steps after 2 warm-up steps), state and peak memory of each setting at G.
+
+    Two clocks per step: wall time, and on the CPU the CPU time of the calling thread (``time.thread_time``). The
+    sweep runs its CPU steps on one torch thread (``ROWS_THREADS``), so that thread's CPU time is the whole step's
+    CPU work and waiting for a core held by another process does not count: on a shared machine it is the number
+    that still compares across points (the cache and memory bandwidth stay shared)."""
+    import gc
+    import warnings
+
+    t_start = time.perf_counter()
+    cfg, b = rows_problem(M, B, G, device)
+    rows = sum(f.num_embeddings for f in cfg.features)
+    out = {"M": M, "B": B, "G": G, "global_rows": rows, "medians_ms": {}, "steps_ms": {}, "cpu_medians_ms": {},
+           "cpu_steps_ms": {}, "memory_bytes": {}}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for setting in ROWS_SETTINGS:
+        if setting == "non-fused dense" and G > DENSE_MAX_ROWS:
+            continue
+        model, opt = build_rows_setting(cfg, setting, device)
+
+        def body(model=model, opt=opt):
+            model.loss(b).backward()
+            opt.step()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the dense setting's large-table warning, expected here
+            for _ in range(2):
+                opt.zero_grad()
+                body()
+            times, cpu = [], []
+            for _ in range(reps):
+                opt.zero_grad()
+                sync()
+                t, c = time.perf_counter(), time.thread_time()
+                body()
+                sync()
+                times.append((time.perf_counter() - t) * 1e3)
+                cpu.append((time.thread_time() - c) * 1e3)
+            state = state_bytes(model, opt)
+            out["memory_bytes"][setting] = {"state": state, "peak": state + step_peak_extra(opt, body, device)}
+        out["medians_ms"][setting] = statistics.median(times)
+        out["steps_ms"][setting] = times
+        out["cpu_medians_ms"][setting] = statistics.median(cpu)
+        out["cpu_steps_ms"][setting] = cpu
+        del model, opt, body
+        gc.collect()
+    out["wall_s"] = time.perf_counter() - t_start
+    return out
+
+
+def rows_table(res: dict) -> str:
+    pts = res["points"]
+    (M, B) = res["base"]
+    clock = "cpu_medians_ms" if pts[0].get("cpu_medians_ms") and res.get("device", "cpu") == "cpu" else "medians_ms"
+    base = pts[0][clock]["fused (default)"]
+    rows = []
+    for p in pts:
+        ms, wall, mem = p[clock], p["medians_ms"], p["memory_bytes"]
+        rows.append([f"{p['global_rows']:,}"] + [ms.get(s, "-") for s in ROWS_SETTINGS]
+                    + [f"{ms['fused (default)'] / base:.2f}x"] + [wall.get(s, "-") for s in ROWS_SETTINGS]
+                    + [mem[s]["state"] / 2**20 if s in mem else "-" for s in ROWS_SETTINGS[:1]]
+                    + [mem[s]["peak"] / 2**20 if s in mem else "-" for s in ROWS_SETTINGS])
+    what = "CPU ms" if clock == "cpu_medians_ms" else "ms"
+    header = (["global rows"] + [f"{s} {what}" for s in ROWS_SETTINGS] + ["default vs first point"]
+              + [f"{s} wall ms" for s in ROWS_SETTINGS] + ["state MiB (every setting)"]
+              + [f"{s} peak MiB" for s in ROWS_SETTINGS])
+    text = (f"### Sweep over the global table rows (M={M}, B={B}; issue 26)\n\nSettings: `SAML(cfg)` (the default: "
+            "row-wise Adagrad fused into the embedding backward); `SAML(cfg, embedding_optimizer=None)` with sparse "
+            "table gradients (`sparse=True` on its embedding layers) or dense ones (the old default; only at the "
+            f"points of at most ~{DENSE_MAX_ROWS:,} global rows), tables updated by `TrainingOptimizer.step` on "
+            f"the touched rows. Median of {res.get('reps', '?')} timed steps of each setting (timed one setting "
+            f"after another, one model alive at a time), {res.get('threads', '?')} torch thread(s); 'CPU ms' = CPU "
+            "time of the step's thread (`run_rows_point`: on a shared machine the comparable number), 'wall ms' "
+            "beside it; the user and item tables and the behaviour-sequence table are G/2 rows each, with the "
+            "batch's ids spread over them (`rows_problem`). State = weights + row-wise and Adam states; peak = state "
+            "+ the peak extra allocation of one step.\n\n")
+    text += markdown_table(header, rows) + "\n\n"
+    gs = [p["global_rows"] for p in pts]
+    sl = [(s, slope([g for g, p in zip(gs, pts) if s in p[clock]],
+                    [p[clock][s] for p in pts if s in p[clock]])) for s in ROWS_SETTINGS]
+    text += f"Slopes of log({what}) vs log(global rows):\n\n" + markdown_table(["setting", "slope"],
+                                                                          [[k, f"{v:.2f}"] for k, v in sl]) + "\n"
+    return text
+
+
+def plot_rows(res: dict, out_dir: str, stem: str) -> list:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    pts = res["points"]
+    clock = "cpu_medians_ms" if pts[0].get("cpu_medians_ms") and res.get("device", "cpu") == "cpu" else "medians_ms"
+    fig, (ax, axm) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for s in ROWS_SETTINGS:
+        xs = [p["global_rows"] for p in pts if s in p[clock]]
+        if xs:
+            ys = [p[clock][s] for p in pts if s in p[clock]]
+            ax.plot(xs, ys, "-o", ms=3, label=f"{s} (slope {slope(xs, ys):.2f})")
+            axm.plot(xs, [p["memory_bytes"][s]["peak"] / 2**20 for p in pts if s in p["memory_bytes"]], "-o", ms=3,
+                     label=f"{s} peak")
+    xs = [p["global_rows"] for p in pts]
+    axm.plot(xs, [p["memory_bytes"]["fused (default)"]["state"] / 2**20 for p in pts], "k:o", ms=3,
+             label="state (weights + optimizer states)")
+    ylab = "CPU ms per training step (median, 1 thread)" if clock == "cpu_medians_ms" else "ms per training step"
+    for a, yl, t in ((ax, ylab, "SAML step vs global table rows"),
+                     (axm, "MiB", "memory vs global table rows")):
+        a.set_xscale("log")
+        a.set_yscale("log")
+        a.set_xlabel("global table rows")
+        a.set_ylabel(yl)
+        a.set_title(f"{t} ({stem}, M={res['base'][0]}, B={res['base'][1]})", fontsize=9)
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{stem}_tables.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 # ------------------------------------------------------------------------------------------------ one point
 
 def run_point(M: int, B: int, R: int, device: str, reps: int, compile_ref: bool, phase_reps: int) -> dict:
@@ -446,6 +632,31 @@ def plot_all(results: dict, out_dir: str, stem: str) -> list:
     return paths
 
 
+def carry_over(out_dir: str, stem: str, results: dict) -> tuple:
+    """Keeps one current results file per benchmark and machine when only some sweeps run: the sweeps of the
+    previous ``<stem>.json`` that this invocation did not run are added to ``results`` (in place), and the
+    hand-written notes of the previous ``<stem>.md`` (from its first "## " heading on) are returned to be
+    appended. Returns (carried sweep keys, notes)."""
+    import json
+
+    carried, notes = [], ""
+    jpath, mpath = os.path.join(out_dir, stem + ".json"), os.path.join(out_dir, stem + ".md")
+    if os.path.exists(jpath):
+        with open(jpath) as f:
+            old = json.load(f).get("data", {}).get("results", {})
+        for k, r in old.items():
+            if k not in results:
+                results[k] = r
+                carried.append(k)
+    if os.path.exists(mpath):
+        with open(mpath) as f:
+            text = f.read()
+        at = text.find("\n## ")
+        if at >= 0:
+            notes = "\n" + text[at + 1:]
+    return carried, notes
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def main(argv=None):
@@ -454,7 +665,9 @@ def main(argv=None):
     p.add_argument("--gpu", action="store_true", help="small CUDA grid (about 60 s)")
     p.add_argument("--reps", type=int, default=None, help="alternating rounds per point")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--sweeps", default="MBR", help="which sweeps to run: any of M, B, R (default MBR)")
+    p.add_argument("--sweeps", default="MBRT", help="which sweeps to run: any of M, B, R, T (table rows, the "
+                   "settings of issue 26; default MBRT); the sweeps not run are carried over from the previous "
+                   "results file")
     p.add_argument("--out-dir", default=RESULTS_DIR)
     p.add_argument("--budget-s", type=float, default=None, help="start no new point after this many seconds "
                    "(default: 45 with --gpu, so the run fits in gpu_check.sh's 60 s; none on the CPU)")
@@ -469,7 +682,8 @@ def main(argv=None):
     last_wall = 0.0  # a point is started only if one as long as the last one still fits in the budget
     t0 = time.perf_counter()
     results = {}
-    for key in [k for k in "MBR" if k in args.sweeps.upper()]:
+    run_keys = [k for k in "MBRT" if k in args.sweeps.upper()]
+    for key in [k for k in "MBR" if k in run_keys]:
         base, axis, values, compile_at = grid[key]
         points = []
         for v in values:
@@ -487,19 +701,44 @@ def main(argv=None):
             last_wall = pt["wall_s"]
         if points:
             results[key] = {"base": base, "axis": axis, "points": points, "compile_at": compile_at}
+    if "T" in run_keys:
+        (M, B), values = ROWS_GRIDS["quick" if args.quick else device]
+        threads = torch.get_num_threads()
+        if device == "cpu":
+            torch.set_num_threads(ROWS_THREADS)
+        points = []
+        try:
+            for G in values:
+                print(f"bench_scaling: {device} sweep T: M={M} B={B} global rows ~{G:,}", flush=True)
+                pt = run_rows_point(M, B, G, device, reps)
+                print("   " + ", ".join(f"{k} {v:.1f} ms wall / {pt['cpu_medians_ms'][k]:.1f} ms CPU"
+                                        for k, v in pt["medians_ms"].items()) + f"  ({pt['wall_s']:.0f} s)", flush=True)
+                points.append(pt)
+        finally:
+            t_rows = torch.get_num_threads()
+            torch.set_num_threads(threads)
+        results["T"] = {"base": (M, B), "axis": "global rows", "points": points, "reps": reps, "threads": t_rows,
+                        "device": device, "loadavg_1m_after": os.getloadavg()[0]}
     stem = f"scaling_{machine_tag()}" + ("_quick" if args.quick else "")
+    carried, notes = carry_over(args.out_dir, stem, results)
     body = (f"One training step = zero_grad + forward + backward + optimizer, float32, {torch.get_num_threads()} "
             f"threads, {reps} alternating rounds per point (medians); speed-up = median of per-round ratios "
             "t(provider) / t(SAML). Peak MiB = weights + Adagrad/Adam states + the peak extra allocation of one "
             "step after zero_grad. torch.compile of the reference only where a column has a value. Phases: see "
             "the benchmark's docstring (the CPU phase split comes from profiled steps, so 'sum' can exceed the "
             "timed median).\n\n")
-    body += "\n".join(sweep_tables(k, r["axis"], r["points"], r["base"]) for k, r in results.items())
-    body += f"\nTotal wall time: {time.perf_counter() - t0:.0f} s.\n"
+    if carried:
+        body += (f"Sweeps {', '.join(sorted(carried))} are carried over unchanged from the previous results file "
+                 f"(not rerun in this invocation, which ran {', '.join(run_keys)}).\n\n")
+    body += "\n".join(rows_table(r) if k == "T" else sweep_tables(k, r["axis"], r["points"], r["base"])
+                      for k, r in sorted(results.items(), key=lambda kr: "MBRT".index(kr[0])))
+    body += f"\nTotal wall time of this invocation: {time.perf_counter() - t0:.0f} s.\n" + notes
     print(body)
     paths = write_results(stem, "Scaling of the SAML training step with M, B and table rows: ours vs SAMLReference",
                           body, {"results": results}, out_dir=args.out_dir)
     paths = list(paths.values()) + plot_all(results, args.out_dir, stem)
+    if "T" in results:
+        paths += plot_rows(results["T"], args.out_dir, stem)
     print("wrote", ", ".join(paths))
     return results
 

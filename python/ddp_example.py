@@ -226,7 +226,8 @@ def make_model(cfg, seed: int = 0, backend=None):
     from saml_kernels.nn import SAML
 
     torch.manual_seed(seed)
-    return SAML(cfg, backend=backend)
+    # plain table gradients (not the default fused optimizer): every mode here trains all parameters with SGD
+    return SAML(cfg, backend=backend, embedding_optimizer=None)
 
 
 def _slice(batch, rank: int, world: int):

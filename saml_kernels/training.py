@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +48,108 @@ def optimizer_state_keys_optional(model: nn.Module, incompatible_keys) -> None:
         keys[:] = [k for k in keys if not is_state(k)]
 
 
+DENSE_GRAD_WARN_ROWS = 1_000_000
+"""A table with more rows than this (``weight.shape[:-1].numel()``) that trains with dense gradients gets one
+:class:`DenseTableGradientWarning` (:func:`warn_dense_table`)."""
+
+# id -> table already warned about (weak: an entry goes with its table, so a reused id is not mistaken for it)
+_WARNED_TABLES: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
+
+
+class DenseTableGradientWarning(UserWarning):
+    """A large embedding table trains with dense gradients (see :func:`warn_dense_table`)."""
+
+
+def warn_dense_table(weight: Tensor) -> None:
+    """Warns once per table (per process) when ``weight`` [..., D] has more than ``DENSE_GRAD_WARN_ROWS`` rows and
+    a dense gradient: every backward then writes a whole [rows, D] gradient (and the step scans it) for a batch
+    that touches a few thousand rows, so the step time grows with the table. The message points at the fused
+    optimizer (the models' default) and at sparse gradients."""
+    rows = weight.shape[:-1].numel()
+    if rows <= DENSE_GRAD_WARN_ROWS or _WARNED_TABLES.get(id(weight)) is weight:
+        return
+    _WARNED_TABLES[id(weight)] = weight
+    warnings.warn(
+        f"TrainingOptimizer: an embedding table of {rows:,} rows ({list(weight.shape)}) trains with dense gradients: "
+        f"each step writes and scans a full [{rows}, {weight.shape[-1]}] gradient, so it slows down as the table "
+        f"grows. Use the fused optimizer (the models' default embedding_optimizer='rowwise_adagrad', or "
+        f"nn.ScenarioEmbedding(optimizer='rowwise_adagrad')), or sparse gradients "
+        f"(nn.ScenarioEmbedding(sparse=True)). (Warned once per table; threshold "
+        f"saml_kernels.training.DENSE_GRAD_WARN_ROWS = {DENSE_GRAD_WARN_ROWS:,} rows.)",
+        DenseTableGradientWarning, stacklevel=3)
+
+
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _sparse_rows(grad: Tensor, table_shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """(rows [n] int64 unique flat row ids, g [n, D]) of a sparse COO gradient with one dense dim: the rows it
+    stores and their gradient sums. The sums come from ``to_dense()`` of the same entries re-indexed onto n rows,
+    so they are bitwise the rows of ``grad.to_dense()`` (the same per-entry accumulation in the same order, also
+    for an uncoalesced gradient with repeated rows)."""
+    idx, vals = grad._indices(), grad._values()
+    flat = idx[0]
+    for j in range(1, idx.shape[0]):  # row-major flat id over the sparse dims (the table's row dims)
+        flat = flat * table_shape[j] + idx[j]
+    if grad.is_coalesced():  # unique and sorted already (the layer's sparse gradients are)
+        rows, pos, coo = flat, torch.arange(flat.numel(), device=flat.device), dict(is_coalesced=True)
+    else:
+        rows, pos = torch.unique(flat, return_inverse=True)
+        coo = {}
+    coo["check_invariants"] = False  # pos indexes the n rows by construction
+    compact = torch.sparse_coo_tensor(pos.unsqueeze(0), vals, (rows.numel(), vals.shape[-1]), **coo)
+    return rows, compact.to_dense()
+
+
+def _nonzero_rows(grad2d: Tensor) -> Tensor:
+    """Flat ids [n] int64 of the rows of ``grad2d`` [N, D] with any bit set: -0.0 counts as non-zero, so a
+    skipped row's gradient is exactly +0.0 everywhere (the case in which the update is the identity)."""
+    bits = grad2d.view(_BITS[grad2d.element_size()])
+    return bits.ne(0).any(1).nonzero().squeeze(1)
+
+
+def rowwise_adagrad_rows_(weight: Tensor, grad: Tensor, state: Tensor, lr: float, eps: float) -> None:
+    """In place: the row-wise Adagrad step of ``rowwise_adagrad_step`` on table ``weight`` [..., D] (any float
+    dtype; computed in float32, float64 for float64 tables) with ``grad`` (dense or sparse COO, weight's shape)
+    and float32 ``state`` [...], applied to the rows that can change only:
+
+        rows = the rows a sparse gradient stores (touched rows, even where their sum is 0), or
+               the rows of a dense gradient with a non-zero bit (there is no "touched" in a dense gradient);
+        for r in rows: state[r] += mean_d(g[r]^2);  w[r] -= lr * g[r] / (sqrt(state[r]) + eps)
+
+    Exactness: a row whose gradient is +0.0 everywhere is left as it is, and there the full-table update is the
+    identity (state + 0 = state, w - 0 = w, bit for bit, -0.0 weights included) for a finite lr and any state
+    Adagrad produces (finite, +0.0 or positive); so this equals the full-table computation bit for bit on every row
+    (the rows it updates get the same element-wise math on the same values). A -0.0 gradient is not skipped
+    (w = -0.0 minus -0.0 gives +0.0 in the full update). The one difference: a row with a NaN / negative state or
+    an infinite lr, which the full update would turn into NaN although nothing touched it, stays untouched here.
+
+    Cost: O(rows touched x D) for a sparse gradient; a dense one is scanned once (O(R x D) reads, no float32
+    copy of the table). On an accelerator a dense gradient keeps the full-table update: selecting its rows
+    would read their count on the host (a sync per table, and no CUDA-graph capture)."""
+    D = weight.shape[-1]
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    sparse_rows = grad.is_sparse and grad.dense_dim() == 1
+    if not (weight.is_contiguous() and state.is_contiguous()) or (
+            not sparse_rows and weight.device.type != "cpu"):
+        g = grad.to_dense() if grad.is_sparse else grad
+        w_new, st_new = rowwise_adagrad_step(weight.to(acc), g.to(acc), state, lr, eps)
+        state.copy_(st_new)
+        weight.copy_(w_new)
+        return
+    if sparse_rows:
+        rows, g = _sparse_rows(grad, weight.shape)
+    else:
+        g2 = (grad.to_dense() if grad.is_sparse else grad).reshape(-1, D)
+        rows = _nonzero_rows(g2)
+        g = g2.index_select(0, rows)
+    w2, s1 = weight.view(-1, D), state.view(-1)
+    w_new, st_new = rowwise_adagrad_step(w2.index_select(0, rows).to(acc), g.to(acc), s1.index_select(0, rows),
+                                         lr, eps)
+    s1.index_copy_(0, rows, st_new)
+    w2.index_copy_(0, rows, w_new.to(weight.dtype))
+
+
 def saml_loss(main: Tensor, aux: Tensor, label: Tensor, aux_loss_weight: float) -> Tensor:
     """BCE(main, label) + aux_loss_weight * BCE(aux, label), means over the batch (main, aux, label [B]).
 
@@ -62,10 +165,13 @@ class TrainingOptimizer:
 
     with g the row's gradient summed over the batch (rows not in the batch have g = 0 and do not change).
     For an embedding module that applies it fused in its backward (one with a ``fused_optimizer``:
-    ``nn.ScenarioEmbedding(optimizer=...)``, in train and eval mode alike) nothing is left to do here but the
-    bookkeeping of ``step()`` (below); for one with dense gradients (the reference) it runs after the backward, on
-    the module's ``global_state`` / ``scenario_state`` buffers when it has them (else on float32 states [rows] kept
-    here). Both paths are the same math, so SAML and SAMLReference stay equal step after step.
+    ``nn.ScenarioEmbedding(optimizer=...)``, in train and eval mode alike; the models' default) nothing is left to
+    do here but the bookkeeping of ``step()`` (below); for one with gradients (the reference, or
+    ``embedding_optimizer=None``) it runs after the backward, on the module's ``global_state`` / ``scenario_state``
+    buffers when it has them (else on float32 states [rows] kept here), and only on the rows that can change
+    (:func:`rowwise_adagrad_rows_`: a sparse gradient's rows, a dense one's non-zero rows; bitwise the full-table
+    result). Both paths are the same math, so SAML and SAMLReference stay equal step after step. A table of more
+    than ``DENSE_GRAD_WARN_ROWS`` rows with dense gradients warns once (:func:`warn_dense_table`).
 
     Fused modules of another optimizer (``embedding_optimizer="sgd"``) are accepted and keep their own
     hyper-parameters: ``embedding_lr`` / ``eps`` here are the row-wise Adagrad recipe's and never reach them
@@ -158,16 +264,16 @@ class TrainingOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
+        """Adam on the dense parameters; row-wise Adagrad on the non-fused tables' rows that can change
+        (:func:`rowwise_adagrad_rows_`: the rows of a sparse gradient, the non-zero rows of a dense one)."""
         self.dense.step()
         lr = self.embedding_lr
         for w, st in self.tables:
             if w.grad is None:
                 continue
-            g = w.grad.to_dense() if w.grad.is_sparse else w.grad
-            acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-            w_new, st_new = rowwise_adagrad_step(w.to(acc), g.to(acc), st, lr, self.eps)
-            st.copy_(st_new)
-            w.copy_(w_new)
+            if not w.grad.is_sparse:
+                warn_dense_table(w)
+            rowwise_adagrad_rows_(w, w.grad, st, lr, self.eps)
         self._end_fused_step()
 
     def _end_fused_step(self) -> None:

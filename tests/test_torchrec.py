@@ -218,7 +218,7 @@ def test_shard_saml_rejects_bad_arguments_before_any_collective():
     with pytest.raises(ValueError, match="no ScenarioEmbedding"):
         T.shard_saml(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="optimizer must be one of"):
-        T.shard_saml(SAML(cfg))  # built without embedding_optimizer, none passed
+        T.shard_saml(SAML(cfg, embedding_optimizer=None))  # built without a fused optimizer, none passed
     with pytest.raises(ValueError, match="sharding_types must be"):
         T.shard_saml(SAML(cfg, embedding_optimizer="sgd"), sharding_types=["diagonal"])
     with pytest.raises(ValueError, match="sharding_types must be"):  # not the fused-optimizer math (docstring)

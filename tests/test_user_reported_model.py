@@ -152,7 +152,7 @@ def test_embedding_lr_and_dense_lr_can_be_scheduled(cls, emb_opt):
     sched = torch.optim.lr_scheduler.StepLR(oa.dense, step_size=1, gamma=0.5)
     oa.embedding_lr = EMB_LR / 4  # set after construction
     if cls is SAMLReference:
-        want = SAMLReference(cfg)
+        want = SAMLReference(cfg, embedding_optimizer=emb_opt)
     else:
         want = cls(cfg, embedding_optimizer=emb_opt, embedding_lr=EMB_LR / 4)
     want.load_state_dict(init)

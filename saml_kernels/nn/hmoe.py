@@ -79,7 +79,8 @@ class HMoEBody(FamilyBody):
     config_type = HMoEConfig
 
     def __init__(self, config: HMoEConfig, layers, *, backend: Optional[str] = None,
-                 embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
+                 embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
                  device=None, dtype=None, **embedding_options):
         super().__init__(config, layers, backend=backend, embedding_optimizer=embedding_optimizer,
                          embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype,
@@ -130,7 +131,8 @@ class HMoE(HMoEBody):
     dtype; embedding_dtype. All as :class:`~saml_kernels.nn.SAML`."""
 
     def __init__(self, config: HMoEConfig, *, backend: Optional[str] = None,
-                 embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
+                 embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
                  embedding_weight_decay: float = 0.0, embedding_skip_nonfinite: bool = False, device=None,
                  dtype=None, embedding_dtype=None):
         from .layer_set import KERNEL_LAYERS

@@ -145,11 +145,13 @@ class SAML(nn.Module):
         config: a :class:`SAMLConfig`.
         layers: the :class:`~saml_kernels._layer_set.LayerSet` of the body (default ``KERNEL_LAYERS``).
         backend: forced backend of every op (None: ``use_backend`` context / env / automatic). Kernel layers only.
-        embedding_optimizer: None (the tables get ordinary dense gradients) | "sgd" | "rowwise_adagrad": the
-            embedding tables are updated inside the backward (``nn.ScenarioEmbedding``'s fused optimizer, only the
-            touched rows, no gradient tensor); the other parameters are left to a torch optimizer.
-            ``TrainingOptimizer`` gives the reference layers the same row-wise Adagrad math after their backward
-            (they take None | "rowwise_adagrad" and keep the states).
+        embedding_optimizer: "rowwise_adagrad" (the default) | "sgd": the embedding tables are updated inside
+            the backward (``nn.ScenarioEmbedding``'s fused optimizer, only the touched rows, no gradient tensor,
+            so the step does not grow with the tables); the other parameters are left to a torch optimizer
+            (``TrainingOptimizer``, built with the same ``embedding_lr`` / ``eps``). None: the tables get ordinary
+            dense gradients (``TrainingOptimizer.step`` then updates their non-zero rows; a table above 1M rows
+            warns once). ``TrainingOptimizer`` gives the reference layers the same row-wise Adagrad math after
+            their backward (they take None | "rowwise_adagrad", default "rowwise_adagrad", and keep the states).
         embedding_lr, embedding_eps: learning rate and eps of the fused embedding optimizer (kernel layers).
         embedding_weight_decay: the fused optimizer's L2 weight decay on the touched rows (FBGEMM's L2 mode:
             g' = g + embedding_weight_decay * w); kernel layers only (ValueError with the reference layers).
@@ -186,7 +188,8 @@ class SAML(nn.Module):
     """
 
     def __init__(self, config: SAMLConfig, *, layers: LayerSet = KERNEL_LAYERS, backend: Optional[str] = None,
-                 embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
+                 embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
                  embedding_weight_decay: float = 0.0, embedding_skip_nonfinite: bool = False, device=None, dtype=None,
                  embedding_dtype: Optional[torch.dtype] = None):
         super().__init__()
@@ -283,7 +286,8 @@ class SharedBottom(nn.Module):
     """
 
     def __init__(self, config: SAMLConfig, *, layers: LayerSet = KERNEL_LAYERS, backend: Optional[str] = None,
-                 embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
+                 embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
                  embedding_weight_decay: float = 0.0, embedding_skip_nonfinite: bool = False, device=None, dtype=None,
                  embedding_dtype: Optional[torch.dtype] = None):
         super().__init__()

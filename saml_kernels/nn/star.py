@@ -72,7 +72,8 @@ class STARBody(FamilyBody):
     config_type = STARConfig
 
     def __init__(self, config: STARConfig, layers, *, backend: Optional[str] = None,
-                 embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
+                 embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
                  device=None, dtype=None, **embedding_options):
         super().__init__(config, layers, backend=backend, embedding_optimizer=embedding_optimizer,
                          embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype,
@@ -118,7 +119,8 @@ class STAR(STARBody):
     """
 
     def __init__(self, config: STARConfig, *, backend: Optional[str] = None,
-                 embedding_optimizer: Optional[str] = None, embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
+                 embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
                  embedding_weight_decay: float = 0.0, embedding_skip_nonfinite: bool = False, device=None,
                  dtype=None, embedding_dtype=None):
         from .layer_set import KERNEL_LAYERS

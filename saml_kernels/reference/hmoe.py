@@ -13,10 +13,11 @@ __all__ = ["HMoEReference", "HMoEConfig"]
 
 
 class HMoEReference(HMoEBody):
-    """HMoE from the reference layers (embedding_optimizer None or "rowwise_adagrad", as ``STARReference``)."""
+    """HMoE from the reference layers (embedding_optimizer "rowwise_adagrad", the default, or None, as
+    ``STARReference``)."""
 
-    def __init__(self, config: HMoEConfig, *, embedding_optimizer: Optional[str] = None, device=None, dtype=None,
-                 embedding_dtype=None):
+    def __init__(self, config: HMoEConfig, *, embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 device=None, dtype=None, embedding_dtype=None):
         _check_embedding_optimizer(type(self).__name__, embedding_optimizer)
         super().__init__(config, REFERENCE_LAYERS, embedding_optimizer=embedding_optimizer, device=device,
                          dtype=dtype, embedding_dtype=embedding_dtype)

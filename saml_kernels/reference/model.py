@@ -28,9 +28,10 @@ def _check_embedding_optimizer(who: str, embedding_optimizer) -> None:
 class SAMLReference(SAML):
     """SAML in plain PyTorch: ``nn.SAML``'s body with ``REFERENCE_LAYERS`` (same forward, loss, parameter names).
 
-    embedding_optimizer: None or "rowwise_adagrad": the latter registers the row-wise Adagrad state buffers
-    (``global_state``, ``scenario_state``) of ``nn.SAML(embedding_optimizer="rowwise_adagrad")``, which
-    :class:`TrainingOptimizer` then updates with the same math after the backward (not fused).
+    embedding_optimizer: "rowwise_adagrad" (the default, as ``nn.SAML``'s) or None: the former registers the
+    row-wise Adagrad state buffers (``global_state``, ``scenario_state``) of ``nn.SAML``'s fused optimizer, which
+    :class:`TrainingOptimizer` then updates with the same math after the backward (dense gradients, not fused),
+    so ``SAML(cfg)`` and ``SAMLReference(cfg)`` are twins by default (same state_dict keys, same training).
 
     embedding_dtype: dtype of the tables (None = ``dtype``), a factory argument as in ``nn.SAML``: 16-bit tables
     beside float32 dense layers, the embedding outputs cast to the dense dtype.
@@ -38,8 +39,8 @@ class SAMLReference(SAML):
     forward / loss / state_dict rules: as ``nn.SAML``; bad inputs raise at once (no deferred checks).
     """
 
-    def __init__(self, config: SAMLConfig, *, embedding_optimizer: Optional[str] = None, device=None, dtype=None,
-                 embedding_dtype=None):
+    def __init__(self, config: SAMLConfig, *, embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 device=None, dtype=None, embedding_dtype=None):
         _check_embedding_optimizer(type(self).__name__, embedding_optimizer)
         super().__init__(config, layers=REFERENCE_LAYERS, embedding_optimizer=embedding_optimizer, device=device,
                          dtype=dtype, embedding_dtype=embedding_dtype)
@@ -48,11 +49,11 @@ class SAMLReference(SAML):
 class SharedBottomReference(SharedBottom):
     """The shared-bottom baseline in plain PyTorch: ``nn.SharedBottom``'s body with ``REFERENCE_LAYERS``.
 
-    embedding_optimizer: None or "rowwise_adagrad" (state buffers for :class:`TrainingOptimizer`, as
+    embedding_optimizer: "rowwise_adagrad" (the default) or None (state buffers for :class:`TrainingOptimizer`, as
     :class:`SAMLReference`). forward / loss / state_dict rules: as ``nn.SharedBottom``."""
 
-    def __init__(self, config: SAMLConfig, *, embedding_optimizer: Optional[str] = None, device=None, dtype=None,
-                 embedding_dtype=None):
+    def __init__(self, config: SAMLConfig, *, embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 device=None, dtype=None, embedding_dtype=None):
         _check_embedding_optimizer(type(self).__name__, embedding_optimizer)
         super().__init__(config, layers=REFERENCE_LAYERS, embedding_optimizer=embedding_optimizer, device=device,
                          dtype=dtype, embedding_dtype=embedding_dtype)

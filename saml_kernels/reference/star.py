@@ -13,11 +13,11 @@ __all__ = ["STARReference", "STARConfig"]
 
 
 class STARReference(STARBody):
-    """STAR from the reference layers. embedding_optimizer: None or "rowwise_adagrad" (the latter registers the
-    row-wise state buffers, which ``TrainingOptimizer`` updates after the backward)."""
+    """STAR from the reference layers. embedding_optimizer: "rowwise_adagrad" (the default, as ``nn.STAR``'s: the
+    row-wise state buffers, which ``TrainingOptimizer`` updates after the backward) or None."""
 
-    def __init__(self, config: STARConfig, *, embedding_optimizer: Optional[str] = None, device=None, dtype=None,
-                 embedding_dtype=None):
+    def __init__(self, config: STARConfig, *, embedding_optimizer: Optional[str] = "rowwise_adagrad",
+                 device=None, dtype=None, embedding_dtype=None):
         _check_embedding_optimizer(type(self).__name__, embedding_optimizer)
         super().__init__(config, REFERENCE_LAYERS, embedding_optimizer=embedding_optimizer, device=device,
                          dtype=dtype, embedding_dtype=embedding_dtype)
