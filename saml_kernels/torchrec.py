@@ -458,7 +458,8 @@ class TorchRecScenarioEmbedding(FeatureListProperties, nn.Module):
             keep = torch.cat([valid, valid[aware]])
             values = values[keep]
             weights = weights[keep] if weights is not None else None
-            bag = torch.arange(lengths.numel(), device=values.device).repeat_interleave(lengths, output_size=keep.numel())
+            bag = torch.arange(lengths.numel(), device=values.device).repeat_interleave(lengths,
+                                                                                       output_size=keep.numel())
             kept = torch.zeros_like(lengths).index_add_(0, bag, keep.to(lengths.dtype))
             if any(f.pooling == "mean" for f in self.features):
                 ratio = (kept.double() / lengths.clamp(min=1)).view(len(self.keys), stride)
