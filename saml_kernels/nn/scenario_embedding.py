@@ -25,6 +25,7 @@ from ..functional import scenario_embedding_bag
 from ..ops import _checks
 from ..ops import embedding_optimizer as _eo
 from ..ops import scenario_embedding_bag as _seb
+from ._ddp_guard import refuse_under_ddp
 
 __all__ = ["EmbeddingFeature", "FusedEmbeddingOptimizer", "ScenarioEmbedding", "huge_page_empty"]
 
@@ -474,6 +475,8 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
         indices, offsets, scenario, psw = self._unpack(indices, offsets, scenario, per_sample_weights)
         update = (self.global_weight.requires_grad, self.scenario_weight.requires_grad)
         fused = self.optimizer is not None and self.training and torch.is_grad_enabled() and any(update)
+        if fused:
+            refuse_under_ddp(self)  # replicas' fused tables would diverge silently (_ddp_guard)
         gs, ss = [], []
         for idx, off, w, a, b, pooling in self._runs_inputs(indices, offsets, psw):
             fr, fsr = self.feature_rows[a:b + 1], self.feature_scenario_rows[a:b + 1]
