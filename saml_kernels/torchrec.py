@@ -664,16 +664,17 @@ def unsharded_state_dict(dmp: nn.Module, group=None) -> dict:
     or to resume training in one process. With a "rowwise_adagrad" fused optimizer it also holds the row-wise
     states ``*.global_state`` [R] / ``*.scenario_state`` [M, Rs] (FBGEMM's ``momentum1``, in the layout of
     ``ScenarioEmbedding``'s buffers, as a model built with ``embedding_optimizer="rowwise_adagrad"`` saves them),
-    so the training continues exactly. Collective: every rank must call it (tables and states are all-reduced);
-    every rank gets the full dict."""
+    so the training continues exactly. Collective over ``group`` (default: the group ``shard_saml`` was given):
+    every rank must call it (tables and states are all-reduced); every rank gets the full dict."""
     model = get_unwrapped_module(dmp)
     out = {}
     trs = _tr_modules(model)
     for name, tr in trs:
-        gw, sw = tr.scenario_embedding_weights(group)
+        g = group if group is not None else tr.group  # default: the group shard_saml sharded over
+        gw, sw = tr.scenario_embedding_weights(g)
         out[f"{name}.global_weight"], out[f"{name}.scenario_weight"] = gw, sw
         if tr.optimizer == "rowwise_adagrad":
-            out[f"{name}.global_state"], out[f"{name}.scenario_state"] = tr.scenario_embedding_states(group)
+            out[f"{name}.global_state"], out[f"{name}.scenario_state"] = tr.scenario_embedding_states(g)
     skip = tuple(f"{name}." for name, _ in trs)
     for key, v in model.state_dict().items():
         if not key.startswith(skip):
