@@ -178,3 +178,42 @@ def _fused_under_ddp_worker(rank, world, port):
 def test_fused_embedding_under_ddp_refused(tmp_path):
     _example()
     spawn_checked(_fused_under_ddp_worker, (WORLD, _free_port()), WORLD, tmp_path)
+
+
+def test_ddp_guard_reads_the_active_ddp(monkeypatch):
+    """The refusal without processes: a fused layer's forward raises while a DDP over 2 ranks is active (before
+    any table moves), runs inside a one-rank DDP, and outside any DDP; a layer without a fused optimizer, or in
+    eval, is never refused."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from saml_kernels.nn import ScenarioEmbedding
+
+    class _Group:
+        def __init__(self, n):
+            self.n = n
+
+        def size(self):
+            return self.n
+
+    class _FakeDDP:
+        def __init__(self, n):
+            self.process_group = _Group(n)
+
+    ids, off, sc = torch.tensor([1, 2, 0]), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 1])
+    fused = ScenarioEmbedding([("a", 4, True)], 2, 3, optimizer="sgd", lr=0.1)
+    plain = ScenarioEmbedding([("a", 4, True)], 2, 3)
+    before = fused.global_weight.detach().clone()
+    monkeypatch.setattr(DDP, "_active_ddp_module", _FakeDDP(2), raising=False)
+    refusal = (r"ScenarioEmbedding\(optimizer='sgd'\) runs inside DistributedDataParallel \(world size 2\)"
+               r".*shard_saml.*docs/distributed.md")
+    with pytest.raises(RuntimeError, match=refusal):
+        fused(ids, off, sc)
+    assert torch.equal(fused.global_weight, before)
+    plain(ids, off, sc)[0].sum().backward()
+    with torch.no_grad():
+        fused(ids, off, sc)
+    monkeypatch.setattr(DDP, "_active_ddp_module", _FakeDDP(1), raising=False)
+    fused(ids, off, sc)[0].sum().backward()
+    monkeypatch.setattr(DDP, "_active_ddp_module", None, raising=False)
+    fused(ids, off, sc)[0].sum().backward()
+    assert not torch.equal(fused.global_weight, before), "the allowed steps must have moved the table"
