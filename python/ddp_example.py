@@ -23,6 +23,10 @@ of single-process training on the same global batches (each rank takes a contigu
     python python/ddp_example.py --mode torchrec --sharding row_wise --world 2 --steps 5
     python python/ddp_example.py --mode rowwise --world 2 --steps 5     # trains, checks against 1 process
 
+The fallbacks train tables with gradients (SAML(cfg), no fused optimizer). A model built with
+``embedding_optimizer=...`` updates its tables inside its backward, which DDP never sees: under plain DDP it raises
+at the first forward (its replicas' tables would diverge); --mode torchrec keeps the fused optimizer, sharded.
+
 The example is importable: tests/test_distributed.py runs every mode (torchrec when it imports).
 """
 from __future__ import annotations

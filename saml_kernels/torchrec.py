@@ -60,7 +60,7 @@ except (ImportError, OSError, RuntimeError) as e:  # missing, or FBGEMM's CUDA b
         "(docs/distributed.md)") from e
 
 __all__ = ["SCENARIO_SUFFIX", "TorchRecScenarioEmbedding", "SAMLEmbeddingBagSharder", "embedding_bag_configs",
-           "table_weights", "shard_saml", "dense_parameters", "unsharded_state_dict"]
+           "table_weights", "table_states", "shard_saml", "dense_parameters", "unsharded_state_dict"]
 
 SCENARIO_SUFFIX = "__scenario"
 WHO = "TorchRecScenarioEmbedding"
@@ -71,6 +71,7 @@ OPTIMIZERS = {"sgd": EmbOptimType.EXACT_SGD, "rowwise_adagrad": EmbOptimType.EXA
 # column-wise (FBGEMM's row-wise Adagrad would average g^2 over each column shard, not over D) and data-parallel
 # (replicated tables get ordinary gradients and would be trained by the dense optimizer).
 SHARDING_TYPES = (ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value)
+_warned_zero = False  # bounds_check="zero" warns once per process, as the fused op does
 
 
 def _check_names(emb: ScenarioEmbedding) -> None:
@@ -102,15 +103,40 @@ def embedding_bag_configs(emb: ScenarioEmbedding) -> list:
             + [cfg(f.name + SCENARIO_SUFFIX, M * f.num_embeddings, f.pooling) for f in aware])
 
 
-def table_weights(emb: ScenarioEmbedding) -> dict:
-    """{table name: weight} of ``emb`` in the TorchRec layout above (views where the layout allows)."""
-    gw, sw = emb.global_weight.detach(), emb.scenario_weight.detach()
-    out = {f.name: gw[emb.feature_rows[k]:emb.feature_rows[k + 1]] for k, f in enumerate(emb.features)}
+def _to_tables(emb, g: Tensor, s: Tensor) -> dict:
+    """{table name: rows} of per-row data in ``emb``'s layout (g [R, ...] global, s [M, Rs, ...] scenario) in the
+    TorchRec layout above: table ``f`` = g[feature_rows[f]:feature_rows[f+1]], table ``f__scenario`` = s[:, f's
+    scenario rows] flattened scenario-major. Views where the layout allows."""
+    out = {f.name: g[emb.feature_rows[k]:emb.feature_rows[k + 1]] for k, f in enumerate(emb.features)}
     for k, f in enumerate(emb.features):
         if f.scenario_aware:
             lo, hi = emb.feature_scenario_rows[k], emb.feature_scenario_rows[k + 1]
-            out[f.name + SCENARIO_SUFFIX] = sw[:, lo:hi].reshape(-1, emb.embedding_dim)
+            out[f.name + SCENARIO_SUFFIX] = s[:, lo:hi].reshape(-1, *s.shape[2:])
     return out
+
+
+def _from_tables(emb, t: dict, empty: Tensor) -> tuple:
+    """The inverse of ``_to_tables``: (g [R, ...], s [M, Rs, ...]) from {table name: rows}; ``empty`` is the
+    [0, ...] block that stands in for no aware feature."""
+    M = emb.num_scenarios
+    g = torch.cat([t[f.name] for f in emb.features])
+    aware = [t[f.name + SCENARIO_SUFFIX].reshape(M, f.num_embeddings, *empty.shape[1:])
+             for f in emb.features if f.scenario_aware]
+    return g, (torch.cat(aware, 1) if aware else empty.new_zeros(M, 0, *empty.shape[1:]))
+
+
+def table_weights(emb: ScenarioEmbedding) -> dict:
+    """{table name: weight} of ``emb`` in the TorchRec layout above (views where the layout allows)."""
+    return _to_tables(emb, emb.global_weight.detach(), emb.scenario_weight.detach())
+
+
+def table_states(emb: ScenarioEmbedding) -> Optional[dict]:
+    """{table name: row-wise Adagrad state [rows] float32} of ``emb`` in the TorchRec layout (FBGEMM's
+    ``momentum1`` of EXACT_ROWWISE_ADAGRAD: the same running sum of mean_d(g^2) per row), or None when the layer
+    keeps no states (optimizer None or "sgd")."""
+    if emb.global_state is None:
+        return None
+    return _to_tables(emb, emb.global_state.detach(), emb.scenario_state.detach())
 
 
 def _blocks(name: str, v) -> tuple:
@@ -124,6 +150,28 @@ def _blocks(name: str, v) -> tuple:
             return tuple(v.size()), [(tuple(s.metadata.shard_offsets), s.tensor) for s in v.local_shards()]
     raise NotImplementedError(f"{WHO}: table {name!r} is held as {type(v).__name__}; plain tensors and "
                               f"ShardedTensor (table-, row-, column-wise sharding) are supported")
+
+
+class _SkipNonfinite(torch.autograd.Function):
+    """Identity forward. The backward zeroes the whole gradient of the layer's lookups on every rank when it is not
+    finite on any rank (one all_reduce of a flag), and counts the step in ``layer.nonfinite_steps``: FBGEMM's
+    SGD and row-wise Adagrad leave a row unchanged for a zero gradient (state += 0, w -= lr * 0), so the step of
+    the sharded tables is skipped as a whole, as ``ScenarioEmbedding(skip_nonfinite=True)`` skips it for the
+    gradient of the global batch (non-finite when any rank's part is)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        layer = ctx.layer
+        ok = torch.isfinite(grad).all().to(torch.int64).reshape(1)
+        if layer.world_size > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=layer.group)
+        layer.nonfinite_steps.add_(1 - ok[0])
+        return torch.where(ok.bool(), grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -153,6 +201,16 @@ class TorchRecScenarioEmbedding(FeatureListProperties, nn.Module):
     Inputs are checked on the host before the lookup (ids in [0, n_f), offsets, scenario ids in [0, M), fixed
     bag length for "none"): a ValueError names the argument, the position and the value. On the CPU the reads
     are free; on a GPU they cost one host sync per forward.
+
+    Options carried from ``emb`` (same contract as there):
+
+    * ``bounds_check``: "error" raises on an id outside [0, n_f) (as above); "zero" drops it from its bag, so it
+      adds a zero vector and gets no gradient (a "mean" bag still divides by its full length: the pooled result
+      is rescaled by kept / full length); "off" promises valid ids and is checked like "error" (the check is
+      on the host anyway, and FBGEMM must never read outside a table). Scenario ids are always checked.
+    * ``skip_nonfinite``: a backward whose gradient of the layer's outputs holds a NaN or Inf on any rank
+      updates no row on any rank (``_SkipNonfinite``: one all_reduce of a flag per backward when sharded over
+      several ranks); ``nonfinite_steps`` counts those steps (starts at ``emb.nonfinite_steps``).
     """
 
     def __init__(self, emb: ScenarioEmbedding, *, weighted: bool = False):
@@ -168,12 +226,18 @@ class TorchRecScenarioEmbedding(FeatureListProperties, nn.Module):
             raise ValueError(f"{WHO}: weighted=True needs pooling 'sum' on every feature, got "
                              f"{[f.pooling for f in emb.features]}")
         self.weighted = bool(weighted)
-        self.world_size = 1  # set by shard_saml (the ranks the tables are sharded over)
+        self.bounds_check, self.skip_nonfinite = emb.bounds_check, bool(emb.skip_nonfinite)
+        # set by shard_saml: the ranks the tables are sharded over (None: the default group) and the fused optimizer
+        self.world_size, self.group, self.optimizer = 1, None, None
         self.keys = [c.name for c in configs]  # KJT keys = table names
+        self.table_rows = {c.name: c.num_embeddings for c in configs}
         dev = emb.global_weight.device
+        self.register_buffer("nonfinite_steps", emb.nonfinite_steps.detach().clone().to(dev), persistent=False)
         self.register_buffer("_rows", torch.tensor([f.num_embeddings for f in emb.features], device=dev),
                              persistent=False)
         self.register_buffer("_aware", torch.tensor([f.scenario_aware for f in emb.features], device=dev),
+                             persistent=False)
+        self.register_buffer("_mean_key", torch.tensor([c.pooling == PoolingType.MEAN for c in configs], device=dev),
                              persistent=False)
         self.ebc = EmbeddingBagCollection(tables=configs, is_weighted=self.weighted, device=dev)
         self.load_tables(table_weights(emb))
@@ -227,12 +291,61 @@ class TorchRecScenarioEmbedding(FeatureListProperties, nn.Module):
     def scenario_embedding_weights(self, group=None) -> tuple:
         """(global_weight [R, D], scenario_weight [M, Rs, D]) in ``ScenarioEmbedding``'s layout (collective when
         sharded, see ``tables``)."""
-        t = self.tables(group)
-        M, D = self.num_scenarios, self.embedding_dim
-        gw = torch.cat([t[f.name] for f in self.features])
-        aware = [t[f.name + SCENARIO_SUFFIX].reshape(M, f.num_embeddings, D) for f in self.features if f.scenario_aware]
-        sw = torch.cat(aware, 1) if aware else gw.new_zeros(M, 0, D)
-        return gw, sw
+        return _from_tables(self, self.tables(group), torch.zeros(0, self.embedding_dim, dtype=self.dtype))
+
+    # ------------------------------------------------------------------------------------------ optimizer states
+
+    def _state_tensors(self) -> dict:
+        """{table name: row-wise state (ShardedTensor of this rank's rows)} held by the sharded collection's fused
+        optimizer: FBGEMM's ``momentum1`` per table, views of the TBE's state buffer (writes reach the kernels).
+        Tables with no rows on this rank are absent; an unsharded collection (no fused optimizer) gives {}."""
+        opt = getattr(self.ebc, "fused_optimizer", None)
+        if opt is None:
+            return {}
+        out = {}
+        for key, param in opt.params.items():
+            table = key.split(".")[-2]
+            v = opt.state.get(param, {}).get(f"{table}.momentum1")
+            if table in self.table_rows and v is not None:
+                out[table] = v
+        return out
+
+    @torch.no_grad()
+    def load_states(self, states: dict) -> None:
+        """Copies full row-wise Adagrad states {table: [rows]} (``table_states`` layout) into this rank's rows of
+        the fused optimizer's state. Not collective."""
+        if self.optimizer != "rowwise_adagrad":
+            raise ValueError(f"{WHO}.load_states: the tables' fused optimizer is {self.optimizer!r}, which keeps no "
+                             f"row-wise states")
+        for name, v in self._state_tensors().items():
+            full = states[name]
+            if tuple(full.shape) != (self.table_rows[name],):
+                raise ValueError(f"{WHO}.load_states: table {name!r} has {self.table_rows[name]} rows, got a state "
+                                 f"of shape {tuple(full.shape)}")
+            for (r,), block in _blocks(name, v)[1]:
+                block.copy_(full[r:r + block.shape[0]])
+
+    @torch.no_grad()
+    def states(self, group=None) -> dict:
+        """{table name: full row-wise Adagrad state [rows] float32} on every rank (every table, zeros where the
+        optimizer keeps none). Collective when sharded over several ranks (every rank must call it): each rank
+        writes its rows into zeros and one all_reduce per table sums them (exact: the blocks are disjoint)."""
+        held = self._state_tensors()
+        out = {}
+        for name in self.keys:  # one fixed order on every rank: the all_reduces pair up
+            full = torch.zeros(self.table_rows[name], dtype=torch.float32, device=self._rows.device)
+            if name in held:
+                for (r,), block in _blocks(name, held[name])[1]:
+                    full[r:r + block.shape[0]] = block
+            if self.world_size > 1:
+                dist.all_reduce(full, group=group)
+            out[name] = full
+        return out
+
+    def scenario_embedding_states(self, group=None) -> tuple:
+        """(global_state [R], scenario_state [M, Rs]) float32 in ``ScenarioEmbedding``'s layout (collective when
+        sharded, see ``states``)."""
+        return _from_tables(self, self.states(group), torch.zeros(0))
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -283,12 +396,22 @@ class TorchRecScenarioEmbedding(FeatureListProperties, nn.Module):
                 raise ValueError(f"{WHO}: pooling 'none' needs every bag of one length L = nnz / (F*B), but bag "
                                  f"(feature {k // B}, sample {k % B}) has length {int(lengths[k])} (nnz = {nnz})")
         feat = torch.arange(F, device=indices.device).repeat_interleave(B).repeat_interleave(lengths, output_size=nnz)
-        bad = ((indices < 0) | (indices >= self._rows[feat])).nonzero()
+        invalid = (indices < 0) | (indices >= self._rows[feat])
+        bad = invalid.nonzero()
+        valid = None
         if bad.numel():
             i = int(bad[0, 0])
             f = self.features[int(feat[i])]
-            raise ValueError(f"{WHO}: indices[{i}] = {int(indices[i])} is out of range for feature {f.name!r} "
-                             f"(num_embeddings = {f.num_embeddings})")
+            msg = (f"{WHO}: indices[{i}] = {int(indices[i])} is out of range for feature {f.name!r} "
+                   f"(num_embeddings = {f.num_embeddings})")
+            if self.bounds_check != "zero":
+                raise ValueError(msg)
+            global _warned_zero
+            if not _warned_zero:
+                _warned_zero = True
+                warnings.warn(f"{msg}; {bad.shape[0]} invalid id(s) in all; bounds_check='zero' maps them to zero "
+                              f"vectors with no gradient (warned once)", RuntimeWarning, stacklevel=4)
+            valid = ~invalid
         bad = ((scenario < 0) | (scenario >= self.num_scenarios)).nonzero()
         if bad.numel():
             b = int(bad[0, 0])
@@ -300,14 +423,20 @@ class TorchRecScenarioEmbedding(FeatureListProperties, nn.Module):
             if per_sample_weights.numel() != nnz:
                 raise ValueError(f"{WHO}: per_sample_weights must have indices.numel() = {nnz} entries, got "
                                  f"{per_sample_weights.numel()}")
-        return indices, lengths, scenario, feat, per_sample_weights
+        return indices, lengths, scenario, feat, per_sample_weights, valid
 
     def remap(self, indices, offsets=None, scenario: Optional[Tensor] = None,
               per_sample_weights: Optional[Tensor] = None) -> KeyedJaggedTensor:
         """The id transform: the KeyedJaggedTensor (keys ``self.keys``, stride B; B * L for pooling "none") whose
         per-table lookups are the fused op's E_g and E_s. Aware feature f's ids appear twice: unchanged under ``f``
-        and as ``scenario[b] * n_f + id`` under ``f__scenario``. Arguments as ``forward``."""
-        indices, lengths, scenario, feat, psw = self._inputs(indices, offsets, scenario, per_sample_weights)
+        and as ``scenario[b] * n_f + id`` under ``f__scenario``. Arguments as ``forward``. With
+        ``bounds_check="zero"`` out-of-range ids are left out of their bags (see the class docstring)."""
+        return self._remap(indices, offsets, scenario, per_sample_weights)[0]
+
+    def _remap(self, indices, offsets, scenario, per_sample_weights) -> tuple:
+        """(KeyedJaggedTensor of ``remap``, mean rescale [B, K] or None): with bounds_check "zero" and pooling
+        "mean", bag (b, k)'s pooled row times rescale[b, k] = kept ids / all ids is the mean over the full bag."""
+        indices, lengths, scenario, feat, psw, valid = self._inputs(indices, offsets, scenario, per_sample_weights)
         F, B, nnz = self.num_features, scenario.numel(), indices.numel()
         sample = torch.arange(B, device=indices.device).repeat(F).repeat_interleave(lengths, output_size=nnz)
         aware = self._aware[feat]
@@ -324,24 +453,41 @@ class TorchRecScenarioEmbedding(FeatureListProperties, nn.Module):
         else:
             stride = B
             lengths = torch.cat([lengths, lengths.view(F, B)[self._aware].reshape(-1)])
-        return KeyedJaggedTensor(keys=list(self.keys), values=values, lengths=lengths, weights=weights,
-                                 stride=stride)
+        rescale = None
+        if valid is not None:  # bounds_check "zero": the invalid ids leave their bags (zero vector, no gradient)
+            keep = torch.cat([valid, valid[aware]])
+            values = values[keep]
+            weights = weights[keep] if weights is not None else None
+            bag = torch.arange(lengths.numel(), device=values.device).repeat_interleave(lengths,
+                                                                                       output_size=keep.numel())
+            kept = torch.zeros_like(lengths).index_add_(0, bag, keep.to(lengths.dtype))
+            if any(f.pooling == "mean" for f in self.features):
+                ratio = (kept.double() / lengths.clamp(min=1)).view(len(self.keys), stride)
+                rescale = torch.where(self._mean_key[:, None], ratio, torch.ones_like(ratio)).t()
+            lengths = kept
+        kjt = KeyedJaggedTensor(keys=list(self.keys), values=values, lengths=lengths, weights=weights, stride=stride)
+        return kjt, rescale
 
     def forward(self, indices, offsets=None, scenario: Optional[Tensor] = None,
                 per_sample_weights: Optional[Tensor] = None) -> tuple:
         """(E_g [B, F, D], E_s [B, Fs, D]) as ``ScenarioEmbedding.forward`` (see the class docstring)."""
         if isinstance(indices, KeyedJaggedTensor) and scenario is None:
             offsets, scenario = None, offsets
-        kjt = self.remap(indices, offsets, scenario, per_sample_weights)
+        kjt, rescale = self._remap(indices, offsets, scenario, per_sample_weights)
         B, F, D = scenario.numel(), self.num_features, self.embedding_dim
         K = len(self.keys)
         kt = self.ebc(kjt)
         if hasattr(kt, "wait"):  # a sharded collection returns an awaitable
             kt = kt.wait()
         keys = list(kt.keys())
-        vals = kt.values().view(kjt.stride(), len(keys), D)
+        vals = kt.values()
+        if self.skip_nonfinite and vals.requires_grad:
+            vals = _SkipNonfinite.apply(vals, self)
+        vals = vals.view(kjt.stride(), len(keys), D)
         if keys != self.keys:
             vals = vals[:, [keys.index(k) for k in self.keys]]
+        if rescale is not None:
+            vals = vals * rescale.to(vals.dtype)[:, :, None]
         vals = vals.to(self.dtype)
         if self.world_size > 1 and vals.requires_grad and not get_gradient_division():
             vals = _ScaleGrad.apply(vals, 1.0 / self.world_size)  # TorchRec sums: take the mean (module docstring)
@@ -413,7 +559,8 @@ def shard_saml(model: nn.Module, *, sharding_types: Optional[Sequence[str]] = No
             ("table_wise", "row_wise"); None lets the planner choose among them per table.
         optimizer, lr, eps: the tables' fused optimizer ("sgd" | "rowwise_adagrad", FBGEMM EXACT_SGD /
             EXACT_ROWWISE_ADAGRAD: the same math as this package's fused optimizer). None takes them from the
-            model's ScenarioEmbedding (``SAML(embedding_optimizer=..., embedding_lr=..., embedding_eps=...)``).
+            model's ScenarioEmbedding (``SAML(embedding_optimizer=..., embedding_lr=..., embedding_eps=...)``;
+            ``lr`` is the current one, as a scheduler left it).
         group: the process group (default: the world).
         device: the compute device (default: the tables' device).
         plan: a ready ``ShardingPlan`` (then the planner is not run; ``sharding_types`` must be None).
@@ -422,7 +569,20 @@ def shard_saml(model: nn.Module, *, sharding_types: Optional[Sequence[str]] = No
     optimizer (the tables have no ``.grad``: their update happened in the backward). Tables and dense part both
     see the mean of the ranks' gradients (module docstring), so a loss that is a mean over the rank's samples
     trains as the global-batch mean would in one process. ``unsharded_state_dict(dmp)`` gives the state_dict
-    of the original model (full tables) back.
+    of the original model (full tables and row-wise Adagrad states) back.
+
+    What carries over from each ``ScenarioEmbedding`` (a trained model continues exactly: its next step sharded
+    equals its next step in one process, tests/test_torchrec.py):
+
+    * weights, and the row-wise Adagrad states ``global_state`` / ``scenario_state`` (into FBGEMM's
+      ``momentum1``) when both the layer and the sharded optimizer are "rowwise_adagrad";
+    * ``skip_nonfinite`` (a step whose gradient is not finite on any rank updates no row on any rank) and
+      ``bounds_check`` (see ``TorchRecScenarioEmbedding``); the table dtype (float32 / float16).
+
+    Rejected with a ValueError naming the layer and the option, before anything is changed: ``weight_decay``
+    other than 0; a frozen table (``requires_grad=False``: FBGEMM would train it); trained row-wise Adagrad
+    states (non-zero) with ``optimizer="sgd"`` (they would be dropped); layers with different fused optimizers.
+    Not applicable (FBGEMM's kernels and TorchRec's storage replace them): ``backend``, ``huge_pages``.
     """
     found = _scenario_modules(model)
     if not found:
@@ -438,6 +598,15 @@ def shard_saml(model: nn.Module, *, sharding_types: Optional[Sequence[str]] = No
         if emb.weight_decay:
             raise ValueError(f"shard_saml: {name} has weight_decay={emb.weight_decay}; the adapter does not map "
                              f"weight decay to FBGEMM (set it to 0)")
+        for table in ("global_weight", "scenario_weight"):
+            w = getattr(emb, table)
+            if not w.requires_grad and w.numel():
+                raise ValueError(f"shard_saml: {name}.{table} is frozen (requires_grad=False), but FBGEMM's fused "
+                                 f"optimizer updates every sharded table; unfreeze it or keep the layer unsharded")
+        if emb.global_state is not None and optimizer != "rowwise_adagrad" and (
+                bool(emb.global_state.any()) or bool(emb.scenario_state.any())):
+            raise ValueError(f"shard_saml: {name} holds trained row-wise Adagrad states, which optimizer="
+                             f"{optimizer!r} would drop; shard with optimizer='rowwise_adagrad' (or None)")
         if (emb.optimizer, emb.lr, emb.eps) != (first.optimizer, first.lr, first.eps):
             raise ValueError(f"shard_saml: one fused optimizer serves every table, but {name} has "
                              f"({emb.optimizer!r}, lr={emb.lr}, eps={emb.eps}) and {found[0][0]} "
@@ -452,13 +621,16 @@ def shard_saml(model: nn.Module, *, sharding_types: Optional[Sequence[str]] = No
     device = torch.device(device) if device is not None else first.global_weight.device
     group = group if group is not None else dist.GroupMember.WORLD
     world = dist.get_world_size(group)
-    full = {}
+    full, states = {}, {}
     for name, emb in found:
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         tr = TorchRecScenarioEmbedding(emb)
-        tr.world_size = world
+        # (the default group is not held: it resolves at each call, and nothing keeps it past its destruction)
+        tr.world_size, tr.group, tr.optimizer = world, (None if group is dist.GroupMember.WORLD else group), optimizer
         setattr(parent, name.rpartition(".")[2], tr)
         full[name] = table_weights(emb)
+        if optimizer == "rowwise_adagrad":
+            states[name] = table_states(emb)  # None: the layer kept none (FBGEMM starts from zero, as it would)
     fused = dict(optimizer=OPTIMIZERS[optimizer], learning_rate=lr, eps=eps)
     sharder = SAMLEmbeddingBagSharder(fused_params=fused)
     if plan is None:
@@ -472,6 +644,8 @@ def shard_saml(model: nn.Module, *, sharding_types: Optional[Sequence[str]] = No
                                    sharders=[sharder])
     for name, tr in _tr_modules(get_unwrapped_module(dmp)):
         tr.load_tables(full[name])
+        if states.get(name) is not None:
+            tr.load_states(states[name])
     return dmp
 
 
@@ -486,15 +660,21 @@ def dense_parameters(dmp: nn.Module) -> list:
 
 def unsharded_state_dict(dmp: nn.Module, group=None) -> dict:
     """The state_dict of the model ``shard_saml`` was given (full ``*.global_weight`` / ``*.scenario_weight``
-    tables, the dense parameters and buffers under their own names), e.g. to load a plain ``SAML`` for serving.
-    Collective: every rank must call it (the tables are all-reduced); every rank gets the full dict. The fused
-    optimizer's row-wise states are not included (they are optimizer state, see docs/design.md)."""
+    tables, the dense parameters and buffers under their own names), e.g. to load a plain ``SAML`` for serving
+    or to resume training in one process. With a "rowwise_adagrad" fused optimizer it also holds the row-wise
+    states ``*.global_state`` [R] / ``*.scenario_state`` [M, Rs] (FBGEMM's ``momentum1``, in the layout of
+    ``ScenarioEmbedding``'s buffers, as a model built with ``embedding_optimizer="rowwise_adagrad"`` saves them),
+    so the training continues exactly. Collective over ``group`` (default: the group ``shard_saml`` was given):
+    every rank must call it (tables and states are all-reduced); every rank gets the full dict."""
     model = get_unwrapped_module(dmp)
     out = {}
     trs = _tr_modules(model)
     for name, tr in trs:
-        gw, sw = tr.scenario_embedding_weights(group)
+        g = group if group is not None else tr.group  # default: the group shard_saml sharded over
+        gw, sw = tr.scenario_embedding_weights(g)
         out[f"{name}.global_weight"], out[f"{name}.scenario_weight"] = gw, sw
+        if tr.optimizer == "rowwise_adagrad":
+            out[f"{name}.global_state"], out[f"{name}.scenario_state"] = tr.scenario_embedding_states(g)
     skip = tuple(f"{name}." for name, _ in trs)
     for key, v in model.state_dict().items():
         if not key.startswith(skip):

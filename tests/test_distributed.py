@@ -124,3 +124,96 @@ def test_ddp_example_command_line():
                        text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "mode=excluded world=2 steps=2: max |param(distributed) - param(single)| = " in r.stdout, r.stdout
+
+
+def _fused_under_ddp_worker(rank, world, port):
+    """A fused-optimizer SAML inside plain DDP (find_unused_parameters=True, as a user silencing DDP's unused-
+    parameter error would): the first forward must refuse, naming shard_saml and docs/distributed.md, before any
+    table moves. Without the refusal the replicas' tables drift apart; that divergence is measured and reported."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from saml_kernels.nn import SAML
+
+    ex = _example()
+    ex._setup(rank, world, port)
+    try:
+        data, cfg = ex.make_problem(0, n=256)
+        batches = list(data.batches(64))[:3]
+        for find_unused in (True, False):
+            torch.manual_seed(0)
+            model = SAML(cfg, embedding_optimizer="rowwise_adagrad", embedding_lr=0.05)
+            before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            ddp = DDP(model, find_unused_parameters=find_unused)
+            opt = torch.optim.SGD([p for n, p in model.named_parameters()
+                                   if not n.endswith(("global_weight", "scenario_weight"))], lr=0.05)
+            try:
+                for gb in batches:
+                    opt.zero_grad()
+                    ex._loss(ddp, cfg, ex._slice(gb, rank, world)).backward()
+                    opt.step()
+            except RuntimeError as e:
+                msg = str(e)
+                for part in ("inside DistributedDataParallel (world size 2)", "diverge", "shard_saml",
+                             "docs/distributed.md"):
+                    assert part in msg, f"rank {rank}: the refusal must say {part!r}: {msg}"
+            else:
+                gaps = []
+                for k in ("embedding.global_weight", "embedding.scenario_weight"):
+                    copies = [torch.empty_like(model.state_dict()[k]) for _ in range(world)]
+                    dist.all_gather(copies, model.state_dict()[k].contiguous())
+                    gaps.append(max(float((c - copies[0]).abs().max()) for c in copies))
+                raise AssertionError(f"rank {rank}: a fused ScenarioEmbedding trained under DDP "
+                                     f"(find_unused_parameters={find_unused}) without an error; the replicas' "
+                                     f"tables differ by {max(gaps):.3g} after {len(batches)} steps")
+            for k, v in model.state_dict().items():
+                assert torch.equal(v, before[k]), f"rank {rank}: {k} moved before the refusal"
+            del ddp
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not R.model_available(), reason="saml_kernels.nn.SAML has not landed yet")
+def test_fused_embedding_under_ddp_refused(tmp_path):
+    _example()
+    spawn_checked(_fused_under_ddp_worker, (WORLD, _free_port()), WORLD, tmp_path)
+
+
+def test_ddp_guard_reads_the_active_ddp(monkeypatch):
+    """The refusal without processes: a fused layer's forward raises while a DDP over 2 ranks is active (before
+    any table moves), runs inside a one-rank DDP, and outside any DDP; a layer without a fused optimizer, or in
+    eval, is never refused."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from saml_kernels.nn import ScenarioEmbedding
+
+    class _Group:
+        def __init__(self, n):
+            self.n = n
+
+        def size(self):
+            return self.n
+
+    class _FakeDDP:
+        def __init__(self, n):
+            self.process_group = _Group(n)
+
+    ids, off, sc = torch.tensor([1, 2, 0]), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 1])
+    fused = ScenarioEmbedding([("a", 4, True)], 2, 3, optimizer="sgd", lr=0.1)
+    plain = ScenarioEmbedding([("a", 4, True)], 2, 3)
+    before = fused.global_weight.detach().clone()
+    monkeypatch.setattr(DDP, "_active_ddp_module", _FakeDDP(2), raising=False)
+    refusal = (r"ScenarioEmbedding\(optimizer='sgd'\) runs inside DistributedDataParallel \(world size 2\)"
+               r".*shard_saml.*docs/distributed.md")
+    with pytest.raises(RuntimeError, match=refusal):
+        fused(ids, off, sc)
+    assert torch.equal(fused.global_weight, before)
+    plain(ids, off, sc)[0].sum().backward()
+    with torch.no_grad():
+        fused(ids, off, sc)
+    monkeypatch.setattr(DDP, "_active_ddp_module", _FakeDDP(1), raising=False)
+    fused(ids, off, sc)[0].sum().backward()
+    monkeypatch.setattr(DDP, "_active_ddp_module", None, raising=False)
+    fused(ids, off, sc)[0].sum().backward()
+    assert not torch.equal(fused.global_weight, before), "the allowed steps must have moved the table"

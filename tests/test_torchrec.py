@@ -10,6 +10,11 @@
   row-wise Adagrad + Adam vs ``TrainingOptimizer``), the same parameters within fp32 rounding, also with
   TorchRec's gradient division off; a mean-pooled layer sharded both ways and as the planner chooses matches one
   process.
+* A trained model sharded (1 and 2 processes): several fused row-wise Adagrad steps in one process, then
+  ``shard_saml``: weights and row-wise states round-trip bitwise through ``unsharded_state_dict``, and the next
+  step equals a float64 oracle (written apart from the kernels) within fp32 rounding, for table- and row-wise
+  sharding. The layer options ``skip_nonfinite`` (a NaN on one rank skips the step everywhere) and
+  ``bounds_check="zero"`` carry over; the others are rejected naming the option.
 
 Skipped with the reason when torchrec / FBGEMM do not import (requirements-torchrec.txt installs them).
 """
@@ -228,6 +233,16 @@ def test_shard_saml_rejects_bad_arguments_before_any_collective():
     with pytest.raises(ValueError, match="weight_decay"):
         T.shard_saml(model)
     assert isinstance(model.embedding, ScenarioEmbedding), "a rejected call must leave the model unchanged"
+    model = SAML(cfg, embedding_optimizer="sgd")
+    model.embedding.scenario_weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"embedding.scenario_weight is frozen \(requires_grad=False\)"):
+        T.shard_saml(model)
+    model = SAML(cfg, embedding_optimizer="rowwise_adagrad")
+    with torch.no_grad():
+        model.embedding.global_state[3] = 0.5  # a trained state that sharding with SGD would drop
+    with pytest.raises(ValueError, match="embedding holds trained row-wise Adagrad states, which optimizer='sgd'"):
+        T.shard_saml(model, optimizer="sgd")
+    assert isinstance(model.embedding, ScenarioEmbedding), "a rejected call must leave the model unchanged"
 
 
 # ====================================================================================== two processes
@@ -297,10 +312,11 @@ def _sharded_worker(rank, world, port):
                     ex.saml_loss(m, a, label, cfg.aux_loss_weight).backward()
                     opt.step()
             got = T.unsharded_state_dict(dmp)
-            want = {k: v for k, v in single.state_dict().items() if not k.endswith("_state")}
+            want = dict(single.state_dict())  # row-wise Adagrad states included
             assert set(got) == set(want), f"{tag}: keys differ {sorted(set(got) ^ set(want))}"
-            for k in want:  # every parameter moved, else equality proves nothing about it
-                assert not torch.equal(want[k], init[k]), f"{tag}: training did not move {k}"
+            for k in want:  # every parameter (and state) moved, else equality proves nothing about it
+                before = init.get(k, torch.zeros_like(want[k]))  # (states start at zero)
+                assert not torch.equal(want[k], before), f"{tag}: training did not move {k}"
                 torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=2e-5,
                                            msg=lambda m: f"{tag}: parameter {k} after {len(batches)} steps: {m}")
         _check_sharded_mean_pooling(rank, world)
@@ -353,3 +369,188 @@ def _check_sharded_mean_pooling(rank, world):
 def test_sharded_saml_matches_single_process(tmp_path):
     _example()
     spawn_checked(_sharded_worker, (WORLD, _free_port()), WORLD, tmp_path)
+
+
+# ============================================================ a trained model sharded: states and layer options
+
+LR, EPS = 0.1, 1e-8
+GLOBAL_B = 8  # global batch; every rank takes a contiguous share
+
+
+class _Pair(torch.nn.Module):
+    """Two fused row-wise Adagrad layers as in SAML (``embedding`` sum-pooled, ``sequence_embedding`` mean-pooled,
+    distinct feature names) on the same ids."""
+
+    def __init__(self, dtype=torch.float32, optimizer="rowwise_adagrad", **options):
+        super().__init__()
+        kw = dict(dtype=dtype, optimizer=optimizer, lr=LR, eps=EPS, **options) if optimizer else dict(
+            dtype=dtype, **{k: v for k, v in options.items() if k == "bounds_check"})
+        self.embedding = ScenarioEmbedding([(n, s, a, "sum") for n, s, a in zip("abc", SIZES, AWARE)], M, D, **kw)
+        self.sequence_embedding = ScenarioEmbedding([(n, s, a, "mean") for n, s, a in zip("xyz", SIZES, AWARE)], M,
+                                                    D, **kw)
+
+    def forward(self, ids, off, sc):
+        return self.embedding(ids, off, sc) + self.sequence_embedding(ids, off, sc)
+
+
+def _pair_loss(outs, scale=1.0):
+    """Mean over the samples of a loss with a state-dependent gradient (squares) touching every output."""
+    per_sample = sum(o.double().square().sum(tuple(range(1, o.dim()))) * (k + 1) + 0.3 * o.double().sum(
+        tuple(range(1, o.dim()))) for k, o in enumerate(outs))
+    return (per_sample.mean() * scale).to(outs[0].dtype)
+
+
+def _global_batch(step, bad_id=False):
+    ids, off, sc, _ = _inputs("sum", B=GLOBAL_B, seed=100 + step)
+    if bad_id:  # an id of feature "a" past its rows, in sample 1 (rank 0's share): a zero vector, no gradient
+        k = int(off[1])
+        assert int(off[2]) > k, "the test batch needs a non-empty bag (feature a, sample 1)"
+        ids[k] = SIZES[0] + 3
+    return ids, off, sc
+
+
+def _share(ids, off, sc, rank, world):
+    """Rank ``rank``'s contiguous samples of a feature-major global batch, offsets re-based."""
+    F, B = len(SIZES), sc.numel()
+    b = B // world
+    lo, hi = rank * b, (rank + 1) * b
+    parts, lens = [], []
+    for f in range(F):
+        parts.append(ids[int(off[f * B + lo]):int(off[f * B + hi])])
+        lens.append(off[f * B + lo + 1:f * B + hi + 1] - off[f * B + lo:f * B + hi])
+    lens = torch.cat(lens)
+    return torch.cat(parts), torch.cat([lens.new_zeros(1), lens.cumsum(0)]), sc[lo:hi]
+
+
+def _adagrad64_step(state, batch, bounds_check="error"):
+    """The float64 oracle of one fused row-wise Adagrad step of ``_Pair`` from ``state`` on a global batch: table
+    gradients by autograd through the float64 layers, then state += mean_d(g^2), w -= lr * g / (sqrt(state) + eps)
+    (untouched rows have g = 0 and do not move). Written apart from the kernels and FBGEMM."""
+    ref = _Pair(torch.float64, optimizer=None, bounds_check=bounds_check)
+    ref.load_state_dict({k: v.double() for k, v in state.items() if not k.endswith("_state")})
+    _pair_loss(ref(*batch)).backward()
+    out = {}
+    for name in ("embedding", "sequence_embedding"):
+        layer = getattr(ref, name)
+        for w, s in (("global_weight", "global_state"), ("scenario_weight", "scenario_state")):
+            g = getattr(layer, w).grad
+            st = state[f"{name}.{s}"].double() + g.square().mean(-1)
+            out[f"{name}.{s}"] = st
+            out[f"{name}.{w}"] = getattr(layer, w).detach() - LR * g / (st.sqrt() + EPS)[..., None]
+    return out
+
+
+def _assert_state_close(got, want, tag, atol=2e-6, rtol=1e-5):
+    assert set(got) == set(want), f"{tag}: keys differ {sorted(set(got) ^ set(want))}"
+    for k in want:
+        torch.testing.assert_close(got[k].double(), want[k].double(), atol=atol, rtol=rtol,
+                                   msg=lambda m: f"{tag}: {k}: {m}")
+
+
+def _trained(steps=3, **options):
+    """A _Pair after ``steps`` fused row-wise Adagrad steps (identical on every rank: same seed, same batches)."""
+    torch.manual_seed(0)
+    model = _Pair(**options)
+    for step in range(steps):
+        _pair_loss(model(*_global_batch(step))).backward()
+    return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _sharded_copy(state, sharding, **options):
+    torch.manual_seed(1)  # another init: every table must come from the state
+    model = _Pair(**options)
+    model.load_state_dict(state)
+    return T.shard_saml(model, sharding_types=[sharding])
+
+
+def _check_trained_model_continues(rank, world):
+    """Several fused row-wise Adagrad steps in one process, then sharded: the round trip of weights and states
+    is exact, and the next step equals the float64 oracle's (and the unsharded model's) within fp32 rounding."""
+    _, trained = _trained()
+    assert all(bool(v.any()) for k, v in trained.items() if k.endswith("_state")), "states must be trained"
+    batch = _global_batch(3)
+    want = _adagrad64_step(trained, batch)
+    from_zero = _adagrad64_step({k: (torch.zeros_like(v) if k.endswith("_state") else v)
+                                 for k, v in trained.items()}, batch)
+    gap = max(float((want[k] - from_zero[k]).abs().max()) for k in want if k.endswith("weight"))
+    assert gap > 1e-2, f"dropping the states must show ({gap:.2e}), else the test proves nothing"
+    unsharded = _Pair()
+    unsharded.load_state_dict(trained)
+    _pair_loss(unsharded(*batch)).backward()
+    _assert_state_close(dict(unsharded.state_dict()), want, "unsharded fp32 vs float64 oracle")
+    for sharding in ("row_wise", "table_wise"):
+        tag = f"{sharding} world={world} rank {rank}"
+        dmp = _sharded_copy(trained, sharding)
+        back = T.unsharded_state_dict(dmp)
+        assert set(back) == set(trained), f"{tag}: keys differ {sorted(set(back) ^ set(trained))}"
+        for k in trained:  # the states went into FBGEMM's momentum1 and come back bitwise
+            assert torch.equal(back[k], trained[k]), f"{tag}: {k} changed by the round trip through sharding"
+        _pair_loss(dmp(*_share(*batch, rank, world))).backward()
+        _assert_state_close(T.unsharded_state_dict(dmp), want, f"{tag}: next step vs float64 oracle")
+
+
+def _check_skip_nonfinite(rank, world):
+    """skip_nonfinite carried: a NaN gradient on rank 0 alone skips the step of every table on every rank (as the
+    unsharded layer skips it for the global batch), counted once; the next finite step is the oracle's."""
+    _, trained = _trained(skip_nonfinite=True)
+    for sharding in ("row_wise", "table_wise"):
+        tag = f"{sharding} world={world} rank {rank}"
+        dmp = _sharded_copy(trained, sharding, skip_nonfinite=True)
+        scale = float("nan") if rank == 0 else 1.0
+        _pair_loss(dmp(*_share(*_global_batch(3), rank, world)), scale).backward()
+        after = T.unsharded_state_dict(dmp)
+        for k in trained:
+            assert torch.equal(after[k], trained[k]), f"{tag}: {k} changed by a step with a NaN gradient"
+        layers = [m for m in dmp.modules() if isinstance(m, T.TorchRecScenarioEmbedding)]
+        assert [int(m.nonfinite_steps) for m in layers] == [1, 1], f"{tag}: nonfinite_steps"
+        batch = _global_batch(4)
+        _pair_loss(dmp(*_share(*batch, rank, world))).backward()
+        _assert_state_close(T.unsharded_state_dict(dmp), _adagrad64_step(trained, batch),
+                            f"{tag}: finite step after the skipped one")
+    # the unsharded layer does the same with the NaN in the global batch's loss
+    model, _ = _trained(skip_nonfinite=True)
+    _pair_loss(model(*_global_batch(3)), float("nan")).backward()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, trained[k]), f"unsharded skip_nonfinite moved {k}"
+
+
+def _check_bounds_zero(rank, world):
+    """bounds_check="zero" carried: an out-of-range id gives the unsharded layer's outputs (a zero vector; a mean
+    bag still divides by its full length) and no gradient; the step is the oracle's."""
+    _, trained = _trained(bounds_check="zero")
+    batch = _global_batch(3, bad_id=True)
+    want = _adagrad64_step(trained, batch, bounds_check="zero")
+    for sharding in ("row_wise", "table_wise"):
+        tag = f"{sharding} world={world} rank {rank}"
+        dmp = _sharded_copy(trained, sharding, bounds_check="zero")
+        local = _share(*batch, rank, world)
+        outs = dmp(*local)
+        ref = _Pair(torch.float64, optimizer=None, bounds_check="zero")
+        ref.load_state_dict({k: v.double() for k, v in trained.items() if not k.endswith("_state")})
+        for j, (o, r) in enumerate(zip(outs, ref(*local))):
+            torch.testing.assert_close(o.double(), r.detach(), atol=1e-6, rtol=1e-6,
+                                       msg=lambda m: f"{tag}: output {j} with an out-of-range id: {m}")
+        _pair_loss(outs).backward()
+        _assert_state_close(T.unsharded_state_dict(dmp), want, f"{tag}: step with an out-of-range id")
+
+
+def _trained_model_worker(rank, world, port):
+    ex = _example()
+    ex._setup(rank, world, port)
+    try:
+        import warnings
+
+        warnings.simplefilter("ignore", RuntimeWarning)  # bounds_check="zero" warns once by design
+        _check_trained_model_continues(rank, world)
+        _check_skip_nonfinite(rank, world)
+        _check_bounds_zero(rank, world)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2])
+def test_trained_model_sharded_continues_exactly(world, tmp_path):
+    _example()
+    spawn_checked(_trained_model_worker, (world, _free_port()), world, tmp_path)

@@ -25,6 +25,7 @@ from ..functional import scenario_embedding_bag
 from ..ops import _checks
 from ..ops import embedding_optimizer as _eo
 from ..ops import scenario_embedding_bag as _seb
+from ._ddp_guard import refuse_under_ddp
 
 __all__ = ["EmbeddingFeature", "FusedEmbeddingOptimizer", "ScenarioEmbedding", "huge_page_empty"]
 
@@ -58,6 +59,13 @@ def huge_page_empty(shape: Sequence[int], dtype: torch.dtype = torch.float32) ->
         return torch.empty(tuple(shape), dtype=dtype)
     flat = torch.frombuffer(mem, dtype=torch.uint8, count=nbytes, offset=start)  # keeps `mem` alive
     return flat.view(dtype).view(tuple(shape))
+
+
+def _is_exporting() -> bool:
+    """True inside a ``torch.export`` trace (``torch.compiler.is_exporting``, torch >= 2.7; False on older torch,
+    where an exported training-mode trace records the fused update too)."""
+    f = getattr(torch.compiler, "is_exporting", None)
+    return bool(f()) if f is not None else False
 
 
 @dataclass(frozen=True)
@@ -542,7 +550,9 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
         # As FBGEMM / TorchRec: the fused update runs in every backward, whatever self.training is (fine-tuning in
         # eval mode trains the tables too); not in a torch.export trace (an inference artifact has no backward).
         fused = (self.optimizer is not None and torch.is_grad_enabled() and any(update)
-                 and not torch.compiler.is_exporting())
+                 and not _is_exporting())
+        if fused:
+            refuse_under_ddp(self)  # replicas' fused tables would diverge silently (_ddp_guard)
         gs, ss = [], []
         for idx, off, w, a, b, pooling in self._runs_inputs(indices, offsets, psw):
             fr, fsr = self.feature_rows[a:b + 1], self.feature_scenario_rows[a:b + 1]
