@@ -11,6 +11,7 @@ import torch
 
 from saml_kernels.data import make_synthetic
 from saml_kernels.nn import HMoE, HMoEConfig, STAR, STARConfig, StarLinear
+from saml_kernels.nn.saml import dense_dtype
 from saml_kernels.reference import HMoEReference, STARReference
 
 F64 = torch.float64
@@ -38,12 +39,12 @@ def _hmoe(kind, backend="cpu", seed=0):
     torch.manual_seed(seed)
     cfg = HMoEConfig.from_data(DATA, num_experts=3, expert_hidden=(10, 7), tower_hidden=6, **SMALL)
     if kind == "twin":
-        return _perturbed(HMoEReference(cfg, dtype=F64), seed)
-    return _perturbed(HMoE(cfg, backend=backend, dtype=F64), seed)
+        return _perturbed(HMoEReference(cfg, dtype=F64, embedding_optimizer=None), seed)
+    return _perturbed(HMoE(cfg, backend=backend, dtype=F64, embedding_optimizer=None), seed)
 
 
 def _x0(model, b):
-    return model.inputs(type(model).__name__, *b.inputs())
+    return model.inputs(type(model).__name__, *b.inputs(), dense_dtype(model))
 
 
 # ------------------------------------------------------------------------------------------------ HMoE
@@ -154,8 +155,8 @@ def _star(kind, backend="cpu", seed=0):
     torch.manual_seed(seed)
     cfg = STARConfig.from_data(DATA, hidden=(12, 6), aux_dim=3, aux_hidden=5, **SMALL)
     if kind == "twin":
-        return _perturbed(STARReference(cfg, dtype=F64), seed)
-    return _perturbed(STAR(cfg, backend=backend, dtype=F64), seed)
+        return _perturbed(STARReference(cfg, dtype=F64, embedding_optimizer=None), seed)
+    return _perturbed(STAR(cfg, backend=backend, dtype=F64, embedding_optimizer=None), seed)
 
 
 @pytest.mark.parametrize("kind", ["kernel:cpu", "kernel:reference", "twin"])

@@ -42,7 +42,7 @@ MODELS = {
     "SAML": (SAML, lambda: SAMLConfig.from_data(DATA, aux_hidden=(12, 7), branch_hidden=(10, 6), mutual_layers=(0,),
                                                 **SMALL)),
     "STAR": (STAR, lambda: STARConfig.from_data(DATA, hidden=(16, 8), aux_dim=3, aux_hidden=5, **SMALL)),
-    "HMoE": (HMoE, lambda: HMoEConfig.from_data(DATA, bottom_hidden=(16,), tower_hidden=8, **SMALL)),
+    "HMoE": (HMoE, lambda: HMoEConfig.from_data(DATA, expert_hidden=(16,), num_experts=2, tower_hidden=8, **SMALL)),
     "SharedBottom": (SharedBottom, lambda: SAMLConfig.from_data(DATA, aux_hidden=(12, 7), branch_hidden=(10, 6),
                                                                 **SMALL)),
 }

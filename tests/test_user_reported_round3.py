@@ -50,7 +50,7 @@ CONFIGS = {
     "SharedBottom": (SharedBottom, lambda d: SAMLConfig.from_data(d, aux_hidden=(8, 5), branch_hidden=(8, 4),
                                                                   **SMALL)),
     "STAR": (STAR, lambda d: STARConfig.from_data(d, hidden=(8, 4), aux_dim=3, aux_hidden=5, **SMALL)),
-    "HMoE": (HMoE, lambda d: HMoEConfig.from_data(d, bottom_hidden=(8,), tower_hidden=4, **SMALL)),
+    "HMoE": (HMoE, lambda d: HMoEConfig.from_data(d, expert_hidden=(8,), num_experts=2, tower_hidden=4, **SMALL)),
 }
 
 
