@@ -479,6 +479,9 @@ def format_tables(s: dict) -> str:
                 _signed([d[k] for d in m["diff_to_shared_bottom"]]).rjust(w) for k in keys)
                 + ("   per seed (overall): " + " ".join(f"{d['overall']:+.4f}" for d in m["diff_to_shared_bottom"])
                    if n > 1 else ""))
+    small = [r["description"] for r in s["datasets"].values() if r["test"] < 2000]
+    if small:
+        lines.append(f"NOTE: {', '.join(small)} has under 2,000 test rows: these AUCs are noise, not a comparison")
     lines.append("(lr chosen per model and seed on validation AUC; best epoch by early stopping; train s and samples/s: "
                  "every epoch run at the chosen lr, evaluation excluded)")
     if s.get("throughput"):
