@@ -462,20 +462,20 @@ def format_tables(s: dict) -> str:
                   f"CTR test {res['ctr']['test']:.3f}   test rows per scenario {res['scenario_counts']['test']}",
                   f"features: {', '.join(res['features'])}"]
         hdr = f"test AUC ({'mean ± sd over ' + str(n) + ' seeds' if n > 1 else 'seed ' + str(res['seeds'][0])})"
-        lines.append(hdr.ljust(30) + "".join(k.rjust(w) for k in keys) + "params".rjust(11) + "lr (dense:emb)".rjust(22)
+        lines.append(hdr.ljust(34) + "".join(k.rjust(w) for k in keys) + "params".rjust(11) + "lr (dense:emb)".rjust(22)
                      + "best epoch".rjust(12) + "train s".rjust(9) + "samples/s".rjust(11))
         for name, m in models.items():
             lrs = sorted({f"{a:g}:{b:g}" for a, b in m["lr"]})
-            lines.append(name.ljust(30) + "".join(_ms([t[k] for t in m["test_auc"]]).rjust(w) for k in keys)
+            lines.append(name.ljust(34) + "".join(_ms([t[k] for t in m["test_auc"]]).rjust(w) for k in keys)
                          + f"{m['params']:,}".rjust(11) + ",".join(lrs).rjust(22)
                          + ",".join(str(e) for e in m["epoch"]).rjust(12) + f"{np.mean(m['train_s']):.1f}".rjust(9)
                          + f"{np.mean(m['samples_per_s']):,.0f}".rjust(11))
         if "bayes_auc" in res:
-            lines.append("Bayes (true logit)".ljust(30) + "".join(f"{res['bayes_auc'][k]:.4f}".rjust(w) for k in keys))
+            lines.append("Bayes (true logit)".ljust(34) + "".join(f"{res['bayes_auc'][k]:.4f}".rjust(w) for k in keys))
         for name, m in models.items():
             if name == "shared-bottom":
                 continue
-            lines.append(f"{name} - shared-bottom".ljust(30) + "".join(
+            lines.append(f"{name} - shared-bottom".ljust(34) + "".join(
                 _signed([d[k] for d in m["diff_to_shared_bottom"]]).rjust(w) for k in keys)
                 + ("   per seed (overall): " + " ".join(f"{d['overall']:+.4f}" for d in m["diff_to_shared_bottom"])
                    if n > 1 else ""))
