@@ -135,6 +135,10 @@ def test_time_split_orders_and_partitions(tmp_path):
     assert abs(len(s.train) / 900 - 0.6) < 0.05
     with pytest.raises(ValueError, match="fractions"):
         ml.load_movielens(tmp_path / "m", fractions=(0.5, 0.5))
+    users, items, ratings = _tables(seed=3, n=50)
+    same_second = [(u, i, r, 880_000_000) for u, i, r, _ in ratings]  # one timestamp: no time split exists
+    with pytest.raises(ValueError, match="the train and validation split is empty"):
+        ml.load_movielens(_write_official(tmp_path / "one", users, items, same_second))
 
 
 def test_models_build_from_the_data(tmp_path):

@@ -349,7 +349,12 @@ def time_split(data: CTRData, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> t
     n = len(ts)
     cuts = [int(np.searchsorted(ts, ts[min(int(round(n * q)), n - 1)], side="left")) for q in np.cumsum(f)[:2]]
     parts = []
-    return tuple(data.subset(np.arange(lo, hi)) for lo, hi in zip([0] + cuts, cuts + [n]))
+    bounds = list(zip([0] + cuts, cuts + [n]))
+    empty = [name for name, (lo, hi) in zip(("train", "validation", "test"), bounds) if hi <= lo]
+    if empty:
+        raise ValueError(f"movielens.time_split: the {' and '.join(empty)} split is empty ({n} samples, fractions "
+                         f"{tuple(fractions)}, cuts moved to timestamp boundaries at {cuts})")
+    return tuple(data.subset(np.arange(lo, hi)) for lo, hi in bounds)
 
 
 # ---------------------------------------------------------------------------------------------- sources
