@@ -93,3 +93,14 @@ def test_bench_model_on_movielens(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "| HMoE | float32 | 128 | reference eager |" in r.stdout and "MovieLens-100K" in r.stdout
     assert any(p.name.endswith("_movielens_quick.md") for p in tmp_path.iterdir())
+
+
+def test_default_falls_back_to_synthetic_with_one_line(tmp_path, monkeypatch):
+    """No --data, no --path, MovieLens not to be had (a cache folder that cannot be created: no download tried):
+    one line naming where it looked, then synthetic data."""
+    monkeypatch.setenv("SAML_MOVIELENS_CACHE", "/proc/no-such-dir/movielens")
+    out = _run(["--samples", "2000", "--epochs", "1", "--lr-grid", "3e-3:0.05", "--specific-strength", "1",
+                "--models", "SAML", "shared-bottom", "--out", str(tmp_path), *SMALL])
+    first = out.splitlines()[0]
+    assert first.startswith("train_saml.py: MovieLens-100K cannot be had, training on synthetic data instead")
+    assert "/proc/no-such-dir/movielens" in first and "synthetic (2000 samples" in out
