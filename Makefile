@@ -16,10 +16,15 @@ setup:
 build:
 	@PY=$(PY) scripts/setup.sh build
 
+# The main job: the four models on MovieLens-100K (fetched into ~/.cache/saml_kernels/movielens by the data stage;
+# synthetic data, with one line saying why, when it cannot be had), one seed. `python/train_saml.py --seeds 3` gives
+# the full table. One torch thread: on the shared 2-core VM (load 2-5) one seed took 60 s wall with one thread and
+# 505 s with two (the two threads' barriers wait on each other under contention).
 run:
 	@PY=$(PY) scripts/setup.sh run
-	@echo "[4/4] main job: python/train_saml.py"
-	@$(VPY) python/train_saml.py
+	@scripts/setup.sh data
+	@echo "[5/5] main job: python/train_saml.py --threads 1"
+	@$(VPY) python/train_saml.py --threads 1
 
 info:
 	@PY=$(PY) scripts/setup.sh run

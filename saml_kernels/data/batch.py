@@ -87,6 +87,8 @@ class CTRData:
     features: the sparse features, in column order; values[f] [nnz_f] int64 ids in [0, num_embeddings_f),
     lengths[f] [N] int64 bag sizes. scenario [N] int64 in [0, num_scenarios). label / purchase [N] float32.
     dense [N, Nd] float32 or None. sequence: SequenceSpec or None with seq_ids [N, L], seq_lengths [N].
+    Not model inputs: timestamp [N] int64 or None (time-ordered data sets, for the time split); logit [N] float64
+    or None (synthetic data: the true click logit, whose AUC is the Bayes AUC).
     """
 
     features: list
@@ -102,6 +104,8 @@ class CTRData:
     seq_ids: Optional[np.ndarray] = None
     seq_lengths: Optional[np.ndarray] = None
     scenario_names: tuple = ()
+    timestamp: Optional[np.ndarray] = None
+    logit: Optional[np.ndarray] = None
 
     def __post_init__(self):
         self._starts = [np.cumsum(l) - l for l in self.lengths]
@@ -120,7 +124,18 @@ class CTRData:
         pick = lambda a: None if a is None else a[rows]  # noqa: E731
         return CTRData(self.features, vals, [l[rows] for l in self.lengths], self.scenario[rows], self.label[rows],
                        self.num_scenarios, pick(self.purchase), pick(self.dense), self.dense_names, self.sequence,
-                       pick(self.seq_ids), pick(self.seq_lengths), self.scenario_names)
+                       pick(self.seq_ids), pick(self.seq_lengths), self.scenario_names, pick(self.timestamp),
+                       pick(self.logit))
+
+    def with_scenario_feature(self, name: str = "scenario") -> "CTRData":
+        """A copy with the scenario id appended as a one-id sparse feature of ``num_scenarios`` rows (as the
+        ``domain_indicator`` feature of Scenario-Wise-Rec), so scenario-blind models see it."""
+        if name in feature_names(self.features):
+            raise ValueError(f"CTRData.with_scenario_feature: a feature named {name!r} exists already")
+        out = dataclasses.replace(self, features=[*self.features, FeatureSpec(name, self.num_scenarios)],
+                                  values=[*self.values, self.scenario.astype(np.int64)],
+                                  lengths=[*self.lengths, np.ones(len(self), dtype=np.int64)])
+        return out
 
     def split(self, holdout: float, seed: int = 0) -> tuple["CTRData", "CTRData"]:
         """(train, held-out) random split, deterministic by seed."""

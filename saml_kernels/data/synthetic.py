@@ -50,7 +50,8 @@ def make_synthetic(num_samples: int = 100_000, *, num_scenarios: int = 4,
 
     scenario_mix: probabilities of the M scenarios (default 0.4/0.3/0.2/0.1 for M = 4, uniform otherwise).
     specific_strength: alpha, the weight of the scenario-specific affinity (0 = scenarios differ only in bias).
-    Same arguments and seed -> bitwise the same data.
+    Same arguments and seed -> bitwise the same data. ``data.logit`` holds the true logit of every sample (the
+    Bayes-optimal score: its AUC is the best any model can reach).
     """
     if num_samples < 0:
         raise ValueError(f"make_synthetic: num_samples must be >= 0, got {num_samples}")
@@ -127,4 +128,4 @@ def make_synthetic(num_samples: int = 100_000, *, num_scenarios: int = 4,
     return CTRData(features=feats, values=[v.astype(np.int64) for v in values], lengths=lengths, scenario=scenario,
                    label=label, num_scenarios=M, dense=np.stack([price, activity], 1), dense_names=("price", "activity"),
                    sequence=seq, seq_ids=seq_ids, seq_lengths=seq_lengths.astype(np.int64),
-                   scenario_names=tuple(f"scenario{m}" for m in range(M)))
+                   scenario_names=tuple(f"scenario{m}" for m in range(M)), logit=logit)
