@@ -1,6 +1,9 @@
 """Determinism: under ``torch.use_deterministic_algorithms(True)`` every op's outputs and gradients, and a SAML
-training step, are bitwise identical across 5 runs and across ``torch.set_num_threads(1)`` vs 2 (CPU backend;
-the reference backend too, as the baseline users compare against).
+training step, are bitwise identical across 5 runs, and every op bitwise identical across
+``torch.set_num_threads(1)`` vs 2 (CPU backend; the reference backend too, as the baseline users compare against).
+A whole training step is compared across thread counts within float32 rounding only: its plain ``nn.Linear``
+layers run torch's BLAS GEMMs, which may split a reduction by thread count on some CPUs (seen on an Intel Xeon:
+``aux_head.weight``'s gradient 1.5e-8 apart).
 
 Sizes are large enough that ATen's parallel_for actually splits the work over 2 threads (so a reduction order
 that depends on the thread count would show up), small enough to keep the file at a few seconds.
@@ -42,13 +45,23 @@ def _assert_bitwise(a, b, what):
             raise AssertionError(f"{what}: tensor {i} (of {len(a)}: outputs then grads) not bitwise equal; max |diff| = {diff}")
 
 
-def _check(call, what):
+def _check(call, what, across_threads="bitwise"):
+    """RUNS runs at 2 threads bitwise equal, then one at 1 thread: bitwise equal too, or (``across_threads="close"``,
+    for a whole model whose plain ``nn.Linear`` layers run torch's BLAS GEMMs, which may split a reduction by
+    thread count on some CPUs) equal within float32 rounding."""
     torch.set_num_threads(2)
     first = call()
     for r in range(1, RUNS):
         _assert_bitwise(first, call(), f"{what}: run {r} vs run 0 (2 threads)")
     torch.set_num_threads(1)
-    _assert_bitwise(first, call(), f"{what}: 1 thread vs 2 threads")
+    one = call()
+    if across_threads == "bitwise":
+        _assert_bitwise(first, one, f"{what}: 1 thread vs 2 threads")
+    else:
+        for i, (x, y) in enumerate(zip(first, one)):
+            if x is not None or y is not None:
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"{what}: 1 thread vs 2 threads, tensor {i}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -96,7 +109,9 @@ def _train_steps(cfg, batches, backend, steps=3):
 def test_saml_training_step_deterministic(backend, deterministic):
     data, cfg = R.small_saml(seed=1, n=768)
     batches = list(data.batches(256))
-    _check(lambda: _train_steps(cfg, batches, backend), f"SAML training steps[{backend}]")
+    # across thread counts within rounding only: the dense layers' GEMMs are torch's (MKL may split a reduction
+    # by thread count); the package's own kernels are checked bitwise across threads by the op tests above
+    _check(lambda: _train_steps(cfg, batches, backend), f"SAML training steps[{backend}]", across_threads="close")
 
 
 def test_bitwise_comparator_detects_one_ulp():

@@ -149,7 +149,7 @@ def test_models_build_from_the_data(tmp_path):
     cfg = SAMLConfig.from_data(s.train, aux_hidden=(8,), branch_hidden=(8,), **kw)
     assert cfg.target_feature == "item"
     for model in (SAML(cfg), SharedBottom(cfg), STAR(STARConfig.from_data(s.train, hidden=(8,), **kw)),
-                  HMoE(HMoEConfig.from_data(s.train, bottom_hidden=(8,), tower_hidden=4, **kw))):
+                  HMoE(HMoEConfig.from_data(s.train, expert_hidden=(8,), num_experts=2, tower_hidden=4, **kw))):
         model.loss(b).backward()
 
 

@@ -205,7 +205,7 @@ def _pairs(d):
     saml = SAMLConfig.from_data(d, embedding_dim=8, attention_dim=4, aux_hidden=(12, 7), branch_hidden=(10, 6),
                                 mutual_layers=(0,))
     star = STARConfig.from_data(d, embedding_dim=8, attention_dim=4, hidden=(12,), aux_dim=4, aux_hidden=8)
-    hmoe = HMoEConfig.from_data(d, embedding_dim=8, attention_dim=4, bottom_hidden=(12,), tower_hidden=6)
+    hmoe = HMoEConfig.from_data(d, embedding_dim=8, attention_dim=4, expert_hidden=(12,), num_experts=2, tower_hidden=6)
     return [(SAML, SAMLReference, saml), (SharedBottom, SharedBottomReference, saml), (STAR, STARReference, star),
             (HMoE, HMoEReference, hmoe)]
 

@@ -131,7 +131,7 @@ def _representable_rows(name, model, dtype, batch):
     """{table name: [rows] bool}: rows whose float32 gradient (a non-fused float32 copy of ``model``) has every
     entry within the normal range of ``dtype`` (or zero); float16 flushes smaller per-sample gradients."""
     cls, make_cfg = MODELS[name]
-    plain = cls(make_cfg())
+    plain = cls(make_cfg(), embedding_optimizer=None)
     plain.load_state_dict(model.state_dict())
     plain.loss(batch).backward()
     tiny = torch.finfo(dtype).tiny
@@ -266,8 +266,8 @@ def test_bad_option_values():
         STAR(cfg, embedding_optimizer="sgd", embedding_weight_decay=-1)
     with pytest.raises(ValueError, match="HMoE: embedding_weight_decay=0.1 / embedding_skip_nonfinite=False act in "
                                          "the fused embedding update; pass embedding_optimizer="):
-        HMoE(MODELS["HMoE"][1](), embedding_weight_decay=0.1)
+        HMoE(MODELS["HMoE"][1](), embedding_optimizer=None, embedding_weight_decay=0.1)
     with pytest.raises(ValueError, match="SAML: .*embedding_skip_nonfinite=True act in the fused"):
-        SAML(MODELS["SAML"][1](), embedding_skip_nonfinite=True)
+        SAML(MODELS["SAML"][1](), embedding_optimizer=None, embedding_skip_nonfinite=True)
     with pytest.raises(TypeError, match="STAR: embedding_skip_nonfinite must be a bool, got 'yes'"):
         STAR(cfg, embedding_skip_nonfinite="yes")
