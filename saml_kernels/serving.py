@@ -93,8 +93,12 @@ def _clear_layout_cache():
     _seb._layout_cached.cache_clear()  # belt and braces: table_layout itself no longer caches while tracing
 
 
+#: what ``export_saml(table_dtype=...)`` accepts: None keeps the model's tables, "uint8" exports 8-bit row-wise ones
+TABLE_DTYPES = (None, "uint8")
+
+
 def export_saml(model, example_batch, path: Optional[Union[str, os.PathLike]] = None, *,
-                min_batch: int = 1) -> "torch.export.ExportedProgram":
+                min_batch: int = 1, table_dtype: Optional[str] = None) -> "torch.export.ExportedProgram":
     """``torch.export`` of ``model`` (an ``nn.SAML`` or ``nn.SharedBottom``) for inference.
 
     Args:
@@ -105,12 +109,29 @@ def export_saml(model, example_batch, path: Optional[Union[str, os.PathLike]] = 
         min_batch: smallest batch size the artifact accepts (1 by default). Where the trace cannot keep B = 1
             general (a model whose ops need B != 1 to decide a memory layout), the export is retried with
             ``min_batch = 2`` and a warning says so.
+        table_dtype: None exports the tables as they are; ``"uint8"`` exports ``quantized.quantize_tables(model)``
+            (``model`` itself is unchanged): every embedding table as FBGEMM's fused 8-bit row-wise rows (D uint8
+            codes + float32 scale + float32 bias per row, ~4x smaller for float32 tables at D >= 32), looked up
+            by ``saml_kernels::scenario_embedding_bag_8bit``; each table element is served within scale / 2 =
+            (row max - row min) / 510 of its float value (docs/design.md, "8-bit serving tables"). The model's
+            tables must be float32 / float16 / bfloat16 and finite, and the model must hold kernel embedding
+            layers: otherwise ValueError / TypeError before anything is traced or written.
 
     Returns:
         the ``ExportedProgram``; ``program.module()(*inputs) -> (main [B], aux [B])`` logits (see the module
         docstring for the inputs). The batch dimension is dynamic: any B >= min_batch runs on it.
     """
+    if table_dtype not in TABLE_DTYPES:
+        raise ValueError(f"serving.export_saml: table_dtype must be one of {TABLE_DTYPES}, got {table_dtype!r}")
     inputs = example_inputs(example_batch)
+    if table_dtype == "uint8":
+        from .quantized import quantize_tables
+
+        return _export(quantize_tables(model), inputs, path, min_batch, table_dtype)
+    return _export(model, inputs, path, min_batch, table_dtype)
+
+
+def _export(model, inputs, path, min_batch, table_dtype):
     was_training = model.training
     used_min = min_batch
     model.eval()
@@ -124,7 +145,7 @@ def export_saml(model, example_batch, path: Optional[Union[str, os.PathLike]] = 
             if min_batch != 1 or "!= 1" not in str(exc):
                 raise
             warnings.warn("serving.export_saml: this model's trace needs B != 1 (a layout decision on a [B, ...] "
-                          "slice); the artifact accepts batches of 2 or more", RuntimeWarning, stacklevel=2)
+                          "slice); the artifact accepts batches of 2 or more", RuntimeWarning, stacklevel=3)
             _clear_layout_cache()
             used_min = 2
             with _size_oblivious():
@@ -134,6 +155,8 @@ def export_saml(model, example_batch, path: Optional[Union[str, os.PathLike]] = 
         _clear_layout_cache()
         model.train(was_training)
     program._saml_serving_inputs = dict(input_contract(model, inputs), min_batch=used_min)
+    if table_dtype is not None:
+        program._saml_serving_inputs["table_dtype"] = table_dtype
     if path is not None:
         save_exported(program, path)
     return program

@@ -38,6 +38,7 @@ POLICY = {
     "mbranch_linear_all": "cast",
     "mutual_linear": "cast",
     "scenario_embedding_bag": "keep",
+    "scenario_embedding_bag_8bit": "keep",  # uint8 tables, float32 outputs: nothing to cast
     "mutual_unit": "keep",
     "scenario_embedding_bag_backward": "keep",
     "mbranch_linear_own_backward": "keep",
@@ -110,7 +111,7 @@ def _register() -> None:
     # the op modules register the custom ops when imported (they import this module for will_cast, so the
     # helpers above are defined by then)
     from . import (embedding_optimizer, mbranch_linear, mutual_linear, mutual_unit,  # noqa: F401
-                   partitioned_norm, scenario_embedding_bag)
+                   partitioned_norm, scenario_embedding_bag, scenario_embedding_bag_8bit)
 
     global _LIB
     _LIB = torch.library.Library("saml_kernels", "IMPL")

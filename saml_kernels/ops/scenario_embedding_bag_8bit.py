@@ -1,0 +1,295 @@
+"""``saml_kernels::scenario_embedding_bag_8bit``: the scenario-aware embedding bag on 8-bit row-wise tables
+(inference only: no autograd, no fused update).
+
+Table layout (FBGEMM's fused 8-bit row-wise format, ``torch.ops.quantized.embedding_bag_byte_prepack``): every
+row of a [R, D] float table becomes D + 8 bytes, ``[q_0 .. q_{D-1} | scale (float32) | bias (float32)]``, the two
+floats little-endian and unaligned when D % 4 != 0, with
+
+    bias = min_j x_j,  scale = (max_j x_j - min_j x_j) / 255,  q_j = round((x_j - bias) * 255 / (range + 1e-8))
+
+computed in float32 (FBGEMM's ``FloatToFused8BitRowwiseQuantizedSBFloat``), and read back as
+
+    v_j = scale * q_j + bias          so |v_j - x_j| <= scale / 2 (+ float32 rounding).
+
+A scenario table [M, Rs, D] is M * Rs such rows, [M, Rs, D + 8].
+
+The op computes exactly what ``scenario_embedding_bag`` computes on the dequantised tables (same bags, pooling
+sum / mean / none, per-sample weights, bounds handling and input checks with the same messages), in float32:
+
+    global_out[b, f]   = pool_{i in bag(f,b)} w_i * deq(Gq)[feature_rows[f] + id_i]                      [B, F, D]
+    scenario_out[b, j] = pool_{i in bag(f_j,b)} w_i * deq(Sq)[scenario[b], feature_scenario_rows[f_j] + id_i]
+
+Kernels (``saml_kernels._backend.kernels(OP, backend).forward``, the ``seb_forward`` contract with packed tables:
+``(global_out, scenario_out, bad_count int64 [1])``): ``cpu`` = FBGEMM's 8-bit EmbeddingSpMDM as torch ships it
+(``torch.ops.quantized.embedding_bag_byte_rowwise_offsets``: one call for the global table, one for the scenario
+rows of the aware features; sum pooling only, so "mean" divides here and "none" makes every id its own bag);
+``triton`` / ``cuda`` = ``saml_kernels/triton/scenario_embedding_bag_8bit.py``; ``reference`` = dequantise the
+tables, then the float reference kernel.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .._codes import POOLING
+from . import _checks
+from . import scenario_embedding_bag as _seb
+
+OP = "scenario_embedding_bag_8bit"
+#: bytes a row carries beside its D codes: float32 scale, float32 bias
+ROW_EXTRA = 8
+#: table dtypes quantize_rows accepts (the upcast to float32 is exact for all three)
+QUANTIZABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+SUM, MEAN, NONE = POOLING["sum"], POOLING["mean"], POOLING["none"]
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+def quantize_rows(weight: Tensor, who: str = "quantize_rows") -> Tensor:
+    """The fused 8-bit row-wise form of ``weight`` [..., D] (float32 / float16 / bfloat16): uint8 [..., D + 8] on
+    ``weight``'s device (quantised on the CPU by FBGEMM's prepack; see the module docstring for the formula).
+    Raises TypeError for another dtype and ValueError for a non-finite value (naming the row)."""
+    if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dtype not in QUANTIZABLE:
+        got = weight.dtype if isinstance(weight, Tensor) else type(weight).__name__
+        raise TypeError(f"{who}: 8-bit row-wise tables are made from float32 / float16 / bfloat16 tables, got "
+                        f"{got} (a float64 table: convert it with .float() first)")
+    if weight.dim() < 2 or weight.shape[-1] < 1:
+        raise ValueError(f"{who}: a table must be [..., D] with D >= 1, got shape {tuple(weight.shape)}")
+    flat = weight.detach().reshape(-1, weight.shape[-1]).to("cpu", torch.float32).contiguous()
+    finite = torch.isfinite(flat).all(1)
+    if not bool(finite.all()):
+        r = int((~finite).nonzero()[0, 0])
+        raise ValueError(f"{who}: row {r} of the table holds a non-finite value; an 8-bit row needs finite values")
+    packed = torch.ops.quantized.embedding_bag_byte_prepack(flat) if flat.shape[0] else \
+        torch.empty(0, flat.shape[1] + ROW_EXTRA, dtype=torch.uint8)
+    return packed.reshape(*weight.shape[:-1], weight.shape[-1] + ROW_EXTRA).to(weight.device)
+
+
+def scale_bias(packed: Tensor) -> tuple[Tensor, Tensor]:
+    """(scale [...], bias [...]) float32 of packed rows [..., D + 8]."""
+    tail = packed[..., -ROW_EXTRA:].contiguous().view(torch.float32)
+    return tail[..., 0], tail[..., 1]
+
+
+def dequantize_rows(packed: Tensor) -> Tensor:
+    """float32 [..., D] of packed rows [..., D + 8]: v = scale * q + bias (two float32 roundings)."""
+    scale, bias = scale_bias(packed)
+    return packed[..., :-ROW_EXTRA].to(torch.float32) * scale.unsqueeze(-1) + bias.unsqueeze(-1)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+def _bags(offsets, nnz, nbags, B):
+    """Per id: its bag and feature; and each bag's length (int64)."""
+    lengths = (offsets[1:] - offsets[:-1]).long()
+    bag = torch.repeat_interleave(torch.arange(nbags, device=offsets.device), lengths, output_size=nnz)
+    return bag, bag // max(B, 1), lengths
+
+
+def _fbgemm(table, rows, weights, lengths, pooling, D):
+    """FBGEMM 8-bit sum over bags of ``lengths`` (one bag per id for "none"), / length for "mean"; float32."""
+    n = rows.numel()
+    if pooling == NONE:
+        offs = torch.arange(n + 1, dtype=torch.int64)
+    else:
+        offs = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offs[1:])
+    if offs.numel() == 1:
+        return torch.zeros(0, D)
+    out = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(table, rows, offs, False, 0, False, weights, None,
+                                                                 True)
+    if pooling == MEAN:
+        out = out / lengths.clamp(min=1).to(torch.float32).unsqueeze(1)
+    return out
+
+
+def forward_cpu(indices, offsets, scenario, global_packed, scenario_packed, feature_rows, feature_scenario_rows,
+                aware_slot, per_sample_weights, pooling, bag_len, check, num_aware=-1):
+    """The CPU kernel: FBGEMM's 8-bit row-wise EmbeddingSpMDM (torch.ops.quantized). Invalid ids and samples with
+    a scenario outside [0, M) read row 0 with weight 0 (a zero vector, as the float kernels); nothing is read out
+    of bounds whatever the inputs."""
+    F = feature_rows.numel() - 1
+    nbags = offsets.numel() - 1
+    B = nbags // F if F else 0
+    D = global_packed.shape[1] - ROW_EXTRA
+    M, Rs = scenario_packed.shape[0], scenario_packed.shape[1]
+    Fs = int(num_aware) if num_aware >= 0 else int((aware_slot >= 0).sum())
+    L = int(bag_len)
+    nnz = indices.numel()
+    bag, feat, lengths = _bags(offsets, nnz, nbags, B)
+    ids = indices.long()
+    base = feature_rows[feat]
+    valid = (ids >= 0) & (ids < feature_rows[feat + 1] - base)
+    nbad = int(nnz - valid.sum())
+    weights = per_sample_weights.to(torch.float32) if per_sample_weights is not None else None
+    rows = base + ids
+    if nbad:
+        rows = torch.where(valid, rows, torch.zeros_like(rows))
+        weights = valid.to(torch.float32) * (weights if weights is not None else 1.0)
+    g = _fbgemm(global_packed, rows, weights, lengths, pooling, D)
+    g = (g.reshape(F, B, L, D).permute(1, 0, 2, 3) if pooling == NONE else g.reshape(F, B, D).permute(1, 0, 2))
+    sshape = (B, Fs, L, D) if pooling == NONE else (B, Fs, D)
+    if Fs == 0 or nbags == 0:
+        s = torch.zeros(sshape)
+    else:
+        aware_f = aware_slot >= 0
+        keep = aware_f[feat]
+        sc = scenario.long()[bag[keep] % B]
+        ok = valid[keep] & (sc >= 0) & (sc < M)
+        srows = sc * Rs + feature_scenario_rows[feat[keep]] + ids[keep]
+        sw = weights[keep] if weights is not None else None
+        if not bool(ok.all()):
+            srows = torch.where(ok, srows, torch.zeros_like(srows))
+            sw = ok.to(torch.float32) * (sw if sw is not None else 1.0)
+        s = _fbgemm(scenario_packed.reshape(M * Rs, D + ROW_EXTRA), srows, sw,
+                    lengths.reshape(F, B)[aware_f].reshape(-1), pooling, D)
+        # the aware features' bags in feature order, so their slots are 0 .. Fs-1 in that order
+        s = s.reshape(Fs, B, L, D).permute(1, 0, 2, 3) if pooling == NONE else s.reshape(Fs, B, D).permute(1, 0, 2)
+    bad = torch.full((1,), nbad if check else 0, dtype=torch.int64)
+    return g.contiguous(), s.contiguous(), bad
+
+
+def forward_reference(indices, offsets, scenario, global_packed, scenario_packed, feature_rows, feature_scenario_rows,
+                      aware_slot, per_sample_weights, pooling, bag_len, check, num_aware=-1):
+    """Plain PyTorch: dequantise both tables (float32), then the float reference kernel."""
+    from ..reference.scenario_embedding_bag import forward_kernel
+
+    psw = per_sample_weights.to(torch.float32) if per_sample_weights is not None else None
+    return forward_kernel(indices, offsets, scenario, dequantize_rows(global_packed), dequantize_rows(scenario_packed),
+                          feature_rows, feature_scenario_rows, aware_slot, psw, pooling, bag_len, check, num_aware)
+
+
+def _triton_table():
+    from ..triton import scenario_embedding_bag_8bit as t8
+
+    return {"forward": t8.forward}
+
+
+_backend.define_op(OP, kernels=("forward",))
+_backend.register_kernels(OP, "reference", lambda: {"forward": forward_reference})
+_backend.register_kernels(OP, "cpu", lambda: {"forward": forward_cpu})
+_backend.register_kernels(OP, "triton", _triton_table)
+# No CUDA C++ kernel: a backend="cuda" model gets the Triton kernel (as partitioned_norm does)
+_backend.register_kernels(OP, "cuda", _triton_table)
+
+
+# ------------------------------------------------------------------------------------------------ custom op
+
+@torch.library.custom_op("saml_kernels::scenario_embedding_bag_8bit", mutates_args=())
+def _forward_op(indices: Tensor, offsets: Tensor, scenario: Tensor, global_packed: Tensor, scenario_packed: Tensor,
+                feature_rows: Tensor, feature_scenario_rows: Tensor, aware_slot: Tensor,
+                per_sample_weights: Optional[Tensor], pooling: int, bag_len: int, num_aware: int,
+                bounds_check: int, backend: str) -> tuple[Tensor, Tensor]:
+    F = feature_rows.numel() - 1
+    fwd = _backend.kernels(OP, backend).forward
+    check = bounds_check != _seb.BOUNDS["off"]
+    # the float op's checks and messages (ops/scenario_embedding_bag.py), on the device: one host read per call
+    # on a GPU (deferred inside a model's forward), immediate on the CPU
+    block = _checks.deferred_checks() if indices.device.type != "cpu" else contextlib.nullcontext()
+    with block:
+        offsets_k, scenario_k = offsets, scenario
+        if check:
+            offsets_k, scenario_k = _seb._check_values(indices, offsets, scenario, scenario_packed.shape[0], F,
+                                                       pooling, bag_len)
+        g, s, bad = fwd(indices, offsets_k, scenario_k, global_packed, scenario_packed, feature_rows,
+                        feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len, check, num_aware)
+        if check and not (bounds_check == _seb.BOUNDS["zero"] and _checks.check_mode() == "capture_safe"):
+            _checks.check_value(bad.sum() > 0,
+                                lambda: _seb._report_bad_ids(indices, offsets, feature_rows, bounds_check),
+                                f"{_seb.OP}: id out of its feature's range")
+    return g, s
+
+
+@_forward_op.register_fake
+def _(indices, offsets, scenario, global_packed, scenario_packed, feature_rows, feature_scenario_rows, aware_slot,
+      per_sample_weights, pooling, bag_len, num_aware, bounds_check, backend):
+    F = feature_rows.shape[0] - 1
+    B = (offsets.shape[0] - 1) // F
+    D = global_packed.shape[1] - ROW_EXTRA
+    if pooling == NONE:
+        gs, ss = (B, F, bag_len, D), (B, num_aware, bag_len, D)
+    else:
+        gs, ss = (B, F, D), (B, num_aware, D)
+    return global_packed.new_empty(gs, dtype=torch.float32), global_packed.new_empty(ss, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+def scenario_embedding_bag_8bit(indices: Tensor, offsets: Tensor, scenario: Tensor, global_packed: Tensor,
+                                scenario_packed: Tensor, feature_rows, feature_scenario_rows, *, pooling: str = "sum",
+                                per_sample_weights: Optional[Tensor] = None, bounds_check: str = "error",
+                                backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """``scenario_embedding_bag`` on 8-bit row-wise tables (see the module docstring for the layout).
+
+    Args:
+        indices, offsets, scenario, feature_rows, feature_scenario_rows, pooling, bounds_check, backend: as
+            ``saml_kernels.scenario_embedding_bag``.
+        global_packed: [R, D + 8] uint8 (``quantize_rows`` of the [R, D] global table).
+        scenario_packed: [M, Rs, D + 8] uint8.
+        per_sample_weights: [nnz] float (any float dtype; used in float32), pooling "sum" only.
+
+    Returns:
+        (global_out [B, F, D], scenario_out [B, Fs, D]) float32 ([B, F, L, D], [B, Fs, L, D] for "none"):
+        the float op on ``dequantize_rows`` of the tables, up to float32 rounding. No gradients.
+    """
+    return _forward_op(*prepare_args(indices, offsets, scenario, global_packed, scenario_packed, feature_rows,
+                                     feature_scenario_rows, pooling=pooling, per_sample_weights=per_sample_weights,
+                                     bounds_check=bounds_check, backend=backend))
+
+
+def prepare_args(indices, offsets, scenario, global_packed, scenario_packed, feature_rows, feature_scenario_rows, *,
+                 pooling="sum", per_sample_weights=None, bounds_check="error", backend=None) -> tuple:
+    """Validates the public arguments (the float op's checks and messages, packed tables instead of float ones)
+    and returns the argument tuple of ``torch.ops.saml_kernels.scenario_embedding_bag_8bit``."""
+    op = _seb.OP
+    _checks.tensor(op, "indices", indices, ndim=1, dtypes=_checks.INDEX_DTYPES)
+    _checks.tensor(op, "offsets", offsets, ndim=1, dtypes=_checks.INDEX_DTYPES)
+    _checks.tensor(op, "scenario", scenario, ndim=1, dtypes=_checks.INDEX_DTYPES)
+    _checks.tensor(OP, "global_packed", global_packed, ndim=2, dtypes=(torch.uint8,))
+    _checks.tensor(OP, "scenario_packed", scenario_packed, ndim=3, dtypes=(torch.uint8,))
+    _checks.tensor(op, "per_sample_weights", per_sample_weights, ndim=1, dtypes=_checks.FLOAT_DTYPES, optional=True)
+    _checks.same_device(op, indices=indices, offsets=offsets, scenario=scenario, global_packed=global_packed,
+                        scenario_packed=scenario_packed, per_sample_weights=per_sample_weights)
+    _checks.choice(op, "pooling", pooling, POOLING)
+    _checks.choice(op, "bounds_check", bounds_check, _seb.BOUNDS)
+    if offsets.dtype != indices.dtype:
+        raise TypeError(f"{op}: offsets must have the dtype of indices ({indices.dtype}), got {offsets.dtype}")
+    W = global_packed.shape[1]
+    if W <= ROW_EXTRA:
+        raise ValueError(f"{OP}: global_packed rows must hold D >= 1 codes + {ROW_EXTRA} bytes, got width {W}")
+    if scenario_packed.shape[2] != W:
+        raise ValueError(f"{OP}: scenario_packed row width {scenario_packed.shape[2]} differs from global_packed's {W}")
+    if scenario_packed.shape[0] < 1:
+        raise ValueError(f"{OP}: scenario_packed must hold at least one scenario table, got shape "
+                         f"{tuple(scenario_packed.shape)}")
+    fr, fsr, slot, num_aware = _seb.table_layout(feature_rows, feature_scenario_rows, global_packed.shape[0],
+                                                 scenario_packed.shape[1], indices.device)
+    F = fr.numel() - 1
+    if offsets.numel() < 1 or (offsets.numel() - 1) % F:
+        raise ValueError(f"{op}: offsets must have F*B + 1 entries with F = {F} features, got {offsets.numel()}")
+    B = (offsets.numel() - 1) // F
+    if scenario.numel() != B:
+        raise ValueError(f"{op}: scenario must have B = {B} entries (offsets imply F = {F} features x B samples), "
+                         f"got {scenario.numel()}")
+    if per_sample_weights is not None:
+        if pooling != "sum":
+            raise ValueError(f"{op}: per_sample_weights need pooling='sum', got pooling={pooling!r}")
+        if per_sample_weights.numel() != indices.numel():
+            raise ValueError(f"{op}: per_sample_weights must have one weight per index ({indices.numel()}), "
+                             f"got {per_sample_weights.numel()}")
+        per_sample_weights = per_sample_weights.detach().to(torch.float32).contiguous()
+    bag_len = 0
+    if pooling == "none" and F * B:
+        if indices.numel() % (F * B):
+            raise ValueError(f"{op}: pooling='none' needs all F*B = {F * B} bags of one length, but nnz = "
+                             f"{indices.numel()} is not a multiple")
+        bag_len = indices.numel() // (F * B)
+    be = _backend.resolve(OP, indices.device.type, backend)
+    return (indices.contiguous(), offsets.contiguous(), scenario.contiguous(), global_packed.contiguous(),
+            scenario_packed.contiguous(), fr, fsr, slot, per_sample_weights, POOLING[pooling], bag_len, num_aware,
+            _seb.BOUNDS[bounds_check], be)
