@@ -33,6 +33,7 @@ from saml_kernels.triton import mbranch_linear as mbl  # noqa: E402
 from saml_kernels.triton import mutual_unit as mu  # noqa: E402
 from saml_kernels.triton import partitioned_norm as pn  # noqa: E402
 from saml_kernels.triton import scenario_embedding_bag as seb  # noqa: E402
+from saml_kernels.triton import scenario_embedding_bag_8bit as seb8  # noqa: E402
 
 pytestmark = pytest.mark.triton_interp
 
@@ -44,6 +45,7 @@ NOT_LAUNCHERS = {
     "mutual_unit": {"aot_specs", "fused_supported"},
     "partitioned_norm": {"aot_specs"},
     "scenario_embedding_bag": {"aot_specs", "pick_config", "sorted_segments", "split_segments", "segment_sizes"},
+    "scenario_embedding_bag_8bit": {"aot_specs"},
 }
 
 
@@ -196,6 +198,18 @@ def _seb_forward(mp):
     return outs
 
 
+def _seb8_forward(mp):
+    outs = []
+    for Fs, psw, pooling, check in ((1, False, seb8.SUM, True), (1, True, seb8.MEAN, False),
+                                    (0, False, seb8.NONE, True)):
+        kw, _ = _seb_inputs(Fs, psw)
+        kw["global_packed"] = _m(*kw.pop("global_weight").shape[:-1], 16 + 8, dtype=torch.uint8)
+        kw["scenario_packed"] = _m(*kw.pop("scenario_weight").shape[:-1], 16 + 8, dtype=torch.uint8)
+        outs += seb8.forward(**kw, pooling=pooling, bag_len=2 if pooling == seb8.NONE else 0, check=check,
+                             num_aware=Fs)
+    return outs
+
+
 def _seb_backward_rows(mp):
     outs = []
     for Fs, psw, longest in ((1, False, 3), (1, True, seb.PIECE + 5), (0, False, 2)):
@@ -239,6 +253,7 @@ CASES = {
     ("mutual_unit", "mutual_linear_backward"): _mu_linear_backward,
     ("scenario_embedding_bag", "forward"): _seb_forward,
     ("scenario_embedding_bag", "backward_rows"): _seb_backward_rows,
+    ("scenario_embedding_bag_8bit", "forward"): _seb8_forward,
     ("partitioned_norm", "pn_stats"): _pn_stats,
     ("partitioned_norm", "pn_forward"): _pn_forward,
     ("partitioned_norm", "pn_backward"): _pn_backward,
