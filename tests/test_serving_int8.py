@@ -76,10 +76,12 @@ def test_quantize_rows_of_16_bit_tables_and_3d():
 FR, FSR = [0, 10, 17, 40], [0, 10, 10, 33]  # features 0 and 2 scenario-aware, feature 1 not
 
 
-def _inputs(B, M, D, pooling, idt, g, bad_ids=False):
+def _inputs(B, M, D, pooling, idt, g, bad_ids=False, fixed=False):
+    """Bags of random lengths 0..3 with an empty one, or (``fixed``, and always for "none") all of one length:
+    the CPU kernel's two paths."""
     F = len(FR) - 1
-    if pooling == "none":
-        lengths = torch.full((F * B,), 3)
+    if pooling == "none" or fixed:
+        lengths = torch.full((F * B,), 1 if fixed else 3)
     else:
         lengths = torch.randint(0, 4, (F * B,), generator=g)
         lengths[1] = 0  # an empty bag in every case
@@ -94,16 +96,18 @@ def _inputs(B, M, D, pooling, idt, g, bad_ids=False):
     return ids.to(idt), offsets.to(idt), scenario.to(idt), G, S
 
 
-CASES = [("sum", False), ("sum", True), ("mean", False), ("none", False)]
+CASES = [("sum", False, False), ("sum", True, False), ("mean", False, False), ("none", False, False),
+         ("sum", True, True), ("mean", False, True)]
 
 
 @pytest.mark.parametrize("device, backend", device_backends(OP))
-@pytest.mark.parametrize("pooling, psw", CASES, ids=[f"{p}{'-psw' if w else ''}" for p, w in CASES])
+@pytest.mark.parametrize("pooling, psw, fixed", CASES,
+                         ids=[f"{p}{'-psw' if w else ''}{'-onehot' if x else ''}" for p, w, x in CASES])
 @pytest.mark.parametrize("idt", [torch.int32, torch.int64], ids=["i32", "i64"])
 @pytest.mark.parametrize("M, D", [(1, 5), (4, 16)])
-def test_lookup_equals_the_float_op_on_the_dequantised_tables(device, backend, pooling, psw, idt, M, D):
-    g = torch.Generator().manual_seed(hash((pooling, psw, M, D)) % 1000)
-    ids, offsets, scenario, G, S = _inputs(6, M, D, pooling, idt, g)
+def test_lookup_equals_the_float_op_on_the_dequantised_tables(device, backend, pooling, psw, fixed, idt, M, D):
+    g = torch.Generator().manual_seed(hash((pooling, psw, fixed, M, D)) % 1000)
+    ids, offsets, scenario, G, S = _inputs(6, M, D, pooling, idt, g, fixed=fixed)
     w = torch.randn(ids.numel(), generator=g) if psw else None
     Gq, Sq = q8.quantize_rows(G), q8.quantize_rows(S)
     dev = lambda t: t.to(device) if t is not None else None  # noqa: E731
@@ -119,13 +123,14 @@ def test_lookup_equals_the_float_op_on_the_dequantised_tables(device, backend, p
 
 
 @pytest.mark.parametrize("device, backend", device_backends(OP))
-def test_bounds_and_scenario_checks_as_the_float_op(device, backend):
+@pytest.mark.parametrize("fixed", [False, True], ids=["ragged", "onehot"])
+def test_bounds_and_scenario_checks_as_the_float_op(device, backend, fixed):
     """bounds_check "zero": a bad id is a zero vector (counted in the mean's length, as the float op); "error":
     the float op's IndexError, word for word; a bad scenario id: the float op's IndexError."""
     from saml_kernels.ops.scenario_embedding_bag import scenario_embedding_bag
 
     g = torch.Generator().manual_seed(5)
-    ids, offsets, scenario, G, S = _inputs(5, 3, 6, "mean", torch.int64, g, bad_ids=True)
+    ids, offsets, scenario, G, S = _inputs(5, 3, 6, "mean", torch.int64, g, bad_ids=True, fixed=fixed)
     Gq, Sq = q8.quantize_rows(G), q8.quantize_rows(S)
     Gd, Sd = q8.dequantize_rows(Gq), q8.dequantize_rows(Sq)
     d = lambda *ts: [t.to(device) for t in ts]  # noqa: E731

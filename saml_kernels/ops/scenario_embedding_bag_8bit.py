@@ -84,13 +84,6 @@ def dequantize_rows(packed: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ kernels
 
-def _bags(offsets, nnz, nbags, B):
-    """Per id: its bag and feature; and each bag's length (int64)."""
-    lengths = (offsets[1:] - offsets[:-1]).long()
-    bag = torch.repeat_interleave(torch.arange(nbags, device=offsets.device), lengths, output_size=nnz)
-    return bag, bag // max(B, 1), lengths
-
-
 def _fbgemm(table, rows, weights, lengths, pooling, D):
     """FBGEMM 8-bit sum over bags of ``lengths`` (one bag per id for "none"), / length for "mean"; float32."""
     n = rows.numel()
@@ -108,50 +101,129 @@ def _fbgemm(table, rows, weights, lengths, pooling, D):
     return out
 
 
+def _in_range(ids, size):
+    """Whether every id of the slice is in [0, size)."""
+    if ids.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(ids)
+    return int(lo) >= 0 and int(hi) < size
+
+
+def _cat(parts):
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def forward_cpu(indices, offsets, scenario, global_packed, scenario_packed, feature_rows, feature_scenario_rows,
                 aware_slot, per_sample_weights, pooling, bag_len, check, num_aware=-1):
-    """The CPU kernel: FBGEMM's 8-bit row-wise EmbeddingSpMDM (torch.ops.quantized). Invalid ids and samples with
-    a scenario outside [0, M) read row 0 with weight 0 (a zero vector, as the float kernels); nothing is read out
-    of bounds whatever the inputs."""
+    """The CPU kernel: FBGEMM's 8-bit row-wise EmbeddingSpMDM (torch.ops.quantized), one call for the global rows
+    and one for the aware features' scenario rows. Feature f's ids are the contiguous positions
+    offsets[f*B] .. offsets[(f+1)*B], so the row arithmetic works per feature slice (host reads of F + 1 offsets:
+    free on the CPU). Invalid ids, and samples with a scenario outside [0, M), read row 0 with weight 0 (a zero
+    vector, as the float kernels); nothing is read out of bounds whatever the inputs."""
     F = feature_rows.numel() - 1
     nbags = offsets.numel() - 1
     B = nbags // F if F else 0
     D = global_packed.shape[1] - ROW_EXTRA
     M, Rs = scenario_packed.shape[0], scenario_packed.shape[1]
-    Fs = int(num_aware) if num_aware >= 0 else int((aware_slot >= 0).sum())
+    fr, fsr = feature_rows.tolist(), feature_scenario_rows.tolist()
+    aware = [f for f in range(F) if fsr[f + 1] > fsr[f]]
+    Fs = len(aware)
     L = int(bag_len)
-    nnz = indices.numel()
-    bag, feat, lengths = _bags(offsets, nnz, nbags, B)
+    gshape = (B, F, L, D) if pooling == NONE else (B, F, D)
+    sshape = (B, Fs, L, D) if pooling == NONE else (B, Fs, D)
+    if nbags == 0:
+        return torch.zeros(gshape), torch.zeros(sshape), torch.zeros(1, dtype=torch.int64)
+    offs = offsets.long()
+    lengths = offs[1:] - offs[:-1]
+    lmin, lmax = (int(v) for v in torch.aminmax(lengths))
+    if lmin == lmax:
+        g, s, nbad = _forward_fixed(indices, scenario, global_packed, scenario_packed, fr, fsr, aware,
+                                    per_sample_weights, pooling, lmax, B, D, M, Rs)
+        return g, s, torch.full((1,), nbad if check else 0, dtype=torch.int64)
+    cuts = offs[torch.arange(F + 1) * B].tolist()  # feature f's ids: positions cuts[f] .. cuts[f+1]
     ids = indices.long()
-    base = feature_rows[feat]
-    valid = (ids >= 0) & (ids < feature_rows[feat + 1] - base)
-    nbad = int(nnz - valid.sum())
+    counts = torch.tensor([cuts[f + 1] - cuts[f] for f in range(F)])
+    rows = ids + torch.repeat_interleave(torch.tensor(fr[:-1]), counts, output_size=ids.numel())
+    # validity per feature slice (one min/max pass); the per-id mask only when some id is out of range
+    ok_range = all(_in_range(ids[cuts[f]:cuts[f + 1]], fr[f + 1] - fr[f]) for f in range(F))
     weights = per_sample_weights.to(torch.float32) if per_sample_weights is not None else None
-    rows = base + ids
-    if nbad:
+    valid, nbad = None, 0
+    if not ok_range:
+        sizes = torch.tensor([fr[f + 1] - fr[f] for f in range(F)])
+        valid = (ids >= 0) & (ids < torch.repeat_interleave(sizes, counts, output_size=ids.numel()))
+        nbad = int(ids.numel() - valid.sum())
         rows = torch.where(valid, rows, torch.zeros_like(rows))
         weights = valid.to(torch.float32) * (weights if weights is not None else 1.0)
     g = _fbgemm(global_packed, rows, weights, lengths, pooling, D)
-    g = (g.reshape(F, B, L, D).permute(1, 0, 2, 3) if pooling == NONE else g.reshape(F, B, D).permute(1, 0, 2))
-    sshape = (B, Fs, L, D) if pooling == NONE else (B, Fs, D)
-    if Fs == 0 or nbags == 0:
+    g = g.reshape(F, B, L, D).permute(1, 0, 2, 3) if pooling == NONE else g.reshape(F, B, D).permute(1, 0, 2)
+    if Fs == 0:
         s = torch.zeros(sshape)
     else:
-        aware_f = aware_slot >= 0
-        keep = aware_f[feat]
-        sc = scenario.long()[bag[keep] % B]
-        ok = valid[keep] & (sc >= 0) & (sc < M)
-        srows = sc * Rs + feature_scenario_rows[feat[keep]] + ids[keep]
-        sw = weights[keep] if weights is not None else None
-        if not bool(ok.all()):
+        pick = lambda t: _cat([t[cuts[f]:cuts[f + 1]] for f in aware])  # noqa: E731
+        alen = lengths.reshape(F, B)[aware].reshape(-1)   # the aware features' bags, in feature (= slot) order
+        sc = scenario.long()
+        sc_ok = (sc >= 0) & (sc < M)
+        all_ok = bool(sc_ok.all())
+        bag_base = ((torch.where(sc_ok, sc, torch.zeros_like(sc)) * Rs).repeat(Fs)
+                    + torch.tensor([fsr[f] for f in aware]).repeat_interleave(B))
+        n_a = sum(cuts[f + 1] - cuts[f] for f in aware)
+        srows = pick(ids) + torch.repeat_interleave(bag_base, alen, output_size=n_a)
+        sw = pick(weights) if weights is not None else None
+        ok = pick(valid) if valid is not None else None
+        if not all_ok:
+            pos_ok = torch.repeat_interleave(sc_ok.repeat(Fs), alen, output_size=n_a)
+            ok = pos_ok if ok is None else ok & pos_ok
+        if ok is not None:
             srows = torch.where(ok, srows, torch.zeros_like(srows))
             sw = ok.to(torch.float32) * (sw if sw is not None else 1.0)
-        s = _fbgemm(scenario_packed.reshape(M * Rs, D + ROW_EXTRA), srows, sw,
-                    lengths.reshape(F, B)[aware_f].reshape(-1), pooling, D)
-        # the aware features' bags in feature order, so their slots are 0 .. Fs-1 in that order
+        s = _fbgemm(scenario_packed.reshape(M * Rs, D + ROW_EXTRA), srows, sw, alen, pooling, D)
         s = s.reshape(Fs, B, L, D).permute(1, 0, 2, 3) if pooling == NONE else s.reshape(Fs, B, D).permute(1, 0, 2)
     bad = torch.full((1,), nbad if check else 0, dtype=torch.int64)
     return g.contiguous(), s.contiguous(), bad
+
+
+def _forward_fixed(indices, scenario, global_packed, scenario_packed, fr, fsr, aware, per_sample_weights, pooling,
+                   Lb, B, D, M, Rs):
+    """``forward_cpu`` when every bag has Lb ids (one-hot features, pooling "none"): the ids are viewed
+    [F, B, Lb] and handed to FBGEMM sample-major ([B, F, Lb]: a copy of the ids), so FBGEMM writes [B, F, D]
+    ([B, F, L, D] for "none") directly, with no transposing copy of the outputs."""
+    F, Fs = len(fr) - 1, len(aware)
+    ids = indices.long().reshape(F, B, Lb)
+    base = torch.tensor(fr[:-1]).reshape(F, 1, 1)
+    sizes = torch.tensor([fr[f + 1] - fr[f] for f in range(F)]).reshape(F, 1, 1)
+    bmajor = lambda t: t.transpose(0, 1).reshape(-1)  # noqa: E731  [F', B, Lb] -> (b, f, l) order
+    weights = per_sample_weights.to(torch.float32).reshape(F, B, Lb) if per_sample_weights is not None else None
+    nbad = 0
+    valid = (ids >= 0) & (ids < sizes)
+    if not bool(valid.all()):
+        nbad = int(valid.numel() - valid.sum())
+        weights = valid.to(torch.float32) * (weights if weights is not None else 1.0)
+    else:
+        valid = None
+    rows = ids + base
+    if valid is not None:
+        rows = torch.where(valid, rows, torch.zeros_like(rows))
+    lengths = torch.full((B * F,), Lb, dtype=torch.int64)
+    g = _fbgemm(global_packed, bmajor(rows), bmajor(weights) if weights is not None else None, lengths, pooling, D)
+    gshape = (B, F, Lb, D) if pooling == NONE else (B, F, D)
+    sshape = (B, Fs, Lb, D) if pooling == NONE else (B, Fs, D)
+    if Fs == 0:
+        return g.reshape(gshape), torch.zeros(sshape), nbad
+    sel = torch.tensor(aware)
+    sc = scenario.long()
+    sc_ok = (sc >= 0) & (sc < M)
+    srows = (ids[sel] + torch.tensor([fsr[f] for f in aware]).reshape(Fs, 1, 1)
+             + (torch.where(sc_ok, sc, torch.zeros_like(sc)) * Rs).reshape(1, B, 1))
+    ok = valid[sel] if valid is not None else None
+    if not bool(sc_ok.all()):
+        ok = sc_ok.reshape(1, B, 1).expand(Fs, B, Lb) if ok is None else ok & sc_ok.reshape(1, B, 1)
+    sw = weights[sel] if weights is not None else None
+    if ok is not None:
+        srows = torch.where(ok, srows, torch.zeros_like(srows))
+        sw = ok.to(torch.float32) * (sw if sw is not None else 1.0)
+    s = _fbgemm(scenario_packed.reshape(M * Rs, D + ROW_EXTRA), bmajor(srows), bmajor(sw) if sw is not None else None,
+                torch.full((B * Fs,), Lb, dtype=torch.int64), pooling, D)
+    return g.reshape(gshape), s.reshape(sshape), nbad
 
 
 def forward_reference(indices, offsets, scenario, global_packed, scenario_packed, feature_rows, feature_scenario_rows,
