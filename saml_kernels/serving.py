@@ -18,6 +18,10 @@ Inputs (the positional inputs of ``SAML.forward``, a ``saml_kernels.data.Batch``
 B (``batch``) and nnz are dynamic; F, L and the widths are fixed by the config. Outputs: (main [B], aux [B])
 logits, as the eager model in ``eval()`` mode (dropout off).
 
+8-bit tables: ``export_saml(..., table_dtype="uint8")`` exports the model with its embedding tables as FBGEMM's
+fused 8-bit row-wise rows (``saml_kernels.quantized``; each element within scale / 2 of its float value), looked up
+by ``saml_kernels::scenario_embedding_bag_8bit``; loading and the input contract are the same.
+
 Bad inputs. ``load_exported`` returns a :class:`ServedProgram`: before the graph it runs the eager model's input
 contract (saved beside the program by ``export_saml``): the shape and dtype checks of ``check_model_inputs`` and
 of the embedding op's entry, the scenario range named by the model, and it casts ``dense`` to the dense dtype as

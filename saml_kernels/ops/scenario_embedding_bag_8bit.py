@@ -262,19 +262,43 @@ def _forward_op(indices: Tensor, offsets: Tensor, scenario: Tensor, global_packe
     check = bounds_check != _seb.BOUNDS["off"]
     # the float op's checks and messages (ops/scenario_embedding_bag.py), on the device: one host read per call
     # on a GPU (deferred inside a model's forward), immediate on the CPU
+    # (on the CPU a host read costs nothing: outside capture-safe mode the flags are read at once, in a deferred
+    # block too, so no safe stand-ins are built)
+    now = indices.device.type == "cpu" and _checks.check_mode() != "capture_safe"
     block = _checks.deferred_checks() if indices.device.type != "cpu" else contextlib.nullcontext()
     with block:
         offsets_k, scenario_k = offsets, scenario
-        if check:
+        if check and now:
+            _check_now(indices, offsets, scenario, scenario_packed.shape[0], F, pooling, bag_len)
+        elif check:
             offsets_k, scenario_k = _seb._check_values(indices, offsets, scenario, scenario_packed.shape[0], F,
                                                        pooling, bag_len)
         g, s, bad = fwd(indices, offsets_k, scenario_k, global_packed, scenario_packed, feature_rows,
                         feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len, check, num_aware)
-        if check and not (bounds_check == _seb.BOUNDS["zero"] and _checks.check_mode() == "capture_safe"):
+        if check and now:
+            if int(bad):
+                _seb._report_bad_ids(indices, offsets, feature_rows, bounds_check)
+        elif check and not (bounds_check == _seb.BOUNDS["zero"] and _checks.check_mode() == "capture_safe"):
             _checks.check_value(bad.sum() > 0,
                                 lambda: _seb._report_bad_ids(indices, offsets, feature_rows, bounds_check),
                                 f"{_seb.OP}: id out of its feature's range")
     return g, s
+
+
+def _check_now(indices, offsets, scenario, M, F, pooling, bag_len):
+    """The float op's offsets and scenario checks with their messages, read at once (one flag read)."""
+    nnz = indices.numel()
+    diffs = offsets[1:] - offsets[:-1]
+    flags = [offsets[0] != 0, offsets[-1] != nnz]
+    if diffs.numel():
+        flags.append((diffs < 0).any())
+        if pooling == NONE:
+            flags.append((diffs != bag_len).any())
+    if scenario.numel():
+        flags.append(((scenario < 0) | (scenario >= M)).any())
+    if bool(torch.stack(flags).any()):
+        _seb._explain_offsets(indices, offsets, F, pooling, bag_len)
+        _checks._raise_scenario(_seb.OP, scenario, M)
 
 
 @_forward_op.register_fake
