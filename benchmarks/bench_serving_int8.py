@@ -35,7 +35,7 @@ from saml_kernels import data as sdata  # noqa: E402
 from saml_kernels import serving  # noqa: E402
 from saml_kernels.nn import SAML, SAMLConfig, TrainingOptimizer  # noqa: E402
 from saml_kernels.ops import scenario_embedding_bag_8bit as q8  # noqa: E402
-from saml_kernels.quantized import QuantizedScenarioEmbedding, quantize_tables, table_bytes  # noqa: E402
+from saml_kernels.quantized import QuantizedScenarioEmbedding, first_order_bound, quantize_tables, table_bytes  # noqa: E402
 
 
 def load(quick: bool):
@@ -102,6 +102,7 @@ def accuracy(args):
                         if isinstance(m, QuantizedScenarioEmbedding)])
     tb32, tb8 = table_bytes(model)["float"], table_bytes(qmodel)["uint8"]
     d = np.abs(s_8.astype(np.float64) - s_float)
+    bound = np.concatenate([first_order_bound(model, qmodel, b).numpy() for b in test.batches(2048)])
     a_float, a_8 = auc(test.label, s_float), auc(test.label, s_8)
     per_scen = []
     for m in range(test.num_scenarios):
@@ -118,7 +119,9 @@ def accuracy(args):
                 train_s=train_s, auc_float=a_float, auc_8=a_8, auc_32_program=auc(test.label, s_32),
                 max_diff=float(d.max()), mean_diff=float(d.mean()), max_diff_32=float(np.abs(s_32 - s_float).max()),
                 tb32=tb32, tb8=tb8, size32=size32, size8=size8, half_max=float(halves.max()),
-                half_mean=float(halves.mean()), per_scen=per_scen, serve_ms=t["medians_ms"], batch=len(b),
+                half_mean=float(halves.mean()), per_scen=per_scen, bound_max=float(bound.max()),
+                bound_mean=float(bound.mean()), ratio_max=float((d / bound).max()),
+                within=float((d <= bound).mean()), serve_ms=t["medians_ms"], batch=len(b),
                 D=model.config.embedding_dim)
 
 
@@ -171,8 +174,11 @@ def report(acc, spd, info) -> str:
              f"Main logits, 8-bit program vs float model: max |diff| = {acc['max_diff']:.2e}, mean |diff| = "
              f"{acc['mean_diff']:.2e} (the float32 program vs the float model: max {acc['max_diff_32']:.1e}). Per "
              f"element, an 8-bit table value is within scale / 2 of the float value: max {acc['half_max']:.2e}, mean "
-             f"{acc['half_mean']:.2e} over the rows here (tests/test_serving_int8.py checks the logits against the "
-             "first-order bound these give).", "",
+             f"{acc['half_mean']:.2e} over the rows here. The first-order bound these give per sample "
+             "(`quantized.first_order_bound`: sum over the embedding outputs of |d logit / d e| x the bag's pooled "
+             f"scale / 2): max {acc['bound_max']:.2e}, mean {acc['bound_mean']:.2e}; measured |diff| / bound: max "
+             f"{acc['ratio_max']:.2f}, {100 * acc['within']:.1f} % of the test samples within the bound "
+             "(tests/test_serving_int8.py asserts |diff| <= 2 x bound on synthetic data).", "",
              harness.markdown_table(["scenario", "test samples", "AUC float32", "AUC 8-bit"],
                                     [[n, c, f"{a:.5f}", f"{b:.5f}"] for n, c, a, b in acc["per_scen"]]), "",
              f"## Lookup speed ({spd['device']})", "",

@@ -23,7 +23,7 @@ from .ops.scenario_embedding_bag_8bit import (QUANTIZABLE, ROW_EXTRA, dequantize
                                               scale_bias, scenario_embedding_bag_8bit)
 
 __all__ = ["QuantizedScenarioEmbedding", "quantize_tables", "quantize_rows", "dequantize_rows", "scale_bias",
-           "scenario_embedding_bag_8bit", "table_bytes", "ROW_EXTRA"]
+           "scenario_embedding_bag_8bit", "table_bytes", "first_order_bound", "ROW_EXTRA"]
 
 
 class QuantizedScenarioEmbedding(FeatureListProperties, nn.Module):
@@ -109,3 +109,49 @@ def table_bytes(model: nn.Module) -> dict:
     q = sum(m.global_packed.nbytes + m.scenario_packed.nbytes for m in model.modules()
             if isinstance(m, QuantizedScenarioEmbedding))
     return {"float": fl, "uint8": q}
+
+
+def first_order_bound(model: nn.Module, qmodel: nn.Module, batch) -> Tensor:
+    """Per sample b, a first-order bound on |main_b(qmodel) - main_b(model)| (the first logit) from the 8-bit
+    tables' per-element error |v - x| <= scale / 2:
+
+        bound_b = sum_k |d main_b / d e_k| * delta_k
+
+    over every output element e_k of every embedding layer, with delta_k the same bag pooled over the rows'
+    scale / 2 (|w_i| scale_i / 2 summed, / length for "mean"), i.e. the largest change of e_k the rounding can
+    make. The gradient is the float model's (one backward on a copy, tables frozen, ``model`` untouched); exact up
+    to second-order terms in the error. ``qmodel`` = ``quantize_tables(model)``, ``batch`` a Batch. Returns [B]."""
+    twin = copy.deepcopy(model).eval()
+    outs, deltas = [], []
+    for name, layer in list(twin.named_modules()):
+        if not isinstance(layer, ScenarioEmbedding):
+            continue
+        ql = qmodel.get_submodule(name)
+        half = [scale_bias(p)[0] / 2 for p in (ql.global_packed, ql.scenario_packed)]
+        delta_layer = copy.deepcopy(layer)
+        with torch.no_grad():
+            delta_layer.global_weight.copy_(half[0].unsqueeze(-1).expand_as(layer.global_weight))
+            delta_layer.scenario_weight.copy_(half[1].unsqueeze(-1).expand_as(layer.scenario_weight))
+        layer.global_weight.requires_grad_(False)
+        layer.scenario_weight.requires_grad_(False)
+
+        def hook(mod, args, out, delta_layer=delta_layer):
+            args = list(args)
+            if len(args) > 3 and isinstance(args[3], Tensor):
+                args[3] = args[3].abs()  # per-sample weights: the error bound scales with |w_i|
+            with torch.no_grad():
+                deltas.extend(delta_layer(*args))
+            out = tuple(o.detach().requires_grad_() for o in out)
+            outs.extend(out)
+            return out
+
+        layer.register_forward_hook(hook)
+    with torch.enable_grad():
+        y = twin(*batch.inputs())
+        main = y[0] if isinstance(y, tuple) else y
+        grads = torch.autograd.grad(main.float().sum(), outs, allow_unused=True)
+    bound = torch.zeros(main.shape[0], dtype=torch.float64)
+    for g, d in zip(grads, deltas):
+        if g is not None:
+            bound += (g.abs().double() * d.double()).reshape(g.shape[0], -1).sum(1)
+    return bound

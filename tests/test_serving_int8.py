@@ -16,7 +16,7 @@ from saml_kernels import serving
 from saml_kernels.data import make_synthetic
 from saml_kernels.nn import SAML, SAMLConfig, STAR, STARConfig, ScenarioEmbedding, TrainingOptimizer
 from saml_kernels.ops import scenario_embedding_bag_8bit as q8
-from saml_kernels.quantized import QuantizedScenarioEmbedding, quantize_tables, table_bytes
+from saml_kernels.quantized import QuantizedScenarioEmbedding, first_order_bound, quantize_tables, table_bytes
 from saml_kernels.reference.scenario_embedding_bag import scenario_embedding_bag_reference
 
 OP = "scenario_embedding_bag_8bit"
@@ -220,43 +220,6 @@ def trained():
     return model, serving.export_saml(model, DATA.batch(np.arange(40, 56)), table_dtype="uint8")
 
 
-def _first_order_bound(model, qmodel, batch):
-    """Per sample: sum_k |d main / d e_k| * delta_k over every embedding output element e_k, where delta_k bounds
-    the 8-bit error of e_k: the same bag pooled over the tables' |scale| / 2 (|w_i| scale_i / 2 summed, / length
-    for mean). First order in the error (which is ~1e-3 here); the test allows 2x for the rest."""
-    twin = copy.deepcopy(model)
-    grads, deltas = [], []
-    for name, layer in list(twin.named_modules()):
-        if not isinstance(layer, ScenarioEmbedding):
-            continue
-        ql = qmodel.get_submodule(name)
-        half = [q8.scale_bias(p)[0] / 2 for p in (ql.global_packed, ql.scenario_packed)]
-        delta_layer = copy.deepcopy(layer)
-        with torch.no_grad():
-            delta_layer.global_weight.copy_(half[0].unsqueeze(-1).expand_as(layer.global_weight))
-            delta_layer.scenario_weight.copy_(half[1].unsqueeze(-1).expand_as(layer.scenario_weight))
-        layer.global_weight.requires_grad_(False)
-        layer.scenario_weight.requires_grad_(False)
-
-        def hook(mod, args, out, delta_layer=delta_layer):
-            with torch.no_grad():
-                deltas.append(delta_layer(*args))
-            out = tuple(o.detach().requires_grad_() for o in out)
-            grads.append(out)
-            return out
-
-        layer.register_forward_hook(hook)
-    main, _ = twin(*batch.inputs())
-    outs = [o for pair in grads for o in pair]
-    gs = torch.autograd.grad(main.sum(), outs, allow_unused=True)
-    dl = [d for pair in deltas for d in pair]
-    bound = torch.zeros(main.shape[0])
-    for g_, d_ in zip(gs, dl):
-        if g_ is not None:
-            bound += (g_.abs() * d_).reshape(g_.shape[0], -1).sum(1)
-    return bound
-
-
 def test_exported_8bit_program_vs_the_float_model(trained, tmp_path):
     model, program = trained
     path = tmp_path / "saml8.pt2"
@@ -274,7 +237,7 @@ def test_exported_8bit_program_vs_the_float_model(trained, tmp_path):
         eager8 = qmodel(*batch.inputs())
     torch.testing.assert_close(got, eager8, atol=1e-6, rtol=1e-6)  # the program = the eager 8-bit model
     diff = (got[0] - want[0]).abs()
-    bound = _first_order_bound(model, qmodel, batch)
+    bound = first_order_bound(model, qmodel, batch)
     assert diff.max() > 0  # the tables did change
     assert bool((diff <= 2 * bound + 1e-5).all()), float((diff / bound).max())
     assert float(diff.max()) < 0.05
