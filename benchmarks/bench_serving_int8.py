@@ -187,7 +187,9 @@ def report(acc, spd, info) -> str:
              f"only, medians of alternating calls: `scenario_embedding_bag` ({spd['backend32']} backend) against "
              f"`scenario_embedding_bag_8bit` ({spd['backend8']} backend).", "",
              harness.markdown_table(["ids per bag", "float32 ms", "8-bit ms", "float32 / 8-bit (median of ratios)"],
-                                    [[L, f"{a:.2f}", f"{b:.2f}", f"{r:.2f}"] for L, a, b, r in spd["rows_out"]])]
+                                    [[L, f"{a:.2f}", f"{b:.2f}", f"{r:.2f}"] for L, a, b, r in spd["rows_out"]]),
+             "", "The times (not the AUCs, bytes or logits) move with the machine's load, given in the title: on a "
+             "shared VM compare the ratios, measured on alternating calls, rather than the milliseconds."]
     return "\n".join(lines) + "\n"
 
 

@@ -115,11 +115,11 @@ def export_saml(model, example_batch, path: Optional[Union[str, os.PathLike]] = 
             ``min_batch = 2`` and a warning says so.
         table_dtype: None exports the tables as they are; ``"uint8"`` exports ``quantized.quantize_tables(model)``
             (``model`` itself is unchanged): every embedding table as FBGEMM's fused 8-bit row-wise rows (D uint8
-            codes + float32 scale + float32 bias per row, ~4x smaller for float32 tables at D >= 32), looked up
-            by ``saml_kernels::scenario_embedding_bag_8bit``; each table element is served within scale / 2 =
-            (row max - row min) / 510 of its float value (docs/design.md, "8-bit serving tables"). The model's
-            tables must be float32 / float16 / bfloat16 and finite, and the model must hold kernel embedding
-            layers: otherwise ValueError / TypeError before anything is traced or written.
+            codes + float32 scale + float32 bias per row: (D + 8) / (4 D) of the float32 bytes, 0.375 at
+            D = 16), looked up by ``saml_kernels::scenario_embedding_bag_8bit``; each table element is served
+            within scale / 2 = (row max - row min) / 510 of its float value (docs/design.md, "8-bit serving
+            tables"). The model's tables must be float32 / float16 / bfloat16 and finite, and the model must hold
+            kernel embedding layers: otherwise ValueError / TypeError before anything is traced or written.
 
     Returns:
         the ``ExportedProgram``; ``program.module()(*inputs) -> (main [B], aux [B])`` logits (see the module

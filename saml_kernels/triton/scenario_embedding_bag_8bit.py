@@ -137,7 +137,8 @@ def forward(indices, offsets, scenario, global_packed, scenario_packed, feature_
     ts = [t.contiguous() if t is not None else None for t in
           (indices, offsets, scenario, global_packed, scenario_packed, feature_rows, feature_scenario_rows,
            aware_slot, per_sample_weights)]
-    indices, offsets, scenario, global_packed, scenario_packed, feature_rows, feature_scenario_rows, aware_slot, psw = ts
+    (indices, offsets, scenario, global_packed, scenario_packed, feature_rows, feature_scenario_rows, aware_slot,
+     psw) = ts
     dev = indices.device
     F = feature_rows.numel() - 1
     nbags = offsets.numel() - 1
