@@ -23,8 +23,8 @@ Kernels (``saml_kernels._backend.kernels(OP, backend).forward``, the ``seb_forwa
 ``(global_out, scenario_out, bad_count int64 [1])``): ``cpu`` = FBGEMM's 8-bit EmbeddingSpMDM as torch ships it
 (``torch.ops.quantized.embedding_bag_byte_rowwise_offsets``: one call for the global table, one for the scenario
 rows of the aware features; sum pooling only, so "mean" divides here and "none" makes every id its own bag);
-``triton`` / ``cuda`` = ``saml_kernels/triton/scenario_embedding_bag_8bit.py``; ``reference`` = dequantise the
-tables, then the float reference kernel.
+``triton`` / ``cuda`` = ``saml_kernels/triton/scenario_embedding_bag_8bit.py``; ``reference`` =
+``saml_kernels/reference/scenario_embedding_bag_8bit.py`` (dequantise the tables, then the float reference kernel).
 """
 from __future__ import annotations
 
@@ -226,26 +226,16 @@ def _forward_fixed(indices, scenario, global_packed, scenario_packed, fr, fsr, a
     return g.reshape(gshape), s.reshape(sshape), nbad
 
 
-def forward_reference(indices, offsets, scenario, global_packed, scenario_packed, feature_rows, feature_scenario_rows,
-                      aware_slot, per_sample_weights, pooling, bag_len, check, num_aware=-1):
-    """Plain PyTorch: dequantise both tables (float32), then the float reference kernel."""
-    from ..reference.scenario_embedding_bag import forward_kernel
-
-    psw = per_sample_weights.to(torch.float32) if per_sample_weights is not None else None
-    return forward_kernel(indices, offsets, scenario, dequantize_rows(global_packed), dequantize_rows(scenario_packed),
-                          feature_rows, feature_scenario_rows, aware_slot, psw, pooling, bag_len, check, num_aware)
-
-
 def _triton_table():
     from ..triton import scenario_embedding_bag_8bit as t8
 
-    return {"forward": t8.forward}
+    return t8.KERNELS[OP]
 
 
 _backend.define_op(OP, kernels=("forward",))
-_backend.register_kernels(OP, "reference", lambda: {"forward": forward_reference})
+# reference (saml_kernels/reference/scenario_embedding_bag_8bit.py) and triton (saml_kernels/triton/...)
+_backend.register_python_kernels(OP, "scenario_embedding_bag_8bit")
 _backend.register_kernels(OP, "cpu", lambda: {"forward": forward_cpu})
-_backend.register_kernels(OP, "triton", _triton_table)
 # No CUDA C++ kernel: a backend="cuda" model gets the Triton kernel (as partitioned_norm does)
 _backend.register_kernels(OP, "cuda", _triton_table)
 
