@@ -135,21 +135,84 @@ def lookup_speed(args):
     S = torch.randn(M, fsr[-1], D, generator=g) * 0.1
     Gq, Sq = q8.quantize_rows(G).to(dev), q8.quantize_rows(S).to(dev)
     G, S = G.to(dev), S.to(dev)
+    tbe = _fbgemm_tbe(F + aware, [rows] * F + [M * rows] * aware, D) if dev == "cpu" else None
     out = []
     for L in (1, 4):
         ids = torch.randint(0, rows, (F * B * L,), generator=g).to(dev)
         offsets = torch.arange(0, F * B * L + 1, L).to(dev)
         scen = torch.randint(0, M, (B,), generator=g).to(dev)
+        providers = {
+            "float32": lambda: sk.scenario_embedding_bag(ids, offsets, scen, G, S, fr, fsr),
+            "8-bit": lambda: q8.scenario_embedding_bag_8bit(ids, offsets, scen, Gq, Sq, fr, fsr),
+            "eager-embbag": lambda: _eager_embbag(ids, offsets, scen, G, S, F, B, L, rows, aware, M),
+        }
+        with torch.no_grad():  # the eager twin computes what the op computes
+            torch.testing.assert_close(_eager_embbag(ids, offsets, scen, G, S, F, B, L, rows, aware, M),
+                                       sk.scenario_embedding_bag(ids, offsets, scen, G, S, fr, fsr))
+        if tbe is not None:
+            providers["fbgemm-tbe-int8"] = lambda: _tbe_call(tbe, ids, offsets, scen, F, B, L, rows, aware)
         with torch.no_grad():
-            t = harness.time_alternating({
-                "float32": lambda: sk.scenario_embedding_bag(ids, offsets, scen, G, S, fr, fsr),
-                "8-bit": lambda: q8.scenario_embedding_bag_8bit(ids, offsets, scen, Gq, Sq, fr, fsr),
-            }, reps=5 if args.quick else 30, device=dev)
-        out.append((L, t["medians_ms"]["float32"], t["medians_ms"]["8-bit"], t["ratios"][("float32", "8-bit")]))
+            t = harness.time_alternating(providers, reps=5 if args.quick else 30, device=dev)
+        out.append((L, {n: t["medians_ms"][n] for n in providers}, t["ratios"][("float32", "8-bit")]))
     be = sk._backend.resolve(q8.OP, dev)
     return dict(F=F, rows=rows, aware=aware, M=M, D=D, B=B, rows_out=out, device=dev, backend8=be,
                 backend32=sk._backend.resolve("scenario_embedding_bag", dev),
                 bytes32=(G.nbytes + S.nbytes), bytes8=(Gq.nbytes + Sq.nbytes))
+
+
+def _eager_embbag(ids, offsets, scen, G, S, F, B, L, rows, aware, M):
+    """Two F.embedding_bag calls on the float32 tables (global ids shifted by feature, scenario ids by feature and
+    scenario on the flattened [M * Rs, D] table), outputs [B, F, D] / [B, Fs, D] contiguous."""
+    fnn = torch.nn.functional
+    shift = torch.arange(F).repeat_interleave(B * L) * rows
+    g = fnn.embedding_bag(ids + shift, G, offsets[:-1], mode="sum").reshape(F, B, -1).transpose(0, 1).contiguous()
+    n = aware * B * L
+    srow = ids[:n] + shift[:n] + scen.repeat_interleave(L).repeat(aware) * (aware * rows)
+    s = fnn.embedding_bag(srow, S.reshape(-1, S.shape[-1]), offsets[:aware * B], mode="sum")
+    return g, s.reshape(aware, B, -1).transpose(0, 1).contiguous()
+
+
+def _fbgemm_tbe(T, rows, D):
+    """FBGEMM's inference TBE with INT8 row-wise tables on the CPU (fbgemm-gpu-cpu), float32 output, random
+    weights: T tables (the F global ones, then one [M * rows] table per aware feature). None without fbgemm_gpu."""
+    try:
+        from fbgemm_gpu.split_embedding_configs import SparseType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+    except Exception as e:  # noqa: BLE001 - any import failure means: no such provider here
+        print(f"bench_serving_int8: no FBGEMM TBE ({type(e).__name__}: {e})")
+        return None
+    tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
+        embedding_specs=[("", r, D, SparseType.INT8, EmbeddingLocation.HOST) for r in rows], device="cpu",
+        pooling_mode=PoolingMode.SUM, output_dtype=SparseType.FP32)
+    tbe.fill_random_weights()
+    return tbe
+
+
+def _tbe_call(tbe, ids, offsets, scen, F, B, L, rows, aware):
+    """The same lookups through the TBE: F global tables + the aware features' scenario tables (id + s * rows);
+    TBE takes int32 ids and table-major offsets. Index arithmetic inside the timed region, as for the others."""
+    n = aware * B * L
+    sids = ids[:n] + scen.repeat_interleave(L).repeat(aware) * rows
+    all_ids = torch.cat([ids, sids]).int()
+    all_off = torch.arange(0, (F + aware) * B * L + 1, L, dtype=torch.int32)
+    return tbe(all_ids, all_off)
+
+
+def memory_rows(acc) -> list:
+    """Table bytes (+ row-wise Adagrad state, one float32 per row, what training holds) of the measured MovieLens
+    model and, by the layout's formula (nothing allocated), of a large configuration: 10M global rows, 5M of them
+    scenario-aware, M = 4, D = 16 and 64."""
+    out = [["MovieLens-100K SAML (measured)", acc["D"], f"{acc['tb32'] / 2**20:.2f} MiB",
+            f"{(acc['tb32'] + acc['tb32'] // acc['D']) / 2**20:.2f} MiB", f"{acc['tb8'] / 2**20:.2f} MiB",
+            f"{acc['tb8'] / acc['tb32']:.3f}", f"{acc['auc_float']:.5f} / {acc['auc_8']:.5f}"]]
+    for D in (16, 64):
+        n_rows = 10_000_000 + 4 * 5_000_000
+        f32, state, u8 = n_rows * D * 4, n_rows * 4, n_rows * (D + q8.ROW_EXTRA)
+        out.append([f"10M global + 4 x 5M scenario rows (formula)", D, f"{f32 / 2**30:.2f} GiB",
+                    f"{(f32 + state) / 2**30:.2f} GiB", f"{u8 / 2**30:.2f} GiB", f"{u8 / f32:.3f}",
+                    "not measured"])
+    return out
 
 
 def report(acc, spd, info) -> str:
@@ -181,13 +244,24 @@ def report(acc, spd, info) -> str:
              "(tests/test_serving_int8.py asserts |diff| <= 2 x bound on synthetic data).", "",
              harness.markdown_table(["scenario", "test samples", "AUC float32", "AUC 8-bit"],
                                     [[n, c, f"{a:.5f}", f"{b:.5f}"] for n, c, a, b in acc["per_scen"]]), "",
+             "## Memory", "",
+             "Embedding tables only (the dense layers are the same in both); training also holds the row-wise "
+             "Adagrad state (one float32 per row), serving holds none:", "",
+             harness.markdown_table(["configuration", "D", "float32 tables", "float32 tables + Adagrad state",
+                                     "8-bit tables", "8-bit / float32", "test AUC float32 / 8-bit"],
+                                    memory_rows(acc)), "",
              f"## Lookup speed ({spd['device']})", "",
              f"B = {spd['B']}, {spd['F']} features x {spd['rows']:,} rows, {spd['aware']} scenario-aware, M = "
              f"{spd['M']}, D = {spd['D']}; tables {mb(spd['bytes32'])} float32, {mb(spd['bytes8'])} 8-bit. Forward "
-             f"only, medians of alternating calls: `scenario_embedding_bag` ({spd['backend32']} backend) against "
-             f"`scenario_embedding_bag_8bit` ({spd['backend8']} backend).", "",
-             harness.markdown_table(["ids per bag", "float32 ms", "8-bit ms", "float32 / 8-bit (median of ratios)"],
-                                    [[L, f"{a:.2f}", f"{b:.2f}", f"{r:.2f}"] for L, a, b, r in spd["rows_out"]]),
+             f"only, medians of alternating calls: `scenario_embedding_bag` ({spd['backend32']} backend, float32), "
+             f"`scenario_embedding_bag_8bit` ({spd['backend8']} backend), two `F.embedding_bag` calls on the float32 "
+             "tables (eager-embbag) and FBGEMM's inference TBE with INT8 tables (fbgemm-tbe-int8, fbgemm-gpu-cpu: "
+             "16 global + 8 scenario tables of M x rows; its rows carry a float16 scale and bias, 4 bytes less "
+             "than torch's layout; float32 output). Index arithmetic is inside every timed call.", "",
+             harness.markdown_table(["ids per bag"] + [f"{n} ms" for n in spd["rows_out"][0][1]]
+                                    + ["float32 / 8-bit (median of ratios)"],
+                                    [[L] + [f"{v:.2f}" for v in ms.values()] + [f"{r:.2f}"]
+                                     for L, ms, r in spd["rows_out"]]),
              "", "The times (not the AUCs, bytes or logits) move with the machine's load, given in the title: on a "
              "shared VM compare the ratios, measured on alternating calls, rather than the milliseconds."]
     return "\n".join(lines) + "\n"
