@@ -153,6 +153,19 @@ def test_bounds_and_scenario_checks_as_the_float_op(device, backend, fixed):
     bad_s[3] = 3
     with pytest.raises(IndexError, match=r"scenario\[3\] = 3"):
         q8.scenario_embedding_bag_8bit(*d(ok_ids, offsets, bad_s, Gq, Sq), FR, FSR, backend=backend)
+    # bounds_check="off" trusts the input, yet the kernels read nothing out of bounds: a bad scenario id gives
+    # zero scenario rows for its sample, the other samples are unchanged (the reference's indexing raises)
+    if backend == "reference":
+        with pytest.raises(IndexError):
+            q8.scenario_embedding_bag_8bit(*d(ok_ids, offsets, bad_s, Gq, Sq), FR, FSR, bounds_check="off",
+                                           backend=backend)
+        return
+    g_off, s_off = q8.scenario_embedding_bag_8bit(*d(ok_ids, offsets, bad_s, Gq, Sq), FR, FSR, bounds_check="off",
+                                                  backend=backend)
+    g_ok, s_ok = q8.scenario_embedding_bag_8bit(*d(ok_ids, offsets, scenario, Gq, Sq), FR, FSR, backend=backend)
+    assert torch.equal(g_off, g_ok) and bool((s_off[3] == 0).all())
+    keep = [b for b in range(5) if b != 3]
+    assert torch.equal(s_off[keep], s_ok[keep])
 
 
 def test_bad_arguments_of_the_op():
