@@ -168,6 +168,25 @@ def test_bounds_and_scenario_checks_as_the_float_op(device, backend, fixed):
     assert torch.equal(s_off[keep], s_ok[keep])
 
 
+@pytest.mark.parametrize("device, backend", device_backends(OP))
+@pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
+def test_no_ids_and_no_samples(device, backend, pooling):
+    """Every bag empty (nnz = 0) gives zeros; B = 0 gives empty outputs of the right shapes."""
+    g = torch.Generator().manual_seed(3)
+    _, _, _, G, S = _inputs(2, 2, 5, "sum", torch.int64, g)
+    Gq, Sq = q8.quantize_rows(G).to(device), q8.quantize_rows(S).to(device)
+    F = len(FR) - 1
+    for B in (4, 0):
+        ids = torch.zeros(0, dtype=torch.int64, device=device)
+        offsets = torch.zeros(F * B + 1, dtype=torch.int64, device=device)
+        scenario = torch.zeros(B, dtype=torch.int64, device=device)
+        got = q8.scenario_embedding_bag_8bit(ids, offsets, scenario, Gq, Sq, FR, FSR, pooling=pooling,
+                                             backend=backend)
+        shapes = [(B, F, 0, 5), (B, 2, 0, 5)] if pooling == "none" else [(B, F, 5), (B, 2, 5)]
+        for t, shape in zip(got, shapes):
+            assert t.shape == shape and t.dtype == torch.float32 and bool((t == 0).all())
+
+
 def test_bad_arguments_of_the_op():
     g = torch.Generator().manual_seed(2)
     ids, offsets, scenario, G, S = _inputs(4, 2, 4, "sum", torch.int64, g)
