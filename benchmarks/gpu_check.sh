@@ -52,7 +52,7 @@
 # GPU_CHECK_NEW_TESTS, GPU_CHECK_REST_TESTS (pytest paths), GPU_CHECK_PYTEST_ARGS, GPU_CHECK_ALL_TESTS=1 (no GPU
 # selection), GPU_CHECK_WORKERS (xdist workers, 0 = none), GPU_CHECK_TEST_TIMEOUT (per test, s), GPU_CHECK_BENCHES
 # (scripts), GPU_CHECK_RESULTS_DIR, GPU_CHECK_DRIVER, GPU_CHECK_SANITIZERS, GPU_CHECK_SANITIZER_OPTS,
-# GPU_CHECK_MIN_STEP, GPU_CHECK_KILL_GRACE, PYTHON.
+# GPU_CHECK_MIN_STEP (a step is not started with less time left before its deadline), GPU_CHECK_KILL_GRACE, PYTHON.
 # The device machine has no network and no venv: nothing is installed; python3 there holds torch + triton.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -89,7 +89,8 @@ NPROC="$(nproc 2>/dev/null || echo 2)"
 cap() {
   local name="$1" def="$2" kv
   for key in "$name" "${name%%:*}"; do
-    for kv in ${GPU_CHECK_CAPS//,/ }; do
+    local caps="${GPU_CHECK_CAPS:-}"
+    for kv in ${caps//,/ }; do
       if [ "${kv%%=*}" = "$key" ]; then echo "${kv#*=}"; return; fi
     done
   done
@@ -101,7 +102,7 @@ listed() {  # listed NAME "a,b,c": NAME or its prefix is in the comma list
 }
 
 record() {  # record SEQ NAME STATE RC SECS REQUIRED NOTE  (one line: the lanes append concurrently)
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$6" "$(echo "$7" | tr '\t\n' '  ' | cut -c1-200)" >>"$STEPS"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$6" "$(printf '%s' "$7" | tr '\t\n' '  ' | sed 's/ *$//' | cut -c1-200)" >>"$STEPS"
 }
 
 # note_for NAME LOG: the one-line note of a finished step
@@ -110,11 +111,13 @@ note_for() {
   case "$name" in
     tests_*) "$PY" "$LIB" results-counts "$LOGDIR/$name.tsv" 2>/dev/null ;;
     memcheck|racecheck|synccheck|initcheck)
-      { grep -hoE '(ERROR|RACECHECK) SUMMARY: .*' "$log" | sort | uniq -c | sed 's/^ *//' | tr '\n' ';'
-        grep -hoE 'gpu_sanitize_driver: [0-9]+ cases, [0-9]+ failed.*' "$log" | sed 's/gpu_sanitize_driver: //' | tr '\n' ';'
+      { grep -hoE '(ERROR|RACECHECK) SUMMARY: [^=]*' "$log" | sort | uniq -c | sed 's/^ *//' | tr '\n' ';'
+        grep -hoE 'gpu_sanitize_driver: [0-9]+ cases, [0-9]+ failed, [0-9]+ ops without a case' "$log" \
+          | sed 's/gpu_sanitize_driver: /driver: /' | sort | uniq -c | sed 's/^ *1 //; s/^ *\([0-9]*\) /\1x /' | tr '\n' ';'
       } | cut -c1-200 ;;
     bench:*) grep -E 'budget|^wrote|Traceback|Error' "$log" | tail -1 | cut -c1-160 ;;
     env) grep -E '^device' "$log" | head -1 ;;
+    info) grep -E '^CUDA kernels|^device copy' "$log" | tr '\n' ';' | cut -c1-160 ;;
     *) tail -n 1 "$log" | cut -c1-160 ;;
   esac
 }
@@ -132,7 +135,7 @@ run_step() {
   fi
   local left=$(( deadline - (SECONDS - T0) ))
   local lim=$(( max < left ? max : left ))
-  if (( lim < MIN_STEP )); then
+  if (( left < MIN_STEP )); then
     record "$seq" "$name" not-run - 0 "$req" "time budget"; echo "=== $name: not run (time budget spent)"; return 0
   fi
   echo "=== $name (cap ${lim}s, $(( SECONDS - T0 ))s in)"
@@ -219,8 +222,8 @@ SAN_OPTS="${GPU_CHECK_SANITIZER_OPTS:---error-exitcode 1 --print-limit 20}"
 # san_cmd TOOL PARTS [ENV]: the driver under compute-sanitizer (dry run: the driver alone, on the CPU)
 san_cmd() {
   local tool="$1" parts="$2" env="${3:-}"
-  if [ "$DRY" = 1 ]; then echo "$env $PY $DRIVER --dry-run --parts $parts"
-  else echo "$env compute-sanitizer --tool $tool $SAN_OPTS $PY $DRIVER --parts $parts"; fi
+  if [ "$DRY" = 1 ]; then echo "$env $PY $DRIVER --dry-run --parts $parts ${GPU_CHECK_DRIVER_ARGS:-}"
+  else echo "$env compute-sanitizer --tool $tool $SAN_OPTS $PY $DRIVER --parts $parts ${GPU_CHECK_DRIVER_ARGS:-}"; fi
 }
 NOCACHE="PYTORCH_NO_CUDA_MEMORY_CACHING=1"
 
