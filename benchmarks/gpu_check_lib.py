@@ -182,7 +182,8 @@ def summary(steps_path: str, *, header: str = "", failures: str = "", results: l
     Layout (the device tool returns only the output's tail, so the verdict is in the last lines):
         header; the step table (step, status, rc, seconds, note); up to ``max_failures`` failing tests;
         ``passed: ...``; ``failed: ...``; ``not run: ...``; ``results files (n): ...``; ``RESULT: ...``.
-    A step's status: ok | FAILED | TIMEOUT (cut by its cap) | skipped (asked) | not-run (time budget).
+    A step's status: ok | FAILED | TIMEOUT (cut by its cap) | PARTIAL (a sanitizer step whose driver left cases out
+    for time: what ran is checked, not everything) | skipped (asked) | not-run (time budget).
     Exit status 1 when a step failed or timed out, or a required step did not run for time; else 0."""
     rows = read_steps(steps_path)
     lines = [header] if header else []
@@ -195,7 +196,7 @@ def summary(steps_path: str, *, header: str = "", failures: str = "", results: l
                                                             else "") + "):")
         lines += ["  " + ln.strip()[:200] for ln in fail_lines[:max_failures]]
     passed = [r["name"] for r in rows if r["state"] == "ok"]
-    failed = [f"{r['name']} ({r['state']})" for r in rows if r["state"] in ("FAILED", "TIMEOUT")]
+    failed = [f"{r['name']} ({r['state']})" for r in rows if r["state"] in ("FAILED", "TIMEOUT", "PARTIAL")]
     not_run = [f"{r['name']} ({r['note'] or r['state']})" for r in rows if r["state"] in ("skipped", "not-run")]
     missing_required = [r["name"] for r in rows if r["state"] == "not-run" and r["required"] == "1"]
     lines.append("passed: " + (" ".join(passed) or "none"))

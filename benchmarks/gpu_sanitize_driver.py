@@ -25,8 +25,10 @@ The CUDA-graph part needs PyTorch's caching allocator; memcheck is most precise 
 so gpu_check.sh runs memcheck as two processes: ``--parts direct,api`` without caching, ``--parts graph`` with it.
 
 ``--device cpu`` (``--dry-run``): the "cpu" backend (C++ CPU kernels) instead of "cuda"; ops without a CPU kernel
-are skipped and named. Exit status: 0 all ran and matched, 1 a call failed or mismatched, 2 coverage incomplete.
-The last line is ``gpu_sanitize_driver: ...`` with the counts.
+are skipped and named. ``--stop-at EPOCH``: start no case after that time (gpu_check.sh passes its cap, so the
+driver exits by itself and compute-sanitizer still prints its summary). Exit status: 0 all ran and matched, 1 a
+call failed or mismatched, 2 coverage incomplete, 3 cases left out at --stop-at (none failed). The last line is
+``gpu_sanitize_driver: ...`` with the counts; each case prints ``ok <case> (<seconds>)`` or ``FAIL <case>: ...``.
 """
 from __future__ import annotations
 
@@ -61,18 +63,30 @@ ACTIVATIONS = (None, "relu", "leaky_relu", "gelu", "silu")
 # ------------------------------------------------------------------------------------------------ bookkeeping
 
 class Run:
-    """Counts calls, records failures (the driver goes on after one, so every broken op is named)."""
+    """Counts calls, records failures (the driver goes on after one, so every broken op is named), and stops
+    starting cases at ``stop_at`` (epoch seconds), so that a capped run still exits by itself and the sanitizer
+    prints its summary."""
 
-    def __init__(self, device: str):
-        self.device, self.calls, self.failures, self.skipped = device, 0, [], []
+    def __init__(self, device: str, stop_at: float = math.inf):
+        self.device, self.stop_at = device, stop_at
+        self.calls, self.failures, self.skipped, self.not_run = 0, [], [], []
+
+    def due(self, name: str) -> bool:
+        """False (and the case is counted as not run) once the deadline has passed."""
+        if time.time() < self.stop_at:
+            return True
+        self.not_run.append(name)
+        return False
 
     @contextlib.contextmanager
     def case(self, name: str):
         self.calls += 1
+        t0 = time.perf_counter()
         try:
             yield
             if self.device == "cuda":
                 torch.cuda.synchronize()  # an asynchronous fault is charged to this case
+            print(f"ok {name} ({time.perf_counter() - t0:.2f} s)", flush=True)
         except Exception as exc:  # noqa: BLE001 - every failure is reported, then the exit status says so
             self.failures.append(f"{name}: {type(exc).__name__}: {exc}")
             print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
@@ -253,6 +267,8 @@ def part_direct(run: Run, device: str, backend: str, gen) -> set:
             if op in cuda_registered_ops():
                 run.skipped.append(f"direct {op} (no {device.upper()} kernel)")
             continue
+        if not run.due(f"direct {op}"):
+            continue
         with run.case(f"direct {op}"):
             out = fn()
             for t in (out if isinstance(out, (tuple, list)) else [out]):
@@ -276,6 +292,8 @@ def api_mbranch(run, device, backend, dtype, idt, gen, *, route, grad_mask, act,
     aux, aw = rand(B, KA, dtype=dtype, gen=gen), rand(M, KA, N, dtype=dtype, gen=gen, scale=KA ** -0.5)
     s = scenarios(gen, idt, empty)
     name = f"api mbranch_linear {route}/{grad_mask} {act} {dtype} {idt} {tag}"
+    if not run.due(name):
+        return
     with run.case(name):
         leaves = [on(t, device, dtype, grad=True) for t in (x, w, b, aux, aw)]
         refs = [t.detach().clone().requires_grad_(True) for t in (x, w, b, aux, aw)]
@@ -295,6 +313,8 @@ def api_mutual(run, device, backend, dtype, idt, gen, *, sim, empty, tag):
     h = rand(M, B, N, dtype=dtype, gen=gen)
     s = scenarios(gen, idt, empty)
     name = f"api mutual_unit {sim} {dtype} {idt} {tag}"
+    if not run.due(name):
+        return
     with run.case(name):
         hd, hr = on(h, device, dtype, grad=True), h.detach().clone().requires_grad_(True)
         out, attn = saml_kernels.mutual_unit(hd, on(s, device), temperature=0.7, similarity=sim,
@@ -315,6 +335,8 @@ def api_mutual_linear(run, device, backend, dtype, idt, gen, *, act, sim, saved,
     aux, aw = rand(B, KA, dtype=dtype, gen=gen), rand(M, KA, N, dtype=dtype, gen=gen, scale=KA ** -0.5)
     s = scenarios(gen, idt, empty)
     name = f"api mutual_linear {act} {sim} saved={saved} {dtype} {idt} {tag}"
+    if not run.due(name):
+        return
     with run.case(name):
         leaves = [on(t, device, dtype, grad=True) for t in (x, w, b, aux, aw)]
         refs = [t.detach().clone().requires_grad_(True) for t in (x, w, b, aux, aw)]
@@ -334,6 +356,8 @@ def api_mutual_linear(run, device, backend, dtype, idt, gen, *, act, sim, saved,
 def api_embedding(run, device, backend, dtype, idt, gen, *, pooling, psw, sparse):
     e = seb_inputs(gen, device, dtype, idt, pooling=pooling, psw=psw)
     name = f"api scenario_embedding_bag {pooling} psw={psw} sparse={sparse} {dtype} {idt}"
+    if not run.due(name):
+        return
     with run.case(name):
         gw, sw = on(e["gw"], device, dtype, grad=True), on(e["sw"], device, dtype, grad=True)
         gr, sr = e["gw"].detach().clone().requires_grad_(True), e["sw"].detach().clone().requires_grad_(True)
@@ -361,6 +385,8 @@ def api_fused_update(run, device, backend, dtype, idt, gen, *, optimizer):
     feats = [(f"f{i}", s, bool(a), "sum") for i, (s, a) in enumerate(zip(SIZES, AWARE))]
     kw = dict(optimizer=optimizer, lr=0.05, eps=1e-8, weight_decay=0.01)
     name = f"api ScenarioEmbedding fused {optimizer} {dtype} {idt}"
+    if not run.due(name):
+        return
     with run.case(name):
         layer = snn.ScenarioEmbedding(feats, M, D, backend=backend, device=device, dtype=dtype, **kw)
         twin = snn.ScenarioEmbedding(feats, M, D, backend="reference", dtype=torch.float64, **kw)
@@ -383,6 +409,8 @@ def api_partitioned_norm(run, device, backend, dtype, idt, gen):
           rand(M, N, dtype=dtype, gen=gen)]
     s = scenarios(gen, idt, True)
     name = f"api partitioned_norm {dtype} {idt}"
+    if not run.due(name):
+        return
     with run.case(name):
         leaves = [on(t, device, dtype, grad=True) for t in [x] + ps]
         refs = [t.detach().clone().requires_grad_(True) for t in [x] + ps]
@@ -447,6 +475,8 @@ def part_graph(run: Run, device: str, backend: str) -> None:
         return saml_loss(main, aux, t[-1], cfg.aux_loss_weight)
 
     name = "graph CapturedTrainingStep SAML rowwise_adagrad" if device == "cuda" else "graph eager SAML step (CPU)"
+    if not run.due(name):
+        return
     with run.case(name):
         before = model.embedding.global_weight.detach().clone()
         if device == "cuda":
@@ -476,6 +506,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     ap.add_argument("--engines", default=",".join(ENGINES), help="SAML_CUDA_GROUPED values of the api part")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stop-at", type=float, default=math.inf,
+                    help="epoch seconds after which no new case starts (exit status 3 when cases were left out)")
     args = ap.parse_args(argv)
     device = "cpu" if args.dry_run else args.device
     parts = [p for p in args.parts.split(",") if p]
@@ -488,7 +520,7 @@ def main(argv=None) -> int:
         return 1
     backend = "cuda" if device == "cuda" else "cpu"
     gen = torch.Generator().manual_seed(args.seed)
-    run = Run(device)
+    run = Run(device, args.stop_at)
     t0 = time.perf_counter()
     missing = []
     print(f"gpu_sanitize_driver: device {device}, backend {backend}, parts {parts}, engines {engines}", flush=True)
@@ -503,9 +535,12 @@ def main(argv=None) -> int:
         part_graph(run, device, backend)
     for s in run.skipped:
         print(f"skipped: {s}")
-    status = 2 if missing else (1 if run.failures else 0)
+    if run.not_run:
+        print(f"not run (--stop-at reached): {len(run.not_run)} cases, from {run.not_run[0]!r}")
+    status = 2 if missing else (1 if run.failures else (3 if run.not_run else 0))
+    verdict = {0: "OK", 1: "FAILED", 2: "FAILED", 3: "PARTIAL (time)"}[status]
     print(f"gpu_sanitize_driver: {run.calls} cases, {len(run.failures)} failed, {len(missing)} ops without a case, "
-          f"{len(run.skipped)} skipped, {time.perf_counter() - t0:.1f} s -> {'OK' if status == 0 else 'FAILED'}",
+          f"{len(run.skipped)} skipped, {len(run.not_run)} not run, {time.perf_counter() - t0:.1f} s -> {verdict}",
           flush=True)
     return status
 

@@ -9,9 +9,11 @@ stub benchmarks (GPU_CHECK_* switches), so each run takes seconds; the real driv
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -45,7 +47,17 @@ print("hanging", flush=True)
 time.sleep(120)
 """
 DRIVER_OK = "print('gpu_sanitize_driver: 3 cases, 0 failed, 0 ops without a case, 0 skipped, 0.0 s -> OK')\n"
-DRIVER_FAIL = "import sys\nprint('gpu_sanitize_driver: 3 cases, 1 failed, 0 ops without a case -> FAILED')\nsys.exit(1)\n"
+# memcheck's call (parts direct,api) finds an error; racecheck's (direct,api,graph) stops at --stop-at (exit 3)
+DRIVER_FAIL = """import sys, time
+a = sys.argv
+stop = float(a[a.index("--stop-at") + 1])
+assert "--dry-run" in a and stop < time.time() + 15, a  # within the step's cap
+if a[a.index("--parts") + 1] == "direct,api,graph":
+    print("gpu_sanitize_driver: 2 cases, 0 failed, 0 ops without a case, 0 skipped, 5 not run -> PARTIAL (time)")
+    sys.exit(3)
+print("gpu_sanitize_driver: 3 cases, 1 failed, 0 ops without a case -> FAILED")
+sys.exit(1)
+"""
 TESTS_OK = "def test_one():\n    assert True\n"
 TESTS_BAD = "import time\n\ndef test_fails():\n    assert 1 == 2, 'planted'\n\ndef test_hangs():\n    time.sleep(120)\n"
 
@@ -62,14 +74,25 @@ def _run_script(tmp_path, **env):
              GPU_CHECK_WORKERS="0", GPU_CHECK_MIN_STEP="1", GPU_CHECK_KILL_GRACE="2", GPU_CHECK_BENCH_MARGIN="1")
     e.update(env)
     t0 = time.monotonic()
-    r = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
-    return r, out, time.monotonic() - t0
+    p = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        # the steps run in process groups of their own (timeout's): end the whole session, then fail
+        sids = subprocess.run(["ps", "-o", "pid=", "-s", str(p.pid)], capture_output=True, text=True).stdout.split()
+        for pid in map(int, sids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stdout, stderr = p.communicate()
+        raise AssertionError("gpu_check.sh outlived 120 s:\n" + stdout[-3000:] + stderr[-2000:])
+    return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), out, time.monotonic() - t0
 
 
 def _summary_rows(text: str) -> dict:
     rows = {}
     for line in text.splitlines():
-        m = re.match(r"^(\S+)\s+(ok|FAILED|TIMEOUT|skipped|not-run)\s+(\S+)\s+(\d+)", line)
+        m = re.match(r"^(\S+)\s+(ok|FAILED|TIMEOUT|PARTIAL|skipped|not-run)\s+(\S+)\s+(\d+)", line)
         if m:
             rows[m.group(1)] = m.group(2)
     return rows
@@ -103,8 +126,9 @@ def test_dry_run_passes_and_reports_last(tmp_path):
 
 
 def test_dry_run_failure_hang_and_budget(tmp_path):
-    """A failing test, a hanging test (cut at its 6 s cap), a failing sanitizer driver, a required step left no
-    time, a hanging benchmark (cut at 3 s, its process killed): exit 1, each reported, all within the budget."""
+    """A failing test, a hanging test (cut at its 6 s cap), a failing sanitizer driver, one stopped for time, a
+    required step left no time, a hanging benchmark (cut at 3 s, its process killed): exit 1, each reported, all
+    within the budget."""
     hang = _write(tmp_path, "bench_hang.py", HANG)
     r, out, elapsed = _run_script(
         tmp_path, GPU_CHECK_SKIP="env,build,info", GPU_CHECK_SANITIZERS="memcheck racecheck",
@@ -116,13 +140,13 @@ def test_dry_run_failure_hang_and_budget(tmp_path):
     assert r.returncode == 1, text[-3000:] + r.stderr[-2000:]
     rows = _summary_rows(text)
     assert rows["tests_new"] == "TIMEOUT" and rows["bench:bench_hang"] == "TIMEOUT", text
-    assert rows["memcheck"] == "FAILED" and rows["racecheck"] == "FAILED", rows
+    assert rows["memcheck"] == "FAILED" and rows["racecheck"] == "PARTIAL", rows
     assert rows["tests_rest"] == "not-run", rows        # < 5 s left before the lanes' deadline (15 - 5 s)
     lines = text.rstrip().splitlines()
     assert lines[-1] == ("RESULT: FAILED (4 step(s) failed; required step(s) not run: tests_rest)"), lines[-6:]
     assert lines[-3] == ("not run: env (GPU_CHECK_SKIP), build (GPU_CHECK_SKIP), info (GPU_CHECK_SKIP), "
                          "tests_rest (time budget)")
-    assert lines[-4].startswith("failed: tests_new (TIMEOUT) memcheck (FAILED) racecheck (FAILED) bench:bench_hang")
+    assert lines[-4] == "failed: tests_new (TIMEOUT) memcheck (FAILED) racecheck (PARTIAL) bench:bench_hang (TIMEOUT)"
     assert lines[-2] == "results files (0): none"
     assert "FAILED" in text and "test_stub_bad.py::test_fails" in text  # streamed before the cut
     assert elapsed < 15 + 10, elapsed                  # budget + packing; the caps cut both hangs
