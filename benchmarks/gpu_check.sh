@@ -154,11 +154,11 @@ run_step() {
 
 # ------------------------------------------------------------------------------------------------ phase A: serial
 if [ "$DRY" = 1 ]; then
-  ENV_CMD="echo '[dry run] nvidia-smi, nvcc, compute-sanitizer: stubbed'; echo 'device: none (dry run)'"
+  ENV_CMD="echo '[dry run] nvidia-smi, nvcc, compute-sanitizer: stubbed'; $PY $LIB env-report --dry-run"
   BUILD_CMD="echo '[dry run] stub for: TORCH_CUDA_ARCH_LIST=9.0 SAML_BUILD_CUDA=1 setup.py build_ext --inplace'"
   CEILING=""
 else
-  ENV_CMD="nvidia-smi; echo 'device:' \$($PY -c 'import torch; print(torch.cuda.get_device_name())' 2>&1); nvcc --version | tail -2; compute-sanitizer --version | tail -1"
+  ENV_CMD="$PY $LIB env-report; nvidia-smi; nvcc --version | tail -2; compute-sanitizer --version | tail -1"
   BUILD_CMD="rm -f saml_kernels/_C*.so; TORCH_CUDA_ARCH_LIST=9.0 SAML_BUILD_CUDA=1 MAX_JOBS=$NPROC $PY setup.py build_ext --inplace"
   CEILING="$PY - <<'EOF'
 import torch
@@ -173,9 +173,9 @@ ts.sort(); ms = ts[len(ts) // 2]
 print(f'device copy: {2 * n / ms / 1e6:.0f} GB/s (read + write, median of 10, {ms:.3f} ms for 2 x 1 GiB)')
 EOF"
 fi
-ENV_CMD="$ENV_CMD; $PY -c 'import sys, torch, triton; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)'; for m in pytest_timeout xdist; do $PY -c \"import \$m\" 2>/dev/null && echo \"\$m: present\" || echo \"\$m: MISSING\"; done; echo cores: $NPROC"
+ENV_CMD="$ENV_CMD; echo cores: $NPROC"
 
-run_step 10 env "$(cap env 20)" "$BUDGET" 1 "$ENV_CMD"
+run_step 10 env "$(cap env 30)" "$BUDGET" 1 "$ENV_CMD"
 cat "$LOGDIR/env.log" 2>/dev/null | head -40
 run_step 20 build "$(cap build 150)" "$BUDGET" 1 "$BUILD_CMD"
 run_step 30 info "$(cap info 25)" "$BUDGET" 1 "$PY -m saml_kernels.info${CEILING:+; $CEILING}"

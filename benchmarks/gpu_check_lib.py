@@ -1,6 +1,6 @@
 """The Python half of benchmarks/gpu_check.sh: a pytest plugin that keeps the GPU tests and streams results, and the
-reports the script prints (pytest per file, the final summary). Standard library only: it must work when
-everything else is broken.
+reports the script prints (pytest per file, the final summary). Standard library only at import (env-report
+imports torch inside): the summary must work when everything else is broken.
 
 As a pytest plugin (``PYTHONPATH=benchmarks pytest -p gpu_check_lib``):
   - keeps the tests that touch the GPU (:func:`touches_gpu`), unless GPU_CHECK_ALL_TESTS=1;
@@ -11,7 +11,8 @@ As a program:
   ``python gpu_check_lib.py results-report RESULTS.tsv PYTEST.log``    pass / fail / skip per test file, failing tests;
   ``python gpu_check_lib.py results-counts RESULTS.tsv``               one line of counts;
   ``python gpu_check_lib.py results-failures RESULTS.tsv PYTEST.log``  the failing tests, one a line;
-  ``python gpu_check_lib.py summary STEPS.tsv HEADER FAILURES RESULT_FILE...``  the final summary (:func:`summary`).
+  ``python gpu_check_lib.py summary STEPS.tsv HEADER FAILURES RESULT_FILE...``  the final summary (:func:`summary`);
+  ``python gpu_check_lib.py env-report [--dry-run]``                   the device and versions (the env step).
 """
 from __future__ import annotations
 
@@ -218,7 +219,39 @@ def results_failures(results: str, log: str) -> str:
     return "\n".join(ln.strip() for ln in results_report(results, log).split("failing tests:", 1)[-1].splitlines()[1:])
 
 
+def env_report(dry_run: bool) -> str:
+    """The env step's lines: ``device: <name>`` (first: the summary's header reads it), versions, pytest plugins."""
+    import importlib.util
+    import platform
+
+    lines = []
+    try:
+        import torch
+
+        if dry_run:
+            dev = "none (dry run)"
+        else:
+            dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (torch sees no CUDA device)"
+        lines.append(f"device: {dev}")
+        lines.append(f"python {platform.python_version()} torch {torch.__version__} cuda {torch.version.cuda}")
+    except Exception as exc:  # noqa: BLE001 - reported, the step fails
+        lines.append(f"device: unknown (torch import failed: {exc})")
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except Exception as exc:  # noqa: BLE001
+        lines.append(f"triton: not importable ({exc})")
+    for mod in ("pytest_timeout", "xdist"):
+        lines.append(f"{mod}: {'present' if importlib.util.find_spec(mod) else 'MISSING'}")
+    return "\n".join(lines)
+
+
 def _main(argv) -> int:
+    if len(argv) >= 1 and argv[0] == "env-report":
+        text = env_report("--dry-run" in argv)
+        print(text)
+        return 1 if "torch import failed" in text else 0
     if len(argv) >= 3 and argv[0] == "results-report":
         print(results_report(argv[1], argv[2]))
         return 0

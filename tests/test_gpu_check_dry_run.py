@@ -156,6 +156,53 @@ def test_dry_run_failure_hang_and_budget(tmp_path):
         os.kill(pid, 0)                                 # the hung benchmark was killed, not left behind
 
 
+FAKE_SANITIZER = """#!/usr/bin/env bash
+echo "$*" >>"$FAKE_LOG"
+while [[ "$1" == --* ]]; do case "$1" in --tool|--error-exitcode|--print-limit) shift 2 ;; *) shift ;; esac; done
+"$@"; rc=$?
+echo "========= ERROR SUMMARY: 0 errors"
+exit $rc
+"""
+FAKE_DRIVER = """import os, sys
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write("driver " + os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "-") + " " + " ".join(sys.argv[1:]) + "\\n")
+print("gpu_sanitize_driver: 3 cases, 0 failed, 0 ops without a case, 0 skipped, 0 not run, 0.0 s -> OK")
+"""
+
+
+def test_device_mode_commands_with_fake_tools(tmp_path):
+    """Not a dry run: the command lines a device run executes, with nvidia-smi, nvcc and compute-sanitizer faked on
+    PATH (they record their arguments) and the build left out (it would rebuild this checkout's extension)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, text in (("nvidia-smi", "#!/bin/sh\necho fake-smi\n"), ("nvcc", "#!/bin/sh\necho release 13.0\n"),
+                       ("compute-sanitizer", FAKE_SANITIZER)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    log = tmp_path / "fake.log"
+    results = tmp_path / "results"
+    r, out, _ = _run_script(
+        tmp_path, GPU_CHECK_DRY_RUN="0", PATH=f"{fake}:{os.environ['PATH']}", FAKE_LOG=str(log),
+        GPU_CHECK_SKIP="build,info,tests_new,tests_rest", GPU_CHECK_RESULTS_DIR=str(results),
+        GPU_CHECK_DRIVER=_write(tmp_path, "driver_rec.py", FAKE_DRIVER),
+        GPU_CHECK_BENCHES=_write(tmp_path, "bench_ok.py", BENCH_OK), GPU_CHECK_BUDGET="100")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    rows = _summary_rows(r.stdout)
+    assert all(rows[k] == "ok" for k in ("env", "memcheck", "racecheck", "synccheck", "initcheck", "bench:bench_ok"))
+    assert "ERROR SUMMARY: 0 errors" in r.stdout and "fake-smi" in r.stdout
+    calls = log.read_text().splitlines()
+    tools = [ln.split()[1] for ln in calls if ln.startswith("--tool")]
+    assert tools == ["memcheck", "memcheck", "racecheck", "synccheck", "initcheck"], calls
+    assert all(ln.startswith(f"--tool {t} --error-exitcode 1 --print-limit 20 {sys.executable} ")
+               for ln, t in zip([c for c in calls if c.startswith("--tool")], tools)), calls
+    drivers = [ln.split()[1:4] for ln in calls if ln.startswith("driver ")]
+    # memcheck without the caching allocator for the ops, with it for the CUDA graph; --stop-at within the cap
+    assert drivers == [["1", "--parts", "direct,api"], ["-", "--parts", "graph"], ["-", "--parts", "direct,api,graph"],
+                       ["-", "--parts", "direct,api,graph"], ["1", "--parts", "direct,api"]], drivers
+    assert all("--dry-run" not in ln and "--stop-at" in ln for ln in calls if ln.startswith("driver ")), calls
+    assert (results / "stub_h100.md").exists() and "results files (1): stub_h100.md" in r.stdout
+
+
 def test_summary_format_and_status(tmp_path):
     steps = tmp_path / "steps.tsv"
     steps.write_text("20\tbuild\tok\t0\t61\t1\tdone\n10\tenv\tok\t0\t3\t1\tdevice: NVIDIA H100\n"
