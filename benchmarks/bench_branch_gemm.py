@@ -369,7 +369,8 @@ def main():
     stem = (f"bench_branch_gemm_{machine_tag()}" + (f"_t{args.threads}" if args.threads else "")
             + ("_quick" if args.quick else ""))
     title = f"M-branch GEMM, M={M} B={B} K={K} N={N} {dtype} on {device} (unsorted rows)"
-    paths = write_results(stem, title, "\n".join(body) + budget.note(), data, plot={"groups": plot, "ylabel": "useful GFLOP/s"},
+    paths = write_results(stem, title, "\n".join(body) + budget.note(), data,
+                          plot={"groups": plot, "ylabel": "useful GFLOP/s"},
                           **({"out_dir": args.out_dir} if args.out_dir else {}))
     print(paths)
 

@@ -102,7 +102,8 @@ listed() {  # listed NAME "a,b,c": NAME or its prefix is in the comma list
 }
 
 record() {  # record SEQ NAME STATE RC SECS REQUIRED NOTE  (one line: the lanes append concurrently)
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$6" "$(printf '%s' "$7" | tr '\t\n' '  ' | sed 's/ *$//' | cut -c1-200)" >>"$STEPS"
+  local note; note="$(printf '%s' "$7" | tr '\t\n' '  ' | sed 's/ *$//' | cut -c1-200)"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$6" "$note" >>"$STEPS"
 }
 
 # note_for NAME LOG: the one-line note of a finished step
@@ -111,10 +112,10 @@ note_for() {
   case "$name" in
     tests_*) "$PY" "$LIB" results-counts "$LOGDIR/$name.tsv" 2>/dev/null ;;
     memcheck|racecheck|synccheck|initcheck)
-      { grep -hoE '(ERROR|RACECHECK) SUMMARY: [^=]*' "$log" | sort | uniq -c | sed 's/^ *//' | tr '\n' ';'
-        grep -hoE 'gpu_sanitize_driver: [0-9]+ cases, [0-9]+ failed, [0-9]+ ops without a case' "$log" \
-          | sed 's/gpu_sanitize_driver: /driver: /' | sort | uniq -c | sed 's/^ *1 //; s/^ *\([0-9]*\) /\1x /' | tr '\n' ';'
-      } | cut -c1-200 ;;
+      { grep -hoE '(ERROR|RACECHECK) SUMMARY: [^=]*' "$log"
+        grep -hoE 'gpu_sanitize_driver: [0-9]+ cases, [0-9]+ failed, [0-9]+ ops without a case(, [0-9]+ skipped, '\
+'[0-9]+ not run)?' "$log" | sed 's/gpu_sanitize_driver: /driver: /'
+      } | sed 's/ *$//' | sort | uniq -c | sed 's/^ *1 //; s/^ *\([0-9]*\) /\1x /' | tr '\n' ';' | cut -c1-200 ;;
     bench:*) grep -E 'budget|^wrote|Traceback|Error' "$log" | tail -1 | cut -c1-160 ;;
     env) grep -E '^device' "$log" | head -1 ;;
     info) grep -E '^CUDA kernels|^device copy' "$log" | tr '\n' ';' | cut -c1-160 ;;
@@ -123,8 +124,8 @@ note_for() {
 }
 
 # run_step SEQ NAME CAP DEADLINE REQUIRED COMMAND: runs COMMAND under `timeout`, at most CAP seconds and never past
-# DEADLINE (seconds since the start; the command sees its cap's end as $STEP_END, epoch seconds); records ok / FAILED / TIMEOUT /
-# PARTIAL (a sanitizer step whose driver stopped starting cases at its --stop-at) / skipped / not-run.
+# DEADLINE (seconds since the start; the command sees its cap's end as $STEP_END, epoch seconds). Records ok |
+# FAILED | TIMEOUT | PARTIAL (a sanitizer step whose driver stopped starting cases at --stop-at) | skipped | not-run.
 run_step() {
   local seq="$1" name="$2" max="$3" deadline="$4" req="$5" cmd="$6"
   local log="$LOGDIR/${name//[:\/]/_}.log"
@@ -159,7 +160,8 @@ if [ "$DRY" = 1 ]; then
   CEILING=""
 else
   ENV_CMD="$PY $LIB env-report; nvidia-smi; nvcc --version | tail -2; compute-sanitizer --version | tail -1"
-  BUILD_CMD="rm -f saml_kernels/_C*.so; TORCH_CUDA_ARCH_LIST=9.0 SAML_BUILD_CUDA=1 MAX_JOBS=$NPROC $PY setup.py build_ext --inplace"
+  BUILD_CMD="rm -f saml_kernels/_C*.so; TORCH_CUDA_ARCH_LIST=9.0 SAML_BUILD_CUDA=1 MAX_JOBS=$NPROC \
+$PY setup.py build_ext --inplace"
   CEILING="$PY - <<'EOF'
 import torch
 n = 1 << 30  # 1 GiB per buffer, far over the L2
@@ -184,7 +186,12 @@ run_step 30 info "$(cap info 25)" "$BUDGET" 1 "$PY -m saml_kernels.info${CEILING
 shopt -s nullglob
 BENCHES=(${GPU_CHECK_BENCHES:-benchmarks/bench_*.py})
 DEADLINE_B=$(( BUDGET - ${#BENCHES[@]} * BENCH_MIN ))
-NEW_TESTS=(${GPU_CHECK_NEW_TESTS:-tests/test_mbranch_mutual_gpu.py tests/test_scenario_embedding_bag_gpu.py tests/test_cuda_*.py tests/test_host_syncs.py tests/test_user_reported_round3.py tests/test_partitioned_norm.py})
+# the GPU tests of the code changed since the last device run: csrc/cuda's kernels (the *_gpu files, test_cuda_*),
+# the Triton kernels (their (cuda, triton) cases are in the same files; partitioned_norm's in its own), graphs and
+# capture-safe mode (test_host_syncs, round 3's graph replay)
+DEFAULT_NEW="tests/test_mbranch_mutual_gpu.py tests/test_scenario_embedding_bag_gpu.py tests/test_cuda_*.py \
+tests/test_host_syncs.py tests/test_user_reported_round3.py tests/test_partitioned_norm.py"
+NEW_TESTS=(${GPU_CHECK_NEW_TESTS:-$DEFAULT_NEW})
 REST_TESTS="${GPU_CHECK_REST_TESTS:-tests}"
 IGNORES=""
 for f in "${NEW_TESTS[@]}"; do IGNORES="$IGNORES --ignore=$f"; done
@@ -237,7 +244,9 @@ lane_sanitize() {
   for tool in ${GPU_CHECK_SANITIZERS:-memcheck racecheck synccheck initcheck}; do
     case "$tool" in
       # memcheck: two processes (the graph needs the caching allocator); the first leaves the second >= 45 s
-      memcheck)  req=1; cmd="$(san_cmd memcheck direct,api "$NOCACHE" 45); a=\$?; $(san_cmd memcheck graph "" 10); b=\$?; exit \$(( a ? a : b ))" ;;
+      memcheck)  req=1
+                 cmd="$(san_cmd memcheck direct,api "$NOCACHE" 45); a=\$?; $(san_cmd memcheck graph "" 10); b=\$?"
+                 cmd="$cmd; exit \$(( a ? a : b ))" ;;
       racecheck) req=1; cmd="$(san_cmd racecheck direct,api,graph "" 20)" ;;
       synccheck) req=0; cmd="$(san_cmd synccheck direct,api,graph "" 20)" ;;
       initcheck) req=0; cmd="$(san_cmd initcheck direct,api "$NOCACHE" 20)" ;;
@@ -293,7 +302,9 @@ for t in tests_new tests_rest; do
   [ -s "$LOGDIR/$t.tsv" ] && "$PY" "$LIB" results-failures "$LOGDIR/$t.tsv" "$LOGDIR/$t.log" >>"$FAILURES" 2>/dev/null
 done
 DEVICE="$(grep -E '^device' "$LOGDIR/env.log" 2>/dev/null | head -1 | cut -c9-60)"
-HEADER="gpu_check summary: $(date -u +%FT%TZ), ${DEVICE:-device unknown}, $(( SECONDS - T0 ))s of ${BUDGET}s budget$([ "$DRY" = 1 ] && echo ', DRY RUN (GPU parts stubbed)'); outputs in $OUTDIR"
+DRYNOTE=""; [ "$DRY" = 1 ] && DRYNOTE=", DRY RUN (GPU parts stubbed)"
+HEADER="gpu_check summary: $(date -u +%FT%TZ), ${DEVICE:-device unknown}, $(( SECONDS - T0 ))s of ${BUDGET}s budget"
+HEADER="$HEADER$DRYNOTE; outputs in $OUTDIR"
 BASENAMES=(); for f in "${NEW_RESULTS[@]}"; do BASENAMES+=("$(basename "$f")"); done
 "$PY" "$LIB" summary "$STEPS" "$HEADER" "$FAILURES" ${BASENAMES[@]+"${BASENAMES[@]}"} >"$OUTDIR/summary.txt" 2>&1
 STATUS=$?

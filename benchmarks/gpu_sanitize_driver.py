@@ -214,7 +214,8 @@ def part_direct(run: Run, device: str, backend: str, gen) -> set:
     from saml_kernels.ops import scenario_embedding_bag as seb
 
     dt = torch.float32
-    x, w, b = rand(B, K, dtype=dt, gen=gen), rand(M, K, N, dtype=dt, gen=gen, scale=K ** -0.5), rand(M, N, dtype=dt, gen=gen)
+    x, w = rand(B, K, dtype=dt, gen=gen), rand(M, K, N, dtype=dt, gen=gen, scale=K ** -0.5)
+    b = rand(M, N, dtype=dt, gen=gen)
     aux, aw = rand(B, KA, dtype=dt, gen=gen), rand(M, KA, N, dtype=dt, gen=gen, scale=KA ** -0.5)
     mbl = {k: on(v, device, dt) for k, v in dict(x=x, weight=w, bias=b, aux=aux, aux_weight=aw).items()}
     mbl.update(scenario=on(scenarios(gen, torch.int64, True), device), activation=1,
