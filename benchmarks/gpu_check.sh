@@ -51,8 +51,10 @@
 # Other switches: GPU_CHECK_STEPS / GPU_CHECK_SKIP (comma lists of steps or prefixes to run / leave out),
 # GPU_CHECK_NEW_TESTS, GPU_CHECK_REST_TESTS (pytest paths), GPU_CHECK_PYTEST_ARGS, GPU_CHECK_ALL_TESTS=1 (no GPU
 # selection), GPU_CHECK_WORKERS (xdist workers, 0 = none), GPU_CHECK_TEST_TIMEOUT (per test, s), GPU_CHECK_BENCHES
-# (scripts), GPU_CHECK_RESULTS_DIR, GPU_CHECK_DRIVER, GPU_CHECK_SANITIZERS, GPU_CHECK_SANITIZER_OPTS,
-# GPU_CHECK_MIN_STEP (a step is not started with less time left before its deadline), GPU_CHECK_KILL_GRACE, PYTHON.
+# (scripts), GPU_CHECK_RESULTS_DIR, GPU_CHECK_DRIVER, GPU_CHECK_DRIVER_ARGS (appended; the last --parts wins),
+# GPU_CHECK_SANITIZER (the compute-sanitizer binary), GPU_CHECK_SANITIZERS (tools), GPU_CHECK_SANITIZER_OPTS,
+# GPU_CHECK_MIN_STEP (a step is not started with less time left before its deadline), GPU_CHECK_KILL_GRACE,
+# GPU_CHECK_SERIAL=1, PYTHON.
 # The device machine has no network and no venv: nothing is installed; python3 there holds torch + triton.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -159,7 +161,14 @@ if [ "$DRY" = 1 ]; then
   BUILD_CMD="echo '[dry run] stub for: TORCH_CUDA_ARCH_LIST=9.0 SAML_BUILD_CUDA=1 setup.py build_ext --inplace'"
   CEILING=""
 else
-  ENV_CMD="$PY $LIB env-report; nvidia-smi; nvcc --version | tail -2; compute-sanitizer --version | tail -1"
+  # compute-sanitizer: on PATH, else where CUDA toolkits put it (GPU_CHECK_SANITIZER overrides)
+  SAN_BIN="${GPU_CHECK_SANITIZER:-$(command -v compute-sanitizer || true)}"
+  for c in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+    [ -z "$SAN_BIN" ] && [ -x "$c" ] && SAN_BIN="$c"
+  done
+  SAN_BIN="${SAN_BIN:-compute-sanitizer}"
+  ENV_CMD="$PY $LIB env-report; nvidia-smi; nvcc --version | tail -2; echo \"sanitizer: $SAN_BIN\"; \
+$SAN_BIN --version | tail -1"
   BUILD_CMD="rm -f saml_kernels/_C*.so; TORCH_CUDA_ARCH_LIST=9.0 SAML_BUILD_CUDA=1 MAX_JOBS=$NPROC \
 $PY setup.py build_ext --inplace"
   CEILING="$PY - <<'EOF'
@@ -235,7 +244,7 @@ san_cmd() {
   local tool="$1" parts="$2" env="$3" reserve="$4"
   local args="--parts $parts --stop-at \$(( STEP_END - $reserve )) ${GPU_CHECK_DRIVER_ARGS:-}"
   if [ "$DRY" = 1 ]; then echo "$env $PY $DRIVER --dry-run $args"
-  else echo "$env compute-sanitizer --tool $tool $SAN_OPTS $PY $DRIVER $args"; fi
+  else echo "$env $SAN_BIN --tool $tool $SAN_OPTS $PY $DRIVER $args"; fi
 }
 NOCACHE="PYTORCH_NO_CUDA_MEMORY_CACHING=1"
 
