@@ -194,7 +194,12 @@ run_step 30 info "$(cap info 25)" "$BUDGET" 1 "$PY -m saml_kernels.info${CEILING
 # ------------------------------------------------------------------------------------------------ phase B: two lanes
 shopt -s nullglob
 BENCHES=(${GPU_CHECK_BENCHES:-benchmarks/bench_*.py})
-DEADLINE_B=$(( BUDGET - ${#BENCHES[@]} * BENCH_MIN ))
+will_run() {  # will_run NAME: not left out by GPU_CHECK_STEPS / GPU_CHECK_SKIP
+  { [ -z "${GPU_CHECK_STEPS:-}" ] || listed "$1" "$GPU_CHECK_STEPS"; } && ! listed "$1" "${GPU_CHECK_SKIP:-}"
+}
+N_BENCH=0
+for b in "${BENCHES[@]}"; do will_run "bench:$(basename "$b" .py)" && N_BENCH=$(( N_BENCH + 1 )); done
+DEADLINE_B=$(( BUDGET - N_BENCH * BENCH_MIN ))   # the lanes leave each benchmark that will run its minimum
 # the GPU tests of the code changed since the last device run: csrc/cuda's kernels (the *_gpu files, test_cuda_*),
 # the Triton kernels (their (cuda, triton) cases are in the same files; partitioned_norm's in its own), graphs and
 # capture-safe mode (test_host_syncs, round 3's graph replay)
@@ -280,14 +285,15 @@ fi
 
 # ------------------------------------------------------------------------------------------------ phase C: benchmarks
 if [ "$DRY" = 1 ]; then BENCH_MODE="--quick --no-compile"; else BENCH_MODE="--gpu --no-compile"; fi
-i=0
+i=0; done_n=0   # the time left is shared among the benchmarks still to run
 for bench in "${BENCHES[@]}"; do
-  left_n=$(( ${#BENCHES[@]} - i ))
+  name="bench:$(basename "$bench" .py)"
+  left_n=$(( N_BENCH - done_n )); (( left_n < 1 )) && left_n=1
   share=$(( (BUDGET - (SECONDS - T0)) / left_n ))
-  c=$(cap "bench:$(basename "$bench" .py)" 60); (( share < c )) && c=$share
+  c=$(cap "$name" 60); (( share < c )) && c=$share
   bb=$(( c - BENCH_MARGIN )); (( bb < 1 )) && bb=1
-  run_step $(( 60 + i )) "bench:$(basename "$bench" .py)" "$c" "$BUDGET" 1 \
-    "$PY $bench $BENCH_MODE --budget-s $bb --out-dir '$RESULTS_DIR'"
+  run_step $(( 60 + i )) "$name" "$c" "$BUDGET" 1 "$PY $bench $BENCH_MODE --budget-s $bb --out-dir '$RESULTS_DIR'"
+  will_run "$name" && done_n=$(( done_n + 1 ))
   i=$(( i + 1 ))
 done
 

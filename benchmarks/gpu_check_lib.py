@@ -198,11 +198,16 @@ def summary(steps_path: str, *, header: str = "", failures: str = "", results: l
         lines += ["  " + ln.strip()[:200] for ln in fail_lines[:max_failures]]
     passed = [r["name"] for r in rows if r["state"] == "ok"]
     failed = [f"{r['name']} ({r['state']})" for r in rows if r["state"] in ("FAILED", "TIMEOUT", "PARTIAL")]
-    not_run = [f"{r['name']} ({r['note'] or r['state']})" for r in rows if r["state"] in ("skipped", "not-run")]
+    why_not = collections.OrderedDict()  # reason -> steps (one group per reason keeps the line short)
+    for r in rows:
+        if r["state"] in ("skipped", "not-run"):
+            why_not.setdefault(r["note"] or r["state"], []).append(r["name"])
+    not_run = [f"{' '.join(names)} ({why})" for why, names in why_not.items()]
+    n_not_run = sum(len(v) for v in why_not.values())
     missing_required = [r["name"] for r in rows if r["state"] == "not-run" and r["required"] == "1"]
     lines.append("passed: " + (" ".join(passed) or "none"))
     lines.append("failed: " + (" ".join(failed) or "none"))
-    lines.append("not run: " + (", ".join(not_run) or "none"))
+    lines.append("not run: " + ("; ".join(not_run) or "none"))
     lines.append(f"results files ({len(results)}): " + (" ".join(results) or "none"))
     status = 1 if failed or missing_required else 0
     if status:
@@ -210,7 +215,7 @@ def summary(steps_path: str, *, header: str = "", failures: str = "", results: l
         why += [f"required step(s) not run: {' '.join(missing_required)}"] if missing_required else []
         lines.append(f"RESULT: FAILED ({'; '.join(why)})")
     else:
-        lines.append(f"RESULT: OK ({len(passed)} steps passed" + (f", {len(not_run)} not run" if not_run else "") + ")")
+        lines.append(f"RESULT: OK ({len(passed)} steps passed" + (f", {n_not_run} not run" if n_not_run else "") + ")")
     return "\n".join(lines), status
 
 
