@@ -42,7 +42,9 @@
 # Output ($OUT, or ./gpu_results when OUT is unset; the device tool returns at most 8 files): summary.txt,
 # all_logs.txt (every log, each cut to its last 2 MB), bench_results.md (the .md results written), gpu_results.tar.gz
 # (logs/ and benchmarks/results/<new files>). The summary's last lines: passed / failed / not run / results files /
-# RESULT. Exit status 0 when every step that ran passed and every required step ran; 1 otherwise.
+# RESULT. A step's status: ok | FAILED | TIMEOUT (cut by its cap) | PARTIAL (the sanitizer driver left cases out
+# for time) | skipped (asked) | not-run (time budget). Exit status 0 when every step that ran passed and every
+# required step ran; 1 otherwise.
 #
 # Dry run here, without a GPU (tests/test_gpu_check_dry_run.py does this with stubs and tiny caps):
 #   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh

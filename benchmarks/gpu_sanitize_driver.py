@@ -166,7 +166,11 @@ def cuda_registered_ops(root: pathlib.Path = ROOT) -> set:
 
 
 def has_kernel(op: str, device: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"saml_C::{op}", "CUDA" if device == "cuda" else "CPU")
+    """Whether saml_C::<op> exists and has a kernel for the device (False for an op the registry no longer has)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"saml_C::{op}", "CUDA" if device == "cuda" else "CPU")
+    except RuntimeError:
+        return False
 
 
 def call_by_schema(op: str, values: dict):
