@@ -464,6 +464,8 @@ def part_api(run: Run, device: str, backend: str, gen, engines) -> None:
 # ------------------------------------------------------------------------------------------------ part: graph
 
 def part_graph(run: Run, device: str, backend: str) -> None:
+    import numpy as np
+
     from saml_kernels.data import make_synthetic
     from saml_kernels.training import saml_loss
 
@@ -472,7 +474,7 @@ def part_graph(run: Run, device: str, backend: str) -> None:
     torch.manual_seed(0)
     model = snn.SAML(cfg, backend=backend, embedding_optimizer="rowwise_adagrad", device=device)
     opt = snn.TrainingOptimizer(model, capturable=device == "cuda")
-    base = data.batch(__import__("numpy").arange(67)).to(device)  # odd batch
+    base = data.batch(np.arange(67)).to(device)  # odd batch
     inputs = list(base.inputs()) + [base.label]
 
     def loss_fn(m, *t):
