@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import saml_kernels  # noqa: E402
-from harness import machine_tag, markdown_table, peak_memory, time_alternating, write_results  # noqa: E402
+from harness import TimeBudget, machine_tag, markdown_table, peak_memory, time_alternating, write_results  # noqa: E402
 from saml_kernels.reference.mbranch_linear import mbranch_linear_reference  # noqa: E402
 
 MIXES = {"uniform": None, "skewed": (0.70, 0.20, 0.05, 0.05)}
@@ -320,7 +320,10 @@ def main():
                     help="relu_bias (every route) and/or linear (no bias, no activation; route own only)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--out-dir", default=None, help="where the results go (default: benchmarks/results)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new case past this many seconds; the results file names the cases not run")
     args = ap.parse_args()
+    budget = TimeBudget(args.budget_s)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if args.gpu else "cpu"
@@ -342,6 +345,8 @@ def main():
         _LAYER["name"] = layer
         for mode in args.modes.split(","):
             for mix in args.mixes.split(","):
+                if not budget.allows(f"{layer} route={route} {mode} {mix}"):
+                    continue
                 c = make_case(M, B, K, N, dtype, device, mix)
                 torch._dynamo.reset()
                 # linear is about the ratio to the plain matmul: no compile_ref, no memory sampling (keeps the run short)
@@ -364,7 +369,8 @@ def main():
     stem = (f"bench_branch_gemm_{machine_tag()}" + (f"_t{args.threads}" if args.threads else "")
             + ("_quick" if args.quick else ""))
     title = f"M-branch GEMM, M={M} B={B} K={K} N={N} {dtype} on {device} (unsorted rows)"
-    paths = write_results(stem, title, "\n".join(body), data, plot={"groups": plot, "ylabel": "useful GFLOP/s"},
+    paths = write_results(stem, title, "\n".join(body) + budget.note(), data,
+                          plot={"groups": plot, "ylabel": "useful GFLOP/s"},
                           **({"out_dir": args.out_dir} if args.out_dir else {}))
     print(paths)
 

@@ -59,7 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gather_ceiling import make_ceiling  # noqa: E402
 from harness import (RESULTS_DIR, machine_info, machine_tag, markdown_table, measure_copy_bandwidth,  # noqa: E402
-                     time_alternating, write_results)
+                     TimeBudget, time_alternating, write_results)
 
 import saml_kernels  # noqa: E402
 from saml_kernels import _backend  # noqa: E402
@@ -331,11 +331,14 @@ def run(args):
     else:
         ceiling_name, ceiling = "gather-ceiling (benchmarks/gather_ceiling.py: random-row reads only, per case)", None
     thp = device == "cpu" and not args.no_thp
+    budget = TimeBudget(args.budget_s)
     results, rows_md, groups, phases_md = [], [], {}, []
     for L in ([1] if args.quick else [1, 8]):
         for dist in ("uniform", "zipf"):
             P = Problem(B, F, R, D, M, L, dist, device, dtype=dtype)
             for mode in ("fwd", "fwd+bwd", "fwd+bwd+sgd"):
+                if not budget.allows(f"{'one-hot' if L == 1 else f'bag{L}'} {dist} {mode}"):
+                    continue
                 provs = providers_for(P, mode, backends, not args.no_compile, fb_ok, thp=thp and mode != "fwd+bwd",
                                       with_ceiling=not args.quick)
                 provs = {k: v for k, v in provs.items() if v is not None}
@@ -382,6 +385,8 @@ def run(args):
         body += ["", "Per-phase breakdown of ours (ms per call, torch.profiler scopes of the kernels; reduce = per-row "
                  "gradients written out, reduce_update = fused reduction + in-place update):", "",
                  markdown_table(["case", "provider"] + [k.split("::")[-1] for k in PHASES], phases_md)]
+    if budget.skipped:
+        body.append(budget.note())
     if args.note:
         body.insert(0, args.note + "\n")
     stem = (f"embedding_{args.out_tag or machine_tag()}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
@@ -408,6 +413,8 @@ def main():
     ap.add_argument("--out-tag", default=None, help="results file tag (default: machine tag)")
     ap.add_argument("--out-dir", default=RESULTS_DIR, help="where the results go (default benchmarks/results)")
     ap.add_argument("--note", default=None, help="a note written at the top of the results file")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new case past this many seconds; the results file names the cases not run")
     run(ap.parse_args())
 
 

@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from harness import machine_tag, markdown_table, peak_memory, time_alternating, write_results  # noqa: E402
+from harness import TimeBudget, machine_tag, markdown_table, peak_memory, time_alternating, write_results  # noqa: E402
 
 from saml_kernels.data import load_movielens, make_synthetic  # noqa: E402
 from saml_kernels.nn import HMoE, HMoEConfig, SAML, SAMLConfig, STAR, STARConfig, TrainingOptimizer  # noqa: E402
@@ -189,7 +189,10 @@ def main(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 4096; --gpu: 4096 "
                    "in float32 and bfloat16, then 65536 in float32 without torch.compile)")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new (model, batch) case past this many seconds; the results file names those not run")
     args = p.parse_args(argv)
+    budget = TimeBudget(args.budget_s)
     device = "cuda" if args.gpu else "cpu"
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("bench_model.py --gpu: CUDA is not available")
@@ -210,6 +213,8 @@ def main(argv=None):
     results = []
     for model in names:
         for batch, dt, comp in plan:
+            if not budget.allows(f"{model} {dt} B={batch}"):
+                continue
             print(f"bench_model: {model} {args.data} {device} {dt} B={batch} reps={reps} compile={comp}", flush=True)
             results.append(run(device, dt, reps, batch, comp, model, args.data))
     rows = []
@@ -220,7 +225,7 @@ def main(argv=None):
             rows.append([r["model"], r["dtype"], r["batch"], k, ms, f"{r['samples_per_s'][k]:,.0f}",
                          "1.00x (ours)" if sp is None else f"{sp:.2f}x", "n/a" if mem is None else f"{mem / 2**20:.1f}"])
     body = markdown_table(["model", "dtype", "B", "provider", "step ms (median)", "samples/s", "our speed-up vs it",
-                           "peak extra memory MiB"], rows)
+                           "peak extra memory MiB"], rows) + budget.note()
     params = ", ".join(f"{r['model']} {r['params']:,}" for r in results if r["batch"] == results[0]["batch"])
     body += (("\n\nData: B rows drawn at random from the MovieLens-100K training split." if args.data == "movielens"
               else "") + "\n\nOne training step = forward + backward + optimizer (Adam on dense parameters, row-wise Adagrad on "

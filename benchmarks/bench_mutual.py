@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 import saml_kernels  # noqa: E402
 from bench_branch_gemm import cpu_peak  # noqa: E402  (the team's CPU peak-memory probe)
-from harness import (RESULTS_DIR, machine_tag, markdown_table, peak_memory, time_alternating,  # noqa: E402
+from harness import (RESULTS_DIR, TimeBudget, machine_tag, markdown_table, peak_memory, time_alternating,  # noqa: E402
                      write_results)
 from saml_kernels.reference.mutual_unit import mutual_linear_reference  # noqa: E402
 
@@ -74,7 +74,10 @@ def main():
     ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); results get _t<n>")
     ap.add_argument("--out-dir", default=RESULTS_DIR, help="where the results go (default benchmarks/results)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new case past this many seconds; the results file names the cases not run")
     args = ap.parse_args()
+    budget = TimeBudget(args.budget_s)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if args.gpu else "cpu"
@@ -96,6 +99,8 @@ def main():
     header = ["mode", "provider", "median ms", "ours speed-up", "peak extra MiB", "peak / eager's"]
     rows, data = [], {"shape": dict(M=M, B=B, K=K, N=N, dtype=str(dtype), device=device), "results": {}}
     for mode in args.modes.split(","):
+        if not budget.allows(f"mode {mode}"):
+            continue
         calls = {name: provider(case, fn, mode) for name, fn in fns.items()}
         peaks = {}
         for name, call in calls.items():  # memory first (warm call inside), compile happens here too
@@ -112,7 +117,7 @@ def main():
     body = (f"mutual_linear, M={M} B={B} K={K} N={N} {dtype}, relu, cosine, bias, uniform unsorted scenarios, "
             f"{torch.get_num_threads()} threads.\n"
             "Speed-up = median over alternating rounds of t_provider / t_ours. Targets (2-core CPU, fwd+bwd): "
-            ">= 1.7x eager, <= 50% of eager's peak memory.\n\n" + markdown_table(header, rows))
+            ">= 1.7x eager, <= 50% of eager's peak memory.\n\n" + markdown_table(header, rows) + budget.note())
     stem = (f"bench_mutual_{machine_tag()}" + (f"_t{args.threads}" if args.threads else "")
             + ("_quick" if args.quick else ""))
     paths = write_results(stem, "mutual_linear: fused all-branch GEMM + mutual unit", body, data,

@@ -709,16 +709,22 @@ def main(argv=None):
         points = []
         try:
             for G in values:
+                if time.perf_counter() - t0 + last_wall > budget:
+                    print(f"bench_scaling: time budget ({budget:.0f} s) spent, skipping sweep T rows ~{G:,}",
+                          flush=True)
+                    continue
                 print(f"bench_scaling: {device} sweep T: M={M} B={B} global rows ~{G:,}", flush=True)
                 pt = run_rows_point(M, B, G, device, reps)
+                last_wall = pt["wall_s"]
                 print("   " + ", ".join(f"{k} {v:.1f} ms wall / {pt['cpu_medians_ms'][k]:.1f} ms CPU"
                                         for k, v in pt["medians_ms"].items()) + f"  ({pt['wall_s']:.0f} s)", flush=True)
                 points.append(pt)
         finally:
             t_rows = torch.get_num_threads()
             torch.set_num_threads(threads)
-        results["T"] = {"base": (M, B), "axis": "global rows", "points": points, "reps": reps, "threads": t_rows,
-                        "device": device, "loadavg_1m_after": os.getloadavg()[0]}
+        if points:  # none when the time budget was spent before the sweep
+            results["T"] = {"base": (M, B), "axis": "global rows", "points": points, "reps": reps, "threads": t_rows,
+                            "device": device, "loadavg_1m_after": os.getloadavg()[0]}
     stem = f"scaling_{machine_tag()}" + ("_quick" if args.quick else "")
     carried, notes = carry_over(args.out_dir, stem, results)
     body = (f"One training step = zero_grad + forward + backward + optimizer, float32, {torch.get_num_threads()} "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import time
@@ -78,11 +79,59 @@ def machine_info() -> dict:
     return info
 
 
+def gpu_tag(name: str) -> str:
+    """File-name tag of a GPU: its model number lower-cased ('NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA H200' ->
+    'h200', 'NVIDIA A100-SXM4-80GB' -> 'a100'); a name without one is kept, made file-name safe."""
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4})\b", name.upper())
+    if m:
+        return m.group(1).lower()
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "gpu"
+
+
 def machine_tag() -> str:
-    """Short file-name tag: 'cpu<cores>' or the GPU name, e.g. 'cpu2', 'NVIDIA_H200'."""
+    """Short file-name tag: 'cpu<cores>' or the GPU's model (:func:`gpu_tag`), e.g. 'cpu2', 'h100', 'h200'."""
     if torch.cuda.is_available():
-        return torch.cuda.get_device_name().replace(" ", "_")
+        return gpu_tag(torch.cuda.get_device_name())
     return f"cpu{os.cpu_count()}"
+
+
+class TimeBudget:
+    """``--budget-s`` of a benchmark: start no new case once one as long as the last would end past ``seconds``
+    (counted from construction), so a capped run (benchmarks/gpu_check.sh) still writes what it measured. A case
+    lasts from its ``allows()`` to the next one.
+
+        budget = TimeBudget(args.budget_s)       # None: no limit
+        for case in cases:
+            if not budget.allows(case_name):     # prints why, remembers it in budget.skipped
+                continue
+            ...
+        body += budget.note()
+    """
+
+    def __init__(self, seconds: Optional[float]):
+        self.seconds = float("inf") if seconds is None else float(seconds)
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+        self._started: Optional[float] = None
+        self.skipped: list = []
+
+    def allows(self, what: str) -> bool:
+        now = time.perf_counter()
+        if self._started is not None:
+            self.last = now - self._started
+        if now - self.t0 + self.last <= self.seconds:
+            self._started = now
+            return True
+        self._started = None
+        self.skipped.append(str(what))
+        print(f"time budget ({self.seconds:.0f} s) spent: skipping {what}", flush=True)
+        return False
+
+    def note(self) -> str:
+        """A line for the results file naming the cases not run ('' when none was skipped)."""
+        if not self.skipped:
+            return ""
+        return (f"\nNot run (time budget --budget-s {self.seconds:.0f} spent): " + "; ".join(self.skipped) + ".\n")
 
 
 # ------------------------------------------------------------------------------------------------ timing
