@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .._codes import POOLING
-from . import AotSpec, kernel_signature, torch_to_triton_ptr
+from . import AotSpec, kernel_signature, launch_device, torch_to_triton_ptr
 
 SUM, MEAN, NONE = POOLING["sum"], POOLING["mean"], POOLING["none"]
 # The same codes as constexprs for the jit functions (a jit function reads only constexpr globals).
@@ -309,17 +309,8 @@ def _acc_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _grid_device(t):
-    """Launch on the tensors' device (matters with several GPUs)."""
-    return torch.cuda.device(t.device) if t.is_cuda else _NullCtx()
-
-
-class _NullCtx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+# Launch on the tensors' device (the helper every Triton launcher uses; matters with several GPUs).
+_grid_device = launch_device
 
 
 def forward(indices, offsets, scenario, global_weight, scenario_weight, feature_rows, feature_scenario_rows,
