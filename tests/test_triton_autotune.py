@@ -169,7 +169,15 @@ def test_dx_is_autotuned_apart_from_the_forward(gpu_branch, monkeypatch):
         return [float(config.kwargs["BLOCK_M"])]       # any fixed preference
 
     monkeypatch.setattr(Autotuner, "_bench", fake_bench)
+    prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(False)
+    try:
+        _dx_case(timed)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def _dx_case(timed):
     g = torch.Generator().manual_seed(2)
     B, M = 24, 2
     s = torch.randint(0, M, (B,), generator=g)
