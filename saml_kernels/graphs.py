@@ -25,13 +25,13 @@ Contract:
 What cannot be captured (a host read of device data: the sizes of what follows depend on the data), and is refused
 with a ValueError before the capture begins (never a CUDA error in the middle of it):
 - a ``ScenarioEmbedding`` with mixed pooling (consecutive features pooled differently, e.g. "sum" and "none"): each
-  run of features gets its own slice of the ids, whose bounds are offsets values (refused at construction, by
-  :func:`capture_blockers`); use one pooling per layer (two layers for two poolings);
+  run of features gets its own slice of the ids, whose bounds are offsets values (refused when the step is built,
+  before the warm-up: :func:`capture_blockers`); use one pooling per layer (two layers for two poolings);
 - a ``KeyedJaggedTensor`` holding keys the layer has no feature for: the layer's entries are a data-dependent part
   of the values (refused after the warm-up, which records it). A KJT with exactly the layer's keys in another order
   is reordered on the device and captures;
-- the ``triton`` embedding backend when its backward runs: it reads its segment sizes on the host (refused at
-  construction; the ``cuda`` backend, the automatic choice on CUDA, is sync-free).
+- the ``triton`` embedding backend when its tables train: its backward reads segment sizes on the host (refused
+  when the step is built; the ``cuda`` backend, the automatic choice on CUDA, is sync-free).
 Layer code calls :func:`host_read` just before such a read: inside a capture it raises a clear error, and during
 the warm-up of a ``CapturedTrainingStep`` it records what read the host.
 """
@@ -53,7 +53,7 @@ _local = threading.local()
 
 def _capturing(device: torch.device) -> bool:
     """Whether a CUDA-graph capture is under way on the current stream and ``device`` is a CUDA device."""
-    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return _checks._capturing(device)
 
 
 def host_read(what: str, device: torch.device) -> None:
