@@ -13,7 +13,8 @@ is used. A Python backend module declares its tables itself (``KERNELS = {op: {n
 declare support per dispatch key, so a kernel that one build lacks is reported, not called.
 
 Choice: explicit ``backend=`` > ``use_backend(...)`` context > ``SAML_KERNELS_BACKEND`` > automatic. The automatic
-choice takes the first available backend of :data:`PREFERENCE` (per device type and op, fastest measured first);
+choice takes the first available backend of :data:`PREFERENCE` (per device type and op, fastest measured first;
+the CUDA orders are not measured yet, their comment says why they are what they are);
 a fallback past a preferred backend is never silent: it warns once per (op, device) with the reason.
 """
 from __future__ import annotations
