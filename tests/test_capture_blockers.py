@@ -10,7 +10,8 @@ sync that a capture cannot contain.
   backward) is refused by ``CapturedTrainingStep`` before anything runs (CUDA is mocked for that one test:
   ``torch.cuda.is_available`` and fake CUDA input tensors);
 - a source scan (weaker than the behaviour tests, it only sees the spelling): every ``.tolist()`` / ``.item()`` in
-  the layers (saml_kernels/nn), graphs.py and training.py is preceded by ``host_read`` in its function.
+  the layers (saml_kernels/nn), graphs.py, training.py and the Triton embedding launcher is preceded by
+  ``host_read`` in its function.
 """
 from __future__ import annotations
 
@@ -133,6 +134,15 @@ def test_host_reads_are_refused_inside_a_capture(capturing):
     assert c.count == 0
 
 
+def test_triton_embedding_backward_refuses_inside_a_capture(capturing):
+    pytest.importorskip("triton")
+    from saml_kernels.triton import scenario_embedding_bag as tseb
+
+    with SyncCounter() as c, pytest.raises(RuntimeError, match="triton embedding backward.*cannot contain"):
+        tseb.segment_sizes(torch.tensor([0, 3, 9]), torch.tensor([0, 2, 3, 5]), 2, 5)
+    assert c.count == 0
+
+
 def test_warm_up_records_the_host_reads():
     layer = ScenarioEmbedding(FEATURES, 3, 4)
     idx, off, sc = _batch(layer)
@@ -178,7 +188,7 @@ def test_captured_training_step_refuses_before_anything_runs(monkeypatch):
 
 # the layers, the training step and the graph module (the ops' own host reads are eager-mode error paths)
 CAPTURE_PATH = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "saml_kernels" / "nn").glob("*.py")) + [
-    "saml_kernels/graphs.py", "saml_kernels/training.py"]
+    "saml_kernels/graphs.py", "saml_kernels/training.py", "saml_kernels/triton/scenario_embedding_bag.py"]
 
 
 @pytest.mark.parametrize("path", CAPTURE_PATH)

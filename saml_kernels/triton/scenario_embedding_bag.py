@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .._codes import POOLING
+from ..graphs import host_read
 from . import AotSpec, kernel_signature, launch_device, torch_to_triton_ptr
 
 SUM, MEAN, NONE = POOLING["sum"], POOLING["mean"], POOLING["none"]
@@ -371,6 +372,7 @@ def sorted_segments(keys: torch.Tensor):
 def segment_sizes(uniq: torch.Tensor, seg: torch.Tensor, n_global: int, n_rows: int):
     """(ng, nall, longest) as Python ints, in ONE host read: the number of unique global rows (keys < n_global),
     of global + scenario rows (keys < n_rows; the rest is the sentinel) and the longest real segment."""
+    host_read("the triton embedding backward reads its segment sizes on the host; use the cuda backend", uniq.device)
     counts = seg[1:] - seg[:-1]
     limit = torch.tensor([n_global, n_rows], dtype=torch.int64, device=uniq.device)
     longest = torch.where(uniq < limit[1], counts, 0).max().reshape(1) if uniq.numel() else limit[:1] * 0
