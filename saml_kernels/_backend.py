@@ -13,7 +13,8 @@ is used. A Python backend module declares its tables itself (``KERNELS = {op: {n
 declare support per dispatch key, so a kernel that one build lacks is reported, not called.
 
 Choice: explicit ``backend=`` > ``use_backend(...)`` context > ``SAML_KERNELS_BACKEND`` > automatic. The automatic
-choice takes the first available backend of :data:`PREFERENCE` (per device type and op, fastest measured first);
+choice takes the first available backend of :data:`PREFERENCE` (per device type and op, fastest measured first;
+the CUDA orders are not measured yet, their comment says why they are what they are);
 a fallback past a preferred backend is never silent: it warns once per (op, device) with the reason.
 """
 from __future__ import annotations
@@ -33,13 +34,15 @@ from . import _ext
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 # Automatic choice: per device type and op, the backends from fastest to slowest as measured; the first one that
-# can run wins. Every entry names the measurement it comes from: a file in benchmarks/results/, or for CUDA the
-# first H200 run of the benchmarks (one process, providers alternated, median of 15), whose results files
-# (benchmarks/results/*_h200.*) are not committed yet. Re-measure and update an entry when a kernel changes.
+# can run wins. An entry cites its measurement by a file in benchmarks/results/ (tests/test_backend_registry.py
+# checks that every cited file exists); an order no committed results file supports says so. Re-measure and update
+# an entry when a kernel changes. Results files this table cites: embedding_cpu2.md, bench_branch_gemm_cpu2.md,
+# bench_mutual_cpu2.md, model_family_cpu2.md (all CPU; no GPU results file is committed).
 PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "cpu": {
-        # benchmarks/results/embedding_cpu2.md (B=4096, 16 x 100k rows, D=32, fp32): one-hot forward cpu 1.62 ms
-        # against 2.86 ms eager (stacked F.embedding, the reference's gather) and 12.0 ms compiled reference.
+        # benchmarks/results/embedding_cpu2.md (B=4096, 16 x 100k rows, D=32, fp32, 2 threads): one-hot uniform
+        # forward cpu 1.8 ms against 3.09 ms eager (F.embedding, the reference's gather) and 24 ms compiled
+        # reference; fused SGD step cpu 3.55 ms against 14.8 ms eager.
         "scenario_embedding_bag": ("cpu", "reference"),
         # benchmarks/results/bench_branch_gemm_cpu2.md (M=4, B=4096, K=N=256, fp32): route own fwd+bwd cpu 12.8 ms
         # against 82.0 ms eager_where and 87.5 ms compiled reference.
@@ -53,18 +56,26 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
         # benchmarks/results/model_family_cpu2.md: the C++ kernel inside STAR's step; no stand-alone figure yet.
         "partitioned_norm": ("cpu", "reference"),
     },
+    # CUDA: UNMEASURED for the code as it is. No GPU results file is committed; the only GPU timings ever taken (an
+    # H200 session, quoted in no results file) compared Triton with the former cuBLAS-per-scenario CUDA path, which
+    # the sync-free tiled engine of csrc/cuda/mbranch_common.cuh has since replaced; that engine (and the CUDA
+    # embedding backward / fused update) has never executed on a GPU, only in the CPU emulation. The first device
+    # run (benchmarks/gpu_check.sh) decides: time both backends per op, then order this table by its results file.
+    # Until then, the order a careful engineer ships: code that has run on a GPU before code that never has, unless
+    # the code that has run cannot do the job. So triton first for the GEMM ops (their Triton kernels, close to
+    # today's, ran on that H200 and passed its tests; they launch no host sync, so CUDA-graph capture works, and
+    # under deterministic algorithms they use fixed block sizes), the new engine next (a Triton-less install still
+    # gets a sync-free kernel; the fallback warns). Speed does not enter: the new engine has no figure. The
+    # embedding keeps cuda first: the Triton embedding backward reads its segment sizes on the host (a sync per step, no CUDA-graph
+    # capture, tests/test_host_syncs.py), while the CUDA one is sync-free; an embedding that cannot be captured
+    # would break CapturedTrainingStep for every model.
     "cuda": {
-        # No GPU figure yet (the H200 run stopped before the embedding was timed): the hand-written CUDA kernel
-        # first, as for the other ops, until benchmarks/results/embedding_h200.md says otherwise.
         "scenario_embedding_bag": ("cuda", "triton", "reference"),
-        # H200 (bench_branch_gemm.py --gpu; M=4, B=65536, K=N=512, relu + bias, fwd+bwd, route own):
-        # bf16 cuda 2.01 ms vs triton 2.16 ms; fp32 cuda 4.13 ms vs triton 5.89 ms.
-        "mbranch_linear": ("cuda", "triton", "reference"),
-        # No stand-alone GPU figure: its kernels are those of mutual_linear's saved path, so the same order.
-        "mutual_unit": ("cuda", "triton", "reference"),
-        # H200 (bench_mutual.py --gpu; same sizes, bf16, fwd+bwd): cuda 4.44 ms = 2.75x eager, triton 1.48x eager.
-        "mutual_linear": ("cuda", "triton", "reference"),
-        # No GPU figure; the "cuda" table is the Triton one (no CUDA C++ kernel), so the two are the same code.
+        "mbranch_linear": ("triton", "cuda", "reference"),
+        # its kernels are those of mutual_linear's unfused path: the same order
+        "mutual_unit": ("triton", "cuda", "reference"),
+        "mutual_linear": ("triton", "cuda", "reference"),
+        # the "cuda" table is the Triton one (no CUDA C++ kernel): the two are the same code
         "partitioned_norm": ("cuda", "triton", "reference"),
     },
 }

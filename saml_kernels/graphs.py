@@ -21,9 +21,24 @@ Contract:
 - hyper-parameters: the fused embedding optimizer's lr / weight_decay (``ScenarioEmbedding.fused_optimizer``) are
   read on the device at every replay, so schedulers work; a torch optimizer built with ``capturable=True`` keeps
   its lr as the value at capture unless given as a tensor.
+
+What cannot be captured (a host read of device data: the sizes of what follows depend on the data), and is refused
+with a ValueError before the capture begins (never a CUDA error in the middle of it):
+- a ``ScenarioEmbedding`` with mixed pooling (consecutive features pooled differently, e.g. "sum" and "none"): each
+  run of features gets its own slice of the ids, whose bounds are offsets values (refused when the step is built,
+  before the warm-up: :func:`capture_blockers`); use one pooling per layer (two layers for two poolings);
+- a ``KeyedJaggedTensor`` holding keys the layer has no feature for: the layer's entries are a data-dependent part
+  of the values (refused after the warm-up, which records it). A KJT with exactly the layer's keys in another order
+  is reordered on the device and captures;
+- the ``triton`` embedding backend when its tables train: its backward reads segment sizes on the host (refused
+  when the step is built; the ``cuda`` backend, the automatic choice on CUDA, is sync-free).
+Layer code calls :func:`host_read` just before such a read: inside a capture it raises a clear error, and during
+the warm-up of a ``CapturedTrainingStep`` it records what read the host.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Callable, Sequence
 
 import torch
@@ -31,7 +46,50 @@ from torch import Tensor, nn
 
 from .ops import _checks
 
-__all__ = ["CapturedTrainingStep"]
+__all__ = ["CapturedTrainingStep", "capture_blockers", "host_read"]
+
+_local = threading.local()
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA-graph capture is under way on the current stream and ``device`` is a CUDA device."""
+    return _checks._capturing(device)
+
+
+def host_read(what: str, device: torch.device) -> None:
+    """To be called just before a host read of data on ``device`` (``.tolist()``, ``int(t)`` ...) that a
+    CUDA-graph capture cannot contain. ``what``: the input that needs it and how to avoid it. Raises RuntimeError
+    inside a capture (instead of the CUDA error the read would give); records ``what`` while
+    :func:`record_host_reads` is active (a ``CapturedTrainingStep``'s warm-up); otherwise does nothing."""
+    log = getattr(_local, "host_reads", None)
+    if log is not None and what not in log:
+        log.append(what)
+    if _capturing(torch.device(device)):
+        raise RuntimeError(f"saml_kernels: {what}: a CUDA-graph capture cannot contain this host read "
+                           "(saml_kernels/graphs.py lists what cannot be captured)")
+
+
+@contextlib.contextmanager
+def record_host_reads():
+    """Collects the ``what`` of every :func:`host_read` inside (this thread); yields the list."""
+    prev = getattr(_local, "host_reads", None)
+    _local.host_reads = log = []
+    try:
+        yield log
+    finally:
+        _local.host_reads = prev
+
+
+def capture_blockers(model: nn.Module) -> list[str]:
+    """What in ``model`` cannot be captured, known without running it: every submodule's ``capture_blockers()``
+    (e.g. ``ScenarioEmbedding``: mixed pooling, the triton backend), prefixed with its name. Empty when nothing
+    static blocks a capture (the data can still: see the module docstring)."""
+    found = []
+    for name, m in model.named_modules():
+        f = getattr(m, "capture_blockers", None)
+        if callable(f):
+            found += [f"{name or type(m).__name__}: {why}" for why in f()]
+    return found
 
 
 class CapturedTrainingStep:
@@ -63,6 +121,10 @@ class CapturedTrainingStep:
                                  f"{type(t).__name__ if not isinstance(t, Tensor) else t.device}")
         if warmup < 1:
             raise ValueError(f"CapturedTrainingStep: warmup must be >= 1, got {warmup}")
+        blockers = capture_blockers(model)
+        if blockers:
+            raise ValueError("CapturedTrainingStep: this model cannot be captured in a CUDA graph (host reads of "
+                             "device data, see saml_kernels/graphs.py): " + "; ".join(blockers))
         self.model, self.optimizer = model, optimizer
         self.loss_fn = loss_fn
         self.static_inputs = tuple(t.clone() for t in inputs)
@@ -70,10 +132,13 @@ class CapturedTrainingStep:
         _checks.prepare_capture_safe(device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), _checks.capture_safe_checks():
+        with torch.cuda.stream(side), _checks.capture_safe_checks(), record_host_reads() as reads:
             for _ in range(warmup):
                 self._step()
         torch.cuda.current_stream(device).wait_stream(side)
+        if reads:
+            raise ValueError("CapturedTrainingStep: the warm-up step read device data on the host, which a CUDA "
+                             "graph cannot capture (see saml_kernels/graphs.py): " + "; ".join(reads))
         self.graph = torch.cuda.CUDAGraph()
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)

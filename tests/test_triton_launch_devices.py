@@ -11,6 +11,12 @@ the arguments and runs nothing. Every tensor argument of every recorded launch m
 shows up as ``cpu``. The few host reads of data-dependent sizes in the embedding backward (a sync on a GPU, impossible
 on meta) are stubbed with fixed sizes.
 
+The current device: a Triton launch runs on the *current* CUDA device and its stream, not on its pointers' device,
+so every launcher must make its tensors' device current (``saml_kernels.triton.launch_device``). Checked without a
+GPU by running every case on fake tensors on ``cuda:1`` (``FakeTensorMode``: shapes and devices, no data) while
+``cuda:0`` is current, with ``torch.cuda.device`` replaced by a recorder of the current device (a mock of torch.cuda:
+the real one would initialise CUDA); each recorded launch must see ``cuda:1`` current.
+
 Completeness: the launchers checked must be exactly the public functions each ``saml_kernels.triton`` module defines
 (minus a short, explained list of helpers that launch nothing), and every ``*_kernel`` of a module must be launched by
 some case, so a new launcher or kernel cannot be forgotten. Runs in the normal and the interpreter test runs.
@@ -26,6 +32,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from triton.runtime.jit import KernelInterface  # noqa: E402
 
 import saml_kernels.triton as tpkg  # noqa: E402
@@ -38,10 +45,12 @@ from saml_kernels.triton import scenario_embedding_bag_8bit as seb8  # noqa: E40
 pytestmark = pytest.mark.triton_interp
 
 META = torch.device("meta")
+CUDA1 = torch.device("cuda", 1)
+_ON = {"device": META}  # the device of the cases' inputs (cuda:1 fake tensors in the current-device test)
 
 # Public functions that launch no kernel (pure host-side planning / spec listing), per module.
 NOT_LAUNCHERS = {
-    "mbranch_linear": {"aot_specs", "sort_by_scenario"},
+    "mbranch_linear": {"aot_specs", "sort_by_scenario", "fixed_mm_config", "fixed_wg_config"},
     "mutual_unit": {"aot_specs", "fused_supported"},
     "partitioned_norm": {"aot_specs"},
     "scenario_embedding_bag": {"aot_specs", "pick_config", "sorted_segments", "split_segments", "segment_sizes"},
@@ -109,7 +118,7 @@ def _assert_on(device, launches, outputs=()):
 
 
 def _m(*shape, dtype=torch.float32):
-    return torch.empty(shape, dtype=dtype, device=META)
+    return torch.empty(shape, dtype=dtype, device=_ON["device"])
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -310,3 +319,50 @@ def test_guard_catches_a_cpu_stand_in(launches, monkeypatch):
         launches.clear()
         _seb_forward(monkeypatch)
         _assert_on(META, launches)
+
+
+@pytest.fixture
+def on_cuda1(monkeypatch):
+    """The cases' inputs become fake tensors on cuda:1 while cuda:0 is current; yields the current-device stack
+    that the ``torch.cuda.device`` stand-in maintains (mock: the real one needs a GPU)."""
+    current = [torch.device("cuda", 0)]
+
+    class DeviceContext:
+        def __init__(self, device):
+            self.device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.pop()
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", DeviceContext)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[-1].index)
+    monkeypatch.setattr(seb, "_dummies", {})          # stand-ins made here are fake: never cache them
+    monkeypatch.setitem(_ON, "device", CUDA1)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        yield current
+
+
+@pytest.mark.parametrize("key", sorted(CASES), ids=lambda k: f"{k[0]}.{k[1]}")
+def test_launcher_launches_on_its_tensors_device(key, on_cuda1, monkeypatch):
+    """Every kernel launch of every launcher happens with its tensors' device (cuda:1) current, and gets only
+    cuda:1 tensors; the current device is restored afterwards."""
+    seen = []
+
+    def getitem(self, grid):
+        def record(*args, **kwargs):
+            fn = _base_fn(self)
+            bound = dict(zip(list(getattr(fn, "arg_names", [])), args), **kwargs)
+            seen.append((_kernel_name(self), on_cuda1[-1], bound))
+        return record
+
+    monkeypatch.setattr(KernelInterface, "__getitem__", getitem)
+    outs = CASES[key](monkeypatch)
+    assert seen, "the case launched no kernel (nothing was checked)"
+    wrong = [f"{k} launched while {d} was current" for k, d, _ in seen if d != CUDA1]
+    assert not wrong, "launches not on the tensors' device cuda:1:\n" + "\n".join(wrong)
+    _assert_on(CUDA1, [(k, b) for k, _, b in seen], outs)
+    assert on_cuda1 == [torch.device("cuda", 0)], "the launcher left another device current"

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .. import _backend
 from ..functional import scenario_embedding_bag
+from ..graphs import host_read
 from ..ops import _checks
 from ..ops import embedding_optimizer as _eo
 from ..ops import scenario_embedding_bag as _seb
@@ -480,7 +481,8 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
     def _from_kjt(self, kjt):
         """(values, offsets, weights) of a KeyedJaggedTensor in the layer's feature order, matched by key name as
         TorchRec's EmbeddingBagCollection does (keys the layer has no feature for are ignored). Keys already in
-        the layer's order cost nothing; another order costs one host read of the offsets to cut the values."""
+        the layer's order cost nothing; the layer's keys in another order are reordered on the device (no host
+        read: CUDA-graph capturable); extra keys cost one host read of the offsets to cut the values."""
         variable = getattr(kjt, "variable_stride_per_key", None)
         if callable(variable) and variable():
             raise ValueError("ScenarioEmbedding: variable-batch KeyedJaggedTensors (a stride per key) are not "
@@ -500,13 +502,50 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
                              f"(len(keys) = {K}), got {offsets.numel()}")
         B = (offsets.numel() - 1) // K
         order = [keys.index(n) for n in names]
-        cuts = offsets[torch.arange(K + 1, device=offsets.device) * B].tolist()
         lengths = offsets[1:] - offsets[:-1]
-        pick = lambda t: torch.cat([t[cuts[k]:cuts[k + 1]] for k in order])  # noqa: E731
-        new_lengths = torch.cat([lengths[k * B:(k + 1) * B] for k in order])
+        new_lengths = lengths.view(K, B)[self._key_order(order, offsets.device)].reshape(-1)
         new_offsets = torch.zeros(len(names) * B + 1, dtype=offsets.dtype, device=offsets.device)
         torch.cumsum(new_lengths, 0, out=new_offsets[1:])
+        if K == len(names):  # a permutation of the layer's keys: same entries, gathered on the device
+            src = self._permuted_entries(offsets, new_offsets, order, B, values.numel())
+            return values[src], new_offsets, (weights[src] if weights is not None else None)
+        host_read(f"ScenarioEmbedding: a KeyedJaggedTensor with keys the layer has no feature for "
+                  f"({sorted(set(keys) - set(names))}) is cut by a host read of its offsets; pass only the "
+                  f"layer's keys", offsets.device)
+        cuts = offsets[torch.arange(K + 1, device=offsets.device) * B].tolist()
+        pick = lambda t: torch.cat([t[cuts[k]:cuts[k + 1]] for k in order])  # noqa: E731
         return pick(values), new_offsets, (pick(weights) if weights is not None else None)
+
+    def _key_order(self, order: list, device) -> Tensor:
+        """``order`` (the KJT key index of each layer feature) as an int64 tensor on ``device``, cached per order
+        and device. Built by scalar fills (kernels with the value as an argument), not a host-to-device copy, so
+        it is capture-safe too."""
+        cache = self.__dict__.setdefault("_key_orders", {})
+        key = (tuple(order), _checks.device_key(device))
+        t = cache.get(key)
+        if t is None:
+            t = torch.empty(len(order), dtype=torch.int64, device=device)
+            for i, k in enumerate(order):
+                t.narrow(0, i, 1).fill_(k)
+            cache[key] = t
+        return t
+
+    def _permuted_entries(self, offsets, new_offsets, order, B: int, nnz: int) -> Tensor:
+        """int64 [nnz]: the source entry of every entry of the reordered values, all on the device. Entry p lies in
+        new bag j = (layer feature f, sample b) (a search in the new offsets); its source is the same position in
+        bag (order[f], b) of the KJT. Clamped into range, so malformed offsets read no entry out of bounds (the
+        op's offsets check then reports them)."""
+        if nnz == 0 or new_offsets.numel() <= 1:
+            return torch.zeros(0, dtype=torch.int64, device=offsets.device)
+        dev = offsets.device
+        off = offsets.long()
+        new_off = new_offsets.long()
+        nb = new_off.numel() - 1
+        pos = torch.arange(nnz, device=dev)
+        bag = torch.searchsorted(new_off[1:], pos, right=True).clamp_(max=nb - 1)
+        src_bag = (self._key_order(order, dev)[:, None] * B + torch.arange(B, device=dev)).reshape(-1)
+        src = off[src_bag[bag]] + (pos - new_off[bag])
+        return src.clamp_(0, nnz - 1)
 
     def _runs_inputs(self, indices, offsets, per_sample_weights):
         """One (indices, offsets, psw, feature range, pooling) per pooling run; slices need one host sync."""
@@ -519,6 +558,8 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
             raise ValueError(f"ScenarioEmbedding: offsets must have F*B + 1 entries with F = {F} features, got "
                              f"{offsets.numel()}")
         B = (offsets.numel() - 1) // F
+        host_read("ScenarioEmbedding with mixed pooling: its runs of features are cut by a host read of the "
+                  "offsets; use one pooling per layer", offsets.device)
         cuts = offsets[[a * B for a, _, _ in self._runs] + [F * B]].tolist()
         # the per-run slices re-base the offsets, so the ends are checked here (the op checks each run's inside)
         if cuts[0] != 0:
@@ -535,6 +576,24 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
             w = per_sample_weights[lo:hi] if per_sample_weights is not None else None
             out.append((indices[lo:hi], offsets[a * B:b * B + 1] - lo, w, a, b, pooling))
         return out
+
+    def capture_blockers(self) -> list[str]:
+        """What keeps this layer's training step out of a CUDA graph whatever the data (``graphs.capture_blockers``):
+        mixed pooling (the runs are cut by a host read of the offsets) and, when the tables train, the triton
+        backend (its backward reads segment sizes on the host)."""
+        found = []
+        if len(self._runs) > 1:
+            found.append(f"mixed pooling {[p for _, _, p in self._runs]}: the runs of features are cut by a host "
+                         "read of the offsets; use one pooling per layer")
+        if self.global_weight.requires_grad or self.scenario_weight.requires_grad:
+            try:
+                be = _backend.resolve(_seb.OP, self.global_weight.device.type, self.backend)
+            except _backend.BackendUnavailableError:
+                be = None
+            if be == "triton":
+                found.append("the triton embedding backward reads its segment sizes on the host; use the cuda "
+                             "backend")
+        return found
 
     def forward(self, indices, offsets=None, scenario: Optional[Tensor] = None,
                 per_sample_weights: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:

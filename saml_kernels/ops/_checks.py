@@ -138,28 +138,64 @@ def _kind(what: str) -> int:
     return _KINDS.index(what)
 
 
-def _counters(device: torch.device) -> torch.Tensor:
-    key = torch.device(device)
+def device_key(device) -> torch.device:
+    """The canonical ``torch.device`` of ``device`` (a str, ``torch.device`` or int as torch accepts), the key of
+    every per-device state here: what ``tensor.device`` reports for a tensor created on ``device``.
+
+    ``torch.device("cuda") != torch.device("cuda:0")``, while every CUDA tensor reports an indexed device, so an
+    unindexed accelerator device gets the index of its type's current device ("cuda" -> "cuda:<current>"; a type
+    with no ``torch.<type>.current_device`` gets 0, as its tensors report). ``cpu`` and ``meta`` tensors report no
+    index, so "cpu:0" -> "cpu"."""
+    d = device if isinstance(device, torch.device) else torch.device(device)
+    if d.type in ("cpu", "meta"):
+        return torch.device(d.type) if d.index is not None else d
+    if d.index is not None:
+        return d
+    current = getattr(getattr(torch, d.type, None), "current_device", None)
+    return torch.device(d.type, int(current()) if current is not None else 0)
+
+
+def _new_counters(key: torch.device) -> torch.Tensor:
+    return torch.zeros(_MAX_KINDS, dtype=torch.int64, device=key)
+
+
+def _capturing(key: torch.device) -> bool:
+    """Whether a CUDA-graph capture is under way on the current stream (a capture records the current device's
+    current stream, so an allocation on ``key`` then would be recorded)."""
+    return key.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _counters(device) -> torch.Tensor:
+    key = device_key(device)
     c = _COUNTERS.get(key)
     if c is None:
+        # Allocated inside a capture, the zero-fill would be recorded into the graph and reset the counters at
+        # every replay: the counters must exist before the capture begins.
+        if _capturing(key):
+            raise RuntimeError(f"saml_kernels: the capture-safe error counters of {key} were first needed inside a "
+                               f"CUDA-graph capture; call saml_kernels.prepare_capture_safe({str(key)!r}) before "
+                               "capturing (CapturedTrainingStep does it for its inputs' device)")
         # preallocated (kinds are few), so the first error under graph capture needs no new allocation
-        c = _COUNTERS[key] = torch.zeros(_MAX_KINDS, dtype=torch.int64, device=key)
+        c = _COUNTERS[key] = _new_counters(key)
     return c
 
 
 def prepare_capture_safe(device) -> None:
-    """Allocate the error counters of ``device`` before a CUDA-graph capture (an allocation inside is avoided)."""
+    """Allocate the error counters of ``device`` before a CUDA-graph capture (an allocation inside is refused).
+    ``"cuda"`` means the current CUDA device (:func:`device_key`)."""
     _counters(device)
 
 
 def error_counts(device=None) -> dict:
     """{kind: int64 0-dim device tensor} of the capture-safe mode's counters (reading a value syncs). Each counts
-    the failing check *calls* of its kind (an op call with three bad ids adds 1), not the bad entries."""
+    the failing check *calls* of its kind (an op call with three bad ids adds 1), not the bad entries. ``device``
+    None: every device's, keyed ``"<device>: <kind>"``; ``"cuda"`` means the current CUDA device."""
     out = {}
+    want = device_key(device) if device is not None else None
     for dev, c in _COUNTERS.items():
-        if device is None or dev == torch.device(device):
+        if want is None or dev == want:
             for i, what in enumerate(_KINDS):
-                out[what if device is not None else f"{dev}: {what}"] = c[i]
+                out[what if want is not None else f"{dev}: {what}"] = c[i]
     return out
 
 
@@ -178,7 +214,7 @@ def step_errors(device):
     if st is not None or check_mode() != "capture_safe" or device is None:
         yield
         return
-    _local.step = {torch.device(device): error_total(device).clone()}
+    _local.step = {device_key(device): error_total(device).clone()}
     try:
         yield
     finally:
@@ -190,7 +226,7 @@ def errors_before(device) -> Optional[torch.Tensor]:
     the enclosing :func:`step_errors` block's (so every layer of a model's step shares one), or a fresh one."""
     if check_mode() != "capture_safe":
         return None
-    device = torch.device(device)
+    device = device_key(device)
     st = getattr(_local, "step", None)
     if st is not None and device in st:
         return st[device]

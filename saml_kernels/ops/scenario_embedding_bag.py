@@ -304,8 +304,8 @@ def table_layout(feature_rows, feature_scenario_rows, num_rows: int, num_scenari
                              f"gives it {gs} global rows; an aware feature's scenario range must have its global size")
     if torch.compiler.is_compiling() or _tracing_with_fake_tensors():
         # a trace (torch.compile, torch.export) makes fake tensors here: never cache them for later eager calls
-        return _layout_cached.__wrapped__(fr, fsr, torch.device(device))
-    return _layout_cached(fr, fsr, torch.device(device))
+        return _layout_cached.__wrapped__(fr, fsr, _checks.device_key(device))
+    return _layout_cached(fr, fsr, _checks.device_key(device))  # "cuda" = the current device, cached as such
 
 
 def _tracing_with_fake_tensors() -> bool:

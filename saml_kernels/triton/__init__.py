@@ -21,11 +21,75 @@ and compiles every spec for sm_80 and sm_90 with :func:`compile_spec`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from typing import Any, Callable
 
 __all__ = ["AotSpec", "compile_spec", "kernel_signature", "torch_to_triton_ptr", "torch_allows_tf32",
-           "dot_input_precision"]
+           "dot_input_precision", "launch_device", "on_tensor_device", "launch_config", "launch"]
+
+
+# ------------------------------------------------------------------------------------------------ launching
+
+def launch_device(t):
+    """Context in which a Triton launch for tensor ``t`` must run: ``t``'s CUDA device made current.
+
+    A Triton launch runs on the *current* device and its current stream, whatever device the pointers belong to,
+    so tensors on cuda:1 launched while cuda:0 is current fault (or run on the wrong stream). A no-op for CPU
+    tensors (the interpreter) and when ``t``'s device is already current."""
+    import torch
+
+    if t is not None and t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def on_tensor_device(fn):
+    """Decorator of every public Triton launcher: runs ``fn`` inside :func:`launch_device` of its first tensor
+    argument (every tensor of one launcher call shares a device: the ops check it)."""
+    import torch
+
+    @functools.wraps(fn)
+    def launcher(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        with launch_device(first):
+            return fn(*args, **kwargs)
+
+    return launcher
+
+
+def launch_config(interp, fixed):
+    """The ``triton.Config`` a launch uses instead of autotuning, or None to autotune (time every config once per
+    autotune key and keep the fastest).
+
+    - under ``TRITON_INTERPRET=1``: ``interp`` (tiny blocks; the CPU interpreter is slow per element);
+    - under ``torch.use_deterministic_algorithms(True)``: ``fixed`` (a config chosen from the shapes alone by the
+      caller). Autotuning picks by timing, and block sizes change the order of the float reductions (BLOCK_K
+      splits K), so two processes could pick different configs and differ in the last bits; with a fixed config
+      the result is a function of the inputs (the kernels use no atomics);
+    - otherwise None."""
+    import torch
+
+    from .. import _backend
+
+    if _backend.triton_interpret():
+        return interp
+    if torch.are_deterministic_algorithms_enabled():
+        return fixed
+    return None
+
+
+def launch(tuned, plain, grid, args, kw, *, interp, fixed) -> None:
+    """Launches ``plain`` (the ``@triton.jit`` kernel) with the config of :func:`launch_config`, or its autotuner
+    ``tuned`` when that is None. ``grid``: a tuple or a function of the config's meta-parameters."""
+    cfg = launch_config(interp, fixed)
+    if cfg is None:
+        tuned[grid](*args, **kw)
+        return
+    meta = dict(cfg.kwargs)
+    plain[grid(meta) if callable(grid) else grid](*args, **kw, **meta, num_warps=cfg.num_warps,
+                                                  num_stages=cfg.num_stages)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,10 @@ Grouped GEMM for unsorted rows, with no host synchronisation:
    applies bias and activation in the epilogue before scattering the rows back.
 The weight gradient is deterministic: one program per (scenario, K tile, N tile) output tile loops over that
 scenario's rows (gathered through ``perm``) and owns its tile; no atomics.
+
+Block sizes: autotuned (timed once per key: N, K, K2 and the dtypes), with separate autotuners for the forward and
+for dx / daux (W read transposed); under ``torch.use_deterministic_algorithms(True)`` nothing is timed and
+:func:`fixed_mm_config` / :func:`fixed_wg_config` choose from the shapes (``saml_kernels.triton.launch_config``).
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ import triton.language as tl
 from .. import _backend
 from .._codes import ACTIVATIONS, LEAKY_RELU_SLOPE
 from ..ops._activation import NEEDS_PREACTIVATION as _NEEDS_Z
-from . import AotSpec, dot_input_precision, kernel_signature
+from . import AotSpec, dot_input_precision, kernel_signature, launch, on_tensor_device
 
 __all__ = ["grouped_forward", "all_forward", "grouped_backward", "aot_specs", "KERNELS"]
 
@@ -254,18 +258,27 @@ def _wg_cfg(c):
     return triton.Config({"BLOCK_K": c[0], "BLOCK_N": c[1], "BLOCK_R": c[2]}, num_warps=c[3], num_stages=c[4])
 
 
+def fixed_mm_config(N: int, K: int) -> tuple:
+    """The grouped / all-branch GEMM config under deterministic algorithms (no timing): a function of the output
+    width N and the reduction length K only, the shapes of the autotune key. 128-row tiles; 128 columns when the
+    output is wider than 64, else 64 (a narrower tile wastes no lanes on padding). A choice from the autotuned
+    list, not a measured optimum (no device run has timed it)."""
+    return _MM_CONFIGS[0] if N > 64 else _MM_CONFIGS[1]
+
+
+def fixed_wg_config(K: int, N: int) -> tuple:
+    """The weight-gradient config under deterministic algorithms: 128-wide K / N tiles where the weight has at
+    least 128 rows / columns, else 64, from the autotuned list (not a measured optimum)."""
+    want = (128 if K >= 128 else 64, 128 if N >= 128 else 64)
+    return next(c for c in _WG_CONFIGS if c[:2] == want)
+
+
+# Separate autotuners (so separate caches) for the forward and for dx / daux: the dx GEMM of one layer can have
+# the forward's key (N, K, K2, dtypes) of another while it reads W transposed (other strides, another best tile).
 _grouped_mm_tuned = triton.autotune([_mm_cfg(c) for c in _MM_CONFIGS], key=["N", "K", "K2"])(_grouped_mm_kernel)
+_grouped_dx_tuned = triton.autotune([_mm_cfg(c) for c in _MM_CONFIGS], key=["N", "K", "K2"])(_grouped_mm_kernel)
 _all_mm_tuned = triton.autotune([_mm_cfg(c) for c in _MM_CONFIGS], key=["M", "N", "K", "K2"])(_all_mm_kernel)
 _wgrad_tuned = triton.autotune([_wg_cfg(c) for c in _WG_CONFIGS], key=["K", "N"])(_grouped_wgrad_kernel)
-
-
-def _launch(tuned, plain, interp_cfg, names, grid, *args, **kw):
-    """Autotuned launch on a GPU; the fixed tiny configuration under the interpreter."""
-    if _backend.triton_interpret():
-        meta = dict(zip(names, interp_cfg[:3]))
-        plain[grid(meta)](*args, **kw, **meta, num_warps=interp_cfg[3], num_stages=interp_cfg[4])
-    else:
-        tuned[grid](*args, **kw)
 
 
 def _pow2(n: int) -> int:
@@ -287,10 +300,11 @@ def _zsize(activation: int) -> bool:
     return activation in _NEEDS_Z
 
 
-def _grouped_mm(a, w, bias, a2, w2, perm, seg, y, z, activation, w_k_dim=1, w_n_dim=2):
+def _grouped_mm(a, w, bias, a2, w2, perm, seg, y, z, activation, w_k_dim=1, w_n_dim=2, tuned=_grouped_mm_tuned):
     """Launches _grouped_mm_kernel: y[r] = act(a[r] @ w[s_r] (+ a2[r] @ w2[s_r]) (+ bias[s_r])).
 
-    ``w_k_dim``/``w_n_dim`` pick which weight dimension is reduced, so W^T is a stride swap (backward)."""
+    ``w_k_dim``/``w_n_dim`` pick which weight dimension is reduced, so W^T is a stride swap (backward, which
+    passes its own autotuner ``tuned``)."""
     M = w.shape[0]
     B, K = a.shape
     N = y.shape[1]
@@ -302,18 +316,20 @@ def _grouped_mm(a, w, bias, a2, w2, perm, seg, y, z, activation, w_k_dim=1, w_n_
     z_ = z if z is not None else dummy
     w2s = (w2.stride(0), w2.stride(w_k_dim), w2.stride(w_n_dim)) if w2 is not None else (0, 0, 0)
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_M"]) + M, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    _launch(_grouped_mm_tuned, _grouped_mm_kernel, _INTERP_MM, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), grid,
-            a, w, b_, a2_, w2_, y, z_, perm, seg, M, N, K, K2,
+    launch(tuned, _grouped_mm_kernel, grid,
+           (a, w, b_, a2_, w2_, y, z_, perm, seg, M, N, K, K2,
             a.stride(0), a.stride(1), w.stride(0), w.stride(w_k_dim), w.stride(w_n_dim),
             bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
             a2.stride(0) if a2 is not None else 0, a2.stride(1) if a2 is not None else 0, *w2s,
-            y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, HAS_AUX=a2 is not None, ACT=activation, STORE_Z=z is not None,
-            MP=_pow2(max(M, 2)), PREC=dot_input_precision(a.dtype))
+            y.stride(0), y.stride(1)),
+           dict(HAS_BIAS=bias is not None, HAS_AUX=a2 is not None, ACT=activation, STORE_Z=z is not None,
+                MP=_pow2(max(M, 2)), PREC=dot_input_precision(a.dtype)),
+           interp=_mm_cfg(_INTERP_MM), fixed=_mm_cfg(fixed_mm_config(N, K)))
 
 
 # ------------------------------------------------------------------------------------------------ launchers
 
+@on_tensor_device
 def grouped_forward(x, weight, bias, aux, aux_weight, scenario, activation: int):
     """Own route: y[b] = act(x[b] W[s_b] + aux[b] Wa[s_b] + bias[s_b]) for rows in any order.
 
@@ -329,6 +345,7 @@ def grouped_forward(x, weight, bias, aux, aux_weight, scenario, activation: int)
     return y, (z if z is not None else x.new_empty(0))
 
 
+@on_tensor_device
 def all_forward(x, weight, bias, aux, aux_weight, activation: int):
     """All route: y[m, b] = act(x[b] W[m] + aux[b] Wa[m] + bias[m]); x [B,K] shared or [M,B,K] per branch.
 
@@ -353,15 +370,16 @@ def all_forward(x, weight, bias, aux, aux_weight, activation: int):
         xs = (x.stride(0), x.stride(1), x.stride(2)) if per_branch else (0, x.stride(0), x.stride(1))
         w2s = (aux_weight.stride(0), aux_weight.stride(1), aux_weight.stride(2)) if aux is not None else (0, 0, 0)
         grid = lambda meta: (triton.cdiv(B, meta["BLOCK_M"]) * M * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _launch(_all_mm_tuned, _all_mm_kernel, _INTERP_MM, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), grid,
-                x, weight, bias if bias is not None else dummy, aux if aux is not None else dummy,
+        launch(_all_mm_tuned, _all_mm_kernel, grid,
+               (x, weight, bias if bias is not None else dummy, aux if aux is not None else dummy,
                 aux_weight if aux is not None else dummy, y, z if z is not None else dummy,
                 M, B, N, K, K2, *xs, weight.stride(0), weight.stride(1), weight.stride(2),
                 bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
                 aux.stride(0) if aux is not None else 0, aux.stride(1) if aux is not None else 0, *w2s,
-                y.stride(0), y.stride(1), y.stride(2),
-                HAS_BIAS=bias is not None, HAS_AUX=aux is not None, ACT=activation, STORE_Z=z is not None,
-                PREC=dot_input_precision(x.dtype))
+                y.stride(0), y.stride(1), y.stride(2)),
+               dict(HAS_BIAS=bias is not None, HAS_AUX=aux is not None, ACT=activation, STORE_Z=z is not None,
+                    PREC=dot_input_precision(x.dtype)),
+               interp=_mm_cfg(_INTERP_MM), fixed=_mm_cfg(fixed_mm_config(N, K)))
     return y, (z if z is not None else x.new_empty(0))
 
 
@@ -369,13 +387,15 @@ def _wgrad(a, dz, perm, seg, dw, db):
     """dw[m] = A_m^T dZ_m (db[m] = column sums of dZ_m) for every m, deterministic."""
     M, K, N = dw.shape
     grid = lambda meta: (M, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    _launch(_wgrad_tuned, _grouped_wgrad_kernel, _INTERP_WG, ("BLOCK_K", "BLOCK_N", "BLOCK_R"), grid,
-            a, dz, dw, db if db is not None else dw, perm, seg, K, N,
+    launch(_wgrad_tuned, _grouped_wgrad_kernel, grid,
+           (a, dz, dw, db if db is not None else dw, perm, seg, K, N,
             a.stride(0), a.stride(1), dz.stride(0), dz.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-            db.stride(0) if db is not None else 0, db.stride(1) if db is not None else 0,
-            HAS_DB=db is not None, PREC=dot_input_precision(a.dtype))
+            db.stride(0) if db is not None else 0, db.stride(1) if db is not None else 0),
+           dict(HAS_DB=db is not None, PREC=dot_input_precision(a.dtype)),
+           interp=_wg_cfg(_INTERP_WG), fixed=_wg_cfg(fixed_wg_config(K, N)))
 
 
+@on_tensor_device
 def grouped_backward(dz, x, weight, aux, aux_weight, scenario, need_dx: bool, need_dweight: bool,
                      need_dbias: bool, need_daux: bool, need_daux_weight: bool):
     """Backward of the own route given dz = dL/dz [B,N] (activation already differentiated by the caller).
@@ -405,9 +425,11 @@ def grouped_backward(dz, x, weight, aux, aux_weight, scenario, need_dx: bool, ne
     else:
         perm, seg = sort_by_scenario(scenario, M)
         if dx is not None and K > 0:
-            _grouped_mm(dz, weight, None, None, None, perm, seg, dx, None, ACT_NONE, w_k_dim=2, w_n_dim=1)
+            _grouped_mm(dz, weight, None, None, None, perm, seg, dx, None, ACT_NONE, w_k_dim=2, w_n_dim=1,
+                        tuned=_grouped_dx_tuned)
         if daux is not None and aux.shape[1] > 0:
-            _grouped_mm(dz, aux_weight, None, None, None, perm, seg, daux, None, ACT_NONE, w_k_dim=2, w_n_dim=1)
+            _grouped_mm(dz, aux_weight, None, None, None, perm, seg, daux, None, ACT_NONE, w_k_dim=2, w_n_dim=1,
+                        tuned=_grouped_dx_tuned)
         if dw is not None or db is not None:
             if dw is not None and K > 0:
                 _wgrad(x, dz, perm, seg, dw, db)

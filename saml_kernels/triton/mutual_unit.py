@@ -52,7 +52,7 @@ import triton.language as tl
 from .. import _backend
 from .._codes import SIMILARITIES
 from ..ops._activation import activation_backward, needs_preactivation
-from . import AotSpec, dot_input_precision, kernel_signature
+from . import AotSpec, dot_input_precision, kernel_signature, launch, on_tensor_device
 from .mbranch_linear import _GELU, _LEAKY, _RELU, _SILU, _SLOPE, ACT_GELU, _activate, _mm_rows, _pow2, all_forward
 
 __all__ = ["mutual_forward", "mutual_backward", "mutual_linear_forward", "mutual_linear_backward", "fused_supported",
@@ -418,6 +418,7 @@ def _mix_blocks(M: int, N: int):
     return MP, BB, BN, 4
 
 
+@on_tensor_device
 def mutual_forward(h, scenario, temperature: float, similarity: int):
     """(out [B,N] h.dtype, attn [B,M] float32) of the mutual unit on h [M,B,N]; see the module docstring."""
     M, B, N = h.shape
@@ -433,6 +434,7 @@ def mutual_forward(h, scenario, temperature: float, similarity: int):
     return out, attn
 
 
+@on_tensor_device
 def mutual_backward(grad_out, h, scenario, attn, temperature: float, similarity: int):
     """dh_own [B,N] (h.dtype): gradient w.r.t. own = h[s_b, b], the other branches held constant."""
     M, B, N = h.shape
@@ -490,13 +492,17 @@ def _linear_args(x, weight, bias, aux, aux_weight, dummy):
     return ptrs, strides
 
 
+# Under deterministic algorithms (no timing, see saml_kernels.triton.launch_config): the first config, the one
+# without spills for every (M, N) the fused path takes (a choice, not a measured optimum).
+FIXED_FUSED_CONFIG = _FUSED_CONFIGS[0]
+_INTERP_FUSED = (16, 1, 1)
+
+
 def _launch_fused(plain, tuned, grid, args, kw):
-    if _backend.triton_interpret():
-        plain[grid](*args, **kw, BLOCK_K=16, num_warps=1)
-    else:
-        tuned[grid](*args, **kw)
+    launch(tuned, plain, grid, args, kw, interp=_cfg(_INTERP_FUSED), fixed=_cfg(FIXED_FUSED_CONFIG))
 
 
+@on_tensor_device
 def mutual_linear_forward(x, weight, bias, aux, aux_weight, scenario, activation: int, temperature: float,
                           similarity: int):
     """(out [B,N] x.dtype, attn [B,M] float32) = mutual_unit(act(x W_m + aux Wa_m + bias_m) for all m).
@@ -522,6 +528,7 @@ def mutual_linear_forward(x, weight, bias, aux, aux_weight, scenario, activation
     return out, attn
 
 
+@on_tensor_device
 def mutual_linear_backward(grad_out, x, weight, bias, aux, aux_weight, scenario, attn, activation: int,
                            temperature: float, similarity: int):
     """dz_own [B,N] (x.dtype) = dL/dz[s_b, b] of mutual_linear, recomputing h (never stored) from x.

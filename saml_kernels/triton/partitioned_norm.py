@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import AotSpec
+from . import AotSpec, on_tensor_device
 
 __all__ = ["pn_stats", "pn_forward", "pn_backward", "aot_specs"]
 
@@ -128,6 +128,7 @@ def _counts(scenario, M: int) -> torch.Tensor:
     return c.index_add_(0, scenario.long(), torch.ones_like(scenario, dtype=torch.int64))
 
 
+@on_tensor_device
 def pn_stats(x, scenario, num_scenarios: int):
     """(mean, biased var [M, N] acc, count [M] int64) of the rows of each scenario; 0 where a scenario has none."""
     M = num_scenarios
@@ -151,11 +152,13 @@ def _rows(mode: int, x, g, scenario, mean, rstd, scale, shift, ds, dh, inv_n, ou
     return out
 
 
+@on_tensor_device
 def pn_forward(x, scenario, mean, rstd, scale, shift):
     """y [B, N] = (x - mean[s]) rstd[s] scale[s] + shift[s] in x's dtype."""
     return _rows(APPLY, x, x, scenario, mean, rstd, scale, shift, mean, mean, mean, torch.empty_like(x))
 
 
+@on_tensor_device
 def pn_backward(dy, x, scenario, mean, rstd, scale, count, batch_stats: bool):
     """(dx [B, N], dscale, dshift [M, N] in scale's dtype)."""
     M = scale.shape[0]

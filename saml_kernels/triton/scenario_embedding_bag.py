@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from .._codes import POOLING
-from . import AotSpec, kernel_signature, torch_to_triton_ptr
+from ..graphs import host_read
+from . import AotSpec, kernel_signature, launch_device, torch_to_triton_ptr
 
 SUM, MEAN, NONE = POOLING["sum"], POOLING["mean"], POOLING["none"]
 # The same codes as constexprs for the jit functions (a jit function reads only constexpr globals).
@@ -309,17 +310,8 @@ def _acc_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _grid_device(t):
-    """Launch on the tensors' device (matters with several GPUs)."""
-    return torch.cuda.device(t.device) if t.is_cuda else _NullCtx()
-
-
-class _NullCtx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+# Launch on the tensors' device (the helper every Triton launcher uses; matters with several GPUs).
+_grid_device = launch_device
 
 
 def forward(indices, offsets, scenario, global_weight, scenario_weight, feature_rows, feature_scenario_rows,
@@ -380,6 +372,7 @@ def sorted_segments(keys: torch.Tensor):
 def segment_sizes(uniq: torch.Tensor, seg: torch.Tensor, n_global: int, n_rows: int):
     """(ng, nall, longest) as Python ints, in ONE host read: the number of unique global rows (keys < n_global),
     of global + scenario rows (keys < n_rows; the rest is the sentinel) and the longest real segment."""
+    host_read("the triton embedding backward reads its segment sizes on the host; use the cuda backend", uniq.device)
     counts = seg[1:] - seg[:-1]
     limit = torch.tensor([n_global, n_rows], dtype=torch.int64, device=uniq.device)
     longest = torch.where(uniq < limit[1], counts, 0).max().reshape(1) if uniq.numel() else limit[:1] * 0
