@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._codes import POOLING
-from . import AotSpec, kernel_signature, torch_to_triton_ptr
+from . import AotSpec, kernel_signature, launch_device, torch_to_triton_ptr
 from .scenario_embedding_bag import CONFIGS, pick_config
 
 SUM, MEAN, NONE = POOLING["sum"], POOLING["mean"], POOLING["none"]
@@ -157,7 +157,7 @@ def forward(indices, offsets, scenario, global_packed, scenario_packed, feature_
         return gout.zero_(), sout, bad
     cfg = pick_config(D)
     grid = (triton.cdiv(nbags, cfg.block_b), triton.cdiv(D, cfg.block_d))
-    with torch.cuda.device(dev) if indices.is_cuda else _Null():  # launch on the tensors' device
+    with launch_device(indices):  # launch on the tensors' device, not the current one
         _seb8_fwd_kernel[grid](
             indices, offsets, scenario, _stand_in(global_packed, dev, torch.uint8),
             _stand_in(scenario_packed, dev, torch.uint8), feature_rows, feature_scenario_rows, aware_slot,
@@ -166,14 +166,6 @@ def forward(indices, offsets, scenario, global_packed, scenario_packed, feature_
             POOL=int(pooling), HAS_PSW=psw is not None, HAS_AWARE=Fs > 0, CHECK=bool(check),
             BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return gout, sout, bad
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def aot_specs() -> list:
