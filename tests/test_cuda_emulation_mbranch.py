@@ -97,3 +97,19 @@ def test_grouped_forward_leaky_without_z(emu):
     y2, _ = C.mbl_grouped_forward(up(x), up(w), None, None, None, s, LEAKY)
     assert z.numel() == 0
     assert_close(y, y2, torch.float32, "y")
+
+
+def test_int64_weight_stride(emu, tmp_path):
+    """weight [M, K, N] whose branch stride is past 2^31 elements (a sparse file): m * stride needs 64 bits, in the
+    forward (row_gemm_kernel) and dx (transposed operand) / dW (wgrad_kernel writes a contiguous dW)."""
+    from cuda_emu.harness import far_strided_copy
+
+    x, w, b, _, _, s = inputs(20, 3, 9, 11, 0, torch.float32, empty_scenario=False)
+    far = far_strided_copy(w, tmp_path / "w.bin")
+    y, z = emu.mbl_grouped_forward(x, far, b, None, None, s, GELU)
+    y2, z2 = C.mbl_grouped_forward(up(x), up(w), up(b), None, None, s, GELU)
+    assert_close(y, y2, torch.float32, "y")
+    dz = torch.randn(20, 11)
+    got = emu.mbl_grouped_backward(dz, x, far, None, None, s, True, False, False, False, False)
+    ref = C.mbl_grouped_backward(up(dz), up(x), up(w), None, None, s, True, False, False, False, False)
+    assert_close(got[0], ref[0], torch.float32, "dx")

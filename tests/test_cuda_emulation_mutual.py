@@ -91,3 +91,18 @@ def test_mutual_linear_n0(emu, monkeypatch, dtype, engine):
     assert out.shape == (5, 0) and attn.shape == (5, 2)
     dz = emu.mutual_linear_backward(torch.zeros(5, 0, dtype=dtype), x, w, None, None, None, s, attn, 3, 1.0, COS)
     assert dz.shape == (5, 0)
+
+
+def test_int64_branch_stride(emu, tmp_path):
+    """h [M, B, N] whose branch stride is past 2^31 elements (a sparse file): m * stride needs 64 bits."""
+    from cuda_emu.harness import far_strided_copy
+
+    h = rnd(3, 5, 7)
+    far = far_strided_copy(h, tmp_path / "h.bin")
+    s = torch.tensor([0, 2, 1, 1, 0])
+    out, attn = emu.mutual_forward(far, s, 0.9, COS)
+    out2, attn2 = C.mutual_forward(up(h), s, 0.9, COS)
+    assert_close(out, out2, torch.float32, "out")
+    d = emu.mutual_backward(torch.ones(5, 7), far, s, attn, 0.9, COS)
+    assert_close(d, C.mutual_backward(torch.ones(5, 7, dtype=torch.float64), up(h), s, attn2.float(), 0.9, COS),
+                 torch.float32, "d_own", 4.0)

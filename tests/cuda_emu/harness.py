@@ -53,3 +53,20 @@ def assert_close(got, ref, dtype, what, scale=1.0):
     assert not bool(nan.any()), f"{what}: NaN at {nan.nonzero()[:5].tolist()} (an unwritten, poisoned element?)"
     torch.testing.assert_close(g, ref.double(), atol=tol["atol"] * scale, rtol=tol["rtol"] * scale, equal_nan=True,
                                msg=lambda m: f"{what} ({dtype}): {m}")
+
+
+def sparse_file_tensor(path, numel, dtype=torch.float32):
+    """A 1-D tensor of ``numel`` elements backed by a sparse file (only touched pages take memory or disk): a view
+    of it with a stride past 2^31 elements tests int64 addressing without allocating 8 GB."""
+    with open(path, "wb") as fh:
+        fh.truncate(numel * torch.tensor([], dtype=dtype).element_size())
+    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
+
+
+def far_strided_copy(t, path, gap=(1 << 31) + 64):
+    """``t`` [A, ...] copied into a view whose dim-0 stride is ``gap`` elements (> 2^31) over a sparse file."""
+    inner = t[0].numel()
+    base = sparse_file_tensor(path, gap * (t.shape[0] - 1) + inner, t.dtype)
+    v = base.as_strided(t.shape, (gap,) + tuple(t[0].stride()) if t.dim() > 1 else (gap,))
+    v.copy_(t)
+    return v
