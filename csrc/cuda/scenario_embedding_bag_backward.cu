@@ -355,7 +355,7 @@ void launch_segments(const Args& a, const Sorted& s, const at::Tensor& out, cons
 //   (a segment is cut at multiples of kPiece, so a hot row is many runs; r < nrun).
 // Level 1 sums every run into part[r] (acc_t); level 2 gives every segment the ordered sum of its runs and applies
 // the mode. Both orders are fixed (bitwise repeatable); no float atomics; the grids are sized by n2, and groups
-// past the device-side counts exit. Mirrored in Python by tests/test_cuda_seb_schedule.py.
+// past the device-side counts exit. Run on the CPU by tests/test_cuda_emulation_seb.py.
 struct Schedule {
   at::Tensor uniq;       // [n2] key of segment u
   at::Tensor seg_run;    // [n2 + 1] segment u = runs [seg_run[u], seg_run[u + 1])
