@@ -24,6 +24,9 @@ import sys
 
 AOT_FILE = "test_gpu_compile.py"  # ahead-of-time Triton/nvcc compiles: CPU minutes, no GPU (CI runs them)
 SELF_FILES = ("test_gpu_check_dry_run.py",)  # gpu_check.sh's own dry-run tests: CPU, and they run the script
+# The CPU emulation of the CUDA kernels (g++ builds of minutes, no GPU involved): CI's job, never the device's.
+EMULATION_FILES = ("test_cuda_sync_free.py",)
+EMULATION_PREFIX = "test_cuda_emulation"
 # a device literal, .cuda(), or the torch.cuda API in a test's own code
 _CUDA_SRC = re.compile(r"""["']cuda(:\d+)?["']|\.cuda\(|torch\.cuda\.""")
 _DEVICE_KINDS = ("cpu", "cuda", "meta")
@@ -38,7 +41,7 @@ def touches_gpu(item) -> bool:
     a skipif whose reason names CUDA / a GPU; else a device literal / torch.cuda in the test function's source."""
     fname = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
     name = (getattr(item, "originalname", None) or item.name).lower()
-    if fname in SELF_FILES:
+    if fname in SELF_FILES or fname in EMULATION_FILES or fname.startswith(EMULATION_PREFIX):
         return False
     if fname == AOT_FILE:
         return "cuda" in item.name

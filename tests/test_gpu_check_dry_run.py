@@ -260,6 +260,9 @@ def test_test_selection_rules():
     assert not sel(_Item("tests/test_gpu_compile.py::test_aot_triton_sm90", fn=_on_device))
     assert sel(_Item("tests/test_gpu_compile.py::test_cuda_extension_links", fn=_plain))
     assert not sel(_Item("tests/test_gpu_check_dry_run.py::test_x", fn=_on_device))
+    # the CPU emulation of the CUDA kernels never goes to the device, whatever its tests are named
+    assert not sel(_Item("tests/test_cuda_emulation_seb.py::test_cuda_forward[cuda]", fn=_on_device))
+    assert not sel(_Item("tests/test_cuda_sync_free.py::test_cuda_gemm", fn=_on_device))
 
 
 def test_every_benchmark_accepts_the_flags_gpu_check_passes():
