@@ -293,7 +293,7 @@ std::tuple<Tensor, Tensor> mutual_forward(const Tensor& h, const Tensor& scenari
   const int64_t M = h.size(0), B = h.size(1), N = h.size(2);
   auto out = at::empty({B, N}, h.options());
   auto attn = at::empty({B, M}, h.options().dtype(at::kFloat));
-  if (B == 0 || M == 0) return {out, attn};
+  if (B == 0 || M == 0) return {out.zero_(), attn};  // M == 0: every row out of range, zeros
   auto s = scenario.to(at::kLong).contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
   SAML_DISPATCH_FLOATING(h.scalar_type(), "mutual_forward_cuda", [&] {
@@ -318,7 +318,7 @@ Tensor mutual_backward(const Tensor& grad_out, const Tensor& h, const Tensor& sc
   const c10::cuda::CUDAGuard guard(h.device());
   const int64_t M = h.size(0), B = h.size(1), N = h.size(2);
   auto d = at::empty({B, N}, h.options());
-  if (B == 0 || M == 0) return d;
+  if (B == 0 || M == 0) return d.zero_();
   auto s = scenario.to(at::kLong).contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
   SAML_DISPATCH_FLOATING(h.scalar_type(), "mutual_backward_cuda", [&] {
@@ -441,7 +441,7 @@ std::tuple<Tensor, Tensor> mutual_linear_forward(const Tensor& x, const Tensor& 
   const int64_t B = x.size(0), M = g.M, N = g.N;
   auto out = at::empty({B, N}, x.options());
   auto attn = at::empty({B, M}, x.options().dtype(at::kFloat));
-  if (B == 0 || M == 0) return {out, attn};
+  if (B == 0 || M == 0) return {out.zero_(), attn};
   auto s = scenario.to(at::kLong).contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
   for (int64_t b0 = 0; b0 < B; b0 += g.chunk) {
