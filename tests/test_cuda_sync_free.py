@@ -217,6 +217,29 @@ struct EmuStats {
 inline EmuStats emu_stats;
 inline std::mt19937 emu_order(7);
 
+// Sectors per warp-wide load and rows read at site 3 of one finished CTA (its threads' traces in recs).
+inline void emu_analyse(std::vector<std::vector<EmuLoad>>& recs) {
+  std::map<std::tuple<int, int, unsigned>, std::set<std::uintptr_t>> sectors;  // (site, seq, warp)
+  std::set<long> rows;
+  for (unsigned t = 0; t < recs.size(); ++t) {
+    for (const EmuLoad& r : recs[t]) {
+      auto& set = sectors[{r.site, r.seq, t / 32}];
+      if (r.addr == 0) continue;  // masked lane
+      set.insert(r.addr / 32);
+      if (r.site == 3 && emu_stats.row_bytes > 0) rows.insert(long((r.addr - emu_stats.row_base) / emu_stats.row_bytes));
+    }
+    recs[t].clear();
+  }
+  for (const auto& [key, set] : sectors) {
+    const int site = std::get<0>(key);
+    emu_stats.max_sectors[site] = std::max<int>(emu_stats.max_sectors[site], int(set.size()));
+    emu_stats.warp_loads[site] += !set.empty();
+  }
+  if (!rows.empty()) emu_stats.cta_rows.push_back(long(rows.size()));
+}
+
+// One launch: `block` threads (created once per launch) run the CTAs one after another in a shuffled order; a
+// barrier between CTAs analyses the finished CTA's loads and moves blockIdx on.
 template <typename F>
 void emu_launch(dim3 grid, unsigned block, size_t, cudaStream_t, F&& kernel) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || block == 0) {
@@ -231,37 +254,29 @@ void emu_launch(dim3 grid, unsigned block, size_t, cudaStream_t, F&& kernel) {
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) ctas.emplace_back(x, y, z);
   std::shuffle(ctas.begin(), ctas.end(), emu_order);
-  for (const dim3& c : ctas) {
-    blockIdx = c;
-    std::barrier<> bar(block);
-    emu_barrier = &bar;
-    std::vector<std::vector<EmuLoad>> recs(block);
-    std::vector<std::thread> ts;
-    for (unsigned t = 0; t < block; ++t)
-      ts.emplace_back([&, t] {
-        threadIdx = dim3(t);
+  std::vector<std::vector<EmuLoad>> recs(block);
+  size_t next = 0;
+  blockIdx = ctas[0];
+  auto finish_cta = [&]() noexcept {
+    emu_analyse(recs);
+    if (++next < ctas.size()) blockIdx = ctas[next];
+  };
+  std::barrier<> bar(block);
+  emu_barrier = &bar;
+  std::barrier<decltype(finish_cta)> between(block, finish_cta);
+  std::vector<std::thread> ts;
+  for (unsigned t = 0; t < block; ++t)
+    ts.emplace_back([&, t] {
+      threadIdx = dim3(t);
+      for (size_t i = 0; i < ctas.size(); ++i) {
         emu_loads.clear();
         for (int& q : emu_seq) q = 0;
         kernel();
-        recs[t] = std::move(emu_loads);
-      });
-    for (auto& t : ts) t.join();
-    std::map<std::tuple<int, int, unsigned>, std::set<std::uintptr_t>> sectors;  // (site, seq, warp)
-    std::set<long> rows;
-    for (unsigned t = 0; t < block; ++t)
-      for (const EmuLoad& r : recs[t]) {
-        auto& set = sectors[{r.site, r.seq, t / 32}];
-        if (r.addr == 0) continue;  // masked lane
-        set.insert(r.addr / 32);
-        if (r.site == 3 && emu_stats.row_bytes > 0) rows.insert(long((r.addr - emu_stats.row_base) / emu_stats.row_bytes));
+        recs[t].swap(emu_loads);
+        between.arrive_and_wait();
       }
-    for (const auto& [key, set] : sectors) {
-      const int site = std::get<0>(key);
-      emu_stats.max_sectors[site] = std::max<int>(emu_stats.max_sectors[site], int(set.size()));
-      emu_stats.warp_loads[site] += !set.empty();
-    }
-    if (!rows.empty()) emu_stats.cta_rows.push_back(long(rows.size()));
-  }
+    });
+  for (auto& t : ts) t.join();
 }
 """,
     "cuda_fp16.h": r"""
