@@ -51,6 +51,9 @@ TORCH_LIBRARY(saml_C, m) {
   //   2 leaky_relu (slope kLeakyReluSlope = 0.01), 3 gelu (exact, erf), 4 silu.
   // similarity codes (saml::Similarity): 0 cosine (<a,b> / (max(|a|,1e-8) * max(|b|,1e-8))), 1 dot (<a,b> / sqrt(N)).
   // Every GEMM accumulates in float32; outputs have the input dtype.
+  // Unchecked input (the public ops check the range unless check_scenario=False; docs/design.md section 5): a row
+  //   whose scenario is outside [0, M) gives zero output rows (own route y and z; mutual out and attn), zero row
+  //   gradients (dx, daux, dh_own, dz_own) and no term in dW / db / dWa, on every backend, without a host sync.
   //
   // Own route (grouped GEMM by scenario, rows in any order, no host sync):
   //   y[b] = act(z[b]),  z[b] = x[b] @ W[s_b] + aux[b] @ Wa[s_b] + bias[s_b]
@@ -65,7 +68,8 @@ TORCH_LIBRARY(saml_C, m) {
       "mbl_all_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? aux, Tensor? aux_weight, int activation) "
       "-> (Tensor, Tensor)");
   // Grouped backward (own rows only), given dz = dL/dz [B,N] (activation already applied by the caller):
-  //   dW[m] = X_m^T dZ_m, db[m] = sum dZ_m, dWa[m] = Aux_m^T dZ_m over the rows of scenario m (other rows: 0);
+  //   dW[m] = X_m^T dZ_m, db[m] = sum dZ_m, dWa[m] = Aux_m^T dZ_m over the rows of scenario m (no rows: 0);
+  //   deterministic (a fixed reduction order that depends on the shapes only);
   //   dx[b] = dz[b] @ W[s_b]^T, daux[b] = dz[b] @ Wa[s_b]^T. Outputs not needed are returned empty.
   //   Returns (dx [B,K], dW [M,K,N] float32-accumulated in weight dtype, db [M,N], daux [B,Ka], dWa [M,Ka,N]).
   m.def(

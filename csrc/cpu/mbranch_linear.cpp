@@ -178,6 +178,8 @@ std::tuple<Tensor, Tensor> grouped_forward(const Tensor& x_, const Tensor& weigh
         store_row<scalar_t, acc_t>(op + i * N, nullptr, yp + perm[t.r0 + i] * N, N, kActNone);
     });
   });
+  zero_outside_rows(g, y);
+  zero_outside_rows(g, z);
   return {y, z};
 }
 
@@ -345,6 +347,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   if (need_dw) dw = dw_acc.to(x.scalar_type());
   if (need_dwa) dwa = dwa_acc.to(x.scalar_type());
   if (need_db) db = db_acc.to(x.scalar_type());
+  if (need_dx && x.dim() == 2) zero_outside_rows(g, dx);  // [M, B, K]: zero-initialised
+  if (need_daux) zero_outside_rows(g, daux);
   return {dx, dw, db, daux, dwa};
 }
 

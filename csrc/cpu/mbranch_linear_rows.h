@@ -35,7 +35,9 @@ inline bool needs_z(int64_t act) { return act == kActGelu || act == kActSilu; }
 inline Tensor to_acc(const Tensor& w) { return w.to(acc_type(w.scalar_type())).contiguous(); }
 
 // Rows of each scenario, contiguous: perm[start[m] .. start[m+1]) are the rows of scenario m in their original
-// order (a stable counting sort, O(B)). Out-of-range scenarios are an error (checked while counting).
+// order (a stable counting sort, O(B)). Rows whose scenario is outside [0, M) (unchecked input: the public op
+// checks the range unless check_scenario=False) follow in perm[start[M] .. B): they belong to no group, so no GEMM
+// reads a weight for them; zero_outside_rows writes their zeros (docs/design.md section 5).
 struct Groups {
   Tensor perm;                 // int64 [B]
   std::vector<int64_t> start;  // [M + 1]
@@ -49,16 +51,20 @@ inline Groups group_rows(const Tensor& scenario, int64_t M) {
   int64_t* perm = g.perm.data_ptr<int64_t>();
   AT_DISPATCH_INDEX_TYPES(scenario.scalar_type(), "mbl_group_rows", [&] {
     const index_t* s = scenario.data_ptr<index_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t v = s[b];
-      TORCH_CHECK(v >= 0 && v < M, "mbranch_linear: scenario[", b, "] = ", v, " is out of range [0, ", M, ")");
-      ++g.start[v + 1];
-    }
+    auto in = [&](int64_t v) { return v >= 0 && v < M; };
+    for (int64_t b = 0; b < B; ++b)
+      if (in(s[b])) ++g.start[s[b] + 1];
     for (int64_t m = 0; m < M; ++m) g.start[m + 1] += g.start[m];
-    std::vector<int64_t> pos(g.start.begin(), g.start.end() - 1);
-    for (int64_t b = 0; b < B; ++b) perm[pos[s[b]]++] = b;
+    std::vector<int64_t> pos(g.start.begin(), g.start.end());
+    for (int64_t b = 0; b < B; ++b) perm[in(s[b]) ? pos[s[b]]++ : pos[M]++] = b;
   });
   return g;
+}
+
+// Zeros into the rows of t [B, ...] whose scenario is outside [0, M) (perm[start[M] ..), see group_rows).
+inline void zero_outside_rows(const Groups& g, const Tensor& t) {
+  const int64_t B = g.perm.numel(), first = g.start.back();
+  if (first < B && t.numel() > 0) t.index_fill_(0, g.perm.narrow(0, first, B - first), 0);
 }
 
 // Per-thread, grow-only scratch (common/scratch.h): the CPU allocator does not cache, and every fresh page of a

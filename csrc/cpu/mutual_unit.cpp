@@ -196,11 +196,12 @@ void check_common(const at::Tensor& h, const at::Tensor& scenario) {
   TORCH_CHECK(h.size(0) >= 1, "mutual: h needs at least one branch");
 }
 
+// The own branch of row b, or -1 for a scenario outside [0, M): the public ops check the range unless
+// check_scenario=False; unchecked, such a row is zero (out, attn, gradient; docs/design.md section 5).
 template <typename idx_t>
 inline int64_t own_index(const idx_t* sc, int64_t b, int64_t M) {
   const int64_t s = static_cast<int64_t>(sc[b]);
-  TORCH_CHECK(s >= 0 && s < M, "mutual: scenario[", b, "] = ", s, " out of range [0, ", M, ")");
-  return s;
+  return s >= 0 && s < M ? s : -1;
 }
 
 std::tuple<at::Tensor, at::Tensor> mutual_forward(const at::Tensor& h_in, const at::Tensor& scenario_in,
@@ -226,6 +227,11 @@ std::tuple<at::Tensor, at::Tensor> mutual_forward(const at::Tensor& h_in, const 
         std::vector<const scalar_t*> rows(M);
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t s = own_index(sp, b, M);
+          if (s < 0) {
+            std::fill(op + b * N, op + (b + 1) * N, scalar_t(0));
+            std::fill(ap + b * M, ap + (b + 1) * M, 0.0f);
+            continue;
+          }
           for (int64_t m = 0; m < M; ++m) rows[m] = hp + m * sM + b * sB;
           row_attention<acc_t>(rows.data(), M, N, s, temperature, similarity, sc);
           row_mix<acc_t>(rows.data(), M, N, sc.a.data(), op + b * N);
@@ -264,6 +270,10 @@ at::Tensor mutual_backward(const at::Tensor& grad_in, const at::Tensor& h_in, co
         std::vector<acc_t> buf(N);
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t s = own_index(sp, b, M);
+          if (s < 0) {
+            std::fill(dp + b * N, dp + (b + 1) * N, scalar_t(0));
+            continue;
+          }
           for (int64_t m = 0; m < M; ++m) rows[m] = hp + m * sM + b * sB;
           row_backward<acc_t>(rows.data(), gp + b * N, M, N, s, temperature, similarity, sc, buf.data());
           for (int64_t n = 0; n < N; ++n) dp[b * N + n] = static_cast<scalar_t>(buf[n]);
@@ -379,6 +389,11 @@ std::tuple<at::Tensor, at::Tensor> mutual_linear_forward(const at::Tensor& x_in,
         const acc_t* z = scratch.data_ptr<acc_t>();
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t b = r0 + r, s = own_index(sp, b, M);
+          if (s < 0) {
+            std::fill(op + b * N, op + (b + 1) * N, scalar_t(0));
+            std::fill(ap + b * M, ap + (b + 1) * M, 0.0f);
+            continue;
+          }
           for (int64_t m = 0; m < M; ++m) rp[m] = z + (r * M + m) * N;
           row_attention<acc_t>(rp.data(), M, N, s, temperature, similarity, sc);
           row_mix<acc_t>(rp.data(), M, N, sc.a.data(), op + b * N);
@@ -409,10 +424,8 @@ at::Tensor mutual_linear_backward(const at::Tensor& grad_in, const at::Tensor& x
   if (B == 0) return dz;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Packed p = pack(weight, bias, aux, aux_weight, acc);
-  // range-checked before the kernel (the public op checks; this guards direct calls of the gather below)
-  TORCH_CHECK(scenario.min().item<int64_t>() >= 0 && scenario.max().item<int64_t>() < M,
-              "mutual_linear_backward: scenario out of range [0, ", M, ")");
-  const auto own_idx = scenario.to(at::kLong);
+  // clamped for the gather of the own pre-activations; an out-of-range row's gradient is zero (own_index)
+  const auto own_idx = scenario.to(at::kLong).clamp(0, std::max<int64_t>(M - 1, 0));
   SAML_DISPATCH_FLOATING(x.scalar_type(), "mutual_linear_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     SAML_DISPATCH_INDEX(scenario.scalar_type(), "mutual_linear_backward_idx", [&] {
@@ -431,6 +444,10 @@ at::Tensor mutual_linear_backward(const at::Tensor& grad_in, const at::Tensor& x
         acc_t* dhp = dh.data_ptr<acc_t>();
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t b = r0 + r, s = own_index(sp, b, M);
+          if (s < 0) {
+            std::fill(dhp + r * N, dhp + (r + 1) * N, acc_t(0));
+            continue;
+          }
           for (int64_t m = 0; m < M; ++m) rp[m] = z + (r * M + m) * N;
           row_backward<acc_t>(rp.data(), gp + b * N, M, N, s, temperature, similarity, sc, dhp + r * N);
         }

@@ -129,8 +129,7 @@ std::tuple<Tensor, Tensor> grouped_forward_tiled(const Tensor& x, const Tensor& 
     p.som = 0;
     p.sor = N;
     p.son = 1;
-    const dim3 grid(static_cast<unsigned>(gemm::grouped_tiles(B, M, gemm::kBM)), gemm::cdiv(N, gemm::kBN));
-    gemm::launch_row_gemm(p, grid, tc, at::cuda::getCurrentCUDAStream());
+    gemm::launch_grouped_row_gemm(p, tc, at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, z};
@@ -157,8 +156,7 @@ std::tuple<Tensor, Tensor> all_forward_tiled(const Tensor& x, const Tensor& weig
       p.som = shared ? N : B * N;
       p.sor = shared ? M * N : N;
       p.son = 1;
-      const dim3 grid(gemm::cdiv(B, gemm::kBM), gemm::cdiv(N, gemm::kBN), static_cast<unsigned>(M));
-      gemm::launch_row_gemm(p, grid, tc, at::cuda::getCurrentCUDAStream());
+      gemm::launch_dense_row_gemm(p, tc, at::cuda::getCurrentCUDAStream());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -192,8 +190,7 @@ void grouped_backward_tiled(const Tensor& dz, const Tensor& x, const Tensor& wei
       p.y = out.data_ptr<T>();
       p.sor = out.size(1);
       p.son = 1;
-      const dim3 grid(static_cast<unsigned>(gemm::grouped_tiles(B, M, gemm::kBM)), gemm::cdiv(p.N, gemm::kBN));
-      gemm::launch_row_gemm(p, grid, tc, stream);
+      gemm::launch_grouped_row_gemm(p, tc, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     input_grad(dx, weight);
@@ -203,9 +200,13 @@ void grouped_backward_tiled(const Tensor& dz, const Tensor& x, const Tensor& wei
       const bool want_w = w_out.numel() > 0, want_b = b_out != nullptr && b_out->numel() > 0;
       if (!want_w && !want_b) return;
       gemm::WgradArgs<T> p{a.data_ptr<T>(), a.stride(0), a.stride(1), a.size(1), dz.data_ptr<T>(), dz.stride(0),
-                           dz.stride(1), N, seg.data_ptr<int64_t>(), perm.data_ptr<int64_t>(),
+                           dz.stride(1), N, seg.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), static_cast<int>(M),
                            want_w ? w_out.data_ptr<T>() : nullptr, want_b ? b_out->data_ptr<T>() : nullptr};
-      gemm::launch_wgrad(p, M, tc, stream);
+      // Row-split partials (acc_t) when the (K, N) tiles alone would leave the GPU idle; sized from B, M, K, N.
+      const auto plan = gemm::plan_wgrad(B, M, p.K, N, want_w);
+      using acc_t = typename gemm::WgradArgs<T>::acc_t;
+      auto ws = at::empty({plan.workspace}, dz.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      gemm::launch_wgrad(p, plan, ws.data_ptr<acc_t>(), tc, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     weight_grad(x, dw, &db);
@@ -221,20 +222,26 @@ std::vector<int64_t> host_segments(const Tensor& seg) {
   return std::vector<int64_t>(p, p + h.numel());
 }
 
-// y[perm[i], n] = act(zs[i, n] + bias[s_i, n]); z likewise without act (when z != nullptr).
+// y[perm[i], n] = act(zs[i, n] + bias[s_i, n]); z likewise without act (when z != nullptr); 0 where s_i is
+// outside [0, M).
 template <typename scalar_t>
 __global__ void grouped_epilogue_kernel(const scalar_t* __restrict__ zs, const int64_t* __restrict__ perm,
                                         const int64_t* __restrict__ ssorted, const scalar_t* __restrict__ bias,
                                         int64_t sbm, int64_t sbn, scalar_t* __restrict__ y,
-                                        scalar_t* __restrict__ z, int64_t B, int64_t N, int act) {
+                                        scalar_t* __restrict__ z, int64_t B, int64_t M, int64_t N, int act) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t total = B * N;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = idx / N, n = idx - i * N;
-    const int64_t r = perm[i];
+    const int64_t r = perm[i], m = ssorted[i];
+    if (m < 0 || m >= M) {  // unchecked out-of-range scenario: zeros (zs holds no value there; bias not read)
+      if (z != nullptr) z[r * N + n] = scalar_t(0);
+      y[r * N + n] = scalar_t(0);
+      continue;
+    }
     acc_t v = static_cast<acc_t>(zs[idx]);
-    if (bias != nullptr) v += static_cast<acc_t>(bias[ssorted[i] * sbm + n * sbn]);
+    if (bias != nullptr) v += static_cast<acc_t>(bias[m * sbm + n * sbn]);
     if (z != nullptr) z[r * N + n] = static_cast<scalar_t>(v);
     y[r * N + n] = static_cast<scalar_t>(activate(v, act));
   }
@@ -325,7 +332,7 @@ std::tuple<Tensor, Tensor> grouped_forward_cublas(const Tensor& x, const Tensor&
     grouped_epilogue_kernel<scalar_t><<<blocks_for(B * N), kThreads, 0, stream>>>(
         zs.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(), ssorted.data_ptr<int64_t>(), ptr_or_null<scalar_t>(bias),
         bias.has_value() ? bias->stride(0) : 0, bias.has_value() ? bias->stride(1) : 0, y.data_ptr<scalar_t>(),
-        keep_z ? z.data_ptr<scalar_t>() : nullptr, B, N, static_cast<int>(activation));
+        keep_z ? z.data_ptr<scalar_t>() : nullptr, B, M, N, static_cast<int>(activation));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, z};
@@ -343,8 +350,9 @@ void grouped_backward_cublas(const Tensor& dz, const Tensor& x, const Tensor& we
   auto dzs = dz.index_select(0, perm);
   Tensor xs = need_dweight ? x.index_select(0, perm) : Tensor();
   Tensor as = need_daux_weight ? aux->index_select(0, perm) : Tensor();
-  Tensor dxs = need_dx ? at::empty({B, K}, x.options()) : Tensor();
-  Tensor das = need_daux ? at::empty({B, aux->size(1)}, aux->options()) : Tensor();
+  // zeros: the rows of an out-of-range scenario are in no segment and keep them (the unchecked-input contract)
+  Tensor dxs = need_dx ? at::zeros({B, K}, x.options()) : Tensor();
+  Tensor das = need_daux ? at::zeros({B, aux->size(1)}, aux->options()) : Tensor();
   for (int64_t m = 0; m < M; ++m) {
     const int64_t lo = segh[m], n = segh[m + 1] - segh[m];
     if (n == 0) {  // empty scenario: no rows to write, parameter gradients are exactly zero

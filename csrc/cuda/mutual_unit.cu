@@ -35,7 +35,8 @@
 //     types through cuBLAS (rounded partials; benchmarking only).
 // Host syncs: none (no .item(), no host copies, no data-dependent shapes; the chunk count depends on B only), so
 // all four ops can be captured in a CUDA graph. A scenario outside [0, M) (the Python op checks the range unless
-// check_scenario=False) gives a NaN row instead of an out-of-bounds read.
+// check_scenario=False) gives a zero row (out, attn and the gradient; the unchecked-input contract of
+// docs/design.md section 5) and no read of h. N == 0 gives an empty out and the attn of empty rows.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -129,9 +130,9 @@ __global__ void mutual_fwd_rows(Src src, const int64_t* __restrict__ scen, int64
   const int lane = threadIdx.x & 31;
   const int64_t b = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (b >= B) return;  // the whole warp leaves together; only warp-level sync below
-  if (scen[b] < 0 || scen[b] >= M) {  // unchecked bad scenario: a NaN row, never an out-of-bounds read
-    for (int64_t n = lane; n < N; n += 32) out[b * sob + n * son] = static_cast<scalar_t>(acc_t(NAN));
-    for (int m = lane; m < M; m += 32) attn[b * sab + m * sam] = NAN;
+  if (scen[b] < 0 || scen[b] >= M) {  // unchecked out-of-range scenario: a zero row (out and attn), h never read
+    for (int64_t n = lane; n < N; n += 32) out[b * sob + n * son] = static_cast<scalar_t>(acc_t(0));
+    for (int m = lane; m < M; m += 32) attn[b * sab + m * sam] = 0.0f;
     return;
   }
   const int s = static_cast<int>(scen[b]);
@@ -186,8 +187,8 @@ __global__ void mutual_bwd_rows(Src src, const scalar_t* __restrict__ g, int64_t
   const int lane = threadIdx.x & 31;
   const int64_t b = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (b >= B) return;
-  if (scen[b] < 0 || scen[b] >= M) {  // as in the forward
-    for (int64_t n = lane; n < N; n += 32) d[b * sdb + n * sdn] = static_cast<scalar_t>(acc_t(NAN));
+  if (scen[b] < 0 || scen[b] >= M) {  // as in the forward: no gradient
+    for (int64_t n = lane; n < N; n += 32) d[b * sdb + n * sdn] = static_cast<scalar_t>(acc_t(0));
     return;
   }
   const int s = static_cast<int>(scen[b]);
@@ -292,7 +293,7 @@ std::tuple<Tensor, Tensor> mutual_forward(const Tensor& h, const Tensor& scenari
   const int64_t M = h.size(0), B = h.size(1), N = h.size(2);
   auto out = at::empty({B, N}, h.options());
   auto attn = at::empty({B, M}, h.options().dtype(at::kFloat));
-  if (B == 0 || M == 0) return {out, attn};
+  if (B == 0 || M == 0) return {out.zero_(), attn};  // M == 0: every row out of range, zeros
   auto s = scenario.to(at::kLong).contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
   SAML_DISPATCH_FLOATING(h.scalar_type(), "mutual_forward_cuda", [&] {
@@ -317,7 +318,7 @@ Tensor mutual_backward(const Tensor& grad_out, const Tensor& h, const Tensor& sc
   const c10::cuda::CUDAGuard guard(h.device());
   const int64_t M = h.size(0), B = h.size(1), N = h.size(2);
   auto d = at::empty({B, N}, h.options());
-  if (B == 0 || M == 0) return d;
+  if (B == 0 || M == 0) return d.zero_();
   auto s = scenario.to(at::kLong).contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
   SAML_DISPATCH_FLOATING(h.scalar_type(), "mutual_backward_cuda", [&] {
@@ -416,9 +417,8 @@ Tensor chunk_preact(const LinearGemm& g, const Tensor& x, const Tensor& weight, 
   p.som = g.N;
   p.sor = g.M * g.N;
   p.son = 1;
-  const dim3 grid(gemm::cdiv(rows, gemm::kBM), gemm::cdiv(g.N, gemm::kBN), static_cast<unsigned>(g.M));
-  gemm::launch_row_gemm(p, grid, gemm::use_tensor_cores(x.scalar_type(), g.engine),
-                        at::cuda::getCurrentCUDAStream());
+  // N == 0: an empty z, nothing launched (the launcher skips a grid with a zero dimension)
+  gemm::launch_dense_row_gemm(p, gemm::use_tensor_cores(x.scalar_type(), g.engine), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return z;
 }
@@ -441,7 +441,7 @@ std::tuple<Tensor, Tensor> mutual_linear_forward(const Tensor& x, const Tensor& 
   const int64_t B = x.size(0), M = g.M, N = g.N;
   auto out = at::empty({B, N}, x.options());
   auto attn = at::empty({B, M}, x.options().dtype(at::kFloat));
-  if (B == 0 || M == 0) return {out, attn};
+  if (B == 0 || M == 0) return {out.zero_(), attn};
   auto s = scenario.to(at::kLong).contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
   for (int64_t b0 = 0; b0 < B; b0 += g.chunk) {

@@ -177,7 +177,9 @@ def _all_backward_op(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, aux: 
     has_aux = aux is not None
     need_daux, need_daux_weight = need_daux and has_aux, need_daux_weight and has_aux
     empty = x.new_empty(0)
-    s = scenario.long()
+    # clamped for the gathers below; an unchecked out-of-range row gets no gradient because the grouped kernels
+    # (given the original scenario) zero its dx / daux and leave it out of dW / db (docs/design.md section 5)
+    s = scenario.long().clamp(0, max(M - 1, 0))
     ar = torch.arange(B, device=x.device)
     shared = x.dim() == 2
     k = _backend.kernels(OP, backend)
@@ -368,7 +370,7 @@ def mbranch_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scenario: 
             # Each row needs only its own branch's input (checked first: the gather would fail less clearly).
             if check_scenario and not torch.compiler.is_compiling():
                 _checks.scenario_range(OP, scenario, weight.shape[0])
-            x = x[scenario.long(), torch.arange(x.shape[1], device=x.device)]
+            x = x[scenario.long().clamp(0, max(weight.shape[0] - 1, 0)), torch.arange(x.shape[1], device=x.device)]
         y, _ = _own_op(c(x), weight.contiguous(), c(bias), c(aux), c(aux_weight), scenario, act,
                        bool(check_scenario), be)
         return y

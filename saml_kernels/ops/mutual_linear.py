@@ -48,8 +48,9 @@ _backend.register_aten_kernels(OP, {"forward": "mutual_linear_forward", "backwar
 
 
 def _own_rows(t: Tensor, scenario: Tensor) -> Tensor:
-    """t[s_b, b] for t [M, B, N] -> [B, N] (contiguous)."""
-    return t[scenario.long(), torch.arange(t.shape[1], device=t.device)]
+    """t[s_b, b] for t [M, B, N] -> [B, N] (contiguous); s_b clamped into [0, M) (an unchecked out-of-range row
+    has no gradient: docs/design.md section 5)."""
+    return t[scenario.long().clamp(0, max(t.shape[0] - 1, 0)), torch.arange(t.shape[1], device=t.device)]
 
 
 # ------------------------------------------------------------------------------------------------ custom ops

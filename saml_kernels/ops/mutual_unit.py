@@ -53,10 +53,11 @@ def check_similarity(op: str, similarity) -> int:
 
 
 def scatter_own(dh_own: Tensor, scenario: Tensor, like: Tensor) -> Tensor:
-    """dh [M, B, N] (layout of ``like``), zero except dh[s_b, b] = dh_own[b]."""
+    """dh [M, B, N] (layout of ``like``), zero except dh[s_b, b] = dh_own[b]. An unchecked out-of-range s_b has a
+    zero dh_own row (docs/design.md section 5): it is written to a clamped, in-range slot (still zero)."""
     dh = torch.zeros_like(like)
     B = dh_own.shape[0]
-    dh[scenario.long(), torch.arange(B, device=dh.device)] = dh_own.to(dh.dtype)
+    dh[scenario.long().clamp(0, max(dh.shape[0] - 1, 0)), torch.arange(B, device=dh.device)] = dh_own.to(dh.dtype)
     return dh
 
 

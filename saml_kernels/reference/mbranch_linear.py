@@ -179,8 +179,9 @@ def grouped_backward_kernel(dz, x, weight, aux, aux_weight, scenario, need_dx, n
 def grouped_backward_act_kernel(dy, saved, x, weight, aux, aux_weight, scenario, activation, need_dx, need_dweight,
                                 need_dbias, need_daux, need_daux_weight):
     """Contract of ``saml_C.mbl_grouped_backward_act``: the own-rows backward with the activation backward (codes
-    0-2) and the own-row pick of a [M, B, *] dy / saved / x folded in; dx has x's shape (zero off the own rows)."""
-    s = scenario.long()
+    0-2) and the own-row pick of a [M, B, *] dy / saved / x folded in; dx has x's shape (zero off the own rows).
+    An out-of-range scenario (unchecked input) picks a clamped row: grouped_backward_kernel leaves it out."""
+    s = scenario.long().clamp(0, max(weight.shape[0] - 1, 0))
     ar = torch.arange(s.numel(), device=s.device)
     if dy.dim() == 3:
         dy = dy[s, ar]

@@ -116,11 +116,26 @@ def mutual_linear_reference(x, weight, bias, scenario, *, activation=None, tempe
 
 # ------------------------------------------------------------------------------------ kernel contract
 
+def _in_range(scenario, M):
+    """(scenario clamped into [0, M), ok [B] bool): the unchecked-input contract (docs/design.md section 5) of the
+    kernel entry points below: a row whose scenario is outside [0, M) gives zeros (out, attn, gradient); it is
+    computed with an in-range stand-in id and then zeroed, so nothing indexes out of bounds."""
+    s = scenario.long()
+    return s.clamp(0, max(M - 1, 0)), (s >= 0) & (s < M)
+
+
+def _zero_rows(t, ok):
+    return torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
 def mutual_forward_kernel(h, scenario, temperature, similarity):
     """Contract of ``saml_C.mutual_forward``: (out [B, N] h.dtype, attn [B, M] float32)."""
+    s, ok = _in_range(scenario, h.shape[0])
+    if h.shape[0] == 0:
+        return h.new_zeros(h.shape[1:]), h.new_zeros((h.shape[1], 0), dtype=torch.float32)
     with torch.no_grad():
-        out, attn = _mix(h.to(_acc(h.dtype)), scenario, temperature, similarity)
-    return out.to(h.dtype), attn.float().contiguous()
+        out, attn = _mix(h.to(_acc(h.dtype)), s, temperature, similarity)
+    return _zero_rows(out, ok).to(h.dtype), _zero_rows(attn, ok).float().contiguous()
 
 
 def _mix_backward(grad_out, h, scenario, attn, temperature, similarity):
@@ -168,7 +183,10 @@ def _mix_backward(grad_out, h, scenario, attn, temperature, similarity):
 def mutual_backward_kernel(grad_out, h, scenario, attn, temperature, similarity):
     """Contract of ``saml_C.mutual_backward``: dh_own [B, N] (h.dtype), the gradient w.r.t. own = h[s_b, b]."""
     acc = _acc(h.dtype)
-    return _mix_backward(grad_out.to(acc), h.to(acc), scenario, attn, temperature, similarity).to(h.dtype)
+    s, ok = _in_range(scenario, h.shape[0])
+    if h.shape[0] == 0:
+        return h.new_zeros(h.shape[1:])
+    return _zero_rows(_mix_backward(grad_out.to(acc), h.to(acc), s, attn, temperature, similarity), ok).to(h.dtype)
 
 
 def _branch_preactivations(x, weight, bias, aux, aux_weight):
@@ -184,10 +202,13 @@ def mutual_linear_forward_kernel(x, weight, bias, aux, aux_weight, scenario, act
 
     The reference materialises h (it is the oracle, not the fused kernel); h stays in float32 as in the fused
     kernels (no rounding to x's dtype between the GEMM and the mix)."""
+    s, ok = _in_range(scenario, weight.shape[0])
+    if weight.shape[0] == 0:
+        return x.new_zeros((x.shape[0], weight.shape[2])), x.new_zeros((x.shape[0], 0), dtype=torch.float32)
     with torch.no_grad():
         h = _mbl.activate(_branch_preactivations(x, weight, bias, aux, aux_weight), _code(_mbl.ACTIVATIONS, activation))
-        out, attn = _mix(h, scenario, temperature, similarity)
-    return out.to(x.dtype), attn.float().contiguous()
+        out, attn = _mix(h, s, temperature, similarity)
+    return _zero_rows(out, ok).to(x.dtype), _zero_rows(attn, ok).float().contiguous()
 
 
 def mutual_linear_backward_kernel(grad_out, x, weight, bias, aux, aux_weight, scenario, attn, activation,
@@ -195,11 +216,14 @@ def mutual_linear_backward_kernel(grad_out, x, weight, bias, aux, aux_weight, sc
     """Contract of ``saml_C.mutual_linear_backward``: dz_own [B, N] (x.dtype), the gradient w.r.t. the own
     branch's pre-activation z[s_b, b], with every h[m, b] recomputed (nothing saved by the forward)."""
     act = _code(_mbl.ACTIVATIONS, activation)
+    s, ok = _in_range(scenario, weight.shape[0])
+    if weight.shape[0] == 0:
+        return x.new_zeros((x.shape[0], weight.shape[2]))
     z = _branch_preactivations(x, weight, bias, aux, aux_weight)
     h = _mbl.activate(z, act)
-    dh_own = _mix_backward(grad_out.to(z.dtype), h, scenario, attn, temperature, similarity)
-    z_own = z[scenario.long(), torch.arange(x.shape[0], device=x.device)]
-    return _mbl.activation_backward(dh_own, z_own, act).to(x.dtype)
+    dh_own = _mix_backward(grad_out.to(z.dtype), h, s, attn, temperature, similarity)
+    z_own = z[s, torch.arange(x.shape[0], device=x.device)]
+    return _zero_rows(_mbl.activation_backward(dh_own, z_own, act), ok).to(x.dtype)
 
 
 KERNELS = {"mutual_unit": {"forward": mutual_forward_kernel, "backward": mutual_backward_kernel},

@@ -337,8 +337,9 @@ def grouped_forward(x, weight, bias, aux, aux_weight, scenario, activation: int)
     Returns (y [B,N], z [B,N] for gelu/silu else an empty tensor); both in x's dtype."""
     B = x.shape[0]
     M, _, N = weight.shape
-    y = torch.empty((B, N), device=x.device, dtype=x.dtype)
-    z = torch.empty((B, N), device=x.device, dtype=x.dtype) if _zsize(activation) else None
+    # zeros: the rows of an unchecked out-of-range scenario are in no segment and keep them (docs/design.md 5)
+    y = torch.zeros((B, N), device=x.device, dtype=x.dtype)
+    z = torch.zeros((B, N), device=x.device, dtype=x.dtype) if _zsize(activation) else None
     if B > 0 and N > 0:
         perm, seg = sort_by_scenario(scenario, M)
         _grouped_mm(x, weight, bias, aux, aux_weight, perm, seg, y, z, activation)
@@ -408,10 +409,11 @@ def grouped_backward(dz, x, weight, aux, aux_weight, scenario, need_dx: bool, ne
     empty = dz.new_empty(0)
     need_daux = need_daux and aux is not None                # no aux operand: nothing to differentiate
     need_daux_weight = need_daux_weight and aux is not None
-    dx = torch.empty((B, K), device=dz.device, dtype=x.dtype) if need_dx else None
+    # dx / daux zeros: see grouped_forward (out-of-range rows are in no segment)
+    dx = torch.zeros((B, K), device=dz.device, dtype=x.dtype) if need_dx else None
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dweight else None
     db = torch.empty((M, N), device=dz.device, dtype=weight.dtype) if need_dbias else None
-    daux = torch.empty((B, aux.shape[1]), device=dz.device, dtype=aux.dtype) if need_daux else None
+    daux = torch.zeros((B, aux.shape[1]), device=dz.device, dtype=aux.dtype) if need_daux else None
     dwa = torch.empty_like(aux_weight, memory_format=torch.contiguous_format) if need_daux_weight else None
     if B == 0 or N == 0:
         # No rows (or no outputs): parameter gradients are zero, row gradients are empty / zero-width.

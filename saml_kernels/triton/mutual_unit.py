@@ -239,6 +239,7 @@ def _mutual_fwd_kernel(h_ptr, s_ptr, out_ptr, attn_ptr, M, B, N, inv_t_hi, inv_t
     rmask = rows < B
     mi = tl.arange(0, MP)
     s = tl.load(s_ptr + rows, mask=rmask, other=0)
+    ok = (s >= 0) & (s < M)              # an unchecked out-of-range scenario: a zero row (out, attn, grad)
     own_mask = mi[:, None] == s[None, :]                                     # [MP, BB]
     valid_m = (mi[:, None] < M) & rmask[None, :]
     base = h_ptr + mi[:, None, None].to(tl.int64) * stride_hm + rows[None, :, None] * stride_hb
@@ -249,7 +250,7 @@ def _mutual_fwd_kernel(h_ptr, s_ptr, out_ptr, attn_ptr, M, B, N, inv_t_hi, inv_t
         r = _row_scale(H, own_mask, SIM)
         dots, norms = _tile_stats(H, r, own_mask)
         a = _softmax_m(_similarity(dots, norms, r, own_mask, N, SIM), valid_m, inv_t)
-        out = tl.sum(a[:, :, None] * H, 0)
+        out = tl.where(ok[:, None], tl.sum(a[:, :, None] * H, 0), 0.0)
         tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :] * stride_on,
                  out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & (cols < N)[None, :])
     else:
@@ -268,10 +269,10 @@ def _mutual_fwd_kernel(h_ptr, s_ptr, out_ptr, attn_ptr, M, B, N, inv_t_hi, inv_t
             cols = n0 + tl.arange(0, BLOCK_N)
             msk = valid_m[:, :, None] & (cols < N)[None, None, :]
             H = tl.load(base + cols[None, None, :] * stride_hn, mask=msk, other=0.0).to(ACC)
-            out = tl.sum(a[:, :, None] * H, 0)
+            out = tl.where(ok[:, None], tl.sum(a[:, :, None] * H, 0), 0.0)
             tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :] * stride_on,
                      out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & (cols < N)[None, :])
-    _store_attn(attn_ptr, a, mi, rows, rmask, M, stride_ab, stride_am)
+    _store_attn(attn_ptr, tl.where(ok[None, :], a, 0.0), mi, rows, rmask, M, stride_ab, stride_am)
 
 
 @triton.jit
@@ -286,6 +287,7 @@ def _mutual_bwd_kernel(g_ptr, h_ptr, s_ptr, attn_ptr, dh_ptr, M, B, N, inv_t_hi,
     rmask = rows < B
     mi = tl.arange(0, MP)
     s = tl.load(s_ptr + rows, mask=rmask, other=0)
+    ok = (s >= 0) & (s < M)              # an unchecked out-of-range scenario: a zero row (out, attn, grad)
     own_mask = mi[:, None] == s[None, :]
     valid_m = (mi[:, None] < M) & rmask[None, :]
     base = h_ptr + mi[:, None, None].to(tl.int64) * stride_hm + rows[None, :, None] * stride_hb
@@ -317,6 +319,7 @@ def _mutual_bwd_kernel(g_ptr, h_ptr, s_ptr, attn_ptr, dh_ptr, M, B, N, inv_t_hi,
                     mask=rmask[:, None] & cm[None, :], other=0.0).to(ACC)
         own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
         d = a_s[:, None] * g + tl.sum(coef_h[:, :, None] * H, 0) + coef_o[:, None] * (own * q[:, None])
+        d = tl.where(ok[:, None], d, 0.0)
         tl.store(dh_ptr + rows[:, None] * stride_db + cols[None, :] * stride_dn, d.to(dh_ptr.dtype.element_ty),
                  mask=rmask[:, None] & cm[None, :])
 
@@ -340,6 +343,7 @@ def _mutual_linear_fwd_kernel(x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_ptr, out
     cmask = cols < N
     mi = tl.arange(0, MP)
     s = tl.load(s_ptr + rows, mask=rmask, other=0)
+    ok = (s >= 0) & (s < M)              # an unchecked out-of-range scenario: a zero row (out, attn, grad)
     own_mask = mi[:, None] == s[None, :]
     valid_m = (mi[:, None] < M) & rmask[None, :]
     H, _ = _branch_tiles(x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, rows, rmask, cols, cmask, mi, s, M, K, K2,
@@ -349,8 +353,8 @@ def _mutual_linear_fwd_kernel(x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_ptr, out
     r = _row_scale(H, own_mask, SIM)
     dots, norms = _tile_stats(H, r, own_mask)
     a = _softmax_m(_similarity(dots, norms, r, own_mask, N, SIM), valid_m, inv_t)
-    _store_attn(attn_ptr, a, mi, rows, rmask, M, stride_ab, stride_am)
-    out = tl.sum(a[:, :, None] * H, 0)
+    _store_attn(attn_ptr, tl.where(ok[None, :], a, 0.0), mi, rows, rmask, M, stride_ab, stride_am)
+    out = tl.where(ok[:, None], tl.sum(a[:, :, None] * H, 0), 0.0)
     tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :] * stride_on, out.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
 
@@ -374,6 +378,7 @@ def _mutual_linear_bwd_kernel(g_ptr, x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_p
     cmask = cols < N
     mi = tl.arange(0, MP)
     s = tl.load(s_ptr + rows, mask=rmask, other=0)
+    ok = (s >= 0) & (s < M)              # an unchecked out-of-range scenario: a zero row (out, attn, grad)
     own_mask = mi[:, None] == s[None, :]
     valid_m = (mi[:, None] < M) & rmask[None, :]
     H, z_own = _branch_tiles(x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, rows, rmask, cols, cmask, mi, s, M, K, K2,
@@ -388,7 +393,7 @@ def _mutual_linear_bwd_kernel(g_ptr, x_ptr, w_ptr, bias_ptr, a2_ptr, w2_ptr, s_p
     a_s, coef_h, coef_o, q = _grad_coefs(dots, norms, r, tl.sum(H * g[None, :, :], 2), a, own_mask, N, inv_t, SIM)
     own = tl.sum(tl.where(own_mask[:, :, None], H, 0.0), 0)
     d = a_s[:, None] * g + tl.sum(coef_h[:, :, None] * H, 0) + coef_o[:, None] * (own * q[:, None])
-    d = d * _activate_grad(z_own, ACT)
+    d = tl.where(ok[:, None], d * _activate_grad(z_own, ACT), 0.0)
     tl.store(dz_ptr + rows[:, None] * stride_db + cols[None, :] * stride_dn, d.to(dz_ptr.dtype.element_ty), mask=omask)
 
 
@@ -542,7 +547,8 @@ def mutual_linear_backward(grad_out, x, weight, bias, aux, aux_weight, scenario,
         h, z = all_forward(x, weight, bias, aux, aux_weight, activation)
         dh = mutual_backward(grad_out, h, scenario, attn, temperature, similarity)
         ar = torch.arange(B, device=x.device)
-        saved = (z if needs_preactivation(activation) else h)[scenario.long(), ar]
+        # clamped: an out-of-range row's dh is zero (the unchecked-input contract), its saved row any in range
+        saved = (z if needs_preactivation(activation) else h)[scenario.long().clamp(0, max(M - 1, 0)), ar]
         return activation_backward(dh, saved, activation).contiguous()
     dz = torch.empty((B, N), device=x.device, dtype=x.dtype)
     if B == 0 or M == 0:
