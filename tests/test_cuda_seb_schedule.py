@@ -49,9 +49,10 @@ def schedule(keys):
     nseg = seg_excl[n2:]
     uniq = keys.gather(0, seg_start[:n2].clamp(max=n2 - 1))
     seg_run = run_excl.gather(0, seg_start)
-    nruns = seg_run[1:] - seg_run[:-1]
+    npieces = seg_run[1:] - seg_run[:-1]
+    npieces.mul_(npieces.gt(1))
     seg_piece = torch.zeros(n2 + 1, dtype=torch.long)
-    seg_piece[1:] = torch.cumsum(torch.where(nruns.gt(1), nruns, torch.zeros((), dtype=torch.long)), 0)
+    torch.cumsum(npieces, 0, out=seg_piece[1:])
     npiece = seg_piece[n2:]
     p = torch.arange(P)
     owner = (torch.searchsorted(seg_piece, p, right=True) - 1).clamp(0, n2 - 1)

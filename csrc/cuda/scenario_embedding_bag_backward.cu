@@ -332,9 +332,11 @@ Schedule schedule(const at::Tensor& keys) {
   c.uniq = keys.gather(0, c.seg_start.narrow(0, 0, n2).clamp_max(n2 - 1));
   // segment u = runs [seg_run[u], seg_run[u + 1]) (empty for u >= nseg); split when it has more than one
   const auto seg_run = run_excl.gather(0, c.seg_start);
-  const auto nruns = seg_run.narrow(0, 1, n2) - seg_run.narrow(0, 0, n2);
+  auto npieces = seg_run.narrow(0, 1, n2) - seg_run.narrow(0, 0, n2);  // in place below: one [n2] temporary
+  npieces.mul_(npieces.gt(1));
   c.seg_piece = at::zeros({n2 + 1}, opts);
-  c.seg_piece.narrow(0, 1, n2).copy_(at::cumsum(at::where(nruns.gt(1), nruns, at::zeros({}, opts)), 0));
+  auto tail = c.seg_piece.narrow(0, 1, n2);
+  at::cumsum_out(tail, npieces, 0);
   c.npiece = c.seg_piece.narrow(0, n2, 1);
   // piece p belongs to the split segment u with seg_piece[u] <= p < seg_piece[u + 1] (the last u with
   // seg_piece[u] <= p: unsplit segments are empty ranges) and is its run seg_run[u] + p - seg_piece[u].
