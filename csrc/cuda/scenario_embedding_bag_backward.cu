@@ -11,9 +11,10 @@
 // capturable); seb_backward_rows, whose outputs have data-dependent shapes, reads two counts.
 //
 // Scratch contract (per call, n2 = 2 nnz, acc_t = float32, float64 for double tables):
-//   float: part [P, D] acc_t, P = 2 * floor((n2 - 1) / kPiece) (0 for n2 = 0), kPiece = 32:
-//          about nnz * D * sizeof(acc_t) / 8 bytes, 320.0 MB at nnz = 5M, D = 128 (was [2 nnz, D]: 5.12 GB),
-//          whatever the share of aware features or of sentinels;
+//   float: part [P, D] acc_t, P = 2 * floor((n2 - 1) / kPiece) (0 for n2 = 0), kPiece = 32, plus the
+//          entries' scales [nnz] acc_t: (P * D + nnz) * sizeof(acc_t) bytes, about nnz * (D / 8 + 1) *
+//          sizeof(acc_t): 320.0 + 20 MB at nnz = 5M, D = 128 (was [2 nnz, D]: 5.12 GB + 20 MB), whatever the
+//          share of aware features or of sentinels (tests/test_cuda_emulation_seb_backward.py measures it);
 //   int64: keys, src and the sort's output (values, perm) 4 x n2 words, scale nnz acc_t, and the schedule's
 //          [n2 + 1] / [P] index vectors (transient).
 #include "scenario_embedding_bag.cuh"
@@ -282,9 +283,10 @@ Sorted sort_keys(const Args& a, const at::Tensor& grad_global, const at::Tensor&
 // Level 1 sums every piece into part[p] (acc_t); level 2 gives every segment the ordered sum of its entries
 // (unsplit: read from the incoming gradient) or of its pieces' partials (split), and applies the mode. Both
 // orders are fixed (bitwise repeatable); no float atomics; the grids are sized by capacities, and groups past the
-// device-side counts exit. Mirrored in Python by tests/test_cuda_seb_schedule.py.
+// device-side counts exit. Run on the CPU by tests/test_cuda_emulation_seb.py and
+// tests/test_cuda_emulation_seb_backward.py (tests/cuda_emu).
 //
-// The only float scratch is part: [P, D] acc_t with P = piece_capacity(2 nnz). A split segment has c >= 1 cuts
+// The float scratch is part: [P, D] acc_t with P = piece_capacity(2 nnz) (and sort_keys' scale, [nnz] acc_t). A split segment has c >= 1 cuts
 // (multiples of kPiece strictly inside it) and c + 1 <= 2c pieces; cuts sit at distinct positions in
 // [1, n2), so npiece <= 2 * floor((n2 - 1) / kPiece).
 constexpr int64_t kPiece = 32;  // longest run of entries one group sums from the incoming gradient
