@@ -12,9 +12,11 @@
 // unrolled (UNROLL independent row loads in flight per lane) and each warp serves 32/G bags at once.
 // Rows are int64 before the multiply by D. Accumulation: float32 (float64 for double tables).
 // Backward: keys kernel (2 entries per id: global row, R + scenario row, or a sentinel) -> at::sort(stable)
-// -> one group per unique row sums its entries in sorted (= id) order: deterministic, no float atomics. The
-// training paths (dense gradients, fused SGD / row-wise Adagrad) schedule the segments on the device with no
-// host read (see `schedule`); only seb_backward_rows, whose outputs have data-dependent shapes, reads counts.
+// -> one group per unique row sums its entries in sorted (= id) order, read straight from the incoming gradient
+// (a hot row: first in pieces of <= 32 entries into float partials, the main float scratch): deterministic, no
+// float atomics. Every path schedules the segments on the device (see `schedule`); the training paths (dense
+// gradients, fused SGD / row-wise Adagrad) have no host read; only seb_backward_rows, whose outputs have
+// data-dependent shapes, reads two counts. Scratch contract: scenario_embedding_bag_backward.cu.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -2,9 +2,21 @@
 // Contract, row mapping and thread layout: scenario_embedding_bag.cuh.
 //
 // Backward: keys kernel (2 entries per id: global row, R + scenario row, or a sentinel) -> at::sort(stable)
-// -> one group per unique row sums its entries in sorted (= id) order: deterministic, no float atomics. The
-// training paths (dense gradients, fused SGD / row-wise Adagrad) schedule the segments on the device with no
-// host read (see `schedule`); only seb_backward_rows, whose outputs have data-dependent shapes, reads counts.
+// -> the sync-free `schedule` (counts on the device, grids sized by host-known capacities) -> segment kernel,
+// level 1: every piece (<= kPiece entries) of a hot row summed into an acc_t partial; level 2: one group per
+// unique row sums, in sorted (= id) order, its entries read straight from the incoming gradient (bag row x
+// per-sample weight x mean scale, via the entry's source index) or, for a hot row, its pieces' partials; then it
+// writes the row / the dense gradient or applies the fused SGD / row-wise Adagrad step. Deterministic: fixed
+// orders, no float atomics. No host read on the training paths (dense gradients, fused update: CUDA-graph
+// capturable); seb_backward_rows, whose outputs have data-dependent shapes, reads two counts.
+//
+// Scratch contract (per call, n2 = 2 nnz, acc_t = float32, float64 for double tables):
+//   float: part [P, D] acc_t, P = 2 * floor((n2 - 1) / kPiece) (0 for n2 = 0), kPiece = 32, plus the
+//          entries' scales [nnz] acc_t: (P * D + nnz) * sizeof(acc_t) bytes, about nnz * (D / 8 + 1) *
+//          sizeof(acc_t): 320.0 + 20 MB at nnz = 5M, D = 128 (was [2 nnz, D]: 5.12 GB + 20 MB), whatever the
+//          share of aware features or of sentinels (tests/test_cuda_emulation_seb_backward.py measures it);
+//   int64: keys, src and the sort's output (values, perm) 4 x n2 words, scale nnz acc_t, and the schedule's
+//          [n2 + 1] / [P] index vectors (transient).
 #include "scenario_embedding_bag.cuh"
 
 namespace {
@@ -78,10 +90,27 @@ __global__ void __launch_bounds__(kThreads) seb_bwd_keys_kernel(
 
 enum SegMode : int { kWrite = 0, kSgd = 1, kAdagrad = 2, kWriteRow = 3 };
 
-// One group per segment u: g = sum over entries k in [start[u], end[u]) of scale * gradient row.
-//   Entry k of a first-level pass is e = perm[k]: e < nnz reads gg row src[e], e >= nnz gs row src[e], times
-//   scale[e mod nnz]. With perm == nullptr (second level of a split), entry k is row k of gg (the partial sums).
-// kWrite stores g into out[u] (out_t: the weight dtype, or acc_t for first-level partials); kWriteRow stores it
+// acc[c][k] += s * g[d], d = base + (c * G + lane) * VEC + k: one gradient row's share of this lane.
+template <typename T, typename A, int VEC>
+__device__ __forceinline__ void add_row(A (&acc)[kChunks][VEC], const T* g, A s, int64_t base, int64_t D, int G,
+                                        int lane) {
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    const int64_t d = base + (int64_t(c) * G + lane) * VEC;
+    if (d < D) {
+      const auto v = load_vec<T, VEC>(g + d);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[c][k] += s * A(v.v[k]);
+    }
+  }
+}
+
+// One group per item u (a piece of a hot row at level 1, a unique row at level 2): g = the ordered sum of
+//   - its entries k in [start[u], end[u]): entry e = perm[k] reads gg row src[e] (e < nnz) or gs row src[e]
+//     (e >= nnz), times scale[e mod nnz]: straight from the incoming gradient, no per-entry row is stored;
+//   - or, when the row is split (pstart != nullptr and pstart[u] < pstart[u + 1]), its pieces' partial sums
+//     part[pstart[u] .. pstart[u + 1]) (acc_t rows written by level 1), in piece (= entry) order.
+// kWrite stores g into out[u] (out_t: the weight dtype, or acc_t for level-1 partials); kWriteRow stores it
 // into the row's place of a dense gradient (gw / sw then point at dG / dS, zero-initialised); kSgd / kAdagrad
 // update the weight row in place (uniq[u] < R: global row, else scenario row uniq[u] - R). Columns are done
 // kChunks * G * VEC at a time; Adagrad with a wider D walks the segment twice (sum of squares first), so no
@@ -92,13 +121,14 @@ enum SegMode : int { kWrite = 0, kSgd = 1, kAdagrad = 2, kWriteRow = 3 };
 // device-side *count exit (the sync-free schedule sizes the grid without reading the data).
 template <typename in_t, typename out_t, int VEC, int MODE>
 __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
-    const int64_t* __restrict__ start, const int64_t* __restrict__ end, const int64_t* __restrict__ uniq,
-    const int64_t* __restrict__ perm, const int64_t* __restrict__ src,
-    const typename Acc<out_t>::type* __restrict__ scale, const in_t* __restrict__ gg, const in_t* __restrict__ gs,
-    out_t* __restrict__ out, out_t* __restrict__ gw, out_t* __restrict__ sw, float* __restrict__ gst,
-    float* __restrict__ sst, int64_t U, const int64_t* __restrict__ count, int64_t D, int64_t nnz, int64_t R,
-    const double* __restrict__ hp, bool upd_g, bool upd_s, int G) {
-  using acc_t = typename Acc<out_t>::type;
+    const int64_t* __restrict__ start, const int64_t* __restrict__ end, const int64_t* __restrict__ pstart,
+    const int64_t* __restrict__ uniq, const int64_t* __restrict__ perm, const int64_t* __restrict__ src,
+    const typename Acc<in_t>::type* __restrict__ scale, const in_t* __restrict__ gg, const in_t* __restrict__ gs,
+    const typename Acc<in_t>::type* __restrict__ part, out_t* __restrict__ out, out_t* __restrict__ gw,
+    out_t* __restrict__ sw, float* __restrict__ gst, float* __restrict__ sst, int64_t U,
+    const int64_t* __restrict__ count, int64_t D, int64_t nnz, int64_t R, const double* __restrict__ hp,
+    bool upd_g, bool upd_s, int G) {
+  using acc_t = typename Acc<in_t>::type;
   const int lane = threadIdx.x & (G - 1);
   const int64_t u = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / G;
   if (u >= U || (count != nullptr && u >= *count)) return;
@@ -108,6 +138,7 @@ __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
   }
   const unsigned mask = group_mask(G);
   const int64_t e0 = start[u], e1 = end[u];
+  const int64_t p0 = pstart ? pstart[u] : 0, p1 = pstart ? pstart[u + 1] : 0;
   const int64_t span = int64_t(kChunks) * G * VEC;
   acc_t acc[kChunks][VEC];
   auto walk = [&](int64_t base) {
@@ -115,26 +146,16 @@ __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
     for (int c = 0; c < kChunks; ++c)
 #pragma unroll
       for (int k = 0; k < VEC; ++k) acc[c][k] = acc_t(0);
+    if (p1 > p0) {
 #pragma unroll 2
-    for (int64_t e = e0; e < e1; ++e) {
-      const in_t* g;
-      acc_t s = acc_t(1);
-      if (perm) {
+      for (int64_t p = p0; p < p1; ++p) add_row<acc_t, acc_t, VEC>(acc, part + p * D, acc_t(1), base, D, G, lane);
+    } else {
+#pragma unroll 2
+      for (int64_t e = e0; e < e1; ++e) {
         const int64_t ent = perm[e];
         const bool is_s = ent >= nnz;
-        g = (is_s ? gs : gg) + src[ent] * D;
-        s = scale[is_s ? ent - nnz : ent];
-      } else {
-        g = gg + e * D;
-      }
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        const int64_t d = base + (int64_t(c) * G + lane) * VEC;
-        if (d < D) {
-          const auto v = load_vec<in_t, VEC>(g + d);
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) acc[c][k] += s * acc_t(v.v[k]);
-        }
+        add_row<in_t, acc_t, VEC>(acc, (is_s ? gs : gg) + src[ent] * D, scale[is_s ? ent - nnz : ent], base, D,
+                                  G, lane);
       }
     }
   };
@@ -203,22 +224,16 @@ __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
 
 // ------------------------------------------------------------------------------------------------ host side
 
-// The sorted, deduplicated entries of a backward pass.
+// The sorted entries of a backward pass.
 struct Sorted {
-  at::Tensor uniq, perm, seg, src, scale, gpsw, gg, gs;
+  at::Tensor perm, src, scale, gpsw, gg, gs;
   at::Tensor keys;  // the sorted keys [2 nnz] (sentinels last)
-  int64_t ng = 0, nall = 0;  // uniq[0, ng) global rows; uniq[ng, nall) R + scenario rows; rest: sentinel
-  int64_t longest = 0;       // most entries of one (non-sentinel) row
 };
-
-// Longest run of entries one group sums in one pass; longer segments (hot rows) are split in two levels.
-constexpr int64_t kPiece = 32;
 
 // The keys kernel and the stable sort: entries (perm, src, scale) and sorted keys, no host read.
 Sorted sort_keys(const Args& a, const at::Tensor& grad_global, const at::Tensor& grad_scenario, int64_t pooling,
                  int64_t bag_len, bool need_psw) {
   Sorted s;
-  const auto dev = a.indices.device();
   const auto acc_dtype = a.gw.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   s.gg = grad_global.to(a.gw.scalar_type()).contiguous();
   s.gs = grad_scenario.to(a.sw.scalar_type()).contiguous();
@@ -230,7 +245,7 @@ Sorted sort_keys(const Args& a, const at::Tensor& grad_global, const at::Tensor&
   s.src = at::empty({2 * a.nnz}, keys.options());
   s.scale = at::empty({a.nnz}, a.gw.options().dtype(acc_dtype));
   if (a.nnz == 0 || a.nbags == 0) {
-    s.uniq = s.perm = s.seg = at::empty({0}, keys.options());
+    s.perm = s.keys = at::empty({0}, keys.options());
     return s;
   }
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -259,108 +274,32 @@ Sorted sort_keys(const Args& a, const at::Tensor& grad_global, const at::Tensor&
   return s;
 }
 
-// sort_keys, then the unique rows with host-known counts (the rows API returns data-dependent shapes: one host
-// read). The training paths (dense gradients, fused update) use the sync-free `schedule` below instead.
-Sorted sort_entries(const Args& a, const at::Tensor& grad_global, const at::Tensor& grad_scenario, int64_t pooling,
-                    int64_t bag_len, bool need_psw) {
-  Sorted s = sort_keys(a, grad_global, grad_scenario, pooling, bag_len, need_psw);
-  if (a.nnz == 0 || a.nbags == 0) return s;
-  const auto keys = s.keys;
-  auto uc = at::unique_consecutive(s.keys, /*return_inverse=*/false, /*return_counts=*/true, 0);
-  s.uniq = std::get<0>(uc);
-  s.seg = at::zeros({s.uniq.numel() + 1}, keys.options());
-  const auto counts = std::get<2>(uc);
-  s.seg.narrow(0, 1, s.uniq.numel()).copy_(at::cumsum(counts, 0));
-  // One host read: [#global rows, #global + #scenario rows, longest non-sentinel segment].
-  const auto limit = at::tensor({a.R, a.R + a.M * a.Rs}, keys.options());
-  const auto longest = at::where(s.uniq < a.R + a.M * a.Rs, counts, at::zeros_like(counts)).max().reshape({1});
-  auto host = at::cat({at::searchsorted(s.uniq, limit), longest.to(at::kLong)}).cpu();
-  s.ng = host.data_ptr<int64_t>()[0];
-  s.nall = host.data_ptr<int64_t>()[1];
-  s.longest = host.data_ptr<int64_t>()[2];
-  return s;
-}
-
-// One segment-kernel launch over the U = start.numel() segments [start[u], end[u]) (capacity, with the real
-// count on the device when count is defined). uniq: the segments' keys; perm / src / scale: the sorted entries.
-template <typename in_t, typename out_t, int MODE>
-void launch_segment_kernel(const Args& a, const at::Tensor& start, const at::Tensor& end, const at::Tensor& uniq,
-                           const at::Tensor& count, const Sorted& s, bool direct, const at::Tensor& gg,
-                           const at::Tensor& gs, const at::Tensor& out, const at::Tensor& gstate,
-                           const at::Tensor& sstate, const at::Tensor& hparams, bool upd_g, bool upd_s,
-                           const at::Tensor& wg = at::Tensor(), const at::Tensor& ws = at::Tensor()) {
-  using acc_t = typename Acc<out_t>::type;
-  const int64_t U = start.numel();
-  if (U == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  // VEC = 16 bytes of out_t: 16-byte weight accesses; a second level then reads float32 partials 32 bytes at a
-  // time, a first level reads half/bf16 gradients 8 bytes at a time.
-  with_vec<out_t>(a.D, {gg, gs, out, a.gw, a.sw}, [&](auto vec) {
-    constexpr int VEC = decltype(vec)::value;
-    const int G = group_size(a.D, VEC);
-    seb_segment_kernel<in_t, out_t, VEC, MODE><<<blocks_for(U, G), kThreads, 0, stream>>>(
-        start.data_ptr<int64_t>(), end.data_ptr<int64_t>(), uniq.data_ptr<int64_t>(),
-        direct ? nullptr : s.perm.data_ptr<int64_t>(), s.src.data_ptr<int64_t>(), s.scale.data_ptr<acc_t>(),
-        gg.data_ptr<in_t>(), gs.data_ptr<in_t>(), out.defined() ? out.data_ptr<out_t>() : nullptr,
-        MODE == kWrite ? nullptr : (wg.defined() ? wg : a.gw).data_ptr<out_t>(),
-        MODE == kWrite ? nullptr : (ws.defined() ? ws : a.sw).data_ptr<out_t>(),
-        gstate.defined() ? gstate.data_ptr<float>() : nullptr,
-        sstate.defined() ? sstate.data_ptr<float>() : nullptr, U,
-        count.defined() ? count.data_ptr<int64_t>() : nullptr, a.D, a.nnz, a.R,
-        hparams.defined() ? hparams.data_ptr<double>() : nullptr, upd_g, upd_s, G);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-// Segment sums of the first nall segments, then MODE (write into out / SGD / Adagrad). A hot row with more
-// than kPiece entries would hold its group (and the kernel) for its whole length, so then the segments are cut
-// into pieces of <= kPiece entries, the pieces summed into float32 partials (level 1), and every segment sums
-// its pieces in order (level 2, which applies MODE). Both orders are fixed: the result stays bitwise repeatable.
-template <int MODE>
-void launch_segments(const Args& a, const Sorted& s, const at::Tensor& out, const at::Tensor& gstate,
-                     const at::Tensor& sstate, const at::Tensor& hparams = at::Tensor(), bool upd_g = true,
-                     bool upd_s = true) {
-  if (s.nall == 0 || a.D == 0) return;
-  const auto seg = s.seg.narrow(0, 0, s.nall + 1);
-  const auto starts = seg.narrow(0, 0, s.nall), ends = seg.narrow(0, 1, s.nall);
-  SAML_DISPATCH_FLOATING(a.gw.scalar_type(), "seb_segment_cuda", [&] {
-    using sc_t = scalar_t;
-    using acc_t = typename Acc<sc_t>::type;
-    if (s.longest <= kPiece) {
-      launch_segment_kernel<sc_t, sc_t, MODE>(a, starts, ends, s.uniq, at::Tensor(), s, false, s.gg, s.gs, out,
-                                              gstate, sstate, hparams, upd_g, upd_s);
-      return;
-    }
-    const auto counts = ends - starts;
-    const auto npp = at::floor_divide(counts + (kPiece - 1), kPiece);
-    const auto pcum = at::cumsum(npp, 0);
-    const auto pfirst = pcum - npp;
-    const int64_t total = pcum[-1].item<int64_t>();
-    const auto owner = at::repeat_interleave(at::arange(s.nall, counts.options()), npp, 0, total);
-    const auto pstart = starts.index_select(0, owner) +
-                        (at::arange(total, counts.options()) - pfirst.index_select(0, owner)) * kPiece;
-    const auto pend = at::minimum(pstart + kPiece, ends.index_select(0, owner));
-    auto part = at::empty({total, a.D}, a.gw.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    launch_segment_kernel<sc_t, acc_t, kWrite>(a, pstart, pend, s.uniq, at::Tensor(), s, false, s.gg, s.gs, part,
-                                               at::Tensor(), at::Tensor(), at::Tensor(), true, true);
-    launch_segment_kernel<acc_t, sc_t, MODE>(a, pfirst, pcum, s.uniq, at::Tensor(), s, true, part, part, out,
-                                             gstate, sstate, hparams, upd_g, upd_s);
-  });
-}
-
-// ---- the sync-free schedule of the training paths (dense gradients, fused update)
+// ---- the sync-free schedule (every backward path: rows, dense gradients, fused update)
 //
 // Over the n2 = 2 nnz sorted keys (sentinels last), with capacities the host knows and counts kept on the device:
-//   segment u = the entries of one unique row (u < nseg), run r = at most kPiece consecutive entries of one row
-//   (a segment is cut at multiples of kPiece, so a hot row is many runs; r < nrun).
-// Level 1 sums every run into part[r] (acc_t); level 2 gives every segment the ordered sum of its runs and applies
-// the mode. Both orders are fixed (bitwise repeatable); no float atomics; the grids are sized by n2, and groups
-// past the device-side counts exit. Run on the CPU by tests/test_cuda_emulation_seb.py.
+//   segment u = the entries of one unique row (u < nseg); run = at most kPiece consecutive entries of one row
+//   (a segment is cut at the sorted positions that are multiples of kPiece); a segment of more than one run (a
+//   hot row: more than kPiece entries) is "split", and its runs are its pieces p < npiece.
+// Level 1 sums every piece into part[p] (acc_t); level 2 gives every segment the ordered sum of its entries
+// (unsplit: read from the incoming gradient) or of its pieces' partials (split), and applies the mode. Both
+// orders are fixed (bitwise repeatable); no float atomics; the grids are sized by capacities, and groups past the
+// device-side counts exit. Run on the CPU by tests/test_cuda_emulation_seb.py and
+// tests/test_cuda_emulation_seb_backward.py (tests/cuda_emu).
+//
+// The float scratch is part: [P, D] acc_t with P = piece_capacity(2 nnz) (and sort_keys' scale, [nnz] acc_t). A split segment has c >= 1 cuts
+// (multiples of kPiece strictly inside it) and c + 1 <= 2c pieces; cuts sit at distinct positions in
+// [1, n2), so npiece <= 2 * floor((n2 - 1) / kPiece).
+constexpr int64_t kPiece = 32;  // longest run of entries one group sums from the incoming gradient
+
+inline int64_t piece_capacity(int64_t n2) { return n2 > 0 ? 2 * ((n2 - 1) / kPiece) : 0; }
+
 struct Schedule {
-  at::Tensor uniq;       // [n2] key of segment u
-  at::Tensor seg_run;    // [n2 + 1] segment u = runs [seg_run[u], seg_run[u + 1])
-  at::Tensor run_start;  // [n2 + 1] run r = sorted entries [run_start[r], run_start[r + 1])
-  at::Tensor nseg, nrun;  // [1] int64, on the device
+  at::Tensor uniq;         // [n2] key of segment u
+  at::Tensor seg_start;    // [n2 + 1] segment u = sorted entries [seg_start[u], seg_start[u + 1])
+  at::Tensor seg_piece;    // [n2 + 1] segment u's partials: part[seg_piece[u], seg_piece[u + 1]); none: unsplit
+  at::Tensor piece_start;  // [P] piece p = sorted entries [piece_start[p], piece_end[p])
+  at::Tensor piece_end;    // [P]
+  at::Tensor nseg, npiece;  // [1] int64, on the device
 };
 
 // Exclusive prefix count of `head` with the total appended ([n2 + 1]), and the entry where each counted item
@@ -379,6 +318,7 @@ std::pair<at::Tensor, at::Tensor> heads_to_starts(const at::Tensor& head, const 
 
 Schedule schedule(const at::Tensor& keys) {
   const int64_t n2 = keys.numel();
+  const int64_t P = piece_capacity(n2);
   const auto opts = keys.options();
   const auto valid = keys.ne(kSentinel);
   auto differs = at::ones({n2}, valid.options());
@@ -387,33 +327,79 @@ Schedule schedule(const at::Tensor& keys) {
   const auto run_head = valid & (differs | at::arange(n2, opts).remainder(kPiece).eq(0));
   const auto nvalid = valid.sum().reshape({1}).to(at::kLong);
   Schedule c;
-  at::Tensor seg_excl, seg_start, run_excl;
-  std::tie(seg_excl, seg_start) = heads_to_starts(seg_head, nvalid);
-  std::tie(run_excl, c.run_start) = heads_to_starts(run_head, nvalid);
+  at::Tensor seg_excl, run_excl, run_start;
+  std::tie(seg_excl, c.seg_start) = heads_to_starts(seg_head, nvalid);
+  std::tie(run_excl, run_start) = heads_to_starts(run_head, nvalid);
   c.nseg = seg_excl.narrow(0, n2, 1);
-  c.nrun = run_excl.narrow(0, n2, 1);
-  c.uniq = keys.gather(0, seg_start.narrow(0, 0, n2).clamp_max(n2 - 1));
-  c.seg_run = run_excl.gather(0, seg_start);
+  c.uniq = keys.gather(0, c.seg_start.narrow(0, 0, n2).clamp_max(n2 - 1));
+  // segment u = runs [seg_run[u], seg_run[u + 1]) (empty for u >= nseg); split when it has more than one
+  const auto seg_run = run_excl.gather(0, c.seg_start);
+  auto npieces = seg_run.narrow(0, 1, n2) - seg_run.narrow(0, 0, n2);  // in place below: one [n2] temporary
+  npieces.mul_(npieces.gt(1));
+  c.seg_piece = at::zeros({n2 + 1}, opts);
+  auto tail = c.seg_piece.narrow(0, 1, n2);
+  at::cumsum_out(tail, npieces, 0);
+  c.npiece = c.seg_piece.narrow(0, n2, 1);
+  // piece p belongs to the split segment u with seg_piece[u] <= p < seg_piece[u + 1] (the last u with
+  // seg_piece[u] <= p: unsplit segments are empty ranges) and is its run seg_run[u] + p - seg_piece[u].
+  // Slots p >= npiece get clamped in-range filler (their groups exit).
+  const auto p = at::arange(P, opts);
+  const auto owner = (at::searchsorted(c.seg_piece, p, /*out_int32=*/false, /*right=*/true) - 1).clamp(0, n2 - 1);
+  const auto run = (seg_run.gather(0, owner) + p - c.seg_piece.gather(0, owner)).clamp(0, n2 - 1);
+  c.piece_start = run_start.gather(0, run);
+  c.piece_end = run_start.gather(0, run + 1);
   return c;
 }
 
-// Both levels for MODE (kWriteRow into wg / ws, or kSgd / kAdagrad on the tables).
+// One segment-kernel launch over the U = start.numel() items [start[u], end[u]) (capacity, with the real count
+// on the device in count). pstart / part: the items' partials (level 2), or undefined (level 1).
+template <typename in_t, typename out_t, int MODE>
+void launch_segment_kernel(const Args& a, const Sorted& s, const at::Tensor& start, const at::Tensor& end,
+                           const at::Tensor& pstart, const at::Tensor& part, const at::Tensor& uniq,
+                           const at::Tensor& count, const at::Tensor& out, const at::Tensor& gstate,
+                           const at::Tensor& sstate, const at::Tensor& hparams, bool upd_g, bool upd_s,
+                           const at::Tensor& wg = at::Tensor(), const at::Tensor& ws = at::Tensor()) {
+  using acc_t = typename Acc<in_t>::type;
+  const int64_t U = start.numel();
+  if (U == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  // VEC = 16 bytes of out_t: 16-byte weight accesses; level 2 then reads float32 partials 32 bytes at a time,
+  // level 1 reads half/bf16 gradients 8 bytes at a time.
+  with_vec<out_t>(a.D, {s.gg, s.gs, part, out, a.gw, a.sw}, [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    const int G = group_size(a.D, VEC);
+    seb_segment_kernel<in_t, out_t, VEC, MODE><<<blocks_for(U, G), kThreads, 0, stream>>>(
+        start.data_ptr<int64_t>(), end.data_ptr<int64_t>(), pstart.defined() ? pstart.data_ptr<int64_t>() : nullptr,
+        uniq.data_ptr<int64_t>(), s.perm.data_ptr<int64_t>(), s.src.data_ptr<int64_t>(), s.scale.data_ptr<acc_t>(),
+        s.gg.data_ptr<in_t>(), s.gs.data_ptr<in_t>(), part.defined() ? part.data_ptr<acc_t>() : nullptr,
+        out.defined() ? out.data_ptr<out_t>() : nullptr,
+        MODE == kWrite ? nullptr : (wg.defined() ? wg : a.gw).data_ptr<out_t>(),
+        MODE == kWrite ? nullptr : (ws.defined() ? ws : a.sw).data_ptr<out_t>(),
+        gstate.defined() ? gstate.data_ptr<float>() : nullptr,
+        sstate.defined() ? sstate.data_ptr<float>() : nullptr, U, count.data_ptr<int64_t>(), a.D, a.nnz, a.R,
+        hparams.defined() ? hparams.data_ptr<double>() : nullptr, upd_g, upd_s, G);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Both levels for MODE: kWrite into out[u] (segment order), kWriteRow into wg / ws, or kSgd / kAdagrad on the
+// tables. Level 1 runs only when a piece can exist (P > 0); its partials are the backward's only float scratch.
 template <int MODE>
-void launch_two_level(const Args& a, const Sorted& s, const Schedule& c, const at::Tensor& gstate,
-                      const at::Tensor& sstate, const at::Tensor& hparams, bool upd_g, bool upd_s,
-                      const at::Tensor& wg = at::Tensor(), const at::Tensor& ws = at::Tensor()) {
+void launch_two_level(const Args& a, const Sorted& s, const Schedule& c, const at::Tensor& out,
+                      const at::Tensor& gstate, const at::Tensor& sstate, const at::Tensor& hparams, bool upd_g,
+                      bool upd_s, const at::Tensor& wg = at::Tensor(), const at::Tensor& ws = at::Tensor()) {
   const int64_t n2 = s.keys.numel();
   if (n2 == 0 || a.D == 0) return;
   SAML_DISPATCH_FLOATING(a.gw.scalar_type(), "seb_two_level_cuda", [&] {
     using sc_t = scalar_t;
     using acc_t = typename Acc<sc_t>::type;
-    auto part = at::empty({n2, a.D}, a.gw.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    launch_segment_kernel<sc_t, acc_t, kWrite>(a, c.run_start.narrow(0, 0, n2), c.run_start.narrow(0, 1, n2),
-                                               c.uniq, c.nrun, s, false, s.gg, s.gs, part, at::Tensor(),
-                                               at::Tensor(), at::Tensor(), true, true);
-    launch_segment_kernel<acc_t, sc_t, MODE>(a, c.seg_run.narrow(0, 0, n2), c.seg_run.narrow(0, 1, n2), c.uniq,
-                                             c.nseg, s, true, part, part, at::Tensor(), gstate, sstate, hparams,
-                                             upd_g, upd_s, wg, ws);
+    const int64_t P = c.piece_start.numel();
+    auto part = at::empty({P, a.D}, a.gw.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    launch_segment_kernel<sc_t, acc_t, kWrite>(a, s, c.piece_start, c.piece_end, at::Tensor(), at::Tensor(), c.uniq,
+                                               c.npiece, part, at::Tensor(), at::Tensor(), at::Tensor(), true, true);
+    launch_segment_kernel<sc_t, sc_t, MODE>(a, s, c.seg_start.narrow(0, 0, n2), c.seg_start.narrow(0, 1, n2),
+                                            c.seg_piece, part, c.uniq, c.nseg, out, gstate, sstate, hparams, upd_g,
+                                            upd_s, wg, ws);
   });
 }
 
@@ -429,14 +415,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seb_backward_dense_cuda(
   Sorted s = sort_keys(a, grad_global, grad_scenario, pooling, bag_len, need_psw);
   auto dg = at::zeros_like(a.gw);
   auto ds = at::zeros_like(a.sw);
-  if (s.keys.defined() && s.keys.numel()) {
-    launch_two_level<kWriteRow>(a, s, schedule(s.keys), at::Tensor(), at::Tensor(), at::Tensor(), true, true, dg,
-                                ds);
+  if (s.keys.numel()) {
+    launch_two_level<kWriteRow>(a, s, schedule(s.keys), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+                                true, true, dg, ds);
   }
   at::Tensor gpsw = need_psw ? s.gpsw.to(psw->scalar_type()) : at::empty({0}, a.gw.options());
   return {dg, ds, gpsw};
 }
 
+// The deduplicated rows: the same schedule and kernels as the training paths (so the same bits), plus one host
+// read of [#global rows, #rows] for the outputs' data-dependent shapes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> seb_backward_rows_cuda(
     const at::Tensor& grad_global, const at::Tensor& grad_scenario, const at::Tensor& indices,
     const at::Tensor& offsets, const at::Tensor& scenario, const at::Tensor& gw, const at::Tensor& sw,
@@ -445,16 +433,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> seb_backw
   const c10::cuda::CUDAGuard guard(indices.device());
   Args a = prepare(indices, offsets, scenario, gw, sw, fr, fsr, slot, psw, "seb_backward_rows");
   const bool need_psw = need_psw_grad && a.psw.defined();
-  Sorted s = sort_entries(a, grad_global, grad_scenario, pooling, bag_len, need_psw);
-  auto vals = at::empty({s.nall, a.D}, a.gw.options());
-  launch_segments<kWrite>(a, s, vals, at::Tensor(), at::Tensor());
+  Sorted s = sort_keys(a, grad_global, grad_scenario, pooling, bag_len, need_psw);
   at::Tensor gpsw = need_psw ? s.gpsw.to(psw->scalar_type()) : at::empty({0}, a.gw.options());
-  if (s.nall == 0) {
+  const int64_t n2 = s.keys.numel();
+  int64_t ng = 0, nall = 0;
+  Schedule c;
+  if (n2) {
+    c = schedule(s.keys);
+    const auto is_row = at::arange(n2, s.keys.options()).lt(c.nseg);
+    const auto host = at::cat({(is_row & c.uniq.lt(a.R)).sum().reshape({1}), c.nseg}).cpu();
+    ng = host.data_ptr<int64_t>()[0];
+    nall = host.data_ptr<int64_t>()[1];
+  }
+  if (nall == 0) {
     auto e = at::empty({0}, indices.options().dtype(at::kLong));
     return {e, a.gw.new_empty({0, a.D}), e.clone(), a.sw.new_empty({0, a.D}), gpsw};
   }
-  return {s.uniq.narrow(0, 0, s.ng), vals.narrow(0, 0, s.ng), s.uniq.narrow(0, s.ng, s.nall - s.ng) - a.R,
-          vals.narrow(0, s.ng, s.nall - s.ng), gpsw};
+  auto vals = at::empty({nall, a.D}, a.gw.options());
+  launch_two_level<kWrite>(a, s, c, vals, at::Tensor(), at::Tensor(), at::Tensor(), true, true);
+  return {c.uniq.narrow(0, 0, ng), vals.narrow(0, 0, ng), c.uniq.narrow(0, ng, nall - ng) - a.R,
+          vals.narrow(0, ng, nall - ng), gpsw};
 }
 
 void seb_backward_update_cuda(const at::Tensor& grad_global, const at::Tensor& grad_scenario,
@@ -488,11 +486,11 @@ void seb_backward_update_cuda(const at::Tensor& grad_global, const at::Tensor& g
   }
   if (!(update_global || update_scenario)) return;
   Sorted s = sort_keys(a, grad_global, grad_scenario, pooling, bag_len, false);
-  if (!s.keys.defined() || s.keys.numel() == 0) return;
+  if (s.keys.numel() == 0) return;
   const Schedule c = schedule(s.keys);  // sync-free: the step can be captured in a CUDA graph
-  if (optimizer == saml::kFusedSgd) launch_two_level<kSgd>(a, s, c, gst, sst, hparams, update_global,
+  if (optimizer == saml::kFusedSgd) launch_two_level<kSgd>(a, s, c, at::Tensor(), gst, sst, hparams, update_global,
                                                            update_scenario);
-  else launch_two_level<kAdagrad>(a, s, c, gst, sst, hparams, update_global, update_scenario);
+  else launch_two_level<kAdagrad>(a, s, c, at::Tensor(), gst, sst, hparams, update_global, update_scenario);
 }
 
 }  // namespace
