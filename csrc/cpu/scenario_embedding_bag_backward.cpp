@@ -148,6 +148,16 @@ __attribute__((target("avx,f16c"))) void half_step_row(c10::Half* __restrict w, 
   for (; d < D; ++d) w[d] = c10::Half(float(w[d]) - mult * g[d]);
 }
 
+// |float(h)| of 8 float16 lanes
+__attribute__((target("avx2,f16c"))) inline __m256 abs_ph(__m128i h, __m256 abs_mask) {
+  return _mm256_and_ps(_mm256_cvtph_ps(h), abs_mask);
+}
+// 8 x 32-bit all-ones / zero masks -> 8 x 16-bit
+__attribute__((target("avx2,f16c"))) inline __m128i pack_mask(__m256 mk) {
+  const __m256i i = _mm256_castps_si256(mk);
+  return _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+}
+
 // w[0, D) = fp16 of float(w) - mult * g rounded stochastically (saml_common.h, sr_fp16_bits) with the row key
 // `key`: the same candidates, hash and comparison 8 lanes at a time (AVX2 for the 32-bit hash), so bitwise the
 // scalar sr_fp16_bits.
@@ -160,11 +170,6 @@ __attribute__((target("avx2,f16c"))) void half_step_row_sr(c10::Half* __restrict
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i c1 = _mm256_set1_epi32(int(0x85EBCA6Bu)), c2 = _mm256_set1_epi32(int(0xC2B2AE35u));
   const __m128i mag = _mm_set1_epi16(0x7FFF), inf = _mm_set1_epi16(0x7C00), one = _mm_set1_epi16(1);
-  auto abs_ph = [&](__m128i h) { return _mm256_and_ps(_mm256_cvtph_ps(h), abs_mask); };
-  auto pack_mask = [](__m256 mk) {  // 8 x 32-bit all-ones / zero -> 8 x 16-bit
-    const __m256i i = _mm256_castps_si256(mk);
-    return _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
-  };
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) {
     __m128i* p = reinterpret_cast<__m128i*>(w + d);
@@ -178,11 +183,11 @@ __attribute__((target("avx2,f16c"))) void half_step_row_sr(c10::Half* __restrict
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
     const __m256 ax = _mm256_and_ps(x, abs_mask);
     __m128i lo = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m128i away = pack_mask(_mm256_cmp_ps(abs_ph(lo), ax, _CMP_GT_OQ));
+    const __m128i away = pack_mask(_mm256_cmp_ps(abs_ph(lo, abs_mask), ax, _CMP_GT_OQ));
     const __m128i finite = _mm_cmplt_epi16(_mm_and_si128(lo, mag), inf);
     lo = _mm_add_epi16(lo, _mm_and_si128(away, finite));  // -1 where round-to-nearest moved away from zero
     const __m128i hi = _mm_add_epi16(lo, one);
-    const __m256 alo = abs_ph(lo), ahi = abs_ph(hi);
+    const __m256 alo = abs_ph(lo, abs_mask), ahi = abs_ph(hi, abs_mask);
     const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), two_m24);
     const __m256 up = _mm256_cmp_ps(_mm256_sub_ps(ax, alo), _mm256_mul_ps(u, _mm256_sub_ps(ahi, alo)), _CMP_GT_OQ);
     _mm_storeu_si128(p, _mm_blendv_epi8(lo, hi, pack_mask(up)));
