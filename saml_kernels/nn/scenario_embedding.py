@@ -420,8 +420,10 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
         else:
             self.register_buffer("global_state", None)
             self.register_buffer("scenario_state", None)
-        # The fused optimizer's [lr, eps, weight_decay, apply], read by the kernels on the device (not state: the
-        # values come from the constructor / fused_optimizer), and the count of steps skipped as non-finite.
+        # The fused optimizer's [lr, eps, weight_decay, apply, stochastic_rounding, seed, step], read by the kernels
+        # on the device (not state: the values come from the constructor / fused_optimizer; the step is advanced
+        # by each fused update and saved by fused_optimizer.state_dict()), and the count of steps skipped as
+        # non-finite.
         self.register_buffer("_fused_hparams", _eo.make_hparams(lr, eps, weight_decay, device=device,
                                                                 stochastic_rounding=stochastic_rounding,
                                                                 seed=rounding_seed), persistent=False)
