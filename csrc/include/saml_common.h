@@ -26,7 +26,7 @@ namespace saml {
 // Pooling modes, shared with Python (saml_kernels/ops/scenario_embedding_bag.py: POOLING).
 enum Pooling : int64_t { kSum = 0, kMean = 1, kNone = 2 };
 
-// The fused embedding optimizer (seb_backward_update_) reads its hyper-parameters from a float64 [4] tensor on
+// The fused embedding optimizer (seb_backward_update_) reads its hyper-parameters from a float64 [kNumHparams] tensor on
 // the weights' device at run time, not from arguments: a scheduler can change the learning rate between CUDA-graph
 // replays, and a step can be skipped on the device (non-finite gradient, bad input) without a host sync.
 // Layout shared with Python (saml_kernels/ops/embedding_optimizer.py: HPARAMS). kStochasticRounding != 0 rounds a 16-bit
