@@ -39,7 +39,8 @@ Effective bytes (compulsory traffic, counted per lookup, not per unique row):
 
 Tables in another dtype (--dtype bfloat16 | float16; gradients in the same dtype, bytes counted at its size): the
 gather-ceiling rows are left out (the tool reads float32), FBGEMM's TBE runs with weights and outputs in float16
-(it has no bfloat16 CPU kernels, so no fbgemm rows for bfloat16).
+(it has no bfloat16 CPU kernels, so no fbgemm rows for bfloat16). The fused step of 16-bit tables runs with the
+default stochastic rounding (`ours-<backend>`) and with round-to-nearest (`ours-<backend>-rtn`).
 
 Usage: python benchmarks/bench_embedding.py [--quick] [--gpu] [--reps N] [--no-thp] [--dtype DT] [--out-tag TAG]
 Writes benchmarks/results/embedding_<machine>[_<dtype>].md / .json / .png (with --quick: ..._quick.*).
@@ -198,6 +199,11 @@ def providers_for(P: Problem, mode: str, backends, with_compile: bool, fb_ok: bo
                                                         P.fsr_t, P.slot, None, 0, 0, None, None, "sgd", hp)
                 return f
             f = fused_step(be, gw.detach(), sw.detach())
+            if P.dtype in (torch.bfloat16, torch.float16):  # the default stochastic rounding vs round-to-nearest
+                gw2, sw2 = params()
+                provs[f"ours-{be}-rtn"] = fused_step(be, gw2.detach(), sw2.detach(),
+                                                     embedding_optimizer.make_hparams(LR, 0.0, device=gw.device,
+                                                                                      stochastic_rounding=False))
             if thp and dev == "cpu":  # ScenarioEmbedding(huge_pages=True)
                 provs[f"ours-{be}-thp"] = fused_step(be, on_huge_pages(P.gw), on_huge_pages(P.sw))
         provs[f"ours-{be}"] = f

@@ -36,8 +36,10 @@ TORCH_LIBRARY(saml_C, m) {
   // Fused optimizer in the backward (FBGEMM style): applies the update to the touched rows in place and
   // materialises no gradient. optimizer (saml::FusedOptimizer): 1 = SGD, 2 = row-wise Adagrad; with g the row's summed gradient,
   // g' = g + weight_decay * w, SGD w -= lr * g', Adagrad state[row] += mean_d(g'^2), w -= lr * g' / (sqrt(state[row])
-  // + eps); states are float32 [R] and [M * Rs]. hparams: float64 [4] on the weights' device = [lr, eps,
-  // weight_decay, apply], read by the kernel (apply == 0 skips the whole update: no weight or state changes).
+  // + eps); states are float32 [R] and [M * Rs]. hparams: float64 [7] on the weights' device = [lr, eps,
+  // weight_decay, apply, stochastic_rounding, seed, step], read by the kernel (apply == 0 skips the whole update: no
+  // weight or state changes; stochastic_rounding != 0 stores 16-bit rows with saml::sr_round, hashed on seed, step,
+  // table (0 global, 1 scenario), row and column; the caller advances step).
   // update_global / update_scenario = false leaves that table and its state untouched (a frozen table).
   m.def(
       "seb_backward_update_(Tensor grad_global, Tensor grad_scenario, Tensor indices, Tensor offsets, "

@@ -12,4 +12,4 @@ SIMILARITIES = {"cosine": 0, "dot": 1}
 #: fused embedding optimizers
 FUSED_OPTIMIZERS = {"sgd": 1, "rowwise_adagrad": 2}
 #: slots of the float64 hyper-parameter tensor the fused update reads on the device
-HPARAMS = {"lr": 0, "eps": 1, "weight_decay": 2, "apply": 3}
+HPARAMS = {"lr": 0, "eps": 1, "weight_decay": 2, "apply": 3, "stochastic_rounding": 4, "seed": 5, "step": 6}

@@ -577,7 +577,9 @@ def shard_saml(model: nn.Module, *, sharding_types: Optional[Sequence[str]] = No
     * weights, and the row-wise Adagrad states ``global_state`` / ``scenario_state`` (into FBGEMM's
       ``momentum1``) when both the layer and the sharded optimizer are "rowwise_adagrad";
     * ``skip_nonfinite`` (a step whose gradient is not finite on any rank updates no row on any rank) and
-      ``bounds_check`` (see ``TorchRecScenarioEmbedding``); the table dtype (float32 / float16).
+      ``bounds_check`` (see ``TorchRecScenarioEmbedding``); the table dtype (float32 / float16);
+      ``stochastic_rounding`` (FBGEMM's option of that name: its own random bits, so a 16-bit table's sharded
+      step is unbiased as the layer's but not bitwise equal to it).
 
     Rejected with a ValueError naming the layer and the option, before anything is changed: ``weight_decay``
     other than 0; a frozen table (``requires_grad=False``: FBGEMM would train it); trained row-wise Adagrad
@@ -607,10 +609,12 @@ def shard_saml(model: nn.Module, *, sharding_types: Optional[Sequence[str]] = No
                 bool(emb.global_state.any()) or bool(emb.scenario_state.any())):
             raise ValueError(f"shard_saml: {name} holds trained row-wise Adagrad states, which optimizer="
                              f"{optimizer!r} would drop; shard with optimizer='rowwise_adagrad' (or None)")
-        if (emb.optimizer, emb.lr, emb.eps) != (first.optimizer, first.lr, first.eps):
+        if (emb.optimizer, emb.lr, emb.eps, emb.stochastic_rounding) != (first.optimizer, first.lr, first.eps,
+                                                                          first.stochastic_rounding):
             raise ValueError(f"shard_saml: one fused optimizer serves every table, but {name} has "
-                             f"({emb.optimizer!r}, lr={emb.lr}, eps={emb.eps}) and {found[0][0]} "
-                             f"({first.optimizer!r}, lr={first.lr}, eps={first.eps})")
+                             f"({emb.optimizer!r}, lr={emb.lr}, eps={emb.eps}, stochastic_rounding="
+                             f"{emb.stochastic_rounding}) and {found[0][0]} ({first.optimizer!r}, lr={first.lr}, "
+                             f"eps={first.eps}, stochastic_rounding={first.stochastic_rounding})")
     if sharding_types is not None:
         if plan is not None:
             raise ValueError("shard_saml: pass sharding_types or plan, not both")
@@ -631,7 +635,10 @@ def shard_saml(model: nn.Module, *, sharding_types: Optional[Sequence[str]] = No
         full[name] = table_weights(emb)
         if optimizer == "rowwise_adagrad":
             states[name] = table_states(emb)  # None: the layer kept none (FBGEMM starts from zero, as it would)
-    fused = dict(optimizer=OPTIMIZERS[optimizer], learning_rate=lr, eps=eps)
+    # FBGEMM's option of the same name (its own generator, not this package's hash: 16-bit shards round
+    # stochastically as the layer does, not bitwise as it does)
+    fused = dict(optimizer=OPTIMIZERS[optimizer], learning_rate=lr, eps=eps,
+                 stochastic_rounding=bool(first.stochastic_rounding))
     sharder = SAMLEmbeddingBagSharder(fused_params=fused)
     if plan is None:
         allowed = list(sharding_types if sharding_types is not None else SHARDING_TYPES)

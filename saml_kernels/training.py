@@ -9,7 +9,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from .ops.embedding_optimizer import rowwise_adagrad_step
+from .ops.embedding_optimizer import check_rounding, rowwise_adagrad_step
 
 
 def bce_loss(logit: Tensor, label: Tensor) -> Tensor:
@@ -296,8 +296,10 @@ class TrainingOptimizer:
     def state_dict(self) -> dict:
         """{"dense": {"params": [names], "state": {name: Adam state}, "param_group": Adam hyper-parameters},
         "embedding_state": {table parameter name: row-wise Adagrad state [rows] float32}, "embedding_lr", "eps",
-        "fused": {fused module path: {"optimizer": "sgd" | "rowwise_adagrad", "lr", "eps", "weight_decay", ...: its
-        ``fused_optimizer`` param group as it is now, e.g. after a scheduler's steps}}}.
+        "fused": {fused module path: {"optimizer": "sgd" | "rowwise_adagrad", "lr", "eps", "weight_decay",
+        "stochastic_rounding", "rounding_seed", ...: its ``fused_optimizer`` param group as it is now, e.g. after a
+        scheduler's steps; "rounding_step": its count of fused updates (the stochastic rounding's step word, read
+        from the device)}}}.
 
         The tensors are references to the live states (as ``torch.optim``'s): ``torch.save`` or deep-copy the
         dict to keep a snapshot."""
@@ -309,7 +311,8 @@ class TrainingOptimizer:
                 "embedding_state": dict(self._row_states), "embedding_lr": self.embedding_lr, "eps": self.eps,
                 "fused": {path: {"optimizer": mod.optimizer, **{k: v for k, v in
                                                                  mod.fused_optimizer.param_groups[0].items()
-                                                                 if k != "params"}}
+                                                                 if k != "params"},
+                                 "rounding_step": mod.rounding_step}
                           for path, mod in self._fused.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -338,6 +341,9 @@ class TrainingOptimizer:
                 raise ValueError(f"TrainingOptimizer.load_state_dict: fused embedding module {path}: need lr >= 0, "
                                  f"eps > 0, weight_decay >= 0, got lr={group['lr']!r}, eps={group['eps']!r}, "
                                  f"weight_decay={group['weight_decay']!r}")
+            check_rounding(group.get("stochastic_rounding", True), group.get("rounding_seed", 0),
+                           group.get("rounding_step", 0), f"TrainingOptimizer.load_state_dict: fused embedding "
+                                                          f"module {path}")
         for name, st in self._row_states.items():
             if tuple(rows[name].shape) != tuple(st.shape):
                 raise ValueError(f"TrainingOptimizer.load_state_dict: row-wise state of {name} has shape "
@@ -358,7 +364,10 @@ class TrainingOptimizer:
         self._embedding_lr = float(state_dict["embedding_lr"])
         for path, mod in self._fused.items():
             if path in fused:
-                group = {k: v for k, v in fused[path].items() if k != "optimizer"}
-                mod.fused_optimizer.load_state_dict({"state": {}, "param_groups": [{**group, "params": [0, 1]}]})
+                group = {k: v for k, v in fused[path].items() if k not in ("optimizer", "rounding_step")}
+                sd = {"state": {}, "param_groups": [{**group, "params": [0, 1]}]}
+                if "rounding_step" in fused[path]:
+                    sd["rounding_step"] = fused[path]["rounding_step"]
+                mod.fused_optimizer.load_state_dict(sd)
             elif mod.optimizer == "rowwise_adagrad":  # no saved values of its own: the recipe's
                 mod.eps, mod.lr = eps, self._embedding_lr

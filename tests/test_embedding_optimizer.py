@@ -139,9 +139,10 @@ def test_fused_update_cpu_low_and_double_precision(dtype):
 @pytest.mark.parametrize("optimizer,wd", [("sgd", 0.0), ("sgd", 0.03), ("rowwise_adagrad", 0.0)])
 @pytest.mark.parametrize("D", [8, 21])
 def test_fused_update_cpu_low_precision_rounds_once(dtype, optimizer, wd, D):
-    """A 16-bit table's update is the float32 update of the same values, rounded once (to nearest even) into the
-    table: bitwise what a float32 table started from those values gets, then converted (float16 rows take the
-    8-lane F16C loops where the CPU has them; D = 21 adds a scalar tail)."""
+    """With stochastic rounding off, a 16-bit table's update is the float32 update of the same values, rounded
+    once (to nearest even) into the table: bitwise what a float32 table started from those values gets, then
+    converted (float16 rows take the 8-lane F16C loops where the CPU has them; D = 21 adds a scalar tail). The
+    default, stochastic rounding: tests/test_stochastic_rounding.py."""
     from saml_kernels import _ext
     if not _ext.has_cpu_ext():
         pytest.skip("C++ extension not built")
@@ -158,7 +159,7 @@ def test_fused_update_cpu_low_precision_rounds_once(dtype, optimizer, wd, D):
         gst, sst = (gst0.clone(), sst0.clone()) if adagrad else (None, None)
         eo.backward_update("cpu", cast(gg), cast(gs), c["indices"], c["offsets"], c["scenario"], gw, sw, fr, fsr,
                            slot, None, seb.POOLING["sum"], 0, gst, sst, optimizer,
-                           eo.make_hparams(0.1, 1e-6, weight_decay=wd, device="cpu"))
+                           eo.make_hparams(0.1, 1e-6, weight_decay=wd, device="cpu", stochastic_rounding=False))
         out[name] = (gw, sw, gst, sst)
     assert not torch.equal(out["low"][0], gw16), "the update changed nothing"
     assert torch.equal(out["low"][0], out["f32"][0].to(dtype))

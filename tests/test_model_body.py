@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYER_FIELDS = ("scenario_embedding", "attention", "multi_branch_linear", "mutual_unit")
 # keyword options only the kernel layers take (docs/design.md section 3)
 KERNEL_ONLY = {"backend", "save_branch_outputs", "sparse", "lr", "eps", "weight_decay", "skip_nonfinite",
-               "bounds_check", "huge_pages"}
+               "bounds_check", "huge_pages", "stochastic_rounding", "rounding_seed"}
 EMB_LR = 0.1
 FWD_TOL = dict(atol=2e-5, rtol=2e-4)     # float32 rounding of differently ordered sums
 STEP_TOL = dict(atol=1e-4, rtol=1e-3)    # after Adam + row-wise Adagrad steps

@@ -321,7 +321,8 @@ def test_cuda_fused_update(device, backend, optimizer, dtype, D, hot):
         else:
             exp_s[t][r] += (v * v).mean(1)
             exp_w[t][r] -= 0.1 * v / (exp_s[t][r].sqrt() + 1e-6).unsqueeze(1)
-    hparams = torch.tensor([0.1, 1e-6, 0.0, 1.0], dtype=torch.float64, device=device)  # lr, eps, wd, apply
+    # lr, eps, wd, apply, stochastic rounding off (round-to-nearest, compared at the dtype's tolerance), seed, step
+    hparams = torch.tensor([0.1, 1e-6, 0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64, device=device)
     torch.ops.saml_C.seb_backward_update_(gg, gs, *args[:3], gw, sw, *args[5:11],
                                           gst if optimizer == 2 else None, sst if optimizer == 2 else None,
                                           optimizer, hparams, True, True)

@@ -148,6 +148,61 @@ __attribute__((target("avx,f16c"))) void half_step_row(c10::Half* __restrict w, 
   for (; d < D; ++d) w[d] = c10::Half(float(w[d]) - mult * g[d]);
 }
 
+// |float(h)| of 8 float16 lanes
+__attribute__((target("avx2,f16c"))) inline __m256 abs_ph(__m128i h, __m256 abs_mask) {
+  return _mm256_and_ps(_mm256_cvtph_ps(h), abs_mask);
+}
+// 8 x 32-bit all-ones / zero masks -> 8 x 16-bit
+__attribute__((target("avx2,f16c"))) inline __m128i pack_mask(__m256 mk) {
+  const __m256i i = _mm256_castps_si256(mk);
+  return _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+}
+
+// w[0, D) = fp16 of float(w) - mult * g rounded stochastically (saml_common.h, sr_fp16_bits) with the row key
+// `key`: the same candidates, hash and comparison 8 lanes at a time (AVX2 for the 32-bit hash), so bitwise the
+// scalar sr_fp16_bits.
+__attribute__((target("avx2,f16c"))) void half_step_row_sr(c10::Half* __restrict w, const float* __restrict g,
+                                                           float mult, int64_t D, uint32_t key) {
+  const __m256 m = _mm256_set1_ps(mult);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 two_m24 = _mm256_set1_ps(5.9604644775390625e-8f);
+  const __m256i golden = _mm256_set1_epi32(int(saml::kSrGolden));
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i c1 = _mm256_set1_epi32(int(0x85EBCA6Bu)), c2 = _mm256_set1_epi32(int(0xC2B2AE35u));
+  const __m128i mag = _mm_set1_epi16(0x7FFF), inf = _mm_set1_epi16(0x7C00), one = _mm_set1_epi16(1);
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    __m128i* p = reinterpret_cast<__m128i*>(w + d);
+    const __m256 x = _mm256_sub_ps(_mm256_cvtph_ps(_mm_loadu_si128(p)), _mm256_mul_ps(m, _mm256_loadu_ps(g + d)));
+    __m256i h = _mm256_add_epi32(_mm256_set1_epi32(int(key)),
+                                 _mm256_mullo_epi32(_mm256_add_epi32(_mm256_set1_epi32(int(d)), lanes), golden));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, c1);
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+    h = _mm256_mullo_epi32(h, c2);
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    const __m256 ax = _mm256_and_ps(x, abs_mask);
+    __m128i lo = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m128i away = pack_mask(_mm256_cmp_ps(abs_ph(lo, abs_mask), ax, _CMP_GT_OQ));
+    const __m128i finite = _mm_cmplt_epi16(_mm_and_si128(lo, mag), inf);
+    lo = _mm_add_epi16(lo, _mm_and_si128(away, finite));  // -1 where round-to-nearest moved away from zero
+    const __m128i hi = _mm_add_epi16(lo, one);
+    const __m256 alo = abs_ph(lo, abs_mask), ahi = abs_ph(hi, abs_mask);
+    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), two_m24);
+    const __m256 up = _mm256_cmp_ps(_mm256_sub_ps(ax, alo), _mm256_mul_ps(u, _mm256_sub_ps(ahi, alo)), _CMP_GT_OQ);
+    _mm_storeu_si128(p, _mm_blendv_epi8(lo, hi, pack_mask(up)));
+  }
+  for (; d < D; ++d) w[d] = saml::sr_round<c10::Half>(float(w[d]) - mult * g[d], saml::sr_bits(key, d));
+}
+
+bool cpu_has_avx2_f16c() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  }();
+  return yes;
+}
+
 // out[0, D) = fp16(a)
 __attribute__((target("avx,f16c"))) void half_store_row(c10::Half* __restrict out, const float* __restrict a,
                                                         int64_t D) {
@@ -435,10 +490,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> seb_backw
 }
 
 // One touched row's fused step (saml_common.h, FusedOptimizer): g' = g + wd * w; state (row-wise Adagrad, else
-// nullptr) and w updated in place. Inlined into the walk's ISA clones.
+// nullptr) and w updated in place. A 16-bit row is stored with stochastic rounding when sr (key: the row's
+// sr_row_key), else rounded to nearest. Inlined into the walk's ISA clones.
 template <typename scalar_t, typename acc_t>
 SAML_INLINE void apply_row_update(scalar_t* __restrict w, float* state, const acc_t* g, int64_t D, acc_t lr, acc_t eps,
-                                  acc_t wd) {
+                                  acc_t wd, bool sr, uint32_t key) {
   if (wd != acc_t(0)) {  // g' built once in a per-thread row buffer, so the loops below stay plain
     thread_local std::vector<acc_t> decayed;
     decayed.resize(D);
@@ -450,6 +506,16 @@ SAML_INLINE void apply_row_update(scalar_t* __restrict w, float* state, const ac
     acc_t sq = 0;
     for (int64_t d = 0; d < D; ++d) sq += g[d] * g[d];
     mult = saml::fused_step_scale<acc_t, float>(saml::kFusedRowwiseAdagrad, lr, eps, sq / acc_t(D), state);
+  }
+  if constexpr (saml::sr_applies<scalar_t>()) {
+    if (sr) {
+#if SAML_F16C_ROWS
+      if constexpr (std::is_same<scalar_t, c10::Half>::value)
+        if (cpu_has_avx2_f16c()) return half_step_row_sr(w, g, mult, D, key);
+#endif
+      for (int64_t d = 0; d < D; ++d) w[d] = saml::sr_round<scalar_t>(acc_t(w[d]) - mult * g[d], saml::sr_bits(key, d));
+      return;
+    }
   }
 #if SAML_F16C_ROWS
   if constexpr (std::is_same<scalar_t, c10::Half>::value)
@@ -474,7 +540,8 @@ void seb_backward_update_cpu(const at::Tensor& grad_global, const at::Tensor& gr
               "in place)");
   TORCH_CHECK(hparams.scalar_type() == at::kDouble && hparams.numel() == saml::kNumHparams &&
                   hparams.is_contiguous() && hparams.device() == gw.device(),
-              "seb_backward_update_: hparams must be a contiguous float64 [4] tensor on the weights' device");
+              "seb_backward_update_: hparams must be a contiguous float64 [", int(saml::kNumHparams),
+              "] tensor on the weights' device");
   BwdArgs A = prepare_backward(grad_global, grad_scenario, indices, offsets, scenario, gw, sw, fr, fsr, slot, psw,
                                pooling, bag_len);
   const Layout& L = A.L;
@@ -502,14 +569,21 @@ void seb_backward_update_cpu(const at::Tensor& grad_global, const at::Tensor& gr
       const acc_t alr = acc_t(hp[saml::kLr]), aeps = acc_t(hp[saml::kEps]), wd = acc_t(hp[saml::kWeightDecay]);
       scalar_t_* gwp = gw.data_ptr<scalar_t_>();
       scalar_t_* swp = sw.data_ptr<scalar_t_>();
+      // stochastic rounding of 16-bit rows: the row key's (seed, step, table) part is hashed per row (4 mixes)
+      const bool sr = saml::sr_applies<scalar_t_>() && hp[saml::kStochasticRounding] != 0.0;
+      const uint32_t seed = saml::sr_seed(hp);
+      const uint64_t step = saml::sr_step(hp);
+      auto key = [&](uint32_t table, int64_t row) { return sr ? saml::sr_row_key(seed, step, table, row) : 0u; };
       RECORD_FUNCTION("seb_backward::reduce_update", std::vector<c10::IValue>());
       backward_walk_sorted<scalar_t_, index_t>(
           A, S,
           [&](int64_t, int64_t, int64_t row, const acc_t* a) {
-            if (update_global) apply_row_update(gwp + row * D, gst ? gst + row : nullptr, a, D, alr, aeps, wd);
+            if (update_global)
+              apply_row_update(gwp + row * D, gst ? gst + row : nullptr, a, D, alr, aeps, wd, sr, key(0, row));
           },
           [&](int64_t, int64_t, int64_t, int64_t row, const acc_t* a) {
-            if (update_scenario) apply_row_update(swp + row * D, sst ? sst + row : nullptr, a, D, alr, aeps, wd);
+            if (update_scenario)
+              apply_row_update(swp + row * D, sst ? sst + row : nullptr, a, D, alr, aeps, wd, sr, key(1, row));
           },
           UpdateTargets<scalar_t_>{update_global ? gwp : nullptr, update_scenario ? swp : nullptr,
                                    update_global ? gst : nullptr, update_scenario ? sst : nullptr});

@@ -70,6 +70,22 @@ __device__ __forceinline__ void store_vec(T* p, const A (&a)[N], A mult) {
   *reinterpret_cast<Vec<T, N>*>(p) = o;
 }
 
+// The fused update's store of a weight row's columns [d, d + N): a 16-bit table with sr rounds stochastically
+// (saml_common.h, sr_round, hash bits of the row's key and each column), anything else as store_vec.
+template <typename T, typename A, int N>
+__device__ __forceinline__ void store_vec_update(T* p, const A (&a)[N], bool sr, uint32_t key, int64_t d) {
+  if constexpr (saml::sr_applies<T>()) {
+    if (sr) {
+      Vec<T, N> o;
+#pragma unroll
+      for (int k = 0; k < N; ++k) o.v[k] = saml::sr_round<T>(float(a[k]), saml::sr_bits(key, d + k));
+      *reinterpret_cast<Vec<T, N>*>(p) = o;
+      return;
+    }
+  }
+  store_vec<T, A, N>(p, a, A(1));
+}
+
 // Lanes of this thread's group (G lanes starting at a multiple of G): the mask for group shuffles.
 __device__ __forceinline__ unsigned group_mask(int G) {
   if (G == 32) return 0xffffffffu;

@@ -115,7 +115,8 @@ __device__ __forceinline__ void add_row(A (&acc)[kChunks][VEC], const T* g, A s,
 // update the weight row in place (uniq[u] < R: global row, else scenario row uniq[u] - R). Columns are done
 // kChunks * G * VEC at a time; Adagrad with a wider D walks the segment twice (sum of squares first), so no
 // gradient row is ever stored. Each segment is owned by one group: no two threads write one row.
-// The optimizer modes read hp = [lr, eps, weight_decay, apply] (saml_common.h, FusedHparam) from device memory:
+// The optimizer modes read hp = [lr, eps, weight_decay, apply, stochastic_rounding, seed, step] (saml_common.h,
+// FusedHparam) from device memory (16-bit rows stored with stochastic rounding when it says so, store_vec_update):
 // apply == 0 skips the update, upd_g / upd_s false leave a frozen table (and its state) untouched, and with
 // weight decay the row's gradient is g' = g + wd * w. U is a capacity when count != nullptr: the groups past the
 // device-side *count exit (the sync-free schedule sizes the grid without reading the data).
@@ -176,6 +177,8 @@ __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
     const int64_t row = is_s ? k0 - R : k0;
     out_t* w = (is_s ? sw : gw) + row * D;
     const acc_t lr = acc_t(hp[saml::kLr]), eps = acc_t(hp[saml::kEps]), wd = acc_t(hp[saml::kWeightDecay]);
+    const bool sr = hp[saml::kStochasticRounding] != 0.0;  // 16-bit tables only (store_vec_update)
+    const uint32_t key = sr ? saml::sr_row_key(saml::sr_seed(hp), saml::sr_step(hp), is_s ? 1u : 0u, row) : 0u;
     acc_t mult = lr;
     // Adagrad with D <= span keeps acc from its sum-of-squares pass, weight decay already folded in.
     const bool folded = MODE == kAdagrad && D <= span;
@@ -215,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) seb_segment_kernel(
             const acc_t g = folded ? acc[c][k] : acc[c][k] + wd * acc_t(cur.v[k]);
             nw[k] = acc_t(cur.v[k]) - mult * g;
           }
-          store_vec<out_t, acc_t, VEC>(w + d, nw, acc_t(1));
+          store_vec_update<out_t, acc_t, VEC>(w + d, nw, sr, key, d);
         }
       }
     }
@@ -466,7 +469,7 @@ void seb_backward_update_cuda(const at::Tensor& grad_global, const at::Tensor& g
               "seb_backward_update_: optimizer must be 1 (SGD) or 2 (row-wise Adagrad), got ", optimizer);
   TORCH_CHECK(hparams.scalar_type() == at::kDouble && hparams.numel() == saml::kNumHparams &&
                   hparams.is_contiguous() && hparams.device() == gw.device(),
-              "seb_backward_update_: hparams must be a contiguous float64 [4] tensor on the weights' device");
+              "seb_backward_update_: hparams must be a contiguous float64 [7] tensor on the weights' device");
   TORCH_CHECK(gw.is_contiguous() && sw.is_contiguous(), "seb_backward_update_: weights must be contiguous (updated "
               "in place)");
   const c10::cuda::CUDAGuard guard(indices.device());

@@ -4,6 +4,9 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <c10/util/Exception.h>
 
 // Floating types the ops accept: float32, float16, bfloat16 (accumulation is always float32).
@@ -23,11 +26,15 @@ namespace saml {
 // Pooling modes, shared with Python (saml_kernels/ops/scenario_embedding_bag.py: POOLING).
 enum Pooling : int64_t { kSum = 0, kMean = 1, kNone = 2 };
 
-// The fused embedding optimizer (seb_backward_update_) reads its hyper-parameters from a float64 [4] tensor on
+// The fused embedding optimizer (seb_backward_update_) reads its hyper-parameters from a float64 [kNumHparams] tensor on
 // the weights' device at run time, not from arguments: a scheduler can change the learning rate between CUDA-graph
 // replays, and a step can be skipped on the device (non-finite gradient, bad input) without a host sync.
-// Layout shared with Python (saml_kernels/ops/embedding_optimizer.py: HPARAMS).
-enum FusedHparam : int { kLr = 0, kEps = 1, kWeightDecay = 2, kApply = 3, kNumHparams = 4 };
+// Layout shared with Python (saml_kernels/ops/embedding_optimizer.py: HPARAMS). kStochasticRounding != 0 rounds a 16-bit
+// table's updated rows stochastically (below: sr_*), with the hash words kSeed (an integer < 2^32) and kStep (the
+// module's count of fused updates, an integer < 2^53; the caller advances it).
+enum FusedHparam : int {
+  kLr = 0, kEps = 1, kWeightDecay = 2, kApply = 3, kStochasticRounding = 4, kSeed = 5, kStep = 6, kNumHparams = 7
+};
 // Fused optimizers: 1 = SGD, 2 = row-wise Adagrad. With g the row's summed gradient and wd the weight decay
 // (L2, as FBGEMM's weight_decay_mode=L2):  g' = g + wd * w;  SGD: w -= lr * g';  row-wise Adagrad:
 // state += mean_d(g'^2);  w -= lr * g' / (sqrt(state) + eps).
@@ -55,5 +62,82 @@ SAML_HOST_DEVICE inline acc_t fused_step_scale(int64_t optimizer, acc_t lr, acc_
 #endif
   }
   return lr;
+}
+
+// ---- Stochastic rounding of 16-bit tables in the fused update (docs/design.md, "Stochastic rounding") ----
+// The same integer hash in every backend (this header: CPU and CUDA; saml_kernels/ops/stochastic_rounding.py: the
+// Python reference and the eager update), so the stored bits depend only on (float32 value, seed, step, table, row,
+// column). All arithmetic is on uint32 words, mod 2^32.
+constexpr uint32_t kSrGolden = 0x9E3779B9u;
+
+// murmur3's 32-bit finaliser (a bijection with full avalanche)
+SAML_HOST_DEVICE inline uint32_t sr_mix32(uint32_t x) {
+  x ^= x >> 16; x *= 0x85EBCA6Bu; x ^= x >> 13; x *= 0xC2B2AE35u; x ^= x >> 16;
+  return x;
+}
+// Key of one (seed, step, table, row): table 0 = global (row in [0, R)), 1 = scenario (row = m * Rs + r).
+SAML_HOST_DEVICE inline uint32_t sr_row_key(uint32_t seed, uint64_t step, uint32_t table, uint64_t row) {
+  uint32_t k = sr_mix32(seed ^ (kSrGolden * (table + 1u)));
+  k = sr_mix32(k ^ uint32_t(step));
+  k = sr_mix32(k ^ uint32_t(row));
+  return sr_mix32(k ^ uint32_t(row >> 32));
+}
+// The 32 random bits of column d of a row with key k.
+SAML_HOST_DEVICE inline uint32_t sr_bits(uint32_t k, int64_t d) { return sr_mix32(k + kSrGolden * uint32_t(d)); }
+// (seed, step) of a fused update from its hparams (float64 integers: seed < 2^32, step < 2^53).
+SAML_HOST_DEVICE inline uint32_t sr_seed(const double* hp) { return uint32_t(hp[kSeed]); }
+SAML_HOST_DEVICE inline uint64_t sr_step(const double* hp) { return uint64_t(hp[kStep]); }
+
+SAML_HOST_DEVICE inline uint32_t sr_float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+#endif
+}
+
+// bfloat16 bits of x rounded stochastically: the low 16 bits of h added to x's magnitude bits, then truncated
+// (FBGEMM's scheme): the result is the upper neighbour with probability (x's low 16 bits) / 2^16, exactly
+// unbiased. NaN keeps round-to-nearest (c10's quiet NaN).
+SAML_HOST_DEVICE inline uint16_t sr_bf16_bits(float x, uint32_t h) {
+  const uint32_t u = sr_float_bits(x);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return c10::BFloat16(x).x;
+  return uint16_t((u + (h & 0xFFFFu)) >> 16);  // the magnitude cannot carry into the sign: it stays <= inf + 0xFFFF
+}
+
+SAML_HOST_DEVICE inline float sr_abs(float x) { return x < 0.0f ? -x : x; }
+
+// float16 bits of x rounded stochastically: lo = x rounded toward zero onto the float16 grid (round-to-nearest,
+// stepped back one ulp when that moved away from zero), hi = the next float16 away from zero, and hi is taken
+// when |x| - |lo| > u * (|hi| - |lo|) with u = (h >> 8) / 2^24 (every operation exact in float32): unbiased up to
+// 2^-24 ulp. Beyond the largest finite float16 as round-to-nearest (inf from 65520 up; 65504 below).
+SAML_HOST_DEVICE inline uint16_t sr_fp16_bits(float x, uint32_t h) {
+  uint16_t lo = c10::Half(x).x;
+  const float lo_f = float(c10::Half(lo, c10::Half::from_bits()));
+  const float ax = sr_abs(x);
+  if (sr_abs(lo_f) > ax && (lo & 0x7FFFu) < 0x7C00u) --lo;  // |lo| > |x| >= 0: the magnitude is > 0
+  const float alo = sr_abs(float(c10::Half(lo, c10::Half::from_bits())));
+  const float ahi = sr_abs(float(c10::Half(uint16_t(lo + 1u), c10::Half::from_bits())));
+  const float u = float(h >> 8) * 5.9604644775390625e-8f;  // 2^-24
+  return (ax - alo > u * (ahi - alo)) ? uint16_t(lo + 1u) : lo;
+}
+
+// x stored into a 16-bit table with the stochastic bits h.
+template <typename T>
+SAML_HOST_DEVICE inline T sr_round(float x, uint32_t h);
+template <>
+SAML_HOST_DEVICE inline c10::BFloat16 sr_round<c10::BFloat16>(float x, uint32_t h) {
+  return c10::BFloat16(sr_bf16_bits(x, h), c10::BFloat16::from_bits());
+}
+template <>
+SAML_HOST_DEVICE inline c10::Half sr_round<c10::Half>(float x, uint32_t h) {
+  return c10::Half(sr_fp16_bits(x, h), c10::Half::from_bits());
+}
+// True for the table types the fused update rounds stochastically.
+template <typename T>
+SAML_HOST_DEVICE constexpr bool sr_applies() {
+  return std::is_same<T, c10::BFloat16>::value || std::is_same<T, c10::Half>::value;
 }
 }  // namespace saml

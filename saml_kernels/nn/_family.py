@@ -133,7 +133,8 @@ class FamilyBody(nn.Module):
         who = type(self).__name__
         if not isinstance(config, self.config_type):
             raise TypeError(f"{who}: config must be a {self.config_type.__name__}, got {type(config).__name__}")
-        # embedding_options: embedding_weight_decay, embedding_skip_nonfinite, embedding_dtype (see layer_options)
+        # embedding_options: embedding_weight_decay, embedding_skip_nonfinite, embedding_dtype,
+        # embedding_stochastic_rounding (see layer_options)
         self.options, emb = layer_options(who, layers, backend=backend, embedding_optimizer=embedding_optimizer,
                                           embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device,
                                           dtype=dtype, **embedding_options)

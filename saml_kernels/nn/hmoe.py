@@ -127,17 +127,18 @@ class HMoE(HMoEBody):
     the grouped GEMM, fused embedding bags); see :class:`HMoEBody` and the module docstring.
 
     Args: config (:class:`HMoEConfig`); backend; embedding_optimizer None | "sgd" | "rowwise_adagrad" (fused into the
-    embedding backward), embedding_lr, embedding_eps, embedding_weight_decay, embedding_skip_nonfinite; device,
+    embedding backward), embedding_lr, embedding_eps, embedding_weight_decay, embedding_skip_nonfinite, embedding_stochastic_rounding; device,
     dtype; embedding_dtype. All as :class:`~saml_kernels.nn.SAML`."""
 
     def __init__(self, config: HMoEConfig, *, backend: Optional[str] = None,
                  embedding_optimizer: Optional[str] = "rowwise_adagrad",
                  embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
                  embedding_weight_decay: float = 0.0, embedding_skip_nonfinite: bool = False, device=None,
-                 dtype=None, embedding_dtype=None):
+                 dtype=None, embedding_dtype=None, embedding_stochastic_rounding: bool = True):
         from .layer_set import KERNEL_LAYERS
 
         super().__init__(config, KERNEL_LAYERS, backend=backend, embedding_optimizer=embedding_optimizer,
                          embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype,
                          embedding_weight_decay=embedding_weight_decay,
-                         embedding_skip_nonfinite=embedding_skip_nonfinite, embedding_dtype=embedding_dtype)
+                         embedding_skip_nonfinite=embedding_skip_nonfinite, embedding_dtype=embedding_dtype,
+                         embedding_stochastic_rounding=embedding_stochastic_rounding)

@@ -40,7 +40,8 @@ EMBEDDING_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 def layer_options(who: str, layers: LayerSet, *, backend: Optional[str], embedding_optimizer: Optional[str],
                   embedding_lr: float, embedding_eps: float, device, dtype, embedding_weight_decay: float = 0.0,
-                  embedding_skip_nonfinite: bool = False, embedding_dtype=None) -> tuple[dict, dict]:
+                  embedding_skip_nonfinite: bool = False, embedding_dtype=None,
+                  embedding_stochastic_rounding: bool = True) -> tuple[dict, dict]:
     """(keyword options of every layer, keyword options of the embedding layers) of a body built from ``layers``.
 
     Every layer gets ``device`` / ``dtype``; the embedding layers get ``dtype=embedding_dtype`` when it is given
@@ -48,11 +49,13 @@ def layer_options(who: str, layers: LayerSet, *, backend: Optional[str], embeddi
     the dense dtype, :func:`dense_dtype`). With the kernel layers every layer also gets ``backend`` (its name is
     checked here, so a bad one fails when the model is built). The embedding layers also get
     ``optimizer=embedding_optimizer``: the kernel layers fuse it into their backward with ``lr=embedding_lr``,
-    ``eps=embedding_eps``, ``weight_decay=embedding_weight_decay``, ``skip_nonfinite=embedding_skip_nonfinite``;
+    ``eps=embedding_eps``, ``weight_decay=embedding_weight_decay``, ``skip_nonfinite=embedding_skip_nonfinite``,
+    ``stochastic_rounding=embedding_stochastic_rounding``;
     the reference layers keep the row-wise Adagrad states that ``TrainingOptimizer`` updates after the backward
     and fuse nothing, so the learning rate and eps are ``TrainingOptimizer``'s there. Options that select kernels
     or fused behaviour the reference layers do not have (``backend``, a non-zero ``embedding_weight_decay``,
-    ``embedding_skip_nonfinite=True``) raise ValueError with another set (they would silently do nothing)."""
+    ``embedding_skip_nonfinite=True``, ``embedding_stochastic_rounding=False``) raise ValueError with another set
+    (they would silently do nothing)."""
     factory = dict(device=device, dtype=dtype)
     emb_factory = dict(device=device, dtype=embedding_dtype if embedding_dtype is not None else dtype)
     if embedding_dtype is not None and embedding_dtype not in EMBEDDING_DTYPES:
@@ -63,16 +66,21 @@ def layer_options(who: str, layers: LayerSet, *, backend: Optional[str], embeddi
         raise ValueError(f"{who}: embedding_weight_decay must be a float >= 0, got {embedding_weight_decay!r}")
     if not isinstance(embedding_skip_nonfinite, bool):
         raise TypeError(f"{who}: embedding_skip_nonfinite must be a bool, got {embedding_skip_nonfinite!r}")
+    if not isinstance(embedding_stochastic_rounding, bool):
+        raise ValueError(f"{who}: embedding_stochastic_rounding must be a bool, got "
+                         f"{embedding_stochastic_rounding!r}")
     if not layers.kernels:
         if backend is not None:
             raise ValueError(f"{who}: backend={backend!r} selects kernels, but the {layers.name} layers have none")
         fused_only = [f"{k}={v!r}" for k, v, default in (("embedding_weight_decay", embedding_weight_decay, 0.0),
-                                                          ("embedding_skip_nonfinite", embedding_skip_nonfinite, False))
+                                                          ("embedding_skip_nonfinite", embedding_skip_nonfinite, False),
+                                                          ("embedding_stochastic_rounding",
+                                                           embedding_stochastic_rounding, True))
                       if v != default]
         if fused_only:
             raise ValueError(f"{who}: {', '.join(fused_only)} configure the fused embedding update, but the "
                              f"{layers.name} layers fuse none (TrainingOptimizer's row-wise Adagrad there has no "
-                             f"weight decay and no non-finite skip)")
+                             f"weight decay, no non-finite skip and rounds to nearest)")
         return factory, dict(optimizer=embedding_optimizer, **emb_factory)
     if embedding_optimizer is None and (weight_decay or embedding_skip_nonfinite):
         raise ValueError(f"{who}: embedding_weight_decay={embedding_weight_decay!r} / embedding_skip_nonfinite="
@@ -83,7 +91,8 @@ def layer_options(who: str, layers: LayerSet, *, backend: Optional[str], embeddi
     common = dict(backend=backend, **factory)
     return common, dict(optimizer=embedding_optimizer, lr=embedding_lr, eps=embedding_eps,
                         weight_decay=float(weight_decay),
-                        skip_nonfinite=embedding_skip_nonfinite, backend=backend, **emb_factory)
+                        skip_nonfinite=embedding_skip_nonfinite,
+                        stochastic_rounding=embedding_stochastic_rounding, backend=backend, **emb_factory)
 
 
 def dense_dtype(model: nn.Module) -> torch.dtype:
@@ -159,6 +168,11 @@ class SAML(nn.Module):
             Inf (decided on the device; each table's ``nonfinite_steps`` counts them). Only the fused tables'
             update is skipped, not the dense optimizer's step. Kernel layers only. Both need an
             ``embedding_optimizer`` (ValueError without one: they would do nothing).
+        embedding_stochastic_rounding: the fused update stores 16-bit (bfloat16 / float16) table rows with
+            stochastic rounding (default True; unbiased, so steps below half an ulp are not lost; docs/design.md
+            "Stochastic rounding"); False rounds to nearest. No effect on float32 / float64 tables. Kernel layers
+            only (False raises ValueError with the reference layers, whose TrainingOptimizer step rounds to
+            nearest).
         device, dtype: factory arguments (dtype: of every layer, and of the tables unless embedding_dtype is set).
         embedding_dtype: dtype of the embedding tables (float32 / float16 / bfloat16 / float64), None = ``dtype``.
             16-bit tables with float32 dense layers is FBGEMM's usual set-up: the tables (and the fused update)
@@ -191,12 +205,13 @@ class SAML(nn.Module):
                  embedding_optimizer: Optional[str] = "rowwise_adagrad",
                  embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
                  embedding_weight_decay: float = 0.0, embedding_skip_nonfinite: bool = False, device=None, dtype=None,
-                 embedding_dtype: Optional[torch.dtype] = None):
+                 embedding_dtype: Optional[torch.dtype] = None, embedding_stochastic_rounding: bool = True):
         super().__init__()
         kw, emb = layer_options(type(self).__name__, layers, backend=backend, embedding_optimizer=embedding_optimizer,
                                 embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype,
                                 embedding_weight_decay=embedding_weight_decay,
-                                embedding_skip_nonfinite=embedding_skip_nonfinite, embedding_dtype=embedding_dtype)
+                                embedding_skip_nonfinite=embedding_skip_nonfinite, embedding_dtype=embedding_dtype,
+                                embedding_stochastic_rounding=embedding_stochastic_rounding)
         c = self.config = config
         self.layer_set, self.backend = layers, backend
         fk = dict(device=device, dtype=dtype)
@@ -289,12 +304,13 @@ class SharedBottom(nn.Module):
                  embedding_optimizer: Optional[str] = "rowwise_adagrad",
                  embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
                  embedding_weight_decay: float = 0.0, embedding_skip_nonfinite: bool = False, device=None, dtype=None,
-                 embedding_dtype: Optional[torch.dtype] = None):
+                 embedding_dtype: Optional[torch.dtype] = None, embedding_stochastic_rounding: bool = True):
         super().__init__()
         kw, emb = layer_options(type(self).__name__, layers, backend=backend, embedding_optimizer=embedding_optimizer,
                                 embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype,
                                 embedding_weight_decay=embedding_weight_decay,
-                                embedding_skip_nonfinite=embedding_skip_nonfinite, embedding_dtype=embedding_dtype)
+                                embedding_skip_nonfinite=embedding_skip_nonfinite, embedding_dtype=embedding_dtype,
+                                embedding_stochastic_rounding=embedding_stochastic_rounding)
         c = self.config = config
         self.layer_set, self.backend = layers, backend
         fk = dict(device=device, dtype=dtype)

@@ -135,26 +135,37 @@ class _FusedUpdate(torch.autograd.Function):
             # counter tells the user afterwards (nonfinite_steps).
             ok = _eo.finite_flag(grad_global, grad_scenario)
             layer.nonfinite_steps.add_((1 - ok).to(layer.nonfinite_steps.dtype))
-            hparams = torch.cat([hparams[:3], ok.reshape(1)])
+            hparams = torch.cat([hparams[:3], ok.reshape(1), hparams[4:]])
         if ctx.errors_before is not None:
             # capture-safe mode: no update from a step in which a bad input was counted (since the snapshot of
             # this step: the enclosing model forward's, see _checks.step_errors, else this layer's forward)
             clean = (_checks.error_total(ctx.gw.device) == ctx.errors_before).to(torch.float64)
-            hparams = torch.cat([hparams[:3], (hparams[3] * clean).reshape(1)])
+            hparams = torch.cat([hparams[:3], (hparams[3] * clean).reshape(1), hparams[4:]])
         sstate = layer.scenario_state
         _eo.backward_update(
             ctx.backend, grad_global.contiguous(), grad_scenario.contiguous(), indices, offsets, scenario, ctx.gw,
             ctx.sw, fr, fsr, slot, psw, ctx.pooling, ctx.bag_len, layer.global_state,
             sstate.view(-1) if sstate is not None else None, layer.optimizer, hparams, *ctx.update)
+        # the stochastic rounding's step word: one per fused update, on the device (no sync, graph-capturable)
+        layer._fused_hparams[_STEP:_STEP + 1].add_(1)
         return None, None, None, None, None
 
 
-#: the param-group keys the kernels read from the device tensor ``_fused_hparams``
-_PUSHED = ("lr", "eps", "weight_decay")
+#: the param-group keys the kernels read from the device tensor ``_fused_hparams`` -> their slot names
+_PUSHED = {"lr": "lr", "eps": "eps", "weight_decay": "weight_decay", "stochastic_rounding": "stochastic_rounding",
+           "rounding_seed": "seed"}
+_STEP = _eo.HPARAMS.index("step")
 
 
-def _checked_hparam(key: str, value) -> float:
-    """``float(value)`` for the fused optimizer's ``key``; ValueError unless eps > 0, lr and weight_decay >= 0."""
+def _checked_hparam(key: str, value):
+    """The fused optimizer's ``key`` checked: a float for lr / eps / weight_decay (ValueError unless eps > 0, lr and
+    weight_decay >= 0), a bool for stochastic_rounding, an int in [0, 2^32) for rounding_seed."""
+    if key == "stochastic_rounding":
+        _eo.check_rounding(value, 0, 0, "ScenarioEmbedding: fused optimizer")
+        return value
+    if key == "rounding_seed":
+        _eo.check_rounding(True, value, 0, "ScenarioEmbedding: fused optimizer")
+        return int(value)
     value = float(value)
     if not (value > 0 if key == "eps" else value >= 0):
         raise ValueError(f"ScenarioEmbedding: fused optimizer {key} must be {'> 0' if key == 'eps' else '>= 0'}, "
@@ -179,7 +190,7 @@ class _HparamGroup(dict):
             layer = self.__dict__.get("_layer")
             hparams = vars(layer).get("_buffers", {}).get("_fused_hparams") if layer is not None else None
             if hparams is not None:
-                hparams[_eo.HPARAMS.index(key)].fill_(value)
+                hparams[_eo.HPARAMS.index(_PUSHED[key])].fill_(float(value))
         super().__setitem__(key, value)
 
 
@@ -189,15 +200,21 @@ class FusedEmbeddingOptimizer(torch.optim.Optimizer):
     The update itself runs inside the layer's backward (every backward through the layer applies one update);
     ``step()`` changes no weight: it marks the end of a training step (so torch's LR schedulers see the optimizer
     stepped, and ``TrainingOptimizer`` can tell one backward per step from several) and ``zero_grad()`` does
-    nothing. Its one param group holds the tables and ``lr``, ``eps``, ``weight_decay``; setting any of them there
-    (by hand, by any ``torch.optim.lr_scheduler``, or by ``load_state_dict``) takes effect from the next backward,
-    also in a replayed CUDA graph. ``state_dict()`` holds those hyper-parameters (and a scheduler's
-    ``initial_lr``); the row-wise Adagrad states stay the layer's buffers. Picklable with its layer.
+    nothing. Its one param group holds the tables and ``lr``, ``eps``, ``weight_decay``, ``stochastic_rounding``,
+    ``rounding_seed``; setting any of them there (by hand, by any ``torch.optim.lr_scheduler``, or by
+    ``load_state_dict``) takes effect from the next backward, also in a replayed CUDA graph. ``state_dict()`` holds
+    those hyper-parameters (and a scheduler's ``initial_lr``) and ``rounding_step``, the layer's count of fused
+    updates (the stochastic rounding's step word, read from the device: one sync), which ``load_state_dict``
+    restores, so a resumed run rounds bitwise as the uninterrupted one; the row-wise Adagrad states stay the
+    layer's buffers. Picklable with its layer.
     """
 
-    def __init__(self, layer: "ScenarioEmbedding", lr: float, eps: float, weight_decay: float):
+    def __init__(self, layer: "ScenarioEmbedding", lr: float, eps: float, weight_decay: float,
+                 stochastic_rounding: bool = True, rounding_seed: int = 0):
         self._layer = layer
-        super().__init__([layer.global_weight, layer.scenario_weight], dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        super().__init__([layer.global_weight, layer.scenario_weight],
+                         dict(lr=lr, eps=eps, weight_decay=weight_decay, stochastic_rounding=stochastic_rounding,
+                              rounding_seed=rounding_seed))
         self._wrap_group()
 
     def _wrap_group(self):
@@ -207,12 +224,25 @@ class FusedEmbeddingOptimizer(torch.optim.Optimizer):
         for key in _PUSHED:
             g[key] = g[key]  # push to the device tensor
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "rounding_step": self._layer.rounding_step}
+
     def load_state_dict(self, state_dict) -> None:
+        state_dict = dict(state_dict)
+        step = state_dict.pop("rounding_step", None)
         (group,) = state_dict["param_groups"]
+        group = dict(group)
+        # a dict saved before stochastic rounding existed: keep this layer's setting
+        for key in ("stochastic_rounding", "rounding_seed"):
+            group.setdefault(key, self.param_groups[0][key])
         for key in _PUSHED:  # check before anything is written (torch's load replaces the group wholesale)
             _checked_hparam(key, group[key])
-        super().load_state_dict(state_dict)
+        if step is not None:
+            _eo.check_rounding(True, 0, step, "ScenarioEmbedding: fused optimizer state_dict")
+        super().load_state_dict({**state_dict, "param_groups": [group]})
         self._wrap_group()
+        if step is not None:
+            self._layer._fused_hparams[_STEP].fill_(float(step))
 
     def __getstate__(self):
         # torch.optim.Optimizer pickles only defaults / state / param_groups: keep the layer link too
@@ -289,6 +319,16 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
             ``torch.save``s whole, its fused optimizer included.
         lr, eps, weight_decay: the fused optimizer's learning rate, Adagrad epsilon and L2 weight decay (applied to
             the touched rows only, FBGEMM's L2 mode).
+        stochastic_rounding: with a fused optimizer and a bfloat16 / float16 table, store the updated rows with
+            stochastic rounding (default): the row is computed in float32 and stored as one of its two 16-bit
+            neighbours, the upper one with probability equal to the fraction of the gap, so the stored value is the
+            float32 update on average and a step below half an ulp is not lost (round-to-nearest would drop it:
+            a bfloat16 1.0 never moves under steps of 1e-3). The randomness is a hash of (rounding_seed, the
+            layer's update count ``rounding_step``, table, row, column), the same on every backend: deterministic,
+            no generator state (docs/design.md, "Stochastic rounding"). False: round-to-nearest. No effect on
+            float32 / float64 tables.
+        rounding_seed: the hash's seed, an int in [0, 2^32); None takes ``torch.initial_seed() % 2^32`` at
+            construction (reproducible under ``torch.manual_seed``; nothing is drawn from the generator).
         skip_nonfinite: with a fused optimizer, skip the whole update of a step whose upstream gradient holds a NaN
             or Inf (checked on the device, no host sync; ``nonfinite_steps`` counts the skipped steps). Without it a
             NaN loss writes NaN into the touched rows, as any optimizer would.
@@ -316,7 +356,8 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
     def __init__(self, features: Sequence, num_scenarios: int, embedding_dim: int, *, sparse: bool = False,
                  optimizer: Optional[str] = None, lr: float = 0.01, eps: float = 1e-8, weight_decay: float = 0.0,
                  skip_nonfinite: bool = False, bounds_check: str = "error", backend: Optional[str] = None,
-                 device=None, dtype=None, huge_pages: bool = False):
+                 device=None, dtype=None, huge_pages: bool = False, stochastic_rounding: bool = True,
+                 rounding_seed: Optional[int] = None):
         super().__init__()
         feats = [_as_feature(f) for f in features]
         if not feats:
@@ -342,6 +383,9 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
                              f"eps={eps!r}, weight_decay={weight_decay!r}")
         if backend is not None:
             _backend.check_name(backend, "ScenarioEmbedding(backend=...)")
+        if rounding_seed is None:  # reproducible under torch.manual_seed, and draws nothing from the generator
+            rounding_seed = torch.initial_seed() % _eo.SEED_LIMIT
+        _eo.check_rounding(stochastic_rounding, rounding_seed, 0, "ScenarioEmbedding")
         self.features = tuple(feats)
         self.num_scenarios, self.embedding_dim = num_scenarios, embedding_dim
         self.sparse, self.optimizer, self._eps = bool(sparse), optimizer, float(eps)
@@ -377,13 +421,18 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
         else:
             self.register_buffer("global_state", None)
             self.register_buffer("scenario_state", None)
-        # The fused optimizer's [lr, eps, weight_decay, apply], read by the kernels on the device (not state: the
-        # values come from the constructor / fused_optimizer), and the count of steps skipped as non-finite.
-        self.register_buffer("_fused_hparams", _eo.make_hparams(lr, eps, weight_decay, device=device),
-                             persistent=False)
+        # The fused optimizer's [lr, eps, weight_decay, apply, stochastic_rounding, seed, step], read by the kernels
+        # on the device (not state: the values come from the constructor / fused_optimizer; the step is advanced
+        # by each fused update and saved by fused_optimizer.state_dict()), and the count of steps skipped as
+        # non-finite.
+        self.register_buffer("_fused_hparams", _eo.make_hparams(lr, eps, weight_decay, device=device,
+                                                                stochastic_rounding=stochastic_rounding,
+                                                                seed=rounding_seed), persistent=False)
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
-        self.fused_optimizer = (FusedEmbeddingOptimizer(self, float(lr), float(eps), float(weight_decay))
+        self.fused_optimizer = (FusedEmbeddingOptimizer(self, float(lr), float(eps), float(weight_decay),
+                                                        stochastic_rounding, rounding_seed)
                                 if optimizer is not None else None)
+        self._rounding = (stochastic_rounding, rounding_seed)
         self._lr, self._weight_decay = float(lr), float(weight_decay)
         # graph-task ids of the backward passes that updated the tables since fused_optimizer.step()
         self._backward_passes: set = set()
@@ -412,6 +461,25 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
         if fo is not None:
             fo.param_groups[0]["eps"] = value
         self._eps = float(value)
+
+    @property
+    def stochastic_rounding(self) -> bool:
+        """Whether the fused update stores 16-bit table rows with stochastic rounding (settable through
+        ``fused_optimizer.param_groups[0]["stochastic_rounding"]``)."""
+        fo = self.__dict__.get("fused_optimizer")
+        return fo.param_groups[0]["stochastic_rounding"] if fo is not None else self._rounding[0]
+
+    @property
+    def rounding_seed(self) -> int:
+        """The stochastic rounding's seed word (an int in [0, 2^32))."""
+        fo = self.__dict__.get("fused_optimizer")
+        return fo.param_groups[0]["rounding_seed"] if fo is not None else self._rounding[1]
+
+    @property
+    def rounding_step(self) -> int:
+        """The fused updates this layer has applied: the stochastic rounding's step word (read from the device:
+        a host sync)."""
+        return int(self._fused_hparams[_STEP].item())
 
     @property
     def weight_decay(self) -> float:
@@ -451,7 +519,8 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
             s += f", optimizer={self.optimizer!r}, lr={self.lr}" + (
                 f", eps={self.eps}" if self.optimizer == "rowwise_adagrad" else "") + (
                 f", weight_decay={self.weight_decay}" if self.weight_decay else "") + (
-                ", skip_nonfinite=True" if self.skip_nonfinite else "")
+                ", skip_nonfinite=True" if self.skip_nonfinite else "") + (
+                ", stochastic_rounding=False" if not self.stochastic_rounding else "")
         if self.bounds_check != "error":
             s += f", bounds_check={self.bounds_check!r}"
         if self.backend is not None:

@@ -114,7 +114,7 @@ class STAR(STARBody):
 
     Args: config (:class:`STARConfig`); backend (forced backend of every op); embedding_optimizer None | "sgd" |
     "rowwise_adagrad" (fused into the embedding backward, as ``SAML``), embedding_lr, embedding_eps,
-    embedding_weight_decay, embedding_skip_nonfinite; device, dtype; embedding_dtype (16-bit tables beside float32
+    embedding_weight_decay, embedding_skip_nonfinite, embedding_stochastic_rounding; device, dtype; embedding_dtype (16-bit tables beside float32
     dense layers: the embedding outputs are cast to the dense dtype). All as :class:`~saml_kernels.nn.SAML`.
     """
 
@@ -122,10 +122,11 @@ class STAR(STARBody):
                  embedding_optimizer: Optional[str] = "rowwise_adagrad",
                  embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
                  embedding_weight_decay: float = 0.0, embedding_skip_nonfinite: bool = False, device=None,
-                 dtype=None, embedding_dtype=None):
+                 dtype=None, embedding_dtype=None, embedding_stochastic_rounding: bool = True):
         from .layer_set import KERNEL_LAYERS
 
         super().__init__(config, KERNEL_LAYERS, backend=backend, embedding_optimizer=embedding_optimizer,
                          embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype,
                          embedding_weight_decay=embedding_weight_decay,
-                         embedding_skip_nonfinite=embedding_skip_nonfinite, embedding_dtype=embedding_dtype)
+                         embedding_skip_nonfinite=embedding_skip_nonfinite, embedding_dtype=embedding_dtype,
+                         embedding_stochastic_rounding=embedding_stochastic_rounding)

@@ -14,11 +14,17 @@ feature_scenario_rows[f] + id`` (rows of scenario table s only from samples of s
 their feature's range) contribute nothing. Row-wise Adagrad keeps one float32 value per row: ``global_state [R]``
 and ``scenario_state [M * Rs]`` (or ``[M, Rs]``), owned by the caller (the layer keeps them as buffers).
 
-The hyper-parameters travel as a float64 tensor ``hparams = [lr, eps, weight_decay, apply]`` on the weights'
-device, read by the kernels when they run (never by the host): a scheduler can change the learning rate between
-CUDA-graph replays, and ``apply = 0`` (e.g. a non-finite gradient found on the device) skips the whole update
-without a host sync. A frozen table (``update_global`` / ``update_scenario`` False) is left untouched, state
-included.
+The hyper-parameters travel as a float64 tensor ``hparams = [lr, eps, weight_decay, apply, stochastic_rounding,
+seed, step]`` on the weights' device, read by the kernels when they run (never by the host): a scheduler can change
+the learning rate between CUDA-graph replays, and ``apply = 0`` (e.g. a non-finite gradient found on the device)
+skips the whole update without a host sync. A frozen table (``update_global`` / ``update_scenario`` False) is left
+untouched, state included.
+
+16-bit tables (bfloat16 / float16): the updated row is computed in float32 and stored with stochastic rounding when
+``stochastic_rounding`` is 1 (the default), with round-to-nearest when 0 (``stochastic_rounding.py``: a hash of
+(seed, step, table, row, column), the same on every backend, so E[stored] = the float32 update and a step below
+half an ulp is not lost). The caller advances ``step`` once per update (the layer does); float32 / float64 tables
+ignore the three slots.
 
 Backends: those whose kernel table has ``backward_update`` (``cpu``, ``cuda``: the fused C++ op
 ``torch.ops.saml_C.seb_backward_update_``, no gradient tensor beyond per-row scratch) run it; the others
@@ -37,6 +43,7 @@ from torch import Tensor
 from .. import _backend
 from .._codes import FUSED_OPTIMIZERS, HPARAMS as _HPARAM_SLOTS
 from . import scenario_embedding_bag as _seb
+from . import stochastic_rounding as _sr
 
 OP = "scenario_embedding_bag (fused optimizer)"
 OPTIMIZERS = FUSED_OPTIMIZERS
@@ -45,9 +52,27 @@ HPARAMS = tuple(sorted(_HPARAM_SLOTS, key=_HPARAM_SLOTS.get))
 SGD, ROWWISE_ADAGRAD = FUSED_OPTIMIZERS["sgd"], FUSED_OPTIMIZERS["rowwise_adagrad"]
 
 
-def make_hparams(lr: float, eps: float, weight_decay: float = 0.0, device=None) -> Tensor:
-    """The float64 [4] tensor ``[lr, eps, weight_decay, apply=1]`` the fused update reads on ``device``."""
-    return torch.tensor([float(lr), float(eps), float(weight_decay), 1.0], dtype=torch.float64, device=device)
+SEED_LIMIT = 1 << 32
+STEP_LIMIT = 1 << 53  # float64 holds every integer below
+
+
+def make_hparams(lr: float, eps: float, weight_decay: float = 0.0, device=None, stochastic_rounding: bool = True,
+                 seed: int = 0, step: int = 0) -> Tensor:
+    """The float64 [7] tensor ``[lr, eps, weight_decay, apply=1, stochastic_rounding, seed, step]`` the fused
+    update reads on ``device`` (seed an int in [0, 2^32), step an int in [0, 2^53))."""
+    check_rounding(stochastic_rounding, seed, step, "make_hparams")
+    return torch.tensor([float(lr), float(eps), float(weight_decay), 1.0, float(bool(stochastic_rounding)),
+                         float(seed), float(step)], dtype=torch.float64, device=device)
+
+
+def check_rounding(stochastic_rounding, seed, step, who: str) -> None:
+    """ValueError naming ``who`` unless stochastic_rounding is a bool, seed an int in [0, 2^32) and step an int in
+    [0, 2^53) (the hash's words; float64 slots)."""
+    if not isinstance(stochastic_rounding, bool):
+        raise ValueError(f"{who}: stochastic_rounding must be a bool, got {stochastic_rounding!r}")
+    for name, v, limit in (("seed", seed, SEED_LIMIT), ("step", step, STEP_LIMIT)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < limit:
+            raise ValueError(f"{who}: rounding {name} must be an int in [0, {limit}), got {v!r}")
 
 
 def finite_flag(*grads: Tensor) -> Tensor:
@@ -73,14 +98,24 @@ def rowwise_adagrad_step(weight: Tensor, grad: Tensor, state: Tensor, lr, eps) -
     return weight - (lr / (new_state.to(grad.dtype).sqrt() + eps)).unsqueeze(-1) * grad, new_state
 
 
+def _store(w: Tensor, dtype: torch.dtype, hparams: Tensor, table: int, rows: Tensor) -> Tensor:
+    """Updated rows ``w`` [U, D] (accumulation dtype) in the table's ``dtype``: stochastic rounding for 16-bit tables
+    when hparams says so (chosen with torch.where: no host sync), else round-to-nearest."""
+    if dtype not in _sr.DTYPES:
+        return w.to(dtype)
+    sr = _sr.round_rows(w, dtype, hparams[5], hparams[6], table, rows)
+    return torch.where(hparams[4] != 0, sr, w.to(dtype))
+
+
 def _apply_rows(weight2d: Tensor, rows: Tensor, grads: Tensor, state: Optional[Tensor], optimizer: int,
-                hparams: Tensor) -> None:
-    """The update on unique ``rows`` of ``weight2d`` [N, D] with their reduced gradients ``grads`` [U, D]; a
-    skipped step (hparams[3] == 0) writes the old values back (torch.where, no host sync)."""
+                hparams: Tensor, table: int = _sr.GLOBAL_TABLE) -> None:
+    """The update on unique ``rows`` of ``weight2d`` [N, D] (``table``: 0 global, 1 scenario, a hash word of the
+    stochastic rounding) with their reduced gradients ``grads`` [U, D]; a skipped step (hparams[3] == 0) writes
+    the old values back (torch.where, no host sync)."""
     if rows.numel() == 0:
         return
     acc = torch.float64 if weight2d.dtype == torch.float64 else torch.float32
-    lr, eps, wd, apply = hparams.unbind()
+    lr, eps, wd, apply = hparams[:4].unbind()
     w_old = weight2d.index_select(0, rows)
     w = w_old.to(acc)
     g = grads.to(acc) + wd.to(acc) * w
@@ -91,7 +126,7 @@ def _apply_rows(weight2d: Tensor, rows: Tensor, grads: Tensor, state: Optional[T
         s_old = state.index_select(0, rows)
         w, s = rowwise_adagrad_step(w, g, s_old, lr.to(acc), eps.to(acc))
         state.index_copy_(0, rows, torch.where(keep, s_old, s))
-    weight2d.index_copy_(0, rows, torch.where(keep, w_old, w.to(weight2d.dtype)))
+    weight2d.index_copy_(0, rows, torch.where(keep, w_old, _store(w, weight2d.dtype, hparams, table, rows)))
 
 
 def backward_update(backend: str, grad_global: Tensor, grad_scenario: Tensor, indices: Tensor, offsets: Tensor,
@@ -113,7 +148,8 @@ def backward_update(backend: str, grad_global: Tensor, grad_scenario: Tensor, in
         global_state float32 [R], scenario_state float32 [M*Rs] (or [M, Rs]): row-wise Adagrad state, updated
             in place (None for SGD).
         optimizer: "sgd" | "rowwise_adagrad".
-        hparams: float64 [4] on the weights' device, ``[lr, eps, weight_decay, apply]`` (see ``make_hparams``).
+        hparams: float64 [7] on the weights' device, ``[lr, eps, weight_decay, apply, stochastic_rounding, seed,
+            step]`` (see ``make_hparams``; the caller advances ``step`` between updates).
         update_global, update_scenario: False leaves that table and its state unchanged (frozen).
 
     Returns None; the update is the one in the module docstring.
@@ -158,4 +194,4 @@ def backward_update(backend: str, grad_global: Tensor, grad_scenario: Tensor, in
         if update_global:
             _apply_rows(global_weight, grows, gvals, global_state, code, hparams)
         if update_scenario:
-            _apply_rows(scenario_weight.view(-1, D), srows, svals, scenario_state, code, hparams)
+            _apply_rows(scenario_weight.view(-1, D), srows, svals, scenario_state, code, hparams, _sr.SCENARIO_TABLE)
