@@ -14,6 +14,8 @@ import pathlib
 import pytest
 import torch
 
+from saml_kernels.ops.embedding_optimizer import make_hparams
+
 from saml_kernels.reference import scenario_embedding_bag as ref
 from conftest import tolerance
 
@@ -154,7 +156,7 @@ def test_fused_update_matches_float64(emu, optimizer, dtype, D, hot):
     M, Rs = sw.shape[:2]
     gst, sst = torch.rand(gw.shape[0]), torch.rand(M * Rs)
     exp_g, exp_s, exp_st = expected_update(args, gg, gs, optimizer, gst, sst)
-    hp = torch.tensor([LR, EPS, WD, 1.0], dtype=torch.float64)
+    hp = make_hparams(LR, EPS, WD, stochastic_rounding=True, seed=7, step=2)
     emu.seb_backward_update_(gg, gs, *args[:3], gw, sw, *args[5:11], gst if optimizer == 2 else None,
                              sst if optimizer == 2 else None, optimizer, hp, True, True)
     # row-wise Adagrad keeps its state in float32: float32 rounding at best
@@ -176,7 +178,7 @@ def test_empty_inputs(emu, B, max_len):
     out = emu.seb_backward_rows(gg, gs, *args, True)
     assert out[0].numel() == 0 and out[2].numel() == 0
     gw = args[3].clone()
-    hp = torch.tensor([LR, EPS, WD, 1.0], dtype=torch.float64)
+    hp = make_hparams(LR, EPS, WD, stochastic_rounding=True, seed=7, step=2)
     emu.seb_backward_update_(gg, gs, *args[:3], gw, args[4], *args[5:11], None, None, 1, hp, True, True)
     assert torch.equal(gw, args[3])
 

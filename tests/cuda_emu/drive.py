@@ -36,7 +36,8 @@ def run_all(ops) -> None:
         gg, gs = rn(B, 2, D, dtype=dt), rn(B, 1, D, dtype=dt)
         ops.seb_backward_rows(gg, gs, *a, True)
         ops.seb_backward_dense(gg, gs, *a, True)
-        hp = torch.tensor([0.1, 1e-3, 0.01, 1.0], dtype=torch.float64)
+        # [lr, eps, weight_decay, apply, stochastic_rounding, seed, step] (ops/embedding_optimizer.make_hparams)
+        hp = torch.tensor([0.1, 1e-3, 0.01, 1.0, 1.0, 5.0, 1.0], dtype=torch.float64)
         ops.seb_backward_update_(gg, gs, *a, None, None, 1, hp, True, True)
         ops.seb_backward_update_(gg, gs, *a, torch.rand(50), torch.rand(M * 11), 2, hp, True, True)
     # ---- mbranch_linear: tiled grouped / dense GEMMs (SIMT float32, WMMA float16), weight gradients, cuBLAS path
