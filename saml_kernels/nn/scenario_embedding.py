@@ -478,7 +478,9 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
     @property
     def rounding_step(self) -> int:
         """The fused updates this layer has applied: the stochastic rounding's step word (read from the device:
-        a host sync)."""
+        a host sync: read it when saving a checkpoint, not inside a captured step)."""
+        host_read("ScenarioEmbedding.rounding_step (the fused update count, for a state_dict)",
+                  self._fused_hparams.device)
         return int(self._fused_hparams[_STEP].item())
 
     @property
