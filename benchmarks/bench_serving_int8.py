@@ -274,6 +274,10 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", default=harness.RESULTS_DIR)
+    # gpu_check.sh passes every benchmark the same flags: this one has no torch.compile column and a fixed, short
+    # list of cases (one training run, one speed table), so both are accepted and have nothing to do.
+    p.add_argument("--no-compile", action="store_true", help="accepted for gpu_check.sh (no compile column here)")
+    p.add_argument("--budget-s", type=float, default=None, help="accepted for gpu_check.sh (fixed, short case list)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     acc = accuracy(args)

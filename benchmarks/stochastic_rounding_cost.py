@@ -1,7 +1,7 @@
 """The fused step of bench_embedding (forward + fused SGD update, cpu backend) on 16-bit tables with the default
 stochastic rounding against round-to-nearest: alternating rounds, medians, and the median of the per-round ratios.
 
-Usage: python benchmarks/bench_stochastic_rounding.py [--reps N] [--B 4096] [--F 16] [--R 100000] [--D 32] [--L 1]
+Usage: python benchmarks/stochastic_rounding_cost.py [--reps N] [--B 4096] [--F 16] [--R 100000] [--D 32] [--L 1]
 Prints one line per dtype; writes nothing (the numbers go to the CHANGELOG / report of the run).
 """
 from __future__ import annotations
