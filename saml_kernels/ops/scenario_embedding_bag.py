@@ -346,6 +346,26 @@ def scenario_embedding_bag(indices: Tensor, offsets: Tensor, scenario: Tensor, g
                                      bounds_check=bounds_check, sparse=sparse, backend=backend))
 
 
+def check_bag_layout(op: str, indices: Tensor, offsets: Tensor, scenario: Tensor, per_sample_weights, pooling: str,
+                     num_features: int) -> int:
+    """The bag layout's size checks shared by the float and 8-bit ops: offsets [F*B + 1] (F = ``num_features``),
+    scenario [B], per_sample_weights [nnz] only with pooling "sum". Returns B; ValueError naming ``op`` otherwise."""
+    F = num_features
+    if offsets.numel() < 1 or (offsets.numel() - 1) % F:
+        raise ValueError(f"{op}: offsets must have F*B + 1 entries with F = {F} features, got {offsets.numel()}")
+    B = (offsets.numel() - 1) // F
+    if scenario.numel() != B:
+        raise ValueError(f"{op}: scenario must have B = {B} entries (offsets imply F = {F} features x B samples), "
+                         f"got {scenario.numel()}")
+    if per_sample_weights is not None:
+        if pooling != "sum":
+            raise ValueError(f"{op}: per_sample_weights need pooling='sum', got pooling={pooling!r}")
+        if per_sample_weights.numel() != indices.numel():
+            raise ValueError(f"{op}: per_sample_weights must have one weight per index ({indices.numel()}), "
+                             f"got {per_sample_weights.numel()}")
+    return B
+
+
 def prepare_args(indices, offsets, scenario, global_weight, scenario_weight, feature_rows, feature_scenario_rows, *,
                  pooling="sum", per_sample_weights=None, bounds_check="error", sparse=False, backend=None) -> tuple:
     """Validates the public arguments and returns the argument tuple of ``torch.ops.saml_kernels.
@@ -376,18 +396,8 @@ def prepare_args(indices, offsets, scenario, global_weight, scenario_weight, fea
     fr, fsr, slot, num_aware = table_layout(feature_rows, feature_scenario_rows, global_weight.shape[0],
                                             scenario_weight.shape[1], indices.device)
     F = fr.numel() - 1
-    if offsets.numel() < 1 or (offsets.numel() - 1) % F:
-        raise ValueError(f"{OP}: offsets must have F*B + 1 entries with F = {F} features, got {offsets.numel()}")
-    B = (offsets.numel() - 1) // F
-    if scenario.numel() != B:
-        raise ValueError(f"{OP}: scenario must have B = {B} entries (offsets imply F = {F} features x B samples), "
-                         f"got {scenario.numel()}")
+    B = check_bag_layout(OP, indices, offsets, scenario, per_sample_weights, pooling, F)
     if per_sample_weights is not None:
-        if pooling != "sum":
-            raise ValueError(f"{OP}: per_sample_weights need pooling='sum', got pooling={pooling!r}")
-        if per_sample_weights.numel() != indices.numel():
-            raise ValueError(f"{OP}: per_sample_weights must have one weight per index ({indices.numel()}), "
-                             f"got {per_sample_weights.numel()}")
         per_sample_weights = per_sample_weights.to(global_weight.dtype).contiguous()
     bag_len = 0
     if pooling == "none" and F * B:

@@ -356,18 +356,8 @@ def prepare_args(indices, offsets, scenario, global_packed, scenario_packed, fea
     fr, fsr, slot, num_aware = _seb.table_layout(feature_rows, feature_scenario_rows, global_packed.shape[0],
                                                  scenario_packed.shape[1], indices.device)
     F = fr.numel() - 1
-    if offsets.numel() < 1 or (offsets.numel() - 1) % F:
-        raise ValueError(f"{op}: offsets must have F*B + 1 entries with F = {F} features, got {offsets.numel()}")
-    B = (offsets.numel() - 1) // F
-    if scenario.numel() != B:
-        raise ValueError(f"{op}: scenario must have B = {B} entries (offsets imply F = {F} features x B samples), "
-                         f"got {scenario.numel()}")
+    B = _seb.check_bag_layout(op, indices, offsets, scenario, per_sample_weights, pooling, F)
     if per_sample_weights is not None:
-        if pooling != "sum":
-            raise ValueError(f"{op}: per_sample_weights need pooling='sum', got pooling={pooling!r}")
-        if per_sample_weights.numel() != indices.numel():
-            raise ValueError(f"{op}: per_sample_weights must have one weight per index ({indices.numel()}), "
-                             f"got {per_sample_weights.numel()}")
         per_sample_weights = per_sample_weights.detach().to(torch.float32).contiguous()
     bag_len = 0
     if pooling == "none" and F * B:
