@@ -17,8 +17,8 @@ Providers (timed alternately, see harness.time_alternating; ratios are medians o
                      scenario rows (row ids precomputed, outside the timed region) summed per bag into preallocated
                      feature-major outputs by a minimal C++ loop compiled for this CPU, both tables prefetched
                      ahead (best distance kept); nothing else. "% ceiling" = its time / the provider's.
-  index-select       (fwd, CPU) torch.index_select of the same rows into preallocated buffers (what an earlier
-                     version of this benchmark called the ceiling; it is slower than a good gather).
+  index-select       (fwd, CPU) torch.index_select of the same rows into preallocated buffers (a naive ceiling:
+                     it is slower than a good gather).
   *-thp              (fwd and fwd+bwd+sgd, CPU) the same provider with its tables on transparent huge pages
                      (saml_kernels.nn.scenario_embedding.huge_page_empty; ScenarioEmbedding(huge_pages=True);
                      FBGEMM's flat weight parameter moved there). Huge pages speed up every provider, so the

@@ -1,4 +1,4 @@
-"""Benchmark of the fused mutual layer (issue 3): ``mutual_linear`` = all-branch GEMM + mutual unit, forward and
+"""Benchmark of the fused mutual layer: ``mutual_linear`` = all-branch GEMM + mutual unit, forward and
 forward+backward, against the unfused eager composition and torch.compile of it.
 
 CPU (default): M=4, B=4096, K=N=256, float32.  ``--gpu``: M=4, B=16384, K=N=512, bfloat16 on CUDA.

@@ -1,4 +1,4 @@
-"""8-bit row-wise serving tables (issue 24 item 3): what they save, what they cost in AUC, how fast they look up.
+"""8-bit row-wise serving tables: what they save, what they cost in AUC, how fast they look up.
 
 1. Accuracy on the main job's data (MovieLens-100K, time split; synthetic with --quick or when MovieLens cannot be
    had): SAML as in python/train_saml.py (D = 16, hidden 128-64, mutual unit at layer 0, row-wise Adagrad tables,
@@ -265,7 +265,7 @@ def report(acc, spd, info) -> str:
                                     [[L] + [f"{v:.2f}" for v in ms.values()] + [f"{r:.2f}"]
                                      for L, ms, r in spd["rows_out"]]),
              "", "The times (not the AUCs, bytes or logits) move with the machine's load, given in the title: on a "
-             "shared VM compare the ratios, measured on alternating calls, rather than the milliseconds."]
+             "shared machine compare the ratios, measured on alternating calls, rather than the milliseconds."]
     return "\n".join(lines) + "\n"
 
 
