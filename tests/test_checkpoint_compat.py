@@ -11,6 +11,7 @@ and SharedBottom became a family body over the shared input):
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import pathlib
 
@@ -22,10 +23,9 @@ from saml_kernels.nn import TrainingOptimizer
 
 DATA_FILE = pathlib.Path(__file__).parent / "data" / "compat_checkpoints.pt"
 # the generator's models and data (its BUILD table is the contract of the stored checkpoints)
-import importlib.util as _ilu  # noqa: E402
-
-_spec = _ilu.spec_from_file_location("make_compat_checkpoints", DATA_FILE.parent / "make_compat_checkpoints.py")
-gen = _ilu.module_from_spec(_spec)
+_spec = importlib.util.spec_from_file_location("make_compat_checkpoints",
+                                               DATA_FILE.parent / "make_compat_checkpoints.py")
+gen = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gen)
 
 
