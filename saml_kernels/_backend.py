@@ -95,6 +95,7 @@ class _Source:
     load: Callable[[], Mapping[str, Optional[Callable]]]
     why_not: Optional[Callable[[str], Optional[str]]]
     table: Optional[types.SimpleNamespace] = None
+    served_by: Optional[str] = None  # register_alias: the backend whose table this one is
 
 
 @dataclasses.dataclass
@@ -120,11 +121,31 @@ def register_kernels(op: str, backend: str, load: Callable[[], Mapping[str, Opti
     ``load()`` returns ``{kernel name: callable or None}`` and is called once, the first time the backend serves the
     op. ``why_not(device_type)`` returns None when this backend can serve the op there, else the reason (checked
     after the backend's own conditions, e.g. that the extension is built)."""
+    _new_source(op, backend, "register_kernels", _Source(load, why_not))
+
+
+def _new_source(op: str, backend: str, who: str, source: _Source) -> None:
     if backend not in BACKENDS:
-        raise ValueError(f"register_kernels({op!r}): unknown backend {backend!r}; choose one of {BACKENDS}")
+        raise ValueError(f"{who}({op!r}): unknown backend {backend!r}; choose one of {BACKENDS}")
     if op not in _OPS:
-        raise ValueError(f"register_kernels({op!r}): define_op({op!r}, kernels=...) first")
-    _OPS[op].sources[backend] = _Source(load, why_not)
+        raise ValueError(f"{who}({op!r}): define_op({op!r}, kernels=...) first")
+    if backend in _OPS[op].sources:  # one table per (op, backend): a second registration would hide the first
+        raise ValueError(f"{who}({op!r}): the {backend} backend of {op} is registered already")
+    _OPS[op].sources[backend] = source
+
+
+def register_alias(op: str, backend: str, served_by: str) -> None:
+    """``backend`` serves ``op`` with ``served_by``'s kernel table: an op that has no kernel of its own for that
+    backend, but whose ``served_by`` kernels run on the same devices (``partitioned_norm``'s "cuda" is its Triton
+    table), so ``backend=...`` models keep working. The backend can serve the op where both its own conditions
+    (device type, extension) and ``served_by``'s for this op hold; the table is ``kernels(op, served_by)``."""
+    if served_by not in BACKENDS or served_by == backend:
+        raise ValueError(f"register_alias({op!r}): served_by must be another backend of {BACKENDS}, got "
+                         f"{served_by!r}")
+    _new_source(op, backend, "register_alias",
+                _Source(lambda: vars(kernels(op, served_by)), lambda device_type: why_unavailable(served_by,
+                                                                                                   device_type, op),
+                        served_by=served_by))
 
 
 def kernels(op: str, backend: str) -> types.SimpleNamespace:
@@ -149,6 +170,13 @@ def registered_ops() -> dict[str, tuple[str, ...]]:
     return {op: tuple(b for b in BACKENDS if b in spec.sources) for op, spec in _OPS.items()}
 
 
+def served_by(op: str, backend: str) -> str:
+    """The backend whose kernels run when ``backend`` serves ``op``: ``backend`` itself, or the one it is an alias
+    of (:func:`register_alias`)."""
+    src = _OPS[op].sources.get(backend) if op in _OPS else None
+    return src.served_by if src is not None and src.served_by is not None else backend
+
+
 def register_python_kernels(op: str, stem: str) -> None:
     """Registers the ``reference`` and ``triton`` tables of ``op``: each lives in its backend's package,
     ``saml_kernels/<backend>/<stem>.py``, which declares them itself as ``KERNELS = {op: {name: function}}``; the
@@ -167,8 +195,9 @@ def _has_dispatch(name: str, dispatch_key: str) -> bool:
         return False
 
 
-def register_aten_kernels(op: str, names: Mapping[str, str]) -> None:
-    """Registers the ``cpu`` and ``cuda`` tables of ``op`` from ``{kernel name: torch.ops.saml_C operator}``.
+def register_aten_kernels(op: str, names: Mapping[str, str], backends: tuple[str, ...] = ("cpu", "cuda")) -> None:
+    """Registers the ``cpu`` and ``cuda`` tables (or those of ``backends``) of ``op`` from ``{kernel name:
+    torch.ops.saml_C operator}``.
 
     A backend serves the op when the build has a kernel of every required operator for its dispatch key; an
     optional operator without one gives None in the table (the op's unfused path). The dispatcher is asked once,
@@ -176,6 +205,8 @@ def register_aten_kernels(op: str, names: Mapping[str, str]) -> None:
     torch.compile)."""
     spec = _OPS[op]
     for backend, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+        if backend not in backends:
+            continue
         built = {n: aten for n, aten in names.items() if _has_dispatch(aten, key)}
         lacking = [names[n] for n in spec.required if n not in built]
         reason = f"the extension has no {key} kernel of {lacking}" if lacking else None

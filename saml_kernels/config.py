@@ -1,5 +1,6 @@
-"""``SAMLConfig``: the configuration of SAML and of the shared-bottom baseline, and the model-input shape checks
-shared by ``saml_kernels.nn.SAML`` and its reference twin (docs/design.md section 3)."""
+"""The model configurations' shared input part ``FamilyConfig`` and ``SAMLConfig`` (SAML and the shared-bottom
+baseline; ``STARConfig`` / ``HMoEConfig`` live beside their models), and the model-input shape checks every model
+body runs (docs/design.md sections 3 and 9)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,20 +14,19 @@ from .data.batch import FeatureSpec, SequenceSpec
 
 
 @dataclasses.dataclass
-class SAMLConfig:
-    """Configuration of SAML (and of the shared-bottom baseline).
+class FamilyConfig:
+    """The input part every model's configuration shares (``SAMLConfig``, ``STARConfig``, ``HMoEConfig`` extend it).
 
     features: FeatureSpec (name, num_embeddings, scenario_aware, pooling) list of the pooled sparse features.
-    num_scenarios: M. sequence: the behaviour-sequence SequenceSpec (None = no attention).
+    num_scenarios: M. embedding_dim: D. sequence: the behaviour-sequence SequenceSpec (None = no attention).
     target_feature: name of the feature whose embeddings query the sequence (the target item).
     num_dense: dense input columns. attention_dim: d of the query/key projections.
-    aux_hidden / branch_hidden: hidden sizes of the auxiliary network and of every branch (same depth).
-    mutual_layers: hidden-layer indices (0-based) where the MutualUnit runs. temperature, similarity: of the
-    mutual unit. aux_loss_weight: weight of the auxiliary BCE. dropout: after every hidden layer.
+    dropout (keyword only, so each model's own fields follow the inputs positionally): after every hidden layer,
+    in [0, 1).
 
-    Sizes (num_scenarios, embedding_dim, attention_dim, every aux/branch hidden width >= 1; num_dense and
-    mutual_layers >= 0) take any integral value (int, numpy integer, 0-dim integer tensor) but not bool; anything
-    else raises TypeError / ValueError naming the field and the value.
+    Sizes take any integral value (int, numpy integer, 0-dim integer tensor) but not bool; anything else raises
+    TypeError / ValueError naming the configuration, the field and the value. ``Config.from_data(data, **fields)``
+    reads the inputs from a ``saml_kernels.data.CTRData``.
     """
 
     features: list
@@ -36,31 +36,73 @@ class SAMLConfig:
     target_feature: Optional[str] = None
     num_dense: int = 0
     attention_dim: int = 16
+    dropout: float = dataclasses.field(default=0.0, kw_only=True)
+
+    def _check(self, who: str) -> None:
+        """Checks and normalises the input fields (called first by each subclass's ``__post_init__``)."""
+        self.features = [FeatureSpec(*f) for f in self.features]
+        if not self.features:
+            raise ValueError(f"{who}: at least one feature is needed")
+        self.num_scenarios = size_arg(who, "num_scenarios", self.num_scenarios)
+        self.embedding_dim = size_arg(who, "embedding_dim", self.embedding_dim)
+        self.attention_dim = size_arg(who, "attention_dim", self.attention_dim)
+        self.num_dense = size_arg(who, "num_dense", self.num_dense, 0)
+        names = [f.name for f in self.features]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{who}: feature names must be unique, got {names}")
+        if self.sequence is not None:
+            self.sequence = SequenceSpec(*self.sequence)
+            if self.target_feature not in names:
+                raise ValueError(f"{who}: target_feature {self.target_feature!r} must name one of {names}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"{who}: dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def global_dim(self) -> int:
+        """Width of the shared input x_0 = A_0 = [E_g ; att_g ; dense]."""
+        return len(self.features) * self.embedding_dim + (self.embedding_dim if self.sequence else 0) + self.num_dense
+
+    def target_slot(self) -> int:
+        """Index of the target feature in E_g."""
+        return [f.name for f in self.features].index(self.target_feature)
+
+    @classmethod
+    def from_data(cls, data, **kw):
+        """A config matching a ``saml_kernels.data.CTRData`` (features, scenarios, dense, sequence); the target
+        feature defaults to "item" when the data has a sequence and such a feature."""
+        names = [f.name for f in data.features]
+        target = kw.pop("target_feature", "item" if "item" in names else None)
+        return cls(features=list(data.features), num_scenarios=data.num_scenarios, sequence=data.sequence,
+                   target_feature=target if data.sequence is not None else None, num_dense=data.num_dense, **kw)
+
+
+@dataclasses.dataclass
+class SAMLConfig(FamilyConfig):
+    """Configuration of SAML (and of the shared-bottom baseline): the input fields of :class:`FamilyConfig` and
+
+    aux_hidden / branch_hidden: hidden sizes of the auxiliary network and of every branch (same depth).
+    mutual_layers: hidden-layer indices (0-based) where the MutualUnit runs. temperature, similarity: of the
+    mutual unit. aux_loss_weight: weight of the auxiliary BCE.
+
+    Sizes (every aux/branch hidden width >= 1, mutual_layers >= 0) as in ``FamilyConfig``. SAML needs a
+    scenario-aware feature or a sequence, and with a sequence a scenario-aware target feature and sequence.
+    """
+
     aux_hidden: tuple = (256, 128)
     branch_hidden: tuple = (256, 128)
     mutual_layers: tuple = (0,)
     temperature: float = 1.0
     similarity: str = "cosine"
     aux_loss_weight: float = 0.3
-    dropout: float = 0.0
 
     def __post_init__(self):
-        self.features = [FeatureSpec(*f) for f in self.features]
+        self._check("SAMLConfig")
         # sizes: any integral value (numpy ints, 0-dim int tensors), never bool or float; stored as Python ints
         size = lambda name, v, minimum=1: size_arg("SAMLConfig", name, v, minimum)  # noqa: E731
-        self.num_scenarios = size("num_scenarios", self.num_scenarios)
-        self.embedding_dim = size("embedding_dim", self.embedding_dim)
-        self.attention_dim = size("attention_dim", self.attention_dim)
-        self.num_dense = size("num_dense", self.num_dense, 0)
         self.aux_hidden = tuple(size(f"aux_hidden[{i}]", v) for i, v in enumerate(self.aux_hidden))
         self.branch_hidden = tuple(size(f"branch_hidden[{i}]", v) for i, v in enumerate(self.branch_hidden))
         self.mutual_layers = tuple(sorted(set(size(f"mutual_layers[{i}]", m, 0)
                                               for i, m in enumerate(self.mutual_layers))))
-        if self.sequence is not None:
-            self.sequence = SequenceSpec(*self.sequence)
-        names = [f.name for f in self.features]
-        if len(set(names)) != len(names):
-            raise ValueError(f"SAMLConfig: feature names must be unique, got {names}")
         if len(self.aux_hidden) != len(self.branch_hidden) or not self.branch_hidden:
             raise ValueError("SAMLConfig: aux_hidden and branch_hidden need the same (non-zero) number of layers, "
                              f"got {self.aux_hidden} and {self.branch_hidden}")
@@ -72,9 +114,7 @@ class SAMLConfig:
         if self.temperature <= 0:
             raise ValueError(f"SAMLConfig: temperature must be > 0, got {self.temperature}")
         if self.sequence is not None:
-            if self.target_feature not in names:
-                raise ValueError(f"SAMLConfig: target_feature {self.target_feature!r} must name one of {names}")
-            tf = self.features[names.index(self.target_feature)]
+            tf = self.features[self.target_slot()]
             if not (tf.scenario_aware and self.sequence.scenario_aware):
                 raise ValueError("SAMLConfig: the local attention needs a scenario-aware target feature and sequence")
         if self.num_aware == 0 and self.sequence is None:
@@ -85,19 +125,13 @@ class SAMLConfig:
         return sum(1 for f in self.features if f.scenario_aware)
 
     @property
-    def global_dim(self) -> int:
-        """Width of A_0 = [E_g ; att_g ; dense]."""
-        return len(self.features) * self.embedding_dim + (self.embedding_dim if self.sequence else 0) + self.num_dense
-
-    @property
     def scenario_dim(self) -> int:
         """Width of H_0 = [E_s ; att_l]."""
         return self.num_aware * self.embedding_dim + (self.embedding_dim if self.sequence else 0)
 
     def target_slots(self) -> tuple[int, int]:
         """(index of the target feature in E_g, its index in E_s)."""
-        names = [f.name for f in self.features]
-        f = names.index(self.target_feature)
+        f = self.target_slot()
         return f, sum(1 for g in self.features[:f] if g.scenario_aware)
 
     def layer_kinds(self) -> list:
@@ -106,20 +140,12 @@ class SAMLConfig:
         return ["mutual" if l in self.mutual_layers else ("all" if l < last else "own")
                 for l in range(len(self.branch_hidden))]
 
-    @classmethod
-    def from_data(cls, data, **kw) -> "SAMLConfig":
-        """A config matching a ``saml_kernels.data.CTRData`` (features, scenarios, dense, sequence)."""
-        names = [f.name for f in data.features]
-        target = kw.pop("target_feature", "item" if "item" in names else None)
-        return cls(features=list(data.features), num_scenarios=data.num_scenarios, sequence=data.sequence,
-                   target_feature=target if data.sequence is not None else None, num_dense=data.num_dense, **kw)
-
 
 def _is_int_tensor(t) -> bool:
     return isinstance(t, Tensor) and not (t.dtype == torch.bool or t.is_floating_point() or t.is_complex())
 
 
-def check_model_inputs(who: str, config: SAMLConfig, scenario, seq_ids, seq_lengths, dense) -> tuple[int, int]:
+def check_model_inputs(who: str, config: FamilyConfig, scenario, seq_ids, seq_lengths, dense) -> tuple[int, int]:
     """Shape checks of the model inputs that the layers cannot make (they only see derived tensors); returns
     (B, L) with B = scenario.shape[0] and L = seq_ids.shape[1] (0 without a sequence). No host sync: only shapes
     and dtypes are read (the value checks are the layers': ids in the embedding op, lengths in the attention).

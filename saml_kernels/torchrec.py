@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import _kjt
 from .nn.scenario_embedding import FeatureListProperties, ScenarioEmbedding
 from .ops import _checks
 
@@ -352,18 +353,9 @@ class TorchRecScenarioEmbedding(FeatureListProperties, nn.Module):
     def _inputs(self, indices, offsets, scenario, per_sample_weights):
         """Checked (indices int64, offsets int64, scenario int64, psw) from tensors or a KeyedJaggedTensor."""
         if isinstance(indices, KeyedJaggedTensor):
-            if scenario is None:  # forward(kjt, scenario)
-                offsets, scenario = None, offsets
-            if offsets is not None:
-                raise TypeError(f"{WHO}: with a KeyedJaggedTensor pass forward(kjt, scenario)")
+            offsets, scenario = _kjt.split_call(WHO, offsets, scenario)
             kjt = indices
-            if kjt.variable_stride_per_key():
-                raise ValueError(f"{WHO}: variable-batch KeyedJaggedTensors (a stride per key) are not supported: "
-                                 f"every feature needs the same batch size B (one scenario id per sample)")
-            missing = [n for n in self.feature_names if n not in kjt.keys()]
-            if missing:
-                raise ValueError(f"{WHO}: KeyedJaggedTensor keys {kjt.keys()} lack the feature(s) {missing}")
-            if kjt.keys() != self.feature_names:
+            if _kjt.check_keys(WHO, kjt, self.feature_names) != self.feature_names:
                 kjt = kjt.permute([kjt.keys().index(n) for n in self.feature_names])
             indices, offsets = kjt.values(), kjt.offsets()
             if per_sample_weights is None:

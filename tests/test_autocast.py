@@ -240,3 +240,25 @@ def test_mixed_dtypes_still_rejected_without_autocast():
         sk.mbranch_linear(x, w, None, torch.zeros(4, dtype=torch.long))
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="differs from x dtype"):
         sk.mbranch_linear(x.double(), w, None, torch.zeros(4, dtype=torch.long))  # float64 is never cast
+
+
+def test_policies_registered_whatever_op_module_is_imported_first():
+    """The policies come from ops/__init__.py after every op exists (no import cycle between _autocast and the op
+    modules): a fresh process that imports an op module first still has the autocast kernel of every op."""
+    import subprocess
+    import sys
+
+    code = """
+import saml_kernels.ops.mutual_linear
+import torch
+from saml_kernels.ops import _autocast
+missing = [n for n in _autocast.POLICY
+           if not torch._C._dispatch_has_kernel_for_dispatch_key(f"saml_kernels::{n}", "AutocastCPU")]
+x, w, b, s = torch.randn(3, 4), torch.randn(2, 4, 5), torch.randn(2, 5), torch.tensor([0, 1, 1])
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    y = saml_kernels.ops.mutual_linear.mutual_linear(x, w, b, s)
+print(missing, y.dtype)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[] torch.bfloat16"
+    _autocast.register()  # idempotent: a second call registers nothing twice (torch would raise)

@@ -64,6 +64,29 @@ def test_optional_kernel_missing_is_none_and_required_missing_raises(toy_op):
         _backend.register_kernels(toy_op, "tpu", lambda: {})
 
 
+def test_one_table_per_backend_and_aliases_serve_another_backends_table(toy_op):
+    """A second registration of an (op, backend) raises instead of silently replacing the first; a backend with no
+    kernel of its own is an alias (``register_alias``: partitioned_norm's "cuda" is its Triton table), available
+    where its own conditions and the served backend's both hold."""
+    f = lambda: "f"  # noqa: E731
+    _backend.register_kernels(toy_op, "triton", lambda: {"f": f}, why_not=lambda dev: "toy triton says no")
+    with pytest.raises(ValueError, match="the triton backend of toy is registered already"):
+        _backend.register_kernels(toy_op, "triton", lambda: {"f": len})
+    _backend.register_alias(toy_op, "cuda", "triton")
+    assert _backend.served_by(toy_op, "cuda") == "triton" and _backend.served_by(toy_op, "triton") == "triton"
+    assert _backend.kernels(toy_op, "cuda").f is f
+    assert "runs on CUDA tensors" in _backend.why_unavailable("cuda", "cpu", toy_op)
+    if _backend.why_unavailable("cuda", "cuda") is None:  # the cuda backend itself could run: triton's reason
+        assert _backend.why_unavailable("cuda", "cuda", toy_op) == "toy triton says no"
+    with pytest.raises(ValueError, match="registered already"):
+        _backend.register_alias(toy_op, "cuda", "reference")
+    with pytest.raises(ValueError, match="another backend"):
+        _backend.register_alias(toy_op, "reference", "reference")
+    # the package's own alias: the registry, not a hand-written overwrite, says what partitioned_norm's cuda runs
+    assert _backend.served_by("partitioned_norm", "cuda") == "triton"
+    assert _backend.served_by("mbranch_linear", "cuda") == "cuda"
+
+
 def test_table_is_loaded_once(toy_op):
     calls = []
     _backend.register_kernels(toy_op, "reference", lambda: calls.append(1) or {"f": len})

@@ -178,3 +178,65 @@ def test_bad_arguments():
         fused(c, "reference", "sum", None, gg, gs, "rowwise_adagrad", 0.1, 0.0, c["gw"].clone(), c["sw"].clone())
     with pytest.raises(ValueError, match="contiguous"):
         fused(c, "reference", "sum", None, gg, gs, "sgd", 0.1, 0.0, c["gw"].t().contiguous().t(), c["sw"].clone())
+
+
+# ------------------------------------------------------------------ the functional op scenario_embedding_bag_fused
+
+@pytest.mark.parametrize("device,backend", device_backends(OP))
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_fused_op_forward_and_update(device, backend, optimizer):
+    """Forward: bitwise the public op's. Backward: the update of ``backward_update`` on the upstream gradients
+    (bitwise), the step word advanced by one, the backward pass recorded, no gradient produced."""
+    c = make_case(device)
+    B, D = c["scenario"].numel(), c["gw"].shape[1]
+    gg, gs = torch.randn(B, 3, D, device=device), torch.randn(B, 2, D, device=device)
+    adagrad = optimizer == "rowwise_adagrad"
+    st = lambda n: torch.rand(n, device=device) if adagrad else None  # noqa: E731
+    gst, sst = st(c["gw"].shape[0]), st(c["sw"].shape[0] * c["sw"].shape[1])
+    gw, sw = c["gw"].clone(), c["sw"].clone()
+    gw_exp, sw_exp = c["gw"].clone(), c["sw"].clone()
+    gst_exp, sst_exp = (gst.clone(), sst.clone()) if adagrad else (None, None)
+    fused(c, backend, "sum", None, gg, gs, optimizer, 0.1, 1e-3, gw_exp, sw_exp, gst_exp, sst_exp)
+    hp, passes = eo.make_hparams(0.1, 1e-3, device=device), set()
+    g, s = eo.scenario_embedding_bag_fused(
+        c["indices"], c["offsets"], c["scenario"], gw, sw, c["fr"], c["fsr"], optimizer=optimizer, hparams=hp,
+        global_state=gst, scenario_state=sst, backend=backend, backward_passes=passes)
+    g0, s0 = saml_kernels.scenario_embedding_bag(c["indices"], c["offsets"], c["scenario"], c["gw"], c["sw"],
+                                                 c["fr"], c["fsr"], backend=backend)
+    assert torch.equal(g, g0) and torch.equal(s, s0) and g.requires_grad
+    assert torch.equal(gw, c["gw"])  # nothing updated before the backward
+    torch.autograd.backward([g, s], [gg, gs])
+    assert torch.equal(gw, gw_exp) and torch.equal(sw, sw_exp)
+    if adagrad:
+        assert torch.equal(gst, gst_exp) and torch.equal(sst, sst_exp)
+    assert int(hp[eo.HPARAMS.index("step")]) == 1 and len(passes) == 1
+    assert gw.grad is None and sw.grad is None
+
+
+def test_fused_op_skips_nonfinite_and_frozen_tables():
+    c = make_case("cpu")
+    B, D = c["scenario"].numel(), c["gw"].shape[1]
+    gw, sw, bad = c["gw"].clone(), c["sw"].clone(), torch.zeros((), dtype=torch.int64)
+    kw = dict(optimizer="sgd", hparams=eo.make_hparams(0.1, 1e-3), nonfinite_steps=bad)
+    g, s = eo.scenario_embedding_bag_fused(c["indices"], c["offsets"], c["scenario"], gw, sw, c["fr"], c["fsr"], **kw)
+    torch.autograd.backward([g, s], [torch.full((B, 3, D), float("nan")), torch.zeros(B, 2, D)])
+    assert int(bad) == 1 and torch.equal(gw, c["gw"]) and torch.equal(sw, c["sw"])
+    g, s = eo.scenario_embedding_bag_fused(c["indices"], c["offsets"], c["scenario"], gw, sw, c["fr"], c["fsr"],
+                                           update=(False, True), **kw)
+    (g.sum() + s.sum()).backward()
+    assert int(bad) == 1 and torch.equal(gw, c["gw"]) and not torch.equal(sw, c["sw"])
+
+
+def test_fused_op_bad_arguments_write_nothing():
+    c = make_case("cpu")
+    gw, sw = c["gw"].clone(), c["sw"].clone()
+    args = (c["indices"], c["offsets"], c["scenario"], gw, sw, c["fr"], c["fsr"])
+    kw = dict(optimizer="sgd", hparams=eo.make_hparams(0.1, 1e-3))
+    with pytest.raises(ValueError, match="per_sample_weights get no gradient"):
+        eo.scenario_embedding_bag_fused(*args, per_sample_weights=torch.ones(c["indices"].numel(),
+                                                                             requires_grad=True), **kw)
+    with pytest.raises(ValueError, match="global_weight must be contiguous"):
+        eo.scenario_embedding_bag_fused(*args[:3], gw.t().contiguous().t(), *args[4:], **kw)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        eo.scenario_embedding_bag_fused(*args, optimizer="adam", hparams=kw["hparams"])
+    assert torch.equal(gw, c["gw"]) and torch.equal(sw, c["sw"])

@@ -27,12 +27,11 @@ def _module_name(path: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def oracle_imports(path: pathlib.Path, source: str | None = None) -> list[str]:
-    """Every import statement of ``path`` (or of ``source`` placed at ``path``) that names saml_kernels.reference,
-    absolute or relative, as text."""
+def _imports(path: pathlib.Path, source: str | None = None):
+    """(import statement node, the absolute module names it may load) of every import in ``path`` (or in
+    ``source`` placed at ``path``), at any depth (function-level imports included)."""
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found = []
     for node in ast.walk(ast.parse(path.read_text() if source is None else source, str(path))):
         targets = []
         if isinstance(node, ast.Import):
@@ -45,10 +44,17 @@ def oracle_imports(path: pathlib.Path, source: str | None = None) -> list[str]:
             else:
                 stem = node.module or ""
             targets = [stem] + [f"{stem}.{a.name}" for a in node.names]
-        for t in targets:
-            if t == ORACLE or t.startswith(ORACLE + "."):
-                found.append(f"line {node.lineno}: {ast.unparse(node)}")
-                break
+        if targets:
+            yield node, targets
+
+
+def oracle_imports(path: pathlib.Path, source: str | None = None) -> list[str]:
+    """Every import statement of ``path`` (or of ``source`` placed at ``path``) that names saml_kernels.reference,
+    absolute or relative, as text."""
+    found = []
+    for node, targets in _imports(path, source):
+        if any(t == ORACLE or t.startswith(ORACLE + ".") for t in targets):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
     return found
 
 
@@ -99,3 +105,25 @@ print(sorted(m for m in sys.modules if m.startswith("saml_kernels.reference")))
     if out.strip() == "SKIP":
         pytest.skip("the C++ extension is not built: the automatic CPU backend is the reference")
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_op_modules_import_no_cycle():
+    """The modules of saml_kernels/ops import each other along a DAG (any import, also inside a function): a cycle
+    works only by import order (as _autocast <-> mbranch_linear once did). The package's __init__ is the one place
+    that imports them all and then registers the autocast policies."""
+    ops = PACKAGE / "ops"
+    names = {_module_name(p): p for p in ops.glob("*.py") if p.name != "__init__.py"}
+    graph = {m: sorted({t for _, ts in _imports(p) for t in ts if t in names and t != m}) for m, p in names.items()}
+    state: dict = {}
+
+    def visit(m, path):
+        if state.get(m) == "done":
+            return
+        assert state.get(m) != "open", f"import cycle: {' -> '.join(path + [m])}"
+        state[m] = "open"
+        for t in graph[m]:
+            visit(t, path + [m])
+        state[m] = "done"
+
+    for m in graph:
+        visit(m, [])

@@ -45,21 +45,15 @@ PAIRS = _pairs()
 
 
 def mbl(backend):
-    if backend == "triton":
-        from saml_kernels.triton import mbranch_linear as tk
-
-        return tk.grouped_forward, tk.all_forward, tk.grouped_backward
-    ops = torch.ops.saml_C
-    return ops.mbl_grouped_forward, ops.mbl_all_forward, ops.mbl_grouped_backward
+    """(grouped_forward, all_forward, grouped_backward) of ``backend``: its table in the registry."""
+    k = _backend.kernels("mbranch_linear", backend)
+    return k.grouped_forward, k.all_forward, k.grouped_backward
 
 
 def mu(backend):
-    if backend == "triton":
-        from saml_kernels.triton import mutual_unit as tk
-
-        return tk.mutual_forward, tk.mutual_backward, tk.mutual_linear_forward, tk.mutual_linear_backward
-    ops = torch.ops.saml_C
-    return ops.mutual_forward, ops.mutual_backward, ops.mutual_linear_forward, ops.mutual_linear_backward
+    """(mutual_forward, mutual_backward, mutual_linear_forward, mutual_linear_backward) of ``backend``."""
+    k, kl = _backend.kernels("mutual_unit", backend), _backend.kernels("mutual_linear", backend)
+    return k.forward, k.backward, kl.forward, kl.backward
 
 
 @pytest.fixture

@@ -41,11 +41,9 @@ PAIRS = _pairs()
 
 
 def kernels(backend):
-    if backend == "triton":
-        from saml_kernels.triton import scenario_embedding_bag as tk
-
-        return tk.forward, tk.backward_rows
-    return torch.ops.saml_C.seb_forward, torch.ops.saml_C.seb_backward_rows
+    """(forward, backward_rows) of ``backend``: its table in the registry."""
+    k = _backend.kernels(OP, backend)
+    return k.forward, k.backward_rows
 
 
 def poison_allocator(device):
@@ -323,9 +321,9 @@ def test_cuda_fused_update(device, backend, optimizer, dtype, D, hot):
             exp_w[t][r] -= 0.1 * v / (exp_s[t][r].sqrt() + 1e-6).unsqueeze(1)
     # lr, eps, wd, apply, stochastic rounding off (round-to-nearest, compared at the dtype's tolerance), seed, step
     hparams = torch.tensor([0.1, 1e-6, 0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64, device=device)
-    torch.ops.saml_C.seb_backward_update_(gg, gs, *args[:3], gw, sw, *args[5:11],
-                                          gst if optimizer == 2 else None, sst if optimizer == 2 else None,
-                                          optimizer, hparams, True, True)
+    _backend.kernels(OP, backend).backward_update(gg, gs, *args[:3], gw, sw, *args[5:11],
+                                                  gst if optimizer == 2 else None, sst if optimizer == 2 else None,
+                                                  optimizer, hparams, True, True)
     assert_close(gw, exp_w[0], dtype)
     assert_close(sw.reshape(M * Rs, D), exp_w[1], dtype)
     if optimizer == 2:
@@ -347,7 +345,7 @@ def test_cuda_dense_backward(device, backend, dtype, D, hot):
     exp_s = torch.zeros(M * Rs, D, dtype=torch.float64)
     exp_g[rows[0]] = rows[1]
     exp_s[rows[2]] = rows[3]
-    dg, ds, gpsw = torch.ops.saml_C.seb_backward_dense(gg, gs, *args, True)
+    dg, ds, gpsw = _backend.kernels(OP, backend).backward_dense(gg, gs, *args, True)
     assert dg.shape == gw.shape and ds.shape == sw.shape and dg.dtype == gw.dtype
     assert_close(dg, exp_g, dtype)
     assert_close(ds.reshape(M * Rs, D), exp_s, dtype)

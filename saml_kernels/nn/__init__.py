@@ -6,7 +6,8 @@ from .multi_branch_linear import MultiBranchLinear
 from .mutual_unit import MutualUnit
 from .attention import ScenarioAttention
 from .layer_set import KERNEL_LAYERS
-from .saml import SAML, SAMLConfig, SharedBottom, TrainingOptimizer
+from .saml import SAML, SAMLConfig, TrainingOptimizer
+from .shared_bottom import SharedBottom
 from .star_linear import StarLinear
 from .partitioned_norm import PartitionedNorm
 from .star import STAR, STARConfig

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from .._args import size_arg
-from ._family import FamilyBody, FamilyConfig, unrouted
+from ..config import FamilyConfig
+from ._family import FamilyBody, unrouted
 
 __all__ = ["HMoE", "HMoEConfig", "HMoEBody"]
 

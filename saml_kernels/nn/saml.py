@@ -1,4 +1,5 @@
-"""``SAML`` (docs/design.md section 1) and the ``SharedBottom`` baseline, each one model body built from a layer set.
+"""``SAML`` (docs/design.md section 1), one model body built from a layer set, and what every model body shares
+(``ModelBody``, ``layer_options``, ``dense_dtype``, ``checked_forward``; ``SharedBottom`` is in nn/shared_bottom.py).
 
     E_g, E_s = embedding(ids, scenario);  S_g, S_s = sequence_embedding(behaviour ids, scenario)  (pooling "none")
     att_g, att_l = attention(E_g[target], E_s[target], S_g, S_s, lengths, scenario)
@@ -12,7 +13,7 @@
 
 The layer classes come from a :class:`~saml_kernels._layer_set.LayerSet` (``layers=``): ``KERNEL_LAYERS`` (the
 default, this package's fused layers) or ``REFERENCE_LAYERS`` (the plain-PyTorch twins;
-``saml_kernels.reference.SAMLReference`` and ``SharedBottomReference`` are these bodies built with them). The twins
+``saml_kernels.reference.SAMLReference`` is this body built with them). The twins
 take the same constructor arguments and hold the same parameter names, so both models have one structure and
 their state_dicts interchange. The kernel-only options reach the layers only with the kernel set (see
 :func:`layer_options`), and only the kernel forward runs under deferred value checks (see
@@ -29,10 +30,10 @@ from .. import _backend
 from .._layer_set import LayerSet
 from ..config import SAMLConfig, check_model_inputs
 from ..ops import _checks
-from ..training import TrainingOptimizer, bce_loss, optimizer_state_keys_optional, saml_loss
+from ..training import TrainingOptimizer, optimizer_state_keys_optional, saml_loss
 from .layer_set import KERNEL_LAYERS
 
-__all__ = ["SAML", "SAMLConfig", "SharedBottom", "TrainingOptimizer"]
+__all__ = ["SAML", "SAMLConfig", "SharedBottom", "TrainingOptimizer"]  # SharedBottom: nn/shared_bottom.py
 
 # table dtypes a model's embedding_dtype may name (those of the embedding op)
 EMBEDDING_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -147,7 +148,23 @@ def seq_offsets(B: int, L: int, like: Tensor) -> Tensor:
     return torch.arange(0, B * L + 1, L, device=like.device, dtype=like.dtype)
 
 
-class SAML(nn.Module):
+class ModelBody(nn.Module):
+    """What every model body (``SAML``, and the family bodies of ``nn/_family.py``: ``SharedBottom``, STAR, HMoE)
+    shares: ``reset_parameters`` (every submodule's, in module order) and the state_dict rule that the row-wise
+    Adagrad states are optimizer state (``training.optimizer_state_keys_optional``: optional in a strict load)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_load_state_dict_post_hook(optimizer_state_keys_optional)
+
+    def reset_parameters(self) -> None:
+        """Re-initialises every layer as its constructor did (each layer's ``reset_parameters``)."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+
+class SAML(ModelBody):
     """SAML, built from the kernel layers by default.
 
     Args:
@@ -240,12 +257,6 @@ class SAML(nn.Module):
         self.branch_head = layers.multi_branch_linear(kh, 1, M, aux_features=ka, bias=True, activation=None,
                                                       route="own", **kw)
         self.dropout = nn.Dropout(c.dropout)
-        self.register_load_state_dict_post_hook(optimizer_state_keys_optional)
-
-    def reset_parameters(self) -> None:
-        for m in self.modules():
-            if m is not self and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
 
     def representations(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None):
         """(A_0 [B, global_dim], H_0 [B, scenario_dim])."""
@@ -287,80 +298,11 @@ class SAML(nn.Module):
         return saml_loss(main, aux, batch.label, self.config.aux_loss_weight)
 
 
-class SharedBottom(nn.Module):
-    """Shared-bottom baseline with SAML's embedding budget: the same tables and widths, no scenario structure in
-    the representation (only the global embeddings E_g, global attention and dense go in), one shared bottom MLP
-    (``config.branch_hidden[:-1]``) and a per-scenario tower (last hidden layer + logit, own route).
+def __getattr__(name: str):
+    # ``SharedBottom`` lives in nn/shared_bottom.py (a family body, which imports this module); checkpoints pickled
+    # as ``saml_kernels.nn.saml.SharedBottom`` still find it here, imported on first use (no import cycle)
+    if name == "SharedBottom":
+        from .shared_bottom import SharedBottom
 
-    Arguments as :class:`SAML` (``layers``, ``backend``, ``embedding_optimizer``, ..., ``embedding_dtype``); ``backend`` applies to
-    every op, the tower's included. forward(...) -> logit [B] (same inputs and input checks as SAML);
-    loss(batch) = BCE(logit) (0 with zero gradients for an empty batch). Its state_dict follows SAML's rule:
-    row-wise Adagrad states are optimizer state (optional in a strict load). Parameter names: embedding.*,
-    sequence_embedding.*, attention.* (as SAML), bottom.<3 i>.{weight, bias}, tower.{weight, bias},
-    head.{weight, bias}.
-    """
-
-    def __init__(self, config: SAMLConfig, *, layers: LayerSet = KERNEL_LAYERS, backend: Optional[str] = None,
-                 embedding_optimizer: Optional[str] = "rowwise_adagrad",
-                 embedding_lr: float = 0.05, embedding_eps: float = 1e-8,
-                 embedding_weight_decay: float = 0.0, embedding_skip_nonfinite: bool = False, device=None, dtype=None,
-                 embedding_dtype: Optional[torch.dtype] = None, embedding_stochastic_rounding: bool = True):
-        super().__init__()
-        kw, emb = layer_options(type(self).__name__, layers, backend=backend, embedding_optimizer=embedding_optimizer,
-                                embedding_lr=embedding_lr, embedding_eps=embedding_eps, device=device, dtype=dtype,
-                                embedding_weight_decay=embedding_weight_decay,
-                                embedding_skip_nonfinite=embedding_skip_nonfinite, embedding_dtype=embedding_dtype,
-                                embedding_stochastic_rounding=embedding_stochastic_rounding)
-        c = self.config = config
-        self.layer_set, self.backend = layers, backend
-        fk = dict(device=device, dtype=dtype)
-        M, D = c.num_scenarios, c.embedding_dim
-        self.embedding = layers.scenario_embedding([(f.name, f.num_embeddings, False, f.pooling) for f in c.features],
-                                                   M, D, **emb)
-        if c.sequence is not None:
-            seq = c.sequence
-            self.sequence_embedding = layers.scenario_embedding([(seq.name, seq.num_embeddings, False, "none")], M, D,
-                                                                **emb)
-            self.attention = layers.attention(D, c.attention_dim, M, **kw)
-        k = c.global_dim
-        bottom = []
-        for n in c.branch_hidden[:-1]:
-            bottom += [nn.Linear(k, n, **fk), nn.ReLU(), nn.Dropout(c.dropout)]
-            k = n
-        self.bottom = nn.Sequential(*bottom)
-        self.tower = layers.multi_branch_linear(k, c.branch_hidden[-1], M, bias=True, activation="relu", route="own",
-                                                **kw)
-        self.head = layers.multi_branch_linear(c.branch_hidden[-1], 1, M, bias=True, activation=None, route="own",
-                                               **kw)
-        self.register_load_state_dict_post_hook(optimizer_state_keys_optional)
-
-    def reset_parameters(self) -> None:
-        for m in self.modules():
-            if m is not self and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-
-    def forward(self, indices, offsets, scenario, seq_ids=None, seq_lengths=None, dense=None):
-        return checked_forward(self, self._forward, indices, offsets, scenario, seq_ids, seq_lengths, dense)
-
-    def _forward(self, indices, offsets, scenario, seq_ids, seq_lengths, dense):
-        c = self.config
-        B, L = check_model_inputs(type(self).__name__, c, scenario, seq_ids, seq_lengths, dense)
-        D = c.embedding_dim
-        dt = dense_dtype(self)  # 16-bit tables may feed float32 dense layers: their outputs are cast here
-        e_g = self.embedding(indices, offsets, scenario)[0].to(dt)
-        parts = [e_g.reshape(B, len(c.features) * D)]  # explicit width: reshape(B, -1) fails for B = 0
-        if c.sequence is not None:
-            s_g = self.sequence_embedding(seq_ids.reshape(-1), seq_offsets(B, L, seq_ids), scenario)[0].to(dt)
-            fg, _ = c.target_slots()
-            s_g = s_g.reshape(B, L, D)
-            # the global half of the attention only (the local half gets the same global inputs)
-            att_g, _ = self.attention(e_g[:, fg], e_g[:, fg], s_g, s_g, seq_lengths, scenario)
-            parts.append(att_g)
-        if c.num_dense:
-            parts.append(dense.to(dt))
-        h = self.bottom(torch.cat(parts, 1))
-        return self.head(self.tower(h, scenario), scenario).squeeze(-1)
-
-    def loss(self, batch) -> Tensor:
-        """Mean BCE of the logit on a ``saml_kernels.data.Batch`` (0 with zero gradients for an empty batch)."""
-        return bce_loss(self(*batch.inputs()), batch.label)
+        return SharedBottom
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import _backend
+from .. import _backend, _kjt
+from .._memory import huge_page_empty
 from ..functional import scenario_embedding_bag
 from ..graphs import host_read
 from ..ops import _checks
@@ -31,35 +32,6 @@ from ._ddp_guard import refuse_under_ddp
 __all__ = ["EmbeddingFeature", "FusedEmbeddingOptimizer", "ScenarioEmbedding", "huge_page_empty"]
 
 OPTIMIZERS = (None, "sgd", "rowwise_adagrad")
-_HUGE_PAGE = 2 << 20
-
-
-def huge_page_empty(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
-    """An uninitialised, contiguous CPU tensor of ``shape`` whose memory is advised as transparent huge pages.
-
-    The memory is an anonymous mapping aligned to 2 MiB and ``madvise(MADV_HUGEPAGE)``d, so the kernel backs it
-    with 2 MiB pages where it can (Linux with ``/sys/kernel/mm/transparent_hugepage/enabled`` = madvise or always).
-    Random-row lookups into a table much larger than the TLB's reach then miss the TLB far less. The mapping lives
-    as long as the tensor. Raises ``RuntimeError`` where the platform has no ``MADV_HUGEPAGE``.
-    """
-    import ctypes
-    import mmap
-
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
-        raise RuntimeError("huge_page_empty: this platform has no MADV_HUGEPAGE (Linux only)")
-    numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    size = -(-max(nbytes, 1) // _HUGE_PAGE) * _HUGE_PAGE
-    # private anonymous memory (a shared mapping would be shmem, which THP treats separately); one spare huge
-    # page to align the start
-    mem = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
-    start = -addr % _HUGE_PAGE
-    mem.madvise(mmap.MADV_HUGEPAGE, start, size)
-    if nbytes == 0:
-        return torch.empty(tuple(shape), dtype=dtype)
-    flat = torch.frombuffer(mem, dtype=torch.uint8, count=nbytes, offset=start)  # keeps `mem` alive
-    return flat.view(dtype).view(tuple(shape))
 
 
 def _is_exporting() -> bool:
@@ -105,56 +77,10 @@ def _as_feature(spec) -> EmbeddingFeature:
     return EmbeddingFeature(f.name, n, bool(f.scenario_aware), f.pooling)
 
 
-class _FusedUpdate(torch.autograd.Function):
-    """Forward: the custom op. Backward: the optimizer update applied in place to the touched rows (FBGEMM TBE
-    style); no gradient tensor is materialised. The first input is a placeholder that requires grad, so autograd
-    calls this backward although the tables themselves are passed detached."""
-
-    @staticmethod
-    def forward(ctx, placeholder, args, layer, update, errors_before):
-        (indices, offsets, scenario, gw, sw, fr, fsr, slot, psw, pooling, bag_len, num_aware, bounds, backend) = args
-        g, s = torch.ops.saml_kernels.scenario_embedding_bag(indices, offsets, scenario, gw, sw, fr, fsr, slot, psw,
-                                                             pooling, bag_len, num_aware, bounds, False, backend)
-        ctx.save_for_backward(indices, offsets, scenario, fr, fsr, slot, psw)
-        # The tables are updated in place in the backward: keep them as attributes, not saved tensors (a saved
-        # tensor's version check would reject the update when the layer runs twice before one backward).
-        ctx.gw, ctx.sw, ctx.layer, ctx.update, ctx.errors_before = gw, sw, layer, update, errors_before
-        ctx.pooling, ctx.bag_len, ctx.backend = pooling, bag_len, backend
-        return g, s
-
-    @staticmethod
-    def backward(ctx, grad_global, grad_scenario):
-        indices, offsets, scenario, fr, fsr, slot, psw = ctx.saved_tensors
-        layer = ctx.layer
-        # which backward pass this is (host bookkeeping, no sync): TrainingOptimizer.step() warns when one step
-        # saw several (gradient accumulation, retain_graph), each of which applied its own update
-        layer.__dict__.setdefault("_backward_passes", set()).add(torch._C._current_graph_task_id())
-        hparams = layer._fused_hparams
-        if layer.skip_nonfinite:
-            # The step is skipped on the device when an upstream gradient is not finite: no host sync, and the
-            # counter tells the user afterwards (nonfinite_steps).
-            ok = _eo.finite_flag(grad_global, grad_scenario)
-            layer.nonfinite_steps.add_((1 - ok).to(layer.nonfinite_steps.dtype))
-            hparams = torch.cat([hparams[:3], ok.reshape(1), hparams[4:]])
-        if ctx.errors_before is not None:
-            # capture-safe mode: no update from a step in which a bad input was counted (since the snapshot of
-            # this step: the enclosing model forward's, see _checks.step_errors, else this layer's forward)
-            clean = (_checks.error_total(ctx.gw.device) == ctx.errors_before).to(torch.float64)
-            hparams = torch.cat([hparams[:3], (hparams[3] * clean).reshape(1), hparams[4:]])
-        sstate = layer.scenario_state
-        _eo.backward_update(
-            ctx.backend, grad_global.contiguous(), grad_scenario.contiguous(), indices, offsets, scenario, ctx.gw,
-            ctx.sw, fr, fsr, slot, psw, ctx.pooling, ctx.bag_len, layer.global_state,
-            sstate.view(-1) if sstate is not None else None, layer.optimizer, hparams, *ctx.update)
-        # the stochastic rounding's step word: one per fused update, on the device (no sync, graph-capturable)
-        layer._fused_hparams[_STEP:_STEP + 1].add_(1)
-        return None, None, None, None, None
-
-
 #: the param-group keys the kernels read from the device tensor ``_fused_hparams`` -> their slot names
 _PUSHED = {"lr": "lr", "eps": "eps", "weight_decay": "weight_decay", "stochastic_rounding": "stochastic_rounding",
            "rounding_seed": "seed"}
-_STEP = _eo.HPARAMS.index("step")
+_STEP = _eo.HPARAMS.index("step")  # the stochastic rounding's step word (fused update count)
 
 
 def _checked_hparam(key: str, value):
@@ -533,14 +459,9 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
 
     def _unpack(self, indices, offsets, scenario, per_sample_weights):
         """(indices, offsets, scenario, per_sample_weights) from plain tensors or a KeyedJaggedTensor-like input."""
-        if not isinstance(indices, Tensor) and all(hasattr(indices, a) for a in ("keys", "values", "offsets")):
-            kjt = indices
-            if scenario is None:  # forward(kjt, scenario)
-                offsets, scenario = None, offsets
-            if offsets is not None:
-                raise TypeError("ScenarioEmbedding: with a KeyedJaggedTensor input pass forward(kjt, scenario); "
-                                "offsets come from the KeyedJaggedTensor")
-            indices, offsets, kjt_weights = self._from_kjt(kjt)
+        if _kjt.is_kjt(indices):
+            offsets, scenario = _kjt.split_call("ScenarioEmbedding", offsets, scenario)
+            indices, offsets, kjt_weights = self._from_kjt(indices)
             if per_sample_weights is None:
                 per_sample_weights = kjt_weights
             if isinstance(indices, Tensor) and isinstance(offsets, Tensor) and offsets.dtype != indices.dtype:
@@ -551,72 +472,8 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
 
     def _from_kjt(self, kjt):
         """(values, offsets, weights) of a KeyedJaggedTensor in the layer's feature order, matched by key name as
-        TorchRec's EmbeddingBagCollection does (keys the layer has no feature for are ignored). Keys already in
-        the layer's order cost nothing; the layer's keys in another order are reordered on the device (no host
-        read: CUDA-graph capturable); extra keys cost one host read of the offsets to cut the values."""
-        variable = getattr(kjt, "variable_stride_per_key", None)
-        if callable(variable) and variable():
-            raise ValueError("ScenarioEmbedding: variable-batch KeyedJaggedTensors (a stride per key) are not "
-                             "supported: every feature needs the same batch size B (one scenario id per sample)")
-        keys = list(kjt.keys())
-        names = self.feature_names
-        missing = [n for n in names if n not in keys]
-        if missing:
-            raise ValueError(f"ScenarioEmbedding: KeyedJaggedTensor keys {keys} lack the layer's feature(s) {missing}")
-        values, offsets = kjt.values(), kjt.offsets()
-        weights = kjt.weights_or_none() if hasattr(kjt, "weights_or_none") else None
-        if keys == names:
-            return values, offsets, weights
-        K = len(keys)
-        if offsets.numel() < 1 or (offsets.numel() - 1) % K:
-            raise ValueError(f"ScenarioEmbedding: KeyedJaggedTensor offsets must have len(keys) * B + 1 entries "
-                             f"(len(keys) = {K}), got {offsets.numel()}")
-        B = (offsets.numel() - 1) // K
-        order = [keys.index(n) for n in names]
-        lengths = offsets[1:] - offsets[:-1]
-        new_lengths = lengths.view(K, B)[self._key_order(order, offsets.device)].reshape(-1)
-        new_offsets = torch.zeros(len(names) * B + 1, dtype=offsets.dtype, device=offsets.device)
-        torch.cumsum(new_lengths, 0, out=new_offsets[1:])
-        if K == len(names):  # a permutation of the layer's keys: same entries, gathered on the device
-            src = self._permuted_entries(offsets, new_offsets, order, B, values.numel())
-            return values[src], new_offsets, (weights[src] if weights is not None else None)
-        host_read(f"ScenarioEmbedding: a KeyedJaggedTensor with keys the layer has no feature for "
-                  f"({sorted(set(keys) - set(names))}) is cut by a host read of its offsets; pass only the "
-                  f"layer's keys", offsets.device)
-        cuts = offsets[torch.arange(K + 1, device=offsets.device) * B].tolist()
-        pick = lambda t: torch.cat([t[cuts[k]:cuts[k + 1]] for k in order])  # noqa: E731
-        return pick(values), new_offsets, (pick(weights) if weights is not None else None)
-
-    def _key_order(self, order: list, device) -> Tensor:
-        """``order`` (the KJT key index of each layer feature) as an int64 tensor on ``device``, cached per order
-        and device. Built by scalar fills (kernels with the value as an argument), not a host-to-device copy, so
-        it is capture-safe too."""
-        cache = self.__dict__.setdefault("_key_orders", {})
-        key = (tuple(order), _checks.device_key(device))
-        t = cache.get(key)
-        if t is None:
-            t = torch.empty(len(order), dtype=torch.int64, device=device)
-            for i, k in enumerate(order):
-                t.narrow(0, i, 1).fill_(k)
-            cache[key] = t
-        return t
-
-    def _permuted_entries(self, offsets, new_offsets, order, B: int, nnz: int) -> Tensor:
-        """int64 [nnz]: the source entry of every entry of the reordered values, all on the device. Entry p lies in
-        new bag j = (layer feature f, sample b) (a search in the new offsets); its source is the same position in
-        bag (order[f], b) of the KJT. Clamped into range, so malformed offsets read no entry out of bounds (the
-        op's offsets check then reports them)."""
-        if nnz == 0 or new_offsets.numel() <= 1:
-            return torch.zeros(0, dtype=torch.int64, device=offsets.device)
-        dev = offsets.device
-        off = offsets.long()
-        new_off = new_offsets.long()
-        nb = new_off.numel() - 1
-        pos = torch.arange(nnz, device=dev)
-        bag = torch.searchsorted(new_off[1:], pos, right=True).clamp_(max=nb - 1)
-        src_bag = (self._key_order(order, dev)[:, None] * B + torch.arange(B, device=dev)).reshape(-1)
-        src = off[src_bag[bag]] + (pos - new_off[bag])
-        return src.clamp_(0, nnz - 1)
+        TorchRec's EmbeddingBagCollection does (``_kjt.reorder``: no host read unless the KJT has extra keys)."""
+        return _kjt.reorder("ScenarioEmbedding", kjt, self.feature_names, self.__dict__.setdefault("_key_orders", {}))
 
     def _runs_inputs(self, indices, offsets, per_sample_weights):
         """One (indices, offsets, psw, feature range, pooling) per pooling run; slices need one host sync."""
@@ -699,24 +556,15 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
         return torch.cat(gs, 1), torch.cat(ss, 1)
 
     def _fused(self, indices, offsets, scenario, fr, fsr, pooling, psw, update):
-        """The fused-optimizer path: validate like the functional op, then run ``_FusedUpdate``. ``update`` =
-        (global table trains, scenario table trains)."""
-        if psw is not None and psw.requires_grad:
-            raise ValueError("ScenarioEmbedding: per_sample_weights get no gradient with a fused optimizer; pass "
-                             "them detached (or use optimizer=None)")
+        """The fused-optimizer path: ``ops.embedding_optimizer.scenario_embedding_bag_fused`` on this layer's tables,
+        states and hparams tensor. ``update`` = (global table trains, scenario table trains)."""
         for p in (self.global_weight, self.scenario_weight):
-            if not p.is_contiguous():  # updated in place below: a contiguous copy would be updated instead
+            if not p.is_contiguous():  # updated in place: a contiguous copy would be updated instead
                 with torch.no_grad():
                     p.data = p.data.contiguous()
-        # capture-safe mode: the step's snapshot of the error counters (the enclosing model's, taken before its
-        # first check, so an error anywhere in the model's forward skips this update too), else None
-        errors_before = _checks.errors_before(self.global_weight.device)
-        args = _seb.prepare_args(indices, offsets, scenario, self.global_weight.detach(),
-                                 self.scenario_weight.detach(), fr, fsr, pooling=pooling, per_sample_weights=psw,
-                                 bounds_check=self.bounds_check, sparse=False, backend=self.backend)
-        (indices, offsets, scenario, gw, sw, fr_t, fsr_t, slot, psw, pool, bag_len, num_aware, bounds, _,
-         backend) = args
-        placeholder = torch.zeros(0, device=gw.device, requires_grad=True)
-        return _FusedUpdate.apply(
-            placeholder, (indices, offsets, scenario, gw, sw, fr_t, fsr_t, slot, psw, pool, bag_len, num_aware,
-                          bounds, backend), self, update, errors_before)
+        return _eo.scenario_embedding_bag_fused(
+            indices, offsets, scenario, self.global_weight, self.scenario_weight, fr, fsr, optimizer=self.optimizer,
+            hparams=self._fused_hparams, global_state=self.global_state, scenario_state=self.scenario_state,
+            pooling=pooling, per_sample_weights=psw, bounds_check=self.bounds_check, backend=self.backend,
+            update=update, nonfinite_steps=self.nonfinite_steps if self.skip_nonfinite else None,
+            backward_passes=self.__dict__.setdefault("_backward_passes", set()))

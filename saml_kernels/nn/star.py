@@ -27,7 +27,8 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .._args import size_arg
-from ._family import FamilyBody, FamilyConfig, unrouted
+from ..config import FamilyConfig
+from ._family import FamilyBody, unrouted
 from .partitioned_norm import check_norm_args
 
 __all__ = ["STAR", "STARConfig", "STARBody"]

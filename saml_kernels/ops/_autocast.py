@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["POLICY", "PROMOTED", "autocast_dtype", "will_cast"]
+__all__ = ["POLICY", "PROMOTED", "autocast_dtype", "register", "will_cast"]
 
 # op name (namespace saml_kernels) -> "cast" | "promote" | "keep"
 POLICY = {
@@ -107,20 +107,24 @@ def _kernel(op, device_type: str, key: str, policy: str, name: str):
     return kernel
 
 
-def _register() -> None:
-    # the op modules register the custom ops when imported (they import this module for will_cast, so the
-    # helpers above are defined by then)
-    from . import (embedding_optimizer, mbranch_linear, mutual_linear, mutual_unit,  # noqa: F401
-                   partitioned_norm, scenario_embedding_bag, scenario_embedding_bag_8bit)
+_LIB = None
 
+
+def register() -> None:
+    """Registers every op's policy as its AutocastCPU / AutocastCUDA kernel (once). Called by ``saml_kernels.ops``
+    (ops/__init__.py) after it has imported every op module, i.e. after the custom ops exist; this module imports
+    no op module (the op modules import it for :func:`will_cast`), so there is no import cycle."""
     global _LIB
-    _LIB = torch.library.Library("saml_kernels", "IMPL")
+    if _LIB is not None:
+        return
+    missing = [name for name in POLICY if not hasattr(torch.ops.saml_kernels, name)]
+    if missing:
+        raise RuntimeError(f"ops._autocast.register: the custom ops {missing} are not defined yet; import their "
+                           "op modules first (saml_kernels.ops does)")
+    lib = torch.library.Library("saml_kernels", "IMPL")
     for name, policy in POLICY.items():
         op = getattr(torch.ops.saml_kernels, name).default
         for device_type, key in _AUTOCAST_KEYS.items():
             if torch._C._is_autocast_available(device_type):
-                _LIB.impl(name, _kernel(op, device_type, key, policy, name), key, with_keyset=True)
-
-
-_LIB = None
-_register()
+                lib.impl(name, _kernel(op, device_type, key, policy, name), key, with_keyset=True)
+    _LIB = lib

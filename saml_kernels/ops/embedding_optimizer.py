@@ -26,6 +26,10 @@ untouched, state included.
 half an ulp is not lost). The caller advances ``step`` once per update (the layer does); float32 / float64 tables
 ignore the three slots.
 
+Public API: :func:`scenario_embedding_bag_fused` (the op whose backward applies the update; the layer
+``nn.ScenarioEmbedding(optimizer=...)`` keeps the tables, the states and the hparams tensor and calls it) and
+:func:`backward_update` (the update alone, for callers that hold the upstream gradients).
+
 Backends: those whose kernel table has ``backward_update`` (``cpu``, ``cuda``: the fused C++ op
 ``torch.ops.saml_C.seb_backward_update_``, no gradient tensor beyond per-row scratch) run it; the others
 (``reference``, ``triton``) take the backend's deduplicated rows (``backward_rows``) and apply the same update
@@ -42,6 +46,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._codes import FUSED_OPTIMIZERS, HPARAMS as _HPARAM_SLOTS
+from . import _checks
 from . import scenario_embedding_bag as _seb
 from . import stochastic_rounding as _sr
 
@@ -54,6 +59,10 @@ SGD, ROWWISE_ADAGRAD = FUSED_OPTIMIZERS["sgd"], FUSED_OPTIMIZERS["rowwise_adagra
 
 SEED_LIMIT = 1 << 32
 STEP_LIMIT = 1 << 53  # float64 holds every integer below
+_STEP = HPARAMS.index("step")
+_APPLY = HPARAMS.index("apply")
+
+# ------------------------------------------------------------------------------------------- hyper-parameters
 
 
 def make_hparams(lr: float, eps: float, weight_decay: float = 0.0, device=None, stochastic_rounding: bool = True,
@@ -84,6 +93,8 @@ def finite_flag(*grads: Tensor) -> Tensor:
             ok = ok & torch.isfinite(g).all()
     return ok.to(torch.float64)
 
+
+# ------------------------------------------------------------------------------------------------ update math
 
 def rowwise_adagrad_step(weight: Tensor, grad: Tensor, state: Tensor, lr, eps) -> tuple[Tensor, Tensor]:
     """Row-wise Adagrad on rows ``weight`` [..., D] with gradients ``grad`` [..., D] (both in the accumulation
@@ -128,6 +139,8 @@ def _apply_rows(weight2d: Tensor, rows: Tensor, grads: Tensor, state: Optional[T
         state.index_copy_(0, rows, torch.where(keep, s_old, s))
     weight2d.index_copy_(0, rows, torch.where(keep, w_old, _store(w, weight2d.dtype, hparams, table, rows)))
 
+
+# --------------------------------------------------------------------------- the update on given gradients
 
 def backward_update(backend: str, grad_global: Tensor, grad_scenario: Tensor, indices: Tensor, offsets: Tensor,
                     scenario: Tensor, global_weight: Tensor, scenario_weight: Tensor, feature_rows: Tensor,
@@ -195,3 +208,129 @@ def backward_update(backend: str, grad_global: Tensor, grad_scenario: Tensor, in
             _apply_rows(global_weight, grows, gvals, global_state, code, hparams)
         if update_scenario:
             _apply_rows(scenario_weight.view(-1, D), srows, svals, scenario_state, code, hparams, _sr.SCENARIO_TABLE)
+
+
+# ------------------------------------------------------------------------------------------------ autograd
+
+class _FusedUpdate(torch.autograd.Function):
+    """Forward: the ``scenario_embedding_bag`` custom op. Backward: :func:`backward_update` applied in place to the
+    touched rows (FBGEMM TBE style); no gradient tensor is materialised. The first input is a placeholder that
+    requires grad, so autograd calls this backward although the tables themselves are passed detached."""
+
+    @staticmethod
+    def forward(ctx, placeholder, args, step):
+        (indices, offsets, scenario, gw, sw, fr, fsr, slot, psw, pooling, bag_len, num_aware, bounds, backend) = args
+        g, s = torch.ops.saml_kernels.scenario_embedding_bag(indices, offsets, scenario, gw, sw, fr, fsr, slot, psw,
+                                                             pooling, bag_len, num_aware, bounds, False, backend)
+        ctx.save_for_backward(indices, offsets, scenario, fr, fsr, slot, psw)
+        # The tables (and states) are updated in place in the backward: keep them as attributes, not saved tensors
+        # (a saved tensor's version check would reject the update when the op runs twice before one backward).
+        ctx.gw, ctx.sw, ctx.step = gw, sw, step
+        ctx.pooling, ctx.bag_len, ctx.backend = pooling, bag_len, backend
+        return g, s
+
+    @staticmethod
+    def backward(ctx, grad_global, grad_scenario):
+        indices, offsets, scenario, fr, fsr, slot, psw = ctx.saved_tensors
+        st = ctx.step
+        if st.backward_passes is not None:
+            # which backward pass this is (host bookkeeping, no sync): TrainingOptimizer.step() warns when one step
+            # saw several (gradient accumulation, retain_graph), each of which applied its own update
+            st.backward_passes.add(torch._C._current_graph_task_id())
+        hparams = st.hparams
+        if st.nonfinite_steps is not None:
+            # The step is skipped on the device when an upstream gradient is not finite: no host sync, and the
+            # counter tells the user afterwards.
+            ok = finite_flag(grad_global, grad_scenario)
+            st.nonfinite_steps.add_((1 - ok).to(st.nonfinite_steps.dtype))
+            hparams = torch.cat([hparams[:_APPLY], ok.reshape(1), hparams[_APPLY + 1:]])
+        if st.errors_before is not None:
+            # capture-safe mode: no update from a step in which a bad input was counted (since the snapshot of
+            # this step: the enclosing model forward's, see _checks.step_errors, else this op's call)
+            clean = (_checks.error_total(ctx.gw.device) == st.errors_before).to(torch.float64)
+            hparams = torch.cat([hparams[:_APPLY], (hparams[_APPLY] * clean).reshape(1), hparams[_APPLY + 1:]])
+        sstate = st.scenario_state
+        backward_update(
+            ctx.backend, grad_global.contiguous(), grad_scenario.contiguous(), indices, offsets, scenario, ctx.gw,
+            ctx.sw, fr, fsr, slot, psw, ctx.pooling, ctx.bag_len, st.global_state,
+            sstate.view(-1) if sstate is not None else None, st.optimizer, hparams, *st.update)
+        # the stochastic rounding's step word: one per fused update, on the device (no sync, graph-capturable)
+        st.hparams[_STEP:_STEP + 1].add_(1)
+        return None, None, None
+
+
+class _Step:
+    """What the backward of one fused call needs besides the saved inputs (host objects, no nn.Module)."""
+
+    __slots__ = ("optimizer", "hparams", "global_state", "scenario_state", "update", "nonfinite_steps",
+                 "backward_passes", "errors_before")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+def scenario_embedding_bag_fused(indices: Tensor, offsets: Tensor, scenario: Tensor, global_weight: Tensor,
+                                 scenario_weight: Tensor, feature_rows, feature_scenario_rows, *, optimizer: str,
+                                 hparams: Tensor, global_state: Optional[Tensor] = None,
+                                 scenario_state: Optional[Tensor] = None, pooling: str = "sum",
+                                 per_sample_weights: Optional[Tensor] = None, bounds_check: str = "error",
+                                 backend: Optional[str] = None, update: tuple = (True, True),
+                                 nonfinite_steps: Optional[Tensor] = None,
+                                 backward_passes: Optional[set] = None) -> tuple[Tensor, Tensor]:
+    """``scenario_embedding_bag`` whose backward updates the tables in place (module docstring) and returns no
+    gradient for them.
+
+    Forward: exactly ``saml_kernels.scenario_embedding_bag(indices, offsets, scenario, global_weight,
+    scenario_weight, feature_rows, feature_scenario_rows, pooling=..., per_sample_weights=..., bounds_check=...,
+    backend=...)``: (E_g [B, F, D], E_s [B, Fs, D]) ([B, F, L, D] / [B, Fs, L, D] for pooling "none"), the same
+    checks and messages. The outputs require grad (through a placeholder), so a loss built on them reaches the
+    backward, which applies ONE optimizer step per backward pass:
+
+        g'_r = sum_i scale_i dL/dout[bag(i)] + weight_decay W[r];   SGD W[r] -= lr g'_r;
+        Adagrad state[r] += mean_d(g'_r^2), W[r] -= lr g'_r / (sqrt(state[r]) + eps)
+
+    Args beyond the op's:
+        global_weight [R, D], scenario_weight [M, Rs, D]: contiguous; updated in place in the backward (their
+            ``requires_grad`` is ignored: pass ``update`` instead).
+        optimizer: "sgd" | "rowwise_adagrad".
+        hparams: float64 [7] ``[lr, eps, weight_decay, apply, stochastic_rounding, seed, step]`` on the tables'
+            device (``make_hparams``), read when the backward runs (so a change made between forward and backward
+            holds); the backward advances its ``step`` slot by one.
+        global_state float32 [R], scenario_state float32 [M, Rs] (or [M * Rs]): row-wise Adagrad states, updated in
+            place (None for SGD).
+        update: (global table trains, scenario table trains); a False table is left untouched, state included.
+        nonfinite_steps: a 0-dim integer tensor, or None. Given: a backward whose upstream gradient holds a NaN
+            or Inf applies no update (decided on the device, no host sync) and adds 1 to it.
+        backward_passes: a set, or None. Given: every backward adds its autograd graph-task id (host bookkeeping;
+            ``TrainingOptimizer`` reads it to warn about several updates in one step).
+
+    In capture-safe check mode a backward applies nothing when a bad input was counted since the step's snapshot
+    (``_checks.errors_before``: the enclosing model forward's, else this call's).
+    Raises ValueError for a per_sample_weights that requires grad (it would get no gradient), a non-contiguous
+    table, an unknown optimizer or a malformed hparams / state, before anything runs.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"{OP}: optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
+    if per_sample_weights is not None and per_sample_weights.requires_grad:
+        raise ValueError(f"{OP}: per_sample_weights get no gradient with a fused optimizer; pass them detached "
+                         "(or use optimizer=None)")
+    for name, w in (("global_weight", global_weight), ("scenario_weight", scenario_weight)):
+        if isinstance(w, Tensor) and not w.is_contiguous():
+            raise ValueError(f"{OP}: {name} must be contiguous to be updated in place")
+    # capture-safe mode: the step's snapshot of the error counters (the enclosing model's, taken before its first
+    # check, so an error anywhere in the model's forward skips this update too), else None
+    errors_before = _checks.errors_before(global_weight.device)
+    args = _seb.prepare_args(indices, offsets, scenario, global_weight.detach(), scenario_weight.detach(),
+                             feature_rows, feature_scenario_rows, pooling=pooling, per_sample_weights=per_sample_weights,
+                             bounds_check=bounds_check, sparse=False, backend=backend)
+    (indices, offsets, scenario, gw, sw, fr, fsr, slot, psw, pool, bag_len, num_aware, bounds, _, be) = args
+    step = _Step(optimizer=optimizer, hparams=hparams, global_state=global_state, scenario_state=scenario_state,
+                 update=(bool(update[0]), bool(update[1])), nonfinite_steps=nonfinite_steps,
+                 backward_passes=backward_passes, errors_before=errors_before)
+    placeholder = torch.zeros(0, device=gw.device, requires_grad=True)
+    return _FusedUpdate.apply(
+        placeholder, (indices, offsets, scenario, gw, sw, fr, fsr, slot, psw, pool, bag_len, num_aware, bounds, be),
+        step)

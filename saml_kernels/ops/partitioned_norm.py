@@ -25,7 +25,6 @@ The accumulation dtype is float32 (float64 for float64 x); mean/rstd are passed 
 """
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Optional
 
@@ -41,9 +40,9 @@ OP = "partitioned_norm"
 # hand-written CUDA implementation, and registering it keeps ``backend="cuda"`` models (STAR) working on a GPU.
 _backend.define_op(OP, kernels=("stats", "forward", "backward"))
 _backend.register_python_kernels(OP, "partitioned_norm")
-_backend.register_aten_kernels(OP, {"stats": "pn_stats", "forward": "pn_forward", "backward": "pn_backward"})
-_backend.register_kernels(OP, "cuda",
-                          lambda: importlib.import_module("saml_kernels.triton.partitioned_norm").KERNELS[OP])
+_backend.register_aten_kernels(OP, {"stats": "pn_stats", "forward": "pn_forward", "backward": "pn_backward"},
+                               backends=("cpu",))
+_backend.register_alias(OP, "cuda", "triton")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

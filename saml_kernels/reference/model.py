@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Optional
 
 from ..config import SAMLConfig  # noqa: F401  (re-exported)
-from ..nn.saml import SAML, SharedBottom
+from ..nn.saml import SAML
+from ..nn.shared_bottom import SharedBottom
 from ..training import (OPTIMIZER_STATE_NAMES, TrainingOptimizer, bce_loss,  # noqa: F401  (re-exported)
                         optimizer_state_keys_optional, saml_loss)
 from .layer_set import REFERENCE_LAYERS
