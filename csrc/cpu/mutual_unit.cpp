@@ -13,10 +13,11 @@
 // a time (r_s r_m underflows) after the O(|h|) factor.
 // All arithmetic in float32 (float64 for float64 tensors). Rows are independent: ATen parallel_for over rows.
 //
-// mutual_linear_forward never writes h [M, B, N]: each thread takes blocks of kBlock rows, computes their
-// M branch outputs with one GEMM against the packed [K, M*N] weights into a float32 scratch block
-// (kBlock * M * N floats, cache resident), applies bias + activation, mixes, and writes out [B, N].
-// mutual_linear_backward recomputes the same blocks and returns dz_own = dL/dz[s_b, b].
+// mutual_linear_forward never writes h [M, B, N]: each thread takes blocks of R rows, computes their M branch
+// outputs with GEMMs against the packed weights, one column tile of whole branches at a time, into a per-thread
+// float32 scratch block (R * M * N floats), applies bias + activation per tile, mixes, and writes out [B, N].
+// mutual_linear_backward recomputes the same blocks and returns dz_own = dL/dz[s_b, b]. R and the tiles: the
+// "why this shape" header of the fused mutual_linear section below.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
