@@ -302,8 +302,8 @@ at::Tensor mutual_backward(const at::Tensor& grad_in, const at::Tensor& h_in, co
 //     Each tile is packed contiguously (no rows 2^k bytes apart), and its activation, and in the backward the
 //     copy of the own branch's pre-activation, run while the tile is still in L2.
 //   - z itself (R M N elements: 8 MiB at M = 64, N = 256) outgrows L2 from M N ~ 4096 on; it then costs one
-//     streaming write and one read per element next to 2 Kt flops, where a block clamped to fit z in L2 (16 rows
-//     at M >= 16) re-read all packed weights every 16 rows.
+//     streaming write and one read per element next to 2 Kt flops. Sizing the block to keep z in L2 instead
+//     would mean 16 rows at M N = 16384, and all packed weights re-read every 16 rows.
 // Deterministic: R, the tiles and every GEMM's shape depend only on B, M, K, Ka, N and the dtype, never on the
 // thread count; each block runs on one thread (MKL single-threaded inside the parallel region).
 constexpr int64_t kBlockRows = 128;
