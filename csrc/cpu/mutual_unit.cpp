@@ -15,8 +15,7 @@
 //
 // mutual_linear_forward never writes h [M, B, N]: each thread takes blocks of R rows, computes their M branch
 // outputs with GEMMs against the packed weights, one column tile of whole branches at a time, into a per-thread
-// float32 scratch block (R * M * N floats), adds the bias and applies the activation per tile, mixes, and writes
-// out [B, N].
+// float32 scratch block (R * M * N floats), applies bias + activation per tile, mixes, and writes out [B, N].
 // mutual_linear_backward recomputes the same blocks and returns dz_own = dL/dz[s_b, b]. R and the tiles: the
 // "why this shape" header of the fused mutual_linear section below.
 #include <ATen/ATen.h>
@@ -30,7 +29,6 @@
 #include <vector>
 
 #include "common/scratch.h"
-#include "mbranch_linear_rows.h"
 #include "saml_common.h"
 
 namespace {
@@ -38,7 +36,6 @@ namespace {
 constexpr double kEps = 1e-8;
 using saml::kActGelu;
 using saml::kActLeakyRelu;
-using saml::kActNone;
 using saml::kActRelu;
 using saml::kActSilu;
 using saml::kSimCosine;
@@ -92,20 +89,6 @@ at::Tensor act_backward(const at::Tensor& dh, const at::Tensor& z, int64_t act) 
     case kActSilu: return at::silu_backward(dh, z);
     default: return dh;
   }
-}
-
-// z = act(z + b) in place on a [rows, C] tile (row stride any), b [C] broadcast over the rows (nullptr: no bias):
-// relu / leaky_relu in the same pass as the bias (store_row's branch-free selects), gelu / silu by ATen after it.
-template <typename acc_t>
-void bias_act_inplace(at::Tensor& zt, const acc_t* b, int64_t act) {
-  const bool inline_act = act == kActRelu || act == kActLeakyRelu;
-  if (b != nullptr || inline_act) {
-    acc_t* zp = zt.data_ptr<acc_t>();
-    const int64_t rows = zt.size(0), C = zt.size(1), ld = zt.stride(0);
-    for (int64_t r = 0; r < rows; ++r)
-      saml::mbranch::store_row<acc_t, acc_t>(zp + r * ld, b, zp + r * ld, C, inline_act ? act : kActNone);
-  }
-  if (!inline_act) act_inplace(zt, act);
 }
 
 // Per-row working arrays (M values each), allocated once per thread chunk.
@@ -316,9 +299,8 @@ at::Tensor mutual_backward(const at::Tensor& grad_in, const at::Tensor& h_in, co
 //   - The GEMM runs per column tile of t whole branches (C = t N columns): the weight tile [Kt, C], MKL's packed
 //     copy of it and the output tile [R, C] stay in L2 while all R rows use them: (Kt + R) C elem <=
 //     kTileBytes = 1 MiB (half of a 2 MiB L2, the other half for MKL's copy; tiles of near-equal branch counts).
-//     Each tile is packed contiguously (no rows 2^k bytes apart); its bias and activation (one pass, as the
-//     route "all" adds them after its GEMMs: (x W + aux Wa) + bias), and in the backward the copy of the own
-//     branch's pre-activation, run while the tile is still in L2.
+//     Each tile is packed contiguously (no rows 2^k bytes apart), and its activation, and in the backward the
+//     copy of the own branch's pre-activation, run while the tile is still in L2.
 //   - z itself (R M N elements: 8 MiB at M = 64, N = 256) outgrows L2 from M N ~ 4096 on; it then costs one
 //     streaming write and one read per element next to 2 Kt flops. Sizing the block to keep z in L2 instead
 //     would mean 16 rows at M N = 16384, and all packed weights re-read every 16 rows.
@@ -372,8 +354,8 @@ Packed pack(const at::Tensor& weight, const c10::optional<at::Tensor>& bias, con
   return p;
 }
 
-// z[r, m*N + n] = x[r0 + r] W_m + aux[r0 + r] Wa_m for the rows of one block, tile by tile; after each tile's
-// GEMMs, tile_fn(m0, m1, z_tile) with z_tile the [rows, (m1 - m0) N] view of branches [m0, m1) (it adds the bias).
+// z[r, m*N + n] = x[r0 + r] W_m + aux[r0 + r] Wa_m + bias_m for the rows of one block, tile by tile; after each
+// tile's GEMMs, tile_fn(m0, m1, z_tile) with z_tile the [rows, (m1 - m0) N] view of branches [m0, m1).
 template <typename TileFn>
 void block_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& aux, const Packed& p, const Blocking& bl,
                 int64_t N, int64_t r0, int64_t rows, at::Tensor& scratch, at::Tensor& xbuf, at::Tensor& abuf,
@@ -389,7 +371,11 @@ void block_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& aux, const
   for (size_t i = 0; i < p.w.size(); ++i) {
     const int64_t m0 = bl.branch[i], m1 = bl.branch[i + 1];
     auto zt = z.narrow(1, m0 * N, (m1 - m0) * N);  // row stride M*N: MKL writes it in place (ldc)
-    at::mm_out(zt, xb, p.w[i]);
+    if (p.b.defined()) {
+      at::addmm_out(zt, p.b.narrow(0, m0 * N, (m1 - m0) * N), xb, p.w[i]);
+    } else {
+      at::mm_out(zt, xb, p.w[i]);
+    }
     if (!p.wa.empty()) zt.addmm_(ab, p.wa[i]);
     tile_fn(m0, m1, zt);
   }
@@ -455,10 +441,7 @@ std::tuple<at::Tensor, at::Tensor> mutual_linear_forward(const at::Tensor& x_in,
       const index_t* sp = scenario.data_ptr<index_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
       float* ap = attn.data_ptr<float>();
-      const acc_t* bp = p.b.defined() ? p.b.data_ptr<acc_t>() : nullptr;
-      auto tile_act = [&](int64_t, int64_t, int64_t m0, int64_t, at::Tensor& zt) {
-        bias_act_inplace<acc_t>(zt, bp == nullptr ? nullptr : bp + m0 * N, activation);
-      };
+      auto tile_act = [&](int64_t, int64_t, int64_t, int64_t, at::Tensor& zt) { act_inplace(zt, activation); };
       for_blocks(x, aux, p, bl, B, M, N, acc, tile_act, [&](int64_t r0, int64_t rows, at::Tensor& scratch) {
         RowScratch<acc_t> sc(M);
         std::vector<const acc_t*> rp(M);
@@ -506,12 +489,10 @@ at::Tensor mutual_linear_backward(const at::Tensor& grad_in, const at::Tensor& x
     SAML_DISPATCH_INDEX(scenario.scalar_type(), "mutual_linear_backward_idx", [&] {
       const index_t* sp = scenario.data_ptr<index_t>();
       const scalar_t* gp = grad.data_ptr<scalar_t>();
-      // Per tile, while it is in L2: z += bias, the own pre-activations of the block's rows whose own branch is
-      // in the tile (act' needs them; zeros for a row of an out-of-range scenario, whose dh is zero: own_index),
-      // then h = act(z) in place.
-      const acc_t* bp = p.b.defined() ? p.b.data_ptr<acc_t>() : nullptr;
+      // Per tile, while it is in L2: the own pre-activations of the block's rows whose own branch is in the tile
+      // (act' needs them; zeros for a row of an out-of-range scenario, whose dh is zero: own_index), then
+      // h = act(z) in place.
       auto tile_own = [&](int64_t r0, int64_t rows, int64_t m0, int64_t m1, at::Tensor& zt) {
-        bias_act_inplace<acc_t>(zt, bp == nullptr ? nullptr : bp + m0 * N, kActNone);
         acc_t* zown = saml::cpu::scratch<acc_t>(kBlockOwnZ, bl.rows * N);
         const acc_t* zp = zt.data_ptr<acc_t>();
         const int64_t ld = zt.stride(0);
@@ -523,7 +504,7 @@ at::Tensor mutual_linear_backward(const at::Tensor& grad_in, const at::Tensor& x
             std::fill_n(zown + r * N, N, acc_t(0));
           }
         }
-        bias_act_inplace<acc_t>(zt, nullptr, activation);
+        act_inplace(zt, activation);
       };
       for_blocks(x, aux, p, bl, B, M, N, acc, tile_own, [&](int64_t r0, int64_t rows, at::Tensor& scratch) {
         RowScratch<acc_t> sc(M);
