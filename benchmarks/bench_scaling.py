@@ -264,19 +264,35 @@ def mutual_gflop(cfg, B: int) -> float:
     return (4 * B * cfg.num_scenarios + 4 * B) * (K + Ka) * N / 1e9
 
 
-def block_gemm_probe(cfg, reps: int = 30) -> dict:
-    """The CPU mutual_linear kernel's block GEMM alone (csrc/cpu/mutual_unit.cpp: block_gemm on block_rows() =
-    clamp(256 KiB / (M N 4 B), 16, 256) rows of x and aux against the packed [K, M N] and [Ka, M N] weights, as one
-    worker of its parallel_for runs it, one thread): rows per block and GFLOP/s."""
+def mutual_blocking(B: int, M: int, Kt: int, N: int, elem: int = 4) -> tuple:
+    """(rows per block, [branches per column tile]) of the CPU mutual_linear kernel: a mirror of ``blocking()`` in
+    csrc/cpu/mutual_unit.cpp (see its "why this shape" header): R = B / 4 rounded up to a multiple of 16, clamped
+    to [16, 128]; tiles of t whole branches with (Kt + R) t N elem <= 1 MiB, near-equal."""
+    rows = min(max(-(-(-(-B // 4)) // 16) * 16, 16), 128)
+    t = min(max((1 << 20) // max((Kt + rows) * N * elem, 1), 1), max(M, 1))
+    tiles = -(-M // t)
+    edges = [M * i // tiles for i in range(tiles + 1)]
+    return rows, [b - a for a, b in zip(edges, edges[1:])]
+
+
+def block_gemm_probe(cfg, B: int, reps: int = 30) -> dict:
+    """The CPU mutual_linear kernel's block GEMM alone (csrc/cpu/mutual_unit.cpp: block_gemm on one block of
+    ``mutual_blocking`` rows, tile by tile, x and aux against each column tile's packed [K, t N] and [Ka, t N]
+    weights, as one worker of its parallel_for runs it, one thread): rows per block, branches per tile and
+    GFLOP/s."""
     M = cfg.num_scenarios
     K, Ka, N = mutual_dims(cfg)
-    rows = min(max(256 * 1024 // (M * N * 4), 16), 256)
+    rows, tiles = mutual_blocking(B, M, K + Ka, N)
     x, a, bias = torch.randn(rows, K), torch.randn(rows, Ka), torch.randn(M * N)
-    w, wa, z = torch.randn(K, M * N), torch.randn(Ka, M * N), torch.empty(rows, M * N)
+    ws = [(torch.randn(K, t * N), torch.randn(Ka, t * N)) for t in tiles]
+    z = torch.empty(rows, M * N)
+    cols = [(sum(tiles[:i]) * N, t * N) for i, t in enumerate(tiles)]
 
     def f():
-        torch.addmm(bias, x, w, out=z)
-        z.addmm_(a, wa)
+        for (w, wa), (c0, c) in zip(ws, cols):
+            zt = z[:, c0:c0 + c]
+            torch.addmm(bias[c0:c0 + c], x, w, out=zt)
+            zt.addmm_(a, wa)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -284,8 +300,8 @@ def block_gemm_probe(cfg, reps: int = 30) -> dict:
         res = time_alternating({"block": f}, reps=reps, warmup=3)
     finally:
         torch.set_num_threads(threads)
-    return {"rows": rows, "gflops": 2 * rows * (K + Ka) * M * N / res["medians_ms"]["block"] / 1e6,
-            "packed_weights_mib": (K + Ka) * M * N * 4 / 2**20}
+    return {"rows": rows, "branches_per_tile": max(tiles), "gflops": 2 * rows * (K + Ka) * M * N
+            / res["medians_ms"]["block"] / 1e6, "packed_weights_mib": (K + Ka) * M * N * 4 / 2**20}
 
 
 # ------------------------------------------------------------------------------------------------ table rows
@@ -480,7 +496,7 @@ def run_point(M: int, B: int, R: int, device: str, reps: int, compile_ref: bool,
     return {"M": M, "B": B, "R": R, "medians_ms": med, "samples_per_s": {k: B / v * 1e3 for k, v in med.items()},
             "speedup": {k: res["ratios"][(k, "SAML")] for k in med if k != "SAML"}, "memory_bytes": mem,
             "phases_ms": phases, "op_self_ms": ops, "mutual_gflop": mutual_gflop(cfg, B), "compile_s": compile_s,
-            "page_faults_per_step": faults, "block_gemm": block_gemm_probe(cfg) if device == "cpu" else None,
+            "page_faults_per_step": faults, "block_gemm": block_gemm_probe(cfg, B) if device == "cpu" else None,
             "dense_params": sum(p.numel() for n, p in model.named_parameters() if "embedding." not in n),
             "wall_s": time.perf_counter() - t_start}
 
@@ -553,11 +569,12 @@ def sweep_tables(name: str, axis: str, points: list, base: tuple) -> str:
         sl.append(("dense parameters (Adam)", slope(xs, [p["dense_params"] for p in points])))
         mrows = [[p["M"], p["mutual_gflop"], group_ms(p["phases_ms"]).get("mutual", 0.0),
                   p["mutual_gflop"] / max(group_ms(p["phases_ms"]).get("mutual", 0.0), 1e-9) * 1e3]
-                 + ([p["block_gemm"]["rows"], p["block_gemm"]["packed_weights_mib"], p["block_gemm"]["gflops"]]
-                    if p["block_gemm"] else ["-"] * 3) for p in points]
+                 + ([p["block_gemm"]["rows"], p["block_gemm"].get("branches_per_tile", "-"),
+                     p["block_gemm"]["packed_weights_mib"], p["block_gemm"]["gflops"]]
+                    if p["block_gemm"] else ["-"] * 4) for p in points]
         text += ("Mutual layer (fwd + bwd) against its GEMM FLOPs, and the CPU kernel's block GEMM measured alone "
                  "(one thread, `block_gemm_probe`):\n\n")
-        text += markdown_table(["M", "GEMM GFLOP/step", "mutual ms", "GFLOP/s", "block rows", "packed W MiB",
+        text += markdown_table(["M", "GEMM GFLOP/step", "mutual ms", "GFLOP/s", "block rows", "branches per tile", "packed W MiB",
                                 "block GEMM GFLOP/s"], mrows) + "\n\n"
     if axis == "M" and points[-1]["op_self_ms"]:
         last = {k: v for k, v in points[-1]["op_self_ms"].items() if not k.startswith("phase::")}

@@ -156,6 +156,36 @@ def test_gradients(device, backend, activation, similarity, save):
 
 
 @pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_column_tiles_and_row_blocks(device, backend, activation):
+    """Shapes where the CPU kernel cuts the branches into column tiles and the batch into row blocks (blocking()
+    in csrc/cpu/mutual_unit.cpp: here 2 tiles of 6 branches, 4 blocks of 80 rows, the last one short): output
+    and gradients against float64; rows of an out-of-range scenario (check_scenario=False) give zeros and leave
+    the other rows' outputs and gradients as without them."""
+    M, B, K, Ka, N = 12, 300, 48, 16, 256
+    inp = make(M=M, B=B, K=K, N=N, Ka=Ka, device=device)
+    g = torch.randn(B, N, device=device)
+    kw = dict(activation=activation, similarity="cosine", temperature=0.8)
+    out, gr = grads(inp, backend, g, **kw)
+    ro, rg = grads(inp, "oracle", g, f64=True, **kw)
+    torch.testing.assert_close(out.double(), ro, **tolerance(torch.float32))
+    for k in rg:
+        scale = max(1.0, float(rg[k].abs().max()))
+        torch.testing.assert_close(gr[k].double(), rg[k], atol=1e-4 * scale, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    bad = torch.tensor([0, 81, 299], device=device)  # first row, a row of the second block, the last row
+    unchecked = dict(inp, scenario=inp["scenario"].clone().index_fill_(0, bad, M))
+    out_u, gr_u = grads(unchecked, backend, g, check_scenario=False, **kw)
+    good = torch.ones(B, dtype=torch.bool, device=device).index_fill_(0, bad, False)
+    sub = dict(inp, x=inp["x"][good], aux=inp["aux"][good], scenario=inp["scenario"][good])
+    out_s, gr_s = grads(sub, backend, g[good], **kw)
+    assert torch.equal(out_u[bad], torch.zeros_like(out_u[bad]))
+    torch.testing.assert_close(out_u[good], out_s, **tolerance(torch.float32))
+    assert torch.equal(gr_u["x"][bad], torch.zeros_like(gr_u["x"][bad]))
+    for k in ("weight", "bias", "aux_weight"):
+        torch.testing.assert_close(gr_u[k], gr_s[k], atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("save", [False, True])
 def test_gradients_low_precision(device, backend, dtype, save):

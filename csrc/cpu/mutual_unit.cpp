@@ -13,10 +13,11 @@
 // a time (r_s r_m underflows) after the O(|h|) factor.
 // All arithmetic in float32 (float64 for float64 tensors). Rows are independent: ATen parallel_for over rows.
 //
-// mutual_linear_forward never writes h [M, B, N]: each thread takes blocks of kBlock rows, computes their
-// M branch outputs with one GEMM against the packed [K, M*N] weights into a float32 scratch block
-// (kBlock * M * N floats, cache resident), applies bias + activation, mixes, and writes out [B, N].
-// mutual_linear_backward recomputes the same blocks and returns dz_own = dL/dz[s_b, b].
+// mutual_linear_forward never writes h [M, B, N]: each thread takes blocks of R rows, computes their M branch
+// outputs with GEMMs against the packed weights, one column tile of whole branches at a time, into a per-thread
+// float32 scratch block (R * M * N floats), applies bias + activation per tile, mixes, and writes out [B, N].
+// mutual_linear_backward recomputes the same blocks and returns dz_own = dL/dz[s_b, b]. R and the tiles: the
+// "why this shape" header of the fused mutual_linear section below.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -285,56 +286,107 @@ at::Tensor mutual_backward(const at::Tensor& grad_in, const at::Tensor& h_in, co
 }
 
 // ---------------------------------------------------------------------------------- fused mutual_linear
+//
+// Why this shape (the blocking of mutual_linear_forward / _backward). A block is R rows of x [R, K] and aux
+// [R, Ka] (Kt = K + Ka) against the packed weights of all M branches, into the float32 scratch block
+// z [R, M*N]; the row loop (attention, mix, its backward) then needs all M branch rows of a sample at once.
+// Per block: 2 R Kt M N GEMM flops; every packed weight element is read once (and copied once into MKL's own
+// panel) and serves R rows; every z element is written once by the GEMM and read once by the row loop.
+//   - R = kBlockRows (128) for every M: the [R, Kt] x [Kt, C] GEMM runs at its plateau rate from about 128 rows
+//     on and at about half of it at 16 (one core, Kt = 162, MKL), so the weights' reuse must not shrink as M N
+//     grows. Small batches take R = B / kMinBlocks (a multiple of 16, at least 16) so that kMinBlocks workers
+//     still get a block each.
+//   - The GEMM runs per column tile of t whole branches (C = t N columns): the weight tile [Kt, C], MKL's packed
+//     copy of it and the output tile [R, C] stay in L2 while all R rows use them: (Kt + R) C elem <=
+//     kTileBytes = 1 MiB (half of a 2 MiB L2, the other half for MKL's copy; tiles of near-equal branch counts).
+//     Each tile is packed contiguously (no rows 2^k bytes apart), and its activation, and in the backward the
+//     copy of the own branch's pre-activation, run while the tile is still in L2.
+//   - z itself (R M N elements: 8 MiB at M = 64, N = 256) outgrows L2 from M N ~ 4096 on; it then costs one
+//     streaming write and one read per element next to 2 Kt flops. Sizing the block to keep z in L2 instead
+//     would mean 16 rows at M N = 16384, and all packed weights re-read every 16 rows.
+// Deterministic: R, the tiles and every GEMM's shape depend only on B, M, K, Ka, N and the dtype, never on the
+// thread count; each block runs on one thread (MKL single-threaded inside the parallel region).
+constexpr int64_t kBlockRows = 128;
+constexpr int64_t kMinRows = 16;
+constexpr int64_t kMinBlocks = 4;
+constexpr int64_t kTileBytes = int64_t(1) << 20;
 
-// Rows per block: the float32 scratch block (rows x M*N) should stay in L2 (~256 KiB), with at least 16 rows so
-// the block GEMM stays efficient.
-int64_t block_rows(int64_t M, int64_t N, int64_t elem) {
-  const int64_t per_row = std::max<int64_t>(M * N * elem, 1);
-  return std::clamp<int64_t>((256 * 1024) / per_row, 16, 256);
+struct Blocking {
+  int64_t rows;                 // R
+  std::vector<int64_t> branch;  // column tile i holds branches [branch[i], branch[i + 1])
+};
+
+Blocking blocking(int64_t B, int64_t M, int64_t Kt, int64_t N, int64_t elem) {
+  Blocking bl;
+  const int64_t split = ((B + kMinBlocks - 1) / kMinBlocks + kMinRows - 1) / kMinRows * kMinRows;
+  bl.rows = std::clamp<int64_t>(split, kMinRows, kBlockRows);
+  const int64_t per_branch = std::max<int64_t>((Kt + bl.rows) * N * elem, 1);
+  const int64_t t = std::clamp<int64_t>(kTileBytes / per_branch, 1, std::max<int64_t>(M, 1));
+  const int64_t tiles = (M + t - 1) / t;
+  for (int64_t i = 0; i <= tiles; ++i) bl.branch.push_back(M * i / tiles);
+  return bl;
 }
 
 // Per-thread scratch slots (common/scratch.h) of the fused mutual_linear: each worker's block buffers.
-enum Slot : int { kBlockZ = 0, kBlockX = 1, kBlockAux = 2, kBlockGrad = 3 };
+enum Slot : int { kBlockZ = 0, kBlockX = 1, kBlockAux = 2, kBlockGrad = 3, kBlockOwnZ = 4 };
 
+// Weights in the accumulation dtype, one contiguous [K, C_i] (and [Ka, C_i]) matrix per column tile i:
+// w[i][k, (m - m_i) N + n] = W[m, k, n] for the tile's branches m_i <= m < m_{i+1}.
 struct Packed {
-  at::Tensor w, b, wa;  // [K, M*N], [M*N] or undefined, [Ka, M*N] or undefined, all in the accumulation dtype
+  std::vector<at::Tensor> w, wa;  // per tile; wa empty without aux
+  at::Tensor b;                   // [M*N] or undefined
 };
 
 Packed pack(const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& aux,
-            const c10::optional<at::Tensor>& aux_weight, at::ScalarType acc) {
-  const int64_t M = weight.size(0), K = weight.size(1), N = weight.size(2);
+            const c10::optional<at::Tensor>& aux_weight, at::ScalarType acc, const Blocking& bl) {
+  const int64_t M = weight.size(0), N = weight.size(2);
+  const bool has_aux = aux.has_value() && aux->defined();
+  TORCH_CHECK(!has_aux || (aux_weight.has_value() && aux_weight->defined()), "mutual_linear: aux needs aux_weight");
+  auto tile = [&](const at::Tensor& w, int64_t m0, int64_t m1) {
+    return w.narrow(0, m0, m1 - m0).to(acc).permute({1, 0, 2}).reshape({w.size(1), (m1 - m0) * w.size(2)}).contiguous();
+  };
   Packed p;
-  p.w = weight.to(acc).permute({1, 0, 2}).reshape({K, M * N}).contiguous();
-  if (bias.has_value() && bias->defined()) p.b = bias->to(acc).reshape({M * N}).contiguous();
-  if (aux.has_value() && aux->defined()) {
-    TORCH_CHECK(aux_weight.has_value() && aux_weight->defined(), "mutual_linear: aux needs aux_weight");
-    p.wa = aux_weight->to(acc).permute({1, 0, 2}).reshape({aux_weight->size(1), M * N}).contiguous();
+  for (size_t i = 0; i + 1 < bl.branch.size(); ++i) {
+    p.w.push_back(tile(weight, bl.branch[i], bl.branch[i + 1]));
+    if (has_aux) p.wa.push_back(tile(*aux_weight, bl.branch[i], bl.branch[i + 1]));
   }
+  if (bias.has_value() && bias->defined()) p.b = bias->to(acc).reshape({M * N}).contiguous();
   return p;
 }
 
-// z[r, m*N + n] = x[r0 + r] W_m + aux[r0 + r] Wa_m + bias_m for the rows of one block, into the scratch block.
-void block_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& aux, const Packed& p, int64_t r0, int64_t rows,
-                at::Tensor& scratch, at::Tensor& xbuf, at::Tensor& abuf) {
+// z[r, m*N + n] = x[r0 + r] W_m + aux[r0 + r] Wa_m + bias_m for the rows of one block, tile by tile; after each
+// tile's GEMMs, tile_fn(m0, m1, z_tile) with z_tile the [rows, (m1 - m0) N] view of branches [m0, m1).
+template <typename TileFn>
+void block_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& aux, const Packed& p, const Blocking& bl,
+                int64_t N, int64_t r0, int64_t rows, at::Tensor& scratch, at::Tensor& xbuf, at::Tensor& abuf,
+                TileFn&& tile_fn) {
   auto z = scratch.narrow(0, 0, rows);
   auto xb = x.narrow(0, r0, rows);
   if (xb.scalar_type() != z.scalar_type()) xb = xbuf.narrow(0, 0, rows).copy_(xb);
-  if (p.b.defined()) {
-    at::addmm_out(z, p.b, xb, p.w);
-  } else {
-    at::mm_out(z, xb, p.w);
-  }
-  if (p.wa.defined()) {
-    auto ab = aux->narrow(0, r0, rows);
+  at::Tensor ab;
+  if (!p.wa.empty()) {
+    ab = aux->narrow(0, r0, rows);
     if (ab.scalar_type() != z.scalar_type()) ab = abuf.narrow(0, 0, rows).copy_(ab);
-    z.addmm_(ab, p.wa);
+  }
+  for (size_t i = 0; i < p.w.size(); ++i) {
+    const int64_t m0 = bl.branch[i], m1 = bl.branch[i + 1];
+    auto zt = z.narrow(1, m0 * N, (m1 - m0) * N);  // row stride M*N: MKL writes it in place (ldc)
+    if (p.b.defined()) {
+      at::addmm_out(zt, p.b.narrow(0, m0 * N, (m1 - m0) * N), xb, p.w[i]);
+    } else {
+      at::mm_out(zt, xb, p.w[i]);
+    }
+    if (!p.wa.empty()) zt.addmm_(ab, p.wa[i]);
+    tile_fn(m0, m1, zt);
   }
 }
 
-template <typename Fn>
-void for_blocks(const at::Tensor& x, const c10::optional<at::Tensor>& aux, const Packed& p, int64_t B, int64_t MN,
-                at::ScalarType acc, Fn&& fn) {
-  const int64_t blk = block_rows(MN, 1, acc == at::kDouble ? 8 : 4);
+// Runs the blocks of R rows in parallel: per block, block_gemm (tile_fn after each tile), then
+// block_fn(r0, rows, scratch) with the block's z in scratch[0 .. rows).
+template <typename TileFn, typename BlockFn>
+void for_blocks(const at::Tensor& x, const c10::optional<at::Tensor>& aux, const Packed& p, const Blocking& bl,
+                int64_t B, int64_t M, int64_t N, at::ScalarType acc, TileFn&& tile_fn, BlockFn&& block_fn) {
+  const int64_t blk = bl.rows, MN = M * N;
   const int64_t nblocks = (B + blk - 1) / blk;
   at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
     // Worker threads do not inherit the caller's autograd exclusion: without this, addmm_out on parameters
@@ -346,10 +398,17 @@ void for_blocks(const at::Tensor& x, const c10::optional<at::Tensor>& aux, const
                     ? saml::cpu::scratch_tensor(kBlockAux, {blk, aux->size(1)}, acc) : at::Tensor();
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t r0 = k * blk, rows = std::min(blk, B - r0);
-      block_gemm(x, aux, p, r0, rows, scratch, xbuf, abuf);
-      fn(r0, rows, scratch);
+      block_gemm(x, aux, p, bl, N, r0, rows, scratch, xbuf, abuf,
+                 [&](int64_t m0, int64_t m1, at::Tensor& zt) { tile_fn(r0, rows, m0, m1, zt); });
+      block_fn(r0, rows, scratch);
     }
   });
+}
+
+Blocking linear_blocking(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& aux,
+                         at::ScalarType acc) {
+  const int64_t Kt = x.size(1) + (aux.has_value() && aux->defined() ? aux->size(1) : 0);
+  return blocking(x.size(0), weight.size(0), Kt, weight.size(2), acc == at::kDouble ? 8 : 4);
 }
 
 void check_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scenario) {
@@ -374,18 +433,18 @@ std::tuple<at::Tensor, at::Tensor> mutual_linear_forward(const at::Tensor& x_in,
   auto attn = at::empty({B, M}, x.options().dtype(at::kFloat));
   if (B == 0) return {out, attn};
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Packed p = pack(weight, bias, aux, aux_weight, acc);
+  const Blocking bl = linear_blocking(x, weight, aux, acc);
+  const Packed p = pack(weight, bias, aux, aux_weight, acc, bl);
   SAML_DISPATCH_FLOATING(x.scalar_type(), "mutual_linear_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     SAML_DISPATCH_INDEX(scenario.scalar_type(), "mutual_linear_forward_idx", [&] {
       const index_t* sp = scenario.data_ptr<index_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
       float* ap = attn.data_ptr<float>();
-      for_blocks(x, aux, p, B, M * N, acc, [&](int64_t r0, int64_t rows, at::Tensor& scratch) {
+      auto tile_act = [&](int64_t, int64_t, int64_t, int64_t, at::Tensor& zt) { act_inplace(zt, activation); };
+      for_blocks(x, aux, p, bl, B, M, N, acc, tile_act, [&](int64_t r0, int64_t rows, at::Tensor& scratch) {
         RowScratch<acc_t> sc(M);
         std::vector<const acc_t*> rp(M);
-        auto zb = scratch.narrow(0, 0, rows);
-        act_inplace(zb, activation);
         const acc_t* z = scratch.data_ptr<acc_t>();
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t b = r0 + r, s = own_index(sp, b, M);
@@ -423,23 +482,36 @@ at::Tensor mutual_linear_backward(const at::Tensor& grad_in, const at::Tensor& x
   auto dz = at::empty({B, N}, x.options());
   if (B == 0) return dz;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Packed p = pack(weight, bias, aux, aux_weight, acc);
-  // clamped for the gather of the own pre-activations; an out-of-range row's gradient is zero (own_index)
-  const auto own_idx = scenario.to(at::kLong).clamp(0, std::max<int64_t>(M - 1, 0));
+  const Blocking bl = linear_blocking(x, weight, aux, acc);
+  const Packed p = pack(weight, bias, aux, aux_weight, acc, bl);
   SAML_DISPATCH_FLOATING(x.scalar_type(), "mutual_linear_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     SAML_DISPATCH_INDEX(scenario.scalar_type(), "mutual_linear_backward_idx", [&] {
       const index_t* sp = scenario.data_ptr<index_t>();
       const scalar_t* gp = grad.data_ptr<scalar_t>();
-      for_blocks(x, aux, p, B, M * N, acc, [&](int64_t r0, int64_t rows, at::Tensor& scratch) {
+      // Per tile, while it is in L2: the own pre-activations of the block's rows whose own branch is in the tile
+      // (act' needs them; zeros for a row of an out-of-range scenario, whose dh is zero: own_index), then
+      // h = act(z) in place.
+      auto tile_own = [&](int64_t r0, int64_t rows, int64_t m0, int64_t m1, at::Tensor& zt) {
+        acc_t* zown = saml::cpu::scratch<acc_t>(kBlockOwnZ, bl.rows * N);
+        const acc_t* zp = zt.data_ptr<acc_t>();
+        const int64_t ld = zt.stride(0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t s = own_index(sp, r0 + r, M);
+          if (s >= m0 && s < m1) {
+            std::copy_n(zp + r * ld + (s - m0) * N, N, zown + r * N);
+          } else if (s < 0 && m0 == 0) {
+            std::fill_n(zown + r * N, N, acc_t(0));
+          }
+        }
+        act_inplace(zt, activation);
+      };
+      for_blocks(x, aux, p, bl, B, M, N, acc, tile_own, [&](int64_t r0, int64_t rows, at::Tensor& scratch) {
         RowScratch<acc_t> sc(M);
         std::vector<const acc_t*> rp(M);
-        auto zb = scratch.narrow(0, 0, rows);
-        // own pre-activations of the block (act' needs them), then h = act(z) in place
-        auto zown = zb.view({rows, M, N}).gather(1, own_idx.narrow(0, r0, rows).view({rows, 1, 1}).expand({rows, 1, N}))
-                        .view({rows, N});
-        act_inplace(zb, activation);
-        auto dh = saml::cpu::scratch_tensor(kBlockGrad, {rows, N}, zb.scalar_type());
+        auto zown = at::from_blob(saml::cpu::scratch<acc_t>(kBlockOwnZ, bl.rows * N), {rows, N},
+                                  at::TensorOptions().dtype(acc));
+        auto dh = saml::cpu::scratch_tensor(kBlockGrad, {rows, N}, acc);
         const acc_t* z = scratch.data_ptr<acc_t>();
         acc_t* dhp = dh.data_ptr<acc_t>();
         for (int64_t r = 0; r < rows; ++r) {

@@ -5,8 +5,9 @@ Math (W [M, K, N], Wa [M, Ka, N], bias [M, N], s_b the scenario of sample b):
     h[m, b] = act(x_b W_m + aux_b Wa_m + bias_m)          for every branch m        (never stored, see below)
     out[b]  = mutual_unit(h, s)[b] = sum_m softmax_m(sim(h[s_b, b], h[m, b]) / T) h[m, b]
 
-Forward: the backend's ``mutual_linear_forward`` never writes h [M, B, N] to memory (CPU: row blocks whose
-M branch outputs live in a cache-resident scratch block; GPU: tiles in registers/shared memory).
+Forward: the backend's ``mutual_linear_forward`` never writes h [M, B, N] to memory (CPU: blocks of at most 128
+rows whose M branch outputs go to a per-thread scratch block, blocking in csrc/cpu/mutual_unit.cpp; GPU: tiles in
+registers/shared memory).
 
 Backward (other branches stop-gradient, so every gradient goes through the own branch):
     dh_own = mutual backward (needs h[m, b] for all m),  dz_own = dh_own * act'(z[s_b, b]),
