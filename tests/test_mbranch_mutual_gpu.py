@@ -19,7 +19,7 @@ import torch
 from saml_kernels import _backend
 from saml_kernels.reference import mbranch_linear as ref_mbl
 from saml_kernels.reference import mutual_unit as ref_mu
-from conftest import DEVICES
+from conftest import gpu_backends
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 ACTS = [0, 1, 2, 3, 4]  # none, relu, leaky_relu, gelu, silu
@@ -27,21 +27,7 @@ ACTS = [0, 1, 2, 3, 4]  # none, relu, leaky_relu, gelu, silu
 REL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
 
 
-def _pairs():
-    params = []
-    for dev in DEVICES:
-        for be in ("triton", "cuda"):
-            if _backend.why_unavailable(be, dev, "mbranch_linear") is None:
-                marks = [pytest.mark.triton_interp] if dev == "cpu" else [pytest.mark.gpu]
-                params.append(pytest.param(dev, be, id=f"{dev}-{be}", marks=marks))
-    if not params:
-        params.append(pytest.param("cuda", "cuda", id="no-gpu-backend",
-                                   marks=pytest.mark.skip(reason="no GPU, and triton runs on CPU only under "
-                                                          "TRITON_INTERPRET=1")))
-    return params
-
-
-PAIRS = _pairs()
+PAIRS = gpu_backends("mbranch_linear")
 
 
 def mbl(backend):

@@ -15,29 +15,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saml_kernels import _backend
 from saml_kernels.reference import scenario_embedding_bag as ref
-from conftest import DEVICES, tolerance
+from conftest import gpu_backends, tolerance
 
 OP = "scenario_embedding_bag"
 SUM, MEAN, NONE = 0, 1, 2
 
 
-def _pairs():
-    params = []
-    for dev in DEVICES:
-        for be in ("triton", "cuda"):
-            if _backend.why_unavailable(be, dev, OP) is None:
-                marks = [pytest.mark.triton_interp] if dev == "cpu" else [pytest.mark.gpu]
-                params.append(pytest.param(dev, be, id=f"{dev}-{be}", marks=marks))
-    if not params:
-        params.append(pytest.param("cuda", "cuda", id="no-gpu-backend",
-                                   marks=pytest.mark.skip(reason="no GPU, and triton runs on CPU only under "
-                                                          "TRITON_INTERPRET=1")))
-    return params
-
-
-PAIRS = _pairs()
+PAIRS = gpu_backends(OP)
 
 
 def kernels(backend):

@@ -104,3 +104,20 @@ def test_default_falls_back_to_synthetic_with_one_line(tmp_path, monkeypatch):
     first = out.splitlines()[0]
     assert first.startswith("train_saml.py: MovieLens-100K cannot be had, training on synthetic data instead")
     assert "/proc/no-such-dir/movielens" in first and "synthetic (2000 samples" in out
+
+
+# ------------------------------------------------------------------------------------------- outputs under the cwd
+
+def test_train_saml_writes_under_the_current_directory(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    before = sorted(p.name for p in (ROOT / "runs").iterdir()) if (ROOT / "runs").exists() else []
+    r = subprocess.run([sys.executable, str(ROOT / "python" / "train_saml.py"), "--data", "synthetic", "--samples",
+                        "1500", "--specific-strength", "1", "--epochs", "1",
+                        "--batch-size", "256", "--hidden", "8", "4", "--embedding-dim", "4", "--throughput-steps", "1",
+                        "--no-progress", "--threads", "1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (run,) = list((tmp_path / "saml_run").iterdir())
+    assert (run / "summary.json").exists() and (run / "report.png").exists()
+    after = sorted(p.name for p in (ROOT / "runs").iterdir()) if (ROOT / "runs").exists() else []
+    assert after == before  # nothing written into the source tree
