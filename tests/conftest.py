@@ -48,6 +48,58 @@ def gpu_backends(op: str):
     return params
 
 
+def _covering_rows(axes):
+    """Rows (index tuples) of the product of ``axes`` in which every pair of values of any two axes occurs at least
+    once: greedy, deterministic (the first row that covers the most uncovered pairs, in product order)."""
+    import itertools
+
+    product = list(itertools.product(*[range(len(a)) for a in axes]))
+    if len(axes) < 3:
+        return product
+
+    def pairs(row):
+        return {(i, row[i], j, row[j]) for i, j in itertools.combinations(range(len(row)), 2)}
+
+    todo = set().union(*(pairs(r) for r in product))
+    rows = []
+    while todo:
+        best = max(product, key=lambda r: len(pairs(r) & todo))
+        rows.append(best)
+        todo -= pairs(best)
+    return sorted(rows)
+
+
+def interp_covering(pairs, *axes):
+    """pytest params (device, backend, *values) over ``pairs`` (from device_backends / gpu_backends) and the value
+    lists ``axes`` (tuples are spread into several arguments): the whole product for every backend, except Triton
+    under the CPU interpreter (seconds per case), which gets a pairwise covering subset -- every pair of values of
+    any two axes occurs (each axis here selects an independent kernel branch: a constexpr activation, a dtype's
+    load/store casts, an optional operand), so every branch and every two-way interaction still runs."""
+    import itertools
+
+    params = []
+    for p in pairs:
+        dev, be = p.values[:2]
+        if dev == "cpu" and be == "triton":
+            rows = _covering_rows(axes)
+        else:
+            rows = list(itertools.product(*[range(len(a)) for a in axes]))
+        for row in rows:
+            vals, ids = [], [p.id]
+            for axis, k in zip(axes, row):
+                v = axis[k]
+                vals.extend(v if isinstance(v, tuple) else (v,))
+                ids.append("-".join(_id(x) for x in (v if isinstance(v, tuple) else (v,))))
+            params.append(pytest.param(dev, be, *vals, id="-".join(ids), marks=p.marks))
+    return params
+
+
+def _id(v) -> str:
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    return str(v)
+
+
 def poison_like(t: torch.Tensor) -> torch.Tensor:
     """A tensor of NaNs shaped like ``t``: outputs written into it must overwrite every element."""
     return torch.full_like(t, float("nan"))

@@ -11,7 +11,7 @@ from saml_kernels.ops import mbranch_linear as mbl_ops
 from saml_kernels.ops.mbranch_linear import mbranch_linear
 from saml_kernels.reference import mbranch_linear as ref
 
-from conftest import device_backends, tolerance
+from conftest import device_backends, interp_covering, tolerance
 from oracles import mbranch_oracle
 
 BACKENDS = device_backends("mbranch_linear")
@@ -67,20 +67,15 @@ def run_and_compare(inp, *, backend, route, grad_mask, activation, dtype):
         assert_close(g, e, dtype, f"grad {n}")
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("route,grad_mask", ROUTE_MASKS)
-@pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device,backend,route,grad_mask,activation,dtype",
+                         interp_covering(BACKENDS, ROUTE_MASKS, ACTS, DTYPES))
 def test_matches_reference(device, backend, route, grad_mask, activation, dtype):
     inp = make_inputs(dtype=dtype, device=device)
     run_and_compare(inp, backend=backend, route=route, grad_mask=grad_mask, activation=activation, dtype=dtype)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("route,grad_mask", ROUTE_MASKS)
-@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "branch_x"])
-@pytest.mark.parametrize("with_aux", [True, False], ids=["aux", "no_aux"])
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("device,backend,route,grad_mask,shared,with_aux,with_bias",
+                         interp_covering(BACKENDS, ROUTE_MASKS, [True, False], [True, False], [True, False]))
 def test_variants(device, backend, route, grad_mask, shared, with_aux, with_bias):
     inp = make_inputs(M=4, B=33, K=5, N=9, Ka=3, shared=shared, with_aux=with_aux, with_bias=with_bias, device=device)
     run_and_compare(inp, backend=backend, route=route, grad_mask=grad_mask, activation="silu", dtype=torch.float32)

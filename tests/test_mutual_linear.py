@@ -11,7 +11,7 @@ import torch
 import saml_kernels
 from saml_kernels.nn import MultiBranchLinear, MutualUnit
 
-from conftest import device_backends, tolerance
+from conftest import device_backends, interp_covering, tolerance
 from oracles import mbranch_oracle, mutual_linear_oracle, mutual_oracle
 
 PAIRS = device_backends("mutual_linear")
@@ -56,10 +56,8 @@ def loose(dtype, factor=4):
 
 # ------------------------------------------------------------------------------------------------ forward
 
-@pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("similarity", ["cosine", "dot"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device,backend,activation,similarity,dtype",
+                         interp_covering(PAIRS, ACTS, ["cosine", "dot"], DTYPES))
 def test_forward_matrix(device, backend, activation, similarity, dtype):
     inp = make(Ka=3, dtype=dtype, device=device)
     kw = dict(activation=activation, similarity=similarity, temperature=0.7)
@@ -70,10 +68,8 @@ def test_forward_matrix(device, backend, activation, similarity, dtype):
     torch.testing.assert_close(attn.double(), ra, **loose(dtype, 2))
 
 
-@pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("Ka,bias", [(0, False), (0, True), (4, False), (4, True)])
-@pytest.mark.parametrize("temperature", [0.3, 2.0])
-@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("device,backend,Ka,bias,temperature,idx_dtype",
+                         interp_covering(PAIRS, [0, 4], [False, True], [0.3, 2.0], [torch.int32, torch.int64]))
 def test_aux_bias(device, backend, Ka, bias, temperature, idx_dtype):
     inp = make(Ka=Ka, bias=bias, device=device, idx_dtype=idx_dtype)
     kw = dict(activation="relu", temperature=temperature)
@@ -141,10 +137,8 @@ def test_dead_relu_sample(device, backend, similarity):
 
 # ------------------------------------------------------------------------------------------------ gradients
 
-@pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("similarity", ["cosine", "dot"])
-@pytest.mark.parametrize("save", [False, True])
+@pytest.mark.parametrize("device,backend,activation,similarity,save",
+                         interp_covering(PAIRS, ACTS, ["cosine", "dot"], [False, True]))
 def test_gradients(device, backend, activation, similarity, save):
     inp = make(M=4, B=13, Ka=3, device=device)
     g = torch.randn(13, 5, device=device)

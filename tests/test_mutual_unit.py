@@ -10,7 +10,7 @@ import torch
 import saml_kernels
 from saml_kernels.ops import mutual_unit as mu_mod
 
-from conftest import device_backends, tolerance
+from conftest import device_backends, interp_covering, tolerance
 from oracles import mutual_oracle
 
 PAIRS = device_backends("mutual_unit")
@@ -41,10 +41,8 @@ def check_forward(h, s, backend, dtype, **kw):
 
 # ------------------------------------------------------------------------------------------------ forward
 
-@pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("similarity", ["cosine", "dot"])
-@pytest.mark.parametrize("temperature", [0.25, 1.0, 4.0])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device,backend,similarity,temperature,dtype",
+                         interp_covering(PAIRS, ["cosine", "dot"], [0.25, 1.0, 4.0], DTYPES))
 def test_forward_matrix(device, backend, similarity, temperature, dtype):
     h, s = make(dtype=dtype, device=device)
     check_forward(h, s, backend, dtype, temperature=temperature, similarity=similarity)

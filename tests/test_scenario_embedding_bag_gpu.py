@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from saml_kernels.reference import scenario_embedding_bag as ref
-from conftest import gpu_backends, tolerance
+from conftest import gpu_backends, interp_covering, tolerance
 
 OP = "scenario_embedding_bag"
 SUM, MEAN, NONE = 0, 1, 2
@@ -129,10 +129,9 @@ def check_backward(device, backend, args, dtype=torch.float32, need_psw=True):
 
 # ------------------------------------------------------------------------------------------------ forward
 
-@pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("pooling", [SUM, MEAN, NONE])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("idt", [torch.int32, torch.int64])
+@pytest.mark.parametrize("device,backend,pooling,dtype,idt",
+                         interp_covering(PAIRS, [SUM, MEAN, NONE], [torch.float32, torch.float16, torch.bfloat16,
+                                                                    torch.float64], [torch.int32, torch.int64]))
 def test_forward(device, backend, pooling, dtype, idt):
     args = make_case(device, dtype=dtype, idt=idt, pooling=pooling, psw=(pooling == SUM), bad_ids=2)
     check_forward(device, backend, args, dtype=dtype)
