@@ -1,4 +1,5 @@
-"""Layering: the package proper never imports its test oracle, ``saml_kernels.reference``.
+"""Layering: the package proper never imports ``saml_kernels.reference`` (the eager backend and the twins), and the
+tests' float64 oracles (tests/oracles.py) import nothing from the package but its constants.
 
 Only the reference twins themselves (saml_kernels/reference/), tests and benchmarks import it; the package
 reaches it in two documented places only, both at run time and on request: ``saml_kernels.reference`` (the
