@@ -31,7 +31,11 @@ info:
 	$(VPY) -m saml_kernels.info
 
 # Two pytest runs: the normal suite, then the Triton kernels under the CPU interpreter
-# (TRITON_INTERPRET must be set before triton is imported, so it is a separate process).
+# (TRITON_INTERPRET must be set before triton is imported, so it is a separate process). Each test runs once: the
+# second run selects only the `triton_interp` cases (Triton on CPU tensors, which the first run does not collect);
+# `slow` tests (subprocesses: benchmark smokes, script runs, the AOTInductor compile) run in the first run only,
+# except the bad-input suite's runner, which runs the plain cases in the first run and the Triton cases in the
+# second (tests/test_bad_input.py).
 test:
 	@PY=$(PY) scripts/setup.sh test
 	$(VPY) -m saml_kernels.info

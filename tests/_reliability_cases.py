@@ -1,8 +1,7 @@
-"""Shared input makers and float64 oracles for the reliability suites.
+"""Shared input makers for the reliability suites (properties, determinism, threads, bad input).
 
-Not a test module (no ``test_`` prefix). Used by test_properties, test_determinism, test_threads and
-test_bad_input_subprocess. The oracles here are written independently of ``saml_kernels.reference`` (plain
-float64 index_add / einsum), so the ``reference`` backend is checked too, not compared with itself.
+Not a test module (no ``test_`` prefix). The float64 oracles live in tests/oracles.py (re-exported here under
+their old names); they import nothing from the package, so the ``reference`` backend is judged too.
 
 Every op is described by ``make_case(op, seed)``: a dict with ``call(backend)`` (runs the public op on fresh
 leaf copies of the inputs and returns forward outputs + input gradients for a fixed random upstream gradient)
@@ -13,7 +12,8 @@ from __future__ import annotations
 import importlib
 
 import torch
-import torch.nn.functional as Fn
+
+from oracles import act64, mbranch_oracle, mutual_oracle, seb_oracle  # noqa: F401  (the float64 oracles)
 
 ACTIVATIONS = (None, "relu", "leaky_relu", "gelu", "silu")
 
@@ -70,53 +70,6 @@ def seb_inputs(gen: torch.Generator, *, B, rows, aware, D, M, bag_max, pooling="
     return out
 
 
-def seb_oracle(inp, pooling="sum"):
-    """float64 oracle, differentiable w.r.t. the (float64) tables and per-sample weights it is given."""
-    idx = inp["indices"].long().cpu()
-    off = inp["offsets"].long().cpu()
-    sc = inp["scenario"].long().cpu()
-    G, S = inp["global_weight"], inp["scenario_weight"]
-    psw = inp["per_sample_weights"]
-    fr, fsr = inp["feature_rows"], inp["feature_scenario_rows"]
-    F = len(fr) - 1
-    B = (off.numel() - 1) // F
-    D = G.shape[1]
-    M, Rs = S.shape[0], S.shape[1]
-    lengths = off[1:] - off[:-1]
-    bag = torch.repeat_interleave(torch.arange(F * B), lengths)
-    feat, sample = bag // max(B, 1), bag % max(B, 1)
-    frt, fsrt = torch.tensor(fr), torch.tensor(fsr)
-    grow = frt[feat] + idx
-    w = psw.double() if psw is not None else torch.ones(idx.numel(), dtype=torch.float64)
-    gv = G[grow] * w[:, None]
-    aware_f = [f for f in range(F) if fsr[f + 1] > fsr[f]]
-    slot = torch.full((F,), -1, dtype=torch.long)
-    slot[aware_f] = torch.arange(len(aware_f))
-    is_aware = slot[feat] >= 0
-    sflat = S.reshape(M * Rs, D)
-    srow = sc[sample] * Rs + (fsrt[feat] + idx)
-    if pooling == "none":
-        L = idx.numel() // (F * B) if F * B else 0
-        g = gv.reshape(F, B, L, D).permute(1, 0, 2, 3)
-        keep = torch.nonzero(is_aware).flatten()
-        sv = torch.zeros(idx.numel(), D, dtype=torch.float64)
-        if keep.numel():
-            sv = sv.index_put((keep,), sflat[srow[keep]] * w[keep, None])
-        s = sv.reshape(F, B, L, D).permute(1, 0, 2, 3)[:, aware_f]
-        return g, s
-    g = torch.zeros(F * B, D, dtype=torch.float64).index_add(0, bag, gv)
-    keep = torch.nonzero(is_aware).flatten()
-    s = torch.zeros(len(aware_f) * B, D, dtype=torch.float64)
-    if keep.numel():
-        s = s.index_add(0, slot[feat[keep]] * B + sample[keep], sflat[srow[keep]] * w[keep, None])
-    if pooling == "mean":
-        n = lengths.clamp(min=1).double()
-        g = g / n[:, None]
-        if aware_f:
-            s = s / n.reshape(F, B)[aware_f].reshape(-1, 1)
-    return g.reshape(F, B, D).permute(1, 0, 2), s.reshape(len(aware_f), B, D).permute(1, 0, 2)
-
-
 def seb_call(inp, backend, pooling="sum", **kw):
     from saml_kernels import scenario_embedding_bag
 
@@ -127,56 +80,6 @@ def seb_call(inp, backend, pooling="sum", **kw):
 
 
 # ------------------------------------------------------------------------------------ branch GEMM / mutual
-
-def act64(y, activation):
-    if activation is None:
-        return y
-    return {"relu": Fn.relu, "leaky_relu": Fn.leaky_relu, "gelu": Fn.gelu, "silu": Fn.silu}[activation](y)
-
-
-def mbranch_oracle(x, weight, bias, scenario, *, route="own", activation=None, grad_mask="own", aux=None,
-                   aux_weight=None):
-    """float64 oracle of mbranch_linear with the design's (docs/design.md) gradient masking semantics (autograd-able)."""
-    sc = scenario.long()
-    M = weight.shape[0]
-    B = x.shape[-2]
-    mask = (torch.arange(M)[:, None] == sc[None, :])  # [M, B]: branch m is sample b's own
-
-    def pre(W, Wa, bb, xx, aa):
-        y = torch.einsum("bk,mkn->mbn", xx, W) if xx.dim() == 2 else torch.einsum("mbk,mkn->mbn", xx, W)
-        if aa is not None:
-            y = y + torch.einsum("bk,mkn->mbn", aa, Wa)
-        if bb is not None:
-            y = y + bb[:, None, :]
-        return act64(y, activation)
-
-    full = pre(weight, aux_weight, bias, x, aux)
-    if route == "own":
-        return full[sc, torch.arange(B)]
-    if grad_mask == "none":
-        return full
-    det = lambda t: None if t is None else t.detach()  # noqa: E731
-    if grad_mask == "own":
-        other = pre(det(weight), det(aux_weight), det(bias), det(x), det(aux))
-    else:  # "params": W_m only from scenario-m samples, x from every branch
-        other = pre(det(weight), det(aux_weight), det(bias), x, aux)
-    return torch.where(mask[:, :, None], full, other)
-
-
-def mutual_oracle(h, scenario, *, temperature=1.0, similarity="cosine"):
-    """float64 oracle of mutual_unit: other branches are stop-gradient for each sample."""
-    M, B, N = h.shape
-    sc = scenario.long()
-    mask = (torch.arange(M)[:, None] == sc[None, :])[:, :, None]
-    hh = torch.where(mask, h, h.detach())
-    own = hh[sc, torch.arange(B)]
-    if similarity == "cosine":
-        sim = Fn.cosine_similarity(own[None].expand_as(hh), hh, dim=-1)  # [M, B]
-    else:
-        sim = (own[None] * hh).sum(-1) / N ** 0.5
-    a = torch.softmax(sim / temperature, dim=0)
-    return (a[:, :, None] * hh).sum(0)
-
 
 # -------------------------------------------------------------------------------------------- op cases
 

@@ -6,6 +6,7 @@ The normal run covers every backend available here. The Triton kernels run on CP
 """
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
@@ -30,6 +31,75 @@ def device_backends(op: str, *, include_reference: bool = True):
     return params
 
 
+def gpu_backends(op: str):
+    """pytest params (device, backend) for the GPU backends (triton, cuda) that can serve ``op`` here: the CUDA
+    ones (mark ``gpu``) and, under TRITON_INTERPRET=1, triton on CPU tensors (mark ``triton_interp``); one
+    skipped placeholder when there is none, so a GPU test file never collects nothing silently."""
+    params = []
+    for dev in DEVICES:
+        for be in ("triton", "cuda"):
+            if _backend.why_unavailable(be, dev, op) is None:
+                marks = [pytest.mark.triton_interp] if dev == "cpu" else [pytest.mark.gpu]
+                params.append(pytest.param(dev, be, id=f"{dev}-{be}", marks=marks))
+    if not params:
+        params.append(pytest.param("cuda", "cuda", id="no-gpu-backend",
+                                   marks=pytest.mark.skip(reason="no GPU, and triton runs on CPU only under "
+                                                          "TRITON_INTERPRET=1")))
+    return params
+
+
+def _covering_rows(axes):
+    """Rows (index tuples) of the product of ``axes`` in which every pair of values of any two axes occurs at least
+    once: greedy, deterministic (the first row that covers the most uncovered pairs, in product order)."""
+    import itertools
+
+    product = list(itertools.product(*[range(len(a)) for a in axes]))
+    if len(axes) < 3:
+        return product
+
+    def pairs(row):
+        return {(i, row[i], j, row[j]) for i, j in itertools.combinations(range(len(row)), 2)}
+
+    todo = set().union(*(pairs(r) for r in product))
+    rows = []
+    while todo:
+        best = max(product, key=lambda r: len(pairs(r) & todo))
+        rows.append(best)
+        todo -= pairs(best)
+    return sorted(rows)
+
+
+def interp_covering(pairs, *axes):
+    """pytest params (device, backend, *values) over ``pairs`` (from device_backends / gpu_backends) and the value
+    lists ``axes`` (tuples are spread into several arguments): the whole product for every backend, except Triton
+    under the CPU interpreter (seconds per case), which gets a pairwise covering subset -- every pair of values of
+    any two axes occurs (each axis here selects an independent kernel branch: a constexpr activation, a dtype's
+    load/store casts, an optional operand), so every branch and every two-way interaction still runs."""
+    import itertools
+
+    params = []
+    for p in pairs:
+        dev, be = p.values[:2]
+        if dev == "cpu" and be == "triton":
+            rows = _covering_rows(axes)
+        else:
+            rows = list(itertools.product(*[range(len(a)) for a in axes]))
+        for row in rows:
+            vals, ids = [], [p.id]
+            for axis, k in zip(axes, row):
+                v = axis[k]
+                vals.extend(v if isinstance(v, tuple) else (v,))
+                ids.append("-".join(_id(x) for x in (v if isinstance(v, tuple) else (v,))))
+            params.append(pytest.param(dev, be, *vals, id="-".join(ids), marks=p.marks))
+    return params
+
+
+def _id(v) -> str:
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    return str(v)
+
+
 def poison_like(t: torch.Tensor) -> torch.Tensor:
     """A tensor of NaNs shaped like ``t``: outputs written into it must overwrite every element."""
     return torch.full_like(t, float("nan"))
@@ -45,11 +115,63 @@ def tolerance(dtype: torch.dtype) -> dict:
     }[dtype]
 
 
+# The bad-input suite (tests/test_bad_input*.py) runs once, in the fresh child process of its runner test; the
+# parent run deselects the cases. SAML_BAD_INPUT_CHILD=1 marks that child (or runs the cases in-process by hand).
+BAD_INPUT_CHILD = os.environ.get("SAML_BAD_INPUT_CHILD") == "1"
+BAD_INPUT_RUNNER = "test_bad_input_suite_in_a_fresh_process"
+
+
+def pytest_collection_modifyitems(config, items):
+    if BAD_INPUT_CHILD:
+        return
+    keep, cases = [], []
+    for item in items:
+        in_suite = item.path.name.startswith("test_bad_input")
+        (cases if in_suite and item.originalname != BAD_INPUT_RUNNER else keep).append(item)
+    if cases:
+        config.hook.pytest_deselected(items=cases)
+        items[:] = keep
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """A different seed per test (derived from its id) so tests never share inputs, yet reruns reproduce."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for one test; the previous mode and thread count are restored."""
+    prev_det, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(prev_det)
+    torch.set_num_threads(prev_threads)
+
+
+# The shared small synthetic data set and SAML configuration of the model tests: big enough that every feature,
+# scenario and the sequence occur in a 64-row batch, small enough that building a model takes milliseconds; a
+# non-zero aux loss weight so the aux head trains too.
+SMALL_VOCAB = dict(num_users=60, num_items=80, num_categories=7, num_contexts=5, num_segments=6, num_tags=11)
+SMALL_SAML = dict(embedding_dim=8, attention_dim=4, aux_hidden=(12, 7), branch_hidden=(10, 6), aux_loss_weight=0.4)
+
+
+def small_data(n: int = 300, *, seq_len: int = 6, seed: int | None = None, **kw):
+    """make_synthetic with the small vocabulary; ``seed`` None draws it from torch's generator (seeded per test
+    by ``_fresh_seed``), so each test gets its own data and reruns reproduce it."""
+    from saml_kernels.data import make_synthetic
+
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+    return make_synthetic(n, **{**SMALL_VOCAB, **kw}, seq_len=seq_len, seed=seed)
+
+
+def small_config(data, **kw):
+    """SAMLConfig.from_data(data) with the small dimensions (SMALL_SAML), overridden by ``kw``."""
+    from saml_kernels.nn import SAMLConfig
+
+    return SAMLConfig.from_data(data, **{**SMALL_SAML, **kw})
 
 
 class SyncCounter:

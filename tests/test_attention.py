@@ -104,3 +104,27 @@ def test_zero_batch_and_bad_shapes():
         fast(tg, ts, sg, ss, ln.float(), sc)
     with pytest.raises(ValueError, match="attention_dim"):
         ScenarioAttention(D, 0, M)
+
+
+# ------------------------------------------------------------------------------------------------ seq_lengths
+
+@pytest.mark.parametrize("layer_cls", [ScenarioAttention, RefScenarioAttention], ids=lambda c: c.__name__)
+def test_attention_rejects_out_of_range_seq_lengths(layer_cls):
+    M, D, d, B, L = 3, 8, 4, 9, 5
+    layer = layer_cls(D, d, M)
+    tg, ts, sg, ss = torch.randn(B, D), torch.randn(B, D), torch.randn(B, L, D), torch.randn(B, L, D)
+    scen = torch.randint(0, M, (B,))
+    lengths = torch.randint(0, L + 1, (B,))
+    lengths[0], lengths[1] = 0, L  # both ends are valid
+    out = layer(tg, ts, sg, ss, lengths, scen)
+    assert out[0].shape == (B, D)
+    for bad in (L + 1, 100, -1):
+        pos = int(torch.randint(2, B, ()))
+        ln = lengths.clone()
+        ln[pos] = bad
+        with pytest.raises(ValueError, match=rf"seq_lengths\[{pos}\] = {bad} .*\[0, {L}\]"):
+            layer(tg, ts, sg, ss, ln, scen)
+    for ln, what in ((lengths.float(), "integer"), (lengths[:-1], "shape"), (lengths.view(B, 1), "shape"),
+                     (lengths.bool(), "integer")):
+        with pytest.raises(ValueError, match=f"seq_lengths.*{what}"):
+            layer(tg, ts, sg, ss, ln, scen)

@@ -1,12 +1,17 @@
 """The backend registry of saml_kernels/_backend.py: kernel tables, declared support, the preference table."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
+import torch
 
 import saml_kernels  # noqa: F401  (registers every op)
 from saml_kernels import _backend, info
+from saml_kernels.nn import ScenarioEmbedding
 
 OPS = ("scenario_embedding_bag", "mbranch_linear", "mutual_unit", "mutual_linear")
 
@@ -160,3 +165,37 @@ def test_the_cuda_order_says_it_is_unmeasured():
         assert "UNMEASURED" in text and "benchmarks/gpu_check.sh" in text
     else:  # measured now: the comments must cite one of them
         assert any(f in text for f in gpu_files), f"GPU results exist ({gpu_files}) but PREFERENCE cites none"
+
+
+# ------------------------------------------------------------------------------------------------ unknown names, env request
+
+_FEATURES = [("user", 7, True, "sum"), ("item", 9, False, "sum"), ("cat", 5, True, "sum")]
+
+
+def test_unknown_backend_names_raise_backend_unavailable():
+    G, S = torch.randn(5, 2), torch.randn(1, 5, 2)
+    args = (torch.tensor([1]), torch.tensor([0, 1]), torch.tensor([0]), G, S, [0, 5], [0, 5])
+    with pytest.raises(_backend.BackendUnavailableError, match="bogus"):
+        saml_kernels.scenario_embedding_bag(*args, backend="bogus")
+    with pytest.raises(_backend.BackendUnavailableError, match="bogus"):
+        with saml_kernels.use_backend("bogus"):
+            pass
+    with pytest.raises(_backend.BackendUnavailableError, match="bogus"):
+        ScenarioEmbedding(_FEATURES, 2, 4, backend="bogus")
+    with pytest.raises(ValueError):  # still a ValueError for code written against earlier versions
+        ScenarioEmbedding(_FEATURES, 2, 4, backend="bogus")
+    from saml_kernels.nn import MultiBranchLinear, MutualUnit, ScenarioAttention
+
+    for make in (lambda: MultiBranchLinear(3, 4, 2, backend="bogus"), lambda: MutualUnit(3, 4, 2, backend="bogus"),
+                 lambda: ScenarioAttention(4, 4, 2, backend="bogus")):
+        with pytest.raises(_backend.BackendUnavailableError, match="bogus"):
+            make()
+
+
+def test_info_honours_the_env_request():
+    env = dict(os.environ, SAML_KERNELS_BACKEND="reference", PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-m", "saml_kernels.info"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert "'reference' from SAML_KERNELS_BACKEND" in out
+    assert "cpu   SAML_KERNELS_BACKEND -> reference" in out
+    assert "cpu   automatic ->" not in out

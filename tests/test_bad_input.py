@@ -1,16 +1,18 @@
 """Bad-input suite: every malformed argument -> the documented exception, with a message naming the argument.
 
-Conventions (TEAM.md, saml_kernels/ops/_checks.py): a wrong dtype or a non-tensor -> TypeError; a wrong rank,
+Conventions (saml_kernels/ops/_checks.py): a wrong dtype or a non-tensor -> TypeError; a wrong rank,
 shape, length, option or device -> ValueError; an id or scenario id out of range -> IndexError; an unavailable
 backend -> BackendUnavailableError. The user's tensors are never modified by a failing call.
 
 Layout: one test class per op (``TestScenarioEmbeddingBag`` below); each class has a ``valid(device)`` input maker,
 a ``call(...)`` and a table of ``Case(id, mutate, exception, names)``, checked by the shared ``expect_rejected``.
-Add a class per new op. ``test_file_runs_clean_in_subprocess`` runs this whole file in a child process, so a
-kernel that crashes (segfault/abort) on bad input fails that test instead of killing the test run.
+Add a class per new op. The cases of this file and of test_bad_input_ops.py run once, in a fresh child process
+(``test_bad_input_suite_in_a_fresh_process`` at the end): a kernel that crashes (segfault/abort) on bad input
+fails that test instead of killing the test run.
 """
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import torch
 import saml_kernels
 from conftest import device_backends
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.environ.get("SAML_BAD_INPUT_CHILD") == "1"
 
 
@@ -460,21 +463,27 @@ def test_star_hmoe_reject_every_bad_input_and_modify_nothing(kind):
         assert repr(opt.state_dict()) == opt_snap, f"{cid}: optimizer state modified"
 
 
-# ---------------------------------------------------------------------------------- crash-proofing
+# ---------------------------------------------------------------------------------- the suite's one run
 
 @pytest.mark.slow
-@pytest.mark.triton_interp  # also in the interpreter pass, where the child runs the Triton cases
-@pytest.mark.skipif(CHILD, reason="already inside the subprocess run")
-def test_file_runs_clean_in_subprocess():
-    """This whole file in a child process exits normally (no signal, no failure): bad input never crashes it."""
-    here = os.path.dirname(os.path.abspath(__file__))
+@pytest.mark.triton_interp  # also in the interpreter pass, where the child runs the (disjoint) Triton cases
+@pytest.mark.skipif(CHILD, reason="already inside the child process")
+def test_bad_input_suite_in_a_fresh_process():
+    """Every case of tests/test_bad_input*.py, run once, in a fresh child pytest process that must exit normally.
+
+    Why a child: a kernel that segfaults or aborts on bad input would kill the test run itself; the child turns
+    that into this test's failure, and it feeds every bad input to a process that has run nothing else (first
+    calls: lazy kernel registration, empty caches). The parent run deselects the cases (conftest.py), so each
+    runs once; in the interpreter pass the child selects the Triton cases (``-m triton_interp``).
+    ``SAML_BAD_INPUT_CHILD=1 pytest tests/test_bad_input*.py`` runs the cases in-process while debugging."""
+    files = sorted(glob.glob(os.path.join(HERE, "test_bad_input*.py")))
     env = dict(os.environ, SAML_BAD_INPUT_CHILD="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)]
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "--tb=short", "-p", "no:cacheprovider", *files]
     if os.environ.get("TRITON_INTERPRET") == "1":
         cmd += ["-m", "triton_interp"]
-    proc = subprocess.run(cmd, cwd=os.path.dirname(here), env=env, capture_output=True, text=True, timeout=600)
-    tail = (proc.stdout + proc.stderr)[-3000:]
-    assert proc.returncode >= 0, f"killed by signal {-proc.returncode} (a crash):\n{tail}"
-    assert proc.returncode == 0, f"rc={proc.returncode}:\n{tail}"
+    proc = subprocess.run(cmd, cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True, timeout=900)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode >= 0, f"bad-input suite killed by signal {-proc.returncode} (a crash):\n{tail}"
+    assert proc.returncode == 0, f"bad-input suite failed (rc={proc.returncode}):\n{tail}"
     assert " passed" in proc.stdout, tail

@@ -1,4 +1,8 @@
-"""The benchmarks run end to end on small sizes (so they cannot rot). Performance is not asserted."""
+"""The benchmarks run end to end on small sizes (so they cannot rot). Performance is not asserted.
+
+Every test here is a subprocess (marked ``slow``: ``make test-fast`` leaves them out, ``make test`` runs them once).
+benchmarks/gpu_check.sh has its own dry-run file (test_gpu_check_dry_run.py)."""
+import json
 import os
 import re
 import subprocess
@@ -7,6 +11,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -58,3 +63,36 @@ def test_bench_mutual_quick(tmp_path):
             assert re.search(rf"^{mode} +{provider} +[0-9.]+ ms", r.stdout, re.M), (mode, provider, r.stdout)
     written = sorted(p.name for p in tmp_path.iterdir())
     assert any(n.startswith("bench_mutual_") and n.endswith("_quick.json") for n in written), written
+
+
+def test_bench_branch_gemm_quick(tmp_path):
+    """bench_branch_gemm.py with its phase breakdown."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_branch_gemm.py"), "--quick",
+                        "--reps", "2", "--mixes", "skewed", "--out-dir", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "## relu_bias route=own fwdbwd skewed" in r.stdout and "| plain |" in r.stdout
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert any(n.endswith("_quick.md") for n in written), written
+    data = json.loads(next(p for p in tmp_path.iterdir() if p.name.endswith("_quick.json")).read_text())
+    results = data["data"]["results"]
+    phases = results["relu_bias route=own fwdbwd skewed"]["phases"]
+    assert set(phases) == {"forward", "backward dx", "backward dW", "backward db", "backward all", "plain GEMM"}
+    assert all(v["ms"] > 0 for v in phases.values())
+
+
+def test_bench_model_on_movielens(tmp_path):
+    """--data movielens; skipped when MovieLens-100K is not cached (the benchmark fetches it otherwise)."""
+    from saml_kernels.data import movielens as ml
+    try:
+        ml.read_raw()
+    except ml.MovieLensUnavailable as e:
+        pytest.skip(f"MovieLens-100K is not cached: {e}")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_model.py"), "--model", "saml", "star",
+                        "hmoe", "--data", "movielens", "--quick", "--reps", "1", "--batch", "128", "--out-dir",
+                        str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "| HMoE | float32 | 128 | reference eager |" in r.stdout and "MovieLens-100K" in r.stdout
+    assert any(p.name.endswith("_movielens_quick.md") for p in tmp_path.iterdir())

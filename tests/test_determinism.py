@@ -19,15 +19,6 @@ RUNS = 5
 CPU_BACKENDS = [b for b in ("reference", "cpu") if b in __import__("saml_kernels").available_backends("cpu")]
 
 
-@pytest.fixture
-def deterministic():
-    prev_det, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(prev_det)
-    torch.set_num_threads(prev_threads)
-
-
 def _assert_bitwise(a, b, what):
     assert len(a) == len(b), what
     for i, (x, y) in enumerate(zip(a, b)):

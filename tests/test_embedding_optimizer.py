@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import saml_kernels
+from saml_kernels.nn import ScenarioEmbedding
 from saml_kernels.ops import embedding_optimizer as eo
 from saml_kernels.ops import scenario_embedding_bag as seb
 
@@ -240,3 +241,198 @@ def test_fused_op_bad_arguments_write_nothing():
     with pytest.raises(ValueError, match="optimizer must be one of"):
         eo.scenario_embedding_bag_fused(*args, optimizer="adam", hparams=kw["hparams"])
     assert torch.equal(gw, c["gw"]) and torch.equal(sw, c["sw"])
+# ------------------------------------------------------------------------- the ScenarioEmbedding layer's fused update
+
+FEATURES = [("user", 7, True, "sum"), ("item", 9, False, "sum"), ("cat", 5, True, "sum")]
+
+
+def batch(layer, B=6, max_bag=3, seed=None):
+    device = layer.global_weight.device
+    F = layer.num_features
+    lengths = torch.randint(0, max_bag + 1, (F * B,))
+    offsets = torch.zeros(F * B + 1, dtype=torch.long)
+    offsets[1:] = lengths.cumsum(0)
+    ids = [torch.randint(0, f.num_embeddings, (int(lengths[k * B:(k + 1) * B].sum()),))
+           for k, f in enumerate(layer.features)]
+    return (torch.cat(ids).to(device), offsets.to(device), torch.randint(0, layer.num_scenarios, (B,), device=device))
+
+
+def train(layer, batches, upstream):
+    for (idx, off, sc), (ug, us) in zip(batches, upstream):
+        g, s = layer(idx, off, sc)
+        torch.autograd.backward([g, s], [ug, us])
+
+
+def upstreams(layer, batches, D):
+    out = []
+    for idx, off, sc in batches:
+        B = sc.numel()
+        out.append((torch.randn(B, layer.num_features, D, device=sc.device),
+                    torch.randn(B, layer.num_aware, D, device=sc.device)))
+    return out
+
+
+def twin(layer, **kw):
+    """A layer with the same settings and a contiguous copy of ``layer``'s tables and states."""
+    args = dict(optimizer=layer.optimizer, lr=layer.lr, eps=layer.eps, backend=layer.backend)
+    args.update(kw)
+    other = ScenarioEmbedding(FEATURES, layer.num_scenarios, layer.embedding_dim, **args)
+    with torch.no_grad():
+        other.global_weight.copy_(layer.global_weight)
+        other.scenario_weight.copy_(layer.scenario_weight)
+    return other
+
+
+# ------------------------------------------------------------------------- the layer's fused update: non-contiguous tables
+
+@pytest.mark.parametrize("device,backend", device_backends(OP))
+def test_fused_adagrad_updates_a_column_slice_loaded_with_assign(device, backend):
+    D = 8
+    layer = ScenarioEmbedding(FEATURES, 3, D, optimizer="rowwise_adagrad", lr=0.1, backend=backend)
+    pretrained = torch.randn(layer.global_weight.shape[0], 2 * D)
+    sd = layer.state_dict()
+    sd["global_weight"] = pretrained[:, :D]
+    layer.load_state_dict(sd, assign=True)
+    assert not layer.global_weight.is_contiguous()
+    ref = twin(layer)  # same values, contiguous
+    batches = [batch(layer) for _ in range(3)]
+    ups = upstreams(layer, batches, D)
+    before = layer.global_weight.detach().clone()
+    train(layer, batches, ups)
+    train(ref, batches, ups)
+    assert not torch.equal(layer.global_weight, before), "the table never changed"
+    torch.testing.assert_close(layer.global_weight, ref.global_weight, rtol=0, atol=0)
+    torch.testing.assert_close(layer.global_state, ref.global_state, rtol=0, atol=0)
+    torch.testing.assert_close(layer.scenario_weight, ref.scenario_weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", device_backends(OP))
+def test_fused_sgd_updates_a_transposed_parameter(device, backend):
+    D = 4
+    layer = ScenarioEmbedding(FEATURES, 2, D, optimizer="sgd", lr=0.5, backend=backend)
+    R = layer.global_weight.shape[0]
+    layer.global_weight = torch.nn.Parameter(torch.randn(D, R).t())
+    ref = twin(layer)
+    batches = [batch(layer) for _ in range(2)]
+    ups = upstreams(layer, batches, D)
+    train(layer, batches, ups)
+    train(ref, batches, ups)
+    torch.testing.assert_close(layer.global_weight, ref.global_weight, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------- the layer's fused update: frozen tables
+
+@pytest.mark.parametrize("device,backend", device_backends(OP))
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_requires_grad_false_freezes_fused_tables(device, backend, optimizer):
+    D = 4
+    layer = ScenarioEmbedding(FEATURES, 3, D, optimizer=optimizer, lr=0.2, backend=backend)
+    batches = [batch(layer) for _ in range(2)]
+    ups = upstreams(layer, batches, D)
+    snap = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.requires_grad_(False)
+    for (idx, off, sc), (ug, us) in zip(batches, ups):
+        g, s = layer(idx, off, sc)
+        assert not g.requires_grad and not s.requires_grad
+    for k, v in layer.state_dict().items():
+        torch.testing.assert_close(v, snap[k], rtol=0, atol=0, msg=f"{k} changed while frozen")
+
+    # only the global table frozen: the scenario table trains exactly as in an unfrozen twin
+    layer.scenario_weight.requires_grad_(True)
+    ref = twin(layer)
+    train(layer, batches, ups)
+    train(ref, batches, ups)
+    torch.testing.assert_close(layer.global_weight, snap["global_weight"], rtol=0, atol=0)
+    torch.testing.assert_close(layer.scenario_weight, ref.scenario_weight, rtol=0, atol=0)
+    assert not torch.equal(layer.scenario_weight, snap["scenario_weight"])
+    if optimizer == "rowwise_adagrad":
+        torch.testing.assert_close(layer.global_state, snap["global_state"], rtol=0, atol=0)
+        torch.testing.assert_close(layer.scenario_state, ref.scenario_state, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------- the layer's fused update: lr schedule, weight decay, NaN
+
+def test_lr_scheduler_drives_the_fused_optimizer():
+    D = 4
+    a = ScenarioEmbedding(FEATURES, 2, D, optimizer="rowwise_adagrad", lr=0.4)
+    b, c = twin(a), twin(a)
+    sched = torch.optim.lr_scheduler.StepLR(a.fused_optimizer, step_size=1, gamma=0.25)
+    batches = [batch(a) for _ in range(2)]
+    ups = upstreams(a, batches, D)
+    for i, (bt, up) in enumerate(zip(batches, ups)):
+        train(a, [bt], [up])
+        a.fused_optimizer.step()
+        sched.step()
+        train(b, [bt], [up])
+        b.lr = 0.4 * 0.25 ** (i + 1)
+        train(c, [bt], [up])  # lr stays 0.4
+    assert a.lr == pytest.approx(0.4 * 0.25 ** 2)
+    torch.testing.assert_close(a.global_weight, b.global_weight, rtol=0, atol=0)
+    assert not torch.allclose(a.global_weight, c.global_weight)
+    # lr 0 leaves the tables unchanged: the kernels read the value set last
+    a.lr = 0.0
+    snap = a.global_weight.detach().clone()
+    train(a, batches[:1], ups[:1])
+    torch.testing.assert_close(a.global_weight, snap, rtol=0, atol=0)
+    # the scheduler's state round-trips through the optimizer handle
+    sd = a.fused_optimizer.state_dict()
+    a.fused_optimizer.load_state_dict(sd)
+    a.fused_optimizer.param_groups[0]["lr"] = 0.3
+    assert a.lr == 0.3 and float(a._fused_hparams[0]) == 0.3
+
+
+@pytest.mark.parametrize("device,backend", device_backends(OP))
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_weight_decay_matches_the_formula(device, backend, optimizer):
+    """g' = g + wd * w on the touched rows; SGD w -= lr g'; Adagrad state += mean(g'^2), w -= lr g'/(sqrt(s)+eps)."""
+    D, lr, eps, wd = 5, 0.3, 1e-3, 0.7
+    layer = ScenarioEmbedding(FEATURES, 3, D, optimizer=optimizer, lr=lr, eps=eps, weight_decay=wd, backend=backend,
+                              dtype=torch.float64)
+    idx, off, sc = batch(layer, B=9)
+    ug = torch.randn(9, 3, D, dtype=torch.float64)
+    us = torch.randn(9, 2, D, dtype=torch.float64)
+    # dense gradients from the plain op (float64), the update by the formula
+    gw = layer.global_weight.detach().clone().requires_grad_()
+    sw = layer.scenario_weight.detach().clone().requires_grad_()
+    g, s = saml_kernels.scenario_embedding_bag(idx, off, sc, gw, sw, layer.feature_rows, layer.feature_scenario_rows,
+                                               backend="reference")
+    torch.autograd.backward([g, s], [ug, us])
+    expected = []
+    for w, grad in ((gw, gw.grad), (sw, sw.grad.reshape(-1, D))):
+        w = w.detach().reshape(-1, D)
+        touched = grad.abs().sum(1) > 0
+        gp = grad + wd * w
+        if optimizer == "sgd":
+            new = w - lr * gp
+        else:
+            state = (gp * gp).mean(1).float().double()  # the row state is float32 by contract
+            new = w - (lr / (state.sqrt() + eps)).unsqueeze(1) * gp
+        expected.append(torch.where(touched.unsqueeze(1), new, w))
+    assert bool((gw.grad.abs().sum(1) > 0).any())
+    train(layer, [(idx, off, sc)], [(ug, us)])
+    torch.testing.assert_close(layer.global_weight.detach(), expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.scenario_weight.detach().reshape(-1, D), expected[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device,backend", device_backends(OP))
+def test_skip_nonfinite_leaves_tables_untouched(device, backend):
+    D = 4
+    layer = ScenarioEmbedding(FEATURES, 2, D, optimizer="rowwise_adagrad", skip_nonfinite=True, backend=backend)
+    bt = batch(layer)
+    (ug, us), = upstreams(layer, [bt], D)
+    ug[0, 0, 0] = float("nan")
+    snap = {k: v.clone() for k, v in layer.state_dict().items()}
+    train(layer, [bt], [(ug, us)])
+    for k, v in layer.state_dict().items():
+        torch.testing.assert_close(v, snap[k], rtol=0, atol=0, equal_nan=False)
+    assert int(layer.nonfinite_steps) == 1
+    # a finite step trains again
+    (ug, us), = upstreams(layer, [bt], D)
+    train(layer, [bt], [(ug, us)])
+    assert not torch.equal(layer.global_weight, snap["global_weight"])
+    assert int(layer.nonfinite_steps) == 1
+    # without the option a NaN gradient reaches the touched rows, as with any optimizer (documented)
+    plain = ScenarioEmbedding(FEATURES, 2, D, optimizer="sgd", backend=backend)
+    ug.fill_(float("inf"))
+    train(plain, [bt], [(ug, us)])
+    assert not torch.isfinite(plain.global_weight).all()

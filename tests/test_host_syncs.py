@@ -18,7 +18,8 @@ import torch
 
 import saml_kernels
 from saml_kernels.data import make_synthetic
-from saml_kernels.nn import HMoE, HMoEConfig, SAML, SAMLConfig, SharedBottom, STAR, STARConfig, TrainingOptimizer
+from saml_kernels.nn import (HMoE, HMoEConfig, SAML, SAMLConfig, ScenarioEmbedding, SharedBottom, STAR, STARConfig,
+                             TrainingOptimizer)
 from saml_kernels.ops import _checks
 from saml_kernels.training import saml_loss
 
@@ -408,3 +409,88 @@ def test_partitioned_norm_bad_scenario_per_mode(backend):
     with saml_kernels.deferred_checks():  # a good batch in a deferred block does update them
         run(bad.clamp(0, M - 1), rm, rv)
     assert not torch.equal(rm, rm0) and not torch.equal(rv, rv0)
+
+
+# ------------------------------------------------------------------------------------------------ check modes of one op
+
+def _op_args(B=5, bad_id=False, bad_scenario=False):
+    G, S = torch.randn(12, 4), torch.randn(3, 12, 4)
+    idx = torch.randint(0, 6, (2 * B,))
+    if bad_id:
+        idx[3] = 6
+    off = torch.arange(0, 2 * B + 1)
+    sc = torch.randint(0, 3, (B,))
+    if bad_scenario:
+        sc[1] = 3
+    return idx, off, sc, G, S, [0, 6, 12], [0, 6, 12]
+
+
+@pytest.mark.parametrize("backend", ["cpu"])  # (the reference backend's own kernel reads the layout on the host)
+def test_one_host_sync_per_op_call_and_one_per_deferred_block(backend):
+    args = _op_args()
+    saml_kernels.scenario_embedding_bag(*args, backend=backend)  # warm caches (layout tensors)
+    # (a bare call on a GPU runs in its own deferred block; on the CPU, where reads are free, it reads at once)
+    with SyncCounter() as c:
+        with _checks.deferred_checks():
+            saml_kernels.scenario_embedding_bag(*args, backend=backend)
+    assert c.count == 1
+    with SyncCounter() as c:
+        with _checks.deferred_checks():
+            for _ in range(3):
+                saml_kernels.scenario_embedding_bag(*args, backend=backend)
+    assert c.count == 1
+    with SyncCounter() as c:
+        with _checks.capture_safe_checks():
+            saml_kernels.scenario_embedding_bag(*args, backend=backend)
+    assert c.count == 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_deferred_block_raises_the_ops_own_error(backend):
+    with pytest.raises(IndexError, match=r"indices\[3\] = 6 is out of range for feature 0"):
+        with _checks.deferred_checks():
+            saml_kernels.scenario_embedding_bag(*_op_args(bad_id=True), backend=backend)
+    with pytest.raises(IndexError, match=r"scenario\[1\] = 3 is out of range \[0, 3\)"):
+        with _checks.deferred_checks():
+            saml_kernels.scenario_embedding_bag(*_op_args(bad_scenario=True), backend=backend)
+    idx, off, sc, G, S, fr, fsr = _op_args()
+    off[2] = 0
+    with pytest.raises(ValueError, match="non-decreasing"):
+        with _checks.deferred_checks():
+            saml_kernels.scenario_embedding_bag(idx, off, sc, G, S, fr, fsr, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_capture_safe_counts_and_makes_inputs_safe(backend):
+    _checks.raise_errors()  # start from zero counters
+    idx, off, sc, G, S, fr, fsr = _op_args(bad_id=True, bad_scenario=True)
+    with _checks.capture_safe_checks():
+        g, s = saml_kernels.scenario_embedding_bag(idx, off, sc, G, S, fr, fsr, backend=backend)
+    zero_g, zero_s = saml_kernels.scenario_embedding_bag(idx, off, sc.clamp(0, 2), G, S, fr, fsr,
+                                                         bounds_check="zero", backend=backend)
+    torch.testing.assert_close(g, zero_g, rtol=0, atol=0)
+    torch.testing.assert_close(s, zero_s, rtol=0, atol=0)
+    counts = {k: int(v) for k, v in _checks.error_counts("cpu").items() if int(v)}
+    assert any("scenario id out of range" in k for k in counts) and any("feature's range" in k for k in counts)
+    with pytest.raises(ValueError, match="capture-safe"):
+        _checks.raise_errors()
+    _checks.raise_errors()  # reset: nothing left
+
+
+def test_capture_safe_fused_update_skips_a_step_with_bad_input():
+    _checks.raise_errors()
+    layer = ScenarioEmbedding([("a", 6, True), ("b", 6, True)], 3, 4, optimizer="rowwise_adagrad", backend="cpu")
+    idx, off, sc, *_ = _op_args(bad_scenario=True)
+    snap = {k: v.clone() for k, v in layer.state_dict().items()}
+    with _checks.capture_safe_checks():
+        g, s = layer(idx, off, sc)
+        (g.sum() + s.sum()).backward()
+    for k, v in layer.state_dict().items():
+        torch.testing.assert_close(v, snap[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="scenario id out of range"):
+        _checks.raise_errors()
+    idx, off, sc, *_ = _op_args()
+    with _checks.capture_safe_checks():
+        g, s = layer(idx, off, sc)
+        (g.sum() + s.sum()).backward()
+    assert not torch.equal(layer.global_weight, snap["global_weight"])

@@ -1,4 +1,5 @@
-"""Layering: the package proper never imports its test oracle, ``saml_kernels.reference``.
+"""Layering: the package proper never imports ``saml_kernels.reference`` (the eager backend and the twins), and the
+tests' float64 oracles (tests/oracles.py) import nothing from the package but its constants.
 
 Only the reference twins themselves (saml_kernels/reference/), tests and benchmarks import it; the package
 reaches it in two documented places only, both at run time and on request: ``saml_kernels.reference`` (the
@@ -127,3 +128,59 @@ def test_op_modules_import_no_cycle():
 
     for m in graph:
         visit(m, [])
+# ------------------------------------------------------------------------------------------------ the oracle
+
+TESTS = ROOT / "tests"
+ORACLE_MODULE = TESTS / "oracles.py"
+
+
+def _imported_modules(source: str) -> list[str]:
+    """The module of every import statement of ``source`` (relative ones as '.<name>'); ``from a import b`` names
+    ``a`` (so ``from saml_kernels import _codes`` counts as the package: spell the constants' module in full)."""
+    names = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append("." * node.level + (node.module or ""))
+    return names
+
+
+def oracle_module_violations(source: str) -> list[str]:
+    """Imports of the float64 oracle module that are not allowed: anything from saml_kernels except its constants
+    (``saml_kernels._codes``), any relative import, and any test module (which might reach the package)."""
+    allowed_roots = {"__future__", "math", "torch", "numpy", "typing", "dataclasses", "itertools", "functools"}
+    bad = []
+    for name in _imported_modules(source):
+        root = name.split(".")[0]
+        if name.startswith("."):
+            bad.append(name)
+        elif root == "saml_kernels":
+            if name != "saml_kernels._codes" and not name.startswith("saml_kernels._codes."):
+                bad.append(name)
+        elif root not in allowed_roots:
+            bad.append(name)
+    return bad
+
+
+def test_the_oracle_imports_nothing_it_judges():
+    """tests/oracles.py, the float64 oracle every backend (the reference one included) is judged by, imports no
+    saml_kernels module but the constants (_codes), and no test helper."""
+    assert oracle_module_violations(ORACLE_MODULE.read_text()) == []
+
+
+def test_the_oracle_check_sees_every_spelling():
+    cases = {"import saml_kernels.reference": 1, "from saml_kernels.ops import _activation": 1,
+             "from saml_kernels import nn": 1, "from saml_kernels._codes import POOLING": 0,
+             "import torch.nn.functional as F": 0, "from conftest import tolerance": 1, "from . import x": 1,
+             "import saml_kernels": 1}
+    for src, n in cases.items():
+        assert len(oracle_module_violations(src)) == n, src
+
+
+def test_the_oracle_loads_no_package_module():
+    """Importing the oracle in a fresh process loads no saml_kernels module at all."""
+    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import oracles; "
+            "print(sorted(m for m in sys.modules if m.startswith('saml_kernels')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

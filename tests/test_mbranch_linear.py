@@ -10,9 +10,9 @@ from saml_kernels import _backend
 from saml_kernels.ops import mbranch_linear as mbl_ops
 from saml_kernels.ops.mbranch_linear import mbranch_linear
 from saml_kernels.reference import mbranch_linear as ref
-from saml_kernels.reference.mbranch_linear import mbranch_linear_reference
 
-from conftest import device_backends, tolerance
+from conftest import device_backends, interp_covering, tolerance
+from oracles import mbranch_oracle
 
 BACKENDS = device_backends("mbranch_linear")
 ACTS = [None, "relu", "leaky_relu", "gelu", "silu"]
@@ -54,9 +54,9 @@ def run_and_compare(inp, *, backend, route, grad_mask, activation, dtype):
     present = [n for n in names if leaves[n] is not None]
     grads = torch.autograd.grad(y, [leaves[n] for n in present], gy.to(dtype).to(y.device), allow_unused=True)
     ref_leaves = {n: (inp[n].detach().cpu().double().requires_grad_() if inp[n] is not None else None) for n in names}
-    y64 = mbranch_linear_reference(ref_leaves["x"], ref_leaves["weight"], ref_leaves["bias"], inp["scenario"].cpu(),
-                                   route=route, activation=activation, grad_mask=grad_mask, aux=ref_leaves["aux"],
-                                   aux_weight=ref_leaves["aux_weight"])
+    y64 = mbranch_oracle(ref_leaves["x"], ref_leaves["weight"], ref_leaves["bias"], inp["scenario"].cpu(),
+                         route=route, activation=activation, grad_mask=grad_mask, aux=ref_leaves["aux"],
+                         aux_weight=ref_leaves["aux_weight"])
     g64 = torch.autograd.grad(y64, [ref_leaves[n] for n in present], gy.to(dtype).double(), allow_unused=True)
     assert y.dtype == dtype
     assert_close(y, y64, dtype, "y")
@@ -67,20 +67,15 @@ def run_and_compare(inp, *, backend, route, grad_mask, activation, dtype):
         assert_close(g, e, dtype, f"grad {n}")
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("route,grad_mask", ROUTE_MASKS)
-@pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device,backend,route,grad_mask,activation,dtype",
+                         interp_covering(BACKENDS, ROUTE_MASKS, ACTS, DTYPES))
 def test_matches_reference(device, backend, route, grad_mask, activation, dtype):
     inp = make_inputs(dtype=dtype, device=device)
     run_and_compare(inp, backend=backend, route=route, grad_mask=grad_mask, activation=activation, dtype=dtype)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("route,grad_mask", ROUTE_MASKS)
-@pytest.mark.parametrize("shared", [True, False], ids=["shared_x", "branch_x"])
-@pytest.mark.parametrize("with_aux", [True, False], ids=["aux", "no_aux"])
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("device,backend,route,grad_mask,shared,with_aux,with_bias",
+                         interp_covering(BACKENDS, ROUTE_MASKS, [True, False], [True, False], [True, False]))
 def test_variants(device, backend, route, grad_mask, shared, with_aux, with_bias):
     inp = make_inputs(M=4, B=33, K=5, N=9, Ka=3, shared=shared, with_aux=with_aux, with_bias=with_bias, device=device)
     run_and_compare(inp, backend=backend, route=route, grad_mask=grad_mask, activation="silu", dtype=torch.float32)
@@ -132,10 +127,14 @@ def test_empty_batch(device, backend, route, grad_mask, shared):
 # (partial weight-gradient sums added in chunk order) and the cap on chunks per scenario, next to a one-row and an
 # empty scenario; rows in random order.
 MANY_TILE_COUNTS = (9000, 700, 1, 0)
+# The Triton kernels have no chunks; under the interpreter their row tile is 16 (triton/mbranch_linear.py
+# _INTERP_MM), so these counts give the same paths (several tiles per scenario, a partial last tile, a one-row and
+# an empty scenario) at 1/80 of the rows: the 9701-row case cost ~30 s of CPU per case there.
+INTERP_TILE_COUNTS = (5 * 16 + 3, 2 * 16 + 5, 1, 0)
 
 
-def many_tile_scenario():
-    s = torch.cat([torch.full((c,), m) for m, c in enumerate(MANY_TILE_COUNTS)])
+def many_tile_scenario(counts=MANY_TILE_COUNTS):
+    s = torch.cat([torch.full((c,), m) for m, c in enumerate(counts)])
     return s[torch.randperm(s.numel())]
 
 
@@ -143,8 +142,9 @@ def many_tile_scenario():
 @pytest.mark.parametrize("route,grad_mask", [("own", "own"), ("all", "own"), ("all", "params")])
 @pytest.mark.parametrize("activation", [None, "relu", "gelu"])
 def test_many_tiles_and_chunks(device, backend, route, grad_mask, activation):
-    inp = make_inputs(M=len(MANY_TILE_COUNTS), B=sum(MANY_TILE_COUNTS), K=9, N=7, Ka=3, device=device,
-                      scenario=many_tile_scenario())
+    counts = INTERP_TILE_COUNTS if (device, backend) == ("cpu", "triton") else MANY_TILE_COUNTS
+    inp = make_inputs(M=len(counts), B=sum(counts), K=9, N=7, Ka=3, device=device,
+                      scenario=many_tile_scenario(counts))
     run_and_compare(inp, backend=backend, route=route, grad_mask=grad_mask, activation=activation,
                     dtype=torch.float32)
 
@@ -408,7 +408,7 @@ def test_per_branch_x_own_route_bad_scenario():
 
 def test_functional_export():
     assert saml_kernels.mbranch_linear is mbranch_linear
-    assert saml_kernels.reference.mbranch_linear_reference is mbranch_linear_reference
+    assert saml_kernels.reference.mbranch_linear_reference is ref.mbranch_linear_reference
     assert ref.ACTIVATIONS["gelu"] == 3
 
 

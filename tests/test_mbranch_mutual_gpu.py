@@ -19,7 +19,7 @@ import torch
 from saml_kernels import _backend
 from saml_kernels.reference import mbranch_linear as ref_mbl
 from saml_kernels.reference import mutual_unit as ref_mu
-from conftest import DEVICES
+from conftest import gpu_backends, interp_covering
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 ACTS = [0, 1, 2, 3, 4]  # none, relu, leaky_relu, gelu, silu
@@ -27,21 +27,7 @@ ACTS = [0, 1, 2, 3, 4]  # none, relu, leaky_relu, gelu, silu
 REL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
 
 
-def _pairs():
-    params = []
-    for dev in DEVICES:
-        for be in ("triton", "cuda"):
-            if _backend.why_unavailable(be, dev, "mbranch_linear") is None:
-                marks = [pytest.mark.triton_interp] if dev == "cpu" else [pytest.mark.gpu]
-                params.append(pytest.param(dev, be, id=f"{dev}-{be}", marks=marks))
-    if not params:
-        params.append(pytest.param("cuda", "cuda", id="no-gpu-backend",
-                                   marks=pytest.mark.skip(reason="no GPU, and triton runs on CPU only under "
-                                                          "TRITON_INTERPRET=1")))
-    return params
-
-
-PAIRS = _pairs()
+PAIRS = gpu_backends("mbranch_linear")
 
 
 def mbl(backend):
@@ -111,10 +97,8 @@ def case(device, dtype, *, M=3, B=7, K=5, N=6, Ka=4, bias=True, aux=True, per_br
 
 # ------------------------------------------------------------------------------------------------ mbranch_linear
 
-@pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("bias,aux", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("device,backend,dtype,act,bias,aux",
+                         interp_covering(PAIRS, FLOATS, ACTS, [(True, True), (False, False), (True, False)]))
 def test_grouped_forward(device, backend, dtype, act, bias, aux, nan_outputs):
     c = case(device, dtype, bias=bias, aux=aux)
     s = scen(device, 7, 3, idt=torch.int32 if act % 2 else torch.int64)
@@ -130,11 +114,8 @@ def test_grouped_forward(device, backend, dtype, act, bias, aux, nan_outputs):
         assert z.numel() == 0
 
 
-@pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("per_branch", [False, True], ids=["shared_x", "per_branch_x"])
-@pytest.mark.parametrize("bias,aux", [(True, True), (False, False)])
+@pytest.mark.parametrize("device,backend,dtype,act,per_branch,bias,aux",
+                         interp_covering(PAIRS, FLOATS, ACTS, [False, True], [(True, True), (False, False)]))
 def test_all_forward(device, backend, dtype, act, per_branch, bias, aux, nan_outputs):
     c = case(device, dtype, bias=bias, aux=aux, per_branch=per_branch)
     fwd = mbl(backend)[1]
@@ -288,11 +269,8 @@ def test_mutual_zero_own_and_many_branches(device, backend, nan_outputs):
               torch.float32, "dh_own")
 
 
-@pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("similarity", [0, 1], ids=["cosine", "dot"])
-@pytest.mark.parametrize("bias,aux", [(True, True), (False, False)])
+@pytest.mark.parametrize("device,backend,dtype,act,similarity,bias,aux",
+                         interp_covering(PAIRS, FLOATS, ACTS, [0, 1], [(True, True), (False, False)]))
 def test_mutual_linear(device, backend, dtype, act, similarity, bias, aux, nan_outputs):
     c = case(device, dtype, bias=bias, aux=aux)
     s = scen(device, 7, 3, empty=2)

@@ -47,7 +47,7 @@ def _small(**kw):
                 **kw)
 
 
-# every SAMLConfig variant of the model tests (test_model, test_user_reported_model, test_host_syncs, the
+# every SAMLConfig variant of the model tests (test_model, test_checkpoint, test_host_syncs, the
 # reliability cases), plus dropout: the twins draw the same masks from one seed where their layer outputs share a
 # memory layout (a route-"all" output of the kernel layer is a strided view, so masks differ below a mutual layer)
 VARIANTS = {

@@ -10,9 +10,9 @@ import torch
 
 import saml_kernels
 from saml_kernels.nn import MultiBranchLinear, MutualUnit
-from saml_kernels.reference import mutual_linear_reference
 
-from conftest import device_backends, tolerance
+from conftest import device_backends, interp_covering, tolerance
+from oracles import mbranch_oracle, mutual_linear_oracle, mutual_oracle
 
 PAIRS = device_backends("mutual_linear")
 ACTS = [None, "relu", "leaky_relu", "gelu", "silu"]
@@ -36,7 +36,7 @@ def run(inp, backend, f64=False, **kw):
     c = (lambda t: None if t is None else t.double()) if f64 else (lambda t: t)
     args = dict(aux=c(inp["aux"]), aux_weight=c(inp["aux_weight"]), **kw)
     if backend == "oracle":
-        return mutual_linear_reference(c(inp["x"]), c(inp["weight"]), c(inp["bias"]), inp["scenario"], **args)
+        return mutual_linear_oracle(c(inp["x"]), c(inp["weight"]), c(inp["bias"]), inp["scenario"], **args)
     return saml_kernels.mutual_linear(c(inp["x"]), c(inp["weight"]), c(inp["bias"]), inp["scenario"],
                                       backend=backend, **args)
 
@@ -56,10 +56,8 @@ def loose(dtype, factor=4):
 
 # ------------------------------------------------------------------------------------------------ forward
 
-@pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("similarity", ["cosine", "dot"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device,backend,activation,similarity,dtype",
+                         interp_covering(PAIRS, ACTS, ["cosine", "dot"], DTYPES))
 def test_forward_matrix(device, backend, activation, similarity, dtype):
     inp = make(Ka=3, dtype=dtype, device=device)
     kw = dict(activation=activation, similarity=similarity, temperature=0.7)
@@ -70,10 +68,8 @@ def test_forward_matrix(device, backend, activation, similarity, dtype):
     torch.testing.assert_close(attn.double(), ra, **loose(dtype, 2))
 
 
-@pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("Ka,bias", [(0, False), (0, True), (4, False), (4, True)])
-@pytest.mark.parametrize("temperature", [0.3, 2.0])
-@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("device,backend,Ka,bias,temperature,idx_dtype",
+                         interp_covering(PAIRS, [0, 4], [False, True], [0.3, 2.0], [torch.int32, torch.int64]))
 def test_aux_bias(device, backend, Ka, bias, temperature, idx_dtype):
     inp = make(Ka=Ka, bias=bias, device=device, idx_dtype=idx_dtype)
     kw = dict(activation="relu", temperature=temperature)
@@ -141,10 +137,8 @@ def test_dead_relu_sample(device, backend, similarity):
 
 # ------------------------------------------------------------------------------------------------ gradients
 
-@pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("similarity", ["cosine", "dot"])
-@pytest.mark.parametrize("save", [False, True])
+@pytest.mark.parametrize("device,backend,activation,similarity,save",
+                         interp_covering(PAIRS, ACTS, ["cosine", "dot"], [False, True]))
 def test_gradients(device, backend, activation, similarity, save):
     inp = make(M=4, B=13, Ka=3, device=device)
     g = torch.randn(13, 5, device=device)
@@ -236,9 +230,6 @@ def test_gradcheck_single_branch(device, backend, save):
 def test_gradcheck_stop_gradient(device, backend, save, similarity):
     """M = 3, float64: directional finite differences of the frozen-others function F(theta) (own branch from
     theta, other branches from theta_0: the stop-gradient semantics) against the op's analytic gradient."""
-    from saml_kernels.reference.mbranch_linear import mbranch_linear_reference
-    from saml_kernels.reference.mutual_unit import mutual_unit_reference
-
     inp = make(M=3, B=5, K=4, N=3, Ka=2, dtype=torch.float64, device=device)
     names = params(inp)
     kw = dict(activation="gelu", temperature=0.7)
@@ -246,15 +237,15 @@ def test_gradcheck_stop_gradient(device, backend, save, similarity):
     own = (torch.arange(M, device=device).view(M, 1) == inp["scenario"].view(1, B)).unsqueeze(-1)
 
     def h_of(p):
-        return mbranch_linear_reference(p["x"], p["weight"], p["bias"], inp["scenario"], route="all",
-                                        grad_mask="none", aux=p["aux"], aux_weight=p["aux_weight"],
-                                        activation=kw["activation"])
+        return mbranch_oracle(p["x"], p["weight"], p["bias"], inp["scenario"], route="all",
+                              grad_mask="none", aux=p["aux"], aux_weight=p["aux_weight"],
+                              activation=kw["activation"])
 
     h0 = h_of(inp)
 
     def frozen(p):
-        return mutual_unit_reference(torch.where(own, h_of(p), h0), inp["scenario"], similarity=similarity,
-                                     temperature=kw["temperature"])
+        return mutual_oracle(torch.where(own, h_of(p), h0), inp["scenario"], similarity=similarity,
+                             temperature=kw["temperature"])
 
     g = torch.randn(B, 3, dtype=torch.float64, device=device)
     _, analytic = grads(inp, backend, g, similarity=similarity, save_branch_outputs=save, **kw)

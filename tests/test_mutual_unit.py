@@ -9,9 +9,9 @@ import torch
 
 import saml_kernels
 from saml_kernels.ops import mutual_unit as mu_mod
-from saml_kernels.reference import mutual_unit_reference
 
-from conftest import device_backends, tolerance
+from conftest import device_backends, interp_covering, tolerance
+from oracles import mutual_oracle
 
 PAIRS = device_backends("mutual_unit")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -25,7 +25,7 @@ def make(M=3, B=9, N=7, dtype=torch.float32, device="cpu", idx_dtype=torch.int64
 
 def oracle(h, s, **kw):
     """float64 reference on the (already rounded) inputs: out [B, N] and attn [B, M] in float64."""
-    return mutual_unit_reference(h.detach().double(), s, return_attention=True, **kw)
+    return mutual_oracle(h.detach().double(), s, return_attention=True, **kw)
 
 
 def check_forward(h, s, backend, dtype, **kw):
@@ -41,10 +41,8 @@ def check_forward(h, s, backend, dtype, **kw):
 
 # ------------------------------------------------------------------------------------------------ forward
 
-@pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("similarity", ["cosine", "dot"])
-@pytest.mark.parametrize("temperature", [0.25, 1.0, 4.0])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device,backend,similarity,temperature,dtype",
+                         interp_covering(PAIRS, ["cosine", "dot"], [0.25, 1.0, 4.0], DTYPES))
 def test_forward_matrix(device, backend, similarity, temperature, dtype):
     h, s = make(dtype=dtype, device=device)
     check_forward(h, s, backend, dtype, temperature=temperature, similarity=similarity)
@@ -103,7 +101,7 @@ def test_zero_own_vector(device, backend, similarity):
     (dh,) = torch.autograd.grad(out, h, g)
     assert torch.isfinite(dh).all()
     hr = h.detach().double().requires_grad_()
-    (dr,) = torch.autograd.grad(mutual_unit_reference(hr, s, similarity=similarity), hr, g.double())
+    (dr,) = torch.autograd.grad(mutual_oracle(hr, s, similarity=similarity), hr, g.double())
     # the cosine gradient at a zero own vector is ~1/eps (the function is steep there): compare relatively
     torch.testing.assert_close(dh.double(), dr, rtol=1e-4, atol=1e-4 * float(dr.abs().max()))
 
@@ -120,7 +118,7 @@ def test_gradients(device, backend, similarity, dtype):
     g = torch.randn(out.shape, dtype=torch.float64).to(device=device, dtype=dtype)
     (dh,) = torch.autograd.grad(out, h, g)
     hr = h.detach().double().requires_grad_()
-    (dr,) = torch.autograd.grad(mutual_unit_reference(hr, s, temperature=0.6, similarity=similarity), hr, g.double())
+    (dr,) = torch.autograd.grad(mutual_oracle(hr, s, temperature=0.6, similarity=similarity), hr, g.double())
     tol = tolerance(dtype)
     if dtype in (torch.float16, torch.bfloat16):  # dh is rounded to dtype after float32 arithmetic
         tol = dict(atol=4 * tol["atol"], rtol=4 * tol["rtol"])

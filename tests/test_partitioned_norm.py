@@ -7,10 +7,10 @@ import torch
 
 import saml_kernels
 from saml_kernels.nn import PartitionedNorm
-from saml_kernels.reference import partitioned_norm_reference
 from saml_kernels.reference.star_layers import RefPartitionedNorm
 
 from conftest import device_backends, tolerance
+from oracles import partitioned_norm_oracle
 
 PAIRS = device_backends("partitioned_norm")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -40,7 +40,7 @@ def run_pair(x, s, params, backend, training=True, with_stats=True, momentum=0.1
     rm, rv = stats(M, N, x.device)
     out = []
     for fn, cast in ((lambda *a, **k: saml_kernels.partitioned_norm(*a, backend=backend, **k), lambda t: t),
-                     (partitioned_norm_reference, lambda t: t.double())):
+                     (partitioned_norm_oracle, lambda t: t.double())):
         ins = [cast(t).detach().clone().requires_grad_() for t in [x] + params]
         r = (rm.clone(), rv.clone()) if with_stats else (None, None)
         y = fn(ins[0], s, *ins[1:], running_mean=r[0], running_var=r[1], training=training, momentum=momentum)

@@ -129,7 +129,7 @@ def test_kjt_input(device, backend):
     torch.testing.assert_close(sum_layer(kjt, scenario=s2), sum_layer(i2, o2, s2, w2))
     kjt = FakeKJT(layer.feature_names, idx, off)
     torch.testing.assert_close(layer(kjt, sc), layer(idx, off, sc))
-    # keys are matched by name (tests/test_user_reported_embedding.py covers other orders and extra keys)
+    # keys are matched by name (test_kjt_keys_matched_by_name below covers other orders and extra keys)
     with pytest.raises(ValueError, match="lack the layer's feature"):
         layer(FakeKJT(layer.feature_names[:-1], idx, off), sc)
     with pytest.raises(TypeError, match="scenario"):
@@ -506,3 +506,66 @@ def test_reference_layer_twin(device, backend, optimizer):
     sum((t * t).sum() for t in yr).backward()
     torch.testing.assert_close(ours.global_weight.grad, ref.global_weight.grad, **TOL32)
     torch.testing.assert_close(ours.scenario_weight.grad, ref.scenario_weight.grad, **TOL32)
+
+
+# ------------------------------------------------------------------------------------------------ KJT keys by name
+
+class KJT(FakeKJT):
+    """FakeKJT that can also say it is variable-batch."""
+
+    variable = False
+
+    def variable_stride_per_key(self):
+        return self.variable
+
+
+def _kjt_from(layer, idx, off, order, extra=None, w=None):
+    """A KJT holding the layer's features in ``order`` (plus an ``extra`` feature of random ids)."""
+    F, B = layer.num_features, (off.numel() - 1) // layer.num_features
+    names = layer.feature_names
+    parts, lens, ws = [], [], []
+    for name in order:
+        if name == "extra":
+            l = torch.randint(0, 3, (B,))
+            parts.append(torch.randint(0, 1000, (int(l.sum()),)))
+            lens.append(l)
+            ws.append(torch.rand(int(l.sum())))
+            continue
+        f = names.index(name)
+        a, b = int(off[f * B]), int(off[(f + 1) * B])
+        parts.append(idx[a:b])
+        lens.append(off[f * B + 1:(f + 1) * B + 1] - off[f * B:(f + 1) * B])
+        ws.append(w[a:b] if w is not None else None)
+    lengths = torch.cat(lens)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    weights = torch.cat(ws) if w is not None else None
+    return KJT(order, torch.cat(parts), offsets, weights)
+
+
+def test_kjt_keys_matched_by_name():
+    layer = ScenarioEmbedding(FEATURES, 3, 4)
+    idx, off, sc, _ = batch(layer, B=6)
+    w = torch.rand(idx.numel())
+    expected = layer(idx, off, sc, per_sample_weights=w)
+    for order in (["cat", "user", "item"], ["item", "extra", "cat", "user"]):
+        got = layer(_kjt_from(layer, idx, off, order, w=w), sc)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"lack the layer's feature\(s\) \['item'\]"):
+        layer(_kjt_from(layer, idx, off, ["cat", "user"]), sc)
+    kjt = _kjt_from(layer, idx, off, ["user", "item", "cat"])
+    kjt.variable = True
+    with pytest.raises(ValueError, match="variable-batch"):
+        layer(kjt, sc)
+
+
+# ------------------------------------------------------------------------------------------------ warnings
+
+def test_sparse_gradients_emit_no_warning():
+    layer = ScenarioEmbedding(FEATURES, 2, 4, sparse=True)
+    idx, off, sc, _ = batch(layer, B=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g, s = layer(idx, off, sc)
+        (g.sum() + s.sum()).backward()
+        torch.optim.SGD(layer.parameters(), lr=0.1).step()
+    assert layer.global_weight.grad.is_sparse

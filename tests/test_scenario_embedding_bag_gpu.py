@@ -15,29 +15,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saml_kernels import _backend
 from saml_kernels.reference import scenario_embedding_bag as ref
-from conftest import DEVICES, tolerance
+from conftest import gpu_backends, interp_covering, tolerance
 
 OP = "scenario_embedding_bag"
 SUM, MEAN, NONE = 0, 1, 2
 
 
-def _pairs():
-    params = []
-    for dev in DEVICES:
-        for be in ("triton", "cuda"):
-            if _backend.why_unavailable(be, dev, OP) is None:
-                marks = [pytest.mark.triton_interp] if dev == "cpu" else [pytest.mark.gpu]
-                params.append(pytest.param(dev, be, id=f"{dev}-{be}", marks=marks))
-    if not params:
-        params.append(pytest.param("cuda", "cuda", id="no-gpu-backend",
-                                   marks=pytest.mark.skip(reason="no GPU, and triton runs on CPU only under "
-                                                          "TRITON_INTERPRET=1")))
-    return params
-
-
-PAIRS = _pairs()
+PAIRS = gpu_backends(OP)
 
 
 def kernels(backend):
@@ -142,10 +127,9 @@ def check_backward(device, backend, args, dtype=torch.float32, need_psw=True):
 
 # ------------------------------------------------------------------------------------------------ forward
 
-@pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("pooling", [SUM, MEAN, NONE])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("idt", [torch.int32, torch.int64])
+@pytest.mark.parametrize("device,backend,pooling,dtype,idt",
+                         interp_covering(PAIRS, [SUM, MEAN, NONE], [torch.float32, torch.float16, torch.bfloat16,
+                                                                    torch.float64], [torch.int32, torch.int64]))
 def test_forward(device, backend, pooling, dtype, idt):
     args = make_case(device, dtype=dtype, idt=idt, pooling=pooling, psw=(pooling == SUM), bad_ids=2)
     check_forward(device, backend, args, dtype=dtype)

@@ -163,8 +163,9 @@ def test_example_batch_must_be_a_batch_or_six_inputs():
         serving.export_saml(model, data.batch(np.arange(4)).inputs()[:3])
 
 
+@pytest.mark.slow
 def test_aoti_package_scores_equal_eager(tmp_path):
-    """AOTInductor: ~20-40 s to compile on the 2-core CPU (C++ compiler)."""
+    """AOTInductor (a C++ compile: tens of seconds on a 2-core CPU, hence ``slow``)."""
     data = load_ali_ccp(ALI_TRAIN)[0]
     model = _trained(data)
     program = serving.export_saml(model, data.batch(np.arange(16)), tmp_path / "saml.pt2")
@@ -186,6 +187,7 @@ def test_aoti_package_scores_equal_eager(tmp_path):
         assert eager[0] is not None and _error(runner, inputs) == eager, name
 
 
+@pytest.mark.slow
 def test_serve_saml_script(tmp_path):
     """python/serve_saml.py trains briefly on the Ali-CCP sample, exports, reloads and scores the validation rows
     from another directory (nothing depends on the working directory)."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import device_backends
+from conftest import device_backends, interp_covering
 from saml_kernels import serving
 from saml_kernels.data import make_synthetic
 from saml_kernels.nn import SAML, SAMLConfig, STAR, STARConfig, ScenarioEmbedding, TrainingOptimizer
@@ -100,11 +100,8 @@ CASES = [("sum", False, False), ("sum", True, False), ("mean", False, False), ("
          ("sum", True, True), ("mean", False, True)]
 
 
-@pytest.mark.parametrize("device, backend", device_backends(OP))
-@pytest.mark.parametrize("pooling, psw, fixed", CASES,
-                         ids=[f"{p}{'-psw' if w else ''}{'-onehot' if x else ''}" for p, w, x in CASES])
-@pytest.mark.parametrize("idt", [torch.int32, torch.int64], ids=["i32", "i64"])
-@pytest.mark.parametrize("M, D", [(1, 5), (4, 16)])
+@pytest.mark.parametrize("device, backend, pooling, psw, fixed, idt, M, D",
+                         interp_covering(device_backends(OP), CASES, [torch.int32, torch.int64], [(1, 5), (4, 16)]))
 def test_lookup_equals_the_float_op_on_the_dequantised_tables(device, backend, pooling, psw, fixed, idt, M, D):
     g = torch.Generator().manual_seed(hash((pooling, psw, fixed, M, D)) % 1000)
     ids, offsets, scenario, G, S = _inputs(6, M, D, pooling, idt, g, fixed=fixed)

@@ -21,14 +21,6 @@ THREADS = 4
 CPU_BACKENDS = [b for b in ("reference", "cpu") if b in saml_kernels.available_backends("cpu")]
 
 
-@pytest.fixture
-def deterministic():
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(prev)
-
-
 def _tasks(backend):
     """(key, callable) pairs over every landed op, several seeds and sizes, plus the embedding's pooling modes."""
     tasks = []

@@ -1,6 +1,7 @@
-"""python/train_saml.py: a --path implies or requires its data kind (never a silent fall-back to synthetic data),
-the protocol's output on a small MovieLens folder and on synthetic data, and
-bench_model.py --data movielens."""
+"""python/train_saml.py and python/migration_example.py: a --path implies or requires its data kind (never
+synthetic data without a word), the protocol's output on a small MovieLens folder, on synthetic data and on the
+Ali-CCP sample, outputs under the current directory, and the migration example's smoke run. The runs are
+subprocesses: marked ``slow`` (``make test-fast`` leaves them out; ``make test`` runs them once)."""
 from __future__ import annotations
 
 import json
@@ -56,6 +57,7 @@ def _run(args, cwd=ROOT, timeout=600):
 SMALL = ["--batch-size", "128", "--hidden", "8", "--embedding-dim", "4", "--throughput-steps", "0", "--threads", "1"]
 
 
+@pytest.mark.slow
 def test_movielens_protocol_end_to_end(tmp_path):
     folder = _write_official(tmp_path / "ml-100k", *_tables(n=1500))
     out = _run(["--path", str(folder), "--seeds", "2", "--epochs", "3", "--patience", "1", "--lr-grid", "1e-3:0.02",
@@ -73,28 +75,14 @@ def test_movielens_protocol_end_to_end(tmp_path):
     assert all(d["overall"] == 0 for d in res["models"]["shared-bottom"]["diff_to_shared_bottom"])
 
 
+@pytest.mark.slow
 def test_synthetic_runs_both_strengths_with_the_bayes_auc(tmp_path):
     out = _run(["--data", "synthetic", "--samples", "3000", "--epochs", "1", "--lr-grid", "3e-3:0.05", "--out",
                 str(tmp_path), "--models", "SAML", "shared-bottom", *SMALL])
     assert "specific_strength 1" in out and "specific_strength 0" in out and out.count("Bayes (true logit)") == 2
 
 
-def test_bench_model_on_movielens(tmp_path):
-    """--data movielens; skipped when MovieLens-100K is not cached (the benchmark fetches it otherwise)."""
-    from saml_kernels.data import movielens as ml
-    try:
-        ml.read_raw()
-    except ml.MovieLensUnavailable as e:
-        pytest.skip(f"MovieLens-100K is not cached: {e}")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--model", "saml", "star",
-                        "hmoe", "--data", "movielens", "--quick", "--reps", "1", "--batch", "128", "--out-dir",
-                        str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "| HMoE | float32 | 128 | reference eager |" in r.stdout and "MovieLens-100K" in r.stdout
-    assert any(p.name.endswith("_movielens_quick.md") for p in tmp_path.iterdir())
-
-
+@pytest.mark.slow
 def test_default_falls_back_to_synthetic_with_one_line(tmp_path, monkeypatch):
     """No --data, no --path, MovieLens not to be had (a cache folder that cannot be created: no download tried):
     one line naming where it looked, then synthetic data."""
@@ -104,3 +92,62 @@ def test_default_falls_back_to_synthetic_with_one_line(tmp_path, monkeypatch):
     first = out.splitlines()[0]
     assert first.startswith("train_saml.py: MovieLens-100K cannot be had, training on synthetic data instead")
     assert "/proc/no-such-dir/movielens" in first and "synthetic (2000 samples" in out
+
+
+# ------------------------------------------------------------------------------------------- outputs under the cwd
+
+@pytest.mark.slow
+def test_train_saml_writes_under_the_current_directory(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    before = sorted(p.name for p in (ROOT / "runs").iterdir()) if (ROOT / "runs").exists() else []
+    r = subprocess.run([sys.executable, str(ROOT / "python" / "train_saml.py"), "--data", "synthetic", "--samples",
+                        "1500", "--specific-strength", "1", "--epochs", "1",
+                        "--batch-size", "256", "--hidden", "8", "4", "--embedding-dim", "4", "--throughput-steps", "1",
+                        "--no-progress", "--threads", "1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (run,) = list((tmp_path / "saml_run").iterdir())
+    assert (run / "summary.json").exists() and (run / "report.png").exists()
+    after = sorted(p.name for p in (ROOT / "runs").iterdir()) if (ROOT / "runs").exists() else []
+    assert after == before  # nothing written into the source tree
+
+
+# ------------------------------------------------------------------------------------------- smoke runs
+
+def _run_script(args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_train_saml_smoke(tmp_path):
+    out = _run_script(["python/train_saml.py", "--data", "synthetic", "--samples", "2000", "--epochs", "2",
+                "--batch-size", "256", "--hidden", "16", "8", "--embedding-dim", "8", "--throughput-steps", "1",
+                "--specific-strength", "1", "--no-progress", "--threads", "1", "--out", str(tmp_path)])
+    assert "test AUC" in out and "samples/s" in out and "Bayes (true logit)" in out
+    (run,) = list(tmp_path.iterdir())
+    s = json.loads((run / "summary.json").read_text())
+    (res,) = s["datasets"].values()
+    assert set(res["models"]) == {"SAML", "STAR", "HMoE", "shared-bottom"}
+    m = res["models"]["SAML"]
+    assert len(m["test_auc"]) == 1 and len(m["test_auc"][0]) == 1 + 4 and m["samples_per_s"][0] > 0
+    assert 0.0 <= m["test_auc"][0]["overall"] <= 1.0 and s["throughput"]["SAMLReference"]["samples_per_s"] > 0
+    assert (run / "report.png").stat().st_size > 1000 and (run / "table.txt").exists()
+
+
+@pytest.mark.slow
+def test_train_saml_ali_ccp_smoke(tmp_path):
+    path = ROOT / "data" / "ali_ccp" / "ali_ccp_train_sample.csv"
+    out = _run_script(["python/train_saml.py", "--data", "ali_ccp", "--path", str(path), "--val-path",
+                str(path.with_name("ali_ccp_val_sample.csv")), "--epochs", "1", "--batch-size", "32",
+                "--hidden", "8", "--embedding-dim", "4", "--throughput-steps", "1", "--no-progress", "--threads",
+                "1", "--out", str(tmp_path)])
+    assert "ali_ccp" in out
+
+
+@pytest.mark.slow
+def test_migration_example_smoke():
+    out = _run_script(["python/migration_example.py", "--quick"])
+    assert "equal" in out.lower()

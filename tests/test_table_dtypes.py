@@ -1,5 +1,5 @@
-"""Issue 21, items 10 and 12 (models): 16-bit embedding tables beside float32 dense layers (FBGEMM's usual set-up)
-in every model, with and without torch.autocast, and the fused embedding layers' weight decay / non-finite skip
+"""Table dtypes in the models: 16-bit embedding tables beside float32 dense layers (FBGEMM's usual set-up) in every
+model, with and without torch.autocast, and the fused embedding layers' weight decay / non-finite skip
 on the models' constructors.
 
 The 16-bit models are compared with the float32 model holding the same tables rounded to 16 bits (its state_dict
@@ -16,7 +16,7 @@ and the rounding of the updated rows to the table dtype. Tolerances (stated per 
   rows outside the batch unchanged; every element within lr sqrt(D) + 2 ulps (the largest first Adagrad move);
   at least 94 % of the touched elements within 2 ulps (ulp = 2^-8 bfloat16, 2^-11 float16, i.e. at |w| < 1/2).
   Adagrad's first step normalises every row, so a row whose gradient is a small cancelling sum changes
-  direction with one relu flip (measured: ~5 % of HMoE's elements in bfloat16, none elsewhere).
+  direction with one relu flip (~5 % of HMoE's elements in bfloat16, none elsewhere).
 Known weakness (``test_float16_tables_lose_gradients_below_the_float16_range``, xfail): the per-sample table
 gradients are rounded to the table dtype before the row reduction, so in float16 gradients below 2^-14 lose
 precision and below 2^-24 vanish; SAML's sequence scenario table (gradients ~1e-8 at init) then trains on
@@ -198,7 +198,7 @@ def test_reference_twins_take_embedding_dtype():
         SAML(cfg, embedding_dtype=torch.int8)
 
 
-# ---------------------------------------------------------------------------------- item 12: fused-layer options
+# ---------------------------------------------------------------------------------- fused-layer options
 
 def _embedding_layers(model):
     return [m for m in model.modules() if isinstance(m, ScenarioEmbedding)]

@@ -1,14 +1,13 @@
-"""User-reported bugs of round 3 (issue 21) in the fused embedding layer and the training optimizer; every test
-failed before its fix.
+"""The fused embedding optimizers inside model training (the layers' update in the backward, TrainingOptimizer):
 
-1. capture-safe mode: a bad input anywhere in a model's forward skips the fused update of every fused layer of
-   that step (the model takes one error snapshot before its first check); bounds_check="zero" is no error there;
-2. a backward in eval() runs the fused update (as FBGEMM / TorchRec), so SAML and SAMLReference stay twins;
-3. resume with an LR scheduler on the fused optimizers is bitwise equal to an uninterrupted run;
-5. several backwards before one TrainingOptimizer.step() warn (once per optimizer);
-6. eps set through fused_optimizer (param group, load_state_dict) reaches the kernels;
-9. torch.save / torch.load, pickle and deepcopy of a fused-optimizer model load and train identically;
-12. no "lr_scheduler.step() before optimizer.step()" warning; TrainingOptimizer accepts fused SGD models.
+- capture-safe mode: a bad input anywhere in a model's forward skips the fused update of every fused layer of
+  that step (the model takes one error snapshot before its first check); bounds_check="zero" is no error there;
+- a backward in eval() runs the fused update (as FBGEMM / TorchRec), so SAML and SAMLReference stay twins;
+- resume with an LR scheduler on the fused optimizers is bitwise equal to an uninterrupted run;
+- several backwards before one TrainingOptimizer.step() warn (once per optimizer);
+- eps set through fused_optimizer (param group, load_state_dict) reaches the kernels;
+- torch.save / torch.load, pickle and deepcopy of a fused-optimizer model load and train identically;
+- no "lr_scheduler.step() before optimizer.step()" warning; TrainingOptimizer accepts fused SGD models.
 
 Inputs are fresh random data (the seed comes from torch's generator, seeded per test by conftest).
 """
@@ -94,7 +93,7 @@ def _assert_state_equal(a: dict, b: dict):
         assert torch.equal(a[k], b[k]), k
 
 
-# ----------------------------------------------------------------------- 1. capture-safe: skip the whole step
+# ----------------------------------------------------------------------- capture-safe: skip the whole step
 
 def _bad(batch, kind, M):
     """``batch`` with one bad entry of ``kind``."""
@@ -183,7 +182,7 @@ def test_capture_safe_counts_one_per_failing_check_call():
         _checks.raise_errors()
 
 
-# ----------------------------------------------------------------------- 2. eval-mode backward
+# ----------------------------------------------------------------------- eval-mode backward
 
 def test_eval_mode_backward_updates_fused_tables_and_twins_agree():
     d = _data()
@@ -211,7 +210,7 @@ def test_no_grad_runs_no_update():
     assert not g.requires_grad and not s.requires_grad
 
 
-# ----------------------------------------------------------------------- 3. resume with a scheduler; 12. no warning
+# ----------------------------------------------------------------------- resume with a scheduler; no scheduler warning
 
 def _schedulers(model, kind):
     mods = _fused_modules(model).values()
@@ -293,7 +292,7 @@ def test_scheduler_on_a_bare_layer_sees_the_step():
     assert layer._fused_hparams[0].item() == pytest.approx(EMB_LR / 4)
 
 
-# ----------------------------------------------------------------------- 5. one backward per step
+# ----------------------------------------------------------------------- one backward per step
 
 @pytest.mark.parametrize("how", ["accumulation", "retain_graph"])
 def test_two_backwards_before_one_step_warn_once(how):
@@ -336,7 +335,7 @@ def test_one_backward_through_a_layer_used_twice_does_not_warn():
         opt.step()
 
 
-# ----------------------------------------------------------------------- 6. eps reaches the kernels
+# ----------------------------------------------------------------------- eps reaches the kernels
 
 def _layer_step(layer, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -373,7 +372,7 @@ def test_eps_set_through_the_fused_optimizer_reaches_the_kernels(how):
     assert got.eps == 0.25 and got._fused_hparams[1].item() == 0.25  # nothing written
 
 
-# ----------------------------------------------------------------------- 9. pickle / torch.save / deepcopy
+# ----------------------------------------------------------------------- pickle / torch.save / deepcopy
 
 def _pickle_copy(model):
     return pickle.loads(pickle.dumps(model))
@@ -399,7 +398,7 @@ def test_pickled_and_deep_copied_models_load_and_train_identically(name):
         _assert_state_equal(st, states[0])
 
 
-# ----------------------------------------------------------------------- 12. fused SGD models
+# ----------------------------------------------------------------------- fused SGD models
 
 def test_training_optimizer_accepts_fused_sgd_models_and_keeps_their_lr():
     d = _data()
@@ -439,7 +438,7 @@ def test_training_optimizer_accepts_fused_sgd_models_and_keeps_their_lr():
         TrainingOptimizer(adagrad, 1e-2, EMB_LR).load_state_dict(sd)
 
 
-# ----------------------------------------------------------------------- 1 on a GPU: a replayed CUDA graph
+# ----------------------------------------------------------------------- capture-safe on a GPU: a replayed CUDA graph
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
 @pytest.mark.parametrize("kind", ["scenario", "feature_id"])

@@ -1,19 +1,15 @@
-"""Bad-input suite, crash-proofed: every op x malformed argument -> documented exception naming the argument.
+"""Bad-input suite, the functional ops (scenario_embedding_bag, the branch GEMMs): every op x malformed argument
+-> the documented exception naming the argument.
 
-Conventions (TEAM.md, saml_kernels/ops/_checks.py): a wrong dtype or a non-tensor -> TypeError; a wrong rank,
-shape, length, option or device -> ValueError; an id or scenario out of range -> IndexError. The message names
-the offending argument, and the user's tensors are left unmodified.
+Conventions (saml_kernels/ops/_checks.py): a wrong dtype or a non-tensor -> TypeError; a wrong rank, shape,
+length, option or device -> ValueError; an id or scenario out of range -> IndexError. The message names the
+offending argument, and the user's tensors are left unmodified.
 
-``test_bad_input_files_exit_cleanly`` runs every tests/test_bad_input*.py (the colleagues' suites and this file's
-in-process cases) in a subprocess and requires a clean exit: a segfault or abort in a kernel fed bad input
-would kill pytest itself, so only a child process can prove that it does not happen.
+Part of the one bad-input suite: these cases run in the fresh child process of
+``test_bad_input.py::test_bad_input_suite_in_a_fresh_process`` (see there), not in the parent pytest run.
 """
 from __future__ import annotations
 
-import glob
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -22,26 +18,6 @@ import torch
 import _reliability_cases as R
 from conftest import device_backends
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CHILD = os.environ.get("SAML_BAD_INPUT_CHILD") == "1"
-
-
-# ------------------------------------------------------------------------------------------- subprocess
-
-@pytest.mark.slow
-@pytest.mark.skipif(CHILD, reason="already inside the subprocess run")
-def test_bad_input_files_exit_cleanly():
-    files = sorted(glob.glob(os.path.join(HERE, "test_bad_input*.py")))
-    env = dict(os.environ, SAML_BAD_INPUT_CHILD="1", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *files]
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        cmd += ["-m", "triton_interp"]
-    proc = subprocess.run(cmd, cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True, timeout=900)
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    assert proc.returncode >= 0, f"bad-input suite killed by signal {-proc.returncode} (a crash):\n{tail}"
-    assert proc.returncode in (0, 5), f"bad-input suite failed (rc={proc.returncode}):\n{tail}"
-    assert "passed" in proc.stdout or proc.returncode == 5, tail
 
 
 # ------------------------------------------------------------------------------------------- harness
