@@ -58,3 +58,25 @@ def test_bench_mutual_quick(tmp_path):
             assert re.search(rf"^{mode} +{provider} +[0-9.]+ ms", r.stdout, re.M), (mode, provider, r.stdout)
     written = sorted(p.name for p in tmp_path.iterdir())
     assert any(n.startswith("bench_mutual_") and n.endswith("_quick.json") for n in written), written
+
+
+def test_bench_memory_quick():
+    """bench_memory --quick writes into a temporary folder (never benchmarks/results/), and its bytes are the
+    tensors' own: bfloat16 tables are half of float32's, 8-bit rows (D + 8) / (4 D) = 0.375 at D = 16."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_memory.py"), "--quick"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = re.search(r"^wrote (\S+\.md) and (\S+\.json)$", r.stdout, re.M)
+    assert m, r.stdout[-2000:]
+    out_dir = os.path.dirname(m.group(1))
+    try:
+        assert os.path.realpath(out_dir) != os.path.realpath(os.path.join(ROOT, "benchmarks", "results")), out_dir
+        text = open(m.group(1)).read()
+        for label, ratio in (("float32", "(1.000)"), ("bfloat16, stochastic rounding (default)", "(0.500)"),
+                             ("bfloat16, round to nearest", "(0.500)"),
+                             ("8-bit serving (export of the float32 model)", "(0.375)")):
+            assert re.search(rf"^\| {re.escape(label)} \|.*\| [0-9.]+ {re.escape(ratio)} \|", text, re.M), (label, text)
+    finally:
+        import shutil
+        shutil.rmtree(out_dir, ignore_errors=True)
