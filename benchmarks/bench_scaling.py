@@ -50,7 +50,6 @@ B), ``..._rows.png`` (time vs R), ``..._mem.png`` (memory vs M), ``..._tables.pn
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import resource
@@ -63,7 +62,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from harness import (RESULTS_DIR, machine_tag, markdown_table, peak_memory, time_alternating,  # noqa: E402
+from harness import (make_parser, markdown_table, peak_memory, result_stem, time_alternating,  # noqa: E402
                      write_results)
 
 from saml_kernels.data import make_synthetic  # noqa: E402
@@ -659,19 +658,18 @@ def carry_over(out_dir: str, stem: str, results: dict) -> tuple:
 
 # ------------------------------------------------------------------------------------------------ main
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="SAML scaling benchmark (M, B, table rows)")
-    p.add_argument("--quick", action="store_true", help="tiny grid, no compile, _quick results (smoke test)")
-    p.add_argument("--gpu", action="store_true", help="small CUDA grid (about 60 s)")
-    p.add_argument("--reps", type=int, default=None, help="alternating rounds per point")
-    p.add_argument("--no-compile", action="store_true")
+def parser():
+    p = make_parser("SAML scaling benchmark (M, B, table rows); --budget-s defaults to 45 with --gpu",
+                    gpu_help="small CUDA grid (about 60 s)",
+                    quick_help="tiny grid, no compile, _quick results in a temporary folder (smoke test)")
     p.add_argument("--sweeps", default="MBRT", help="which sweeps to run: any of M, B, R, T (table rows, the "
                    "settings of issue 26; default MBRT); the sweeps not run are carried over from the previous "
                    "results file")
-    p.add_argument("--out-dir", default=RESULTS_DIR)
-    p.add_argument("--budget-s", type=float, default=None, help="start no new point after this many seconds "
-                   "(default: 45 with --gpu, so the run fits in gpu_check.sh's 60 s; none on the CPU)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     device = "cuda" if args.gpu else "cpu"
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("bench_scaling.py --gpu: CUDA is not available")
@@ -725,7 +723,7 @@ def main(argv=None):
         if points:  # none when the time budget was spent before the sweep
             results["T"] = {"base": (M, B), "axis": "global rows", "points": points, "reps": reps, "threads": t_rows,
                             "device": device, "loadavg_1m_after": os.getloadavg()[0]}
-    stem = f"scaling_{machine_tag()}" + ("_quick" if args.quick else "")
+    stem = result_stem("scaling", args)
     carried, notes = carry_over(args.out_dir, stem, results)
     body = (f"One training step = zero_grad + forward + backward + optimizer, float32, {torch.get_num_threads()} "
             f"threads, {reps} alternating rounds per point (medians); speed-up = median of per-round ratios "
