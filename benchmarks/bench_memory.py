@@ -40,15 +40,13 @@ can be (re)measured alone; each run keeps the load and time it was measured at.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import itertools
 import json
 import os
 import sys
-import tempfile
 import time
 import types
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -61,17 +59,17 @@ import train_saml  # noqa: E402
 
 from saml_kernels import data as sdata  # noqa: E402
 from saml_kernels import serving  # noqa: E402
+from saml_kernels.config import SAMLConfig  # noqa: E402
 from saml_kernels.nn import ScenarioEmbedding  # noqa: E402
 from saml_kernels.quantized import QuantizedScenarioEmbedding, quantize_tables  # noqa: E402
 
 LARGE_USERS, LARGE_ITEMS = 9_000_000, 500_000
 
 
-@dataclasses.dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):  # not a dataclass: tests load this file without registering it in sys.modules
     key: str
     label: str
-    model_options: dict = dataclasses.field(default_factory=dict)
+    model_options: dict = {}    # the model constructor's options
     hash_fraction: int = 0      # scenario tables with 1/hash_fraction of the ids' rows (0: one row per id)
     serving: bool = False       # the 8-bit export of the float32 run
 
@@ -139,9 +137,15 @@ class EpochBatches:
         return (b.to(self.device) for b in batches)
 
 
-def hashed_data(data, fraction: int):
-    """``data`` whose scenario-aware features give their scenario tables ceil(ids / fraction) rows."""
-    raise NotImplementedError("hashed scenario tables (scenario_rows=) are not in this build")
+def hashed_rows(data, fraction: int) -> dict:
+    """``SAMLConfig(scenario_rows=)`` giving every scenario-aware feature (and the behaviour sequence) of ``data``
+    ceil(ids / fraction) scenario rows. NotImplementedError on a build without hashed scenario tables."""
+    if "scenario_rows" not in {f.name for f in dataclasses.fields(SAMLConfig)}:
+        raise NotImplementedError("hashed scenario tables (SAMLConfig.scenario_rows) are not in this build")
+    specs = [(f.name, f.num_embeddings) for f in data.features if f.scenario_aware]
+    if data.sequence is not None and data.sequence.scenario_aware:
+        specs.append((data.sequence.name, data.sequence.num_embeddings))
+    return {name: -(-n // fraction) for name, n in specs}
 
 
 # ------------------------------------------------------------------------------------------------ bytes
@@ -212,15 +216,15 @@ def run_option(opt: Option, cfg: dict, seed: int, args, float_model=None) -> tup
                    train_s=None)
         del program, served
     else:
-        train = hashed_data(cfg["train"], opt.hash_fraction) if opt.hash_fraction else cfg["train"]
-        val = hashed_data(cfg["val"], opt.hash_fraction) if opt.hash_fraction else cfg["val"]
-        test = hashed_data(cfg["test"], opt.hash_fraction) if opt.hash_fraction else cfg["test"]
+        train, val, test = cfg["train"], cfg["val"], cfg["test"]
+        config_options = dict(scenario_rows=hashed_rows(train, opt.hash_fraction)) if opt.hash_fraction else None
         fit_args = types.SimpleNamespace(embedding_dim=16, hidden=[128, 64], epochs=cfg["epochs"],
                                          patience=cfg["patience"], seed_now=seed)
         batches = EpochBatches(train, 1024, seed, device)
         best = None
         for lr, elr in cfg["grid"]:
-            r = train_saml.fit("SAML", train, val, batches, lr, elr, fit_args, device, log, opt.model_options)
+            r = train_saml.fit("SAML", train, val, batches, lr, elr, fit_args, device, log, opt.model_options,
+                               config_options)
             if best is None or r["val_auc"] > best["val_auc"]:
                 best = r
             del r
@@ -236,12 +240,16 @@ def run_option(opt: Option, cfg: dict, seed: int, args, float_model=None) -> tup
     return rec, (model if opt.key == "float32" else None)
 
 
-def run_config(name: str, args, budget, records: dict) -> dict:
-    """Every asked option and seed of one configuration; records[(config, option, seed)] = record."""
+def run_config(name: str, args, budget, records: dict, configs: dict, save) -> None:
+    """Every asked option and seed of one configuration: records[(config, option, seed)] = record,
+    configs[name] = its description; ``save()`` after every run (a long call that is cut keeps what it measured)."""
     cfg = load_config(name, args)
     info = dict(desc=cfg["desc"], train=len(cfg["train"]), val=len(cfg["val"]), test=len(cfg["test"]),
                 grid=cfg["grid"], epochs=cfg["epochs"], patience=cfg["patience"],
-                global_rows=None, scenario_rows=None, M=cfg["train"].num_scenarios)
+                M=cfg["train"].num_scenarios)
+    prev = configs.get(name, {})  # --update: the row counts of an earlier float32 run
+    info.update(global_rows=prev.get("global_rows"), scenario_rows=prev.get("scenario_rows"))
+    configs[name] = info
     print(f"bench_memory: {name}: {cfg['desc']}", flush=True)
     # the 8-bit export right after the float32 run, so the float32 model is not held through the other runs
     order = sorted(args.options, key=lambda k: (k != "float32", k != "uint8"))
@@ -267,7 +275,7 @@ def run_config(name: str, args, budget, records: dict) -> dict:
                 emb = [m for m in fm.modules() if isinstance(m, ScenarioEmbedding)]
                 info["global_rows"] = sum(m.global_weight.shape[0] for m in emb)
                 info["scenario_rows"] = sum(m.scenario_weight.shape[0] * m.scenario_weight.shape[1] for m in emb)
-    return info
+            save()
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -373,11 +381,11 @@ def _load_records(path: str) -> tuple[dict, dict]:
     return recs, {n: {k: v for k, v in c.items() if k != "rows"} for n, c in d["configs"].items()}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="3,000 synthetic samples, one epoch, into a temporary folder "
-                   "unless --out-dir is given (smoke test)")
-    p.add_argument("--gpu", action="store_true", help="train and score on CUDA (not run yet on a GPU)")
+def parser():
+    p = harness.make_parser(__doc__.split("\n")[0], threads=1,
+                            quick_help="3,000 synthetic samples, one epoch, one seed (smoke test; results to a "
+                            "temporary folder unless --out-dir is given)",
+                            gpu_help="train and score on CUDA (not run on a GPU yet)")
     p.add_argument("--configs", nargs="+", choices=("movielens", "large"), default=["movielens", "large"])
     p.add_argument("--options", nargs="+", choices=list(BY_KEY), default=list(BY_KEY),
                    help="table options to run (uint8 needs float32 in the same call)")
@@ -385,29 +393,32 @@ def main(argv=None):
     p.add_argument("--large-seeds", type=int, default=1, help="seeds of the large configuration")
     p.add_argument("--large-samples", type=int, default=600_000, help="samples of the large configuration")
     p.add_argument("--epochs", type=int, default=8, help="maximum epochs of the movielens configuration")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out-dir", default=None, help=f"default {harness.RESULTS_DIR} (--quick: a temporary folder)")
-    p.add_argument("--update", action="store_true", help="merge into the existing results .json (same out-dir)")
-    p.add_argument("--no-compile", action="store_true", help="accepted for gpu_check.sh (no compile column here)")
-    p.add_argument("--budget-s", type=float, default=None, help="start no new run past this many seconds")
+    p.add_argument("--update", action="store_true", help="merge into the existing results .json (same --out-dir)")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     if args.seeds < 1 or args.large_seeds < 1 or args.epochs < 1 or args.large_samples < 1000:
         p.error("--seeds, --large-seeds, --epochs must be >= 1 and --large-samples >= 1000")
     if args.gpu and not torch.cuda.is_available():
         p.error("--gpu: CUDA is not available")
     args.device = "cuda" if args.gpu else "cpu"
-    torch.set_num_threads(args.threads)
-    out_dir = args.out_dir or (tempfile.mkdtemp(prefix="bench_memory_") if args.quick else harness.RESULTS_DIR)
-    stem = f"memory_{harness.machine_tag()}" + ("_quick" if args.quick else "")
+    out_dir = args.out_dir
+    stem = harness.result_stem("memory", args)
     records, configs = _load_records(os.path.join(out_dir, stem + ".json")) if args.update else ({}, {})
     budget = harness.TimeBudget(args.budget_s)
+
+    def save():
+        body, data = report(configs, records)
+        return body, harness.write_results(stem, "Memory of SAML's tables: bytes and held-out AUC per table option",
+                                           body + budget.note(), data, out_dir=out_dir)
+
     for name in (["quick"] if args.quick else args.configs):
-        configs[name] = run_config(name, args, budget, records)
-    body, data = report(configs, records)
-    body += budget.note()
-    paths = harness.write_results(stem, "Memory of SAML's tables: bytes and held-out AUC per table option", body,
-                                  data, out_dir=out_dir)
-    print(body)
+        run_config(name, args, budget, records, configs, save)
+    body, paths = save()
+    print(body + budget.note())
     print(f"wrote {paths['md']} and {paths['json']}")
     return 0
 
