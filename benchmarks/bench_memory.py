@@ -253,7 +253,7 @@ def run_config(name: str, args, budget, records: dict, configs: dict, save) -> N
     print(f"bench_memory: {name}: {cfg['desc']}", flush=True)
     # the 8-bit export right after the float32 run, so the float32 model is not held through the other runs
     order = sorted(args.options, key=lambda k: (k != "float32", k != "uint8"))
-    for seed in range(cfg["seeds"]):
+    for seed in range(args.seed, args.seed + cfg["seeds"]):
         float_model = None
         for key in order:
             opt = BY_KEY[key]
@@ -286,8 +286,8 @@ def _size(n: int) -> str:
 
 def _ms(values, signed=False) -> str:
     v = np.asarray(values, dtype=np.float64)
-    f = "+.4f" if signed else ".4f"
-    return f"{v.mean():{f}}" if v.size == 1 else f"{v.mean():{f}} ± {v.std(ddof=1):.4f}"
+    f, g = ("+.5f", ".5f") if signed else (".4f", ".4f")  # differences are small: one more digit
+    return f"{v.mean():{f}}" if v.size == 1 else f"{v.mean():{f}} ± {v.std(ddof=1):{g}}"
 
 
 def summarize(config: str, records: dict) -> list:
@@ -391,9 +391,11 @@ def parser():
                    help="table options to run (uint8 needs float32 in the same call)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the movielens configuration (0, 1, ...)")
     p.add_argument("--large-seeds", type=int, default=1, help="seeds of the large configuration")
+    p.add_argument("--seed", type=int, default=0, help="first seed (with --update: add seeds to earlier runs)")
     p.add_argument("--large-samples", type=int, default=600_000, help="samples of the large configuration")
     p.add_argument("--epochs", type=int, default=8, help="maximum epochs of the movielens configuration")
     p.add_argument("--update", action="store_true", help="merge into the existing results .json (same --out-dir)")
+    p.add_argument("--render-only", action="store_true", help="rewrite the .md from the existing .json, run nothing")
     return p
 
 
@@ -407,7 +409,8 @@ def main(argv=None):
     args.device = "cuda" if args.gpu else "cpu"
     out_dir = args.out_dir
     stem = harness.result_stem("memory", args)
-    records, configs = _load_records(os.path.join(out_dir, stem + ".json")) if args.update else ({}, {})
+    update = args.update or args.render_only
+    records, configs = _load_records(os.path.join(out_dir, stem + ".json")) if update else ({}, {})
     budget = harness.TimeBudget(args.budget_s)
 
     def save():
@@ -415,7 +418,7 @@ def main(argv=None):
         return body, harness.write_results(stem, "Memory of SAML's tables: bytes and held-out AUC per table option",
                                            body + budget.note(), data, out_dir=out_dir)
 
-    for name in (["quick"] if args.quick else args.configs):
+    for name in [] if args.render_only else (["quick"] if args.quick else args.configs):
         run_config(name, args, budget, records, configs, save)
     body, paths = save()
     print(body + budget.note())
