@@ -246,7 +246,8 @@ def run_config(name: str, args, budget, records: dict, configs: dict, save) -> N
     cfg = load_config(name, args)
     info = dict(desc=cfg["desc"], train=len(cfg["train"]), val=len(cfg["val"]), test=len(cfg["test"]),
                 grid=cfg["grid"], epochs=cfg["epochs"], patience=cfg["patience"],
-                M=cfg["train"].num_scenarios)
+                M=cfg["train"].num_scenarios,
+                bayes_auc=None if cfg["test"].logit is None else train_saml.auc(cfg["test"].label, cfg["test"].logit))
     prev = configs.get(name, {})  # --update: the row counts of an earlier float32 run
     info.update(global_rows=prev.get("global_rows"), scenario_rows=prev.get("scenario_rows"))
     configs[name] = info
@@ -354,7 +355,9 @@ def report(configs: dict, records: dict) -> tuple[str, dict]:
                   f"{info['M']}, D = 16, hidden 128-64; " +
                   (f"{info['global_rows']:,} global rows and {info['scenario_rows']:,} scenario rows (all M tables) "
                    "at one row per id; " if info.get("global_rows") else "") +
-                  f"dense parameters {_size(dp)}. Up to {info['epochs']} epoch(s), patience {info['patience']}, lr "
+                  f"dense parameters {_size(dp)}. " +
+                  (f"Bayes AUC (the true logit's, test split) {info['bayes_auc']:.4f}. " if info.get("bayes_auc") else "")
+                  + f"Up to {info['epochs']} epoch(s), patience {info['patience']}, lr "
                   f"grid {', '.join(f'{a:g}:{b:g}' for a, b in info['grid'])} (Adam : row-wise Adagrad; the better "
                   f"on validation AUC kept per option and seed). Measured {', '.join(when)}, load "
                   f"{min(loads):.1f}-{max(loads):.1f}, one torch thread.", ""]
