@@ -6,7 +6,9 @@ and walks the bags' ids in lock-step. Per id i of bag (f, b), valid_i = 0 <= id_
 
     row bytes  [q_0 .. q_{D-1} | scale f32 | bias f32]     (FBGEMM's fused 8-bit row-wise layout, W = D + 8)
     global_out[b, f]   += w_i * (scale_r * q_r + bias_r),  r = feature_rows[f] + id_i              (valid ids)
-    scenario_out[b, j] += the same on row scenario[b] * Rs + feature_scenario_rows[f] + id_i      (aware f)
+    scenario_out[b, j] += the same on row scenario[b] * Rs + feature_scenario_rows[f] + local(id_i)  (aware f)
+
+(local: the id, or its hash mod Rs_f for a hashed feature; ``scenario_embedding_bag._scenario_local``)
 
 in float32, / bag length for "mean", one row per position for "none". The scale and bias are assembled from
 their four bytes each (little-endian, then a bitcast): with D % 4 != 0 they are not 4-byte aligned, and a GPU
@@ -21,7 +23,7 @@ import triton.language as tl
 
 from .._codes import POOLING
 from . import AotSpec, kernel_signature, launch_device, torch_to_triton_ptr
-from .scenario_embedding_bag import CONFIGS, pick_config
+from .scenario_embedding_bag import CONFIGS, _scenario_local, pick_config
 
 SUM, MEAN, NONE = POOLING["sum"], POOLING["mean"], POOLING["none"]
 _MEAN: tl.constexpr = tl.constexpr(MEAN)
@@ -69,7 +71,8 @@ def _seb8_fwd_kernel(idx_ptr, off_ptr, scen_ptr, gq_ptr, sq_ptr, fr_ptr, fsr_ptr
     fsize = tl.load(fr_ptr + f + 1, mask=bmask, other=0) - fbase
     if HAS_AWARE:
         sbase = tl.load(fsr_ptr + f, mask=bmask, other=0)
-        aware = (tl.load(fsr_ptr + f + 1, mask=bmask, other=0) > sbase) & bmask
+        ssize = tl.load(fsr_ptr + f + 1, mask=bmask, other=0) - sbase
+        aware = (ssize > 0) & bmask
         slot = tl.load(slot_ptr + f, mask=bmask, other=0)
         sc = tl.load(scen_ptr + b, mask=bmask, other=0).to(tl.int64)
         aware = aware & (sc >= 0) & (sc < M)   # a bad scenario id never reads another scenario's table
@@ -93,7 +96,7 @@ def _seb8_fwd_kernel(idx_ptr, off_ptr, scen_ptr, gq_ptr, sq_ptr, fr_ptr, fsr_ptr
             w = tl.load(psw_ptr + pos, mask=ok, other=0.0).to(tl.float32)
             gv = gv * w[:, None]
         if HAS_AWARE:
-            sv = _row_values(sq_ptr, srow0 + ids, d, ok & aware, dmask, D, W)
+            sv = _row_values(sq_ptr, srow0 + _scenario_local(ids, fsize, ssize), d, ok & aware, dmask, D, W)
             if HAS_PSW:
                 sv = sv * w[:, None]
         if POOL == _NONE:
