@@ -110,6 +110,37 @@ def _scenario_local(ids, fsize, ssize):
 
 
 @triton.jit
+def _bag_tile(off_ptr, fr_ptr, B, nbags, BLOCK_B: tl.constexpr):
+    """The prologue shared by the gathers (float forward, backward keys, 8-bit forward): this program's BLOCK_B
+    bags (feature-major: bag = f * B + b) and their addressing, all int64. Returns (bags, bmask, f, b, start,
+    length, fbase, fsize): bag ids, in-range mask, feature, sample, first id position, bag length, the feature's
+    first global row and its number of rows (ids)."""
+    bags = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    bmask = bags < nbags
+    f = bags // B
+    b = bags - f * B
+    start = tl.load(off_ptr + bags, mask=bmask, other=0).to(tl.int64)
+    length = tl.load(off_ptr + bags + 1, mask=bmask, other=0).to(tl.int64) - start
+    fbase = tl.load(fr_ptr + f, mask=bmask, other=0)
+    fsize = tl.load(fr_ptr + f + 1, mask=bmask, other=0) - fbase
+    return bags, bmask, f, b, start, length, fbase, fsize
+
+
+@triton.jit
+def _scenario_tile(fsr_ptr, slot_ptr, scen_ptr, f, b, bmask, Rs, M):
+    """The scenario half of the prologue: (aware, slot, srow0, ssize) of each bag: whether it reads a scenario
+    table (aware feature and a scenario id in [0, M): a bad id, possible only unchecked, never reads another
+    scenario's table), its output slot, the row of its scenario's feature range (scenario * Rs +
+    feature_scenario_rows[f]) and the feature's scenario rows (fewer than fsize: hashed, ``_scenario_local``)."""
+    sbase = tl.load(fsr_ptr + f, mask=bmask, other=0)
+    ssize = tl.load(fsr_ptr + f + 1, mask=bmask, other=0) - sbase
+    slot = tl.load(slot_ptr + f, mask=bmask, other=0)
+    sc = tl.load(scen_ptr + b, mask=bmask, other=0).to(tl.int64)
+    aware = (ssize > 0) & bmask & (sc >= 0) & (sc < M)
+    return aware, slot, sc * Rs + sbase, ssize
+
+
+@triton.jit
 def _scenario_local_kernel(ids_ptr, out_ptr, n, rows, srows, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
@@ -135,24 +166,11 @@ def _seb_fwd_kernel(idx_ptr, off_ptr, scen_ptr, gw_ptr, sw_ptr, fr_ptr, fsr_ptr,
                     POOL: tl.constexpr, HAS_PSW: tl.constexpr, HAS_AWARE: tl.constexpr, CHECK: tl.constexpr,
                     ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_d = tl.program_id(1)
-    bags = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    bmask = bags < nbags
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < D
-    f = bags // B
-    b = bags - f * B
-    start = tl.load(off_ptr + bags, mask=bmask, other=0).to(tl.int64)
-    length = tl.load(off_ptr + bags + 1, mask=bmask, other=0).to(tl.int64) - start
-    fbase = tl.load(fr_ptr + f, mask=bmask, other=0)
-    fsize = tl.load(fr_ptr + f + 1, mask=bmask, other=0) - fbase
+    bags, bmask, f, b, start, length, fbase, fsize = _bag_tile(off_ptr, fr_ptr, B, nbags, BLOCK_B)
     if HAS_AWARE:
-        sbase = tl.load(fsr_ptr + f, mask=bmask, other=0)
-        ssize = tl.load(fsr_ptr + f + 1, mask=bmask, other=0) - sbase
-        aware = (ssize > 0) & bmask
-        slot = tl.load(slot_ptr + f, mask=bmask, other=0)
-        sc = tl.load(scen_ptr + b, mask=bmask, other=0).to(tl.int64)
-        aware = aware & (sc >= 0) & (sc < M)   # a bad scenario id never reads another scenario's table
-        srow0 = sc * Rs + sbase
+        aware, slot, srow0, ssize = _scenario_tile(fsr_ptr, slot_ptr, scen_ptr, f, b, bmask, Rs, M)
         acc_s = tl.zeros([BLOCK_B, BLOCK_D], ACC_DTYPE)
     acc_g = tl.zeros([BLOCK_B, BLOCK_D], ACC_DTYPE)
     nbad = tl.zeros([BLOCK_B], tl.int64)
@@ -220,21 +238,8 @@ def _seb_bwd_keys_kernel(idx_ptr, off_ptr, scen_ptr, fr_ptr, fsr_ptr, slot_ptr, 
                          POOL: tl.constexpr, HAS_PSW: tl.constexpr, HAS_AWARE: tl.constexpr,
                          NEED_PSW: tl.constexpr, ACC_DTYPE: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    bags = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    bmask = bags < nbags
-    f = bags // B
-    b = bags - f * B
-    start = tl.load(off_ptr + bags, mask=bmask, other=0).to(tl.int64)
-    length = tl.load(off_ptr + bags + 1, mask=bmask, other=0).to(tl.int64) - start
-    fbase = tl.load(fr_ptr + f, mask=bmask, other=0)
-    fsize = tl.load(fr_ptr + f + 1, mask=bmask, other=0) - fbase
-    sbase = tl.load(fsr_ptr + f, mask=bmask, other=0)
-    ssize = tl.load(fsr_ptr + f + 1, mask=bmask, other=0) - sbase
-    aware = (ssize > 0) & bmask
-    slot = tl.load(slot_ptr + f, mask=bmask, other=0)
-    sc = tl.load(scen_ptr + b, mask=bmask, other=0).to(tl.int64)
-    aware = aware & (sc >= 0) & (sc < M)
-    srow0 = sc * Rs + sbase
+    bags, bmask, f, b, start, length, fbase, fsize = _bag_tile(off_ptr, fr_ptr, B, nbags, BLOCK_B)
+    aware, slot, srow0, ssize = _scenario_tile(fsr_ptr, slot_ptr, scen_ptr, f, b, bmask, Rs, M)
     inv = 1.0 / tl.maximum(length, 1).to(ACC_DTYPE)
     for j in range(0, tl.max(length, axis=0)):
         m = bmask & (j < length)

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .._codes import POOLING
 from . import AotSpec, kernel_signature, launch_device, torch_to_triton_ptr
-from .scenario_embedding_bag import CONFIGS, _scenario_local, pick_config
+from .scenario_embedding_bag import CONFIGS, _bag_tile, _scenario_local, _scenario_tile, pick_config
 
 SUM, MEAN, NONE = POOLING["sum"], POOLING["mean"], POOLING["none"]
 _MEAN: tl.constexpr = tl.constexpr(MEAN)
@@ -59,24 +59,12 @@ def _seb8_fwd_kernel(idx_ptr, off_ptr, scen_ptr, gq_ptr, sq_ptr, fr_ptr, fsr_ptr
                      POOL: tl.constexpr, HAS_PSW: tl.constexpr, HAS_AWARE: tl.constexpr, CHECK: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_d = tl.program_id(1)
-    bags = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    bmask = bags < nbags
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < D
-    f = bags // B
-    b = bags - f * B
-    start = tl.load(off_ptr + bags, mask=bmask, other=0).to(tl.int64)
-    length = tl.load(off_ptr + bags + 1, mask=bmask, other=0).to(tl.int64) - start
-    fbase = tl.load(fr_ptr + f, mask=bmask, other=0)
-    fsize = tl.load(fr_ptr + f + 1, mask=bmask, other=0) - fbase
+    # the float kernels' prologue (bag addressing, scenario rows): one definition for both
+    bags, bmask, f, b, start, length, fbase, fsize = _bag_tile(off_ptr, fr_ptr, B, nbags, BLOCK_B)
     if HAS_AWARE:
-        sbase = tl.load(fsr_ptr + f, mask=bmask, other=0)
-        ssize = tl.load(fsr_ptr + f + 1, mask=bmask, other=0) - sbase
-        aware = (ssize > 0) & bmask
-        slot = tl.load(slot_ptr + f, mask=bmask, other=0)
-        sc = tl.load(scen_ptr + b, mask=bmask, other=0).to(tl.int64)
-        aware = aware & (sc >= 0) & (sc < M)   # a bad scenario id never reads another scenario's table
-        srow0 = sc * Rs + sbase
+        aware, slot, srow0, ssize = _scenario_tile(fsr_ptr, slot_ptr, scen_ptr, f, b, bmask, Rs, M)
         acc_s = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
     acc_g = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
     nbad = tl.zeros([BLOCK_B], tl.int64)
