@@ -198,12 +198,14 @@ def load_datasets(args) -> list:
     return [("ali_ccp", f"ali_ccp ({os.path.basename(args.path)})", train, val, test)]
 
 
-def make_model(name: str, train, args, device, embedding_lr: float):
+def make_model(name: str, train, args, device, embedding_lr: float, config_options=None, **options):
     """One model of the comparison, same widths: SAML and shared-bottom from SAMLConfig (aux and branch hidden =
     --hidden, mutual unit at the first layer); STAR with star layers of widths --hidden; HMoE with experts of the
-    first width and towers of the last."""
-    fused = dict(embedding_optimizer="rowwise_adagrad", embedding_lr=embedding_lr, device=device)
-    dims = dict(embedding_dim=args.embedding_dim, attention_dim=args.embedding_dim)
+    first width and towers of the last. ``options`` go to the model's constructor (e.g. ``embedding_dtype=``,
+    ``embedding_stochastic_rounding=``), ``config_options`` to its config's ``from_data`` (e.g. ``scenario_rows=``):
+    benchmarks/bench_memory.py trains its table options with this loop."""
+    fused = dict(embedding_optimizer="rowwise_adagrad", embedding_lr=embedding_lr, device=device, **options)
+    dims = dict(embedding_dim=args.embedding_dim, attention_dim=args.embedding_dim, **(config_options or {}))
     h = tuple(args.hidden)
     if name in ("SAML", "shared-bottom"):
         cfg = SAMLConfig.from_data(train, aux_hidden=h, branch_hidden=h, mutual_layers=(0,), dropout=0.0, **dims)
@@ -237,11 +239,13 @@ def _scen_name(data, m) -> str:
     return data.scenario_names[m] if data.scenario_names else f"scenario{m}"
 
 
-def fit(name, train, val, batches, lr, emb_lr, args, device, log) -> dict:
-    """Train one model at one learning-rate pair with early stopping on validation AUC; returns the best epoch's
-    weights, its validation AUC, the validation curve, the losses, the training time and the samples seen."""
+def fit(name, train, val, batches, lr, emb_lr, args, device, log, model_options=None, config_options=None) -> dict:
+    """Train one model at one learning-rate pair with early stopping on validation AUC; returns the model with the
+    best epoch's weights, its optimizer, its validation AUC, the validation curve, the losses, the training time
+    and the samples seen. ``batches[ep]``: the epoch's training batches; ``model_options`` / ``config_options``: see
+    make_model."""
     torch.manual_seed(args.seed_now)
-    model = make_model(name, train, args, device, emb_lr)
+    model = make_model(name, train, args, device, emb_lr, config_options, **(model_options or {}))
     opt = TrainingOptimizer(model, lr, emb_lr)
     best = {"val_auc": -1.0, "epoch": 0, "state": None}
     curve, losses, train_s, seen = [], [], 0.0, 0
@@ -264,7 +268,7 @@ def fit(name, train, val, batches, lr, emb_lr, args, device, log) -> dict:
     model.load_state_dict(best["state"])
     log(f"  {name:<14} lr {lr:g}:{emb_lr:g}  val AUC {best['val_auc']:.4f} at epoch {best['epoch']}/{len(curve)}  "
         f"({train_s:.1f} s)")
-    return dict(model=model, val_auc=best["val_auc"], epoch=best["epoch"], epochs_run=len(curve), curve=curve,
+    return dict(model=model, optimizer=opt, val_auc=best["val_auc"], epoch=best["epoch"], epochs_run=len(curve), curve=curve,
                 losses=losses, train_s=train_s, samples=seen, lr=lr, embedding_lr=emb_lr)
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ._args import size_arg
 from .data.batch import FeatureSpec, SequenceSpec
+from .ops.scenario_hash import check_scenario_rows
 
 
 @dataclasses.dataclass
@@ -83,6 +84,9 @@ class SAMLConfig(FamilyConfig):
     aux_hidden / branch_hidden: hidden sizes of the auxiliary network and of every branch (same depth).
     mutual_layers: hidden-layer indices (0-based) where the MutualUnit runs. temperature, similarity: of the
     mutual unit. aux_loss_weight: weight of the auxiliary BCE.
+    scenario_rows: hashed scenario tables, None or a mapping from a scenario-aware feature's (or the sequence's)
+    name to Rs_f, 1 <= Rs_f <= its num_embeddings: its scenario tables get Rs_f rows, id -> hash(id) mod Rs_f
+    (``ScenarioEmbedding(scenario_rows=)``; bodies without scenario tables, e.g. SharedBottom, ignore it).
 
     Sizes (every aux/branch hidden width >= 1, mutual_layers >= 0) as in ``FamilyConfig``. SAML needs a
     scenario-aware feature or a sequence, and with a sequence a scenario-aware target feature and sequence.
@@ -94,6 +98,7 @@ class SAMLConfig(FamilyConfig):
     temperature: float = 1.0
     similarity: str = "cosine"
     aux_loss_weight: float = 0.3
+    scenario_rows: Optional[dict] = None
 
     def __post_init__(self):
         self._check("SAMLConfig")
@@ -117,6 +122,9 @@ class SAMLConfig(FamilyConfig):
             tf = self.features[self.target_slot()]
             if not (tf.scenario_aware and self.sequence.scenario_aware):
                 raise ValueError("SAMLConfig: the local attention needs a scenario-aware target feature and sequence")
+        seq = [(self.sequence.name, self.sequence.num_embeddings, self.sequence.scenario_aware)] if self.sequence else []
+        self.scenario_rows = check_scenario_rows("SAMLConfig", [tuple(f) for f in self.features] + seq,
+                                                 self.scenario_rows) or None
         if self.num_aware == 0 and self.sequence is None:
             raise ValueError("SAMLConfig: at least one scenario-aware feature (or a sequence) is needed")
 

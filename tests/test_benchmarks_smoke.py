@@ -96,3 +96,29 @@ def test_bench_model_on_movielens(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "| HMoE | float32 | 128 | reference eager |" in r.stdout and "MovieLens-100K" in r.stdout
     assert any(p.name.endswith("_movielens_quick.md") for p in tmp_path.iterdir())
+def test_bench_memory_quick():
+    """bench_memory --quick writes into a temporary folder (never benchmarks/results/), and its bytes are the
+    tensors' own: bfloat16 tables are half of float32's, hashed scenario tables have ceil(ids / k) rows, 8-bit rows
+    (D + 8) / (4 D) = 0.375 at D = 16."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_memory.py"), "--quick"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = re.search(r"^wrote (\S+\.md) and (\S+\.json)$", r.stdout, re.M)
+    assert m, r.stdout[-2000:]
+    out_dir = os.path.dirname(m.group(1))
+    try:
+        assert os.path.realpath(out_dir) != os.path.realpath(os.path.join(ROOT, "benchmarks", "results")), out_dir
+        text = open(m.group(1)).read()
+        # the quick data: global rows 8,647; scenario rows 4 x (2000 users + 3000 items + 3001 sequence ids), hashed
+        # to ceil(ids / k) per aware feature
+        hashed = lambda k: (8647 + 4 * sum(-(-n // k) for n in (2000, 3000, 3001))) / (8647 + 4 * 8001)  # noqa: E731
+        for label, ratio in (("float32", "(1.000)"), ("bfloat16, stochastic rounding (default)", "(0.500)"),
+                             ("bfloat16, round to nearest", "(0.500)"),
+                             ("hashed scenario tables, 1/4 of the ids", f"({hashed(4):.3f})"),
+                             ("hashed scenario tables, 1/16 of the ids", f"({hashed(16):.3f})"),
+                             ("8-bit serving (export of the float32 model)", "(0.375)")):
+            assert re.search(rf"^\| {re.escape(label)} \|.*\| [0-9.]+ {re.escape(ratio)} \|", text, re.M), (label, text)
+    finally:
+        import shutil
+        shutil.rmtree(out_dir, ignore_errors=True)
