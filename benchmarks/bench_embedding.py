@@ -16,13 +16,26 @@ Providers (timed alternately, see harness.time_alternating; ratios are medians o
   gather-ceiling     (fwd, CPU) the random-row read ceiling (benchmarks/gather_ceiling.py): the same global and
                      scenario rows (row ids precomputed, outside the timed region) summed per bag into preallocated
                      feature-major outputs by a minimal C++ loop compiled for this CPU, both tables prefetched
-                     ahead (best distance kept); nothing else. "% ceiling" = its time / the provider's.
+                     ahead (best distance kept); nothing else (16-bit and 8-bit rows: their words summed as
+                     integers, the same bytes read). "% ceiling" = its time / the provider's.
   index-select       (fwd, CPU) torch.index_select of the same rows into preallocated buffers (what an earlier
                      version of this benchmark called the ceiling; it is slower than a good gather).
   *-thp              (fwd and fwd+bwd+sgd, CPU) the same provider with its tables on transparent huge pages
                      (saml_kernels.nn.scenario_embedding.huge_page_empty; ScenarioEmbedding(huge_pages=True);
                      FBGEMM's flat weight parameter moved there). Huge pages speed up every provider, so the
                      comparisons are reported both ways: -thp against -thp, plain against plain.
+  *-hashed4          (fwd and fwd+bwd+sgd) hashed scenario tables (issue 24 item 2; `scenario_rows=` of the layer):
+                     every feature's scenario tables have R/4 rows, id -> hash(id) mod R/4 (ops/scenario_hash.py):
+                     ours, eager-embbag (the hash in its index arithmetic), fbgemm (tables of M*R/4 rows, the hash
+                     in its index arithmetic), gather-ceiling (the same rows). Only where the hash option exists.
+  ours-<backend>-fp32 (fwd+bwd+sgd, 16-bit --dtype) ours' fused step on the float32 tables of the same problem
+                     (GB/s at float32 bytes).
+  --dtype uint8      the forward on 8-bit row-wise tables (quantize_rows of the float32 tables, [*, D + 8] bytes;
+                     saml_kernels.quantized): ours = scenario_embedding_bag_8bit; eager-embbag = two
+                     torch.ops.quantized.embedding_bag_byte_rowwise_offsets calls (FBGEMM's 8-bit EmbeddingSpMDM,
+                     the 8-bit F.embedding_bag); fbgemm = FBGEMM's inference TBE (IntNBitTableBatchedEmbeddingBags
+                     Codegen, INT8 rows with float16 scale / bias, float32 outputs); gather-ceiling on the packed
+                     rows; and the same with hashed scenario tables. Bytes: rows of D + 8, float32 outputs.
 Modes: fwd (forward), fwd+bwd (sparse gradients), fwd+bwd+sgd (ours: fused optimizer; eager: sparse grads +
 torch.optim.SGD.step; fbgemm: its fused EXACT_SGD).
 Index arithmetic (feature offsets, scenario * Rs) is inside every provider's timed region: it is part of the op.
@@ -37,12 +50,12 @@ Effective bytes (compulsory traffic, counted per lookup, not per unique row):
   bwd  += 2 * B * F * D * 4 (upstream gradients read) + 2 * nnz * D * 4 (gradient rows written)
   sgd  += 2 * 2 * nnz * D * 4 (rows read and written back)
 
-Tables in another dtype (--dtype bfloat16 | float16; gradients in the same dtype, bytes counted at its size): the
-gather-ceiling rows are left out (the tool reads float32), FBGEMM's TBE runs with weights and outputs in float16
-(it has no bfloat16 CPU kernels, so no fbgemm rows for bfloat16). The fused step of 16-bit tables runs with the
+Tables in another dtype (--dtype bfloat16 | float16; gradients in the same dtype, bytes counted at its size):
+FBGEMM's TBE runs with weights and outputs in float16 (it has no bfloat16 CPU kernels, so no fbgemm rows for
+bfloat16). The fused step of 16-bit tables runs with the
 default stochastic rounding (`ours-<backend>`) and with round-to-nearest (`ours-<backend>-rtn`).
 
-Usage: python benchmarks/bench_embedding.py [--quick] [--gpu] [--reps N] [--no-thp] [--dtype DT] [--out-tag TAG]
+Usage: python benchmarks/bench_embedding.py [--quick] [--gpu] [--reps N] [--no-thp] [--dtype DT|uint8] [--out-tag TAG]
 Writes benchmarks/results/embedding_<machine>[_<dtype>].md / .json / .png (with --quick: ..._quick.*).
 """
 from __future__ import annotations
