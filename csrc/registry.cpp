@@ -11,6 +11,12 @@ TORCH_LIBRARY(saml_C, m) {
   // CPU with check=True also validates offsets (offsets[0] = 0, offsets[-1] = nnz, non-decreasing, every bag
   // bag_len long for pooling none) and scenario ids (in [0, M)); if any fails it gathers nothing, leaves the
   // outputs undefined and returns bad_count = -1 (the Python op then names the bad entry).
+  // Layout: feature f owns global rows [feature_rows[f], feature_rows[f+1]) (Rg_f = its ids) and, when aware, scenario
+  // rows [feature_scenario_rows[f], feature_scenario_rows[f+1]) (Rs_f, 1 <= Rs_f <= Rg_f) of every scenario table.
+  // A valid id's scenario row is scenario[b] * Rs + feature_scenario_rows[f] + local(id), local(id) = id when
+  // Rs_f == Rg_f, else seb_id_hash(id) mod Rs_f (hashed scenario tables; saml_common.h: seb_id_hash(id) =
+  // mix(mix(lo32(id)) ^ hi32(id)), mix = murmur3's fmix32). Every kernel below (forward, backward rows / dense /
+  // fused update) uses that row: colliding ids share a scenario row, its gradient and its one update per step.
   // num_aware = Fs (the number of aware features, which sizes scenario_out); -1 = derive it from aware_slot,
   // which is a host read on CUDA (the public op always passes it: no sync).
   m.def(
@@ -47,6 +53,10 @@ TORCH_LIBRARY(saml_C, m) {
       "Tensor feature_scenario_rows, Tensor aware_slot, Tensor? per_sample_weights, int pooling, int bag_len, "
       "Tensor(c!)? global_state, Tensor(d!)? scenario_state, int optimizer, Tensor hparams, bool update_global, "
       "bool update_scenario) -> ()");
+
+  // The hashed-row map itself (the CPU build of saml::seb_scenario_local on int32/int64 ids, for tests of the
+  // twins): local(id) of every id for a feature of rows ids and scenario_rows scenario rows, int64.
+  m.def("seb_scenario_local(Tensor ids, int rows, int scenario_rows) -> Tensor");
 
   // ---- mbranch_linear / mutual_unit / mutual_linear (saml_kernels/ops/mbranch_linear.py, mutual_*.py) ----
   // activation codes (saml::Activation, include/saml_common.h; saml_kernels/_codes.py): 0 none, 1 relu,

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ._args import size_arg
 from .data.batch import FeatureSpec, SequenceSpec
+from .ops.scenario_hash import check_scenario_rows
 
 
 @dataclasses.dataclass
@@ -23,6 +24,9 @@ class SAMLConfig:
     aux_hidden / branch_hidden: hidden sizes of the auxiliary network and of every branch (same depth).
     mutual_layers: hidden-layer indices (0-based) where the MutualUnit runs. temperature, similarity: of the
     mutual unit. aux_loss_weight: weight of the auxiliary BCE. dropout: after every hidden layer.
+    scenario_rows: hashed scenario tables, None or a mapping from a scenario-aware feature's (or the sequence's)
+    name to Rs_f, 1 <= Rs_f <= its num_embeddings: its scenario tables get Rs_f rows, id -> hash(id) mod Rs_f
+    (``ScenarioEmbedding(scenario_rows=)``; bodies without scenario tables, e.g. SharedBottom, ignore it).
 
     Sizes (num_scenarios, embedding_dim, attention_dim, every aux/branch hidden width >= 1; num_dense and
     mutual_layers >= 0) take any integral value (int, numpy integer, 0-dim integer tensor) but not bool; anything
@@ -43,6 +47,7 @@ class SAMLConfig:
     similarity: str = "cosine"
     aux_loss_weight: float = 0.3
     dropout: float = 0.0
+    scenario_rows: Optional[dict] = None
 
     def __post_init__(self):
         self.features = [FeatureSpec(*f) for f in self.features]
@@ -77,6 +82,9 @@ class SAMLConfig:
             tf = self.features[names.index(self.target_feature)]
             if not (tf.scenario_aware and self.sequence.scenario_aware):
                 raise ValueError("SAMLConfig: the local attention needs a scenario-aware target feature and sequence")
+        seq = [(self.sequence.name, self.sequence.num_embeddings, self.sequence.scenario_aware)] if self.sequence else []
+        self.scenario_rows = check_scenario_rows("SAMLConfig", [tuple(f) for f in self.features] + seq,
+                                                 self.scenario_rows) or None
         if self.num_aware == 0 and self.sequence is None:
             raise ValueError("SAMLConfig: at least one scenario-aware feature (or a sequence) is needed")
 

@@ -5,16 +5,18 @@ package's kernels under DDP (docs/distributed.md).
 Table layout (names are stable; ``f`` is a feature name, ``n_f`` its rows, M scenarios, D the dimension):
 
     table f               [n_f, D]      = global_weight[feature_rows[f] : feature_rows[f+1]]
-    table f__scenario     [M * n_f, D]  row s * n_f + i = scenario_weight[s, feature_scenario_rows[f] + i]
-                                        (aware features only; scenario-major, so row-wise sharding splits
+    table f__scenario     [M * s_f, D]  row s * s_f + r = scenario_weight[s, feature_scenario_rows[f] + r]
+                                        (aware features only; s_f = the feature's scenario rows: n_f, or fewer
+                                        for hashed scenario tables; scenario-major, so row-wise sharding splits
                                         scenarios, table-wise keeps a feature's M scenario tables together)
 
 Id transform (``TorchRecScenarioEmbedding.remap``): the KeyedJaggedTensor gets every feature's ids unchanged
 under key ``f`` and, for an aware feature, a second copy under ``f__scenario`` with id i of sample b remapped
-to ``scenario[b] * n_f + i``. Pooling each key's bag over its table then gives exactly
+to ``scenario[b] * s_f + local(i)`` (local(i) = i, or hash(i) mod s_f for hashed tables: ops/scenario_hash.py,
+the same hash as every kernel). Pooling each key's bag over its table then gives exactly
 
     E_g[b, f] = pool_i w_i global_weight[feature_rows[f] + i]
-    E_s[b, j] = pool_i w_i scenario_weight[scenario[b], feature_scenario_rows[f_j] + i]
+    E_s[b, j] = pool_i w_i scenario_weight[scenario[b], feature_scenario_rows[f_j] + local(i)]
 
 the result of ``saml_kernels.scenario_embedding_bag`` (sum / mean; pooling "none" with fixed length L runs as
 B * L one-id sum bags). So the sharded lookup, its backward and FBGEMM's fused SGD / row-wise Adagrad update
@@ -41,6 +43,7 @@ from torch import Tensor, nn
 
 from .nn.scenario_embedding import FeatureListProperties, ScenarioEmbedding
 from .ops import _checks
+from .ops.scenario_hash import id_hash
 
 try:
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
@@ -86,7 +89,7 @@ def _check_names(emb: ScenarioEmbedding) -> None:
 
 def embedding_bag_configs(emb: ScenarioEmbedding) -> list:
     """The TorchRec ``EmbeddingBagConfig`` of every table of ``emb``: ``f`` [n_f, D] for each feature, then
-    ``f__scenario`` [M * n_f, D] for each aware feature (one feature per table, same name as the table)."""
+    ``f__scenario`` [M * s_f, D] for each aware feature (s_f its scenario rows) (one feature per table, same name as the table)."""
     _check_names(emb)
     if emb.global_weight.dtype not in _DATA_TYPE:
         raise ValueError(f"{WHO}: table dtype must be one of {[str(d) for d in _DATA_TYPE]} for TorchRec (its "
@@ -98,9 +101,10 @@ def embedding_bag_configs(emb: ScenarioEmbedding) -> list:
         return EmbeddingBagConfig(name=name, embedding_dim=D, num_embeddings=rows, feature_names=[name],
                                   pooling=_POOLING[pooling], data_type=dt)
 
-    aware = [f for f in emb.features if f.scenario_aware]
+    fsr = emb.feature_scenario_rows
     return ([cfg(f.name, f.num_embeddings, f.pooling) for f in emb.features]
-            + [cfg(f.name + SCENARIO_SUFFIX, M * f.num_embeddings, f.pooling) for f in aware])
+            + [cfg(f.name + SCENARIO_SUFFIX, M * (fsr[k + 1] - fsr[k]), f.pooling)
+               for k, f in enumerate(emb.features) if f.scenario_aware])
 
 
 def _to_tables(emb, g: Tensor, s: Tensor) -> dict:
@@ -120,8 +124,9 @@ def _from_tables(emb, t: dict, empty: Tensor) -> tuple:
     [0, ...] block that stands in for no aware feature."""
     M = emb.num_scenarios
     g = torch.cat([t[f.name] for f in emb.features])
-    aware = [t[f.name + SCENARIO_SUFFIX].reshape(M, f.num_embeddings, *empty.shape[1:])
-             for f in emb.features if f.scenario_aware]
+    fsr = emb.feature_scenario_rows
+    aware = [t[f.name + SCENARIO_SUFFIX].reshape(M, fsr[k + 1] - fsr[k], *empty.shape[1:])
+             for k, f in enumerate(emb.features) if f.scenario_aware]
     return g, (torch.cat(aware, 1) if aware else empty.new_zeros(M, 0, *empty.shape[1:]))
 
 
@@ -237,6 +242,9 @@ class TorchRecScenarioEmbedding(FeatureListProperties, nn.Module):
                              persistent=False)
         self.register_buffer("_aware", torch.tensor([f.scenario_aware for f in emb.features], device=dev),
                              persistent=False)
+        fsr = emb.feature_scenario_rows  # each feature's scenario rows (fewer than its ids: hashed)
+        self.register_buffer("_srows", torch.tensor([fsr[k + 1] - fsr[k] for k in range(len(emb.features))],
+                                                    device=dev), persistent=False)
         self.register_buffer("_mean_key", torch.tensor([c.pooling == PoolingType.MEAN for c in configs], device=dev),
                              persistent=False)
         self.ebc = EmbeddingBagCollection(tables=configs, is_weighted=self.weighted, device=dev)
@@ -429,7 +437,8 @@ class TorchRecScenarioEmbedding(FeatureListProperties, nn.Module):
               per_sample_weights: Optional[Tensor] = None) -> KeyedJaggedTensor:
         """The id transform: the KeyedJaggedTensor (keys ``self.keys``, stride B; B * L for pooling "none") whose
         per-table lookups are the fused op's E_g and E_s. Aware feature f's ids appear twice: unchanged under ``f``
-        and as ``scenario[b] * n_f + id`` under ``f__scenario``. Arguments as ``forward``. With
+        and as ``scenario[b] * s_f + local(id)`` under ``f__scenario`` (s_f its scenario rows; local(id) = id, or
+        its hash mod s_f for hashed scenario tables). Arguments as ``forward``. With
         ``bounds_check="zero"`` out-of-range ids are left out of their bags (see the class docstring)."""
         return self._remap(indices, offsets, scenario, per_sample_weights)[0]
 
@@ -440,7 +449,10 @@ class TorchRecScenarioEmbedding(FeatureListProperties, nn.Module):
         F, B, nnz = self.num_features, scenario.numel(), indices.numel()
         sample = torch.arange(B, device=indices.device).repeat(F).repeat_interleave(lengths, output_size=nnz)
         aware = self._aware[feat]
-        scen_ids = indices[aware] + scenario[sample[aware]] * self._rows[feat[aware]]
+        ids, fa = indices[aware], feat[aware]
+        srows = self._srows[fa]
+        local = torch.where(srows == self._rows[fa], ids, id_hash(ids) % srows.clamp(min=1))  # hashed tables
+        scen_ids = local + scenario[sample[aware]] * srows
         values = torch.cat([indices, scen_ids])
         if self.weighted:
             # the unsharded collection (torch's embedding_bag) wants weights in the table dtype, FBGEMM's TBE float32

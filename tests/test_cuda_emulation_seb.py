@@ -33,11 +33,13 @@ def emu():
 
 def problem(*, B=6, M=3, D=7, rows=(11, 5, 9), aware=(True, False, True), dtype=torch.float32,
             itype=torch.int64, pooling=SUM, L=3, max_len=4, psw=False, hot=None, bad_ids=0, empty_scenario=True,
-            table=None):
-    """Random inputs of one call, as ops/scenario_embedding_bag.py passes them to the C++ ops."""
+            table=None, scenario_rows=None):
+    """Random inputs of one call, as ops/scenario_embedding_bag.py passes them to the C++ ops. ``scenario_rows``
+    (Rs_f per feature, None = its rows) gives hashed scenario tables."""
     F = len(rows)
+    srows = scenario_rows or rows
     fr = torch.tensor([0] + list(rows)).cumsum(0)
-    fsr = torch.tensor([0] + [r if a else 0 for r, a in zip(rows, aware)]).cumsum(0)
+    fsr = torch.tensor([0] + [s if a else 0 for s, a in zip(srows, aware)]).cumsum(0)
     slot = torch.tensor([sum(aware[:f]) if aware[f] else -1 for f in range(F)])
     R, Rs = int(fr[-1]), int(fsr[-1])
     Ms = M - 1 if empty_scenario and M > 1 else M  # the last scenario gets no sample
@@ -254,3 +256,39 @@ def test_int64_row_addressing(emu, tmp_path):
     assert_close(table[touched], ref[1:], torch.float32, "updated high rows")
     del table
     os.remove(f)
+
+
+@pytest.mark.parametrize("dtype,itype,D", [(torch.float32, torch.int64, 7), (torch.bfloat16, torch.int32, 8)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("pooling", [SUM, NONE])
+def test_hashed_scenario_rows(emu, dtype, itype, D, pooling):
+    """Hashed scenario tables (Rs_f < rows: id -> hash(id) mod Rs_f, saml_common.h seb_scenario_local; 1 and 3
+    rows, so most ids collide): forward, backward rows / dense and the fused Adagrad update against the CPU kernel,
+    whose hashed rows tests/test_hashed_scenario_rows.py checks against a float64 oracle."""
+    p = problem(dtype=dtype, itype=itype, D=D, pooling=pooling, psw=pooling == SUM, bad_ids=1, rows=(40, 5, 30, 9),
+                aware=(True, False, True, True), scenario_rows=(3, 5, 1, 9), max_len=4)
+    with poisoned():
+        g, s, bad = emu.seb_forward(*fwd_args(p), True, p["Fs"])
+    g2, s2, _ = C.seb_forward(*fwd_args(p, f64=True), True, p["Fs"])
+    assert_close(g, g2, dtype, "global_out")
+    assert_close(s, s2, dtype, "scenario_out")
+    gg, gs = grads(p)
+    with poisoned():
+        grows, gvals, srows, svals, gpsw = emu.seb_backward_rows(gg, gs, *fwd_args(p), True)
+        dG, dS, _ = emu.seb_backward_dense(gg, gs, *fwd_args(p), True)
+    r = _rows_ref(p, gg, gs, True)
+    assert torch.equal(srows, r[2]) and srows.numel() < p["idx"].numel()  # collisions: fewer rows than ids
+    assert_close(svals, r[3], dtype, "scenario_vals", 4.0)
+    assert_close(gpsw, r[4], dtype, "grad_psw")
+    refS = torch.zeros(p["sw"].shape, dtype=torch.float64).view(-1, D).index_add_(0, r[2], r[3]).view(p["sw"].shape)
+    assert_close(dS, refS, dtype, "dense dS", 4.0)
+    gw, sw = p["gw"].clone(), p["sw"].clone()
+    gst, sst = torch.rand(gw.shape[0]), torch.rand(sw.shape[0] * sw.shape[1])
+    gw2, sw2, gst2, sst2 = up(gw).clone(), up(sw).clone(), gst.clone(), sst.clone()
+    hp = _hp()
+    emu.seb_backward_update_(gg, gs, p["idx"], p["off"], p["scen"], gw, sw, p["fr"], p["fsr"], p["slot"], p["psw"],
+                             p["pooling"], p["L"], gst, sst, 2, hp, True, True)
+    C.seb_backward_update_(up(gg), up(gs), p["idx"], p["off"], p["scen"], gw2, sw2, p["fr"], p["fsr"], p["slot"],
+                           up(p["psw"]), p["pooling"], p["L"], gst2, sst2, 2, hp, True, True)
+    assert_close(sw, sw2, dtype, "scenario_weight", 4.0)
+    torch.testing.assert_close(sst, sst2, rtol=1e-3 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)

@@ -5,7 +5,8 @@
 // saml_kernels/reference/scenario_embedding_bag.py (forward_kernel / backward_rows_kernel).
 // Bag (f, b) = indices[offsets[f*B+b] : offsets[f*B+b+1]], ids local to feature f.
 //   global row   = feature_rows[f] + id                               (valid iff 0 <= id < rows of f)
-//   scenario row = scenario[b] * Rs + feature_scenario_rows[f] + id   (aware features only)
+//   scenario row = scenario[b] * Rs + feature_scenario_rows[f] + local(id)   (aware features only; local(id) = id,
+//                  or seb_id_hash(id) mod Rs_f for a hashed feature with Rs_f < Rg_f scenario rows: saml_common.h)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,6 +36,7 @@ SAML_INLINE void prefetch_read(const void* p, int64_t bytes) {
 struct Layout {
   int64_t F = 0, B = 0, D = 0, M = 0, Rs = 0, Fs = 0;
   std::vector<int64_t> gbase, size, sbase, slot;  // slot[f] = -1 when not aware
+  std::vector<int64_t> ssize;                    // scenario rows of an aware feature (<= size; < size: hashed)
   std::vector<int64_t> scen;                     // scenario id per sample (int64)
 };
 
@@ -62,7 +64,7 @@ inline Layout make_layout(const at::Tensor& offsets, const at::Tensor& scenario,
   const int64_t* frp = fr.data_ptr<int64_t>();
   const int64_t* fsrp = fsr.data_ptr<int64_t>();
   const int64_t* slp = sl.data_ptr<int64_t>();
-  L.gbase.resize(L.F); L.size.resize(L.F); L.sbase.resize(L.F); L.slot.resize(L.F);
+  L.gbase.resize(L.F); L.size.resize(L.F); L.sbase.resize(L.F); L.slot.resize(L.F); L.ssize.assign(L.F, 0);
   for (int64_t f = 0; f < L.F; ++f) {
     L.gbase[f] = frp[f];
     L.size[f] = frp[f + 1] - frp[f];
@@ -71,7 +73,9 @@ inline Layout make_layout(const at::Tensor& offsets, const at::Tensor& scenario,
     L.sbase[f] = fsrp[f];
     L.slot[f] = aware ? slp[f] : -1;
     if (aware) {
-      TORCH_CHECK(fsrp[f + 1] - fsrp[f] == L.size[f] && fsrp[f + 1] <= L.Rs,
+      L.ssize[f] = fsrp[f + 1] - fsrp[f];
+      TORCH_CHECK(L.ssize[f] <= L.size[f] && (L.ssize[f] == L.size[f] || L.ssize[f] < (int64_t(1) << 32)) &&
+                      fsrp[f + 1] <= L.Rs,
                   "seb: bad feature_scenario_rows for feature ", f);
       L.Fs = std::max(L.Fs, slp[f] + 1);
     }
@@ -89,6 +93,11 @@ SAML_INLINE int64_t scen_row_base(const Layout& L, int64_t f, int64_t b) {
   const int64_t m = L.scen[b];
   if (m < 0 || m >= L.M) return -1;
   return m * L.Rs + L.sbase[f];
+}
+
+// The scenario-local row of a valid id of aware feature f (the id itself, or its hash mod Rs_f when hashed).
+SAML_INLINE int64_t scen_local(const Layout& L, int64_t f, int64_t id) {
+  return saml::seb_scenario_local(id, L.size[f], L.ssize[f]);
 }
 
 inline void check_common(const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& gw,

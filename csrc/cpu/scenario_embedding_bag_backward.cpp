@@ -37,6 +37,7 @@ using saml::cpu::seb::AccType;
 using saml::cpu::seb::Layout;
 using saml::cpu::seb::check_common;
 using saml::cpu::seb::make_layout;
+using saml::cpu::seb::scen_local;
 using saml::cpu::seb::scen_row_base;
 using saml::cpu::pooled_empty;
 
@@ -53,7 +54,7 @@ struct SortedPairs {
   int64_t nnz = 0;
   bool by_sample = false;
   uint64_t* kg = nullptr;  // global keys: id
-  uint64_t* ks = nullptr;  // scenario keys: m * size + id
+  uint64_t* ks = nullptr;  // scenario keys: m * ssize + local(id) (the hashed row: colliding ids share a key)
   int32_t* sample = nullptr;  // only when !by_sample
   std::vector<int64_t> ng, ns, ug, us;  // counts; unique counts (us is [F * M])
 };
@@ -85,32 +86,32 @@ void sort_pairs(const BwdArgs& A, SortedPairs& S) {
     TORCH_CHECK(int64_t(off[(f + 1) * B]) - int64_t(off[f * B]) < (int64_t(1) << 32),
                 "seb backward: a feature holds >= 2^32 ids");
     if (L.slot[f] >= 0)
-      TORCH_CHECK(M * L.size[f] < (int64_t(1) << 32), "seb backward: M * rows of feature ", f, " >= 2^32");
+      TORCH_CHECK(M * L.ssize[f] < (int64_t(1) << 32), "seb backward: M * scenario rows of feature ", f, " >= 2^32");
   }
   at::parallel_for(0, F, 1, [&](int64_t f0, int64_t f1) {
     for (int64_t f = f0; f < f1; ++f) {
       const int64_t base = off[f * B];
-      const int64_t size = L.size[f];
+      const int64_t size = L.size[f], ssize = L.ssize[f];
       int64_t ng = 0, ns = 0;
       for (int64_t b = 0; b < B; ++b) {
         const int64_t sb = scen_row_base(L, f, b);
-        const uint64_t mkey = sb >= 0 ? uint64_t(L.scen[b] * size) : 0;
+        const uint64_t mkey = sb >= 0 ? uint64_t(L.scen[b] * ssize) : 0;
         for (int64_t p = off[f * B + b]; p < off[f * B + b + 1]; ++p) {
           if (!S.by_sample) S.sample[p] = int32_t(b);
           const int64_t id = int64_t(idx[p]);
           if (id < 0 || id >= size) continue;
           const uint64_t lp = S.by_sample ? uint64_t(b) : uint64_t(p - base);
           S.kg[base + ng++] = (uint64_t(id) << 32) | lp;
-          if (sb >= 0) S.ks[base + ns++] = ((mkey + uint64_t(id)) << 32) | lp;
+          if (sb >= 0) S.ks[base + ns++] = ((mkey + uint64_t(scen_local(L, f, id))) << 32) | lp;
         }
       }
       saml::cpu::radix_sort_keys(S.kg + base, tmp + base, ng, saml::cpu::bits_for(size));
-      saml::cpu::radix_sort_keys(S.ks + base, tmp + base, ns, saml::cpu::bits_for(M * size));
+      saml::cpu::radix_sort_keys(S.ks + base, tmp + base, ns, saml::cpu::bits_for(M * ssize));
       int64_t ug = 0;
       for (int64_t i = 0; i < ng; ++i) ug += (i == 0 || (S.kg[base + i] >> 32) != (S.kg[base + i - 1] >> 32));
       for (int64_t i = 0; i < ns; ++i)
         if (i == 0 || (S.ks[base + i] >> 32) != (S.ks[base + i - 1] >> 32))
-          ++S.us[f * M + int64_t(S.ks[base + i] >> 32) / std::max<int64_t>(size, 1)];
+          ++S.us[f * M + int64_t(S.ks[base + i] >> 32) / std::max<int64_t>(ssize, 1)];
       S.ng[f] = ng; S.ns[f] = ns; S.ug[f] = ug;
     }
   });
@@ -267,7 +268,7 @@ SAML_INLINE void add_scaled_row(acc_t* __restrict acc, const scalar_t* __restric
   for (int64_t d = 0; d < D; ++d) acc[d] += acc_t(g[d]) * scale;
 }
 
-// A feature's sorted scenario keys (m * size + id) mapped to rows of the [M * Rs] scenario table. Keys ascend, so
+// A feature's sorted scenario keys (m * size + local id; size = the feature's scenario rows) mapped to rows of the [M * Rs] scenario table. Keys ascend, so
 // the scenario m only grows: tracking its block start replaces a division per key.
 struct ScenarioKeyRows {
   int64_t size, Rs, sbase;
@@ -383,7 +384,7 @@ SAML_CPU_MULTIVERSION void walk_feature(const BwdArgs& A, const SortedPairs& S, 
                                      [&](int64_t key, const auto* a) { visit_g(f, u++, gbase + key, a); },
                                      T.global, T.global_state, [gbase](int64_t key) { return gbase + key; });
   if (L.slot[f] < 0) return;
-  const int64_t size = std::max<int64_t>(L.size[f], 1);
+  const int64_t size = std::max<int64_t>(L.ssize[f], 1);
   ScenarioKeyRows visit_rows{size, L.Rs, L.sbase[f]}, prefetch_rows{size, L.Rs, L.sbase[f]};
   int64_t m_prev = -1, um = 0;
   reduce_segments<scalar_t, index_t>(L, off, psw, A.pooling, lp, S.ks + base, S.ns[f], base, S.sample, S.by_sample, f,
@@ -434,7 +435,7 @@ void psw_grad_impl(const BwdArgs& A, scalar_t* out) {
           for (int64_t d = 0; d < D; ++d) dot += acc_t(g[d]) * acc_t(w[d]);
           if (sb >= 0) {
             const scalar_t* g2 = gs + ((b * L.Fs + L.slot[f]) * lp + k) * D;
-            const scalar_t* w2 = sw + (sb + id) * D;
+            const scalar_t* w2 = sw + (sb + scen_local(L, f, id)) * D;
             acc_t dot2 = 0;
             for (int64_t d = 0; d < D; ++d) dot2 += acc_t(g2[d]) * acc_t(w2[d]);
             dot += dot2;

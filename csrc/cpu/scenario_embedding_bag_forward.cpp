@@ -46,6 +46,7 @@ using saml::kSum;
 using saml::cpu::seb::AccType;
 using saml::cpu::seb::Layout;
 using saml::cpu::seb::prefetch_read;
+using saml::cpu::seb::scen_local;
 using saml::cpu::seb::scen_row_base;
 
 constexpr int64_t kBlock = 512;          // portable path: bags per block (its ids stay in L1 between the two tables)
@@ -97,6 +98,11 @@ int64_t gather_bags(const Layout& L, const index_t* idx, const index_t* off, con
   const int64_t p_end = off[bag1];
   // Row base of bag (f, b) in `table`, or -1 when this pass has nothing to read for it.
   auto row_base = [&](int64_t f, int64_t b) -> int64_t { return kScen ? scen_row_base(L, f, b) : L.gbase[f]; };
+  // A valid id's row within its feature's range: the id, or its hashed scenario row (scenario_embedding_bag.h).
+  auto local = [&](int64_t f, int64_t id) -> int64_t {
+    if constexpr (kScen) return scen_local(L, f, id);
+    else return id;
+  };
   // Prefetch cursor: bag (qf, qb) holds position q = p + PF.
   int64_t qbag = bag0, qf = bag0 / B, qb = bag0 % B;
   auto issue = [&](int64_t q) {
@@ -106,7 +112,7 @@ int64_t gather_bags(const Layout& L, const index_t* idx, const index_t* off, con
     }
     const int64_t id = int64_t(idx[q]);
     const int64_t rb = row_base(qf, qb);
-    if (rb >= 0 && id >= 0 && id < L.size[qf]) prefetch_read(table + (rb + id) * D, row_bytes);
+    if (rb >= 0 && id >= 0 && id < L.size[qf]) prefetch_read(table + (rb + local(qf, id)) * D, row_bytes);
   };
   if (PF > 0)
     for (int64_t q = off[bag0]; q < std::min<int64_t>(off[bag0] + PF, p_end); ++q) issue(q);
@@ -148,10 +154,10 @@ int64_t gather_bags(const Layout& L, const index_t* idx, const index_t* off, con
           store_row(o, zeros, D);
         } else if (psw) {
           std::fill(acc, acc + D, acc_t(0));
-          axpy_row(acc, table + (rb + id) * D, acc_t(psw[p]), D);
+          axpy_row(acc, table + (rb + local(f, id)) * D, acc_t(psw[p]), D);
           store_row(o, acc, D);
         } else {
-          store_row(o, table + (rb + id) * D, D);
+          store_row(o, table + (rb + local(f, id)) * D, D);
         }
       }
       continue;
@@ -162,7 +168,7 @@ int64_t gather_bags(const Layout& L, const index_t* idx, const index_t* off, con
       const int64_t id = int64_t(idx[s]);
       const bool valid = id >= 0 && id < size;
       nbad += !valid;
-      qsrc[nq] = (valid && rb >= 0) ? table + (rb + id) * D : nullptr;
+      qsrc[nq] = (valid && rb >= 0) ? table + (rb + local(f, id)) * D : nullptr;
       qdst[nq++] = o;
       if (nq == kGroup) flush();
       continue;
@@ -174,7 +180,7 @@ int64_t gather_bags(const Layout& L, const index_t* idx, const index_t* off, con
       const int64_t id = int64_t(idx[p]);
       if (id < 0 || id >= size) { ++nbad; continue; }
       if (rb < 0) continue;
-      axpy_row(acc, table + (rb + id) * D, psw ? acc_t(psw[p]) : acc_t(1), D);
+      axpy_row(acc, table + (rb + local(f, id)) * D, psw ? acc_t(psw[p]) : acc_t(1), D);
     }
     if (pooling == kMean) {
       const acc_t len = acc_t(std::max<int64_t>(e - s, 1));
@@ -278,7 +284,7 @@ struct FbgemmGather {
       for (int64_t p = G.off[bag]; p < G.off[bag + 1]; ++p) {
         const int64_t id = int64_t(G.idx[p]);
         ok &= (id >= 0) & (id < size);
-        if (aware) srow[p - p0] = sb + id;
+        if (aware) srow[p - p0] = sb + ((id >= 0) & (id < size) ? scen_local(L, f, id) : id);
       }
       bag_ok[bag - s0] = ok;
       all_ok &= ok;
@@ -441,4 +447,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seb_forward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(saml_C, CPU, m) { m.impl("seb_forward", &seb_forward_cpu); }
+// saml::seb_scenario_local of every id (the hashed-row map the kernels use; registry.cpp).
+at::Tensor seb_scenario_local_cpu(const at::Tensor& ids, int64_t rows, int64_t scenario_rows) {
+  TORCH_CHECK(ids.device().is_cpu(), "seb_scenario_local (cpu): ids must be on the CPU");
+  TORCH_CHECK(scenario_rows >= 1 && scenario_rows <= rows &&
+                  (scenario_rows == rows || scenario_rows < (int64_t(1) << 32)),
+              "seb_scenario_local: need 1 <= scenario_rows <= rows (and < 2^32 when smaller), got ", scenario_rows,
+              " and ", rows);
+  auto in = ids.contiguous();
+  auto out = at::empty({in.numel()}, in.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  SAML_DISPATCH_INDEX(in.scalar_type(), "seb_scenario_local_cpu", [&] {
+    const index_t* p = in.data_ptr<index_t>();
+    for (int64_t i = 0; i < in.numel(); ++i) o[i] = saml::seb_scenario_local(int64_t(p[i]), rows, scenario_rows);
+  });
+  return out.view(in.sizes());
+}
+
+TORCH_LIBRARY_IMPL(saml_C, CPU, m) {
+  m.impl("seb_forward", &seb_forward_cpu);
+  m.impl("seb_scenario_local", &seb_scenario_local_cpu);
+}

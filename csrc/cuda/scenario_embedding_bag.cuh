@@ -4,7 +4,8 @@
 // Contract: csrc/registry.cpp (seb_forward / seb_backward_rows / seb_backward_update_) and the Python oracle
 // saml_kernels/reference/scenario_embedding_bag.py. Bag (f, b) = indices[offsets[f*B+b] : offsets[f*B+b+1]]:
 //   global row   = feature_rows[f] + id                               (valid iff 0 <= id < rows of f)
-//   scenario row = scenario[b] * Rs + feature_scenario_rows[f] + id    (aware features, scenario in [0, M))
+//   scenario row = scenario[b] * Rs + feature_scenario_rows[f] + local(id)    (aware features, scenario in [0, M);
+//                  local(id) = saml::seb_scenario_local: id, or its hash mod Rs_f for a hashed feature)
 //
 // Thread layout: a "group" of G lanes (a power of two <= 32, inside one warp) owns one bag (forward) or one
 // unique row (backward); lane l covers columns (l + k*G) * VEC .. + VEC, VEC = 16 bytes / sizeof(scalar) when

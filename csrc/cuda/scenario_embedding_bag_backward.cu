@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kThreads) seb_bwd_keys_kernel(
   const int64_t sl = slot[f];
   const int64_t sc = scen[b];
   const bool aware = sl >= 0 && fsr[f + 1] > fsr[f] && sc >= 0 && sc < M;
-  const int64_t srow0 = sc * Rs + fsr[f];
+  const int64_t srow0 = sc * Rs + fsr[f], ssize = fsr[f + 1] - fsr[f];  // ssize < fsize: hashed scenario rows
   const acc_t inv = pooling == kMean ? acc_t(1) / acc_t(len > 1 ? len : 1) : acc_t(1);
   for (int64_t j = 0; j < len; ++j) {  // every lane of the group runs the same trip count (group shuffles)
     const int64_t p = start + j;
@@ -56,7 +56,8 @@ __global__ void __launch_bounds__(kThreads) seb_bwd_keys_kernel(
     // Pooling "none" reads gradient row j of the bag, so j must stay below L (L = every bag's length).
     const bool ok = id >= 0 && id < fsize && (pooling != kNone || j < L);
     const bool sok = ok && aware;
-    const int64_t grow = fbase + id, srow = srow0 + id;
+    // the hashed row (saml_common.h) when ssize < fsize: colliding ids share a key, so one segment sums them
+    const int64_t grow = fbase + id, srow = srow0 + (sok ? saml::seb_scenario_local(id, fsize, ssize) : 0);
     const int64_t gsrc = pooling == kNone ? (b * F + f) * L + j : b * F + f;
     const int64_t ssrc = pooling == kNone ? (b * Fs + sl) * L + j : b * Fs + sl;
     if (lane == 0) {

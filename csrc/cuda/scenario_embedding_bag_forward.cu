@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(kThreads) seb_fwd_kernel(
   const int64_t sc = scen[b];
   // A bad scenario id (only possible unchecked) never reads another scenario's table: it reads zeros.
   const bool aware = sl >= 0 && fsr[f + 1] > fsr[f] && sc >= 0 && sc < M;
-  const int64_t srow0 = sc * Rs + fsr[f];
+  const int64_t srow0 = sc * Rs + fsr[f], ssize = fsr[f + 1] - fsr[f];  // ssize < fsize: hashed scenario rows
   const int64_t n = pooling == kNone ? L : len;
   int64_t nbad = 0;
   for (int64_t d0 = int64_t(lane) * VEC; d0 < D; d0 += int64_t(G) * VEC) {
@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kThreads) seb_fwd_kernel(
         if (count && in && !ok) ++nbad;
         w[u] = ok ? (psw ? acc_t(psw[start + j]) : acc_t(1)) : acc_t(0);
         vg[u] = ok ? load_vec<scalar_t, VEC>(gw + (fbase + id) * D + d0) : zero_vec<scalar_t, VEC>();
-        vs[u] = (ok && aware) ? load_vec<scalar_t, VEC>(sw + (srow0 + id) * D + d0) : zero_vec<scalar_t, VEC>();
+        vs[u] = (ok && aware) ? load_vec<scalar_t, VEC>(sw + (srow0 + saml::seb_scenario_local(id, fsize, ssize)) * D + d0) : zero_vec<scalar_t, VEC>();
       }
       if (pooling == kNone) {
 #pragma unroll

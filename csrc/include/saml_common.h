@@ -144,4 +144,20 @@ template <typename T>
 SAML_HOST_DEVICE constexpr bool sr_applies() {
   return std::is_same<T, c10::BFloat16>::value || std::is_same<T, c10::Half>::value;
 }
+
+// ---- Hashed scenario tables (docs/design.md, "Hashed scenario tables") ----
+// A scenario-aware feature f may give its scenario tables Rs_f rows, 1 <= Rs_f <= Rg_f (its ids); its global table
+// keeps one row per id. An id's scenario row is feature_scenario_rows[f] + local, with
+//     local = id                                  when Rs_f == Rg_f (no hashing: bitwise the unhashed layout)
+//     local = seb_id_hash(id) mod Rs_f            when Rs_f <  Rg_f (then Rs_f < 2^32)
+//     seb_id_hash(id) = mix(mix(lo32(id)) ^ hi32(id))     (uint32 words, mix = sr_mix32, murmur3's fmix32)
+// for a valid id (0 <= id < Rg_f, so id is taken as a non-negative int64 whatever the index type). Twins with the
+// same bits: saml_kernels/ops/scenario_hash.py (torch) and saml_kernels/triton/scenario_embedding_bag.py (Triton).
+SAML_HOST_DEVICE inline uint32_t seb_id_hash(uint64_t id) {
+  return sr_mix32(sr_mix32(uint32_t(id)) ^ uint32_t(id >> 32));
+}
+// The scenario-local row of a valid id of a feature with rows_g ids and rows_s scenario rows (see above).
+SAML_HOST_DEVICE inline int64_t seb_scenario_local(int64_t id, int64_t rows_g, int64_t rows_s) {
+  return rows_s == rows_g ? id : int64_t(seb_id_hash(uint64_t(id)) % uint32_t(rows_s));
+}
 }  // namespace saml

@@ -216,11 +216,15 @@ class SAML(nn.Module):
         self.layer_set, self.backend = layers, backend
         fk = dict(device=device, dtype=dtype)
         M, D = c.num_scenarios, c.embedding_dim
-        self.embedding = layers.scenario_embedding(c.features, M, D, **emb)
+        hashed = c.scenario_rows or {}  # hashed scenario tables: feature name -> Rs_f
+        self.embedding = layers.scenario_embedding(c.features, M, D, **emb, scenario_rows={
+            f.name: hashed[f.name] for f in c.features if f.name in hashed} or None)
         if c.sequence is not None:
             seq = c.sequence
             self.sequence_embedding = layers.scenario_embedding([(seq.name, seq.num_embeddings, True, "none")], M, D,
-                                                                **emb)
+                                                                **emb, scenario_rows={
+                                                                    seq.name: hashed[seq.name]} if seq.name in hashed
+                                                                else None)
             self.attention = layers.attention(D, c.attention_dim, M, **kw)
         self.aux_layers = nn.ModuleList()
         self.branch_layers = nn.ModuleList()

@@ -4,9 +4,10 @@ Every feature has rows in the global table; a scenario-aware feature also has ro
 tables. For a batch with scenario ids s_b:
 
     E_g[b, f] = pool_{i in bag(f, b)} w_i * global_weight[feature_rows[f] + id_i]                  [B, F, D]
-    E_s[b, j] = pool_{i in bag(f_j, b)} w_i * scenario_weight[s_b, feature_scenario_rows[f_j] + id_i]  [B, Fs, D]
+    E_s[b, j] = pool_{i in bag(f_j, b)} w_i * scenario_weight[s_b, feature_scenario_rows[f_j] + local(id_i)]  [B, Fs, D]
 
-with f_j the j-th aware feature. Rows are laid out in feature order (feature f owns global rows
+with f_j the j-th aware feature and local(id) = id, or hash(id) mod Rs_f for a feature given fewer scenario rows
+Rs_f than ids (``scenario_rows=``, ops/scenario_hash.py). Rows are laid out in feature order (feature f owns global rows
 ``feature_rows[f] .. feature_rows[f+1]``, aware features likewise own scenario rows), so a ``state_dict`` with
 ``global_weight [R, D]`` and ``scenario_weight [M, Rs, D]`` moves unchanged to the reference model.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,7 @@ from ..graphs import host_read
 from ..ops import _checks
 from ..ops import embedding_optimizer as _eo
 from ..ops import scenario_embedding_bag as _seb
+from ..ops.scenario_hash import check_scenario_rows
 from ._ddp_guard import refuse_under_ddp
 
 __all__ = ["EmbeddingFeature", "FusedEmbeddingOptimizer", "ScenarioEmbedding", "huge_page_empty"]
@@ -329,6 +331,11 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
             float32 / float64 tables.
         rounding_seed: the hash's seed, an int in [0, 2^32); None takes ``torch.initial_seed() % 2^32`` at
             construction (reproducible under ``torch.manual_seed``; nothing is drawn from the generator).
+        scenario_rows: hashed scenario tables, a mapping aware feature name -> Rs_f, 1 <= Rs_f <= its
+            num_embeddings: the feature's scenario tables get Rs_f rows and id maps to scenario row
+            ``hash(id) mod Rs_f`` (``ops/scenario_hash.py``; colliding ids share a row and its gradient); its
+            global table keeps one row per id. Rs_f = num_embeddings is the unhashed layout. Not a kernel-only
+            option: the reference twin takes it too (it sets the state_dict's shapes).
         skip_nonfinite: with a fused optimizer, skip the whole update of a step whose upstream gradient holds a NaN
             or Inf (checked on the device, no host sync; ``nonfinite_steps`` counts the skipped steps). Without it a
             NaN loss writes NaN into the touched rows, as any optimizer would.
@@ -342,8 +349,9 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
             effect depends on the host's THP setting, and anything that reallocates the tables (``.to(...)``,
             ``copy.deepcopy``, ``load_state_dict(..., assign=True)``) lands on ordinary pages again.
 
-    Parameters: ``global_weight [R, D]`` (R = sum of num_embeddings) and ``scenario_weight [M, Rs, D]`` (Rs = sum of
-    the aware features' num_embeddings), rows in feature order.
+    Parameters: ``global_weight [R, D]`` (R = sum of num_embeddings) and ``scenario_weight [M, Rs, D]`` (Rs = sum
+    over the aware features of Rs_f: ``scenario_rows[name]``, by default num_embeddings), rows in feature order;
+    the row-wise Adagrad states are ``global_state [R]`` and ``scenario_state [M, Rs]``.
 
     Initialisation (``reset_parameters``): every table entry ~ U(-1/sqrt(D), 1/sqrt(D)) (so a sum-pooled one-hot
     embedding has unit-order norm independent of D); Adagrad states zero.
@@ -357,7 +365,7 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
                  optimizer: Optional[str] = None, lr: float = 0.01, eps: float = 1e-8, weight_decay: float = 0.0,
                  skip_nonfinite: bool = False, bounds_check: str = "error", backend: Optional[str] = None,
                  device=None, dtype=None, huge_pages: bool = False, stochastic_rounding: bool = True,
-                 rounding_seed: Optional[int] = None):
+                 rounding_seed: Optional[int] = None, scenario_rows: Optional[Mapping[str, int]] = None):
         super().__init__()
         feats = [_as_feature(f) for f in features]
         if not feats:
@@ -386,6 +394,8 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
         if rounding_seed is None:  # reproducible under torch.manual_seed, and draws nothing from the generator
             rounding_seed = torch.initial_seed() % _eo.SEED_LIMIT
         _eo.check_rounding(stochastic_rounding, rounding_seed, 0, "ScenarioEmbedding")
+        srows = check_scenario_rows("ScenarioEmbedding", [(f.name, f.num_embeddings, f.scenario_aware) for f in feats],
+                                    scenario_rows)
         self.features = tuple(feats)
         self.num_scenarios, self.embedding_dim = num_scenarios, embedding_dim
         self.sparse, self.optimizer, self._eps = bool(sparse), optimizer, float(eps)
@@ -394,8 +404,9 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
         fr, fsr = [0], [0]
         for f in feats:
             fr.append(fr[-1] + f.num_embeddings)
-            fsr.append(fsr[-1] + (f.num_embeddings if f.scenario_aware else 0))
+            fsr.append(fsr[-1] + (srows.get(f.name, f.num_embeddings) if f.scenario_aware else 0))
         self.feature_rows, self.feature_scenario_rows = tuple(fr), tuple(fsr)
+        self.scenario_rows = srows  # the hashed features' Rs_f (feature name -> rows); {} when none is hashed
         # runs of consecutive features with one pooling: (first feature, end feature, pooling)
         runs, a = [], 0
         for f in range(1, len(feats) + 1):
@@ -515,6 +526,10 @@ class ScenarioEmbedding(FeatureListProperties, nn.Module):
         s = (f"num_features={self.num_features}, num_aware={self.num_aware}, num_scenarios={self.num_scenarios}, "
              f"embedding_dim={self.embedding_dim}, rows={self.feature_rows[-1]}, "
              f"scenario_rows={self.feature_scenario_rows[-1]}, pooling={pools[0] if len(pools) == 1 else pools}")
+        hashed = {n: r for n, r in getattr(self, "scenario_rows", {}).items()
+                  if r < self.features[self.feature_names.index(n)].num_embeddings}
+        if hashed:
+            s += f", hashed_scenario_rows={hashed}"
         if self.sparse:
             s += ", sparse=True"
         if self.optimizer is not None:

@@ -3,10 +3,11 @@
 Math (bag (f, b) = ``indices[offsets[f*B+b] : offsets[f*B+b+1]]``, feature-major, ids local to feature f):
 
     global_out[b, f]   = pool_{i in bag(f,b)} w_i * G[feature_rows[f] + id_i]
-    scenario_out[b, j] = pool_{i in bag(f_j,b)} w_i * S[scenario[b], feature_scenario_rows[f_j] + id_i]
+    scenario_out[b, j] = pool_{i in bag(f_j,b)} w_i * S[scenario[b], feature_scenario_rows[f_j] + local(id_i)]
 
 where f_j is the j-th scenario-aware feature, pool is sum / mean (empty bag -> 0) / none (fixed length L),
-w_i the per-sample weights (1 without them). Gradients: dG and dS by the transposed gather (rows of S[s] only
+w_i the per-sample weights (1 without them); local(id) = id, or hash(id) mod Rs_f for a feature given fewer
+scenario rows Rs_f than ids (hashed scenario tables, ops/scenario_hash.py). Gradients: dG and dS by the transposed gather (rows of S[s] only
 from samples of scenario s), dw_i = <grad_out[b, f], G[row_i]> (+ the scenario term for aware features).
 
 Kernel table (``saml_kernels._backend.kernels(OP, backend)``; signatures of the C++ operators in
@@ -28,6 +29,7 @@ from torch import Tensor
 from .. import _backend
 from .._codes import POOLING
 from . import _checks
+from .scenario_hash import MAX_HASHED_ROWS
 
 OP = "scenario_embedding_bag"
 BOUNDS = {"off": 0, "zero": 1, "error": 2}
@@ -281,7 +283,10 @@ def _as_tuple(name, rows) -> tuple:
 
 
 def table_layout(feature_rows, feature_scenario_rows, num_rows: int, num_scenario_rows: int, device):
-    """Validated (feature_rows, feature_scenario_rows, aware_slot) device tensors and the number of aware features."""
+    """Validated (feature_rows, feature_scenario_rows, aware_slot) device tensors and the number of aware features.
+
+    An aware feature f's scenario range has Rs_f rows with 1 <= Rs_f <= Rg_f (its global rows); Rs_f < Rg_f makes
+    its scenario tables hashed: id -> ``feature_scenario_rows[f] + hash(id) mod Rs_f`` (ops/scenario_hash.py)."""
     fr = _as_tuple("feature_rows", feature_rows)
     fsr = _as_tuple("feature_scenario_rows", feature_scenario_rows)
     if len(fr) < 2:
@@ -299,9 +304,10 @@ def table_layout(feature_rows, feature_scenario_rows, num_rows: int, num_scenari
             raise ValueError(f"{OP}: {name}[-1] = {rows[-1]} exceeds the table's {limit} rows")
     for f in range(len(fr) - 1):
         gs, ss = fr[f + 1] - fr[f], fsr[f + 1] - fsr[f]
-        if ss and ss != gs:
+        if ss > gs or (ss and ss < gs and ss >= MAX_HASHED_ROWS):
             raise ValueError(f"{OP}: feature_scenario_rows gives feature {f} {ss} scenario rows but feature_rows "
-                             f"gives it {gs} global rows; an aware feature's scenario range must have its global size")
+                             f"gives it {gs} global rows; an aware feature's scenario range must have at most its "
+                             f"global size (fewer: hashed rows, fewer than 2^32)")
     if torch.compiler.is_compiling() or _tracing_with_fake_tensors():
         # a trace (torch.compile, torch.export) makes fake tensors here: never cache them for later eager calls
         return _layout_cached.__wrapped__(fr, fsr, _checks.device_key(device))
@@ -329,7 +335,8 @@ def scenario_embedding_bag(indices: Tensor, offsets: Tensor, scenario: Tensor, g
         global_weight: [R, D] float32/float16/bfloat16 (float64 for gradcheck).
         scenario_weight: [M, Rs, D], same dtype and D.
         feature_rows: F+1 cumulative global row starts (tensor or sequence of ints).
-        feature_scenario_rows: F+1 cumulative scenario row starts; an empty range = feature not aware.
+        feature_scenario_rows: F+1 cumulative scenario row starts; an empty range = feature not aware; a range
+            shorter than the feature's global one hashes its ids onto it (ops/scenario_hash.py).
         pooling: "sum" | "mean" (empty bag -> zeros) | "none" (all bags length L).
         per_sample_weights: [nnz] weights, pooling "sum" only; receives a gradient.
         bounds_check: "error" (raise naming feature, position, value) | "zero" (invalid id -> zero vector, no

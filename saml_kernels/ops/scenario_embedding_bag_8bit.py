@@ -17,7 +17,7 @@ The op computes exactly what ``scenario_embedding_bag`` computes on the dequanti
 sum / mean / none, per-sample weights, bounds handling and input checks with the same messages), in float32:
 
     global_out[b, f]   = pool_{i in bag(f,b)} w_i * deq(Gq)[feature_rows[f] + id_i]                      [B, F, D]
-    scenario_out[b, j] = pool_{i in bag(f_j,b)} w_i * deq(Sq)[scenario[b], feature_scenario_rows[f_j] + id_i]
+    scenario_out[b, j] = pool_{i in bag(f_j,b)} w_i * deq(Sq)[scenario[b], feature_scenario_rows[f_j] + local(id_i)]
 
 Kernels (``saml_kernels._backend.kernels(OP, backend).forward``, the ``seb_forward`` contract with packed tables:
 ``(global_out, scenario_out, bad_count int64 [1])``): ``cpu`` = FBGEMM's 8-bit EmbeddingSpMDM as torch ships it
@@ -38,6 +38,7 @@ from .. import _backend
 from .._codes import POOLING
 from . import _checks
 from . import scenario_embedding_bag as _seb
+from .scenario_hash import scenario_local
 
 OP = "scenario_embedding_bag_8bit"
 #: bytes a row carries beside its D codes: float32 scale, float32 bias
@@ -167,7 +168,9 @@ def forward_cpu(indices, offsets, scenario, global_packed, scenario_packed, feat
         bag_base = ((torch.where(sc_ok, sc, torch.zeros_like(sc)) * Rs).repeat(Fs)
                     + torch.tensor([fsr[f] for f in aware]).repeat_interleave(B))
         n_a = sum(cuts[f + 1] - cuts[f] for f in aware)
-        srows = pick(ids) + torch.repeat_interleave(bag_base, alen, output_size=n_a)
+        # hashed scenario tables: each aware feature's ids -> its scenario-local rows (ops/scenario_hash.py)
+        local = _cat([scenario_local(ids[cuts[f]:cuts[f + 1]], fr[f + 1] - fr[f], fsr[f + 1] - fsr[f]) for f in aware])
+        srows = local + torch.repeat_interleave(bag_base, alen, output_size=n_a)
         sw = pick(weights) if weights is not None else None
         ok = pick(valid) if valid is not None else None
         if not all_ok:
@@ -212,7 +215,8 @@ def _forward_fixed(indices, scenario, global_packed, scenario_packed, fr, fsr, a
     sel = torch.tensor(aware)
     sc = scenario.long()
     sc_ok = (sc >= 0) & (sc < M)
-    srows = (ids[sel] + torch.tensor([fsr[f] for f in aware]).reshape(Fs, 1, 1)
+    local = torch.stack([scenario_local(ids[f], fr[f + 1] - fr[f], fsr[f + 1] - fsr[f]) for f in aware])
+    srows = (local + torch.tensor([fsr[f] for f in aware]).reshape(Fs, 1, 1)
              + (torch.where(sc_ok, sc, torch.zeros_like(sc)) * Rs).reshape(1, B, 1))
     ok = valid[sel] if valid is not None else None
     if not bool(sc_ok.all()):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .._args import size_arg  # noqa: F401  (re-exported)
 from .._codes import ACTIVATIONS, SIMILARITIES
 from .mutual_unit import mutual_unit_reference
+from ..ops.scenario_hash import check_scenario_rows
 from .scenario_embedding_bag import scenario_embedding_bag_reference
 
 _ACT = {None: lambda z: z, "none": lambda z: z, "relu": torch.relu,
@@ -31,13 +32,15 @@ def _choice(who: str, name: str, value, allowed) -> None:
         raise ValueError(f"{who}: {name} must be one of {tuple(allowed)}, got {value!r}")
 
 
-def feature_layout(features: Sequence, num_scenarios: int) -> tuple[list, list]:
-    """(feature_rows [F+1], feature_scenario_rows [F+1]) cumulative row starts of the global / scenario tables."""
+def feature_layout(features: Sequence, num_scenarios: int, scenario_rows: Optional[dict] = None) -> tuple[list, list]:
+    """(feature_rows [F+1], feature_scenario_rows [F+1]) cumulative row starts of the global / scenario tables;
+    ``scenario_rows`` (name -> Rs_f, checked) gives hashed features fewer scenario rows than ids."""
+    scenario_rows = scenario_rows or {}
     fr, fsr = [0], [0]
     for f in features:
         n, aware = int(f[1]), bool(f[2])
         fr.append(fr[-1] + n)
-        fsr.append(fsr[-1] + (n if aware else 0))
+        fsr.append(fsr[-1] + (scenario_rows.get(f[0], n) if aware else 0))
     return fr, fsr
 
 
@@ -49,10 +52,11 @@ class RefScenarioEmbedding(nn.Module):
     ``nn.ScenarioEmbedding(optimizer="rowwise_adagrad")`` (float32 buffers ``global_state [R]``,
     ``scenario_state [M, Rs]``, same names, so state_dicts match); the update is not fused here:
     ``saml_kernels.training.TrainingOptimizer`` applies it after the backward, on these buffers.
+    scenario_rows: hashed scenario tables (aware feature name -> Rs_f rows), as ``nn.ScenarioEmbedding``.
     forward(indices, offsets, scenario) -> (E_g [B, F, D], E_s [B, Fs, D]) ([B, F, L, D] for pooling "none")."""
 
     def __init__(self, features: Sequence, num_scenarios: int, embedding_dim: int, *,
-                 optimizer: Optional[str] = None, device=None, dtype=None):
+                 optimizer: Optional[str] = None, device=None, dtype=None, scenario_rows=None):
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"RefScenarioEmbedding: optimizer must be one of {OPTIMIZERS} (the reference fuses no "
@@ -64,7 +68,9 @@ class RefScenarioEmbedding(nn.Module):
             raise ValueError(f"RefScenarioEmbedding: one pooling for all features, got {sorted(pools)}")
         self.pooling = pools.pop()
         self.num_scenarios, self.embedding_dim = num_scenarios, embedding_dim
-        self.feature_rows, self.feature_scenario_rows = feature_layout(self.features, num_scenarios)
+        self.scenario_rows = check_scenario_rows("RefScenarioEmbedding", self.features, scenario_rows)
+        self.feature_rows, self.feature_scenario_rows = feature_layout(self.features, num_scenarios,
+                                                                       self.scenario_rows)
         fk = dict(device=device, dtype=dtype)
         self.global_weight = nn.Parameter(torch.empty(self.feature_rows[-1], embedding_dim, **fk))
         self.scenario_weight = nn.Parameter(torch.empty(num_scenarios, self.feature_scenario_rows[-1],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._codes import POOLING
+from ..ops.scenario_hash import scenario_local_by_feature
 
 SUM, MEAN, NONE = POOLING["sum"], POOLING["mean"], POOLING["none"]
 
@@ -32,7 +33,8 @@ def _expand(indices, offsets, scenario, feature_rows, feature_scenario_rows, num
     safe = torch.where(valid, local, torch.zeros_like(local))
     grow = fr[feat] + safe
     aware = fsr[feat + 1] > fsr[feat]
-    srow = torch.where(aware, fsr[feat] + safe, torch.full_like(safe, -1))
+    slocal = scenario_local_by_feature(safe, feat, fr, fsr)  # the id, or its hash mod Rs_f (hashed tables)
+    srow = torch.where(aware, fsr[feat] + slocal, torch.full_like(safe, -1))
     return bag, feat, sample, lengths, valid, grow, srow, batch
 
 

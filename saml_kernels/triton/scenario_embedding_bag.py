@@ -7,7 +7,10 @@ latency, not bandwidth, bounds an embedding gather). Per id i of bag (f, b) with
 per_sample_weights), local id r_i, valid_i = 0 <= r_i < rows(f):
 
     global_out[b, f]   += w_i * G[feature_rows[f] + r_i]                            (valid ids only)
-    scenario_out[b, j] += w_i * S[scenario[b] * Rs + feature_scenario_rows[f] + r_i]  (aware f, j = slot(f))
+    scenario_out[b, j] += w_i * S[scenario[b] * Rs + feature_scenario_rows[f] + local(r_i)]  (aware f, j = slot(f))
+
+with local(r) = r, or hash(r) mod Rs_f when the feature has fewer scenario rows Rs_f than ids (hashed scenario
+tables: ``_scenario_local``, the twin of saml_common.h's ``seb_scenario_local`` and ops/scenario_hash.py).
 
 in float32 (float64 for float64 tables), divided by the bag length for "mean"; "none" stores each term at its
 position. Row numbers are int64 before the multiply by D (tables over 2^31 elements). Invalid ids (and scenario
@@ -77,6 +80,85 @@ def pick_config(D: int) -> Config:
 
 # ------------------------------------------------------------------------------------------------ kernels
 
+_M32: tl.constexpr = tl.constexpr(0xFFFFFFFF)
+
+
+@triton.jit
+def _mul32(x, c: tl.constexpr):
+    """(x * c) mod 2^32 for int64 x holding a uint32 value: 16-bit halves of c, so no int64 product overflows."""
+    lo = (x * (c & 0xFFFF)) & _M32
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+@triton.jit
+def _mix32(x):
+    """murmur3's fmix32 on int64 values in [0, 2^32) (shifts of non-negative values are logical)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _scenario_local(ids, fsize, ssize):
+    """Scenario-local rows of int64 ids (valid: 0 <= id < fsize): the id when ssize == fsize, else
+    mix(mix(lo32(id)) ^ hi32(id)) mod ssize (hashed scenario tables; ops/scenario_hash.py has the contract)."""
+    h = _mix32(_mix32(ids & _M32) ^ ((ids >> 32) & _M32))
+    return tl.where(ssize == fsize, ids, h % tl.maximum(ssize, 1))
+
+
+@triton.jit
+def _bag_tile(off_ptr, fr_ptr, B, nbags, BLOCK_B: tl.constexpr):
+    """The prologue shared by the gathers (float forward, backward keys, 8-bit forward): this program's BLOCK_B
+    bags (feature-major: bag = f * B + b) and their addressing, all int64. Returns (bags, bmask, f, b, start,
+    length, fbase, fsize): bag ids, in-range mask, feature, sample, first id position, bag length, the feature's
+    first global row and its number of rows (ids)."""
+    bags = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    bmask = bags < nbags
+    f = bags // B
+    b = bags - f * B
+    start = tl.load(off_ptr + bags, mask=bmask, other=0).to(tl.int64)
+    length = tl.load(off_ptr + bags + 1, mask=bmask, other=0).to(tl.int64) - start
+    fbase = tl.load(fr_ptr + f, mask=bmask, other=0)
+    fsize = tl.load(fr_ptr + f + 1, mask=bmask, other=0) - fbase
+    return bags, bmask, f, b, start, length, fbase, fsize
+
+
+@triton.jit
+def _scenario_tile(fsr_ptr, slot_ptr, scen_ptr, f, b, bmask, Rs, M):
+    """The scenario half of the prologue: (aware, slot, srow0, ssize) of each bag: whether it reads a scenario
+    table (aware feature and a scenario id in [0, M): a bad id, possible only unchecked, never reads another
+    scenario's table), its output slot, the row of its scenario's feature range (scenario * Rs +
+    feature_scenario_rows[f]) and the feature's scenario rows (fewer than fsize: hashed, ``_scenario_local``)."""
+    sbase = tl.load(fsr_ptr + f, mask=bmask, other=0)
+    ssize = tl.load(fsr_ptr + f + 1, mask=bmask, other=0) - sbase
+    slot = tl.load(slot_ptr + f, mask=bmask, other=0)
+    sc = tl.load(scen_ptr + b, mask=bmask, other=0).to(tl.int64)
+    aware = (ssize > 0) & bmask & (sc >= 0) & (sc < M)
+    return aware, slot, sc * Rs + sbase, ssize
+
+
+@triton.jit
+def _scenario_local_kernel(ids_ptr, out_ptr, n, rows, srows, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    ids = tl.load(ids_ptr + i, mask=m, other=0).to(tl.int64)
+    tl.store(out_ptr + i, _scenario_local(ids, rows.to(tl.int64), srows.to(tl.int64)), mask=m)
+
+
+def scenario_local_rows(ids: torch.Tensor, rows: int, scenario_rows: int) -> torch.Tensor:
+    """The Triton twin of ``ops.scenario_hash.scenario_local`` on int32 / int64 ``ids`` (int64 out); for tests."""
+    ids = ids.contiguous()
+    out = torch.empty(ids.shape, dtype=torch.int64, device=ids.device)
+    if ids.numel():
+        with _grid_device(ids):
+            _scenario_local_kernel[(triton.cdiv(ids.numel(), 256),)](ids, out, ids.numel(), rows, scenario_rows,
+                                                                     BLOCK=256)
+    return out
+
+
 @triton.jit
 def _seb_fwd_kernel(idx_ptr, off_ptr, scen_ptr, gw_ptr, sw_ptr, fr_ptr, fsr_ptr, slot_ptr, psw_ptr,
                     gout_ptr, sout_ptr, bad_ptr,
@@ -84,23 +166,11 @@ def _seb_fwd_kernel(idx_ptr, off_ptr, scen_ptr, gw_ptr, sw_ptr, fr_ptr, fsr_ptr,
                     POOL: tl.constexpr, HAS_PSW: tl.constexpr, HAS_AWARE: tl.constexpr, CHECK: tl.constexpr,
                     ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_d = tl.program_id(1)
-    bags = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    bmask = bags < nbags
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < D
-    f = bags // B
-    b = bags - f * B
-    start = tl.load(off_ptr + bags, mask=bmask, other=0).to(tl.int64)
-    length = tl.load(off_ptr + bags + 1, mask=bmask, other=0).to(tl.int64) - start
-    fbase = tl.load(fr_ptr + f, mask=bmask, other=0)
-    fsize = tl.load(fr_ptr + f + 1, mask=bmask, other=0) - fbase
+    bags, bmask, f, b, start, length, fbase, fsize = _bag_tile(off_ptr, fr_ptr, B, nbags, BLOCK_B)
     if HAS_AWARE:
-        sbase = tl.load(fsr_ptr + f, mask=bmask, other=0)
-        aware = (tl.load(fsr_ptr + f + 1, mask=bmask, other=0) > sbase) & bmask
-        slot = tl.load(slot_ptr + f, mask=bmask, other=0)
-        sc = tl.load(scen_ptr + b, mask=bmask, other=0).to(tl.int64)
-        aware = aware & (sc >= 0) & (sc < M)   # a bad scenario id never reads another scenario's table
-        srow0 = sc * Rs + sbase
+        aware, slot, srow0, ssize = _scenario_tile(fsr_ptr, slot_ptr, scen_ptr, f, b, bmask, Rs, M)
         acc_s = tl.zeros([BLOCK_B, BLOCK_D], ACC_DTYPE)
     acc_g = tl.zeros([BLOCK_B, BLOCK_D], ACC_DTYPE)
     nbad = tl.zeros([BLOCK_B], tl.int64)
@@ -122,7 +192,8 @@ def _seb_fwd_kernel(idx_ptr, off_ptr, scen_ptr, gw_ptr, sw_ptr, fr_ptr, fsr_ptr,
             gv = gv * w[:, None]
         if HAS_AWARE:
             sok = ok & aware
-            sv = tl.load(sw_ptr + (srow0 + ids)[:, None] * D + d[None, :], mask=sok[:, None] & dmask[None, :],
+            srow = srow0 + _scenario_local(ids, fsize, ssize)
+            sv = tl.load(sw_ptr + srow[:, None] * D + d[None, :], mask=sok[:, None] & dmask[None, :],
                          other=0.0).to(ACC_DTYPE)
             if HAS_PSW:
                 sv = sv * w[:, None]
@@ -167,20 +238,8 @@ def _seb_bwd_keys_kernel(idx_ptr, off_ptr, scen_ptr, fr_ptr, fsr_ptr, slot_ptr, 
                          POOL: tl.constexpr, HAS_PSW: tl.constexpr, HAS_AWARE: tl.constexpr,
                          NEED_PSW: tl.constexpr, ACC_DTYPE: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    bags = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    bmask = bags < nbags
-    f = bags // B
-    b = bags - f * B
-    start = tl.load(off_ptr + bags, mask=bmask, other=0).to(tl.int64)
-    length = tl.load(off_ptr + bags + 1, mask=bmask, other=0).to(tl.int64) - start
-    fbase = tl.load(fr_ptr + f, mask=bmask, other=0)
-    fsize = tl.load(fr_ptr + f + 1, mask=bmask, other=0) - fbase
-    sbase = tl.load(fsr_ptr + f, mask=bmask, other=0)
-    aware = (tl.load(fsr_ptr + f + 1, mask=bmask, other=0) > sbase) & bmask
-    slot = tl.load(slot_ptr + f, mask=bmask, other=0)
-    sc = tl.load(scen_ptr + b, mask=bmask, other=0).to(tl.int64)
-    aware = aware & (sc >= 0) & (sc < M)
-    srow0 = sc * Rs + sbase
+    bags, bmask, f, b, start, length, fbase, fsize = _bag_tile(off_ptr, fr_ptr, B, nbags, BLOCK_B)
+    aware, slot, srow0, ssize = _scenario_tile(fsr_ptr, slot_ptr, scen_ptr, f, b, bmask, Rs, M)
     inv = 1.0 / tl.maximum(length, 1).to(ACC_DTYPE)
     for j in range(0, tl.max(length, axis=0)):
         m = bmask & (j < length)
@@ -191,7 +250,7 @@ def _seb_bwd_keys_kernel(idx_ptr, off_ptr, scen_ptr, fr_ptr, fsr_ptr, slot_ptr, 
             ok = ok & (j < L)  # "none" reads gradient row j of the bag: keep j < L even for unchecked offsets
         sok = ok & aware
         grow = fbase + ids
-        srow = srow0 + ids
+        srow = srow0 + _scenario_local(ids, fsize, ssize)  # the hashed row: colliding ids share one key
         if POOL == _NONE:
             gsrc = (b * F + f) * L + j
             ssrc = (b * Fs + slot) * L + j

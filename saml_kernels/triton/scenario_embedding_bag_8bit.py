@@ -6,7 +6,9 @@ and walks the bags' ids in lock-step. Per id i of bag (f, b), valid_i = 0 <= id_
 
     row bytes  [q_0 .. q_{D-1} | scale f32 | bias f32]     (FBGEMM's fused 8-bit row-wise layout, W = D + 8)
     global_out[b, f]   += w_i * (scale_r * q_r + bias_r),  r = feature_rows[f] + id_i              (valid ids)
-    scenario_out[b, j] += the same on row scenario[b] * Rs + feature_scenario_rows[f] + id_i      (aware f)
+    scenario_out[b, j] += the same on row scenario[b] * Rs + feature_scenario_rows[f] + local(id_i)  (aware f)
+
+(local: the id, or its hash mod Rs_f for a hashed feature; ``scenario_embedding_bag._scenario_local``)
 
 in float32, / bag length for "mean", one row per position for "none". The scale and bias are assembled from
 their four bytes each (little-endian, then a bitcast): with D % 4 != 0 they are not 4-byte aligned, and a GPU
@@ -21,7 +23,7 @@ import triton.language as tl
 
 from .._codes import POOLING
 from . import AotSpec, kernel_signature, launch_device, torch_to_triton_ptr
-from .scenario_embedding_bag import CONFIGS, pick_config
+from .scenario_embedding_bag import CONFIGS, _bag_tile, _scenario_local, _scenario_tile, pick_config
 
 SUM, MEAN, NONE = POOLING["sum"], POOLING["mean"], POOLING["none"]
 _MEAN: tl.constexpr = tl.constexpr(MEAN)
@@ -57,23 +59,12 @@ def _seb8_fwd_kernel(idx_ptr, off_ptr, scen_ptr, gq_ptr, sq_ptr, fr_ptr, fsr_ptr
                      POOL: tl.constexpr, HAS_PSW: tl.constexpr, HAS_AWARE: tl.constexpr, CHECK: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_d = tl.program_id(1)
-    bags = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    bmask = bags < nbags
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < D
-    f = bags // B
-    b = bags - f * B
-    start = tl.load(off_ptr + bags, mask=bmask, other=0).to(tl.int64)
-    length = tl.load(off_ptr + bags + 1, mask=bmask, other=0).to(tl.int64) - start
-    fbase = tl.load(fr_ptr + f, mask=bmask, other=0)
-    fsize = tl.load(fr_ptr + f + 1, mask=bmask, other=0) - fbase
+    # the float kernels' prologue (bag addressing, scenario rows): one definition for both
+    bags, bmask, f, b, start, length, fbase, fsize = _bag_tile(off_ptr, fr_ptr, B, nbags, BLOCK_B)
     if HAS_AWARE:
-        sbase = tl.load(fsr_ptr + f, mask=bmask, other=0)
-        aware = (tl.load(fsr_ptr + f + 1, mask=bmask, other=0) > sbase) & bmask
-        slot = tl.load(slot_ptr + f, mask=bmask, other=0)
-        sc = tl.load(scen_ptr + b, mask=bmask, other=0).to(tl.int64)
-        aware = aware & (sc >= 0) & (sc < M)   # a bad scenario id never reads another scenario's table
-        srow0 = sc * Rs + sbase
+        aware, slot, srow0, ssize = _scenario_tile(fsr_ptr, slot_ptr, scen_ptr, f, b, bmask, Rs, M)
         acc_s = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
     acc_g = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
     nbad = tl.zeros([BLOCK_B], tl.int64)
@@ -93,7 +84,7 @@ def _seb8_fwd_kernel(idx_ptr, off_ptr, scen_ptr, gq_ptr, sq_ptr, fr_ptr, fsr_ptr
             w = tl.load(psw_ptr + pos, mask=ok, other=0.0).to(tl.float32)
             gv = gv * w[:, None]
         if HAS_AWARE:
-            sv = _row_values(sq_ptr, srow0 + ids, d, ok & aware, dmask, D, W)
+            sv = _row_values(sq_ptr, srow0 + _scenario_local(ids, fsize, ssize), d, ok & aware, dmask, D, W)
             if HAS_PSW:
                 sv = sv * w[:, None]
         if POOL == _NONE:
