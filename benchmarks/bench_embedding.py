@@ -16,13 +16,26 @@ Providers (timed alternately, see harness.time_alternating; ratios are medians o
   gather-ceiling     (fwd, CPU) the random-row read ceiling (benchmarks/gather_ceiling.py): the same global and
                      scenario rows (row ids precomputed, outside the timed region) summed per bag into preallocated
                      feature-major outputs by a minimal C++ loop compiled for this CPU, both tables prefetched
-                     ahead (best distance kept); nothing else. "% ceiling" = its time / the provider's.
+                     ahead (best distance kept); nothing else (16-bit and 8-bit rows: their words summed as
+                     integers, the same bytes read). "% ceiling" = its time / the provider's.
   index-select       (fwd, CPU) torch.index_select of the same rows into preallocated buffers (a naive ceiling:
                      it is slower than a good gather).
   *-thp              (fwd and fwd+bwd+sgd, CPU) the same provider with its tables on transparent huge pages
                      (saml_kernels.nn.scenario_embedding.huge_page_empty; ScenarioEmbedding(huge_pages=True);
                      FBGEMM's flat weight parameter moved there). Huge pages speed up every provider, so the
                      comparisons are reported both ways: -thp against -thp, plain against plain.
+  *-hashed4          (fwd and fwd+bwd+sgd) hashed scenario tables (issue 24 item 2; `scenario_rows=` of the layer):
+                     every feature's scenario tables have R/4 rows, id -> hash(id) mod R/4 (ops/scenario_hash.py):
+                     ours, eager-embbag (the hash in its index arithmetic), fbgemm (tables of M*R/4 rows, the hash
+                     in its index arithmetic), gather-ceiling (the same rows). Only where the hash option exists.
+  ours-<backend>-fp32 (fwd+bwd+sgd, 16-bit --dtype) ours' fused step on the float32 tables of the same problem
+                     (GB/s at float32 bytes).
+  --dtype uint8      the forward on 8-bit row-wise tables (quantize_rows of the float32 tables, [*, D + 8] bytes;
+                     saml_kernels.quantized): ours = scenario_embedding_bag_8bit; eager-embbag = two
+                     torch.ops.quantized.embedding_bag_byte_rowwise_offsets calls (FBGEMM's 8-bit EmbeddingSpMDM,
+                     the 8-bit F.embedding_bag); fbgemm = FBGEMM's inference TBE (IntNBitTableBatchedEmbeddingBags
+                     Codegen, INT8 rows with float16 scale / bias, float32 outputs); gather-ceiling on the packed
+                     rows; and the same with hashed scenario tables. Bytes: rows of D + 8, float32 outputs.
 Modes: fwd (forward), fwd+bwd (sparse gradients), fwd+bwd+sgd (ours: fused optimizer; eager: sparse grads +
 torch.optim.SGD.step; fbgemm: its fused EXACT_SGD).
 Index arithmetic (feature offsets, scenario * Rs) is inside every provider's timed region: it is part of the op.
@@ -37,12 +50,12 @@ Effective bytes (compulsory traffic, counted per lookup, not per unique row):
   bwd  += 2 * B * F * D * 4 (upstream gradients read) + 2 * nnz * D * 4 (gradient rows written)
   sgd  += 2 * 2 * nnz * D * 4 (rows read and written back)
 
-Tables in another dtype (--dtype bfloat16 | float16; gradients in the same dtype, bytes counted at its size): the
-gather-ceiling rows are left out (the tool reads float32), FBGEMM's TBE runs with weights and outputs in float16
-(it has no bfloat16 CPU kernels, so no fbgemm rows for bfloat16). The fused step of 16-bit tables runs with the
+Tables in another dtype (--dtype bfloat16 | float16; gradients in the same dtype, bytes counted at its size):
+FBGEMM's TBE runs with weights and outputs in float16 (it has no bfloat16 CPU kernels, so no fbgemm rows for
+bfloat16). The fused step of 16-bit tables runs with the
 default stochastic rounding (`ours-<backend>`) and with round-to-nearest (`ours-<backend>-rtn`).
 
-Usage: python benchmarks/bench_embedding.py [--quick] [--gpu] [--reps N] [--threads N] [--no-thp] [--dtype DT]
+Usage: python benchmarks/bench_embedding.py [--quick] [--gpu] [--reps N] [--threads N] [--no-thp] [--dtype DT|uint8]
 Writes benchmarks/results/embedding_<machine>[_<dtype>][_t<threads>].md / .json / .png (harness.result_stem; with
 --quick: ..._quick.* in a temporary folder unless --out-dir is given).
 """
@@ -67,9 +80,18 @@ from saml_kernels import _backend  # noqa: E402
 from saml_kernels.ops import embedding_optimizer  # noqa: E402
 from saml_kernels.nn.scenario_embedding import huge_page_empty  # noqa: E402
 from saml_kernels.ops import scenario_embedding_bag as seb_ops  # noqa: E402
+from saml_kernels.ops.scenario_embedding_bag_8bit import (OP as OP_8BIT, quantize_rows,  # noqa: E402
+                                                          scenario_embedding_bag_8bit)
 from saml_kernels.reference.scenario_embedding_bag import scenario_embedding_bag_reference  # noqa: E402
 
+try:  # hashed scenario tables (issue 24 item 2)
+    from saml_kernels.ops.scenario_hash import scenario_local
+except ImportError:  # a build without them: no -hashed rows
+    scenario_local = None
+
 LR = 0.01
+HASH_DIV = 4  # hashed rows: every feature's scenario tables get R // HASH_DIV rows (ids hashed onto them)
+HASHED = f"-hashed{HASH_DIV}"
 
 
 def fbgemm_status():
@@ -109,21 +131,35 @@ class Problem:
         self.gs = torch.randn(B, F, D, generator=g).to(device, dtype)
         self.fr_t, self.fsr_t, self.slot, _ = seb_ops.table_layout(self.fr, self.fr, F * R, F * R, device)
         self.base = torch.arange(F, device=device).view(F, 1, 1) * R
+        self.row_bytes, self.out_esize = D * self.esize, self.esize  # 8-bit tables: D + 8 bytes, float32 outputs
 
-    def bytes(self, mode):
-        e = self.esize
-        b = 2 * self.nnz * self.D * e + 2 * self.B * self.F * self.D * e + self.nnz * 8
+    def bytes(self, mode, esize=None):
+        """Effective bytes of one call (module docstring); esize: another table dtype's element size (-fp32)."""
+        e = esize or self.esize
+        rb, oe = (self.D * e, e) if esize else (self.row_bytes, self.out_esize)
+        b = 2 * self.nnz * rb + 2 * self.B * self.F * self.D * oe + self.nnz * 8
         if mode != "fwd":
             b += 2 * self.B * self.F * self.D * e + 2 * self.nnz * self.D * e
         if mode == "fwd+bwd+sgd":
             b += 4 * self.nnz * self.D * e
         return b
 
+    def hashed(self):
+        """Hashed scenario tables: (sw_h [M, F * Rs, D] (the first Rs rows of every feature's scenario tables),
+        feature_scenario_rows, Rs) with Rs = R // HASH_DIV; id -> f * Rs + scenario_local(id)."""
+        Rs = max(self.R // HASH_DIV, 1)
+        sw_h = self.sw.view(self.M, self.F, self.R, self.D)[:, :, :Rs].reshape(self.M, self.F * Rs, self.D)
+        return sw_h.contiguous(), [f * Rs for f in range(self.F + 1)], Rs
+
     # eager index arithmetic: global row = f * R + id; scenario row = s * (F * R) + f * R + id
-    def eager_rows(self):
+    def eager_rows(self, Rs=None):
         ids = self.ids.view(self.F, self.B, self.L)
         grow = ids + self.base
-        srow = grow + (self.scenario * (self.F * self.R)).view(1, self.B, 1)
+        if Rs is None:
+            srow = grow + (self.scenario * (self.F * self.R)).view(1, self.B, 1)
+        else:  # hashed scenario tables of Rs rows per feature (the hash is part of the index arithmetic)
+            local = scenario_local(ids, self.R, Rs)
+            srow = local + self.base // self.R * Rs + (self.scenario * (self.F * Rs)).view(1, self.B, 1)
         return grow.reshape(-1), srow.reshape(-1)
 
 
@@ -156,7 +192,7 @@ def providers_for(P: Problem, mode: str, backends, with_compile: bool, fb_ok: bo
                 torch.index_select(gw, 0, grow, out=gout)
                 torch.index_select(swf, 0, srow, out=sout)
             provs[f"index-select{tag}"] = index_select
-            if with_ceiling and P.dtype == torch.float32:  # the ceiling tool reads float32 rows
+            if with_ceiling:
                 provs[f"gather-ceiling{tag}"], _ = make_ceiling(gw, sw.view(-1, D), grow, srow, L)
             if not tag:
                 continue
@@ -261,14 +297,137 @@ def providers_for(P: Problem, mode: str, backends, with_compile: bool, fb_ok: bo
     return provs
 
 
-def fbgemm_provider(P: Problem, mode: str, huge_pages: bool = False):
+def fused_step(P: Problem, be, gw, sw, hp, fsr=None):
+    """The layer's fused path: forward, then the fused SGD update of gw / sw in place (fsr: hashed layout)."""
+    fsr = fsr or P.fr
+    fr_t, fsr_t, slot, _ = seb_ops.table_layout(P.fr, fsr, gw.shape[0], sw.shape[1], gw.device)
+
+    def f():
+        saml_kernels.scenario_embedding_bag(P.ids, P.offsets, P.scenario, gw, sw, P.fr, fsr, backend=be)
+        embedding_optimizer.backward_update(be, P.gg, P.gs, P.ids, P.offsets, P.scenario, gw, sw, fr_t, fsr_t, slot,
+                                            None, 0, 0, None, None, "sgd", hp)
+    return f
+
+
+def extra_providers(P: Problem, mode: str, backends, fb_ok: bool, with_ceiling: bool):
+    """The rows of issue 24 item 5 beside providers_for's: hashed scenario tables (`*-hashed4`: ours, two
+    F.embedding_bag calls with the hash in their index arithmetic, FBGEMM TBE on the smaller tables, the ceiling
+    on the same rows; fwd and fwd+bwd+sgd) and, for 16-bit tables, ours' fused step on float32 tables (`-fp32`)."""
+    dev, B, F, D, L = P.device, P.B, P.F, P.D, P.L
+    provs = {}
+    if mode == "fwd+bwd+sgd" and P.dtype != torch.float32:
+        for be in backends:
+            provs[f"ours-{be}-fp32"] = fused_step(P, be, P.gw.float(), P.sw.float(),
+                                                  embedding_optimizer.make_hparams(LR, 0.0, device=dev))
+    if scenario_local is None or mode == "fwd+bwd":
+        return provs
+    sw_h, fsr_h, Rs = P.hashed()
+    train = mode != "fwd"
+    for be in backends:
+        if mode == "fwd":
+            def f(be=be):
+                with torch.no_grad():
+                    return saml_kernels.scenario_embedding_bag(P.ids, P.offsets, P.scenario, P.gw, sw_h, P.fr, fsr_h,
+                                                               backend=be)
+            provs[f"ours-{be}{HASHED}"] = f
+        else:
+            provs[f"ours-{be}{HASHED}"] = fused_step(P, be, P.gw.clone(), sw_h.clone(),
+                                                     embedding_optimizer.make_hparams(LR, 0.0, device=dev), fsr_h)
+    if mode == "fwd" and dev == "cpu" and with_ceiling:
+        grow, srow = P.eager_rows(Rs)
+        provs[f"gather-ceiling{HASHED}"], _ = make_ceiling(P.gw, sw_h.view(-1, D), grow, srow, L)
+    gw = P.gw.clone().requires_grad_(train)
+    swf = sw_h.clone().view(-1, D).requires_grad_(train)
+    opt = torch.optim.SGD([gw, swf], lr=LR) if train else None
+    bag_off = torch.arange(0, P.nnz, L, device=dev)
+
+    def f():
+        with torch.set_grad_enabled(train):
+            grow, srow = P.eager_rows(Rs)
+            g = Fn.embedding_bag(grow, gw, bag_off, mode="sum", sparse=train)
+            s = Fn.embedding_bag(srow, swf, bag_off, mode="sum", sparse=train)
+            g, s = g.view(F, B, D).transpose(0, 1), s.view(F, B, D).transpose(0, 1)
+        if train:
+            torch.autograd.backward([g, s], [P.gg, P.gs])
+            opt.step()
+            gw.grad = swf.grad = None
+    provs[f"eager-embbag{HASHED}"] = f
+    if fb_ok and dev == "cpu":
+        provs[f"fbgemm{HASHED}"] = fbgemm_provider(P, mode, hashed=(sw_h, Rs))
+    return provs
+
+
+def providers_8bit(P: Problem, backends, fb_ok: bool, with_ceiling: bool):
+    """fwd on 8-bit row-wise tables (quantize_rows of the float32 tables: [*, D + 8] uint8): ours
+    (scenario_embedding_bag_8bit), two torch.ops.quantized.embedding_bag_byte_rowwise_offsets calls (FBGEMM's
+    8-bit EmbeddingSpMDM: the eager 8-bit embedding_bag), FBGEMM's inference TBE (IntNBitTableBatchedEmbeddingBags
+    Codegen, INT8 rows, float32 outputs), the ceiling on the packed rows; with hashed scenario tables too."""
+    dev, B, F, D, L = P.device, P.B, P.F, P.D, P.L
+    gq = quantize_rows(P.gw)
+    layouts = {"": (quantize_rows(P.sw), P.fr, None)}
+    if scenario_local is not None:
+        sw_h, fsr_h, Rs = P.hashed()
+        layouts[HASHED] = (quantize_rows(sw_h), fsr_h, Rs)
+    bag_off = torch.arange(0, P.nnz + 1, L, device=dev)
+    provs = {}
+    for tag, (sq, fsr, Rs) in layouts.items():
+        flat = sq.view(-1, D + 8)
+        if with_ceiling and dev == "cpu":
+            grow, srow = P.eager_rows(Rs)
+            provs[f"gather-ceiling{tag}"], _ = make_ceiling(gq, flat, grow, srow, L)
+        for be in backends:
+            def f(be=be, sq=sq, fsr=fsr):
+                return scenario_embedding_bag_8bit(P.ids, P.offsets, P.scenario, gq, sq, P.fr, fsr, backend=be)
+            provs[f"ours-{be}{tag}"] = f
+
+        def f(flat=flat, Rs=Rs):
+            grow, srow = P.eager_rows(Rs)
+            q = torch.ops.quantized.embedding_bag_byte_rowwise_offsets
+            g = q(gq, grow, bag_off, False, 0, False, None, None, True)
+            s = q(flat, srow, bag_off, False, 0, False, None, None, True)
+            return g.view(F, B, D).transpose(0, 1), s.view(F, B, D).transpose(0, 1)
+        provs[f"eager-embbag{tag}"] = f
+        if fb_ok and dev == "cpu":
+            provs[f"fbgemm{tag}"] = fbgemm_8bit_provider(P, gq, sq, Rs)
+    return provs
+
+
+def fbgemm_8bit_provider(P: Problem, gq, sq, Rs=None):
+    """FBGEMM's inference TBE with INT8 rows (its layout: float16 scale and bias before the D codes), float32
+    outputs: 16 global tables + 16 scenario tables of M * Rs rows, holding our codes and scale / bias."""
+    from fbgemm_gpu.split_embedding_configs import SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+    F, R, D, M, B = P.F, P.R, P.D, P.M, P.B
+    Rs = Rs or R
+    specs = [("", R, D, SparseType.INT8, EmbeddingLocation.HOST)] * F + \
+            [("", M * Rs, D, SparseType.INT8, EmbeddingLocation.HOST)] * F
+    tbe = IntNBitTableBatchedEmbeddingBagsCodegen(specs, device="cpu", output_dtype=SparseType.FP32)
+    tbe.fill_random_weights()  # allocates; overwritten with our rows below
+    for t, (codes, qparams) in enumerate(tbe.split_embedding_weights()):
+        rows = gq[t * R:(t + 1) * R] if t < F else sq[:, (t - F) * Rs:(t - F + 1) * Rs].reshape(M * Rs, D + 8)
+        codes.copy_(rows[:, :D])
+        sb = rows[:, D:].contiguous().view(torch.float32)
+        qparams.copy_(sb.to(torch.float16).view(torch.uint8))
+    offsets = torch.arange(0, 2 * P.nnz + 1, P.L)
+
+    def f():
+        ids = P.ids.view(F, B * P.L)
+        local = ids if Rs == R else scenario_local(ids, R, Rs)
+        sids = local + (P.scenario * Rs).repeat_interleave(P.L).view(1, -1)
+        return tbe(torch.cat([ids, sids]).reshape(-1), offsets)
+    return f
+
+
+def fbgemm_provider(P: Problem, mode: str, huge_pages: bool = False, hashed=None):
     from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (ComputeDevice,
                                                                         SplitTableBatchedEmbeddingBagsCodegen)
     F, R, D, M, B = P.F, P.R, P.D, P.M, P.B
+    sw, Rs = hashed if hashed is not None else (P.sw, R)  # hashed: scenario tables [M, F * Rs, D]
     specs = [(R, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * F + \
-            [(M * R, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * F
+            [(M * Rs, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * F
     precision = {torch.float32: SparseType.FP32, torch.float16: SparseType.FP16}.get(P.dtype)
     if precision is None:  # FBGEMM's CPU TBE has no bfloat16 kernels (NotImplementedError for 'BFloat16')
         return None
@@ -279,7 +438,7 @@ def fbgemm_provider(P: Problem, mode: str, huge_pages: bool = False):
             if f < F:
                 w.copy_(P.gw[f * R:(f + 1) * R])
             else:
-                w.view(M, R, D).copy_(P.sw[:, (f - F) * R:(f - F + 1) * R])
+                w.view(M, Rs, D).copy_(sw[:, (f - F) * Rs:(f - F + 1) * Rs])
     if huge_pages:  # its flat weight parameter moved onto transparent huge pages (updated in place there)
         tbe.weights_host.data = on_huge_pages(tbe.weights_host.data)
     offsets = torch.arange(0, 2 * P.nnz + 1, P.L)
@@ -287,7 +446,8 @@ def fbgemm_provider(P: Problem, mode: str, huge_pages: bool = False):
 
     def fwd():
         ids = P.ids.view(F, B * P.L)
-        sids = ids + (P.scenario * R).repeat_interleave(P.L).view(1, -1)
+        local = ids if Rs == R else scenario_local(ids, R, Rs)
+        sids = local + (P.scenario * Rs).repeat_interleave(P.L).view(1, -1)
         return tbe(torch.cat([ids, sids]).reshape(-1), offsets)
 
     if mode == "fwd":
@@ -320,14 +480,16 @@ def phase_breakdown(fn, calls=3):
 
 def run(args):
     device = "cuda" if args.gpu else "cpu"
-    dtype = getattr(torch, args.dtype)
+    eight_bit = args.dtype == "uint8"  # 8-bit row-wise tables (quantised from float32 ones), forward only
+    dtype = torch.float32 if eight_bit else getattr(torch, args.dtype)
     if args.gpu and not torch.cuda.is_available():
         sys.exit("--gpu: no CUDA device")
     if args.quick:
         B, F, R, D, M, reps = 256, 4, 5000, 32, 4, 3
     else:
         B, F, R, D, M, reps = 4096, 16, 100_000, 32, 4, args.reps
-    backends = [b for b in _backend.available_backends(device, seb_ops.OP) if b != "reference" or args.all]
+    backends = [b for b in _backend.available_backends(device, OP_8BIT if eight_bit else seb_ops.OP)
+                if b != "reference" or args.all]
     fb_ok, fb_msg = fbgemm_status()
     fb_ok = fb_ok and not args.no_fbgemm and device == "cpu"
     print(f"machine: {machine_info()}\n{fb_msg}", flush=True)
@@ -342,17 +504,23 @@ def run(args):
     for L in ([1] if args.quick else [1, 8]):
         for dist in ("uniform", "zipf"):
             P = Problem(B, F, R, D, M, L, dist, device, dtype=dtype)
-            for mode in ("fwd", "fwd+bwd", "fwd+bwd+sgd"):
+            if eight_bit:
+                P.row_bytes, P.out_esize = D + 8, 4
+            for mode in (("fwd",) if eight_bit else ("fwd", "fwd+bwd", "fwd+bwd+sgd")):
                 if not budget.allows(f"{'one-hot' if L == 1 else f'bag{L}'} {dist} {mode}"):
                     continue
-                provs = providers_for(P, mode, backends, not args.no_compile, fb_ok, thp=thp and mode != "fwd+bwd",
-                                      with_ceiling=not args.quick)
+                if eight_bit:
+                    provs = providers_8bit(P, backends, fb_ok, with_ceiling=not args.quick)
+                else:
+                    provs = providers_for(P, mode, backends, not args.no_compile, fb_ok,
+                                          thp=thp and mode != "fwd+bwd", with_ceiling=not args.quick)
+                    provs.update(extra_providers(P, mode, backends, fb_ok, with_ceiling=not args.quick))
                 provs = {k: v for k, v in provs.items() if v is not None}
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     r = time_alternating(provs, reps=reps, warmup=2, device=device)
                 case = f"{'one-hot' if L == 1 else f'bag{L}'} {dist} {mode}"
-                ours = [k for k in provs if k.startswith("ours-") and not k.endswith("-thp")]
+                ours = [k for k in provs if k.startswith("ours-") and not k.endswith(("-thp", "-fp32", HASHED))]
                 best = min(ours, key=lambda k: r["medians_ms"][k]) if ours else None
                 groups[case] = dict(r["medians_ms"])
                 phases = {}
@@ -360,17 +528,17 @@ def run(args):
                     phases = phase_breakdown(provs[best])
                     phases_md.append([case, best] + [phases.get(k.split("::")[-1], "") for k in PHASES])
                 for name, ms in r["medians_ms"].items():
-                    gbs = P.bytes(mode) / (ms / 1e3) / 1e9
+                    gbs = P.bytes(mode, 4 if name.endswith("-fp32") else None) / (ms / 1e3) / 1e9
                     speed = {p: r["ratios"][(p, name)] for p in provs if p != name}
                     if device == "cuda":
                         pct = 100 * gbs / ceiling
-                    else:  # against the row-read ceiling on the same kind of pages, fwd only
-                        ceil_name = "gather-ceiling" + ("-thp" if name.endswith("-thp") else "")
+                    else:  # against the row-read ceiling of the same rows on the same kind of pages, fwd only
+                        ceil_name = "gather-ceiling" + next((t for t in ("-thp", HASHED) if name.endswith(t)), "")
                         pct = 100 * r["ratios"][(ceil_name, name)] if ceil_name in provs and ceil_name != name else None
                     results.append(dict(case=case, L=L, dist=dist, mode=mode, provider=name, ms=ms, gbs=gbs,
                                         pct_ceiling=pct, speedup_vs=speed,
                                         **({"phases_ms": phases} if name == best and phases else {})))
-                    ours_thp = name.startswith("ours-") and name.endswith("-thp")
+                    ours_thp = name.startswith("ours-") and name.endswith(("-thp", "-fp32", HASHED))
                     vs = ", ".join(f"{p} {x:.2f}x" for p, x in speed.items()) if name == best or ours_thp else ""
                     rows_md.append([case, name, ms, gbs, "" if pct is None else pct, vs])
                     pct_s = "" if pct is None else f"{pct:5.1f}%"
@@ -407,8 +575,9 @@ def run(args):
 def parser():
     ap = make_parser(__doc__, reps=11, quick_help="small sizes, 3 rounds (smoke test, to a temporary folder)",
                      gpu_help="run on CUDA; GB/s against the device copy bandwidth")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                    help="table (and gradient) dtype; results file gets a _<dtype> suffix unless float32")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "uint8"),
+                    help="table (and gradient) dtype; results file gets a _<dtype> suffix unless float32; uint8: "
+                         "8-bit row-wise tables, forward only")
     ap.add_argument("--all", action="store_true", help="include the reference backend among ours")
     ap.add_argument("--no-fbgemm", action="store_true", help="skip FBGEMM")
     ap.add_argument("--no-thp", action="store_true", help="skip the huge-page (-thp) providers")

@@ -214,6 +214,38 @@ def test_cpu_kernel_matches_python_hash_bitwise(dtype, D):
     assert torch.equal(sw.reshape(-1, D)[flat_rows].view(torch.int16), want_s.view(torch.int16))
 
 
+@needs_cpu_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_kernel_matches_python_hash_bitwise_whole_range(dtype):
+    """As above, with updates across the whole float16 range (the CPU kernel rounds 8-lane groups of float16
+    normals on the integer bits and other groups by the float32 comparison): float16 normals, subnormals and
+    below, exact zeros, values at and beyond the largest finite float16, mixed within 8-lane groups (D = 40)."""
+    R, D = 512, 40
+    c = one_hot_case(R, D, dtype=dtype, seed=3)
+    gen = torch.Generator().manual_seed(11)
+    mag = torch.pow(2.0, torch.empty(R, D).uniform_(-27, 15.9, generator=gen))
+    sign = torch.where(torch.rand(R, D, generator=gen) < 0.5, -1.0, 1.0)
+    w = sign * mag
+    region = torch.randint(0, 4, (R, 1), generator=gen).expand(R, D)  # per row: mixed, tiny, zero-ish, huge
+    w = torch.where(region == 1, w * 2.0 ** -20, w)
+    w = torch.where((region == 2) & (torch.rand(R, D, generator=gen) < 0.5), torch.zeros(()), w)
+    w = torch.where(region == 3, sign * 65504.0, w)
+    c["gw"] = w.to(dtype)
+    g = torch.randn(R, 1, D, generator=gen) * torch.where(region == 3, 2000.0, 1.0)[:, None] \
+        * torch.where(region == 1, 2.0 ** -20, 1.0)[:, None]
+    g = torch.where(torch.rand(R, 1, D, generator=gen) < 0.1, torch.zeros(()), g).to(dtype)
+    c["gg"] = torch.where(g == 0, torch.zeros((), dtype=dtype), g)  # +0: the kernel sums gradients from +0
+    lr = 0.0123
+    gw, _ = run_update(c, "cpu", lr, seed=99, step=5)
+    v = float32_update(c, lr)
+    if dtype == torch.float16:  # the data reach every region of the float16 rounding
+        a = v.abs()
+        assert int((a == 0).sum()) > 0 and int(((a > 0) & (a < 2.0 ** -14)).sum()) > 100
+        assert int((a >= 65520).sum()) > 0 and int(((a >= 2.0 ** -14) & (a < 65504)).sum()) > 1000
+    want = sr.round_rows(v, dtype, 99, 5, sr.GLOBAL_TABLE, torch.arange(R))
+    assert torch.equal(gw.view(torch.int16), want.view(torch.int16))
+
+
 @pytest.mark.parametrize("device,backend", [p for p in CPU_BACKENDS if p.values[1] != "cpu"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("optimizer,wd", [("sgd", 0.0), ("sgd", 0.05)])

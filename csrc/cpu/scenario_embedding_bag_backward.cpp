@@ -159,29 +159,52 @@ __attribute__((target("avx2,f16c"))) inline __m128i pack_mask(__m256 mk) {
   return _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
 }
 
+// 8 lanes of fmix32 (saml_common.h, sr_mix32)
+__attribute__((target("avx2,f16c"))) inline __m256i mix32x8(__m256i h) {
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(int(0x85EBCA6Bu)));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(int(0xC2B2AE35u)));
+  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
 // w[0, D) = fp16 of float(w) - mult * g rounded stochastically (saml_common.h, sr_fp16_bits) with the row key
-// `key`: the same candidates, hash and comparison 8 lanes at a time (AVX2 for the 32-bit hash), so bitwise the
-// scalar sr_fp16_bits.
+// `key`, 8 lanes at a time, bitwise the scalar sr_fp16_bits. Where all 8 |x| lie in the float16 normal range
+// [2^-14, 65504) (or are 0), the rule is done on the integer bits: there lo and hi are 2^13 float32 ulps apart, the
+// exact float32 comparison |x| - |lo| > (h >> 8) 2^-24 (|hi| - |lo|) reads f * 2^11 > (h >> 8) for f = the low 13
+// bits of x, i.e. f > h >> 19, i.e. a carry out of f + (~h >> 19); so the result is x's bits + (~h >> 19)
+// converted toward zero (a carry into the exponent is the next binade's first value, and below 65504 the sum
+// cannot pass 65504). Zero stays +-0. Other lanes (float16 subnormals, overflow, NaN) take sr_fp16_bits' own
+// float32 candidates and comparison for the whole 8-lane group.
 __attribute__((target("avx2,f16c"))) void half_step_row_sr(c10::Half* __restrict w, const float* __restrict g,
                                                            float mult, int64_t D, uint32_t key) {
   const __m256 m = _mm256_set1_ps(mult);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 two_m24 = _mm256_set1_ps(5.9604644775390625e-8f);
-  const __m256i golden = _mm256_set1_epi32(int(saml::kSrGolden));
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i c1 = _mm256_set1_epi32(int(0x85EBCA6Bu)), c2 = _mm256_set1_epi32(int(0xC2B2AE35u));
+  const __m256i step8 = _mm256_set1_epi32(int(8u * saml::kSrGolden));
+  const __m256i bias = _mm256_set1_epi32(int(0x80000000u - 0x38800000u));  // |x| bits - 2^-14's, as signed
+  const __m256i span = _mm256_set1_epi32(int(0x80000000u + (0x477FE000u - 0x38800000u)));  // 65504's
+  const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi32(-1);
   const __m128i mag = _mm_set1_epi16(0x7FFF), inf = _mm_set1_epi16(0x7C00), one = _mm_set1_epi16(1);
+  // hash input key + golden * d, advanced by 8 * golden per group (mod 2^32, as the scalar multiply)
+  __m256i hin = _mm256_add_epi32(_mm256_set1_epi32(int(key)),
+                                 _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                                    _mm256_set1_epi32(int(saml::kSrGolden))));
   int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
+  for (; d + 8 <= D; d += 8, hin = _mm256_add_epi32(hin, step8)) {
     __m128i* p = reinterpret_cast<__m128i*>(w + d);
     const __m256 x = _mm256_sub_ps(_mm256_cvtph_ps(_mm_loadu_si128(p)), _mm256_mul_ps(m, _mm256_loadu_ps(g + d)));
-    __m256i h = _mm256_add_epi32(_mm256_set1_epi32(int(key)),
-                                 _mm256_mullo_epi32(_mm256_add_epi32(_mm256_set1_epi32(int(d)), lanes), golden));
-    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-    h = _mm256_mullo_epi32(h, c1);
-    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
-    h = _mm256_mullo_epi32(h, c2);
-    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    const __m256i h = mix32x8(hin);
+    const __m256i xb = _mm256_castps_si256(x);
+    const __m256i ab = _mm256_and_si256(xb, _mm256_castps_si256(abs_mask));
+    // normal: 0x38800000 <= ab < 0x477FE000 (unsigned range test as a signed compare after the bias)
+    const __m256i normal = _mm256_cmpgt_epi32(span, _mm256_add_epi32(ab, bias));
+    const __m256i fast = _mm256_or_si256(normal, _mm256_cmpeq_epi32(ab, zero));
+    if (_mm256_testc_si256(fast, ones)) {
+      const __m256i up = _mm256_add_epi32(xb, _mm256_srli_epi32(_mm256_xor_si256(h, ones), 19));
+      _mm_storeu_si128(p, _mm256_cvtps_ph(_mm256_castsi256_ps(up), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
+      continue;
+    }
     const __m256 ax = _mm256_and_ps(x, abs_mask);
     __m128i lo = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m128i away = pack_mask(_mm256_cmp_ps(abs_ph(lo, abs_mask), ax, _CMP_GT_OQ));
@@ -190,8 +213,8 @@ __attribute__((target("avx2,f16c"))) void half_step_row_sr(c10::Half* __restrict
     const __m128i hi = _mm_add_epi16(lo, one);
     const __m256 alo = abs_ph(lo, abs_mask), ahi = abs_ph(hi, abs_mask);
     const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), two_m24);
-    const __m256 up = _mm256_cmp_ps(_mm256_sub_ps(ax, alo), _mm256_mul_ps(u, _mm256_sub_ps(ahi, alo)), _CMP_GT_OQ);
-    _mm_storeu_si128(p, _mm_blendv_epi8(lo, hi, pack_mask(up)));
+    const __m256 upm = _mm256_cmp_ps(_mm256_sub_ps(ax, alo), _mm256_mul_ps(u, _mm256_sub_ps(ahi, alo)), _CMP_GT_OQ);
+    _mm_storeu_si128(p, _mm_blendv_epi8(lo, hi, pack_mask(upm)));
   }
   for (; d < D; ++d) w[d] = saml::sr_round<c10::Half>(float(w[d]) - mult * g[d], saml::sr_bits(key, d));
 }
@@ -570,11 +593,11 @@ void seb_backward_update_cpu(const at::Tensor& grad_global, const at::Tensor& gr
       const acc_t alr = acc_t(hp[saml::kLr]), aeps = acc_t(hp[saml::kEps]), wd = acc_t(hp[saml::kWeightDecay]);
       scalar_t_* gwp = gw.data_ptr<scalar_t_>();
       scalar_t_* swp = sw.data_ptr<scalar_t_>();
-      // stochastic rounding of 16-bit rows: the row key's (seed, step, table) part is hashed per row (4 mixes)
+      // stochastic rounding of 16-bit rows: the key's (seed, step, table) part hashed once here, the row per row
       const bool sr = saml::sr_applies<scalar_t_>() && hp[saml::kStochasticRounding] != 0.0;
-      const uint32_t seed = saml::sr_seed(hp);
-      const uint64_t step = saml::sr_step(hp);
-      auto key = [&](uint32_t table, int64_t row) { return sr ? saml::sr_row_key(seed, step, table, row) : 0u; };
+      const uint32_t tkey[2] = {saml::sr_table_key(saml::sr_seed(hp), saml::sr_step(hp), 0u),
+                                saml::sr_table_key(saml::sr_seed(hp), saml::sr_step(hp), 1u)};
+      auto key = [&](uint32_t table, int64_t row) { return sr ? saml::sr_row_key(tkey[table], uint64_t(row)) : 0u; };
       RECORD_FUNCTION("seb_backward::reduce_update", std::vector<c10::IValue>());
       backward_walk_sorted<scalar_t_, index_t>(
           A, S,

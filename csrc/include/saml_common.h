@@ -75,12 +75,16 @@ SAML_HOST_DEVICE inline uint32_t sr_mix32(uint32_t x) {
   x ^= x >> 16; x *= 0x85EBCA6Bu; x ^= x >> 13; x *= 0xC2B2AE35u; x ^= x >> 16;
   return x;
 }
-// Key of one (seed, step, table, row): table 0 = global (row in [0, R)), 1 = scenario (row = m * Rs + r).
+// Key of one (seed, step, table, row): table 0 = global (row in [0, R)), 1 = scenario (row = m * Rs + r). Split in
+// two so that a kernel hashes the (seed, step, table) part once per table, not once per row.
+SAML_HOST_DEVICE inline uint32_t sr_table_key(uint32_t seed, uint64_t step, uint32_t table) {
+  return sr_mix32(sr_mix32(seed ^ (kSrGolden * (table + 1u))) ^ uint32_t(step));
+}
+SAML_HOST_DEVICE inline uint32_t sr_row_key(uint32_t table_key, uint64_t row) {
+  return sr_mix32(sr_mix32(table_key ^ uint32_t(row)) ^ uint32_t(row >> 32));
+}
 SAML_HOST_DEVICE inline uint32_t sr_row_key(uint32_t seed, uint64_t step, uint32_t table, uint64_t row) {
-  uint32_t k = sr_mix32(seed ^ (kSrGolden * (table + 1u)));
-  k = sr_mix32(k ^ uint32_t(step));
-  k = sr_mix32(k ^ uint32_t(row));
-  return sr_mix32(k ^ uint32_t(row >> 32));
+  return sr_row_key(sr_table_key(seed, step, table), row);
 }
 // The 32 random bits of column d of a row with key k.
 SAML_HOST_DEVICE inline uint32_t sr_bits(uint32_t k, int64_t d) { return sr_mix32(k + kSrGolden * uint32_t(d)); }
