@@ -185,7 +185,7 @@ class TestScenarioEmbeddingBag:
              ValueError, ("feature_scenario_rows",)),
         Case("feature-scenario-rows-decreasing", _set("feature_scenario_rows", lambda a: [0, 4, 3, 9]), ValueError,
              ("feature_scenario_rows",)),
-        Case("aware-range-not-global-size", _set("feature_scenario_rows", lambda a: [0, 3, 3, 8]), ValueError,
+        Case("aware-range-above-global-size", _set("feature_scenario_rows", lambda a: [0, 5, 5, 9]), ValueError,
              ("feature_scenario_rows",)),
         # per_sample_weights
         Case("psw-with-mean", lambda a: a.update(pooling="mean", per_sample_weights=torch.rand(
