@@ -20,6 +20,7 @@ from .._args import size_arg
 from .._layer_set import LayerSet
 from ..config import check_model_inputs
 from ..data.batch import FeatureSpec, SequenceSpec
+from ..ops import _checks
 from ..training import bce_loss, optimizer_state_keys_optional
 from .saml import checked_forward, dense_dtype, layer_options, seq_offsets
 
@@ -75,8 +76,11 @@ class FamilyConfig:
 def unrouted(scenario: Tensor) -> Tensor:
     """The scenario argument of a ``multi_branch_linear`` whose branches are not scenarios (HMoE's experts, STAR's
     one-branch auxiliary layer): zeros, so its range check (against its own branch count) passes; such a layer
-    runs route "all" with dense gradients (``grad_mask="none"``), so the ids route nothing."""
-    return torch.zeros_like(scenario)
+    runs route "all" with dense gradients (``grad_mask="none"``), so the ids route nothing. Recorded as checked
+    for any branch count (``_checks.mark_checked``): zeros need no range check."""
+    zeros = torch.zeros_like(scenario)
+    _checks.mark_checked(zeros, "scenario", 1)
+    return zeros
 
 
 class SharedInput(nn.Module):

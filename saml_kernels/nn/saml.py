@@ -115,7 +115,7 @@ def _boundary_scenario(who: str, scenario, num_scenarios: int):
     """The model's one scenario-range check; the layers below get the result (clamped while the check is
     pending), so they neither re-check nor read out of range (a non-tensor is left to the shape checks)."""
     if isinstance(scenario, Tensor) and scenario.dtype in (torch.int32, torch.int64) and scenario.dim() == 1:
-        return _checks.scenario_range(who, scenario, num_scenarios)
+        return _checks.model_scenario(who, scenario, num_scenarios)
     return scenario
 
 
