@@ -192,6 +192,17 @@ def _summary(rounds: list) -> dict:
     return out
 
 
+def _commit(tree: str) -> str:
+    """The tree's git commit (with "+changes" when its tracked files differ from it), or "unknown"."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=tree).returncode != 0
+        return head + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def _load() -> str:
     try:
         return " / ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -241,7 +252,9 @@ def main(argv=None) -> dict:
                 w.wait(timeout=60)
     summ = {k: _summary(v) for k, v in results.items()}
     wall = time.perf_counter() - t0
+    commits = {k: _commit(tree) for k, tree in trees.items()}
     body, table = _report(summ, rounds, loads, args, wall)
+    body = "Trees: " + "; ".join(f"{k} = {trees[k]} at {commits[k]}" for k in trees) + ".\n\n" + body
     print(table)
     sys.path.insert(0, HERE)
     from harness import machine_tag, write_results
@@ -249,7 +262,7 @@ def main(argv=None) -> dict:
     stem = f"step_latency_{machine_tag()}"
     out_dir = tempfile.mkdtemp(prefix="bench_step_latency_") if args.quick else os.path.join(HERE, "results")
     paths = write_results(stem, "Small-batch latency: SAML training step and exported inference vs the twin", body,
-                          {"summary": summ, "raw": results, "trees": trees, "rounds": rounds, "load": loads,
+                          {"summary": summ, "raw": results, "trees": trees, "commits": commits, "rounds": rounds, "load": loads,
                            "threads": args.threads or "default", "wall_s": wall}, out_dir=out_dir)
     print("wrote", paths["md"])
     return summ
