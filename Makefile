@@ -18,8 +18,8 @@ build:
 
 # The main job: the four models on MovieLens-100K (fetched into ~/.cache/saml_kernels/movielens by the data stage;
 # synthetic data, with one line saying why, when it cannot be had), one seed. `python/train_saml.py --seeds 3` gives
-# the full table. One torch thread: on the shared 2-core VM (load 2-5) one seed took 60 s wall with one thread and
-# 505 s with two (the two threads' barriers wait on each other under contention).
+# the full table. One torch thread: on a small shared machine two threads' barriers wait on each other under
+# contention (benchmarks/results/main_job_cpu2.md is measured with one).
 run:
 	@PY=$(PY) scripts/setup.sh run
 	@scripts/setup.sh data

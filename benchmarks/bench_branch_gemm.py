@@ -34,14 +34,14 @@ The mutual layer (mutual_linear) is benchmarked in benchmarks/bench_mutual.py.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import threading
 import time
 
-if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "--gpu" not in sys.argv:
+# as a script only: importing this module (bench_mutual.py, the flag test) must not replace the importing process
+if __name__ == "__main__" and "MALLOC_MMAP_THRESHOLD_" not in os.environ and "--gpu" not in sys.argv:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     os.execv(sys.executable, [sys.executable] + sys.argv)
 
@@ -51,7 +51,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import saml_kernels  # noqa: E402
-from harness import TimeBudget, machine_tag, markdown_table, peak_memory, time_alternating, write_results  # noqa: E402
+from harness import (TimeBudget, make_parser, markdown_table, peak_memory, result_stem, time_alternating,  # noqa: E402
+                     write_results)
 from saml_kernels.reference.mbranch_linear import mbranch_linear_reference  # noqa: E402
 
 MIXES = {"uniform": None, "skewed": (0.70, 0.20, 0.05, 0.05)}
@@ -306,26 +307,21 @@ def phase_breakdown(c, reps, device):
             for n in calls}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--gpu", action="store_true", help="CUDA, M=4 B=16384 K=N=512 bf16")
-    ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, few reps, no compile, no memory")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--no-compile", action="store_true")
+def parser():
+    ap = make_parser(__doc__.split("\n")[0], gpu_help="CUDA, M=4 B=16384 K=N=512 bf16",
+                     quick_help="smoke run: small sizes, few reps, no compile, no memory (to a temporary folder)")
     ap.add_argument("--no-mem", action="store_true")
     ap.add_argument("--routes", default="own,all")
     ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--mixes", default="uniform,skewed")
     ap.add_argument("--layers", default="relu_bias,linear",
                     help="relu_bias (every route) and/or linear (no bias, no activation; route own only)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    ap.add_argument("--out-dir", default=None, help="where the results go (default: benchmarks/results)")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="start no new case past this many seconds; the results file names the cases not run")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     budget = TimeBudget(args.budget_s)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = "cuda" if args.gpu else "cpu"
     if args.gpu:
         M, B, K, N, dtype = 4, 16384, 512, 512, torch.bfloat16
@@ -366,12 +362,10 @@ def main():
                 body.append(f"## {key}\n\nplain matmul rate: {d['plain_gflops']:.1f} GFLOP/s\n\n"
                             + markdown_table(header, rows) + "\n" + phases)
                 print(body[-1], flush=True)
-    stem = (f"bench_branch_gemm_{machine_tag()}" + (f"_t{args.threads}" if args.threads else "")
-            + ("_quick" if args.quick else ""))
+    stem = result_stem("bench_branch_gemm", args)
     title = f"M-branch GEMM, M={M} B={B} K={K} N={N} {dtype} on {device} (unsorted rows)"
     paths = write_results(stem, title, "\n".join(body) + budget.note(), data,
-                          plot={"groups": plot, "ylabel": "useful GFLOP/s"},
-                          **({"out_dir": args.out_dir} if args.out_dir else {}))
+                          plot={"groups": plot, "ylabel": "useful GFLOP/s"}, out_dir=args.out_dir)
     print(paths)
 
 

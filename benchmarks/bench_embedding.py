@@ -17,8 +17,8 @@ Providers (timed alternately, see harness.time_alternating; ratios are medians o
                      scenario rows (row ids precomputed, outside the timed region) summed per bag into preallocated
                      feature-major outputs by a minimal C++ loop compiled for this CPU, both tables prefetched
                      ahead (best distance kept); nothing else. "% ceiling" = its time / the provider's.
-  index-select       (fwd, CPU) torch.index_select of the same rows into preallocated buffers (what an earlier
-                     version of this benchmark called the ceiling; it is slower than a good gather).
+  index-select       (fwd, CPU) torch.index_select of the same rows into preallocated buffers (a naive ceiling:
+                     it is slower than a good gather).
   *-thp              (fwd and fwd+bwd+sgd, CPU) the same provider with its tables on transparent huge pages
                      (saml_kernels.nn.scenario_embedding.huge_page_empty; ScenarioEmbedding(huge_pages=True);
                      FBGEMM's flat weight parameter moved there). Huge pages speed up every provider, so the
@@ -42,12 +42,12 @@ gather-ceiling rows are left out (the tool reads float32), FBGEMM's TBE runs wit
 (it has no bfloat16 CPU kernels, so no fbgemm rows for bfloat16). The fused step of 16-bit tables runs with the
 default stochastic rounding (`ours-<backend>`) and with round-to-nearest (`ours-<backend>-rtn`).
 
-Usage: python benchmarks/bench_embedding.py [--quick] [--gpu] [--reps N] [--no-thp] [--dtype DT] [--out-tag TAG]
-Writes benchmarks/results/embedding_<machine>[_<dtype>].md / .json / .png (with --quick: ..._quick.*).
+Usage: python benchmarks/bench_embedding.py [--quick] [--gpu] [--reps N] [--threads N] [--no-thp] [--dtype DT]
+Writes benchmarks/results/embedding_<machine>[_<dtype>][_t<threads>].md / .json / .png (harness.result_stem; with
+--quick: ..._quick.* in a temporary folder unless --out-dir is given).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -59,8 +59,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gather_ceiling import make_ceiling  # noqa: E402
-from harness import (RESULTS_DIR, machine_info, machine_tag, markdown_table, measure_copy_bandwidth,  # noqa: E402
-                     TimeBudget, time_alternating, write_results)
+from harness import (TimeBudget, machine_info, make_parser, markdown_table, measure_copy_bandwidth,  # noqa: E402
+                     result_stem, time_alternating, write_results)
 
 import saml_kernels  # noqa: E402
 from saml_kernels import _backend  # noqa: E402
@@ -395,8 +395,7 @@ def run(args):
         body.append(budget.note())
     if args.note:
         body.insert(0, args.note + "\n")
-    stem = (f"embedding_{args.out_tag or machine_tag()}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
-            + ("_quick" if args.quick else ""))
+    stem = result_stem("embedding", args, "" if args.dtype == "float32" else args.dtype)
     paths = write_results(stem, "scenario_embedding_bag benchmark", "\n".join(body),
                           dict(results=results, ceiling_gbs=ceiling, ceiling=ceiling_name, fbgemm=fb_msg,
                                shape=dict(B=B, F=F, R=R, D=D, M=M), dtype=args.dtype),
@@ -405,23 +404,20 @@ def run(args):
     return results
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes, 3 rounds (smoke test)")
-    ap.add_argument("--gpu", action="store_true", help="run on CUDA; GB/s against the device copy bandwidth")
-    ap.add_argument("--reps", type=int, default=11, help="alternating rounds per case")
+def parser():
+    ap = make_parser(__doc__, reps=11, quick_help="small sizes, 3 rounds (smoke test, to a temporary folder)",
+                     gpu_help="run on CUDA; GB/s against the device copy bandwidth")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                     help="table (and gradient) dtype; results file gets a _<dtype> suffix unless float32")
     ap.add_argument("--all", action="store_true", help="include the reference backend among ours")
-    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     ap.add_argument("--no-fbgemm", action="store_true", help="skip FBGEMM")
     ap.add_argument("--no-thp", action="store_true", help="skip the huge-page (-thp) providers")
-    ap.add_argument("--out-tag", default=None, help="results file tag (default: machine tag)")
-    ap.add_argument("--out-dir", default=RESULTS_DIR, help="where the results go (default benchmarks/results)")
     ap.add_argument("--note", default=None, help="a note written at the top of the results file")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="start no new case past this many seconds; the results file names the cases not run")
-    run(ap.parse_args())
+    return ap
+
+
+def main(argv=None):
+    run(parser().parse_args(argv))
 
 
 if __name__ == "__main__":

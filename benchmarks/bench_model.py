@@ -28,13 +28,13 @@ Targets on the 2-core CPU: >= 2x the eager reference and >= 1.3x the compiled re
                                      [--reps N] [--no-compile] [--batch B [B ...]] [--out-dir DIR]
 
 ``--model`` (default saml) picks the models; results go to ``bench_model_<machine>`` for SAML alone and to
-``model_family_<machine>`` otherwise (``_quick`` appended with ``--quick``).
+``model_family_<machine>`` otherwise (``harness.result_stem``: ``_movielens``, ``_t<threads>``, ``_quick`` appended
+as they apply; ``--quick`` writes to a temporary folder unless ``--out-dir`` is given).
 
 ``--gpu`` runs B = 4096 in float32 and bfloat16 and B = 65536 in float32 (the large batch without torch.compile).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -45,7 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from harness import TimeBudget, machine_tag, markdown_table, peak_memory, time_alternating, write_results  # noqa: E402
+from harness import (TimeBudget, make_parser, markdown_table, peak_memory, result_stem, time_alternating,  # noqa: E402
+                     write_results)
 
 from saml_kernels.data import load_movielens, make_synthetic  # noqa: E402
 from saml_kernels.nn import HMoE, HMoEConfig, SAML, SAMLConfig, STAR, STARConfig, TrainingOptimizer  # noqa: E402
@@ -174,24 +175,22 @@ def star_linear_overhead(reps: int, batch: int = 4096) -> dict:
             "ratio_star_to_plain": res["ratios"][("StarLinear", "MultiBranchLinear")]}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="SAML / STAR / HMoE training-step benchmark")
+def parser():
+    p = make_parser("SAML / STAR / HMoE training-step benchmark", gpu_help="run on CUDA in float32 and bfloat16",
+                    quick_help="few repetitions, no torch.compile (a smoke check, to a temporary folder)")
     p.add_argument("--model", nargs="+", choices=[m.lower() for m in MODELS], default=["saml"],
                    help="models to time (default saml)")
     p.add_argument("--data", choices=("synthetic", "movielens"), default="synthetic",
                    help="the batch: synthetic features (default) or rows of MovieLens-100K")
-    p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--star-linear-overhead", action="store_true",
                    help="only time StarLinear against MultiBranchLinear of the same shape (the W_m * W_shared cost)")
-    p.add_argument("--quick", action="store_true", help="few repetitions, no torch.compile (a smoke check)")
-    p.add_argument("--gpu", action="store_true", help="run on CUDA in float32 and bfloat16")
-    p.add_argument("--reps", type=int, default=None)
     p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 4096; --gpu: 4096 "
                    "in float32 and bfloat16, then 65536 in float32 without torch.compile)")
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="start no new (model, batch) case past this many seconds; the results file names those not run")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     budget = TimeBudget(args.budget_s)
     device = "cuda" if args.gpu else "cpu"
     if args.gpu and not torch.cuda.is_available():
@@ -236,16 +235,15 @@ def main(argv=None):
              f"Load average when the run ended: {', '.join(f'{v:.1f}' for v in os.getloadavg())}.")
     print(body)
     family = names != ["SAML"]
-    stem = (f"model_family_{machine_tag()}" if family else f"bench_model_{machine_tag()}") + (
-        "_movielens" if args.data == "movielens" else "") + ("_quick" if args.quick else "")
+    stem = result_stem("model_family" if family else "bench_model", args,
+                       "movielens" if args.data == "movielens" else "")
     plot = {"groups": {f"{r['model']} {r['dtype']} B={r['batch']}": {
         ("ours" if k == r["model"] else k): v for k, v in r["samples_per_s"].items()} for r in results},
         "ylabel": "samples/s"}
     title = ("MovieLens-100K: " if args.data == "movielens" else "") + (
         f"{' / '.join(names)} training step: ours vs the plain-PyTorch twins (eager, torch.compile)" if family
         else "SAML training step: ours vs SAMLReference (eager, torch.compile)")
-    out = {"out_dir": args.out_dir} if args.out_dir else {}
-    paths = write_results(stem, title, body, {"results": results}, plot=plot, **out)
+    paths = write_results(stem, title, body, {"results": results}, plot=plot, out_dir=args.out_dir)
     print("wrote", ", ".join(paths.values()))
     return results
 

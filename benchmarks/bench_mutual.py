@@ -1,4 +1,4 @@
-"""Benchmark of the fused mutual layer (issue 3): ``mutual_linear`` = all-branch GEMM + mutual unit, forward and
+"""Benchmark of the fused mutual layer: ``mutual_linear`` = all-branch GEMM + mutual unit, forward and
 forward+backward, against the unfused eager composition and torch.compile of it.
 
 CPU (default): M=4, B=4096, K=N=256, float32.  ``--gpu``: M=4, B=16384, K=N=512, bfloat16 on CUDA.
@@ -22,11 +22,11 @@ RSS over one warm call). On CUDA: the allocator's peak.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "--gpu" not in sys.argv:
+# as a script only: importing this module (the flag test) must not replace the importing process
+if __name__ == "__main__" and "MALLOC_MMAP_THRESHOLD_" not in os.environ and "--gpu" not in sys.argv:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     os.execv(sys.executable, [sys.executable] + sys.argv)
 
@@ -36,8 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import saml_kernels  # noqa: E402
-from bench_branch_gemm import cpu_peak  # noqa: E402  (the team's CPU peak-memory probe)
-from harness import (RESULTS_DIR, TimeBudget, machine_tag, markdown_table, peak_memory, time_alternating,  # noqa: E402
+from bench_branch_gemm import cpu_peak  # noqa: E402  (the CPU peak-memory probe)
+from harness import (TimeBudget, make_parser, markdown_table, peak_memory, result_stem, time_alternating,  # noqa: E402
                      write_results)
 from saml_kernels.reference.mutual_unit import mutual_linear_reference  # noqa: E402
 
@@ -65,21 +65,16 @@ def provider(case, fn, mode):
     return run
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--gpu", action="store_true", help="CUDA, M=4 B=16384 K=N=512 bf16")
-    ap.add_argument("--quick", action="store_true", help="smoke run: fewer reps, B/4, no torch.compile")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--no-compile", action="store_true")
+def parser():
+    ap = make_parser(__doc__.split("\n")[0], gpu_help="CUDA, M=4 B=16384 K=N=512 bf16",
+                     quick_help="smoke run: fewer reps, B/4, no torch.compile (to a temporary folder)")
     ap.add_argument("--modes", default="fwd,fwdbwd")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); results get _t<n>")
-    ap.add_argument("--out-dir", default=RESULTS_DIR, help="where the results go (default benchmarks/results)")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="start no new case past this many seconds; the results file names the cases not run")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     budget = TimeBudget(args.budget_s)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = "cuda" if args.gpu else "cpu"
     if args.gpu:
         M, B, K, N, dtype = 4, 16384, 512, 512, torch.bfloat16
@@ -118,8 +113,7 @@ def main():
             f"{torch.get_num_threads()} threads.\n"
             "Speed-up = median over alternating rounds of t_provider / t_ours. Targets (2-core CPU, fwd+bwd): "
             ">= 1.7x eager, <= 50% of eager's peak memory.\n\n" + markdown_table(header, rows) + budget.note())
-    stem = (f"bench_mutual_{machine_tag()}" + (f"_t{args.threads}" if args.threads else "")
-            + ("_quick" if args.quick else ""))
+    stem = result_stem("bench_mutual", args)
     paths = write_results(stem, "mutual_linear: fused all-branch GEMM + mutual unit", body, data,
                           plot={"groups": {f"{r[0]}/{r[1]}": {"ms": r[2]} for r in rows}, "ylabel": "median ms"},
                           out_dir=args.out_dir)

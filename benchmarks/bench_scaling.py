@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Scaling benchmark: how the cost of one SAML training step grows with the number of scenarios M, the batch B
-and the table rows per feature R — ours vs the plain-PyTorch reference (issue #15).
+and the table rows per feature R — ours vs the plain-PyTorch reference.
 
 Providers per point (same initial weights, same batch, timed alternately in one process with
 ``harness.time_alternating``, medians): ``SAML`` (``nn.SAML``, row-wise Adagrad fused into the embedding backward,
@@ -29,7 +29,7 @@ Three sweeps (one axis moves, the others stay at the base point): M, B, R. Per p
   two causes the results file names for the curves that are steeper than expected.
 Slopes: least-squares slope of log(y) against log(x) over each curve (1 = linear, 0 = flat).
 
-Sweep T (issue 26, ``ROWS_GRIDS``): the global table rows G from 100k to 10M at M=2, B=2048, for the settings of
+Sweep T (``ROWS_GRIDS``): the global table rows G from 100k to 10M at M=2, B=2048, for the settings of
 ``ROWS_SETTINGS``: the default ``SAML(cfg)`` (fused row-wise Adagrad), ``embedding_optimizer=None`` with sparse
 table gradients, and with dense ones (the old default, only up to ``DENSE_MAX_ROWS``), each timed on its own (one
 model alive at a time), on one torch thread with the CPU time of the step's thread beside the wall time (see
@@ -50,7 +50,6 @@ B), ``..._rows.png`` (time vs R), ``..._mem.png`` (memory vs M), ``..._tables.pn
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import resource
@@ -63,7 +62,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from harness import (RESULTS_DIR, machine_tag, markdown_table, peak_memory, time_alternating,  # noqa: E402
+from harness import (make_parser, markdown_table, peak_memory, result_stem, time_alternating,  # noqa: E402
                      write_results)
 
 from saml_kernels.data import make_synthetic  # noqa: E402
@@ -87,7 +86,7 @@ GRIDS = {
 }
 
 
-# sweep "T" (issue 26): global table rows G, (M, B) fixed; the settings are timed one after another (one model
+# sweep "T": global table rows G, (M, B) fixed; the settings are timed one after another (one model
 # alive at a time: at G = 10M the tables take ~3 GB); "non-fused dense" only up to DENSE_MAX_ROWS (it is the slow one)
 ROWS_GRIDS = {"cpu": ((2, 2048), [100_000, 300_000, 1_000_000, 3_000_000, 10_000_000]),
               "gpu": ((2, 8192), [100_000, 10_000_000]),
@@ -400,7 +399,7 @@ def rows_table(res: dict) -> str:
     header = (["global rows"] + [f"{s} {what}" for s in ROWS_SETTINGS] + ["default vs first point"]
               + [f"{s} wall ms" for s in ROWS_SETTINGS] + ["state MiB (every setting)"]
               + [f"{s} peak MiB" for s in ROWS_SETTINGS])
-    text = (f"### Sweep over the global table rows (M={M}, B={B}; issue 26)\n\nSettings: `SAML(cfg)` (the default: "
+    text = (f"### Sweep over the global table rows (M={M}, B={B})\n\nSettings: `SAML(cfg)` (the default: "
             "row-wise Adagrad fused into the embedding backward); `SAML(cfg, embedding_optimizer=None)` with sparse "
             "table gradients (`sparse=True` on its embedding layers) or dense ones (the old default; only at the "
             f"points of at most ~{DENSE_MAX_ROWS:,} global rows), tables updated by `TrainingOptimizer.step` on "
@@ -659,19 +658,18 @@ def carry_over(out_dir: str, stem: str, results: dict) -> tuple:
 
 # ------------------------------------------------------------------------------------------------ main
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="SAML scaling benchmark (M, B, table rows)")
-    p.add_argument("--quick", action="store_true", help="tiny grid, no compile, _quick results (smoke test)")
-    p.add_argument("--gpu", action="store_true", help="small CUDA grid (about 60 s)")
-    p.add_argument("--reps", type=int, default=None, help="alternating rounds per point")
-    p.add_argument("--no-compile", action="store_true")
+def parser():
+    p = make_parser("SAML scaling benchmark (M, B, table rows); --budget-s defaults to 45 with --gpu",
+                    gpu_help="small CUDA grid (about 60 s)",
+                    quick_help="tiny grid, no compile, _quick results in a temporary folder (smoke test)")
     p.add_argument("--sweeps", default="MBRT", help="which sweeps to run: any of M, B, R, T (table rows, the "
-                   "settings of issue 26; default MBRT); the sweeps not run are carried over from the previous "
+                   "settings of ROWS_SETTINGS; default MBRT); the sweeps not run are carried over from the previous "
                    "results file")
-    p.add_argument("--out-dir", default=RESULTS_DIR)
-    p.add_argument("--budget-s", type=float, default=None, help="start no new point after this many seconds "
-                   "(default: 45 with --gpu, so the run fits in gpu_check.sh's 60 s; none on the CPU)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     device = "cuda" if args.gpu else "cpu"
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("bench_scaling.py --gpu: CUDA is not available")
@@ -725,7 +723,7 @@ def main(argv=None):
         if points:  # none when the time budget was spent before the sweep
             results["T"] = {"base": (M, B), "axis": "global rows", "points": points, "reps": reps, "threads": t_rows,
                             "device": device, "loadavg_1m_after": os.getloadavg()[0]}
-    stem = f"scaling_{machine_tag()}" + ("_quick" if args.quick else "")
+    stem = result_stem("scaling", args)
     carried, notes = carry_over(args.out_dir, stem, results)
     body = (f"One training step = zero_grad + forward + backward + optimizer, float32, {torch.get_num_threads()} "
             f"threads, {reps} alternating rounds per point (medians); speed-up = median of per-round ratios "

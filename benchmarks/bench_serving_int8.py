@@ -1,4 +1,4 @@
-"""8-bit row-wise serving tables (issue 24 item 3): what they save, what they cost in AUC, how fast they look up.
+"""8-bit row-wise serving tables: what they save, what they cost in AUC, how fast they look up.
 
 1. Accuracy on the main job's data (MovieLens-100K, time split; synthetic with --quick or when MovieLens cannot be
    had): SAML as in python/train_saml.py (D = 16, hidden 128-64, mutual unit at layer 0, row-wise Adagrad tables,
@@ -10,11 +10,12 @@
    one-hot and bags of 4: ``scenario_embedding_bag`` (float32, the C++ kernel) against
    ``scenario_embedding_bag_8bit`` (FBGEMM's 8-bit kernel), forward only, medians of alternating calls.
 
-One torch thread (as the main job). Writes benchmarks/results/serving_int8_<machine>.md (``_quick`` with --quick).
+One torch thread (as the main job; ``--threads N`` for another count). Writes
+benchmarks/results/serving_int8_<machine>[_t<threads>].md (``harness.result_stem``; with --quick ``..._quick.md`` in a
+temporary folder unless --out-dir is given).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -114,7 +115,8 @@ def accuracy(args):
     inputs = b.inputs()
     with torch.no_grad():
         t = harness.time_alternating({"float32 program": lambda: served32(*inputs),
-                                      "8-bit program": lambda: served8(*inputs)}, reps=5 if args.quick else 25)
+                                      "8-bit program": lambda: served8(*inputs)},
+                                     reps=args.reps or (5 if args.quick else 25))
     return dict(desc=desc, train=len(trn), val=len(val), test=len(test), epoch=epoch, val_auc=val_auc,
                 train_s=train_s, auc_float=a_float, auc_8=a_8, auc_32_program=auc(test.label, s_32),
                 max_diff=float(d.max()), mean_diff=float(d.mean()), max_diff_32=float(np.abs(s_32 - s_float).max()),
@@ -152,7 +154,7 @@ def lookup_speed(args):
         if tbe is not None:
             providers["fbgemm-tbe-int8"] = lambda: _tbe_call(tbe, ids, offsets, scen, F, B, L, rows, aware)
         with torch.no_grad():
-            t = harness.time_alternating(providers, reps=5 if args.quick else 30, device=dev)
+            t = harness.time_alternating(providers, reps=args.reps or (5 if args.quick else 30), device=dev)
         out.append((L, {n: t["medians_ms"][n] for n in providers}, t["ratios"][("float32", "8-bit")]))
     be = sk._backend.resolve(q8.OP, dev)
     return dict(F=F, rows=rows, aware=aware, M=M, D=D, B=B, rows_out=out, device=dev, backend8=be,
@@ -263,28 +265,26 @@ def report(acc, spd, info) -> str:
                                     [[L] + [f"{v:.2f}" for v in ms.values()] + [f"{r:.2f}"]
                                      for L, ms, r in spd["rows_out"]]),
              "", "The times (not the AUCs, bytes or logits) move with the machine's load, given in the title: on a "
-             "shared VM compare the ratios, measured on alternating calls, rather than the milliseconds."]
+             "shared machine compare the ratios, measured on alternating calls, rather than the milliseconds."]
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small synthetic run (smoke test)")
-    p.add_argument("--gpu", action="store_true", help="lookup speed on CUDA (Triton 8-bit kernel)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out-dir", default=harness.RESULTS_DIR)
+def parser():
     # gpu_check.sh passes every benchmark the same flags: this one has no torch.compile column and a fixed, short
-    # list of cases (one training run, one speed table), so both are accepted and have nothing to do.
-    p.add_argument("--no-compile", action="store_true", help="accepted for gpu_check.sh (no compile column here)")
-    p.add_argument("--budget-s", type=float, default=None, help="accepted for gpu_check.sh (fixed, short case list)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    # list of cases (one training run, one speed table), so --no-compile and --budget-s have nothing to do here.
+    p = harness.make_parser(__doc__.split("\n")[0], threads=1, quick_help="small synthetic run (smoke test, to a "
+                            "temporary folder)", gpu_help="lookup speed on CUDA (Triton 8-bit kernel)")
+    p.add_argument("--epochs", type=int, default=3)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     acc = accuracy(args)
     spd = lookup_speed(args)
     text = report(acc, spd, harness.machine_info())
     print(text)
-    stem = f"serving_int8_{harness.machine_tag()}" + ("_quick" if args.quick else "")
+    stem = harness.result_stem("serving_int8", args)
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, stem + ".md")
     with open(path, "w") as f:

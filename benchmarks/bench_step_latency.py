@@ -18,7 +18,7 @@ its compiled extension copied in, and this tree) builds the same models once; th
 round each in turn (one process runs at a time), ``--rounds`` rounds, and takes medians over the rounds, so a
 burst of load on a shared machine hits both. The table gives before, after and after / before.
 
-    python benchmarks/bench_step_latency.py [--before DIR] [--rounds N] [--threads T] [--quick]
+    python benchmarks/bench_step_latency.py [--before DIR] [--rounds N] [--threads T] [--quick] [--out-dir DIR]
 
 Results: ``benchmarks/results/step_latency_<machine>.md`` / ``.json`` (``--quick``: a temporary folder).
 """
@@ -79,9 +79,7 @@ def _worker(args) -> None:
     import numpy as np
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from saml_kernels import serving
+    from saml_kernels import serving  # (--threads: set by the parser)
     from saml_kernels.data import make_synthetic
     from saml_kernels.nn import SAML, SAMLConfig, TrainingOptimizer
     from saml_kernels.reference import SAMLReference
@@ -158,8 +156,9 @@ def _worker(args) -> None:
 
 def _start(tree: str, args) -> subprocess.Popen:
     cmd = [sys.executable, os.path.join(HERE, "bench_step_latency.py"), "--worker", "--reps", str(args.reps),
-           "--reps-large", str(args.reps_large), "--threads", str(args.threads),
-           "--train", *map(str, args.train), "--export", *map(str, args.export)]
+           "--reps-large", str(args.reps_large), "--train", *map(str, args.train), "--export", *map(str, args.export)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.Popen(cmd, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     return p
@@ -210,18 +209,23 @@ def _load() -> str:
         return "n/a"
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser():
+    """The benchmark's arguments: ``harness.make_parser``'s common flags and ``--before`` / ``--rounds``."""
+    sys.path.insert(0, HERE)
+    from harness import make_parser
+
+    p = make_parser(__doc__.split("\n")[0], flags=("quick", "out-dir", "reps", "threads"))
     p.add_argument("--before", help="source tree to compare against (a checkout with its compiled extension)")
     p.add_argument("--rounds", type=int, default=5, help="rounds per tree (default 5)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--quick", action="store_true", help="2 rounds, fewer calls, results to a temporary folder")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--reps", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--reps-large", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--train", type=int, nargs="*", default=list(TRAIN_B), help=argparse.SUPPRESS)
     p.add_argument("--export", type=int, nargs="*", default=list(EXPORT_B), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
     if args.reps is None:
         args.reps = 4 if args.quick else 10
     if args.reps_large is None:
@@ -260,10 +264,9 @@ def main(argv=None) -> dict:
     from harness import machine_tag, write_results
 
     stem = f"step_latency_{machine_tag()}"
-    out_dir = tempfile.mkdtemp(prefix="bench_step_latency_") if args.quick else os.path.join(HERE, "results")
     paths = write_results(stem, "Small-batch latency: SAML training step and exported inference vs the twin", body,
                           {"summary": summ, "raw": results, "trees": trees, "commits": commits, "rounds": rounds, "load": loads,
-                           "threads": args.threads or "default", "wall_s": wall}, out_dir=out_dir)
+                           "threads": args.threads or "default", "wall_s": wall}, out_dir=args.out_dir)
     print("wrote", paths["md"])
     return summ
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# gpu_check.sh: the one device run (issue 23, item 4). Build for sm_90, the GPU tests (the new code's first),
+# gpu_check.sh: the one device run. Build for sm_90, the GPU tests (the new code's first),
 # compute-sanitizer over every CUDA op, every benchmark in GPU mode; in one call of at most 8 minutes, with a
 # compact summary printed last.
 #
-# HOW A SESSION RUNS IT (the device tool: 15 minutes of device time per session, start-up and idle counted; a
-# fresh machine needs 4 minutes left to start; 30 s warm after a call):
+# HOW TO RUN IT ON A LENT DEVICE (a device tool with a time limit, e.g. 15 minutes of device time, start-up and idle
+# counted; a fresh machine needs 4 minutes left to start; 30 s warm after a call):
 #   1. run(command="bash benchmarks/gpu_check.sh", timeout_s=480)
 #      The script ends within GPU_CHECK_BUDGET = 450 s plus ~10 s of packing, so with a 1-2 minute start the call
 #      costs at most ~10.5 minutes and >= 4 minutes stay for one more, shorter call.

@@ -5,12 +5,18 @@ Usage from a benchmark script in benchmarks/ (the script's own folder is on sys.
 
     import os, sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from harness import machine_info, measure_gather_ceiling, time_alternating, write_results
+    from harness import make_parser, result_stem, time_alternating, write_results
 
+    ap = make_parser(__doc__)                       # the common flags; add the benchmark's own after it
+    args = ap.parse_args(argv)                      # --quick without --out-dir: a fresh temporary folder
     res = time_alternating({"ours": f_ours, "eager": f_eager}, reps=30, warmup=3)
     res["medians_ms"]["ours"], res["ratios"][("eager", "ours")]   # ratio = median over pairs of t_eager / t_ours
 
 What is here and why:
+- ``make_parser()``: the flags every benchmark takes (``--quick --gpu --no-compile --budget-s --out-dir --reps
+  --threads``; benchmarks/gpu_check.sh passes the first five to every bench_*.py), and what they mean after
+  parsing: ``--quick`` without ``--out-dir`` writes to a fresh temporary folder, never into benchmarks/results/.
+  ``result_stem()``: the results file name, ``<benchmark>_<machine>[_<config>...][_quick]``.
 - ``machine_info()``: CPU model, cores, torch / triton / numpy versions, GPU name: every table names its machine.
 - ``measure_gather_ceiling()``: random-row gather bandwidth (rows of a table much larger than the caches, read
   with torch.index_select): the practical ceiling of an embedding lookup on this machine, measured in the same
@@ -23,12 +29,14 @@ What is here and why:
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import re
 import resource
 import statistics
+import tempfile
 import time
 from typing import Callable, Dict, Optional
 
@@ -132,6 +140,91 @@ class TimeBudget:
         if not self.skipped:
             return ""
         return (f"\nNot run (time budget --budget-s {self.seconds:.0f} spent): " + "; ".join(self.skipped) + ".\n")
+
+
+# ------------------------------------------------------------------------------------------------ flags
+
+COMMON_FLAGS = ("quick", "gpu", "no-compile", "budget-s", "out-dir", "reps", "threads")
+
+
+class BenchParser(argparse.ArgumentParser):
+    """The parser :func:`make_parser` returns. ``parse_args`` also resolves what the common flags mean:
+
+    - ``args.out_dir``: ``--out-dir`` if given, else a fresh temporary folder with ``--quick`` (a smoke run never
+      writes into the tree), else :data:`RESULTS_DIR`;
+    - ``--threads N``: ``torch.set_num_threads(N)``; ``args.config_tags`` is ``["t<N>"]`` when N differs from the
+      benchmark's default thread count (the results file name says the configuration, see :func:`result_stem`).
+    """
+
+    threads_default: Optional[int] = None
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        ns.config_tags = []
+        if getattr(ns, "out_dir", "absent") is None:
+            if getattr(ns, "quick", False):
+                ns.out_dir = tempfile.mkdtemp(prefix="saml_bench_quick_")
+                print(f"--quick: results go to {ns.out_dir} (pass --out-dir to choose)", flush=True)
+            else:
+                ns.out_dir = RESULTS_DIR
+        threads = getattr(ns, "threads", None)
+        if threads is not None:
+            if threads < 1:
+                self.error(f"--threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+            if threads != self.threads_default:
+                ns.config_tags.append(f"t{threads}")
+        return ns
+
+
+def make_parser(description: str, *, reps: Optional[int] = None, threads: Optional[int] = None,
+                flags=COMMON_FLAGS, quick_help: str = "smoke run: small sizes, few rounds, no torch.compile "
+                "(results go to a temporary folder unless --out-dir is given)",
+                gpu_help: str = "run on CUDA") -> BenchParser:
+    """The argument parser shared by the benchmarks, with the common ``flags`` (a subset of :data:`COMMON_FLAGS`):
+
+    ``--quick`` smoke run; ``--gpu`` CUDA; ``--no-compile`` no torch.compile providers; ``--budget-s S`` start no
+    new case past S seconds (:class:`TimeBudget`); ``--out-dir DIR`` (alias ``--results-dir``) where the results
+    go; ``--reps N`` alternating rounds (default ``reps``; None = the benchmark's own choice); ``--threads N``
+    torch threads (default ``threads``; None = torch's choice). The benchmark adds its own flags to the parser it
+    gets; ``parse_args`` resolves ``out_dir`` and ``threads`` (:class:`BenchParser`).
+    """
+    unknown = set(flags) - set(COMMON_FLAGS)
+    if unknown:
+        raise ValueError(f"make_parser: unknown common flags {sorted(unknown)}; known: {COMMON_FLAGS}")
+    p = BenchParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.threads_default = threads
+    g = p.add_argument_group("common benchmark flags (benchmarks/harness.py make_parser)")
+    if "quick" in flags:
+        g.add_argument("--quick", action="store_true", help=quick_help)
+    if "gpu" in flags:
+        g.add_argument("--gpu", action="store_true", help=gpu_help)
+    if "no-compile" in flags:
+        g.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
+    if "budget-s" in flags:
+        g.add_argument("--budget-s", type=float, default=None, metavar="S",
+                       help="start no new case past S seconds; the results file names the cases not run")
+    if "out-dir" in flags:
+        g.add_argument("--out-dir", "--results-dir", dest="out_dir", default=None, metavar="DIR",
+                       help="where the results go (default benchmarks/results; with --quick a temporary folder)")
+    if "reps" in flags:
+        g.add_argument("--reps", type=int, default=reps, metavar="N",
+                       help="alternating rounds per case" + (f" (default {reps})" if reps else ""))
+    if "threads" in flags:
+        g.add_argument("--threads", type=int, default=threads, metavar="N",
+                       help="torch.set_num_threads(N) (default " + (str(threads) if threads else "torch's choice")
+                       + "); another count than the default adds _t<N> to the results file name")
+    return p
+
+
+def result_stem(benchmark: str, args: argparse.Namespace, *config: str) -> str:
+    """The results file stem ``<benchmark>_<machine>[_<config>...][_t<threads>][_quick]``: one current file per
+    benchmark, machine and configuration (``config``: the benchmark's own tags, e.g. a dtype; empty ones are
+    dropped)."""
+    tags = [machine_tag(), *[c for c in config if c], *getattr(args, "config_tags", [])]
+    if getattr(args, "quick", False):
+        tags.append("quick")
+    return "_".join([benchmark, *tags])
 
 
 # ------------------------------------------------------------------------------------------------ timing

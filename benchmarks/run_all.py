@@ -1,12 +1,23 @@
-"""``make bench``: runs every benchmarks/bench_*.py in its own process (pass --gpu / --quick through)."""
+"""``make bench``: runs every benchmarks/bench_*.py in its own process, passing the command line through (the
+common flags of harness.make_parser: --quick --gpu --no-compile --budget-s --out-dir --reps --threads).
+``--quick`` without ``--out-dir``: every benchmark writes into one fresh temporary folder, named at the start."""
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from harness import make_parser  # noqa: E402
 
 
 def main(argv):
+    known, _ = make_parser(__doc__.split("\n")[0]).parse_known_args(argv)
+    argv = list(argv)
+    if known.quick and known.out_dir is None:
+        argv += ["--out-dir", tempfile.mkdtemp(prefix="saml_bench_quick_")]
+        print(f"--quick: results go to {argv[-1]}", flush=True)
     failed = []
     for script in sorted(HERE.glob("bench_*.py")):
         print(f"\n=== {script.name} {' '.join(argv)}", flush=True)

@@ -1,12 +1,12 @@
 """The fused step of bench_embedding (forward + fused SGD update, cpu backend) on 16-bit tables with the default
 stochastic rounding against round-to-nearest: alternating rounds, medians, and the median of the per-round ratios.
 
-Usage: python benchmarks/stochastic_rounding_cost.py [--reps N] [--B 4096] [--F 16] [--R 100000] [--D 32] [--L 1]
-Prints one line per dtype; writes nothing (the numbers go to the CHANGELOG / report of the run).
+Usage: python benchmarks/stochastic_rounding_cost.py [--reps N] [--threads N] [--B 4096] [--F 16] [--R 100000]
+                                                     [--D 32] [--L 1]
+Prints one line per dtype; writes nothing.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -14,15 +14,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_embedding import LR, Problem  # noqa: E402
-from harness import machine_info, time_alternating  # noqa: E402
+from harness import machine_info, make_parser, time_alternating  # noqa: E402
 
 import saml_kernels  # noqa: E402
 from saml_kernels.ops import embedding_optimizer  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=15)
+    ap = make_parser(__doc__.split("\n")[0], reps=15, flags=("reps", "threads"))
     for k, v in (("B", 4096), ("F", 16), ("R", 100_000), ("D", 32), ("M", 4), ("L", 1)):
         ap.add_argument(f"--{k}", type=int, default=v)
     ap.add_argument("--dtypes", default="bfloat16,float16")

@@ -37,7 +37,7 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 # can run wins. An entry cites its measurement by a file in benchmarks/results/ (tests/test_backend_registry.py
 # checks that every cited file exists); an order no committed results file supports says so. Re-measure and update
 # an entry when a kernel changes. Results files this table cites: embedding_cpu2.md, bench_branch_gemm_cpu2.md,
-# bench_mutual_cpu2.md, model_family_cpu2.md (all CPU; no GPU results file is committed).
+# bench_mutual_cpu2.md, model_family_cpu2.md (all CPU; no GPU results file exists).
 PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "cpu": {
         # benchmarks/results/embedding_cpu2.md (B=4096, 16 x 100k rows, D=32, fp32, 2 threads): one-hot uniform
@@ -56,19 +56,16 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
         # benchmarks/results/model_family_cpu2.md: the C++ kernel inside STAR's step; no stand-alone figure yet.
         "partitioned_norm": ("cpu", "reference"),
     },
-    # CUDA: UNMEASURED for the code as it is. No GPU results file is committed; the only GPU timings ever taken (an
-    # H200 session, quoted in no results file) compared Triton with the former cuBLAS-per-scenario CUDA path, which
-    # the sync-free tiled engine of csrc/cuda/mbranch_common.cuh has since replaced; that engine (and the CUDA
-    # embedding backward / fused update) has never executed on a GPU, only in the CPU emulation. The first device
-    # run (benchmarks/gpu_check.sh) decides: time both backends per op, then order this table by its results file.
-    # Until then, the order a careful engineer ships: code that has run on a GPU before code that never has, unless
-    # the code that has run cannot do the job. So triton first for the GEMM ops (their Triton kernels, close to
-    # today's, ran on that H200 and passed its tests; they launch no host sync, so CUDA-graph capture works, and
-    # under deterministic algorithms they use fixed block sizes), the new engine next (a Triton-less install still
-    # gets a sync-free kernel; the fallback warns). Speed does not enter: the new engine has no figure. The
-    # embedding keeps cuda first: the Triton embedding backward reads its segment sizes on the host (a sync per step, no CUDA-graph
-    # capture, tests/test_host_syncs.py), while the CUDA one is sync-free; an embedding that cannot be captured
-    # would break CapturedTrainingStep for every model.
+    # CUDA: UNMEASURED. No GPU results file exists; a device run of benchmarks/gpu_check.sh times both backends per
+    # op, and this table is then ordered by its results file. Until then the rule is: code that has run on a GPU
+    # before code that has not, unless the code that has run cannot do the job. So triton first for the GEMM ops
+    # (Triton kernels close to these have run and passed their tests on a GPU, CHANGELOG.md; they launch no host
+    # sync, so CUDA-graph capture works, and under deterministic algorithms they use fixed block sizes), the tiled
+    # CUDA engine of csrc/cuda/mbranch_common.cuh next (it has run only in the CPU emulation; a Triton-less install
+    # still gets a sync-free kernel, and the fallback warns). Speed does not enter: the CUDA engine has no figure.
+    # The embedding keeps cuda first: the Triton embedding backward reads its segment sizes on the host (a sync per
+    # step, no CUDA-graph capture, tests/test_host_syncs.py), while the CUDA one is sync-free; an embedding that
+    # cannot be captured would break CapturedTrainingStep for every model.
     "cuda": {
         "scenario_embedding_bag": ("cuda", "triton", "reference"),
         "mbranch_linear": ("triton", "cuda", "reference"),

@@ -95,7 +95,7 @@ def _clear_layout_cache():
     # are fake, so they must not outlive the trace (the next eager call would get them).
     from .ops import scenario_embedding_bag as _seb
 
-    _seb._layout_cached.cache_clear()  # belt and braces: table_layout itself no longer caches while tracing
+    _seb._layout_cached.cache_clear()  # belt and braces: table_layout itself does not cache while tracing
 
 
 #: what ``export_saml(table_dtype=...)`` accepts: None keeps the model's tables, "uint8" exports 8-bit row-wise ones

@@ -1,4 +1,4 @@
-"""Shared input makers and float64 oracles for the reliability suites (issue 5).
+"""Shared input makers and float64 oracles for the reliability suites.
 
 Not a test module (no ``test_`` prefix). Used by test_properties, test_determinism, test_threads and
 test_bad_input_subprocess. The oracles here are written independently of ``saml_kernels.reference`` (plain

@@ -221,7 +221,7 @@ def test_partitioned_norm_promotes_under_autocast(backend, low):
 
 def test_star_under_autocast_runs_partitioned_norm_on_bf16_activations():
     """STAR with bfloat16 tables (and so a bfloat16 x_0 when only the attention's autocast output and the tables
-    meet) under CPU autocast: issue 21 item 10 failed here in partitioned_norm's dtype check."""
+    meet) under CPU autocast: partitioned_norm's dtype check must accept the promoted dtypes."""
     from saml_kernels.nn import STAR, STARConfig
 
     d = _data()

@@ -32,7 +32,7 @@ def test_bench_scaling_quick(tmp_path):
     written = sorted(p.name for p in tmp_path.iterdir())
     assert any(n.startswith("scaling_") and n.endswith("_quick.md") for n in written), written
     assert any(n.endswith("_quick_m.png") for n in written) or "matplotlib" not in sys.modules, written
-    assert "Sweep over the global table rows" in r.stdout and "non-fused sparse" in r.stdout  # sweep T (issue 26)
+    assert "Sweep over the global table rows" in r.stdout and "non-fused sparse" in r.stdout  # sweep T
 
 
 def test_bench_model_family_quick(tmp_path):

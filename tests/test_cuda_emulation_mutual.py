@@ -4,7 +4,7 @@ mutual_bwd_rows; mutual_linear's pre-activation through the tiled GEMM), run fro
 on the float64 upcast of the same inputs, outputs poisoned (NaN). One warp per row with full-mask xor shuffles and
 __syncwarp, dynamic shared memory sized by the launch. Shapes: B = 0 and 1, M = 1, N below / at / past a warp
 width, strided h (the all-route view), huge rows (the power-of-two scaling of the cosine), both similarities,
-every dtype; N = 0 for mutual_linear (issue 23: its GEMM launches grid.y = 0).
+every dtype; N = 0 for mutual_linear (its GEMM would launch grid.y = 0).
 """
 from __future__ import annotations
 

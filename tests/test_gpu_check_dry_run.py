@@ -10,6 +10,7 @@ stub benchmarks (GPU_CHECK_* switches), so each run takes seconds; the real driv
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pathlib
 import re
@@ -265,13 +266,41 @@ def test_test_selection_rules():
     assert not sel(_Item("tests/test_cuda_sync_free.py::test_cuda_gemm", fn=_on_device))
 
 
-def test_every_benchmark_accepts_the_flags_gpu_check_passes():
+def _bench_module(path):
+    spec = importlib.util.spec_from_file_location(f"_bench_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_benchmark_accepts_the_flags_gpu_check_passes(tmp_path):
+    """Every bench_*.py builds its parser from harness.make_parser and parses what gpu_check.sh passes."""
     benches = sorted((ROOT / "benchmarks").glob("bench_*.py"))
     assert len(benches) >= 5
     for b in benches:
-        src = b.read_text()
-        for flag in ("--gpu", "--no-compile", "--budget-s", "--out-dir", "--quick"):
-            assert re.search(rf"add_argument\(\s*\"{flag}\"", src), f"{b.name} lacks {flag}"
+        parser = _bench_module(b).parser()
+        assert isinstance(parser, harness.BenchParser), f"{b.name}: parser() is not harness.make_parser's"
+        for mode in (["--gpu"], ["--quick"]):
+            a = parser.parse_args(mode + ["--no-compile", "--budget-s", "5", "--out-dir", str(tmp_path)])
+            assert a.no_compile and a.budget_s == 5 and a.out_dir == str(tmp_path), b.name
+
+
+def test_quick_writes_to_a_temporary_folder():
+    """--quick without --out-dir never writes into benchmarks/results/; --threads names the configuration."""
+    threads = torch.get_num_threads()
+    try:
+        a = harness.make_parser("x").parse_args(["--quick"])
+        assert os.path.isdir(a.out_dir) and not os.listdir(a.out_dir)
+        assert not os.path.abspath(a.out_dir).startswith(str(ROOT)), a.out_dir
+        assert harness.make_parser("x").parse_args([]).out_dir == harness.RESULTS_DIR
+        assert harness.result_stem("emb", a, "", "bfloat16") == f"emb_{harness.machine_tag()}_bfloat16_quick"
+        b = harness.make_parser("x", threads=1).parse_args(["--threads", "1", "--results-dir", a.out_dir])
+        c = harness.make_parser("x").parse_args(["--threads", "1", "--out-dir", a.out_dir])
+        assert harness.result_stem("m", b) == f"m_{harness.machine_tag()}"         # 1 is this benchmark's default
+        assert harness.result_stem("m", c) == f"m_{harness.machine_tag()}_t1"
+        os.rmdir(a.out_dir)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_results_named_by_device(monkeypatch):

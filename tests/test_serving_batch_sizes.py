@@ -1,7 +1,7 @@
 """Every model of the family (SAML with its mutual unit at the first and at a deeper layer, SharedBottom, STAR,
 HMoE) exported with ``serving.export_saml`` once, with no warning, scores batches of 1, 2 and 7 like the eager
-model (issue 21 item 11: HMoE's program specialised on B != 1). The cause was ``Tensor.contiguous()`` on a
-route-"all" output [M, B, N] (contiguous exactly when B == 1): ``ops/_layout.dense`` decides without that guard."""
+model (a program must not specialise on B != 1). The trap is ``Tensor.contiguous()`` on a route-"all" output
+[M, B, N] (contiguous exactly when B == 1): ``ops/_layout.dense`` decides without that guard."""
 from __future__ import annotations
 
 import warnings

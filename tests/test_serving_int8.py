@@ -1,4 +1,4 @@
-"""8-bit row-wise serving tables (issue 24 item 3): the layout against a float64 formula, the 8-bit lookup against
+"""8-bit row-wise serving tables: the layout against a float64 formula, the 8-bit lookup against
 the float op on the dequantised tables (every backend here: FBGEMM on the CPU, the Triton kernel under
 TRITON_INTERPRET=1, the reference), the layer, and the exported 8-bit program against the float model with a
 bound on the logits' difference derived from scale / 2 per table element."""

@@ -1,5 +1,5 @@
-"""python/train_saml.py: a --path implies or requires its data kind (issue 21 item 8: it used to train on synthetic
-data without a word), the protocol's output on a small MovieLens folder and on synthetic data, and
+"""python/train_saml.py: a --path implies or requires its data kind (never a silent fall-back to synthetic data),
+the protocol's output on a small MovieLens folder and on synthetic data, and
 bench_model.py --data movielens."""
 from __future__ import annotations
 

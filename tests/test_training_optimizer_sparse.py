@@ -35,7 +35,8 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def full_table_step(w: torch.Tensor, grad: torch.Tensor, st: torch.Tensor, lr: float, eps: float) -> None:
-    """TrainingOptimizer.step()'s table update before issue 26: the whole table converted and updated."""
+    """The full-table form of TrainingOptimizer.step()'s table update (the whole table converted and updated): the
+    row-selective step must equal it bit for bit."""
     g = grad.to_dense() if grad.is_sparse else grad
     acc = torch.float64 if w.dtype == torch.float64 else torch.float32
     w_new, st_new = rowwise_adagrad_step(w.to(acc), g.to(acc), st, lr, eps)

@@ -68,8 +68,8 @@ inline void zero_outside_rows(const Groups& g, const Tensor& t) {
 }
 
 // Per-thread, grow-only scratch (common/scratch.h): the CPU allocator does not cache, and every fresh page of a
-// multi-MB buffer costs a page fault on first touch (on a 2-core VM, three fresh 4 MB buffers per call cost about
-// as much as the call's GEMMs). Scratch never escapes a kernel call, and the slots one thread uses in one call are
+// multi-MB buffer costs a page fault on first touch (three fresh 4 MB buffers per call can cost about as much as
+// the call's GEMMs). Scratch never escapes a kernel call, and the slots one thread uses in one call are
 // distinct. The kTile* slots are taken inside parallel regions (each worker thread has its own); the others are
 // taken by the calling thread before a parallel region, whose workers then write disjoint parts of them. Requests
 // above kScratchCap bytes get an ordinary tensor (not kept).

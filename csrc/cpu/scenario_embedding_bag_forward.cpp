@@ -50,9 +50,9 @@ using saml::cpu::seb::scen_row_base;
 
 constexpr int64_t kBlock = 512;          // portable path: bags per block (its ids stay in L1 between the two tables)
 // The FBGEMM path's blocks are longer: every call starts with no prefetch in flight (FBGEMM prefetches only inside
-// a call), so fewer, longer calls keep the loads flowing. With blocks of 4096 bags and the first kLeadIds rows of
-// each call prefetched by us ahead of it, the 2-core VM measured one-hot bags 1.14x and Zipf bags of 8 1.09-1.25x
-// faster than blocks of 512 with no lead, uniform bags of 8 unchanged (in-process A/B, fresh ids per call).
+// a call), so fewer, longer calls keep the loads flowing, and the first kLeadIds rows of each call are prefetched
+// by us ahead of it (faster than blocks of 512 with no lead on one-hot and Zipf bags, equal on uniform bags of 8:
+// CHANGELOG.md; results in benchmarks/results/embedding_cpu2.md).
 constexpr int64_t kFbgemmBlock = 4096;
 constexpr int64_t kLeadIds = 32;
 constexpr int64_t kPrefetchGlobal = 16;  // ids ahead; scenario rows are not prefetched (see gather_bags)
@@ -251,10 +251,10 @@ struct FbgemmGather {
           bf16);
   }
 
-  // How many ids ahead the generated kernel prefetches. F.embedding_bag uses 16; on the 2-core EPYC VM (D = 32,
-  // 1 GB of fp32 tables) a deeper prefetch measured 1.27-1.81x faster on bags of 8 (best at 96-128 ids) and
-  // 1.04-1.11x on one-hot bags (best at 32-64; deeper is slower there). Counted in cache lines in flight (256 for
-  // bags of 4 or more ids on average, 128 below), so wider rows prefetch fewer ids.
+  // How many ids ahead the generated kernel prefetches. F.embedding_bag uses 16; on tables far larger than the
+  // caches (D = 32, 1 GB of fp32 rows) a deeper prefetch is faster: best at 96-128 ids on bags of 8 and 32-64 on
+  // one-hot bags, where deeper is slower (CHANGELOG.md). Counted in cache lines in flight (256 for bags of 4 or
+  // more ids on average, 128 below), so wider rows prefetch fewer ids.
   static int prefetch_ids(const Layout& L, int64_t nnz) {
     const int64_t mean_bag = nnz / std::max<int64_t>(L.F * L.B, 1);
     const int64_t lines = mean_bag >= 4 ? 256 : 128;

@@ -274,7 +274,7 @@ __global__ void all_epilogue_kernel(scalar_t* __restrict__ zbuf, const scalar_t*
 Tensor packed(const Tensor& w) { return w.permute({1, 0, 2}).reshape({w.size(1), w.size(0) * w.size(2)}).contiguous(); }
 
 // cuBLAS all route: float32/float64 by default; every dtype with SAML_CUDA_GROUPED=cublas (float16/bfloat16 then
-// round the x @ Wp partial before the aux GEMM and the bias are added: the former behaviour, see the top).
+// round the x @ Wp partial before the aux GEMM and the bias are added: more roundings, see "Precision" at the top).
 std::tuple<Tensor, Tensor> all_forward_cublas(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
                                               const c10::optional<Tensor>& aux,
                                               const c10::optional<Tensor>& aux_weight, int64_t activation) {

@@ -2,7 +2,7 @@
 //
 // Why: the extension is compiled for a portable baseline (x86-64-v2: SSE4.2) so one build runs on any x86-64
 // machine, but the embedding backward's inner loops (row sums, row updates: D floats per random row) are partly
-// compute-bound, and at SSE width a model of them ran ~1.7x slower than with AVX-512 on the EPYC VM. SAML_CPU_MULTIVERSION
+// compute-bound: at SSE width a model of them runs ~1.7x slower than with AVX-512. SAML_CPU_MULTIVERSION
 // on a function makes GCC/Clang emit one clone per listed ISA level plus the baseline and pick one at load time
 // (ifunc) from what the CPU supports. Everything the function inlines is compiled for the clone's ISA, so its
 // helpers are SAML_INLINE (always_inline) and written as plain loops the compiler vectorises.
