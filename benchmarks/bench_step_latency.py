@@ -214,7 +214,8 @@ def parser():
     sys.path.insert(0, HERE)
     from harness import make_parser
 
-    p = make_parser(__doc__.split("\n")[0], flags=("quick", "out-dir", "reps", "threads"))
+    p = make_parser(__doc__.split("\n")[0], gpu_help="accepted for gpu_check.sh; this benchmark is CPU-only and "
+                    "does nothing with it")
     p.add_argument("--before", help="source tree to compare against (a checkout with its compiled extension)")
     p.add_argument("--rounds", type=int, default=5, help="rounds per tree (default 5)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -232,6 +233,9 @@ def main(argv=None) -> dict:
         args.reps_large = 1 if args.quick else 3
     if args.worker:
         _worker(args)
+        return {}
+    if args.gpu:
+        print("bench_step_latency: a CPU benchmark (small-batch latency on the CPU); nothing to run with --gpu")
         return {}
     rounds = 2 if args.quick else args.rounds
     here = os.path.dirname(HERE)
