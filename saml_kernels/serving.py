@@ -25,7 +25,8 @@ by ``saml_kernels::scenario_embedding_bag_8bit``; loading and the input contract
 Bad inputs. ``load_exported`` returns a :class:`ServedProgram`: before the graph it runs the eager model's input
 contract (saved beside the program by ``export_saml``): the shape and dtype checks of ``check_model_inputs`` and
 of the embedding op's entry, the scenario range named by the model, and it casts ``dense`` to the dense dtype as
-the eager model does. Inside the graph every custom op checks its ids and offsets as in eager mode, and a
+the eager model does. Inside the graph the embedding op checks its ids and offsets as in eager mode (the other
+ops trust the scenario check made before the graph, as they trust the eager model's boundary), and a
 sequence length outside [0, L] is re-raised as the eager ValueError. So each bad input raises the eager model's
 exception type and message (``tests/test_serving.py`` compares them one by one). What still differs, and why:
 
@@ -263,7 +264,8 @@ class ServedProgram(torch.nn.Module):
         if L is not None:  # the attention's type / dtype / shape checks of the lengths (their values: the graph's)
             check_seq_lengths("ScenarioAttention", torch.zeros_like(seq_lengths)
                               if isinstance(seq_lengths, torch.Tensor) else seq_lengths, B, L)
-        _checks.scenario_range(who, scenario, sp["num_scenarios"])  # the model's boundary check (eager mode)
+        # the model's boundary check (eager mode): the exported ops trust it (their check argument is False)
+        _checks.scenario_range(who, scenario, sp["num_scenarios"])
         if dense is not None:
             dense = dense.to(self._dense_dtype)
         try:

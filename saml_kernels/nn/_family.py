@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .._layer_set import LayerSet
 from ..config import FamilyConfig, check_model_inputs  # noqa: F401  (FamilyConfig re-exported)
+from ..ops import _checks
 from ..training import bce_loss
 from .saml import ModelBody, checked_forward, dense_dtype, layer_options, seq_offsets
 
@@ -24,8 +25,11 @@ from .saml import ModelBody, checked_forward, dense_dtype, layer_options, seq_of
 def unrouted(scenario: Tensor) -> Tensor:
     """The scenario argument of a ``multi_branch_linear`` whose branches are not scenarios (HMoE's experts, STAR's
     one-branch auxiliary layer): zeros, so its range check (against its own branch count) passes; such a layer
-    runs route "all" with dense gradients (``grad_mask="none"``), so the ids route nothing."""
-    return torch.zeros_like(scenario)
+    runs route "all" with dense gradients (``grad_mask="none"``), so the ids route nothing. Recorded as checked
+    for any branch count (``_checks.mark_checked``): zeros need no range check."""
+    zeros = torch.zeros_like(scenario)
+    _checks.mark_checked(zeros, "scenario", 1)
+    return zeros
 
 
 class SharedInputLayers:

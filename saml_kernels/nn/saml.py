@@ -113,10 +113,11 @@ def dense_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _boundary_scenario(who: str, scenario, num_scenarios: int):
-    """The model's one scenario-range check; the layers below get the result (clamped while the check is
-    pending), so they neither re-check nor read out of range (a non-tensor is left to the shape checks)."""
+    """The model's one scenario-range check (``_checks.model_scenario``); the layers below get the result
+    (clamped while the check is pending), recorded as checked for the block, so no op checks it again and none
+    reads out of range (a non-tensor is left to the shape checks)."""
     if isinstance(scenario, Tensor) and scenario.dtype in (torch.int32, torch.int64) and scenario.dim() == 1:
-        return _checks.scenario_range(who, scenario, num_scenarios)
+        return _checks.model_scenario(who, scenario, num_scenarios)
     return scenario
 
 
@@ -127,7 +128,8 @@ def checked_forward(model: nn.Module, forward, indices, offsets, scenario, *rest
     With the kernel layers it runs under ``saml_kernels.deferred_checks()``: the value checks of every layer (ids,
     offsets, scenario ids, lengths) are read with one host sync when the forward ends, and a bad input raises its
     layer's clear error then, before any backward (so nothing is written to the tables); the layers get the
-    boundary's scenario (clamped while its check is pending). Inside ``capture_safe_checks()`` there is no sync at
+    boundary's scenario (clamped while its check is pending) and the ops trust it (docs/design.md section 5,
+    "One check site per value"). Inside ``capture_safe_checks()`` there is no sync at
     all: the forward is one step of the fused embedding update (``_checks.step_errors``, entered before the
     boundary check), so a bad input anywhere in it (the scenario, any layer's ids, offsets or lengths) skips the
     fused update of every embedding layer of the model in the backward. The reference layers check each input at

@@ -6,17 +6,26 @@ when it is read, by the check mode:
 
 - ``"eager"`` (default outside a model): each op reads its flags at once, one host sync per op call;
 - ``deferred_checks()`` (what ``nn.SAML`` does around its forward): the flags of every op inside are collected
-  and read together once when the block ends, one host sync per training step. The same scenario tensor checked
-  by several layers is checked once. A bad input still raises the op's own clear error (recomputed on this slow
-  path) before any backward, so nothing is written to the tables. Because the kernels run before the flags are
-  read, the ops give them safe stand-ins meanwhile (as in the capture-safe mode), so no kernel reads out of
-  bounds;
+  and read together once when the block ends, one host sync per training step. A bad input still raises the op's
+  own clear error (recomputed on this slow path) before any backward, so nothing is written to the tables.
+  Because the kernels run before the flags are read, each check hands its kernels safe stand-ins meanwhile (as in
+  the capture-safe mode), so no kernel reads out of bounds; the CPU embedding kernel needs none (it validates
+  offsets and scenario ids in its own pass and gathers nothing when they fail);
 - ``capture_safe_checks()``: no host sync at all (CUDA-graph capture, ``set_sync_debug_mode("error")``). Flags
   are added to per-device error counters (``error_counts()``) and inputs are made safe instead of raising: an id
   outside its feature reads as a zero vector with no gradient, a scenario id outside [0, M) is clamped into
   range for the gather, and a fused embedding optimizer skips its update when an error was counted in its step
   (see ``step_errors``). ``raise_errors()`` reads the counters later (one sync) and raises. The counters count
   failed *checks* (one per op call that saw a bad input, whatever the number of bad entries in it), not entries.
+
+One check site per value. Inside a deferred or capture-safe block a check records the tensor it checked (and the
+stand-in it made) as *checked* (:func:`mark_checked`): the token later ops trust. A model's forward checks the
+scenario once at its boundary (:func:`model_scenario`) and hands its layers the checked tensor; every op given
+that tensor neither checks it again nor passes a check to its custom op (:func:`op_scenario`). The token lives
+as long as the block (a tensor object at one version, so an in-place change voids it); in eager mode there is
+none, and each op checks its own arguments once, inside its custom op. Under ``torch.export`` (not under
+TorchDynamo) the token works too: the exported graph's ops trust the model's boundary, which
+``serving.ServedProgram`` runs before the graph.
 
 The step of a fused update (capture-safe mode): a model's forward (``nn.saml.checked_forward``) opens a
 ``step_errors`` block that snapshots the error counters before its first check, and every fused embedding layer
@@ -76,10 +85,15 @@ _KINDS: list[str] = []
 _MAX_KINDS = 64
 
 
-class _Deferred:
-    def __init__(self):
+class _Frame:
+    """One deferred or capture-safe block: the flags not read yet (deferred mode), the keys of the checks made
+    once per block (``seen``), and the tensors checked in it (``checked``: see :func:`mark_checked`)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
         self.pending: list[tuple[torch.Tensor, Callable[[], None]]] = []
-        self.seen: dict = {}  # key -> the safe stand-in the first check made (or None)
+        self.seen: set = set()
+        self.checked: dict = {}  # (id(t), kind) -> (t, version, bound, what the kernels get)
 
 
 def _stack() -> list:
@@ -103,7 +117,7 @@ def deferred_checks():
     if _stack():
         yield
         return
-    frame = _Deferred()
+    frame = _Frame("deferred")
     _stack().append(("deferred", frame))
     ok = False
     try:
@@ -123,7 +137,7 @@ def deferred_checks():
 def capture_safe_checks():
     """No host syncs from value checks inside: bad inputs are counted on the device (``error_counts``) and made
     safe instead of raising (see the module docstring); ``raise_errors()`` reports them later."""
-    _stack().append(("capture_safe", None))
+    _stack().append(("capture_safe", _Frame("capture_safe")))
     try:
         yield
     finally:
@@ -251,7 +265,7 @@ def check_value(flag: torch.Tensor, explain: Callable[[], None], what: str, key:
     """Report a value check. ``flag``: bool tensor (any shape with one element) on the data's device, True when
     the input is bad. ``explain()``: raises (or warns) with the detailed message; it runs only when the flag is
     set and may sync. ``what``: a short name of the check for the capture-safe counters. ``key``: checks with an
-    equal key inside one deferred block run once (e.g. the same scenario tensor in every layer).
+    equal key inside one deferred block run once (e.g. the same lengths tensor in several layers).
 
     Returns True when the flag is not read yet (deferred and capture-safe modes): the caller must then hand its
     kernels safe stand-ins for the checked inputs. False in eager mode (the input is known good here)."""
@@ -264,7 +278,7 @@ def check_value(flag: torch.Tensor, explain: Callable[[], None], what: str, key:
         frame = _stack()[-1][1]
         if key is None or key not in frame.seen:
             if key is not None:
-                frame.seen[key] = None
+                frame.seen.add(key)
             frame.pending.append((flag, explain))
         return True
     if bool(flag.reshape(())):
@@ -272,16 +286,55 @@ def check_value(flag: torch.Tensor, explain: Callable[[], None], what: str, key:
     return False
 
 
-def _frame_cache(key):
-    """The deferred frame's stand-in store for ``key`` (a dict or None outside a deferred block)."""
-    st = _stack()
-    return st[-1][1].seen if (st and st[-1][0] == "deferred" and key is not None) else None
-
-
 def tensor_key(t: torch.Tensor) -> tuple:
     """Identity of a tensor's current contents for ``check_value(key=...)`` (storage, view, version)."""
     return (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t.device, t._version)
 
+
+# ------------------------------------------------------------------------------------------------ checked tokens
+
+_MAX_CHECKED = 64  # a long capture-safe block forgets older tokens (they are only a saving, never needed)
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except (RuntimeError, AttributeError):  # a traced tensor without a version counter
+        return None
+
+
+def _registry() -> Optional[dict]:
+    """The innermost block's checked-tensor registry; None in eager mode and while TorchDynamo traces (its
+    graphs check inside the custom ops at run time, as in eager mode)."""
+    st = _stack()
+    if not st or torch.compiler.is_dynamo_compiling():
+        return None
+    return st[-1][1].checked
+
+
+def mark_checked(t: torch.Tensor, kind: str, bound: int = 0, result: Optional[torch.Tensor] = None) -> None:
+    """Records in the innermost deferred / capture-safe block that ``t`` (this tensor object, at its current
+    version) passed the check ``kind`` (for "scenario": ids in [0, ``bound``)), and that the kernels get
+    ``result`` for it (its stand-in; ``t`` itself by default). A no-op in eager mode."""
+    reg = _registry()
+    if reg is None:
+        return
+    if len(reg) >= _MAX_CHECKED:
+        reg.clear()
+    reg[(id(t), kind)] = (t, _version(t), bound, t if result is None else result)
+
+
+def checked(t: torch.Tensor, kind: str, bound: int = 0) -> Optional[torch.Tensor]:
+    """What the kernels get for ``t`` when ``t`` was checked for ``kind`` in this block (for "scenario": against
+    a range no wider than [0, ``bound``)), else None."""
+    reg = _registry()
+    e = reg.get((id(t), kind)) if reg is not None else None
+    if e is None or e[0] is not t or e[1] != _version(t) or e[2] > bound:
+        return None
+    return e[3]
+
+
+# ------------------------------------------------------------------------------------------------ scenario ids
 
 def _raise_scenario(op: str, scenario: torch.Tensor, num_scenarios: int) -> None:
     bad = (scenario < 0) | (scenario >= num_scenarios)
@@ -290,39 +343,56 @@ def _raise_scenario(op: str, scenario: torch.Tensor, num_scenarios: int) -> None
         raise IndexError(f"{op}: scenario[{pos}] = {int(scenario[pos])} is out of range [0, {num_scenarios})")
 
 
-def entry_scenario(op: str, scenario: torch.Tensor, num_scenarios: int, check: bool) -> torch.Tensor:
-    """At an op's public entry: the scenario tensor its custom op (forward and saved for backward) gets. In the
-    deferred and capture-safe modes it is checked here and replaced by the in-range stand-in, so the backward
-    kernels never see an out-of-range id either; in eager mode the op checks it inside (unchanged here)."""
-    if not check or check_mode() == "eager" or torch.compiler.is_compiling():
-        return scenario
-    return scenario_range(op, scenario, num_scenarios)
-
-
 def scenario_range(op: str, scenario: torch.Tensor, num_scenarios: int) -> torch.Tensor:
     """Checks that every scenario id is in [0, num_scenarios) (IndexError naming the position and value).
 
-    Returns the scenario tensor the kernels get: itself in eager mode (checked), else a copy clamped into range
-    (so no kernel reads outside its tables before the flag is read). One reduction; the host sync follows the
-    check mode; inside a deferred block the same tensor is checked (and clamped) once. Traced (torch.compile /
-    torch.export) it returns ``scenario`` unchecked: a graph has no host read, and every op checks the ids again
-    inside its opaque custom op when the graph runs."""
+    Returns the scenario tensor the kernels get: itself in eager mode (checked: one reduction, one host read),
+    else a copy clamped into range (so no kernel reads outside its tables before the flag is read), recorded as
+    checked for the block (:func:`mark_checked`), so the same tensor or its stand-in is not checked again.
+    Traced (torch.compile / torch.export) it returns ``scenario`` unchecked: a graph has no host read (the
+    custom ops check at run time unless an entry checked it, see :func:`op_scenario`)."""
     if torch.compiler.is_compiling() or scenario.numel() == 0:
         return scenario
-    if check_mode() == "eager":  # read at once: no stand-in, no dedup key
-        flag = ((scenario < 0) | (scenario >= num_scenarios)).any()
-        if bool(flag):
+    known = checked(scenario, "scenario", num_scenarios)
+    if known is not None:
+        return known
+    if check_mode() == "eager":  # read at once: no stand-in
+        if bool((scenario.clamp(0, num_scenarios - 1) != scenario).any()):
             _raise_scenario(op, scenario, num_scenarios)
         return scenario
-    key = ("scenario", num_scenarios) + tensor_key(scenario)
-    cache = _frame_cache(key)
-    if cache is not None and cache.get(key) is not None:
-        return cache[key]
-    flag = ((scenario < 0) | (scenario >= num_scenarios)).any()
-    if check_value(flag, lambda: _raise_scenario(op, scenario, num_scenarios), f"{op}: scenario id out of range",
-                   key=key):
-        safe = scenario.clamp(0, num_scenarios - 1)
-        if cache is not None:
-            cache[key] = safe
-        return safe
+    safe = scenario.clamp(0, num_scenarios - 1)
+    check_value((safe != scenario).any(), lambda: _raise_scenario(op, scenario, num_scenarios),
+                f"{op}: scenario id out of range")
+    mark_checked(scenario, "scenario", num_scenarios, safe)
+    mark_checked(safe, "scenario", num_scenarios)
+    return safe
+
+
+def model_scenario(who: str, scenario: torch.Tensor, num_scenarios: int) -> torch.Tensor:
+    """A model's one scenario check, at its boundary (IndexError naming the model): returns the tensor its layers
+    get (clamped while the check is pending), recorded as checked, so every op below trusts it. Under
+    ``torch.export`` it is recorded unchecked: the exported graph's ops then trust the boundary, which
+    ``serving.ServedProgram`` runs before the graph (the embedding kernel still validates the ids it gathers)."""
+    scenario = scenario_range(who, scenario, num_scenarios)
+    if checked(scenario, "scenario", num_scenarios) is None:
+        mark_checked(scenario, "scenario", num_scenarios)
     return scenario
+
+
+def op_scenario(op: str, scenario: torch.Tensor, num_scenarios: int, check: bool) -> tuple[torch.Tensor, bool]:
+    """At an op's public entry: (the scenario tensor its custom op gets (forward and saved for backward), whether
+    the custom op must check it itself).
+
+    - ``check`` False: unchecked by request (docs/design.md section 5, "Unchecked input");
+    - a tensor checked in this block (a model's boundary, an earlier op): trusted, no check at all;
+    - eager mode, or traced: the custom op checks it (one site; a traced graph then checks at run time);
+    - deferred / capture-safe: checked here (the clamped stand-in is also what the backward sees), the custom op
+      trusts it."""
+    if not check:
+        return scenario, False
+    known = checked(scenario, "scenario", num_scenarios)
+    if known is not None:
+        return known, False
+    if check_mode() == "eager" or torch.compiler.is_compiling():
+        return scenario, True
+    return scenario_range(op, scenario, num_scenarios), False

@@ -364,16 +364,16 @@ def mbranch_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scenario: 
     be = _backend.resolve(OP, x.device.type, backend)
     act = ACTIVATIONS[activation]
     c = dense  # .contiguous() without a B != 1 guard under torch.export (ops/_layout.py)
-    scenario = _checks.entry_scenario(OP, scenario.contiguous(), weight.shape[0], check_scenario)
+    scenario, check = _checks.op_scenario(OP, scenario.contiguous(), weight.shape[0], check_scenario)
     if route == "own":
         if x.dim() == 3:
             # Each row needs only its own branch's input (checked first: the gather would fail less clearly).
-            if check_scenario and not torch.compiler.is_compiling():
+            if check and not torch.compiler.is_compiling():
                 _checks.scenario_range(OP, scenario, weight.shape[0])
+                check = False
             x = x[scenario.long().clamp(0, max(weight.shape[0] - 1, 0)), torch.arange(x.shape[1], device=x.device)]
-        y, _ = _own_op(c(x), weight.contiguous(), c(bias), c(aux), c(aux_weight), scenario, act,
-                       bool(check_scenario), be)
+        y, _ = _own_op(c(x), weight.contiguous(), c(bias), c(aux), c(aux_weight), scenario, act, check, be)
         return y
     y, _ = _all_op(c(x), weight.contiguous(), c(bias), c(aux), c(aux_weight), scenario, act,
-                   GRAD_MASKS[grad_mask], bool(check_scenario), be)
+                   GRAD_MASKS[grad_mask], check, be)
     return y

@@ -177,8 +177,7 @@ def mutual_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scenario: T
         raise TypeError(f"{OP}: save_branch_outputs must be a bool, got {save_branch_outputs!r}")
     be = _backend.resolve(OP, x.device.type, backend)
     c = dense  # .contiguous() without a B != 1 guard under torch.export (ops/_layout.py)
-    scenario = _checks.entry_scenario(OP, scenario.contiguous(), weight.shape[0], check_scenario)
+    scenario, check = _checks.op_scenario(OP, scenario.contiguous(), weight.shape[0], check_scenario)
     out, attn, _, _ = _forward_op(c(x), weight.contiguous(), c(bias), c(aux), c(aux_weight),
-                                  scenario, ACTIVATIONS[activation], t, sim, save_branch_outputs,
-                                  bool(check_scenario), be)
+                                  scenario, ACTIVATIONS[activation], t, sim, save_branch_outputs, check, be)
     return (out, attn) if return_attention else out

@@ -146,6 +146,6 @@ def mutual_unit(h: Tensor, scenario: Tensor, *, temperature: float = 1.0, simila
     be = _backend.resolve(OP, h.device.type, backend)
     if h.stride(2) != 1:
         h = h.contiguous()
-    scenario = _checks.entry_scenario(OP, scenario.contiguous(), h.shape[0], check_scenario)
-    out, attn = _forward_op(h, scenario, t, sim, bool(check_scenario), be)
+    scenario, check = _checks.op_scenario(OP, scenario.contiguous(), h.shape[0], check_scenario)
+    out, attn = _forward_op(h, scenario, t, sim, check, be)
     return (out, attn) if return_attention else out

@@ -63,12 +63,14 @@ def _explain_offsets(indices, offsets, num_features, pooling, bag_len):
 
 
 def _check_values(indices, offsets, scenario, num_scenarios, num_features, pooling, bag_len):
-    """Runtime value checks: offsets monotone from 0 to nnz, fixed bag length for "none", scenario ids in range.
+    """Runtime value checks by tensor reductions: offsets monotone from 0 to nnz, fixed bag length for "none",
+    scenario ids in range (unless checked already in this block, see ``_checks.op_scenario``).
 
     Returns (offsets, scenario) for the kernels: the inputs themselves once checked (eager mode), or safe
     stand-ins while the flags wait to be read (deferred / capture-safe modes, see ops/_checks.py): offsets
     from 0 to nnz, clamped and made non-decreasing (canonical ``arange * L`` for "none"), scenario ids clamped.
-    Cost: a few reductions; the host sync follows the check mode."""
+    Cost: a few reductions; the host sync follows the check mode. (The CPU kernel checks the same in its own
+    pass: the op uses that one there, see ``_forward_op``.)"""
     nnz = indices.numel()
     flags = [offsets[0] != 0, offsets[-1] != nnz]
     diffs = offsets[1:] - offsets[:-1]
@@ -76,8 +78,8 @@ def _check_values(indices, offsets, scenario, num_scenarios, num_features, pooli
         flags.append((diffs < 0).any())
         if pooling == POOLING["none"]:
             flags.append((diffs != bag_len).any())
-    if _checks.check_mode() == "eager":  # (CPU) one read of every flag; the inputs are known good after it
-        if scenario.numel():
+    if _checks.check_mode() == "eager":  # one read of every flag; the inputs are known good after it
+        if scenario.numel() and _checks.checked(scenario, "scenario", num_scenarios) is None:
             flags.append(((scenario < 0) | (scenario >= num_scenarios)).any())
         if bool(torch.stack(flags).any()):
             _explain_offsets(indices, offsets, num_features, pooling, bag_len)
@@ -95,6 +97,18 @@ def _check_values(indices, offsets, scenario, num_scenarios, num_features, pooli
                 inner = torch.cummax(offsets[1:-1].clamp(0, nnz), 0).values
                 offsets = torch.cat([offsets.new_zeros(1), inner, offsets.new_full((1,), nnz)])
     return offsets, _checks.scenario_range(OP, scenario, num_scenarios)
+
+
+def _explain_kernel(bad, indices, offsets, scenario, num_scenarios, feature_rows, pooling, bag_len, bounds_check):
+    """The CPU kernel's verdict ``bad`` (-1: offsets or scenario ids failed, > 0: that many invalid ids) as the
+    op's error (or the "zero" mode's warning). Runs only when the verdict is not 0."""
+    nbad = int(bad)
+    if nbad < 0:
+        _explain_offsets(indices, offsets, feature_rows.numel() - 1, pooling, bag_len)
+        _checks._raise_scenario(OP, scenario, num_scenarios)
+        raise AssertionError(f"{OP}: the CPU kernel rejected offsets/scenario that the Python checks accept")
+    if nbad > 0:
+        _report_bad_ids(indices, offsets, feature_rows, bounds_check)
 
 
 def _report_bad_ids(indices, offsets, feature_rows, mode):
@@ -131,33 +145,37 @@ def _forward_op(indices: Tensor, offsets: Tensor, scenario: Tensor, global_weigh
                 per_sample_weights: Optional[Tensor], pooling: int, bag_len: int, num_aware: int,
                 bounds_check: int, sparse: bool, backend: str) -> tuple[Tensor, Tensor]:
     num_features = feature_rows.numel() - 1
+    M = scenario_weight.shape[0]
     fwd = _backend.kernels(OP, backend).forward
     check = bounds_check != BOUNDS["off"]
-    # On a GPU: one host sync per call in eager mode (none inside a model's deferred block or in capture-safe
-    # mode): the kernels get safe stand-ins and all flags, the kernel's bad-id count included, are read together
-    # at the end. On the CPU a host read costs nothing, so eager mode reads each flag at once and needs no
-    # stand-ins (they cost ~30 us a call on small batches).
-    block = _checks.deferred_checks() if indices.device.type != "cpu" else contextlib.nullcontext()
-    # The C++ CPU kernel validates offsets and scenario ids itself in its eager checks (one pass, bad = -1 when
-    # they fail): the separate tensor reductions of _check_values cost more than the gather on small batches.
-    kernel_validates = check and backend == "cpu" and _checks.check_mode() == "eager"
-    with block:
-        if check and not kernel_validates:
-            offsets_k, scenario_k = _check_values(indices, offsets, scenario, scenario_weight.shape[0], num_features,
-                                                  pooling, bag_len)
+    mode = _checks.check_mode()
+    if check and backend == "cpu" and mode != "capture_safe":
+        # The one check site on the CPU: the kernel validates offsets, scenario ids and ids in its own pass
+        # (tensor reductions cost more than the gather on small batches) and gathers nothing when offsets or
+        # scenario ids fail (bad = -1), so it needs no stand-ins. Its verdict is read at once in eager mode (a
+        # CPU read is free) and with the block's other flags in a deferred block.
+        g, s, bad = fwd(indices, offsets, scenario, global_weight, scenario_weight, feature_rows,
+                        feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len, True, num_aware)
+        explain = functools.partial(_explain_kernel, bad, indices, offsets, scenario, M, feature_rows, pooling,
+                                    bag_len, bounds_check)
+        if mode == "eager":
+            if int(bad):
+                explain()
         else:
-            offsets_k, scenario_k = offsets, scenario
+            _checks.check_value(bad.reshape(()) != 0, explain, f"{OP}: bad offsets, scenario ids or ids")
+        return g, s
+    # Elsewhere (a GPU, the other backends, capture-safe mode): tensor reductions on the device, one host sync
+    # per call in eager mode on a GPU (none inside a model's deferred block or in capture-safe mode), the kernels
+    # on safe stand-ins meanwhile. In capture-safe mode the public entry (``prepare_args``) made the stand-ins
+    # already (the backward must see them too), and they are trusted here.
+    block = _checks.deferred_checks() if indices.device.type != "cpu" else contextlib.nullcontext()
+    with block:
+        offsets_k, scenario_k = offsets, scenario
+        if check and _checks.checked(offsets, "offsets") is None:
+            offsets_k, scenario_k = _check_values(indices, offsets, scenario, M, num_features, pooling, bag_len)
         g, s, bad = fwd(indices, offsets_k, scenario_k, global_weight, scenario_weight, feature_rows,
                         feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len, check, num_aware)
-        if kernel_validates:
-            nbad = int(bad)  # a CPU tensor: no sync to pay
-            if nbad < 0:
-                _explain_offsets(indices, offsets, num_features, pooling, bag_len)
-                _checks.scenario_range(OP, scenario, scenario_weight.shape[0])
-                raise AssertionError(f"{OP}: the CPU kernel rejected offsets/scenario that the Python checks accept")
-            if nbad > 0:
-                _report_bad_ids(indices, offsets, feature_rows, bounds_check)
-        elif check and not (bounds_check == BOUNDS["zero"] and _checks.check_mode() == "capture_safe"):
+        if check and not (bounds_check == BOUNDS["zero"] and _checks.check_mode() == "capture_safe"):
             # ("zero" maps a bad id to a zero vector by contract, not an error: capture-safe mode, which cannot
             # warn without a sync, counts nothing for it and trains the valid rows, as the other modes do)
             _checks.check_value(bad.sum() > 0, lambda: _report_bad_ids(indices, offsets, feature_rows, bounds_check),
@@ -414,10 +432,11 @@ def prepare_args(indices, offsets, scenario, global_weight, scenario_weight, fea
         bag_len = indices.numel() // (F * B)
     be = _backend.resolve(OP, indices.device.type, backend)
     if bounds_check != "off" and _checks.check_mode() == "capture_safe":
-        # The backward runs on the saved inputs too: in capture-safe mode they are the safe stand-ins (the op's
-        # own checks then find nothing more to count).
+        # The check site of capture-safe mode: the backward runs on the saved inputs too, so they must be the
+        # safe stand-ins (recorded as checked: the op trusts them and only counts bad ids).
         offsets, scenario = _check_values(indices, offsets, scenario, scenario_weight.shape[0], F, POOLING[pooling],
                                           bag_len)
+        _checks.mark_checked(offsets, "offsets")
     return (indices.contiguous(), offsets.contiguous(), scenario.contiguous(), global_weight.contiguous(),
             scenario_weight.contiguous(), fr, fsr, slot, per_sample_weights, POOLING[pooling], bag_len, num_aware,
             BOUNDS[bounds_check], sparse, be)
