@@ -132,7 +132,7 @@ def _seb_cases():
         ("feature-rows-decreasing", set_("feature_rows", lambda i: [0, 4, 3, 12]), ValueError, ("feature_rows",)),
         ("feature-rows-float-tensor", set_("feature_rows", lambda i: torch.tensor(i["feature_rows"], dtype=torch.float)),
          TypeError, ("feature_rows",)),
-        ("aware-size-mismatch", set_("feature_scenario_rows", lambda i: [0, 3, 3, 8]), ValueError,
+        ("aware-range-above-global-size", set_("feature_scenario_rows", lambda i: [0, 5, 5, 9]), ValueError,
          ("feature", "scenario")),
         ("psw-with-mean", kw_("per_sample_weights", lambda i: torch.ones(i["indices"].numel())), ValueError,
          ("per_sample_weights",)),
