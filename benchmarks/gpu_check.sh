@@ -204,9 +204,11 @@ for b in "${BENCHES[@]}"; do will_run "bench:$(basename "$b" .py)" && N_BENCH=$(
 DEADLINE_B=$(( BUDGET - N_BENCH * BENCH_MIN ))   # the lanes leave each benchmark that will run its minimum
 # the GPU tests of the code changed since the last device run: csrc/cuda's kernels (the *_gpu files, test_cuda_*),
 # the Triton kernels (their (cuda, triton) cases are in the same files; partitioned_norm's in its own), graphs and
-# capture-safe mode (test_host_syncs, test_fused_training's graph replay)
+# capture-safe mode (test_host_syncs, test_fused_training's graph replay), hashed scenario tables, the check
+# sites, stochastic rounding
 DEFAULT_NEW="tests/test_mbranch_mutual_gpu.py tests/test_scenario_embedding_bag_gpu.py tests/test_cuda_*.py \
-tests/test_host_syncs.py tests/test_fused_training.py tests/test_partitioned_norm.py"
+tests/test_host_syncs.py tests/test_fused_training.py tests/test_partitioned_norm.py \
+tests/test_hashed_scenario_rows.py tests/test_check_sites.py tests/test_stochastic_rounding.py"
 NEW_TESTS=(${GPU_CHECK_NEW_TESTS:-$DEFAULT_NEW})
 REST_TESTS="${GPU_CHECK_REST_TESTS:-tests}"
 IGNORES=""
