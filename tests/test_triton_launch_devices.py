@@ -236,6 +236,10 @@ def _seb_backward_rows(mp):
     return outs
 
 
+def _seb_scenario_local(mp):
+    return [seb.scenario_local_rows(_m(9, dtype=dt), 30, 7) for dt in (torch.int64, torch.int32)]
+
+
 def _pn_stats(mp):
     return list(pn.pn_stats(_m(10, 7), _m(10, dtype=torch.int64), 3))
 
@@ -262,6 +266,7 @@ CASES = {
     ("mutual_unit", "mutual_linear_backward"): _mu_linear_backward,
     ("scenario_embedding_bag", "forward"): _seb_forward,
     ("scenario_embedding_bag", "backward_rows"): _seb_backward_rows,
+    ("scenario_embedding_bag", "scenario_local_rows"): _seb_scenario_local,
     ("scenario_embedding_bag_8bit", "forward"): _seb8_forward,
     ("partitioned_norm", "pn_stats"): _pn_stats,
     ("partitioned_norm", "pn_forward"): _pn_forward,
