@@ -340,3 +340,14 @@ def test_bad_exports_raise_and_write_nothing(tmp_path):
     with pytest.raises(ValueError, match="has no saml_kernels.nn.ScenarioEmbedding layer"):
         quantize_tables(torch.nn.Linear(3, 4))
     assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_cuda_backend_is_an_alias_of_the_triton_kernel():
+    """No CUDA C++ 8-bit kernel: the op's "cuda" backend is registered as an alias of its Triton table (no hand-made
+    loader), so backend="cuda" models export to 8-bit and run the Triton kernel."""
+    pytest.importorskip("triton")
+    from saml_kernels import _backend
+    from saml_kernels.ops import scenario_embedding_bag_8bit as op8
+
+    assert _backend.served_by(op8.OP, "cuda") == "triton"
+    assert _backend.kernels(op8.OP, "cuda").forward is _backend.kernels(op8.OP, "triton").forward

@@ -230,18 +230,12 @@ def _forward_fixed(indices, scenario, global_packed, scenario_packed, fr, fsr, a
     return g.reshape(gshape), s.reshape(sshape), nbad
 
 
-def _triton_table():
-    from ..triton import scenario_embedding_bag_8bit as t8
-
-    return t8.KERNELS[OP]
-
-
 _backend.define_op(OP, kernels=("forward",))
 # reference (saml_kernels/reference/scenario_embedding_bag_8bit.py) and triton (saml_kernels/triton/...)
 _backend.register_python_kernels(OP, "scenario_embedding_bag_8bit")
 _backend.register_kernels(OP, "cpu", lambda: {"forward": forward_cpu})
-# No CUDA C++ kernel: a backend="cuda" model gets the Triton kernel (as partitioned_norm does)
-_backend.register_kernels(OP, "cuda", _triton_table)
+# No CUDA C++ kernel: a backend="cuda" model gets the Triton kernel (an alias, as partitioned_norm's)
+_backend.register_alias(OP, "cuda", "triton")
 
 
 # ------------------------------------------------------------------------------------------------ custom op
