@@ -24,7 +24,7 @@ Providers (timed alternately, see harness.time_alternating; ratios are medians o
                      (saml_kernels.nn.scenario_embedding.huge_page_empty; ScenarioEmbedding(huge_pages=True);
                      FBGEMM's flat weight parameter moved there). Huge pages speed up every provider, so the
                      comparisons are reported both ways: -thp against -thp, plain against plain.
-  *-hashed4          (fwd and fwd+bwd+sgd) hashed scenario tables (issue 24 item 2; `scenario_rows=` of the layer):
+  *-hashed4          (fwd and fwd+bwd+sgd) hashed scenario tables (`scenario_rows=` of the layer):
                      every feature's scenario tables have R/4 rows, id -> hash(id) mod R/4 (ops/scenario_hash.py):
                      ours, eager-embbag (the hash in its index arithmetic), fbgemm (tables of M*R/4 rows, the hash
                      in its index arithmetic), gather-ceiling (the same rows). Only where the hash option exists.
@@ -84,7 +84,7 @@ from saml_kernels.ops.scenario_embedding_bag_8bit import (OP as OP_8BIT, quantiz
                                                           scenario_embedding_bag_8bit)
 from saml_kernels.reference.scenario_embedding_bag import scenario_embedding_bag_reference  # noqa: E402
 
-try:  # hashed scenario tables (issue 24 item 2)
+try:  # hashed scenario tables
     from saml_kernels.ops.scenario_hash import scenario_local
 except ImportError:  # a build without them: no -hashed rows
     scenario_local = None
@@ -310,7 +310,7 @@ def fused_step(P: Problem, be, gw, sw, hp, fsr=None):
 
 
 def extra_providers(P: Problem, mode: str, backends, fb_ok: bool, with_ceiling: bool):
-    """The rows of issue 24 item 5 beside providers_for's: hashed scenario tables (`*-hashed4`: ours, two
+    """The 16-bit, hashed and 8-bit rows beside providers_for's: hashed scenario tables (`*-hashed4`: ours, two
     F.embedding_bag calls with the hash in their index arithmetic, FBGEMM TBE on the smaller tables, the ceiling
     on the same rows; fwd and fwd+bwd+sgd) and, for 16-bit tables, ours' fused step on float32 tables (`-fp32`)."""
     dev, B, F, D, L = P.device, P.B, P.F, P.D, P.L

@@ -1,4 +1,4 @@
-"""The price of SAML's 1+M tables (issue 24 item 4): embedding-table and optimizer-state bytes against held-out AUC
+"""The price of SAML's 1+M tables: embedding-table and optimizer-state bytes against held-out AUC
 for every table option, on the main job's data and on a large synthetic configuration.
 
 Options (rows of the table), each trained with python/train_saml.py's own loop (``train_saml.fit``: the same model,
