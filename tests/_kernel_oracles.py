@@ -121,6 +121,8 @@ def seb_backward_rows(grad_global, grad_scenario, indices, offsets, scenario, gl
     cpu = [v.cpu() for v in (indices, offsets, scenario, feature_rows, feature_scenario_rows, aware_slot)]
     g, s = _pooled(cpu[0], cpu[1], cpu[2], G, S, cpu[3], cpu[4], cpu[5], psw, pooling, bag_len)
     loss = (g * grad_global.detach().double().cpu()).sum() + (s * grad_scenario.detach().double().cpu()).sum()
+    if not loss.requires_grad:  # no entry at all: nothing reads a row
+        loss = loss + 0.0 * (G.sum() + S.sum() + (psw.sum() if psw is not None and psw.requires_grad else 0.0))
     grads = torch.autograd.grad(loss, [G, S], allow_unused=True, retain_graph=True)
     if psw is not None and need_psw_grad:
         # the op takes per-sample weights with sum pooling only; for mean the kernels give the sum pooling's
@@ -128,6 +130,7 @@ def seb_backward_rows(grad_global, grad_scenario, indices, offsets, scenario, gl
         if pooling == MEAN:
             g, s = _pooled(cpu[0], cpu[1], cpu[2], G, S, cpu[3], cpu[4], cpu[5], psw, SUM, bag_len)
             loss = (g * grad_global.detach().double().cpu()).sum() + (s * grad_scenario.detach().double().cpu()).sum()
+            loss = loss + 0.0 * psw.sum()
         grads = grads + torch.autograd.grad(loss, [psw], allow_unused=True)
     dG, dS = [torch.zeros_like(v) if d is None else d for v, d in zip((G, S), grads[:2])]
     D = G.shape[1]
