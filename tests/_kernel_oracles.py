@@ -1,18 +1,22 @@
 """Adapters from the raw backend-kernel signatures (csrc/registry.cpp; the ``*_kernel`` functions) to float64
 oracles, for the tests of the kernels themselves.
 
-Like tests/oracles.py this imports torch only, nothing from ``saml_kernels`` (test_layering.py checks it): the
-kernel tests judge the C++/CUDA/Triton kernels by the op's math written here, not by the reference backend's
-kernel functions. Everything is computed in float64 on the CPU.
+Like tests/oracles.py (whose oracles it adapts) this imports torch and ``oracles`` only, nothing from
+``saml_kernels`` (test_layering.py checks it): the kernel tests judge the C++/CUDA/Triton kernels by the ops' math
+written apart from the package, not by the reference backend's kernel functions. Everything is float64 on the CPU.
 
 - ``scenario_local``: a hashed scenario table's id -> local row, on plain Python ints (docs/design.md, "Hashed
   scenario tables"; restated here on purpose).
-- ``seb_forward``: (global_out, scenario_out, bad_count) of ``seb_forward``.
-- ``seb_backward_rows``: (global_rows, global_vals, scenario_rows, scenario_vals, grad_psw) of ``seb_backward_rows``.
+- ``seb_forward`` / ``seb_backward_rows``: the embedding bag's kernel pair.
+- ``mbl_grouped_forward`` / ``mbl_all_forward`` / ``mbl_grouped_backward``: the branch GEMM's kernels.
+- ``mutual_forward`` / ``mutual_backward`` / ``mutual_linear_forward`` / ``mutual_linear_backward``: the mutual
+  unit's and the fused mutual_linear's kernels (backwards by autograd through the oracles).
 """
 from __future__ import annotations
 
 import torch
+
+from oracles import act64, mbranch_oracle, mutual_linear_oracle, mutual_oracle
 
 SUM, MEAN, NONE = 0, 1, 2  # the kernel pooling codes
 _M32 = 0xFFFFFFFF
@@ -141,3 +145,114 @@ def seb_backward_rows(grad_global, grad_scenario, indices, offsets, scenario, gl
     if gpsw is None:
         gpsw = torch.zeros_like(psw)
     return grows, dG[grows].reshape(-1, D), srows, dS.reshape(-1, D)[srows].reshape(-1, D), gpsw
+
+
+# ------------------------------------------------------------------------------ branch GEMM / mutual unit
+
+ACTIVATION = {0: None, 1: "relu", 2: "leaky_relu", 3: "gelu", 4: "silu"}  # the kernels' activation codes
+SIMILARITY = {0: "cosine", 1: "dot"}                                     # the kernels' similarity codes
+
+
+def _d(t):
+    return None if t is None else t.detach().double().cpu()
+
+
+def _own_rows(s, M):
+    """(scenario as int64 on the CPU, clamped into [0, M), ok [B]): a row whose scenario is outside [0, M) gives
+    zeros in every kernel output (the unchecked-input contract, docs/design.md)."""
+    s = s.long().cpu()
+    ok = (s >= 0) & (s < M)
+    return s.clamp(0, max(M - 1, 0)), ok
+
+
+def mbl_grouped_forward(x, weight, bias, aux, aux_weight, scenario, activation):
+    """``mbl_grouped_forward``: (y = act(z) [B, N], z [B, N] for gelu / silu (codes 3, 4) else empty)."""
+    M = weight.shape[0]
+    s, ok = _own_rows(scenario, M)
+    with torch.no_grad():
+        z = mbranch_oracle(_d(x), _d(weight), _d(bias), s, route="own", aux=_d(aux), aux_weight=_d(aux_weight))
+        z = z * ok[:, None]
+    y = act64(z, ACTIVATION[activation]) * ok[:, None]
+    return y, (z if activation in (3, 4) else z.new_empty(0))
+
+
+def mbl_all_forward(x, weight, bias, aux, aux_weight, activation):
+    """``mbl_all_forward``: (y [M, B, N] every branch on every row, z or empty as above)."""
+    B = x.shape[-2]
+    with torch.no_grad():
+        z = mbranch_oracle(_d(x), _d(weight), _d(bias), torch.zeros(B, dtype=torch.long), route="all",
+                           grad_mask="none", aux=_d(aux), aux_weight=_d(aux_weight))
+    return act64(z, ACTIVATION[activation]), (z if activation in (3, 4) else z.new_empty(0))
+
+
+def mbl_grouped_backward(dz, x, weight, aux, aux_weight, scenario, need_dx, need_dweight, need_dbias, need_daux,
+                         need_daux_weight):
+    """``mbl_grouped_backward``: (dx, dW, db, daux, dWa) of z_b = x_b W_{s_b} + aux_b Wa_{s_b} + b_{s_b} against
+    dz [B, N] by autograd; empty where not asked for (or without aux)."""
+    M, K, N = weight.shape
+    s, ok = _own_rows(scenario, M)
+    X, W = _d(x).requires_grad_(), _d(weight).requires_grad_()
+    b = torch.zeros(M, N, dtype=torch.float64, requires_grad=True)
+    A, Wa = _d(aux), _d(aux_weight)
+    if A is not None:
+        A.requires_grad_(), Wa.requires_grad_()
+    z = mbranch_oracle(X, W, b, s, route="own", aux=A, aux_weight=Wa)
+    loss = (z * (_d(dz) * ok[:, None])).sum() + 0.0 * (X.sum() + W.sum() + b.sum())
+    if A is not None:
+        loss = loss + 0.0 * (A.sum() + Wa.sum())
+    wrt = [X, W, b] + ([A, Wa] if A is not None else [])
+    grads = list(torch.autograd.grad(loss, wrt)) + [None, None][:5 - len(wrt)]
+    need = (need_dx, need_dweight, need_dbias, need_daux, need_daux_weight)
+    return tuple(g if (n and g is not None) else torch.empty(0, dtype=torch.float64) for g, n in zip(grads, need))
+
+
+def mutual_forward(h, scenario, temperature, similarity):
+    """``mutual_forward``: (out [B, N], attn [B, M]) of the mutual unit on h [M, B, N]."""
+    M = h.shape[0]
+    s, ok = _own_rows(scenario, M)
+    with torch.no_grad():
+        out, attn = mutual_oracle(_d(h), s, temperature=temperature, similarity=SIMILARITY[similarity],
+                                  return_attention=True)
+    return out * ok[:, None], attn * ok[:, None]
+
+
+def mutual_backward(grad_out, h, scenario, attn, temperature, similarity):
+    """``mutual_backward``: dh_own [B, N], the gradient w.r.t. h[s_b, b] (the others stop-gradient), by autograd;
+    the kernel's ``attn`` argument is not used (the oracle recomputes the attention in float64)."""
+    M, B = h.shape[0], h.shape[1]
+    s, ok = _own_rows(scenario, M)
+    H = _d(h).requires_grad_()
+    out = mutual_oracle(H, s, temperature=temperature, similarity=SIMILARITY[similarity])
+    (dh,) = torch.autograd.grad((out * _d(grad_out)).sum() + 0.0 * H.sum(), [H])
+    return dh[s, torch.arange(B)] * ok[:, None]
+
+
+def _preactivations(x, weight, bias, aux, aux_weight):
+    B = x.shape[-2]
+    with torch.no_grad():
+        return mbranch_oracle(_d(x), _d(weight), _d(bias), torch.zeros(B, dtype=torch.long), route="all",
+                              grad_mask="none", aux=_d(aux), aux_weight=_d(aux_weight))
+
+
+def mutual_linear_forward(x, weight, bias, aux, aux_weight, scenario, activation, temperature, similarity):
+    """``mutual_linear_forward``: (out [B, N], attn [B, M]) of the mutual unit over act(every branch's z)."""
+    M = weight.shape[0]
+    s, ok = _own_rows(scenario, M)
+    with torch.no_grad():
+        out, attn = mutual_linear_oracle(_d(x), _d(weight), _d(bias), s, activation=ACTIVATION[activation],
+                                         temperature=temperature, similarity=SIMILARITY[similarity], aux=_d(aux),
+                                         aux_weight=_d(aux_weight), return_attention=True)
+    return out * ok[:, None], attn * ok[:, None]
+
+
+def mutual_linear_backward(grad_out, x, weight, bias, aux, aux_weight, scenario, attn, activation, temperature,
+                           similarity):
+    """``mutual_linear_backward``: dz_own [B, N], the gradient w.r.t. the own branch's pre-activation z[s_b, b]
+    (``attn`` not used, as above)."""
+    M, B = weight.shape[0], x.shape[-2]
+    s, ok = _own_rows(scenario, M)
+    Z = _preactivations(x, weight, bias, aux, aux_weight).requires_grad_()
+    out = mutual_oracle(act64(Z, ACTIVATION[activation]), s, temperature=temperature,
+                        similarity=SIMILARITY[similarity])
+    (dz,) = torch.autograd.grad((out * _d(grad_out)).sum() + 0.0 * Z.sum(), [Z])
+    return dz[s, torch.arange(B)] * ok[:, None]
