@@ -5,9 +5,8 @@ Like tests/oracles.py (whose oracles it adapts) this imports torch and ``oracles
 ``saml_kernels`` (test_layering.py checks it): the kernel tests judge the C++/CUDA/Triton kernels by the ops' math
 written apart from the package, not by the reference backend's kernel functions. Everything is float64 on the CPU.
 
-- ``scenario_local``: a hashed scenario table's id -> local row, on plain Python ints (docs/design.md, "Hashed
-  scenario tables"; restated here on purpose).
-- ``seb_forward`` / ``seb_backward_rows``: the embedding bag's kernel pair.
+- ``seb_forward`` / ``seb_backward_rows``: the embedding bag's kernel pair (hashed scenario rows by
+  ``oracles.scenario_local``).
 - ``mbl_grouped_forward`` / ``mbl_all_forward`` / ``mbl_grouped_backward``: the branch GEMM's kernels.
 - ``mutual_forward`` / ``mutual_backward`` / ``mutual_linear_forward`` / ``mutual_linear_backward``: the mutual
   unit's and the fused mutual_linear's kernels (backwards by autograd through the oracles).
@@ -16,28 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from oracles import act64, mbranch_oracle, mutual_linear_oracle, mutual_oracle
+from oracles import act64, mbranch_oracle, mutual_linear_oracle, mutual_oracle, scenario_local
 
 SUM, MEAN, NONE = 0, 1, 2  # the kernel pooling codes
-_M32 = 0xFFFFFFFF
-
-
-def _fmix32(x: int) -> int:
-    """murmur3's fmix32 on a uint32 Python int."""
-    x ^= x >> 16
-    x = (x * 0x85EBCA6B) & _M32
-    x ^= x >> 13
-    x = (x * 0xC2B2AE35) & _M32
-    return x ^ (x >> 16)
-
-
-def scenario_local(i: int, rows: int, scenario_rows: int) -> int:
-    """local(id) = id if Rs_f == Rg_f, else fmix(fmix(lo32(id)) ^ hi32(id)) mod Rs_f (id a valid, >= 0 int)."""
-    if scenario_rows == rows:
-        return i
-    return _fmix32(_fmix32(i & _M32) ^ ((i >> 32) & _M32)) % scenario_rows
-
-
 def _entries(indices, offsets, scenario, feature_rows, feature_scenario_rows, Rs):
     """Per entry (Python lists): bag, feature, sample, valid, global row, flat scenario row (m * Rs + r, or -1 for
     a non-aware feature / invalid id)."""
