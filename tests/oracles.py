@@ -6,6 +6,8 @@ helper it shares with the kernels cannot hide behind an oracle built from the sa
 op's math written the plain way (index_add / einsum / masks), in float64, differentiable by autograd; the
 constants of the op contracts (leaky_relu slope, cosine eps) are restated here on purpose.
 
+- ``seb_loop_oracle``: scenario_embedding_bag as one Python loop over bags and ids (invalid ids read zero; hashed
+  scenario rows through ``scenario_local``, on Python ints).
 - ``seb_oracle``: scenario_embedding_bag, pooled outputs (g [B, F, D], s [B, F_aware, D]) or, for pooling
   "none", the per-position rows.
 - ``mbranch_oracle``: mbranch_linear, with the design's gradient masks (docs/design.md).
@@ -24,6 +26,80 @@ COSINE_EPS = 1e-8        # each norm of the cosine similarity is max(|v|, eps)
 
 
 # ------------------------------------------------------------------------------------------ embedding bag
+
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32(x: int) -> int:
+    """murmur3's fmix32 on a uint32 Python int."""
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _M32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def scenario_local(i: int, rows: int, scenario_rows: int) -> int:
+    """A hashed scenario table's local row of a valid id (docs/design.md, "Hashed scenario tables"; restated here
+    on plain Python ints): id if Rs_f == Rg_f, else fmix(fmix(lo32(id)) ^ hi32(id)) mod Rs_f."""
+    if scenario_rows == rows:
+        return i
+    return _fmix32(_fmix32(i & _M32) ^ ((i >> 32) & _M32)) % scenario_rows
+
+
+def _stack(vecs, shape, like):
+    return torch.stack(vecs) if vecs else like.new_zeros(shape)
+
+
+def seb_loop_oracle(indices, offsets, scenario, G, S, fr, fsr, pooling="sum", psw=None):
+    """Float64 loop oracle. Invalid ids (outside their feature's rows) contribute nothing ("zero" semantics).
+
+    global_out[b, f] = pool_i w_i G[fr[f] + id_i];  scenario_out[b, j] = pool_i w_i S[scenario[b], fsr[f_j] + id_i].
+    A hashed feature (Rs_f = fsr[f+1] - fsr[f] < Rg_f) reads scenario row fsr[f] + scenario_local(id, Rg_f, Rs_f).
+    Differentiable w.r.t. G, S, psw (autograd through the loop)."""
+    G64, S64 = G.double(), S.double()
+    w64 = psw.double() if psw is not None else None
+    idx, off, sc = indices.tolist(), offsets.tolist(), scenario.tolist()
+    fr, fsr = [int(v) for v in fr], [int(v) for v in fsr]
+    F = len(fr) - 1
+    B = (len(off) - 1) // F
+    D = G.shape[1]
+    aware = [f for f in range(F) if fsr[f + 1] > fsr[f]]
+    zero = G64.new_zeros(D)
+    L = (len(idx) // (F * B)) if (pooling == "none" and F * B) else 0
+    gout, sout = [], []
+    for b in range(B):
+        grow, srow = [], []
+        for f in range(F):
+            gv, sv = [], []
+            lo, hi = off[f * B + b], off[f * B + b + 1]
+            for i in range(lo, hi):
+                r = idx[i]
+                ok = 0 <= r < fr[f + 1] - fr[f]
+                w = w64[i] if w64 is not None else 1.0
+                gv.append(G64[fr[f] + r] * w if ok else zero)
+                if f in aware:
+                    sv.append(S64[sc[b], fsr[f] + scenario_local(r, fr[f + 1] - fr[f], fsr[f + 1] - fsr[f])] * w
+                              if ok else zero)
+            if pooling == "none":
+                grow.append(_stack(gv, (L, D), G64))
+                if f in aware:
+                    srow.append(_stack(sv, (L, D), G64))
+                continue
+            g = torch.stack(gv).sum(0) if gv else zero
+            s = torch.stack(sv).sum(0) if sv else zero
+            if pooling == "mean" and gv:
+                g, s = g / len(gv), s / len(gv)
+            grow.append(g)
+            if f in aware:
+                srow.append(s)
+        inner = (L, D) if pooling == "none" else (D,)
+        gout.append(_stack(grow, (0, *inner), G64))
+        sout.append(_stack(srow, (0, *inner), G64))
+    inner = (L, D) if pooling == "none" else (D,)
+    return _stack(gout, (0, F, *inner), G64), _stack(sout, (0, len(aware), *inner), G64)
+
+
 
 def seb_oracle(inp, pooling="sum"):
     """float64 oracle, differentiable w.r.t. the (float64) tables and per-sample weights it is given."""

@@ -1,5 +1,5 @@
 """Layering: the package proper never imports ``saml_kernels.reference`` (the eager backend and the twins), and the
-tests' float64 oracles (tests/oracles.py) import nothing from the package but its constants.
+tests' float64 oracles (tests/oracles.py, tests/_kernel_oracles.py) import nothing from the package but its constants.
 
 Only the reference twins themselves (saml_kernels/reference/), tests and benchmarks import it; the package
 reaches it in two documented places only, both at run time and on request: ``saml_kernels.reference`` (the
@@ -132,6 +132,8 @@ def test_op_modules_import_no_cycle():
 
 TESTS = ROOT / "tests"
 ORACLE_MODULE = TESTS / "oracles.py"
+#: the oracles and the adapters of the raw kernel signatures to oracles (the kernel tests judge by them)
+ORACLE_MODULES = (ORACLE_MODULE, TESTS / "_kernel_oracles.py")
 
 
 def _imported_modules(source: str) -> list[str]:
@@ -146,10 +148,12 @@ def _imported_modules(source: str) -> list[str]:
     return names
 
 
-def oracle_module_violations(source: str) -> list[str]:
+def oracle_module_violations(source: str, also: tuple = ()) -> list[str]:
     """Imports of the float64 oracle module that are not allowed: anything from saml_kernels except its constants
-    (``saml_kernels._codes``), any relative import, and any test module (which might reach the package)."""
-    allowed_roots = {"__future__", "math", "torch", "numpy", "typing", "dataclasses", "itertools", "functools"}
+    (``saml_kernels._codes``), any relative import, and any test module (which might reach the package) but the
+    ones named in ``also`` (the kernel adapters build on tests/oracles.py)."""
+    allowed_roots = {"__future__", "math", "torch", "numpy", "typing", "dataclasses", "itertools", "functools",
+                     *also}
     bad = []
     for name in _imported_modules(source):
         root = name.split(".")[0]
@@ -165,8 +169,9 @@ def oracle_module_violations(source: str) -> list[str]:
 
 def test_the_oracle_imports_nothing_it_judges():
     """tests/oracles.py, the float64 oracle every backend (the reference one included) is judged by, imports no
-    saml_kernels module but the constants (_codes), and no test helper."""
+    saml_kernels module but the constants (_codes), and no test helper; nor does tests/_kernel_oracles.py."""
     assert oracle_module_violations(ORACLE_MODULE.read_text()) == []
+    assert oracle_module_violations(ORACLE_MODULES[1].read_text(), also=("oracles",)) == []
 
 
 def test_the_oracle_check_sees_every_spelling():
@@ -179,8 +184,8 @@ def test_the_oracle_check_sees_every_spelling():
 
 
 def test_the_oracle_loads_no_package_module():
-    """Importing the oracle in a fresh process loads no saml_kernels module at all."""
-    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import oracles; "
+    """Importing the oracles in a fresh process loads no saml_kernels module at all."""
+    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import oracles, _kernel_oracles; "
             "print(sorted(m for m in sys.modules if m.startswith('saml_kernels')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"

@@ -2,8 +2,8 @@
 
 Each backend kernel (``grouped_forward``, ``all_forward``, ``grouped_backward``; ``mutual_forward``,
 ``mutual_backward``, ``mutual_linear_forward``, ``mutual_linear_backward``, signatures of csrc/registry.cpp) is
-called on fresh random inputs and compared with the reference kernel contract (saml_kernels/reference/) evaluated
-on float64 copies. Pairs:
+called on fresh random inputs and compared with the float64 oracles of tests/_kernel_oracles.py (adapters of the
+kernel signatures to tests/oracles.py, independent of saml_kernels; backwards by autograd) on float64 copies. Pairs:
 - (cpu, triton): the Triton kernels in the interpreter; run with
   ``TRITON_INTERPRET=1 PYTHONPATH=. python -m pytest -m triton_interp tests/test_mbranch_mutual_gpu.py``
   (tiny shapes M=3, B=7, K=5, N=6, interpreter blocks of 16; ~2 ms per program instance);
@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from saml_kernels import _backend
-from saml_kernels.reference import mbranch_linear as ref_mbl
-from saml_kernels.reference import mutual_unit as ref_mu
+import _kernel_oracles as KO
 from conftest import gpu_backends, interp_covering
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
@@ -104,7 +103,7 @@ def test_grouped_forward(device, backend, dtype, act, bias, aux, nan_outputs):
     s = scen(device, 7, 3, idt=torch.int32 if act % 2 else torch.int64)
     fwd = mbl(backend)[0]
     y, z = nan_outputs(device, fwd, c["x"], c["weight"], c["bias"], c["aux"], c["aux_weight"], s, act)
-    ry, rz = ref_mbl.grouped_forward_kernel(d64(c["x"]), d64(c["weight"]), d64(c["bias"]), d64(c["aux"]),
+    ry, rz = KO.mbl_grouped_forward(d64(c["x"]), d64(c["weight"]), d64(c["bias"]), d64(c["aux"]),
                                             d64(c["aux_weight"]), s, act)
     assert y.dtype == dtype
     close(y, ry, dtype, "y")
@@ -120,7 +119,7 @@ def test_all_forward(device, backend, dtype, act, per_branch, bias, aux, nan_out
     c = case(device, dtype, bias=bias, aux=aux, per_branch=per_branch)
     fwd = mbl(backend)[1]
     y, z = nan_outputs(device, fwd, c["x"], c["weight"], c["bias"], c["aux"], c["aux_weight"], act)
-    ry, rz = ref_mbl.all_forward_kernel(d64(c["x"]), d64(c["weight"]), d64(c["bias"]), d64(c["aux"]),
+    ry, rz = KO.mbl_all_forward(d64(c["x"]), d64(c["weight"]), d64(c["bias"]), d64(c["aux"]),
                                         d64(c["aux_weight"]), act)
     M, B, N = 3, 7, 6
     close(y, ry, dtype, "y")
@@ -133,7 +132,7 @@ def test_all_forward(device, backend, dtype, act, per_branch, bias, aux, nan_out
 
 
 def _backward_refs(dz, c, s, flags):
-    return ref_mbl.grouped_backward_kernel(d64(dz), d64(c["x"]), d64(c["weight"]), d64(c["aux"]),
+    return KO.mbl_grouped_backward(d64(dz), d64(c["x"]), d64(c["weight"]), d64(c["aux"]),
                                            d64(c["aux_weight"]), s, *flags)
 
 
@@ -175,12 +174,12 @@ def test_grouped_noncontiguous_and_deterministic(device, backend, nan_outputs):
     s = scen(device, B, M, empty=0)
     fwd, _, bwd = mbl(backend)
     y, _ = nan_outputs(device, fwd, x, w, b, a, wa, s, 1)
-    ry, _ = ref_mbl.grouped_forward_kernel(d64(x), d64(w), d64(b), d64(a), d64(wa), s, 1)
+    ry, _ = KO.mbl_grouped_forward(d64(x), d64(w), d64(b), d64(a), d64(wa), s, 1)
     close(y, ry, dtype, "y")
     dz = torch.randn(2 * B, N).to(device=device, dtype=dtype)[::2]
     o1 = nan_outputs(device, bwd, dz, x, w, a, wa, s, True, True, True, True, True)
     o2 = bwd(dz, x, w, a, wa, s, True, True, True, True, True)
-    refs = ref_mbl.grouped_backward_kernel(d64(dz), d64(x), d64(w), d64(a), d64(wa), s, True, True, True, True, True)
+    refs = KO.mbl_grouped_backward(d64(dz), d64(x), d64(w), d64(a), d64(wa), s, True, True, True, True, True)
     for name, p, q, r in zip(("dx", "dW", "db", "daux", "dWa"), o1, o2, refs):
         close(p, r, dtype, name)
         assert torch.equal(p, q), f"{name}: two runs differ"
@@ -212,11 +211,11 @@ def test_grouped_many_branches(device, backend, nan_outputs):
     s = torch.tensor([0] * 28 + [3] * 7 + [4] * 5)[torch.randperm(B)].to(device)
     fwd, _, bwd = mbl(backend)
     y, _ = nan_outputs(device, fwd, x, w, None, None, None, s, 0)
-    ry, _ = ref_mbl.grouped_forward_kernel(x.double(), w.double(), None, None, None, s, 0)
+    ry, _ = KO.mbl_grouped_forward(x.double(), w.double(), None, None, None, s, 0)
     close(y, ry, torch.float32, "y")
     dz = torch.randn(B, N, device=device)
     outs = nan_outputs(device, bwd, dz, x, w, None, None, s, True, True, True, False, False)
-    refs = ref_mbl.grouped_backward_kernel(dz.double(), x.double(), w.double(), None, None, s, True, True, True,
+    refs = KO.mbl_grouped_backward(dz.double(), x.double(), w.double(), None, None, s, True, True, True,
                                            False, False)
     for name, o, r in zip(("dx", "dW", "db"), outs, refs):
         close(o, r, torch.float32, name)
@@ -240,13 +239,13 @@ def test_mutual_forward_backward(device, backend, dtype, similarity, N, layout, 
     s = scen(device, B, M)
     fwd, bwd, _, _ = mu(backend)
     out, attn = nan_outputs(device, fwd, h, s, T, similarity)
-    rout, rattn = ref_mu.mutual_forward_kernel(h.double(), s, T, similarity)
+    rout, rattn = KO.mutual_forward(h.double(), s, T, similarity)
     assert attn.dtype == torch.float32
     close(out, rout, dtype, "out")
     close(attn, rattn, torch.float32 if dtype == torch.float32 else dtype, "attn")
     g = torch.randn(B, N).to(device=device, dtype=dtype)
     d = nan_outputs(device, bwd, g, h, s, attn, T, similarity)
-    rd = ref_mu.mutual_backward_kernel(g.double(), h.double(), s, rattn.double(), T, similarity)
+    rd = KO.mutual_backward(g.double(), h.double(), s, rattn.double(), T, similarity)
     close(d, rd, dtype, "dh_own")
 
 
@@ -260,12 +259,12 @@ def test_mutual_zero_own_and_many_branches(device, backend, nan_outputs):
     fwd, bwd, _, _ = mu(backend)
     for sim in (0, 1):
         out, attn = nan_outputs(device, fwd, h, s, 1.3, sim)
-        rout, rattn = ref_mu.mutual_forward_kernel(h.double(), s, 1.3, sim)
+        rout, rattn = KO.mutual_forward(h.double(), s, 1.3, sim)
         close(out, rout, torch.float32, "out")
         close(attn, rattn, torch.float32, "attn")
         g = torch.randn(B, N, device=device)
         d = nan_outputs(device, bwd, g, h, s, attn, 1.3, sim)
-        close(d, ref_mu.mutual_backward_kernel(g.double(), h.double(), s, rattn.double(), 1.3, sim),
+        close(d, KO.mutual_backward(g.double(), h.double(), s, rattn.double(), 1.3, sim),
               torch.float32, "dh_own")
 
 
@@ -279,12 +278,12 @@ def test_mutual_linear(device, backend, dtype, act, similarity, bias, aux, nan_o
     args = (c["x"], c["weight"], c["bias"], c["aux"], c["aux_weight"], s)
     args64 = tuple(d64(t) for t in args[:5]) + (s,)
     out, attn = nan_outputs(device, lfwd, *args, act, T, similarity)
-    rout, rattn = ref_mu.mutual_linear_forward_kernel(*args64, act, T, similarity)
+    rout, rattn = KO.mutual_linear_forward(*args64, act, T, similarity)
     close(out, rout, dtype, "out")
     close(attn, rattn, torch.float32 if dtype == torch.float32 else dtype, "attn")
     g = torch.randn(7, 6).to(device=device, dtype=dtype)
     dz = nan_outputs(device, lbwd, g, *args[:6], attn, act, T, similarity)
-    rdz = ref_mu.mutual_linear_backward_kernel(d64(g), *args64, rattn.double(), act, T, similarity)
+    rdz = KO.mutual_linear_backward(d64(g), *args64, rattn.double(), act, T, similarity)
     close(dz, rdz, dtype, "dz_own")
 
 
@@ -335,14 +334,14 @@ def test_cuda_engine_multi_tile(engine, dtype, monkeypatch, nan_outputs):
     s = _skewed_scenario(B, M, dev)
     fwd, allf, bwd = mbl("cuda")
     y, z = nan_outputs(dev, fwd, c["x"], c["weight"], c["bias"], c["aux"], c["aux_weight"], s, 3)
-    ry, rz = ref_mbl.grouped_forward_kernel(d64(c["x"]), d64(c["weight"]), d64(c["bias"]), d64(c["aux"]),
+    ry, rz = KO.mbl_grouped_forward(d64(c["x"]), d64(c["weight"]), d64(c["bias"]), d64(c["aux"]),
                                             d64(c["aux_weight"]), s, 3)
     close(y, ry, dtype, "grouped y")
     close(z, rz, dtype, "grouped z")
     for per_branch in (False, True):
         cc = case(dev, dtype, M=M, B=B, K=K, N=N, Ka=Ka, per_branch=per_branch)
         y, z = nan_outputs(dev, allf, cc["x"], cc["weight"], cc["bias"], cc["aux"], cc["aux_weight"], 4)
-        ry, rz = ref_mbl.all_forward_kernel(d64(cc["x"]), d64(cc["weight"]), d64(cc["bias"]), d64(cc["aux"]),
+        ry, rz = KO.mbl_all_forward(d64(cc["x"]), d64(cc["weight"]), d64(cc["bias"]), d64(cc["aux"]),
                                             d64(cc["aux_weight"]), 4)
         close(y, ry, dtype, f"all y (per_branch={per_branch})")
         close(z, rz, dtype, f"all z (per_branch={per_branch})")
@@ -367,11 +366,11 @@ def test_cuda_engine_multi_tile(engine, dtype, monkeypatch, nan_outputs):
         args = (c["x"], c["weight"], c["bias"], c["aux"], c["aux_weight"], s)
         args64 = tuple(d64(t) for t in args[:5]) + (s,)
         out, attn = nan_outputs(dev, lfwd, *args, 2, 0.9, 0)
-        rout, rattn = ref_mu.mutual_linear_forward_kernel(*args64, 2, 0.9, 0)
+        rout, rattn = KO.mutual_linear_forward(*args64, 2, 0.9, 0)
         close(out, rout, dtype, "mutual_linear out")
         g = torch.randn(B, N).to(device=dev, dtype=dtype)
         dzo = nan_outputs(dev, lbwd, g, *args, attn, 2, 0.9, 0)
-        close(dzo, ref_mu.mutual_linear_backward_kernel(d64(g), *args64, rattn.double(), 2, 0.9, 0), dtype,
+        close(dzo, KO.mutual_linear_backward(d64(g), *args64, rattn.double(), 2, 0.9, 0), dtype,
               "mutual_linear dz_own")
 
 

@@ -1,8 +1,8 @@
 """Public-API tests of ``saml_kernels.scenario_embedding_bag`` on every (device, backend) pair available here.
 
-The oracle is an independent float64 loop written below (``oracle``): one Python loop over bags and ids that reads
-rows with plain indexing, so it is obviously correct and shares no code with the package (its reference backend is
-one of the backends under test, not the oracle). Gradients of the oracle come from autograd through that loop.
+The oracle is an independent float64 loop (``seb_loop_oracle`` of tests/oracles.py): one Python loop over bags and
+ids that reads rows with plain indexing, so it is obviously correct and shares no code with the package (its
+reference backend is one of the backends under test, not the oracle). Gradients of the oracle come from autograd through that loop.
 
 Triton runs on CPU tensors only under ``TRITON_INTERPRET=1`` (params marked ``triton_interp``): shapes stay tiny.
 """
@@ -17,6 +17,7 @@ import torch
 import saml_kernels
 from saml_kernels import _backend
 from saml_kernels.ops import scenario_embedding_bag as seb_mod
+from oracles import seb_loop_oracle
 from conftest import device_backends, tolerance
 
 OP = "scenario_embedding_bag"
@@ -26,55 +27,7 @@ FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 
 # ------------------------------------------------------------------------------------------------ oracle
 
-def _stack(vecs, shape, like):
-    return torch.stack(vecs) if vecs else like.new_zeros(shape)
-
-
-def oracle(indices, offsets, scenario, G, S, fr, fsr, pooling="sum", psw=None):
-    """Float64 loop oracle. Invalid ids (outside their feature's rows) contribute nothing ("zero" semantics).
-
-    global_out[b, f] = pool_i w_i G[fr[f] + id_i];  scenario_out[b, j] = pool_i w_i S[scenario[b], fsr[f_j] + id_i].
-    Differentiable w.r.t. G, S, psw (autograd through the loop)."""
-    G64, S64 = G.double(), S.double()
-    w64 = psw.double() if psw is not None else None
-    idx, off, sc = indices.tolist(), offsets.tolist(), scenario.tolist()
-    fr, fsr = [int(v) for v in fr], [int(v) for v in fsr]
-    F = len(fr) - 1
-    B = (len(off) - 1) // F
-    D = G.shape[1]
-    aware = [f for f in range(F) if fsr[f + 1] > fsr[f]]
-    zero = G64.new_zeros(D)
-    L = (len(idx) // (F * B)) if (pooling == "none" and F * B) else 0
-    gout, sout = [], []
-    for b in range(B):
-        grow, srow = [], []
-        for f in range(F):
-            gv, sv = [], []
-            lo, hi = off[f * B + b], off[f * B + b + 1]
-            for i in range(lo, hi):
-                r = idx[i]
-                ok = 0 <= r < fr[f + 1] - fr[f]
-                w = w64[i] if w64 is not None else 1.0
-                gv.append(G64[fr[f] + r] * w if ok else zero)
-                if f in aware:
-                    sv.append(S64[sc[b], fsr[f] + r] * w if ok else zero)
-            if pooling == "none":
-                grow.append(_stack(gv, (L, D), G64))
-                if f in aware:
-                    srow.append(_stack(sv, (L, D), G64))
-                continue
-            g = torch.stack(gv).sum(0) if gv else zero
-            s = torch.stack(sv).sum(0) if sv else zero
-            if pooling == "mean" and gv:
-                g, s = g / len(gv), s / len(gv)
-            grow.append(g)
-            if f in aware:
-                srow.append(s)
-        inner = (L, D) if pooling == "none" else (D,)
-        gout.append(_stack(grow, (0, *inner), G64))
-        sout.append(_stack(srow, (0, *inner), G64))
-    inner = (L, D) if pooling == "none" else (D,)
-    return _stack(gout, (0, F, *inner), G64), _stack(sout, (0, len(aware), *inner), G64)
+oracle = seb_loop_oracle  # tests/oracles.py (test_scenario_embedding.py imports it from here)
 
 
 # ------------------------------------------------------------------------------------------------ inputs

@@ -1,8 +1,8 @@
 """Kernel-contract tests of the GPU backends of scenario_embedding_bag (triton, cuda).
 
 Each backend's ``seb_forward`` / ``seb_backward_rows`` (and the CUDA fused ``seb_backward_update_``) is called with
-the kernel contract of csrc/registry.cpp and compared with the reference contract
-(saml_kernels/reference/scenario_embedding_bag.py) evaluated on float64 copies of the tables. Pairs:
+the kernel contract of csrc/registry.cpp and compared with the float64 oracle of tests/_kernel_oracles.py
+(independent of saml_kernels) on float64 copies of the tables. Pairs:
 - (cpu, triton): the Triton kernels in the interpreter; run with
   ``TRITON_INTERPRET=1 PYTHONPATH=. python -m pytest -m triton_interp tests/test_scenario_embedding_bag_gpu.py``
   (tiny shapes: ~2 ms per program instance);
@@ -15,7 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saml_kernels.reference import scenario_embedding_bag as ref
+from saml_kernels import _backend
+import _kernel_oracles as KO
 from conftest import gpu_backends, interp_covering, tolerance
 
 OP = "scenario_embedding_bag"
@@ -92,7 +93,7 @@ def check_forward(device, backend, args, check=True, dtype=torch.float32):
     fwd, _ = kernels(backend)
     poison_allocator(device)
     g, s, bad = fwd(*args, check)
-    g0, s0, bad0 = ref.forward_kernel(*ref_args(args), check)
+    g0, s0, bad0 = KO.seb_forward(*ref_args(args), check)
     assert g.dtype == args[3].dtype and s.dtype == args[4].dtype
     assert g.shape == g0.shape and s.shape == s0.shape
     assert not torch.isnan(g).any() and not torch.isnan(s).any(), "unwritten output elements"
@@ -105,12 +106,12 @@ def check_forward(device, backend, args, check=True, dtype=torch.float32):
 
 def check_backward(device, backend, args, dtype=torch.float32, need_psw=True):
     fwd, bwd = kernels(backend)
-    g0, s0, _ = ref.forward_kernel(*ref_args(args), False)
+    g0, s0, _ = KO.seb_forward(*ref_args(args), False)
     gg = torch.randn(g0.shape, dtype=dtype).to(device)
     gs = torch.randn(s0.shape, dtype=dtype).to(device)
     poison_allocator(device)
     out = bwd(gg, gs, *args, need_psw)
-    exp = ref.backward_rows_kernel(gg.cpu().double(), gs.cpu().double(), *ref_args(args), need_psw)
+    exp = KO.seb_backward_rows(gg.cpu().double(), gs.cpu().double(), *ref_args(args), need_psw)
     grows, gvals, srows, svals, gpsw = out
     assert grows.dtype == torch.int64 and srows.dtype == torch.int64
     assert torch.equal(grows.cpu(), exp[0]) and torch.equal(srows.cpu(), exp[2])
@@ -164,7 +165,7 @@ def test_forward_bad_scenario_unchecked_reads_zero(device, backend):
     args[2] = torch.tensor([0, 2, -1], device=device)
     fwd, _ = kernels(backend)
     g, s, _ = fwd(*args, False)
-    g0, s0, _ = ref.forward_kernel(*ref_args(args[:2] + [torch.zeros(3, dtype=torch.long)] + args[3:]), False)
+    g0, s0, _ = KO.seb_forward(*ref_args(args[:2] + [torch.zeros(3, dtype=torch.long)] + args[3:]), False)
     assert_close(g, g0, torch.float32)
     assert_close(s[0], s0[0], torch.float32)
     assert not s[1:].any()
@@ -253,7 +254,7 @@ def test_backward_bitwise_repeatable(device, backend):
     """Sort + segment sum in id order: the same inputs give bitwise the same gradients (no float atomics)."""
     args = make_case(device, B=6, sizes=(3, 2), aware=(1, 1), psw=True, dup=True, max_len=6)
     _, bwd = kernels(backend)
-    g0, s0, _ = ref.forward_kernel(*ref_args(args), False)
+    g0, s0, _ = KO.seb_forward(*ref_args(args), False)
     gg = torch.randn(g0.shape).to(device)
     gs = torch.randn(s0.shape).to(device)
     a = bwd(gg, gs, *args, True)
@@ -277,7 +278,7 @@ def backward_case(device, dtype, D, hot):
                          empty_bags=False, bad_ids=2)
     else:
         args = make_case(device, dtype=dtype, D=D, psw=True, dup=True, bad_ids=1)
-    g0, s0, _ = ref.forward_kernel(*ref_args(args), False)
+    g0, s0, _ = KO.seb_forward(*ref_args(args), False)
     return args, torch.randn(g0.shape, dtype=dtype).to(device), torch.randn(s0.shape, dtype=dtype).to(device)
 
 
@@ -294,7 +295,7 @@ def test_cuda_fused_update(device, backend, optimizer, dtype, D, hot):
     M, Rs = sw.shape[0], sw.shape[1]
     gst = torch.rand(gw.shape[0], device=device)
     sst = torch.rand(M * Rs, device=device)
-    rows = ref.backward_rows_kernel(gg.cpu().double(), gs.cpu().double(), *ref_args(args), False)
+    rows = KO.seb_backward_rows(gg.cpu().double(), gs.cpu().double(), *ref_args(args), False)
     exp_w = [gw.cpu().double().clone(), sw.cpu().double().reshape(M * Rs, D).clone()]
     exp_s = [gst.cpu().double().clone(), sst.cpu().double().clone()]
     for t, (r, v) in enumerate(((rows[0], rows[1]), (rows[2], rows[3]))):
@@ -324,7 +325,7 @@ def test_cuda_dense_backward(device, backend, dtype, D, hot):
     args, gg, gs = backward_case(device, dtype, D, hot)
     gw, sw = args[3], args[4]
     M, Rs = sw.shape[0], sw.shape[1]
-    rows = ref.backward_rows_kernel(gg.cpu().double(), gs.cpu().double(), *ref_args(args), True)
+    rows = KO.seb_backward_rows(gg.cpu().double(), gs.cpu().double(), *ref_args(args), True)
     exp_g = torch.zeros(gw.shape, dtype=torch.float64)
     exp_s = torch.zeros(M * Rs, D, dtype=torch.float64)
     exp_g[rows[0]] = rows[1]
