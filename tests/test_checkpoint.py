@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import small_config, small_data
+from test_model import _assert_state_equal, _build, _train  # the model tests' builders (same EMB_LR)
 from saml_kernels.nn import SAML, SharedBottom, TrainingOptimizer
 from saml_kernels.reference import SAMLReference
 
@@ -24,25 +25,6 @@ EMB_LR = 0.1
 
 def _seed() -> int:
     return int(torch.randint(0, 2**31 - 1, ()))
-
-
-def _build(cls, cfg, emb_opt, **kw):
-    if cls is SAMLReference:
-        return SAMLReference(cfg, embedding_optimizer=emb_opt, **kw)
-    return cls(cfg, embedding_optimizer=emb_opt, embedding_lr=EMB_LR, **kw)
-
-
-def _train(model, opt, batches):
-    for b in batches:
-        opt.zero_grad()
-        model.loss(b).backward()
-        opt.step()
-
-
-def _assert_state_equal(a: dict, b: dict):
-    assert list(a) == list(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def _save_load(obj):
