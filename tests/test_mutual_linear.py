@@ -149,8 +149,8 @@ def test_gradients(device, backend, activation, similarity, save):
         torch.testing.assert_close(gr[k].double(), rg[k], atol=3e-5, rtol=3e-5, msg=lambda m: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("device,backend", [p for p in PAIRS if tuple(p.values) != ("cpu", "triton")])  # the C++ blocking;
+@pytest.mark.parametrize("activation", ["relu", "gelu"])  # the Triton interpreter takes minutes at these shapes
 def test_column_tiles_and_row_blocks(device, backend, activation):
     """Shapes where the CPU kernel cuts the branches into column tiles and the batch into row blocks (blocking()
     in csrc/cpu/mutual_unit.cpp: here 2 tiles of 6 branches, 4 blocks of 80 rows, the last one short): output
