@@ -39,12 +39,15 @@ def _fmix32(x: int) -> int:
     return x ^ (x >> 16)
 
 
+def id_hash(i: int) -> int:
+    """The id hash of hashed scenario tables on a Python int id >= 0: fmix(fmix(lo32(id)) ^ hi32(id))."""
+    return _fmix32(_fmix32(i & _M32) ^ ((i >> 32) & _M32))
+
+
 def scenario_local(i: int, rows: int, scenario_rows: int) -> int:
     """A hashed scenario table's local row of a valid id (docs/design.md, "Hashed scenario tables"; restated here
-    on plain Python ints): id if Rs_f == Rg_f, else fmix(fmix(lo32(id)) ^ hi32(id)) mod Rs_f."""
-    if scenario_rows == rows:
-        return i
-    return _fmix32(_fmix32(i & _M32) ^ ((i >> 32) & _M32)) % scenario_rows
+    on plain Python ints): id if Rs_f == Rg_f, else id_hash(id) mod Rs_f."""
+    return i if scenario_rows == rows else id_hash(i) % scenario_rows
 
 
 def _stack(vecs, shape, like):

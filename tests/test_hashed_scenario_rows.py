@@ -1,7 +1,7 @@
-"""Hashed scenario tables (issue 24 item 2): an aware feature f with Rs_f < Rg_f scenario rows maps id to scenario
+"""Hashed scenario tables: an aware feature f with Rs_f < Rg_f scenario rows maps id to scenario
 row ``feature_scenario_rows[f] + hash(id) mod Rs_f`` (ops/scenario_hash.py, csrc/include/saml_common.h).
 
-The oracle is a float64 loop with its own pure-Python hash (``py_hash``: Python ints, no torch), so it shares no
+The oracle is a float64 loop with the pure-Python hash of tests/oracles.py (``py_hash``: Python ints, no torch), so it shares no
 code with the package. Small Rs_f (1, 3, 7) make many ids collide: colliding ids must share one row, their
 gradients sum into it and the fused optimizer updates it once per step. Triton runs on CPU tensors only under
 ``TRITON_INTERPRET=1`` (params marked ``triton_interp``)."""
@@ -13,6 +13,8 @@ import torch
 
 import saml_kernels
 from conftest import device_backends, tolerance
+from oracles import id_hash as py_hash  # the float64 oracles' pure-Python hash (no torch, no package)
+from oracles import scenario_local as py_local
 from saml_kernels import serving
 from saml_kernels.data import make_synthetic
 from saml_kernels.nn import SAML, SAMLConfig, ScenarioEmbedding, TrainingOptimizer
@@ -21,26 +23,9 @@ from saml_kernels.reference.layers import RefScenarioEmbedding
 
 OP = "scenario_embedding_bag"
 PAIRS = device_backends(OP)
-M32 = 0xFFFFFFFF
 
 
 # ------------------------------------------------------------------------------------------------ the hash
-
-def py_mix(x: int) -> int:
-    x ^= x >> 16
-    x = (x * 0x85EBCA6B) & M32
-    x ^= x >> 13
-    x = (x * 0xC2B2AE35) & M32
-    return x ^ (x >> 16)
-
-
-def py_hash(i: int) -> int:
-    return py_mix(py_mix(i & M32) ^ (i >> 32))
-
-
-def py_local(i: int, rows: int, srows: int) -> int:
-    return i if srows == rows else py_hash(i) % srows
-
 
 def id_sweep() -> list:
     ids = list(range(0, 300)) + [2 ** k + d for k in range(8, 63) for d in (-1, 0, 1)] + [2 ** 63 - 1]
