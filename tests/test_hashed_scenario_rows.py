@@ -1,8 +1,8 @@
 """Hashed scenario tables: an aware feature f with Rs_f < Rg_f scenario rows maps id to scenario
 row ``feature_scenario_rows[f] + hash(id) mod Rs_f`` (ops/scenario_hash.py, csrc/include/saml_common.h).
 
-The oracle is a float64 loop with the pure-Python hash of tests/oracles.py (``py_hash``: Python ints, no torch), so it shares no
-code with the package. Small Rs_f (1, 3, 7) make many ids collide: colliding ids must share one row, their
+The oracle is a float64 loop with the pure-Python hash of tests/oracles.py (``py_hash``: Python ints, no
+torch), so it shares no code with the package. Small Rs_f (1, 3, 7) make many ids collide: colliding ids must share one row, their
 gradients sum into it and the fused optimizer updates it once per step. Triton runs on CPU tensors only under
 ``TRITON_INTERPRET=1`` (params marked ``triton_interp``)."""
 from __future__ import annotations
