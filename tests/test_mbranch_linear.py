@@ -306,18 +306,18 @@ def test_opcheck(device, backend, activation):
     leaves = [inp[n].requires_grad_() for n in ("x", "weight", "bias", "aux", "aux_weight")]
     xb = torch.randn(3, 9, 4, device=device, requires_grad=True)
     s = inp["scenario"]
-    torch.library.opcheck(mbl_ops._own_op, (*leaves, s, activation, True, backend))
-    torch.library.opcheck(mbl_ops._all_op, (*leaves, s, activation, 0, True, backend))
-    torch.library.opcheck(mbl_ops._all_op, (xb, *leaves[1:], s, activation, 2, True, backend))
+    torch.library.opcheck(mbl_ops._own_op.op, (*leaves, s, activation, True, backend))
+    torch.library.opcheck(mbl_ops._all_op.op, (*leaves, s, activation, 0, True, backend))
+    torch.library.opcheck(mbl_ops._all_op.op, (xb, *leaves[1:], s, activation, 2, True, backend))
     dy_own, dy_all = torch.randn(9, 5, device=device), torch.randn(9, 3, 5, device=device).permute(1, 0, 2)
     y, z = mbl_ops._own_op(*[t.detach() for t in leaves], s, activation, True, backend)
     saved = mbl_ops._saved_activation(y, z, activation)
-    torch.library.opcheck(mbl_ops._own_backward_op, (dy_own, saved, *[t.detach() for t in (leaves[0], leaves[1],
+    torch.library.opcheck(mbl_ops._own_backward_op.op, (dy_own, saved, *[t.detach() for t in (leaves[0], leaves[1],
                           leaves[3], leaves[4])], s, activation, True, True, True, True, True, backend))
     y, z = mbl_ops._all_op(*[t.detach() for t in leaves], s, activation, 1, True, backend)
     saved = mbl_ops._saved_activation(y, z, activation)
     for gm in (0, 1, 2):
-        torch.library.opcheck(mbl_ops._all_backward_op, (dy_all, saved, *[t.detach() for t in (leaves[0], leaves[1],
+        torch.library.opcheck(mbl_ops._all_backward_op.op, (dy_all, saved, *[t.detach() for t in (leaves[0], leaves[1],
                               leaves[3], leaves[4])], s, activation, gm, True, True, False, True, True, backend))
 
 

@@ -22,6 +22,9 @@ except ImportError:  # pragma: no cover - every supported torch has it
         return bool(expr)
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def _known_contiguous(t: Tensor) -> bool:
     """True only when t is contiguous whatever values its symbolic sizes take (no guard is recorded)."""
     if _known(t.numel() == 0):
@@ -38,6 +41,10 @@ def _known_contiguous(t: Tensor) -> bool:
 
 def dense(t: Optional[Tensor]) -> Optional[Tensor]:
     """``t`` when it is contiguous for every batch size, else a contiguous copy (None stays None)."""
-    if t is None or _known_contiguous(t):
+    if t is None:
+        return t
+    if type(t) in _PLAIN and not torch.compiler.is_compiling():  # eager: plain ints, no guard to avoid
+        return t.contiguous()
+    if _known_contiguous(t):
         return t
     return t.clone(memory_format=torch.contiguous_format)

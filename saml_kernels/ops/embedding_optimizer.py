@@ -213,15 +213,15 @@ def backward_update(backend: str, grad_global: Tensor, grad_scenario: Tensor, in
 # ------------------------------------------------------------------------------------------------ autograd
 
 class _FusedUpdate(torch.autograd.Function):
-    """Forward: the ``scenario_embedding_bag`` custom op. Backward: :func:`backward_update` applied in place to the
+    """Forward: the ``scenario_embedding_bag`` custom op (its eager path, ops/_eager.py, outside graphs). Backward: :func:`backward_update` applied in place to the
     touched rows (FBGEMM TBE style); no gradient tensor is materialised. The first input is a placeholder that
     requires grad, so autograd calls this backward although the tables themselves are passed detached."""
 
     @staticmethod
     def forward(ctx, placeholder, args, step):
         (indices, offsets, scenario, gw, sw, fr, fsr, slot, psw, pooling, bag_len, num_aware, bounds, backend) = args
-        g, s = torch.ops.saml_kernels.scenario_embedding_bag(indices, offsets, scenario, gw, sw, fr, fsr, slot, psw,
-                                                             pooling, bag_len, num_aware, bounds, False, backend)
+        g, s = _seb._forward_op(indices, offsets, scenario, gw, sw, fr, fsr, slot, psw, pooling, bag_len, num_aware,
+                                bounds, False, backend)
         ctx.save_for_backward(indices, offsets, scenario, fr, fsr, slot, psw)
         # The tables (and states) are updated in place in the backward: keep them as attributes, not saved tensors
         # (a saved tensor's version check would reject the update when the op runs twice before one backward).

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._codes import ACTIVATIONS
-from . import _autocast, _checks
+from . import _autocast, _checks, _eager
 from ._layout import dense
 from ._activation import LEAKY_RELU, NONE, RELU, activation_backward, needs_preactivation
 
@@ -77,7 +77,7 @@ def _empty_all(x: Tensor, M: int, N: int) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ forward ops
 
-@torch.library.custom_op("saml_kernels::mbranch_linear_own", mutates_args=())
+@_eager.custom_op("saml_kernels::mbranch_linear_own", mutates_args=())
 def _own_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], aux: Optional[Tensor], aux_weight: Optional[Tensor],
             scenario: Tensor, activation: int, check: bool, backend: str) -> tuple[Tensor, Tensor]:
     """(y [B, N], z [B, N] for gelu/silu else empty): each row through its own scenario's branch."""
@@ -93,7 +93,7 @@ def _(x, weight, bias, aux, aux_weight, scenario, activation, check, backend):
     return y, (torch.empty_like(y) if needs_preactivation(activation) else x.new_empty(0))
 
 
-@torch.library.custom_op("saml_kernels::mbranch_linear_all", mutates_args=())
+@_eager.custom_op("saml_kernels::mbranch_linear_all", mutates_args=())
 def _all_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], aux: Optional[Tensor], aux_weight: Optional[Tensor],
             scenario: Tensor, activation: int, grad_mask: int, check: bool, backend: str) -> tuple[Tensor, Tensor]:
     """(y [M, B, N], z or empty): every row through every branch (scenario/grad_mask serve the backward)."""
@@ -124,7 +124,7 @@ def _grad_shapes(x, weight, aux, aux_weight, need):
     return [s if n else (0,) for s, n in zip(shapes, need)]
 
 
-@torch.library.custom_op("saml_kernels::mbranch_linear_own_backward", mutates_args=())
+@_eager.custom_op("saml_kernels::mbranch_linear_own_backward", mutates_args=())
 def _own_backward_op(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, aux: Optional[Tensor],
                      aux_weight: Optional[Tensor], scenario: Tensor, activation: int, need_dx: bool,
                      need_dweight: bool, need_dbias: bool, need_daux: bool, need_daux_weight: bool,
@@ -167,7 +167,7 @@ def _dense_input_grads(dz, x, weight, aux_weight, need_dx, need_daux):
     return dx, daux
 
 
-@torch.library.custom_op("saml_kernels::mbranch_linear_all_backward", mutates_args=())
+@_eager.custom_op("saml_kernels::mbranch_linear_all_backward", mutates_args=())
 def _all_backward_op(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, aux: Optional[Tensor],
                      aux_weight: Optional[Tensor], scenario: Tensor, activation: int, grad_mask: int, need_dx: bool,
                      need_dweight: bool, need_dbias: bool, need_daux: bool, need_daux_weight: bool,

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._codes import ACTIVATIONS
-from . import _checks
+from . import _checks, _eager
 from . import mbranch_linear as _mbl
 from . import mutual_unit as _mu
 from ._activation import activation_backward, needs_preactivation
@@ -56,7 +56,7 @@ def _own_rows(t: Tensor, scenario: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ custom ops
 
-@torch.library.custom_op("saml_kernels::mutual_linear", mutates_args=())
+@_eager.custom_op("saml_kernels::mutual_linear", mutates_args=())
 def _forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], aux: Optional[Tensor],
                 aux_weight: Optional[Tensor], scenario: Tensor, activation: int, temperature: float, similarity: int,
                 save_branch_outputs: bool, check: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -89,7 +89,7 @@ def _(x, weight, bias, aux, aux_weight, scenario, activation, temperature, simil
     return out, attn, h, z_own
 
 
-@torch.library.custom_op("saml_kernels::mutual_linear_backward", mutates_args=())
+@_eager.custom_op("saml_kernels::mutual_linear_backward", mutates_args=())
 def _backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], aux: Optional[Tensor],
                  aux_weight: Optional[Tensor], scenario: Tensor, attn: Tensor, saved_h: Tensor, saved_z: Tensor,
                  activation: int, temperature: float, similarity: int, saved: bool, need_dx: bool,

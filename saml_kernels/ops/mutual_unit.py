@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._codes import SIMILARITIES
-from . import _checks
+from . import _checks, _eager
 
 OP = "mutual_unit"
 SIMILARITY = SIMILARITIES
@@ -63,7 +63,7 @@ def scatter_own(dh_own: Tensor, scenario: Tensor, like: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ custom ops
 
-@torch.library.custom_op("saml_kernels::mutual_unit", mutates_args=())
+@_eager.custom_op("saml_kernels::mutual_unit", mutates_args=())
 def _forward_op(h: Tensor, scenario: Tensor, temperature: float, similarity: int, check: bool,
                 backend: str) -> tuple[Tensor, Tensor]:
     """(out [B, N] h.dtype, attn [B, M] float32)."""
@@ -79,7 +79,7 @@ def _(h, scenario, temperature, similarity, check, backend):
     return h.new_empty(B, N), h.new_empty(B, M, dtype=torch.float32)
 
 
-@torch.library.custom_op("saml_kernels::mutual_unit_backward", mutates_args=())
+@_eager.custom_op("saml_kernels::mutual_unit_backward", mutates_args=())
 def _backward_op(grad_out: Tensor, h: Tensor, scenario: Tensor, attn: Tensor, temperature: float, similarity: int,
                  backend: str) -> Tensor:
     """dh [M, B, N] in h's layout: zero except dh[s_b, b] (the other branches are stop-gradient)."""

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from . import _autocast, _checks
+from . import _autocast, _checks, _eager
 
 OP = "partitioned_norm"
 
@@ -58,7 +58,7 @@ def kernels(backend: str):
 
 # ------------------------------------------------------------------------------------------------ custom ops
 
-@torch.library.custom_op("saml_kernels::partitioned_norm_stats", mutates_args=())
+@_eager.custom_op("saml_kernels::partitioned_norm_stats", mutates_args=())
 def _stats_op(x: Tensor, scenario: Tensor, num_scenarios: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     mean, var, count = kernels(backend).stats(x, scenario, num_scenarios)
     return mean, var, count
@@ -72,7 +72,7 @@ def _(x, scenario, num_scenarios, backend):
             x.new_empty(num_scenarios, dtype=torch.int64))
 
 
-@torch.library.custom_op("saml_kernels::partitioned_norm", mutates_args=())
+@_eager.custom_op("saml_kernels::partitioned_norm", mutates_args=())
 def _forward_op(x: Tensor, scenario: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, shift: Tensor,
                 count: Tensor, batch_stats: bool, backend: str) -> Tensor:
     """y [B, N]; count and batch_stats serve the backward (whether mean/rstd depend on x)."""
@@ -84,7 +84,7 @@ def _(x, scenario, mean, rstd, scale, shift, count, batch_stats, backend):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("saml_kernels::partitioned_norm_backward", mutates_args=())
+@_eager.custom_op("saml_kernels::partitioned_norm_backward", mutates_args=())
 def _backward_op(dy: Tensor, x: Tensor, scenario: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, count: Tensor,
                  batch_stats: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     dx, dscale, dshift = kernels(backend).backward(dy, x, scenario, mean, rstd, scale, count, batch_stats)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._codes import POOLING
-from . import _checks
+from . import _checks, _eager
 from .scenario_hash import MAX_HASHED_ROWS
 
 OP = "scenario_embedding_bag"
@@ -139,7 +139,7 @@ def _report_bad_ids(indices, offsets, feature_rows, mode):
 
 # ------------------------------------------------------------------------------------------------ custom ops
 
-@torch.library.custom_op("saml_kernels::scenario_embedding_bag", mutates_args=())
+@_eager.custom_op("saml_kernels::scenario_embedding_bag", mutates_args=())
 def _forward_op(indices: Tensor, offsets: Tensor, scenario: Tensor, global_weight: Tensor, scenario_weight: Tensor,
                 feature_rows: Tensor, feature_scenario_rows: Tensor, aware_slot: Tensor,
                 per_sample_weights: Optional[Tensor], pooling: int, bag_len: int, num_aware: int,
@@ -199,7 +199,7 @@ def _(indices, offsets, scenario, global_weight, scenario_weight, feature_rows, 
     return global_weight.new_empty(gs), scenario_weight.new_empty(ss)
 
 
-@torch.library.custom_op("saml_kernels::scenario_embedding_bag_backward", mutates_args=())
+@_eager.custom_op("saml_kernels::scenario_embedding_bag_backward", mutates_args=())
 def _backward_op(grad_global: Tensor, grad_scenario: Tensor, indices: Tensor, offsets: Tensor, scenario: Tensor,
                  global_weight: Tensor, scenario_weight: Tensor, feature_rows: Tensor, feature_scenario_rows: Tensor,
                  aware_slot: Tensor, per_sample_weights: Optional[Tensor], pooling: int, bag_len: int,

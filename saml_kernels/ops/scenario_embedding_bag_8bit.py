@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._codes import POOLING
-from . import _checks
+from . import _checks, _eager
 from . import scenario_embedding_bag as _seb
 from .scenario_hash import scenario_local
 
@@ -240,7 +240,7 @@ _backend.register_alias(OP, "cuda", "triton")
 
 # ------------------------------------------------------------------------------------------------ custom op
 
-@torch.library.custom_op("saml_kernels::scenario_embedding_bag_8bit", mutates_args=())
+@_eager.custom_op("saml_kernels::scenario_embedding_bag_8bit", mutates_args=())
 def _forward_op(indices: Tensor, offsets: Tensor, scenario: Tensor, global_packed: Tensor, scenario_packed: Tensor,
                 feature_rows: Tensor, feature_scenario_rows: Tensor, aware_slot: Tensor,
                 per_sample_weights: Optional[Tensor], pooling: int, bag_len: int, num_aware: int,
