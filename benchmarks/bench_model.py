@@ -27,9 +27,10 @@ Targets on the 2-core CPU: >= 2x the eager reference and >= 1.3x the compiled re
     python benchmarks/bench_model.py [--model saml|star|hmoe ...] [--data synthetic|movielens] [--quick] [--gpu]
                                      [--reps N] [--no-compile] [--batch B [B ...]] [--out-dir DIR]
 
-``--model`` (default saml) picks the models; results go to ``bench_model_<machine>`` for SAML alone and to
-``model_family_<machine>`` otherwise (``harness.result_stem``: ``_movielens``, ``_t<threads>``, ``_quick`` appended
-as they apply; ``--quick`` writes to a temporary folder unless ``--out-dir`` is given).
+``--model`` (default: all three) picks the models. Results go to one file per machine, ``bench_model_<machine>``
+(``harness.result_stem``: ``_movielens``, ``_t<threads>``, ``_quick`` appended as they apply; ``--quick`` writes to
+a temporary folder unless ``--out-dir`` is given), holding the models of that run: the current file is written by
+the default run of all three.
 
 ``--gpu`` runs B = 4096 in float32 and bfloat16 and B = 65536 in float32 (the large batch without torch.compile).
 """
@@ -178,8 +179,8 @@ def star_linear_overhead(reps: int, batch: int = 4096) -> dict:
 def parser():
     p = make_parser("SAML / STAR / HMoE training-step benchmark", gpu_help="run on CUDA in float32 and bfloat16",
                     quick_help="few repetitions, no torch.compile (a smoke check, to a temporary folder)")
-    p.add_argument("--model", nargs="+", choices=[m.lower() for m in MODELS], default=["saml"],
-                   help="models to time (default saml)")
+    p.add_argument("--model", nargs="+", choices=[m.lower() for m in MODELS], default=[m.lower() for m in MODELS],
+                   help="models to time (default all: the results file holds the models of the run)")
     p.add_argument("--data", choices=("synthetic", "movielens"), default="synthetic",
                    help="the batch: synthetic features (default) or rows of MovieLens-100K")
     p.add_argument("--star-linear-overhead", action="store_true",
@@ -234,15 +235,12 @@ def main(argv=None):
              "(providers measured in the order listed; later providers only show growth beyond earlier peaks). "
              f"Load average when the run ended: {', '.join(f'{v:.1f}' for v in os.getloadavg())}.")
     print(body)
-    family = names != ["SAML"]
-    stem = result_stem("model_family" if family else "bench_model", args,
-                       "movielens" if args.data == "movielens" else "")
+    stem = result_stem("bench_model", args, "movielens" if args.data == "movielens" else "")
     plot = {"groups": {f"{r['model']} {r['dtype']} B={r['batch']}": {
         ("ours" if k == r["model"] else k): v for k, v in r["samples_per_s"].items()} for r in results},
         "ylabel": "samples/s"}
-    title = ("MovieLens-100K: " if args.data == "movielens" else "") + (
-        f"{' / '.join(names)} training step: ours vs the plain-PyTorch twins (eager, torch.compile)" if family
-        else "SAML training step: ours vs SAMLReference (eager, torch.compile)")
+    title = (("MovieLens-100K: " if args.data == "movielens" else "")
+             + f"{' / '.join(names)} training step: ours vs the plain-PyTorch twins (eager, torch.compile)")
     paths = write_results(stem, title, body, {"results": results}, plot=plot, out_dir=args.out_dir)
     print("wrote", ", ".join(paths.values()))
     return results

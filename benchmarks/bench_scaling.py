@@ -41,36 +41,34 @@ model alive at a time), on one torch thread with the CPU time of the step's thre
 The sweeps not named in ``--sweeps`` are carried over from the previous results file (``carry_over``), with its
 hand-written notes, so there is one current file per benchmark and machine.
 
-``--quick``: a tiny grid, no compile, results suffixed ``_quick`` (git-ignored), for the smoke test. ``--gpu``: a
+``--quick``: a tiny grid, no compile, results suffixed ``_quick`` in a temporary folder (``harness.make_parser``;
+``--out-dir`` to choose), for the smoke test. ``--gpu``: a
 small CUDA grid (no compile) that fits in gpu_check.sh's 60 s: no point is started unless one as long as the
 previous one still fits in ``--budget-s`` (45 s). The full CPU grid (GRIDS["cpu"]) takes 4-5 min on 2 cores with a
 warm inductor cache, 7-10 min cold (a compile of the reference takes 20-60 s per point). Results:
 ``benchmarks/results/scaling_<machine>.{md,json}`` and the plots ``..._m.png`` (time vs M), ``..._b.png`` (time vs
 B), ``..._rows.png`` (time vs R), ``..._mem.png`` (memory vs M), ``..._tables.png`` (sweep T).
+
+Code: this file runs the M / B / R sweeps (``run_point``), writes their tables and plots and the results file;
+``scaling_measure.py`` holds the per-step measurements (set-up, memory, phase split, mutual-layer probe, ``slope``),
+``scaling_rows.py`` sweep T.
 """
 from __future__ import annotations
 
 import math
 import os
 import resource
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from harness import (make_parser, markdown_table, peak_memory, result_stem, time_alternating,  # noqa: E402
-                     write_results)
-
-from saml_kernels.data import make_synthetic  # noqa: E402
-from saml_kernels.nn import SAML, SAMLConfig, TrainingOptimizer  # noqa: E402
-from saml_kernels.reference import SAMLReference  # noqa: E402
-from saml_kernels.training import saml_loss  # noqa: E402
-
-LR, EMB_LR = 1e-3, 0.05
+from harness import make_parser, markdown_table, result_stem, time_alternating, write_results  # noqa: E402
+from scaling_measure import (block_gemm_probe, build_point, mutual_gflop, phase_times, slope,  # noqa: E402
+                             state_bytes, step_peak_extra)
+from scaling_rows import ROWS_GRIDS, ROWS_THREADS, plot_rows, rows_table, run_rows_point  # noqa: E402
 
 # sweep -> (base point (M, B, R), axis, values, points with torch.compile)
 GRIDS = {
@@ -84,391 +82,6 @@ GRIDS = {
               "B": ((2, 256, 500), "B", [128, 256], []),
               "R": ((2, 256, 500), "R", [500, 2000], [])},
 }
-
-
-# sweep "T": global table rows G, (M, B) fixed; the settings are timed one after another (one model
-# alive at a time: at G = 10M the tables take ~3 GB); "non-fused dense" only up to DENSE_MAX_ROWS (it is the slow one)
-ROWS_GRIDS = {"cpu": ((2, 2048), [100_000, 300_000, 1_000_000, 3_000_000, 10_000_000]),
-              "gpu": ((2, 8192), [100_000, 10_000_000]),
-              "quick": ((2, 128), [40_000, 200_000])}
-ROWS_SETTINGS = ("fused (default)", "non-fused sparse", "non-fused dense")
-DENSE_MAX_ROWS = 1_000_000
-ROWS_THREADS = 1  # torch threads of the T sweep on the CPU (see run_rows_point)
-
-
-# ------------------------------------------------------------------------------------------------ set-up
-
-def build_point(M: int, B: int, R: int, device: str, compile_ref: bool):
-    """Models, optimizers and the batch of one point; returns (cfg, batch, {name: (model, opt, body)})."""
-    data = make_synthetic(B, num_scenarios=M, scenario_mix=[1.0] * M, num_users=R, num_items=R, seed=0)
-    cfg = SAMLConfig.from_data(data)
-    b = data.batch(np.arange(B)).to(device)
-    torch.manual_seed(0)
-    ours = SAML(cfg, embedding_optimizer="rowwise_adagrad", embedding_lr=EMB_LR, device=device)
-    models = {"SAML": ours}
-    for name in ["reference eager"] + (["reference compiled"] if compile_ref else []):
-        models[name] = SAMLReference(cfg, embedding_optimizer="rowwise_adagrad", device=device)
-        models[name].load_state_dict(ours.state_dict())
-    providers = {}
-    for name, model in models.items():
-        opt = TrainingOptimizer(model, LR, EMB_LR)
-        fwd = model.loss
-        if name == "reference compiled":
-            torch._dynamo.reset()  # a fresh compile per point (never the recompile limit's silent eager fallback)
-            cf = torch.compile(lambda *inp, m=model: saml_loss(*m(*inp[:-1]), inp[-1], cfg.aux_loss_weight))
-            fwd = lambda bb, cf=cf: cf(*bb.inputs(), bb.label)  # noqa: E731
-
-        def body(opt=opt, fwd=fwd):  # the step after zero_grad
-            fwd(b).backward()
-            opt.step()
-
-        providers[name] = (model, opt, body)
-    return cfg, b, providers
-
-
-def state_bytes(model, opt) -> int:
-    """Weights + buffers (row-wise Adagrad states) + Adam states: what lives between steps besides gradients."""
-    ts = list(model.parameters()) + list(model.buffers())
-    ts += [v for st in opt.dense.state.values() for v in st.values() if torch.is_tensor(v)]
-    ts += [st for _, st in opt.tables if all(st is not b for b in model.buffers())]
-    return sum(t.numel() * t.element_size() for t in ts)
-
-
-def step_peak_extra(opt, body, device: str) -> int:
-    """Peak bytes allocated on top of what was live when the step started (after zero_grad)."""
-    opt.zero_grad()
-    if device == "cuda":
-        return peak_memory(body, "cuda")
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        body()
-    live = peak = 0
-    # raw allocation (+) / free (-) events in time order (the frees of blocks allocated before are not recorded)
-    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
-# ------------------------------------------------------------------------------------------------ phases
-
-def phase_groups(model) -> dict:
-    groups = {"embedding": [model.embedding], "aux": list(model.aux_layers) + [model.aux_head],
-              "branches": [model.branch_head], "mutual": []}
-    if hasattr(model, "sequence_embedding"):
-        groups["embedding"].append(model.sequence_embedding)
-        groups["attention"] = [model.attention]
-    for kind, layer in zip(model.config.layer_kinds(), model.branch_layers):
-        groups["mutual" if kind == "mutual" else "branches"].append(layer)
-    return groups
-
-
-def phase_times(model, opt, batch, device: str, reps: int) -> tuple:
-    """({phase: median ms} of our step (see the module docstring), {op: median self ms per step} from the profiler
-    (CPU only)); forward groups by hooks, backward groups by the profiler on the CPU."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    acc, open_, ops = {}, {}, []
-    handles = []
-
-    def pre(mod, args, name):
-        sync()
-        rf = record_function("phase::" + name)
-        rf.__enter__()
-        open_[id(mod)] = (time.perf_counter(), rf)
-
-    def post(mod, args, out, name):
-        sync()
-        t0, rf = open_.pop(id(mod))
-        rf.__exit__(None, None, None)
-        acc[name] = acc.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
-
-    for name, mods in phase_groups(model).items():
-        for mod in mods:
-            handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: pre(m, a, n)))
-            handles.append(mod.register_forward_hook(lambda m, a, o, n=name: post(m, a, o, n)))
-    runs = []
-    try:
-        for _ in range(reps):
-            acc.clear()
-            opt.zero_grad()
-            sync()
-            prof = profile(activities=[ProfilerActivity.CPU]) if device == "cpu" else None
-            if prof:
-                prof.__enter__()
-            t0 = time.perf_counter()
-            loss = model.loss(batch)
-            sync()
-            t1 = time.perf_counter()
-            loss.backward()
-            sync()
-            t2 = time.perf_counter()
-            opt.step()
-            sync()
-            t3 = time.perf_counter()
-            if prof:
-                prof.__exit__(None, None, None)
-            ms = {f"fwd {k}": v for k, v in acc.items()}
-            ms["fwd other"] = (t1 - t0) * 1e3 - sum(acc.values())
-            bwd = (t2 - t1) * 1e3
-            if prof:
-                ops.append({e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()})
-                split = backward_split(prof)
-                ms.update({f"bwd {k}": v for k, v in split.items()})
-                ms["bwd other"] = bwd - sum(split.values())
-            else:
-                ms["bwd all"] = bwd
-            ms["optimizer"] = (t3 - t2) * 1e3
-            runs.append(ms)
-    finally:
-        for h in handles:
-            h.remove()
-    med = lambda rs: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in rs[0]} if rs else {}  # noqa: E731
-    return med(runs), med(ops)
-
-
-def backward_split(prof) -> dict:
-    """Profiled ms of the backward nodes per phase group: a node belongs to the group whose forward range holds
-    the last forward op that got the node's sequence number (the op that created the node)."""
-    evs = prof.events()
-    ranges = [(e.time_range.start, e.time_range.end, e.name[7:]) for e in evs if e.name.startswith("phase::")]
-    bwd = [e for e in evs if e.name.startswith("autograd::engine::evaluate_function")]
-    t_bwd = min((e.time_range.start for e in bwd), default=math.inf)
-    creator = {}
-    for e in evs:
-        if e.sequence_nr >= 0 and e.time_range.start < t_bwd and not e.name.startswith("autograd::"):
-            if e.sequence_nr not in creator or e.time_range.start >= creator[e.sequence_nr]:
-                creator[e.sequence_nr] = e.time_range.start
-    out = {}
-    for e in bwd:
-        t = creator.get(e.sequence_nr)
-        group = next((n for s, f, n in ranges if t is not None and s <= t <= f), None)
-        if group:
-            out[group] = out.get(group, 0.0) + e.cpu_time_total / 1e3
-    return out
-
-
-def mutual_dims(cfg) -> tuple:
-    """(K, Ka, N) of the (first) mutual layer."""
-    layer = cfg.layer_kinds().index("mutual")
-    K = cfg.scenario_dim if layer == 0 else cfg.branch_hidden[layer - 1]
-    Ka = cfg.global_dim if layer == 0 else cfg.aux_hidden[layer - 1]
-    return K, Ka, cfg.branch_hidden[layer]
-
-
-def mutual_gflop(cfg, B: int) -> float:
-    """GEMM GFLOP of the mutual layer per step: forward all-branch GEMM 2BM(K+Ka)N, its recompute in the
-    backward (same), and the own-branch gradients dW/dWa and dx/daux (2 x 2B(K+Ka)N)."""
-    K, Ka, N = mutual_dims(cfg)
-    return (4 * B * cfg.num_scenarios + 4 * B) * (K + Ka) * N / 1e9
-
-
-def mutual_blocking(B: int, M: int, Kt: int, N: int, elem: int = 4) -> tuple:
-    """(rows per block, [branches per column tile]) of the CPU mutual_linear kernel: a mirror of ``blocking()`` in
-    csrc/cpu/mutual_unit.cpp (see its "why this shape" header): R = B / 4 rounded up to a multiple of 16, clamped
-    to [16, 128]; tiles of t whole branches with (Kt + R) t N elem <= 1 MiB, near-equal."""
-    rows = min(max(-(-(-(-B // 4)) // 16) * 16, 16), 128)
-    t = min(max((1 << 20) // max((Kt + rows) * N * elem, 1), 1), max(M, 1))
-    tiles = -(-M // t)
-    edges = [M * i // tiles for i in range(tiles + 1)]
-    return rows, [b - a for a, b in zip(edges, edges[1:])]
-
-
-def block_gemm_probe(cfg, B: int, reps: int = 30) -> dict:
-    """The CPU mutual_linear kernel's block GEMM alone (csrc/cpu/mutual_unit.cpp: block_gemm on one block of
-    ``mutual_blocking`` rows, tile by tile, x and aux against each column tile's packed [K, t N] and [Ka, t N]
-    weights, as one worker of its parallel_for runs it, one thread): rows per block, branches per tile and
-    GFLOP/s."""
-    M = cfg.num_scenarios
-    K, Ka, N = mutual_dims(cfg)
-    rows, tiles = mutual_blocking(B, M, K + Ka, N)
-    x, a, bias = torch.randn(rows, K), torch.randn(rows, Ka), torch.randn(M * N)
-    ws = [(torch.randn(K, t * N), torch.randn(Ka, t * N)) for t in tiles]
-    z = torch.empty(rows, M * N)
-    cols = [(sum(tiles[:i]) * N, t * N) for i, t in enumerate(tiles)]
-
-    def f():
-        for (w, wa), (c0, c) in zip(ws, cols):
-            zt = z[:, c0:c0 + c]
-            torch.addmm(bias[c0:c0 + c], x, w, out=zt)
-            zt.addmm_(a, wa)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        res = time_alternating({"block": f}, reps=reps, warmup=3)
-    finally:
-        torch.set_num_threads(threads)
-    return {"rows": rows, "branches_per_tile": max(tiles), "gflops": 2 * rows * (K + Ka) * M * N
-            / res["medians_ms"]["block"] / 1e6, "packed_weights_mib": (K + Ka) * M * N * 4 / 2**20}
-
-
-# ------------------------------------------------------------------------------------------------ table rows
-
-def rows_problem(M: int, B: int, G: int, device: str):
-    """(cfg, batch) of a SAML problem whose global table has about G rows: the synthetic data of a small
-    problem (users = items = 20k, so make_synthetic stays fast), with the user, item and behaviour-sequence tables
-    widened to G/2 rows each and their ids spread over the wide tables (id -> id * stride): the batch touches as
-    many rows as the small problem, scattered over tables G/40k times larger."""
-    import dataclasses
-
-    small = 20_000
-    data = make_synthetic(B, num_scenarios=M, scenario_mix=[1.0] * M, num_users=small, num_items=small, seed=0)
-    cfg = SAMLConfig.from_data(data)
-    wide = max(G // 2, small)
-    stride = wide // small
-    feats = [f._replace(num_embeddings=wide) if f.name in ("user", "item") else f for f in cfg.features]
-    seq = cfg.sequence._replace(num_embeddings=wide + 1)  # + the padding id 0
-    cfg = dataclasses.replace(cfg, features=feats, sequence=seq)
-    b = data.batch(np.arange(B))
-    off, idx = b.offsets, b.indices.clone()
-    for f, spec in enumerate(cfg.features):
-        if spec.name in ("user", "item"):
-            lo, hi = int(off[f * B]), int(off[(f + 1) * B])
-            idx[lo:hi] *= stride
-    seq_ids = torch.where(b.seq_ids > 0, (b.seq_ids - 1) * stride + 1, b.seq_ids)
-    b = dataclasses.replace(b, indices=idx, seq_ids=seq_ids)
-    return cfg, b.to(device)
-
-
-def build_rows_setting(cfg, setting: str, device: str):
-    """(model, optimizer, body) of one setting: the default model (fused row-wise Adagrad), or
-    embedding_optimizer=None with sparse (``sparse=True`` on the embedding layers) or dense table gradients, the
-    tables then updated by TrainingOptimizer.step (the rows the gradient touches)."""
-    torch.manual_seed(0)
-    if setting == "fused (default)":
-        model = SAML(cfg, device=device)
-    else:
-        model = SAML(cfg, embedding_optimizer=None, device=device)
-        for mod in (model.embedding, getattr(model, "sequence_embedding", None)):
-            if mod is not None:
-                mod.sparse = setting == "non-fused sparse"
-    opt = TrainingOptimizer(model, LR)  # embedding_lr: the models' default (0.05)
-    return model, opt
-
-
-def run_rows_point(M: int, B: int, G: int, device: str, reps: int) -> dict:
-    """Step time (median of ``reps`` steps after 2 warm-up steps), state and peak memory of each setting at G.
-
-    Two clocks per step: wall time, and on the CPU the CPU time of the calling thread (``time.thread_time``). The
-    sweep runs its CPU steps on one torch thread (``ROWS_THREADS``), so that thread's CPU time is the whole step's
-    CPU work and waiting for a core held by another process does not count: on a shared machine it is the number
-    that still compares across points (the cache and memory bandwidth stay shared)."""
-    import gc
-    import warnings
-
-    t_start = time.perf_counter()
-    cfg, b = rows_problem(M, B, G, device)
-    rows = sum(f.num_embeddings for f in cfg.features)
-    out = {"M": M, "B": B, "G": G, "global_rows": rows, "medians_ms": {}, "steps_ms": {}, "cpu_medians_ms": {},
-           "cpu_steps_ms": {}, "memory_bytes": {}}
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for setting in ROWS_SETTINGS:
-        if setting == "non-fused dense" and G > DENSE_MAX_ROWS:
-            continue
-        model, opt = build_rows_setting(cfg, setting, device)
-
-        def body(model=model, opt=opt):
-            model.loss(b).backward()
-            opt.step()
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the dense setting's large-table warning, expected here
-            for _ in range(2):
-                opt.zero_grad()
-                body()
-            times, cpu = [], []
-            for _ in range(reps):
-                opt.zero_grad()
-                sync()
-                t, c = time.perf_counter(), time.thread_time()
-                body()
-                sync()
-                times.append((time.perf_counter() - t) * 1e3)
-                cpu.append((time.thread_time() - c) * 1e3)
-            state = state_bytes(model, opt)
-            out["memory_bytes"][setting] = {"state": state, "peak": state + step_peak_extra(opt, body, device)}
-        out["medians_ms"][setting] = statistics.median(times)
-        out["steps_ms"][setting] = times
-        out["cpu_medians_ms"][setting] = statistics.median(cpu)
-        out["cpu_steps_ms"][setting] = cpu
-        del model, opt, body
-        gc.collect()
-    out["wall_s"] = time.perf_counter() - t_start
-    return out
-
-
-def rows_table(res: dict) -> str:
-    pts = res["points"]
-    (M, B) = res["base"]
-    clock = "cpu_medians_ms" if pts[0].get("cpu_medians_ms") and res.get("device", "cpu") == "cpu" else "medians_ms"
-    base = pts[0][clock]["fused (default)"]
-    rows = []
-    for p in pts:
-        ms, wall, mem = p[clock], p["medians_ms"], p["memory_bytes"]
-        rows.append([f"{p['global_rows']:,}"] + [ms.get(s, "-") for s in ROWS_SETTINGS]
-                    + [f"{ms['fused (default)'] / base:.2f}x"] + [wall.get(s, "-") for s in ROWS_SETTINGS]
-                    + [mem[s]["state"] / 2**20 if s in mem else "-" for s in ROWS_SETTINGS[:1]]
-                    + [mem[s]["peak"] / 2**20 if s in mem else "-" for s in ROWS_SETTINGS])
-    what = "CPU ms" if clock == "cpu_medians_ms" else "ms"
-    header = (["global rows"] + [f"{s} {what}" for s in ROWS_SETTINGS] + ["default vs first point"]
-              + [f"{s} wall ms" for s in ROWS_SETTINGS] + ["state MiB (every setting)"]
-              + [f"{s} peak MiB" for s in ROWS_SETTINGS])
-    text = (f"### Sweep over the global table rows (M={M}, B={B})\n\nSettings: `SAML(cfg)` (the default: "
-            "row-wise Adagrad fused into the embedding backward); `SAML(cfg, embedding_optimizer=None)` with sparse "
-            "table gradients (`sparse=True` on its embedding layers) or dense ones (the old default; only at the "
-            f"points of at most ~{DENSE_MAX_ROWS:,} global rows), tables updated by `TrainingOptimizer.step` on "
-            f"the touched rows. Median of {res.get('reps', '?')} timed steps of each setting (timed one setting "
-            f"after another, one model alive at a time), {res.get('threads', '?')} torch thread(s); 'CPU ms' = CPU "
-            "time of the step's thread (`run_rows_point`: on a shared machine the comparable number), 'wall ms' "
-            "beside it; the user and item tables and the behaviour-sequence table are G/2 rows each, with the "
-            "batch's ids spread over them (`rows_problem`). State = weights + row-wise and Adam states; peak = state "
-            "+ the peak extra allocation of one step.\n\n")
-    text += markdown_table(header, rows) + "\n\n"
-    gs = [p["global_rows"] for p in pts]
-    sl = [(s, slope([g for g, p in zip(gs, pts) if s in p[clock]],
-                    [p[clock][s] for p in pts if s in p[clock]])) for s in ROWS_SETTINGS]
-    text += f"Slopes of log({what}) vs log(global rows):\n\n" + markdown_table(["setting", "slope"],
-                                                                          [[k, f"{v:.2f}"] for k, v in sl]) + "\n"
-    return text
-
-
-def plot_rows(res: dict, out_dir: str, stem: str) -> list:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    pts = res["points"]
-    clock = "cpu_medians_ms" if pts[0].get("cpu_medians_ms") and res.get("device", "cpu") == "cpu" else "medians_ms"
-    fig, (ax, axm) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for s in ROWS_SETTINGS:
-        xs = [p["global_rows"] for p in pts if s in p[clock]]
-        if xs:
-            ys = [p[clock][s] for p in pts if s in p[clock]]
-            ax.plot(xs, ys, "-o", ms=3, label=f"{s} (slope {slope(xs, ys):.2f})")
-            axm.plot(xs, [p["memory_bytes"][s]["peak"] / 2**20 for p in pts if s in p["memory_bytes"]], "-o", ms=3,
-                     label=f"{s} peak")
-    xs = [p["global_rows"] for p in pts]
-    axm.plot(xs, [p["memory_bytes"]["fused (default)"]["state"] / 2**20 for p in pts], "k:o", ms=3,
-             label="state (weights + optimizer states)")
-    ylab = "CPU ms per training step (median, 1 thread)" if clock == "cpu_medians_ms" else "ms per training step"
-    for a, yl, t in ((ax, ylab, "SAML step vs global table rows"),
-                     (axm, "MiB", "memory vs global table rows")):
-        a.set_xscale("log")
-        a.set_yscale("log")
-        a.set_xlabel("global table rows")
-        a.set_ylabel(yl)
-        a.set_title(f"{t} ({stem}, M={res['base'][0]}, B={res['base'][1]})", fontsize=9)
-        a.grid(True, which="both", alpha=0.3)
-        a.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    path = os.path.join(out_dir, f"{stem}_tables.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
 
 
 # ------------------------------------------------------------------------------------------------ one point
@@ -509,18 +122,6 @@ def group_ms(phases: dict) -> dict:
         g = "backward" if g == "all" else g
         out[g] = out.get(g, 0.0) + v
     return out
-
-
-# ------------------------------------------------------------------------------------------------ output
-
-def slope(xs, ys) -> float:
-    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if y and y > 0]
-    if len(pts) < 2:
-        return float("nan")
-    mx, my = (sum(p[i] for p in pts) / len(pts) for i in (0, 1))
-    sxx = sum((x - mx) ** 2 for x, _ in pts)
-    return sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else float("nan")
-
 
 def curves(points: list, axis: str) -> dict:
     """name -> (xs, ys) for the time curves of a sweep (providers, then our phase groups)."""

@@ -23,53 +23,25 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-void row_read(const at::Tensor& gw, const at::Tensor& sw, const at::Tensor& grow, const at::Tensor& srow,
-              at::Tensor& out_g, at::Tensor& out_s, int64_t L, int64_t ahead) {
-  const float* G = gw.data_ptr<float>();
-  const float* S = sw.data_ptr<float>();
-  const int64_t* gr = grow.data_ptr<int64_t>();
-  const int64_t* sr = srow.data_ptr<int64_t>();
-  float* og = out_g.data_ptr<float>();
-  float* os = out_s.data_ptr<float>();
-  const int64_t D = gw.size(1), nnz = grow.numel(), bags = nnz / L;
-  at::parallel_for(0, bags, 64, [&](int64_t b0, int64_t b1) {
-    const int64_t end = b1 * L;
-    for (int64_t bag = b0; bag < b1; ++bag) {
-      float* __restrict ag = og + bag * D;
-      float* __restrict as = os + bag * D;
-      for (int64_t d = 0; d < D; ++d) ag[d] = as[d] = 0.f;
-      for (int64_t p = bag * L; p < (bag + 1) * L; ++p) {
-        if (p + ahead < end) {
-          const char* q = reinterpret_cast<const char*>(G + gr[p + ahead] * D);
-          const char* r = reinterpret_cast<const char*>(S + sr[p + ahead] * D);
-          for (int64_t o = 0; o < D * 4; o += 64) { __builtin_prefetch(q + o, 0, 3); __builtin_prefetch(r + o, 0, 3); }
-        }
-        const float* __restrict x = G + gr[p] * D;
-        const float* __restrict y = S + sr[p] * D;
-        for (int64_t d = 0; d < D; ++d) { ag[d] += x[d]; as[d] += y[d]; }
-      }
-    }
-  });
-}
-
-// The same read for rows of 8- or 16-bit words (8-bit row-wise and bfloat16 / float16 tables): each row's W words
-// summed as unsigned integers into int32 outputs, the cheapest use of every byte (no conversion to float).
-template <typename T>
-void word_read_t(const at::Tensor& gw, const at::Tensor& sw, const at::Tensor& grow, const at::Tensor& srow,
-                 at::Tensor& out_g, at::Tensor& out_s, int64_t L, int64_t ahead) {
+// One read for every row type: T the stored element (float, or the 8- / 16-bit words of 8-bit row-wise and
+// bfloat16 / float16 tables), A the accumulator (float for float rows; int32 for words, summed as unsigned integers:
+// the cheapest use of every byte, no conversion to float).
+template <typename T, typename A>
+void read_rows(const at::Tensor& gw, const at::Tensor& sw, const at::Tensor& grow, const at::Tensor& srow,
+               at::Tensor& out_g, at::Tensor& out_s, int64_t L, int64_t ahead) {
   const T* G = reinterpret_cast<const T*>(gw.data_ptr());
   const T* S = reinterpret_cast<const T*>(sw.data_ptr());
   const int64_t* gr = grow.data_ptr<int64_t>();
   const int64_t* sr = srow.data_ptr<int64_t>();
-  int32_t* og = out_g.data_ptr<int32_t>();
-  int32_t* os = out_s.data_ptr<int32_t>();
+  A* og = reinterpret_cast<A*>(out_g.data_ptr());
+  A* os = reinterpret_cast<A*>(out_s.data_ptr());
   const int64_t W = gw.size(1), nnz = grow.numel(), bags = nnz / L, bytes = W * int64_t(sizeof(T));
   at::parallel_for(0, bags, 64, [&](int64_t b0, int64_t b1) {
     const int64_t end = b1 * L;
     for (int64_t bag = b0; bag < b1; ++bag) {
-      int32_t* __restrict ag = og + bag * W;
-      int32_t* __restrict as = os + bag * W;
-      for (int64_t d = 0; d < W; ++d) ag[d] = as[d] = 0;
+      A* __restrict ag = og + bag * W;
+      A* __restrict as = os + bag * W;
+      for (int64_t d = 0; d < W; ++d) ag[d] = as[d] = A(0);
       for (int64_t p = bag * L; p < (bag + 1) * L; ++p) {
         if (p + ahead < end) {
           const char* q = reinterpret_cast<const char*>(G + gr[p + ahead] * W);
@@ -78,16 +50,18 @@ void word_read_t(const at::Tensor& gw, const at::Tensor& sw, const at::Tensor& g
         }
         const T* __restrict x = G + gr[p] * W;
         const T* __restrict y = S + sr[p] * W;
-        for (int64_t d = 0; d < W; ++d) { ag[d] += int32_t(x[d]); as[d] += int32_t(y[d]); }
+        for (int64_t d = 0; d < W; ++d) { ag[d] += A(x[d]); as[d] += A(y[d]); }
       }
     }
   });
 }
 
-void word_read(const at::Tensor& gw, const at::Tensor& sw, const at::Tensor& grow, const at::Tensor& srow,
-               at::Tensor& out_g, at::Tensor& out_s, int64_t L, int64_t ahead) {
-  if (gw.element_size() == 1) word_read_t<uint8_t>(gw, sw, grow, srow, out_g, out_s, L, ahead);
-  else word_read_t<uint16_t>(gw, sw, grow, srow, out_g, out_s, L, ahead);
+// float32 rows into float32 outputs; 8- / 16-bit words into int32 outputs (make_ceiling checks the dtypes).
+void row_read(const at::Tensor& gw, const at::Tensor& sw, const at::Tensor& grow, const at::Tensor& srow,
+              at::Tensor& out_g, at::Tensor& out_s, int64_t L, int64_t ahead) {
+  if (gw.scalar_type() == at::kFloat) read_rows<float, float>(gw, sw, grow, srow, out_g, out_s, L, ahead);
+  else if (gw.element_size() == 1) read_rows<uint8_t, int32_t>(gw, sw, grow, srow, out_g, out_s, L, ahead);
+  else read_rows<uint16_t, int32_t>(gw, sw, grow, srow, out_g, out_s, L, ahead);
 }
 """
 
@@ -95,7 +69,7 @@ void word_read(const at::Tensor& gw, const at::Tensor& sw, const at::Tensor& gro
 @functools.lru_cache(maxsize=1)
 def _module():
     from torch.utils.cpp_extension import load_inline
-    return load_inline("saml_gather_ceiling_v2", cpp_sources=_SOURCE, functions=["row_read", "word_read"],
+    return load_inline("saml_gather_ceiling_v3", cpp_sources=_SOURCE, functions=["row_read"],
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
@@ -115,10 +89,9 @@ def make_ceiling(gw: torch.Tensor, swf: torch.Tensor, grow: torch.Tensor, srow: 
     out_g = torch.empty(bags, gw.shape[1], dtype=torch.int32 if words else torch.float32)
     out_s = torch.empty_like(out_g)
     grow, srow = grow.contiguous(), srow.contiguous()
-    read = mod.word_read if words else mod.row_read
 
     def run(ahead):
-        read(gw, swf, grow, srow, out_g, out_s, L, ahead)
+        mod.row_read(gw, swf, grow, srow, out_g, out_s, L, ahead)
 
     def as_sum(t):  # the values the tool sums: floats, or the words as unsigned integers
         if not words:

@@ -19,6 +19,15 @@ TORCH_LIBRARY(saml_C, m) {
   // fused update) uses that row: colliding ids share a scenario row, its gradient and its one update per step.
   // num_aware = Fs (the number of aware features, which sizes scenario_out); -1 = derive it from aware_slot,
   // which is a host read on CUDA (the public op always passes it: no sync).
+  // per_sample_weights (w [nnz] or None), contract of every seb_* kernel below: with pooling sum a bag is
+  // sum_i w_i row_i, its rows' gradients carry w_i, and grad_psw_i = <dOut_g[bag], G[row_i]> + <dOut_s[bag],
+  // S[srow_i]> (the second term for aware features; 0 for an invalid id). With pooling mean every backend computes
+  // the forward (1/len) sum_i w_i row_i and row gradients w_i / len, but grad_psw is NOT specified: the CPU kernel
+  // and the reference return the un-divided dot product above (not divided by the bag length), the CUDA and Triton
+  // kernels divide it by the bag length. The public ops accept per_sample_weights with pooling "sum" only and
+  // raise a ValueError otherwise (ops/scenario_embedding_bag.py check_bag_layout; tests/test_bad_input_ops.py and
+  // tests/test_bad_input.py, case psw-with-mean), so no public result depends on it: a direct caller of these
+  // operators must pass per_sample_weights with pooling sum only.
   m.def(
       "seb_forward(Tensor indices, Tensor offsets, Tensor scenario, Tensor global_weight, "
       "Tensor scenario_weight, Tensor feature_rows, Tensor feature_scenario_rows, Tensor aware_slot, "

@@ -37,7 +37,7 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 # can run wins. An entry cites its measurement by a file in benchmarks/results/ (tests/test_backend_registry.py
 # checks that every cited file exists); an order no committed results file supports says so. Re-measure and update
 # an entry when a kernel changes. Results files this table cites: embedding_cpu2.md, bench_branch_gemm_cpu2.md,
-# bench_mutual_cpu2.md, model_family_cpu2.md (all CPU; no GPU results file exists).
+# bench_mutual_cpu2.md, bench_model_cpu2.md (all CPU; no GPU results file exists).
 PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "cpu": {
         # benchmarks/results/embedding_cpu2.md (B=4096, 16 x 100k rows, D=32, fp32, 2 threads): one-hot uniform
@@ -53,7 +53,7 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
         # benchmarks/results/bench_mutual_cpu2.md (M=4, B=4096, K=N=256, fp32): fwd+bwd cpu 44.7 ms against 192 ms
         # eager.
         "mutual_linear": ("cpu", "reference"),
-        # benchmarks/results/model_family_cpu2.md: the C++ kernel inside STAR's step; no stand-alone figure yet.
+        # benchmarks/results/bench_model_cpu2.md: the C++ kernel inside STAR's step; no stand-alone figure yet.
         "partitioned_norm": ("cpu", "reference"),
     },
     # CUDA: UNMEASURED. No GPU results file exists; a device run of benchmarks/gpu_check.sh times both backends per

@@ -109,8 +109,9 @@ def seb_backward_rows(grad_global, grad_scenario, indices, offsets, scenario, gl
         loss = loss + 0.0 * (G.sum() + S.sum() + (psw.sum() if psw is not None and psw.requires_grad else 0.0))
     grads = torch.autograd.grad(loss, [G, S], allow_unused=True, retain_graph=True)
     if psw is not None and need_psw_grad:
-        # the op takes per-sample weights with sum pooling only; for mean the kernels give the sum pooling's
-        # d psw (the dot of the bag's gradient with the row, not divided by the bag length): restated here
+        # the op takes per-sample weights with sum pooling only; for mean the CPU kernel and the reference give the
+        # sum pooling's d psw (the dot of the bag's gradient with the row, not divided by the bag length; the CUDA
+        # and Triton kernels divide it: csrc/registry.cpp leaves it unspecified): the CPU one restated here
         if pooling == MEAN:
             g, s = _pooled(cpu[0], cpu[1], cpu[2], G, S, cpu[3], cpu[4], cpu[5], psw, SUM, bag_len)
             loss = (g * grad_global.detach().double().cpu()).sum() + (s * grad_scenario.detach().double().cpu()).sum()

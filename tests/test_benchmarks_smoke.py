@@ -49,8 +49,8 @@ def test_bench_model_family_quick(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "| STAR | float32 | 256 | reference eager |" in r.stdout and "| HMoE | float32 | 256 | HMoE |" in r.stdout
     written = sorted(p.name for p in tmp_path.iterdir())
-    assert "model_family_" + ("cpu%d" % os.cpu_count()) + "_quick.md" in written or any(
-        n.startswith("model_family_") and n.endswith("_quick.json") for n in written), written
+    assert "bench_model_" + ("cpu%d" % os.cpu_count()) + "_quick.md" in written or any(
+        n.startswith("bench_model_") and n.endswith("_quick.json") for n in written), written
 
 
 def test_bench_mutual_quick(tmp_path):

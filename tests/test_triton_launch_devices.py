@@ -52,6 +52,7 @@ _ON = {"device": META}  # the device of the cases' inputs (cuda:1 fake tensors i
 NOT_LAUNCHERS = {
     "mbranch_linear": {"aot_specs", "sort_by_scenario", "fixed_mm_config", "fixed_wg_config"},
     "mutual_unit": {"aot_specs", "fused_supported"},
+    "_mutual_kernels": set(),  # the mutual kernels' device code; mutual_unit launches them
     "partitioned_norm": {"aot_specs"},
     "scenario_embedding_bag": {"aot_specs", "pick_config", "sorted_segments", "split_segments", "segment_sizes"},
     "scenario_embedding_bag_8bit": {"aot_specs"},
