@@ -229,6 +229,10 @@ class ServedProgram(torch.nn.Module):
     def __init__(self, graph, spec: dict):
         super().__init__()
         self.graph, self.spec = graph, dict(spec)  # the graph: an exported module or an AOTInductor runner
+        if isinstance(graph, torch.fx.GraphModule):
+            from .ops import _eager
+
+            _eager.bind_graph(graph)  # the ops' eager path, as in the eager model (ops/_eager.py)
         seq = spec["seq_len"]
         # check_model_inputs reads only these two fields of a config
         self._config = types.SimpleNamespace(sequence=seq, num_dense=spec["num_dense"])

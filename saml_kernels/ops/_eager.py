@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["EagerOp", "custom_op", "plain_eager"]
+__all__ = ["EagerOp", "bind_graph", "custom_op", "plain_eager"]
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 
@@ -68,6 +68,17 @@ class EagerOp:
         self._fn = fn
         self._function: Optional[type] = None
 
+    @property
+    def graph_callable(self) -> Callable:
+        """A plain function calling this op (what :func:`bind_graph` puts in a graph: FX names its targets by
+        ``__module__`` / ``__name__``)."""
+        def call(*args):
+            return self(*args)
+
+        call.__name__ = call.__qualname__ = "eager_" + self.op._name.split("::")[-1]
+        call.__module__ = __name__
+        return call
+
     def register_fake(self, fn: Callable) -> Callable:
         return self.op.register_fake(fn)
 
@@ -100,6 +111,29 @@ class EagerOp:
         return self.op(*args)
 
 
+_REGISTRY: dict = {}  # "saml_kernels::<name>" -> its EagerOp
+
+
+def bind_graph(gm: torch.fx.GraphModule) -> int:
+    """Points every call of a package custom op (``torch.ops.saml_kernels.<name>.default``, positional
+    arguments) in ``gm`` at the op's :class:`EagerOp`, so a loaded exported program runs its ops' bodies as an
+    eager model does (plain eager: no dispatcher round trip; anything else: the custom op, as before). The values
+    are the same: the graph fixes every argument, the EagerOp runs the body the custom op would run. Returns the
+    number of calls bound (``gm`` is recompiled when there are any)."""
+    bound = 0
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or node.kwargs:
+            continue
+        op = _REGISTRY.get(target._schema.name) if target._overloadname == "default" else None
+        if op is not None:
+            node.target = op.graph_callable
+            bound += 1
+    if bound:
+        gm.recompile()
+    return bound
+
+
 def custom_op(name: str, *, mutates_args=()) -> Callable[[Callable], EagerOp]:
     """``torch.library.custom_op(name, mutates_args=...)`` returning an :class:`EagerOp`. Only for ops that mutate
     nothing and take positional arguments (every op of this package)."""
@@ -107,6 +141,7 @@ def custom_op(name: str, *, mutates_args=()) -> Callable[[Callable], EagerOp]:
         raise ValueError(f"ops._eager.custom_op: {name} mutates {mutates_args}; the eager path is for pure ops only")
 
     def wrap(fn: Callable) -> EagerOp:
-        return EagerOp(torch.library.custom_op(name, mutates_args=())(fn), fn)
+        op = _REGISTRY[name] = EagerOp(torch.library.custom_op(name, mutates_args=())(fn), fn)
+        return op
 
     return wrap
