@@ -177,3 +177,39 @@ def test_per_branch_bad_input(device, backend):
     for k, v in ours.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert torch.isfinite(ours(x, scenario, aux)).all()  # the layer still works after the rejected calls
+
+
+def test_save_branch_outputs_auto_keeps_small_batches_only(monkeypatch):
+    """save_branch_outputs=None (the default): the branch outputs are kept for the backward while M*B*N <=
+    SAVE_AUTO_ELEMENTS and recomputed above; True / False force it; anything else is a TypeError. The values and
+    gradients do not depend on the choice."""
+    from saml_kernels.nn import mutual_unit as mu_layer
+
+    seen = []
+    real = mu_layer.mutual_linear
+
+    def spy(*args, **kw):
+        seen.append(kw["save_branch_outputs"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(mu_layer, "mutual_linear", spy)
+    M, N = 4, 8
+    limit = mu_layer.SAVE_AUTO_ELEMENTS // (M * N)
+    grads = {}
+    for save in (None, True, False):
+        torch.manual_seed(0)
+        layer = MutualUnit(5, N, M, aux_features=3, save_branch_outputs=save)
+        for B in (limit, limit + 1):
+            x, a = torch.randn(B, 5, requires_grad=True), torch.randn(B, 3)
+            s = torch.arange(B) % M
+            layer(x, s, a).square().sum().backward()
+            grads[(save, B)] = (x.grad, layer.weight.grad.clone())
+            layer.zero_grad()
+    assert seen == [True, False, True, True, False, False]
+    for B in (limit, limit + 1):
+        for save in (True, False):
+            # saved and recomputed paths sum in different orders: float32 rounding apart
+            torch.testing.assert_close(grads[(None, B)][0], grads[(save, B)][0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(grads[(None, B)][1], grads[(save, B)][1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="save_branch_outputs"):
+        MutualUnit(5, N, M, save_branch_outputs=1)

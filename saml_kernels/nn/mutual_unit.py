@@ -15,6 +15,10 @@ from ..ops.mutual_unit import SIMILARITY, check_temperature, mutual_unit
 from .._args import size_arg
 from .multi_branch_linear import MultiBranchLinear
 
+#: ``MutualUnit(save_branch_outputs=None)`` keeps the branch outputs h [M, B, N] for the backward up to this many
+#: elements (a small batch), and recomputes them above it
+SAVE_AUTO_ELEMENTS = 1 << 16
+
 
 class MutualUnit(nn.Module):
     """All M branches of a linear layer for every sample, mixed by the mutual unit:
@@ -33,9 +37,12 @@ class MutualUnit(nn.Module):
         in_features: K. out_features: N. num_branches: M. aux_features: Ka (0 = no aux input).
         activation: None | "relu" | "leaky_relu" | "gelu" | "silu". temperature: > 0.
         similarity: "cosine" | "dot". bias: learn bias [M, N].
-        save_branch_outputs (shared input): False (default) recomputes the branch outputs in the backward (no
-            M x B x N memory, one more all-branch GEMM); True keeps them from the forward (a faster backward, M*B*N
-            more memory; measured in benchmarks/results/bench_mutual_*.md, "ours_saved").
+        save_branch_outputs (shared input): False recomputes the branch outputs in the backward (no M x B x N
+            memory, one more all-branch GEMM); True keeps them from the forward (a faster backward, M*B*N more
+            memory; measured in benchmarks/results/bench_mutual_*.md, "ours_saved"). None (the default) keeps them
+            when they are small, M*B*N <= ``SAVE_AUTO_ELEMENTS`` (2^16: e.g. M = 4, N = 256 up to B = 64), where
+            the recompute's GEMM and weight packing cost more than the memory (at B = 64 about 0.1 ms of a 1 ms
+            fused forward + backward on the 2-core CPU), and recomputes them otherwise.
         backend: force a backend (None = automatic).
         Sizes (K, N, M >= 1; Ka >= 0) take any integral value (int, numpy integer, 0-dim integer tensor), not
         bool: anything else raises TypeError / ValueError naming the argument and the value.
@@ -53,7 +60,7 @@ class MutualUnit(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, num_branches: int, aux_features: int = 0,
                  activation: Optional[str] = "relu", temperature: float = 1.0, similarity: str = "cosine",
-                 bias: bool = True, device=None, dtype=None, save_branch_outputs: bool = False,
+                 bias: bool = True, device=None, dtype=None, save_branch_outputs: Optional[bool] = None,
                  backend: Optional[str] = None):
         super().__init__()
         # sizes: any integral value (numpy ints, 0-dim int tensors), never bool; stored as Python ints
@@ -71,7 +78,9 @@ class MutualUnit(nn.Module):
         self.activation, self.similarity = activation, similarity
         if backend is not None:  # a bad name fails here, not at the first forward
             _backend.check_name(backend, "MutualUnit(backend=...)")
-        self.save_branch_outputs, self.backend = bool(save_branch_outputs), backend
+        if save_branch_outputs is not None and not isinstance(save_branch_outputs, bool):
+            raise TypeError(f"MutualUnit: save_branch_outputs must be None, True or False, got {save_branch_outputs!r}")
+        self.save_branch_outputs, self.backend = save_branch_outputs, backend
         self.weight = nn.Parameter(torch.empty(num_branches, in_features, out_features, **f))
         # registration order = MultiBranchLinear's (weight, bias, aux_weight), so state_dicts list alike
         self.register_parameter("bias", nn.Parameter(torch.empty(num_branches, out_features, **f)) if bias else None)
@@ -92,15 +101,19 @@ class MutualUnit(nn.Module):
                                grad_mask="own", aux=aux, aux_weight=self.aux_weight, backend=self.backend)
             return mutual_unit(h, scenario, temperature=self.temperature, similarity=self.similarity,
                                backend=self.backend)
+        save = self.save_branch_outputs
+        if save is None:
+            # a symbolic batch (torch.export, dynamic shapes) recomputes: deciding would put a guard on B
+            B = x.shape[0] if isinstance(x, Tensor) else None
+            save = type(B) is int and self.num_branches * B * self.out_features <= SAVE_AUTO_ELEMENTS
         return mutual_linear(x, self.weight, self.bias, scenario, activation=self.activation,
                              temperature=self.temperature, similarity=self.similarity, aux=aux,
-                             aux_weight=self.aux_weight, save_branch_outputs=self.save_branch_outputs,
-                             backend=self.backend)
+                             aux_weight=self.aux_weight, save_branch_outputs=bool(save), backend=self.backend)
 
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, num_branches={self.num_branches}"
              f", aux_features={self.aux_features}, bias={self.bias is not None}, activation={self.activation!r}"
              f", temperature={self.temperature}, similarity={self.similarity!r}")
-        if self.save_branch_outputs:
-            s += ", save_branch_outputs=True"
+        if self.save_branch_outputs is not None:
+            s += f", save_branch_outputs={self.save_branch_outputs}"
         return s + (f", backend={self.backend!r}" if self.backend else "")

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _backend
 from .._codes import POOLING
@@ -305,6 +306,12 @@ def table_layout(feature_rows, feature_scenario_rows, num_rows: int, num_scenari
 
     An aware feature f's scenario range has Rs_f rows with 1 <= Rs_f <= Rg_f (its global rows); Rs_f < Rg_f makes
     its scenario tables hashed: id -> ``feature_scenario_rows[f] + hash(id) mod Rs_f`` (ops/scenario_hash.py)."""
+    key = None
+    if type(feature_rows) is tuple and type(feature_scenario_rows) is tuple:  # a layer's: validated once
+        key = (feature_rows, feature_scenario_rows, num_rows, num_scenario_rows)
+        known = _VALID_LAYOUTS.get(key)
+        if known is not None:
+            return _layout_tensors(*known, device)
     fr = _as_tuple("feature_rows", feature_rows)
     fsr = _as_tuple("feature_scenario_rows", feature_scenario_rows)
     if len(fr) < 2:
@@ -326,7 +333,20 @@ def table_layout(feature_rows, feature_scenario_rows, num_rows: int, num_scenari
             raise ValueError(f"{OP}: feature_scenario_rows gives feature {f} {ss} scenario rows but feature_rows "
                              f"gives it {gs} global rows; an aware feature's scenario range must have at most its "
                              f"global size (fewer: hashed rows, fewer than 2^32)")
-    if torch.compiler.is_compiling() or _tracing_with_fake_tensors():
+    if key is not None:
+        if len(_VALID_LAYOUTS) >= 256:
+            _VALID_LAYOUTS.clear()
+        _VALID_LAYOUTS[key] = (fr, fsr)  # equal keys (2 == 2.0 == True) convert to the same ints
+    return _layout_tensors(fr, fsr, device)
+
+
+# (feature_rows, feature_scenario_rows, num_rows, num_scenario_rows) tuples that passed table_layout's checks ->
+# their int tuples: a layer calls with the same tuples every step, so they are validated once
+_VALID_LAYOUTS: dict = {}
+
+
+def _layout_tensors(fr: tuple, fsr: tuple, device):
+    if torch.compiler.is_compiling() or (_get_current_dispatch_mode() is not None and _tracing_with_fake_tensors()):
         # a trace (torch.compile, torch.export) makes fake tensors here: never cache them for later eager calls
         return _layout_cached.__wrapped__(fr, fsr, _checks.device_key(device))
     return _layout_cached(fr, fsr, _checks.device_key(device))  # "cuda" = the current device, cached as such
