@@ -246,6 +246,60 @@ def test_cpu_kernel_matches_python_hash_bitwise_whole_range(dtype):
     assert torch.equal(gw.view(torch.int16), want.view(torch.int16))
 
 
+def _special_rows(R: int, D: int, dtype, gen):
+    """[R, D] float32 table values exactly representable in ``dtype`` and gradients whose SGD update reaches every
+    kind of value, mixed within 8-lane groups: normals of both signs across many binades, values that are
+    subnormal in ``dtype`` (float32 subnormals for bfloat16, float16 subnormals for float16), +-0, +-inf, NaN
+    (a NaN weight, and inf - inf), and values at the largest finite ``dtype`` value (the update may overflow)."""
+    big = 3.3895313892515355e38 if dtype == torch.bfloat16 else 65504.0
+    tiny = 2.0 ** -133 if dtype == torch.bfloat16 else 2.0 ** -20
+    kind = torch.randint(0, 8, (R, D), generator=gen)
+    sign = torch.where(torch.rand(R, D, generator=gen) < 0.5, -1.0, 1.0)
+    mag = torch.pow(2.0, torch.empty(R, D).uniform_(-24, 14, generator=gen))
+    w = torch.where(kind <= 2, sign * mag, torch.zeros(()))                       # 0-2: normals
+    w = torch.where(kind == 3, sign * tiny * torch.rand(R, D, generator=gen), w)  # 3: subnormal
+    w = torch.where(kind == 4, sign * float("inf"), w)                            # 4: inf (5: inf - inf = NaN)
+    w = torch.where(kind == 5, float("inf"), w)
+    w = torch.where(kind == 6, float("nan"), w)                                   # 6: NaN
+    w = torch.where(kind == 7, sign * big, w)                                     # 7: the largest finite
+    w = w.to(dtype).float()  # what the table holds (-0 where a zero kept its sign)
+    g = torch.randn(R, D, generator=gen) * torch.where(w.isfinite() & (w != 0), w.abs(), torch.ones(()))
+    g = torch.where(kind == 3, torch.randn(R, D, generator=gen) * tiny * 50, g)
+    g = torch.where(kind == 5, float("inf"), g)
+    g = torch.where(kind == 7, -sign * big * 2.0 ** -9, g)  # pushes past the largest finite value
+    zero = (kind <= 2) & (torch.rand(R, D, generator=gen) < 0.15)  # +-0 - 0: a zero update
+    return torch.where(zero, sign * 0.0, w), torch.where(zero, torch.zeros(()), g)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [37, 16])
+def test_cpu_row_store_special_values_bitwise(dtype, D):
+    """The CPU kernel's 8-lane stochastic stores (bfloat16 and float16, AVX2 where the CPU has it) and their scalar
+    tail (D = 37) store the Python reference's bits for every kind of value: normals, subnormals, +-0, +-inf,
+    NaN, overflow past the largest finite value, both signs, mixed within 8-lane groups."""
+    R = 256
+    c = one_hot_case(R, D, dtype=dtype, seed=5)
+    gen = torch.Generator().manual_seed(21)
+    w, g = _special_rows(R, D, dtype, gen)
+    c["gw"] = w.to(dtype)
+    g = g.to(dtype)
+    c["gg"] = torch.where(g == 0, torch.zeros((), dtype=dtype), g)[:, None]  # +0: the kernel sums from +0
+    lr = 0.25
+    gw, _ = run_update(c, "cpu", lr, seed=2024, step=77)
+    v = float32_update(c, lr)
+    # the data reach every kind of value, in the float32 update and in what is stored
+    assert bool(v.isnan().any()) and bool(v.isposinf().any()) and bool(v.isneginf().any())
+    assert bool((v == 0).any()) and int((v.abs() < torch.finfo(dtype).tiny).sum()) > 50
+    assert int((v.abs() > torch.finfo(dtype).max).sum()) > 10
+    want = sr.round_rows(v, dtype, 2024, 77, sr.GLOBAL_TABLE, torch.arange(R))
+    got, want = gw.view(torch.int16), want.view(torch.int16)
+    bad = (got != want).nonzero()
+    assert bad.numel() == 0, (f"{bad.shape[0]} elements differ, first at (row, column) {bad[0].tolist()}: "
+                              f"update {v[tuple(bad[0])].item()!r}, kernel bits {got[tuple(bad[0])].item() & 0xFFFF:#06x}, "
+                              f"reference {want[tuple(bad[0])].item() & 0xFFFF:#06x}")
+
+
 @pytest.mark.parametrize("device,backend", [p for p in CPU_BACKENDS if p.values[1] != "cpu"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("optimizer,wd", [("sgd", 0.0), ("sgd", 0.05)])

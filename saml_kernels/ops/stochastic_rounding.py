@@ -78,8 +78,8 @@ def round_bf16(x: Tensor, h: Tensor) -> Tensor:
     """bfloat16 of float32 ``x`` rounded stochastically with the bits ``h`` (int64 uint32 values, x's shape)."""
     u = x.contiguous().view(torch.int32).to(torch.int64) & _M32
     bits = ((u + (h & 0xFFFF)) >> 16) & 0xFFFF
-    out = (bits - ((bits >> 15) << 16)).to(torch.int16).view(torch.bfloat16)  # uint16 -> int16 bit pattern
-    return torch.where(torch.isnan(x), x.to(torch.bfloat16), out)
+    bits = torch.where(torch.isnan(x), 0x7FC0, bits)  # c10's round-to-nearest NaN (torch's vectorised .to differs)
+    return (bits - ((bits >> 15) << 16)).to(torch.int16).view(torch.bfloat16)  # uint16 -> int16 bit pattern
 
 
 def _f16_from_bits(bits: Tensor) -> Tensor:
