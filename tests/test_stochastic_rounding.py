@@ -300,6 +300,37 @@ def test_cpu_row_store_special_values_bitwise(dtype, D):
                               f"reference {want[tuple(bad[0])].item() & 0xFFFF:#06x}")
 
 
+@pytest.fixture(scope="module")
+def cuda_emu():
+    """The CUDA kernels compiled from their real source for the CPU (tests/cuda_emu; built once per session)."""
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "cuda_emu"))
+    try:
+        import build
+    except ImportError:
+        pytest.skip("no CUDA emulation (tests/cuda_emu)")
+    return build.load()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [136, 7])
+def test_cuda_store_matches_python_hash_bitwise(cuda_emu, dtype, D):
+    """The CUDA fused update's stochastic store (csrc/cuda/scenario_embedding_bag.cuh, store_vec_update: 8 columns a
+    thread where D % 8 == 0, whole column pairs sharing one mix; D = 7: a column a thread), run in the CPU
+    emulation, stores the Python reference's bits: the same hash on every backend."""
+    c = one_hot_case(96, D, dtype=dtype, seed=6)
+    lr = 0.01
+    gw, sw = c["gw"].clone(), c["sw"].clone()
+    fr, fsr, slot, _ = seb.table_layout(c["fr"], c["fsr"], gw.shape[0], sw.shape[1], gw.device)
+    cuda_emu.seb_backward_update_(c["gg"], c["gs"], c["indices"], c["offsets"], c["scenario"], gw, sw, fr, fsr, slot,
+                                  None, seb.POOLING["sum"], 0, None, None, eo.SGD,
+                                  eo.make_hparams(lr, 1e-6, seed=31337, step=12), True, True)
+    v = float32_update(c, lr)
+    want = sr.round_rows(v, dtype, 31337, 12, sr.GLOBAL_TABLE, torch.arange(v.shape[0]))
+    assert torch.equal(gw.view(torch.int16), want.view(torch.int16))
+
+
 @pytest.mark.parametrize("device,backend", [p for p in CPU_BACKENDS if p.values[1] != "cpu"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("optimizer,wd", [("sgd", 0.0), ("sgd", 0.05)])
