@@ -23,9 +23,10 @@ namespace rows {
 #define SAML_F16C_ROWS 1
 // float16 rows 8 lanes at a time with F16C: c10::Half converts one element at a time in software (its conversion is
 // fixed at the baseline ISA, and GCC 12 does not vectorise _Float16 conversions even in the AVX2 / AVX-512 clones),
-// which left float16's fused step ~3x bfloat16's. These have their own target, so the ISA clones call them
-// (never inline them), and only where the CPU has F16C. Multiply and add stay separate instructions, and the
-// conversion back rounds to nearest even: bitwise the scalar loops' results (-ffp-contract=off).
+// which left float16's fused step ~3x bfloat16's. These have their own target, so the callers (every ISA clone)
+// use them only where the CPU has it (cpu_has_*, checked at run time). Multiply and add stay separate
+// instructions, and the conversion back rounds to nearest even: bitwise the scalar loops' results
+// (-ffp-contract=off).
 __attribute__((target("avx,f16c"))) inline void half_add_scaled_row(float* __restrict acc,
                                                                     const c10::Half* __restrict g, float scale,
                                                                     int64_t D) {
