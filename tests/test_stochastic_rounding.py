@@ -188,6 +188,25 @@ def test_python_reference_unbiased_edge_values():
                            torch.tensor([[True]]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_python_reference_columns_independent(dtype):
+    """The two columns of a pair share one mix (its low and high 16 bits): their rounding decisions, and those of
+    neighbouring pairs and of the same column in consecutive rows, are uncorrelated. Values halfway between
+    neighbours (p = 1/2, decision = up), 8192 rows: every Pearson correlation within 6 / sqrt(8192) = 0.066."""
+    n, D = 8192, 32
+    one = 1.0 + 2.0 ** -7 if dtype == torch.bfloat16 else 1.0 + 2.0 ** -10  # 1 + ulp: halfway is 1 + ulp / 2
+    x = torch.full((n, D), (1.0 + one) / 2)
+    up = (sr.round_rows(x, dtype, 17, 4, 0, torch.arange(n)).float() == one).double()
+    assert abs(up.mean().item() - 0.5) < 6 * 0.5 / (n * D) ** 0.5
+    z = (up - up.mean(0)) / up.std(0)
+    bound = 6 / n ** 0.5
+    for a, b in [(0, 1), (6, 7), (1, 2), (0, 2), (0, 16), (31, 30)]:
+        corr = (z[:, a] * z[:, b]).mean().item()
+        assert abs(corr) < bound, (a, b, corr)
+    rows = (z[1:] * z[:-1]).mean(0)  # each column against itself one row on
+    assert rows.abs().max().item() < bound, rows
+
+
 # ------------------------------------------------------------------------------------------------ bitwise agreement
 
 @needs_cpu_ext
