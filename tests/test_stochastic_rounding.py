@@ -214,7 +214,7 @@ def test_python_reference_columns_independent(dtype):
 @pytest.mark.parametrize("D", [8, 21])
 def test_cpu_kernel_matches_python_hash_bitwise(dtype, D):
     """The C++ kernel's stored bits are the Python reference's round_rows of the same float32 update, global and
-    scenario rows (table words 0 / 1), float16 through the AVX2 lanes and the scalar tail (D = 21)."""
+    scenario rows (table words 0 / 1), through the AVX2 lanes and the scalar tail (D = 21)."""
     c = one_hot_case(300, D, dtype=dtype, seed=1)
     lr = 0.01
     gw, sw = run_update(c, "cpu", lr, seed=123456789, step=41)
