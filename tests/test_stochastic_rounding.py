@@ -188,6 +188,25 @@ def test_python_reference_unbiased_edge_values():
                            torch.tensor([[True]]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_python_reference_columns_independent(dtype):
+    """The two columns of a pair share one mix (its low and high 16 bits): their rounding decisions, and those of
+    neighbouring pairs and of the same column in consecutive rows, are uncorrelated. Values halfway between
+    neighbours (p = 1/2, decision = up), 8192 rows: every Pearson correlation within 6 / sqrt(8192) = 0.066."""
+    n, D = 8192, 32
+    one = 1.0 + 2.0 ** -7 if dtype == torch.bfloat16 else 1.0 + 2.0 ** -10  # 1 + ulp: halfway is 1 + ulp / 2
+    x = torch.full((n, D), (1.0 + one) / 2)
+    up = (sr.round_rows(x, dtype, 17, 4, 0, torch.arange(n)).float() == one).double()
+    assert abs(up.mean().item() - 0.5) < 6 * 0.5 / (n * D) ** 0.5
+    z = (up - up.mean(0)) / up.std(0)
+    bound = 6 / n ** 0.5
+    for a, b in [(0, 1), (6, 7), (1, 2), (0, 2), (0, 16), (31, 30)]:
+        corr = (z[:, a] * z[:, b]).mean().item()
+        assert abs(corr) < bound, (a, b, corr)
+    rows = (z[1:] * z[:-1]).mean(0)  # each column against itself one row on
+    assert rows.abs().max().item() < bound, rows
+
+
 # ------------------------------------------------------------------------------------------------ bitwise agreement
 
 @needs_cpu_ext
@@ -195,7 +214,7 @@ def test_python_reference_unbiased_edge_values():
 @pytest.mark.parametrize("D", [8, 21])
 def test_cpu_kernel_matches_python_hash_bitwise(dtype, D):
     """The C++ kernel's stored bits are the Python reference's round_rows of the same float32 update, global and
-    scenario rows (table words 0 / 1), float16 through the AVX2 lanes and the scalar tail (D = 21)."""
+    scenario rows (table words 0 / 1), through the AVX2 lanes and the scalar tail (D = 21)."""
     c = one_hot_case(300, D, dtype=dtype, seed=1)
     lr = 0.01
     gw, sw = run_update(c, "cpu", lr, seed=123456789, step=41)
@@ -243,6 +262,93 @@ def test_cpu_kernel_matches_python_hash_bitwise_whole_range(dtype):
         assert int((a == 0).sum()) > 0 and int(((a > 0) & (a < 2.0 ** -14)).sum()) > 100
         assert int((a >= 65520).sum()) > 0 and int(((a >= 2.0 ** -14) & (a < 65504)).sum()) > 1000
     want = sr.round_rows(v, dtype, 99, 5, sr.GLOBAL_TABLE, torch.arange(R))
+    assert torch.equal(gw.view(torch.int16), want.view(torch.int16))
+
+
+def _special_rows(R: int, D: int, dtype, gen):
+    """[R, D] float32 table values exactly representable in ``dtype`` and gradients whose SGD update reaches every
+    kind of value, mixed within 8-lane groups: normals of both signs across many binades, values that are
+    subnormal in ``dtype`` (float32 subnormals for bfloat16, float16 subnormals for float16), +-0, +-inf, NaN
+    (a NaN weight, and inf - inf), and values at the largest finite ``dtype`` value (the update may overflow)."""
+    big = 3.3895313892515355e38 if dtype == torch.bfloat16 else 65504.0
+    tiny = 2.0 ** -133 if dtype == torch.bfloat16 else 2.0 ** -20
+    kind = torch.randint(0, 8, (R, D), generator=gen)
+    sign = torch.where(torch.rand(R, D, generator=gen) < 0.5, -1.0, 1.0)
+    mag = torch.pow(2.0, torch.empty(R, D).uniform_(-24, 14, generator=gen))
+    w = torch.where(kind <= 2, sign * mag, torch.zeros(()))                       # 0-2: normals
+    w = torch.where(kind == 3, sign * tiny * torch.rand(R, D, generator=gen), w)  # 3: subnormal
+    w = torch.where(kind == 4, sign * float("inf"), w)                            # 4: inf (5: inf - inf = NaN)
+    w = torch.where(kind == 5, float("inf"), w)
+    w = torch.where(kind == 6, float("nan"), w)                                   # 6: NaN
+    w = torch.where(kind == 7, sign * big, w)                                     # 7: the largest finite
+    w = w.to(dtype).float()  # what the table holds (-0 where a zero kept its sign)
+    g = torch.randn(R, D, generator=gen) * torch.where(w.isfinite() & (w != 0), w.abs(), torch.ones(()))
+    g = torch.where(kind == 3, torch.randn(R, D, generator=gen) * tiny * 50, g)
+    g = torch.where(kind == 5, float("inf"), g)
+    g = torch.where(kind == 7, -sign * big * 2.0 ** -9, g)  # pushes past the largest finite value
+    zero = (kind <= 2) & (torch.rand(R, D, generator=gen) < 0.15)  # +-0 - 0: a zero update
+    return torch.where(zero, sign * 0.0, w), torch.where(zero, torch.zeros(()), g)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [37, 16])
+def test_cpu_row_store_special_values_bitwise(dtype, D):
+    """The CPU kernel's 8-lane stochastic stores (bfloat16 and float16, AVX2 where the CPU has it) and their scalar
+    tail (D = 37) store the Python reference's bits for every kind of value: normals, subnormals, +-0, +-inf,
+    NaN, overflow past the largest finite value, both signs, mixed within 8-lane groups."""
+    R = 256
+    c = one_hot_case(R, D, dtype=dtype, seed=5)
+    gen = torch.Generator().manual_seed(21)
+    w, g = _special_rows(R, D, dtype, gen)
+    c["gw"] = w.to(dtype)
+    g = g.to(dtype)
+    c["gg"] = torch.where(g == 0, torch.zeros((), dtype=dtype), g)[:, None]  # +0: the kernel sums from +0
+    lr = 0.25
+    gw, _ = run_update(c, "cpu", lr, seed=2024, step=77)
+    v = float32_update(c, lr)
+    # the data reach every kind of value, in the float32 update and in what is stored
+    assert bool(v.isnan().any()) and bool(v.isposinf().any()) and bool(v.isneginf().any())
+    assert bool((v == 0).any()) and int((v.abs() < torch.finfo(dtype).tiny).sum()) > 50
+    assert int((v.abs() > torch.finfo(dtype).max).sum()) > 10
+    want = sr.round_rows(v, dtype, 2024, 77, sr.GLOBAL_TABLE, torch.arange(R))
+    got, want = gw.view(torch.int16), want.view(torch.int16)
+    bad = (got != want).nonzero()
+    if bad.numel():
+        at = tuple(bad[0])
+        pytest.fail(f"{bad.shape[0]} elements differ, first at (row, column) {bad[0].tolist()}: update "
+                    f"{v[at].item()!r}, kernel bits {got[at].item() & 0xFFFF:#06x}, reference "
+                    f"{want[at].item() & 0xFFFF:#06x}")
+
+
+@pytest.fixture(scope="module")
+def cuda_emu():
+    """The CUDA kernels compiled from their real source for the CPU (tests/cuda_emu; built once per session)."""
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "cuda_emu"))
+    try:
+        import build
+    except ImportError:
+        pytest.skip("no CUDA emulation (tests/cuda_emu)")
+    return build.load()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [136, 7])
+def test_cuda_store_matches_python_hash_bitwise(cuda_emu, dtype, D):
+    """The CUDA fused update's stochastic store (csrc/cuda/scenario_embedding_bag.cuh, store_vec_update: 8 columns a
+    thread where D % 8 == 0, whole column pairs sharing one mix; D = 7: a column a thread), run in the CPU
+    emulation, stores the Python reference's bits: the same hash on every backend."""
+    c = one_hot_case(96, D, dtype=dtype, seed=6)
+    lr = 0.01
+    gw, sw = c["gw"].clone(), c["sw"].clone()
+    fr, fsr, slot, _ = seb.table_layout(c["fr"], c["fsr"], gw.shape[0], sw.shape[1], gw.device)
+    cuda_emu.seb_backward_update_(c["gg"], c["gs"], c["indices"], c["offsets"], c["scenario"], gw, sw, fr, fsr, slot,
+                                  None, seb.POOLING["sum"], 0, None, None, eo.SGD,
+                                  eo.make_hparams(lr, 1e-6, seed=31337, step=12), True, True)
+    v = float32_update(c, lr)
+    want = sr.round_rows(v, dtype, 31337, 12, sr.GLOBAL_TABLE, torch.arange(v.shape[0]))
     assert torch.equal(gw.view(torch.int16), want.view(torch.int16))
 
 

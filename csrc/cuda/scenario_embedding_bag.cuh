@@ -72,14 +72,24 @@ __device__ __forceinline__ void store_vec(T* p, const A (&a)[N], A mult) {
 }
 
 // The fused update's store of a weight row's columns [d, d + N): a 16-bit table with sr rounds stochastically
-// (saml_common.h, sr_round, hash bits of the row's key and each column), anything else as store_vec.
+// (saml_common.h, sr_round with sr_bits: 16 random bits of the row's key and each column, one mix per pair of
+// columns), anything else as store_vec.
 template <typename T, typename A, int N>
 __device__ __forceinline__ void store_vec_update(T* p, const A (&a)[N], bool sr, uint32_t key, int64_t d) {
   if constexpr (saml::sr_applies<T>()) {
     if (sr) {
       Vec<T, N> o;
+      if (N % 2 == 0 && (d & 1) == 0) {  // whole pairs: one mix for two columns (bitwise sr_bits)
 #pragma unroll
-      for (int k = 0; k < N; ++k) o.v[k] = saml::sr_round<T>(float(a[k]), saml::sr_bits(key, d + k));
+        for (int k = 0; k + 1 < N; k += 2) {
+          const uint32_t h = saml::sr_pair_bits(key, (d + k) >> 1);
+          o.v[k] = saml::sr_round<T>(float(a[k]), h & 0xFFFFu);
+          o.v[k + 1] = saml::sr_round<T>(float(a[k + 1]), h >> 16);
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < N; ++k) o.v[k] = saml::sr_round<T>(float(a[k]), saml::sr_bits(key, d + k));
+      }
       *reinterpret_cast<Vec<T, N>*>(p) = o;
       return;
     }

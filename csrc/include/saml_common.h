@@ -76,18 +76,24 @@ SAML_HOST_DEVICE inline uint32_t sr_mix32(uint32_t x) {
   return x;
 }
 // Key of one (seed, step, table, row): table 0 = global (row in [0, R)), 1 = scenario (row = m * Rs + r). Split in
-// two so that a kernel hashes the (seed, step, table) part once per table, not once per row.
+// two so that a kernel hashes the (seed, step, table) part once per table, and a row costs one mix: the high word
+// of the row enters linearly (rows below 2^32 all get distinct keys, mix being a bijection).
 SAML_HOST_DEVICE inline uint32_t sr_table_key(uint32_t seed, uint64_t step, uint32_t table) {
   return sr_mix32(sr_mix32(seed ^ (kSrGolden * (table + 1u))) ^ uint32_t(step));
 }
 SAML_HOST_DEVICE inline uint32_t sr_row_key(uint32_t table_key, uint64_t row) {
-  return sr_mix32(sr_mix32(table_key ^ uint32_t(row)) ^ uint32_t(row >> 32));
+  return sr_mix32(table_key ^ uint32_t(row) ^ (kSrGolden * uint32_t(row >> 32)));
 }
 SAML_HOST_DEVICE inline uint32_t sr_row_key(uint32_t seed, uint64_t step, uint32_t table, uint64_t row) {
   return sr_row_key(sr_table_key(seed, step, table), row);
 }
-// The 32 random bits of column d of a row with key k.
-SAML_HOST_DEVICE inline uint32_t sr_bits(uint32_t k, int64_t d) { return sr_mix32(k + kSrGolden * uint32_t(d)); }
+// The 16 random bits of column d of a row with key k: one mix per pair of columns (d = 2j, 2j + 1), its low half
+// for the even column and its high half for the odd one (stochastic rounding needs 16 bits an element, and the
+// mix is most of the store's cost).
+SAML_HOST_DEVICE inline uint32_t sr_pair_bits(uint32_t k, int64_t j) { return sr_mix32(k + kSrGolden * uint32_t(j)); }
+SAML_HOST_DEVICE inline uint32_t sr_bits(uint32_t k, int64_t d) {
+  return (sr_pair_bits(k, d >> 1) >> (16 * (d & 1))) & 0xFFFFu;
+}
 // (seed, step) of a fused update from its hparams (float64 integers: seed < 2^32, step < 2^53).
 SAML_HOST_DEVICE inline uint32_t sr_seed(const double* hp) { return uint32_t(hp[kSeed]); }
 SAML_HOST_DEVICE inline uint64_t sr_step(const double* hp) { return uint64_t(hp[kStep]); }
@@ -102,42 +108,43 @@ SAML_HOST_DEVICE inline uint32_t sr_float_bits(float x) {
 #endif
 }
 
-// bfloat16 bits of x rounded stochastically: the low 16 bits of h added to x's magnitude bits, then truncated
-// (FBGEMM's scheme): the result is the upper neighbour with probability (x's low 16 bits) / 2^16, exactly
-// unbiased. NaN keeps round-to-nearest (c10's quiet NaN).
-SAML_HOST_DEVICE inline uint16_t sr_bf16_bits(float x, uint32_t h) {
+// bfloat16 bits of x rounded stochastically with the 16 random bits r (sr_bits): r added to x's magnitude bits, then
+// truncated (FBGEMM's scheme): the result is the upper neighbour with probability (x's low 16 bits) / 2^16,
+// exactly unbiased. NaN keeps round-to-nearest (c10's quiet NaN 0x7FC0).
+SAML_HOST_DEVICE inline uint16_t sr_bf16_bits(float x, uint32_t r) {
   const uint32_t u = sr_float_bits(x);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return c10::BFloat16(x).x;
-  return uint16_t((u + (h & 0xFFFFu)) >> 16);  // the magnitude cannot carry into the sign: it stays <= inf + 0xFFFF
+  return uint16_t((u + r) >> 16);  // the magnitude cannot carry into the sign: it stays <= inf + 0xFFFF
 }
 
 SAML_HOST_DEVICE inline float sr_abs(float x) { return x < 0.0f ? -x : x; }
 
-// float16 bits of x rounded stochastically: lo = x rounded toward zero onto the float16 grid (round-to-nearest,
-// stepped back one ulp when that moved away from zero), hi = the next float16 away from zero, and hi is taken
-// when |x| - |lo| > u * (|hi| - |lo|) with u = (h >> 8) / 2^24 (every operation exact in float32): unbiased up to
-// 2^-24 ulp. Beyond the largest finite float16 as round-to-nearest (inf from 65520 up; 65504 below).
-SAML_HOST_DEVICE inline uint16_t sr_fp16_bits(float x, uint32_t h) {
+// float16 bits of x rounded stochastically with the 16 random bits r (sr_bits): lo = x rounded toward zero onto the
+// float16 grid (round-to-nearest, stepped back one ulp when that moved away from zero), hi = the next float16 away
+// from zero, and hi is taken when |x| - |lo| > u * (|hi| - |lo|) with u = r / 2^16 (every operation exact in
+// float32): exactly unbiased where x has at most 16 bits below the float16 grid (every float16 normal: 13), else
+// up to 2^-16 ulp. Beyond the largest finite float16 as round-to-nearest (inf from 65520 up; 65504 below).
+SAML_HOST_DEVICE inline uint16_t sr_fp16_bits(float x, uint32_t r) {
   uint16_t lo = c10::Half(x).x;
   const float lo_f = float(c10::Half(lo, c10::Half::from_bits()));
   const float ax = sr_abs(x);
   if (sr_abs(lo_f) > ax && (lo & 0x7FFFu) < 0x7C00u) --lo;  // |lo| > |x| >= 0: the magnitude is > 0
   const float alo = sr_abs(float(c10::Half(lo, c10::Half::from_bits())));
   const float ahi = sr_abs(float(c10::Half(uint16_t(lo + 1u), c10::Half::from_bits())));
-  const float u = float(h >> 8) * 5.9604644775390625e-8f;  // 2^-24
+  const float u = float(r) * 1.52587890625e-5f;  // 2^-16
   return (ax - alo > u * (ahi - alo)) ? uint16_t(lo + 1u) : lo;
 }
 
-// x stored into a 16-bit table with the stochastic bits h.
+// x stored into a 16-bit table with the 16 stochastic bits r.
 template <typename T>
-SAML_HOST_DEVICE inline T sr_round(float x, uint32_t h);
+SAML_HOST_DEVICE inline T sr_round(float x, uint32_t r);
 template <>
-SAML_HOST_DEVICE inline c10::BFloat16 sr_round<c10::BFloat16>(float x, uint32_t h) {
-  return c10::BFloat16(sr_bf16_bits(x, h), c10::BFloat16::from_bits());
+SAML_HOST_DEVICE inline c10::BFloat16 sr_round<c10::BFloat16>(float x, uint32_t r) {
+  return c10::BFloat16(sr_bf16_bits(x, r), c10::BFloat16::from_bits());
 }
 template <>
-SAML_HOST_DEVICE inline c10::Half sr_round<c10::Half>(float x, uint32_t h) {
-  return c10::Half(sr_fp16_bits(x, h), c10::Half::from_bits());
+SAML_HOST_DEVICE inline c10::Half sr_round<c10::Half>(float x, uint32_t r) {
+  return c10::Half(sr_fp16_bits(x, r), c10::Half::from_bits());
 }
 // True for the table types the fused update rounds stochastically.
 template <typename T>

@@ -8,19 +8,21 @@ smaller than half an ulp survive on average instead of vanishing under round-to-
 counter-based hash, not a generator: with uint32 words and arithmetic mod 2^32,
 
     mix(x)  = murmur3 fmix32: x ^= x >> 16; x *= 0x85EBCA6B; x ^= x >> 13; x *= 0xC2B2AE35; x ^= x >> 16
-    key     = mix(mix(mix(mix(seed ^ 0x9E3779B9 * (table + 1)) ^ step) ^ row_lo32) ^ row_hi32)
-    h[d]    = mix(key + 0x9E3779B9 * d)                  (column d of the row)
+    key     = mix(mix(mix(seed ^ 0x9E3779B9 * (table + 1)) ^ step) ^ row_lo32 ^ 0x9E3779B9 * row_hi32)
+    r[d]    = (mix(key + 0x9E3779B9 * (d >> 1)) >> (16 * (d & 1))) & 0xFFFF     (column d of the row: one mix per
+              pair of columns, its low 16 bits for the even column, its high 16 bits for the odd one)
 
 with table 0 for the global table (row in [0, R)) and 1 for the scenario tables (row = m * Rs + r), step the low 32
 bits of the module's fused-update count and seed < 2^32. Then
 
-    bfloat16:  bits = (float32 bits of x + (h & 0xFFFF)) >> 16       (NaN: round-to-nearest)
+    bfloat16:  bits = (float32 bits of x + r) >> 16       (NaN: 0x7FC0, c10's round-to-nearest quiet NaN)
     float16:   lo = round-to-nearest(x), stepped one ulp toward zero when that moved away from zero (finite only);
-               hi = the next float16 away from zero;  stored = hi if |x| - |lo| > ((h >> 8) * 2^-24) * (|hi| - |lo|)
+               hi = the next float16 away from zero;  stored = hi if |x| - |lo| > (r * 2^-16) * (|hi| - |lo|)
                else lo (every float32 operation there is exact)
 
-The bfloat16 rule is exactly unbiased; the float16 one up to 2^-24 of an ulp. Same (x, seed, step, table, row,
-column) -> the same bits on every backend.
+The bfloat16 rule is exactly unbiased; the float16 one exactly where x has at most 16 bits below the float16 grid
+(every x in the float16 normal range: 13), else up to 2^-16 of an ulp (float16 subnormals). Same (x, seed, step,
+table, row, column) -> the same bits on every backend.
 """
 from __future__ import annotations
 
@@ -64,22 +66,22 @@ def row_keys(seed: Union[int, Tensor], step: Union[int, Tensor], table: int, row
     rows = rows.to(torch.int64)
     k = mix32(torch.zeros_like(rows) + (_word(seed, rows.device) ^ ((GOLDEN * (table + 1)) & _M32)))
     k = mix32(k ^ _word(step, rows.device))
-    k = mix32(k ^ (rows & _M32))
-    return mix32(k ^ ((rows >> 32) & _M32))
+    return mix32(k ^ (rows & _M32) ^ _mul32((rows >> 32) & _M32, GOLDEN))
 
 
 def column_bits(keys: Tensor, D: int) -> Tensor:
-    """int64 [U, D] of uint32 values: h[u, d] = mix(keys[u] + GOLDEN * d)."""
-    cols = _mul32(torch.arange(D, dtype=torch.int64, device=keys.device), GOLDEN)
-    return mix32((keys.unsqueeze(-1) + cols) & _M32)
+    """int64 [U, D] of 16-bit values: r[u, d] = (mix(keys[u] + GOLDEN * (d >> 1)) >> (16 * (d & 1))) & 0xFFFF."""
+    cols = torch.arange(D, dtype=torch.int64, device=keys.device)
+    h = mix32((keys.unsqueeze(-1) + _mul32(cols >> 1, GOLDEN)) & _M32)
+    return (h >> (16 * (cols & 1))) & 0xFFFF
 
 
-def round_bf16(x: Tensor, h: Tensor) -> Tensor:
-    """bfloat16 of float32 ``x`` rounded stochastically with the bits ``h`` (int64 uint32 values, x's shape)."""
+def round_bf16(x: Tensor, r: Tensor) -> Tensor:
+    """bfloat16 of float32 ``x`` rounded stochastically with the 16-bit random values ``r`` (int64, x's shape)."""
     u = x.contiguous().view(torch.int32).to(torch.int64) & _M32
-    bits = ((u + (h & 0xFFFF)) >> 16) & 0xFFFF
-    out = (bits - ((bits >> 15) << 16)).to(torch.int16).view(torch.bfloat16)  # uint16 -> int16 bit pattern
-    return torch.where(torch.isnan(x), x.to(torch.bfloat16), out)
+    bits = ((u + r) >> 16) & 0xFFFF
+    bits = torch.where(torch.isnan(x), 0x7FC0, bits)  # c10's round-to-nearest NaN (torch's vectorised .to differs)
+    return (bits - ((bits >> 15) << 16)).to(torch.int16).view(torch.bfloat16)  # uint16 -> int16 bit pattern
 
 
 def _f16_from_bits(bits: Tensor) -> Tensor:
@@ -87,8 +89,8 @@ def _f16_from_bits(bits: Tensor) -> Tensor:
     return (bits - ((bits >> 15) << 16)).to(torch.int16).view(torch.float16)
 
 
-def round_fp16(x: Tensor, h: Tensor) -> Tensor:
-    """float16 of float32 ``x`` rounded stochastically with the bits ``h`` (int64 uint32 values, x's shape)."""
+def round_fp16(x: Tensor, r: Tensor) -> Tensor:
+    """float16 of float32 ``x`` rounded stochastically with the 16-bit random values ``r`` (int64, x's shape)."""
     x = x.contiguous()
     lo = x.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
     back = (_f16_from_bits(lo).float().abs() > x.abs()) & ((lo & 0x7FFF) < 0x7C00)
@@ -96,7 +98,7 @@ def round_fp16(x: Tensor, h: Tensor) -> Tensor:
     hi = (lo + 1) & 0xFFFF
     alo = _f16_from_bits(lo).float().abs()
     ahi = _f16_from_bits(hi).float().abs()
-    u = (h >> 8).to(torch.float32) * 2.0 ** -24
+    u = r.to(torch.float32) * 2.0 ** -16
     up = (x.abs() - alo) > u * (ahi - alo)
     return _f16_from_bits(torch.where(up, hi, lo))
 
@@ -105,5 +107,5 @@ def round_rows(x: Tensor, dtype: torch.dtype, seed: Union[int, Tensor], step: Un
                rows: Tensor) -> Tensor:
     """Rows ``x`` [U, D] (float32) of ``table`` at ``rows`` [U] stored as ``dtype`` (bfloat16 / float16) with
     stochastic rounding at (seed, step)."""
-    h = column_bits(row_keys(seed, step, table, rows.to(x.device)), x.shape[-1])
-    return round_bf16(x, h) if dtype == torch.bfloat16 else round_fp16(x, h)
+    r = column_bits(row_keys(seed, step, table, rows.to(x.device)), x.shape[-1])
+    return round_bf16(x, r) if dtype == torch.bfloat16 else round_fp16(x, r)
