@@ -78,9 +78,13 @@ __attribute__((target("avx2"))) inline __m256i mix32x8(__m256i h) {
 struct SrBits8 {
   __m256i hin, h;
   __attribute__((target("avx2"))) explicit SrBits8(uint32_t key)
-      : hin(_mm256_add_epi32(_mm256_set1_epi32(int(key)),  // key + golden * j, mod 2^32 as the scalar multiply
-                             _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                                _mm256_set1_epi32(int(saml::kSrGolden))))),
+      // key + golden * j (mod 2^32, as the scalar multiply); the products are constants, so the row's first mix
+      // waits only for the key
+      : hin(_mm256_add_epi32(_mm256_set1_epi32(int(key)),
+                             _mm256_setr_epi32(int(0u * saml::kSrGolden), int(1u * saml::kSrGolden),
+                                               int(2u * saml::kSrGolden), int(3u * saml::kSrGolden),
+                                               int(4u * saml::kSrGolden), int(5u * saml::kSrGolden),
+                                               int(6u * saml::kSrGolden), int(7u * saml::kSrGolden)))),
         h(_mm256_setzero_si256()) {}
   __attribute__((target("avx2"))) __m256i next(int64_t d) {
     if ((d & 8) == 0) {  // a new 16 columns: the next 8 pairs
