@@ -208,7 +208,7 @@ DEADLINE_B=$(( BUDGET - N_BENCH * BENCH_MIN ))   # the lanes leave each benchmar
 # sites, stochastic rounding
 DEFAULT_NEW="tests/test_mbranch_mutual_gpu.py tests/test_scenario_embedding_bag_gpu.py tests/test_cuda_*.py \
 tests/test_host_syncs.py tests/test_fused_training.py tests/test_partitioned_norm.py \
-tests/test_hashed_scenario_rows.py tests/test_check_sites.py tests/test_stochastic_rounding.py"
+tests/test_hashed_scenario_rows.py tests/test_check_sites.py tests/test_stochastic_rounding.py tests/test_eager_ops.py"
 NEW_TESTS=(${GPU_CHECK_NEW_TESTS:-$DEFAULT_NEW})
 REST_TESTS="${GPU_CHECK_REST_TESTS:-tests}"
 IGNORES=""

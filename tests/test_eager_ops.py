@@ -15,7 +15,11 @@ from saml_kernels.nn import SAML, SAMLConfig, TrainingOptimizer
 from saml_kernels.ops import _eager
 from saml_kernels.ops import mbranch_linear as mbl_ops
 
+from conftest import gpu_backends
+
 CPU_BACKENDS = [b for b in saml_kernels.available_backends("cpu") if b in ("cpu", "reference")]
+# every op of _op_cases on the CPU backends, and on the GPU ones (CUDA tensors; triton under the interpreter)
+PAIRS = [pytest.param("cpu", b, id=f"cpu-{b}") for b in CPU_BACKENDS] + gpu_backends("mbranch_linear")
 
 
 @pytest.fixture
@@ -31,9 +35,9 @@ def _inputs(M=3, B=11, K=7, N=5, seed=0):
                 dy=r(B, N), dh=r(M, B, N))
 
 
-def _op_cases(backend):
+def _op_cases(backend, device="cpu"):
     """name -> (function of fresh leaves -> output, leaves): one per custom op with autograd."""
-    i = _inputs()
+    i = {k: v.to(device) for k, v in _inputs().items()}
     s = i["scenario"]
     cases = {
         "mbranch_linear own": lambda x, w, b: saml_kernels.mbranch_linear(x, w, b, s, activation="relu",
@@ -53,13 +57,13 @@ def _run(fn, leaves):
     leaves = [t.detach().clone().requires_grad_() for t in leaves]
     out = fn(*leaves)
     g = torch.Generator().manual_seed(1)
-    out.backward(torch.randn(out.shape, generator=g))
+    out.backward(torch.randn(out.shape, generator=g).to(out.device))
     return out.detach(), [t.grad for t in leaves], out.grad_fn
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_ops_bitwise_the_dispatcher_path(backend, monkeypatch):
-    cases, leaves = _op_cases(backend)
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_ops_bitwise_the_dispatcher_path(device, backend, monkeypatch):
+    cases, leaves = _op_cases(backend, device)
     for name, fn in cases.items():
         out, grads, grad_fn = _run(fn, leaves)
         with monkeypatch.context() as mp:

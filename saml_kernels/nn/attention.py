@@ -11,9 +11,10 @@ For a sample b of scenario s with target embeddings t_g, t_s [D], sequence embed
 An all-padding sequence has all-zero weights, so both outputs are zero (no NaN, zero gradient).
 
 How it is computed (same math as the reference, fewer FLOPs): the key projection is moved to the query side,
-S (Wk q) instead of (S Wk) q, so no [B, L, d] key tensor is built (the per-scenario ``Wk_s q`` is the routed
-M-branch GEMM ``mbranch_linear(route="own")`` with the transposed weights); and V_g is applied after the
-weighted sum, V_g (sum_l w[l] S_g[l]), once for both attentions on a [B, 2, D] tensor instead of on [B, L, D].
+S (Wk q) instead of (S Wk) q, so no [B, L, d] key tensor is built (the per-scenario ``t_s Wq_s Wk_s^T`` is one
+routed M-branch GEMM ``mbranch_linear(route="own")`` with the weights Wq_s Wk_s^T [M, D, D], a bmm of the two
+parameters); both score rows share one masked softmax on [B, 2, L]; and V_g is applied after the weighted sum,
+V_g (sum_l w[l] S_g[l]), once for both attentions on a [B, 2, D] tensor instead of on [B, L, D].
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ __all__ = ["ScenarioAttention", "check_seq_lengths", "masked_attention", "sequen
 def masked_attention(scores: Tensor, mask: Tensor) -> Tensor:
     """softmax over positions with padding masked out; an all-padding row gives all-zero weights (never NaN).
 
-    scores [B, L] (any float dtype), mask [B, L] bool (True = a real position). Padded scores become the dtype's
+    scores [..., L] (any float dtype), mask bool broadcastable to it (True = a real position). Padded scores become the dtype's
     lowest value, so a row with at least one real position puts exactly 0 on padding; an all-padding row gets
     a uniform softmax that the final ``* mask`` zeroes (its gradient is zero too)."""
     neg = torch.finfo(scores.dtype).min
@@ -147,12 +148,12 @@ class ScenarioAttention(nn.Module):
         mask = sequence_mask(seq_lengths, L)
         # global: scores = S_g (Wk^T (Wq t_g)): u_g [B, D]
         u_g = self.global_query(target_g) @ self.global_key.weight
-        # local: q_s = t_s Wq_s (routed GEMM), u_s = q_s Wk_s^T (routed GEMM with the transposed weights)
-        q_s = self.local_query(target_s, scenario)
-        wk_t = self.local_key.weight.transpose(1, 2).contiguous()
-        u_s = mbranch_linear(q_s, wk_t, None, scenario, route="own", backend=self.backend)
-        scores_g = torch.bmm(seq_g, u_g.unsqueeze(-1)).squeeze(-1) * scale
-        scores_l = torch.bmm(seq_s, u_s.unsqueeze(-1)).squeeze(-1) * scale
-        w = torch.stack([masked_attention(scores_g, mask), masked_attention(scores_l, mask)], 1)  # [B, 2, L]
+        # local: u_s = t_s (Wq_s Wk_s^T), one routed GEMM with each scenario's [D, D] product of the two
+        # projections (formed once per call: M D^2 d flops), instead of two routed GEMMs in a row
+        w_qk = torch.bmm(self.local_query.weight, self.local_key.weight.transpose(1, 2))          # [M, D, D]
+        u_s = mbranch_linear(target_s, w_qk, None, scenario, route="own", backend=self.backend)
+        scores = torch.stack([torch.bmm(seq_g, u_g.unsqueeze(-1)).squeeze(-1),
+                              torch.bmm(seq_s, u_s.unsqueeze(-1)).squeeze(-1)], 1) * scale       # [B, 2, L]
+        w = masked_attention(scores, mask.unsqueeze(1))                                          # [B, 2, L]
         pooled = self.value(torch.bmm(w, seq_g))                                                 # [B, 2, D]
         return pooled[:, 0], pooled[:, 1]
