@@ -81,12 +81,16 @@ def round_bf16(x: Tensor, r: Tensor) -> Tensor:
     u = x.contiguous().view(torch.int32).to(torch.int64) & _M32
     bits = ((u + r) >> 16) & 0xFFFF
     bits = torch.where(torch.isnan(x), 0x7FC0, bits)  # c10's round-to-nearest NaN (torch's vectorised .to differs)
-    return (bits - ((bits >> 15) << 16)).to(torch.int16).view(torch.bfloat16)  # uint16 -> int16 bit pattern
+    return _from_bits(bits, torch.bfloat16)
+
+
+def _from_bits(bits: Tensor, dtype: torch.dtype) -> Tensor:
+    """The 16-bit ``dtype`` values of integer tensors holding uint16 bit patterns (via the int16 pattern)."""
+    return (bits - ((bits >> 15) << 16)).to(torch.int16).view(dtype)
 
 
 def _f16_from_bits(bits: Tensor) -> Tensor:
-    """float16 of int32 values holding uint16 bit patterns."""
-    return (bits - ((bits >> 15) << 16)).to(torch.int16).view(torch.float16)
+    return _from_bits(bits, torch.float16)
 
 
 def round_fp16(x: Tensor, r: Tensor) -> Tensor:
