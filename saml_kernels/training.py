@@ -9,6 +9,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from ._lean_adam import LeanAdam
 from .ops.embedding_optimizer import check_rounding, rowwise_adagrad_step
 
 
@@ -182,7 +183,8 @@ class TrainingOptimizer:
     several updates, not one on the summed gradient. ``step()`` warns (once per optimizer) when a fused module saw
     more than one backward pass since the previous step; sum the micro-batch losses and run one backward instead.
 
-    Learning rates: ``dense`` is a plain ``torch.optim.Adam`` (fused where torch has it): drive it with any torch
+    Learning rates: ``dense`` is a ``torch.optim.Adam`` (fused where torch has it; a ``LeanAdam``, which runs the
+    fused kernel without ``Adam.step``'s Python around it and is bitwise the same): drive it with any torch
     LR scheduler, ``torch.optim.lr_scheduler.StepLR(opt.dense, ...)``. ``embedding_lr`` is an attribute read at
     every step; setting it also sets the row-wise Adagrad fused modules' ``lr`` (used from their next backward),
     so ``opt.embedding_lr = value`` (by hand or from a schedule) drives every Adagrad table. A scheduler may
@@ -231,8 +233,9 @@ class TrainingOptimizer:
         params = [p for _, p in dense]
         # capturable: Adam keeps its step count on the device, as a CUDA-graph capture of the step needs
         cap = dict(capturable=True) if capturable else {}
-        try:  # one fused kernel for all dense parameters (torch's default on CPU is a per-tensor loop)
-            self.dense = torch.optim.Adam(params, lr=lr, fused=True, **cap)
+        try:  # one fused kernel for all dense parameters (torch's default on CPU is a per-tensor loop), called
+            # directly on the CPU (LeanAdam: an Adam, bitwise; without the Python around the kernel)
+            self.dense = LeanAdam(params, lr=lr, fused=True, **cap)
         except (RuntimeError, ValueError, TypeError):
             self.dense = torch.optim.Adam(params, lr=lr, foreach=True, **cap)
         self._embedding_lr, self.eps = float(embedding_lr), float(eps)
