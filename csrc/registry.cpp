@@ -99,7 +99,8 @@ TORCH_LIBRARY(saml_C, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Optional fused variant (CPU; a backend without it gets the unfused path): the own-rows backward with the
   //   activation backward and the own-row pick folded into the row gather. dy [B,N] or [M,B,N] (row b read at
-  //   (s_b, b); any strides with stride(-1) == 1); saved: y for relu/leaky_relu (same shape as dy), else empty;
+  //   (s_b, b); any strides with stride(-1) == 1); saved: y for relu/leaky_relu (dy's shape, or [M,B,N] for a [B,N]
+  //   dy: row b read at (s_b, b)), else empty;
   //   activation in {0 none, 1 relu, 2 leaky_relu} (for gelu/silu the caller passes dz and 0). x [B,K] or
   //   [M,B,K] (row b at (s_b, b); dx then [M,B,K], zero off the own rows). Otherwise as mbl_grouped_backward.
   m.def(

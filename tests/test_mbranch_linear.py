@@ -275,6 +275,29 @@ def test_fused_backward_contract(device, backend, activation, dy_dim, x_dim):
         assert_close(g, e, torch.float32, name)
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("activation", [1, 2])
+def test_fused_backward_branch_outputs_saved(device, backend, activation):
+    """saved = every branch's y [M, B, N] (the all-route layout) with a [B, N] dy: the kernel reads y[s_b, b], the
+    same as passing the own rows [B, N]; a saved of another shape is refused."""
+    k = _backend.kernels(mbl_ops.OP, backend)
+    if k.grouped_backward_act is None:
+        pytest.skip(f"{backend} has no fused grouped_backward_act (optional)")
+    M, B, N = 3, 22, 6
+    inp = make_inputs(M=M, B=B, K=5, N=N, Ka=3, device=device)
+    dy = torch.randn(B, N, device=device)
+    saved = torch.randn(B, M, N, device=device).permute(1, 0, 2)  # [M, B, N], strides (N, M*N, 1)
+    own = saved[inp["scenario"].long(), torch.arange(B, device=device)]
+    args = (inp["x"], inp["weight"], inp["aux"], inp["aux_weight"], inp["scenario"], activation, True, True, True,
+            True, True)
+    got = k.grouped_backward_act(dy, saved, *args)
+    exp = k.grouped_backward_act(dy, own, *args)
+    for name, g, e in zip(("dx", "dW", "db", "daux", "dWa"), got, exp):
+        assert torch.equal(g, e), name
+    with pytest.raises(RuntimeError, match="saved must be shaped like dy" if backend == "cpu" else ""):
+        k.grouped_backward_act(dy, saved[:, :, :-1], *args)
+
+
 def test_all_route_layout_is_packed_gemm_view():
     inp = make_inputs(M=3, B=5, K=4, N=6)
     y = mbranch_linear(inp["x"], inp["weight"], inp["bias"], inp["scenario"], route="all", backend="cpu")

@@ -199,9 +199,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   TORCH_CHECK((dy_.dim() == 2 && dy_.size(0) == B && dy_.size(1) == N) ||
                   (dy_.dim() == 3 && dy_.size(0) == M && dy_.size(1) == B && dy_.size(2) == N),
               op, ": dy must be [B, N] or [M, B, N] with B = ", B, ", N = ", N, ", got ", dy_.sizes());
-  if (act != kActNone)
-    TORCH_CHECK(saved_.sizes() == dy_.sizes() && saved_.scalar_type() == dy_.scalar_type(), op,
-                ": saved must be shaped like dy for relu/leaky_relu, got ", saved_.sizes());
+  if (act != kActNone) {
+    // saved [M, B, N] with a [B, N] dy: y of every branch (the all route's output), row b read at (s_b, b)
+    const bool branch_rows = dy_.dim() == 2 && saved_.dim() == 3 && saved_.size(0) == M && saved_.size(1) == B &&
+                             saved_.size(2) == N;
+    TORCH_CHECK((saved_.sizes() == dy_.sizes() || branch_rows) && saved_.scalar_type() == dy_.scalar_type(), op,
+                ": saved must be shaped like dy (or [M, B, N] for a [B, N] dy) for relu/leaky_relu, got ",
+                saved_.sizes(), " with dy ", dy_.sizes());
+  }
   TORCH_CHECK(scenario_.numel() == B, op, ": scenario has ", scenario_.numel(), " entries, x has ", B);
   const bool has_aux = aux_.has_value();
   need_daux = need_daux && has_aux;

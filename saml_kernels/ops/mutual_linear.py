@@ -99,6 +99,11 @@ def _backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Ten
     g = grad_out.contiguous()
     if saved:
         dh_own = _backend.kernels(_mu.OP, backend).backward(g, saved_h, scenario, attn, temperature, similarity)
+        fused = _backend.kernels(_mbl.OP, backend).grouped_backward_act
+        if fused is not None and activation in _mbl.FUSED_ACTS:
+            # act'(h[s_b, b]) is applied while the kernel gathers each scenario's rows: no own-row copy of h
+            return fused(dh_own, saved_h if activation != _mbl.NONE else saved_z, x, weight, aux, aux_weight,
+                         scenario, activation, need_dx, need_dweight, need_dbias, need_daux, need_daux_weight)
         act_in = saved_z if needs_preactivation(activation) else _own_rows(saved_h, scenario)
         dz = activation_backward(dh_own, act_in, activation).contiguous()
     else:

@@ -185,7 +185,8 @@ def grouped_backward_act_kernel(dy, saved, x, weight, aux, aux_weight, scenario,
     ar = torch.arange(s.numel(), device=s.device)
     if dy.dim() == 3:
         dy = dy[s, ar]
-        saved = saved[s, ar] if saved.dim() == 3 else saved
+    if saved.dim() == 3:  # with a [M, B, N] dy, or the branch outputs [M, B, N] for a [B, N] dy
+        saved = saved[s, ar]
     dz = activation_backward(dy, saved, activation)
     x_own = x[s, ar] if x.dim() == 3 else x
     dx, dW, db, daux, dWa = grouped_backward_kernel(dz, x_own, weight, aux, aux_weight, scenario, need_dx,
