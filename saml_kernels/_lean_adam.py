@@ -10,6 +10,8 @@ Why: on a small batch the dense step is a few hundred microseconds of kernel, an
 (hook wrappers, ``_init_group``, grouping by device and dtype, per-step flag checks) costs about half as much again
 on the 2-core CPU (benchmarks/results/step_latency_cpu2.md measures the whole training step).
 
+``zero_grad()`` (set_to_none, the default) sets every gradient to None without the profiler span around it.
+
 Contract: an ``Adam`` in every way a user sees (``isinstance``, param groups, ``state_dict``, LR schedulers, hooks).
 The direct call runs only when it is exactly what ``Adam.step`` would run: no closure, no step hooks (global or
 this optimizer's), every group fused, not capturable / amsgrad / differentiable / decoupled weight decay, float
@@ -60,6 +62,15 @@ class LeanAdam(torch.optim.Adam):
                 ts.append(st["step"])
             out.append((ps, gs, ms, vs, ts, group))
         return out
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``Optimizer.zero_grad`` without its profiler span: set_to_none (the default) drops every gradient."""
+        if not set_to_none:
+            return super().zero_grad(set_to_none=False)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        return None
 
     def step(self, closure=None):
         lists = self._fast_lists() if closure is None else None

@@ -124,6 +124,15 @@ def test_is_an_adam_for_schedulers_and_checks():
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad(set_to_none):
+    ps = _params()
+    opt = LeanAdam(ps, fused=True)
+    _grads(ps, 0)
+    opt.zero_grad(set_to_none=set_to_none)
+    assert all((p.grad is None) if set_to_none else (p.grad is not None and not p.grad.any()) for p in ps)
+
+
 def test_sparse_gradient_raises_like_adam():
     p = torch.nn.Parameter(torch.randn(4, 3))
     opt = LeanAdam([p], fused=True)
