@@ -1,8 +1,9 @@
 // CPU kernel of the M-branch linear layer's route "all" (contract in csrc/registry.cpp,
 // saml_kernels/ops/mbranch_linear.py): every row through every branch.
 //
-// A shared x [B, K] takes one GEMM per branch, x W_m into columns [m*N, (m+1)*N) of a [B, M*N] buffer, whose
-// [M, B, N] view (strides (N, M*N, 1)) is y; a per-branch x [M, B, K] takes one batched GEMM. The GEMMs are MKL's (at::mm_out / bmm_out into the buffer); one epilogue pass adds the bias, applies
+// A shared x [B, K] takes ONE GEMM against the packed weights Wp [K, M*N] (Wp[k, m*N + n] = W[m, k, n]) into a
+// [B, M*N] buffer, whose [M, B, N] view (strides (N, M*N, 1)) is y; a per-branch x [M, B, K] takes one batched
+// GEMM. The GEMMs are MKL's (at::mm_out / bmm_out into the buffer); one epilogue pass adds the bias, applies
 // relu / leaky_relu and converts to the output dtype (in place for float32/float64 without a stored z).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -39,17 +40,9 @@ std::tuple<Tensor, Tensor> all_forward(const Tensor& x_, const Tensor& weight_, 
     R = B, C = M * N;
     buf = make_buf({B, M * N}, B, M * N);
     if (B > 0 && C > 0) {
-      // One GEMM per branch into its column block of buf (row stride M*N: MKL writes it in place, ldc), so the
-      // weights are read where they are: packing them into [K, M*N] first copied K*M*N elements per call, which
-      // cost as much as the GEMMs themselves at small B.
-      const Tensor xa = x_.to(acc);
-      const Tensor a = aux_.has_value() ? aux_->to(acc) : Tensor();
-      const Tensor wa = aux_.has_value() ? to_acc(*aux_weight_) : Tensor();
-      for (int64_t m = 0; m < M; ++m) {
-        Tensor block = buf.narrow(1, m * N, N);
-        at::mm_out(block, xa, w[m]);
-        if (a.defined()) block.addmm_(a, wa[m]);
-      }
+      at::mm_out(buf, x_.to(acc), w.permute({1, 0, 2}).reshape({K, M * N}));
+      if (aux_.has_value())
+        buf.addmm_(aux_->to(acc), to_acc(*aux_weight_).permute({1, 0, 2}).reshape({aux_weight_->size(1), M * N}));
     }
   } else {
     R = M * B, C = N;
