@@ -65,7 +65,8 @@ std::tuple<Tensor, Tensor> all_forward(const Tensor& x_, const Tensor& weight_, 
       const acc_t* bp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
       const acc_t* src = buf.data_ptr<acc_t>();
       scalar_t* dst = first.data_ptr<scalar_t>();
-      at::parallel_for(0, R, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+      // under 2^16 elements in all: one thread (a parallel region's wake-up costs more than the pass)
+      at::parallel_for(0, R, std::max<int64_t>(1, 65536 / C), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           // Shared: the packed bias [M*N] for every row. Per-branch: row r = (m, b) takes bias[m].
           const acc_t* b = bp == nullptr ? nullptr : (shared ? bp : bp + (r / B) * N);

@@ -205,6 +205,13 @@ inline int64_t own_index(const idx_t* sc, int64_t b, int64_t M) {
   return s >= 0 && s < M ? s : -1;
 }
 
+// Rows per task of the mutual unit's row loops (about 4 M N flops a row): a loop over fewer than 2^16 elements of h
+// in all (B M N) runs on the calling thread, as waking the pool's sleeping threads costs more than it saves there;
+// larger loops are split among the threads (tasks of at least 2^16 elements).
+inline int64_t row_grain(int64_t M, int64_t N) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(M * N, 1));
+}
+
 std::tuple<at::Tensor, at::Tensor> mutual_forward(const at::Tensor& h_in, const at::Tensor& scenario_in,
                                                   double temperature, int64_t similarity) {
   check_common(h_in, scenario_in);
@@ -223,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> mutual_forward(const at::Tensor& h_in, const 
       const index_t* sp = scenario.data_ptr<index_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
       float* ap = attn.data_ptr<float>();
-      at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(M * N, 1)), [&](int64_t b0, int64_t b1) {
+      at::parallel_for(0, B, row_grain(M, N), [&](int64_t b0, int64_t b1) {
         RowScratch<acc_t> sc(M);
         std::vector<const scalar_t*> rows(M);
         for (int64_t b = b0; b < b1; ++b) {
@@ -265,7 +272,7 @@ at::Tensor mutual_backward(const at::Tensor& grad_in, const at::Tensor& h_in, co
       const scalar_t* gp = grad.data_ptr<scalar_t>();
       const index_t* sp = scenario.data_ptr<index_t>();
       scalar_t* dp = dh.data_ptr<scalar_t>();
-      at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(M * N, 1)), [&](int64_t b0, int64_t b1) {
+      at::parallel_for(0, B, row_grain(M, N), [&](int64_t b0, int64_t b1) {
         RowScratch<acc_t> sc(M);
         std::vector<const scalar_t*> rows(M);
         std::vector<acc_t> buf(N);
