@@ -27,6 +27,11 @@
 
 namespace {
 
+// Grain of the per-feature loops: F (all features on the calling thread) when the loop does under 2^16 units of
+// work in all (a sort: about 16 per id; a walk: D per id), else 1. A parallel region's wake-up costs more than
+// such a loop (at B = 64 in a SAML training step).
+inline int64_t feature_grain(int64_t F, int64_t work) { return work < (int64_t(1) << 16) ? std::max<int64_t>(F, 1) : 1; }
+
 using saml::kMean;
 using saml::kNone;
 using saml::kSum;
@@ -86,7 +91,7 @@ void sort_pairs(const BwdArgs& A, SortedPairs& S) {
     if (L.slot[f] >= 0)
       TORCH_CHECK(M * L.ssize[f] < (int64_t(1) << 32), "seb backward: M * scenario rows of feature ", f, " >= 2^32");
   }
-  at::parallel_for(0, F, 1, [&](int64_t f0, int64_t f1) {
+  at::parallel_for(0, F, feature_grain(F, nnz * 16), [&](int64_t f0, int64_t f1) {
     for (int64_t f = f0; f < f1; ++f) {
       const int64_t base = off[f * B];
       const int64_t size = L.size[f], ssize = L.ssize[f];
@@ -272,7 +277,7 @@ template <typename scalar_t, typename index_t, typename VG, typename VS>
 void backward_walk_sorted(const BwdArgs& A, const SortedPairs& S, VG&& visit_g, VS&& visit_s,
                           const UpdateTargets<scalar_t>& T = {}) {
   using acc_t = typename AccType<scalar_t>::type;
-  at::parallel_for(0, A.L.F, 1, [&](int64_t f0, int64_t f1) {
+  at::parallel_for(0, A.L.F, feature_grain(A.L.F, S.nnz * A.L.D), [&](int64_t f0, int64_t f1) {
     std::vector<acc_t> acc(A.L.D);
     for (int64_t f = f0; f < f1; ++f) walk_feature<scalar_t, index_t>(A, S, f, acc.data(), visit_g, visit_s, T);
   });

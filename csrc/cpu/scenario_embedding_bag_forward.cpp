@@ -334,6 +334,9 @@ int64_t forward_impl(const Gather<scalar_t, index_t>& G) {
   using acc_t = typename AccType<scalar_t>::type;
   const Layout& L = G.L;
   const int64_t D = L.D, nbags = L.F * L.B;
+  // Bags per task: at least 64; all of them on the calling thread when the gather reads under 2^16 elements
+  // (ids x D, both tables): a parallel region's wake-up costs more than such a gather.
+  const int64_t grain = int64_t(G.off[nbags]) * D * 2 < (int64_t(1) << 16) ? std::max<int64_t>(nbags, 64) : 64;
   std::atomic<int64_t> bad{0};
 #if SAML_SEB_USE_FBGEMM
   if constexpr (FbgemmSupports<scalar_t, index_t>::value) {
@@ -345,7 +348,7 @@ int64_t forward_impl(const Gather<scalar_t, index_t>& G) {
       const float* weights = !G.psw ? nullptr : wf.defined() ? wf.data_ptr<float>()
                                                              : reinterpret_cast<const float*>(G.psw);
       const FbgemmGather<scalar_t, index_t> K(L, weights, G.pooling == kMean, int64_t(G.off[L.F * L.B]));
-      at::parallel_for(0, nbags, 64, [&](int64_t bag0, int64_t bag1) {
+      at::parallel_for(0, nbags, grain, [&](int64_t bag0, int64_t bag1) {
         std::vector<acc_t> acc(D), zeros(D, acc_t(0));
         const int64_t blk = kFbgemmBlock;
         std::vector<uint8_t> bag_ok(blk);
@@ -366,7 +369,7 @@ int64_t forward_impl(const Gather<scalar_t, index_t>& G) {
     }
   }
 #endif
-  at::parallel_for(0, nbags, 64, [&](int64_t bag0, int64_t bag1) {
+  at::parallel_for(0, nbags, grain, [&](int64_t bag0, int64_t bag1) {
     std::vector<acc_t> acc(D), zeros(D, acc_t(0));
     int64_t nbad = 0;
     for (int64_t lo = bag0; lo < bag1; lo += kBlock)
