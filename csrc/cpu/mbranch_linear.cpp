@@ -149,6 +149,8 @@ std::tuple<Tensor, Tensor> grouped_forward(const Tensor& x_, const Tensor& weigh
     const acc_t* bp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* zp = needs_z(act) ? z.data_ptr<scalar_t>() : nullptr;
+    const acc_t* wp = w.data_ptr<acc_t>();
+    const acc_t* wap = wa.defined() ? wa.data_ptr<acc_t>() : nullptr;
     for_each_dynamic(static_cast<int64_t>(tiles.size()), B * (K + Ka) * N, [&](int64_t ti) {
       const Tile& t = tiles[ti];
       Tensor in = scratch(kTileIn, t.n, K, acc), out = scratch(kTileOut, t.n, N, acc);
@@ -159,7 +161,7 @@ std::tuple<Tensor, Tensor> grouped_forward(const Tensor& x_, const Tensor& weigh
         if (i + kPrefetchRows < t.n) prefetch_row(xp + rows[i + kPrefetchRows] * K, K);
         load_row(xp + rows[i] * K, ip + i * K, K);
       }
-      at::mm_out(out, in, w[t.m]);
+      gemm_rm<acc_t>(false, false, t.n, N, K, acc_t(0), ip, K, wp + t.m * K * N, N, op, N);
       if (ap != nullptr) {
         Tensor ain = scratch(kTileAux, t.n, Ka, acc);
         acc_t* aip = ain.data_ptr<acc_t>();
@@ -167,7 +169,7 @@ std::tuple<Tensor, Tensor> grouped_forward(const Tensor& x_, const Tensor& weigh
           if (i + kPrefetchRows < t.n) prefetch_row(ap + rows[i + kPrefetchRows] * Ka, Ka);
           load_row(ap + rows[i] * Ka, aip + i * Ka, Ka);
         }
-        out.addmm_(ain, wa[t.m]);
+        gemm_rm<acc_t>(false, false, t.n, N, Ka, acc_t(1), aip, Ka, wap + t.m * Ka * N, N, op, N);
       }
       const acc_t* b = bp == nullptr ? nullptr : bp + t.m * N;
       if (!needs_z(act)) {
@@ -328,18 +330,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
             if (i + kPrefetchRows < t.n) prefetch_row(src.row(t.m, rows[i + kPrefetchRows]), F);
             load_row(src.row(t.m, rows[i]), ip + i * F, F);
           }
-          if (first) {
-            at::mm_out(dst, in.t(), dz);
-          } else {
-            dst.addmm_(in.t(), dz);
-          }
+          gemm_rm<acc_t>(true, false, F, N, t.n, first ? acc_t(0) : acc_t(1), ip, F, dzp, N, dst.data_ptr<acc_t>(), N);
         };
         if (need_dw) param_grad(xr, K, param_dst(dw_acc, dw_parts, c));
         if (need_dwa) param_grad(ar, Ka, param_dst(dwa_acc, dwa_parts, c));
         // Input gradients: dz W_m^T into the tile buffer, each row stored to its unsorted position.
         auto input_grad = [&](const Tensor& wt, int64_t F, scalar_t* dst, int64_t dst_sm) {
           Tensor out = scratch(kTileOut, t.n, F, acc);
-          at::mm_out(out, dz, wt[t.m].t());
+          gemm_rm<acc_t>(false, true, t.n, F, N, acc_t(0), dzp, N, wt.data_ptr<acc_t>() + t.m * F * N, N,
+                         out.data_ptr<acc_t>(), F);
           const acc_t* op = out.data_ptr<acc_t>();
           scalar_t* base = dst + t.m * dst_sm;
           for (int64_t i = 0; i < t.n; ++i) {

@@ -9,6 +9,8 @@
 
 #include <ATen/ATen.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cstring>
 #include <optional>
@@ -59,6 +61,50 @@ inline Groups group_rows(const Tensor& scenario, int64_t M) {
     for (int64_t b = 0; b < B; ++b) perm[in(s[b]) ? pos[s[b]]++ : pos[M]++] = b;
   });
   return g;
+}
+
+// C = op(A) op(B) + beta C for row-major matrices (op(A) [m, k], op(B) [k, n], C [m, n], leading dimensions =
+// row strides; ta / tb: A is stored [k, m] / B is stored [n, k]), float or double. Why not at::mm_out: a tile GEMM
+// of a small batch is a few microseconds of work, and the dispatcher round trip with the views it needs (w[m], .t(),
+// the out= checks) cost as much again; this calls the BLAS sgemm_ / dgemm_ that ATen's CPU matmul calls for these
+// dtypes (MKL in torch's x86 builds; the same call, so the same bits), looked up once in the loaded torch library.
+// Where torch exports no BLAS symbol, at::mm_out / addmm_ on views of the same memory do it.
+template <typename T>
+using BlasGemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*, const int*,
+                          const T*, const int*, const T*, T*, const int*);
+
+template <typename T>
+inline BlasGemm<T> blas_gemm() {
+  static const BlasGemm<T> fn = reinterpret_cast<BlasGemm<T>>(
+      dlsym(RTLD_DEFAULT, std::is_same_v<T, double> ? "dgemm_" : "sgemm_"));
+  return fn;
+}
+
+template <typename T>
+void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T beta, const T* a, int64_t lda, const T* b,
+             int64_t ldb, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const BlasGemm<T> fn = blas_gemm<T>();
+  const bool fits = std::max({m, n, k, lda, ldb, ldc}) < (int64_t(1) << 31);
+  if (fn != nullptr && fits && k > 0) {
+    // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: B first
+    const char opb = tb ? 'T' : 'N', opa = ta ? 'T' : 'N';
+    const int M = int(n), N = int(m), K = int(k), LB = int(ldb), LA = int(lda), LC = int(ldc);
+    const T one = T(1);
+    fn(&opb, &opa, &M, &N, &K, &one, b, &LB, a, &LA, &beta, c, &LC);
+    return;
+  }
+  const auto opts = at::dtype(c10::CppTypeToScalarType<T>::value);
+  Tensor A = ta ? at::from_blob(const_cast<T*>(a), {k, m}, {lda, 1}, opts).t()
+                : at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, opts);
+  Tensor Bm = tb ? at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, opts).t()
+                 : at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, opts);
+  Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  if (beta == T(0)) {
+    at::mm_out(C, A, Bm);
+  } else {
+    C.addmm_(A, Bm, beta);
+  }
 }
 
 // Zeros into the rows of t [B, ...] whose scenario is outside [0, M) (perm[start[M] ..), see group_rows).
