@@ -69,6 +69,9 @@ def parser():
     ap = make_parser(__doc__.split("\n")[0], gpu_help="CUDA, M=4 B=16384 K=N=512 bf16",
                      quick_help="smoke run: fewer reps, B/4, no torch.compile (to a temporary folder)")
     ap.add_argument("--modes", default="fwd,fwdbwd")
+    ap.add_argument("--batch", type=int, default=None, metavar="B",
+                    help="CPU batch size (default 4096; another B writes the _b<B> results file: the small-batch "
+                         "recompute-or-save comparison behind MutualUnit's SAVE_AUTO_ELEMENTS)")
     return ap
 
 
@@ -80,8 +83,12 @@ def main(argv=None):
         M, B, K, N, dtype = 4, 16384, 512, 512, torch.bfloat16
     else:
         M, B, K, N, dtype = 4, 4096, 256, 256, torch.float32
+    if args.batch is not None and not args.gpu:
+        if args.batch < 1:
+            raise SystemExit(f"bench_mutual: --batch must be >= 1, got {args.batch}")
+        B = args.batch
     if args.quick:
-        B //= 4
+        B = max(B // 4, 1)
     reps = args.reps or (5 if args.quick else 25)
     case = make_case(M, B, K, N, dtype, device)
     fns = {
@@ -113,7 +120,7 @@ def main(argv=None):
             f"{torch.get_num_threads()} threads.\n"
             "Speed-up = median over alternating rounds of t_provider / t_ours. Targets (2-core CPU, fwd+bwd): "
             ">= 1.7x eager, <= 50% of eager's peak memory.\n\n" + markdown_table(header, rows) + budget.note())
-    stem = result_stem("bench_mutual", args)
+    stem = result_stem("bench_mutual", args, f"b{B}" if args.batch is not None and not args.gpu and B != 4096 else "")
     paths = write_results(stem, "mutual_linear: fused all-branch GEMM + mutual unit", body, data,
                           plot={"groups": {f"{r[0]}/{r[1]}": {"ms": r[2]} for r in rows}, "ylabel": "median ms"},
                           out_dir=args.out_dir)
