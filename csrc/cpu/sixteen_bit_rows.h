@@ -122,7 +122,8 @@ __attribute__((target("avx2,f16c"))) inline __m128i fp16_sr_compare(__m256 x, __
 // and below 65504 the sum cannot pass 65504). Every group is stored that way first, and checked after, on y alone
 // (4 instructions on 8 x 16 bits, one branch per 64 columns): |y| in [0x0401, 0x7BFE] implies |x| in
 // [2^-14, 65504) (x + t has |x + t| < 2^-14 + 2^-25 < float16 0x0401 when |x| < 2^-14, t < 2^13 ulps of |x|'s
-// binade; and |x + t| >= |x| >= 65504 gives 0x7BFF, inf or NaN toward zero). A chunk with another y (a zero, a
+// binade; |x + t| >= |x| >= 65504 gives 0x7BFF, inf or NaN toward zero; a NaN's bits + t stay NaN or wrap past
+// the sign to a float32 subnormal, stored +-0). A chunk with another y (a zero, a
 // float16 subnormal, 2^-14 itself, overflow, inf, NaN: rare) is checked again on x from the saved input, and a
 // group with an x outside the normal range or 0 is stored again by sr_fp16_bits' own comparison.
 __attribute__((target("avx2,f16c"))) inline void half_step_row_sr(c10::Half* __restrict w, const float* __restrict g,
