@@ -321,6 +321,48 @@ def test_cpu_row_store_special_values_bitwise(dtype, D):
                     f"{want[at].item() & 0xFFFF:#06x}")
 
 
+@needs_cpu_ext
+@pytest.mark.parametrize("D", [136, 64])
+def test_cpu_float16_store_chunks_bitwise(D):
+    """The CPU float16 store rounds every 8-lane group on the integer bits first and checks the stored bits once
+    per 64 columns (csrc/cpu/sixteen_bit_rows.h, half_step_row_sr): rows longer than a chunk (D = 136: two
+    chunks and a group) where one chunk holds a value that needs the float32 comparison (a float16 subnormal,
+    inf, NaN, overflow) or only a value whose stored bits look special although the integer rounding was right
+    (0, 2^-14, just below 65504), the rest of the row float16 normals: all bitwise the Python reference."""
+    R, dtype = 320, torch.float16
+    c = one_hot_case(R, D, dtype=dtype, seed=8)
+    gen = torch.Generator().manual_seed(31)
+    sign = torch.where(torch.rand(R, D, generator=gen) < 0.5, -1.0, 1.0)
+    w = (sign * torch.pow(2.0, torch.empty(R, D).uniform_(-12, 14, generator=gen))).to(dtype).float()
+    g = torch.randn(R, D, generator=gen) * w.abs() * 2.0 ** -6
+    col = torch.randint(0, D, (R,), generator=gen)
+    kind = torch.arange(R) % 10  # one special element per row (kind 9: none), in a random chunk
+    # 0, 2^-14, 65500 (stored 65472 or 65504), a float16 subnormal, inf, NaN, overflow, 5 2^-30, -2^-14
+    ww = [0.0, 2.0 ** -14, 65472.0, 2.0 ** -20, float("inf"), float("nan"), 65504.0, 0.0, -2.0 ** -14, 1.0]
+    gg = [0.0, 0.0, -28.0 * 64, 3 * 2.0 ** -24, 0.0, 0.0, -2000.0, -5 * 2.0 ** -24, 0.0, 2.0 ** -8]
+    for k in range(9):
+        rows = (kind == k).nonzero()[:, 0]
+        w[rows, col[rows]] = ww[k]
+        g[rows, col[rows]] = gg[k]
+    c["gw"] = w.to(dtype)
+    g = g[c["indices"]].to(dtype)  # bag b holds id indices[b]: row g[r] goes to the bag holding r
+    c["gg"] = torch.where(g == 0, torch.zeros((), dtype=dtype), g)[:, None]  # +0: the kernel sums from +0
+    lr = 1.0 / 64
+    gw, _ = run_update(c, "cpu", lr, seed=5, step=9)
+    v = float32_update(c, lr)
+    a = v.abs()
+    assert int((a == 0).sum()) > 0 and int((a == 2.0 ** -14).sum()) > 0 and int(((a > 0) & (a < 2.0 ** -14)).sum())
+    assert int(((a >= 65472) & (a < 65504)).sum()) > 0 and int((a >= 65520).sum()) > 0 and bool(v.isnan().any())
+    want = sr.round_rows(v, dtype, 5, 9, sr.GLOBAL_TABLE, torch.arange(R)).view(torch.int16)
+    got = gw.view(torch.int16)
+    bad = (got != want).nonzero()
+    if bad.numel():
+        at = tuple(bad[0])
+        pytest.fail(f"{bad.shape[0]} elements differ, first at (row, column) {bad[0].tolist()}: update "
+                    f"{v[at].item()!r}, kernel bits {got[at].item() & 0xFFFF:#06x}, reference "
+                    f"{want[at].item() & 0xFFFF:#06x}")
+
+
 @pytest.fixture(scope="module")
 def cuda_emu():
     """The CUDA kernels compiled from their real source for the CPU (tests/cuda_emu; built once per session)."""
