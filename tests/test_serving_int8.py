@@ -250,17 +250,17 @@ def _oracle(ids, offsets, scenario, Gq, Sq, pooling, w=None, bad_scenario=()):
     return g, s
 
 
-def _poisoned_call(*args, **kw):
-    """The op with its outputs' memory NaN-filled first: the CPU kernel takes outputs of >= 1 MiB from a pool
+def _poisoned(fn):
+    """``fn()`` with its two outputs' memory NaN-filled first: the CPU kernel takes outputs of >= 1 MiB from a pool
     (csrc/cpu/common/output_pool.h), so a first call's outputs, filled with NaN and freed, are the second call's;
     an element the kernel fails to write stays NaN."""
-    first = q8.scenario_embedding_bag_8bit(*args, **kw)
+    first = fn()[:2]
     ptrs = sorted(t.data_ptr() for t in first)
     for t in first:
         t.fill_(float("nan"))
     del t, first
-    out = q8.scenario_embedding_bag_8bit(*args, **kw)
-    assert sorted(t.data_ptr() for t in out) == ptrs  # the poisoned blocks were reused
+    out = fn()
+    assert sorted(t.data_ptr() for t in out[:2]) == ptrs  # the poisoned blocks were reused
     return out
 
 
@@ -282,8 +282,9 @@ def test_cpu_kernel_on_fresh_random_inputs_equals_the_float64_oracle(pooling, ps
                for f, loc in zip(hashed, local))  # collisions: distinct ids share scenario rows
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # bounds_check="zero" warns once per process
-        got = _poisoned_call(ids, offsets, scenario, Gq, Sq, KFR, KFSR, pooling=pooling, per_sample_weights=w,
-                             bounds_check="zero" if bad_ids else "error", backend="cpu")
+        got = _poisoned(lambda: q8.scenario_embedding_bag_8bit(
+            ids, offsets, scenario, Gq, Sq, KFR, KFSR, pooling=pooling, per_sample_weights=w,
+            bounds_check="zero" if bad_ids else "error", backend="cpu"))
     want = _oracle(ids, offsets, scenario, Gq, Sq, pooling, w)
     for a, b in zip(got, want):
         assert a.dtype == torch.float32 and a.shape == b.shape and bool(torch.isfinite(a).all())
@@ -307,8 +308,8 @@ def test_cpu_kernel_counts_bad_ids_and_rejects_bad_offsets_and_scenarios(pooling
     """bad_count = the number of invalid ids with check on, 0 with check off; -1 (nothing gathered) for offsets not
     from 0 to nnz, decreasing offsets, a bag of another length under "none", a scenario id outside [0, M). With the
     check off a bad scenario id gives its sample zero scenario rows; every other output is bitwise unchanged."""
-    B, M = 300, 4
-    ids, offsets, scenario, Gq, Sq, _ = _kernel_inputs(7, B, M, 6, pooling, torch.int64, bad_ids=True)
+    B, M = 1400, 4  # outputs >= 1 MiB: poisoned where the check is off
+    ids, offsets, scenario, Gq, Sq, _ = _kernel_inputs(7, B, M, 40, pooling, torch.int64, bad_ids=True)
     sizes = torch.tensor([r for r, _ in KFEATS])
     feat = torch.repeat_interleave(torch.arange(len(KFEATS)), (offsets[1:] - offsets[:-1]).reshape(-1, B).sum(1))
     nbad = int(((ids < 0) | (ids >= sizes[feat])).sum())
@@ -333,7 +334,7 @@ def test_cpu_kernel_counts_bad_ids_and_rejects_bad_offsets_and_scenarios(pooling
         bad_s = scenario.clone()
         bad_s[17] = v
         assert _raw(ids, offsets, bad_s, Gq, Sq, pooling, bag_len=L)[2].tolist() == [-1]
-        g2, s2, _ = _raw(ids, offsets, bad_s, Gq, Sq, pooling, check=False, bag_len=L)
+        g2, s2, _ = _poisoned(lambda: _raw(ids, offsets, bad_s, Gq, Sq, pooling, check=False, bag_len=L))
         assert torch.equal(g2, g) and bool((s2[17] == 0).all())
         keep = [b for b in range(B) if b != 17]
         assert torch.equal(s2[keep], s[keep])
