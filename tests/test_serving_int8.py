@@ -267,11 +267,12 @@ def _poisoned(fn):
 @cpu_kernel
 @pytest.mark.parametrize("pooling, psw, bad_ids", [("sum", False, False), ("sum", True, False), ("mean", False, False),
                                                    ("none", False, False), ("sum", True, True), ("mean", False, True), ("none", False, True)])
-@pytest.mark.parametrize("idt, D", [(torch.int64, 45), (torch.int32, 13)])
+@pytest.mark.parametrize("idt, D", [(torch.int64, 45), (torch.int32, 13), (torch.int64, 32)])
 def test_cpu_kernel_on_fresh_random_inputs_equals_the_float64_oracle(pooling, psw, bad_ids, idt, D):
     """The C++ kernel (saml_C::seb_forward_8bit) against the float64 reference on the dequantised tables: hashed
-    features with colliding ids, a non-aware feature, ragged and empty bags, odd D (scale / bias unaligned), int32
-    and int64 ids, invalid ids read as zero vectors (counted in the mean's length); outputs poisoned with NaN."""
+    features with colliding ids, a non-aware feature, ragged and empty bags, odd D (scale / bias unaligned; rows
+    written directly) and D = 32 (rows streamed from a tile), int32 and int64 ids, invalid ids read as zero vectors
+    (counted in the mean's length); outputs poisoned with NaN."""
     seed = zlib.crc32(f"{pooling}{psw}{bad_ids}{idt}{D}".encode())
     Fs, L = sum(s > 0 for _, s in KFEATS), 2 if pooling == "none" else 1
     B = 2 ** 20 // (4 * Fs * L * D) + 50  # both outputs >= 1 MiB: pooled, so poisoned
@@ -346,7 +347,7 @@ def test_cpu_kernel_bits_do_not_depend_on_threads_or_the_index_dtype(pooling):
     """Bitwise the same output for 1 and 2 threads (B = 4500 crosses the kernel's 4096-sample block on one thread
     and splits at 2250 on two) and for int32 / int64 ids, invalid ids included."""
     B = 4500
-    ids, offsets, scenario, Gq, Sq, w = _kernel_inputs(11, B, 2, 9, pooling, torch.int32, psw=pooling == "sum",
+    ids, offsets, scenario, Gq, Sq, w = _kernel_inputs(11, B, 2, 12, pooling, torch.int32, psw=pooling == "sum",
                                                         bad_ids=True, L=1)  # int32: its invalid ids fit both dtypes
     outs = []
     threads = torch.get_num_threads()
