@@ -63,6 +63,23 @@ TORCH_LIBRARY(saml_C, m) {
       "Tensor(c!)? global_state, Tensor(d!)? scenario_state, int optimizer, Tensor hparams, bool update_global, "
       "bool update_scenario) -> ()");
 
+  // ---- scenario_embedding_bag_8bit (saml_kernels/ops/scenario_embedding_bag_8bit.py; CPU only) ----
+  // seb_forward on 8-bit row-wise tables (inference: no backward): global_packed [R, D + 8] and scenario_packed
+  // [M, Rs, D + 8] uint8, every row [q_0 .. q_{D-1} | scale float32 | bias float32] (FBGEMM's fused 8-bit row-wise
+  // layout, the floats unaligned when D % 4 != 0) read as v_d = scale * q_d + bias. Everything else is seb_forward's
+  // contract above: the same bags, rows (hashed scenario rows included), pooling codes, per_sample_weights (any
+  // float dtype, used as float32), num_aware, and check (with check=True: offsets and scenario ids validated first,
+  // bad_count = -1 and outputs undefined if they fail, else the number of invalid ids; check=False: bad_count = 0).
+  // Invalid ids read as zero vectors (counted in a mean's length); a sample whose scenario is outside [0, M) reads
+  // zero scenario rows (only reachable with check=False). Returns (global_out, scenario_out, bad_count[1] int64),
+  // outputs float32 [B, F, D] / [B, Fs, D] ([B, F, bag_len, D] / [B, Fs, bag_len, D] for pooling none), float32
+  // accumulation (FBGEMM's 8-bit EmbeddingSpMDM where the build has it), bitwise the same for any thread count.
+  m.def(
+      "seb_forward_8bit(Tensor indices, Tensor offsets, Tensor scenario, Tensor global_packed, "
+      "Tensor scenario_packed, Tensor feature_rows, Tensor feature_scenario_rows, Tensor aware_slot, "
+      "Tensor? per_sample_weights, int pooling, int bag_len, bool check, int num_aware=-1) "
+      "-> (Tensor, Tensor, Tensor)");
+
   // The hashed-row map itself (the CPU build of saml::seb_scenario_local on int32/int64 ids, for tests of the
   // twins): local(id) of every id for a feature of rows ids and scenario_rows scenario rows, int64.
   m.def("seb_scenario_local(Tensor ids, int rows, int scenario_rows) -> Tensor");

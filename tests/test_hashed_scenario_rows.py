@@ -249,8 +249,8 @@ def test_int32_and_int64_ids_give_the_same_bits(device, backend):
 @pytest.mark.parametrize("device,backend", device_backends("scenario_embedding_bag_8bit"))
 @pytest.mark.parametrize("pooling,L", [("sum", 0), ("mean", 0), ("sum", 1), ("none", 2)])
 def test_8bit_lookup_on_hashed_tables(device, backend, pooling, L):
-    """The 8-bit serving op (FBGEMM on the CPU: ids hashed in Python first; Triton; reference) on a hashed layout =
-    the float64 oracle on the dequantised tables. L = 1: one-hot bags (the CPU path's fixed-length branch)."""
+    """The 8-bit serving op (the C++ kernel on the CPU: ids hashed by saml_common.h's seb_scenario_local; Triton;
+    reference) on a hashed layout = the float64 oracle on the dequantised tables. L = 1: one-hot bags."""
     from saml_kernels.ops import scenario_embedding_bag_8bit as q8
     inp = make(pooling="none" if L else pooling, L=max(L, 1))
     Gq, Sq = q8.quantize_rows(inp["G"]), q8.quantize_rows(inp["S"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -14,8 +15,10 @@ import torch
 from conftest import device_backends, interp_covering
 from saml_kernels import serving
 from saml_kernels.data import make_synthetic
+from saml_kernels._codes import POOLING
 from saml_kernels.nn import SAML, SAMLConfig, STAR, STARConfig, ScenarioEmbedding, TrainingOptimizer
 from saml_kernels.ops import scenario_embedding_bag_8bit as q8
+from saml_kernels.ops.scenario_hash import scenario_local
 from saml_kernels.quantized import QuantizedScenarioEmbedding, first_order_bound, quantize_tables, table_bytes
 from saml_kernels.reference.scenario_embedding_bag import scenario_embedding_bag_reference
 
@@ -77,8 +80,8 @@ FR, FSR = [0, 10, 17, 40], [0, 10, 10, 33]  # features 0 and 2 scenario-aware, f
 
 
 def _inputs(B, M, D, pooling, idt, g, bad_ids=False, fixed=False):
-    """Bags of random lengths 0..3 with an empty one, or (``fixed``, and always for "none") all of one length:
-    the CPU kernel's two paths."""
+    """Bags of random lengths 0..3 with an empty one, or (``fixed``, and always for "none") all of one length
+    (the CPU kernel's pooled and one-id-per-row paths, one-hot bags)."""
     F = len(FR) - 1
     if pooling == "none" or fixed:
         lengths = torch.full((F * B,), 1 if fixed else 3)
@@ -197,6 +200,166 @@ def test_bad_arguments_of_the_op():
                                        per_sample_weights=torch.ones(ids.numel()))
     with pytest.raises(ValueError, match=r"feature_rows\[-1\] = 40 exceeds the table's 39 rows"):
         q8.scenario_embedding_bag_8bit(ids, offsets, scenario, Gq[:-1], Sq, FR, FSR)
+
+
+# ------------------------------------------------------------------------------------------------ the CPU kernel
+
+# (Rg_f ids, Rs_f scenario rows): unhashed aware, not aware, hashed (collisions), a one-id feature, hashed to 1 row
+KFEATS = [(50, 50), (37, 0), (200, 7), (1, 1), (90, 0), (64, 3), (30, 1)]
+KFR = [0] + np.cumsum([r for r, _ in KFEATS]).tolist()
+KFSR = [0] + np.cumsum([s for _, s in KFEATS]).tolist()
+cpu_kernel = pytest.mark.skipif(
+    "cpu" not in [p.values[1] for p in device_backends(OP)],
+    reason="the extension has no CPU kernel of seb_forward_8bit (saml_kernels._backend.why_unavailable)")
+
+
+def _kernel_inputs(seed, B, M, D, pooling, idt, psw=False, bad_ids=False, L=2):
+    """Fresh random inputs on KFEATS: ragged bags of 0..5 ids with many empty ones (fixed length L for "none"),
+    rows of varied ranges, and with ``bad_ids`` about 3% invalid ids (-1, Rg_f, and a huge id)."""
+    g = torch.Generator().manual_seed(seed)
+    F = len(KFEATS)
+    if pooling == "none":
+        lengths = torch.full((F * B,), L)
+    else:
+        lengths = torch.randint(0, 6, (F * B,), generator=g)
+        lengths[torch.rand(F * B, generator=g) < 0.2] = 0
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    ids = torch.cat([torch.randint(0, rows, (int(lengths[f * B:(f + 1) * B].sum()),), generator=g)
+                     for f, (rows, _) in enumerate(KFEATS)])
+    if bad_ids:
+        feat = torch.repeat_interleave(torch.arange(F), lengths.reshape(F, B).sum(1))
+        pos = (torch.rand(ids.numel(), generator=g) < 0.03).nonzero().flatten()
+        huge = 2 ** 31 - 1 if idt == torch.int32 else 2 ** 40
+        for k, p in enumerate(pos.tolist()):
+            ids[p] = (-1, KFEATS[int(feat[p])][0], huge)[k % 3]
+    scenario = torch.randint(0, M, (B,), generator=g)
+    G = torch.randn(KFR[-1], D, generator=g) * torch.rand(KFR[-1], 1, generator=g) * 4
+    S = torch.randn(M, KFSR[-1], D, generator=g) * torch.rand(M, KFSR[-1], 1, generator=g) * 4
+    w = torch.randn(ids.numel(), generator=g) if psw else None
+    return ids.to(idt), offsets.to(idt), scenario.to(idt), q8.quantize_rows(G), q8.quantize_rows(S), w
+
+
+def _oracle(ids, offsets, scenario, Gq, Sq, pooling, w=None, bad_scenario=()):
+    """The float64 reference on the dequantised tables; samples in ``bad_scenario`` get zero scenario rows."""
+    sc = scenario.clone()
+    sc[list(bad_scenario)] = 0
+    g, s = scenario_embedding_bag_reference(ids.long(), offsets.long(), sc.long(), q8.dequantize_rows(Gq).double(),
+                                            q8.dequantize_rows(Sq).double(), KFR, KFSR, pooling=pooling,
+                                            per_sample_weights=w.double() if w is not None else None)
+    s[list(bad_scenario)] = 0
+    return g, s
+
+
+def _poisoned(fn):
+    """``fn()`` with its two outputs' memory NaN-filled first: the CPU kernel takes outputs of >= 1 MiB from a pool
+    (csrc/cpu/common/output_pool.h), so a first call's outputs, filled with NaN and freed, are the second call's;
+    an element the kernel fails to write stays NaN."""
+    first = fn()[:2]
+    ptrs = sorted(t.data_ptr() for t in first)
+    for t in first:
+        t.fill_(float("nan"))
+    del t, first
+    out = fn()
+    assert sorted(t.data_ptr() for t in out[:2]) == ptrs  # the poisoned blocks were reused
+    return out
+
+
+@cpu_kernel
+@pytest.mark.parametrize("pooling, psw, bad_ids", [("sum", False, False), ("sum", True, False), ("mean", False, False),
+                                                   ("none", False, False), ("sum", True, True), ("mean", False, True), ("none", False, True)])
+@pytest.mark.parametrize("idt, D", [(torch.int64, 45), (torch.int32, 13), (torch.int64, 32)])
+def test_cpu_kernel_on_fresh_random_inputs_equals_the_float64_oracle(pooling, psw, bad_ids, idt, D):
+    """The C++ kernel (saml_C::seb_forward_8bit) against the float64 reference on the dequantised tables: hashed
+    features with colliding ids, a non-aware feature, ragged and empty bags, odd D (scale / bias unaligned; rows
+    written directly) and D = 32 (rows streamed from a tile), int32 and int64 ids, invalid ids read as zero vectors
+    (counted in the mean's length); outputs poisoned with NaN."""
+    seed = zlib.crc32(f"{pooling}{psw}{bad_ids}{idt}{D}".encode())
+    Fs, L = sum(s > 0 for _, s in KFEATS), 2 if pooling == "none" else 1
+    B = 2 ** 20 // (4 * Fs * L * D) + 50  # both outputs >= 1 MiB: pooled, so poisoned
+    ids, offsets, scenario, Gq, Sq, w = _kernel_inputs(seed, B, 3, D, pooling, idt, psw, bad_ids)
+    hashed = [f for f, (r, s) in enumerate(KFEATS) if 0 < s < r]
+    local = [scenario_local(ids[offsets[f * B]:offsets[(f + 1) * B]].long(), *KFEATS[f]) for f in hashed]
+    assert all(loc.unique().numel() < ids[offsets[f * B]:offsets[(f + 1) * B]].unique().numel()
+               for f, loc in zip(hashed, local))  # collisions: distinct ids share scenario rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # bounds_check="zero" warns once per process
+        got = _poisoned(lambda: q8.scenario_embedding_bag_8bit(
+            ids, offsets, scenario, Gq, Sq, KFR, KFSR, pooling=pooling, per_sample_weights=w,
+            bounds_check="zero" if bad_ids else "error", backend="cpu"))
+    want = _oracle(ids, offsets, scenario, Gq, Sq, pooling, w)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and a.shape == b.shape and bool(torch.isfinite(a).all())
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=2e-6)  # float32 accumulation of rows up to ~8
+
+
+def _raw(ids, offsets, scenario, Gq, Sq, pooling="sum", check=True, w=None, bag_len=0):
+    fr, fsr, slot, fs = _seb_layout(Gq, Sq)
+    return torch.ops.saml_C.seb_forward_8bit(ids, offsets, scenario, Gq, Sq, fr, fsr, slot, w,
+                                             POOLING[pooling], bag_len, check, fs)
+
+
+def _seb_layout(Gq, Sq):
+    from saml_kernels.ops.scenario_embedding_bag import table_layout
+    return table_layout(KFR, KFSR, Gq.shape[0], Sq.shape[1], Gq.device)
+
+
+@cpu_kernel
+@pytest.mark.parametrize("pooling", ["sum", "none"])
+def test_cpu_kernel_counts_bad_ids_and_rejects_bad_offsets_and_scenarios(pooling):
+    """bad_count = the number of invalid ids with check on, 0 with check off; -1 (nothing gathered) for offsets not
+    from 0 to nnz, decreasing offsets, a bag of another length under "none", a scenario id outside [0, M). With the
+    check off a bad scenario id gives its sample zero scenario rows; every other output is bitwise unchanged."""
+    B, M = 1400, 4  # outputs >= 1 MiB: poisoned where the check is off
+    ids, offsets, scenario, Gq, Sq, _ = _kernel_inputs(7, B, M, 40, pooling, torch.int64, bad_ids=True)
+    sizes = torch.tensor([r for r, _ in KFEATS])
+    feat = torch.repeat_interleave(torch.arange(len(KFEATS)), (offsets[1:] - offsets[:-1]).reshape(-1, B).sum(1))
+    nbad = int(((ids < 0) | (ids >= sizes[feat])).sum())
+    assert nbad > 10
+    L = 2 if pooling == "none" else 0
+    g, s, bad = _raw(ids, offsets, scenario, Gq, Sq, pooling, bag_len=L)
+    assert bad.tolist() == [nbad]
+    assert _raw(ids, offsets, scenario, Gq, Sq, pooling, check=False, bag_len=L)[2].tolist() == [0]
+    want = _oracle(ids, offsets, scenario, Gq, Sq, pooling)
+    torch.testing.assert_close(g.double(), want[0], atol=1e-5, rtol=2e-6)
+    torch.testing.assert_close(s.double(), want[1], atol=1e-5, rtol=2e-6)
+    if pooling == "none":  # per-sample weights with pooling none: the operator's contract (the public op refuses)
+        w = torch.randn(ids.numel())
+        want = _oracle(ids, offsets, scenario, Gq, Sq, pooling, w)
+        for a, b in zip(_raw(ids, offsets, scenario, Gq, Sq, pooling, w=w, bag_len=L)[:2], want):
+            torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=2e-6)
+    for k, v in ((0, 1), (-1, int(offsets[-1]) - 1), (B + 5, int(offsets[B + 5]) + 9)):
+        bad_off = offsets.clone()
+        bad_off[k] = v
+        assert _raw(ids, bad_off, scenario, Gq, Sq, pooling, bag_len=L)[2].tolist() == [-1], (k, v)
+    for v in (-1, M):
+        bad_s = scenario.clone()
+        bad_s[17] = v
+        assert _raw(ids, offsets, bad_s, Gq, Sq, pooling, bag_len=L)[2].tolist() == [-1]
+        g2, s2, _ = _poisoned(lambda: _raw(ids, offsets, bad_s, Gq, Sq, pooling, check=False, bag_len=L))
+        assert torch.equal(g2, g) and bool((s2[17] == 0).all())
+        keep = [b for b in range(B) if b != 17]
+        assert torch.equal(s2[keep], s[keep])
+
+
+@cpu_kernel
+@pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
+def test_cpu_kernel_bits_do_not_depend_on_threads_or_the_index_dtype(pooling):
+    """Bitwise the same output for 1 and 2 threads (B = 4500 crosses the kernel's 4096-sample block on one thread
+    and splits at 2250 on two) and for int32 / int64 ids, invalid ids included."""
+    B = 4500
+    ids, offsets, scenario, Gq, Sq, w = _kernel_inputs(11, B, 2, 12, pooling, torch.int32, psw=pooling == "sum",
+                                                        bad_ids=True, L=1)  # int32: its invalid ids fit both dtypes
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n, dt in ((1, torch.int64), (2, torch.int64), (2, torch.int32)):
+            torch.set_num_threads(n)
+            outs.append(_raw(ids.to(dt), offsets.to(dt), scenario.to(dt), Gq, Sq, pooling, w=w,
+                             bag_len=1 if pooling == "none" else 0))
+    finally:
+        torch.set_num_threads(threads)
+    for o in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(o, outs[0]))
 
 
 # ------------------------------------------------------------------------------------------------ the layer

@@ -100,6 +100,24 @@ SAML_INLINE int64_t scen_local(const Layout& L, int64_t f, int64_t id) {
   return saml::seb_scenario_local(id, L.size[f], L.ssize[f]);
 }
 
+// The offsets and scenario ids a gather can trust: offsets run from 0 to nnz without decreasing (every bag
+// exactly bag_len long for pooling none), scenario ids lie in [0, M). One sequential pass over F*B + 1 offsets
+// and B ids: cheaper than the separate tensor reductions the Python op would otherwise run before the kernel.
+template <typename index_t>
+inline bool inputs_valid(const at::Tensor& offsets, const Layout& L, int64_t nnz, int64_t pooling, int64_t bag_len) {
+  const index_t* off = offsets.data_ptr<index_t>();
+  const int64_t n = offsets.numel();
+  if (int64_t(off[0]) != 0 || int64_t(off[n - 1]) != nnz) return false;
+  bool ok = true;
+  if (pooling == kNone) {
+    for (int64_t i = 1; i < n; ++i) ok &= int64_t(off[i]) - int64_t(off[i - 1]) == bag_len;
+  } else {
+    for (int64_t i = 1; i < n; ++i) ok &= off[i] >= off[i - 1];
+  }
+  for (const int64_t m : L.scen) ok &= (m >= 0) & (m < L.M);
+  return ok;
+}
+
 inline void check_common(const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& gw,
                          const at::Tensor& sw, const c10::optional<at::Tensor>& psw) {
   TORCH_CHECK(indices.device().is_cpu(), "seb (cpu): tensors must be on the CPU");

@@ -379,24 +379,6 @@ int64_t forward_impl(const Gather<scalar_t, index_t>& G) {
   return bad.load();
 }
 
-// The offsets and scenario ids a gather can trust: offsets run from 0 to nnz without decreasing (every bag
-// exactly bag_len long for pooling none), scenario ids lie in [0, M). One sequential pass over F*B + 1 offsets
-// and B ids: cheaper than the separate tensor reductions the Python op would otherwise run before the kernel.
-template <typename index_t>
-bool inputs_valid(const at::Tensor& offsets, const Layout& L, int64_t nnz, int64_t pooling, int64_t bag_len) {
-  const index_t* off = offsets.data_ptr<index_t>();
-  const int64_t n = offsets.numel();
-  if (int64_t(off[0]) != 0 || int64_t(off[n - 1]) != nnz) return false;
-  bool ok = true;
-  if (pooling == kNone) {
-    for (int64_t i = 1; i < n; ++i) ok &= int64_t(off[i]) - int64_t(off[i - 1]) == bag_len;
-  } else {
-    for (int64_t i = 1; i < n; ++i) ok &= off[i] >= off[i - 1];
-  }
-  for (const int64_t m : L.scen) ok &= (m >= 0) & (m < L.M);
-  return ok;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> seb_forward_cpu(
     const at::Tensor& indices_, const at::Tensor& offsets_, const at::Tensor& scenario, const at::Tensor& gw_,
     const at::Tensor& sw_, const at::Tensor& fr, const at::Tensor& fsr, const at::Tensor& slot,
@@ -426,7 +408,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seb_forward_cpu(
   if (check) {
     bool valid = true;
     SAML_DISPATCH_INDEX(offsets.scalar_type(), "seb_forward_cpu_check", [&] {
-      valid = inputs_valid<index_t>(offsets, L, indices.numel(), pooling, bag_len);
+      valid = saml::cpu::seb::inputs_valid<index_t>(offsets, L, indices.numel(), pooling, bag_len);
     });
     if (!valid) {
       bad.fill_(-1);

@@ -20,10 +20,10 @@ sum / mean / none, per-sample weights, bounds handling and input checks with the
     scenario_out[b, j] = pool_{i in bag(f_j,b)} w_i * deq(Sq)[scenario[b], feature_scenario_rows[f_j] + local(id_i)]
 
 Kernels (``saml_kernels._backend.kernels(OP, backend).forward``, the ``seb_forward`` contract with packed tables:
-``(global_out, scenario_out, bad_count int64 [1])``): ``cpu`` = FBGEMM's 8-bit EmbeddingSpMDM as torch ships it
-(``torch.ops.quantized.embedding_bag_byte_rowwise_offsets``: one call for the global table, one for the scenario
-rows of the aware features; sum pooling only, so "mean" divides here and "none" makes every id its own bag);
-``triton`` / ``cuda`` = ``saml_kernels/triton/scenario_embedding_bag_8bit.py``; ``reference`` =
+``(global_out, scenario_out, bad_count int64 [1])``): ``cpu`` = the C++ operator ``saml_C::seb_forward_8bit``
+(csrc/cpu/scenario_embedding_bag_8bit.cpp: the row ids built in one pass per block of samples and feature, the
+rows gathered by FBGEMM's JIT 8-bit EmbeddingSpMDM straight into the [B, F, D] outputs; csrc/registry.cpp has the
+contract); ``triton`` / ``cuda`` = ``saml_kernels/triton/scenario_embedding_bag_8bit.py``; ``reference`` =
 ``saml_kernels/reference/scenario_embedding_bag_8bit.py`` (dequantise the tables, then the float reference kernel).
 """
 from __future__ import annotations
@@ -38,7 +38,6 @@ from .. import _backend
 from .._codes import POOLING
 from . import _checks, _eager
 from . import scenario_embedding_bag as _seb
-from .scenario_hash import scenario_local
 
 OP = "scenario_embedding_bag_8bit"
 #: bytes a row carries beside its D codes: float32 scale, float32 bias
@@ -85,155 +84,10 @@ def dequantize_rows(packed: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ kernels
 
-def _fbgemm(table, rows, weights, lengths, pooling, D):
-    """FBGEMM 8-bit sum over bags of ``lengths`` (one bag per id for "none"), / length for "mean"; float32."""
-    n = rows.numel()
-    if pooling == NONE:
-        offs = torch.arange(n + 1, dtype=torch.int64)
-    else:
-        offs = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
-        torch.cumsum(lengths, 0, out=offs[1:])
-    if offs.numel() == 1:
-        return torch.zeros(0, D)
-    out = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(table, rows, offs, False, 0, False, weights, None,
-                                                                 True)
-    if pooling == MEAN:
-        out = out / lengths.clamp(min=1).to(torch.float32).unsqueeze(1)
-    return out
-
-
-def _in_range(ids, size):
-    """Whether every id of the slice is in [0, size)."""
-    if ids.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(ids)
-    return int(lo) >= 0 and int(hi) < size
-
-
-def _cat(parts):
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def forward_cpu(indices, offsets, scenario, global_packed, scenario_packed, feature_rows, feature_scenario_rows,
-                aware_slot, per_sample_weights, pooling, bag_len, check, num_aware=-1):
-    """The CPU kernel: FBGEMM's 8-bit row-wise EmbeddingSpMDM (torch.ops.quantized), one call for the global rows
-    and one for the aware features' scenario rows. Feature f's ids are the contiguous positions
-    offsets[f*B] .. offsets[(f+1)*B], so the row arithmetic works per feature slice (host reads of F + 1 offsets:
-    free on the CPU). Invalid ids, and samples with a scenario outside [0, M), read row 0 with weight 0 (a zero
-    vector, as the float kernels); nothing is read out of bounds whatever the inputs."""
-    F = feature_rows.numel() - 1
-    nbags = offsets.numel() - 1
-    B = nbags // F if F else 0
-    D = global_packed.shape[1] - ROW_EXTRA
-    M, Rs = scenario_packed.shape[0], scenario_packed.shape[1]
-    fr, fsr = feature_rows.tolist(), feature_scenario_rows.tolist()
-    aware = [f for f in range(F) if fsr[f + 1] > fsr[f]]
-    Fs = len(aware)
-    L = int(bag_len)
-    gshape = (B, F, L, D) if pooling == NONE else (B, F, D)
-    sshape = (B, Fs, L, D) if pooling == NONE else (B, Fs, D)
-    if nbags == 0:
-        return torch.zeros(gshape), torch.zeros(sshape), torch.zeros(1, dtype=torch.int64)
-    offs = offsets.long()
-    lengths = offs[1:] - offs[:-1]
-    lmin, lmax = (int(v) for v in torch.aminmax(lengths))
-    if lmin == lmax:
-        g, s, nbad = _forward_fixed(indices, scenario, global_packed, scenario_packed, fr, fsr, aware,
-                                    per_sample_weights, pooling, lmax, B, D, M, Rs)
-        return g, s, torch.full((1,), nbad if check else 0, dtype=torch.int64)
-    cuts = offs[torch.arange(F + 1) * B].tolist()  # feature f's ids: positions cuts[f] .. cuts[f+1]
-    ids = indices.long()
-    counts = torch.tensor([cuts[f + 1] - cuts[f] for f in range(F)])
-    rows = ids + torch.repeat_interleave(torch.tensor(fr[:-1]), counts, output_size=ids.numel())
-    # validity per feature slice (one min/max pass); the per-id mask only when some id is out of range
-    ok_range = all(_in_range(ids[cuts[f]:cuts[f + 1]], fr[f + 1] - fr[f]) for f in range(F))
-    weights = per_sample_weights.to(torch.float32) if per_sample_weights is not None else None
-    valid, nbad = None, 0
-    if not ok_range:
-        sizes = torch.tensor([fr[f + 1] - fr[f] for f in range(F)])
-        valid = (ids >= 0) & (ids < torch.repeat_interleave(sizes, counts, output_size=ids.numel()))
-        nbad = int(ids.numel() - valid.sum())
-        rows = torch.where(valid, rows, torch.zeros_like(rows))
-        weights = valid.to(torch.float32) * (weights if weights is not None else 1.0)
-    g = _fbgemm(global_packed, rows, weights, lengths, pooling, D)
-    g = g.reshape(F, B, L, D).permute(1, 0, 2, 3) if pooling == NONE else g.reshape(F, B, D).permute(1, 0, 2)
-    if Fs == 0:
-        s = torch.zeros(sshape)
-    else:
-        pick = lambda t: _cat([t[cuts[f]:cuts[f + 1]] for f in aware])  # noqa: E731
-        alen = lengths.reshape(F, B)[aware].reshape(-1)   # the aware features' bags, in feature (= slot) order
-        sc = scenario.long()
-        sc_ok = (sc >= 0) & (sc < M)
-        all_ok = bool(sc_ok.all())
-        bag_base = ((torch.where(sc_ok, sc, torch.zeros_like(sc)) * Rs).repeat(Fs)
-                    + torch.tensor([fsr[f] for f in aware]).repeat_interleave(B))
-        n_a = sum(cuts[f + 1] - cuts[f] for f in aware)
-        # hashed scenario tables: each aware feature's ids -> its scenario-local rows (ops/scenario_hash.py)
-        local = _cat([scenario_local(ids[cuts[f]:cuts[f + 1]], fr[f + 1] - fr[f], fsr[f + 1] - fsr[f]) for f in aware])
-        srows = local + torch.repeat_interleave(bag_base, alen, output_size=n_a)
-        sw = pick(weights) if weights is not None else None
-        ok = pick(valid) if valid is not None else None
-        if not all_ok:
-            pos_ok = torch.repeat_interleave(sc_ok.repeat(Fs), alen, output_size=n_a)
-            ok = pos_ok if ok is None else ok & pos_ok
-        if ok is not None:
-            srows = torch.where(ok, srows, torch.zeros_like(srows))
-            sw = ok.to(torch.float32) * (sw if sw is not None else 1.0)
-        s = _fbgemm(scenario_packed.reshape(M * Rs, D + ROW_EXTRA), srows, sw, alen, pooling, D)
-        s = s.reshape(Fs, B, L, D).permute(1, 0, 2, 3) if pooling == NONE else s.reshape(Fs, B, D).permute(1, 0, 2)
-    bad = torch.full((1,), nbad if check else 0, dtype=torch.int64)
-    return g.contiguous(), s.contiguous(), bad
-
-
-def _forward_fixed(indices, scenario, global_packed, scenario_packed, fr, fsr, aware, per_sample_weights, pooling,
-                   Lb, B, D, M, Rs):
-    """``forward_cpu`` when every bag has Lb ids (one-hot features, pooling "none"): the ids are viewed
-    [F, B, Lb] and handed to FBGEMM sample-major ([B, F, Lb]: a copy of the ids), so FBGEMM writes [B, F, D]
-    ([B, F, L, D] for "none") directly, with no transposing copy of the outputs."""
-    F, Fs = len(fr) - 1, len(aware)
-    ids = indices.long().reshape(F, B, Lb)
-    base = torch.tensor(fr[:-1]).reshape(F, 1, 1)
-    sizes = torch.tensor([fr[f + 1] - fr[f] for f in range(F)]).reshape(F, 1, 1)
-    bmajor = lambda t: t.transpose(0, 1).reshape(-1)  # noqa: E731  [F', B, Lb] -> (b, f, l) order
-    weights = per_sample_weights.to(torch.float32).reshape(F, B, Lb) if per_sample_weights is not None else None
-    nbad = 0
-    valid = (ids >= 0) & (ids < sizes)
-    if not bool(valid.all()):
-        nbad = int(valid.numel() - valid.sum())
-        weights = valid.to(torch.float32) * (weights if weights is not None else 1.0)
-    else:
-        valid = None
-    rows = ids + base
-    if valid is not None:
-        rows = torch.where(valid, rows, torch.zeros_like(rows))
-    lengths = torch.full((B * F,), Lb, dtype=torch.int64)
-    g = _fbgemm(global_packed, bmajor(rows), bmajor(weights) if weights is not None else None, lengths, pooling, D)
-    gshape = (B, F, Lb, D) if pooling == NONE else (B, F, D)
-    sshape = (B, Fs, Lb, D) if pooling == NONE else (B, Fs, D)
-    if Fs == 0:
-        return g.reshape(gshape), torch.zeros(sshape), nbad
-    sel = torch.tensor(aware)
-    sc = scenario.long()
-    sc_ok = (sc >= 0) & (sc < M)
-    local = torch.stack([scenario_local(ids[f], fr[f + 1] - fr[f], fsr[f + 1] - fsr[f]) for f in aware])
-    srows = (local + torch.tensor([fsr[f] for f in aware]).reshape(Fs, 1, 1)
-             + (torch.where(sc_ok, sc, torch.zeros_like(sc)) * Rs).reshape(1, B, 1))
-    ok = valid[sel] if valid is not None else None
-    if not bool(sc_ok.all()):
-        ok = sc_ok.reshape(1, B, 1).expand(Fs, B, Lb) if ok is None else ok & sc_ok.reshape(1, B, 1)
-    sw = weights[sel] if weights is not None else None
-    if ok is not None:
-        srows = torch.where(ok, srows, torch.zeros_like(srows))
-        sw = ok.to(torch.float32) * (sw if sw is not None else 1.0)
-    s = _fbgemm(scenario_packed.reshape(M * Rs, D + ROW_EXTRA), bmajor(srows), bmajor(sw) if sw is not None else None,
-                torch.full((B * Fs,), Lb, dtype=torch.int64), pooling, D)
-    return g.reshape(gshape), s.reshape(sshape), nbad
-
-
 _backend.define_op(OP, kernels=("forward",))
 # reference (saml_kernels/reference/scenario_embedding_bag_8bit.py) and triton (saml_kernels/triton/...)
 _backend.register_python_kernels(OP, "scenario_embedding_bag_8bit")
-_backend.register_kernels(OP, "cpu", lambda: {"forward": forward_cpu})
+_backend.register_aten_kernels(OP, {"forward": "seb_forward_8bit"}, backends=("cpu",))
 # No CUDA C++ kernel: a backend="cuda" model gets the Triton kernel (an alias, as partitioned_norm's)
 _backend.register_alias(OP, "cuda", "triton")
 
@@ -246,21 +100,30 @@ def _forward_op(indices: Tensor, offsets: Tensor, scenario: Tensor, global_packe
                 per_sample_weights: Optional[Tensor], pooling: int, bag_len: int, num_aware: int,
                 bounds_check: int, backend: str) -> tuple[Tensor, Tensor]:
     F = feature_rows.numel() - 1
+    M = scenario_packed.shape[0]
     fwd = _backend.kernels(OP, backend).forward
     check = bounds_check != _seb.BOUNDS["off"]
-    # the float op's checks and messages (ops/scenario_embedding_bag.py), on the device: one host read per call
-    # on a GPU (deferred inside a model's forward), immediate on the CPU
-    # (on the CPU a host read costs nothing: outside capture-safe mode the flags are read at once, in a deferred
+    if check and backend == "cpu" and _checks.check_mode() != "capture_safe":
+        # The float op's CPU check site: the C++ kernel validates offsets, scenario ids and ids in its own pass and
+        # gathers nothing when offsets or scenario ids fail (bad = -1); its verdict is read at once (a CPU read is
+        # free, in a deferred block too) and explained with the float op's messages.
+        g, s, bad = fwd(indices, offsets, scenario, global_packed, scenario_packed, feature_rows,
+                        feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len, True, num_aware)
+        if int(bad):
+            _seb._explain_kernel(bad, indices, offsets, scenario, M, feature_rows, pooling, bag_len, bounds_check)
+        return g, s
+    # Elsewhere (the Triton / reference kernels, capture-safe mode): the float op's checks and messages by tensor
+    # reductions, on the device: one host read per call on a GPU (deferred inside a model's forward), immediate on
+    # the CPU (a host read costs nothing there: outside capture-safe mode the flags are read at once, in a deferred
     # block too, so no safe stand-ins are built)
     now = indices.device.type == "cpu" and _checks.check_mode() != "capture_safe"
     block = _checks.deferred_checks() if indices.device.type != "cpu" else contextlib.nullcontext()
     with block:
         offsets_k, scenario_k = offsets, scenario
         if check and now:
-            _check_now(indices, offsets, scenario, scenario_packed.shape[0], F, pooling, bag_len)
+            _check_now(indices, offsets, scenario, M, F, pooling, bag_len)
         elif check:
-            offsets_k, scenario_k = _seb._check_values(indices, offsets, scenario, scenario_packed.shape[0], F,
-                                                       pooling, bag_len)
+            offsets_k, scenario_k = _seb._check_values(indices, offsets, scenario, M, F, pooling, bag_len)
         g, s, bad = fwd(indices, offsets_k, scenario_k, global_packed, scenario_packed, feature_rows,
                         feature_scenario_rows, aware_slot, per_sample_weights, pooling, bag_len, check, num_aware)
         if check and now:
