@@ -30,6 +30,17 @@ needs_cpu_ext = pytest.mark.skipif(not _ext.has_cpu_ext(), reason="C++ extension
 CPU_BACKENDS = [p for p in device_backends(OP) if p.values[0] == "cpu"]
 
 
+def _assert_same_bits(got, want, v):
+    """got / want: int16 views of the stored tables; v: the float32 update. Fails naming the first element that
+    differs, its update and both bit patterns."""
+    bad = (got != want).nonzero()
+    if bad.numel():
+        at = tuple(bad[0])
+        pytest.fail(f"{bad.shape[0]} elements differ, first at (row, column) {bad[0].tolist()}: update "
+                    f"{v[at].item()!r}, kernel bits {got[at].item() & 0xFFFF:#06x}, reference "
+                    f"{want[at].item() & 0xFFFF:#06x}")
+
+
 def one_hot_case(R: int, D: int, M: int = 2, dtype=torch.bfloat16, seed: int = 0):
     """Every global row touched exactly once (one id per bag, ids a permutation), so the float32 update of row r
     is w[r] - lr * g[r] with g the upstream gradient row: computable here bit for bit. One feature, aware (its
@@ -313,12 +324,7 @@ def test_cpu_row_store_special_values_bitwise(dtype, D):
     assert int((v.abs() > torch.finfo(dtype).max).sum()) > 10
     want = sr.round_rows(v, dtype, 2024, 77, sr.GLOBAL_TABLE, torch.arange(R))
     got, want = gw.view(torch.int16), want.view(torch.int16)
-    bad = (got != want).nonzero()
-    if bad.numel():
-        at = tuple(bad[0])
-        pytest.fail(f"{bad.shape[0]} elements differ, first at (row, column) {bad[0].tolist()}: update "
-                    f"{v[at].item()!r}, kernel bits {got[at].item() & 0xFFFF:#06x}, reference "
-                    f"{want[at].item() & 0xFFFF:#06x}")
+    _assert_same_bits(got, want, v)
 
 
 @needs_cpu_ext
@@ -355,12 +361,7 @@ def test_cpu_float16_store_chunks_bitwise(D):
     assert int(((a >= 65472) & (a < 65504)).sum()) > 0 and int((a >= 65520).sum()) > 0 and bool(v.isnan().any())
     want = sr.round_rows(v, dtype, 5, 9, sr.GLOBAL_TABLE, torch.arange(R)).view(torch.int16)
     got = gw.view(torch.int16)
-    bad = (got != want).nonzero()
-    if bad.numel():
-        at = tuple(bad[0])
-        pytest.fail(f"{bad.shape[0]} elements differ, first at (row, column) {bad[0].tolist()}: update "
-                    f"{v[at].item()!r}, kernel bits {got[at].item() & 0xFFFF:#06x}, reference "
-                    f"{want[at].item() & 0xFFFF:#06x}")
+    _assert_same_bits(got, want, v)
 
 
 @pytest.fixture(scope="module")

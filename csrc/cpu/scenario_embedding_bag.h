@@ -118,6 +118,14 @@ inline bool inputs_valid(const at::Tensor& offsets, const Layout& L, int64_t nnz
   return ok;
 }
 
+// inputs_valid on offsets of either index dtype (the kernels' check site when the op asks for checks).
+inline bool offsets_valid(const at::Tensor& offsets, const Layout& L, int64_t nnz, int64_t pooling, int64_t bag_len) {
+  bool valid = true;
+  SAML_DISPATCH_INDEX(offsets.scalar_type(), "seb_offsets_valid",
+                      [&] { valid = inputs_valid<index_t>(offsets, L, nnz, pooling, bag_len); });
+  return valid;
+}
+
 inline void check_common(const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& gw,
                          const at::Tensor& sw, const c10::optional<at::Tensor>& psw) {
   TORCH_CHECK(indices.device().is_cpu(), "seb (cpu): tensors must be on the CPU");

@@ -387,15 +387,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seb_forward_8bit_cpu(
     sout = pooled_empty({L.B, L.Fs, L.D}, opts);
   }
   auto bad = at::zeros({1}, indices.options().dtype(at::kLong));
-  if (check) {
-    bool valid = true;
-    SAML_DISPATCH_INDEX(offsets.scalar_type(), "seb_forward_8bit_check", [&] {
-      valid = saml::cpu::seb::inputs_valid<index_t>(offsets, L, indices.numel(), pooling, bag_len);
-    });
-    if (!valid) {
-      bad.fill_(-1);
-      return {gout, sout, bad};
-    }
+  if (check && !saml::cpu::seb::offsets_valid(offsets, L, indices.numel(), pooling, bag_len)) {
+    bad.fill_(-1);
+    return {gout, sout, bad};
   }
   if (gout.numel() == 0 && sout.numel() == 0) return {gout, sout, bad};
   SAML_DISPATCH_INDEX(indices.scalar_type(), "seb_forward_8bit_cpu", [&] {

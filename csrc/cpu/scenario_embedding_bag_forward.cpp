@@ -405,15 +405,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seb_forward_cpu(
     sout = pooled_empty({L.B, L.Fs, L.D}, gw.options());
   }
   auto bad = at::zeros({1}, indices.options().dtype(at::kLong));
-  if (check) {
-    bool valid = true;
-    SAML_DISPATCH_INDEX(offsets.scalar_type(), "seb_forward_cpu_check", [&] {
-      valid = saml::cpu::seb::inputs_valid<index_t>(offsets, L, indices.numel(), pooling, bag_len);
-    });
-    if (!valid) {
-      bad.fill_(-1);
-      return {gout, sout, bad};
-    }
+  if (check && !saml::cpu::seb::offsets_valid(offsets, L, indices.numel(), pooling, bag_len)) {
+    bad.fill_(-1);
+    return {gout, sout, bad};
   }
   if (L.F * L.B == 0) return {gout, sout, bad};
   SAML_DISPATCH_FLOATING(gw.scalar_type(), "seb_forward_cpu", [&] {
